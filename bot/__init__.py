@@ -1,0 +1,1 @@
+"""llamarelay core: one llama.cpp engine, per-session conversations in SQLite, platform-free streaming."""

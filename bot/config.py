@@ -1,0 +1,157 @@
+"""Settings: config.toml validated by pydantic, secrets from environment variables only."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bot.errors import ConfigError
+
+__all__ = [
+    "Settings", "EngineSettings", "SamplingSettings", "ConversationSettings", "StoreSettings",
+    "StreamingSettings", "DiscordSettings", "SlackSettings", "WebSettings", "Secrets", "load_settings",
+]
+
+DEFAULT_CONFIG_PATH = Path("config.toml")
+SECRET_ENV_VARS = ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET",
+                   "LLAMARELAY_WEB_TOKEN")
+
+
+class _Section(BaseModel):
+    # A misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineSettings(_Section):
+    model_path: Path = Field(Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), description="GGUF model file")
+    n_ctx: int = Field(4096, ge=256, le=131072, description="context window of one conversation, in tokens")
+    n_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0 = all cores")
+    n_batch: int = Field(512, ge=16, le=8192, description="most tokens decoded in one llama_decode call")
+    parallel: int = Field(1, ge=1, le=64, description="sequences decoded together (slots)")
+    max_queue: int = Field(32, ge=1, le=10000, description="requests that may wait; more are refused")
+
+
+class SamplingSettings(_Section):
+    max_tokens: int = Field(512, ge=1, le=32768, description="longest reply in tokens")
+    temperature: float = Field(0.7, ge=0.0, le=5.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0, le=1000)
+    repeat_penalty: float = Field(1.1, ge=0.0, le=5.0)
+    seed: int = Field(-1, ge=-1, description="-1 = a new random seed per reply")
+    grammar: str | None = Field(None, description="GBNF grammar every reply must follow (optional)")
+
+
+class ConversationSettings(_Section):
+    system_prompt: str = Field("You are a helpful assistant.", max_length=20000)
+    max_message_chars: int = Field(50000, ge=100, le=1_000_000,
+                                   description="longer messages are stored whole but cut for the model")
+
+
+class StoreSettings(_Section):
+    path: Path = Field(Path("data/llamarelay.sqlite3"), description="SQLite database file")
+
+
+class StreamingSettings(_Section):
+    edit_interval: float = Field(1.0, ge=0.0, le=60.0, description="seconds between edits of one message")
+
+
+class DiscordSettings(_Section):
+    allowed_guild_ids: list[int] = Field(default_factory=list, description="empty = every guild")
+    allowed_channel_ids: list[int] = Field(default_factory=list, description="empty = every channel")
+    allowed_role_ids: list[int] = Field(default_factory=list, description="empty = every role")
+    allowed_user_ids: list[int] = Field(default_factory=list, description="empty = every user")
+    admin_user_ids: list[int] = Field(default_factory=list, description="may set /system anywhere")
+    always_answer_channel_ids: list[int] = Field(default_factory=list, description="answer without a mention")
+    guild_ids: list[int] = Field(default_factory=list, description="sync slash commands to these guilds only")
+    dms_enabled: bool = True
+    answer_bots: bool = False
+    answer_in_threads: bool = True
+    edit_interval: float = Field(1.0, ge=0.2, le=60.0, description="seconds between edits of one message")
+    user_messages_per_minute: int = Field(10, ge=0, le=10000, description="0 = unlimited")
+    api_base_url: str | None = Field(None, description="REST base, e.g. https://discord.com/api/v10")
+    gateway_url: str | None = Field(None, description="gateway websocket, e.g. wss://gateway.discord.gg/")
+
+
+class SlackSettings(_Section):
+    allowed_channel_ids: list[str] = Field(default_factory=list, description="empty = every channel")
+    allowed_user_ids: list[str] = Field(default_factory=list, description="empty = every user")
+    admin_user_ids: list[str] = Field(default_factory=list, description="may set /system")
+    dms_enabled: bool = True
+    reply_in_thread: bool = True
+    edit_interval: float = Field(1.0, ge=0.2, le=60.0, description="seconds between chat.update calls")
+    native_streaming: bool = False
+    user_messages_per_minute: int = Field(10, ge=0, le=10000, description="0 = unlimited")
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(3000, ge=1, le=65535)
+    http_path: str = "/slack/events"
+    api_base_url: str | None = Field(None, description="Web API base, e.g. https://slack.com/api/")
+
+
+class WebSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class Settings(_Section):
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    conversation: ConversationSettings = Field(default_factory=ConversationSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    streaming: StreamingSettings = Field(default_factory=StreamingSettings)
+    discord: DiscordSettings = Field(default_factory=DiscordSettings)
+    slack: SlackSettings = Field(default_factory=SlackSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+
+
+@dataclass(frozen=True, repr=False)
+class Secrets:
+    """Tokens read from the environment; never printed (repr hides them)."""
+
+    discord_token: str | None = None
+    slack_bot_token: str | None = None
+    slack_app_token: str | None = None
+    slack_signing_secret: str | None = None
+    web_token: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Secrets:
+        env = os.environ if environ is None else environ
+        values = [env.get(name) or None for name in SECRET_ENV_VARS]
+        return cls(*values)
+
+    def values(self) -> list[str]:
+        return [v for v in (self.discord_token, self.slack_bot_token, self.slack_app_token,
+                            self.slack_signing_secret, self.web_token) if v]
+
+    def __repr__(self) -> str:
+        return "Secrets(<hidden>)"
+
+
+def load_settings(path: Path | str = DEFAULT_CONFIG_PATH) -> Settings:
+    """Read and validate a config file; any problem raises ConfigError with one clear line."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path} (use --config PATH to pick another)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_describe(exc.errors()[0])}") from None
+
+
+def _describe(error: Any) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown setting '{key}'"
+    return f"'{key}' = {error['input']!r} is invalid: {error['msg'][0].lower()}{error['msg'][1:]}"

@@ -1,0 +1,498 @@
+"""The one llama.cpp engine: loads the model once, queues every session's requests, decodes off the event loop.
+
+One worker thread owns the llama.cpp context. Each step it puts into one batch the next token of every
+generating sequence plus a chunk of prompt tokens for newly admitted ones (continuous batching over
+``parallel`` slots), decodes, and samples with per-request sampler chains that run in C. Results travel to
+the asyncio side through ``loop.call_soon_threadsafe``; nothing here ever blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import ctypes
+import enum
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp
+
+from bot.config import EngineSettings, SamplingSettings
+from bot.errors import EngineError, ModelLoadError, QueueFull
+from bot.prompt import CHATML_TEMPLATE, ChatTemplate
+
+__all__ = ["Engine", "EngineStatus", "FinishReason", "Generation", "QueuePosition"]
+
+log = logging.getLogger(__name__)
+
+PENALTY_LAST_N = 64  # tokens the repeat penalty looks back over, as llama.cpp's default
+_DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a new random seed
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # the model ended its turn
+    LENGTH = "length"  # max_tokens or the context window was reached
+    CANCELLED = "cancelled"  # cancel() was called
+    ERROR = "error"  # llama.cpp failed
+
+
+@dataclass(frozen=True)
+class QueuePosition:
+    """Event: the request now waits at this 1-based place in the queue; 0 means it has started."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    model_name: str
+    queue_length: int  # requests waiting for a slot
+    running: int  # requests being generated now
+    position: int | None  # the asked-about request: None if none, 0 if generating, n if n-th in queue
+    tokens_per_second: float | None  # generation speed of the last finished reply
+
+
+_END = object()
+
+
+class Generation:
+    """One request. ``async for event in generation`` yields `QueuePosition` events and text deltas (str).
+
+    Raises `EngineError` from the iteration if llama.cpp fails. ``cancel()`` may be called at any time.
+    """
+
+    def __init__(self, engine: Engine, prompt: list[int], sampling: SamplingSettings, session: str,
+                 sampler: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.prompt = prompt
+        self.sampling = sampling
+        self.session = session
+        self.finish_reason: FinishReason | None = None
+        self.n_generated = 0
+        self.n_prompt_reused = 0  # prompt tokens whose KV cache was already there
+        self.t_submitted = time.monotonic()
+        self.t_first_token: float | None = None
+        self.t_finished: float | None = None
+        self._engine = engine
+        self._sampler = sampler
+        self._loop = loop
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._position: int | None = None
+        self._announced_position: int | None = None
+        self._cancel_requested = False
+
+    @property
+    def position(self) -> int | None:
+        """0 while generating, n while n-th in the queue, None once finished."""
+        return self._position
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if self.t_first_token is None or self.t_finished is None or self.n_generated < 2:
+            return None
+        elapsed = self.t_finished - self.t_first_token
+        return (self.n_generated - 1) / elapsed if elapsed > 0 else None
+
+    def cancel(self) -> None:
+        """Stop this request now; its slot or queue place is freed within one decode step."""
+        self._engine._cancel(self)
+
+    async def __aiter__(self) -> AsyncIterator[QueuePosition | str]:
+        while True:
+            event = await self._events.get()
+            if event is _END:
+                return
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+
+    # -- worker side ---------------------------------------------------------------------------------
+
+    def _emit(self, event: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self._cancel_requested = True
+
+    def _announce_position(self) -> None:
+        if self._position is not None and self._position != self._announced_position:
+            self._announced_position = self._position
+            self._emit(QueuePosition(self._position))
+
+
+@dataclass
+class _Slot:
+    """One llama.cpp sequence. Between requests it keeps its KV cache for the next turn of the same session."""
+
+    seq_id: int
+    cached: list[int]  # tokens whose KV is in this sequence now
+    generation: Generation | None = None
+    pending: list[int] | None = None  # prompt tokens still to decode
+    next_token: int | None = None  # sampled, not decoded yet
+    logits_index: int = -1  # batch index of this slot's logits in the current step
+    decoder: Any = None
+    last_used: float = 0.0
+    session: str = ""
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+_log_callback: Any = None
+
+
+def _route_llama_logs() -> None:
+    """Send llama.cpp's own log lines to Python logging (debug level) instead of raw stderr."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+    llama_log = logging.getLogger("llama_cpp")
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, _user_data: Any) -> None:
+        # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
+        llama_log.log({3: logging.WARNING, 4: logging.ERROR}.get(level, logging.DEBUG),
+                      "%s", text.decode("utf-8", "replace").rstrip())
+
+    _log_callback = callback  # keep a reference: llama.cpp holds only a C pointer to it
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+class Engine:
+    """The process-wide llama.cpp engine. Build it once (blocking: loads the model) and share it."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        path = settings.model_path
+        if not path.is_file():
+            raise ModelLoadError(f"model file not found: {path} (run `llamarelay fetch-model` to download the "
+                                 "default model, or set [engine] model_path in config.toml)")
+        _route_llama_logs()
+        llama_cpp.llama_backend_init()
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        if not model:
+            raise ModelLoadError(f"cannot load model {path}: not a valid GGUF file (run `llamarelay fetch-model` "
+                                 "for the default model, or point [engine] model_path at another GGUF)")
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = settings.n_ctx * settings.parallel
+        params.n_batch = params.n_ubatch = settings.n_batch
+        params.n_seq_max = settings.parallel
+        params.n_threads = params.n_threads_batch = settings.n_threads or os.cpu_count() or 1
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, params)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise ModelLoadError(f"cannot create a llama.cpp context for {path} with n_ctx={settings.n_ctx}")
+        self._model, self._ctx = model, ctx
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self.settings = settings
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(ctx)
+        """Context window of one session, in tokens."""
+        self.model_size = llama_cpp.llama_model_size(model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._bos = llama_cpp.llama_vocab_bos(self._vocab)
+        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        metadata = self._metadata()
+        self.model_name = metadata.get("general.name") or path.stem
+        self.chat_template = ChatTemplate(metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE,
+                                          bos_token=self._special_text(self._bos),
+                                          eos_token=self._special_text(llama_cpp.llama_vocab_eos(self._vocab)))
+        self._batch = llama_cpp.llama_batch_init(settings.n_batch, 0, 1)
+        self._slots = [_Slot(seq_id=i, cached=[]) for i in range(settings.parallel)]
+        self._waiting: deque[Generation] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._last_rate: float | None = None
+        self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
+        self._thread.start()
+        log.info("loaded %s (%s, %.0f MB), context %d tokens x %d slots", self.model_name, path.name,
+                 self.model_size / 1e6, self.n_ctx, settings.parallel)
+
+    # -- tokens ----------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of ``text``; with ``special=False`` text like ``<|im_start|>`` stays plain text."""
+        data = text.encode("utf-8", "replace")
+        capacity = len(data) + 8
+        buffer = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, False, special)
+        if n < 0:
+            raise EngineError(f"cannot tokenize a text of {len(data)} bytes")
+        return list(buffer[:n])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self._piece(t) for t in tokens).decode("utf-8", "ignore")
+
+    def chat_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The prompt for ``messages`` by the model's chat template; message text never becomes special tokens."""
+        tokens = self.chat_template.tokenize(messages, lambda text, special: self.tokenize(text, special=special))
+        if self._add_bos and tokens[:1] != [self._bos]:
+            tokens.insert(0, self._bos)
+        return tokens
+
+    def is_special(self, token: int) -> bool:
+        """True for control tokens (chat markers, BOS/EOS), which plain text must never produce."""
+        attr = llama_cpp.llama_vocab_get_attr(self._vocab, token)
+        return bool(attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED))
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
+        return buffer.raw[:n]
+
+    def _special_text(self, token: int) -> str:
+        return self._piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+    def _metadata(self) -> dict[str, str]:
+        metadata: dict[str, str] = {}
+        buffer = ctypes.create_string_buffer(1 << 16)
+        for i in range(llama_cpp.llama_model_meta_count(self._model)):
+            llama_cpp.llama_model_meta_key_by_index(self._model, i, buffer, len(buffer))
+            key = buffer.value.decode("utf-8", "replace")
+            n = llama_cpp.llama_model_meta_val_str_by_index(self._model, i, buffer, len(buffer))
+            if n >= len(buffer):  # a value longer than the buffer (a big chat template): read it whole
+                buffer = ctypes.create_string_buffer(n + 1)
+                llama_cpp.llama_model_meta_val_str_by_index(self._model, i, buffer, len(buffer))
+            metadata[key] = buffer.value.decode("utf-8", "replace")
+        return metadata
+
+    # -- requests --------------------------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], sampling: SamplingSettings, *, session: str = "") -> Generation:
+        """Queue a request; call from the event loop. Raises `QueueFull` at once when the queue is full.
+
+        ``session`` names the conversation, so its next turn can reuse the KV cache of this one.
+        """
+        if not prompt:
+            raise EngineError("empty prompt")
+        if len(prompt) >= self.n_ctx:
+            raise EngineError(f"prompt of {len(prompt)} tokens does not fit the {self.n_ctx}-token context")
+        loop = asyncio.get_running_loop()
+        sampler = self._make_sampler(sampling)
+        with self._cond:
+            if self._closing:
+                llama_cpp.llama_sampler_free(sampler)
+                raise EngineError("the engine is shutting down")
+            if len(self._waiting) >= self.settings.max_queue:
+                llama_cpp.llama_sampler_free(sampler)
+                raise QueueFull(f"Too many requests are waiting ({len(self._waiting)}); please try again shortly.")
+            generation = Generation(self, list(prompt), sampling, session, sampler, loop)
+            self._waiting.append(generation)
+            generation._position = len(self._waiting)
+            self._cond.notify()
+        return generation
+
+    def status(self, generation: Generation | None = None) -> EngineStatus:
+        with self._cond:
+            return EngineStatus(
+                model_name=self.model_name, queue_length=len(self._waiting),
+                running=sum(slot.generation is not None for slot in self._slots),
+                position=generation.position if generation else None, tokens_per_second=self._last_rate)
+
+    def close(self) -> None:
+        """Stop the worker (cancelling what still runs or waits) and free llama.cpp's memory."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+        llama_cpp.llama_batch_free(self._batch)
+        llama_cpp.llama_free(self._ctx)
+        llama_cpp.llama_model_free(self._model)
+
+    def _cancel(self, generation: Generation) -> None:
+        with self._cond:
+            generation._cancel_requested = True
+            if generation in self._waiting:
+                self._waiting.remove(generation)
+                self._end(generation, FinishReason.CANCELLED)
+                self._renumber_waiting()
+            self._cond.notify()
+
+    def _make_sampler(self, sampling: SamplingSettings) -> Any:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        samplers = []
+        if sampling.grammar:
+            grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, sampling.grammar.encode(), b"root")
+            if not grammar:
+                llama_cpp.llama_sampler_free(chain)
+                raise EngineError("the sampling grammar is not valid GBNF")
+            samplers.append(grammar)
+        if sampling.repeat_penalty != 1.0:
+            samplers.append(llama_cpp.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N, sampling.repeat_penalty, 0.0, 0.0))
+        if sampling.temperature <= 0.0:
+            samplers.append(llama_cpp.llama_sampler_init_greedy())
+        else:
+            if sampling.top_k > 0:
+                samplers.append(llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+            samplers.append(llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+            samplers.append(llama_cpp.llama_sampler_init_temp(sampling.temperature))
+            samplers.append(llama_cpp.llama_sampler_init_dist(sampling.seed if sampling.seed >= 0 else _DEFAULT_SEED))
+        for sampler in samplers:
+            llama_cpp.llama_sampler_chain_add(chain, sampler)
+        return chain
+
+    # -- worker thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self._waiting and not self._active():
+                    self._cond.wait()
+                if self._closing:
+                    break
+                self._admit()
+            try:
+                self._step()
+            except Exception as exc:  # llama.cpp failed: fail what was running, keep serving the rest
+                log.exception("decode step failed")
+                with self._cond:
+                    for slot in self._active():
+                        self._finish(slot, FinishReason.ERROR, EngineError(f"the model failed: {exc}"))
+                        self._forget(slot)
+        with self._cond:
+            for slot in self._active():
+                self._finish(slot, FinishReason.CANCELLED)
+            while self._waiting:
+                self._end(self._waiting.popleft(), FinishReason.CANCELLED)
+
+    def _active(self) -> list[_Slot]:
+        return [slot for slot in self._slots if slot.generation is not None]
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots, preferring the slot that already caches their prefix."""
+        free = [slot for slot in self._slots if slot.generation is None]
+        while self._waiting and free:
+            generation = self._waiting.popleft()
+            slot = max(free, key=lambda s: (s.session == generation.session and bool(generation.session),
+                                            _common_prefix(s.cached, generation.prompt), -s.last_used))
+            free.remove(slot)
+            self._start(slot, generation)
+        self._renumber_waiting()
+
+    def _renumber_waiting(self) -> None:
+        for place, generation in enumerate(self._waiting, start=1):
+            generation._position = place
+            generation._announce_position()
+
+    def _start(self, slot: _Slot, generation: Generation) -> None:
+        keep = _common_prefix(slot.cached, generation.prompt)
+        keep = min(keep, len(generation.prompt) - 1)  # decode at least one token to get fresh logits
+        if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
+            keep = 0
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        del slot.cached[keep:]
+        slot.generation, slot.session = generation, generation.session
+        slot.pending = generation.prompt[keep:]
+        slot.next_token = None
+        slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        generation.n_prompt_reused = keep
+        generation._position = 0
+        generation._announce_position()
+
+    def _step(self) -> None:
+        """One llama_decode over every active slot: a token each for generating ones, prompt chunks for the rest."""
+        batch, n = self._batch, 0
+        capacity = self.settings.n_batch
+        slots = []
+        for slot in self._active():
+            if slot.generation is not None and slot.generation._cancel_requested:
+                with self._cond:
+                    self._finish(slot, FinishReason.CANCELLED)
+            else:
+                slots.append(slot)
+        # Generating sequences first: each needs only one token, so a long prompt never stalls them.
+        for slot in slots:
+            slot.logits_index = -1
+            if slot.next_token is not None:
+                n = self._add(batch, n, slot.next_token, len(slot.cached), slot.seq_id, True)
+                slot.cached.append(slot.next_token)
+                slot.logits_index = n - 1
+        for slot in slots:
+            if slot.pending and n < capacity:
+                chunk = slot.pending[:capacity - n]
+                del slot.pending[:len(chunk)]
+                for i, token in enumerate(chunk):
+                    last = not slot.pending and i == len(chunk) - 1
+                    n = self._add(batch, n, token, len(slot.cached), slot.seq_id, last)
+                    slot.cached.append(token)
+                if not slot.pending:
+                    slot.logits_index = n - 1
+        if n == 0:
+            return
+        batch.n_tokens = n
+        result = llama_cpp.llama_decode(self._ctx, batch)
+        if result != 0:
+            raise EngineError(f"llama_decode returned {result}")
+        for slot in slots:
+            if slot.logits_index >= 0:
+                self._sample(slot)
+
+    @staticmethod
+    def _add(batch: Any, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:
+        batch.token[n] = token
+        batch.pos[n] = pos
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = seq_id
+        batch.logits[n] = logits
+        return n + 1
+
+    def _sample(self, slot: _Slot) -> None:
+        generation = slot.generation
+        assert generation is not None
+        token = llama_cpp.llama_sampler_sample(generation._sampler, self._ctx, slot.logits_index)
+        if generation.t_first_token is None:
+            generation.t_first_token = time.monotonic()
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            with self._cond:
+                self._finish(slot, FinishReason.STOP)
+            return
+        generation.n_generated += 1
+        text = slot.decoder.decode(self._piece(token))
+        if text:
+            generation._emit(text)
+        if generation.n_generated >= generation.sampling.max_tokens or len(slot.cached) + 1 >= self.n_ctx:
+            with self._cond:
+                self._finish(slot, FinishReason.LENGTH)
+        else:
+            slot.next_token = token
+
+    def _finish(self, slot: _Slot, reason: FinishReason, error: BaseException | None = None) -> None:
+        """End the slot's request (caller holds the lock); the slot keeps its KV cache for the next turn."""
+        generation = slot.generation
+        assert generation is not None
+        tail = slot.decoder.decode(b"", final=True)
+        if tail:
+            generation._emit(tail)
+        slot.generation, slot.pending, slot.next_token = None, None, None
+        slot.last_used = time.monotonic()
+        self._end(generation, reason, error)
+        if generation.tokens_per_second:
+            self._last_rate = generation.tokens_per_second
+
+    def _forget(self, slot: _Slot) -> None:
+        """Drop a slot's KV cache after a failure, so nothing half-written is reused."""
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.cached.clear()
+
+    def _end(self, generation: Generation, reason: FinishReason, error: BaseException | None = None) -> None:
+        generation.finish_reason = reason
+        generation.t_finished = time.monotonic()
+        generation._position = None
+        llama_cpp.llama_sampler_free(generation._sampler)
+        generation._sampler = None
+        generation._emit(error if error is not None else _END)

@@ -1,0 +1,162 @@
+"""SQLite persistence through aiosqlite (WAL): sessions, messages, and seen event ids. Only module that speaks SQL."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from bot.errors import StoreError
+
+__all__ = ["Store", "StoredMessage", "Status"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    key            TEXT PRIMARY KEY,
+    system_prompt  TEXT,             -- NULL: the configured default
+    sampling       TEXT NOT NULL DEFAULT '{}',
+    created_at     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_key  TEXT NOT NULL,
+    role         TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content      TEXT NOT NULL,
+    status       TEXT NOT NULL,
+    author_id    TEXT NOT NULL DEFAULT '',
+    author_name  TEXT NOT NULL DEFAULT '',
+    created_at   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_key, id);
+CREATE TABLE IF NOT EXISTS seen_events (
+    event_id  TEXT PRIMARY KEY,
+    expires   REAL NOT NULL
+);
+"""
+
+
+class Status:
+    """What became of a stored message. Only COMPLETE replies are fed back to the model as they are."""
+
+    COMPLETE = "complete"
+    GENERATING = "generating"  # still being written; left over after a crash, it becomes INTERRUPTED
+    STOPPED = "stopped"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: int
+    role: str
+    content: str
+    status: str
+    author_name: str
+    created_at: float
+
+
+class Store:
+    """One SQLite database shared by every session. Open with `await Store.open(path)`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path | str) -> Store:
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(path)
+            try:
+                await db.execute("PRAGMA journal_mode=WAL")
+                await db.executescript(_SCHEMA)
+                # A reply that was still generating when the process died is cut short, not complete.
+                await db.execute("UPDATE messages SET status = ? WHERE status = ?",
+                                 (Status.INTERRUPTED, Status.GENERATING))
+                await db.commit()
+            except BaseException:
+                await db.close()
+                raise
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the database {path}: {exc}") from None
+        return cls(db, path)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _write(self, sql: str, params: tuple[Any, ...] = ()) -> aiosqlite.Cursor:
+        try:
+            cursor = await self._db.execute(sql, params)
+            await self._db.commit()
+            return cursor
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write to the database {self.path}: {exc}") from None
+
+    async def _ensure_session(self, key: str) -> None:
+        await self._write("INSERT OR IGNORE INTO sessions (key, created_at) VALUES (?, ?)", (key, time.time()))
+
+    # -- messages ---------------------------------------------------------------------------------------
+
+    async def add_message(self, key: str, role: str, content: str, status: str, *,
+                          author_id: str = "", author_name: str = "") -> int:
+        await self._ensure_session(key)
+        cursor = await self._write(
+            "INSERT INTO messages (session_key, role, content, status, author_id, author_name, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key, role, content, status, author_id, author_name, time.time()))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    async def finish_message(self, message_id: int, content: str, status: str) -> None:
+        await self._write("UPDATE messages SET content = ?, status = ? WHERE id = ?", (content, status, message_id))
+
+    async def messages(self, key: str) -> list[StoredMessage]:
+        async with self._db.execute(
+            "SELECT id, role, content, status, author_name, created_at FROM messages"
+            " WHERE session_key = ? ORDER BY id", (key,)) as cursor:
+            return [StoredMessage(*row) async for row in cursor]
+
+    async def clear_messages(self, key: str) -> None:
+        await self._write("DELETE FROM messages WHERE session_key = ?", (key,))
+
+    # -- session settings --------------------------------------------------------------------------------
+
+    async def system_prompt(self, key: str) -> str | None:
+        async with self._db.execute("SELECT system_prompt FROM sessions WHERE key = ?", (key,)) as cursor:
+            row = await cursor.fetchone()
+        return row[0] if row else None
+
+    async def set_system_prompt(self, key: str, prompt: str | None) -> None:
+        await self._ensure_session(key)
+        await self._write("UPDATE sessions SET system_prompt = ? WHERE key = ?", (prompt, key))
+
+    async def sampling(self, key: str) -> dict[str, Any]:
+        async with self._db.execute("SELECT sampling FROM sessions WHERE key = ?", (key,)) as cursor:
+            row = await cursor.fetchone()
+        return json.loads(row[0]) if row else {}
+
+    async def set_sampling(self, key: str, overrides: dict[str, Any]) -> None:
+        await self._ensure_session(key)
+        await self._write("UPDATE sessions SET sampling = ? WHERE key = ?", (json.dumps(overrides), key))
+
+    async def session_keys(self, prefix: str) -> list[str]:
+        """Keys of every stored session whose key starts with ``prefix``."""
+        async with self._db.execute("SELECT key FROM sessions WHERE substr(key, 1, ?) = ? ORDER BY created_at",
+                                    (len(prefix), prefix)) as cursor:
+            return [row[0] async for row in cursor]
+
+    # -- event dedupe ------------------------------------------------------------------------------------
+
+    async def claim_event(self, event_id: str, ttl_seconds: float) -> bool:
+        """True the first time ``event_id`` is seen within ``ttl_seconds``; False for a repeat."""
+        now = time.time()
+        await self._write("DELETE FROM seen_events WHERE expires < ?", (now,))
+        cursor = await self._write("INSERT OR IGNORE INTO seen_events (event_id, expires) VALUES (?, ?)",
+                                   (event_id, now + ttl_seconds))
+        return cursor.rowcount == 1

@@ -1,0 +1,88 @@
+"""The few types every layer passes around: session keys, incoming messages, reply targets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["SessionKey", "Incoming", "ReplyTarget"]
+
+
+@dataclass(frozen=True)
+class SessionKey:
+    """Which conversation a message belongs to; ``str(key)`` is its primary key in the store.
+
+    A channel session is platform + workspace (guild / team) + channel (+ thread). A DM session is
+    platform + user only, so it can never equal a channel key and is never visible from a channel.
+    """
+
+    platform: str
+    workspace: str = ""
+    channel: str = ""
+    thread: str = ""
+    dm_user: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.platform:
+            raise ValueError("SessionKey needs a platform")
+        if self.dm_user and (self.workspace or self.channel or self.thread):
+            raise ValueError("a DM SessionKey holds only platform and dm_user")
+        if not self.dm_user and not self.channel:
+            raise ValueError("SessionKey needs a channel or a dm_user")
+        for part in (self.platform, self.workspace, self.channel, self.thread, self.dm_user):
+            if "/" in part:
+                raise ValueError(f"SessionKey parts cannot contain '/': {part!r}")
+
+    @classmethod
+    def for_channel(cls, platform: str, workspace: str, channel: str, thread: str = "") -> SessionKey:
+        return cls(platform, workspace=workspace, channel=channel, thread=thread)
+
+    @classmethod
+    def for_dm(cls, platform: str, user: str) -> SessionKey:
+        return cls(platform, dm_user=user)
+
+    @property
+    def is_private(self) -> bool:
+        return bool(self.dm_user)
+
+    def __str__(self) -> str:
+        if self.dm_user:
+            return f"{self.platform}/dm/{self.dm_user}"
+        parts = [self.platform, "ch", self.workspace, self.channel] + ([self.thread] if self.thread else [])
+        return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One user message, normalized by an adapter: mentions already stripped or resolved."""
+
+    key: SessionKey
+    author_id: str
+    author_name: str
+    text: str
+    event_id: str = ""
+
+
+class ReplyTarget(Protocol):
+    """Where a reply goes: implemented by each adapter, driven by `bot.streaming.StreamingReply`.
+
+    Every call carries the message's whole text. A target that appends instead of replacing (an event
+    stream, Slack's native streaming) sends ``text`` minus what it already sent for that handle.
+    """
+
+    max_length: int
+    """Longest text one message may hold; longer replies continue in new messages."""
+    min_edit_interval: float
+    """Seconds to wait between two edits of the same message."""
+
+    async def post(self, text: str) -> Any:
+        """Post the reply's first message and return a handle for `edit`."""
+        ...
+
+    async def post_continuation(self, text: str) -> Any:
+        """Post a further message of a reply that outgrew `max_length`; return its handle."""
+        ...
+
+    async def edit(self, handle: Any, text: str) -> None:
+        """Replace the text of a message posted by `post` or `post_continuation`."""
+        ...

@@ -1,0 +1,53 @@
+"""Shared fixtures: the real engine with the small default model, a fresh store, a ConversationManager."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from bot.config import EngineSettings, SamplingSettings, Settings
+from bot.conversations import ConversationManager
+from bot.engine import Engine
+from bot.store import Store
+
+MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Tests talk only to 127.0.0.1; a proxy variable would send slack-sdk's requests elsewhere.
+for variable in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+    os.environ.pop(variable, None)
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Engine]:
+    """The real llama.cpp engine, loaded once for the whole run (like the bot's one process-wide engine)."""
+    assert MODEL_PATH.is_file(), f"{MODEL_PATH} is missing: run `make test` (it fetches the model)"
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=2048, parallel=2, max_queue=16))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Defaults, with short greedy replies so tests are quick and repeatable, and a store in tmp_path."""
+    settings = Settings()
+    settings.engine.model_path = MODEL_PATH
+    settings.store.path = tmp_path / "llamarelay.sqlite3"
+    settings.sampling = SamplingSettings(max_tokens=24, temperature=0.0, seed=1)
+    return settings
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    store = await Store.open(settings.store.path)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def manager(engine: Engine, store: Store, settings: Settings) -> AsyncIterator[ConversationManager]:
+    manager = ConversationManager(engine, store, settings)
+    yield manager
+    await manager.shutdown()
