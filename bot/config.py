@@ -145,9 +145,13 @@ def load_settings(path: Path | str = DEFAULT_CONFIG_PATH) -> Settings:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     try:
-        return Settings.model_validate(raw)
+        settings = Settings.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {_describe(exc.errors()[0])}") from None
+    # Relative paths in the file mean "next to this file", wherever the bot is started from.
+    settings.engine.model_path = path.parent / settings.engine.model_path
+    settings.store.path = path.parent / settings.store.path
+    return settings
 
 
 def _describe(error: Any) -> str:

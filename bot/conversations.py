@@ -115,7 +115,7 @@ class ConversationManager:
             sampling = await self.sampling(key)
             history = [m for m in await self.store.messages(key) if m.id < user_id]
             system = await self.system_prompt(key)
-            prompt, notes = await asyncio.to_thread(self._build_prompt, system, history, text, sampling.max_tokens)
+            prompt, notes = await asyncio.to_thread(self.build_prompt, system, history, text, sampling.max_tokens)
             generation = self.engine.submit(prompt, sampling, session=key)
             self._running[key] = generation
             async for event in generation:
@@ -150,7 +150,7 @@ class ConversationManager:
             return Status.COMPLETE, ["✂️ (reached the reply length limit)"]
         return Status.COMPLETE, []
 
-    def _build_prompt(self, system: str, history: list[StoredMessage], text: str,
+    def build_prompt(self, system: str, history: list[StoredMessage], text: str,
                       max_tokens: int) -> tuple[list[int], list[str]]:
         """Prompt tokens that fit ``n_ctx - max_tokens``: system prompt always, then the newest turns that fit."""
         engine, budget = self.engine, self.engine.n_ctx - max_tokens

@@ -1,0 +1,33 @@
+# Two commands: `make run` and `make test`. Both build the venv and fetch the default model when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: run chat test bench clean
+
+run: $(INSTALLED) $(MODEL)
+	$(BIN)/llamarelay run
+
+chat: $(INSTALLED) $(MODEL)
+	$(BIN)/llamarelay chat
+
+test: $(INSTALLED) $(MODEL)
+	$(BIN)/python -m pytest
+
+bench: $(INSTALLED) $(MODEL)
+	$(BIN)/python benchmarks/engine.py
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	@echo "Installing llamarelay (llama-cpp-python compiles from source the first time: about 10 minutes)…"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+$(MODEL): | $(INSTALLED)
+	$(BIN)/llamarelay fetch-model
+
+clean:
+	rm -rf $(VENV) build *.egg-info

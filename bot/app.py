@@ -1,0 +1,145 @@
+"""Command line and composition root: builds the one engine and store, then starts the configured adapters.
+
+This is the only module in bot/ that imports adapters/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from bot.config import DEFAULT_CONFIG_PATH, Secrets, Settings, load_settings
+from bot.conversations import ConversationManager
+from bot.engine import Engine
+from bot.errors import LlamarelayError
+from bot.models import fetch_default_model
+from bot.store import Store
+
+__all__ = ["main", "serve"]
+
+log = logging.getLogger("llamarelay")
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats log records with every known secret replaced, tracebacks included."""
+
+    def __init__(self, fmt: str, secrets: list[str]) -> None:
+        super().__init__(fmt)
+        self._secrets = secrets
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        for secret in self._secrets:
+            text = text.replace(secret, "[redacted]")
+        return text
+
+
+def setup_logging(secrets: Secrets, *, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", secrets.values()))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+    if not verbose:  # llama.cpp's loader chatter is only useful when debugging
+        logging.getLogger("llama_cpp").setLevel(logging.WARNING)
+
+
+async def serve(settings: Settings, secrets: Secrets, *, console: bool = False) -> None:
+    """Run every adapter whose token is set (the terminal chat if none, or if ``console``) until stopped.
+
+    SIGTERM (and Ctrl-C outside the terminal chat) shuts down cleanly: no new requests, running replies
+    are ended and stored, then the adapters disconnect and the database closes.
+    """
+    engine = await asyncio.to_thread(Engine, settings.engine)
+    try:
+        store = await Store.open(settings.store.path)
+        try:
+            manager = ConversationManager(engine, store, settings)
+            await _run_adapters(manager, settings, secrets, console=console)
+        finally:
+            await store.close()
+    finally:
+        engine.close()
+    log.info("stopped")
+
+
+async def _run_adapters(manager: ConversationManager, settings: Settings, secrets: Secrets, *,
+                        console: bool) -> None:
+    adapters: dict[str, Coroutine[Any, Any, None]] = {}
+    if not console and secrets.discord_token:
+        from adapters.discord import run_discord
+        adapters["discord"] = run_discord(manager, settings, secrets)
+    if not console and secrets.slack_bot_token:
+        from adapters.slack import run_slack
+        adapters["slack"] = run_slack(manager, settings, secrets)
+    if not adapters:
+        from adapters.console import run_console
+        if not console:
+            log.info("no DISCORD_TOKEN or SLACK_BOT_TOKEN set: starting the terminal chat. Set DISCORD_TOKEN to "
+                     "connect to Discord, SLACK_BOT_TOKEN (with SLACK_APP_TOKEN for Socket Mode) for Slack.")
+        await run_console(manager)
+        await manager.shutdown()
+        return
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    tasks = {asyncio.create_task(coroutine, name=name) for name, coroutine in adapters.items()}
+    stop_wait = asyncio.create_task(stopping.wait())
+    try:
+        done, _ = await asyncio.wait(tasks | {stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done - {stop_wait}:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("the %s adapter stopped: %s", task.get_name(), task.exception())
+        log.info("shutting down: finishing replies in flight")
+        await manager.shutdown()
+    finally:
+        stop_wait.cancel()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamarelay", description="A local LLM chat bot for Discord and Slack.")
+    parser.add_argument("--config", type=Path, default=None,
+                        help=f"config file (default: ./{DEFAULT_CONFIG_PATH}, or built-in defaults if absent)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="start every adapter that has a token (the terminal chat when none has)")
+    commands.add_parser("chat", help="chat with the model in this terminal")
+    commands.add_parser("fetch-model", help="download the default model into the configured model_path")
+    return parser
+
+
+def _load(config: Path | None) -> Settings:
+    if config is None and not DEFAULT_CONFIG_PATH.is_file():
+        return Settings()
+    return load_settings(config or DEFAULT_CONFIG_PATH)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    secrets = Secrets.from_env()
+    setup_logging(secrets, verbose=args.verbose)
+    try:
+        settings = _load(args.config)
+        if args.command == "fetch-model":
+            fetch_default_model(settings.engine.model_path)
+        else:
+            asyncio.run(serve(settings, secrets, console=args.command == "chat"))
+    except LlamarelayError as exc:
+        print(f"llamarelay: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
