@@ -133,10 +133,11 @@ class ConversationManager:
         finally:
             if generation is not None and self._running.get(key) is generation:
                 del self._running[key]
-        status, footer = self._outcome(generation, error, reply.text)
-        await self.store.finish_message(reply_id, reply.text, status)
+        text = reply.text
+        status, footer = self._outcome(generation, error, text)
+        await self.store.finish_message(reply_id, text, status)
         await reply.finish("\n".join([*notes, *footer]))
-        return ReplyResult(status, reply.text, notes + footer)
+        return ReplyResult(status, text, notes + footer)
 
     def _outcome(self, generation: Generation | None, error: str | None, text: str) -> tuple[str, list[str]]:
         if error is not None:

@@ -67,24 +67,25 @@ class StreamingReply:
         self._sealed: list[str] = []  # texts of earlier messages, final
         self._text = ""  # the current message's text
         self._handle: Any = None
+        self._posted = False
         self._shown: str | None = None  # what the current message shows now
         self._last_edit = 0.0
 
     @property
     def text(self) -> str:
-        """The whole reply so far, without status lines or notes."""
+        """The whole reply so far, without status lines (after `finish`, with its note)."""
         return "".join(self._sealed) + self._text
 
     @property
     def started(self) -> bool:
         """True once a message has been posted."""
-        return self._handle is not None
+        return self._posted
 
     async def status(self, line: str) -> None:
         """Show a status line (queued, thinking) while no reply text has arrived yet."""
         if self._text or self._sealed:
             return
-        if self._handle is None:
+        if not self._posted:
             await self._post_first(line)
         else:
             await self._edit(line, wait=True)
@@ -93,7 +94,7 @@ class StreamingReply:
         """Add generated text; edits the message if the interval has passed, moves on past the length limit."""
         self._text += delta
         await self._seal_full_messages()
-        if self._handle is None:
+        if not self._posted:
             await self._post_first(self._text)
         elif self._text and self._clock() - self._last_edit >= self._target.min_edit_interval:
             await self._edit(self._text, wait=False)
@@ -103,7 +104,7 @@ class StreamingReply:
         if note:
             self._text = f"{self._text.rstrip()}\n\n{note}" if self._text.strip() else note
         await self._seal_full_messages()
-        if self._handle is None:
+        if not self._posted:
             await self._post_first(self._text)
         else:
             await self._edit(self._text, wait=True)
@@ -111,7 +112,7 @@ class StreamingReply:
     async def _seal_full_messages(self) -> None:
         while len(self._text) > self._target.max_length:
             head, rest = split_message(self._text, self._target.max_length)
-            if self._handle is None:
+            if not self._posted:
                 await self._post_first(head)
             else:
                 await self._edit(head, wait=True)
@@ -123,6 +124,7 @@ class StreamingReply:
 
     async def _post_first(self, text: str) -> None:
         self._handle = await self._target.post(text)
+        self._posted = True
         self._shown = text
         self._last_edit = self._clock()
 

@@ -1,0 +1,138 @@
+"""The `llamarelay` command as a user runs it: terminal chat, start-up errors, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MODEL_PATH
+
+SECRETS = ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET", "LLAMARELAY_WEB_TOKEN")
+ENV = {k: v for k, v in os.environ.items() if k not in SECRETS}
+
+
+def write_config(tmp_path: Path, sampling: str = "max_tokens = 16\n") -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[engine]\nmodel_path = "{MODEL_PATH}"\nn_ctx = 1024\n'
+                      f'[sampling]\ntemperature = 0.0\n{sampling}'
+                      '[store]\npath = "chat.sqlite3"\n')
+    return config
+
+
+def llamarelay(*args: str, stdin: str = "", timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bot", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def stored(tmp_path: Path) -> list[tuple[str, str, str]]:
+    with sqlite3.connect(tmp_path / "chat.sqlite3") as db:
+        return db.execute("SELECT role, content, status FROM messages ORDER BY id").fetchall()
+
+
+def test_terminal_chat_answers_and_keeps_history(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = llamarelay("--config", str(config), "chat",
+                        stdin="Hello there!\n/system Answer like a pirate.\n/system\n/quit\n")
+    assert result.returncode == 0, result.stderr
+    assert "bot> " in result.stdout and "System prompt set." in result.stdout
+    assert "System prompt: Answer like a pirate." in result.stdout and "Bye." in result.stdout
+    rows = stored(tmp_path)
+    assert rows[0] == ("user", "Hello there!", "complete")
+    assert rows[1][0] == "assistant" and rows[1][2] == "complete" and rows[1][1] in result.stdout
+
+    again = llamarelay("--config", str(config), "chat", stdin="/reset\n")
+    assert "Conversation cleared." in again.stdout and stored(tmp_path) == []
+
+
+def test_run_without_tokens_starts_the_terminal_chat_and_says_how_to_connect(tmp_path: Path) -> None:
+    result = llamarelay("--config", str(write_config(tmp_path)), "run", stdin="Hi\n")
+    assert result.returncode == 0, result.stderr
+    assert "DISCORD_TOKEN" in result.stderr and "SLACK_BOT_TOKEN" in result.stderr
+    assert "bot> " in result.stdout
+
+
+def test_empty_line_gets_a_clear_answer(tmp_path: Path) -> None:
+    result = llamarelay("--config", str(write_config(tmp_path)), "chat", stdin="   \n")
+    assert "Your message is empty" in result.stdout
+
+
+def test_missing_model_names_the_path_and_the_fix(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[engine]\nmodel_path = "models/none.gguf"\n')
+    result = llamarelay("--config", str(config), "chat")
+    assert result.returncode == 1
+    assert str(tmp_path / "models" / "none.gguf") in result.stderr and "llamarelay fetch-model" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_malformed_config_stops_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[sampling]\ntop_k = 'many'\n")
+    result = llamarelay("--config", str(config), "run")
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "sampling.top_k" in result.stderr
+
+
+def test_fetch_model_keeps_an_existing_model(tmp_path: Path) -> None:
+    result = llamarelay("--config", str(write_config(tmp_path)), "fetch-model")
+    assert result.returncode == 0 and "already there" in result.stderr
+
+
+LONG_REPLY = 'max_tokens = 400\ngrammar = \'root ::= ("la " ){400}\'\n'
+
+
+async def start_chat(tmp_path: Path) -> asyncio.subprocess.Process:
+    config = write_config(tmp_path, LONG_REPLY)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--config", str(config), "chat", env=ENV,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def read_until(stream: asyncio.StreamReader, marker: bytes, timeout: float = 60) -> bytes:
+    seen = b""
+    async with asyncio.timeout(timeout):
+        while marker not in seen:
+            chunk = await stream.read(256)
+            if not chunk:
+                raise AssertionError(f"output ended before {marker!r}: {seen[-300:]!r}")
+            seen += chunk
+    return seen
+
+
+async def test_ctrl_c_stops_the_reply_not_the_program(tmp_path: Path) -> None:
+    chat = await start_chat(tmp_path)
+    assert chat.stdin and chat.stdout
+    chat.stdin.write(b"sing\n")
+    await read_until(chat.stdout, b"la la")
+    chat.send_signal(signal.SIGINT)
+    await read_until(chat.stdout, "Stopped.".encode())
+    chat.stdin.write(b"/quit\n")
+    await chat.stdin.drain()
+    assert await asyncio.wait_for(chat.wait(), 30) == 0
+    rows = stored(tmp_path)
+    assert rows[-1][0] == "assistant" and rows[-1][2] == "stopped" and rows[-1][1].startswith("la la")
+
+
+async def test_sigterm_shuts_down_cleanly_and_stores_the_partial_reply(tmp_path: Path) -> None:
+    chat = await start_chat(tmp_path)
+    assert chat.stdin and chat.stdout
+    chat.stdin.write(b"sing\n")
+    await read_until(chat.stdout, b"la la")
+    chat.terminate()
+    assert await asyncio.wait_for(chat.wait(), 30) == 0
+    rows = stored(tmp_path)
+    assert rows[0][:2] == ("user", "sing")
+    assert rows[-1][0] == "assistant" and rows[-1][2] in ("stopped", "interrupted") and rows[-1][1]
+
+
+@pytest.mark.parametrize("command", ["run", "chat"])
+def test_help_lists_the_commands(command: str) -> None:
+    result = llamarelay("--help")
+    assert result.returncode == 0 and command in result.stdout and "fetch-model" in result.stdout

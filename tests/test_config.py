@@ -1,0 +1,101 @@
+"""config.toml loading: defaults, one clear line per mistake, secrets from the environment only."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.app import RedactingFormatter
+from bot.config import Secrets, Settings, load_settings
+from bot.errors import ConfigError
+from bot.ratelimit import RateLimiter
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_lists_every_setting_with_its_default() -> None:
+    shipped = load_settings(ROOT / "config.toml")
+    defaults = Settings()
+    assert shipped.engine.model_path == ROOT / defaults.engine.model_path
+    assert shipped.store.path == ROOT / defaults.store.path
+    for section in Settings.model_fields:
+        ours, theirs = getattr(shipped, section).model_dump(), getattr(defaults, section).model_dump()
+        ours.pop("model_path", None), theirs.pop("model_path", None)
+        ours.pop("path", None), theirs.pop("path", None)
+        assert ours == theirs, section
+    text = (ROOT / "config.toml").read_text()
+    for section, model in Settings.model_fields.items():
+        for key in model.annotation.model_fields:  # type: ignore[union-attr]
+            assert f"{key} =" in text, f"[{section}] {key} is missing from config.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_bad_value_names_key_value_and_expectation(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_settings(write(tmp_path, "[engine]\nn_ctx = 'lots'\n"))
+    message = str(error.value)
+    assert "engine.n_ctx" in message and "'lots'" in message and "integer" in message
+    assert "\n" not in message
+
+
+def test_out_of_range_value_says_the_bound(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"sampling.temperature.*-1.*greater than or equal to 0"):
+        load_settings(write(tmp_path, "[sampling]\ntemperature = -1\n"))
+
+
+def test_unknown_key_is_an_error_not_ignored(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown setting 'engine.n_ctxx'"):
+        load_settings(write(tmp_path, "[engine]\nn_ctxx = 100\n"))
+
+
+def test_malformed_toml_is_one_clear_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML.*line 2") as error:
+        load_settings(write(tmp_path, "[engine]\nn_ctx = = 3\n"))
+    assert "\n" not in str(error.value)
+
+
+def test_missing_config_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(tmp_path / "absent.toml")
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, '[engine]\nmodel_path = "m/x.gguf"\n'))
+    assert settings.engine.model_path == tmp_path / "m" / "x.gguf"
+
+
+def test_secrets_come_from_the_environment_and_never_print() -> None:
+    secrets = Secrets.from_env({"DISCORD_TOKEN": "discord-secret", "SLACK_BOT_TOKEN": "xoxb-secret"})
+    assert secrets.discord_token == "discord-secret" and secrets.slack_app_token is None
+    assert "secret" not in repr(secrets) and "secret" not in str(secrets)
+
+
+def test_log_lines_never_contain_a_token() -> None:
+    formatter = RedactingFormatter("%(message)s", ["xoxb-123-secret"])
+    try:
+        raise RuntimeError("auth failed for xoxb-123-secret")
+    except RuntimeError:
+        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "token %s rejected", ("xoxb-123-secret",),
+                                   exc_info=sys.exc_info())
+    text = formatter.format(record)
+    assert "xoxb-123-secret" not in text
+    assert text.startswith("token [redacted] rejected") and "auth failed for [redacted]" in text
+
+
+def test_rate_limiter_allows_n_per_minute_per_user() -> None:
+    now = [0.0]
+    limiter = RateLimiter(2, clock=lambda: now[0])
+    assert limiter.allow("a") and limiter.allow("a") and not limiter.allow("a")
+    assert limiter.allow("b")
+    assert limiter.retry_after("a") == pytest.approx(60.0)
+    now[0] = 60.0
+    assert limiter.allow("a")
+    assert RateLimiter(0).allow("anyone")
