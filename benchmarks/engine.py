@@ -1,0 +1,89 @@
+"""Engine overhead: raw llama.cpp decode rate vs the engine's single-stream rate, on the same model and threads.
+
+Run: .venv/bin/python benchmarks/engine.py [--tokens 256] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import llama_cpp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bot.config import EngineSettings, SamplingSettings  # noqa: E402
+from bot.engine import Engine, QueuePosition  # noqa: E402
+
+MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+
+
+def raw_decode_rate(engine: Engine, prompt: list[int], n_tokens: int) -> float:
+    """Tokens/s of a plain loop: llama_decode one token at a time, greedy llama_sampler_sample, no engine."""
+    model = llama_cpp.llama_model_load_from_file(str(MODEL).encode(), llama_cpp.llama_model_default_params())
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch = 2048, 512
+    params.n_threads = params.n_threads_batch = engine.settings.n_threads or os.cpu_count() or 1
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    sampler = llama_cpp.llama_sampler_init_greedy()
+    tokens = (llama_cpp.llama_token * len(prompt))(*prompt)
+    llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(tokens, len(prompt)))
+    one = (llama_cpp.llama_token * 1)()
+    started = time.perf_counter()
+    for _ in range(n_tokens):
+        one[0] = llama_cpp.llama_sampler_sample(sampler, ctx, -1)
+        llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1))
+    elapsed = time.perf_counter() - started
+    llama_cpp.llama_sampler_free(sampler)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    return n_tokens / elapsed
+
+
+async def engine_run(engine: Engine, prompt: list[int], n_tokens: int) -> tuple[float, float]:
+    """(time to first token in s, tokens/s after the first) for one request through the engine's async API."""
+    # A grammar-free greedy run with EOS ignored is not offered, so pick max_tokens and a prompt that runs long.
+    sampling = SamplingSettings(max_tokens=n_tokens, temperature=0.0, repeat_penalty=1.0)
+    started = time.perf_counter()
+    first = None
+    count = 0
+    async for event in engine.submit(prompt, sampling):
+        if isinstance(event, QueuePosition):
+            continue
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    assert first is not None
+    return first - started, (count - 1) / (end - first) if count > 1 else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    engine = Engine(EngineSettings(model_path=MODEL, n_ctx=2048))
+    prompt = engine.chat_tokens(PROMPT)
+    print(f"model: {engine.model_name}, threads: {engine.settings.n_threads or os.cpu_count()}, "
+          f"prompt: {len(prompt)} tokens, generating up to {args.tokens} tokens, best of {args.runs}")
+    raw = max(raw_decode_rate(engine, prompt, args.tokens) for _ in range(args.runs))
+    runs = [asyncio.run(engine_run(engine, prompt, args.tokens)) for _ in range(args.runs)]
+    engine.close()
+    ttft = statistics.median(r[0] for r in runs)
+    rate = max(r[1] for r in runs)
+    print(f"raw llama.cpp decode loop : {raw:7.1f} tokens/s")
+    print(f"engine single stream      : {rate:7.1f} tokens/s")
+    print(f"engine time to first token: {ttft * 1000:7.1f} ms (median)")
+    print(f"engine / raw              : {rate / raw:7.2f}x  (target >= 0.90)")
+    print(f"per-token overhead        : {(1 / rate - 1 / raw) * 1000:7.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
