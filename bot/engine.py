@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -148,6 +148,31 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+class _StateCache:
+    """KV states of conversations whose slot went to another, least recently saved first, within a byte budget."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.size = 0
+        self._states: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()
+
+    def put(self, session: str, tokens: list[int], data: Any) -> None:
+        self.pop(session)
+        if len(data) > self.budget:
+            return
+        self._states[session] = (tokens, data)
+        self.size += len(data)
+        while self.size > self.budget:
+            _, (_, evicted) = self._states.popitem(last=False)
+            self.size -= len(evicted)
+
+    def pop(self, session: str) -> tuple[list[int], Any] | None:
+        state = self._states.pop(session, None)
+        if state is not None:
+            self.size -= len(state[1])
+        return state
+
+
 _log_callback: Any = None
 
 
@@ -209,6 +234,7 @@ class Engine:
                                           eos_token=self._special_text(llama_cpp.llama_vocab_eos(self._vocab)))
         self._batch = llama_cpp.llama_batch_init(settings.n_batch, 0, 1)
         self._slots = [_Slot(seq_id=i, cached=[]) for i in range(settings.parallel)]
+        self._saved = _StateCache(settings.state_cache_mb * 1024 * 1024)
         self._waiting: deque[Generation] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -378,11 +404,38 @@ class Engine:
         free = [slot for slot in self._slots if slot.generation is None]
         while self._waiting and free:
             generation = self._waiting.popleft()
-            slot = max(free, key=lambda s: (s.session == generation.session and bool(generation.session),
-                                            _common_prefix(s.cached, generation.prompt), -s.last_used))
+            slot = self._pick_slot(free, generation)
             free.remove(slot)
             self._start(slot, generation)
         self._renumber_waiting()
+
+    def _pick_slot(self, free: list[_Slot], generation: Generation) -> _Slot:
+        """The free slot that already holds the most of this prompt: its own, a saved state, or a shared prefix."""
+        slot = max(free, key=lambda s: (s.session == generation.session and bool(generation.session),
+                                        _common_prefix(s.cached, generation.prompt), -s.last_used))
+        if slot.session == generation.session or not generation.session:
+            return slot
+        saved = self._saved.pop(generation.session)
+        if saved is None or _common_prefix(saved[0], generation.prompt) <= _common_prefix(slot.cached,
+                                                                                           generation.prompt):
+            return slot
+        slot = min(free, key=lambda s: s.last_used)
+        self._save(slot)
+        tokens, data = saved
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        restored = llama_cpp.llama_state_seq_set_data(self._ctx, data, len(data), slot.seq_id)
+        slot.cached = list(tokens) if restored else []
+        slot.session = generation.session
+        return slot
+
+    def _save(self, slot: _Slot) -> None:
+        """Keep the slot's KV cache in RAM for its conversation's next turn before another takes the slot."""
+        if not slot.session or not slot.cached or not self._saved.budget:
+            return
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id)
+        data = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.seq_id) == size:
+            self._saved.put(slot.session, list(slot.cached), data)
 
     def _renumber_waiting(self) -> None:
         for place, generation in enumerate(self._waiting, start=1):
@@ -390,6 +443,8 @@ class Engine:
             generation._announce_position()
 
     def _start(self, slot: _Slot, generation: Generation) -> None:
+        if slot.session != generation.session:
+            self._save(slot)
         keep = _common_prefix(slot.cached, generation.prompt)
         keep = min(keep, len(generation.prompt) - 1)  # decode at least one token to get fresh logits
         if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
@@ -405,7 +460,8 @@ class Engine:
         generation._announce_position()
 
     def _step(self) -> None:
-        """One llama_decode over every active slot: a token each for generating ones, prompt chunks for the rest."""
+        """One llama_decode over every active slot: a token each for generating ones, then up to
+        ``prefill_chunk`` prompt tokens for the rest, so reading a long prompt never stalls the others for long."""
         batch, n = self._batch, 0
         capacity = self.settings.n_batch
         slots = []
@@ -422,9 +478,11 @@ class Engine:
                 n = self._add(batch, n, slot.next_token, len(slot.cached), slot.seq_id, True)
                 slot.cached.append(slot.next_token)
                 slot.logits_index = n - 1
+        prefill_budget = self.settings.prefill_chunk
         for slot in slots:
-            if slot.pending and n < capacity:
-                chunk = slot.pending[:capacity - n]
+            if slot.pending and n < capacity and prefill_budget > 0:
+                chunk = slot.pending[:min(capacity - n, prefill_budget)]
+                prefill_budget -= len(chunk)
                 del slot.pending[:len(chunk)]
                 for i, token in enumerate(chunk):
                     last = not slot.pending and i == len(chunk) - 1

@@ -174,3 +174,51 @@ def test_corrupt_model_file_is_a_clear_error(tmp_path: Path) -> None:
     corrupt.write_bytes(b"GGUF" + b"\x00garbage" * 100)
     with pytest.raises(ModelLoadError, match="not a valid GGUF"):
         Engine(EngineSettings(model_path=corrupt))
+
+
+async def test_greedy_output_is_the_same_alone_or_batched(engine: Engine) -> None:
+    question = prompt(engine, "Name three fruits.")
+    alone, _ = await collect(engine.submit(question, GREEDY))
+    others = [engine.submit(prompt(engine, f"Count to {n}."), GREEDY) for n in (5, 9, 12)]
+    batched = engine.submit(question, GREEDY)
+    results = await asyncio.gather(collect(batched), *(collect(g) for g in others))
+    assert results[0][0] == alone
+    assert engine.settings.parallel >= 2  # so the requests above really shared decode steps
+
+
+async def test_conversation_state_is_saved_when_its_slot_is_reused_and_restored_next_turn() -> None:
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, parallel=1, state_cache_mb=64))
+    try:
+        turn1 = [{"role": "system", "content": "You are Bob."}, {"role": "user", "content": "Hi, I am Ann."}]
+        first = engine.submit(engine.chat_tokens(turn1), GREEDY, session="ann")
+        reply, _ = await collect(first)
+        other = engine.submit(prompt(engine, "Unrelated question?"), GREEDY, session="zed")
+        await collect(other)  # takes the only slot: Ann's KV cache goes to RAM
+        assert other.n_prompt_reused < len(first.prompt) // 2
+        turn2 = engine.chat_tokens(turn1 + [{"role": "assistant", "content": reply},
+                                            {"role": "user", "content": "Who am I?"}])
+        second = engine.submit(turn2, GREEDY, session="ann")
+        text, _ = await collect(second)
+        assert second.n_prompt_reused >= len(first.prompt) - 1
+
+        # The restored cache gives exactly what a fresh read of the whole prompt gives.
+        fresh = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, parallel=1, state_cache_mb=0))
+        try:
+            assert (await collect(fresh.submit(turn2, GREEDY)))[0] == text
+        finally:
+            fresh.close()
+
+        # A changed history (new system prompt) shares no prefix: nothing stale is reused.
+        changed = engine.chat_tokens([{"role": "system", "content": "You are Carl."}, *turn1[1:]])
+        third = engine.submit(changed, GREEDY, session="ann")
+        await collect(third)
+        assert third.n_prompt_reused == _common_prefix_len(changed, first.prompt)
+    finally:
+        engine.close()
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
