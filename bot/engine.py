@@ -224,6 +224,9 @@ class Engine:
         self.n_ctx = llama_cpp.llama_n_ctx_seq(ctx)
         """Context window of one session, in tokens."""
         self.model_size = llama_cpp.llama_model_size(model)
+        head_dim = llama_cpp.llama_model_n_embd(model) // llama_cpp.llama_model_n_head(model)
+        self.kv_cache_bytes = (llama_cpp.llama_n_ctx(ctx) * llama_cpp.llama_model_n_layer(model)
+                               * 2 * head_dim * llama_cpp.llama_model_n_head_kv(model) * 2)  # K and V, f16
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self._bos = llama_cpp.llama_vocab_bos(self._vocab)
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
