@@ -162,25 +162,24 @@ class ConversationManager:
             return engine.chat_tokens([{"role": "system", "content": system}, *kept,
                                        {"role": "user", "content": user_text}])
 
-        limit = self.settings.conversation.max_message_chars
         original_length = len(text)
-        text = text[:limit]
-        tokens = render([], text)
-        if len(tokens) > budget or original_length > limit:
-            if len(tokens) > budget:
-                overhead = len(render([], "")) + len(engine.tokenize(TRUNCATED_MARK))
-                if overhead >= budget:
-                    raise LlamarelayError("The system prompt is too long for the model's context window; "
-                                          "shorten it or raise [engine] n_ctx.")
-                content = engine.tokenize(text)
-                keep = budget - overhead
-                while len(tokens) > budget and keep > 0:  # token counts shift a little at the seams
-                    text = engine.detokenize(content[:keep])
-                    tokens = render([], text + TRUNCATED_MARK)
-                    keep -= 8
-            note = (f"⚠️ Your message was too long, so only its first {len(text):,} of {original_length:,} "
-                    "characters were read.")
-            return tokens if len(tokens) <= budget else render([], text + TRUNCATED_MARK), [note]
+        text = text[:self.settings.conversation.max_message_chars]
+        if len(render([], text)) > budget:  # the message alone overflows the window: keep its head
+            overhead = len(render([], "")) + len(engine.tokenize(TRUNCATED_MARK))
+            if overhead >= budget:
+                raise LlamarelayError("The system prompt is too long for the model's context window; "
+                                      "shorten it or raise [engine] n_ctx.")
+            content, keep = engine.tokenize(text), budget - overhead
+            while keep > 0:  # token counts shift a little where the pieces meet
+                text = engine.detokenize(content[:keep])
+                if len(render([], text + TRUNCATED_MARK)) <= budget:
+                    break
+                keep -= 8
+        notes = []
+        if len(text) < original_length:
+            notes.append(f"⚠️ Your message was too long, so only its first {len(text):,} of {original_length:,} "
+                         "characters were read.")
+            text += TRUNCATED_MARK
         # Drop the oldest turns until the prompt fits (binary search: render is monotone in what is kept).
         low, high = 0, len(turns)
         while low < high:
@@ -192,7 +191,7 @@ class ConversationManager:
         kept = turns[low:]
         while kept and kept[0]["role"] != "user":  # a conversation should not open with the assistant
             kept = kept[1:]
-        return render(kept, text), []
+        return render(kept, text), notes
 
     # -- session commands ------------------------------------------------------------------------------
 

@@ -248,3 +248,13 @@ async def test_duplicate_event_ids_are_claimed_once(manager: ConversationManager
     assert await manager.claim_event("Ev1")
     assert not await manager.claim_event("Ev1")
     assert await manager.claim_event("Ev2")
+
+
+async def test_message_over_the_character_limit_keeps_the_history(manager: ConversationManager,
+                                                                  engine: Engine) -> None:
+    manager.settings.conversation.max_message_chars = 200
+    await manager.store.add_message(str(CHANNEL), "user", "EARLIER-QUESTION", Status.COMPLETE)
+    prompt, notes = manager.build_prompt("sys", await manager.history(CHANNEL), "word " * 100, 24)
+    rendered = engine.detokenize(prompt)
+    assert "EARLIER-QUESTION" in rendered and "cut to fit" in rendered
+    assert notes and "first 200 of 500 characters" in notes[0]
