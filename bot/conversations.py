@@ -97,7 +97,11 @@ class ConversationManager:
         self._idle.clear()
         try:
             lock = self._locks.setdefault(key, asyncio.Lock())
-            await reply.status(WAITING_FOR_PREVIOUS if lock.locked() else THINKING)
+            try:
+                await reply.status(WAITING_FOR_PREVIOUS if lock.locked() else THINKING)
+            except BaseException:  # nothing could be shown; the message stays stored, its reply marked so
+                await asyncio.shield(self.store.finish_message(reply_id, "", Status.INTERRUPTED))
+                raise
             async with lock:
                 return await self._answer(key, text, user_id, reply_id, reply)
         finally:
@@ -125,7 +129,7 @@ class ConversationManager:
                     await reply.append(event)
         except LlamarelayError as exc:
             error = str(exc)
-        except asyncio.CancelledError:
+        except BaseException:  # cancelled, or the platform failed: free the engine, keep what was written
             if generation is not None:
                 generation.cancel()
             await asyncio.shield(self.store.finish_message(reply_id, reply.text, Status.INTERRUPTED))

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 _FENCE_LINE = re.compile(r"^ {0,3}(```+|~~~+)(.*)$", re.MULTILINE)
 _CLOSING_FENCE_ROOM = 4  # "\n```"
+FINAL_EDIT_ATTEMPTS = 3  # a status or final text is retried this often before it is posted anew
 
 
 def _open_fence(text: str) -> str | None:
@@ -135,14 +136,18 @@ class StreamingReply:
             delay = self._last_edit + self._target.min_edit_interval - self._clock()
             if delay > 0:
                 await self._sleep(delay)
-        try:
-            await self._target.edit(self._handle, text)
-        except Exception:  # the platform failed after its own retries; the next edit carries all text again
-            log.warning("editing a reply failed; will retry with the next edit", exc_info=True)
-            if wait:
-                # A final edit that failed: post the text as a new message so nothing is lost.
-                self._handle = await self._target.post_continuation(text)
+        for attempt in range(FINAL_EDIT_ATTEMPTS if wait else 1):
+            if attempt:
+                await self._sleep(max(1.0, self._target.min_edit_interval))
+            try:
+                await self._target.edit(self._handle, text)
+            except Exception:  # the platform failed after its own retries; the next edit carries all text
+                log.warning("editing a reply failed (attempt %d)", attempt + 1, exc_info=True)
+            else:
                 self._shown = text
-        else:
-            self._shown = text
+                self._last_edit = self._clock()
+                return
         self._last_edit = self._clock()
+        if wait:  # a text that must be shown could not be edited in: post it rather than lose it
+            self._handle = await self._target.post_continuation(text)
+            self._shown = text

@@ -22,9 +22,13 @@ for variable in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
-    """The real llama.cpp engine, loaded once for the whole run (like the bot's one process-wide engine)."""
+    """The real llama.cpp engine, loaded once for the whole run (like the bot's one process-wide engine).
+
+    One thread leaves the other core to the event loop and the fake servers: two llama.cpp threads that
+    spin-wait for each other slow down several times over as soon as anything else wants the CPU.
+    """
     assert MODEL_PATH.is_file(), f"{MODEL_PATH} is missing: run `make test` (it fetches the model)"
-    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=2048, parallel=2, max_queue=16))
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=2048, n_threads=1, parallel=2, max_queue=16))
     yield engine
     engine.close()
 

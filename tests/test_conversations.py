@@ -258,3 +258,19 @@ async def test_message_over_the_character_limit_keeps_the_history(manager: Conve
     rendered = engine.detokenize(prompt)
     assert "EARLIER-QUESTION" in rendered and "cut to fit" in rendered
     assert notes and "first 200 of 500 characters" in notes[0]
+
+
+async def test_platform_failure_mid_stream_frees_the_engine_and_keeps_the_text(manager: ConversationManager) -> None:
+    class BrokenTarget(Target):
+        max_length = 50
+
+        async def post_continuation(self, text: str) -> int:
+            raise ConnectionError("platform went away")
+
+    await manager.set_sampling(CHANNEL, max_tokens=300, grammar=LONG_GRAMMAR)
+    target = BrokenTarget()
+    with pytest.raises(ConnectionError):
+        await manager.respond(message("sing"), target)
+    assert manager.status(CHANNEL).running == 0  # the generation was cancelled, not left running
+    stored = (await manager.history(CHANNEL))[-1]
+    assert stored.status == Status.INTERRUPTED and stored.content.startswith("l")

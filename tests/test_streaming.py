@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from bot.streaming import StreamingReply, split_message
+from bot.streaming import FINAL_EDIT_ATTEMPTS, StreamingReply, split_message
 
 
 class FakeClock:
@@ -162,11 +162,21 @@ async def test_failed_edit_loses_nothing_next_edit_carries_all_text(clock: FakeC
     assert [kind for kind, *_ in target.calls].count("post") == 1
 
 
-async def test_failed_final_edit_posts_the_text_as_a_new_message(clock: FakeClock) -> None:
+async def test_failed_final_edit_is_retried_without_a_duplicate(clock: FakeClock) -> None:
     target = RecordingTarget(clock)
     reply = StreamingReply(target, clock=clock, sleep=clock.sleep)
     await reply.append("start")
     await reply.append(" end")
-    target.failing_edits = 1
+    target.failing_edits = FINAL_EDIT_ATTEMPTS - 1
     await reply.finish()
-    assert target.messages[-1] == "start end"
+    assert target.messages == ["start end"]
+
+
+async def test_final_edit_that_keeps_failing_is_posted_rather_than_lost(clock: FakeClock) -> None:
+    target = RecordingTarget(clock)
+    reply = StreamingReply(target, clock=clock, sleep=clock.sleep)
+    await reply.append("start")
+    await reply.append(" end")
+    target.failing_edits = FINAL_EDIT_ATTEMPTS
+    await reply.finish()
+    assert target.messages == ["start", "start end"]

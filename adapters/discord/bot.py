@@ -1,0 +1,212 @@
+"""The Discord client: turns mentions, thread messages and DMs into `Incoming` messages for the core.
+
+Which conversation a message belongs to: a guild channel's session, a thread's own session, or the
+author's private DM session. Access lists, the per-user rate limit and the bot/self filters are applied
+here, before anything reaches the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+import discord
+
+from adapters.discord.commands import LlamarelayTree
+from adapters.discord.targets import NO_MENTIONS, SEND_ERRORS, ChannelTarget, InteractionTarget
+from bot.ratelimit import RateLimiter
+from bot.types import Incoming, SessionKey
+
+if TYPE_CHECKING:
+    from bot.config import DiscordSettings
+    from bot.conversations import ConversationManager
+
+__all__ = ["DiscordBot", "PLATFORM"]
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+TYPING_REFRESH_SECONDS = 8.0  # Discord shows "typing…" for about 10 s per request
+SHUTDOWN_GRACE_SECONDS = 10.0  # how long close() lets stopped replies write their last edit
+DELIVERY_FAILED = "⚠️ Discord would not take my whole reply; please ask again."
+
+
+class DiscordBot(discord.Client):
+    """discord.py client for llamarelay: message events here, slash commands in `LlamarelayTree`."""
+
+    def __init__(self, manager: ConversationManager, settings: DiscordSettings, **options: Any) -> None:
+        intents = discord.Intents.default()
+        intents.message_content = True  # privileged: enable "Message Content Intent" in the portal
+        options.setdefault("allowed_mentions", NO_MENTIONS)
+        super().__init__(intents=intents, **options)
+        self.manager = manager
+        self.settings = settings
+        self.rate_limiter = RateLimiter(settings.user_messages_per_minute)
+        self.tree = LlamarelayTree(self)
+        self._replies: dict[asyncio.Task[Any], SessionKey] = {}
+        self._closing = False
+
+    async def setup_hook(self) -> None:
+        """Sync slash commands once per start (not in on_ready, which fires again after reconnects)."""
+        try:
+            if self.settings.guild_ids:
+                for guild_id in self.settings.guild_ids:
+                    guild = discord.Object(guild_id)
+                    self.tree.copy_global_to(guild=guild)
+                    await self.tree.sync(guild=guild)
+                log.info("slash commands synced to %d guild(s)", len(self.settings.guild_ids))
+            else:
+                await self.tree.sync()
+                log.info("slash commands synced globally (Discord may take a while to show them)")
+        except discord.HTTPException as exc:
+            # Commands synced at an earlier start keep working; a failed sync should not stop the bot.
+            log.error("could not sync slash commands: %s", exc)
+
+    async def on_ready(self) -> None:
+        log.info("connected to Discord as %s (%d guild(s))", self.user, len(self.guilds))
+
+    # ------------------------------------------------------------------ sessions and access
+
+    def session_for(self, channel: Any, user: discord.abc.User, guild_id: int | None) -> SessionKey:
+        """The conversation a channel (or DM) belongs to; a thread has its own, apart from its parent's."""
+        if guild_id is None or isinstance(channel, (discord.DMChannel, discord.GroupChannel)):
+            return SessionKey.for_dm(PLATFORM, str(user.id))
+        if isinstance(channel, discord.Thread):
+            return SessionKey.for_channel(PLATFORM, str(guild_id), str(channel.parent_id), str(channel.id))
+        return SessionKey.for_channel(PLATFORM, str(guild_id), str(channel.id))
+
+    def is_admin(self, user: discord.abc.User) -> bool:
+        return user.id in self.settings.admin_user_ids
+
+    def refusal(self, user: discord.abc.User, channel: Any, guild_id: int | None) -> str | None:
+        """Why ``user`` may not use the bot here, or None if they may."""
+        cfg = self.settings
+        if self.is_admin(user):
+            return None
+        if guild_id is None:
+            if not cfg.dms_enabled:
+                return "Direct messages are turned off for this bot; mention me in a server channel instead."
+        else:
+            if cfg.allowed_guild_ids and guild_id not in cfg.allowed_guild_ids:
+                return "I'm not enabled in this server."
+            channel_ids = {getattr(channel, "id", None), getattr(channel, "parent_id", None)}
+            if cfg.allowed_channel_ids and not channel_ids & set(cfg.allowed_channel_ids):
+                return "I'm not enabled in this channel."
+        if cfg.allowed_user_ids or cfg.allowed_role_ids:
+            roles = {role.id for role in getattr(user, "roles", [])}
+            if user.id not in cfg.allowed_user_ids and not roles & set(cfg.allowed_role_ids):
+                return "Sorry, you're not on the list of people allowed to use this bot."
+        return None
+
+    def rate_limited(self, user: discord.abc.User) -> str | None:
+        """A friendly line if ``user`` is over the per-minute limit (counting this message), else None."""
+        if self.is_admin(user) or self.rate_limiter.allow(user.id):
+            return None
+        wait = max(1, round(self.rate_limiter.retry_after(user.id)))
+        return (f"⏳ Easy there! You can send {self.settings.user_messages_per_minute} messages a minute; "
+                f"try again in {wait} s.")
+
+    # ------------------------------------------------------------------ messages
+
+    def _addressed(self, message: discord.Message) -> bool:
+        """True if the bot should answer: a DM, a real @mention (not @everyone), or an always-answer channel."""
+        if message.guild is None:
+            return True
+        assert self.user is not None
+        if isinstance(message.channel, discord.Thread) and not self.settings.answer_in_threads:
+            return False
+        if any(user.id == self.user.id for user in message.mentions):
+            return True
+        channel_ids = {message.channel.id, getattr(message.channel, "parent_id", None)}
+        return bool(channel_ids & set(self.settings.always_answer_channel_ids))
+
+    def prompt_text(self, message: discord.Message) -> str:
+        """The message as the model should read it: no bot mention, other mentions as display names."""
+        assert self.user is not None
+        text = re.sub(rf"<@!?{self.user.id}>", "", message.content)
+        for user in message.mentions:
+            name = "@" + user.display_name
+            text = re.sub(rf"<@!?{user.id}>", lambda _match: name, text)
+        for role in message.role_mentions:
+            text = text.replace(f"<@&{role.id}>", "@" + role.name)
+        for channel in message.channel_mentions:
+            text = text.replace(f"<#{channel.id}>", "#" + channel.name)
+        return re.sub(r"[ \t]{2,}", " ", text).strip()
+
+    async def on_message(self, message: discord.Message) -> None:
+        if self._closing or self.user is None or message.author.id == self.user.id:
+            return
+        if message.author.bot and not self.settings.answer_bots:
+            return
+        if message.type not in (discord.MessageType.default, discord.MessageType.reply):
+            return
+        if not self._addressed(message):
+            return
+        guild_id = message.guild.id if message.guild else None
+        if self.refusal(message.author, message.channel, guild_id) is not None:
+            log.info("ignoring a message from user %s: not allowed here", message.author.id)
+            return
+        if (too_fast := self.rate_limited(message.author)) is not None:
+            await self._send_quietly(message, too_fast)
+            return
+        key = self.session_for(message.channel, message.author, guild_id)
+        incoming = Incoming(key, str(message.author.id), message.author.display_name, self.prompt_text(message),
+                            event_id=str(message.id))
+        target = ChannelTarget(message.channel, trigger=message, min_edit_interval=self.settings.edit_interval)
+        await self.answer(incoming, target, typing_in=message.channel)
+
+    async def answer(self, incoming: Incoming, target: ChannelTarget | InteractionTarget, *,
+                     typing_in: discord.abc.Messageable | None = None) -> None:
+        """Run one reply through the core, with a typing indicator, then make sure its final text landed."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._replies[task] = incoming.key
+        typing = asyncio.create_task(self._keep_typing(typing_in)) if typing_in is not None else None
+        try:
+            try:
+                result = await self.manager.respond(incoming, target)
+                log.info("discord reply in %s: %s, %d chars", incoming.key, result.status, len(result.text))
+            except Exception:
+                # The core reports engine failures in the reply itself; this is Discord refusing to take it.
+                log.exception("could not deliver a reply in %s", incoming.key)
+                with contextlib.suppress(*SEND_ERRORS):
+                    await target.post_continuation(DELIVERY_FAILED)
+            finally:
+                if typing is not None:
+                    typing.cancel()
+            await target.flush()
+        finally:
+            self._replies.pop(task, None)
+
+    async def _keep_typing(self, channel: discord.abc.Messageable) -> None:
+        while True:
+            try:
+                await channel.typing()
+            except (discord.HTTPException, OSError) as exc:  # only cosmetic: never fail a reply over it
+                log.debug("typing indicator failed: %s", exc)
+            await asyncio.sleep(TYPING_REFRESH_SECONDS)
+
+    async def _send_quietly(self, message: discord.Message, text: str) -> None:
+        try:
+            await message.reply(text, mention_author=False, allowed_mentions=NO_MENTIONS)
+        except discord.HTTPException as exc:
+            log.warning("could not send a notice: %s", exc)
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def close(self) -> None:
+        """Stop replies in flight (their partial text stays, marked stopped), then disconnect."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_GRACE_SECONDS
+        while self._replies and loop.time() < deadline:
+            # Again and again: a reply queued behind a stopped one in its session starts generating next.
+            for key in set(self._replies.values()):
+                self.manager.stop(key)
+            await asyncio.wait(list(self._replies), timeout=0.2)
+        for task in list(self._replies):
+            task.cancel()
+        await super().close()
