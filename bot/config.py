@@ -91,7 +91,7 @@ class SlackSettings(_Section):
     native_streaming: bool = False
     user_messages_per_minute: int = Field(10, ge=0, le=10000, description="0 = unlimited")
     http_host: str = "127.0.0.1"
-    http_port: int = Field(3000, ge=1, le=65535)
+    http_port: int = Field(3000, ge=0, le=65535, description="0 = any free port")
     http_path: str = "/slack/events"
     api_base_url: str | None = Field(None, description="Web API base, e.g. https://slack.com/api/")
 

@@ -1,0 +1,250 @@
+"""The Slack bot: a slack-bolt `AsyncApp` whose listeners hand mentions, DMs and slash commands to the core.
+
+Socket Mode (``AsyncSocketModeHandler``) when an app-level token is given, else HTTP (Events API) mode on
+``[slack] http_host:http_port`` + ``http_path``, where bolt verifies every request's signature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import Any
+
+from aiohttp import web
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncApp, AsyncBoltContext
+from slack_bolt.response import BoltResponse
+from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.web.async_client import AsyncWebClient
+
+from adapters.slack.commands import register_commands
+from adapters.slack.mrkdwn import from_slack
+from adapters.slack.targets import NativeStreamTarget, UpdateTarget
+from bot.config import Secrets, Settings, SlackSettings
+from bot.conversations import ConversationManager, ReplyResult
+from bot.errors import ConfigError
+from bot.ratelimit import RateLimiter
+from bot.types import Incoming, SessionKey
+
+__all__ = ["SlackBot", "run_slack"]
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "slack"
+DEDUPE_TTL_SECONDS = 900.0  # Slack retries for about 5 minutes; keep ids well past that
+RATE_LIMIT_RETRIES = 3  # 429s absorbed by slack-sdk's retry handler before a call fails
+CLOSE_GRACE_SECONDS = 10.0
+# Message subtypes that are a person writing; edits, deletions, joins and the like are not answered.
+ANSWERED_SUBTYPES = (None, "file_share", "thread_broadcast")
+IGNORED_EVENT_SUBTYPES = ("message_changed", "message_deleted")
+
+NOT_ALLOWED_USER = "🚫 Sorry, you're not on the list of people this bot answers."
+NOT_ALLOWED_CHANNEL = "🚫 I don't answer in this channel."
+DMS_DISABLED = "🚫 Direct messages to this bot are turned off."
+
+
+class SlackBot:
+    """llamarelay on Slack. `start()` connects (Socket Mode or HTTP), `close()` disconnects cleanly."""
+
+    def __init__(self, manager: ConversationManager, settings: SlackSettings, *, bot_token: str,
+                 app_token: str | None = None, signing_secret: str | None = None) -> None:
+        self.manager = manager
+        self.settings = settings
+        self.client = AsyncWebClient(token=bot_token, base_url=settings.api_base_url or AsyncWebClient.BASE_URL)
+        # Without it a 429 from chat.update would surface as an error; with it the call waits and retries.
+        self.client.retry_handlers.append(AsyncRateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES))
+        self._app_token = app_token
+        self._signing_secret = signing_secret
+        self.rate_limiter = RateLimiter(settings.user_messages_per_minute)
+        self.app = AsyncApp(client=self.client, signing_secret=signing_secret or "", name="llamarelay",
+                            before_authorize=self._drop_edits)
+        self.app.event("app_mention")(self._on_mention)
+        self.app.event("message")(self._on_message)
+        self.app.error(self._on_error)
+        register_commands(self)
+        self._socket: AsyncSocketModeHandler | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the bot token, then connect: Socket Mode with an app token, else serve HTTP."""
+        try:
+            await self.client.auth_test()
+        except SlackApiError as exc:
+            raise ConfigError(f"Slack rejected SLACK_BOT_TOKEN ({exc.response.get('error')})") from None
+        if self._app_token:
+            self._socket = AsyncSocketModeHandler(self.app, app_token=self._app_token)
+            await self._socket.connect_async()
+            log.info("connected to Slack in Socket Mode")
+            return
+        if not self._signing_secret:
+            raise ConfigError("Slack HTTP mode needs SLACK_SIGNING_SECRET (or set SLACK_APP_TOKEN for Socket Mode)")
+        s = self.settings
+        self._runner = web.AppRunner(self.app.web_app(path=s.http_path, port=s.http_port), handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, s.http_host, s.http_port).start()
+        log.info("serving Slack events on http://%s:%d%s", s.http_host, self.http_port, s.http_path)
+
+    @property
+    def http_port(self) -> int:
+        """The port HTTP mode listens on (the real one when configured as 0)."""
+        assert self._runner is not None, "HTTP mode is not running"
+        return int(self._runner.addresses[0][1])
+
+    async def close(self, grace: float = CLOSE_GRACE_SECONDS) -> None:
+        """Stop receiving, give replies in flight ``grace`` seconds to end, then cancel the rest."""
+        if self._socket is not None:
+            await self._socket.close_async()
+            self._socket = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        try:
+            await asyncio.wait_for(self.wait_idle(), grace)
+        except TimeoutError:
+            pending = set(self._tasks)
+            log.warning("cancelling %d Slack replies still in flight", len(pending))
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def wait_idle(self) -> None:
+        """Wait until every reply in flight has been delivered completely (final edit included)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
+    # -- middleware and errors -------------------------------------------------------------------
+
+    @staticmethod
+    async def _drop_edits(body: dict[str, Any], next: Any) -> BoltResponse | None:
+        # Acknowledged (so Slack does not redeliver) but never handed to a listener.
+        if body.get("event", {}).get("subtype") in IGNORED_EVENT_SUBTYPES:
+            return BoltResponse(status=200, body="")
+        return await next()  # type: ignore[no-any-return]
+
+    @staticmethod
+    async def _on_error(error: Exception, body: dict[str, Any]) -> None:
+        log.error("Slack listener failed on a %s request", body.get("type") or body.get("command"),
+                  exc_info=error)
+
+    # -- events ----------------------------------------------------------------------------------
+
+    async def _on_mention(self, event: dict[str, Any], body: dict[str, Any], context: AsyncBoltContext) -> None:
+        await self._answer(event, body, context, is_dm=False)
+
+    async def _on_message(self, event: dict[str, Any], body: dict[str, Any], context: AsyncBoltContext) -> None:
+        if event.get("subtype") not in ANSWERED_SUBTYPES or event.get("bot_id"):
+            return  # other bots (and our own posts) are never answered: no bot loops
+        if event.get("channel_type") == "im":
+            await self._answer(event, body, context, is_dm=True)
+        elif context.bot_user_id and f"<@{context.bot_user_id}" in event.get("text", ""):
+            # A mention also arrives as app_mention; whichever comes first is answered (see _first_delivery).
+            await self._answer(event, body, context, is_dm=False)
+
+    async def _answer(self, event: dict[str, Any], body: dict[str, Any], context: AsyncBoltContext, *,
+                      is_dm: bool) -> None:
+        user, channel, ts = event.get("user"), event.get("channel"), event.get("ts")
+        if not user or not channel or not ts:
+            return
+        team = str(body.get("team_id") or context.team_id or "")
+        if not await self._first_delivery(body.get("event_id"), team, channel, ts):
+            log.debug("event %s for message %s/%s already answered", body.get("event_id"), channel, ts)
+            return
+        thread = event.get("thread_ts")
+        if is_dm:
+            key, reply_thread = SessionKey.for_dm(PLATFORM, user), thread
+        else:
+            key = SessionKey.for_channel(PLATFORM, team, channel, thread or "")
+            reply_thread = thread or (ts if self.settings.reply_in_thread else None)
+        refusal = self.refusal(user, channel, is_dm=is_dm) or self.rate_refusal(user)
+        if refusal:
+            await self._refuse(refusal, channel=channel, user=user, thread_ts=reply_thread, is_dm=is_dm)
+            return
+        profile = event.get("user_profile") or {}
+        name = profile.get("display_name") or profile.get("real_name") or user
+        incoming = Incoming(key, user, name, from_slack(event.get("text", ""), context.bot_user_id),
+                            event_id=str(body.get("event_id") or ""))
+        target: UpdateTarget
+        if self.settings.native_streaming:
+            target = NativeStreamTarget(self.client, channel, thread_ts=reply_thread or ts, team_id=team,
+                                        user_id=user, edit_interval=self.settings.edit_interval)
+        else:
+            target = UpdateTarget(self.client, channel, thread_ts=reply_thread,
+                                  edit_interval=self.settings.edit_interval)
+        try:
+            await self.reply(incoming, target)
+        except SlackApiError as exc:
+            log.warning("could not reply in %s: %s", channel, exc.response.get("error"))
+
+    async def _first_delivery(self, event_id: str | None, team: str, channel: str, ts: str) -> bool:
+        """False for a redelivered event, and for the second of app_mention + message about one message."""
+        if event_id and not await self.manager.claim_event(f"{PLATFORM}:event:{event_id}", DEDUPE_TTL_SECONDS):
+            return False
+        return await self.manager.claim_event(f"{PLATFORM}:message:{team}:{channel}:{ts}", DEDUPE_TTL_SECONDS)
+
+    async def _refuse(self, text: str, *, channel: str, user: str, thread_ts: str | None, is_dm: bool) -> None:
+        try:
+            if is_dm:
+                await self.client.chat_postMessage(channel=channel, text=text, thread_ts=thread_ts)
+            else:
+                await self.client.chat_postEphemeral(channel=channel, user=user, text=text, thread_ts=thread_ts)
+        except SlackApiError as exc:
+            log.info("could not tell %s why they were refused: %s", user, exc.response.get("error"))
+
+    # -- shared with the slash commands ----------------------------------------------------------
+
+    def refusal(self, user: str, channel: str, *, is_dm: bool) -> str | None:
+        """Why ``user`` may not talk to the bot in ``channel``, or None when they may."""
+        s = self.settings
+        if s.allowed_user_ids and user not in s.allowed_user_ids and user not in s.admin_user_ids:
+            return NOT_ALLOWED_USER
+        if is_dm:
+            return None if s.dms_enabled else DMS_DISABLED
+        if s.allowed_channel_ids and channel not in s.allowed_channel_ids:
+            return NOT_ALLOWED_CHANNEL
+        return None
+
+    def rate_refusal(self, user: str) -> str | None:
+        """Counts one message against ``user``'s per-minute limit; a refusal when over it."""
+        if self.rate_limiter.allow(user):
+            return None
+        wait = max(1, math.ceil(self.rate_limiter.retry_after(user)))
+        return f"⏳ You're sending messages faster than I can answer; try again in {wait} s."
+
+    def is_admin(self, user: str) -> bool:
+        return user in self.settings.admin_user_ids
+
+    async def reply(self, incoming: Incoming, target: UpdateTarget) -> ReplyResult:
+        """Stream the core's answer to ``incoming`` into ``target``; tracked so `close` can wait for it."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            return await self.manager.respond(incoming, target)
+        finally:
+            try:
+                await target.close()
+            except SlackApiError as exc:
+                log.warning("could not finish a streamed reply: %s", exc.response.get("error"))
+            if task is not None:
+                self._tasks.discard(task)
+
+
+async def run_slack(manager: ConversationManager, settings: Settings, secrets: Secrets) -> None:
+    """Run the Slack bot until cancelled, then disconnect cleanly (the lead's `llamarelay run` calls this)."""
+    if not secrets.slack_bot_token:
+        raise ConfigError("SLACK_BOT_TOKEN is not set")
+    bot = SlackBot(manager, settings.slack, bot_token=secrets.slack_bot_token,
+                   app_token=secrets.slack_app_token, signing_secret=secrets.slack_signing_secret)
+    await bot.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        try:
+            await bot.close()
+        except Exception:  # shutting down anyway; say why it was untidy
+            log.exception("the Slack connection did not close cleanly")

@@ -1,0 +1,472 @@
+"""A fake Slack Web API + Socket Mode server on 127.0.0.1, for driving the real slack-bolt app in tests.
+
+It records every Web API call, keeps the text of every message the bot posts (so tests assert what a user
+would see), pushes Socket Mode envelopes on demand and collects their acks by ``envelope_id``, sends
+``disconnect`` frames, and can script failures: 429 with ``Retry-After``, ``msg_too_long``,
+``message_not_in_streaming_state``. Shapes follow docs/platform-protocol-notes.md section 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
+
+from aiohttp import WSMsgType, web
+
+__all__ = ["FakeSlack", "ApiCall", "FakeMessage", "ScriptedFailure"]
+
+log = logging.getLogger(__name__)
+
+BOT_TOKEN = "xoxb-fake-bot-token"
+APP_TOKEN = "xapp-fake-app-token"
+BOT_USER_ID = "UBOT"
+BOT_ID = "BBOT"
+TEAM_ID = "T1"
+API_APP_ID = "A1"
+# Slack documents 40k but answers msg_too_long near 4k; the fake enforces the practical limit.
+MAX_TEXT_CHARS = 4000
+DEFAULT_TIMEOUT_SECONDS = 60.0
+
+T = TypeVar("T")
+
+
+@dataclass
+class ApiCall:
+    """One Web API request as the fake received it."""
+
+    method: str
+    args: dict[str, Any]
+    token: str | None
+    at: float
+    status: int = 200
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class FakeMessage:
+    """A message the bot posted; ``versions`` holds every text it has shown, oldest first."""
+
+    channel: str
+    ts: str
+    thread_ts: str | None
+    text: str
+    versions: list[str] = field(default_factory=list)
+    streaming: bool = False
+    stream_expired: bool = False
+    deleted: bool = False
+
+
+@dataclass
+class ScriptedFailure:
+    """The next call(s) to ``method`` matching ``when`` fail with ``error`` (HTTP ``status``)."""
+
+    method: str
+    error: str
+    status: int = 200
+    retry_after: int | None = None
+    times: int = 1
+    when: Callable[[dict[str, Any]], bool] | None = None
+
+
+class FakeSlack:
+    """Fake Slack: ``base_url`` for ``AsyncWebClient(base_url=...)``; Socket Mode at ``/link/``."""
+
+    def __init__(self, *, echo_bot_messages: bool = False) -> None:
+        self.echo_bot_messages = echo_bot_messages
+        """Push a ``message`` event for each bot post and ``message_changed`` for each edit, as Slack does."""
+        self.calls: list[ApiCall] = []
+        self.messages: dict[str, FakeMessage] = {}
+        self.acks: dict[str, dict[str, Any]] = {}
+        self.connections_opened = 0
+        self.sockets_connected = 0
+        self._failures: list[ScriptedFailure] = []
+        self._ts_counter = itertools.count(1)
+        self._sockets: list[web.WebSocketResponse] = []
+        self._cond = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self._port = 0
+        self._echo_tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> FakeSlack:
+        app = web.Application()
+        app.add_routes([
+            web.post("/api/{method}", self._api),
+            web.get("/link/", self._socket),
+            web.post("/response/{id}", self._response_url),
+        ])
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self._port = self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        for task in list(self._echo_tasks):
+            task.cancel()
+        await asyncio.gather(*self._echo_tasks, return_exceptions=True)
+        for ws in list(self._sockets):
+            await ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> FakeSlack:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._port}/api/"
+
+    def response_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self._port}/response/{name}"
+
+    # -- scripting -------------------------------------------------------------------------------
+
+    def fail(self, method: str, error: str, *, status: int = 200, retry_after: int | None = None,
+             times: int = 1, when: Callable[[dict[str, Any]], bool] | None = None) -> ScriptedFailure:
+        """Make the next ``times`` calls to ``method`` (matching ``when``) fail with ``error``."""
+        failure = ScriptedFailure(method, error, status, retry_after, times, when)
+        self._failures.append(failure)
+        return failure
+
+    def rate_limit(self, method: str, *, retry_after: int = 1, times: int = 1,
+                   when: Callable[[dict[str, Any]], bool] | None = None) -> ScriptedFailure:
+        """Answer the next ``times`` calls to ``method`` with HTTP 429 and ``Retry-After``."""
+        return self.fail(method, "ratelimited", status=429, retry_after=retry_after, times=times, when=when)
+
+    def expire_streams(self) -> None:
+        """End every native stream server-side: appendStream/stopStream now fail, chat.update still works."""
+        for message in self.messages.values():
+            if message.streaming:
+                message.stream_expired = True
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def calls_to(self, method: str, *, ok_only: bool = False) -> list[ApiCall]:
+        return [c for c in self.calls if c.method == method and (c.ok or not ok_only)]
+
+    def messages_in(self, channel: str, thread_ts: str | None = None) -> list[FakeMessage]:
+        """Messages the bot posted in ``channel`` (and in ``thread_ts`` when given), oldest first."""
+        return [m for m in self.messages.values() if m.channel == channel and not m.deleted
+                and (thread_ts is None or m.thread_ts == thread_ts)]
+
+    def texts_sent(self) -> list[str]:
+        """Every text the bot sent to Slack, in any method (to check nothing can ping)."""
+        texts = []
+        for call in self.calls:
+            if call.method.startswith(("chat.", "response_url")):
+                texts.append(str(call.args.get("text") or ""))
+                if call.method.endswith("Stream"):
+                    texts.append(self._chunk_text(call))
+        return texts
+
+    async def wait_for(self, predicate: Callable[[], T], *, timeout: float = DEFAULT_TIMEOUT_SECONDS,
+                       what: str = "condition") -> T:
+        """Wait until ``predicate()`` is truthy (re-checked on every call, ack and connection)."""
+        async with self._cond:
+            try:
+                return await asyncio.wait_for(self._cond.wait_for(predicate), timeout)
+            except TimeoutError:
+                raise AssertionError(f"fake Slack: timed out after {timeout}s waiting for {what}") from None
+
+    async def _changed(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+    # -- Socket Mode -----------------------------------------------------------------------------
+
+    async def wait_connected(self, count: int = 1, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+        """Wait until ``count`` sockets have connected in total and one is open."""
+        await self.wait_for(lambda: self.sockets_connected >= count and self._open_socket() is not None,
+                            timeout=timeout, what=f"{count} socket connection(s)")
+
+    @property
+    def open_sockets(self) -> int:
+        """Socket Mode connections open right now."""
+        return sum(not ws.closed for ws in self._sockets)
+
+    def _open_socket(self) -> web.WebSocketResponse | None:
+        open_sockets = [ws for ws in self._sockets if not ws.closed]
+        return open_sockets[-1] if open_sockets else None
+
+    async def push(self, type_: str, payload: dict[str, Any], *, accepts_response_payload: bool = False,
+                   retry_attempt: int = 0, retry_reason: str = "") -> str:
+        """Send one envelope on the newest open socket; return its envelope_id."""
+        ws = self._open_socket()
+        if ws is None:
+            raise AssertionError("fake Slack: no Socket Mode client is connected")
+        envelope_id = str(uuid.uuid4())
+        await ws.send_str(json.dumps({
+            "envelope_id": envelope_id, "type": type_, "payload": payload,
+            "accepts_response_payload": accepts_response_payload,
+            "retry_attempt": retry_attempt, "retry_reason": retry_reason,
+        }))
+        return envelope_id
+
+    async def push_event(self, event: dict[str, Any], *, event_id: str | None = None,
+                         retry_attempt: int = 0) -> str:
+        """Push an ``events_api`` envelope; a redelivery keeps the event_id and raises retry_attempt."""
+        return await self.push("events_api", self.event_body(event, event_id=event_id),
+                               retry_attempt=retry_attempt,
+                               retry_reason="timeout" if retry_attempt else "")
+
+    async def push_command(self, command: str, text: str = "", *, user: str = "U1",
+                           channel: str = "C1", channel_name: str = "general") -> str:
+        return await self.push("slash_commands", self.command_body(command, text, user=user, channel=channel,
+                                                                    channel_name=channel_name),
+                               accepts_response_payload=True)
+
+    async def wait_ack(self, envelope_id: str, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> dict[str, Any]:
+        """The ack frame the client sent for ``envelope_id``."""
+        await self.wait_for(lambda: envelope_id in self.acks, timeout=timeout, what=f"ack of envelope {envelope_id}")
+        return self.acks[envelope_id]
+
+    async def send_disconnect(self, reason: str = "refresh_requested") -> None:
+        """Ask the client to reconnect, as Slack does before rotating a socket."""
+        ws = self._open_socket()
+        if ws is None:
+            raise AssertionError("fake Slack: no Socket Mode client is connected")
+        await ws.send_str(json.dumps({"type": "disconnect", "reason": reason,
+                                      "debug_info": {"host": "fake-slack"}}))
+
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        # autoping=True echoes the SDK's "sdk-ping-pong:<t>" pings as pongs.
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        self._sockets.append(ws)
+        self.sockets_connected += 1
+        await ws.send_str(json.dumps({"type": "hello", "num_connections": 1,
+                                      "connection_info": {"app_id": API_APP_ID}}))
+        await self._changed()
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                frame = json.loads(msg.data)
+                if "envelope_id" in frame:
+                    self.acks[frame["envelope_id"]] = frame
+                    await self._changed()
+        finally:
+            await self._changed()
+        return ws
+
+    # -- payload builders ------------------------------------------------------------------------
+
+    def event_body(self, event: dict[str, Any], *, event_id: str | None = None) -> dict[str, Any]:
+        """The ``event_callback`` body Slack wraps around an event (Socket Mode payload or HTTP body)."""
+        return {
+            "token": "verification-token-unused", "team_id": TEAM_ID, "api_app_id": API_APP_ID,
+            "event": event, "type": "event_callback",
+            "event_id": event_id or f"Ev{uuid.uuid4().hex[:10].upper()}",
+            "event_time": int(time.time()),
+            "authorizations": [{"enterprise_id": None, "team_id": TEAM_ID, "user_id": BOT_USER_ID,
+                                "is_bot": True, "is_enterprise_install": False}],
+            "is_ext_shared_channel": False,
+        }
+
+    def command_body(self, command: str, text: str = "", *, user: str = "U1", channel: str = "C1",
+                     channel_name: str = "general") -> dict[str, str]:
+        trigger = uuid.uuid4().hex[:8]
+        return {
+            "token": "verification-token-unused", "team_id": TEAM_ID, "team_domain": "fake",
+            "channel_id": channel, "channel_name": channel_name, "user_id": user, "user_name": user.lower(),
+            "command": command, "text": text, "api_app_id": API_APP_ID, "is_enterprise_install": "false",
+            "response_url": self.response_url(trigger), "trigger_id": trigger,
+        }
+
+    def new_ts(self) -> str:
+        return f"{1700000000 + next(self._ts_counter)}.000100"
+
+    # -- Web API ---------------------------------------------------------------------------------
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        args: dict[str, Any] = dict(request.query)
+        raw = await request.read()
+        if raw:
+            if request.content_type == "application/json":
+                args.update(json.loads(raw))
+            else:
+                args.update(parse_qsl(raw.decode()))
+        auth = request.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else args.pop("token", None)
+        call = ApiCall(method, args, token, time.monotonic())
+        self.calls.append(call)
+        try:
+            return self._answer(call)
+        finally:
+            await self._changed()
+
+    def _answer(self, call: ApiCall) -> web.Response:
+        expected = APP_TOKEN if call.method == "apps.connections.open" else BOT_TOKEN
+        if call.token != expected:
+            return self._error(call, "invalid_auth")
+        failure = self._take_failure(call)
+        if failure is not None:
+            headers = {"Retry-After": str(failure.retry_after)} if failure.retry_after is not None else None
+            return self._error(call, failure.error, status=failure.status, headers=headers)
+        handler = getattr(self, "_m_" + call.method.replace(".", "_"), None)
+        if handler is None:
+            return self._error(call, "unknown_method", status=404)
+        result = handler(call)
+        if isinstance(result, web.Response):
+            return result
+        return web.json_response({"ok": True, **result})
+
+    def _take_failure(self, call: ApiCall) -> ScriptedFailure | None:
+        for failure in self._failures:
+            if failure.method == call.method and failure.times > 0 and (failure.when is None or
+                                                                        failure.when(call.args)):
+                failure.times -= 1
+                return failure
+        return None
+
+    @staticmethod
+    def _error(call: ApiCall, error: str, *, status: int = 200,
+               headers: dict[str, str] | None = None) -> web.Response:
+        call.status, call.error = status, error
+        return web.json_response({"ok": False, "error": error}, status=status, headers=headers)
+
+    def _m_auth_test(self, call: ApiCall) -> dict[str, Any]:
+        return {"url": "https://fake.slack.test/", "team": "Fake", "user": "llamarelay",
+                "team_id": TEAM_ID, "user_id": BOT_USER_ID, "bot_id": BOT_ID, "is_enterprise_install": False}
+
+    def _m_apps_connections_open(self, call: ApiCall) -> dict[str, Any]:
+        self.connections_opened += 1
+        return {"url": f"ws://127.0.0.1:{self._port}/link/?ticket={uuid.uuid4().hex}"}
+
+    def _text_of(self, call: ApiCall) -> str | web.Response:
+        text = str(call.args.get("text") or "")
+        if len(text) > MAX_TEXT_CHARS:
+            return self._error(call, "msg_too_long")
+        return text
+
+    def _m_chat_postMessage(self, call: ApiCall) -> dict[str, Any] | web.Response:
+        text = self._text_of(call)
+        if isinstance(text, web.Response):
+            return text
+        channel = str(call.args.get("channel", ""))
+        thread_ts = call.args.get("thread_ts") or None
+        message = FakeMessage(channel, self.new_ts(), thread_ts, text, [text])
+        self.messages[message.ts] = message
+        self._echo({"type": "message", "channel": channel, "user": BOT_USER_ID, "bot_id": BOT_ID,
+                    "text": text, "ts": message.ts, **({"thread_ts": thread_ts} if thread_ts else {}),
+                    "channel_type": "im" if channel.startswith("D") else "channel"})
+        return {"channel": channel, "ts": message.ts,
+                "message": {"type": "message", "text": text, "user": BOT_USER_ID, "bot_id": BOT_ID,
+                            "ts": message.ts}}
+
+    def _m_chat_update(self, call: ApiCall) -> dict[str, Any] | web.Response:
+        text = self._text_of(call)
+        if isinstance(text, web.Response):
+            return text
+        message = self.messages.get(str(call.args.get("ts", "")))
+        if message is None or message.channel != call.args.get("channel"):
+            return self._error(call, "message_not_found")
+        message.text = text
+        message.versions.append(text)
+        message.streaming = False
+        self._echo({"type": "message", "subtype": "message_changed", "channel": message.channel,
+                    "hidden": True, "ts": self.new_ts(), "event_ts": self.new_ts(),
+                    "message": {"type": "message", "text": text, "user": BOT_USER_ID, "bot_id": BOT_ID,
+                                "ts": message.ts, "edited": {"user": BOT_USER_ID, "ts": self.new_ts()}},
+                    "channel_type": "im" if message.channel.startswith("D") else "channel"})
+        return {"channel": message.channel, "ts": message.ts, "text": text}
+
+    def _m_chat_delete(self, call: ApiCall) -> dict[str, Any] | web.Response:
+        message = self.messages.get(str(call.args.get("ts", "")))
+        if message is None or message.deleted or message.channel != call.args.get("channel"):
+            return self._error(call, "message_not_found")
+        message.deleted = True
+        return {"channel": message.channel, "ts": message.ts}
+
+    def _m_chat_postEphemeral(self, call: ApiCall) -> dict[str, Any]:
+        return {"message_ts": self.new_ts()}
+
+    @staticmethod
+    def _chunk_text(call: ApiCall) -> str:
+        chunks = call.args.get("chunks") or []
+        if isinstance(chunks, str):
+            chunks = json.loads(chunks)
+        text = "".join(c.get("text", "") for c in chunks if c.get("type") == "markdown_text")
+        return text + str(call.args.get("markdown_text") or "")
+
+    def _m_chat_startStream(self, call: ApiCall) -> dict[str, Any] | web.Response:
+        if not call.args.get("thread_ts"):
+            return self._error(call, "invalid_arguments")
+        channel = str(call.args.get("channel", ""))
+        if not channel.startswith("D") and not (call.args.get("recipient_team_id")
+                                                and call.args.get("recipient_user_id")):
+            return self._error(call, "invalid_arguments")
+        text = self._chunk_text(call)
+        message = FakeMessage(channel, self.new_ts(), call.args["thread_ts"], text, [text], streaming=True)
+        self.messages[message.ts] = message
+        return {"channel": channel, "ts": message.ts}
+
+    def _streaming_message(self, call: ApiCall) -> FakeMessage | web.Response:
+        message = self.messages.get(str(call.args.get("ts", "")))
+        if message is None:
+            return self._error(call, "message_not_found")
+        if not message.streaming or message.stream_expired:
+            return self._error(call, "message_not_in_streaming_state")
+        return message
+
+    def _m_chat_appendStream(self, call: ApiCall) -> dict[str, Any] | web.Response:
+        message = self._streaming_message(call)
+        if isinstance(message, web.Response):
+            return message
+        message.text += self._chunk_text(call)
+        message.versions.append(message.text)
+        return {"channel": message.channel, "ts": message.ts}
+
+    def _m_chat_stopStream(self, call: ApiCall) -> dict[str, Any] | web.Response:
+        message = self._streaming_message(call)
+        if isinstance(message, web.Response):
+            return message
+        message.text += self._chunk_text(call)
+        message.versions.append(message.text)
+        message.streaming = False
+        return {"channel": message.channel, "ts": message.ts}
+
+    def _m_assistant_threads_setStatus(self, call: ApiCall) -> dict[str, Any]:
+        return {}
+
+    async def _response_url(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.calls.append(ApiCall("response_url", body, None, time.monotonic()))
+        await self._changed()
+        return web.Response(text="ok")
+
+    def _echo(self, event: dict[str, Any]) -> None:
+        """Deliver the bot's own message back to it, as Slack does for subscribed channels."""
+        if not self.echo_bot_messages or self._open_socket() is None:
+            return
+        task = asyncio.ensure_future(self._push_quietly(event))
+        self._echo_tasks.add(task)
+        task.add_done_callback(self._echo_tasks.discard)
+
+    async def _push_quietly(self, event: dict[str, Any]) -> None:
+        # Yield first so the API response reaches the bot before its own echo, as with Slack.
+        await asyncio.sleep(0)
+        try:
+            await self.push_event(event)
+        except (AssertionError, ConnectionError) as exc:
+            log.debug("echo not delivered: %s", exc)
