@@ -362,7 +362,8 @@ class Engine:
                 raise EngineError("the sampling grammar is not valid GBNF")
             samplers.append(grammar)
         if sampling.repeat_penalty != 1.0:
-            samplers.append(llama_cpp.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N, sampling.repeat_penalty, 0.0, 0.0))
+            samplers.append(llama_cpp.llama_sampler_init_penalties(
+                self._n_vocab, PENALTY_LAST_N, sampling.repeat_penalty, 0.0, 0.0))
         if sampling.temperature <= 0.0:
             samplers.append(llama_cpp.llama_sampler_init_greedy())
         else:

@@ -20,7 +20,7 @@ ENV = {k: v for k, v in os.environ.items() if k not in SECRETS}
 
 def write_config(tmp_path: Path, sampling: str = "max_tokens = 16\n") -> Path:
     config = tmp_path / "config.toml"
-    config.write_text(f'[engine]\nmodel_path = "{MODEL_PATH}"\nn_ctx = 1024\n'
+    config.write_text(f'[engine]\nmodel_path = "{MODEL_PATH}"\nn_ctx = 1024\nn_threads = 1\n'
                       f'[sampling]\ntemperature = 0.0\n{sampling}'
                       '[store]\npath = "chat.sqlite3"\n')
     return config
@@ -112,7 +112,7 @@ async def test_ctrl_c_stops_the_reply_not_the_program(tmp_path: Path) -> None:
     chat.stdin.write(b"sing\n")
     await read_until(chat.stdout, b"la la")
     chat.send_signal(signal.SIGINT)
-    await read_until(chat.stdout, "Stopped.".encode())
+    await read_until(chat.stdout, b"Stopped.")
     chat.stdin.write(b"/quit\n")
     await chat.stdin.drain()
     assert await asyncio.wait_for(chat.wait(), 30) == 0

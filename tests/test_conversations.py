@@ -205,7 +205,7 @@ async def test_reply_cut_by_a_crash_is_marked_interrupted_on_restart(settings: S
 
 
 async def test_full_queue_ends_the_reply_with_a_clear_line(engine: Engine, store: Store, settings: Settings) -> None:
-    small = Engine(settings.engine.model_copy(update={"n_ctx": 512, "parallel": 1, "max_queue": 1}))
+    small = Engine(settings.engine.model_copy(update={"n_ctx": 512, "n_threads": 1, "parallel": 1, "max_queue": 1}))
     manager = ConversationManager(small, store, settings)
     try:
         keys = [SessionKey.for_channel("test", "g", f"c{i}") for i in range(3)]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import discord
 import discord.gateway
@@ -15,12 +15,10 @@ import pytest
 import yarl
 
 from adapters.discord import run_discord
-from bot.config import EngineSettings, Secrets, Settings
+from bot.config import Secrets, Settings
 from bot.conversations import ConversationManager
-from bot.engine import Engine
 from bot.store import Store, StoredMessage
 from bot.types import SessionKey
-from tests.conftest import MODEL_PATH
 from tests.fake_discord import (ALICE_ID, APP_ID, BOB_ID, CHANNEL_ID, EPHEMERAL_FLAG, GUILD_ID, MALLORY_ID,
                                 MEMBER_ROLE_ID, OTHER_BOT_ID, OTHER_CHANNEL_ID, THREAD_ID, FakeDiscord)
 

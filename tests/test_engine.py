@@ -119,7 +119,7 @@ async def test_cancelling_a_queued_request_removes_it_from_the_queue(engine: Eng
 
 
 async def test_full_queue_refuses_with_a_clear_error() -> None:
-    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, parallel=1, max_queue=1))
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, n_threads=1, parallel=1, max_queue=1))
     try:
         running = engine.submit(prompt(engine, "Sing."), LONG)
         engine.submit(prompt(engine, "Hi"), GREEDY)
@@ -187,7 +187,7 @@ async def test_greedy_output_is_the_same_alone_or_batched(engine: Engine) -> Non
 
 
 async def test_conversation_state_is_saved_when_its_slot_is_reused_and_restored_next_turn() -> None:
-    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, parallel=1, state_cache_mb=64))
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, n_threads=1, parallel=1, state_cache_mb=64))
     try:
         turn1 = [{"role": "system", "content": "You are Bob."}, {"role": "user", "content": "Hi, I am Ann."}]
         first = engine.submit(engine.chat_tokens(turn1), GREEDY, session="ann")
@@ -202,7 +202,7 @@ async def test_conversation_state_is_saved_when_its_slot_is_reused_and_restored_
         assert second.n_prompt_reused >= len(first.prompt) - 1
 
         # The restored cache gives exactly what a fresh read of the whole prompt gives.
-        fresh = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, parallel=1, state_cache_mb=0))
+        fresh = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, n_threads=1, parallel=1, state_cache_mb=0))
         try:
             assert (await collect(fresh.submit(turn2, GREEDY)))[0] == text
         finally:

@@ -92,7 +92,7 @@ async def test_edits_are_at_most_one_per_interval_and_carry_all_text(clock: Fake
     times = target.edit_times(0)
     assert 3 <= len(times) <= 5
     assert all(b - a >= 1.0 - 1e-9 for a, b in zip([0.1, *times], times))
-    for kind, _, _, text in target.calls:  # every edit shows a prefix of the reply, never a fragment
+    for _kind, _, _, text in target.calls:  # every edit shows a prefix of the reply, never a fragment
         assert "".join(words).startswith(text)
 
 

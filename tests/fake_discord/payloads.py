@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from aiohttp import web
@@ -30,7 +30,7 @@ GUILD_CHANNELS = (CHANNEL_ID, OTHER_CHANNEL_ID, THREAD_ID)
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def jresp(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
