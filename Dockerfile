@@ -19,5 +19,6 @@ RUN mkdir -p models && llamarelay fetch-model
 
 # SQLite lives here; mount a volume so conversations survive a new container.
 VOLUME /app/data
+EXPOSE 8080
 ENV PYTHONUNBUFFERED=1
 CMD ["llamarelay", "run"]

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: run chat test bench clean
+.PHONY: run chat web test e2e bench clean
 
 run: $(INSTALLED) $(MODEL)
 	$(BIN)/llamarelay run
@@ -13,11 +13,20 @@ run: $(INSTALLED) $(MODEL)
 chat: $(INSTALLED) $(MODEL)
 	$(BIN)/llamarelay chat
 
+web: $(INSTALLED) $(MODEL)
+	$(BIN)/llamarelay web
+
 test: $(INSTALLED) $(MODEL)
 	$(BIN)/python -m pytest
 
+# Browser tests: Debian's chromium driven by Playwright (installed on first use; no browser download).
+e2e: $(INSTALLED) $(MODEL)
+	bash tests_e2e/install.sh
+	$(BIN)/python -m pytest tests_e2e
+
 bench: $(INSTALLED) $(MODEL)
 	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/concurrency.py
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -49,18 +49,20 @@ def setup_logging(secrets: Secrets, *, verbose: bool) -> None:
         logging.getLogger("llama_cpp").setLevel(logging.WARNING)
 
 
-async def serve(settings: Settings, secrets: Secrets, *, console: bool = False) -> None:
-    """Run every adapter whose token is set (the terminal chat if none, or if ``console``) until stopped.
+async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> None:
+    """Run the adapters of ``mode`` until stopped, sharing one engine and one store.
 
-    SIGTERM (and Ctrl-C outside the terminal chat) shuts down cleanly: no new requests, running replies
-    are ended and stored, then the adapters disconnect and the database closes.
+    ``run``: every platform whose token is set, the web page when enabled, and the terminal chat when no
+    platform token is set; ``chat``: the terminal chat only; ``web``: the web page only. SIGTERM (and
+    Ctrl-C outside the terminal chat) shuts down cleanly: no new requests, running replies are ended and
+    stored, then the adapters disconnect and the database closes.
     """
     engine = await asyncio.to_thread(Engine, settings.engine)
     try:
         store = await Store.open(settings.store.path)
         try:
             manager = ConversationManager(engine, store, settings)
-            await _run_adapters(manager, settings, secrets, console=console)
+            await _run_adapters(manager, settings, secrets, mode=mode)
         finally:
             await store.close()
     finally:
@@ -68,46 +70,52 @@ async def serve(settings: Settings, secrets: Secrets, *, console: bool = False) 
     log.info("stopped")
 
 
-async def _run_adapters(manager: ConversationManager, settings: Settings, secrets: Secrets, *,
-                        console: bool) -> None:
+async def _run_adapters(manager: ConversationManager, settings: Settings, secrets: Secrets, *, mode: str) -> None:
     adapters: dict[str, Coroutine[Any, Any, None]] = {}
-    if not console and secrets.discord_token:
+    if mode == "run" and secrets.discord_token:
         from adapters.discord import run_discord
         adapters["discord"] = run_discord(manager, settings, secrets)
-    if not console and secrets.slack_bot_token:
+    if mode == "run" and secrets.slack_bot_token:
         from adapters.slack import run_slack
         adapters["slack"] = run_slack(manager, settings, secrets)
-    if not adapters:
+    terminal = mode == "chat" or (mode == "run" and not adapters)
+    if mode == "web" or (mode == "run" and settings.web.enabled):
+        from adapters.web import run_web
+        adapters["web"] = run_web(manager, settings, secrets)
+    if terminal:
         from adapters.console import run_console
-        if not console:
+        if mode == "run":
             log.info("no DISCORD_TOKEN or SLACK_BOT_TOKEN set: starting the terminal chat. Set DISCORD_TOKEN to "
                      "connect to Discord, SLACK_BOT_TOKEN (with SLACK_APP_TOKEN for Socket Mode) for Slack.")
-        await run_console(manager)
-        await manager.shutdown()
-        return
-
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
+        # The terminal chat handles Ctrl-C and SIGTERM itself; leaving it stops everything.
+        stop = asyncio.create_task(run_console(manager), name="terminal")
+    else:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        stop = asyncio.create_task(stopping.wait())
     tasks = {asyncio.create_task(coroutine, name=name) for name, coroutine in adapters.items()}
-    stop_wait = asyncio.create_task(stopping.wait())
+    failure: BaseException | None = None
     try:
-        done, _ = await asyncio.wait(tasks | {stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        for task in done - {stop_wait}:
+        done, _ = await asyncio.wait(tasks | {stop}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done - {stop}:
             if not task.cancelled() and task.exception() is not None:
-                log.error("the %s adapter stopped: %s", task.get_name(), task.exception())
+                failure = task.exception()
+                log.error("the %s adapter stopped: %s", task.get_name(), failure)
         log.info("shutting down: finishing replies in flight")
         await manager.shutdown()
     finally:
-        stop_wait.cancel()
-        for task in tasks:
+        for task in tasks | {stop}:
             task.cancel()
-        for task in tasks:
+        for task in tasks | {stop}:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+        if not terminal:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                asyncio.get_running_loop().remove_signal_handler(signum)
+    if isinstance(failure, LlamarelayError):  # e.g. a port in use: the user should see it and exit non-zero
+        raise failure
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="start every adapter that has a token (the terminal chat when none has)")
     commands.add_parser("chat", help="chat with the model in this terminal")
+    commands.add_parser("web", help="serve only the browser chat page ([web] host and port)")
     commands.add_parser("fetch-model", help="download the default model into the configured model_path")
     return parser
 
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "fetch-model":
             fetch_default_model(settings.engine.model_path)
         else:
-            asyncio.run(serve(settings, secrets, console=args.command == "chat"))
+            asyncio.run(serve(settings, secrets, mode=args.command))
     except LlamarelayError as exc:
         print(f"llamarelay: {exc}", file=sys.stderr)
         sys.exit(1)

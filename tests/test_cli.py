@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +23,7 @@ def write_config(tmp_path: Path, sampling: str = "max_tokens = 16\n") -> Path:
     config = tmp_path / "config.toml"
     config.write_text(f'[engine]\nmodel_path = "{MODEL_PATH}"\nn_ctx = 1024\nn_threads = 1\n'
                       f'[sampling]\ntemperature = 0.0\n{sampling}'
-                      '[store]\npath = "chat.sqlite3"\n')
+                      '[store]\npath = "chat.sqlite3"\n[web]\nport = 0\n')
     return config
 
 
@@ -56,6 +57,19 @@ def test_run_without_tokens_starts_the_terminal_chat_and_says_how_to_connect(tmp
     assert result.returncode == 0, result.stderr
     assert "DISCORD_TOKEN" in result.stderr and "SLACK_BOT_TOKEN" in result.stderr
     assert "bot> " in result.stdout
+    assert "web chat on http://127.0.0.1:" in result.stderr  # the browser page runs beside it
+
+
+def test_web_port_in_use_is_a_clear_start_up_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path)
+        config.write_text(config.read_text().replace("port = 0", f"port = {port}"))
+        result = llamarelay("--config", str(config), "web")
+    assert result.returncode == 1
+    assert f"port {port}" in result.stderr and "[web] port" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_empty_line_gets_a_clear_answer(tmp_path: Path) -> None:
@@ -132,7 +146,7 @@ async def test_sigterm_shuts_down_cleanly_and_stores_the_partial_reply(tmp_path:
     assert rows[-1][0] == "assistant" and rows[-1][2] in ("stopped", "interrupted") and rows[-1][1]
 
 
-@pytest.mark.parametrize("command", ["run", "chat"])
+@pytest.mark.parametrize("command", ["run", "chat", "web"])
 def test_help_lists_the_commands(command: str) -> None:
     result = llamarelay("--help")
     assert result.returncode == 0 and command in result.stdout and "fetch-model" in result.stdout

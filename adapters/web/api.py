@@ -1,0 +1,310 @@
+"""The JSON API under /api/: conversations of this browser, their history, sending (streamed), stop, reset.
+
+Every handler works only on the conversations of the browser named by the request's cookie (see
+`adapters.web.server`), so one browser can never read, stream to or stop another's. Bad input raises
+`ApiError`, which the server turns into a 4xx JSON answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hmac
+import json
+import logging
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from adapters.web.events import EventStreamTarget, encode_event, json_dumps
+from bot.config import Secrets, Settings
+from bot.conversations import ConversationManager, clean_text
+from bot.errors import LlamarelayError
+from bot.store import StoredMessage
+from bot.types import Incoming, SessionKey
+
+__all__ = ["ApiError", "WebState", "STATE", "BROWSER_COOKIE", "AUTH_COOKIE", "current_browser", "json_response",
+           "routes", "set_cookie"]
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "web"
+MAX_MESSAGE_CHARS = 20_000  # about the whole context window of a 4k-token model; longer is refused
+MAX_SYSTEM_PROMPT_CHARS = 20_000  # as [conversation] system_prompt in config.toml
+MAX_LISTED_CONVERSATIONS = 200
+TITLE_CHARS = 60
+REPLY_DRAIN_SECONDS = 10.0  # at shutdown, how long replies in flight may take to end before being cancelled
+
+CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{8,32}")
+JSON_TYPES = ("application/json",)
+
+BROWSER_COOKIE = "llamarelay_browser"
+AUTH_COOKIE = "llamarelay_auth"
+COOKIE_MAX_AGE_SECONDS = 400 * 24 * 3600  # the longest browsers keep a cookie
+
+# Set by the server's middleware for each request: the id of the browser making it.
+current_browser: contextvars.ContextVar[str] = contextvars.ContextVar("current_browser")
+
+
+class ApiError(Exception):
+    """A request the API refuses: becomes ``{"error": code, "message": message}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class WebState:
+    """What the handlers share: the core, the settings, and the replies still being generated."""
+
+    manager: ConversationManager
+    settings: Settings
+    secrets: Secrets
+    replies: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def auth_digest(self) -> str | None:
+        """Value of the auth cookie once the token was given; changes whenever the token does."""
+        token = self.secrets.web_token
+        if not token:
+            return None
+        return hmac.new(token.encode(), b"llamarelay web session", "sha256").hexdigest()
+
+    def start_reply(self, incoming: Incoming, target: EventStreamTarget) -> None:
+        """Generate in a task of its own, so a closed tab or dropped connection never cuts the reply short."""
+        task = asyncio.create_task(_reply(self.manager, incoming, target), name=f"web reply {incoming.key}")
+        self.replies.add(task)
+        task.add_done_callback(self.replies.discard)
+
+    async def drain(self) -> None:
+        """Let replies in flight end (they are stored as they do); cancel what is left after a grace period."""
+        pending = set(self.replies)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=REPLY_DRAIN_SECONDS)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+STATE = web.AppKey("llamarelay_web_state", WebState)
+
+
+async def _reply(manager: ConversationManager, incoming: Incoming, target: EventStreamTarget) -> None:
+    try:
+        result = await manager.respond(incoming, target)
+    except asyncio.CancelledError:
+        target.close(None, "The server is shutting down; the reply was cut short.")
+        raise
+    except LlamarelayError as exc:  # the store failed: the core could not even record the message
+        log.error("web reply in %s failed: %s", incoming.key, exc)
+        target.close(None, "The bot could not store this conversation; please try again shortly.")
+    except Exception:
+        log.exception("web reply in %s failed", incoming.key)
+        target.close(None, "The reply failed because of an internal error.")
+    else:
+        target.close(result)
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json_dumps(data), status=status, content_type="application/json")
+
+
+def set_cookie(request: web.Request, response: web.StreamResponse, name: str, value: str) -> None:
+    """A cookie scripts cannot read and other sites never send along (HttpOnly, SameSite=Strict)."""
+    response.set_cookie(name, value, max_age=COOKIE_MAX_AGE_SECONDS, path="/", httponly=True,
+                        samesite="Strict", secure=request.secure)
+
+
+def _state(request: web.Request) -> WebState:
+    return request.app[STATE]
+
+
+def _key(browser: str, conversation: str) -> SessionKey:
+    return SessionKey.for_channel(PLATFORM, browser, conversation)
+
+
+def _prefix(browser: str) -> str:
+    # Built from SessionKey itself, so the store's key format stays SessionKey's business.
+    return str(_key(browser, "_"))[:-1]
+
+
+async def _conversation_ids(state: WebState, browser: str) -> list[str]:
+    """This browser's conversations, newest first."""
+    prefix = _prefix(browser)
+    ids = [key[len(prefix):] for key in await state.manager.store.session_keys(prefix)]
+    return [cid for cid in reversed(ids) if CONVERSATION_ID.fullmatch(cid)]
+
+
+async def _conversation(request: web.Request) -> tuple[str, SessionKey]:
+    """The conversation named in the URL, if it belongs to this browser; 404 otherwise (never 403: no hints)."""
+    conversation = request.match_info["conversation"]
+    browser = current_browser.get()
+    key = _key(browser, conversation) if CONVERSATION_ID.fullmatch(conversation) else None
+    if key is None or str(key) not in await _state(request).manager.store.session_keys(str(key)):
+        raise ApiError(404, "unknown_conversation", "No such conversation in this browser.")
+    return conversation, key
+
+
+async def _json_body(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+    if optional and not request.can_read_body:
+        return {}
+    if request.content_type not in JSON_TYPES:
+        raise ApiError(415, "unsupported_media_type", "Send the body as JSON (Content-Type: application/json).")
+    try:
+        # Bytes, not request.text(): json.loads detects UTF-8/16/32 itself, whatever charset the header claims.
+        body = json.loads(await request.read())
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, "invalid_json", "The body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "The body must be a JSON object.")
+    return body
+
+
+def _text_field(body: dict[str, Any], name: str, limit: int, *, nullable: bool = False) -> str | None:
+    value = body.get(name)
+    if value is None and nullable and name in body:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, "invalid_field", f"'{name}' must be a string.")
+    if len(value) > limit:
+        raise ApiError(413, "too_long", f"'{name}' is {len(value):,} characters; the limit is {limit:,}.")
+    return value
+
+
+def _title(messages: list[StoredMessage]) -> str:
+    first = next((m.content for m in messages if m.role == "user"), "")
+    title = " ".join(first.split())
+    if len(title) <= TITLE_CHARS:
+        return title
+    cut = title[:TITLE_CHARS - 1]
+    if " " in cut[TITLE_CHARS // 2:]:  # end on a whole word when one ends late enough
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip() + "…"
+
+
+def _message(m: StoredMessage) -> dict[str, Any]:
+    return {"id": m.id, "role": m.role, "content": m.content, "status": m.status, "created_at": m.created_at}
+
+
+# -- handlers ------------------------------------------------------------------------------------------
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/api/info")
+async def info(request: web.Request) -> web.Response:
+    state = _state(request)
+    status = state.manager.status()
+    return json_response({"model": status.model_name, "queue_length": status.queue_length,
+                          "running": status.running, "max_message_chars": MAX_MESSAGE_CHARS,
+                          "max_system_prompt_chars": MAX_SYSTEM_PROMPT_CHARS,
+                          "default_system_prompt": state.settings.conversation.system_prompt})
+
+
+@routes.post("/api/login")
+async def login(request: web.Request) -> web.Response:
+    """Exchange the access token for an HttpOnly cookie, so the page asks for it only once."""
+    state = _state(request)
+    digest = state.auth_digest
+    response = json_response({"authenticated": True})
+    if digest is None:
+        return response
+    token = _text_field(await _json_body(request), "token", 1000)
+    assert token is not None and state.secrets.web_token
+    if not hmac.compare_digest(token.encode(), state.secrets.web_token.encode()):
+        raise ApiError(401, "invalid_token", "That access token is not the one in LLAMARELAY_WEB_TOKEN.")
+    set_cookie(request, response, AUTH_COOKIE, digest)
+    return response
+
+
+@routes.get("/api/conversations")
+async def list_conversations(request: web.Request) -> web.Response:
+    state, browser = _state(request), current_browser.get()
+    listed = []
+    for conversation in (await _conversation_ids(state, browser))[:MAX_LISTED_CONVERSATIONS]:
+        messages = await state.manager.history(_key(browser, conversation))
+        listed.append({"id": conversation, "title": _title(messages) or "New chat", "messages": len(messages)})
+    return json_response({"conversations": listed})
+
+
+@routes.post("/api/conversations")
+async def create_conversation(request: web.Request) -> web.Response:
+    """Start an empty conversation; the body may hold ``system_prompt``."""
+    body = await _json_body(request, optional=True)
+    prompt = _text_field(body, "system_prompt", MAX_SYSTEM_PROMPT_CHARS) if "system_prompt" in body else None
+    conversation = secrets.token_urlsafe(12)
+    key = _key(current_browser.get(), conversation)
+    manager = _state(request).manager
+    # Writing the session's settings is what creates it in the store.
+    await manager.set_system_prompt(key, prompt)
+    return json_response({"id": conversation, "title": "New chat", "messages": 0,
+                          "system_prompt": await manager.system_prompt(key)}, status=201)
+
+
+@routes.get("/api/conversations/{conversation}")
+async def get_conversation(request: web.Request) -> web.Response:
+    conversation, key = await _conversation(request)
+    manager = _state(request).manager
+    messages = await manager.history(key)
+    return json_response({"id": conversation, "title": _title(messages) or "New chat",
+                          "system_prompt": await manager.system_prompt(key),
+                          "position": manager.status(key).position,
+                          "messages": [_message(m) for m in messages]})
+
+
+@routes.post("/api/conversations/{conversation}/messages")
+async def send_message(request: web.Request) -> web.StreamResponse:
+    """Store the message and stream the reply as Server-Sent Events (status, delta, replace, done)."""
+    _, key = await _conversation(request)
+    text = _text_field(await _json_body(request), "text", MAX_MESSAGE_CHARS)
+    assert text is not None
+    if not clean_text(text):
+        raise ApiError(400, "empty_message", "The message is empty.")
+    state = _state(request)
+    target = EventStreamTarget(min_edit_interval=state.settings.streaming.edit_interval)
+    state.start_reply(Incoming(key, current_browser.get(), "web", text), target)
+
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                           "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    async for event in target.events():
+        try:
+            await response.write(b": keep-alive\n\n" if event is None else encode_event(*event))
+        except ConnectionError:
+            log.info("browser left %s while it was streaming; the reply goes on and is stored", key)
+            return response
+    await response.write_eof()
+    return response
+
+
+@routes.post("/api/conversations/{conversation}/stop")
+async def stop(request: web.Request) -> web.Response:
+    _, key = await _conversation(request)
+    return json_response({"stopped": _state(request).manager.stop(key)})
+
+
+@routes.post("/api/conversations/{conversation}/reset")
+async def reset(request: web.Request) -> web.Response:
+    """Forget the messages (the system prompt stays)."""
+    _, key = await _conversation(request)
+    await _state(request).manager.reset(key)
+    return json_response({"reset": True})
+
+
+@routes.put("/api/conversations/{conversation}/system_prompt")
+async def set_system_prompt(request: web.Request) -> web.Response:
+    """Set the conversation's system prompt; ``null`` (or an empty text) restores the default."""
+    _, key = await _conversation(request)
+    prompt = _text_field(await _json_body(request), "system_prompt", MAX_SYSTEM_PROMPT_CHARS, nullable=True)
+    manager = _state(request).manager
+    await manager.set_system_prompt(key, prompt if prompt and prompt.strip() else None)
+    return json_response({"system_prompt": await manager.system_prompt(key)})

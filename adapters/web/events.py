@@ -1,0 +1,133 @@
+"""The web page's reply target: turns the core's whole-text edits into Server-Sent Events.
+
+The core streams a reply as "post, then edit with the whole text" (see `bot.types.ReplyTarget`). An event
+stream can only append, so `EventStreamTarget` sends each edit as the part not sent yet (``delta``), or the
+whole text again (``replace``) in the rare case an edit is not an extension of what was sent (a status line
+giving way to the reply, a trailing space trimmed before a note). Status lines shown before the reply
+starts (thinking, waiting, queued #n) become ``status`` events so the page never mistakes them for text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from bot.conversations import THINKING, WAITING_FOR_PREVIOUS, ReplyResult, queued_line
+
+__all__ = ["EventStreamTarget", "StatusLine", "encode_event", "json_dumps", "parse_status"]
+
+KEEPALIVE_SECONDS = 15.0  # an SSE comment this often keeps proxies from closing a long queue wait
+
+_END = object()
+_POSITION_PLACEHOLDER = 987654321
+_QUEUED = re.compile(re.escape(queued_line(_POSITION_PLACEHOLDER)).replace(str(_POSITION_PLACEHOLDER), r"(\d+)"))
+
+
+def json_dumps(value: Any) -> str:
+    """JSON with ``<``, ``>`` and ``&`` as \\u escapes: no response body ever holds raw markup."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def encode_event(name: str, data: dict[str, Any]) -> bytes:
+    """One SSE frame. ``json_dumps`` never emits a newline, so one ``data:`` line holds it all."""
+    return f"event: {name}\ndata: {json_dumps(data)}\n\n".encode()
+
+
+@dataclass(frozen=True)
+class StatusLine:
+    """A status the core shows before a reply starts: ``kind`` is thinking, waiting or queued."""
+
+    kind: str
+    text: str
+    position: int | None = None
+
+    def as_event(self) -> dict[str, Any]:
+        return {"kind": self.kind, "text": self.text, "position": self.position}
+
+
+def parse_status(text: str) -> StatusLine | None:
+    """The status line ``text`` is, or None if it is reply text."""
+    if text == THINKING:
+        return StatusLine("thinking", text)
+    if text == WAITING_FOR_PREVIOUS:
+        return StatusLine("waiting", text)
+    match = _QUEUED.fullmatch(text)
+    if match:
+        return StatusLine("queued", text, int(match.group(1)))
+    return None
+
+
+class EventStreamTarget:
+    """A `bot.types.ReplyTarget` that queues SSE events for one reply; `events` hands them to the response.
+
+    The target never blocks and never raises, so a slow or vanished browser cannot hold up or break the
+    reply: the core finishes and stores it either way.
+    """
+
+    max_length = sys.maxsize  # one bubble holds the whole reply: no continuation messages
+
+    def __init__(self, *, min_edit_interval: float) -> None:
+        self.min_edit_interval = min_edit_interval
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._parts: list[str] = []  # text of each message the core posted (one, unless an edit failed)
+        self._sent = ""  # reply text the page has been sent
+        self._replying = False  # True once real reply text has appeared
+
+    # -- ReplyTarget -----------------------------------------------------------------------------------
+
+    async def post(self, text: str) -> int:
+        self._parts.append("")
+        handle = len(self._parts) - 1
+        await self.edit(handle, text)
+        return handle
+
+    async def post_continuation(self, text: str) -> int:
+        return await self.post(text)
+
+    async def edit(self, handle: Any, text: str) -> None:
+        if not self._replying and len(self._parts) == 1:
+            status = parse_status(text)
+            if status is not None:
+                self._queue.put_nowait(("status", status.as_event()))
+                return
+            self._replying = True
+        self._parts[handle] = text
+        self._send_text("".join(self._parts))
+
+    # -- the event stream -------------------------------------------------------------------------------
+
+    def _send_text(self, text: str) -> None:
+        if text == self._sent:
+            return
+        if text.startswith(self._sent):
+            self._queue.put_nowait(("delta", {"text": text[len(self._sent):]}))
+        else:
+            self._queue.put_nowait(("replace", {"text": text}))
+        self._sent = text
+
+    def close(self, result: ReplyResult | None, error: str | None = None) -> None:
+        """Queue the closing ``done`` event (``result`` is None when the reply could not be produced)."""
+        if result is None:
+            done = {"status": "failed", "text": self._sent, "notes": [error or "The reply failed."]}
+        else:
+            done = {"status": result.status, "text": result.text, "notes": list(result.notes)}
+        self._queue.put_nowait(("done", done))
+        self._queue.put_nowait(_END)
+
+    async def events(self) -> AsyncIterator[tuple[str, dict[str, Any]] | None]:
+        """Yield queued events until ``done``; None means "nothing for a while: send a keep-alive"."""
+        while True:
+            try:
+                event = await asyncio.wait_for(self._queue.get(), KEEPALIVE_SECONDS)
+            except TimeoutError:
+                yield None
+                continue
+            if event is _END:
+                return
+            yield event

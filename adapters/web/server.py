@@ -1,0 +1,229 @@
+"""The aiohttp application: the page, its static files, the API, and the checks in front of them.
+
+In front of every request: the Host must be a loopback name when the server listens on loopback (a DNS
+rebinding page cannot reach it), API calls from a foreign ``Origin`` are refused, the access token is
+checked when one is set, and the browser's id is read from (or given in) an HttpOnly, SameSite=Strict
+cookie. Errors under /api/ are always JSON, never an HTML page or a stack trace.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import ipaddress
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from adapters.web.api import (AUTH_COOKIE, BROWSER_COOKIE, STATE, ApiError, WebState, current_browser,
+                              json_response, routes, set_cookie)
+from bot.config import Secrets, Settings, WebSettings
+from bot.conversations import ConversationManager
+from bot.errors import ConfigError, LlamarelayError
+
+__all__ = ["WebServer", "check_access", "create_app", "is_loopback"]
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+SHUTDOWN_TIMEOUT_SECONDS = 15.0  # open event streams get this long to end after replies were drained
+BROWSER_ID = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
+LOOPBACK_NAMES = ("localhost", "localhost.")
+UNAUTHENTICATED_PATHS = ("/api/login",)
+
+# Defence in depth behind the page's own escaping: no inline script, nothing from another origin.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_loopback(host: str) -> bool:
+    """True for names and addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_access(settings: WebSettings, secrets: Secrets) -> None:
+    """Refuse to serve other machines without an access token."""
+    if not is_loopback(settings.host) and not secrets.web_token:
+        raise ConfigError(f"[web] host = {settings.host!r} lets other machines reach the chat: set "
+                          "LLAMARELAY_WEB_TOKEN to an access token, or listen on host = \"127.0.0.1\" only")
+
+
+# -- middleware ----------------------------------------------------------------------------------------
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """API errors as ``{"error", "message"}`` JSON; nothing unexpected ever shows a traceback."""
+    api = request.path.startswith("/api/")
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return json_response({"error": exc.code, "message": exc.message}, status=exc.status)
+    except web.HTTPException as exc:
+        if not api or exc.status < 400:
+            raise
+        response = json_response({"error": exc.reason.lower().replace(" ", "_"), "message": exc.reason},
+                                 status=exc.status)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except LlamarelayError as exc:  # the store could not be read or written
+        log.error("web: %s %s failed: %s", request.method, request.path, exc)
+        if not api:
+            raise web.HTTPServiceUnavailable(text="temporarily unavailable") from None
+        return json_response({"error": "unavailable", "message": "The bot cannot serve this right now."},
+                             status=503)
+    except Exception:
+        log.exception("web: %s %s failed", request.method, request.path)
+        if not api:
+            raise web.HTTPInternalServerError(text="internal error") from None
+        return json_response({"error": "internal_error", "message": "Something went wrong on the server."},
+                             status=500)
+
+
+def _guard(loopback_only: bool) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        api = request.path.startswith("/api/")
+        if loopback_only and not is_loopback(_hostname(request.host)):
+            raise ApiError(403, "foreign_host", "This server answers only to localhost / 127.0.0.1.")
+        if request.path.startswith("/static/"):
+            return await handler(request)
+        if api:
+            _check_origin(request)
+            if request.path not in UNAUTHENTICATED_PATHS:
+                _check_token(request)
+        browser = request.cookies.get(BROWSER_COOKIE, "")
+        is_new = not BROWSER_ID.fullmatch(browser)
+        if is_new:
+            browser = secrets.token_urlsafe(32)
+        reset = current_browser.set(browser)
+        try:
+            response = await handler(request)
+        finally:
+            current_browser.reset(reset)
+        if is_new and not response.prepared:
+            set_cookie(request, response, BROWSER_COOKIE, browser)
+        return response
+
+    return guard
+
+
+def _hostname(host: str) -> str:
+    try:
+        return urlsplit(f"//{host}").hostname or ""
+    except ValueError:
+        return ""
+
+
+def _check_origin(request: web.Request) -> None:
+    """Another site's page may not drive this API with the visitor's cookies."""
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        try:
+            origin_host = urlsplit(origin).netloc.lower()
+        except ValueError:
+            origin_host = ""
+        if origin_host != request.host.lower():
+            raise ApiError(403, "foreign_origin", "Requests from another site are not allowed.")
+    if request.headers.get("Sec-Fetch-Site") in ("cross-site", "same-site"):
+        raise ApiError(403, "foreign_origin", "Requests from another site are not allowed.")
+
+
+def _check_token(request: web.Request) -> None:
+    state = request.app[STATE]
+    digest, token = state.auth_digest, state.secrets.web_token
+    if digest is None or token is None:
+        return
+    if hmac.compare_digest(request.cookies.get(AUTH_COOKIE, "").encode(), digest.encode()):
+        return
+    bearer = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if bearer and hmac.compare_digest(bearer.encode(), token.encode()):
+        return
+    raise ApiError(401, "token_required", "This server needs its access token (LLAMARELAY_WEB_TOKEN).")
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    if request.path.startswith("/api/"):
+        response.headers.setdefault("Cache-Control", "no-store")
+    else:  # the page and its files are small; always revalidate so an upgrade shows at once
+        response.headers.setdefault("Cache-Control", "no-cache")
+
+
+# -- the application -----------------------------------------------------------------------------------
+
+async def _index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+def create_app(manager: ConversationManager, settings: Settings, secrets: Secrets) -> web.Application:
+    """The web chat as an aiohttp Application (not listening yet: see `WebServer`)."""
+    app = web.Application(middlewares=[_errors, _guard(is_loopback(settings.web.host))])
+    state = WebState(manager, settings, secrets)
+    app[STATE] = state
+    app.router.add_get("/", _index)
+    app.router.add_static("/static/", STATIC_DIR)
+    app.router.add_routes(routes)
+    app.on_response_prepare.append(_security_headers)
+
+    async def drain(_app: web.Application) -> None:
+        await state.drain()
+
+    app.on_shutdown.append(drain)
+    return app
+
+
+class WebServer:
+    """Listens for `create_app`'s application on ``host:port``; ``port`` 0 picks a free one (tests)."""
+
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    async def start(self) -> str:
+        """Start listening and return the page's URL. A taken port is a `ConfigError` naming the key."""
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {self.port} on {self.host} is already in use: stop the program using it "
+                                  "or choose another port with [web] port in config.toml") from None
+            raise ConfigError(f"cannot listen on {self.host}:{self.port} ([web] host / port): "
+                              f"{exc.strerror or exc}") from None
+        if self.port == 0:
+            self.port = self._runner.addresses[0][1]
+        return self.url
+
+    async def close(self) -> None:
+        """Stop listening, let replies in flight end and be stored, close open connections."""
+        await self._runner.cleanup()

@@ -1,0 +1,448 @@
+"""The web adapter end to end: the real aiohttp server on 127.0.0.1, real HTTP clients (one cookie jar per
+browser), the real engine and small model. Exact replies are forced with per-session grammars."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+
+from adapters.web import WebServer, create_app, run_web
+from adapters.web.api import MAX_MESSAGE_CHARS
+from bot.config import Secrets, Settings
+from bot.conversations import STOPPED_NOTE, ConversationManager
+from bot.errors import ConfigError
+from bot.store import Status
+from bot.types import SessionKey
+
+REPLY_TIMEOUT_SECONDS = 120.0  # the machine is shared and may be slow; waited on, never slept
+SENTENCE = "lorem ipsum dolor sit amet."
+XSS_USER = "<img src=x onerror=alert(1)> and <script>alert(1)</script>"
+XSS_MODEL = "<script>alert(2)</script> <img src=y onerror=alert(3)>"
+
+
+def sentences(count: int) -> str:
+    """A grammar forcing ``SENTENCE`` ``count`` times, separated by spaces: the reply is known in advance."""
+    return f'root ::= "{SENTENCE}" (" {SENTENCE}"){{{count - 1}}}'
+
+
+def expected(count: int) -> str:
+    return " ".join([SENTENCE] * count)
+
+
+@dataclass
+class Stream:
+    """The events of one streamed reply, read as they arrive."""
+
+    response: aiohttp.ClientResponse
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    raw: bytearray = field(default_factory=bytearray)
+
+    async def next(self) -> tuple[str, dict[str, Any]] | None:
+        """The next event (keep-alive comments skipped), or None when the stream has ended."""
+        name, data = "", ""
+        while True:
+            line = await self.response.content.readline()
+            if not line:
+                return None
+            self.raw += line
+            text = line.decode().rstrip("\n")
+            if text.startswith("event:"):
+                name = text[6:].strip()
+            elif text.startswith("data:"):
+                data += text[5:].strip()
+            elif not text and data:
+                event = (name, json.loads(data))
+                self.events.append(event)
+                return event
+
+    async def until(self, predicate: Callable[[str, dict[str, Any]], bool]) -> tuple[str, dict[str, Any]]:
+        async with asyncio.timeout(REPLY_TIMEOUT_SECONDS):
+            while (event := await self.next()) is not None:
+                if predicate(*event):
+                    return event
+        raise AssertionError(f"the stream ended without the awaited event; got {self.events}")
+
+    async def done(self) -> dict[str, Any]:
+        return (await self.until(lambda name, _: name == "done"))[1]
+
+    def deltas(self) -> list[str]:
+        return [data["text"] for name, data in self.events if name == "delta"]
+
+    def shown(self) -> str:
+        """The text the page shows after applying every delta and replace."""
+        text = ""
+        for name, data in self.events:
+            if name in ("delta", "replace"):
+                text = text + data["text"] if name == "delta" else data["text"]
+        return text
+
+
+class Browser:
+    """One browser: its own cookie jar, so its own id. Talks to the server like the page does."""
+
+    def __init__(self, url: str, manager: ConversationManager, *, origin: bool = True) -> None:
+        self.url = url
+        self.manager = manager
+        self.origin = url.rstrip("/") if origin else None
+        self.session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))  # unsafe: an IP host
+        self.streams: list[Stream] = []
+
+    async def close(self) -> None:
+        for stream in self.streams:
+            stream.response.close()
+        await self.session.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        headers = kwargs.pop("headers", {})
+        if self.origin:
+            headers.setdefault("Origin", self.origin)
+        return self.session.request(method, self.url + path.lstrip("/"), headers=headers, **kwargs)
+
+    async def call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        async with self.request(method, path, **kwargs) as response:
+            body = await response.read()
+            return response.status, json.loads(body) if body else None
+
+    async def new(self, grammar: str | None = None, max_tokens: int = 160) -> str:
+        status, body = await self.call("POST", "/api/conversations")
+        assert status == 201, body
+        if grammar:
+            await self.manager.set_sampling(self.key(body["id"]), grammar=grammar, max_tokens=max_tokens)
+        return str(body["id"])
+
+    def key(self, conversation: str) -> SessionKey:
+        cookie = next(c for c in self.session.cookie_jar if c.key == "llamarelay_browser")
+        return SessionKey.for_channel("web", cookie.value, conversation)
+
+    async def send(self, conversation: str, text: str) -> Stream:
+        response = await self.request("POST", f"/api/conversations/{conversation}/messages", json={"text": text})
+        assert response.status == 200, await response.text()
+        assert response.content_type == "text/event-stream"
+        self.streams.append(Stream(response))
+        return self.streams[-1]
+
+    async def conversation(self, conversation: str) -> dict[str, Any]:
+        status, body = await self.call("GET", f"/api/conversations/{conversation}")
+        assert status == 200, body
+        return dict(body)
+
+
+@pytest.fixture
+async def server(manager: ConversationManager, settings: Settings) -> AsyncIterator[WebServer]:
+    settings.streaming.edit_interval = 0.02
+    web = WebServer(create_app(manager, settings, Secrets()), "127.0.0.1", 0)
+    await web.start()
+    try:
+        yield web
+    finally:
+        await manager.shutdown()  # ends replies still running, so closing does not wait for them
+        await web.close()
+
+
+@pytest.fixture
+async def browsers(server: WebServer, manager: ConversationManager) -> AsyncIterator[Callable[[], Browser]]:
+    opened: list[Browser] = []
+
+    def make(**kwargs: Any) -> Browser:
+        browser = Browser(server.url, manager, **kwargs)
+        opened.append(browser)
+        return browser
+
+    yield make
+    for browser in opened:
+        await browser.close()
+
+
+async def wait_for(condition: Callable[[], Any], what: str) -> Any:
+    deadline = time.monotonic() + REPLY_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if value := await condition():
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- streaming ----------------------------------------------------------------------------------------
+
+async def test_reply_arrives_in_several_chunks_and_is_stored(browsers: Callable[[], Browser]) -> None:
+    browser = browsers()
+    conversation = await browser.new(sentences(6))
+    stream = await browser.send(conversation, "Say lorem ipsum.")
+    done = await stream.done()
+    assert stream.events[0] == ("status", {"kind": "thinking", "text": "💭 Thinking…", "position": None})
+    assert len(stream.deltas()) >= 2, stream.events
+    assert "".join(stream.deltas()) == done["text"] == expected(6)
+    assert done["status"] == Status.COMPLETE and done["notes"] == []
+    history = (await browser.conversation(conversation))["messages"]
+    assert [(m["role"], m["content"], m["status"]) for m in history] == [
+        ("user", "Say lorem ipsum.", Status.COMPLETE), ("assistant", expected(6), Status.COMPLETE)]
+
+
+async def test_stop_ends_the_reply_and_keeps_the_partial_text(browsers: Callable[[], Browser]) -> None:
+    browser = browsers()
+    conversation = await browser.new(sentences(200), max_tokens=1500)
+    stream = await browser.send(conversation, "Talk for a long time.")
+    await stream.until(lambda name, _: name == "delta")
+    assert await browser.call("POST", f"/api/conversations/{conversation}/stop") == (200, {"stopped": True})
+    done = await stream.done()
+    assert done["status"] == Status.STOPPED and done["notes"] == [STOPPED_NOTE]
+    assert done["text"] and expected(200).startswith(done["text"]) and len(done["text"]) < len(expected(200))
+    assert stream.shown() == f"{done['text']}\n\n{STOPPED_NOTE}"
+    assert await stream.next() is None, "the stream should end after done"
+    reply = (await browser.conversation(conversation))["messages"][-1]
+    assert (reply["content"], reply["status"]) == (done["text"], Status.STOPPED)
+    # Nothing runs any more: a second stop has nothing to cancel.
+    assert await browser.call("POST", f"/api/conversations/{conversation}/stop") == (200, {"stopped": False})
+
+
+async def test_dropped_connection_loses_nothing_and_history_shows_after_reconnect(
+        browsers: Callable[[], Browser], server: WebServer, manager: ConversationManager) -> None:
+    browser = browsers()
+    conversation = await browser.new(sentences(10), max_tokens=200)
+    stream = await browser.send(conversation, "Tell me something.")
+    await stream.until(lambda name, _: name == "delta")
+    stream.response.close()  # the tab is closed mid-reply
+
+    # A new connection with the same cookie (the page reloaded) sees the reply finish and be stored.
+    again = Browser(server.url, manager)
+    try:
+        again.session.cookie_jar.update_cookies({c.key: c.value for c in browser.session.cookie_jar})
+
+        async def finished() -> dict[str, Any] | None:
+            reply = (await again.conversation(conversation))["messages"][-1]
+            return reply if reply["status"] != Status.GENERATING else None
+
+        reply = await wait_for(finished, "the reply to be stored")
+        assert (reply["content"], reply["status"]) == (expected(10), Status.COMPLETE)
+        status, listed = await again.call("GET", "/api/conversations")
+        assert status == 200 and listed["conversations"] == [
+            {"id": conversation, "title": "Tell me something.", "messages": 2}]
+    finally:
+        await again.close()
+
+
+async def test_queue_position_is_streamed_while_the_engine_is_busy(browsers: Callable[[], Browser],
+                                                                   manager: ConversationManager) -> None:
+    # The test engine serves two generations at once (parallel=2): a third one waits in the queue.
+    browser = browsers()
+    busy = [await browser.new(sentences(200), max_tokens=1500) for _ in range(2)]
+    waiting = await browser.new(sentences(2))
+    streams = [await browser.send(conversation, "Go on.") for conversation in busy]
+    for stream in streams:
+        await stream.until(lambda name, _: name == "delta")
+
+    third = await browser.send(waiting, "And me?")
+    name, data = await third.until(lambda name, data: name != "status" or data["kind"] == "queued")
+    assert (name, data) == ("status", {"kind": "queued", "text": "⏳ Queued: #1 in line…", "position": 1})
+    assert (await browser.conversation(waiting))["position"] == 1
+
+    for conversation in busy:
+        await browser.call("POST", f"/api/conversations/{conversation}/stop")
+    done = await third.done()
+    assert done["status"] == Status.COMPLETE and done["text"] == expected(2)
+    kinds = [data.get("kind") for name, data in third.events if name == "status"]
+    assert kinds[:2] == ["thinking", "queued"] and kinds[-1] == "thinking"  # thinking again once it started
+    for stream in streams:
+        assert (await stream.done())["status"] == Status.STOPPED
+
+
+# -- sessions ---------------------------------------------------------------------------------------------
+
+async def test_two_browsers_cannot_reach_each_others_conversations(browsers: Callable[[], Browser]) -> None:
+    alice, mallory = browsers(), browsers()
+    conversation = await alice.new(sentences(1))
+    await (await alice.send(conversation, "A secret.")).done()
+
+    assert await mallory.call("GET", "/api/conversations") == (200, {"conversations": []})
+    for method, path, body in (("GET", "", None), ("POST", "/messages", {"text": "hi"}), ("POST", "/stop", None),
+                               ("POST", "/reset", None), ("PUT", "/system_prompt", {"system_prompt": "x"})):
+        status, answer = await mallory.call(method, f"/api/conversations/{conversation}{path}", json=body)
+        assert (status, answer["error"]) == (404, "unknown_conversation"), (method, path)
+    history = (await alice.conversation(conversation))["messages"]
+    assert [m["content"] for m in history] == ["A secret.", expected(1)]
+    assert (await alice.conversation(conversation))["system_prompt"] == "You are a helpful assistant."
+
+
+async def test_conversations_list_system_prompt_and_reset(browsers: Callable[[], Browser]) -> None:
+    browser = browsers()
+    first = await browser.new(sentences(1))
+    second = await browser.new()
+    question = "  What is\n the   weather like on a very long day in the middle of summer?"
+    await (await browser.send(first, question)).done()
+    status, listed = await browser.call("GET", "/api/conversations")
+    assert status == 200 and listed["conversations"] == [
+        {"id": second, "title": "New chat", "messages": 0},
+        {"id": first, "title": "What is the weather like on a very long day in the middle…", "messages": 2}]
+
+    path = f"/api/conversations/{first}/system_prompt"
+    assert await browser.call("PUT", path, json={"system_prompt": "You are a pirate."}) == (
+        200, {"system_prompt": "You are a pirate."})
+    assert (await browser.conversation(first))["system_prompt"] == "You are a pirate."
+    assert await browser.call("PUT", path, json={"system_prompt": None}) == (
+        200, {"system_prompt": "You are a helpful assistant."})
+
+    assert await browser.call("POST", f"/api/conversations/{first}/reset") == (200, {"reset": True})
+    assert (await browser.conversation(first))["messages"] == []
+
+
+# -- bad input ----------------------------------------------------------------------------------------
+
+async def test_bad_input_gets_a_4xx_json_error_and_stores_nothing(browsers: Callable[[], Browser],
+                                                                  server: WebServer) -> None:
+    browser = browsers()
+    conversation = await browser.new()
+    messages = f"/api/conversations/{conversation}/messages"
+    cases: list[tuple[str, str, dict[str, Any], int, str]] = [
+        ("POST", messages, {"json": {"text": ""}}, 400, "empty_message"),
+        ("POST", messages, {"json": {"text": " \n\t\u200b "}}, 400, "empty_message"),
+        ("POST", messages, {"json": {"text": "x" * 50_000}}, 413, "too_long"),
+        ("POST", messages, {"json": {"text": "x" * (MAX_MESSAGE_CHARS + 1)}}, 413, "too_long"),
+        ("POST", messages, {"data": "{not json", "headers": {"Content-Type": "application/json"}}, 400,
+         "invalid_json"),
+        ("POST", messages, {"data": b"\xff\xfe{", "headers": {"Content-Type": "application/json"}}, 400,
+         "invalid_json"),
+        ("POST", messages, {"data": "[" * 100_000, "headers": {"Content-Type": "application/json"}}, 400,
+         "invalid_json"),
+        ("POST", messages, {"json": ["hello"]}, 400, "invalid_json"),
+        ("POST", messages, {"json": {"text": 42}}, 400, "invalid_field"),
+        ("POST", messages, {"json": {}}, 400, "invalid_field"),
+        ("POST", messages, {"data": "text=hello", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+         415, "unsupported_media_type"),
+        ("POST", messages, {"data": '{"text": "hello"}', "headers": {"Content-Type": "text/plain"}}, 415,
+         "unsupported_media_type"),
+        ("POST", "/api/conversations/NoSuchConversation/messages", {"json": {"text": "hi"}}, 404,
+         "unknown_conversation"),
+        ("GET", "/api/conversations/bad!id", {}, 404, "unknown_conversation"),
+        ("POST", messages, {"json": {"text": "hi"}, "headers": {"Origin": "http://evil.example"}}, 403,
+         "foreign_origin"),
+        ("POST", "/api/conversations", {"headers": {"Origin": "null"}}, 403, "foreign_origin"),
+        ("GET", "/api/conversations", {"headers": {"Origin": "http://127.0.0.1:1"}}, 403, "foreign_origin"),
+        ("GET", "/api/conversations", {"headers": {"Sec-Fetch-Site": "cross-site"}}, 403, "foreign_origin"),
+        ("GET", "/api/conversations", {"headers": {"Host": f"rebind.example:{server.port}"}}, 403, "foreign_host"),
+        ("PUT", f"/api/conversations/{conversation}/system_prompt", {"json": {"system_prompt": "x" * 20_001}}, 413,
+         "too_long"),
+        ("GET", "/api/nothing-here", {}, 404, "not_found"),
+        ("DELETE", "/api/conversations", {}, 405, "method_not_allowed"),
+    ]
+    for method, path, kwargs, status, error in cases:
+        async with browser.request(method, path, **kwargs) as response:
+            body = await response.text()
+            assert (response.status, response.content_type) == (status, "application/json"), (path, kwargs, body)
+            assert json.loads(body)["error"] == error and "Traceback" not in body, (path, kwargs, body)
+    assert (await browser.conversation(conversation))["messages"] == []
+
+
+# -- escaping -----------------------------------------------------------------------------------------
+
+async def test_markup_comes_back_escaped_and_is_stored_as_text(browsers: Callable[[], Browser]) -> None:
+    browser = browsers()
+    conversation = await browser.new(f'root ::= "{XSS_MODEL}"', max_tokens=64)
+    stream = await browser.send(conversation, XSS_USER)
+    done = await stream.done()
+    assert done["text"] == XSS_MODEL
+    assert b"<" not in stream.raw and b">" not in stream.raw  # every < and > travels as \u003c / \u003e
+    await browser.call("PUT", f"/api/conversations/{conversation}/system_prompt", json={"system_prompt": XSS_USER})
+
+    async with browser.request("GET", f"/api/conversations/{conversation}") as response:
+        raw = await response.read()
+    assert b"<" not in raw and b">" not in raw and b"\\u003cscript\\u003e" in raw
+    detail = json.loads(raw)
+    assert [m["content"] for m in detail["messages"]] == [XSS_USER, XSS_MODEL]
+    assert detail["system_prompt"] == XSS_USER and detail["title"] == XSS_USER
+    async with browser.request("GET", "/api/conversations") as response:
+        assert b"<" not in await response.read()
+
+
+# -- the page, access and start-up --------------------------------------------------------------------
+
+async def test_page_is_self_contained_and_sets_a_private_cookie(browsers: Callable[[], Browser]) -> None:
+    browser = browsers(origin=False)
+    async with browser.request("GET", "/") as response:
+        page = await response.text()
+        assert response.status == 200 and response.content_type == "text/html"
+        assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+        cookie = response.cookies["llamarelay_browser"]
+        assert len(cookie.value) >= 43 and cookie["httponly"] and cookie["samesite"] == "Strict"
+    assert "http://" not in page and "https://" not in page  # nothing from a CDN
+    for name, kind in (("app.js", "javascript"), ("markdown.js", "javascript"), ("style.css", "text/css")):
+        async with browser.request("GET", f"/static/{name}") as response:
+            assert response.status == 200 and kind in response.content_type
+    async with browser.request("GET", "/static/../api.py") as response:
+        assert response.status in (403, 404)
+    # A forged, guessable id is not accepted: the server hands out a fresh random one instead.
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as forger, \
+            forger.get(browser.url, headers={"Cookie": "llamarelay_browser=alice"}) as response:
+        assert response.cookies["llamarelay_browser"].value not in ("alice", cookie.value)
+
+
+async def test_access_token_is_required_once_set(manager: ConversationManager, settings: Settings) -> None:
+    web = WebServer(create_app(manager, settings, Secrets(web_token="s3cret-token")), "127.0.0.1", 0)
+    await web.start()
+    browser = Browser(web.url, manager)
+    try:
+        status, body = await browser.call("GET", "/api/conversations")
+        assert (status, body["error"]) == (401, "token_required")
+        status, body = await browser.call("POST", "/api/login", json={"token": "wrong"})
+        assert (status, body["error"]) == (401, "invalid_token")
+        assert (await browser.call("GET", "/api/info"))[0] == 401
+        headers = {"Authorization": "Bearer s3cret-token"}
+        assert (await browser.call("GET", "/api/conversations", headers=headers)) == (200, {"conversations": []})
+
+        async with browser.request("POST", "/api/login", json={"token": "s3cret-token"}) as response:
+            assert response.status == 200
+            auth = response.cookies["llamarelay_auth"]
+            assert auth["httponly"] and auth["samesite"] == "Strict" and "s3cret-token" not in auth.value
+        assert (await browser.call("GET", "/api/conversations"))[0] == 200
+    finally:
+        await browser.close()
+        await web.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_run_web_serves_until_cancelled(manager: ConversationManager, settings: Settings) -> None:
+    settings.web.port = free_port()
+    task = asyncio.create_task(run_web(manager, settings, Secrets()))
+    url = f"http://127.0.0.1:{settings.web.port}/"
+    async with aiohttp.ClientSession() as session:
+        async def serving() -> bool:
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                async with session.get(url + "api/info") as response:
+                    return response.status == 200 and (await response.json())["max_message_chars"] > 0
+            assert not task.done(), task
+            return False
+
+        await wait_for(serving, "the web server to answer")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", settings.web.port), timeout=2):
+        pass
+
+
+async def test_start_up_errors_are_one_clear_line(manager: ConversationManager, settings: Settings) -> None:
+    settings.web.host = "0.0.0.0"
+    with pytest.raises(ConfigError, match="LLAMARELAY_WEB_TOKEN") as error:
+        await run_web(manager, settings, Secrets())
+    assert "\n" not in str(error.value)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings.web.host, settings.web.port = "127.0.0.1", taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"port {settings.web.port}\b.*\[web\] port") as error:
+            await run_web(manager, settings, Secrets())
+        assert "\n" not in str(error.value)
