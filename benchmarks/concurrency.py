@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import llama_cpp
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bot.config import EngineSettings, SamplingSettings  # noqa: E402
@@ -42,10 +44,10 @@ class Stream:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
 
-def story_prompt(engine: Engine, topic: str) -> list[int]:
-    # About 50 tokens: a system prompt, a request, the template's markers.
+def story_prompt(engine: Engine, topic: str, take: int) -> list[int]:
+    # About 50 tokens. ``take`` opens the prompt, so no run reuses another run's KV cache.
     return engine.chat_tokens([
-        {"role": "system", "content": "You are a creative writer. Write vivid, detailed stories in plain prose."},
+        {"role": "system", "content": f"Take {take}. You are a creative writer. Write vivid, detailed stories."},
         {"role": "user", "content": f"Please write a long, detailed story about {topic}. Take your time."}])
 
 
@@ -57,13 +59,39 @@ async def run_stream(engine: Engine, prompt: list[int], sampling: SamplingSettin
     return stream
 
 
+def raw_batch_ceiling(n_threads: int) -> dict[int, float]:
+    """Tokens/s of plain llama_decode steps with 1 and 8 sequences, one token each: what batching can give here."""
+    model = llama_cpp.llama_model_load_from_file(str(MODEL).encode(), llama_cpp.llama_model_default_params())
+    rates = {}
+    for n_seq in (1, 8):
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_seq_max = 512 * n_seq, n_seq
+        params.n_threads = params.n_threads_batch = n_threads
+        ctx = llama_cpp.llama_init_from_model(model, params)
+        batch = llama_cpp.llama_batch_init(n_seq, 0, 1)
+        batch.n_tokens = n_seq
+        steps = 100
+        for pos in range(steps + 20):
+            if pos == 20:
+                started = time.perf_counter()
+            for seq in range(n_seq):
+                batch.token[seq], batch.pos[seq], batch.n_seq_id[seq] = 100 + seq, pos, 1
+                batch.seq_id[seq][0], batch.logits[seq] = seq, True
+            llama_cpp.llama_decode(ctx, batch)
+        rates[n_seq] = n_seq * steps / (time.perf_counter() - started)
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+    return rates
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 async def concurrent(engine: Engine, n: int, sampling: SamplingSettings) -> tuple[float, float]:
-    prompts = [story_prompt(engine, TOPICS[i % len(TOPICS)]) for i in range(n)]
+    prompts = [story_prompt(engine, TOPICS[i % len(TOPICS)], take=100 * n + i) for i in range(n)]
     started = time.perf_counter()
     streams = await asyncio.gather(*(run_stream(engine, p, sampling) for p in prompts))
     elapsed = time.perf_counter() - started
@@ -115,15 +143,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--prefill-chunk", type=int, default=EngineSettings().prefill_chunk)
     args = parser.parse_args()
     sampling = SamplingSettings(max_tokens=args.tokens, temperature=0.7, seed=7)
     threads = os.cpu_count()
-    settings = EngineSettings(model_path=MODEL, n_ctx=2048, parallel=8, state_cache_mb=256)
+    settings = EngineSettings(model_path=MODEL, n_ctx=2048, parallel=8, state_cache_mb=256,
+                              prefill_chunk=args.prefill_chunk)
     engine = Engine(settings)
     print(f"model {engine.model_name}, {threads} threads, {settings.parallel} slots x {settings.n_ctx} tokens, "
           f"prefill chunk {settings.prefill_chunk}, {args.tokens} tokens per reply")
 
-    single = asyncio.run(run_stream(engine, story_prompt(engine, TOPICS[0]), sampling))
+    ceiling = raw_batch_ceiling(threads or 1)
+    print(f"raw llama.cpp decode steps: 1 sequence {ceiling[1]:.1f} tok/s, 8 sequences {ceiling[8]:.1f} tok/s "
+          f"({ceiling[8] / ceiling[1]:.2f}x: the most batching can give on this machine)")
+    single = asyncio.run(run_stream(engine, story_prompt(engine, TOPICS[0], take=0), sampling))
     single_rate = (len(single.token_times) - 1) / (single.token_times[-1] - single.token_times[0])
     print(f"single stream: {single_rate:.1f} tok/s, TTFT {single.ttft * 1000:.0f} ms")
     results = {n: asyncio.run(concurrent(engine, n, sampling)) for n in (1, 2, 4, 8)}

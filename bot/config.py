@@ -33,8 +33,8 @@ class EngineSettings(_Section):
     n_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0 = all cores")
     n_batch: int = Field(512, ge=16, le=8192, description="most tokens decoded in one llama_decode call")
     parallel: int = Field(4, ge=1, le=64, description="conversations generated together (sequence slots)")
-    prefill_chunk: int = Field(64, ge=1, le=8192,
-                               description="most prompt tokens read per step, so a long prompt never stalls others")
+    prefill_chunk: int = Field(16, ge=1, le=8192,
+                               description="most prompt tokens read per step while other replies generate")
     state_cache_mb: int = Field(256, ge=0, le=1_000_000,
                                 description="RAM for KV caches of conversations whose slot was reused")
     max_queue: int = Field(32, ge=1, le=10000, description="requests that may wait; more are refused")

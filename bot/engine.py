@@ -464,8 +464,8 @@ class Engine:
         generation._announce_position()
 
     def _step(self) -> None:
-        """One llama_decode over every active slot: a token each for generating ones, then up to
-        ``prefill_chunk`` prompt tokens for the rest, so reading a long prompt never stalls the others for long."""
+        """One llama_decode over every active slot: a token each for generating ones, then prompt tokens for
+        the rest (at most ``prefill_chunk`` while any slot generates, so a long prompt never stalls it long)."""
         batch, n = self._batch, 0
         capacity = self.settings.n_batch
         slots = []
@@ -482,7 +482,8 @@ class Engine:
                 n = self._add(batch, n, slot.next_token, len(slot.cached), slot.seq_id, True)
                 slot.cached.append(slot.next_token)
                 slot.logits_index = n - 1
-        prefill_budget = self.settings.prefill_chunk
+        # Chunk prompts only while others are generating: alone, a prompt is read at full batch speed.
+        prefill_budget = self.settings.prefill_chunk if n else capacity
         for slot in slots:
             if slot.pending and n < capacity and prefill_budget > 0:
                 chunk = slot.pending[:min(capacity - n, prefill_budget)]
