@@ -57,6 +57,18 @@ class EngineStatus:
     position: int | None  # the asked-about request: None if none, 0 if generating, n if n-th in queue
     tokens_per_second: float | None  # generation speed of the last finished reply
 
+    def lines(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for a /status answer; each platform adds its own bold."""
+        if self.position is None:
+            place = "nothing queued"
+        elif self.position == 0:
+            place = "generating now"
+        else:
+            place = f"#{self.position} in the queue"
+        speed = f"{self.tokens_per_second:.1f} tokens/s" if self.tokens_per_second else "not measured yet"
+        return [("Model", self.model_name), ("Queue", f"{self.queue_length} waiting, {self.running} generating"),
+                ("This conversation", place), ("Speed", f"{speed} (last reply)")]
+
 
 _END = object()
 

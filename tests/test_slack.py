@@ -370,7 +370,7 @@ async def test_commands_ack_within_3_seconds_while_the_engine_is_busy(manager, s
                                         for c in fake.calls_to("chat.update")), what="the busy reply streaming")
 
         status = await command(fake, "/status", channel="C2")
-        assert "*Model:*" in status and "generating a reply" in status
+        assert "*Model:*" in status and "generating now" in status
         assert "helpful assistant" in await command(fake, "/system", channel="C2")
         assert await command(fake, "/system", "Talk like a pirate.", user="U1", channel="C2") == ADMINS_ONLY
         assert "set" in await command(fake, "/system", "Talk like a pirate.", user=ADMIN, channel="C2")

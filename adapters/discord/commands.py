@@ -126,16 +126,5 @@ async def stop(interaction: discord.Interaction) -> None:
 @app_commands.command()
 async def status(interaction: discord.Interaction) -> None:
     """Model, queue length, this conversation's place in the queue, and speed."""
-    st = _bot(interaction).manager.status(_session(interaction))
-    if st.position is None:
-        place = "nothing queued"
-    elif st.position == 0:
-        place = "generating now"
-    else:
-        place = f"#{st.position} in the queue"
-    speed = f"{st.tokens_per_second:.1f} tokens/s" if st.tokens_per_second else "not measured yet"
-    lines = [f"**Model:** {st.model_name}",
-             f"**Queue:** {st.queue_length} waiting, {st.running} generating",
-             f"**This conversation:** {place}",
-             f"**Speed:** {speed} (last reply)"]
-    await _say(interaction, "\n".join(lines), ephemeral=True)
+    status = _bot(interaction).manager.status(_session(interaction))
+    await _say(interaction, "\n".join(f"**{label}:** {value}" for label, value in status.lines()), ephemeral=True)

@@ -120,16 +120,7 @@ class SlashCommands:
             await ack(text=refusal)
             return
         status = self.bot.manager.status(command_key(command))
-        if status.position is None:
-            here = "idle"
-        elif status.position == 0:
-            here = "generating a reply"
-        else:
-            here = f"#{status.position} in line"
-        speed = f"{status.tokens_per_second:.1f} tokens/s" if status.tokens_per_second else "not measured yet"
-        await ack(text=f"*Model:* {escape(status.model_name)}\n"
-                       f"*Queue:* {status.queue_length} waiting, {status.running} generating\n"
-                       f"*This conversation:* {here}\n*Speed:* {speed}")
+        await ack(text="\n".join(f"*{label}:* {escape(value)}" for label, value in status.lines()))
 
 
 def register_commands(bot: SlackBot) -> SlashCommands:
