@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 THINKING = "💭 Thinking…"
 WAITING_FOR_PREVIOUS = "⏳ Waiting for the previous reply in this conversation…"
 EMPTY_MESSAGE = "⚠️ Your message is empty. Write something and I'll answer."
-SHUTTING_DOWN = "⚠️ The bot is shutting down; please send your message again in a moment."
+SHUTTING_DOWN_REASON = "The bot is shutting down; please send your message again in a moment."
+SHUTTING_DOWN = f"⚠️ {SHUTTING_DOWN_REASON}"
 STOPPED_NOTE = "⏹️ Stopped."
 CUT_SHORT_MARK = "\n[this reply was cut short]"
 TRUNCATED_MARK = "\n[… the rest of this message was cut to fit the context window]"
@@ -115,7 +116,7 @@ class ConversationManager:
         error: str | None = None
         try:
             if not self._accepting:
-                raise LlamarelayError(SHUTTING_DOWN.removeprefix("⚠️ "))
+                raise LlamarelayError(SHUTTING_DOWN_REASON)
             sampling = await self.sampling(key)
             history = [m for m in await self.store.messages(key) if m.id < user_id]
             system = await self.system_prompt(key)
@@ -137,11 +138,11 @@ class ConversationManager:
         finally:
             if generation is not None and self._running.get(key) is generation:
                 del self._running[key]
-        text = reply.text
-        status, footer = self._outcome(generation, error, text)
-        await self.store.finish_message(reply_id, text, status)
+        reply_text = reply.text
+        status, footer = self._outcome(generation, error, reply_text)
+        await self.store.finish_message(reply_id, reply_text, status)
         await reply.finish("\n".join([*notes, *footer]))
-        return ReplyResult(status, text, notes + footer)
+        return ReplyResult(status, reply_text, notes + footer)
 
     def _outcome(self, generation: Generation | None, error: str | None, text: str) -> tuple[str, list[str]]:
         if error is not None:
