@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.config import Settings, SamplingSettings
+from bot.config import SamplingSettings, Settings
 from bot.engine import Engine, EngineStatus, FinishReason, Generation, QueuePosition
 from bot.errors import LlamarelayError
 from bot.prompt import strip_markers
@@ -20,7 +20,7 @@ from bot.store import Status, Store, StoredMessage
 from bot.streaming import StreamingReply
 from bot.types import Incoming, ReplyTarget, SessionKey
 
-__all__ = ["ConversationManager", "ReplyResult", "clean_text"]
+__all__ = ["ConversationManager", "ReplyResult", "clean_text", "parse_status_line", "queued_line"]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,25 @@ TRUNCATED_MARK = "\n[… the rest of this message was cut to fit the context win
 _INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 
 
+_QUEUED_LINE = re.compile(r"⏳ Queued: #(\d+) in line…")
+
+
 def queued_line(position: int) -> str:
     return f"⏳ Queued: #{position} in line…"
+
+
+def parse_status_line(text: str) -> tuple[str, int | None] | None:
+    """(kind, queue position) if ``text`` is one of the status lines shown before a reply's text, else None.
+
+    For targets that show status apart from reply text (the web page): kind is thinking, waiting or queued.
+    """
+    if text == THINKING:
+        return "thinking", None
+    if text == WAITING_FOR_PREVIOUS:
+        return "waiting", None
+    if match := _QUEUED_LINE.fullmatch(text):
+        return "queued", int(match.group(1))
+    return None
 
 
 def clean_text(text: str) -> str:

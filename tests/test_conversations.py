@@ -10,7 +10,7 @@ import pytest
 
 from bot.config import Settings
 from bot.conversations import (CUT_SHORT_MARK, EMPTY_MESSAGE, STOPPED_NOTE, WAITING_FOR_PREVIOUS,
-                               ConversationManager, clean_text)
+                               ConversationManager, clean_text, parse_status_line, queued_line)
 from bot.engine import Engine
 from bot.errors import StoreError
 from bot.store import Status, Store
@@ -276,3 +276,10 @@ async def test_platform_failure_mid_stream_frees_the_engine_and_keeps_the_text(m
             await asyncio.sleep(0.01)
     stored = (await manager.history(CHANNEL))[-1]
     assert stored.status == Status.INTERRUPTED and stored.content.startswith("l")
+
+
+def test_status_lines_are_told_apart_from_reply_text() -> None:
+    assert parse_status_line(queued_line(3)) == ("queued", 3)
+    assert parse_status_line(WAITING_FOR_PREVIOUS) == ("waiting", None)
+    assert parse_status_line("⏳ Queued: #3 in line… and then some") is None
+    assert parse_status_line("Queued: #3") is None

@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-from bot.conversations import THINKING, WAITING_FOR_PREVIOUS, ReplyResult, queued_line
+from bot.conversations import ReplyResult, parse_status_line
 
-__all__ = ["EventStreamTarget", "StatusLine", "encode_event", "json_dumps", "parse_status"]
+__all__ = ["EventStreamTarget", "encode_event", "json_dumps"]
 
 KEEPALIVE_SECONDS = 15.0  # an SSE comment this often keeps proxies from closing a long queue wait
 
 _END = object()
-_POSITION_PLACEHOLDER = 987654321
-_QUEUED = re.compile(re.escape(queued_line(_POSITION_PLACEHOLDER)).replace(str(_POSITION_PLACEHOLDER), r"(\d+)"))
 
 
 def json_dumps(value: Any) -> str:
@@ -37,30 +33,6 @@ def json_dumps(value: Any) -> str:
 def encode_event(name: str, data: dict[str, Any]) -> bytes:
     """One SSE frame. ``json_dumps`` never emits a newline, so one ``data:`` line holds it all."""
     return f"event: {name}\ndata: {json_dumps(data)}\n\n".encode()
-
-
-@dataclass(frozen=True)
-class StatusLine:
-    """A status the core shows before a reply starts: ``kind`` is thinking, waiting or queued."""
-
-    kind: str
-    text: str
-    position: int | None = None
-
-    def as_event(self) -> dict[str, Any]:
-        return {"kind": self.kind, "text": self.text, "position": self.position}
-
-
-def parse_status(text: str) -> StatusLine | None:
-    """The status line ``text`` is, or None if it is reply text."""
-    if text == THINKING:
-        return StatusLine("thinking", text)
-    if text == WAITING_FOR_PREVIOUS:
-        return StatusLine("waiting", text)
-    match = _QUEUED.fullmatch(text)
-    if match:
-        return StatusLine("queued", text, int(match.group(1)))
-    return None
 
 
 class EventStreamTarget:
@@ -92,9 +64,10 @@ class EventStreamTarget:
 
     async def edit(self, handle: Any, text: str) -> None:
         if not self._replying and len(self._parts) == 1:
-            status = parse_status(text)
+            status = parse_status_line(text)
             if status is not None:
-                self._queue.put_nowait(("status", status.as_event()))
+                kind, position = status
+                self._queue.put_nowait(("status", {"kind": kind, "text": text, "position": position}))
                 return
             self._replying = True
         self._parts[handle] = text
