@@ -8,6 +8,7 @@ import re
 import time
 import unicodedata
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,7 @@ class ConversationManager:
         # One lock per session, dropped when no one holds or waits for it.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._running: dict[str, Generation] = {}
+        self._in_line: Counter[str] = Counter()  # messages per session that are answered or waiting their turn
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -108,21 +110,34 @@ class ConversationManager:
             return ReplyResult(Status.FAILED, "", [SHUTTING_DOWN])
         key = str(incoming.key)
         # Both rows are written before anything is shown, so neither the message nor its reply's place is lost.
-        user_id = await self.store.add_message(key, "user", text, Status.COMPLETE,
-                                               author_id=incoming.author_id, author_name=incoming.author_name)
-        reply_id = await self.store.add_message(key, "assistant", "", Status.GENERATING)
+        user_id, reply_id = await self.store.add_exchange(key, text, author_id=incoming.author_id,
+                                                          author_name=incoming.author_name)
         self._in_flight += 1
         self._idle.clear()
         try:
             lock = self._locks.setdefault(key, asyncio.Lock())
+            ahead = self._in_line[key]
+            self._in_line[key] += 1
+            # Take a place in the session's line before the first platform call: a slow post must not let a
+            # later message of the same session overtake this one.
+            turn = asyncio.ensure_future(lock.acquire())
             try:
-                await reply.status(WAITING_FOR_PREVIOUS if lock.locked() else THINKING)
+                await reply.status(WAITING_FOR_PREVIOUS if ahead else THINKING)
+                await turn
             except BaseException:  # nothing could be shown; the message stays stored, its reply marked so
+                if turn.done() and not turn.cancelled():
+                    lock.release()
+                turn.cancel()
                 await asyncio.shield(self.store.finish_message(reply_id, "", Status.INTERRUPTED))
                 raise
-            async with lock:
+            try:
                 return await self._answer(key, text, user_id, reply_id, reply)
+            finally:
+                lock.release()
         finally:
+            self._in_line[key] -= 1
+            if not self._in_line[key]:
+                del self._in_line[key]
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()

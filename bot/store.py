@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -66,6 +67,7 @@ class Store:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
         self.path = path
+        self._exchange_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path | str) -> Store:
@@ -112,6 +114,16 @@ class Store:
             (key, role, content, status, author_id, author_name, time.time()))
         assert cursor.lastrowid is not None
         return cursor.lastrowid
+
+    async def add_exchange(self, key: str, text: str, *, author_id: str, author_name: str) -> tuple[int, int]:
+        """Store a user message and reserve its reply's row right after it: (message id, reply id).
+
+        Done under one lock so another message of the session can never land between the two rows.
+        """
+        async with self._exchange_lock:
+            user_id = await self.add_message(key, "user", text, Status.COMPLETE,
+                                              author_id=author_id, author_name=author_name)
+            return user_id, await self.add_message(key, "assistant", "", Status.GENERATING)
 
     async def finish_message(self, message_id: int, content: str, status: str) -> None:
         await self._write("UPDATE messages SET content = ?, status = ? WHERE id = ?", (content, status, message_id))

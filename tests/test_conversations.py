@@ -90,17 +90,25 @@ def test_dm_key_never_equals_channel_key() -> None:
 
 
 async def test_messages_in_one_session_are_answered_in_order(manager: ConversationManager) -> None:
-    await manager.set_sampling(CHANNEL, max_tokens=60, grammar='root ::= ("one " ){60}')
-    first_target, second_target = Target(), Target()
-    first = asyncio.create_task(manager.respond(message("first"), first_target))
-    await first_target.first_text.wait()
-    second = asyncio.create_task(manager.respond(message("second"), second_target))
-    await asyncio.sleep(0.05)
-    assert second_target.messages == [WAITING_FOR_PREVIOUS]
-    await asyncio.gather(first, second)
+    class SlowFirstPost(Target):
+        async def post(self, text: str) -> int:
+            await asyncio.sleep(0.3)  # the platform is slow to show A's placeholder
+            return await super().post(text)
+
+    first_target, second_target = SlowFirstPost(), Target()
+    first = asyncio.create_task(manager.respond(message("The password is SWORDFISH."), first_target))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(manager.respond(message("What is the password?"), second_target))
+    async with asyncio.timeout(10):
+        while not second_target.messages:
+            await asyncio.sleep(0.01)
+    assert second_target.messages == [WAITING_FOR_PREVIOUS]  # B shows it waits for A
+    done, _ = await asyncio.wait({first, second}, return_when=asyncio.FIRST_COMPLETED)
+    assert done == {first}  # A's slow placeholder did not let B overtake it
+    await second
     history = await manager.history(CHANNEL)
-    assert [(m.role, m.content.split(" ")[0]) for m in history] == [
-        ("user", "first"), ("assistant", "one"), ("user", "second"), ("assistant", "one")]
+    assert [(m.role, m.status) for m in history] == [("user", Status.COMPLETE), ("assistant", Status.COMPLETE)] * 2
+    assert history[0].content == "The password is SWORDFISH." and history[2].content == "What is the password?"
 
 
 async def test_stop_keeps_the_partial_reply_marked_stopped(manager: ConversationManager) -> None:
