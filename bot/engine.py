@@ -324,9 +324,9 @@ class Engine:
         loop = asyncio.get_running_loop()
         sampler = self._make_sampler(sampling)
         with self._cond:
-            if self._closing:
+            if self._closing or not self._thread.is_alive():
                 llama_cpp.llama_sampler_free(sampler)
-                raise EngineError("the engine is shutting down")
+                raise EngineError("the engine is not running")
             if len(self._waiting) >= self.settings.max_queue:
                 llama_cpp.llama_sampler_free(sampler)
                 raise QueueFull(f"Too many requests are waiting ({len(self._waiting)}); please try again shortly.")
@@ -397,8 +397,10 @@ class Engine:
                     self._cond.wait()
                 if self._closing:
                     break
-                self._admit()
+                admitted = self._take_admitted()
             try:
+                # Outside the lock: KV copies can take a while, and submit/status/cancel must never wait on them.
+                self._admit(admitted)
                 self._step()
             except Exception as exc:  # llama.cpp failed: fail what was running, keep serving the rest
                 log.exception("decode step failed")
@@ -406,6 +408,9 @@ class Engine:
                     for slot in self._active():
                         self._finish(slot, FinishReason.ERROR, EngineError(f"the model failed: {exc}"))
                         self._forget(slot)
+                    for generation in admitted:
+                        if generation.finish_reason is None:
+                            self._end(generation, FinishReason.ERROR, EngineError(f"the model failed: {exc}"))
         with self._cond:
             for slot in self._active():
                 self._finish(slot, FinishReason.CANCELLED)
@@ -415,15 +420,22 @@ class Engine:
     def _active(self) -> list[_Slot]:
         return [slot for slot in self._slots if slot.generation is not None]
 
-    def _admit(self) -> None:
-        """Move waiting requests into free slots, preferring the slot that already caches their prefix."""
+    def _take_admitted(self) -> list[Generation]:
+        """Take as many waiting requests as there are free slots (caller holds the lock)."""
+        free = sum(slot.generation is None for slot in self._slots)
+        admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        for generation in admitted:
+            generation._position = 0
+        self._renumber_waiting()
+        return admitted
+
+    def _admit(self, admitted: list[Generation]) -> None:
+        """Put each admitted request in the free slot that already caches the most of its prompt."""
         free = [slot for slot in self._slots if slot.generation is None]
-        while self._waiting and free:
-            generation = self._waiting.popleft()
+        for generation in admitted:
             slot = self._pick_slot(free, generation)
             free.remove(slot)
             self._start(slot, generation)
-        self._renumber_waiting()
 
     def _pick_slot(self, free: list[_Slot], generation: Generation) -> _Slot:
         """The free slot that already holds the most of this prompt: its own, a saved state, or a shared prefix."""
@@ -446,9 +458,11 @@ class Engine:
 
     def _save(self, slot: _Slot) -> None:
         """Keep the slot's KV cache in RAM for its conversation's next turn before another takes the slot."""
-        if not slot.session or not slot.cached or not self._saved.budget:
+        if not slot.session or not slot.cached:
             return
         size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id)
+        if size > self._saved.budget:
+            return
         data = (ctypes.c_uint8 * size)()
         if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.seq_id) == size:
             self._saved.put(slot.session, list(slot.cached), data)
@@ -472,7 +486,6 @@ class Engine:
         slot.next_token = None
         slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         generation.n_prompt_reused = keep
-        generation._position = 0
         generation._announce_position()
 
     def _step(self) -> None:
