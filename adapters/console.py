@@ -16,6 +16,7 @@ __all__ = ["ConsoleTarget", "run_console"]
 HELP = ("Commands: /reset (forget this conversation), /system [text] (show or set the system prompt), "
         "/quit. Ctrl-C stops a reply.")
 PROMPT = "you> "
+MAX_LINE_BYTES = 16 * 2**20  # asyncio's default (64 KiB) is shorter than a pasted document
 
 
 class ConsoleTarget:
@@ -60,8 +61,8 @@ async def run_console(manager: ConversationManager, *, user: str | None = None,
                       stdin: IO[str] = sys.stdin, out: IO[str] = sys.stdout) -> None:
     """Chat on stdin/stdout until /quit, end of input, or Ctrl-C at the prompt."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
+    reader = asyncio.StreamReader(limit=MAX_LINE_BYTES)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)
     user = user or getpass.getuser()
     key = SessionKey.for_dm("console", user)
     replying = asyncio.Event()
@@ -84,7 +85,11 @@ async def run_console(manager: ConversationManager, *, user: str | None = None,
         while not quitting.is_set():
             out.write(PROMPT)
             out.flush()
-            line = await _read_line(reader, quitting)
+            try:
+                line = await _read_line(reader, quitting)
+            except ValueError:  # a pasted line longer than MAX_LINE_BYTES: the reader dropped it
+                out.write(f"That line is longer than {MAX_LINE_BYTES // 2**20} MB; please send a shorter one.\n")
+                continue
             if line is None:
                 break
             text = line.strip()
@@ -111,6 +116,7 @@ async def run_console(manager: ConversationManager, *, user: str | None = None,
                     replying.clear()
                     target.end()
     finally:
+        transport.close()
         loop.remove_signal_handler(signal.SIGINT)
         loop.remove_signal_handler(signal.SIGTERM)
         out.write("\nBye.\n")

@@ -18,7 +18,7 @@ from typing import Any
 from bot.config import DEFAULT_CONFIG_PATH, Secrets, Settings, load_settings
 from bot.conversations import ConversationManager
 from bot.engine import Engine
-from bot.errors import LlamarelayError
+from bot.errors import ConfigError, LlamarelayError
 from bot.models import fetch_default_model
 from bot.store import Store
 
@@ -78,15 +78,20 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
     if mode == "run" and secrets.slack_bot_token:
         from adapters.slack import run_slack
         adapters["slack"] = run_slack(manager, settings, secrets)
-    terminal = mode == "chat" or (mode == "run" and not adapters)
+    # Without a platform token, `run` chats in the terminal it was started from (not as a service or container).
+    terminal = mode == "chat" or (mode == "run" and not adapters and sys.stdin.isatty())
     if mode == "web" or (mode == "run" and settings.web.enabled):
         from adapters.web import run_web
         adapters["web"] = run_web(manager, settings, secrets)
+    if mode == "run" and not secrets.discord_token and not secrets.slack_bot_token:
+        log.info("no DISCORD_TOKEN or SLACK_BOT_TOKEN set%s. Set DISCORD_TOKEN to connect to Discord, "
+                 "SLACK_BOT_TOKEN (with SLACK_APP_TOKEN for Socket Mode) for Slack.",
+                 ": starting the terminal chat" if terminal else "")
+    if not adapters and not terminal:
+        raise ConfigError("nothing to run: set DISCORD_TOKEN or SLACK_BOT_TOKEN, enable [web], or start "
+                          "`llamarelay chat` in a terminal")
     if terminal:
         from adapters.console import run_console
-        if mode == "run":
-            log.info("no DISCORD_TOKEN or SLACK_BOT_TOKEN set: starting the terminal chat. Set DISCORD_TOKEN to "
-                     "connect to Discord, SLACK_BOT_TOKEN (with SLACK_APP_TOKEN for Socket Mode) for Slack.")
         # The terminal chat handles Ctrl-C and SIGTERM itself; leaving it stops everything.
         stop = asyncio.create_task(run_console(manager), name="terminal")
     else:
@@ -102,7 +107,8 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
         for task in done - {stop}:
             if not task.cancelled() and task.exception() is not None:
                 failure = task.exception()
-                log.error("the %s adapter stopped: %s", task.get_name(), failure)
+                if not isinstance(failure, LlamarelayError):  # a bug, not a config problem: keep the traceback
+                    log.error("the %s adapter failed", task.get_name(), exc_info=failure)
         log.info("shutting down: finishing replies in flight")
         await manager.shutdown()
     finally:
@@ -114,7 +120,7 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
         if not terminal:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 asyncio.get_running_loop().remove_signal_handler(signum)
-    if isinstance(failure, LlamarelayError):  # e.g. a port in use: the user should see it and exit non-zero
+    if failure is not None:  # e.g. a port in use: the user sees why, and a service manager sees a failure
         raise failure
 
 

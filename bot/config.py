@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bot.errors import ConfigError
 
@@ -61,7 +61,7 @@ class StoreSettings(_Section):
 
 
 class StreamingSettings(_Section):
-    edit_interval: float = Field(1.0, ge=0.0, le=60.0, description="seconds between edits of one message")
+    edit_interval: float = Field(1.0, ge=0.0, le=60.0, description="seconds between web page updates")
 
 
 class DiscordSettings(_Section):
@@ -111,6 +111,13 @@ class Settings(_Section):
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
     slack: SlackSettings = Field(default_factory=SlackSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+
+    @model_validator(mode="after")
+    def _reply_fits_the_window(self) -> Settings:
+        if self.sampling.max_tokens >= self.engine.n_ctx:
+            raise ValueError(f"sampling.max_tokens ({self.sampling.max_tokens}) must be below engine.n_ctx "
+                             f"({self.engine.n_ctx}): the prompt needs room too")
+        return self
 
 
 @dataclass(frozen=True, repr=False)
@@ -162,4 +169,6 @@ def _describe(error: Any) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"unknown setting '{key}'"
+    if not key:  # a rule across sections; its message names the keys
+        return error["msg"].removeprefix("Value error, ")
     return f"'{key}' = {error['input']!r} is invalid: {error['msg'][0].lower()}{error['msg'][1:]}"

@@ -262,7 +262,9 @@ class ConversationManager:
         """Override sampling settings for one session (validated like config.toml's [sampling])."""
         current = await self.store.sampling(str(key))
         merged = {**current, **overrides}
-        SamplingSettings.model_validate({**self.settings.sampling.model_dump(), **merged})
+        sampling = SamplingSettings.model_validate({**self.settings.sampling.model_dump(), **merged})
+        if sampling.max_tokens >= self.engine.n_ctx:
+            raise ValueError(f"max_tokens must be below the {self.engine.n_ctx}-token context window")
         await self.store.set_sampling(str(key), merged)
 
     async def history(self, key: SessionKey) -> list[StoredMessage]:

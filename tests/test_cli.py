@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
 import signal
 import socket
 import sqlite3
@@ -52,12 +53,37 @@ def test_terminal_chat_answers_and_keeps_history(tmp_path: Path) -> None:
     assert "Conversation cleared." in again.stdout and stored(tmp_path) == []
 
 
-def test_run_without_tokens_starts_the_terminal_chat_and_says_how_to_connect(tmp_path: Path) -> None:
-    result = llamarelay("--config", str(write_config(tmp_path)), "run", stdin="Hi\n")
+def test_run_without_tokens_in_a_terminal_starts_the_terminal_chat_and_says_how_to_connect(tmp_path: Path) -> None:
+    controller, terminal = pty.openpty()
+    os.write(controller, b"Hi\n/quit\n")
+    try:
+        result = subprocess.run([sys.executable, "-m", "bot", "--config", str(write_config(tmp_path)), "run"],
+                                stdin=terminal, capture_output=True, text=True, timeout=120, env=ENV)
+    finally:
+        os.close(terminal)
+        os.close(controller)
     assert result.returncode == 0, result.stderr
     assert "DISCORD_TOKEN" in result.stderr and "SLACK_BOT_TOKEN" in result.stderr
     assert "bot> " in result.stdout
     assert "web chat on http://127.0.0.1:" in result.stderr  # the browser page runs beside it
+
+
+async def test_run_as_a_service_serves_the_web_page_until_sigterm(tmp_path: Path) -> None:
+    bot = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--config", str(write_config(tmp_path)), "run", env=ENV,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert bot.stderr
+    log = await read_until(bot.stderr, b"web chat on http://")
+    assert b"starting the terminal chat" not in log
+    bot.terminate()
+    assert await asyncio.wait_for(bot.wait(), 30) == 0
+
+
+def test_nothing_to_run_is_a_clear_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace("port = 0", "enabled = false"))
+    result = llamarelay("--config", str(config), "run")
+    assert result.returncode == 1 and "nothing to run" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_web_port_in_use_is_a_clear_start_up_error(tmp_path: Path) -> None:

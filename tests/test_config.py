@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -26,10 +27,17 @@ def test_shipped_config_lists_every_setting_with_its_default() -> None:
         ours.pop("model_path", None), theirs.pop("model_path", None)
         ours.pop("path", None), theirs.pop("path", None)
         assert ours == theirs, section
+    # Every key appears in the file, set or commented out ("# grammar = ''"), under its own section.
     text = (ROOT / "config.toml").read_text()
+    sections = {name: body for name, body in re.findall(r"^\[(\w+)\][^\n]*\n(.*?)(?=^\[|\Z)", text, re.M | re.S)}
     for section, model in Settings.model_fields.items():
         for key in model.annotation.model_fields:  # type: ignore[union-attr]
-            assert f"{key} =" in text, f"[{section}] {key} is missing from config.toml"
+            assert re.search(rf"^#? ?{key} =", sections[section], re.M), f"[{section}] {key} is not in config.toml"
+
+
+def test_reply_length_must_leave_room_for_the_prompt(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"sampling.max_tokens \(4096\) must be below engine.n_ctx \(4096\)"):
+        load_settings(write(tmp_path, "[engine]\nn_ctx = 4096\n[sampling]\nmax_tokens = 4096\n"))
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -99,3 +107,11 @@ def test_rate_limiter_allows_n_per_minute_per_user() -> None:
     now[0] = 60.0
     assert limiter.allow("a")
     assert RateLimiter(0).allow("anyone")
+
+
+def test_rate_limit_refusal_says_when_to_retry() -> None:
+    now = [0.0]
+    limiter = RateLimiter(1, clock=lambda: now[0])
+    assert limiter.refusal("a") is None
+    now[0] = 20.5
+    assert limiter.refusal("a") == "⏳ Easy there! You can send 1 messages a minute; try again in 40 s."

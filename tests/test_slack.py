@@ -467,7 +467,7 @@ def signed(body: str, *, timestamp: int | None = None, secret: str = SIGNING_SEC
 
 
 async def test_http_mode_verifies_signatures(manager, settings, fake):
-    # Port 0 lets the OS pick a free port; SlackSettings only accepts 1-65535 (see the report).
+    # Port 0 lets the OS pick a free port.
     settings.slack.http_port = 0
     async with running_bot(manager, settings, fake, socket_mode=False) as bot, aiohttp.ClientSession() as http:
         url = f"http://127.0.0.1:{bot.http_port}{settings.slack.http_path}"

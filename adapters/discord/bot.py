@@ -103,11 +103,7 @@ class DiscordBot(discord.Client):
 
     def rate_limited(self, user: discord.abc.User) -> str | None:
         """A friendly line if ``user`` is over the per-minute limit (counting this message), else None."""
-        if self.is_admin(user) or self.rate_limiter.allow(user.id):
-            return None
-        wait = max(1, round(self.rate_limiter.retry_after(user.id)))
-        return (f"⏳ Easy there! You can send {self.settings.user_messages_per_minute} messages a minute; "
-                f"try again in {wait} s.")
+        return None if self.is_admin(user) else self.rate_limiter.refusal(user.id)
 
     # ------------------------------------------------------------------ messages
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from typing import Any
 
 from aiohttp import web
@@ -209,11 +208,8 @@ class SlackBot:
         return None
 
     def rate_refusal(self, user: str) -> str | None:
-        """Counts one message against ``user``'s per-minute limit; a refusal when over it."""
-        if self.rate_limiter.allow(user):
-            return None
-        wait = max(1, math.ceil(self.rate_limiter.retry_after(user)))
-        return f"⏳ You're sending messages faster than I can answer; try again in {wait} s."
+        """Counts one message against ``user``'s per-minute limit (admins have none); a refusal when over it."""
+        return None if self.is_admin(user) else self.rate_limiter.refusal(user)
 
     def is_admin(self, user: str) -> bool:
         return user in self.settings.admin_user_ids

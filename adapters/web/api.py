@@ -78,7 +78,7 @@ class WebState:
 
     def start_reply(self, incoming: Incoming, target: EventStreamTarget) -> None:
         """Generate in a task of its own, so a closed tab or dropped connection never cuts the reply short."""
-        task = asyncio.create_task(_reply(self.manager, incoming, target), name=f"web reply {incoming.key}")
+        task = asyncio.create_task(_reply(self.manager, incoming, target), name=f"web reply {incoming.key.channel}")
         self.replies.add(task)
         task.add_done_callback(self.replies.discard)
 
@@ -103,10 +103,10 @@ async def _reply(manager: ConversationManager, incoming: Incoming, target: Event
         target.close(None, "The server is shutting down; the reply was cut short.")
         raise
     except LlamarelayError as exc:  # the store failed: the core could not even record the message
-        log.error("web reply in %s failed: %s", incoming.key, exc)
+        log.error("web reply in conversation %s failed: %s", incoming.key.channel, exc)
         target.close(None, "The bot could not store this conversation; please try again shortly.")
     except Exception:
-        log.exception("web reply in %s failed", incoming.key)
+        log.exception("web reply in conversation %s failed", incoming.key.channel)
         target.close(None, "The reply failed because of an internal error.")
     else:
         target.close(result)
@@ -129,6 +129,7 @@ def _state(request: web.Request) -> WebState:
 
 
 def _key(browser: str, conversation: str) -> SessionKey:
+    # The browser id is the secret that keeps browsers apart: logs name only the conversation (key.channel).
     return SessionKey.for_channel(PLATFORM, browser, conversation)
 
 
@@ -280,7 +281,8 @@ async def send_message(request: web.Request) -> web.StreamResponse:
         try:
             await response.write(b": keep-alive\n\n" if event is None else encode_event(*event))
         except ConnectionError:
-            log.info("browser left %s while it was streaming; the reply goes on and is stored", key)
+            log.info("browser left conversation %s while it streamed; the reply goes on and is stored",
+                     key.channel)
             return response
     await response.write_eof()
     return response
