@@ -87,7 +87,6 @@ class Generation:
         self.finish_reason: FinishReason | None = None
         self.n_generated = 0
         self.n_prompt_reused = 0  # prompt tokens whose KV cache was already there
-        self.t_submitted = time.monotonic()
         self.t_first_token: float | None = None
         self.t_finished: float | None = None
         self._engine = engine

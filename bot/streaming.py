@@ -77,11 +77,6 @@ class StreamingReply:
         """The whole reply so far, without status lines (after `finish`, with its note)."""
         return "".join(self._sealed) + self._text
 
-    @property
-    def started(self) -> bool:
-        """True once a message has been posted."""
-        return self._posted
-
     async def status(self, line: str) -> None:
         """Show a status line (queued, thinking) while no reply text has arrived yet."""
         if self._text or self._sealed:

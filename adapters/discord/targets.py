@@ -41,7 +41,6 @@ class _EditingTarget(ABC):
 
     def __init__(self, *, min_edit_interval: float) -> None:
         self.min_edit_interval = min_edit_interval
-        self.handles: list[Any] = []
         self._stale: dict[int, tuple[Any, str]] = {}  # id(handle) -> (handle, wanted text)
 
     @abstractmethod
@@ -87,15 +86,11 @@ class ChannelTarget(_EditingTarget):
     async def post(self, text: str) -> discord.Message:
         # A reply that must not fail if the user deleted their message meanwhile.
         reference = self._trigger.to_reference(fail_if_not_exists=False) if self._trigger else None
-        message = await self._channel.send(_content(text), reference=reference,  # type: ignore[arg-type]
-                                           allowed_mentions=NO_MENTIONS)
-        self.handles.append(message)
-        return message
+        return await self._channel.send(_content(text), reference=reference,  # type: ignore[arg-type]
+                                        allowed_mentions=NO_MENTIONS)
 
     async def post_continuation(self, text: str) -> discord.Message:
-        message = await self._channel.send(_content(text), allowed_mentions=NO_MENTIONS)
-        self.handles.append(message)
-        return message
+        return await self._channel.send(_content(text), allowed_mentions=NO_MENTIONS)
 
     async def _send_edit(self, handle: Any, text: str) -> None:
         await handle.edit(content=text, allowed_mentions=NO_MENTIONS)
@@ -121,13 +116,10 @@ class InteractionTarget(_EditingTarget):
 
     async def post(self, text: str) -> _Original:
         await self._interaction.edit_original_response(content=_content(text), allowed_mentions=NO_MENTIONS)
-        self.handles.append(self._original)
         return self._original
 
     async def post_continuation(self, text: str) -> discord.WebhookMessage:
-        message = await self._interaction.followup.send(_content(text), wait=True, allowed_mentions=NO_MENTIONS)
-        self.handles.append(message)
-        return message
+        return await self._interaction.followup.send(_content(text), wait=True, allowed_mentions=NO_MENTIONS)
 
     async def _send_edit(self, handle: Any, text: str) -> None:
         if handle is self._original:
