@@ -36,13 +36,21 @@ def _open_fence(text: str) -> str | None:
     return opening
 
 
-def split_message(text: str, limit: int) -> tuple[str, str]:
-    """Cut ``text`` into a head of at most ``limit`` characters and the rest.
+def split_message(text: str, limit: int, measure: Callable[[str], int] = len) -> tuple[str, str]:
+    """Cut ``text`` into a head of at most ``limit`` (as ``measure`` counts) and the rest.
 
     The cut falls on a paragraph, line or word boundary when one is near enough; a cut inside a fenced code
     block closes the fence in the head and reopens it (same language) at the start of the rest.
     """
-    window = text[:limit - _CLOSING_FENCE_ROOM]
+    room = limit - _CLOSING_FENCE_ROOM
+    fits, too_long = 0, len(text) + 1  # the longest prefix that fits, by bisection (measure grows with text)
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        if measure(text[:middle]) <= room:
+            fits = middle
+        else:
+            too_long = middle
+    window = text[:fits]
     for separator, not_before in (("\n\n", limit // 2), ("\n", limit // 3), (" ", 1)):
         cut = window.rfind(separator)
         if cut >= not_before:
@@ -63,6 +71,8 @@ class StreamingReply:
     def __init__(self, target: ReplyTarget, *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         self._target = target
+        # A platform whose text grows when sent (escaping) counts length its own way.
+        self._measure: Callable[[str], int] = getattr(target, "measure", len)
         self._clock = clock
         self._sleep = sleep
         self._sealed: list[str] = []  # texts of earlier messages, final
@@ -106,8 +116,8 @@ class StreamingReply:
             await self._edit(self._text, wait=True)
 
     async def _seal_full_messages(self) -> None:
-        while len(self._text) > self._target.max_length:
-            head, rest = split_message(self._text, self._target.max_length)
+        while self._measure(self._text) > self._target.max_length:
+            head, rest = split_message(self._text, self._target.max_length, self._measure)
             if not self._posted:
                 await self._post_first(head)
             else:

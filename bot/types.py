@@ -67,7 +67,9 @@ class ReplyTarget(Protocol):
     """Where a reply goes: implemented by each adapter, driven by `bot.streaming.StreamingReply`.
 
     Every call carries the message's whole text. A target that appends instead of replacing (an event
-    stream, Slack's native streaming) sends ``text`` minus what it already sent for that handle.
+    stream, Slack's native streaming) sends ``text`` minus what it already sent for that handle. A target
+    whose platform counts text differently (escaping makes it longer) may add ``measure(text) -> int``,
+    which is then used against ``max_length`` instead of ``len``.
     """
 
     max_length: int

@@ -180,3 +180,23 @@ async def test_final_edit_that_keeps_failing_is_posted_rather_than_lost(clock: F
     target.failing_edits = FINAL_EDIT_ATTEMPTS
     await reply.finish()
     assert target.messages == ["start", "start end"]
+
+
+async def test_split_uses_the_targets_own_measure_of_length(clock: FakeClock) -> None:
+    class EscapingTarget(RecordingTarget):
+        """A platform that sends '<' as '&lt;': four characters where the model wrote one."""
+
+        def measure(self, text: str) -> int:
+            return len(text.replace("<", "&lt;"))
+
+        async def edit(self, handle: Any, text: str) -> None:
+            assert self.measure(text) <= self.max_length
+            await super().edit(handle, text)
+
+    target = EscapingTarget(clock, max_length=100)
+    reply = StreamingReply(target, clock=clock, sleep=clock.sleep)
+    text = " ".join(["<b>"] * 60)
+    await reply.append(text)
+    await reply.finish()
+    assert all(target.measure(m) <= 100 for m in target.messages)
+    assert " ".join(target.messages).split() == text.split()

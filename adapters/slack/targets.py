@@ -22,7 +22,7 @@ __all__ = ["UpdateTarget", "NativeStreamTarget", "MAX_REPLY_CHARS", "SLACK_TEXT_
 log = logging.getLogger(__name__)
 
 MAX_REPLY_CHARS = 3500
-"""Model text per Slack message; the rest continues in a new message."""
+"""Characters per Slack message, counted after conversion to mrkdwn; the rest continues in a new message."""
 SLACK_TEXT_LIMIT = 3900
 """Slack answers ``msg_too_long`` near 4,000 characters, well below its documented 40,000."""
 _CLIPPED_TEXT_CHARS = 3000
@@ -64,6 +64,10 @@ class UpdateTarget:
         self.min_edit_interval = edit_interval
         self.continue_in_thread = continue_in_thread
         self.first_ts: str | None = None
+
+    def measure(self, text: str) -> int:
+        """Length as Slack counts it: after the Markdown → mrkdwn conversion and its escaping."""
+        return len(to_mrkdwn(text))
 
     async def post(self, text: str) -> Any:
         ts = await self._post(self.header + to_mrkdwn(_visible(text)), self.thread_ts)
