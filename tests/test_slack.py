@@ -230,9 +230,12 @@ async def test_two_channels_are_answered_at_once(manager, settings, fake):
     assert posted["C1"] < finished["C2"] and posted["C2"] < finished["C1"]
 
 
-async def test_long_answer_continues_in_a_new_message_in_the_same_thread(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("international", 260), max_tokens=1200,
-                               repeat_penalty=1.0)
+# " <<<<" is 5 characters from the model and 17 on Slack (" &lt;&lt;&lt;&lt;"): 250 of them make 1,250
+# characters that become 4,250, so the split must count Slack's length, or the message would be clipped.
+@pytest.mark.parametrize(("word", "count", "shown"), [("international", 260, "international"),
+                                                      ("<<<<", 250, "&lt;&lt;&lt;&lt;")], ids=["long", "escaped"])
+async def test_long_answer_continues_in_a_new_message_in_the_same_thread(manager, settings, fake, word, count, shown):
+    await manager.set_sampling(channel_key("C1"), grammar=words(word, count), max_tokens=1500, repeat_penalty=1.0)
     async with running_bot(manager, settings, fake, edit_interval=1.0) as bot:
         event = mention("C1", "write a lot")
         await fake.push_event(event)
@@ -240,21 +243,7 @@ async def test_long_answer_continues_in_a_new_message_in_the_same_thread(manager
 
     assert len(messages) == 2
     assert all(len(m.text) <= 3500 for m in messages)
-    assert (messages[0].text + " " + messages[1].text).split() == ["international"] * 260
-
-
-async def test_text_that_grows_when_escaped_is_split_by_its_slack_length(manager, settings, fake):
-    # Each " <<<<" is 5 characters from the model and 17 on Slack (" &lt;&lt;&lt;&lt;"): 1,250 characters that
-    # become 4,250, split by the latter into two messages and none clipped.
-    await manager.set_sampling(channel_key("C1"), grammar=words("<<<<", 250), max_tokens=1500, repeat_penalty=1.0)
-    async with running_bot(manager, settings, fake, edit_interval=1.0) as bot:
-        event = mention("C1", "write a lot")
-        await fake.push_event(event)
-        messages = await answered(bot, fake, "C1", thread_ts=event["ts"], count=2)
-
-    assert len(messages) == 2
-    assert all(len(m.text) <= 3500 for m in messages)
-    assert (messages[0].text + " " + messages[1].text).split() == ["&lt;&lt;&lt;&lt;"] * 250
+    assert (messages[0].text + " " + messages[1].text).split() == [shown] * count
 
 
 async def test_rate_limited_chat_update_is_retried_without_losing_or_duplicating(manager, settings, fake):
