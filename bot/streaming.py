@@ -99,6 +99,8 @@ class StreamingReply:
     async def append(self, delta: str) -> None:
         """Add generated text; edits the message if the interval has passed, moves on past the length limit."""
         self._text += delta
+        if self._posted and self._clock() - self._last_edit < self._target.min_edit_interval:
+            return  # nothing is shown until the next edit, so the (possibly costly) length check can wait too
         await self._seal_full_messages()
         if not self._posted:
             await self._post_first(self._text)
