@@ -21,7 +21,7 @@ from bot.store import Status, Store, StoredMessage
 from bot.streaming import StreamingReply
 from bot.types import Incoming, ReplyTarget, SessionKey
 
-__all__ = ["ConversationManager", "ReplyResult", "clean_text", "parse_status_line", "queued_line"]
+__all__ = ["ConversationManager", "ReplyResult", "clean_text", "parse_status_line", "queued_line", "storable"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ TRUNCATED_MARK = "\n[… the rest of this message was cut to fit the context win
 
 # Zero-width and bidi-control characters are invisible and only confuse the tokenizer.
 _INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 _QUEUED_LINE = re.compile(r"⏳ Queued: #(\d+) in line…")
@@ -59,8 +60,14 @@ def parse_status_line(text: str) -> tuple[str, int | None] | None:
     return None
 
 
+def storable(text: str) -> str:
+    """``text`` with lone surrogates (valid in JSON and Python, never in UTF-8) replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def clean_text(text: str) -> str:
-    """Normalize a user message: no control or zero-width characters, Unix newlines, trimmed."""
+    """Normalize a user message: storable, no control or zero-width characters, Unix newlines, trimmed."""
+    text = storable(text)
     text = strip_markers(_INVISIBLE.sub("", text.replace("\r\n", "\n").replace("\r", "\n")))
     text = "".join(c for c in text if c in "\n\t" or unicodedata.category(c) != "Cc")
     return text.strip()
