@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -25,6 +26,10 @@ from bot.store import Store
 __all__ = ["main", "serve"]
 
 log = logging.getLogger("llamarelay")
+
+# Shutdown fits `docker stop` (SIGTERM, then SIGKILL after 10 s): replies first, then the adapters.
+REPLIES_DEADLINE_SECONDS = 6.0
+DISCONNECT_DEADLINE_SECONDS = 3.0
 
 
 class RedactingFormatter(logging.Formatter):
@@ -96,9 +101,16 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
         stop = asyncio.create_task(run_console(manager), name="terminal")
     else:
         stopping = asyncio.Event()
+
+        def on_signal() -> None:
+            if stopping.is_set():  # a second Ctrl-C or SIGTERM: the user does not want to wait
+                log.warning("second signal: exiting now")
+                os._exit(1)
+            stopping.set()
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stopping.set)
+            loop.add_signal_handler(signum, on_signal)
         stop = asyncio.create_task(stopping.wait())
     tasks = {asyncio.create_task(coroutine, name=name) for name, coroutine in adapters.items()}
     failure: BaseException | None = None
@@ -110,11 +122,15 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
                 if not isinstance(failure, LlamarelayError):  # a bug, not a config problem: keep the traceback
                     log.error("the %s adapter failed", task.get_name(), exc_info=failure)
         log.info("shutting down: finishing replies in flight")
-        await manager.shutdown()
+        await manager.shutdown(REPLIES_DEADLINE_SECONDS)
     finally:
         for task in tasks | {stop}:
             task.cancel()
-        for task in tasks | {stop}:
+        # Adapters disconnect within what is left of `docker stop`'s 10 s; then the process goes on regardless.
+        _, stuck = await asyncio.wait(tasks | {stop}, timeout=DISCONNECT_DEADLINE_SECONDS)
+        for task in stuck:
+            log.warning("the %s adapter did not stop in time", task.get_name())
+        for task in (tasks | {stop}) - stuck:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if not terminal:

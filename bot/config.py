@@ -54,6 +54,8 @@ class ConversationSettings(_Section):
     system_prompt: str = Field("You are a helpful assistant.", max_length=20000)
     max_message_chars: int = Field(50000, ge=100, le=1_000_000,
                                    description="longer messages are stored whole but cut for the model")
+    max_waiting: int = Field(5, ge=0, le=1000,
+                             description="messages that may wait behind a conversation's running reply")
 
 
 class StoreSettings(_Section):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["LlamarelayError", "ConfigError", "ModelLoadError", "QueueFull", "EngineError", "StoreError"]
+__all__ = ["LlamarelayError", "ConfigError", "ModelLoadError", "QueueFull", "EngineError", "StoreError",
+           "MessageGone"]
 
 
 class LlamarelayError(Exception):
@@ -27,3 +28,10 @@ class EngineError(LlamarelayError):
 
 class StoreError(LlamarelayError):
     """The SQLite database cannot be opened or written."""
+
+
+class MessageGone(Exception):
+    """Raised by a reply target: that message can no longer be edited (deleted, or its token expired).
+
+    Delivery then shows the text in a new message instead. Not a LlamarelayError: users never see it.
+    """

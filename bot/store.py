@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS messages (
     status       TEXT NOT NULL,
     author_id    TEXT NOT NULL DEFAULT '',
     author_name  TEXT NOT NULL DEFAULT '',
-    created_at   REAL NOT NULL
+    created_at   REAL NOT NULL,
+    notes        TEXT NOT NULL DEFAULT ''  -- what the bot added below a reply (stopped, errors); never the model's words
 );
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_key, id);
 CREATE TABLE IF NOT EXISTS seen_events (
@@ -55,10 +56,14 @@ class Status:
 class StoredMessage:
     id: int
     role: str
-    content: str
+    content: str  # a reply: exactly what the model wrote
     status: str
     author_name: str
     created_at: float
+    notes: str = ""  # a reply: the lines the bot showed below it (stopped, errors), kept apart from its text
+
+
+_MESSAGE_COLUMNS = "id, role, content, status, author_name, created_at, notes"
 
 
 class Store:
@@ -78,6 +83,9 @@ class Store:
             try:
                 await db.execute("PRAGMA journal_mode=WAL")
                 await db.executescript(_SCHEMA)
+                async with db.execute("SELECT name FROM pragma_table_info('messages')") as cursor:
+                    if "notes" not in {row[0] async for row in cursor}:  # a database from before notes were kept
+                        await db.execute("ALTER TABLE messages ADD COLUMN notes TEXT NOT NULL DEFAULT ''")
                 # A reply that was still generating when the process died is cut short, not complete.
                 await db.execute("UPDATE messages SET status = ? WHERE status = ?",
                                  (Status.INTERRUPTED, Status.GENERATING))
@@ -97,8 +105,15 @@ class Store:
             cursor = await self._db.execute(sql, params)
             await self._db.commit()
             return cursor
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: the connection is closed
             raise StoreError(f"cannot write to the database {self.path}: {exc}") from None
+
+    async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        try:
+            async with self._db.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreError(f"cannot read the database {self.path}: {exc}") from None
 
     async def _ensure_session(self, key: str) -> None:
         await self._write("INSERT OR IGNORE INTO sessions (key, created_at) VALUES (?, ?)", (key, time.time()))
@@ -125,14 +140,21 @@ class Store:
                                               author_id=author_id, author_name=author_name)
             return user_id, await self.add_message(key, "assistant", "", Status.GENERATING)
 
-    async def finish_message(self, message_id: int, content: str, status: str) -> None:
-        await self._write("UPDATE messages SET content = ?, status = ? WHERE id = ?", (content, status, message_id))
+    async def checkpoint(self, message_id: int, content: str) -> None:
+        """Save a reply's text so far while it is still generating: a crash keeps what users have seen."""
+        await self._write("UPDATE messages SET content = ? WHERE id = ? AND status = ?",
+                          (content, message_id, Status.GENERATING))
 
-    async def messages(self, key: str) -> list[StoredMessage]:
-        async with self._db.execute(
-            "SELECT id, role, content, status, author_name, created_at FROM messages"
-            " WHERE session_key = ? ORDER BY id", (key,)) as cursor:
-            return [StoredMessage(*row) async for row in cursor]
+    async def finish_message(self, message_id: int, content: str, status: str, notes: str = "") -> None:
+        await self._write("UPDATE messages SET content = ?, status = ?, notes = ? WHERE id = ?",
+                          (content, status, notes, message_id))
+
+    async def messages(self, key: str, *, before_id: int | None = None, limit: int | None = None) -> list[StoredMessage]:
+        """The session's messages, oldest first; with ``before_id`` / ``limit``, only the newest ones before it."""
+        rows = await self._read(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_key = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            (key, before_id if before_id is not None else 2**62, limit if limit is not None else -1))
+        return [StoredMessage(*row) for row in reversed(rows)]
 
     async def clear_messages(self, key: str) -> None:
         await self._write("DELETE FROM messages WHERE session_key = ?", (key,))
@@ -140,18 +162,16 @@ class Store:
     # -- session settings --------------------------------------------------------------------------------
 
     async def system_prompt(self, key: str) -> str | None:
-        async with self._db.execute("SELECT system_prompt FROM sessions WHERE key = ?", (key,)) as cursor:
-            row = await cursor.fetchone()
-        return row[0] if row else None
+        rows = await self._read("SELECT system_prompt FROM sessions WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
 
     async def set_system_prompt(self, key: str, prompt: str | None) -> None:
         await self._ensure_session(key)
         await self._write("UPDATE sessions SET system_prompt = ? WHERE key = ?", (prompt, key))
 
     async def sampling(self, key: str) -> dict[str, Any]:
-        async with self._db.execute("SELECT sampling FROM sessions WHERE key = ?", (key,)) as cursor:
-            row = await cursor.fetchone()
-        return json.loads(row[0]) if row else {}
+        rows = await self._read("SELECT sampling FROM sessions WHERE key = ?", (key,))
+        return json.loads(rows[0][0]) if rows else {}
 
     async def set_sampling(self, key: str, overrides: dict[str, Any]) -> None:
         await self._ensure_session(key)
@@ -159,9 +179,9 @@ class Store:
 
     async def session_keys(self, prefix: str) -> list[str]:
         """Keys of every stored session whose key starts with ``prefix``."""
-        async with self._db.execute("SELECT key FROM sessions WHERE substr(key, 1, ?) = ? ORDER BY created_at",
-                                    (len(prefix), prefix)) as cursor:
-            return [row[0] async for row in cursor]
+        rows = await self._read("SELECT key FROM sessions WHERE substr(key, 1, ?) = ? ORDER BY created_at",
+                                (len(prefix), prefix))
+        return [row[0] for row in rows]
 
     # -- event dedupe ------------------------------------------------------------------------------------
 

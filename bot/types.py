@@ -64,25 +64,30 @@ class Incoming:
 
 
 class ReplyTarget(Protocol):
-    """Where a reply goes: implemented by each adapter, driven by `bot.streaming.StreamingReply`.
+    """Where a reply goes: a thin transport implemented by each adapter, driven by `bot.delivery.Delivery`.
 
-    Every call carries the message's whole text. A target that appends instead of replacing (an event
-    stream, Slack's native streaming) sends ``text`` minus what it already sent for that handle. A target
-    whose platform counts text differently (escaping makes it longer) may add ``measure(text) -> int``,
-    which is then used against ``max_length`` instead of ``len``.
+    Every call carries the message's whole text. A call that fails raises (`bot.errors.MessageGone` when the
+    message can no longer be edited); retries, pacing and fallbacks are the core's, never the target's.
+    A target that appends instead of replacing (an event stream, Slack's native streaming) sends ``text``
+    minus what it already sent for that handle.
+
+    Optional attributes: ``measure(text) -> int`` when the platform counts length its own way (escaping makes
+    text longer; used against ``max_length`` instead of ``len``), and ``bucket``, the name of the platform's
+    rate bucket this target writes to (e.g. one Discord channel, one Slack workspace): every reply in one
+    bucket shares its pace. Without one, the reply paces alone.
     """
 
     max_length: int
     """Longest text one message may hold; longer replies continue in new messages."""
     min_edit_interval: float
-    """Seconds to wait between two edits of the same message."""
+    """Seconds between two writes (posts or edits) in this target's rate bucket."""
 
     async def post(self, text: str) -> Any:
         """Post the reply's first message and return a handle for `edit`."""
         ...
 
     async def post_continuation(self, text: str) -> Any:
-        """Post a further message of a reply that outgrew `max_length`; return its handle."""
+        """Post a further message of the reply (after the first, or instead of one that is gone)."""
         ...
 
     async def edit(self, handle: Any, text: str) -> None:

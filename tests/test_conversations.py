@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 
 from bot.config import Settings
-from bot.conversations import (CUT_SHORT_MARK, EMPTY_MESSAGE, STOPPED_NOTE, WAITING_FOR_PREVIOUS,
-                               ConversationManager, clean_text, parse_status_line, queued_line)
+from bot.conversations import (CHECKPOINT_SECONDS, EMPTY_MESSAGE, RESET_NOTE, SHUTTING_DOWN, STOPPED_NOTE, WAITING_FOR_PREVIOUS,
+                               ConversationManager, State, clean_text, parse_status_line, queued_line)
 from bot.engine import Engine
-from bot.errors import StoreError
+from bot.errors import MessageGone, StoreError
+from bot.prompt import ChatTemplate
 from bot.store import Status, Store
 from bot.types import Incoming, SessionKey
 
@@ -39,6 +40,13 @@ class Target:
     async def post_continuation(self, text: str) -> int:
         return await self.post(text)
 
+    async def post(self, text: str) -> int:  # type: ignore[no-redef]
+        self.calls.append(("post", text))
+        self.messages.append(text)
+        if not text.startswith(("💭", "⏳")):
+            self.first_text.set()
+        return len(self.messages) - 1
+
     async def edit(self, handle: Any, text: str) -> None:
         self.calls.append(("edit", text))
         self.messages[handle] = text
@@ -54,7 +62,7 @@ async def test_reply_is_streamed_and_both_sides_are_stored(manager: Conversation
     target = Target()
     result = await manager.respond(message("What is the capital of France?"), target)
     assert result.status == Status.COMPLETE and result.text.strip()
-    assert target.calls[0] == ("post", "💭 Thinking…")
+    assert target.calls[0][0] == "post" and target.calls[0][1] != "💭 Thinking…"  # an idle engine: text first
     assert target.messages == [result.text]
     history = await manager.history(CHANNEL)
     assert [(m.role, m.status) for m in history] == [("user", Status.COMPLETE), ("assistant", Status.COMPLETE)]
@@ -123,9 +131,11 @@ async def test_stop_keeps_the_partial_reply_marked_stopped(manager: Conversation
     assert target.messages[-1].endswith(STOPPED_NOTE)
     stored = (await manager.history(CHANNEL))[-1]
     assert stored.status == Status.STOPPED and stored.content.startswith("l") and stored.content == result.text
-    # A cut-short reply is not fed back as if it were complete.
+    assert stored.notes == STOPPED_NOTE and STOPPED_NOTE not in stored.content
+    # The model reads back exactly what it wrote, never the bot's notes.
     prompt, _ = manager.build_prompt("sys", await manager.history(CHANNEL), "next", 24)
-    assert CUT_SHORT_MARK.strip() in manager.engine.detokenize(prompt)
+    rendered = manager.engine.detokenize(prompt)
+    assert stored.content.strip() in rendered and "Stopped" not in rendered and "cut short" not in rendered
     assert not manager.stop(CHANNEL)
 
 
@@ -212,6 +222,24 @@ async def test_reply_cut_by_a_crash_is_marked_interrupted_on_restart(settings: S
     await store.close()
 
 
+async def test_a_crash_mid_stream_keeps_what_was_shown(manager: ConversationManager, settings: Settings) -> None:
+    await manager.set_sampling(CHANNEL, max_tokens=1000, grammar=LONG_GRAMMAR)
+    target = Target()
+    task = asyncio.create_task(manager.respond(message("sing"), target))
+    await asyncio.sleep(CHECKPOINT_SECONDS + 1.5)
+    shown = target.messages[-1]
+    # What a restart after `kill -9` finds: a second process opening the same database right now.
+    survivor = await Store.open(settings.store.path)
+    try:
+        reply = (await survivor.messages(str(CHANNEL)))[-1]
+        assert reply.status == Status.INTERRUPTED and len(reply.content) > 100
+        assert shown.startswith(reply.content[:100])
+    finally:
+        await survivor.close()
+        manager.stop(CHANNEL)
+        await task
+
+
 async def test_full_queue_ends_the_reply_with_a_clear_line(engine: Engine, store: Store, settings: Settings) -> None:
     small = Engine(settings.engine.model_copy(update={"n_ctx": 512, "n_threads": 1, "parallel": 1, "max_queue": 1}))
     manager = ConversationManager(small, store, settings)
@@ -273,17 +301,17 @@ async def test_platform_failure_mid_stream_frees_the_engine_and_keeps_the_text(m
         max_length = 50
 
         async def post_continuation(self, text: str) -> int:
-            raise ConnectionError("platform went away")
+            raise MessageGone("the channel was deleted")
 
     await manager.set_sampling(CHANNEL, max_tokens=300, grammar=LONG_GRAMMAR)
     target = BrokenTarget()
-    with pytest.raises(ConnectionError):
-        await manager.respond(message("sing"), target)
+    result = await manager.respond(message("sing"), target)
+    assert not result.delivered and result.status == Status.INTERRUPTED
     async with asyncio.timeout(2):  # the generation was cancelled (freed within a decode step), not left running
-        while manager.status(CHANNEL).running:
+        while manager.status(CHANNEL).engine.running:
             await asyncio.sleep(0.01)
     stored = (await manager.history(CHANNEL))[-1]
-    assert stored.status == Status.INTERRUPTED and stored.content.startswith("l")
+    assert stored.status == Status.INTERRUPTED and stored.content.startswith("l") and stored.content == result.text
 
 
 def test_status_lines_are_told_apart_from_reply_text() -> None:
@@ -291,3 +319,105 @@ def test_status_lines_are_told_apart_from_reply_text() -> None:
     assert parse_status_line(WAITING_FOR_PREVIOUS) == ("waiting", None)
     assert parse_status_line("⏳ Queued: #3 in line… and then some") is None
     assert parse_status_line("Queued: #3") is None
+
+
+async def start_singing(manager: ConversationManager, texts: list[str]) -> tuple[list[Target], list[asyncio.Task[Any]]]:
+    """One long reply running in CHANNEL and ``texts[1:]`` waiting behind it."""
+    await manager.set_sampling(CHANNEL, max_tokens=300, grammar=LONG_GRAMMAR)
+    targets = [Target() for _ in texts]
+    tasks = [asyncio.create_task(manager.respond(message(text), target)) for text, target in zip(texts, targets)]
+    await targets[0].first_text.wait()
+    return targets, tasks
+
+
+async def test_stop_ends_the_running_reply_and_those_waiting(manager: ConversationManager) -> None:
+    targets, tasks = await start_singing(manager, ["sing", "and again", "once more"])
+    status = manager.status(CHANNEL)
+    assert status.state is State.GENERATING and status.waiting == 2
+    assert dict(status.lines())["This conversation"] == "generating now, 2 more messages waiting"
+    assert manager.stop(CHANNEL) == 3
+    results = await asyncio.gather(*tasks)
+    assert [r.status for r in results] == [Status.STOPPED] * 3
+    assert results[1].text == "" and all(t.messages[-1].endswith(STOPPED_NOTE) for t in targets)
+    assert [m.status for m in await manager.history(CHANNEL)][1::2] == [Status.STOPPED] * 3
+
+
+async def test_status_tells_a_message_waiting_behind_another(manager: ConversationManager) -> None:
+    _, tasks = await start_singing(manager, ["sing", "next"])
+    other = Target()
+    # The second message waits for the first: /status must not say "nothing queued".
+    assert manager.status(CHANNEL).waiting == 1
+    assert "1 more message waiting" in dict(manager.status(CHANNEL).lines())["This conversation"]
+    manager.stop(CHANNEL)
+    await asyncio.gather(*tasks)
+    assert dict(manager.status(CHANNEL).lines())["This conversation"] == "nothing queued"
+    del other
+
+
+async def test_reset_cancels_waiting_messages_instead_of_answering_them(manager: ConversationManager) -> None:
+    targets, tasks = await start_singing(manager, ["sing", "who reads this?"])
+    await manager.reset(CHANNEL)
+    results = await asyncio.gather(*tasks)
+    assert results[1].status == Status.STOPPED and results[1].text == ""
+    assert targets[1].messages[-1] == RESET_NOTE
+    assert await manager.history(CHANNEL) == []  # nothing answered into the cleared history
+
+
+async def test_waiting_messages_are_capped_per_conversation(manager: ConversationManager) -> None:
+    manager.settings.conversation.max_waiting = 2
+    targets, tasks = await start_singing(manager, ["sing", "w1", "w2"])
+    extra = Target()
+    refused = await manager.respond(message("w3"), extra)
+    assert refused.status == Status.FAILED and "2 messages are already waiting" in extra.messages[-1]
+    assert len(await manager.history(CHANNEL)) == 6  # the refused message is not stored unanswered
+    manager.stop(CHANNEL)
+    await asyncio.gather(*tasks)
+
+
+async def test_shutdown_ends_requests_in_every_state(manager: ConversationManager) -> None:
+    targets, tasks = await start_singing(manager, ["sing", "waiting"])
+    other = SessionKey.for_channel("test", "guild1", "queued")
+    await manager.set_sampling(other, max_tokens=300, grammar=LONG_GRAMMAR)
+    more = [Target() for _ in range(3)]  # the test engine has 2 slots: the third of these queues
+    more_tasks = [asyncio.create_task(manager.respond(message("sing", SessionKey.for_channel("test", "g", f"c{i}")), t))
+                  for i, t in enumerate(more)]
+    async with asyncio.timeout(10):
+        while manager.engine.status().queue_length == 0:
+            await asyncio.sleep(0.01)
+    async with asyncio.timeout(10):
+        await manager.shutdown()
+    assert all(task.done() for task in tasks + more_tasks)
+    for target in targets + more:
+        assert target.messages[-1].endswith(SHUTTING_DOWN)
+    assert manager.engine.status().running == 0 and manager.engine.status().queue_length == 0
+
+
+async def test_a_template_error_ends_the_reply_with_a_line(manager: ConversationManager, engine: Engine) -> None:
+    original = engine.chat_template
+    engine.chat_template = ChatTemplate("{{ raise_exception('This template needs something else') }}")
+    try:
+        target = Target()
+        result = await manager.respond(message("hello"), target)
+    finally:
+        engine.chat_template = original
+    assert result.status == Status.FAILED and target.messages[-1].startswith("⚠️")
+    assert (await manager.history(CHANNEL))[-1].status == Status.FAILED
+
+
+async def test_a_database_read_error_ends_the_reply_with_a_line(manager: ConversationManager,
+                                                                settings: Settings) -> None:
+    import sqlite3
+    await manager.respond(message("hello"), Target())
+    with sqlite3.connect(settings.store.path) as db:  # another program breaks the table under the bot
+        db.execute("ALTER TABLE sessions RENAME COLUMN sampling TO broken")
+    target = Target()
+    result = await manager.respond(message("still there?"), target)
+    assert result.status == Status.FAILED and "database" in target.messages[-1]
+    assert [m.content for m in await manager.history(CHANNEL)][-2] == "still there?"  # the message is kept
+
+
+async def test_lone_surrogates_are_stored_not_refused(manager: ConversationManager) -> None:
+    result = await manager.respond(Incoming(CHANNEL, "u1", "name\ud800", "hi \udfff there"), Target())
+    assert result.status == Status.COMPLETE
+    history = await manager.history(CHANNEL)
+    assert history[0].content == "hi \ufffd there" and history[0].author_name == "name\ufffd"

@@ -8,7 +8,6 @@ here, before anything reaches the core.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from adapters.discord.commands import LlamarelayTree
-from adapters.discord.targets import NO_MENTIONS, SEND_ERRORS, ChannelTarget, InteractionTarget
+from adapters.discord.targets import NO_MENTIONS, ChannelTarget
 from bot.ratelimit import RateLimiter
 from bot.types import Incoming, SessionKey
 
@@ -30,8 +29,6 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 TYPING_REFRESH_SECONDS = 8.0  # Discord shows "typing…" for about 10 s per request
-SHUTDOWN_GRACE_SECONDS = 10.0  # how long close() lets stopped replies write their last edit
-DELIVERY_FAILED = "⚠️ Discord would not take my whole reply; please ask again."
 
 
 class DiscordBot(discord.Client):
@@ -46,7 +43,6 @@ class DiscordBot(discord.Client):
         self.settings = settings
         self.rate_limiter = RateLimiter(settings.user_messages_per_minute)
         self.tree = LlamarelayTree(self)
-        self._replies: dict[asyncio.Task[Any], SessionKey] = {}
         self._closing = False
 
     async def setup_hook(self) -> None:
@@ -154,28 +150,16 @@ class DiscordBot(discord.Client):
         target = ChannelTarget(message.channel, trigger=message, min_edit_interval=self.settings.edit_interval)
         await self.answer(incoming, target, typing_in=message.channel)
 
-    async def answer(self, incoming: Incoming, target: ChannelTarget | InteractionTarget, *,
+    async def answer(self, incoming: Incoming, target: ChannelTarget, *,
                      typing_in: discord.abc.Messageable | None = None) -> None:
-        """Run one reply through the core, with a typing indicator, then make sure its final text landed."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._replies[task] = incoming.key
+        """Run one reply through the core (which stores and delivers it), with a typing indicator meanwhile."""
         typing = asyncio.create_task(self._keep_typing(typing_in)) if typing_in is not None else None
         try:
-            try:
-                result = await self.manager.respond(incoming, target)
-                log.info("discord reply in %s: %s, %d chars", incoming.key, result.status, len(result.text))
-            except Exception:
-                # The core reports engine failures in the reply itself; this is Discord refusing to take it.
-                log.exception("could not deliver a reply in %s", incoming.key)
-                with contextlib.suppress(*SEND_ERRORS):
-                    await target.post_continuation(DELIVERY_FAILED)
-            finally:
-                if typing is not None:
-                    typing.cancel()
-            await target.flush()
+            result = await self.manager.respond(incoming, target)
+            log.info("discord reply in %s: %s, %d chars", incoming.key, result.status, len(result.text))
         finally:
-            self._replies.pop(task, None)
+            if typing is not None:
+                typing.cancel()
 
     async def _keep_typing(self, channel: discord.abc.Messageable) -> None:
         while True:
@@ -194,15 +178,6 @@ class DiscordBot(discord.Client):
     # ------------------------------------------------------------------ shutdown
 
     async def close(self) -> None:
-        """Stop replies in flight (their partial text stays, marked stopped), then disconnect."""
+        """Disconnect; replies in flight belong to the core, which ends and stores them at shutdown."""
         self._closing = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SHUTDOWN_GRACE_SECONDS
-        while self._replies and loop.time() < deadline:
-            # Again and again: a reply queued behind a stopped one in its session starts generating next.
-            for key in set(self._replies.values()):
-                self.manager.stop(key)
-            await asyncio.wait(list(self._replies), timeout=0.2)
-        for task in list(self._replies):
-            task.cancel()
         await super().close()

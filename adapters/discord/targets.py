@@ -1,27 +1,28 @@
 """Reply targets: where a streamed reply lands on Discord (a channel message, or a slash command's response).
 
-Each implements `bot.types.ReplyTarget`. Edits that Discord refuses are not retried on the spot: the
-streaming policy's next edit carries the whole text anyway, and `flush()` re-sends whatever is still
-out of date once the reply ends, so a refused edit never loses text and never becomes a second message.
+Each implements `bot.types.ReplyTarget` as a thin transport: one Discord call per method, raising on
+failure; `bot.delivery` paces, retries and falls back. A message that was deleted, or an interaction whose
+15-minute token expired, raises `MessageGone`, and the reply continues in a new channel message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from abc import ABC, abstractmethod
 from typing import Any
 
 import aiohttp
 import discord
+
+from bot.errors import MessageGone
 
 __all__ = ["NO_MENTIONS", "SEND_ERRORS", "DISCORD_MAX_MESSAGE_CHARS", "ChannelTarget", "InteractionTarget"]
 
 log = logging.getLogger(__name__)
 
 DISCORD_MAX_MESSAGE_CHARS = 2000
-FLUSH_RETRY_DELAYS_SECONDS = (1.0, 2.0, 4.0)
 EMPTY_PLACEHOLDER = "…"  # Discord refuses a message with no content
+GONE_CODES = {10008, 10015, 50027}  # Unknown Message, Unknown Webhook, Invalid Webhook Token (expired)
 
 # Model output must never ping anyone: this goes on every message the bot sends or edits.
 NO_MENTIONS = discord.AllowedMentions.none()
@@ -34,54 +35,21 @@ def _content(text: str) -> str:
     return text if text.strip() else EMPTY_PLACEHOLDER
 
 
-class _EditingTarget(ABC):
-    """Shared edit bookkeeping: remembers the text each message should show until Discord has it."""
-
-    max_length: int = DISCORD_MAX_MESSAGE_CHARS
-
-    def __init__(self, *, min_edit_interval: float) -> None:
-        self.min_edit_interval = min_edit_interval
-        self._stale: dict[int, tuple[Any, str]] = {}  # id(handle) -> (handle, wanted text)
-
-    @abstractmethod
-    async def _send_edit(self, handle: Any, text: str) -> None:
-        """Make one edit on Discord (raises what discord.py raises)."""
-
-    async def edit(self, handle: Any, text: str) -> None:
-        """Replace the message's text; a refusal is remembered for the next edit or `flush`."""
-        try:
-            await self._send_edit(handle, _content(text))
-        except (discord.NotFound, discord.Forbidden) as exc:
-            # The message was deleted or the channel closed to us: nothing left to bring up to date.
-            log.warning("discord edit impossible (%s); giving up on that message", exc)
-            self._stale.pop(id(handle), None)
-        except SEND_ERRORS as exc:
-            log.warning("discord edit refused (%s); the next edit will carry the text", exc)
-            self._stale[id(handle)] = (handle, text)
-        else:
-            self._stale.pop(id(handle), None)
-
-    async def flush(self) -> bool:
-        """Re-send edits Discord refused, with back-off; True when every message shows its final text."""
-        for delay in (0.0, *FLUSH_RETRY_DELAYS_SECONDS):
-            if not self._stale:
-                return True
-            await asyncio.sleep(delay)
-            for handle, text in list(self._stale.values()):
-                await self.edit(handle, text)
-        if self._stale:
-            log.error("discord: %d message(s) could not be brought up to date", len(self._stale))
-        return not self._stale
+def _is_gone(exc: discord.HTTPException) -> bool:
+    return isinstance(exc, discord.NotFound) or exc.code in GONE_CODES
 
 
-class ChannelTarget(_EditingTarget):
+class ChannelTarget:
     """A reply in a channel, thread or DM: the first message answers ``trigger``, continuations follow it."""
+
+    max_length = DISCORD_MAX_MESSAGE_CHARS
 
     def __init__(self, channel: discord.abc.Messageable, *, trigger: discord.Message | None = None,
                  min_edit_interval: float) -> None:
-        super().__init__(min_edit_interval=min_edit_interval)
         self._channel = channel
         self._trigger = trigger
+        self.min_edit_interval = min_edit_interval
+        self.bucket = f"discord:channel:{getattr(channel, 'id', id(channel))}"  # Discord limits writes per channel
 
     async def post(self, text: str) -> discord.Message:
         # A reply that must not fail if the user deleted their message meanwhile.
@@ -92,8 +60,13 @@ class ChannelTarget(_EditingTarget):
     async def post_continuation(self, text: str) -> discord.Message:
         return await self._channel.send(_content(text), allowed_mentions=NO_MENTIONS)
 
-    async def _send_edit(self, handle: Any, text: str) -> None:
-        await handle.edit(content=text, allowed_mentions=NO_MENTIONS)
+    async def edit(self, handle: Any, text: str) -> None:
+        try:
+            await handle.edit(content=_content(text), allowed_mentions=NO_MENTIONS)
+        except discord.HTTPException as exc:
+            if _is_gone(exc):
+                raise MessageGone(f"discord: {exc}") from exc
+            raise
 
 
 class _Original:
@@ -103,26 +76,49 @@ class _Original:
         return "<original response>"
 
 
-class InteractionTarget(_EditingTarget):
+class InteractionTarget(ChannelTarget):
     """A reply to a slash command: the deferred original response first, follow-up messages after it.
 
     The command must have deferred already (Discord wants an answer within 3 s; the queue may be longer).
+    Once the interaction's token has expired, every further message goes to the channel instead.
     """
 
     def __init__(self, interaction: discord.Interaction, *, min_edit_interval: float) -> None:
-        super().__init__(min_edit_interval=min_edit_interval)
+        channel = interaction.channel
+        super().__init__(channel, min_edit_interval=min_edit_interval)  # type: ignore[arg-type]
         self._interaction = interaction
         self._original = _Original()
+        self._token_expired = False
 
     async def post(self, text: str) -> _Original:
-        await self._interaction.edit_original_response(content=_content(text), allowed_mentions=NO_MENTIONS)
+        await self._webhook(self._interaction.edit_original_response(content=_content(text),
+                                                                     allowed_mentions=NO_MENTIONS))
         return self._original
 
-    async def post_continuation(self, text: str) -> discord.WebhookMessage:
-        return await self._interaction.followup.send(_content(text), wait=True, allowed_mentions=NO_MENTIONS)
+    async def post_continuation(self, text: str) -> discord.Message:
+        if not self._token_expired:
+            try:
+                return await self._webhook(self._interaction.followup.send(
+                    _content(text), wait=True, allowed_mentions=NO_MENTIONS))
+            except MessageGone:
+                pass
+        return await super().post_continuation(text)
 
-    async def _send_edit(self, handle: Any, text: str) -> None:
-        if handle is self._original:
-            await self._interaction.edit_original_response(content=text, allowed_mentions=NO_MENTIONS)
+    async def edit(self, handle: Any, text: str) -> None:
+        if handle is not self._original:
+            await super().edit(handle, text)
+        elif self._token_expired:
+            raise MessageGone("discord: the interaction token has expired")
         else:
-            await handle.edit(content=text, allowed_mentions=NO_MENTIONS)
+            await self._webhook(self._interaction.edit_original_response(content=_content(text),
+                                                                         allowed_mentions=NO_MENTIONS))
+
+    async def _webhook(self, call: Any) -> Any:
+        """Await an interaction-webhook call; an expired token (after 15 minutes) becomes `MessageGone`."""
+        try:
+            return await call
+        except discord.HTTPException as exc:
+            if _is_gone(exc):
+                self._token_expired = True
+                raise MessageGone(f"discord: {exc}") from exc
+            raise

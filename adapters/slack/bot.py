@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 PLATFORM = "slack"
 DEDUPE_TTL_SECONDS = 900.0  # Slack retries for about 5 minutes; keep ids well past that
 RATE_LIMIT_RETRIES = 3  # 429s absorbed by slack-sdk's retry handler before a call fails
-CLOSE_GRACE_SECONDS = 10.0
 # Message subtypes that are a person writing; edits, deletions, joins and the like are not answered.
 ANSWERED_SUBTYPES = (None, "file_share", "thread_broadcast")
 IGNORED_EVENT_SUBTYPES = ("message_changed", "message_deleted")
@@ -65,7 +64,6 @@ class SlackBot:
         register_commands(self)
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -94,27 +92,14 @@ class SlackBot:
         assert self._runner is not None, "HTTP mode is not running"
         return int(self._runner.addresses[0][1])
 
-    async def close(self, grace: float = CLOSE_GRACE_SECONDS) -> None:
-        """Stop receiving, give replies in flight ``grace`` seconds to end, then cancel the rest."""
+    async def close(self) -> None:
+        """Stop receiving; replies in flight belong to the core, which ends and stores them at shutdown."""
         if self._socket is not None:
             await self._socket.close_async()
             self._socket = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        try:
-            await asyncio.wait_for(self.wait_idle(), grace)
-        except TimeoutError:
-            pending = set(self._tasks)
-            log.warning("cancelling %d Slack replies still in flight", len(pending))
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-
-    async def wait_idle(self) -> None:
-        """Wait until every reply in flight has been delivered completely (final edit included)."""
-        while self._tasks:
-            await asyncio.wait(set(self._tasks))
 
     # -- middleware and errors -------------------------------------------------------------------
 
@@ -172,12 +157,9 @@ class SlackBot:
             target = NativeStreamTarget(self.client, channel, thread_ts=reply_thread or ts, team_id=team,
                                         user_id=user, edit_interval=self.settings.edit_interval)
         else:
-            target = UpdateTarget(self.client, channel, thread_ts=reply_thread,
+            target = UpdateTarget(self.client, channel, team_id=team, thread_ts=reply_thread,
                                   edit_interval=self.settings.edit_interval)
-        try:
-            await self.reply(incoming, target)
-        except SlackApiError as exc:
-            log.warning("could not reply in %s: %s", channel, exc.response.get("error"))
+        await self.reply(incoming, target)
 
     async def _first_delivery(self, event_id: str | None, team: str, channel: str, ts: str) -> bool:
         """False for a redelivered event, and for the second of app_mention + message about one message."""
@@ -215,10 +197,7 @@ class SlackBot:
         return user in self.settings.admin_user_ids
 
     async def reply(self, incoming: Incoming, target: UpdateTarget) -> ReplyResult:
-        """Stream the core's answer to ``incoming`` into ``target``; tracked so `close` can wait for it."""
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+        """Stream the core's answer to ``incoming`` into ``target``, then end any native stream it opened."""
         try:
             return await self.manager.respond(incoming, target)
         finally:
@@ -226,8 +205,6 @@ class SlackBot:
                 await target.close()
             except SlackApiError as exc:
                 log.warning("could not finish a streamed reply: %s", exc.response.get("error"))
-            if task is not None:
-                self._tasks.discard(task)
 
 
 async def run_slack(manager: ConversationManager, settings: Settings, secrets: Secrets) -> None:

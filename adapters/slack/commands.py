@@ -10,7 +10,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from slack_bolt.async_app import AsyncAck, AsyncBoltContext, AsyncRespond
-from slack_sdk.errors import SlackApiError
 
 from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.targets import UpdateTarget
@@ -65,16 +64,12 @@ class SlashCommands:
         await ack()
         name = command.get("user_name") or user
         header = f"*{escape(name)} asked:* {escape(_preview(prompt))}\n\n"
-        target = UpdateTarget(self.bot.client, channel, header=header, edit_interval=self.bot.settings.edit_interval,
-                              continue_in_thread=True)
-        try:
-            await self.bot.reply(Incoming(command_key(command), user, name, prompt), target)
-        except SlackApiError as exc:
-            error = exc.response.get("error")
-            log.warning("/ask could not post in %s: %s", channel, error)
-            if target.first_ts is None:  # nothing visible happened: tell the asker why
-                await respond(text=f"⚠️ I can't post in this conversation (`{error}`). Invite me with "
-                                   "`/invite @llamarelay`, or DM me.", response_type="ephemeral")
+        target = UpdateTarget(self.bot.client, channel, team_id=command.get("team_id", ""), header=header,
+                              edit_interval=self.bot.settings.edit_interval, continue_in_thread=True)
+        result = await self.bot.reply(Incoming(command_key(command), user, name, prompt), target)
+        if not result.delivered and target.first_ts is None:  # nothing visible happened: tell the asker why
+            await respond(text=f"⚠️ I can't post in this conversation (`{target.refusal}`). Invite me with "
+                               "`/invite @llamarelay`, or DM me.", response_type="ephemeral")
 
     async def reset(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         """``/reset``: forget this conversation's history."""

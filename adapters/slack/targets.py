@@ -16,6 +16,7 @@ from slack_sdk.web.async_chat_stream import AsyncChatStream
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack.mrkdwn import neutralize_markdown, to_mrkdwn
+from bot.errors import MessageGone
 
 __all__ = ["UpdateTarget", "NativeStreamTarget", "MAX_REPLY_CHARS", "SLACK_TEXT_LIMIT"]
 
@@ -27,6 +28,9 @@ SLACK_TEXT_LIMIT = 3900
 """Slack answers ``msg_too_long`` near 4,000 characters, well below its documented 40,000."""
 _CLIPPED_TEXT_CHARS = 3000
 _CLIPPED_MARK = "\n…"
+# Errors that no retry can mend: the message is gone (edit), or the bot cannot post here at all (post).
+_GONE_ERRORS = {"message_not_found", "cant_update_message", "channel_not_found", "not_in_channel", "is_archived",
+                "restricted_action", "no_permission", "thread_not_found"}
 
 
 def _clip(text: str, limit: int = SLACK_TEXT_LIMIT) -> str:
@@ -47,14 +51,15 @@ def _visible(text: str) -> str:
 
 
 class UpdateTarget:
-    """A reply shown by ``chat.postMessage`` and rewritten by ``chat.update``, at most once per interval.
+    """A reply shown by ``chat.postMessage`` and rewritten by ``chat.update``.
 
     ``thread_ts`` places the reply in a thread; without one, ``continue_in_thread`` puts continuations in
     the thread of the first message instead of the channel. ``header`` (already mrkdwn) opens the first
-    message only, e.g. the question of a ``/ask``.
+    message only, e.g. the question of a ``/ask``. Every reply in one workspace shares its pace
+    (``edit_interval`` between calls): Slack rate-limits these methods per workspace, not per message.
     """
 
-    def __init__(self, client: AsyncWebClient, channel: str, *, thread_ts: str | None = None,
+    def __init__(self, client: AsyncWebClient, channel: str, *, team_id: str, thread_ts: str | None = None,
                  header: str = "", edit_interval: float = 1.0, continue_in_thread: bool = False) -> None:
         self.client = client
         self.channel = channel
@@ -62,6 +67,8 @@ class UpdateTarget:
         self.header = header
         self.max_length = MAX_REPLY_CHARS - len(header)
         self.min_edit_interval = edit_interval
+        self.bucket = f"slack:{team_id}"
+        self.refusal: str | None = None  # Slack's error when it would not take a post
         self.continue_in_thread = continue_in_thread
         self.first_ts: str | None = None
 
@@ -95,8 +102,9 @@ class UpdateTarget:
         try:
             response = await self.client.chat_postMessage(text=_clip(text), **kwargs)
         except SlackApiError as exc:
-            if exc.response.get("error") != "msg_too_long":
-                raise
+            self.refusal = exc.response.get("error")
+            if self.refusal != "msg_too_long":
+                raise _gone(exc)
             response = await self.client.chat_postMessage(text=_clip(text, _CLIPPED_TEXT_CHARS), **kwargs)
         return str(response["ts"])
 
@@ -105,9 +113,19 @@ class UpdateTarget:
             await self.client.chat_update(channel=self.channel, ts=ts, text=_clip(text))
         except SlackApiError as exc:
             if exc.response.get("error") != "msg_too_long":
-                raise
+                raise _gone(exc)
             log.warning("Slack refused %d characters as too long; sending a shortened text", len(text))
             await self.client.chat_update(channel=self.channel, ts=ts, text=_clip(text, _CLIPPED_TEXT_CHARS))
+
+
+def _gone(exc: SlackApiError) -> Exception:
+    """The exception to raise for a failed call: `MessageGone` when no retry can mend it."""
+    error = exc.response.get("error")
+    if error in _GONE_ERRORS:
+        gone = MessageGone(f"slack: {error}")
+        gone.__cause__ = exc
+        return gone
+    return exc
 
 
 @dataclass
@@ -132,7 +150,7 @@ class NativeStreamTarget(UpdateTarget):
 
     def __init__(self, client: AsyncWebClient, channel: str, *, thread_ts: str, team_id: str, user_id: str,
                  edit_interval: float = 1.0) -> None:
-        super().__init__(client, channel, thread_ts=thread_ts, edit_interval=edit_interval)
+        super().__init__(client, channel, team_id=team_id, thread_ts=thread_ts, edit_interval=edit_interval)
         self.team_id = team_id
         self.user_id = user_id
         self._messages: list[_Message] = []

@@ -1,0 +1,214 @@
+"""Delivery: brings a platform up to date with a reply, one call at a time, at the pace of its rate bucket.
+
+The one place that paces, retries and falls back. What a reply should look like is derived from its text
+(`bot.replies.split_reply`); `Delivery` compares that with what each posted message shows and makes the
+next call that closes the gap: post a missing message, or edit one that differs. The producer (the engine's
+stream) only sets the newest text and never waits for the platform, so status changes and text coalesce:
+whatever is newest when the bucket allows a call is what gets sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bot.errors import MessageGone
+from bot.replies import split_reply
+from bot.types import ReplyTarget
+
+__all__ = ["Delivery", "Pacer", "Pacers", "display_text"]
+
+log = logging.getLogger(__name__)
+
+HOLD_STATUS_SECONDS = 0.4
+"""A status placeholder waits this long for the first text, so an idle engine's answer is the first post."""
+GIVE_UP_AFTER_FAILURES = 6  # consecutive failed calls after which the platform is taken to be gone
+BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[Any]]
+
+
+def display_text(text: str, notes: str) -> str:
+    """The reply as shown: the model's text, then the bot's notes (stopped, errors) below it."""
+    if not notes:
+        return text
+    return f"{text.rstrip()}\n\n{notes}" if text.strip() else notes
+
+
+class Pacer:
+    """One platform rate bucket: calls spaced ``interval`` apart, taken in arrival order by every reply in it."""
+
+    def __init__(self, interval: float, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
+        self.interval = interval
+        self._clock, self._sleep = clock, sleep
+        self._next = 0.0
+        self._lock = asyncio.Lock()  # FIFO: replies sharing a bucket take turns
+
+    async def turn(self) -> None:
+        """Wait until the bucket allows the next call, and claim it."""
+        async with self._lock:
+            delay = self._next - self._clock()
+            if delay > 0:
+                await self._sleep(delay)
+            self._next = self._clock() + self.interval
+
+
+class Pacers:
+    """The process's rate buckets by name; a target without a bucket name gets a pacer of its own."""
+
+    def __init__(self, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
+        self._clock, self._sleep = clock, sleep
+        self._buckets: dict[str, Pacer] = {}
+
+    def for_target(self, target: ReplyTarget) -> Pacer:
+        bucket: str = getattr(target, "bucket", "")
+        if not bucket:
+            return Pacer(target.min_edit_interval, clock=self._clock, sleep=self._sleep)
+        pacer = self._buckets.get(bucket)
+        if pacer is None:
+            pacer = self._buckets[bucket] = Pacer(target.min_edit_interval, clock=self._clock, sleep=self._sleep)
+        return pacer
+
+
+class Delivery:
+    """Shows one reply on a `ReplyTarget`: a status until text arrives, then the text as it grows, then notes.
+
+    `status` and `update` only record the newest state; a background task (`start`) makes the platform
+    calls. `finish` records the notes and waits until the platform shows everything, or has failed.
+    """
+
+    def __init__(self, target: ReplyTarget, pacer: Pacer, *, clock: Clock = time.monotonic,
+                 sleep: Sleep = asyncio.sleep, hold: float = HOLD_STATUS_SECONDS) -> None:
+        self._target = target
+        self._pacer = pacer
+        self._measure: Callable[[str], int] = getattr(target, "measure", len)
+        self._clock, self._sleep = clock, sleep
+        self._hold_until = clock() + hold
+        self._status = ""
+        self._text = ""
+        self._notes = ""
+        self._final = False
+        self._changed = asyncio.Event()
+        self._handles: list[Any] = []
+        self._shown: list[str] = []  # what each posted message shows now
+        self._task: asyncio.Task[None] | None = None
+        self.failed = False
+        """True once the platform refused so often that the reply cannot be shown."""
+
+    # -- what to show ------------------------------------------------------------------------------------
+
+    def status(self, line: str) -> None:
+        """Show ``line`` (queued, thinking) while the reply has no text yet."""
+        self._status = line
+        self._changed.set()
+
+    def update(self, text: str) -> None:
+        """The reply's whole text so far."""
+        self._text = text
+        self._changed.set()
+
+    def wanted(self) -> list[str]:
+        """The text each message of the reply should show now."""
+        if self._text.strip() or self._final:
+            shown = display_text(self._text, self._notes)
+            return [piece.text for piece in split_reply(shown, self._target.max_length, self._measure)]
+        return [self._status] if self._status else []
+
+    # -- running -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="reply delivery")
+
+    async def finish(self, notes: str = "") -> bool:
+        """Show the final text with ``notes`` below it; True once the platform shows it all."""
+        self._notes, self._final = notes, True
+        self._changed.set()
+        self.start()
+        assert self._task is not None
+        try:
+            await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            if not self._task.cancelled():  # our caller was cancelled, not the delivery: pass it on
+                self._task.cancel()
+                raise
+        return not self.failed and not self._task.cancelled()
+
+    def cancel(self) -> None:
+        """Stop making calls (the shutdown deadline has passed)."""
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            if self._next_call() is None:
+                if self._final:
+                    return
+                await self._wait_for_change()
+                continue
+            if not self._handles and not self._final and not self._text.strip():
+                # Only a status so far: hold it briefly, the first text may be about to arrive.
+                remaining = self._hold_until - self._clock()
+                if remaining > 0:
+                    await self._wait_for_change(remaining)
+                    continue
+            await self._pacer.turn()
+            call = self._next_call()  # the newest state, after waiting for the turn
+            if call is None:
+                continue
+            try:
+                await call()
+            except MessageGone as exc:  # a post refused for good: the bot cannot write here at all
+                log.warning("cannot show a reply here: %s", exc)
+                self.failed = True
+                return
+            except Exception as exc:
+                failures += 1
+                log.warning("a platform call for a reply failed (%d in a row): %s", failures, _describe(exc))
+                if failures >= GIVE_UP_AFTER_FAILURES:
+                    log.error("giving up on showing a reply: the platform refused %d calls in a row", failures)
+                    self.failed = True
+                    return
+                await self._sleep(BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS)) - 1])  # backoff, no storm
+            else:
+                failures = 0
+
+    async def _wait_for_change(self, timeout: float | None = None) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            return
+        self._changed.clear()
+
+    def _next_call(self) -> Callable[[], Awaitable[None]] | None:
+        """The one platform call that brings the reply closest to what it should show, or None if it does."""
+        wanted = self.wanted()
+        for index, text in enumerate(wanted):
+            if index >= len(self._handles):
+                return lambda: self._post(index, text)
+            if self._shown[index] != text:
+                return lambda: self._edit(index, text)
+        return None
+
+    async def _post(self, index: int, text: str) -> None:
+        post = self._target.post if index == 0 else self._target.post_continuation
+        self._handles.append(await post(text))
+        self._shown.append(text)
+
+    async def _edit(self, index: int, text: str) -> None:
+        try:
+            await self._target.edit(self._handles[index], text)
+        except MessageGone as gone:
+            # Deleted, or no longer editable: the text goes into a new message rather than being lost.
+            log.info("a reply's message is gone (%s); showing its text in a new message", gone)
+            self._handles[index] = await self._target.post_continuation(text)
+        self._shown[index] = text
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
