@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["LlamarelayError", "ConfigError", "ModelLoadError", "QueueFull", "EngineError", "StoreError"]
+__all__ = ["LlamarelayError", "ConfigError", "ModelLoadError", "QueueFull", "EngineError", "StoreError", "PromptError"]
 
 
 class LlamarelayError(Exception):
@@ -27,3 +27,7 @@ class EngineError(LlamarelayError):
 
 class StoreError(LlamarelayError):
     """The SQLite database cannot be opened or written."""
+
+
+class PromptError(LlamarelayError):
+    """The model's chat template cannot format this conversation."""
