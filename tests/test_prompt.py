@@ -250,7 +250,7 @@ GEMMA_2 = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exce
            "+ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
 
 # google/gemma-3-4b-it (also 1b/12b/27b): folds the system prompt itself, strict alternation
-# (copied from the gemma-3 tokenizer_config.json text quoted in transformers' and others' repositories).
+# (copied from the gemma-3 tokenizer_config.json text as quoted in public fine-tuning code).
 GEMMA_3 = """{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}
     {%- if messages[0]['content'] is string -%}
