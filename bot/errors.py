@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["LlamarelayError", "ConfigError", "ModelLoadError", "QueueFull", "EngineError", "StoreError",
-           "MessageGone"]
+           "PromptError", "MessageGone"]
 
 
 class LlamarelayError(Exception):
@@ -28,6 +28,10 @@ class EngineError(LlamarelayError):
 
 class StoreError(LlamarelayError):
     """The SQLite database cannot be opened or written."""
+
+
+class PromptError(LlamarelayError):
+    """The model's chat template cannot format this conversation."""
 
 
 class MessageGone(Exception):
