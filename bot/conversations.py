@@ -337,7 +337,7 @@ class ConversationManager:
         Every turn is the stored text as it was written: a reply cut short is fed back as far as it got.
         """
         engine, budget = self.engine, self.engine.n_ctx - max_tokens
-        turns = [{"role": m.role, "content": m.content} for m in history if m.content.strip()]
+        turns = [{"role": m.role, "content": m.content} for m in history]  # the template keeps roles alternating
 
         def render(kept: list[dict[str, str]], user_text: str) -> list[int]:
             return engine.chat_tokens([{"role": "system", "content": system}, *kept,
@@ -369,10 +369,7 @@ class ConversationManager:
                 high = middle
             else:
                 low = middle + 1
-        kept = turns[low:]
-        while kept and kept[0]["role"] != "user":  # a conversation should not open with the assistant
-            kept = kept[1:]
-        return render(kept, text), notes
+        return render(turns[low:], text), notes
 
     # -- session commands ------------------------------------------------------------------------------
 
