@@ -102,6 +102,8 @@ class WebSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    trust_forwarded_proto: bool = Field(False, description="behind a TLS-terminating proxy: its "
+                                        "X-Forwarded-Proto: https marks cookies Secure")
 
 
 class Settings(_Section):

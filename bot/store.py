@@ -183,6 +183,20 @@ class Store:
                                 (len(prefix), prefix))
         return [row[0] for row in rows]
 
+    async def session_summaries(self, prefix: str, limit: int) -> list[tuple[str, str, int]]:
+        """(key, first user message, message count) of the newest ``limit`` sessions under ``prefix``, newest first.
+
+        One query, without reading whole conversations: the first message is cut to 500 characters.
+        """
+        async with self._db.execute(
+            "SELECT s.key,"
+            " COALESCE((SELECT substr(m.content, 1, 500) FROM messages m"
+            "           WHERE m.session_key = s.key AND m.role = 'user' ORDER BY m.id LIMIT 1), ''),"
+            " (SELECT COUNT(*) FROM messages m WHERE m.session_key = s.key)"
+            " FROM sessions s WHERE substr(s.key, 1, ?) = ? ORDER BY s.created_at DESC, s.rowid DESC LIMIT ?",
+                (len(prefix), prefix, limit)) as cursor:
+            return [(key, first, count) async for key, first, count in cursor]
+
     # -- event dedupe ------------------------------------------------------------------------------------
 
     async def claim_event(self, event_id: str, ttl_seconds: float) -> bool:

@@ -14,9 +14,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 from adapters.web import WebServer, create_app, run_web
-from adapters.web.api import MAX_MESSAGE_CHARS
+from adapters.web.api import LOGIN_FAILURES_ALLOWED, LOGIN_WINDOW_SECONDS, MAX_MESSAGE_CHARS, STATE, TITLE_CHARS
+from adapters.web.events import json_dumps
 from bot.config import Secrets, Settings
 from bot.conversations import STOPPED_NOTE, ConversationManager
 from bot.errors import ConfigError
@@ -294,6 +296,38 @@ async def test_conversations_list_system_prompt_and_reset(browsers: Callable[[],
     assert (await browser.conversation(first))["messages"] == []
 
 
+async def test_conversation_list_is_one_query_whatever_the_history(browsers: Callable[[], Browser],
+                                                                    manager: ConversationManager) -> None:
+    browser, other = browsers(), browsers()
+    first, second, empty = [await browser.new() for _ in range(3)]
+    await other.new()
+    store = manager.store
+    for conversation, count in ((first, 40), (second, 3)):
+        key = str(browser.key(conversation))
+        await store.add_message(key, "assistant", "an assistant first", "complete")  # not a title
+        for n in range(count):
+            await store.add_message(key, "user", f"  question\n {conversation} {n} " + "x" * 900, "complete")
+            await store.add_message(key, "assistant", "answer " * 500, "complete")
+
+    statements: list[str] = []
+    await store._db.set_trace_callback(statements.append)
+    try:
+        status, listed = await browser.call("GET", "/api/conversations")
+    finally:
+        await store._db.set_trace_callback(None)
+    assert status == 200
+    assert len(statements) == 1, statements  # one summary query, never a conversation read whole
+    titles = [f"question {c} 0 " + "x" * (TITLE_CHARS - 1 - len(f"question {c} 0 ")) + "…" for c in (first, second)]
+    assert listed["conversations"] == [{"id": empty, "title": "New chat", "messages": 0},
+                                       {"id": second, "title": titles[1], "messages": 7},
+                                       {"id": first, "title": titles[0], "messages": 81}]
+    # The store's side: newest first, limited, only under the prefix, first user message cut short.
+    prefix = str(browser.key("_"))[:-1]
+    summaries = await store.session_summaries(prefix, 2)
+    assert [(key[len(prefix):], len(text), count) for key, text, count in summaries] == [(empty, 0, 0),
+                                                                                        (second, 500, 7)]
+
+
 # -- bad input ----------------------------------------------------------------------------------------
 
 async def test_bad_input_gets_a_4xx_json_error_and_stores_nothing(browsers: Callable[[], Browser],
@@ -341,6 +375,49 @@ async def test_bad_input_gets_a_4xx_json_error_and_stores_nothing(browsers: Call
     assert (await browser.conversation(conversation))["messages"] == []
 
 
+async def test_lone_surrogates_are_answered_and_stored(browsers: Callable[[], Browser]) -> None:
+    browser = browsers()
+    raw = {"Content-Type": "application/json"}
+    # A lone surrogate is valid JSON ("\\ud800") but no valid UTF-8: it becomes U+FFFD wherever it is stored.
+    status, created = await browser.call("POST", "/api/conversations", data=b'{"system_prompt": "Be \\ud800 kind."}',
+                                         headers=raw)
+    assert (status, created["system_prompt"]) == (201, "Be \ufffd kind."), created
+    conversation = created["id"]
+    await browser.manager.set_sampling(browser.key(conversation), grammar=sentences(1), max_tokens=40)
+    path = f"/api/conversations/{conversation}/system_prompt"
+    assert await browser.call("PUT", path, data=b'{"system_prompt": "\\udfff"}', headers=raw) == (
+        200, {"system_prompt": "\ufffd"})
+
+    response = await browser.request("POST", f"/api/conversations/{conversation}/messages",
+                                     data=b'{"text": "hi \\ud800 there \\udc00"}', headers=raw)
+    assert response.status == 200, await response.text()
+    stream = Stream(response)
+    browser.streams.append(stream)
+    done = await stream.done()
+    assert (done["status"], done["text"]) == (Status.COMPLETE, expected(1))
+    detail = await browser.conversation(conversation)
+    assert [m["content"] for m in detail["messages"]] == ["hi \ufffd there \ufffd", expected(1)]
+    assert detail["title"] == "hi \ufffd there \ufffd"
+    status, listed = await browser.call("GET", "/api/conversations")
+    assert [c["id"] for c in listed["conversations"]] == [conversation]  # nothing left behind
+
+
+# Any code point, with the ones JSON bodies must escape (markup, newlines, lone surrogates) made frequent.
+ANY_TEXT = st.text(st.characters(exclude_categories=()) | st.sampled_from("<>&\n\"\\\u2028")
+                   | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, categories=["Cs"]))
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | ANY_TEXT,
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ANY_TEXT, inner, max_size=4),
+                    max_leaves=12))
+def test_json_bodies_carry_any_text_and_never_raw_markup(value: Any) -> None:
+    text = json_dumps(value)
+    body = text.encode()  # lone surrogates included: always valid UTF-8
+    assert json.loads(body) == value
+    assert not {"<", ">", "&", "\n"} & set(text)
+
+
 # -- escaping -----------------------------------------------------------------------------------------
 
 async def test_markup_comes_back_escaped_and_is_stored_as_text(browsers: Callable[[], Browser]) -> None:
@@ -364,24 +441,66 @@ async def test_markup_comes_back_escaped_and_is_stored_as_text(browsers: Callabl
 
 # -- the page, access and start-up --------------------------------------------------------------------
 
-async def test_page_is_self_contained_and_sets_a_private_cookie(browsers: Callable[[], Browser]) -> None:
+async def test_page_is_self_contained_and_a_page_load_sets_no_cookie(browsers: Callable[[], Browser]) -> None:
     browser = browsers(origin=False)
     async with browser.request("GET", "/") as response:
         page = await response.text()
         assert response.status == 200 and response.content_type == "text/html"
         assert "script-src 'self'" in response.headers["Content-Security-Policy"]
-        cookie = response.cookies["llamarelay_browser"]
-        assert len(cookie.value) >= 43 and cookie["httponly"] and cookie["samesite"] == "Strict"
+        # A page load never gives an id: opened from another site's link it may arrive without the cookie,
+        # and a fresh id would replace the browser's own.
+        assert "Set-Cookie" not in response.headers
     assert "http://" not in page and "https://" not in page  # nothing from a CDN
-    for name, kind in (("app.js", "javascript"), ("markdown.js", "javascript"), ("style.css", "text/css")):
+    for name, kind in (("app.js", "javascript"), ("markdown.js", "javascript"), ("style.css", "text/css"),
+                       ("vendor/markdown-it.min.js", "javascript"), ("vendor/purify.min.js", "javascript")):
+        assert f'"/static/{name}"' in page, name
         async with browser.request("GET", f"/static/{name}") as response:
-            assert response.status == 200 and kind in response.content_type
-    async with browser.request("GET", "/static/../api.py") as response:
-        assert response.status in (403, 404)
+            assert response.status == 200 and kind in response.content_type, name
+    assert (await browser.call("GET", "/api/conversations")) == (200, {"conversations": []})
+    assert not list(browser.session.cookie_jar), "reading gives no id either"
+
+    # The first conversation gives the id: HttpOnly, SameSite=Lax (other sites' requests are refused by the
+    # Origin checks; a link from another site still carries it).
+    async with browser.request("POST", "/api/conversations", headers={"Origin": browser.url.rstrip("/")}) as response:
+        assert response.status == 201
+        cookie = response.cookies["llamarelay_browser"]
+        assert len(cookie.value) >= 43 and cookie["httponly"] and cookie["samesite"] == "Lax"
+        assert not cookie["secure"]
+    async with browser.request("POST", "/api/conversations", headers={"Origin": browser.url.rstrip("/")}) as response:
+        assert response.status == 201 and "llamarelay_browser" not in response.cookies
+    async with browser.request("GET", "/") as response:
+        assert "Set-Cookie" not in response.headers
     # A forged, guessable id is not accepted: the server hands out a fresh random one instead.
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as forger, \
-            forger.get(browser.url, headers={"Cookie": "llamarelay_browser=alice"}) as response:
+            forger.post(browser.url + "api/conversations", headers={"Cookie": "llamarelay_browser=alice"}) as response:
+        assert response.status == 201
         assert response.cookies["llamarelay_browser"].value not in ("alice", cookie.value)
+
+
+async def raw_get(port: int, target: str) -> tuple[int, bytes]:
+    """GET ``target`` exactly as written (no client normalizes it first): (status, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_static_files_never_leave_their_directory(server: WebServer) -> None:
+    status, body = await raw_get(server.port, "/static/app.js")
+    assert status == 200 and b"llamarelay" in body  # the raw client works
+    for target in ("/static/../api.py", "/static/%2e%2e/api.py", "/static/%2E%2E/api.py", "/static/..%2fapi.py",
+                   "/static/%2e%2e%2fapi.py", "/static/vendor/../../api.py", "/static/vendor/%2e%2e/%2e%2e/api.py",
+                   "/static/..%5capi.py", "/static/%2e%2e/%2e%2e/bot/config.py", "/static//etc/passwd",
+                   "/static/%2fetc%2fpasswd"):
+        status, body = await raw_get(server.port, target)
+        assert status in (400, 403, 404), (target, status, body[:200])
+        assert b"import" not in body and b"root:" not in body, target
 
 
 async def test_access_token_is_required_once_set(manager: ConversationManager, settings: Settings) -> None:
@@ -405,6 +524,88 @@ async def test_access_token_is_required_once_set(manager: ConversationManager, s
     finally:
         await browser.close()
         await web.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(manager: ConversationManager, settings: Settings, secrets: Secrets) -> AsyncIterator[WebServer]:
+    web = WebServer(create_app(manager, settings, secrets), "127.0.0.1", 0)
+    await web.start()
+    try:
+        yield web
+    finally:
+        await web.close()
+
+
+async def test_bearer_clients_keep_one_namespace_without_a_cookie_jar(manager: ConversationManager,
+                                                                       settings: Settings) -> None:
+    async with serving(manager, settings, Secrets(web_token="s3cret-token")) as web, \
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
+        bearer = {"Authorization": "Bearer s3cret-token"}
+        async with client.post(web.url + "api/conversations", headers=bearer) as response:
+            assert response.status == 201 and "llamarelay_browser" not in response.cookies
+            conversation = (await response.json())["id"]
+        async with client.get(web.url + "api/conversations", headers=bearer) as response:
+            assert [c["id"] for c in (await response.json())["conversations"]] == [conversation]
+        async with client.get(web.url + f"api/conversations/{conversation}", headers=bearer) as response:
+            assert response.status == 200
+
+        # A browser that logged in with the same token has its own conversations, not the API's.
+        browser = Browser(web.url, manager)
+        try:
+            assert (await browser.call("POST", "/api/login", json={"token": "s3cret-token"}))[0] == 200
+            assert await browser.call("GET", "/api/conversations") == (200, {"conversations": []})
+        finally:
+            await browser.close()
+
+    # Another token is another namespace: a leaked and replaced token no longer reaches the conversations.
+    async with serving(manager, settings, Secrets(web_token="new-token")) as web, \
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client, \
+            client.get(web.url + "api/conversations", headers={"Authorization": "Bearer new-token"}) as response:
+        assert await response.json() == {"conversations": []}
+
+
+async def test_login_is_throttled_per_client(manager: ConversationManager, settings: Settings) -> None:
+    async with serving(manager, settings, Secrets(web_token="s3cret-token")) as web:
+        browser = Browser(web.url, manager)
+        try:
+            for _ in range(LOGIN_FAILURES_ALLOWED):
+                status, body = await browser.call("POST", "/api/login", json={"token": "guess"})
+                assert (status, body["error"]) == (401, "invalid_token")
+            for token in ("guess", "s3cret-token"):  # while throttled even the right token must wait
+                async with browser.request("POST", "/api/login", json={"token": token}) as response:
+                    body = await response.json()
+                    assert (response.status, body["error"]) == (429, "too_many_attempts")
+                    retry_after = int(response.headers["Retry-After"])
+                    assert 0 < retry_after <= LOGIN_WINDOW_SECONDS and f"{retry_after} seconds" in body["message"]
+            assert (await browser.call("GET", "/api/conversations"))[0] == 401
+
+            throttle = web.app[STATE].login_throttle
+            later = time.monotonic() + LOGIN_WINDOW_SECONDS + 1
+            throttle.clock = lambda: later  # the window has passed
+            assert (await browser.call("POST", "/api/login", json={"token": "s3cret-token"})) == (
+                200, {"authenticated": True})
+            assert (await browser.call("GET", "/api/conversations"))[0] == 200
+        finally:
+            await browser.close()
+
+
+async def test_cookies_are_secure_behind_a_trusted_tls_proxy(manager: ConversationManager,
+                                                             settings: Settings) -> None:
+    proxied = {"X-Forwarded-Proto": "https"}
+    for trusted in (False, True):
+        settings.web.trust_forwarded_proto = trusted
+        async with serving(manager, settings, Secrets(web_token="s3cret-token")) as web, \
+                aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
+            async with client.post(web.url + "api/login", json={"token": "s3cret-token"}, headers=proxied) as response:
+                auth = response.cookies["llamarelay_auth"]
+            headers = {**proxied, "Cookie": f"llamarelay_auth={auth.value}"}
+            async with client.post(web.url + "api/conversations", headers=headers) as response:
+                assert response.status == 201
+                browser = response.cookies["llamarelay_browser"]
+            assert bool(auth["secure"]) is trusted and bool(browser["secure"]) is trusted, trusted
+            # Without the header (plain HTTP straight to the bot) nothing is marked Secure, trusted or not.
+            async with client.post(web.url + "api/conversations", headers={"Cookie": headers["Cookie"]}) as response:
+                assert not response.cookies["llamarelay_browser"]["secure"]
 
 
 def free_port() -> int:

@@ -1,19 +1,25 @@
 """The JSON API under /api/: conversations of this browser, their history, sending (streamed), stop, reset.
 
-Every handler works only on the conversations of the browser named by the request's cookie (see
-`adapters.web.server`), so one browser can never read, stream to or stop another's. Bad input raises
-`ApiError`, which the server turns into a 4xx JSON answer.
+Every handler works only on the conversations of the namespace the server's middleware found for the
+request (the browser's id cookie, or the token's namespace for Bearer clients; see `adapters.web.server`),
+so one browser can never read, stream to or stop another's. Bad input raises `ApiError`, which the server
+turns into a 4xx JSON answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
 import hmac
 import json
 import logging
+import math
 import re
 import secrets
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +32,8 @@ from bot.errors import LlamarelayError
 from bot.store import StoredMessage
 from bot.types import Incoming, SessionKey
 
-__all__ = ["ApiError", "WebState", "STATE", "BROWSER_COOKIE", "AUTH_COOKIE", "current_browser", "json_response",
-           "routes", "set_cookie"]
+__all__ = ["ApiError", "LoginThrottle", "WebState", "STATE", "BROWSER_COOKIE", "AUTH_COOKIE", "current_browser",
+           "json_response", "routes", "set_cookie"]
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +51,53 @@ BROWSER_COOKIE = "llamarelay_browser"
 AUTH_COOKIE = "llamarelay_auth"
 COOKIE_MAX_AGE_SECONDS = 400 * 24 * 3600  # the longest browsers keep a cookie
 
-# Set by the server's middleware for each request: the id of the browser making it.
+LOGIN_FAILURES_ALLOWED = 5  # wrong tokens one client may send per window before /api/login answers 429
+LOGIN_WINDOW_SECONDS = 60.0
+LOGIN_CLIENTS_TRACKED = 10_000  # bounds the throttle's memory under a spray from many addresses
+
+# Set by the server's middleware for each request: the namespace (browser id) its conversations live in;
+# "" when the request has none yet (a new browser, before its first conversation).
 current_browser: contextvars.ContextVar[str] = contextvars.ContextVar("current_browser")
 
 
 class ApiError(Exception):
     """A request the API refuses: becomes ``{"error": code, "message": message}`` with ``status``."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers or {}
+
+
+class LoginThrottle:
+    """Counts failed logins per client: after `LOGIN_FAILURES_ALLOWED` in `LOGIN_WINDOW_SECONDS`, the client
+    waits until the oldest of them ages out, so guessing the token stays hopeless."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._failures: dict[str, deque[float]] = {}
+
+    def retry_after(self, client: str) -> float:
+        """Seconds ``client`` must wait before trying again; 0 when it may try now."""
+        failures = self._failures.get(client)
+        if failures is None or len(failures) < LOGIN_FAILURES_ALLOWED:
+            return 0.0
+        return max(0.0, failures[0] + LOGIN_WINDOW_SECONDS - self.clock())
+
+    def failed(self, client: str) -> None:
+        now = self.clock()
+        for known in [c for c, times in self._failures.items() if times[-1] + LOGIN_WINDOW_SECONDS <= now]:
+            del self._failures[known]
+        while len(self._failures) >= LOGIN_CLIENTS_TRACKED:  # the least recently failing ones go first
+            del self._failures[next(iter(self._failures))]
+        failures = self._failures.pop(client, None) or deque(maxlen=LOGIN_FAILURES_ALLOWED)
+        failures.append(now)
+        self._failures[client] = failures
+
+    def succeeded(self, client: str) -> None:
+        self._failures.pop(client, None)
 
 
 @dataclass
@@ -67,6 +108,7 @@ class WebState:
     settings: Settings
     secrets: Secrets
     replies: set[asyncio.Task[None]] = field(default_factory=set)
+    login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
     @property
     def auth_digest(self) -> str | None:
@@ -75,6 +117,16 @@ class WebState:
         if not token:
             return None
         return hmac.new(token.encode(), b"llamarelay web session", "sha256").hexdigest()
+
+    @property
+    def token_namespace(self) -> str | None:
+        """Where ``Authorization: Bearer`` clients keep their conversations: derived from the token, so it is
+        the same on every call without a cookie jar, as secret as the token, and new when the token changes."""
+        token = self.secrets.web_token
+        if not token:
+            return None
+        digest = hmac.new(token.encode(), b"llamarelay web api namespace", "sha256").digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
     def start_reply(self, incoming: Incoming, target: EventStreamTarget) -> None:
         """Generate in a task of its own, so a closed tab or dropped connection never cuts the reply short."""
@@ -118,10 +170,30 @@ def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(text=json_dumps(data), status=status, content_type="application/json")
 
 
-def set_cookie(request: web.Request, response: web.StreamResponse, name: str, value: str) -> None:
-    """A cookie scripts cannot read and other sites never send along (HttpOnly, SameSite=Strict)."""
+def set_cookie(request: web.Request, response: web.StreamResponse, name: str, value: str, *,
+               samesite: str = "Strict") -> None:
+    """A cookie scripts cannot read (HttpOnly); Secure when the page was reached over HTTPS."""
     response.set_cookie(name, value, max_age=COOKIE_MAX_AGE_SECONDS, path="/", httponly=True,
-                        samesite="Strict", secure=request.secure)
+                        samesite=samesite, secure=is_https(request))
+
+
+def is_https(request: web.Request) -> bool:
+    """True over TLS, or behind a TLS-terminating proxy trusted by ``[web] trust_forwarded_proto``."""
+    if request.secure:
+        return True
+    if not _state(request).settings.web.trust_forwarded_proto:
+        return False
+    forwarded = request.headers.get("X-Forwarded-Proto", "")
+    return forwarded.split(",")[0].strip().lower() == "https"
+
+
+def _new_browser(request: web.Request, response: web.StreamResponse) -> str:
+    """Give this browser its id. Only a conversation's creation does this, never a page load: a page opened
+    from another site's link may arrive without the cookie, and must not replace the id the browser has.
+    SameSite=Lax, so such a page load does carry it; other sites' requests are refused by Origin checks."""
+    browser = secrets.token_urlsafe(32)
+    set_cookie(request, response, BROWSER_COOKIE, browser, samesite="Lax")
+    return browser
 
 
 def _state(request: web.Request) -> WebState:
@@ -138,18 +210,11 @@ def _prefix(browser: str) -> str:
     return str(_key(browser, "_"))[:-1]
 
 
-async def _conversation_ids(state: WebState, browser: str) -> list[str]:
-    """This browser's conversations, newest first."""
-    prefix = _prefix(browser)
-    ids = [key[len(prefix):] for key in await state.manager.store.session_keys(prefix)]
-    return [cid for cid in reversed(ids) if CONVERSATION_ID.fullmatch(cid)]
-
-
 async def _conversation(request: web.Request) -> tuple[str, SessionKey]:
     """The conversation named in the URL, if it belongs to this browser; 404 otherwise (never 403: no hints)."""
     conversation = request.match_info["conversation"]
     browser = current_browser.get()
-    key = _key(browser, conversation) if CONVERSATION_ID.fullmatch(conversation) else None
+    key = _key(browser, conversation) if browser and CONVERSATION_ID.fullmatch(conversation) else None
     if key is None or str(key) not in await _state(request).manager.store.session_keys(str(key)):
         raise ApiError(404, "unknown_conversation", "No such conversation in this browser.")
     return conversation, key
@@ -181,9 +246,8 @@ def _text_field(body: dict[str, Any], name: str, limit: int, *, nullable: bool =
     return value
 
 
-def _title(messages: list[StoredMessage]) -> str:
-    first = next((m.content for m in messages if m.role == "user"), "")
-    title = " ".join(first.split())
+def _title(first_message: str) -> str:
+    title = " ".join(first_message.split())
     if len(title) <= TITLE_CHARS:
         return title
     cut = title[:TITLE_CHARS - 1]
@@ -219,21 +283,32 @@ async def login(request: web.Request) -> web.Response:
     response = json_response({"authenticated": True})
     if digest is None:
         return response
+    client = request.remote or ""
+    wait = state.login_throttle.retry_after(client)
+    if wait > 0:
+        seconds = math.ceil(wait)
+        raise ApiError(429, "too_many_attempts", f"Too many wrong tokens; try again in {seconds} seconds.",
+                       headers={"Retry-After": str(seconds)})
     token = _text_field(await _json_body(request), "token", 1000)
     assert token is not None and state.secrets.web_token
     if not hmac.compare_digest(token.encode(), state.secrets.web_token.encode()):
+        state.login_throttle.failed(client)
         raise ApiError(401, "invalid_token", "That access token is not the one in LLAMARELAY_WEB_TOKEN.")
+    state.login_throttle.succeeded(client)
     set_cookie(request, response, AUTH_COOKIE, digest)
     return response
 
 
 @routes.get("/api/conversations")
 async def list_conversations(request: web.Request) -> web.Response:
-    state, browser = _state(request), current_browser.get()
-    listed = []
-    for conversation in (await _conversation_ids(state, browser))[:MAX_LISTED_CONVERSATIONS]:
-        messages = await state.manager.history(_key(browser, conversation))
-        listed.append({"id": conversation, "title": _title(messages) or "New chat", "messages": len(messages)})
+    """This browser's conversations, newest first, from one summary query (no conversation is read whole)."""
+    browser = current_browser.get()
+    if not browser:
+        return json_response({"conversations": []})
+    prefix = _prefix(browser)
+    summaries = await _state(request).manager.store.session_summaries(prefix, MAX_LISTED_CONVERSATIONS)
+    listed = [{"id": key[len(prefix):], "title": _title(first) or "New chat", "messages": count}
+              for key, first, count in summaries if CONVERSATION_ID.fullmatch(key[len(prefix):])]
     return json_response({"conversations": listed})
 
 
@@ -242,13 +317,16 @@ async def create_conversation(request: web.Request) -> web.Response:
     """Start an empty conversation; the body may hold ``system_prompt``."""
     body = await _json_body(request, optional=True)
     prompt = _text_field(body, "system_prompt", MAX_SYSTEM_PROMPT_CHARS) if "system_prompt" in body else None
+    response = json_response({}, status=201)
+    browser = current_browser.get() or _new_browser(request, response)
     conversation = secrets.token_urlsafe(12)
-    key = _key(current_browser.get(), conversation)
+    key = _key(browser, conversation)
     manager = _state(request).manager
     # Writing the session's settings is what creates it in the store.
     await manager.set_system_prompt(key, prompt)
-    return json_response({"id": conversation, "title": "New chat", "messages": 0,
-                          "system_prompt": await manager.system_prompt(key)}, status=201)
+    response.text = json_dumps({"id": conversation, "title": "New chat", "messages": 0,
+                                "system_prompt": await manager.system_prompt(key)})
+    return response
 
 
 @routes.get("/api/conversations/{conversation}")
@@ -256,7 +334,8 @@ async def get_conversation(request: web.Request) -> web.Response:
     conversation, key = await _conversation(request)
     manager = _state(request).manager
     messages = await manager.history(key)
-    return json_response({"id": conversation, "title": _title(messages) or "New chat",
+    first = next((m.content for m in messages if m.role == "user"), "")
+    return json_response({"id": conversation, "title": _title(first) or "New chat",
                           "system_prompt": await manager.system_prompt(key),
                           "position": manager.status(key).position,
                           "messages": [_message(m) for m in messages]})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,15 +20,19 @@ from bot.conversations import ReplyResult, parse_status_line
 
 __all__ = ["EventStreamTarget", "encode_event", "json_dumps"]
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 KEEPALIVE_SECONDS = 15.0  # an SSE comment this often keeps proxies from closing a long queue wait
 
 _END = object()
 
 
 def json_dumps(value: Any) -> str:
-    """JSON with ``<``, ``>`` and ``&`` as \\u escapes: no response body ever holds raw markup."""
+    """JSON with ``<``, ``>`` and ``&`` as \\u escapes: no response body ever holds raw markup. A lone
+    surrogate (which UTF-8 cannot encode) travels as its \\u escape too, so any text can be sent."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def encode_event(name: str, data: dict[str, Any]) -> bytes:

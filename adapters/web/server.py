@@ -2,8 +2,9 @@
 
 In front of every request: the Host must be a loopback name when the server listens on loopback (a DNS
 rebinding page cannot reach it), API calls from a foreign ``Origin`` are refused, the access token is
-checked when one is set, and the browser's id is read from (or given in) an HttpOnly, SameSite=Strict
-cookie. Errors under /api/ are always JSON, never an HTML page or a stack trace.
+checked when one is set, and the namespace of the request's conversations is found: the browser's id from
+its HttpOnly cookie, or one derived from the token for ``Authorization: Bearer`` clients. Errors under
+/api/ are always JSON, never an HTML page or a stack trace.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import hmac
 import ipaddress
 import logging
 import re
-import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from adapters.web.api import (AUTH_COOKIE, BROWSER_COOKIE, STATE, ApiError, WebState, current_browser,
-                              json_response, routes, set_cookie)
+                              json_response, routes)
 from bot.config import Secrets, Settings, WebSettings
 from bot.conversations import ConversationManager
 from bot.errors import ConfigError, LlamarelayError
@@ -76,7 +76,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
-        return json_response({"error": exc.code, "message": exc.message}, status=exc.status)
+        response = json_response({"error": exc.code, "message": exc.message}, status=exc.status)
+        response.headers.update(exc.headers)
+        return response
     except web.HTTPException as exc:
         if not api or exc.status < 400:
             raise
@@ -105,24 +107,18 @@ def _guard(loopback_only: bool) -> Callable[[web.Request, Handler], Awaitable[we
         api = request.path.startswith("/api/")
         if loopback_only and not is_loopback(_hostname(request.host)):
             raise ApiError(403, "foreign_host", "This server answers only to localhost / 127.0.0.1.")
-        if request.path.startswith("/static/"):
+        if ".." in request.path.split("/"):  # whatever the router makes of it, never leave a directory
+            raise web.HTTPNotFound()
+        if not api:  # the page and its files: no id is read or given on a page load
             return await handler(request)
-        if api:
-            _check_origin(request)
-            if request.path not in UNAUTHENTICATED_PATHS:
-                _check_token(request)
-        browser = request.cookies.get(BROWSER_COOKIE, "")
-        is_new = not BROWSER_ID.fullmatch(browser)
-        if is_new:
-            browser = secrets.token_urlsafe(32)
-        reset = current_browser.set(browser)
+        _check_origin(request)
+        bearer = request.path not in UNAUTHENTICATED_PATHS and _check_token(request)
+        browser = request.app[STATE].token_namespace if bearer else request.cookies.get(BROWSER_COOKIE, "")
+        reset = current_browser.set(browser if browser and BROWSER_ID.fullmatch(browser) else "")
         try:
-            response = await handler(request)
+            return await handler(request)
         finally:
             current_browser.reset(reset)
-        if is_new and not response.prepared:
-            set_cookie(request, response, BROWSER_COOKIE, browser)
-        return response
 
     return guard
 
@@ -148,16 +144,17 @@ def _check_origin(request: web.Request) -> None:
         raise ApiError(403, "foreign_origin", "Requests from another site are not allowed.")
 
 
-def _check_token(request: web.Request) -> None:
+def _check_token(request: web.Request) -> bool:
+    """Refuse a request without the access token (when one is set); True when it came as a Bearer header."""
     state = request.app[STATE]
     digest, token = state.auth_digest, state.secrets.web_token
     if digest is None or token is None:
-        return
-    if hmac.compare_digest(request.cookies.get(AUTH_COOKIE, "").encode(), digest.encode()):
-        return
+        return False
     bearer = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
     if bearer and hmac.compare_digest(bearer.encode(), token.encode()):
-        return
+        return True
+    if hmac.compare_digest(request.cookies.get(AUTH_COOKIE, "").encode(), digest.encode()):
+        return False
     raise ApiError(401, "token_required", "This server needs its access token (LLAMARELAY_WEB_TOKEN).")
 
 

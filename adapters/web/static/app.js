@@ -100,10 +100,13 @@
 
   function setText(node, text) {
     const body = node.querySelector(".body");
-    if (node.classList.contains("user")) {
-      body.textContent = text;
-    } else {
-      body.replaceChildren(LlamarelayMarkdown.render(text));
+    body.textContent = text;
+    if (node.classList.contains("assistant")) {
+      try {
+        body.replaceChildren(LlamarelayMarkdown.render(text));
+      } catch (error) {  // render() never throws; should it be missing, the plain text above stays
+        console.warn("llamarelay: the reply is shown as plain text:", error);
+      }
     }
     node.dataset.text = text;
   }
@@ -211,24 +214,33 @@
     scrollDown(true);
     streaming = { conversation: id, bubble: reply };
     setBusy(true);
-    let done = null;
+    let response;
     try {
-      const response = await fetch(`/api/conversations/${encodeURIComponent(id)}/messages`, {
+      response = await fetch(`/api/conversations/${encodeURIComponent(id)}/messages`, {
         method: "POST", headers: { "Content-Type": "application/json" }, credentials: "same-origin",
         body: JSON.stringify({ text }),
       });
       if (!response.ok) throw await errorOf(response);
-      done = await readStream(response, reply);
     } catch (error) {
+      // Refused (or the server is unreachable): nothing was stored, so the text goes back to the input.
+      streaming = null;
+      setBusy(false);
       user.remove();
       reply.remove();
       ui.input.value = text;
+      throw error;
+    }
+    // From here on the message is stored: whatever happens, its bubbles stay and the server's copy wins.
+    let done = null;
+    try {
+      done = await readStream(response, reply);
+    } catch (error) {
       showError(error);
     } finally {
       streaming = null;
       setBusy(false);
     }
-    if (done === null && reply.isConnected) {
+    if (done === null) {
       // The stream broke before its end: the server still finishes and stores the reply.
       await open(id).catch(showError);
     }
@@ -370,9 +382,9 @@
     const wanted = location.hash.slice(1);
     const id = conversations.some((c) => c.id === wanted) ? wanted : conversations[0]?.id;
     if (id) await open(id);
-    document.body.dataset.ready = "true";
     ui.input.focus();
   }
 
-  start().catch(showError);
+  // "ready" once loading ended, well or not: a failure shows in the banner, never as a page that hangs.
+  start().catch(showError).finally(() => { document.body.dataset.ready = "true"; });
 })();
