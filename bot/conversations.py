@@ -171,6 +171,7 @@ class ConversationManager:
         self._pacers = Pacers(clock=clock, sleep=sleep)
         self._lines: dict[str, list[Request]] = {}  # per conversation, its unfinished requests in arrival order
         self._turns: dict[str, asyncio.Lock] = {}  # per conversation: whose turn it is to generate
+        self._background: set[asyncio.Task[ReplyResult]] = set()  # replies no caller awaits (`respond_soon`)
         self._idle = asyncio.Event()
         self._idle.set()
         self._accepting = True
@@ -210,6 +211,14 @@ class ConversationManager:
                 self._turns.pop(key, None)
             if not self._lines:
                 self._idle.set()
+
+    def respond_soon(self, incoming: Incoming, target: ReplyTarget) -> asyncio.Task[ReplyResult]:
+        """`respond` in a task of its own, held here until it ends: for adapters whose request ends before the
+        reply does (a browser tab may close mid-stream, the reply still goes on and is stored)."""
+        task = asyncio.create_task(self.respond(incoming, target), name=f"reply in {incoming.key.platform}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _run(self, request: Request, incoming: Incoming, text: str) -> ReplyResult:
         """Store the message, wait for the conversation's turn, generate, and store the reply."""

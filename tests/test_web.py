@@ -180,7 +180,6 @@ async def test_reply_arrives_in_several_chunks_and_is_stored(browsers: Callable[
     conversation = await browser.new(sentences(6))
     stream = await browser.send(conversation, "Say lorem ipsum.")
     done = await stream.done()
-    assert stream.events[0] == ("status", {"kind": "thinking", "text": "💭 Thinking…", "position": None})
     assert len(stream.deltas()) >= 2, stream.events
     assert "".join(stream.deltas()) == done["text"] == expected(6)
     assert done["status"] == Status.COMPLETE and done["notes"] == []
@@ -252,7 +251,7 @@ async def test_queue_position_is_streamed_while_the_engine_is_busy(browsers: Cal
     done = await third.done()
     assert done["status"] == Status.COMPLETE and done["text"] == expected(2)
     kinds = [data.get("kind") for name, data in third.events if name == "status"]
-    assert kinds[:2] == ["thinking", "queued"] and kinds[-1] == "thinking"  # thinking again once it started
+    assert kinds[0] == "queued"  # statuses coalesce: the newest is shown, never a flash of "thinking" first
     for stream in streams:
         assert (await stream.done())["status"] == Status.STOPPED
 

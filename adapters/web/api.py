@@ -27,8 +27,7 @@ from aiohttp import web
 
 from adapters.web.events import EventStreamTarget, encode_event, json_dumps
 from bot.config import Secrets, Settings
-from bot.conversations import ConversationManager, clean_text
-from bot.errors import LlamarelayError
+from bot.conversations import ConversationManager, ReplyResult, clean_text
 from bot.store import StoredMessage
 from bot.types import Incoming, SessionKey
 
@@ -42,7 +41,6 @@ MAX_MESSAGE_CHARS = 20_000  # about the whole context window of a 4k-token model
 MAX_SYSTEM_PROMPT_CHARS = 20_000  # as [conversation] system_prompt in config.toml
 MAX_LISTED_CONVERSATIONS = 200
 TITLE_CHARS = 60
-REPLY_DRAIN_SECONDS = 10.0  # at shutdown, how long replies in flight may take to end before being cancelled
 
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{8,32}")
 JSON_TYPES = ("application/json",)
@@ -102,12 +100,11 @@ class LoginThrottle:
 
 @dataclass
 class WebState:
-    """What the handlers share: the core, the settings, and the replies still being generated."""
+    """What the handlers share: the core, the settings, and the login throttle."""
 
     manager: ConversationManager
     settings: Settings
     secrets: Secrets
-    replies: set[asyncio.Task[None]] = field(default_factory=set)
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
     @property
@@ -129,39 +126,21 @@ class WebState:
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
     def start_reply(self, incoming: Incoming, target: EventStreamTarget) -> None:
-        """Generate in a task of its own, so a closed tab or dropped connection never cuts the reply short."""
-        task = asyncio.create_task(_reply(self.manager, incoming, target), name=f"web reply {incoming.key.channel}")
-        self.replies.add(task)
-        task.add_done_callback(self.replies.discard)
+        """Generate in a task the core holds, so a closed tab or dropped connection never cuts the reply short."""
 
-    async def drain(self) -> None:
-        """Let replies in flight end (they are stored as they do); cancel what is left after a grace period."""
-        pending = set(self.replies)
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=REPLY_DRAIN_SECONDS)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        def close(task: asyncio.Task[ReplyResult]) -> None:
+            if task.cancelled():
+                target.close(None, "The server is shutting down; the reply was cut short.")
+            elif task.exception() is not None:  # a bug: the core turns every known failure into a reply line
+                log.error("web reply in conversation %s failed", incoming.key.channel, exc_info=task.exception())
+                target.close(None, "The reply failed because of an internal error.")
+            else:
+                target.close(task.result())
+
+        self.manager.respond_soon(incoming, target).add_done_callback(close)
 
 
 STATE = web.AppKey("llamarelay_web_state", WebState)
-
-
-async def _reply(manager: ConversationManager, incoming: Incoming, target: EventStreamTarget) -> None:
-    try:
-        result = await manager.respond(incoming, target)
-    except asyncio.CancelledError:
-        target.close(None, "The server is shutting down; the reply was cut short.")
-        raise
-    except LlamarelayError as exc:  # the store failed: the core could not even record the message
-        log.error("web reply in conversation %s failed: %s", incoming.key.channel, exc)
-        target.close(None, "The bot could not store this conversation; please try again shortly.")
-    except Exception:
-        log.exception("web reply in conversation %s failed", incoming.key.channel)
-        target.close(None, "The reply failed because of an internal error.")
-    else:
-        target.close(result)
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -268,7 +247,7 @@ routes = web.RouteTableDef()
 @routes.get("/api/info")
 async def info(request: web.Request) -> web.Response:
     state = _state(request)
-    status = state.manager.status()
+    status = state.manager.status().engine
     return json_response({"model": status.model_name, "queue_length": status.queue_length,
                           "running": status.running, "max_message_chars": MAX_MESSAGE_CHARS,
                           "max_system_prompt_chars": MAX_SYSTEM_PROMPT_CHARS,
