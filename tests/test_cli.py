@@ -176,3 +176,39 @@ async def test_sigterm_shuts_down_cleanly_and_stores_the_partial_reply(tmp_path:
 def test_help_lists_the_commands(command: str) -> None:
     result = llamarelay("--help")
     assert result.returncode == 0 and command in result.stdout and "fetch-model" in result.stdout
+
+
+async def start_service(tmp_path: Path, sampling: str = "max_tokens = 16\n") -> tuple[asyncio.subprocess.Process, str]:
+    """`llamarelay run` as a service (no terminal, web page only); returns it and the page's URL."""
+    bot = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--config", str(write_config(tmp_path, sampling)), "run",
+        env={**ENV, "LLAMARELAY_WEB_TOKEN": "t0ken"},
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert bot.stderr
+    log = await read_until(bot.stderr, b"(access token required)")
+    return bot, log.split(b"web chat on ")[1].split()[0].decode()
+
+
+async def test_sigterm_ends_a_streaming_reply_within_docker_stops_deadline(tmp_path: Path) -> None:
+    import aiohttp
+    bot, url = await start_service(tmp_path, LONG_REPLY.replace("400", "900"))
+    headers = {"Authorization": "Bearer t0ken"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.post(url + "api/conversations", json={}) as response:
+            conversation = (await response.json())["id"]
+        async with http.post(f"{url}api/conversations/{conversation}/messages", json={"text": "sing"}) as stream:
+            await read_until(stream.content, b"la la")  # type: ignore[arg-type]
+            started = asyncio.get_running_loop().time()
+            bot.terminate()
+            assert await asyncio.wait_for(bot.wait(), 10) == 0
+            assert asyncio.get_running_loop().time() - started < 10  # `docker stop` would not have killed it
+    reply = stored(tmp_path)[-1]
+    assert reply[0] == "assistant" and reply[2] == "stopped" and reply[1].startswith("la la")
+
+
+async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
+    bot, _ = await start_service(tmp_path)
+    bot.send_signal(signal.SIGTERM)
+    bot.send_signal(signal.SIGINT)  # impatient: another Ctrl-C while it shuts down
+    assert await asyncio.wait_for(bot.wait(), 10) == 1
+    assert bot.stderr and b"second signal" in await bot.stderr.read()

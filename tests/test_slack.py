@@ -230,6 +230,26 @@ async def test_two_channels_are_answered_at_once(manager, settings, fake):
     assert posted["C1"] < finished["C2"] and posted["C2"] < finished["C1"]
 
 
+async def test_replies_in_one_workspace_share_its_update_pace(manager, settings, fake):
+    channels = ("C1", "C2", "C3")
+    for channel in channels:
+        await manager.set_sampling(channel_key(channel), grammar=words("international", 40), max_tokens=400,
+                                   repeat_penalty=1.0)
+    async with running_bot(manager, settings, fake) as bot:
+        events = [mention(channel, "go") for channel in channels]
+        for event in events:
+            await fake.push_event(event)
+        for channel, event in zip(channels, events):
+            [reply] = await answered(bot, fake, channel, thread_ts=event["ts"])
+            assert reply.text.split() == ["international"] * 40
+
+    # Slack limits chat.postMessage / chat.update per workspace: three replies streaming at once share one
+    # pace (edit_interval = 0.2 s here) instead of each assuming it has the whole budget.
+    writes = sorted(c.at for c in fake.calls_to("chat.update") + fake.calls_to("chat.postMessage"))
+    assert len(writes) >= 6
+    assert all(b - a >= 0.19 for a, b in zip(writes, writes[1:])), [round(b - a, 3) for a, b in zip(writes, writes[1:])]
+
+
 # " <<<<" is 5 characters from the model and 17 on Slack (" &lt;&lt;&lt;&lt;"): 250 of them make 1,250
 # characters that become 4,250, so the split must count Slack's length, or the message would be clipped.
 @pytest.mark.parametrize(("word", "count", "shown"), [("international", 260, "international"),

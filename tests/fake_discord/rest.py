@@ -82,6 +82,7 @@ class FakeRest:
         self._ids = itertools.count(1_000_000_000_000_000_000)
         self._nonces: dict[str, int] = {}
         self._scripted: list[_Scripted] = []
+        self.expired_tokens: set[str] = set()  # interactions whose 15-minute webhook token has run out
         self._write_limit: tuple[int, float] | None = None
         self._write_windows: dict[str, tuple[float, int]] = {}  # channel id -> (window start, writes used)
         self._cond = asyncio.Condition()
@@ -291,6 +292,8 @@ class FakeRest:
         inter = self.interactions.get(parts[2])
         if inter is None:
             return jresp({"message": "Unknown Webhook", "code": 10015}, status=404)
+        if inter.token in self.expired_tokens:
+            return jresp({"message": "Invalid Webhook Token", "code": 50027}, status=401)
         if method == "POST" and len(parts) == 3:
             msg = self._new_message(inter.channel_id, body.get("content") or "", flags=body.get("flags") or 0,
                                     webhook_id=str(APP_ID), interaction_token=inter.token)
