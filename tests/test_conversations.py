@@ -421,3 +421,16 @@ async def test_lone_surrogates_are_stored_not_refused(manager: ConversationManag
     assert result.status == Status.COMPLETE
     history = await manager.history(CHANNEL)
     assert history[0].content == "hi \ufffd there" and history[0].author_name == "name\ufffd"
+
+
+async def test_a_turn_reads_only_the_newest_history_that_can_fit(manager: ConversationManager, store: Store) -> None:
+    key = str(CHANNEL)
+    for i in range(400):
+        await store.add_message(key, "user", f"question {i} " + "words " * 40, Status.COMPLETE)
+        await store.add_message(key, "assistant", f"answer {i} " + "words " * 40, Status.COMPLETE)
+    everything = await store.messages(key)
+    budget = manager.engine.n_ctx - 24
+    read = await manager._history_that_fits(key, everything[-1].id + 1, budget)
+    assert len(read) < len(everything) / 4  # a long-lived channel does not re-read its whole past every turn
+    assert read == everything[-len(read):]
+    assert manager.build_prompt("sys", read, "next", 24) == manager.build_prompt("sys", everything, "next", 24)
