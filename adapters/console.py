@@ -9,7 +9,7 @@ import sys
 from typing import IO
 
 from bot.conversations import ConversationManager
-from bot.types import Incoming, SessionKey
+from bot.types import Controls, Incoming, SessionKey
 
 __all__ = ["ConsoleTarget", "run_console"]
 
@@ -29,14 +29,14 @@ class ConsoleTarget:
         self._out = out
         self._shown = ""
 
-    async def post(self, text: str) -> None:
+    async def post(self, text: str, controls: Controls | None = None) -> None:
         self._write("bot> ")
         self._show(text)
 
-    async def post_continuation(self, text: str) -> None:
+    async def post_continuation(self, text: str, controls: Controls | None = None) -> None:
         self._show(text)
 
-    async def edit(self, handle: None, text: str) -> None:
+    async def edit(self, handle: None, text: str, controls: Controls | None = None) -> None:
         self._show(text)
 
     def end(self) -> None:

@@ -6,7 +6,7 @@ import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -56,6 +56,10 @@ class ConversationSettings(_Section):
                                    description="longer messages are stored whole but cut for the model")
     max_waiting: int = Field(5, ge=0, le=1000,
                              description="messages that may wait behind a conversation's running reply")
+    max_file_bytes: int = Field(200_000, ge=0, le=10_000_000,
+                                description="text files larger than this are skipped, with a note")
+    show_reasoning: Literal["hidden", "quoted"] = Field(
+        "hidden", description="a reasoning model's thinking: a status line only, or quoted above the answer")
 
 
 class StoreSettings(_Section):

@@ -140,6 +140,15 @@ class Store:
                                               author_id=author_id, author_name=author_name)
             return user_id, await self.add_message(key, "assistant", "", Status.GENERATING)
 
+    async def message(self, message_id: int) -> StoredMessage | None:
+        rows = await self._read(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,))
+        return StoredMessage(*rows[0]) if rows else None
+
+    async def reopen_reply(self, message_id: int, content: str) -> None:
+        """Make a stored reply "generating" again, holding ``content`` (Regenerate: empty; Continue: the text)."""
+        await self._write("UPDATE messages SET content = ?, status = ?, notes = '' WHERE id = ?",
+                          (content, Status.GENERATING, message_id))
+
     async def checkpoint(self, message_id: int, content: str) -> None:
         """Save a reply's text so far while it is still generating: a crash keeps what users have seen."""
         await self._write("UPDATE messages SET content = ? WHERE id = ? AND status = ?",

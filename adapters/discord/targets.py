@@ -15,6 +15,7 @@ import aiohttp
 import discord
 
 from bot.errors import MessageGone
+from bot.types import Controls
 
 __all__ = ["NO_MENTIONS", "SEND_ERRORS", "DISCORD_MAX_MESSAGE_CHARS", "ChannelTarget", "InteractionTarget"]
 
@@ -51,16 +52,16 @@ class ChannelTarget:
         self.min_edit_interval = min_edit_interval
         self.bucket = f"discord:channel:{getattr(channel, 'id', id(channel))}"  # Discord limits writes per channel
 
-    async def post(self, text: str) -> discord.Message:
+    async def post(self, text: str, controls: Controls | None = None) -> discord.Message:
         # A reply that must not fail if the user deleted their message meanwhile.
         reference = self._trigger.to_reference(fail_if_not_exists=False) if self._trigger else None
         return await self._channel.send(_content(text), reference=reference,  # type: ignore[arg-type]
                                         allowed_mentions=NO_MENTIONS)
 
-    async def post_continuation(self, text: str) -> discord.Message:
+    async def post_continuation(self, text: str, controls: Controls | None = None) -> discord.Message:
         return await self._channel.send(_content(text), allowed_mentions=NO_MENTIONS)
 
-    async def edit(self, handle: Any, text: str) -> None:
+    async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
         try:
             await handle.edit(content=_content(text), allowed_mentions=NO_MENTIONS)
         except discord.HTTPException as exc:
@@ -90,12 +91,12 @@ class InteractionTarget(ChannelTarget):
         self._original = _Original()
         self._token_expired = False
 
-    async def post(self, text: str) -> _Original:
+    async def post(self, text: str, controls: Controls | None = None) -> _Original:
         await self._webhook(self._interaction.edit_original_response(content=_content(text),
                                                                      allowed_mentions=NO_MENTIONS))
         return self._original
 
-    async def post_continuation(self, text: str) -> discord.Message:
+    async def post_continuation(self, text: str, controls: Controls | None = None) -> discord.Message:
         if not self._token_expired:
             try:
                 return await self._webhook(self._interaction.followup.send(
@@ -104,7 +105,7 @@ class InteractionTarget(ChannelTarget):
                 pass
         return await super().post_continuation(text)
 
-    async def edit(self, handle: Any, text: str) -> None:
+    async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
         if handle is not self._original:
             await super().edit(handle, text)
         elif self._token_expired:

@@ -17,6 +17,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack.mrkdwn import neutralize_markdown, to_mrkdwn
 from bot.errors import MessageGone
+from bot.types import Controls
 
 __all__ = ["UpdateTarget", "NativeStreamTarget", "MAX_REPLY_CHARS", "SLACK_TEXT_LIMIT"]
 
@@ -76,15 +77,15 @@ class UpdateTarget:
         """Length as Slack counts it: after the Markdown → mrkdwn conversion and its escaping."""
         return len(to_mrkdwn(text))
 
-    async def post(self, text: str) -> Any:
+    async def post(self, text: str, controls: Controls | None = None) -> Any:
         ts = await self._post(self.header + to_mrkdwn(_visible(text)), self.thread_ts)
         self.first_ts = ts
         return ts
 
-    async def post_continuation(self, text: str) -> Any:
+    async def post_continuation(self, text: str, controls: Controls | None = None) -> Any:
         return await self._post(to_mrkdwn(_visible(text)), self._continuation_thread())
 
-    async def edit(self, handle: Any, text: str) -> None:
+    async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
         if not text.strip():
             return  # nothing to see yet (a first delta of " "); the next edit carries the text
         header = self.header if handle == self.first_ts else ""
@@ -155,18 +156,18 @@ class NativeStreamTarget(UpdateTarget):
         self.user_id = user_id
         self._messages: list[_Message] = []
 
-    async def post(self, text: str) -> Any:
+    async def post(self, text: str, controls: Controls | None = None) -> Any:
         message = _Message(ts=await self._post(to_mrkdwn(_visible(text)), self.thread_ts), shown=text)
         self._messages.append(message)
         return message
 
-    async def post_continuation(self, text: str) -> Any:
+    async def post_continuation(self, text: str, controls: Controls | None = None) -> Any:
         message = _Message()
         self._messages.append(message)
         await self._start_stream(message, text)
         return message
 
-    async def edit(self, handle: Any, text: str) -> None:
+    async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
         message: _Message = handle
         if message.mode == "placeholder":
             if text != message.shown and text.startswith(message.shown) and message.shown:

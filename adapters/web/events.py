@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from bot.conversations import ReplyResult, parse_status_line
+from bot.types import Controls
 
 __all__ = ["EventStreamTarget", "encode_event", "json_dumps"]
 
@@ -58,16 +59,16 @@ class EventStreamTarget:
 
     # -- ReplyTarget -----------------------------------------------------------------------------------
 
-    async def post(self, text: str) -> int:
+    async def post(self, text: str, controls: Controls | None = None) -> int:
         self._parts.append("")
         handle = len(self._parts) - 1
         await self.edit(handle, text)
         return handle
 
-    async def post_continuation(self, text: str) -> int:
+    async def post_continuation(self, text: str, controls: Controls | None = None) -> int:
         return await self.post(text)
 
-    async def edit(self, handle: Any, text: str) -> None:
+    async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
         if not self._replying and len(self._parts) == 1:
             status = parse_status_line(text)
             if status is not None:
