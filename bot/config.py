@@ -60,6 +60,8 @@ class ConversationSettings(_Section):
                                 description="text files larger than this are skipped, with a note")
     show_reasoning: Literal["hidden", "quoted"] = Field(
         "hidden", description="a reasoning model's thinking: a status line only, or quoted above the answer")
+    summarize_messages: int = Field(50, ge=1, le=1000, description="messages a Summarize command reads")
+    summarize_chars: int = Field(12000, ge=500, le=1_000_000, description="most characters of them it keeps")
 
 
 class StoreSettings(_Section):

@@ -579,6 +579,10 @@ class ConversationManager:
     async def history(self, key: SessionKey) -> list[StoredMessage]:
         return await self.store.messages(str(key))
 
+    async def is_known(self, key: SessionKey) -> bool:
+        """True once the conversation has a message: a thread the bot answered in is one it follows."""
+        return bool(await self.store.messages(str(key), limit=1))
+
     async def claim_event(self, event_id: str, ttl_seconds: float = 900.0) -> bool:
         """True the first time a platform event id is seen; False for a redelivery within the TTL."""
         return await self.store.claim_event(event_id, ttl_seconds)
