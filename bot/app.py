@@ -59,6 +59,7 @@ async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> N
     """
     engine = await asyncio.to_thread(Engine, settings.engine)
     try:
+        engine.check_sampling(settings.sampling)
         store = await Store.open(settings.store.path)
         try:
             manager = ConversationManager(engine, store, settings)
