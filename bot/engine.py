@@ -269,7 +269,8 @@ class Tokenizer:
         matched = {self._text(t) for t, attr in enumerate(attributes)
                    if attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED}
         self._matched = _literal_pattern(t for t in matched if 0 < len(t) <= _LONGEST_MATCHED_TEXT)
-        self._spellings: dict[bytes, int] | None = None  # built on first need: most texts never need it
+        # Built at load (off the event loop) when the vocabulary has USER_DEFINED tokens, else on first need.
+        self._spellings = self._ordinary_short_pieces() if self._matched else None
 
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         """Token ids of ``text``; with ``special=False`` no special token comes out, whatever the text says."""
