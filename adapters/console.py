@@ -76,20 +76,20 @@ def _terminal_restored(stdin: IO[str]) -> Iterator[None]:
     with us: left set, the next program started from that shell fails to read its input.
     """
     try:
-        fd = stdin.fileno()
+        fd: int | None = stdin.fileno()
         blocking = os.get_blocking(fd)
         attributes = termios.tcgetattr(fd) if os.isatty(fd) else None
     except (AttributeError, OSError, ValueError, termios.error):  # not a real file: nothing to restore
-        yield
-        return
+        fd = None
     try:
         yield
     finally:
-        with contextlib.suppress(OSError):
-            os.set_blocking(fd, blocking)
-        if attributes is not None:
-            with contextlib.suppress(OSError, termios.error):
-                termios.tcsetattr(fd, termios.TCSADRAIN, attributes)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, blocking)
+            if attributes is not None:
+                with contextlib.suppress(OSError, termios.error):
+                    termios.tcsetattr(fd, termios.TCSADRAIN, attributes)
 
 
 async def _chat(manager: ConversationManager, *, user: str | None, stdin: IO[str], out: IO[str]) -> None:
