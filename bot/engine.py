@@ -245,10 +245,10 @@ def _init_grammar(vocab: Any, grammar: str) -> tuple[Any, str]:
         _llama_log.log(level, "%s", line)
     if sampler:
         return sampler, ""
-    # The parser says "expecting ')' at <the rest of the grammar>"; nothing left means the end.
-    reasons = [re.sub(r" at$", " at the end", printed.splitlines()[0].removeprefix("parse: error parsing grammar: ")
-                      .strip())] if printed else []
-    reasons += [line for level, line in held if level >= logging.ERROR and line != "failed to parse grammar"]
+    reasons = [line for level, line in held if level >= logging.ERROR and line != "failed to parse grammar"]
+    if printed:  # the parser's "expecting ')' at <the rest of the grammar>": nothing left means the end
+        why = printed.splitlines()[0].removeprefix("parse: error parsing grammar: ").strip()
+        reasons.insert(0, re.sub(r" at$", " at the end", why))
     return None, (reasons[0] if reasons else "llama.cpp refused it")[:200]
 
 
@@ -340,9 +340,16 @@ class Tokenizer:
             if token in self.special_ids or not llama_cpp.llama_vocab_get_attr(self._vocab, token) & ordinary:
                 continue
             piece = self.piece(token)
-            if len(piece) == 1 or len(piece.decode("utf-8", "ignore")) == 1 == len(piece.decode("utf-8", "replace")):
+            if len(piece) == 1 or _one_character(piece):
                 spellings.setdefault(piece, token)
         return spellings
+
+
+def _one_character(data: bytes) -> bool:
+    try:
+        return len(data.decode("utf-8")) == 1
+    except UnicodeDecodeError:
+        return False
 
 
 def _literal_pattern(texts: Iterable[str]) -> re.Pattern[str] | None:
