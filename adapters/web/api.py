@@ -29,7 +29,8 @@ from aiohttp import web
 from adapters.web.events import EventStreamTarget, encode_event, json_dumps
 from adapters.web.uploads import FORM_TYPE, MAX_FILES, UploadError, read_form
 from bot.config import Secrets, Settings
-from bot.conversations import STALE_REPLY, ConversationManager, ReplyResult, can_continue, clean_text
+from bot.conversations import (NOTHING_TO_CONTINUE, STALE_REPLY, ConversationManager, ReplyResult, can_continue,
+                                clean_text)
 from bot.store import StoredMessage
 from bot.types import Attachment, Incoming, SessionKey
 
@@ -108,7 +109,6 @@ class WebState:
     settings: Settings
     secrets: Secrets
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
-    replies: set[asyncio.Task[ReplyResult]] = field(default_factory=set)  # regenerations and continuations
 
     @property
     def auth_digest(self) -> str | None:
@@ -128,16 +128,9 @@ class WebState:
         digest = hmac.new(token.encode(), b"llamarelay web api namespace", "sha256").digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
-    def detach(self, reply: Coroutine[Any, Any, ReplyResult]) -> asyncio.Task[ReplyResult]:
-        """Run a Regenerate or Continue in a task held here until it ends (as the core holds `respond_soon`'s)."""
-        task = asyncio.create_task(reply, name="web reply")
-        self.replies.add(task)
-        task.add_done_callback(self.replies.discard)
-        return task
-
-    def follow(self, key: SessionKey, target: EventStreamTarget, reply: asyncio.Task[ReplyResult]) -> None:
-        """Give ``target`` its ``done`` event when ``reply`` ends. The reply runs in a task of its own, so a
-        closed tab or dropped connection never cuts it short."""
+    def follow(self, key: SessionKey, target: EventStreamTarget, reply: Coroutine[Any, Any, ReplyResult]) -> None:
+        """Run ``reply`` in a task the core holds, so a closed tab or dropped connection never cuts it short,
+        and give ``target`` its ``done`` event when it ends."""
 
         def close(task: asyncio.Task[ReplyResult]) -> None:
             if task.cancelled():
@@ -148,7 +141,7 @@ class WebState:
             else:
                 target.close(task.result())
 
-        reply.add_done_callback(close)
+        self.manager.in_background(reply).add_done_callback(close)
 
 
 STATE = web.AppKey("llamarelay_web_state", WebState)
@@ -265,8 +258,7 @@ async def _reply_to_redo(request: web.Request, key: SessionKey, *, to_continue: 
     if latest is None or latest.id != reply_id:
         raise ApiError(409, "stale_reply", STALE_REPLY)
     if to_continue and not can_continue(latest):
-        raise ApiError(409, "nothing_to_continue", "That answer was not cut short, so there is nothing to "
-                                                   "continue.")
+        raise ApiError(409, "nothing_to_continue", NOTHING_TO_CONTINUE)
     return latest
 
 
@@ -396,7 +388,7 @@ async def send_message(request: web.Request) -> web.StreamResponse:
     target = _target(request)
     # One person per browser conversation: no speaker name goes before their words.
     incoming = Incoming(key, current_browser.get(), "", text, attachments=files)
-    state.follow(key, target, state.manager.respond_soon(incoming, target))
+    state.follow(key, target, state.manager.respond(incoming, target))
     return await _stream(request, key, target)
 
 
@@ -407,7 +399,7 @@ async def regenerate(request: web.Request) -> web.StreamResponse:
     _, key = await _conversation(request)
     reply = await _reply_to_redo(request, key, to_continue=False)
     state, target = _state(request), _target(request)
-    state.follow(key, target, state.detach(state.manager.regenerate(key, target, reply.id)))
+    state.follow(key, target, state.manager.regenerate(key, target, reply.id))
     return await _stream(request, key, target)
 
 
@@ -418,7 +410,7 @@ async def continue_reply(request: web.Request) -> web.StreamResponse:
     _, key = await _conversation(request)
     reply = await _reply_to_redo(request, key, to_continue=True)
     state, target = _state(request), _target(request, prefix=reply.content)
-    state.follow(key, target, state.detach(state.manager.continue_reply(key, target, reply.id)))
+    state.follow(key, target, state.manager.continue_reply(key, target, reply.id))
     return await _stream(request, key, target)
 
 
