@@ -1,0 +1,282 @@
+"""The reply text → the messages that show it on a platform, and the one definition of a code fence.
+
+A reply is stored and fed back exactly as the model wrote it; what a platform shows is derived from it by
+`split_reply`, a pure function of (text, limit, measure). Adapters use `opening_fence` / `closes_fence`
+so that their rendering (Slack's mrkdwn) and the splitter agree on where code blocks are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import unicodedata
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+__all__ = ["Piece", "Fence", "split_reply", "opening_fence", "closes_fence", "MIN_LIMIT"]
+
+MIN_LIMIT = 64
+"""The smallest limit for which every piece is guaranteed to fit (below it pieces still always shrink the rest)."""
+FENCE_MAX = 10
+"""A longer run of backticks or tildes is a divider, not a fence: it keeps the fence added at a cut short."""
+LANGUAGE_MAX = 20
+
+# A fence line may be indented (a code block inside a list item); Discord too ignores indentation.
+_FENCE_LINE = re.compile(r"[ \t]*(`{3,}|~{3,})")
+_FENCE_AHEAD = re.compile(r"[ \t]*(```|~~~)")
+_LANGUAGE = re.compile(rf"[A-Za-z0-9_+#.-]{{1,{LANGUAGE_MAX}}}")
+# Candidate cuts that do not fit once the closing fence is added (or for a measure that is not additive)
+# before bisecting instead: enough for a cut a closing fence's length before the end.
+_MAX_MISSES = 16
+_SECANT_STEPS = 6
+
+
+@dataclass(frozen=True)
+class Fence:
+    """An opening code-fence line.
+
+    ``marker`` is the run of backticks or tildes; ``language`` the lone word after it (``python``), if any;
+    ``code`` whatever else follows the marker, verbatim: code written on the fence line (```` ```print(1) ````).
+    """
+
+    marker: str
+    language: str = ""
+    code: str = ""
+
+
+def opening_fence(line: str) -> Fence | None:
+    """The fence ``line`` opens, or None: not a fence, or an inline ```` ```x``` ```` closed on the same line."""
+    match = _FENCE_LINE.match(line)
+    if match is None or len(match.group(1)) > FENCE_MAX:
+        return None
+    marker, info = match.group(1), line[match.end():]
+    if marker[0] == "`" and re.search(rf"(?<!`)`{{{len(marker)}}}(?!`)", info):
+        return None  # a code span: closed by a run of the same length
+    word = info.strip()
+    if not word or _LANGUAGE.fullmatch(word):
+        return Fence(marker, word)
+    return Fence(marker, "", info)
+
+
+def closes_fence(line: str, fence: Fence) -> bool:
+    """Whether ``line`` closes the block ``fence`` opened: the same character, at least as many, nothing after."""
+    match = _FENCE_LINE.match(line)
+    return (match is not None and match.group(1)[0] == fence.marker[0]
+            and len(match.group(1)) >= len(fence.marker) and not line[match.end():].strip())
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One platform message of a reply: an exact slice of the reply text, with fence lines added at cuts."""
+
+    body: str
+    reopen: str = ""  # e.g. "```python\n" when a code block continues from the previous piece
+    close: str = ""  # e.g. "\n```" when the code block continues in the next piece
+
+    @property
+    def text(self) -> str:
+        """What the platform message shows."""
+        return self.reopen + self.body + self.close
+
+
+def split_reply(text: str, limit: int, measure: Callable[[str], int] = len) -> list[Piece]:
+    """The messages a reply needs on a platform whose messages hold ``limit`` as ``measure`` counts.
+
+    The bodies joined give back ``text`` exactly; each is non-empty (but for an empty text) and, from
+    `MIN_LIMIT` up, each piece's ``text`` fits. A cut falls after a paragraph, line or word break when one is
+    near enough, else between two grapheme clusters; a cut inside a code block closes it and reopens it
+    (marker and language only) in the next piece.
+
+    Stable while streaming: if ``measure`` never shrinks as text is appended (``len``), every piece of ``text``
+    but the last is also a piece of any longer ``text + more``, unless ``text`` ends in an unfinished line that
+    starts with ```` ` ```` or ``~`` after indentation (it may yet become a fence and change the cut before it).
+    A measure that converts Markdown (Slack's) may move a cut by a few characters when a construct completes.
+    """
+    if measure(text) <= limit or not text:
+        return [Piece(text)]
+    return _Splitter(text, limit, measure).pieces()
+
+
+@dataclass(frozen=True)
+class _Block:
+    content: int  # the index of the first code character; a cut after it is inside the block
+    end: int  # where the closing marker starts; a cut before it is inside the block
+    fence: Fence
+
+
+class _Splitter:
+    def __init__(self, text: str, limit: int, measure: Callable[[str], int]) -> None:
+        self.text = text
+        self.limit = limit
+        self.measure = measure
+        self.blocks: list[_Block] = []
+        # Ranges [start, end) where a cut would leave a fence line in pieces (avoided unless nothing else fits).
+        self.zones: list[tuple[int, int]] = []
+        self._scan()
+        self._block_starts = [block.content for block in self.blocks]
+        self._zone_starts = [start for start, _ in self.zones]
+
+    def _scan(self) -> None:
+        fence: Fence | None = None
+        content = start = 0
+        for line in self.text.split("\n"):
+            end = start + len(line)
+            if fence is None:
+                fence = opening_fence(line)
+                if fence is not None:
+                    content = end - len(fence.code) if fence.code else end + 1
+                    self.zones.append((start + line.index(fence.marker) + 1, content + 1))
+            elif closes_fence(line, fence):
+                marker = start + len(line) - len(line.lstrip(" \t"))
+                self.blocks.append(_Block(content, marker, fence))
+                self.zones.append((marker, end))
+                fence = None
+            start = end + 1
+        if fence is not None:
+            self.blocks.append(_Block(content, len(self.text) + 1, fence))
+
+    def pieces(self) -> list[Piece]:
+        pieces: list[Piece] = []
+        pos, reopen = 0, ""
+        while True:
+            fit_end = self._fit(pos, reopen)
+            cut = fit_end if fit_end == len(self.text) else self._cut(pos, reopen, fit_end)
+            if cut >= len(self.text):
+                pieces.append(Piece(self.text[pos:], reopen))
+                return pieces
+            block = self._block_at(cut)
+            reopen_next = "" if block is None else f"{block.fence.marker}{block.fence.language}\n"
+            pieces.append(Piece(self.text[pos:cut], reopen, self._close(cut, block)))
+            pos, reopen = cut, reopen_next
+
+    def _fit(self, pos: int, reopen: str) -> int:
+        """The last end at which ``reopen + text[pos:end]`` fits (``len(text)``: the rest is the last piece)."""
+        text, n, limit = self.text, len(self.text), self.limit
+
+        def value(end: int) -> int:
+            return self.measure(reopen + text[pos:end])
+
+        lo, v_lo = pos, value(pos)
+        if v_lo > limit:
+            return pos
+        hi, v_hi = -1, 0
+        step = max(1, limit - v_lo + 1)
+        while hi < 0:  # bracket the boundary, doubling the step while it fits
+            end = min(n, lo + step)
+            v = value(end)
+            if v > limit:
+                hi, v_hi = end, v
+            elif end == n:
+                return n
+            else:
+                lo, v_lo, step = end, v, step * 2
+        # Secant steps through the last two probes (the measure is near proportional to the length) land next
+        # to the boundary in a few measures; bisection takes over if they have not.
+        a, v_a, b, v_b = lo, v_lo, hi, v_hi
+        for step in itertools.count():
+            if hi - lo <= 1:
+                break
+            guess = (lo + hi) // 2
+            if step < _SECANT_STEPS and v_b != v_a:
+                guess = min(max(b + (limit - v_b) * (b - a) // (v_b - v_a), lo + 1), hi - 1)
+            v = value(guess)
+            if v <= limit:
+                lo = guess
+            else:
+                hi = guess
+            a, v_a, b, v_b = b, v_b, guess, v
+        return lo
+
+    def _cut(self, pos: int, reopen: str, fit_end: int) -> int:
+        """Where the piece starting at ``pos`` ends: the best candidate that fits."""
+        misses = 0
+        for cut in self._candidates(pos, fit_end):
+            if self._fits(pos, reopen, cut):
+                return cut
+            misses += 1
+            if misses == _MAX_MISSES:
+                break
+        lo, hi = pos, fit_end + 1  # any cut that fits, by bisection
+        while hi - lo > 1:
+            middle = (lo + hi) // 2
+            if self._fits(pos, reopen, middle):
+                lo = middle
+            else:
+                hi = middle
+        if lo > pos:
+            return lo
+        cut = pos + 1  # nothing fits (a limit below MIN_LIMIT): one grapheme cluster, to make progress
+        while cut < len(self.text) and _joins(self.text, cut) and cut - pos < 64:
+            cut += 1
+        return cut
+
+    def _candidates(self, pos: int, fit_end: int) -> Iterator[int]:
+        """Cuts in (pos, fit_end], best first: paragraph, line, word breaks, then between grapheme clusters."""
+        text, window = self.text, fit_end - pos
+        for separator, floor in (("\n\n", pos + window // 2), ("\n", pos + window // 3), (" ", pos)):
+            at = text.rfind(separator, pos, fit_end)
+            while at != -1 and at + len(separator) > floor:
+                cut = at + len(separator)
+                if cut > pos and self._clean(cut):
+                    yield cut
+                at = text.rfind(separator, pos, at + len(separator) - 1)
+        for cut in range(fit_end, pos, -1):
+            if self._clean(cut):
+                yield cut
+        if fit_end > pos:
+            yield fit_end  # inside a cluster or a fence line only when nothing else fits (a line of spaces)
+
+    def _fits(self, pos: int, reopen: str, cut: int) -> bool:
+        return self.measure(reopen + self.text[pos:cut] + self._close(cut, self._block_at(cut))) <= self.limit
+
+    def _close(self, cut: int, block: _Block | None) -> str:
+        if block is None:
+            return ""
+        return block.fence.marker if self.text[cut - 1] == "\n" else "\n" + block.fence.marker
+
+    def _block_at(self, cut: int) -> _Block | None:
+        """The code block a cut at ``cut`` falls inside (so the pieces on both sides need a fence), if any."""
+        index = bisect_right(self._block_starts, cut - 1) - 1
+        if index >= 0 and cut < self.blocks[index].end:
+            return self.blocks[index]
+        return None
+
+    def _clean(self, cut: int) -> bool:
+        """A cut that splits no grapheme cluster, leaves no fence line in pieces, and makes no new one."""
+        if _joins(self.text, cut):
+            return False
+        index = bisect_right(self._zone_starts, cut) - 1
+        if index >= 0 and cut < self.zones[index][1]:
+            return False
+        # Mid-line, what follows the cut would start the next message's first line: "a ~~~ b" must not
+        # turn into a fence there.
+        return self.text[cut - 1] == "\n" or not _FENCE_AHEAD.match(self.text, cut)
+
+
+_ZWJ = "\u200d"
+
+
+def _joins(text: str, i: int) -> bool:
+    """Whether ``text[i]`` belongs to the grapheme cluster of ``text[i - 1]`` (the common cases of UAX #29)."""
+    if i <= 0 or i >= len(text):
+        return False
+    before, char = text[i - 1], text[i]
+    if before == _ZWJ or (before == "\r" and char == "\n"):
+        return True
+    code = ord(char)
+    if (char in "\u200c\u200d" or 0xFE00 <= code <= 0xFE0F or 0x1F3FB <= code <= 0x1F3FF
+            or 0xE0020 <= code <= 0xE007F or 0xE0100 <= code <= 0xE01EF):
+        return True  # joiners, variation selectors, skin tones, tag sequences (subdivision flags)
+    if unicodedata.category(char) in ("Mn", "Mc", "Me"):
+        return True
+    if _regional(char) and _regional(before):  # flags are pairs of regional indicators
+        run = 0
+        while i - 1 - run >= 0 and _regional(text[i - 1 - run]):
+            run += 1
+        return run % 2 == 1
+    return False
+
+
+def _regional(char: str) -> bool:
+    return 0x1F1E6 <= ord(char) <= 0x1F1FF
