@@ -13,6 +13,7 @@ import unicodedata
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["Piece", "Fence", "split_reply", "opening_fence", "closes_fence", "MIN_LIMIT"]
 
@@ -24,7 +25,11 @@ LANGUAGE_MAX = 20
 
 # A fence line may be indented (a code block inside a list item); Discord too ignores indentation.
 _FENCE_LINE = re.compile(r"[ \t]*(`{3,}|~{3,})")
-_FENCE_AHEAD = re.compile(r"[ \t]*(```|~~~)")
+# After a cut, what follows becomes a line of its own: it must not become a fence line there (in a block,
+# any run of three could close the reopened block).
+_FENCE_AHEAD = re.compile(rf"[ \t]*(`{{3,{FENCE_MAX}}}(?!`)|~{{3,{FENCE_MAX}}}(?!~))")
+_FENCE_AHEAD_IN_BLOCK = re.compile(r"[ \t]*(```|~~~)")
+_FENCE_PENDING = re.compile(r"[ \t]*(`{0,2}|~{0,2})")  # up to the end of a text still streaming: a fence may follow
 _LANGUAGE = re.compile(rf"[A-Za-z0-9_+#.-]{{1,{LANGUAGE_MAX}}}")
 # Candidate cuts that do not fit once the closing fence is added (or for a measure that is not additive)
 # before bisecting instead: enough for a cut a closing fence's length before the end.
@@ -83,15 +88,18 @@ class Piece:
 def split_reply(text: str, limit: int, measure: Callable[[str], int] = len) -> list[Piece]:
     """The messages a reply needs on a platform whose messages hold ``limit`` as ``measure`` counts.
 
-    The bodies joined give back ``text`` exactly; each is non-empty (but for an empty text) and, from
-    `MIN_LIMIT` up, each piece's ``text`` fits. A cut falls after a paragraph, line or word break when one is
-    near enough, else between two grapheme clusters; a cut inside a code block closes it and reopens it
-    (marker and language only) in the next piece.
+    The bodies joined give back ``text`` exactly and each is non-empty (but for an empty text), so every cut
+    shrinks what remains; from `MIN_LIMIT` up, each piece's ``text`` fits. A cut falls after a paragraph, line
+    or word break when one is near enough, else between grapheme clusters. A cut inside a code block closes it
+    and reopens it (marker and language only) in the next piece, and no cut makes or breaks a fence line (a
+    message starting with "~~~" cut from "a ~~~ b") unless no other cut fits: within a run of backticks or of
+    blanks before a fence longer than a message.
 
-    Stable while streaming: if ``measure`` never shrinks as text is appended (``len``), every piece of ``text``
-    but the last is also a piece of any longer ``text + more``, unless ``text`` ends in an unfinished line that
-    starts with ```` ` ```` or ``~`` after indentation (it may yet become a fence and change the cut before it).
-    A measure that converts Markdown (Slack's) may move a cut by a few characters when a construct completes.
+    Stable while streaming: if ``measure`` never shrinks as text is appended (``len`` does not), the pieces of
+    ``text`` but its last are also the first pieces of any ``text + more``, unless ``text`` ends in an unfinished
+    line that starts with ```` ` ```` or ``~`` after indentation: it may yet become a fence, which moves the cut
+    before it. A measure that converts Markdown (Slack's) can shrink: ``**bold**`` counts less than ``**bold*``,
+    so a cut may move by a few characters when such a construct completes.
     """
     if measure(text) <= limit or not text:
         return [Piece(text)]
@@ -100,9 +108,18 @@ def split_reply(text: str, limit: int, measure: Callable[[str], int] = len) -> l
 
 @dataclass(frozen=True)
 class _Block:
-    content: int  # the index of the first code character; a cut after it is inside the block
-    end: int  # where the closing marker starts; a cut before it is inside the block
+    content: int  # a cut after this index is inside the block: after the language, or at the code on the line
+    end: int  # where the closing marker starts; a cut up to it is inside the block
     fence: Fence
+
+
+class _Line(NamedTuple):
+    """A line that starts with ` or ~: cut short, it could become or stop being a fence line."""
+
+    start: int
+    end: int
+    role: str  # "text", "opening", "code" (inside a block) or "closing"
+    fence: Fence | None  # the fence it opens, or the one of the block it is in
 
 
 class _Splitter:
@@ -111,26 +128,38 @@ class _Splitter:
         self.limit = limit
         self.measure = measure
         self.blocks: list[_Block] = []
-        # Ranges [start, end) where a cut would leave a fence line in pieces (avoided unless nothing else fits).
+        # Ranges [start, end) of fence lines, a cut in which would split them between pieces: avoided unless
+        # nothing else fits (a fence line followed by thousands of spaces).
         self.zones: list[tuple[int, int]] = []
+        self.lines: list[_Line] = []
         self._scan()
         self._block_starts = [block.content for block in self.blocks]
         self._zone_starts = [start for start, _ in self.zones]
+        self._line_starts = [line.start for line in self.lines]
 
     def _scan(self) -> None:
         fence: Fence | None = None
         content = start = 0
         for line in self.text.split("\n"):
             end = start + len(line)
+            indent = len(line) - len(line.lstrip(" \t"))
+            role = ""
             if fence is None:
                 fence = opening_fence(line)
+                role = "text" if fence is None else "opening"
                 if fence is not None:
-                    content = end - len(fence.code) if fence.code else end + 1
-                    self.zones.append((start + line.index(fence.marker) + 1, content + 1))
+                    marker_end = start + indent + len(fence.marker)
+                    content = end - len(fence.code) if fence.code else marker_end + len(line[marker_end - start:].rstrip())
+                    self.zones.append((start + indent + 1, (content if fence.code else end + 1) + 1))
             elif closes_fence(line, fence):
-                marker = start + len(line) - len(line.lstrip(" \t"))
-                self.blocks.append(_Block(content, marker, fence))
-                self.zones.append((marker, end))
+                role = "closing"
+                self.blocks.append(_Block(content, start + indent, fence))
+                self.zones.append((start + indent, end))
+            else:
+                role = "code"
+            if line[indent:indent + 1] in ("`", "~"):
+                self.lines.append(_Line(start, end, role, fence))
+            if role == "closing":
                 fence = None
             start = end + 1
         if fence is not None:
@@ -212,7 +241,8 @@ class _Splitter:
         return cut
 
     def _candidates(self, pos: int, fit_end: int) -> Iterator[int]:
-        """Cuts in (pos, fit_end], best first: paragraph, line, word breaks, then between grapheme clusters."""
+        """Cuts in (pos, fit_end], best first: after a paragraph, line or word break, then between grapheme
+        clusters, then (when nothing else fits) anywhere that makes or breaks no fence line."""
         text, window = self.text, fit_end - pos
         for separator, floor in (("\n\n", pos + window // 2), ("\n", pos + window // 3), (" ", pos)):
             at = text.rfind(separator, pos, fit_end)
@@ -224,8 +254,11 @@ class _Splitter:
         for cut in range(fit_end, pos, -1):
             if self._clean(cut):
                 yield cut
+        for cut in range(fit_end, pos, -1):
+            if self._keeps_fences(cut):
+                yield cut
         if fit_end > pos:
-            yield fit_end  # inside a cluster or a fence line only when nothing else fits (a line of spaces)
+            yield fit_end
 
     def _fits(self, pos: int, reopen: str, cut: int) -> bool:
         return self.measure(reopen + self.text[pos:cut] + self._close(cut, self._block_at(cut))) <= self.limit
@@ -238,20 +271,47 @@ class _Splitter:
     def _block_at(self, cut: int) -> _Block | None:
         """The code block a cut at ``cut`` falls inside (so the pieces on both sides need a fence), if any."""
         index = bisect_right(self._block_starts, cut - 1) - 1
-        if index >= 0 and cut < self.blocks[index].end:
+        if index >= 0 and cut <= self.blocks[index].end:
             return self.blocks[index]
         return None
 
     def _clean(self, cut: int) -> bool:
-        """A cut that splits no grapheme cluster, leaves no fence line in pieces, and makes no new one."""
+        """A cut that splits no grapheme cluster and no fence line, and makes or breaks no fence line."""
         if _joins(self.text, cut):
             return False
         index = bisect_right(self._zone_starts, cut) - 1
         if index >= 0 and cut < self.zones[index][1]:
             return False
-        # Mid-line, what follows the cut would start the next message's first line: "a ~~~ b" must not
-        # turn into a fence there.
-        return self.text[cut - 1] == "\n" or not _FENCE_AHEAD.match(self.text, cut)
+        return self._keeps_fences(cut)
+
+    def _keeps_fences(self, cut: int) -> bool:
+        """Whether a cut leaves each message's code blocks where the text has them.
+
+        Mid-line, what follows the cut starts the next message's first line: "a ~~~ b" must not turn into a
+        fence there. And the first part of the line must keep the role the whole line has in the text."""
+        text = self.text
+        if text[cut - 1] == "\n":
+            return True
+        index = bisect_right(self._line_starts, cut) - 1
+        line = self.lines[index] if index >= 0 and cut <= self.lines[index].end else None
+        head = "" if line is None else text[line.start:cut]
+        if line is not None and line.role in ("opening", "closing") and not head.strip(" \t"):
+            return True  # in the indentation of a fence line: the next message starts with that fence line
+        if ((_FENCE_AHEAD_IN_BLOCK if self._block_at(cut) else _FENCE_AHEAD).match(text, cut)
+                or _FENCE_PENDING.fullmatch(text, cut)):
+            return False
+        if line is None:
+            return True
+        if line.role == "text":
+            return opening_fence(head) is None  # "```a b```" cut inside the span would open a block
+        assert line.fence is not None
+        if line.role == "code":
+            return not closes_fence(head, line.fence)  # "``` x" in a block, cut after "```", would close it
+        if line.role == "closing":
+            return closes_fence(head, line.fence)
+        opening = opening_fence(head)  # "```python": the same language; "```var a=1": still code, not "var"
+        return opening is not None and opening.marker == line.fence.marker and (
+            bool(opening.code) if line.fence.code else opening == line.fence)
 
 
 _ZWJ = "\u200d"

@@ -82,6 +82,35 @@ def open_fence(text: str) -> Fence | None:
     return fence
 
 
+def code_mask(text: str) -> list[bool]:
+    """For each character: is it code (inside a fenced block, or written on its opening line)?"""
+    mask: list[bool] = []
+    fence: Fence | None = None
+    for line in text.split("\n"):
+        if fence is None:
+            fence = opening_fence(line)
+            code = len(fence.code) if fence is not None else 0
+            mask += [False] * (len(line) - code) + [True] * code + [False]
+        elif closes_fence(line, fence):
+            fence = None
+            mask += [False] * (len(line) + 1)
+        else:
+            mask += [True] * (len(line) + 1)
+    return mask[:len(text)]
+
+
+def assert_code_kept(text: str, pieces: list[Piece]) -> None:
+    """Each message leaves no code block open and shows as code exactly what is code in the text."""
+    for piece in pieces[:-1]:
+        assert open_fence(piece.text) is None, f"a message leaves a code block open: {piece!r}"
+    in_text, start = code_mask(text), 0
+    for piece in pieces:
+        in_piece = code_mask(piece.text)[len(piece.reopen):]
+        for i, char in enumerate(piece.body):
+            assert char.isspace() or in_piece[i] == in_text[start + i], f"code changed at {i} in {piece!r}"
+        start += len(piece.body)
+
+
 def check(text: str, limit: int, measure: Measure) -> list[Piece]:
     pieces = split_reply(text, limit, measure)
     assert pieces, "always at least one piece"
@@ -101,8 +130,11 @@ def check(text: str, limit: int, measure: Measure) -> list[Piece]:
     if limit >= MIN_LIMIT:
         for piece in pieces:
             assert measure(piece.text) <= limit, (len(piece.text), piece)
-        for piece in pieces[:-1]:
-            assert open_fence(piece.text) is None, f"a message leaves a code block open: {piece!r}"
+    # Except where no cut can keep code blocks as they are: inside a run of backticks longer than a fence (in
+    # a code block any part of it would close the reopened block) or of blanks before a fence marker longer
+    # than a message's room.
+    if limit >= MIN_LIMIT and not re.search(rf"`{{{FENCE_MAX + 1}}}|~{{{FENCE_MAX + 1}}}|[ \t]{{16}}[`~]", text):
+        assert_code_kept(text, pieces)
     return pieces
 
 
@@ -149,6 +181,12 @@ def test_streaming_a_reply_never_needs_fewer_messages_later(text: str, cut: int,
     assert len(split_reply(text[:cut], limit)) <= len(split_reply(text, limit))
 
 
+def test_a_cut_before_trailing_blanks_waits_for_what_follows() -> None:
+    # Blanks at the end of a text still streaming may be followed by a fence: a cut there would have to move.
+    text = "a" * 63 + "  "
+    assert split_reply(text, 64)[:-1] == split_reply(text + "```py\nx\n```", 64)[:-1]
+
+
 # ---------------------------------------------------------------- the cases from the issue, and the cut rules
 
 
@@ -182,6 +220,23 @@ def test_inline_triple_backticks_are_not_an_open_fence() -> None:
     pieces = check(text, 2000, len)
     assert len(pieces) == 3
     assert all(p.reopen == p.close == "" for p in pieces)
+
+
+WORDS6 = "word\n\n" * 6
+
+
+@pytest.mark.parametrize(("text", "limit"), [
+    ("say a ~~~ b " * 40, 64),  # a cut before "~~~" would start a message with a fence
+    (WORDS6 + "```\n``` " + "x" * 53 + "\n\nword\n\n", 64),  # cut after "```", a line of code would close the block
+    ("```var " + "a=1;" * 40 + "\n```\nafter", 64),  # cut after "```var", the code would read as language "var"
+    ("word\n\n    ````" + " " * 52 + "\n````\n\nword\n\n", 64),  # a cut at the closing fence of an empty block
+    ("word\n\n" + " " * 62 + "```\n\nword\n\n", 64),  # a fence indented by more than a message holds
+    (WORDS6 + "`" * 112 + "\nword\n```\n\n" + "x" * 90 + "\n\n", 109),  # a divider, not a fence
+    (WORDS6 + "```\n" + "`" * 112 + "\nword\n\n" + "x" * 94 + "\n\n", 109),  # a closing line of 112 backticks
+])
+def test_no_cut_makes_or_breaks_a_fence_line(text: str, limit: int) -> None:
+    # Cases hypothesis found; each failed before the rule it names.
+    assert_code_kept(text, check(text, limit, len))
 
 
 def test_a_cut_prefers_a_paragraph_then_a_line_then_a_word() -> None:
