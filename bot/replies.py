@@ -26,13 +26,14 @@ LANGUAGE_MAX = 20
 # A fence line may be indented (a code block inside a list item); Discord too ignores indentation.
 _FENCE_LINE = re.compile(r"[ \t]*(`{3,}|~{3,})")
 # After a cut, what follows becomes a line of its own: it must not become a fence line there (in a block,
-# any run of three could close the reopened block).
+# any run of three could close the reopened block), nor may it be blanks up to the end of a text still
+# streaming (a fence may follow).
 _FENCE_AHEAD = re.compile(rf"[ \t]*(`{{3,{FENCE_MAX}}}(?!`)|~{{3,{FENCE_MAX}}}(?!~))")
 _FENCE_AHEAD_IN_BLOCK = re.compile(r"[ \t]*(```|~~~)")
-_FENCE_PENDING = re.compile(r"[ \t]*(`{0,2}|~{0,2})")  # up to the end of a text still streaming: a fence may follow
+_FENCE_PENDING = re.compile(r"[ \t]*(`{0,2}|~{0,2})")
 _LANGUAGE = re.compile(rf"[A-Za-z0-9_+#.-]{{1,{LANGUAGE_MAX}}}")
-# Candidate cuts that do not fit once the closing fence is added (or for a measure that is not additive)
-# before bisecting instead: enough for a cut a closing fence's length before the end.
+# Candidate cuts that turn out not to fit (the closing fence added, or a measure that is not additive)
+# before bisecting for one that does.
 _MAX_MISSES = 16
 _SECANT_STEPS = 6
 
@@ -108,7 +109,7 @@ def split_reply(text: str, limit: int, measure: Callable[[str], int] = len) -> l
 
 @dataclass(frozen=True)
 class _Block:
-    content: int  # a cut after this index is inside the block: after the language, or at the code on the line
+    content: int  # a cut after this index is inside the block (the end of the language, or of the marker)
     end: int  # where the closing marker starts; a cut up to it is inside the block
     fence: Fence
 
@@ -148,9 +149,12 @@ class _Splitter:
                 fence = opening_fence(line)
                 role = "text" if fence is None else "opening"
                 if fence is not None:
-                    marker_end = start + indent + len(fence.marker)
-                    content = end - len(fence.code) if fence.code else marker_end + len(line[marker_end - start:].rstrip())
-                    self.zones.append((start + indent + 1, (content if fence.code else end + 1) + 1))
+                    after_marker = start + indent + len(fence.marker)
+                    if fence.code:  # code from the marker on: a cut after one character of it is fine
+                        content, zone_end = after_marker, after_marker + 1
+                    else:  # a fence and a language: a message needs the line, its newline and some code
+                        content, zone_end = after_marker + len(line[after_marker - start:].rstrip()), end + 2
+                    self.zones.append((start + indent + 1, zone_end))
             elif closes_fence(line, fence):
                 role = "closing"
                 self.blocks.append(_Block(content, start + indent, fence))

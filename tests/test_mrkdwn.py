@@ -45,10 +45,10 @@ def test_code_on_the_fence_line_is_no_longer_dropped() -> None:
     assert to_mrkdwn("```print(1)```\n**bold**").endswith("\n*bold*")  # the line after is not code
 
 
-code_line = st.text(st.characters(blacklist_characters="`\n", blacklist_categories=("Cs",)), max_size=60)
+code_line = st.text(st.characters(exclude_characters="`\n", exclude_categories=("Cs",)), max_size=60)
 fence_code = code_line.filter(lambda code: not re.fullmatch(r"\s*[A-Za-z0-9_+#.-]*\s*", code))  # not a language
-prose = st.text(st.characters(blacklist_characters="`~"), max_size=40)
-words = st.text(st.characters(blacklist_characters="`~*_[]\n"), max_size=40)  # no markup around the code
+prose = st.text(st.characters(exclude_characters="`~"), max_size=40)
+words = st.text(st.characters(exclude_characters="`~*_[]\n"), max_size=40)  # no markup around the code
 
 
 @settings(max_examples=150, deadline=None)
