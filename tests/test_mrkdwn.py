@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.slack.mrkdwn import escape, to_mrkdwn
+from tests.test_replies import code_mask, markdown
 
 
 def visible(text: str) -> str:
@@ -67,3 +68,14 @@ def test_inline_triple_backticks_on_one_line_are_code(before: str, code: str, af
     shown = to_mrkdwn(f"{before}```{code}```{after}\n**next line**")
     assert f"`{escape(code)}`" in shown
     assert "```" not in shown and shown.endswith("\n*next line*")  # no block swallows the rest of the reply
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=markdown())
+def test_no_code_in_random_markdown_is_lost(text: str) -> None:
+    shown, mask = plain(to_mrkdwn(text)), code_mask(text)
+    start = 0
+    for line in text.split("\n"):
+        code = "".join(char for char, is_code in zip(line, mask[start:], strict=False) if is_code)
+        assert visible(code) in shown, code
+        start += len(line) + 1
