@@ -296,7 +296,7 @@ async def test_msg_too_long_on_an_update_does_not_lose_the_final_text(manager, s
 
 
 async def test_socket_mode_disconnect_mid_stream_reconnects_and_keeps_the_reply(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("international", 60), max_tokens=400,
+    await manager.set_sampling(channel_key("C1"), grammar=words("international", 60), max_tokens=1000,
                                repeat_penalty=1.0)
     async with running_bot(manager, settings, fake) as bot:
         event = mention("C1", "long one")
@@ -461,7 +461,7 @@ async def test_native_streaming_appends_and_stops_the_stream(manager, settings, 
 
 
 async def test_expired_native_stream_is_finished_with_chat_update(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("international", 60), max_tokens=400,
+    await manager.set_sampling(channel_key("C1"), grammar=words("international", 60), max_tokens=1000,
                                repeat_penalty=1.0)
     async with running_bot(manager, settings, fake, native_streaming=True) as bot:
         event = mention("C1", "stream it")
