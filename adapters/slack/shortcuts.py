@@ -1,4 +1,4 @@
-"""Message shortcuts: "Ask llamarelay about this" (a modal asks the question) and "Summarize thread".
+"""Message shortcuts: "Ask llamarelay about it" (a modal asks the question) and "Summarize thread".
 
 Both answer in the thread of the message they were used on, and that thread becomes (or continues) the
 conversation, as a mention answered there would. Refusals and failures are shown only to the person who used
@@ -62,7 +62,7 @@ class MessageShortcuts:
     def __init__(self, bot: SlackBot) -> None:
         self.bot = bot
 
-    # -- Ask llamarelay about this -----------------------------------------------------------------------
+    # -- Ask llamarelay about it -------------------------------------------------------------------------
 
     async def ask_about(self, ack: AsyncAck, shortcut: dict[str, Any], respond: AsyncRespond) -> None:
         """The shortcut: a modal asking for the question, carrying the message along."""
