@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS messages (
     author_id    TEXT NOT NULL DEFAULT '',
     author_name  TEXT NOT NULL DEFAULT '',
     created_at   REAL NOT NULL,
-    notes        TEXT NOT NULL DEFAULT '', -- what the bot added below a reply (stopped, errors); never the model's words
+    notes        TEXT NOT NULL DEFAULT '', -- what the bot added below a reply (stopped, errors), never model words
     feedback     TEXT NOT NULL DEFAULT ''  -- a reply: what a user said of it ("good", "bad"), '' when nothing
 );
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_key, id);
@@ -149,8 +149,9 @@ class Store:
         return StoredMessage(*rows[0]) if rows else None
 
     async def reopen_reply(self, message_id: int, content: str) -> None:
-        """Make a stored reply "generating" again, holding ``content`` (Regenerate: empty; Continue: the text)."""
-        await self._write("UPDATE messages SET content = ?, status = ?, notes = '' WHERE id = ?",
+        """Make a stored reply "generating" again, holding ``content`` (Regenerate: empty; Continue: the text).
+        A rating of the old answer does not carry over to the new one."""
+        await self._write("UPDATE messages SET content = ?, status = ?, notes = '', feedback = '' WHERE id = ?",
                           (content, Status.GENERATING, message_id))
 
     async def checkpoint(self, message_id: int, content: str) -> None:

@@ -122,10 +122,16 @@ async def test_native_streaming_feedback_buttons_are_stored_with_the_reply(manag
         await fake.wait_for(lambda: fake.ephemeral_texts("U1"), what="the thanks")
         await press(fake, reply, FEEDBACK, user="U2", positive=True)  # the latest rating is kept
         await fake.wait_for(lambda: fake.ephemeral_texts("U2"), what="the thanks")
+        [rated] = await replies(manager, channel_key("C1", question["ts"]))
 
-    [stored] = await replies(manager, channel_key("C1", question["ts"]))
-    assert stored.feedback == "good"
+        await press(fake, reply, REGENERATE)  # a new answer starts unrated
+        await fake.wait_for(lambda: fake.calls_to("chat.update"), what="the new answer")
+        await settled(bot)
+
+    assert rated.feedback == "good"
     assert fake.ephemeral_texts() == [THANKS, THANKS]
+    [regenerated] = await replies(manager, channel_key("C1", question["ts"]))
+    assert regenerated.id == rated.id and regenerated.feedback == "" and regenerated.status == Status.COMPLETE
     stop_blocks = fake.calls_to("chat.stopStream")[-1].args["blocks"]
     stop_blocks = json.loads(stop_blocks) if isinstance(stop_blocks, str) else stop_blocks
     assert [b["type"] for b in stop_blocks] == ["actions", "context_actions"]

@@ -1,4 +1,4 @@
-"""Message shortcuts ("Ask llamarelay about this", "Summarize thread") through the real slack-bolt app."""
+"""Message shortcuts ("Ask llamarelay about it", "Summarize thread") through the real slack-bolt app."""
 
 from __future__ import annotations
 

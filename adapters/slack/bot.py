@@ -95,14 +95,21 @@ class SlackBot:
             await self.client.auth_test()
         except SlackApiError as exc:
             raise ConfigError(f"Slack rejected SLACK_BOT_TOKEN ({exc.response.get('error')})") from None
-        self._http = aiohttp.ClientSession()
+        if not self._app_token and not self._signing_secret:
+            raise ConfigError("Slack HTTP mode needs SLACK_SIGNING_SECRET (or set SLACK_APP_TOKEN for Socket Mode)")
+        self._http = aiohttp.ClientSession()  # for files shared with messages
+        try:
+            await self._connect()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _connect(self) -> None:
         if self._app_token:
             self._socket = AsyncSocketModeHandler(self.app, app_token=self._app_token)
             await self._socket.connect_async()
             log.info("connected to Slack in Socket Mode")
             return
-        if not self._signing_secret:
-            raise ConfigError("Slack HTTP mode needs SLACK_SIGNING_SECRET (or set SLACK_APP_TOKEN for Socket Mode)")
         s = self.settings
         self._runner = web.AppRunner(self.app.web_app(path=s.http_path, port=s.http_port), handle_signals=False)
         await self._runner.setup()
