@@ -64,6 +64,7 @@ async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> N
     """
     engine = await asyncio.to_thread(Engine, settings.engine)
     try:
+        engine.check_sampling(settings.sampling)
         store = await Store.open(settings.store.path)
         try:
             manager = ConversationManager(engine, store, settings)
@@ -140,17 +141,30 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
         raise failure
 
 
+COMMANDS = {
+    "run": "start every adapter that has a token (the terminal chat when none has)",
+    "chat": "chat with the model in this terminal",
+    "web": "serve only the browser chat page ([web] host and port)",
+    "fetch-model": "download the default model into the configured model_path",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamarelay", description="A local LLM chat bot for Discord and Slack.")
-    parser.add_argument("--config", type=Path, default=None,
-                        help=f"config file (default: ./{DEFAULT_CONFIG_PATH}, or built-in defaults if absent)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_common_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="start every adapter that has a token (the terminal chat when none has)")
-    commands.add_parser("chat", help="chat with the model in this terminal")
-    commands.add_parser("web", help="serve only the browser chat page ([web] host and port)")
-    commands.add_parser("fetch-model", help="download the default model into the configured model_path")
+    for name, help_text in COMMANDS.items():
+        # Users type options after the command too (`llamarelay chat --config FILE`).
+        _add_common_options(commands.add_parser(name, help=help_text), defaults=False)
     return parser
+
+
+def _add_common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--config and -v; on a subcommand without defaults, so an option given before it is not overwritten."""
+    parser.add_argument("--config", type=Path, default=None if defaults else argparse.SUPPRESS,
+                        help=f"config file (default: ./{DEFAULT_CONFIG_PATH}, or built-in defaults if absent)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                        help="debug logging")
 
 
 def _load(config: Path | None) -> Settings:

@@ -39,14 +39,22 @@ class EngineSettings(_Section):
                                 description="RAM for KV caches of conversations whose slot was reused")
     max_queue: int = Field(32, ge=1, le=10000, description="requests that may wait; more are refused")
 
+    @model_validator(mode="after")
+    def _fits_llama_cpp(self) -> EngineSettings:
+        # llama.cpp would abort the whole process (GGML_ASSERT) on this rather than return an error.
+        if self.parallel > self.n_batch:
+            raise ValueError(f"engine.parallel ({self.parallel}) must not exceed engine.n_batch ({self.n_batch}): "
+                             "every conversation generated at once needs a place in each batch")
+        return self
+
 
 class SamplingSettings(_Section):
     max_tokens: int = Field(512, ge=1, le=32768, description="longest reply in tokens")
     temperature: float = Field(0.7, ge=0.0, le=5.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(40, ge=0, le=1000)
-    repeat_penalty: float = Field(1.1, ge=0.0, le=5.0)
-    seed: int = Field(-1, ge=-1, description="-1 = a new random seed per reply")
+    repeat_penalty: float = Field(1.1, gt=0.0, le=5.0, description="1.0 = off; above 1.0 discourages repeats")
+    seed: int = Field(-1, ge=-1, le=0xFFFFFFFE, description="-1 = a new random seed per reply")
     grammar: str | None = Field(None, description="GBNF grammar every reply must follow (optional)")
 
 
@@ -179,6 +187,6 @@ def _describe(error: Any) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"unknown setting '{key}'"
-    if not key:  # a rule across sections; its message names the keys
+    if not key or error["type"] == "value_error":  # a rule across keys; its message names them
         return error["msg"].removeprefix("Value error, ")
     return f"'{key}' = {error['input']!r} is invalid: {error['msg'][0].lower()}{error['msg'][1:]}"

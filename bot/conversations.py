@@ -14,7 +14,7 @@ import logging
 import re
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,6 +43,7 @@ SHUTTING_DOWN = f"⚠️ {SHUTTING_DOWN_REASON}"
 STOPPED_NOTE = "⏹️ Stopped."
 LENGTH_NOTE = "✂️ (reached the reply length limit)"
 STALE_REPLY = "That is no longer the latest answer in this conversation."
+NOTHING_TO_CONTINUE = "That answer was not cut short, so there is nothing to continue."
 NOT_SAVED = "⚠️ I could not save your message (database problem), so I can't answer it; please try again."
 RESET_NOTE = "🧹 The conversation was reset before this message was answered."
 TRUNCATED_MARK = "\n[… the rest of this message was cut to fit the context window]"
@@ -63,7 +64,8 @@ def queued_line(position: int) -> str:
 def parse_status_line(text: str) -> tuple[str, int | None] | None:
     """(kind, queue position) if ``text`` is one of the status lines shown before a reply's text, else None.
 
-    For targets that show status apart from reply text (the web page): kind is thinking, waiting or queued.
+    For targets that show status apart from reply text (the web page): kind is thinking, reasoning, waiting or
+    queued.
     """
     if text == THINKING:
         return "thinking", None
@@ -215,7 +217,7 @@ class ConversationManager:
         self._pacers = Pacers(clock=clock, sleep=sleep)
         self._lines: dict[str, list[Request]] = {}  # per conversation, its unfinished requests in arrival order
         self._turns: dict[str, asyncio.Lock] = {}  # per conversation: whose turn it is to generate
-        self._background: set[asyncio.Task[ReplyResult]] = set()  # replies no caller awaits (`respond_soon`)
+        self._background: set[asyncio.Task[ReplyResult]] = set()  # replies no caller awaits (`in_background`)
         self._opens_reasoning: tuple[object, bool] = (None, False)  # (chat template, its prompt opens <think>)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -261,7 +263,7 @@ class ConversationManager:
             exchange = await self._latest_exchange(key, reply_id)
             reply = await self.store.message(reply_id)
             if reply is None or not can_continue(reply):
-                raise LlamarelayError("That answer was not cut short, so there is nothing to continue.")
+                raise LlamarelayError(NOTHING_TO_CONTINUE)
             await self.store.reopen_reply(reply_id, reply.content)
             return dataclasses.replace(exchange, prefix=reply.content)
 
@@ -272,10 +274,10 @@ class ConversationManager:
         newest = await self.store.messages(str(key), limit=1)
         return newest[0] if newest and newest[0].role == "assistant" else None
 
-    def respond_soon(self, incoming: Incoming, target: ReplyTarget) -> asyncio.Task[ReplyResult]:
-        """`respond` in a task of its own, held here until it ends: for adapters whose request ends before the
-        reply does (a browser tab may close mid-stream, the reply still goes on and is stored)."""
-        task = asyncio.create_task(self.respond(incoming, target), name=f"reply in {incoming.key.platform}")
+    def in_background(self, reply: Coroutine[Any, Any, ReplyResult]) -> asyncio.Task[ReplyResult]:
+        """Run ``reply`` (`respond`, `regenerate`, `continue_reply`) in a task held here until it ends: for
+        adapters whose request ends before the reply does (a closed browser tab must not cut a reply short)."""
+        task = asyncio.create_task(reply, name="reply")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
@@ -300,8 +302,7 @@ class ConversationManager:
         self._lines.setdefault(request.key, []).append(request)
         self._idle.clear()
         try:
-            result = await self._run(request, before_turn, at_turn)
-            result = dataclasses.replace(result, notes=[*(notes or []), *result.notes])
+            result = await self._run(request, before_turn, at_turn, notes or [])
             request.state = State.DELIVERING
             if result.reply_id is not None:
                 delivery.controls(Controls(reply_id=result.reply_id, can_continue=result.can_continue))
@@ -318,8 +319,8 @@ class ConversationManager:
                 self._idle.set()
 
     async def _run(self, request: Request, before_turn: Callable[[], Awaitable[Exchange]] | None,
-                   at_turn: Callable[[], Awaitable[Exchange]] | None) -> ReplyResult:
-        """Wait for the conversation's turn, generate, and store the reply."""
+                   at_turn: Callable[[], Awaitable[Exchange]] | None, first_notes: list[str]) -> ReplyResult:
+        """Wait for the conversation's turn, generate, and store the reply (``first_notes`` above its own)."""
         key, delivery = request.key, request.delivery
         delivery.status(WAITING_FOR_PREVIOUS if len(self._lines[key]) > 1 else THINKING)
         delivery.controls(Controls(stop=True))
@@ -330,14 +331,14 @@ class ConversationManager:
                 exchange = await before_turn()
             except LlamarelayError as exc:
                 log.error("could not store a message in %s: %s", key, exc)
-                return ReplyResult(Status.FAILED, "", [NOT_SAVED])
+                return ReplyResult(Status.FAILED, "", [*first_notes, NOT_SAVED])
         turn = self._turns.setdefault(key, asyncio.Lock())
         try:
             if not await self._take_turn(request, turn):
                 assert request.ended is not None
                 if exchange is None:
-                    return ReplyResult(Status.STOPPED, "", [request.ended])
-                return await self._store_reply(exchange, "", Status.STOPPED, [request.ended])
+                    return ReplyResult(Status.STOPPED, "", [*first_notes, request.ended])
+                return await self._store_reply(exchange, "", Status.STOPPED, [*first_notes, request.ended])
             try:
                 if at_turn is not None:
                     exchange = await at_turn()
@@ -353,13 +354,13 @@ class ConversationManager:
             finally:
                 turn.release()
             if exchange is None:
-                return ReplyResult(status, "", notes)
-            return await self._store_reply(exchange, request.text, status, notes)
+                return ReplyResult(status, "", [*first_notes, *notes])
+            return await self._store_reply(exchange, request.text, status, [*first_notes, *notes])
         except BaseException:  # cancelled: free the engine, keep what was written
             if request.generation is not None:
                 request.generation.cancel()
             if exchange is not None:
-                await asyncio.shield(self._store_reply(exchange, request.text, Status.INTERRUPTED, []))
+                await asyncio.shield(self._store_reply(exchange, request.text, Status.INTERRUPTED, first_notes))
             raise
 
     async def _latest_exchange(self, key: SessionKey, reply_id: int) -> Exchange:

@@ -153,12 +153,12 @@ async def test_replies_in_one_workspace_share_its_update_pace(manager, settings,
             assert reply.text.split() == ["organization"] * 40
 
     # Slack limits chat.postMessage / chat.update per workspace: three replies streaming at once share one
-    # pace (edit_interval = 0.2 s here) instead of each assuming it has the whole budget. Arrival times jitter
-    # by some milliseconds on a busy machine; three separate paces would put calls about 0.07 s apart.
+    # pace (edit_interval = 0.2 s here) instead of each assuming it has the whole budget.
     writes = sorted(c.at for c in fake.calls_to("chat.update") + fake.calls_to("chat.postMessage"))
+    gaps = [round(b - a, 3) for a, b in zip(writes, writes[1:])]
     assert len(writes) >= 6
-    gaps = [round(b - a, 3) for a, b in itertools.pairwise(writes)]
-    assert min(gaps) >= 0.15, gaps
+    # Arrival times jitter a little around the pace the bot keeps; three paces of their own would be 3x faster.
+    assert writes[-1] - writes[0] >= 0.95 * 0.2 * len(gaps) and min(gaps) >= 0.1, gaps
 
 
 # " <<<<" is 5 characters from the model and 17 on Slack (" &lt;&lt;&lt;&lt;"): 200 of them make 1,000

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from typing import TYPE_CHECKING, Any
 
 import discord
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 TYPING_REFRESH_SECONDS = 8.0  # Discord shows "typing…" for about 10 s per request
+NOT_LISTED = "Sorry, you're not on the list of people allowed to use this bot."
+DM_REFUSED = "Sorry, I answer direct messages only from people allowed to use me in a server."
+DM_ACCESS_CACHE_SECONDS = 60.0  # how long a DM user's looked-up membership is trusted
 
 
 class DiscordBot(discord.Client):
@@ -43,6 +47,7 @@ class DiscordBot(discord.Client):
         self.settings = settings
         self.rate_limiter = RateLimiter(settings.user_messages_per_minute)
         self.tree = LlamarelayTree(self)
+        self._dm_access: dict[int, tuple[float, bool]] = {}  # user id -> (when looked up, allowed)
         self._closing = False
 
     async def setup_hook(self) -> None:
@@ -77,25 +82,84 @@ class DiscordBot(discord.Client):
     def is_admin(self, user: discord.abc.User) -> bool:
         return user.id in self.settings.admin_user_ids
 
-    def refusal(self, user: discord.abc.User, channel: Any, guild_id: int | None) -> str | None:
-        """Why ``user`` may not use the bot here, or None if they may."""
+    async def refusal(self, user: discord.abc.User, channel: Any, guild_id: int | None) -> str | None:
+        """Why ``user`` may not use the bot here, or None if they may.
+
+        In a DM with any allow-list set, the user must be allowed somewhere: listed in ``allowed_user_ids``,
+        or a member of an allowed guild who passes its role and channel lists (looked up over REST).
+        """
         cfg = self.settings
         if self.is_admin(user):
             return None
         if guild_id is None:
             if not cfg.dms_enabled:
                 return "Direct messages are turned off for this bot; mention me in a server channel instead."
-        else:
-            if cfg.allowed_guild_ids and guild_id not in cfg.allowed_guild_ids:
-                return "I'm not enabled in this server."
-            channel_ids = {getattr(channel, "id", None), getattr(channel, "parent_id", None)}
-            if cfg.allowed_channel_ids and not channel_ids & set(cfg.allowed_channel_ids):
-                return "I'm not enabled in this channel."
-        if cfg.allowed_user_ids or cfg.allowed_role_ids:
-            roles = {role.id for role in getattr(user, "roles", [])}
-            if user.id not in cfg.allowed_user_ids and not roles & set(cfg.allowed_role_ids):
-                return "Sorry, you're not on the list of people allowed to use this bot."
+            return None if await self._dm_allowed(user) else DM_REFUSED
+        if cfg.allowed_guild_ids and guild_id not in cfg.allowed_guild_ids:
+            return "I'm not enabled in this server."
+        if not self._channel_allowed(channel):
+            return "I'm not enabled in this channel."
+        if not self._listed(user):
+            return NOT_LISTED
         return None
+
+    def _channel_allowed(self, channel: Any) -> bool:
+        channel_ids = {getattr(channel, "id", None), getattr(channel, "parent_id", None)}
+        return not self.settings.allowed_channel_ids or bool(channel_ids & set(self.settings.allowed_channel_ids))
+
+    def _listed(self, user: discord.abc.User) -> bool:
+        """True unless user or role lists are set and ``user`` is on neither (roles only for a `Member`)."""
+        cfg = self.settings
+        if not cfg.allowed_user_ids and not cfg.allowed_role_ids:
+            return True
+        roles = {role.id for role in getattr(user, "roles", [])}
+        return user.id in cfg.allowed_user_ids or bool(roles & set(cfg.allowed_role_ids))
+
+    async def _dm_allowed(self, user: discord.abc.User) -> bool:
+        """Whether a DM from ``user`` is answered; membership answers are kept a minute, so DM spam from
+        strangers costs one REST lookup per minute, not one per message."""
+        cfg = self.settings
+        if not (cfg.allowed_guild_ids or cfg.allowed_channel_ids or cfg.allowed_role_ids or cfg.allowed_user_ids):
+            return True  # a public bot: to keep strangers out, switch off "Public Bot" or set a list
+        if user.id in cfg.allowed_user_ids:
+            return True
+        if cfg.allowed_user_ids and not cfg.allowed_role_ids:
+            return False  # only the listed users, whatever guilds they are in
+        now = time.monotonic()
+        known = self._dm_access.get(user.id)
+        if known is not None and now - known[0] < DM_ACCESS_CACHE_SECONDS:
+            return known[1]
+        allowed: bool | None = False
+        for guild in self._dm_guilds():
+            try:
+                member = await guild.fetch_member(user.id)  # REST: needs no Server Members intent
+            except (discord.NotFound, discord.Forbidden):
+                continue
+            except discord.HTTPException as exc:
+                log.warning("could not look up user %s in guild %s: %s", user.id, guild.id, exc)
+                allowed = None  # unknown: refuse now, ask again next time
+                continue
+            if self._listed(member) and self._sees_an_allowed_channel(member, guild):
+                allowed = True
+                break
+        if allowed is not None:
+            self._dm_access[user.id] = (now, allowed)
+        return bool(allowed)
+
+    def _dm_guilds(self) -> list[discord.Guild]:
+        """Guilds whose members may DM the bot: allowed ones that hold an allowed role and channel, if listed."""
+        cfg = self.settings
+        return [guild for guild in self.guilds
+                if (not cfg.allowed_guild_ids or guild.id in cfg.allowed_guild_ids)
+                and (not cfg.allowed_role_ids or any(guild.get_role(r) for r in cfg.allowed_role_ids))
+                and (not cfg.allowed_channel_ids or any(guild.get_channel_or_thread(c)
+                                                        for c in cfg.allowed_channel_ids))]
+
+    def _sees_an_allowed_channel(self, member: discord.Member, guild: discord.Guild) -> bool:
+        if not self.settings.allowed_channel_ids:
+            return True
+        channels = (guild.get_channel_or_thread(c) for c in self.settings.allowed_channel_ids)
+        return any(c is not None and c.permissions_for(member).view_channel for c in channels)
 
     def rate_limited(self, user: discord.abc.User) -> str | None:
         """A friendly line if ``user`` is over the per-minute limit (counting this message), else None."""
@@ -138,7 +202,7 @@ class DiscordBot(discord.Client):
         if not self._addressed(message):
             return
         guild_id = message.guild.id if message.guild else None
-        if self.refusal(message.author, message.channel, guild_id) is not None:
+        if await self.refusal(message.author, message.channel, guild_id) is not None:
             log.info("ignoring a message from user %s: not allowed here", message.author.id)
             return
         if (too_fast := self.rate_limited(message.author)) is not None:

@@ -50,7 +50,7 @@ class LlamarelayTree(app_commands.CommandTree):
             self.add_command(command)
 
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
-        why = _bot(interaction).refusal(interaction.user, interaction.channel, interaction.guild_id)
+        why = await _bot(interaction).refusal(interaction.user, interaction.channel, interaction.guild_id)
         if why is None:
             return True
         await _say(interaction, f"🚫 {why}", ephemeral=True)

@@ -16,7 +16,7 @@ from slack_sdk.errors import SlackApiError
 
 from adapters.slack.blocks import CONTINUE, FEEDBACK, REGENERATE, STOP, ButtonValue, without_buttons
 from adapters.slack.targets import UpdateTarget
-from bot.conversations import STALE_REPLY, can_continue
+from bot.conversations import NOTHING_TO_CONTINUE, STALE_REPLY, can_continue
 from bot.store import Status
 from bot.types import SessionKey
 
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 NOTHING_TO_STOP = "This reply is already finished; there is nothing to stop."
 STALE = f"🕰️ {STALE_REPLY} Only the newest answer can be regenerated or continued."
-NOTHING_TO_CONTINUE = "That answer was not cut short, so there is nothing to continue."
 BUSY = "⏳ This conversation is still answering; wait for it to finish (or press Stop) first."
 THANKS = "Thanks for the feedback!"
 

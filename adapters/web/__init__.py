@@ -1,7 +1,8 @@
 """Web adapter: a browser chat page served by the bot's own process, streamed over Server-Sent Events.
 
 `server` holds the aiohttp application and the checks in front of it, `api` the JSON API under /api/,
-`events` the reply target that turns the core's edits into events, `static/` the page (no build step).
+`events` the reply target that turns the core's edits into events, `uploads` the reading of a message sent
+with files, `static/` the page (no build step).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The REST half of the fake Discord: login, command sync, messages, typing, interaction callbacks, webhooks.
+"""The REST half of the fake Discord: login, command sync, member lookups, messages, typing, interactions.
 
 Every request is recorded with the status it got. Tests can script failures (429 with or without ``Via``),
 enforce a per-channel write bucket announced in ``X-RateLimit-*`` headers, and wait on any condition.
@@ -17,9 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fake_discord.payloads import (ALICE_ID, APP_ID, BOB_ID, BOT_ID, GUILD_CHANNELS, GUILD_ID, LOADING_FLAG,
-                                         MALLORY_ID, MEMBER_ROLE_ID, OTHER_BOT_ID, EPHEMERAL_FLAG, jresp,
-                                         message_payload, now_iso, user_payload)
+from tests.fake_discord.payloads import (ALICE_ID, APP_ID, BOB_ID, BOT_ID, EVE_ID, GUILD_CHANNELS, GUILD_ID,
+                                         LOADING_FLAG, MALLORY_ID, MEMBER_ROLE_ID, OTHER_BOT_ID, EPHEMERAL_FLAG,
+                                         jresp, member_payload, message_payload, now_iso, user_payload)
 
 __all__ = ["FakeRest", "FakeInteraction", "Recorded"]
 
@@ -70,7 +70,9 @@ class FakeRest:
             BOB_ID: user_payload(BOB_ID, "bob", global_name="Bob"),
             MALLORY_ID: user_payload(MALLORY_ID, "mallory", global_name="Mallory"),
             OTHER_BOT_ID: user_payload(OTHER_BOT_ID, "otherbot", bot=True),
+            EVE_ID: user_payload(EVE_ID, "eve", global_name="Eve"),
         }
+        # The guild's members and their roles (Eve is not one).
         self.member_roles: dict[int, list[int]] = {ALICE_ID: [MEMBER_ROLE_ID], BOB_ID: [MEMBER_ROLE_ID],
                                                    MALLORY_ID: [], OTHER_BOT_ID: []}
         self.requests: list[Recorded] = []
@@ -233,6 +235,8 @@ class FakeRest:
                           for cmd in body])
         if parts[0] == "channels" and len(parts) >= 3:
             return self._channel_route(method, parts, body)
+        if method == "GET" and parts[0] == "guilds" and len(parts) == 4 and parts[2] == "members":
+            return self._member(int(parts[1]), int(parts[3]))
         if parts[0] == "interactions" and method == "POST" and parts[-1] == "callback":
             return self._callback(parts[2], body)
         if parts[0] == "webhooks" and len(parts) >= 3:
@@ -265,6 +269,14 @@ class FakeRest:
         if parts[2] == "messages" and method == "PATCH" and len(parts) == 4:
             return self._edited(int(parts[3]), body)
         return jresp({"message": "fake discord: unsupported channel route", "code": 0}, status=404)
+
+    def _member(self, guild_id: int, user_id: int) -> web.Response:
+        """GET /guilds/{guild}/members/{user}, which bots may call without the Server Members intent."""
+        if guild_id != GUILD_ID:
+            return jresp({"message": "Unknown Guild", "code": 10004}, status=404)
+        if user_id not in self.member_roles:
+            return jresp({"message": "Unknown Member", "code": 10007}, status=404)
+        return jresp(member_payload(self.users[user_id], self.member_roles[user_id]))
 
     def _callback(self, token: str, body: dict[str, Any]) -> web.Response:
         inter = self.interactions.get(token)
