@@ -191,17 +191,35 @@ async def test_rate_limited_chat_update_is_retried_without_losing_or_duplicating
     assert reply.text.split() == ["organization"] * 20
 
 
-async def test_msg_too_long_on_an_update_does_not_lose_the_final_text(manager, settings, fake):
+@pytest.mark.parametrize("method", ["chat.postMessage", "chat.update"])
+async def test_msg_too_long_is_sent_again_shortened_and_the_final_text_still_shown(manager, settings, fake, method):
     await manager.set_sampling(channel_key("C1"), grammar=words("organization", 20), max_tokens=200,
                                repeat_penalty=1.0)
-    fake.fail("chat.update", "msg_too_long", times=1)
+    fake.fail(method, "msg_too_long", times=1)
     async with running_bot(manager, settings, fake) as bot:
         event = mention("C1", "go")
         await fake.push_event(event)
         [reply] = await answered(bot, fake, "C1", thread_ts=event["ts"])
 
-    assert any(c.error == "msg_too_long" for c in fake.calls_to("chat.update"))
+    calls = fake.calls_to(method)
+    refused = next(i for i, c in enumerate(calls) if c.error == "msg_too_long")
+    assert calls[refused + 1].ok  # at once, not after a backoff
     assert reply.text.split() == ["organization"] * 20
+    assert reply.blocks[0]["text"]["text"] == reply.text
+
+
+async def test_blocks_slack_refuses_fall_back_to_plain_text(manager, settings, fake):
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 20), max_tokens=200,
+                               repeat_penalty=1.0)
+    for method in ("chat.postMessage", "chat.update"):  # say this workspace takes no blocks at all
+        fake.fail(method, "invalid_blocks", times=10**6, when=lambda args: bool(args.get("blocks")))
+    async with running_bot(manager, settings, fake) as bot:
+        event = mention("C1", "go")
+        await fake.push_event(event)
+        [reply] = await answered(bot, fake, "C1", thread_ts=event["ts"])
+
+    assert any(c.error == "invalid_blocks" for c in fake.calls)
+    assert reply.text.split() == ["organization"] * 20 and reply.blocks == []  # shown, without buttons
 
 
 async def test_socket_mode_disconnect_mid_stream_reconnects_and_keeps_the_reply(manager, settings, fake):

@@ -34,6 +34,8 @@ MAX_REPLY_CHARS = SECTION_TEXT_LIMIT
 A reply's text lives in a section block (so buttons can sit under it), which holds at most 3,000 characters."""
 _CLIPPED_TEXT_CHARS = 2500
 _CLIPPED_MARK = "\n…"
+# Refusals a second, different try mends at once.
+_RETRIED_ERRORS = {"msg_too_long": "shortened", "invalid_blocks": "as plain text, without buttons"}
 # Errors that no retry can mend: the message is gone (edit), or the bot cannot post here at all (post).
 _GONE_ERRORS = {"message_not_found", "cant_update_message", "channel_not_found", "not_in_channel", "is_archived",
                 "restricted_action", "no_permission", "thread_not_found"}
@@ -134,26 +136,33 @@ class UpdateTarget:
             response = await self.client.chat_postMessage(**self._content(text, controls, header), **kwargs)
         except SlackApiError as exc:
             self.refusal = exc.response.get("error")
-            if self.refusal != "msg_too_long":
+            if self.refusal not in _RETRIED_ERRORS:
                 raise _gone(exc)
-            response = await self.client.chat_postMessage(
-                **self._content(text, controls, header, _CLIPPED_TEXT_CHARS), **kwargs)
+            log.warning("Slack refused a post (%s); sending it again %s", self.refusal, _RETRIED_ERRORS[self.refusal])
+            content = self._content(text, controls, header, refused=self.refusal)
+            if not content["blocks"]:
+                del content["blocks"]  # a new message needs none
+            response = await self.client.chat_postMessage(**content, **kwargs)
         return str(response["ts"])
 
     async def _update(self, ts: str, text: str, controls: Controls | None = None, header: str = "") -> None:
         try:
             await self.client.chat_update(channel=self.channel, ts=ts, **self._content(text, controls, header))
         except SlackApiError as exc:
-            if exc.response.get("error") != "msg_too_long":
+            error = exc.response.get("error")
+            if error not in _RETRIED_ERRORS:
                 raise _gone(exc)
-            log.warning("Slack refused %d characters as too long; sending a shortened text", len(text))
+            log.warning("Slack refused an update (%s); sending it again %s", error, _RETRIED_ERRORS[error])
             await self.client.chat_update(channel=self.channel, ts=ts,
-                                          **self._content(text, controls, header, _CLIPPED_TEXT_CHARS))
+                                          **self._content(text, controls, header, refused=error))
 
-    def _content(self, text: str, controls: Controls | None, header: str,
-                 limit: int = SECTION_TEXT_LIMIT) -> dict[str, Any]:
-        # ``text`` is what notifications and screen readers use; the blocks are what the message shows.
-        text = _clip(text, limit)
+    def _content(self, text: str, controls: Controls | None, header: str, *,
+                 refused: str | None = None) -> dict[str, Any]:
+        """A message's ``text`` (what notifications and screen readers use) and the blocks it shows; after
+        ``refused`` (an error from `_RETRIED_ERRORS`), the shorter or plainer form that Slack should take."""
+        text = _clip(text, _CLIPPED_TEXT_CHARS if refused == "msg_too_long" else SECTION_TEXT_LIMIT)
+        if refused == "invalid_blocks":  # the text alone still reaches people; [] clears blocks on an update
+            return {"text": text, "blocks": []}
         return {"text": text, "blocks": reply_blocks(text, controls, self.key, header)}
 
 
