@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
 from pathlib import Path
 
-from adapters.slack.blocks import CONTINUE, FEEDBACK, REGENERATE, STOP, ButtonValue
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from adapters.slack.blocks import CONTINUE, FEEDBACK, MAX_VALUE_CHARS, REGENERATE, STOP, ButtonValue
 from adapters.slack.bot import NOT_ALLOWED_USER
 from adapters.slack.controls import NOTHING_TO_STOP, STALE, THANKS
 from bot.conversations import STOPPED_NOTE
@@ -170,3 +175,23 @@ async def test_a_regenerated_ask_answer_keeps_the_question_above_it(manager, set
 
     assert shown(answer) == "*u1 asked:* What is 2+2?\n\nIt is four."
     assert [m.content for m in await replies(manager, channel_key("C1"))] == ["It is four."]
+
+
+_key_part = st.text(st.characters(blacklist_characters="/", blacklist_categories=("Cs",)), min_size=1, max_size=20)
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(channel=_key_part, thread=_key_part, reply_id=st.none() | st.integers(1, 2**62),
+       feedback=st.sampled_from(["", "good", "bad"]), header=st.text(max_size=3000))
+def test_a_button_value_reads_back_within_slacks_limit(channel, thread, reply_id, feedback, header) -> None:
+    value = ButtonValue(channel_key(channel, thread), reply_id, feedback, header)
+    dumped = value.dump()
+    assert len(dumped) <= MAX_VALUE_CHARS
+    assert ButtonValue.load(dumped) in (value, dataclasses.replace(value, header=""))  # a header too long is dropped
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(st.text(max_size=300))
+def test_any_other_value_is_not_taken_for_a_button_of_ours(value: str) -> None:
+    loaded = ButtonValue.load(value)
+    assert loaded is None or ButtonValue.load(loaded.dump()) == loaded

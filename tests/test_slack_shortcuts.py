@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import time
 
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
 from adapters.slack import shortcuts
 from adapters.slack.bot import NOT_ALLOWED_USER
-from adapters.slack.shortcuts import ASK_ABOUT, ASK_VIEW, CANNOT_READ, QUESTION_BLOCK, QUESTION_INPUT, SUMMARIZE
+from adapters.slack.shortcuts import (ASK_ABOUT, ASK_VIEW, CANNOT_READ, METADATA_LIMIT, QUESTION_BLOCK, QUESTION_INPUT,
+                                      SUMMARIZE, view_metadata)
 from tests.fake_slack import FakeMessage, FakeSlack
 from tests.slack_helpers import ACK_DEADLINE_SECONDS, answered, channel_key, fake, running_bot, settled
 
@@ -86,3 +91,14 @@ async def test_shortcuts_refuse_privately_where_the_bot_may_not_answer_or_read(m
     assert texts == {NOT_ALLOWED_USER, CANNOT_READ.format(error="not_in_channel")}
     assert all(c.args["response_type"] == "ephemeral" for c in fake.calls_to("response_url"))
     assert fake.views == [] and fake.messages_in("C1") == []
+
+
+@hypothesis_settings(max_examples=150, deadline=None)
+@given(st.text(max_size=6000), st.text(max_size=200))
+def test_the_modal_carries_as_much_of_the_message_as_slack_allows(text: str, author: str) -> None:
+    fields = {"c": "C1", "t": "1700000000.000100", "a": author, "r": "https://hooks.slack.com/x"}
+    metadata = view_metadata(fields, text)
+    assert len(metadata) <= METADATA_LIMIT
+    carried = json.loads(metadata)
+    assert {k: carried[k] for k in fields} == fields
+    assert carried["x"] == text or (carried["x"].endswith("…") and text.startswith(carried["x"][:-1].rstrip()))

@@ -12,8 +12,8 @@ from typing import Any
 
 from bot.types import Controls, SessionKey
 
-__all__ = ["STOP", "REGENERATE", "CONTINUE", "FEEDBACK", "SECTION_TEXT_LIMIT", "ButtonValue", "reply_blocks",
-           "button_blocks", "feedback_blocks", "without_buttons"]
+__all__ = ["STOP", "REGENERATE", "CONTINUE", "FEEDBACK", "MAX_VALUE_CHARS", "SECTION_TEXT_LIMIT", "ButtonValue",
+           "reply_blocks", "button_blocks", "feedback_blocks", "without_buttons"]
 
 STOP = "llamarelay_stop"
 REGENERATE = "llamarelay_regenerate"

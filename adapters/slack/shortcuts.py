@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from adapters.slack.bot import SlackBot
 
 __all__ = ["register_shortcuts", "MessageShortcuts", "ASK_ABOUT", "SUMMARIZE", "ASK_VIEW", "QUESTION_BLOCK",
-           "QUESTION_INPUT"]
+           "QUESTION_INPUT", "view_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _preview(text: str, limit: int = PREVIEW_CHARS) -> str:
     return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
-def _metadata(fields: dict[str, Any], text: str) -> str:
+def view_metadata(fields: dict[str, Any], text: str) -> str:
     """``fields`` plus the message ``text``, as JSON within a modal's private_metadata limit (text cut if need be)."""
     while True:
         metadata = json.dumps({**fields, "x": text}, ensure_ascii=False)
@@ -73,7 +73,7 @@ class MessageShortcuts:
             return
         author = await self._author(message)
         text = from_slack(str(message.get("text") or ""))
-        metadata = _metadata({"c": channel, "t": message.get("thread_ts") or message.get("ts"), "a": author,
+        metadata = view_metadata({"c": channel, "t": message.get("thread_ts") or message.get("ts"), "a": author,
                               "r": shortcut.get("response_url")}, text)
         await self.bot.client.views_open(trigger_id=shortcut["trigger_id"], view={
             "type": "modal", "callback_id": ASK_VIEW, "private_metadata": metadata,
