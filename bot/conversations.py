@@ -16,7 +16,7 @@ import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from bot.config import SamplingSettings, Settings
 from bot.delivery import Delivery, Pacers
@@ -579,6 +579,10 @@ class ConversationManager:
 
     async def history(self, key: SessionKey) -> list[StoredMessage]:
         return await self.store.messages(str(key))
+
+    async def set_feedback(self, key: SessionKey, reply_id: int, feedback: Literal["good", "bad"]) -> bool:
+        """Store a user's 👍/👎 with reply ``reply_id``; False when it is not a reply of this conversation."""
+        return await self.store.set_feedback(str(key), reply_id, feedback)
 
     async def is_known(self, key: SessionKey) -> bool:
         """True once the conversation has a message: a thread the bot answered in is one it follows."""

@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS messages (
     author_id    TEXT NOT NULL DEFAULT '',
     author_name  TEXT NOT NULL DEFAULT '',
     created_at   REAL NOT NULL,
-    notes        TEXT NOT NULL DEFAULT ''  -- what the bot added below a reply (stopped, errors); never the model's words
+    notes        TEXT NOT NULL DEFAULT '', -- what the bot added below a reply (stopped, errors), never model words
+    feedback     TEXT NOT NULL DEFAULT ''  -- a reply: what a user said of it ("good", "bad"), '' when nothing
 );
 CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_key, id);
 CREATE TABLE IF NOT EXISTS seen_events (
@@ -61,9 +62,10 @@ class StoredMessage:
     author_name: str
     created_at: float
     notes: str = ""  # a reply: the lines the bot showed below it (stopped, errors), kept apart from its text
+    feedback: str = ""  # a reply: "good" or "bad" when a user rated it (Slack's feedback buttons)
 
 
-_MESSAGE_COLUMNS = "id, role, content, status, author_name, created_at, notes"
+_MESSAGE_COLUMNS = "id, role, content, status, author_name, created_at, notes, feedback"
 
 
 class Store:
@@ -84,8 +86,10 @@ class Store:
                 await db.execute("PRAGMA journal_mode=WAL")
                 await db.executescript(_SCHEMA)
                 async with db.execute("SELECT name FROM pragma_table_info('messages')") as cursor:
-                    if "notes" not in {row[0] async for row in cursor}:  # a database from before notes were kept
-                        await db.execute("ALTER TABLE messages ADD COLUMN notes TEXT NOT NULL DEFAULT ''")
+                    columns = {row[0] async for row in cursor}
+                for column in ("notes", "feedback"):  # a database from before these were kept
+                    if column not in columns:
+                        await db.execute(f"ALTER TABLE messages ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
                 # A reply that was still generating when the process died is cut short, not complete.
                 await db.execute("UPDATE messages SET status = ? WHERE status = ?",
                                  (Status.INTERRUPTED, Status.GENERATING))
@@ -145,8 +149,9 @@ class Store:
         return StoredMessage(*rows[0]) if rows else None
 
     async def reopen_reply(self, message_id: int, content: str) -> None:
-        """Make a stored reply "generating" again, holding ``content`` (Regenerate: empty; Continue: the text)."""
-        await self._write("UPDATE messages SET content = ?, status = ?, notes = '' WHERE id = ?",
+        """Make a stored reply "generating" again, holding ``content`` (Regenerate: empty; Continue: the text).
+        A rating of the old answer does not carry over to the new one."""
+        await self._write("UPDATE messages SET content = ?, status = ?, notes = '', feedback = '' WHERE id = ?",
                           (content, Status.GENERATING, message_id))
 
     async def checkpoint(self, message_id: int, content: str) -> None:
@@ -157,6 +162,12 @@ class Store:
     async def finish_message(self, message_id: int, content: str, status: str, notes: str = "") -> None:
         await self._write("UPDATE messages SET content = ?, status = ?, notes = ? WHERE id = ?",
                           (content, status, notes, message_id))
+
+    async def set_feedback(self, key: str, message_id: int, feedback: str) -> bool:
+        """Keep a user's rating of reply ``message_id`` of session ``key``; False when there is no such reply."""
+        cursor = await self._write("UPDATE messages SET feedback = ? WHERE id = ? AND session_key = ? AND role = ?",
+                                   (feedback, message_id, key, "assistant"))
+        return cursor.rowcount == 1
 
     async def messages(self, key: str, *, before_id: int | None = None, limit: int | None = None) -> list[StoredMessage]:
         """The session's messages, oldest first; with ``before_id`` / ``limit``, only the newest ones before it."""
