@@ -91,6 +91,8 @@ class DiscordSettings(_Section):
     dms_enabled: bool = True
     answer_bots: bool = False
     answer_in_threads: bool = True
+    thread_per_conversation: bool = Field(False, description="a mention in a channel opens a thread for the "
+                                          "conversation; follow-ups there need no mention")
     edit_interval: float = Field(1.0, ge=0.2, le=60.0, description="seconds between edits of one message")
     user_messages_per_minute: int = Field(10, ge=0, le=10000, description="0 = unlimited")
     api_base_url: str | None = Field(None, description="REST base, e.g. https://discord.com/api/v10")

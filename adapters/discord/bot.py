@@ -1,8 +1,9 @@
 """The Discord client: turns mentions, thread messages and DMs into `Incoming` messages for the core.
 
 Which conversation a message belongs to: a guild channel's session, a thread's own session, or the
-author's private DM session. Access lists, the per-user rate limit and the bot/self filters are applied
-here, before anything reaches the core.
+author's private DM session. With ``thread_per_conversation`` a mention in a channel opens a thread, which
+the bot then follows without mentions. Access lists, the per-user rate limit and the bot/self filters are
+applied here, before anything reaches the core; text files sent along are read within the configured size.
 """
 
 from __future__ import annotations
@@ -11,20 +12,24 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import discord
 
 from adapters.discord.commands import LlamarelayTree
+from adapters.discord.controls import BUTTONS
+from adapters.discord.files import read_attachments
 from adapters.discord.targets import NO_MENTIONS, ChannelTarget
+from bot.conversations import clean_text
 from bot.ratelimit import RateLimiter
 from bot.types import Incoming, SessionKey
 
 if TYPE_CHECKING:
     from bot.config import DiscordSettings
-    from bot.conversations import ConversationManager
+    from bot.conversations import ConversationManager, ReplyResult
 
-__all__ = ["DiscordBot", "PLATFORM"]
+__all__ = ["DiscordBot", "PLATFORM", "thread_name"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,15 @@ TYPING_REFRESH_SECONDS = 8.0  # Discord shows "typing…" for about 10 s per req
 NOT_LISTED = "Sorry, you're not on the list of people allowed to use this bot."
 DM_REFUSED = "Sorry, I answer direct messages only from people allowed to use me in a server."
 DM_ACCESS_CACHE_SECONDS = 60.0  # how long a DM user's looked-up membership is trusted
+THREAD_NAME_MAX_CHARS = 100  # Discord's limit
+
+
+def thread_name(question: str, fallback: str) -> str:
+    """The name of a thread opened for ``question``: one plain line within Discord's 100 characters."""
+    name = " ".join(clean_text(question).split()) or " ".join(clean_text(fallback).split()) or "Conversation"
+    if len(name) > THREAD_NAME_MAX_CHARS:
+        name = name[:THREAD_NAME_MAX_CHARS - 1].rstrip() + "…"
+    return name
 
 
 class DiscordBot(discord.Client):
@@ -47,6 +61,7 @@ class DiscordBot(discord.Client):
         self.settings = settings
         self.rate_limiter = RateLimiter(settings.user_messages_per_minute)
         self.tree = LlamarelayTree(self)
+        self.add_dynamic_items(*BUTTONS)  # a reply's buttons work whenever they were sent, restarts included
         self._dm_access: dict[int, tuple[float, bool]] = {}  # user id -> (when looked up, allowed)
         self._closing = False
 
@@ -167,17 +182,22 @@ class DiscordBot(discord.Client):
 
     # ------------------------------------------------------------------ messages
 
-    def _addressed(self, message: discord.Message) -> bool:
-        """True if the bot should answer: a DM, a real @mention (not @everyone), or an always-answer channel."""
+    async def _addressed(self, message: discord.Message, key: SessionKey) -> bool:
+        """True if the bot should answer: a DM, a real @mention (not @everyone), an always-answer channel, or
+        a thread the bot opened for a conversation (``thread_per_conversation``)."""
         if message.guild is None:
             return True
         assert self.user is not None
-        if isinstance(message.channel, discord.Thread) and not self.settings.answer_in_threads:
+        thread = message.channel if isinstance(message.channel, discord.Thread) else None
+        if thread is not None and not self.settings.answer_in_threads:
             return False
         if any(user.id == self.user.id for user in message.mentions):
             return True
         channel_ids = {message.channel.id, getattr(message.channel, "parent_id", None)}
-        return bool(channel_ids & set(self.settings.always_answer_channel_ids))
+        if channel_ids & set(self.settings.always_answer_channel_ids):
+            return True
+        # Threads people opened keep needing a mention; only the bot's own are its conversations.
+        return thread is not None and thread.owner_id == self.user.id and await self.manager.is_known(key)
 
     def prompt_text(self, message: discord.Message) -> str:
         """The message as the model should read it: no bot mention, other mentions as display names."""
@@ -199,28 +219,52 @@ class DiscordBot(discord.Client):
             return
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
-        if not self._addressed(message):
-            return
         guild_id = message.guild.id if message.guild else None
+        key = self.session_for(message.channel, message.author, guild_id)
+        if not await self._addressed(message, key):
+            return
         if await self.refusal(message.author, message.channel, guild_id) is not None:
             log.info("ignoring a message from user %s: not allowed here", message.author.id)
             return
         if (too_fast := self.rate_limited(message.author)) is not None:
             await self._send_quietly(message, too_fast)
             return
-        key = self.session_for(message.channel, message.author, guild_id)
-        incoming = Incoming(key, str(message.author.id), message.author.display_name, self.prompt_text(message),
-                            event_id=str(message.id))
-        target = ChannelTarget(message.channel, trigger=message, min_edit_interval=self.settings.edit_interval)
-        await self.answer(incoming, target, typing_in=message.channel)
+        text = self.prompt_text(message)
+        target = self.channel_target(message.channel, trigger=message)
+        channel: discord.abc.Messageable = message.channel
+        if (self.settings.thread_per_conversation and isinstance(message.channel, discord.TextChannel)
+                and (text or message.attachments)):  # an empty mention gets its answer where it was made
+            fallback = message.attachments[0].filename if message.attachments else message.author.display_name
+            if (thread := await self._open_thread(message, thread_name(text, fallback))) is not None:
+                channel, target = thread, self.channel_target(thread)
+                key = self.session_for(thread, message.author, guild_id)
+        files = await read_attachments(message.attachments, self.manager.settings.conversation.max_file_bytes)
+        incoming = Incoming(key, str(message.author.id), message.author.display_name, text,
+                            event_id=str(message.id), attachments=files)
+        await self.answer(self.manager.respond(incoming, target), key, typing_in=channel)
 
-    async def answer(self, incoming: Incoming, target: ChannelTarget, *,
+    async def _open_thread(self, message: discord.Message, name: str) -> discord.Thread | None:
+        """A public thread on ``message`` for its conversation; None (answer in the channel) if Discord refuses."""
+        try:
+            return await message.create_thread(name=name)
+        except discord.HTTPException as exc:
+            log.warning("could not open a thread in channel %s (the bot needs Create Public Threads there); "
+                        "answering in the channel: %s", message.channel.id, exc)
+            return None
+
+    def channel_target(self, channel: discord.abc.Messageable, *,
+                       trigger: discord.Message | None = None) -> ChannelTarget:
+        """Where a reply in ``channel`` goes (replying to ``trigger``, if given)."""
+        return ChannelTarget(channel, trigger=trigger, min_edit_interval=self.settings.edit_interval)
+
+    async def answer(self, reply: Coroutine[Any, Any, ReplyResult], key: SessionKey, *,
                      typing_in: discord.abc.Messageable | None = None) -> None:
-        """Run one reply through the core (which stores and delivers it), with a typing indicator meanwhile."""
+        """Await one reply of the core (`respond`, `regenerate`, `continue_reply`), which stores and delivers
+        it, with a typing indicator meanwhile."""
         typing = asyncio.create_task(self._keep_typing(typing_in)) if typing_in is not None else None
         try:
-            result = await self.manager.respond(incoming, target)
-            log.info("discord reply in %s: %s, %d chars", incoming.key, result.status, len(result.text))
+            result = await reply
+            log.info("discord reply in %s: %s, %d chars", key, result.status, len(result.text))
         finally:
             if typing is not None:
                 typing.cancel()
