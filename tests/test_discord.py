@@ -444,7 +444,7 @@ async def test_shutdown_mid_reply_then_restart_keeps_the_sessions(
 
 async def test_a_deleted_reply_continues_in_a_new_message(fake: FakeDiscord, manager: ConversationManager,
                                                           start_bot: StartBot) -> None:
-    expected = foxes(40)
+    expected = foxes(20)
     await force_reply(manager, CHANNEL_KEY, expected, max_tokens=1200)
     await start_bot()
     mid = await fake.message_create("a long one")
@@ -458,7 +458,7 @@ async def test_a_deleted_reply_continues_in_a_new_message(fake: FakeDiscord, man
 
 async def test_an_expired_interaction_continues_in_the_channel(fake: FakeDiscord, manager: ConversationManager,
                                                                start_bot: StartBot) -> None:
-    expected = foxes(40)
+    expected = foxes(20)  # still streaming when the token expires, short enough for a busy machine
     await force_reply(manager, CHANNEL_KEY, expected, max_tokens=1200)
     await start_bot()
     inter = await fake.slash("ask", {"prompt": "a long one"})
