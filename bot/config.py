@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bot.errors import ConfigError
 
@@ -72,8 +73,25 @@ class ConversationSettings(_Section):
     summarize_chars: int = Field(12000, ge=500, le=1_000_000, description="most characters of them it keeps")
 
 
+DATABASE_URL_ENV = "LLAMARELAY_DATABASE_URL"
+
+
 class StoreSettings(_Section):
-    path: Path = Field(Path("data/llamarelay.sqlite3"), description="SQLite database file")
+    path: Path = Field(Path("data/llamarelay.sqlite3"), description="SQLite database file (when no url is set)")
+    url: str | None = Field(None, description="postgresql://user@host/db selects PostgreSQL; the password "
+                            f"belongs in {DATABASE_URL_ENV}, which overrides this")
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (leave it out for SQLite)")
+        return url
+
+    def target(self, environ: Mapping[str, str] | None = None) -> Path | str:
+        """Where the store lives: the URL in LLAMARELAY_DATABASE_URL, else ``url``, else the SQLite ``path``."""
+        env = os.environ if environ is None else environ
+        return env.get(DATABASE_URL_ENV) or self.url or self.path
 
 
 class StreamingSettings(_Section):
