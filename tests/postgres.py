@@ -41,7 +41,7 @@ class Cluster:
         self.port = _free_port()
         self._as: list[str] = []
         if os.geteuid() == 0:
-            owner = next((name for name in ("postgres", "nobody") if _has_user(name)))
+            owner = "postgres" if _has_user("postgres") else "nobody"
             shutil.chown(self.dir, owner)
             self._as = ["runuser", "-u", owner, "--"]
         self._databases = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -402,3 +403,26 @@ async def test_a_conversation_on_postgres_with_the_real_engine(engine: Engine, s
         await manager.shutdown()
         await store.close()
     assert not (Path(settings.store.path)).exists()
+
+
+# -- configuration -------------------------------------------------------------------------------------
+
+def test_the_environment_url_wins_over_the_config_and_the_path_is_the_fallback() -> None:
+    settings = Settings.model_validate({"store": {"path": "chat.sqlite3"}})
+    assert settings.store.target({}) == Path("chat.sqlite3")
+    settings = Settings.model_validate({"store": {"url": "postgresql://bot@db/chat"}})
+    assert settings.store.target({}) == "postgresql://bot@db/chat"
+    assert settings.store.target({"LLAMARELAY_DATABASE_URL": "postgresql://bot:pw@db2/chat"}) == \
+        "postgresql://bot:pw@db2/chat"
+    with pytest.raises(ValueError, match="must be a postgresql:// URL"):
+        Settings.model_validate({"store": {"url": "mysql://bot@db/chat"}})
+
+
+async def test_an_unreachable_database_names_it_without_its_password() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    with pytest.raises(StoreError, match=rf"cannot connect to the database postgresql://bot:\*\*\*@127.0.0.1:{port}/x") \
+            as failure:
+        await open_store(f"postgresql://bot:hunter2@127.0.0.1:{port}/x")
+    assert "hunter2" not in str(failure.value)
