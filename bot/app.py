@@ -169,7 +169,7 @@ def _add_common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
 
 def _load(config: Path | None) -> Settings:
     if config is None and not DEFAULT_CONFIG_PATH.is_file():
-        return Settings()
+        return load_settings(None)  # the defaults, with the environment's overrides
     return load_settings(config or DEFAULT_CONFIG_PATH)
 
 
