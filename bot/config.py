@@ -132,7 +132,7 @@ class WebSettings(_Section):
 
 
 class OpsSettings(_Section):
-    enabled: bool = Field(True, description="serve /healthz, /readyz and /metrics")
+    enabled: bool = Field(False, description="serve /healthz, /readyz and /metrics (the Docker image does)")
     host: str = Field("127.0.0.1", description="the endpoints tell about the bot's load: keep them on loopback "
                       "or a private network")
     port: int = Field(9090, ge=0, le=65535, description="0 = any free port")
