@@ -97,6 +97,10 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
     if not adapters and not terminal:
         raise ConfigError("nothing to run: set DISCORD_TOKEN or SLACK_BOT_TOKEN, enable [web], or start "
                           "`llamarelay chat` in a terminal")
+    manager.platforms.expect(adapters)  # /readyz answers 503 until each of them reports it is connected
+    if settings.ops.enabled and mode != "chat":
+        from adapters.ops import run_ops
+        adapters["ops"] = run_ops(manager, settings)
     if terminal:
         from adapters.console import run_console
         # The terminal chat handles Ctrl-C and SIGTERM itself; leaving it stops everything.
@@ -202,7 +206,7 @@ def _add_common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
 
 def _load(config: Path | None) -> Settings:
     if config is None and not DEFAULT_CONFIG_PATH.is_file():
-        return Settings()
+        return load_settings(None)  # the defaults, with the environment's overrides
     return load_settings(config or DEFAULT_CONFIG_PATH)
 
 

@@ -23,6 +23,7 @@ from bot.delivery import Delivery, Pacers
 from bot.engine import Engine, EngineStatus, FinishReason, Generation, QueuePosition
 from bot.errors import LlamarelayError
 from bot.files import with_attachments
+from bot.metrics import Metrics, Platforms
 from bot.prompt import strip_markers
 from bot.reasoning import OPEN as REASONING_OPEN
 from bot.reasoning import ReasoningSplitter
@@ -222,6 +223,8 @@ class ConversationManager:
         self._idle = asyncio.Event()
         self._idle.set()
         self._accepting = True
+        self.metrics = Metrics(engine.status)  # this bot's own registry: several bots may share a process
+        self.platforms = Platforms()  # adapters report connected / disconnected here; /readyz reads it
 
     # -- answering -------------------------------------------------------------------------------------
 
@@ -235,7 +238,7 @@ class ConversationManager:
                       if a.text is not None else a for a in incoming.attachments)
         text, file_notes = with_attachments(clean_text(incoming.text), files)
         if not text:
-            return await self._refuse(target, file_notes + [EMPTY_MESSAGE])
+            return await self._refuse(incoming.key, target, file_notes + [EMPTY_MESSAGE])
         name = speaker_name(incoming.author_name)
 
         async def store_message() -> Exchange:
@@ -282,10 +285,14 @@ class ConversationManager:
         task.add_done_callback(self._background.discard)
         return task
 
-    async def _refuse(self, target: ReplyTarget, notes: list[str]) -> ReplyResult:
-        delivery = Delivery(target, self._pacers.for_target(target), clock=self._clock, sleep=self._sleep)
-        delivered = await delivery.finish("\n".join(notes))
+    async def _refuse(self, key: SessionKey, target: ReplyTarget, notes: list[str]) -> ReplyResult:
+        delivered = await self._delivery(key, target).finish("\n".join(notes))
+        self.metrics.replies.labels(key.platform, Status.FAILED).inc()
         return ReplyResult(Status.FAILED, "", notes, delivered)
+
+    def _delivery(self, key: SessionKey, target: ReplyTarget) -> Delivery:
+        return Delivery(target, self._pacers.for_target(target), clock=self._clock, sleep=self._sleep,
+                        on_failure=lambda exc: self.metrics.platform_failure(key.platform, exc))
 
     async def _serve(self, key: SessionKey, target: ReplyTarget, *,
                      before_turn: Callable[[], Awaitable[Exchange]] | None = None,
@@ -294,10 +301,10 @@ class ConversationManager:
         """One request's whole life: a place in the conversation's line, its turn, the reply, its delivery."""
         line = self._lines.get(str(key), [])
         if not self._accepting:
-            return await self._refuse(target, [SHUTTING_DOWN])
+            return await self._refuse(key, target, [SHUTTING_DOWN])
         if len(line) > self.settings.conversation.max_waiting:
-            return await self._refuse(target, [too_many_waiting(len(line) - 1)])
-        delivery = Delivery(target, self._pacers.for_target(target), clock=self._clock, sleep=self._sleep)
+            return await self._refuse(key, target, [too_many_waiting(len(line) - 1)])
+        delivery = self._delivery(key, target)
         request = Request(str(key), delivery)
         self._lines.setdefault(request.key, []).append(request)
         self._idle.clear()
@@ -307,6 +314,7 @@ class ConversationManager:
             if result.reply_id is not None:
                 delivery.controls(Controls(reply_id=result.reply_id, can_continue=result.can_continue))
             delivered = await delivery.finish("\n".join(result.notes))
+            self.metrics.replies.labels(key.platform, result.status).inc()
             return dataclasses.replace(result, delivered=delivered)
         finally:
             delivery.cancel()
@@ -406,6 +414,7 @@ class ConversationManager:
             return Status.STOPPED, [request.ended]
         generation = request.generation = self.engine.submit(prompt, sampling, session=key)
         request.state = State.QUEUED
+        metrics, submitted_at, last_text_at = self.metrics, self._clock(), None
         reasoning = ReasoningSplitter(inside=not exchange.prefix and self._prompt_opens_reasoning())
         quote_reasoning = self.settings.conversation.show_reasoning == "quoted"
         saved_at = self._clock()
@@ -416,6 +425,12 @@ class ConversationManager:
                 request.state = State.QUEUED if event.position else State.GENERATING
                 delivery.status(queued_line(event.position) if event.position else THINKING)
                 continue
+            now = self._clock()  # a text delta: time to the first one, then between them
+            if last_text_at is None:
+                metrics.time_to_first_token.observe(now - submitted_at)
+            else:
+                metrics.inter_token_latency.observe(now - last_text_at)
+            last_text_at = now
             reasoning.feed(event)
             request.text = exchange.prefix + reasoning.answer
             if reasoning.thinking and not quote_reasoning:
@@ -428,6 +443,9 @@ class ConversationManager:
                     await self.store.checkpoint(exchange.reply_id, request.text)
                 except LlamarelayError as exc:  # the final write will try again
                     log.warning("could not checkpoint a reply in %s: %s", key, exc)
+        metrics.tokens_generated.inc(generation.n_generated)
+        metrics.prompt_tokens.inc(len(prompt))
+        metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
         reasoning.finish()
         request.text = exchange.prefix + reasoning.answer
         delivery.update(_quoted(reasoning.reasoning) * quote_reasoning + reasoning.answer)

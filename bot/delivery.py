@@ -82,8 +82,10 @@ class Delivery:
     """
 
     def __init__(self, target: ReplyTarget, pacer: Pacer, *, clock: Clock = time.monotonic,
-                 sleep: Sleep = asyncio.sleep, hold: float = HOLD_STATUS_SECONDS) -> None:
+                 sleep: Sleep = asyncio.sleep, hold: float = HOLD_STATUS_SECONDS,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
         self._target = target
+        self._on_failure = on_failure  # told of each platform call that fails (the metrics count them)
         self._pacer = pacer
         self._measure: Callable[[str], int] = getattr(target, "measure", len)
         self._clock, self._sleep = clock, sleep
@@ -172,10 +174,12 @@ class Delivery:
             try:
                 await call()
             except MessageGone as exc:  # a post refused for good: the bot cannot write here at all
+                self._failed_call(exc)
                 log.warning("cannot show a reply here: %s", exc)
                 self.failed = True
                 return
             except Exception as exc:
+                self._failed_call(exc)
                 failures += 1
                 log.warning("a platform call for a reply failed (%d in a row): %s", failures, _describe(exc))
                 if failures >= GIVE_UP_AFTER_FAILURES:
@@ -185,6 +189,10 @@ class Delivery:
                 await self._sleep(BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS)) - 1])  # backoff, no storm
             else:
                 failures = 0
+
+    def _failed_call(self, exc: BaseException) -> None:
+        if self._on_failure is not None:
+            self._on_failure(exc)
 
     async def _wait_for_change(self, timeout: float | None = None) -> None:
         try:

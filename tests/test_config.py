@@ -137,6 +137,44 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     assert settings.engine.model_path == tmp_path / "m" / "x.gguf"
 
 
+# -- environment overrides (LLAMARELAY_<SECTION>__<KEY>) ------------------------------------------------
+
+def test_environment_overrides_a_nested_key_and_keeps_the_rest_of_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMARELAY_WEB__HOST", "0.0.0.0")
+    monkeypatch.setenv("LLAMARELAY_SAMPLING__TEMPERATURE", "0.2")
+    monkeypatch.setenv("LLAMARELAY_DISCORD__GUILD_IDS", "[11, 22]")
+    settings = load_settings(write(tmp_path, "[web]\nport = 9000\nhost = '127.0.0.1'\n[sampling]\ntop_k = 7\n"))
+    assert (settings.web.host, settings.web.port) == ("0.0.0.0", 9000)
+    assert (settings.sampling.temperature, settings.sampling.top_k) == (0.2, 7)
+    assert settings.discord.guild_ids == [11, 22]
+    assert Settings().web.host == "0.0.0.0" and load_settings(None).ops.port == Settings().ops.port
+
+
+def test_bad_environment_value_is_one_line_naming_the_variable_and_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMARELAY_WEB__PORT", "eighty")
+    for source in (write(tmp_path, "[web]\nport = 9000\n"), None):
+        with pytest.raises(ConfigError) as error:
+            load_settings(source)
+        message = str(error.value)
+        assert message.startswith("environment variable LLAMARELAY_WEB__PORT: 'web.port' = 'eighty' is invalid")
+        assert "integer" in message and "\n" not in message
+
+
+def test_misspelt_environment_key_is_an_error_and_secrets_are_not_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMARELAY_OPS__PROT", "1")
+    with pytest.raises(ConfigError, match="unknown setting 'ops.prot'"):
+        load_settings(None)
+    monkeypatch.delenv("LLAMARELAY_OPS__PROT")
+    # The web token has its own variable; it is a secret, never a setting (nor readable as one).
+    monkeypatch.setenv("LLAMARELAY_WEB_TOKEN", "token-secret")
+    assert "token-secret" not in Settings().model_dump_json()
+    monkeypatch.setenv("LLAMARELAY_WEB__TOKEN", "token-secret")
+    with pytest.raises(ConfigError, match="unknown setting 'web.token'"):
+        load_settings(None)
+
+
 def test_secrets_come_from_the_environment_and_never_print() -> None:
     secrets = Secrets.from_env({"DISCORD_TOKEN": "discord-secret", "SLACK_BOT_TOKEN": "xoxb-secret"})
     assert secrets.discord_token == "discord-secret" and secrets.slack_app_token is None
