@@ -95,6 +95,7 @@ async def start_bot(manager: ConversationManager, dsettings: Settings, fake: Fak
         return task
 
     yield start
+    await manager.shutdown()  # as `llamarelay run` does: replies end while Discord can still take their last edit
     for task in tasks:
         await _stop(task)
 
@@ -502,3 +503,11 @@ async def test_commands_sync_to_configured_guilds_and_dms_can_be_off(
     [refusal] = fake.interaction_messages(refused)
     assert refusal["flags"] & EPHEMERAL_FLAG and "Direct messages are turned off" in refusal["content"]
     assert all(not fake.replies_to(mid) for mid in ignored) and len(fake.bot_messages()) == 2
+
+
+async def test_the_connection_is_reported_for_readiness(fake: FakeDiscord, manager: ConversationManager,
+                                                         start_bot: StartBot) -> None:
+    bot = await start_bot()
+    await fake.wait_for(lambda: manager.platforms.status().get("discord"), "the bot to report itself connected")
+    await _stop(bot)
+    assert manager.platforms.status()["discord"] is False

@@ -496,3 +496,9 @@ def test_markdown_to_mrkdwn(markdown: str, mrkdwn: str) -> None:
 def test_slack_markup_to_plain_text() -> None:
     text = "<@UBOT> hi <@U2|bob>, see <#C1|general> &lt;tag&gt; <https://x.example|site> <!here>"
     assert from_slack(text, "UBOT") == "hi @bob, see #general <tag> site (https://x.example) @here"
+
+
+async def test_the_connection_is_reported_for_readiness(manager, settings, fake):
+    async with running_bot(manager, settings, fake):
+        assert manager.platforms.status()["slack"] is True
+    assert manager.platforms.status()["slack"] is False

@@ -83,6 +83,13 @@ class DiscordBot(discord.Client):
 
     async def on_ready(self) -> None:
         log.info("connected to Discord as %s (%d guild(s))", self.user, len(self.guilds))
+        self.manager.platforms.connected(PLATFORM)
+
+    async def on_resumed(self) -> None:
+        self.manager.platforms.connected(PLATFORM)
+
+    async def on_disconnect(self) -> None:
+        self.manager.platforms.disconnected(PLATFORM)
 
     # ------------------------------------------------------------------ sessions and access
 
@@ -288,4 +295,5 @@ class DiscordBot(discord.Client):
     async def close(self) -> None:
         """Disconnect; replies in flight belong to the core, which ends and stores them at shutdown."""
         self._closing = True
+        self.manager.platforms.disconnected(PLATFORM)
         await super().close()

@@ -103,6 +103,7 @@ class SlackBot:
         except BaseException:
             await self.close()
             raise
+        self.manager.platforms.connected(PLATFORM)
 
     async def _connect(self) -> None:
         if self._app_token:
@@ -124,6 +125,7 @@ class SlackBot:
 
     async def close(self) -> None:
         """Stop receiving; replies in flight belong to the core, which ends and stores them at shutdown."""
+        self.manager.platforms.disconnected(PLATFORM)
         if self._socket is not None:
             await self._socket.close_async()
             self._socket = None

@@ -31,7 +31,9 @@ async def run_web(manager: ConversationManager, settings: Settings, secrets: Sec
     server = WebServer(create_app(manager, settings, secrets), settings.web.host, settings.web.port)
     url = await server.start()
     log.info("web chat on %s%s", url, " (access token required)" if secrets.web_token else "")
+    manager.platforms.connected("web")
     try:
         await asyncio.Event().wait()
     finally:
+        manager.platforms.disconnected("web")
         await server.close()
