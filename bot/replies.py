@@ -26,11 +26,9 @@ LANGUAGE_MAX = 20
 # A fence line may be indented (a code block inside a list item); Discord too ignores indentation.
 _FENCE_LINE = re.compile(r"[ \t]*(`{3,}|~{3,})")
 # After a cut, what follows becomes a line of its own: it must not become a fence line there (in a block,
-# any run of three could close the reopened block), nor may it be blanks up to the end of a text still
-# streaming (a fence may follow).
-_FENCE_AHEAD = re.compile(rf"[ \t]*(`{{3,{FENCE_MAX}}}(?!`)|~{{3,{FENCE_MAX}}}(?!~))")
-_FENCE_AHEAD_IN_BLOCK = re.compile(r"[ \t]*(```|~~~)")
-_FENCE_PENDING = re.compile(r"[ \t]*(`{0,2}|~{0,2})")
+# any run of three could close the reopened block).
+_FENCE_AHEAD = re.compile(rf"`{{3,{FENCE_MAX}}}(?!`)|~{{3,{FENCE_MAX}}}(?!~)")
+_FENCE_AHEAD_IN_BLOCK = re.compile(r"```|~~~")
 _LANGUAGE = re.compile(rf"[A-Za-z0-9_+#.-]{{1,{LANGUAGE_MAX}}}")
 # Candidate cuts that turn out not to fit (the closing fence added, or a measure that is not additive)
 # before bisecting for one that does.
@@ -98,9 +96,9 @@ def split_reply(text: str, limit: int, measure: Callable[[str], int] = len) -> l
 
     Stable while streaming: if ``measure`` never shrinks as text is appended (``len`` does not), the pieces of
     ``text`` but its last are also the first pieces of any ``text + more``, unless ``text`` ends in an unfinished
-    line that starts with ```` ` ```` or ``~`` after indentation: it may yet become a fence, which moves the cut
-    before it. A measure that converts Markdown (Slack's) can shrink: ``**bold**`` counts less than ``**bold*``,
-    so a cut may move by a few characters when such a construct completes.
+    line that starts with ```` ` ```` or ``~`` after indentation, or in a last piece of just one or two of them:
+    that may yet become a fence, which moves the cut before it. A measure that converts Markdown (Slack's) can
+    shrink: ``**bold**`` counts less than ``**bold*``, so a cut may move a little when such a construct ends.
     """
     if measure(text) <= limit or not text:
         return [Piece(text)]
@@ -259,7 +257,7 @@ class _Splitter:
             if self._clean(cut):
                 yield cut
         for cut in range(fit_end, pos, -1):
-            if self._keeps_fences(cut):
+            if self._keeps_fences(cut, last_resort=True):
                 yield cut
         if fit_end > pos:
             yield fit_end
@@ -288,21 +286,23 @@ class _Splitter:
             return False
         return self._keeps_fences(cut)
 
-    def _keeps_fences(self, cut: int) -> bool:
+    def _keeps_fences(self, cut: int, *, last_resort: bool = False) -> bool:
         """Whether a cut leaves each message's code blocks where the text has them.
 
         Mid-line, what follows the cut starts the next message's first line: "a ~~~ b" must not turn into a
-        fence there. And the first part of the line must keep the role the whole line has in the text."""
+        fence there. And the first part of the line must keep the role the whole line has in the text. As a
+        last resort (a fence indented past a whole message), a cut may fall in the indentation of a fence line."""
         text = self.text
         if text[cut - 1] == "\n":
             return True
         index = bisect_right(self._line_starts, cut) - 1
         line = self.lines[index] if index >= 0 and cut <= self.lines[index].end else None
         head = "" if line is None else text[line.start:cut]
-        if line is not None and line.role in ("opening", "closing") and not head.strip(" \t"):
-            return True  # in the indentation of a fence line: the next message starts with that fence line
-        if ((_FENCE_AHEAD_IN_BLOCK if self._block_at(cut) else _FENCE_AHEAD).match(text, cut)
-                or _FENCE_PENDING.fullmatch(text, cut)):
+        if last_resort and line is not None and line.role in ("opening", "closing") and not head.strip(" \t"):
+            return True  # the next message starts with that fence line
+        if text[cut] in " \t":
+            return False  # a cut goes after blanks, never before: what follows it must not hang on them
+        if (_FENCE_AHEAD_IN_BLOCK if self._block_at(cut) else _FENCE_AHEAD).match(text, cut):
             return False
         if line is None:
             return True
