@@ -272,11 +272,15 @@ def test_slack_pieces_fit_after_escaping() -> None:
     assert all(len(to_mrkdwn(p.text)) <= 3500 for p in pieces)
 
 
-def test_100_kb_with_slacks_measure_is_fast() -> None:
-    code = "\n".join(f"    total += values[{i}] & mask  # <{i}>" for i in range(40))
-    prose = "Some **bold** text with a [link](https://example.com) & more."
-    section = f"## Part\n\n{prose}\n\n```python\n{code}\n```\n\n"
-    text = (section * (100_000 // len(section) + 1))[:100_000]
+CODE = "\n".join(f"    total += values[{i}] & mask  # <{i}>" for i in range(40))
+SECTION = f"## Part\n\nSome **bold** text with a [link](https://example.com) & more.\n\n```python\n{CODE}\n```\n\n"
+MARKUP = ["word", "naïve", "日本語", "👩‍👩‍👧‍👦", "a<b", "x&y", "**b**", "`c`", "e\u0301", "_i_", "[l](https://x.y)", "~~s~~"]
+PROSE = " ".join(MARKUP[i * 7 % len(MARKUP)] + ("\n" if i % 13 == 0 else "") for i in range(30_000))
+
+
+@pytest.mark.parametrize("text", [SECTION * 60, PROSE], ids=["code", "markup"])
+def test_100_kb_with_slacks_measure_is_fast(text: str) -> None:
+    text = text[:100_000]
     measured = 0
 
     def counting(piece: str) -> int:

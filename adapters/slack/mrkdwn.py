@@ -28,6 +28,7 @@ _QUOTE = re.compile(r"^\s{0,3}>\s?(.*)$")
 _SLACK_MARKUP = re.compile(r"<([^<>]*)>")
 
 _INLINE = re.compile(
+    r"(?=[`!\[<*_~])(?:"  # every construct starts with one of these: elsewhere, fail at once
     r"(?P<code>(?P<ticks>`+)(?P<code_text>.+?)(?P=ticks))"
     r"|(?P<link>!?\[(?P<label>[^\]\n]*)\]\((?P<url>[^)\s]+)(?:\s+\"[^\"\n]*\")?\))"
     r"|(?P<autolink><(?P<auto_url>(?:https?://|mailto:)[^\s<>|]+)>)"
@@ -35,7 +36,7 @@ _INLINE = re.compile(
     r"|(?<!\w)__(?=\S)(?P<bold2>.+?)(?<=\S)__(?!\w)"
     r"|~~(?=\S)(?P<strike>.+?)(?<=\S)~~"
     r"|(?<![*\w])\*(?=[^\s*])(?P<italic>.+?)(?<=[^\s*])\*(?![*\w])"
-    r"|(?<![_\w])_(?=[^\s_])(?P<italic2>.+?)(?<=[^\s_])_(?![_\w])"
+    r"|(?<![_\w])_(?=[^\s_])(?P<italic2>.+?)(?<=[^\s_])_(?![_\w]))"
 )
 
 
