@@ -94,12 +94,12 @@ def split_reply(text: str, limit: int, measure: Callable[[str], int] = len) -> l
     or word break when one is near enough, else between grapheme clusters. A cut inside a code block closes it
     and reopens it (marker and language only) in the next piece, and no cut makes or breaks a fence line (a
     message starting with "~~~" cut from "a ~~~ b") unless no other cut fits: within a run of backticks or of
-    blanks before a fence longer than a message.
+    blanks, or a one-line ```` ```code``` ````, longer than a message.
 
     Stable while streaming: if ``measure`` never shrinks as text is appended (``len`` does not), the pieces of
     ``text`` but its last are also the first pieces of any ``text + more``, unless ``text`` ends in an unfinished
-    line that starts with ```` ` ```` or ``~`` after indentation, or in a last piece of just one or two of them:
-    that may yet become a fence, which moves the cut before it. A measure that converts Markdown (Slack's) can
+    line that starts with ```` ` ```` or ``~`` after indentation, or ends in one of them: a fence may be being
+    written, which moves the cut before it. A measure that converts Markdown (Slack's) can
     shrink: ``**bold**`` counts less than ``**bold*``, so a cut may move a little when such a construct ends.
     """
     if measure(text) <= limit or not text:
