@@ -26,11 +26,11 @@ LANGUAGE_MAX = 20
 # A fence line may be indented (a code block inside a list item); Discord too ignores indentation.
 _FENCE_LINE = re.compile(r"[ \t]*(`{3,}|~{3,})")
 # After a cut, what follows becomes a line of its own: it must not become a fence line there (in a block,
-# any run of three could close the reopened block), nor may it be blanks up to the end of a text still
-# streaming (a fence may follow).
-_FENCE_AHEAD = re.compile(rf"[ \t]*(`{{3,{FENCE_MAX}}}(?!`)|~{{3,{FENCE_MAX}}}(?!~))")
-_FENCE_AHEAD_IN_BLOCK = re.compile(r"[ \t]*(```|~~~)")
-_FENCE_PENDING = re.compile(r"[ \t]*(`{0,2}|~{0,2})")
+# any run of three could close the reopened block).
+_FENCE_AHEAD = re.compile(rf"`{{3,{FENCE_MAX}}}(?!`)|~{{3,{FENCE_MAX}}}(?!~)")
+_FENCE_AHEAD_IN_BLOCK = re.compile(r"```|~~~")
+_BLANKS = re.compile(r"[ \t]{2,}")
+_FLAGS = re.compile("[\U0001F1E6-\U0001F1FF]+")
 _LANGUAGE = re.compile(rf"[A-Za-z0-9_+#.-]{{1,{LANGUAGE_MAX}}}")
 # Candidate cuts that turn out not to fit (the closing fence added, or a measure that is not additive)
 # before bisecting for one that does.
@@ -94,13 +94,13 @@ def split_reply(text: str, limit: int, measure: Callable[[str], int] = len) -> l
     or word break when one is near enough, else between grapheme clusters. A cut inside a code block closes it
     and reopens it (marker and language only) in the next piece, and no cut makes or breaks a fence line (a
     message starting with "~~~" cut from "a ~~~ b") unless no other cut fits: within a run of backticks or of
-    blanks before a fence longer than a message.
+    blanks, or a one-line ```` ```code``` ````, longer than a message.
 
     Stable while streaming: if ``measure`` never shrinks as text is appended (``len`` does not), the pieces of
     ``text`` but its last are also the first pieces of any ``text + more``, unless ``text`` ends in an unfinished
-    line that starts with ```` ` ```` or ``~`` after indentation: it may yet become a fence, which moves the cut
-    before it. A measure that converts Markdown (Slack's) can shrink: ``**bold**`` counts less than ``**bold*``,
-    so a cut may move by a few characters when such a construct completes.
+    line that starts with ```` ` ```` or ``~`` after indentation, or ends in one of them: a fence may be being
+    written, which moves the cut before it. A measure that converts Markdown (Slack's) can
+    shrink: ``**bold**`` counts less than ``**bold*``, so a cut may move a little when such a construct ends.
     """
     if measure(text) <= limit or not text:
         return [Piece(text)]
@@ -121,6 +121,10 @@ class _Line(NamedTuple):
     end: int
     role: str  # "text", "opening", "code" (inside a block) or "closing"
     fence: Fence | None  # the fence it opens, or the one of the block it is in
+    run_start: int  # its run of backticks or tildes
+    run_end: int
+    blanks_end: int  # the end of the blanks after the run
+    keeps_from: int  # an opening line, an inline ```x```: a cut after the run keeps the role from here on
 
 
 class _Splitter:
@@ -137,6 +141,9 @@ class _Splitter:
         self._block_starts = [block.content for block in self.blocks]
         self._zone_starts = [start for start, _ in self.zones]
         self._line_starts = [line.start for line in self.lines]
+        self._flag_runs = [match.start() for match in _FLAGS.finditer(text)]  # runs of regional indicators
+        blanks = [match.span() for match in _BLANKS.finditer(text)]
+        self._blank_starts, self._blank_ends = [start for start, _ in blanks], [end for _, end in blanks]
 
     def _scan(self) -> None:
         fence: Fence | None = None
@@ -162,7 +169,7 @@ class _Splitter:
             else:
                 role = "code"
             if line[indent:indent + 1] in ("`", "~"):
-                self.lines.append(_Line(start, end, role, fence))
+                self.lines.append(_line(self.text, start, end, indent, role, fence))
             if role == "closing":
                 fence = None
             start = end + 1
@@ -240,7 +247,7 @@ class _Splitter:
         if lo > pos:
             return lo
         cut = pos + 1  # nothing fits (a limit below MIN_LIMIT): one grapheme cluster, to make progress
-        while cut < len(self.text) and _joins(self.text, cut) and cut - pos < 64:
+        while cut < len(self.text) and self._joins(cut) and cut - pos < 64:
             cut += 1
         return cut
 
@@ -255,14 +262,41 @@ class _Splitter:
                 if cut > pos and self._clean(cut):
                     yield cut
                 at = text.rfind(separator, pos, at + len(separator) - 1)
-        for cut in range(fit_end, pos, -1):
-            if self._clean(cut):
-                yield cut
-        for cut in range(fit_end, pos, -1):
-            if self._keeps_fences(cut):
-                yield cut
+        for last_resort in (False, True):
+            cut = fit_end
+            while cut > pos:
+                if self._keeps_fences(cut, last_resort=True) if last_resort else self._clean(cut):
+                    yield cut
+                    cut -= 1
+                else:
+                    cut = self._skip(cut, last_resort=last_resort)
         if fit_end > pos:
             yield fit_end
+
+    def _skip(self, cut: int, *, last_resort: bool) -> int:
+        """The next cut below a refused one worth trying: past the rest of a run refused for the same reason
+        (blanks, a fence line, an inline span), so a window with no good cut costs no more than its length."""
+        text = self.text
+        line = self._line_at(cut)
+        target = cut - 1
+        if line is not None and line.role == "opening" and line.run_start < cut < line.keeps_from:
+            target = line.run_start
+        elif line is not None and line.role == "text" and line.run_end < cut < line.keeps_from:
+            target = line.run_end
+        elif text[cut] in " \t" and not (last_resort and line is not None and cut <= line.run_start):
+            index = bisect_right(self._blank_starts, cut) - 1
+            if index >= 0 and cut < self._blank_ends[index]:
+                target = self._blank_starts[index]
+        elif not last_resort:
+            index = bisect_right(self._zone_starts, cut) - 1
+            if index >= 0 and cut < self.zones[index][1]:
+                target = self.zones[index][0] - 1
+        return target if target < cut else cut - 1
+
+    def _line_at(self, cut: int) -> _Line | None:
+        """The line starting with ` or ~ that a cut at ``cut`` falls in (after its start), if any."""
+        index = bisect_right(self._line_starts, cut) - 1
+        return self.lines[index] if index >= 0 and cut <= self.lines[index].end else None
 
     def _fits(self, pos: int, reopen: str, cut: int) -> bool:
         return self.measure(reopen + self.text[pos:cut] + self._close(cut, self._block_at(cut))) <= self.limit
@@ -281,65 +315,101 @@ class _Splitter:
 
     def _clean(self, cut: int) -> bool:
         """A cut that splits no grapheme cluster and no fence line, and makes or breaks no fence line."""
-        if _joins(self.text, cut):
+        if self._joins(cut):
             return False
         index = bisect_right(self._zone_starts, cut) - 1
         if index >= 0 and cut < self.zones[index][1]:
             return False
         return self._keeps_fences(cut)
 
-    def _keeps_fences(self, cut: int) -> bool:
+    def _keeps_fences(self, cut: int, *, last_resort: bool = False) -> bool:
         """Whether a cut leaves each message's code blocks where the text has them.
 
         Mid-line, what follows the cut starts the next message's first line: "a ~~~ b" must not turn into a
-        fence there. And the first part of the line must keep the role the whole line has in the text."""
+        fence there. And the first part of the line must keep the role the whole line has in the text. As a
+        last resort (a fence indented past a whole message), a cut may fall in the indentation of a fence line."""
         text = self.text
         if text[cut - 1] == "\n":
             return True
-        index = bisect_right(self._line_starts, cut) - 1
-        line = self.lines[index] if index >= 0 and cut <= self.lines[index].end else None
-        head = "" if line is None else text[line.start:cut]
-        if line is not None and line.role in ("opening", "closing") and not head.strip(" \t"):
-            return True  # in the indentation of a fence line: the next message starts with that fence line
-        if ((_FENCE_AHEAD_IN_BLOCK if self._block_at(cut) else _FENCE_AHEAD).match(text, cut)
-                or _FENCE_PENDING.fullmatch(text, cut)):
+        line = self._line_at(cut)
+        if last_resort and line is not None and line.role in ("opening", "closing") and cut <= line.run_start:
+            return True  # the next message starts with that fence line
+        if text[cut] in " \t":
+            return False  # a cut goes after blanks, never before: what follows it must not hang on them
+        if (_FENCE_AHEAD_IN_BLOCK if self._block_at(cut) else _FENCE_AHEAD).match(text, cut):
             return False
-        if line is None:
-            return True
-        if line.role == "text":
-            return opening_fence(head) is None  # "```a b```" cut inside the span would open a block
+        return line is None or self._keeps_role(line, cut)
+
+    def _keeps_role(self, line: _Line, cut: int) -> bool:
+        """Whether the line cut short at ``cut`` plays the part the whole line plays (`opening_fence`,
+        `closes_fence` on the head, computed from the line's run instead of parsing it again)."""
+        run = min(cut, line.run_end) - line.run_start  # how much of the run the head holds
+        if line.role == "text":  # must open no block
+            if cut <= line.run_end or not 3 <= line.run_end - line.run_start <= FENCE_MAX:
+                return not 3 <= run <= FENCE_MAX
+            return cut >= line.keeps_from  # "```a b```": only once the closing run is in the head
         assert line.fence is not None
-        if line.role == "code":
-            return not closes_fence(head, line.fence)  # "``` x" in a block, cut after "```", would close it
+        marker = line.fence.marker
+        if line.role == "code":  # must not close its block: "``` x" cut after "```"
+            return not (self.text[line.run_start] == marker[0] and run >= len(marker) and cut <= line.blanks_end)
         if line.role == "closing":
-            return closes_fence(head, line.fence)
-        opening = opening_fence(head)  # "```python": the same language; "```var a=1": still code, not "var"
-        return opening is not None and opening.marker == line.fence.marker and (
-            bool(opening.code) if line.fence.code else opening == line.fence)
+            return run >= len(marker)
+        # An opening line: "```python" keeps its language, "```var a=1" stays code (not language "var"); a run
+        # of exactly the marker's length cut out of a longer one would close it as inline code.
+        closing_at = cut - len(marker)  # where a run of the marker's length ending at the cut would start
+        return cut >= line.keeps_from and not (
+            marker[0] == "`" and closing_at > line.run_end and self.text[closing_at:cut] == marker
+            and self.text[closing_at - 1] != "`")
+
+    def _joins(self, i: int) -> bool:
+        """Whether ``text[i]`` belongs to the grapheme cluster of ``text[i - 1]`` (the common cases of UAX #29)."""
+        text = self.text
+        if i <= 0 or i >= len(text):
+            return False
+        before, char = text[i - 1], text[i]
+        if before == _ZWJ or (before == "\r" and char == "\n"):
+            return True
+        code = ord(char)
+        if (char in "\u200c\u200d" or 0xFE00 <= code <= 0xFE0F or 0x1F3FB <= code <= 0x1F3FF
+                or 0xE0020 <= code <= 0xE007F or 0xE0100 <= code <= 0xE01EF):
+            return True  # joiners, variation selectors, skin tones, tag sequences (subdivision flags)
+        if unicodedata.category(char) in ("Mn", "Mc", "Me"):
+            return True
+        if _regional(char) and _regional(before):  # flags are pairs of regional indicators
+            run_start = self._flag_runs[bisect_right(self._flag_runs, i - 1) - 1]
+            return (i - run_start) % 2 == 1
+        return False
+
+
+def _line(text: str, start: int, end: int, indent: int, role: str, fence: Fence | None) -> _Line:
+    """What `_Splitter._keeps_role` needs to know of a line that starts with ` or ~."""
+    run_start = start + indent
+    run_end = run_start + 1
+    while run_end < end and text[run_end] == text[run_start]:
+        run_end += 1
+    blanks_end = run_end
+    while blanks_end < end and text[blanks_end].isspace():
+        blanks_end += 1
+    keeps_from = end + 1
+    if role == "opening" and fence is not None and not fence.code:
+        keeps_from = run_end + len(text[run_end:end].rstrip())  # the whole language
+    elif role == "opening":
+        word = blanks_end  # the head reads as code once it is no lone word of a language
+        while word < end and word - blanks_end <= LANGUAGE_MAX and _LANGUAGE.fullmatch(text[word]):
+            word += 1
+        if word - blanks_end > LANGUAGE_MAX:
+            keeps_from = word
+        else:
+            while word < end and text[word].isspace():
+                word += 1
+            keeps_from = word + 1
+    elif role == "text" and 3 <= run_end - run_start <= FENCE_MAX:  # an inline ```x```: from its closing run
+        closing = re.compile(rf"(?<!`)`{{{run_end - run_start}}}(?!`)").search(text, run_end, end)
+        keeps_from = end + 1 if closing is None else closing.end()
+    return _Line(start, end, role, fence, run_start, run_end, blanks_end, keeps_from)
 
 
 _ZWJ = "\u200d"
-
-
-def _joins(text: str, i: int) -> bool:
-    """Whether ``text[i]`` belongs to the grapheme cluster of ``text[i - 1]`` (the common cases of UAX #29)."""
-    if i <= 0 or i >= len(text):
-        return False
-    before, char = text[i - 1], text[i]
-    if before == _ZWJ or (before == "\r" and char == "\n"):
-        return True
-    code = ord(char)
-    if (char in "\u200c\u200d" or 0xFE00 <= code <= 0xFE0F or 0x1F3FB <= code <= 0x1F3FF
-            or 0xE0020 <= code <= 0xE007F or 0xE0100 <= code <= 0xE01EF):
-        return True  # joiners, variation selectors, skin tones, tag sequences (subdivision flags)
-    if unicodedata.category(char) in ("Mn", "Mc", "Me"):
-        return True
-    if _regional(char) and _regional(before):  # flags are pairs of regional indicators
-        run = 0
-        while i - 1 - run >= 0 and _regional(text[i - 1 - run]):
-            run += 1
-        return run % 2 == 1
-    return False
 
 
 def _regional(char: str) -> bool:

@@ -25,17 +25,20 @@ _RULE = re.compile(r"^\s{0,3}([-*_])(?:\s*\1){2,}\s*$")
 _BULLET = re.compile(r"^(\s*)[-*+]\s+(.*)$")
 _QUOTE = re.compile(r"^\s{0,3}>\s?(.*)$")
 
+# A line with none of the characters that markup, escaping or a broadcast word start with is left as it is.
+_PLAIN = re.compile(r"[^#*_+\->`!\[<~&@]*")
 _SLACK_MARKUP = re.compile(r"<([^<>]*)>")
 
 _INLINE = re.compile(
-    r"(?P<code>(?P<ticks>`+)(?P<code_text>.+?)(?P=ticks))"
+    r"(?=[`!\[<*_~])(?:"  # every construct starts with one of these: elsewhere, fail at once
+    r"(?P<code>(?<!`)(?P<ticks>`+)(?!`)(?P<code_text>.+?)(?<!`)(?P=ticks)(?!`))"  # whole runs: no backtracking
     r"|(?P<link>!?\[(?P<label>[^\]\n]*)\]\((?P<url>[^)\s]+)(?:\s+\"[^\"\n]*\")?\))"
     r"|(?P<autolink><(?P<auto_url>(?:https?://|mailto:)[^\s<>|]+)>)"
     r"|\*\*(?=\S)(?P<bold>.+?)(?<=\S)\*\*"
     r"|(?<!\w)__(?=\S)(?P<bold2>.+?)(?<=\S)__(?!\w)"
     r"|~~(?=\S)(?P<strike>.+?)(?<=\S)~~"
     r"|(?<![*\w])\*(?=[^\s*])(?P<italic>.+?)(?<=[^\s*])\*(?![*\w])"
-    r"|(?<![_\w])_(?=[^\s_])(?P<italic2>.+?)(?<=[^\s_])_(?![_\w])"
+    r"|(?<![_\w])_(?=[^\s_])(?P<italic2>.+?)(?<=[^\s_])_(?![_\w]))"
 )
 
 
@@ -85,6 +88,8 @@ def _code_block(lines: list[str]) -> str:
 
 
 def _line(line: str) -> str:
+    if _PLAIN.fullmatch(line):
+        return line
     if m := _HEADING.match(line):
         return f"*{_inline(m.group(1))}*" if m.group(1) else ""
     if _RULE.match(line):
