@@ -73,7 +73,7 @@ async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> N
         finally:
             await store.close()
     finally:
-        engine.close()
+        await asyncio.to_thread(engine.close)  # waits for a decode step: the loop stays free (a second signal)
     log.info("stopped")
 
 

@@ -48,6 +48,7 @@ NOTHING_TO_CONTINUE = "That answer was not cut short, so there is nothing to con
 NOT_SAVED = "⚠️ I could not save your message (database problem), so I can't answer it; please try again."
 RESET_NOTE = "🧹 The conversation was reset before this message was answered."
 TRUNCATED_MARK = "\n[… the rest of this message was cut to fit the context window]"
+RESET_WAIT_SECONDS = 10.0  # /reset waits this long for the replies it ended to be stored
 CHECKPOINT_SECONDS = 3.0  # a streaming reply's text is saved this often, so a crash keeps what was shown
 HISTORY_PAGE = 64  # messages read per step when looking back for the history that fits
 # Zero-width and bidi-control characters are invisible and only confuse the tokenizer.
@@ -130,6 +131,9 @@ class State(str, enum.Enum):
     DONE = "done"
 
 
+_BEFORE_STORED = (State.WAITING, State.PROMPTING, State.QUEUED, State.GENERATING)
+
+
 @dataclass(frozen=True)
 class ReplyResult:
     status: str  # a bot.store.Status value
@@ -160,6 +164,7 @@ class Request:
     state: State = State.WAITING
     generation: Generation | None = None
     text: str = ""  # the model's reply so far
+    reply_id: int | None = None  # its row in the store, once it has one
     ended: str | None = None  # the note of /stop, /reset or shutdown once one has ended it early
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # set when it is ended while waiting its turn
 
@@ -337,6 +342,7 @@ class ConversationManager:
         if before_turn is not None:
             try:
                 exchange = await before_turn()
+                request.reply_id = exchange.reply_id
             except LlamarelayError as exc:
                 log.error("could not store a message in %s: %s", key, exc)
                 return ReplyResult(Status.FAILED, "", [*first_notes, NOT_SAVED])
@@ -350,6 +356,7 @@ class ConversationManager:
             try:
                 if at_turn is not None:
                     exchange = await at_turn()
+                    request.reply_id = exchange.reply_id
                 assert exchange is not None
                 request.text = exchange.prefix
                 status, notes = await self._generate(request, exchange)
@@ -557,14 +564,15 @@ class ConversationManager:
     async def reset(self, key: SessionKey) -> None:
         """Forget the session's history (its system prompt and sampling stay); messages still waiting are
         cancelled, not answered into a history that no longer exists."""
+        newest = await self.store.messages(str(key), limit=1)
         pending = [request for request in self._lines.get(str(key), []) if request.state is not State.DONE]
         for request in pending:
             request.end(RESET_NOTE if request.state in (State.WAITING, State.PROMPTING) else STOPPED_NOTE)
-        async with asyncio.timeout(10):  # their last rows are written within a decode step
-            while any(request.state in (State.WAITING, State.PROMPTING, State.QUEUED, State.GENERATING)
-                      for request in pending):
-                await asyncio.sleep(0.01)
-        await self.store.clear_messages(str(key))
+        deadline = self._clock() + RESET_WAIT_SECONDS  # their last rows are written within a decode step
+        while self._clock() < deadline and any(request.state in _BEFORE_STORED for request in pending):
+            await asyncio.sleep(0.01)
+        if newest:  # a message sent while the reset ran is the new conversation's first: it stays
+            await self.store.clear_messages(str(key), through_id=newest[0].id)
 
     async def system_prompt(self, key: SessionKey | str) -> str:
         """The conversation's own system prompt, else its channel's (a thread inherits), else the default."""
@@ -628,10 +636,17 @@ class ConversationManager:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
-            log.warning("%d replies were still being delivered at shutdown", sum(map(len, self._lines.values())))
-            for line in self._lines.values():
-                for request in line:
-                    request.delivery.cancel()
+            late = [request for line in self._lines.values() for request in line]
+            log.warning("%d replies were not finished at the shutdown deadline", len(late))
+            for request in late:
+                request.delivery.cancel()
+                if request.state in _BEFORE_STORED and request.reply_id is not None:
+                    # Still in the engine (a long decode step): stored as far as it got, never left "generating".
+                    try:
+                        await self.store.finish_message(request.reply_id, request.text, Status.INTERRUPTED,
+                                                        SHUTTING_DOWN)
+                    except LlamarelayError as exc:
+                        log.error("could not store a reply at shutdown: %s", exc)
 
     async def wait_idle(self) -> None:
         """Wait until no message is being answered."""

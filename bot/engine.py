@@ -740,9 +740,7 @@ class Engine:
         """End the slot's request (caller holds the lock); the slot keeps its KV cache for the next turn."""
         generation = slot.generation
         assert generation is not None
-        tail = slot.decoder.decode(b"", final=True)
-        if tail:
-            generation._emit(tail)
+        # Bytes still held by the decoder are a character the model did not finish: dropped, never shown as "�".
         slot.generation, slot.pending, slot.next_token = None, None, None
         slot.last_used = time.monotonic()
         self._end(generation, reason, error)

@@ -538,3 +538,34 @@ async def test_reasoning_can_be_quoted_above_the_answer(manager: ConversationMan
     target = Target()
     result = await manager.respond(message("Is it?"), target)
     assert target.messages == ["> weigh it\n\nYes."] and result.text == "Yes."
+
+
+async def test_a_message_sent_while_a_reset_runs_is_kept(manager: ConversationManager) -> None:
+    _, tasks = await start_singing(manager, ["sing"])
+    reset = asyncio.create_task(manager.reset(CHANNEL))
+    await asyncio.sleep(0)
+    later = await manager.respond(message("a fresh start"), Target())
+    await reset
+    await asyncio.gather(*tasks)
+    history = await manager.history(CHANNEL)
+    assert [m.content for m in history] == ["a fresh start", later.text]  # answered and remembered
+
+
+async def test_a_reply_cut_inside_a_character_never_ends_with_a_replacement(manager: ConversationManager) -> None:
+    family = "👨\u200d👩\u200d👧\u200d👦"
+    for max_tokens in range(2, 12):
+        await manager.set_sampling(CHANNEL, max_tokens=max_tokens, grammar=f'root ::= "Hi {family} there"')
+        result = await manager.respond(message("greet"), Target())
+        assert "\ufffd" not in result.text and f"Hi {family} there".startswith(result.text)
+
+
+async def test_shutdown_past_its_deadline_leaves_nothing_generating(manager: ConversationManager) -> None:
+    _, tasks = await start_singing(manager, ["sing"])
+    manager.engine._cond.acquire()  # the engine is stuck in a long decode step: it cannot end the reply
+    try:
+        await manager.shutdown(timeout=0.2)
+        stuck = (await manager.history(CHANNEL))[-1]
+        assert stuck.status == Status.INTERRUPTED and stuck.content.startswith("l")
+    finally:
+        manager.engine._cond.release()
+    await asyncio.gather(*tasks)

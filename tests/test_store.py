@@ -106,8 +106,10 @@ async def test_clearing_a_session_keeps_its_settings_and_other_sessions(store: S
     await reply_pair(store)
     await reply_pair(store, OTHER)
     await store.set_system_prompt(KEY, "Be brief.")
-    await store.clear_messages(KEY)
-    assert await store.messages(KEY) == []
+    newest = (await store.messages(KEY))[-1].id
+    later = await store.add_message(KEY, "user", "sent while the reset ran", Status.COMPLETE)
+    await store.clear_messages(KEY, through_id=newest)
+    assert [m.id for m in await store.messages(KEY)] == [later]  # only what the reset saw is gone
     assert len(await store.messages(OTHER)) == 2
     assert await store.system_prompt(KEY) == "Be brief."
 

@@ -115,7 +115,8 @@ class Store(abc.ABC):
         """The session's messages, oldest first; with ``before_id`` / ``limit``, only the newest ones before it."""
 
     @abc.abstractmethod
-    async def clear_messages(self, key: str) -> None: ...
+    async def clear_messages(self, key: str, through_id: int) -> None:
+        """Delete the session's messages up to and including ``through_id`` (those arriving later stay)."""
 
     # -- session settings --------------------------------------------------------------------------------
 

@@ -194,8 +194,8 @@ class PostgresStore(Store):
             key, before_id if before_id is not None else 2**62, limit)  # LIMIT NULL: every row
         return [StoredMessage(*row) for row in reversed(rows)]
 
-    async def clear_messages(self, key: str) -> None:
-        await self._execute("DELETE FROM messages WHERE session_key = $1", key)
+    async def clear_messages(self, key: str, through_id: int) -> None:
+        await self._execute("DELETE FROM messages WHERE session_key = $1 AND id <= $2", key, through_id)
 
     # -- session settings --------------------------------------------------------------------------------
 

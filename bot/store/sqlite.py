@@ -192,8 +192,8 @@ class SQLiteStore(Store):
             (key, before_id if before_id is not None else 2**62, limit if limit is not None else -1))
         return [StoredMessage(*row) for row in reversed(rows)]
 
-    async def clear_messages(self, key: str) -> None:
-        await self._write("DELETE FROM messages WHERE session_key = ?", (key,))
+    async def clear_messages(self, key: str, through_id: int) -> None:
+        await self._write("DELETE FROM messages WHERE session_key = ? AND id <= ?", (key, through_id))
 
     # -- session settings --------------------------------------------------------------------------------
 
