@@ -185,7 +185,8 @@ class FakeDiscord(FakeRest):
             "private_channels": [], "relationships": [],
         })
         members = [member_payload(self.users[u], roles) for u, roles in self.member_roles.items()]
-        await self.dispatch("GUILD_CREATE", guild_create_payload(members + [member_payload(self.bot_user, [])]))
+        await self.dispatch("GUILD_CREATE", guild_create_payload(members + [member_payload(self.bot_user, [])],
+                                                                 tuple(self.text_channel_ids)))
 
     async def _resume(self, ws: web.WebSocketResponse, d: dict[str, Any]) -> None:
         if d.get("session_id") != self._session_id:
