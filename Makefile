@@ -16,7 +16,9 @@ chat: $(INSTALLED) $(MODEL)
 web: $(INSTALLED) $(MODEL)
 	$(BIN)/llamarelay web
 
+# The store tests start their own PostgreSQL cluster: Debian's postgresql package, installed when missing.
 test: $(INSTALLED) $(MODEL)
+	bash tests/install_postgres.sh
 	$(BIN)/python -m pytest
 
 # Browser tests: Debian's chromium driven by Playwright (installed on first use; no browser download).

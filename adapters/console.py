@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
+import os
 import signal
 import sys
+import termios
+from collections.abc import Iterator
 from typing import IO
 
 from bot.conversations import ConversationManager
-from bot.types import Incoming, SessionKey
+from bot.types import Controls, Incoming, SessionKey
 
 __all__ = ["ConsoleTarget", "run_console"]
 
@@ -29,14 +33,14 @@ class ConsoleTarget:
         self._out = out
         self._shown = ""
 
-    async def post(self, text: str) -> None:
+    async def post(self, text: str, controls: Controls | None = None) -> None:
         self._write("bot> ")
         self._show(text)
 
-    async def post_continuation(self, text: str) -> None:
+    async def post_continuation(self, text: str, controls: Controls | None = None) -> None:
         self._show(text)
 
-    async def edit(self, handle: None, text: str) -> None:
+    async def edit(self, handle: None, text: str, controls: Controls | None = None) -> None:
         self._show(text)
 
     def end(self) -> None:
@@ -60,6 +64,35 @@ class ConsoleTarget:
 async def run_console(manager: ConversationManager, *, user: str | None = None,
                       stdin: IO[str] = sys.stdin, out: IO[str] = sys.stdout) -> None:
     """Chat on stdin/stdout until /quit, end of input, or Ctrl-C at the prompt."""
+    with _terminal_restored(stdin):
+        await _chat(manager, user=user, stdin=stdin, out=out)
+
+
+@contextlib.contextmanager
+def _terminal_restored(stdin: IO[str]) -> Iterator[None]:
+    """Put stdin back as it was (blocking, same terminal attributes) on every way out.
+
+    asyncio's read pipe makes the fd non-blocking, and that flag belongs to the open file the shell shares
+    with us: left set, the next program started from that shell fails to read its input.
+    """
+    try:
+        fd: int | None = stdin.fileno()
+        blocking = os.get_blocking(fd)
+        attributes = termios.tcgetattr(fd) if os.isatty(fd) else None
+    except (AttributeError, OSError, ValueError, termios.error):  # not a real file: nothing to restore
+        fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, blocking)
+            if attributes is not None:
+                with contextlib.suppress(OSError, termios.error):
+                    termios.tcsetattr(fd, termios.TCSADRAIN, attributes)
+
+
+async def _chat(manager: ConversationManager, *, user: str | None, stdin: IO[str], out: IO[str]) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_LINE_BYTES)
     transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), stdin)

@@ -21,7 +21,8 @@ from bot.conversations import ConversationManager
 from bot.engine import Engine
 from bot.errors import ConfigError, LlamarelayError
 from bot.models import fetch_default_model
-from bot.store import Store
+from bot.store import is_database_url, open_store, redact_url
+from bot.store.transfer import export_jsonl, import_jsonl
 
 __all__ = ["main", "serve"]
 
@@ -64,7 +65,8 @@ async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> N
     """
     engine = await asyncio.to_thread(Engine, settings.engine)
     try:
-        store = await Store.open(settings.store.path)
+        engine.check_sampling(settings.sampling)
+        store = await open_store(settings.store.target())
         try:
             manager = ConversationManager(engine, store, settings)
             await _run_adapters(manager, settings, secrets, mode=mode)
@@ -95,6 +97,10 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
     if not adapters and not terminal:
         raise ConfigError("nothing to run: set DISCORD_TOKEN or SLACK_BOT_TOKEN, enable [web], or start "
                           "`llamarelay chat` in a terminal")
+    manager.platforms.expect(adapters)  # /readyz answers 503 until each of them reports it is connected
+    if settings.ops.enabled and mode != "chat":
+        from adapters.ops import run_ops
+        adapters["ops"] = run_ops(manager, settings)
     if terminal:
         from adapters.console import run_console
         # The terminal chat handles Ctrl-C and SIGTERM itself; leaving it stops everything.
@@ -140,22 +146,67 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
         raise failure
 
 
+def _describe_target(target: Path | str) -> str:
+    return redact_url(target) if is_database_url(target) else str(target)
+
+
+async def manage_store(settings: Settings, command: str, file: Path | None = None) -> None:
+    """``migrate``, ``export FILE`` or ``import FILE`` on the configured database, printing what was done."""
+    target = settings.store.target()
+    store = await open_store(target, migrate=command != "migrate")
+    try:
+        if command == "migrate":
+            current = await store.schema_version()
+            print(f"database: {_describe_target(target)}\nschema version: {current} (latest: {store.latest_version})")
+            applied = await store.migrate()
+            print(f"applied migrations: {', '.join(map(str, applied))}" if applied else "up to date")
+        elif command == "export":
+            assert file is not None
+            sessions, messages = await export_jsonl(store, file)
+            print(f"exported {sessions} conversations, {messages} messages to {file}")
+        else:
+            assert file is not None
+            sessions, messages = await import_jsonl(store, file)
+            print(f"imported {sessions} conversations, {messages} messages into {_describe_target(target)}")
+    finally:
+        await store.close()
+
+
+COMMANDS = {
+    "run": "start every adapter that has a token (the terminal chat when none has)",
+    "chat": "chat with the model in this terminal",
+    "web": "serve only the browser chat page ([web] host and port)",
+    "fetch-model": "download the default model into the configured model_path",
+    "migrate": "show the database's schema version and apply pending migrations",
+    "export": "write every conversation to FILE (JSON lines)",
+    "import": "load every conversation from FILE (made by export) into an empty database",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamarelay", description="A local LLM chat bot for Discord and Slack.")
-    parser.add_argument("--config", type=Path, default=None,
-                        help=f"config file (default: ./{DEFAULT_CONFIG_PATH}, or built-in defaults if absent)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_common_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="start every adapter that has a token (the terminal chat when none has)")
-    commands.add_parser("chat", help="chat with the model in this terminal")
-    commands.add_parser("web", help="serve only the browser chat page ([web] host and port)")
-    commands.add_parser("fetch-model", help="download the default model into the configured model_path")
+    for name, help_text in COMMANDS.items():
+        # Users type options after the command too (`llamarelay chat --config FILE`).
+        command = commands.add_parser(name, help=help_text)
+        _add_common_options(command, defaults=False)
+        if name in ("export", "import"):
+            command.add_argument("file", type=Path, metavar="FILE")
     return parser
+
+
+def _add_common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--config and -v; on a subcommand without defaults, so an option given before it is not overwritten."""
+    parser.add_argument("--config", type=Path, default=None if defaults else argparse.SUPPRESS,
+                        help=f"config file (default: ./{DEFAULT_CONFIG_PATH}, or built-in defaults if absent)")
+    parser.add_argument("-v", "--verbose", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                        help="debug logging")
 
 
 def _load(config: Path | None) -> Settings:
     if config is None and not DEFAULT_CONFIG_PATH.is_file():
-        return Settings()
+        return load_settings(None)  # the defaults, with the environment's overrides
     return load_settings(config or DEFAULT_CONFIG_PATH)
 
 
@@ -167,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = _load(args.config)
         if args.command == "fetch-model":
             fetch_default_model(settings.engine.model_path)
+        elif args.command in ("migrate", "export", "import"):
+            asyncio.run(manage_store(settings, args.command, getattr(args, "file", None)))
         else:
             asyncio.run(serve(settings, secrets, mode=args.command))
     except LlamarelayError as exc:

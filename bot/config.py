@@ -1,25 +1,36 @@
-"""Settings: config.toml validated by pydantic, secrets from environment variables only."""
+"""Settings: config.toml validated by pydantic, each key overridable from the environment; secrets from
+their own environment variables only.
+
+``LLAMARELAY_<SECTION>__<KEY>`` overrides ``[section] key`` (e.g. ``LLAMARELAY_WEB__HOST=0.0.0.0``; lists as
+JSON, ``LLAMARELAY_DISCORD__GUILD_IDS=[1,2]``): pydantic-settings reads them, the file stays the base.
+"""
 
 from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from urllib.parse import urlsplit
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from bot.errors import ConfigError
 
 __all__ = [
     "Settings", "EngineSettings", "SamplingSettings", "ConversationSettings", "StoreSettings",
-    "StreamingSettings", "DiscordSettings", "SlackSettings", "WebSettings", "Secrets", "load_settings",
+    "StreamingSettings", "DiscordSettings", "SlackSettings", "WebSettings", "OpsSettings", "Secrets",
+    "load_settings",
 ]
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
+ENV_PREFIX = "LLAMARELAY_"
+ENV_NESTED_DELIMITER = "__"
 SECRET_ENV_VARS = ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET",
-                   "LLAMARELAY_WEB_TOKEN")
+                   "LLAMARELAY_WEB_TOKEN", "LLAMARELAY_DATABASE_URL")
 
 
 class _Section(BaseModel):
@@ -39,14 +50,22 @@ class EngineSettings(_Section):
                                 description="RAM for KV caches of conversations whose slot was reused")
     max_queue: int = Field(32, ge=1, le=10000, description="requests that may wait; more are refused")
 
+    @model_validator(mode="after")
+    def _fits_llama_cpp(self) -> EngineSettings:
+        # llama.cpp would abort the whole process (GGML_ASSERT) on this rather than return an error.
+        if self.parallel > self.n_batch:
+            raise ValueError(f"engine.parallel ({self.parallel}) must not exceed engine.n_batch ({self.n_batch}): "
+                             "every conversation generated at once needs a place in each batch")
+        return self
+
 
 class SamplingSettings(_Section):
     max_tokens: int = Field(512, ge=1, le=32768, description="longest reply in tokens")
     temperature: float = Field(0.7, ge=0.0, le=5.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(40, ge=0, le=1000)
-    repeat_penalty: float = Field(1.1, ge=0.0, le=5.0)
-    seed: int = Field(-1, ge=-1, description="-1 = a new random seed per reply")
+    repeat_penalty: float = Field(1.1, gt=0.0, le=5.0, description="1.0 = off; above 1.0 discourages repeats")
+    seed: int = Field(-1, ge=-1, le=0xFFFFFFFE, description="-1 = a new random seed per reply")
     grammar: str | None = Field(None, description="GBNF grammar every reply must follow (optional)")
 
 
@@ -56,10 +75,33 @@ class ConversationSettings(_Section):
                                    description="longer messages are stored whole but cut for the model")
     max_waiting: int = Field(5, ge=0, le=1000,
                              description="messages that may wait behind a conversation's running reply")
+    max_file_bytes: int = Field(200_000, ge=0, le=10_000_000,
+                                description="text files larger than this are skipped, with a note")
+    show_reasoning: Literal["hidden", "quoted"] = Field(
+        "hidden", description="a reasoning model's thinking: a status line only, or quoted above the answer")
+    summarize_messages: int = Field(50, ge=1, le=1000, description="messages a Summarize command reads")
+    summarize_chars: int = Field(12000, ge=500, le=1_000_000, description="most characters of them it keeps")
+
+
+DATABASE_URL_ENV = "LLAMARELAY_DATABASE_URL"
 
 
 class StoreSettings(_Section):
-    path: Path = Field(Path("data/llamarelay.sqlite3"), description="SQLite database file")
+    path: Path = Field(Path("data/llamarelay.sqlite3"), description="SQLite database file (when no url is set)")
+    url: str | None = Field(None, description="postgresql://user@host/db selects PostgreSQL; the password "
+                            f"belongs in {DATABASE_URL_ENV}, which overrides this")
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (leave it out for SQLite)")
+        return url
+
+    def target(self, environ: Mapping[str, str] | None = None) -> Path | str:
+        """Where the store lives: the URL in LLAMARELAY_DATABASE_URL, else ``url``, else the SQLite ``path``."""
+        env = os.environ if environ is None else environ
+        return env.get(DATABASE_URL_ENV) or self.url or self.path
 
 
 class StreamingSettings(_Section):
@@ -77,6 +119,8 @@ class DiscordSettings(_Section):
     dms_enabled: bool = True
     answer_bots: bool = False
     answer_in_threads: bool = True
+    thread_per_conversation: bool = Field(False, description="a mention in a channel opens a thread for the "
+                                          "conversation; follow-ups there need no mention")
     edit_interval: float = Field(1.0, ge=0.2, le=60.0, description="seconds between edits of one message")
     user_messages_per_minute: int = Field(10, ge=0, le=10000, description="0 = unlimited")
     api_base_url: str | None = Field(None, description="REST base, e.g. https://discord.com/api/v10")
@@ -106,7 +150,20 @@ class WebSettings(_Section):
                                         "X-Forwarded-Proto: https marks cookies Secure")
 
 
-class Settings(_Section):
+class OpsSettings(_Section):
+    enabled: bool = Field(False, description="serve /healthz, /readyz and /metrics (the Docker image does)")
+    host: str = Field("127.0.0.1", description="the endpoints tell about the bot's load: keep them on loopback "
+                      "or a private network")
+    port: int = Field(9090, ge=0, le=65535, description="0 = any free port")
+
+
+class Settings(BaseSettings):
+    """Every section; ``Settings()`` is the defaults with the environment's overrides applied."""
+
+    # A misspelt key (in the file or after LLAMARELAY_) is an error, not a silently ignored setting.
+    model_config = SettingsConfigDict(extra="forbid", validate_assignment=True, env_prefix=ENV_PREFIX,
+                                      env_nested_delimiter=ENV_NESTED_DELIMITER)
+
     engine: EngineSettings = Field(default_factory=EngineSettings)
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
     conversation: ConversationSettings = Field(default_factory=ConversationSettings)
@@ -115,6 +172,15 @@ class Settings(_Section):
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
     slack: SlackSettings = Field(default_factory=SlackSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    ops: OpsSettings = Field(default_factory=OpsSettings)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (passed in as init values); no .env or secrets-dir files.
+        return env_settings, init_settings
 
     @model_validator(mode="after")
     def _reply_fits_the_window(self) -> Settings:
@@ -133,6 +199,7 @@ class Secrets:
     slack_app_token: str | None = None
     slack_signing_secret: str | None = None
     web_token: str | None = None
+    database_url: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Secrets:
@@ -141,15 +208,20 @@ class Secrets:
         return cls(*values)
 
     def values(self) -> list[str]:
+        """Every secret string, for redaction: a database URL's password on its own too."""
+        password = urlsplit(self.database_url).password if self.database_url else None
         return [v for v in (self.discord_token, self.slack_bot_token, self.slack_app_token,
-                            self.slack_signing_secret, self.web_token) if v]
+                            self.slack_signing_secret, self.web_token, self.database_url, password) if v]
 
     def __repr__(self) -> str:
         return "Secrets(<hidden>)"
 
 
-def load_settings(path: Path | str = DEFAULT_CONFIG_PATH) -> Settings:
-    """Read and validate a config file; any problem raises ConfigError with one clear line."""
+def load_settings(path: Path | str | None = DEFAULT_CONFIG_PATH) -> Settings:
+    """Read and validate a config file (None: the defaults), then the environment's overrides; any problem
+    raises ConfigError with one clear line."""
+    if path is None:
+        return _validate({}, "settings")
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -159,20 +231,33 @@ def load_settings(path: Path | str = DEFAULT_CONFIG_PATH) -> Settings:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    try:
-        settings = Settings.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(f"{path}: {_describe(exc.errors()[0])}") from None
+    settings = _validate(raw, str(path))
     # Relative paths in the file mean "next to this file", wherever the bot is started from.
     settings.engine.model_path = path.parent / settings.engine.model_path
     settings.store.path = path.parent / settings.store.path
     return settings
 
 
+def _validate(raw: dict[str, Any], origin: str) -> Settings:
+    try:
+        return Settings(**raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        variable = env_variable(error["loc"])
+        if variable in {name.upper() for name in os.environ}:  # the value came from the environment: say so
+            origin = f"environment variable {variable}"
+        raise ConfigError(f"{origin}: {_describe(error)}") from None
+
+
+def env_variable(loc: tuple[Any, ...] | list[Any]) -> str:
+    """The environment variable that sets the key at ``loc``: ('web', 'host') -> LLAMARELAY_WEB__HOST."""
+    return ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(part) for part in loc).upper()
+
+
 def _describe(error: Any) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"unknown setting '{key}'"
-    if not key:  # a rule across sections; its message names the keys
+    if not key or error["type"] == "value_error":  # a rule across keys; its message names them
         return error["msg"].removeprefix("Value error, ")
     return f"'{key}' = {error['input']!r} is invalid: {error['msg'][0].lower()}{error['msg'][1:]}"

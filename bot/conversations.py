@@ -14,29 +14,38 @@ import logging
 import re
 import time
 import unicodedata
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from bot.config import SamplingSettings, Settings
 from bot.delivery import Delivery, Pacers
 from bot.engine import Engine, EngineStatus, FinishReason, Generation, QueuePosition
 from bot.errors import LlamarelayError
+from bot.files import with_attachments
+from bot.metrics import Metrics, Platforms
 from bot.prompt import strip_markers
+from bot.reasoning import OPEN as REASONING_OPEN
+from bot.reasoning import ReasoningSplitter
 from bot.store import Status, Store, StoredMessage
-from bot.types import Incoming, ReplyTarget, SessionKey
+from bot.types import Controls, Incoming, ReplyTarget, SessionKey
 
-__all__ = ["ConversationManager", "ConversationStatus", "ReplyResult", "State", "clean_text", "parse_status_line",
-           "queued_line", "storable"]
+__all__ = ["ConversationManager", "ConversationStatus", "Exchange", "ReplyResult", "State", "can_continue",
+           "clean_text", "parse_status_line", "queued_line", "speaker_name", "storable"]
 
 log = logging.getLogger(__name__)
 
 THINKING = "💭 Thinking…"
+REASONING = "🤔 Thinking it through…"
 WAITING_FOR_PREVIOUS = "⏳ Waiting for the previous reply in this conversation…"
 EMPTY_MESSAGE = "⚠️ Your message is empty. Write something and I'll answer."
 SHUTTING_DOWN_REASON = "The bot is shutting down; please send your message again in a moment."
 SHUTTING_DOWN = f"⚠️ {SHUTTING_DOWN_REASON}"
 STOPPED_NOTE = "⏹️ Stopped."
+LENGTH_NOTE = "✂️ (reached the reply length limit)"
+STALE_REPLY = "That is no longer the latest answer in this conversation."
+NOTHING_TO_CONTINUE = "That answer was not cut short, so there is nothing to continue."
+NOT_SAVED = "⚠️ I could not save your message (database problem), so I can't answer it; please try again."
 RESET_NOTE = "🧹 The conversation was reset before this message was answered."
 TRUNCATED_MARK = "\n[… the rest of this message was cut to fit the context window]"
 CHECKPOINT_SECONDS = 3.0  # a streaming reply's text is saved this often, so a crash keeps what was shown
@@ -56,10 +65,13 @@ def queued_line(position: int) -> str:
 def parse_status_line(text: str) -> tuple[str, int | None] | None:
     """(kind, queue position) if ``text`` is one of the status lines shown before a reply's text, else None.
 
-    For targets that show status apart from reply text (the web page): kind is thinking, waiting or queued.
+    For targets that show status apart from reply text (the web page): kind is thinking, reasoning, waiting or
+    queued.
     """
     if text == THINKING:
         return "thinking", None
+    if text == REASONING:
+        return "reasoning", None
     if text == WAITING_FOR_PREVIOUS:
         return "waiting", None
     if match := _QUEUED_LINE.fullmatch(text):
@@ -70,6 +82,28 @@ def parse_status_line(text: str) -> tuple[str, int | None] | None:
 def storable(text: str) -> str:
     """``text`` with lone surrogates (valid in JSON and Python, never in UTF-8) replaced by U+FFFD."""
     return _SURROGATE.sub("\ufffd", text)
+
+
+def speaker_name(name: str) -> str:
+    """A display name as the model reads it before a user's words: one short plain line."""
+    return " ".join(clean_text(name).split())[:64]
+
+
+def can_continue_status(status: str, notes: list[str] | str) -> bool:
+    """Whether a reply that ended so can be continued: cut by the length limit, stopped or interrupted."""
+    lines = notes.splitlines() if isinstance(notes, str) else notes
+    return status in (Status.STOPPED, Status.INTERRUPTED) or (status == Status.COMPLETE and LENGTH_NOTE in lines)
+
+
+def can_continue(reply: StoredMessage) -> bool:
+    return reply.role == "assistant" and bool(reply.content.strip()) and can_continue_status(reply.status,
+                                                                                              reply.notes)
+
+
+def _quoted(text: str) -> str:
+    """Reasoning shown as a quote above the answer (``show_reasoning = "quoted"``)."""
+    text = text.strip()
+    return "".join(f"> {line}\n" for line in text.splitlines()) + "\n" if text else ""
 
 
 def clean_text(text: str) -> str:
@@ -102,6 +136,19 @@ class ReplyResult:
     text: str  # what the model wrote
     notes: list[str] = field(default_factory=list)  # what the bot showed below it
     delivered: bool = True  # False when the platform would not show the reply
+    reply_id: int | None = None  # the stored reply (what Regenerate and Continue act on)
+    can_continue: bool = False
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """The user message a request answers, and the reply row it fills."""
+
+    user_id: int
+    text: str
+    author_name: str
+    reply_id: int
+    prefix: str = ""  # Continue: the reply so far, which the model goes on from
 
 
 @dataclass(eq=False)
@@ -171,10 +218,13 @@ class ConversationManager:
         self._pacers = Pacers(clock=clock, sleep=sleep)
         self._lines: dict[str, list[Request]] = {}  # per conversation, its unfinished requests in arrival order
         self._turns: dict[str, asyncio.Lock] = {}  # per conversation: whose turn it is to generate
-        self._background: set[asyncio.Task[ReplyResult]] = set()  # replies no caller awaits (`respond_soon`)
+        self._background: set[asyncio.Task[ReplyResult]] = set()  # replies no caller awaits (`in_background`)
+        self._opens_reasoning: tuple[object, bool] = (None, False)  # (chat template, its prompt opens <think>)
         self._idle = asyncio.Event()
         self._idle.set()
         self._accepting = True
+        self.metrics = Metrics(engine.status)  # this bot's own registry: several bots may share a process
+        self.platforms = Platforms()  # adapters report connected / disconnected here; /readyz reads it
 
     # -- answering -------------------------------------------------------------------------------------
 
@@ -184,63 +234,125 @@ class ConversationManager:
         Never raises for a failure of the model, the database or the platform: each ends the reply with a
         clear line (and a stored status). Only cancellation of the caller propagates.
         """
-        delivery = Delivery(target, self._pacers.for_target(target), clock=self._clock, sleep=self._sleep)
-        text = clean_text(incoming.text)
-        key = str(incoming.key)
-        line = self._lines.get(key, [])
-        refusal = (EMPTY_MESSAGE if not text else SHUTTING_DOWN if not self._accepting
-                   else too_many_waiting(len(line) - 1) if len(line) > self.settings.conversation.max_waiting
-                   else None)
-        if refusal is not None:
-            delivered = await delivery.finish(refusal)
-            return ReplyResult(Status.FAILED, "", [refusal], delivered)
-        request = Request(key, delivery)
-        self._lines.setdefault(key, []).append(request)
-        self._idle.clear()
-        try:
-            result = await self._run(request, incoming, text)
-            request.state = State.DELIVERING
-            delivered = await delivery.finish("\n".join(result.notes))
-            return dataclasses.replace(result, delivered=delivered)
-        finally:
-            delivery.cancel()
-            request.state = State.DONE
-            self._lines[key].remove(request)
-            if not self._lines[key]:
-                del self._lines[key]
-                self._turns.pop(key, None)
-            if not self._lines:
-                self._idle.set()
+        files = tuple(dataclasses.replace(a, text=clean_text(a.text) or None, skipped=a.skipped or "it is empty")
+                      if a.text is not None else a for a in incoming.attachments)
+        text, file_notes = with_attachments(clean_text(incoming.text), files)
+        if not text:
+            return await self._refuse(incoming.key, target, file_notes + [EMPTY_MESSAGE])
+        name = speaker_name(incoming.author_name)
 
-    def respond_soon(self, incoming: Incoming, target: ReplyTarget) -> asyncio.Task[ReplyResult]:
-        """`respond` in a task of its own, held here until it ends: for adapters whose request ends before the
-        reply does (a browser tab may close mid-stream, the reply still goes on and is stored)."""
-        task = asyncio.create_task(self.respond(incoming, target), name=f"reply in {incoming.key.platform}")
+        async def store_message() -> Exchange:
+            # Both rows are written before anything is shown, so neither the message nor its reply's place is lost.
+            user_id, reply_id = await self.store.add_exchange(str(incoming.key), text, author_id=incoming.author_id,
+                                                              author_name=name)
+            return Exchange(user_id, text, name, reply_id)
+
+        return await self._serve(incoming.key, target, before_turn=store_message, notes=file_notes)
+
+    async def regenerate(self, key: SessionKey, target: ReplyTarget, reply_id: int) -> ReplyResult:
+        """Answer the conversation's last message again; the new reply replaces ``reply_id`` in the history."""
+
+        async def at_turn() -> Exchange:
+            exchange = await self._latest_exchange(key, reply_id)
+            await self.store.reopen_reply(reply_id, "")
+            return exchange
+
+        return await self._serve(key, target, at_turn=at_turn)
+
+    async def continue_reply(self, key: SessionKey, target: ReplyTarget, reply_id: int) -> ReplyResult:
+        """Let the model go on with reply ``reply_id`` (cut by the length limit, or stopped) where it ended."""
+
+        async def at_turn() -> Exchange:
+            exchange = await self._latest_exchange(key, reply_id)
+            reply = await self.store.message(reply_id)
+            if reply is None or not can_continue(reply):
+                raise LlamarelayError(NOTHING_TO_CONTINUE)
+            await self.store.reopen_reply(reply_id, reply.content)
+            return dataclasses.replace(exchange, prefix=reply.content)
+
+        return await self._serve(key, target, at_turn=at_turn)
+
+    async def latest_reply(self, key: SessionKey) -> StoredMessage | None:
+        """The conversation's newest reply: the one Regenerate and Continue may act on."""
+        newest = await self.store.messages(str(key), limit=1)
+        return newest[0] if newest and newest[0].role == "assistant" else None
+
+    def in_background(self, reply: Coroutine[Any, Any, ReplyResult]) -> asyncio.Task[ReplyResult]:
+        """Run ``reply`` (`respond`, `regenerate`, `continue_reply`) in a task held here until it ends: for
+        adapters whose request ends before the reply does (a closed browser tab must not cut a reply short)."""
+        task = asyncio.create_task(reply, name="reply")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
 
-    async def _run(self, request: Request, incoming: Incoming, text: str) -> ReplyResult:
-        """Store the message, wait for the conversation's turn, generate, and store the reply."""
-        key, delivery = request.key, request.delivery
-        ahead = len(self._lines[key]) > 1
-        delivery.status(WAITING_FOR_PREVIOUS if ahead else THINKING)
-        delivery.start()
+    async def _refuse(self, key: SessionKey, target: ReplyTarget, notes: list[str]) -> ReplyResult:
+        delivered = await self._delivery(key, target).finish("\n".join(notes))
+        self.metrics.replies.labels(key.platform, Status.FAILED).inc()
+        return ReplyResult(Status.FAILED, "", notes, delivered)
+
+    def _delivery(self, key: SessionKey, target: ReplyTarget) -> Delivery:
+        return Delivery(target, self._pacers.for_target(target), clock=self._clock, sleep=self._sleep,
+                        on_failure=lambda exc: self.metrics.platform_failure(key.platform, exc))
+
+    async def _serve(self, key: SessionKey, target: ReplyTarget, *,
+                     before_turn: Callable[[], Awaitable[Exchange]] | None = None,
+                     at_turn: Callable[[], Awaitable[Exchange]] | None = None,
+                     notes: list[str] | None = None) -> ReplyResult:
+        """One request's whole life: a place in the conversation's line, its turn, the reply, its delivery."""
+        line = self._lines.get(str(key), [])
+        if not self._accepting:
+            return await self._refuse(key, target, [SHUTTING_DOWN])
+        if len(line) > self.settings.conversation.max_waiting:
+            return await self._refuse(key, target, [too_many_waiting(len(line) - 1)])
+        delivery = self._delivery(key, target)
+        request = Request(str(key), delivery)
+        self._lines.setdefault(request.key, []).append(request)
+        self._idle.clear()
         try:
-            # Both rows are written before anything is shown, so neither the message nor its reply's place is lost.
-            user_id, reply_id = await self.store.add_exchange(key, text, author_id=incoming.author_id,
-                                                              author_name=storable(incoming.author_name))
-        except LlamarelayError as exc:
-            log.error("could not store a message in %s: %s", key, exc)
-            note = "⚠️ I could not save your message (database problem), so I can't answer it; please try again."
-            return ReplyResult(Status.FAILED, "", [note])
+            result = await self._run(request, before_turn, at_turn, notes or [])
+            request.state = State.DELIVERING
+            if result.reply_id is not None:
+                delivery.controls(Controls(reply_id=result.reply_id, can_continue=result.can_continue))
+            delivered = await delivery.finish("\n".join(result.notes))
+            self.metrics.replies.labels(key.platform, result.status).inc()
+            return dataclasses.replace(result, delivered=delivered)
+        finally:
+            delivery.cancel()
+            request.state = State.DONE
+            self._lines[request.key].remove(request)
+            if not self._lines[request.key]:
+                del self._lines[request.key]
+                self._turns.pop(request.key, None)
+            if not self._lines:
+                self._idle.set()
+
+    async def _run(self, request: Request, before_turn: Callable[[], Awaitable[Exchange]] | None,
+                   at_turn: Callable[[], Awaitable[Exchange]] | None, first_notes: list[str]) -> ReplyResult:
+        """Wait for the conversation's turn, generate, and store the reply (``first_notes`` above its own)."""
+        key, delivery = request.key, request.delivery
+        delivery.status(WAITING_FOR_PREVIOUS if len(self._lines[key]) > 1 else THINKING)
+        delivery.controls(Controls(stop=True))
+        delivery.start()
+        exchange: Exchange | None = None
+        if before_turn is not None:
+            try:
+                exchange = await before_turn()
+            except LlamarelayError as exc:
+                log.error("could not store a message in %s: %s", key, exc)
+                return ReplyResult(Status.FAILED, "", [*first_notes, NOT_SAVED])
         turn = self._turns.setdefault(key, asyncio.Lock())
         try:
             if not await self._take_turn(request, turn):
                 assert request.ended is not None
-                return await self._store_reply(reply_id, "", Status.STOPPED, [request.ended])
+                if exchange is None:
+                    return ReplyResult(Status.STOPPED, "", [*first_notes, request.ended])
+                return await self._store_reply(exchange, "", Status.STOPPED, [*first_notes, request.ended])
             try:
-                status, notes = await self._generate(request, text, user_id, reply_id)
+                if at_turn is not None:
+                    exchange = await at_turn()
+                assert exchange is not None
+                request.text = exchange.prefix
+                status, notes = await self._generate(request, exchange)
             except LlamarelayError as exc:  # the model, the template or the database: the user sees why
                 status, notes = Status.FAILED, [f"⚠️ {exc}"]
             except Exception as exc:
@@ -249,12 +361,23 @@ class ConversationManager:
                                                 "your message is saved, please try again."]
             finally:
                 turn.release()
-            return await self._store_reply(reply_id, request.text, status, notes)
+            if exchange is None:
+                return ReplyResult(status, "", [*first_notes, *notes])
+            return await self._store_reply(exchange, request.text, status, [*first_notes, *notes])
         except BaseException:  # cancelled: free the engine, keep what was written
             if request.generation is not None:
                 request.generation.cancel()
-            await asyncio.shield(self._store_reply(reply_id, request.text, Status.INTERRUPTED, []))
+            if exchange is not None:
+                await asyncio.shield(self._store_reply(exchange, request.text, Status.INTERRUPTED, first_notes))
             raise
+
+    async def _latest_exchange(self, key: SessionKey, reply_id: int) -> Exchange:
+        """The conversation's last message and its reply, if ``reply_id`` is still that reply."""
+        newest = await self.store.messages(str(key), limit=2)
+        if len(newest) < 2 or newest[1].id != reply_id or newest[0].role != "user":
+            raise LlamarelayError(STALE_REPLY)
+        user = newest[0]
+        return Exchange(user.id, user.content, user.author_name, reply_id)
 
     async def _take_turn(self, request: Request, turn: asyncio.Lock) -> bool:
         """Wait until earlier messages of the conversation are answered; False if this one was ended first."""
@@ -276,18 +399,24 @@ class ConversationManager:
             turn.release()
         return False
 
-    async def _generate(self, request: Request, text: str, user_id: int, reply_id: int) -> tuple[str, list[str]]:
+    async def _generate(self, request: Request, exchange: Exchange) -> tuple[str, list[str]]:
         """Build the prompt and stream the model's reply into ``request.text``: (status, notes)."""
         key, delivery = request.key, request.delivery
         request.state = State.PROMPTING
         sampling = await self.sampling(key)
         system = await self.system_prompt(key)
-        history = await self._history_that_fits(key, user_id, self.engine.n_ctx - sampling.max_tokens)
-        prompt, notes = await asyncio.to_thread(self.build_prompt, system, history, text, sampling.max_tokens)
+        history = await self._history_that_fits(key, exchange.user_id, self.engine.n_ctx - sampling.max_tokens)
+        speakers = not SessionKey.parse(key).is_private
+        prompt, notes = await asyncio.to_thread(
+            self.build_prompt, system, history, exchange.text, sampling.max_tokens,
+            speaker=exchange.author_name if speakers else "", prefix=exchange.prefix)
         if request.ended is not None:
             return Status.STOPPED, [request.ended]
         generation = request.generation = self.engine.submit(prompt, sampling, session=key)
         request.state = State.QUEUED
+        metrics, submitted_at, last_text_at = self.metrics, self._clock(), None
+        reasoning = ReasoningSplitter(inside=not exchange.prefix and self._prompt_opens_reasoning())
+        quote_reasoning = self.settings.conversation.show_reasoning == "quoted"
         saved_at = self._clock()
         async for event in generation:
             if delivery.failed:  # nobody can see this reply: free the engine for others
@@ -296,16 +425,40 @@ class ConversationManager:
                 request.state = State.QUEUED if event.position else State.GENERATING
                 delivery.status(queued_line(event.position) if event.position else THINKING)
                 continue
-            request.text += event
-            delivery.update(request.text)
+            now = self._clock()  # a text delta: time to the first one, then between them
+            if last_text_at is None:
+                metrics.time_to_first_token.observe(now - submitted_at)
+            else:
+                metrics.inter_token_latency.observe(now - last_text_at)
+            last_text_at = now
+            reasoning.feed(event)
+            request.text = exchange.prefix + reasoning.answer
+            if reasoning.thinking and not quote_reasoning:
+                delivery.status(REASONING)
+            else:  # a Continue shows only what it adds
+                delivery.update(_quoted(reasoning.reasoning) * quote_reasoning + reasoning.answer)
             if self._clock() - saved_at >= CHECKPOINT_SECONDS:
                 saved_at = self._clock()
                 try:
-                    await self.store.checkpoint(reply_id, request.text)
+                    await self.store.checkpoint(exchange.reply_id, request.text)
                 except LlamarelayError as exc:  # the final write will try again
                     log.warning("could not checkpoint a reply in %s: %s", key, exc)
-        status, footer = self._outcome(request, generation, request.text)
+        metrics.tokens_generated.inc(generation.n_generated)
+        metrics.prompt_tokens.inc(len(prompt))
+        metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
+        reasoning.finish()
+        request.text = exchange.prefix + reasoning.answer
+        delivery.update(_quoted(reasoning.reasoning) * quote_reasoning + reasoning.answer)
+        status, footer = self._outcome(request, generation, reasoning.answer)
         return status, notes + footer
+
+    def _prompt_opens_reasoning(self) -> bool:
+        """True when the chat template's generation prompt opens a ``<think>`` block itself (DeepSeek-R1)."""
+        template = self.engine.chat_template
+        if self._opens_reasoning[0] is not template:
+            last, _ = template.render_segments([{"role": "user", "content": "?"}])[-1]
+            self._opens_reasoning = (template, last.rstrip().endswith(REASONING_OPEN))
+        return self._opens_reasoning[1]
 
     def _outcome(self, request: Request, generation: Generation, text: str) -> tuple[str, list[str]]:
         if request.delivery.failed:
@@ -315,16 +468,17 @@ class ConversationManager:
         if not text.strip():
             return Status.FAILED, ["⚠️ The model gave an empty reply; try rephrasing."]
         if generation.finish_reason is FinishReason.LENGTH:
-            return Status.COMPLETE, ["✂️ (reached the reply length limit)"]
+            return Status.COMPLETE, [LENGTH_NOTE]
         return Status.COMPLETE, []
 
-    async def _store_reply(self, reply_id: int, text: str, status: str, notes: list[str]) -> ReplyResult:
+    async def _store_reply(self, exchange: Exchange, text: str, status: str, notes: list[str]) -> ReplyResult:
         try:
-            await self.store.finish_message(reply_id, text, status, "\n".join(notes))
+            await self.store.finish_message(exchange.reply_id, text, status, "\n".join(notes))
         except LlamarelayError as exc:
             log.error("could not store a reply: %s", exc)
             notes = [*notes, "⚠️ This reply could not be saved (database problem), so I won't remember it."]
-        return ReplyResult(status, text, notes)
+        return ReplyResult(status, text, notes, reply_id=exchange.reply_id,
+                           can_continue=bool(text.strip()) and can_continue_status(status, notes))
 
     async def _history_that_fits(self, key: str, before_id: int, budget: int) -> list[StoredMessage]:
         """The newest messages before ``before_id`` whose text could fit ``budget`` tokens; older ones are not read."""
@@ -339,18 +493,27 @@ class ConversationManager:
             tokens += await asyncio.to_thread(lambda: sum(len(self.engine.tokenize(m.content)) for m in page))
         return history
 
-    def build_prompt(self, system: str, history: list[StoredMessage], text: str,
-                     max_tokens: int) -> tuple[list[int], list[str]]:
+    def build_prompt(self, system: str, history: list[StoredMessage], text: str, max_tokens: int, *,
+                     speaker: str = "", prefix: str = "") -> tuple[list[int], list[str]]:
         """Prompt tokens that fit ``n_ctx - max_tokens``: system prompt always, then the newest turns that fit.
 
-        Every turn is the stored text as it was written: a reply cut short is fed back as far as it got.
+        Every turn is the stored text as it was written: a reply cut short is fed back as far as it got. In a
+        shared conversation (``speaker``: who wrote ``text``) each user turn starts with its author's name, so
+        the model can tell people apart; names are message text, never template. ``prefix`` (Continue) is a
+        reply so far, which the model goes on from.
         """
         engine, budget = self.engine, self.engine.n_ctx - max_tokens
-        turns = [{"role": m.role, "content": m.content} for m in history]  # the template keeps roles alternating
+
+        def said(m: StoredMessage) -> str:
+            return f"{m.author_name}: {m.content}" if speaker and m.role == "user" and m.author_name else m.content
+
+        turns = [{"role": m.role, "content": said(m)} for m in history]  # the template keeps roles alternating
+        head = f"{speaker}: " if speaker else ""
+        tail = engine.tokenize(prefix) if prefix else []
 
         def render(kept: list[dict[str, str]], user_text: str) -> list[int]:
             return engine.chat_tokens([{"role": "system", "content": system}, *kept,
-                                       {"role": "user", "content": user_text}])
+                                       {"role": "user", "content": head + user_text}]) + tail
 
         original_length = len(text)
         text = text[:self.settings.conversation.max_message_chars]
@@ -404,15 +567,22 @@ class ConversationManager:
         await self.store.clear_messages(str(key))
 
     async def system_prompt(self, key: SessionKey | str) -> str:
-        prompt = await self.store.system_prompt(str(key))
-        return self.settings.conversation.system_prompt if prompt is None else prompt
+        """The conversation's own system prompt, else its channel's (a thread inherits), else the default."""
+        key = SessionKey.parse(key) if isinstance(key, str) else key
+        for owner in (key, key.parent):
+            if owner is not None and (prompt := await self.store.system_prompt(str(owner))) is not None:
+                return prompt
+        return self.settings.conversation.system_prompt
 
     async def set_system_prompt(self, key: SessionKey, prompt: str | None) -> None:
         """Set this session's system prompt; None restores the configured default."""
         await self.store.set_system_prompt(str(key), None if prompt is None else clean_text(prompt))
 
     async def sampling(self, key: SessionKey | str) -> SamplingSettings:
-        overrides = await self.store.sampling(str(key))
+        """The configured sampling with the channel's overrides, then the conversation's own (a thread inherits)."""
+        key = SessionKey.parse(key) if isinstance(key, str) else key
+        overrides = {**(await self.store.sampling(str(key.parent)) if key.parent else {}),
+                     **await self.store.sampling(str(key))}
         base = self.settings.sampling
         return SamplingSettings.model_validate({**base.model_dump(), **overrides}) if overrides else base
 
@@ -427,6 +597,14 @@ class ConversationManager:
 
     async def history(self, key: SessionKey) -> list[StoredMessage]:
         return await self.store.messages(str(key))
+
+    async def set_feedback(self, key: SessionKey, reply_id: int, feedback: Literal["good", "bad"]) -> bool:
+        """Store a user's 👍/👎 with reply ``reply_id``; False when it is not a reply of this conversation."""
+        return await self.store.set_feedback(str(key), reply_id, feedback)
+
+    async def is_known(self, key: SessionKey) -> bool:
+        """True once the conversation has a message: a thread the bot answered in is one it follows."""
+        return bool(await self.store.messages(str(key), limit=1))
 
     async def claim_event(self, event_id: str, ttl_seconds: float = 900.0) -> bool:
         """True the first time a platform event id is seen; False for a redelivery within the TTL."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from bot.errors import MessageGone
 from bot.replies import split_reply
-from bot.types import ReplyTarget
+from bot.types import Controls, ReplyTarget
 
 __all__ = ["Delivery", "Pacer", "Pacers", "display_text"]
 
@@ -82,8 +82,10 @@ class Delivery:
     """
 
     def __init__(self, target: ReplyTarget, pacer: Pacer, *, clock: Clock = time.monotonic,
-                 sleep: Sleep = asyncio.sleep, hold: float = HOLD_STATUS_SECONDS) -> None:
+                 sleep: Sleep = asyncio.sleep, hold: float = HOLD_STATUS_SECONDS,
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
         self._target = target
+        self._on_failure = on_failure  # told of each platform call that fails (the metrics count them)
         self._pacer = pacer
         self._measure: Callable[[str], int] = getattr(target, "measure", len)
         self._clock, self._sleep = clock, sleep
@@ -92,9 +94,10 @@ class Delivery:
         self._text = ""
         self._notes = ""
         self._final = False
+        self._controls: Controls | None = None
         self._changed = asyncio.Event()
         self._handles: list[Any] = []
-        self._shown: list[str] = []  # what each posted message shows now
+        self._shown: list[tuple[str, Controls | None]] = []  # what each posted message shows now
         self._task: asyncio.Task[None] | None = None
         self.failed = False
         """True once the platform refused so often that the reply cannot be shown."""
@@ -111,12 +114,19 @@ class Delivery:
         self._text = text
         self._changed.set()
 
-    def wanted(self) -> list[str]:
-        """The text each message of the reply should show now."""
+    def controls(self, controls: Controls | None) -> None:
+        """The buttons to show under the reply's last message."""
+        self._controls = controls
+        self._changed.set()
+
+    def wanted(self) -> list[tuple[str, Controls | None]]:
+        """The text (and buttons) each message of the reply should show now."""
         if self._text.strip() or self._final:
             shown = display_text(self._text, self._notes)
-            return [piece.text for piece in split_reply(shown, self._target.max_length, self._measure)]
-        return [self._status] if self._status else []
+            texts = [piece.text for piece in split_reply(shown, self._target.max_length, self._measure)]
+        else:
+            texts = [self._status] if self._status else []
+        return [(text, self._controls if i == len(texts) - 1 else None) for i, text in enumerate(texts)]
 
     # -- running -----------------------------------------------------------------------------------------
 
@@ -164,10 +174,12 @@ class Delivery:
             try:
                 await call()
             except MessageGone as exc:  # a post refused for good: the bot cannot write here at all
+                self._failed_call(exc)
                 log.warning("cannot show a reply here: %s", exc)
                 self.failed = True
                 return
             except Exception as exc:
+                self._failed_call(exc)
                 failures += 1
                 log.warning("a platform call for a reply failed (%d in a row): %s", failures, _describe(exc))
                 if failures >= GIVE_UP_AFTER_FAILURES:
@@ -178,6 +190,10 @@ class Delivery:
             else:
                 failures = 0
 
+    def _failed_call(self, exc: BaseException) -> None:
+        if self._on_failure is not None:
+            self._on_failure(exc)
+
     async def _wait_for_change(self, timeout: float | None = None) -> None:
         try:
             await asyncio.wait_for(self._changed.wait(), timeout)
@@ -187,27 +203,26 @@ class Delivery:
 
     def _next_call(self) -> Callable[[], Awaitable[None]] | None:
         """The one platform call that brings the reply closest to what it should show, or None if it does."""
-        wanted = self.wanted()
-        for index, text in enumerate(wanted):
+        for index, shown in enumerate(self.wanted()):
             if index >= len(self._handles):
-                return lambda: self._post(index, text)
-            if self._shown[index] != text:
-                return lambda: self._edit(index, text)
+                return lambda: self._post(index, shown)
+            if self._shown[index] != shown:
+                return lambda: self._edit(index, shown)
         return None
 
-    async def _post(self, index: int, text: str) -> None:
+    async def _post(self, index: int, shown: tuple[str, Controls | None]) -> None:
         post = self._target.post if index == 0 else self._target.post_continuation
-        self._handles.append(await post(text))
-        self._shown.append(text)
+        self._handles.append(await post(*shown))
+        self._shown.append(shown)
 
-    async def _edit(self, index: int, text: str) -> None:
+    async def _edit(self, index: int, shown: tuple[str, Controls | None]) -> None:
         try:
-            await self._target.edit(self._handles[index], text)
+            await self._target.edit(self._handles[index], *shown)
         except MessageGone as gone:
             # Deleted, or no longer editable: the text goes into a new message rather than being lost.
             log.info("a reply's message is gone (%s); showing its text in a new message", gone)
-            self._handles[index] = await self._target.post_continuation(text)
-        self._shown[index] = text
+            self._handles[index] = await self._target.post_continuation(*shown)
+        self._shown[index] = shown
 
 
 def _describe(exc: BaseException) -> str:

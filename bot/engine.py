@@ -14,25 +14,31 @@ import ctypes
 import enum
 import logging
 import os
+import re
+import sys
+import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.errors import EngineError, ModelLoadError, QueueFull
+from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
 from bot.prompt import CHATML_TEMPLATE, ChatTemplate
 
-__all__ = ["Engine", "EngineStatus", "FinishReason", "Generation", "QueuePosition"]
+__all__ = ["Engine", "EngineStatus", "FinishReason", "Generation", "QueuePosition", "Tokenizer"]
 
 log = logging.getLogger(__name__)
 
 PENALTY_LAST_N = 64  # tokens the repeat penalty looks back over, as llama.cpp's default
 _DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a new random seed
+# Tokens plain text must never become: chat markers, BOS/EOS, and added tokens such as Qwen's <think>.
+_SPECIAL_ATTRS = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+_LONGEST_MATCHED_TEXT = 128  # longer token texts are left to the fallback in Tokenizer._plain_run
 
 
 class FinishReason(str, enum.Enum):
@@ -185,6 +191,8 @@ class _StateCache:
 
 
 _log_callback: Any = None
+_held_logs: list[tuple[int, str]] | None = None  # llama.cpp log lines kept back while stderr is captured
+_llama_log = logging.getLogger("llama_cpp")
 
 
 def _route_llama_logs() -> None:
@@ -192,16 +200,185 @@ def _route_llama_logs() -> None:
     global _log_callback
     if _log_callback is not None:
         return
-    llama_log = logging.getLogger("llama_cpp")
 
     @llama_cpp.llama_log_callback
     def callback(level: int, text: bytes, _user_data: Any) -> None:
         # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
-        llama_log.log({3: logging.WARNING, 4: logging.ERROR}.get(level, logging.DEBUG),
-                      "%s", text.decode("utf-8", "replace").rstrip())
+        line = ({3: logging.WARNING, 4: logging.ERROR}.get(level, logging.DEBUG),
+                text.decode("utf-8", "replace").rstrip())
+        if _held_logs is not None:  # logging would write into the capture of _init_grammar
+            _held_logs.append(line)
+        else:
+            _llama_log.log(line[0], "%s", line[1])
 
     _log_callback = callback  # keep a reference: llama.cpp holds only a C pointer to it
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def _init_grammar(vocab: Any, grammar: str) -> tuple[Any, str]:
+    """llama.cpp's grammar sampler for ``grammar``, or (None, why not).
+
+    llama.cpp's GBNF parser prints its errors straight to stderr, past the log callback: they are captured
+    here (fd 2 goes to a file meanwhile) and logged like every other llama.cpp line.
+    """
+    global _held_logs
+    sys.stderr.flush()
+    _held_logs = held = []
+    saved = os.dup(2)
+    try:
+        # A file, not a pipe: a long grammar echoed back would fill a pipe and block the writer for ever.
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+            finally:
+                os.dup2(saved, 2)
+            capture.seek(0)
+            printed = capture.read().decode("utf-8", "replace").strip()
+    finally:
+        os.close(saved)
+        _held_logs = None
+    if printed:  # "parse: error parsing grammar: <why>", a blank line, then the whole grammar again
+        _llama_log.error("%s", printed.splitlines()[0])
+        _llama_log.debug("%s", printed)
+    for level, line in held:
+        _llama_log.log(level, "%s", line)
+    if sampler:
+        return sampler, ""
+    reasons = [line for level, line in held if level >= logging.ERROR and line != "failed to parse grammar"]
+    if printed:  # the parser's "expecting ')' at <the rest of the grammar>": nothing left means the end
+        why = printed.splitlines()[0].removeprefix("parse: error parsing grammar: ").strip()
+        reasons.insert(0, re.sub(r" at$", " at the end", why))
+    return None, (reasons[0] if reasons else "llama.cpp refused it")[:200]
+
+
+class Tokenizer:
+    """llama.cpp's tokenizer for one vocabulary, made safe for text people wrote.
+
+    llama.cpp matches USER_DEFINED tokens (``<think>`` or ``<tool_call>`` in Qwen vocabularies) even with
+    special parsing off, so a user could type the model's own markers. Here each such text is cut out and
+    spelt with ordinary one-character (or one-byte) tokens: plain text never yields a CONTROL or
+    USER_DEFINED token, while template text (``special=True``) still does.
+    """
+
+    def __init__(self, vocab: Any) -> None:
+        self._vocab = vocab
+        attributes = [llama_cpp.llama_vocab_get_attr(vocab, t) for t in range(llama_cpp.llama_vocab_n_tokens(vocab))]
+        self.special_ids = frozenset(t for t, attr in enumerate(attributes) if attr & _SPECIAL_ATTRS)
+        """Ids of CONTROL and USER_DEFINED tokens."""
+        matched = {self._text(t) for t, attr in enumerate(attributes)
+                   if attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED}
+        self._matched = _literal_pattern(t for t in matched if 0 < len(t) <= _LONGEST_MATCHED_TEXT)
+        # Built at load (off the event loop) when the vocabulary has USER_DEFINED tokens, else on first need.
+        self._spellings = self._ordinary_short_pieces() if self._matched else None
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of ``text``; with ``special=False`` no special token comes out, whatever the text says."""
+        tokens = self._tokenize(text, special)
+        if special or self.special_ids.isdisjoint(tokens):
+            return tokens
+        plain: list[int] = []
+        position = 0
+        for match in self._matched.finditer(text) if self._matched else ():
+            plain += self._plain_run(text[position:match.start()])
+            plain += self._spell(match.group())
+            position = match.end()
+        return plain + self._plain_run(text[position:])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "ignore")
+
+    def is_special(self, token: int) -> bool:
+        return token in self.special_ids
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        buffer = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
+        if n < 0:
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
+        return buffer.raw[:n]
+
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        data = text.encode("utf-8", "replace")
+        capacity = len(data) + 8
+        buffer = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, False, special)
+        if n < 0:
+            raise EngineError(f"cannot tokenize a text of {len(data)} bytes")
+        return list(buffer[:n])
+
+    def _text(self, token: int) -> str:
+        """The token's text as llama.cpp matches it in input (not its display piece)."""
+        return (llama_cpp.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", "replace")
+
+    def _plain_run(self, text: str) -> list[int]:
+        """Tokens of text holding no USER_DEFINED token's text; spelt out should a merge still reach a special id."""
+        tokens = self._tokenize(text, False) if text else []
+        return tokens if self.special_ids.isdisjoint(tokens) else self._spell(text)
+
+    def _spell(self, text: str) -> list[int]:
+        """``text`` as ordinary tokens of one character each, or of one byte where no such token exists."""
+        if self._spellings is None:
+            self._spellings = self._ordinary_short_pieces()
+        tokens: list[int] = []
+        for char in text:
+            data = char.encode("utf-8", "replace")
+            if data in self._spellings:
+                tokens.append(self._spellings[data])
+            elif all(bytes([b]) in self._spellings for b in data):
+                tokens += [self._spellings[bytes([b])] for b in data]
+            else:  # a vocabulary without byte tokens: its own reading of this one character, minus specials
+                tokens += [t for t in self._tokenize(char, False) if t not in self.special_ids]
+        return tokens
+
+    def _ordinary_short_pieces(self) -> dict[bytes, int]:
+        """Ordinary tokens whose piece is one byte or one whole character, by that piece."""
+        spellings: dict[bytes, int] = {}
+        ordinary = llama_cpp.LLAMA_TOKEN_ATTR_NORMAL | llama_cpp.LLAMA_TOKEN_ATTR_BYTE
+        for token in range(llama_cpp.llama_vocab_n_tokens(self._vocab)):
+            if token in self.special_ids or not llama_cpp.llama_vocab_get_attr(self._vocab, token) & ordinary:
+                continue
+            piece = self.piece(token)
+            if len(piece) == 1 or _one_character(piece):
+                spellings.setdefault(piece, token)
+        return spellings
+
+
+def _one_character(data: bytes) -> bool:
+    try:
+        return len(data.decode("utf-8")) == 1
+    except UnicodeDecodeError:
+        return False
+
+
+def _literal_pattern(texts: Iterable[str]) -> re.Pattern[str] | None:
+    """A regex matching any of ``texts``, the longest at each place; built as a trie, so thousands of texts
+    (Gemma's vocabulary has that many) cost hardly more per character than a few."""
+    end = ""
+    trie: dict[str, Any] = {}
+    for text in texts:
+        node = trie
+        for char in text:
+            node = node.setdefault(char, {})
+        node[end] = {}
+
+    def build(node: dict[str, Any]) -> str:
+        branches = []
+        for char, child in sorted(node.items()):
+            if char == end:
+                continue
+            literal = re.escape(char)
+            while len(child) == 1 and end not in child:  # a chain without branches is one literal
+                [(char, child)] = child.items()
+                literal += re.escape(char)
+            branches.append(literal + build(child))
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if end in node else body
+
+    return re.compile(build(trie)) if trie else None
 
 
 class Engine:
@@ -239,6 +416,7 @@ class Engine:
         self.kv_cache_bytes = (llama_cpp.llama_n_ctx(ctx) * llama_cpp.llama_model_n_layer(model)
                                * 2 * head_dim * llama_cpp.llama_model_n_head_kv(model) * 2)  # K and V, f16
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.tokenizer = Tokenizer(self._vocab)
         self._bos = llama_cpp.llama_vocab_bos(self._vocab)
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         metadata = self._metadata()
@@ -246,7 +424,10 @@ class Engine:
         self.chat_template = ChatTemplate(metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE,
                                           bos_token=self._special_text(self._bos),
                                           eos_token=self._special_text(llama_cpp.llama_vocab_eos(self._vocab)))
-        self._batch = llama_cpp.llama_batch_init(settings.n_batch, 0, 1)
+        # llama.cpp aborts on a batch above its own n_batch, which can be below ours: it caps n_batch at the
+        # context it was given, then rounds each sequence's context up to a multiple of 256.
+        self._n_batch = llama_cpp.llama_n_batch(ctx)
+        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._slots = [_Slot(seq_id=i, cached=[]) for i in range(settings.parallel)]
         self._saved = _StateCache(settings.state_cache_mb * 1024 * 1024)
         self._waiting: deque[Generation] = deque()
@@ -261,17 +442,11 @@ class Engine:
     # -- tokens ----------------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
-        """Token ids of ``text``; with ``special=False`` text like ``<|im_start|>`` stays plain text."""
-        data = text.encode("utf-8", "replace")
-        capacity = len(data) + 8
-        buffer = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buffer, capacity, False, special)
-        if n < 0:
-            raise EngineError(f"cannot tokenize a text of {len(data)} bytes")
-        return list(buffer[:n])
+        """Token ids of ``text``; with ``special=False`` text like ``<|im_start|>`` or ``<think>`` stays plain."""
+        return self.tokenizer.tokenize(text, special=special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return b"".join(self._piece(t) for t in tokens).decode("utf-8", "ignore")
+        return self.tokenizer.detokenize(tokens)
 
     def chat_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The prompt for ``messages`` by the model's chat template; message text never becomes special tokens."""
@@ -281,17 +456,11 @@ class Engine:
         return tokens
 
     def is_special(self, token: int) -> bool:
-        """True for control tokens (chat markers, BOS/EOS), which plain text must never produce."""
-        attr = llama_cpp.llama_vocab_get_attr(self._vocab, token)
-        return bool(attr & (llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED))
+        """True for control and user-defined tokens (chat markers, BOS/EOS, <think>): plain text never gives one."""
+        return self.tokenizer.is_special(token)
 
     def _piece(self, token: int, special: bool = False) -> bytes:
-        buffer = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
-        if n < 0:
-            buffer = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
-        return buffer.raw[:n]
+        return self.tokenizer.piece(token, special)
 
     def _special_text(self, token: int) -> str:
         return self._piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
@@ -354,6 +523,15 @@ class Engine:
         llama_cpp.llama_free(self._ctx)
         llama_cpp.llama_model_free(self._model)
 
+    def check_sampling(self, sampling: SamplingSettings) -> None:
+        """Compile ``sampling.grammar`` once, so that at start-up a grammar llama.cpp cannot parse is a
+        `ConfigError` naming the key rather than a failure of every reply."""
+        if sampling.grammar:
+            grammar, why = _init_grammar(self._vocab, sampling.grammar)
+            if not grammar:
+                raise ConfigError(f"sampling.grammar is not valid GBNF: {why}")
+            llama_cpp.llama_sampler_free(grammar)
+
     def _cancel(self, generation: Generation) -> None:
         with self._cond:
             generation._cancel_requested = True
@@ -367,10 +545,10 @@ class Engine:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         samplers = []
         if sampling.grammar:
-            grammar = llama_cpp.llama_sampler_init_grammar(self._vocab, sampling.grammar.encode(), b"root")
+            grammar, why = _init_grammar(self._vocab, sampling.grammar)
             if not grammar:
                 llama_cpp.llama_sampler_free(chain)
-                raise EngineError("the sampling grammar is not valid GBNF")
+                raise EngineError(f"the sampling grammar is not valid GBNF: {why}")
             samplers.append(grammar)
         if sampling.repeat_penalty != 1.0:
             samplers.append(llama_cpp.llama_sampler_init_penalties(
@@ -491,7 +669,7 @@ class Engine:
         """One llama_decode over every active slot: a token each for generating ones, then prompt tokens for
         the rest (at most ``prefill_chunk`` while any slot generates, so a long prompt never stalls it long)."""
         batch, n = self._batch, 0
-        capacity = self.settings.n_batch
+        capacity = self._n_batch
         slots = []
         for slot in self._active():
             if slot.generation is not None and slot.generation._cancel_requested:

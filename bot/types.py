@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["SessionKey", "Incoming", "ReplyTarget"]
+__all__ = ["Attachment", "Controls", "SessionKey", "Incoming", "ReplyTarget"]
 
 
 @dataclass(frozen=True)
@@ -41,15 +41,39 @@ class SessionKey:
     def for_dm(cls, platform: str, user: str) -> SessionKey:
         return cls(platform, dm_user=user)
 
+    @classmethod
+    def parse(cls, text: str) -> SessionKey:
+        """The key whose ``str()`` is ``text``."""
+        parts = text.split("/")
+        if len(parts) == 3 and parts[1] == "dm":
+            return cls.for_dm(parts[0], parts[2])
+        if len(parts) in (4, 5) and parts[1] == "ch":
+            return cls.for_channel(parts[0], parts[2], parts[3], parts[4] if len(parts) == 5 else "")
+        raise ValueError(f"not a session key: {text!r}")
+
     @property
     def is_private(self) -> bool:
         return bool(self.dm_user)
+
+    @property
+    def parent(self) -> SessionKey | None:
+        """A thread's channel (whose settings the thread inherits until it sets its own); None otherwise."""
+        return SessionKey.for_channel(self.platform, self.workspace, self.channel) if self.thread else None
 
     def __str__(self) -> str:
         if self.dm_user:
             return f"{self.platform}/dm/{self.dm_user}"
         parts = [self.platform, "ch", self.workspace, self.channel] + ([self.thread] if self.thread else [])
         return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file sent with a message: its text when it could be read (see `bot.files`), else why it was skipped."""
+
+    name: str
+    text: str | None = None
+    skipped: str = ""  # e.g. "not a text file", "larger than 200 kB"
 
 
 @dataclass(frozen=True)
@@ -61,12 +85,23 @@ class Incoming:
     author_name: str
     text: str
     event_id: str = ""
+    attachments: tuple[Attachment, ...] = ()
+
+
+@dataclass(frozen=True)
+class Controls:
+    """The buttons a platform may show under a reply's last message."""
+
+    stop: bool = False  # while the reply is on its way
+    reply_id: int | None = None  # once it is stored: Regenerate (and Continue) act on this reply
+    can_continue: bool = False  # it was cut by the length limit, or stopped
 
 
 class ReplyTarget(Protocol):
     """Where a reply goes: a thin transport implemented by each adapter, driven by `bot.delivery.Delivery`.
 
-    Every call carries the message's whole text. A call that fails raises (`bot.errors.MessageGone` when the
+    Every call carries the message's whole text, and the `Controls` to show under it (None: no buttons; a
+    platform without buttons ignores them). A call that fails raises (`bot.errors.MessageGone` when the
     message can no longer be edited); retries, pacing and fallbacks are the core's, never the target's.
     A target that appends instead of replacing (an event stream, Slack's native streaming) sends ``text``
     minus what it already sent for that handle.
@@ -82,14 +117,14 @@ class ReplyTarget(Protocol):
     min_edit_interval: float
     """Seconds between two writes (posts or edits) in this target's rate bucket."""
 
-    async def post(self, text: str) -> Any:
+    async def post(self, text: str, controls: Controls | None = None) -> Any:
         """Post the reply's first message and return a handle for `edit`."""
         ...
 
-    async def post_continuation(self, text: str) -> Any:
+    async def post_continuation(self, text: str, controls: Controls | None = None) -> Any:
         """Post a further message of the reply (after the first, or instead of one that is gone)."""
         ...
 
-    async def edit(self, handle: Any, text: str) -> None:
+    async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
         """Replace the text of a message posted by `post` or `post_continuation`."""
         ...

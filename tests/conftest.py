@@ -11,7 +11,8 @@ import pytest
 from bot.config import EngineSettings, SamplingSettings, Settings
 from bot.conversations import ConversationManager
 from bot.engine import Engine
-from bot.store import Store
+from bot.store import Store, open_store
+from tests.postgres import Cluster
 
 MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -45,9 +46,23 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def store(settings: Settings) -> AsyncIterator[Store]:
-    store = await Store.open(settings.store.path)
+    store = await open_store(settings.store.path)
     yield store
     await store.close()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """A PostgreSQL server started for this test run (only when a test asks for it), removed afterwards."""
+    cluster = Cluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+async def postgres_url(postgres: Cluster) -> str:
+    """The URL of a new, empty PostgreSQL database on the test cluster."""
+    return await postgres.database()
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
 """A fake Slack Web API + Socket Mode server on 127.0.0.1, for driving the real slack-bolt app in tests.
 
-It records every Web API call, keeps the text of every message the bot posts (so tests assert what a user
-would see), pushes Socket Mode envelopes on demand and collects their acks by ``envelope_id``, sends
-``disconnect`` frames, and can script failures: 429 with ``Retry-After``, ``msg_too_long``,
+It records every Web API call, keeps the text and blocks of every message the bot posts (so tests assert what
+a user would see), pushes Socket Mode envelopes on demand (events, slash commands, and interactive payloads
+built from what the bot really sent: a press on a button of a posted message, a message shortcut, a modal
+submission) and collects their acks by ``envelope_id``, sends ``disconnect`` frames, serves files at
+``url_private`` to the bot token only, and can script failures: 429 with ``Retry-After``, ``msg_too_long``,
 ``message_not_in_streaming_state``. Shapes follow docs/platform-protocol-notes.md section 2.
 """
 
@@ -33,6 +35,7 @@ TEAM_ID = "T1"
 API_APP_ID = "A1"
 # Slack documents 40k but answers msg_too_long near 4k; the fake enforces the practical limit.
 MAX_TEXT_CHARS = 4000
+SECTION_TEXT_CHARS = 3000  # Block Kit: a section block's text
 DEFAULT_TIMEOUT_SECONDS = 60.0
 
 T = TypeVar("T")
@@ -56,7 +59,8 @@ class ApiCall:
 
 @dataclass
 class FakeMessage:
-    """A message the bot posted; ``versions`` holds every text it has shown, oldest first."""
+    """A message in the fake workspace (posted by the bot unless ``user`` says otherwise); ``versions`` holds
+    every text it has shown, oldest first, and ``blocks`` what it shows now (text section, buttons)."""
 
     channel: str
     ts: str
@@ -66,6 +70,45 @@ class FakeMessage:
     streaming: bool = False
     stream_expired: bool = False
     deleted: bool = False
+    user: str = BOT_USER_ID
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+    subtype: str | None = None
+
+    @property
+    def buttons(self) -> dict[str, dict[str, Any]]:
+        """The interactive elements under the message, by action_id."""
+        return {element["action_id"]: element for block in self.blocks
+                if block.get("type") in ("actions", "context_actions") for element in block.get("elements", [])}
+
+    def as_event(self) -> dict[str, Any]:
+        """The message as Slack shows it in API answers and interaction payloads."""
+        message: dict[str, Any] = {"type": "message", "user": self.user, "text": self.text, "ts": self.ts}
+        if self.user == BOT_USER_ID:
+            message["bot_id"] = BOT_ID
+        if self.thread_ts:
+            message["thread_ts"] = self.thread_ts
+        if self.blocks:
+            message["blocks"] = self.blocks
+        if self.subtype:
+            message["subtype"] = self.subtype
+        return message
+
+
+@dataclass
+class FakeFile:
+    """A file users shared, served at ``url_private`` to the bot token only."""
+
+    id: str
+    name: str
+    data: bytes
+    mimetype: str
+    size: int
+
+    def info(self, base: str) -> dict[str, Any]:
+        url = f"{base}/files/{self.id}/{self.name}"
+        return {"id": self.id, "name": self.name, "title": self.name, "mimetype": self.mimetype,
+                "filetype": self.name.rsplit(".", 1)[-1], "size": self.size, "mode": "hosted",
+                "url_private": url, "url_private_download": url + "?download=1"}
 
 
 @dataclass
@@ -88,6 +131,11 @@ class FakeSlack:
         """Push a ``message`` event for each bot post and ``message_changed`` for each edit, as Slack does."""
         self.calls: list[ApiCall] = []
         self.messages: dict[str, FakeMessage] = {}
+        self.users: dict[str, dict[str, Any]] = {}
+        """Profiles users.info answers with, by user id (``user_profile`` builds one)."""
+        self.files: dict[str, FakeFile] = {}
+        self.downloads: list[str] = []  # names of files the bot fetched
+        self.views: list[dict[str, Any]] = []  # modals the bot opened
         self.acks: dict[str, dict[str, Any]] = {}
         self.connections_opened = 0
         self.sockets_connected = 0
@@ -105,8 +153,10 @@ class FakeSlack:
         app = web.Application()
         app.add_routes([
             web.post("/api/{method}", self._api),
+            web.get("/api/{method}", self._api),  # slack-sdk reads some methods (users.info) with GET
             web.get("/link/", self._socket),
             web.post("/response/{id}", self._response_url),
+            web.get("/files/{id}/{name}", self._file),
         ])
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
@@ -138,6 +188,34 @@ class FakeSlack:
     def response_url(self, name: str) -> str:
         return f"http://127.0.0.1:{self._port}/response/{name}"
 
+    # -- workspace content -----------------------------------------------------------------------
+
+    def add_user(self, user: str, display_name: str, real_name: str = "") -> None:
+        self.users[user] = {"id": user, "name": user.lower(), "real_name": real_name or display_name,
+                            "profile": {"display_name": display_name, "real_name": real_name or display_name}}
+
+    def add_file(self, name: str, data: bytes, mimetype: str = "text/plain", *, size: int | None = None
+                 ) -> dict[str, Any]:
+        """Share a file; returns its object as Slack puts it in a message event's ``files``."""
+        file = FakeFile(f"F{len(self.files) + 1:04d}", name, data, mimetype, len(data) if size is None else size)
+        self.files[file.id] = file
+        return file.info(f"http://127.0.0.1:{self._port}")
+
+    def user_message(self, channel: str, text: str, *, user: str = "U1", thread_ts: str | None = None,
+                     files: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """A person writes in ``channel``: the message is kept (conversations.replies sees it) and its
+        ``message`` event returned, ready for `push_event`."""
+        message = FakeMessage(channel, self.new_ts(), thread_ts, text, [text], user=user)
+        self.messages[message.ts] = message
+        event = {"type": "message", "user": user, "text": text, "ts": message.ts, "channel": channel,
+                 "event_ts": message.ts, "team": TEAM_ID,
+                 "channel_type": "im" if channel.startswith("D") else "channel"}
+        if thread_ts:
+            event["thread_ts"] = thread_ts
+        if files:
+            event |= {"subtype": "file_share", "files": files}
+        return event
+
     # -- scripting -------------------------------------------------------------------------------
 
     def fail(self, method: str, error: str, *, status: int = 200, retry_after: int | None = None,
@@ -166,7 +244,14 @@ class FakeSlack:
     def messages_in(self, channel: str, thread_ts: str | None = None) -> list[FakeMessage]:
         """Messages the bot posted in ``channel`` (and in ``thread_ts`` when given), oldest first."""
         return [m for m in self.messages.values() if m.channel == channel and not m.deleted
-                and (thread_ts is None or m.thread_ts == thread_ts)]
+                and m.user == BOT_USER_ID and m.subtype is None and (thread_ts is None or m.thread_ts == thread_ts)]
+
+    def ephemeral_texts(self, user: str | None = None) -> list[str]:
+        """What the bot showed to one person only (chat.postEphemeral and ephemeral response_url posts)."""
+        texts = [str(c.args.get("text")) for c in self.calls_to("chat.postEphemeral", ok_only=True)
+                 if user is None or c.args.get("user") == user]
+        return texts + [str(c.args.get("text")) for c in self.calls_to("response_url")
+                        if c.args.get("response_type") == "ephemeral"]
 
     def texts_sent(self) -> list[str]:
         """Every text the bot sent to Slack, in any method (to check nothing can ping)."""
@@ -233,6 +318,58 @@ class FakeSlack:
         return await self.push("slash_commands", self.command_body(command, text, user=user, channel=channel,
                                                                     channel_name=channel_name),
                                accepts_response_payload=True)
+
+    async def push_interactive(self, payload: dict[str, Any]) -> str:
+        """Push an ``interactive`` envelope (block_actions, message_action, view_submission)."""
+        return await self.push("interactive", payload, accepts_response_payload=True)
+
+    def _interaction(self, type_: str, user: str, **extra: Any) -> dict[str, Any]:
+        trigger = uuid.uuid4().hex[:8]
+        return {"type": type_, "token": "verification-token-unused", "api_app_id": API_APP_ID,
+                "team": {"id": TEAM_ID, "domain": "fake"}, "is_enterprise_install": False,
+                "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM_ID},
+                "trigger_id": trigger, "response_url": self.response_url(trigger), **extra}
+
+    async def press(self, message: FakeMessage, action_id: str, *, user: str = "U1", positive: bool = True) -> str:
+        """Press the button ``action_id`` that ``message`` shows now (for feedback buttons: 👍 or 👎)."""
+        element = message.buttons.get(action_id)
+        if element is None:
+            raise AssertionError(f"fake Slack: message {message.ts} has no {action_id!r} button: {message.blocks}")
+        if element["type"] == "feedback_buttons":
+            value = element["positive_button" if positive else "negative_button"]["value"]
+        else:
+            value = element["value"]
+        container = {"type": "message", "message_ts": message.ts, "channel_id": message.channel,
+                     "is_ephemeral": False, **({"thread_ts": message.thread_ts} if message.thread_ts else {})}
+        return await self.push_interactive(self._interaction(
+            "block_actions", user, container=container, channel={"id": message.channel, "name": "general"},
+            message=message.as_event(), state={"values": {}},
+            actions=[{"action_id": action_id, "block_id": "b", "type": element["type"], "value": value,
+                      "action_ts": str(time.time())}]))
+
+    async def message_shortcut(self, callback_id: str, message: FakeMessage, *, user: str = "U1") -> str:
+        """Use a message shortcut on ``message``."""
+        return await self.push_interactive(self._interaction(
+            "message_action", user, callback_id=callback_id, channel={"id": message.channel, "name": "general"},
+            message=message.as_event(), message_ts=message.ts, action_ts=str(time.time())))
+
+    async def submit_view(self, view: dict[str, Any], values: dict[str, dict[str, str]], *, user: str = "U1") -> str:
+        """Submit a modal the bot opened, with ``values`` as {block_id: {action_id: typed text}}."""
+        state = {block: {action: {"type": "plain_text_input", "value": text} for action, text in inputs.items()}
+                 for block, inputs in values.items()}
+        return await self.push_interactive(self._interaction(
+            "view_submission", user, view={**view, "id": f"V{len(self.views)}", "state": {"values": state}}))
+
+    async def start_assistant_thread(self, *, user: str = "U2", channel: str = "D1") -> tuple[str, str]:
+        """A user opens a new assistant thread: its root message, then ``assistant_thread_started``.
+        Returns (thread_ts, envelope_id)."""
+        root = FakeMessage(channel, self.new_ts(), None, "New chat", ["New chat"], subtype="assistant_app_thread")
+        self.messages[root.ts] = root
+        envelope = await self.push_event({
+            "type": "assistant_thread_started", "event_ts": self.new_ts(),
+            "assistant_thread": {"user_id": user, "channel_id": channel, "thread_ts": root.ts,
+                                 "context": {"channel_id": "C1", "team_id": TEAM_ID, "enterprise_id": None}}})
+        return root.ts, envelope
 
     async def wait_ack(self, envelope_id: str, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> dict[str, Any]:
         """The ack frame the client sent for ``envelope_id``."""
@@ -359,13 +496,30 @@ class FakeSlack:
             return self._error(call, "msg_too_long")
         return text
 
+    def _blocks_of(self, call: ApiCall) -> list[dict[str, Any]] | None | web.Response:
+        """The call's blocks (None when it has none), or invalid_blocks as Slack answers for a too-long section."""
+        blocks = call.args.get("blocks")
+        if blocks is None:
+            return None
+        if isinstance(blocks, str):
+            blocks = json.loads(blocks)
+        for block in blocks:
+            if block.get("type") == "section" and len(block.get("text", {}).get("text", "")) > SECTION_TEXT_CHARS:
+                return self._error(call, "invalid_blocks")
+        return list(blocks)
+
     def _m_chat_postMessage(self, call: ApiCall) -> dict[str, Any] | web.Response:
         text = self._text_of(call)
         if isinstance(text, web.Response):
             return text
+        blocks = self._blocks_of(call)
+        if isinstance(blocks, web.Response):
+            return blocks
         channel = str(call.args.get("channel", ""))
+        if channel.startswith("U"):  # posting to a user id opens the app's DM with them
+            channel = "D" + channel[1:]
         thread_ts = call.args.get("thread_ts") or None
-        message = FakeMessage(channel, self.new_ts(), thread_ts, text, [text])
+        message = FakeMessage(channel, self.new_ts(), thread_ts, text, [text], blocks=blocks or [])
         self.messages[message.ts] = message
         self._echo({"type": "message", "channel": channel, "user": BOT_USER_ID, "bot_id": BOT_ID,
                     "text": text, "ts": message.ts, **({"thread_ts": thread_ts} if thread_ts else {}),
@@ -378,11 +532,16 @@ class FakeSlack:
         text = self._text_of(call)
         if isinstance(text, web.Response):
             return text
+        blocks = self._blocks_of(call)
+        if isinstance(blocks, web.Response):
+            return blocks
         message = self.messages.get(str(call.args.get("ts", "")))
-        if message is None or message.channel != call.args.get("channel"):
+        if message is None or message.deleted or message.channel != call.args.get("channel"):
             return self._error(call, "message_not_found")
         message.text = text
         message.versions.append(text)
+        if blocks is not None:
+            message.blocks = blocks
         message.streaming = False
         self._echo({"type": "message", "subtype": "message_changed", "channel": message.channel,
                     "hidden": True, "ts": self.new_ts(), "event_ts": self.new_ts(),
@@ -443,11 +602,59 @@ class FakeSlack:
             return message
         message.text += self._chunk_text(call)
         message.versions.append(message.text)
+        blocks = self._blocks_of(call)
+        if isinstance(blocks, web.Response):
+            return blocks
+        message.blocks = blocks or []
         message.streaming = False
         return {"channel": message.channel, "ts": message.ts}
 
     def _m_assistant_threads_setStatus(self, call: ApiCall) -> dict[str, Any]:
         return {}
+
+    def _m_assistant_threads_setTitle(self, call: ApiCall) -> dict[str, Any]:
+        return {}
+
+    def _m_assistant_threads_setSuggestedPrompts(self, call: ApiCall) -> dict[str, Any]:
+        return {}
+
+    def _m_users_info(self, call: ApiCall) -> dict[str, Any] | web.Response:
+        user = self.users.get(str(call.args.get("user")))
+        return {"user": user} if user is not None else self._error(call, "user_not_found")
+
+    def _m_views_open(self, call: ApiCall) -> dict[str, Any] | web.Response:
+        view = call.args.get("view")
+        if isinstance(view, str):
+            view = json.loads(view)
+        if not call.args.get("trigger_id") or not isinstance(view, dict) or view.get("type") != "modal":
+            return self._error(call, "invalid_arguments")
+        if len(str(view.get("private_metadata") or "")) > 3000:
+            return self._error(call, "invalid_arguments")
+        self.views.append(view)
+        return {"view": {**view, "id": f"V{len(self.views)}"}}
+
+    def _m_conversations_replies(self, call: ApiCall) -> dict[str, Any] | web.Response:
+        channel, ts = str(call.args.get("channel")), str(call.args.get("ts"))
+        thread = sorted((m for m in self.messages.values() if m.channel == channel and not m.deleted
+                         and (m.ts == ts or m.thread_ts == ts)), key=lambda m: float(m.ts))
+        if not thread:
+            return self._error(call, "thread_not_found")
+        start, limit = int(call.args.get("cursor") or 0), int(call.args.get("limit") or 1000)
+        page = thread[start:start + limit]
+        more = start + limit < len(thread)
+        return {"messages": [m.as_event() for m in page], "has_more": more,
+                "response_metadata": {"next_cursor": str(start + limit) if more else ""}}
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        file = self.files.get(request.match_info["id"])
+        if request.headers.get("Authorization") != f"Bearer {BOT_TOKEN}":
+            # Slack answers a request without the token with its login page, not an error.
+            return web.Response(text="<html>sign in</html>", content_type="text/html")
+        if file is None:
+            raise web.HTTPNotFound()
+        self.downloads.append(file.name)
+        await self._changed()
+        return web.Response(body=file.data, content_type=file.mimetype)
 
     async def _response_url(self, request: web.Request) -> web.Response:
         body = await request.json()

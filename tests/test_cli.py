@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import os
 import pty
+import re
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
 
+from adapters.console import run_console
+from bot.app import _parser
+from bot.conversations import ConversationManager
 from tests.conftest import MODEL_PATH
 
 SECRETS = ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET", "LLAMARELAY_WEB_TOKEN")
@@ -176,3 +183,137 @@ async def test_sigterm_shuts_down_cleanly_and_stores_the_partial_reply(tmp_path:
 def test_help_lists_the_commands(command: str) -> None:
     result = llamarelay("--help")
     assert result.returncode == 0 and command in result.stdout and "fetch-model" in result.stdout
+
+
+async def start_service(tmp_path: Path, sampling: str = "max_tokens = 16\n") -> tuple[asyncio.subprocess.Process, str]:
+    """`llamarelay run` as a service (no terminal, web page only); returns it and the page's URL."""
+    bot = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--config", str(write_config(tmp_path, sampling)), "run",
+        env={**ENV, "LLAMARELAY_WEB_TOKEN": "t0ken"},
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert bot.stderr
+    log = await read_until(bot.stderr, b"(access token required)")
+    return bot, log.split(b"web chat on ")[1].split()[0].decode()
+
+
+async def test_sigterm_ends_a_streaming_reply_within_docker_stops_deadline(tmp_path: Path) -> None:
+    import aiohttp
+    bot, url = await start_service(tmp_path, LONG_REPLY.replace("400", "900"))
+    headers = {"Authorization": "Bearer t0ken"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.post(url + "api/conversations", json={}) as response:
+            conversation = (await response.json())["id"]
+        async with http.post(f"{url}api/conversations/{conversation}/messages", json={"text": "sing"}) as stream:
+            await read_until(stream.content, b"la la")  # type: ignore[arg-type]
+            started = asyncio.get_running_loop().time()
+            bot.terminate()
+            assert await asyncio.wait_for(bot.wait(), 10) == 0
+            assert asyncio.get_running_loop().time() - started < 10  # `docker stop` would not have killed it
+    reply = stored(tmp_path)[-1]
+    assert reply[0] == "assistant" and reply[2] == "stopped" and reply[1].startswith("la la")
+
+
+async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
+    bot, _ = await start_service(tmp_path)
+    bot.send_signal(signal.SIGTERM)
+    bot.send_signal(signal.SIGINT)  # impatient: another Ctrl-C while it shuts down
+    assert await asyncio.wait_for(bot.wait(), 10) == 1
+    assert bot.stderr and b"second signal" in await bot.stderr.read()
+
+
+@pytest.mark.parametrize(("argv", "config", "verbose"), [
+    (["chat", "--config", "a.toml"], "a.toml", False),
+    (["--config", "a.toml", "chat"], "a.toml", False),
+    (["chat", "-v"], None, True),
+    (["-v", "web", "--config", "b.toml"], "b.toml", True),
+    (["--config", "a.toml", "run", "--config", "b.toml"], "b.toml", False),  # the later one wins
+])
+def test_options_may_come_before_or_after_the_command(argv: list[str], config: str | None, verbose: bool) -> None:
+    args = _parser().parse_args(argv)
+    assert (args.config, args.verbose) == (Path(config) if config else None, verbose)
+
+
+def test_config_option_after_the_command_is_used(tmp_path: Path) -> None:
+    result = llamarelay("chat", "--config", str(write_config(tmp_path)), "-v", stdin="Hi\n/quit\n")
+    assert result.returncode == 0, result.stderr
+    assert "bot> " in result.stdout and stored(tmp_path)  # the store named in that file was used
+    assert " DEBUG " in result.stderr
+
+
+def only_log_lines_and(result: subprocess.CompletedProcess[str], last: str) -> None:
+    """stderr is log lines and then ``last``: nothing written around the logging (no raw llama.cpp output)."""
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(last), result.stderr
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ", line) for line in lines[:-1]), result.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "web"])
+def test_invalid_grammar_stops_start_up_with_one_line(tmp_path: Path, command: str) -> None:
+    config = write_config(tmp_path, "grammar = 'root ::= (\"yes\" | \"no\"'\n")
+    result = llamarelay("--config", str(config), command, stdin="Hi\n")
+    assert result.returncode == 1
+    only_log_lines_and(result, "llamarelay: sampling.grammar is not valid GBNF: expecting ')'")
+    assert "Traceback" not in result.stderr and "bot> " not in result.stdout
+
+
+def test_parallel_above_n_batch_stops_start_up_instead_of_aborting(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace("n_threads = 1\n", "n_threads = 1\nparallel = 32\nn_batch = 16\n"))
+    result = llamarelay("--config", str(config), "chat")
+    assert result.returncode == 1  # not 134: llama.cpp's GGML_ASSERT never runs
+    assert result.stderr.strip() == (f"llamarelay: {config}: engine.parallel (32) must not exceed engine.n_batch (16): "
+                                     "every conversation generated at once needs a place in each batch")
+
+
+# -- the terminal is left as it was found ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("leave", ["/quit", "end of input", "Ctrl-C", "SIGTERM"])
+async def test_terminal_is_blocking_again_after_the_chat_ends(tmp_path: Path, leave: str) -> None:
+    """asyncio makes stdin non-blocking, and that flag is shared with the shell: the next program would fail."""
+    controller, terminal = pty.openpty()
+    attributes = termios.tcgetattr(terminal)
+    try:
+        chat = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "chat", "--config", str(write_config(tmp_path)), env=ENV,
+            stdin=terminal, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert chat.stdout
+        await read_until(chat.stdout, b"you> ")
+        assert not os.get_blocking(terminal)  # what asyncio does while the chat reads
+        if leave == "/quit":
+            os.write(controller, b"/quit\n")
+        elif leave == "end of input":
+            os.write(controller, b"\x04")  # Ctrl-D on an empty line
+        else:
+            chat.send_signal(signal.SIGINT if leave == "Ctrl-C" else signal.SIGTERM)
+        assert await asyncio.wait_for(chat.wait(), 30) == 0
+        assert os.get_blocking(terminal)
+        assert termios.tcgetattr(terminal) == attributes
+    finally:
+        os.close(terminal)
+        os.close(controller)
+
+
+@pytest.mark.parametrize("leave", ["cancelled", "failed"])
+async def test_terminal_is_restored_when_the_chat_is_cancelled_or_fails(manager: ConversationManager,
+                                                                       leave: str) -> None:
+    controller, terminal = pty.openpty()
+    out = io.StringIO()
+    try:
+        with open(terminal, closefd=False) as stdin:
+            chat = asyncio.create_task(run_console(manager, user="tester", stdin=stdin, out=out))
+            async with asyncio.timeout(10):
+                while "you> " not in out.getvalue():
+                    await asyncio.sleep(0.01)
+            assert not os.get_blocking(terminal)
+            if leave == "cancelled":  # what `llamarelay run` does when another adapter fails
+                chat.cancel()
+            else:  # the output has gone away: the chat fails with an exception
+                out.close()
+                os.write(controller, b"hello\n")
+            with contextlib.suppress(asyncio.CancelledError, ValueError):
+                await asyncio.wait_for(chat, 10)
+            assert chat.done() and (chat.cancelled() or isinstance(chat.exception(), ValueError))
+        assert os.get_blocking(terminal)
+    finally:
+        os.close(terminal)
+        os.close(controller)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from bot.app import RedactingFormatter
 from bot.config import Secrets, Settings, load_settings
 from bot.errors import ConfigError
 from bot.ratelimit import RateLimiter
+from tests.conftest import MODEL_PATH
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +41,60 @@ def test_shipped_config_lists_every_setting_with_its_default() -> None:
 def test_reply_length_must_leave_room_for_the_prompt(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"sampling.max_tokens \(4096\) must be below engine.n_ctx \(4096\)"):
         load_settings(write(tmp_path, "[engine]\nn_ctx = 4096\n[sampling]\nmax_tokens = 4096\n"))
+
+
+@pytest.mark.parametrize(("toml", "expected"), [
+    # llama.cpp aborts the process (GGML_ASSERT, exit 134) when more sequences run than a batch holds.
+    ("[engine]\nparallel = 32\nn_batch = 16\n", r"engine.parallel \(32\) must not exceed engine.n_batch \(16\)"),
+    # A penalty of 0 divides logits by zero: the model then writes garbage.
+    ("[sampling]\nrepeat_penalty = 0\n", r"'sampling.repeat_penalty' = 0 is invalid: .*greater than 0"),
+    # llama.cpp's seed is 32 bits, and 0xFFFFFFFF means "random".
+    ("[sampling]\nseed = 4294967295\n", r"'sampling.seed' = 4294967295 is invalid: .*less than or equal"),
+])
+def test_values_llama_cpp_cannot_take_are_one_line_naming_the_key(tmp_path: Path, toml: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as error:
+        load_settings(write(tmp_path, toml))
+    assert "\n" not in str(error.value)
+
+
+# Run in a subprocess: if llama.cpp aborts, only that process dies (exit 134), and the test says which setting.
+ENGINE_RUN = """
+import asyncio, sys
+from bot.config import load_settings
+from bot.engine import Engine
+
+async def main() -> None:
+    settings = load_settings(sys.argv[1])
+    engine = Engine(settings.engine)
+    try:
+        # Every slot at once with a prompt as long as its context allows: the biggest batches there are.
+        prompt = (engine.tokenize("word " * engine.n_ctx) * 2)[:engine.n_ctx - 2]
+        requests = [engine.submit(prompt, settings.sampling) for _ in range(min(settings.engine.parallel, 8))]
+        for request in requests:
+            async for _ in request:
+                pass
+            assert request.finish_reason.value in ("stop", "length"), request.finish_reason
+    finally:
+        engine.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("engine", [
+    "n_ctx = 300\nparallel = 1",  # llama.cpp rounds a context up to 512 but caps its batch at 300
+    "n_ctx = 300\nparallel = 3\nn_batch = 8192",
+    "n_ctx = 256\nparallel = 16\nn_batch = 16\nprefill_chunk = 8192",
+    "n_ctx = 256\nparallel = 64\nn_batch = 64",
+    "n_ctx = 256\nparallel = 1\nn_batch = 8192\nn_threads = 32",  # many more threads than cores
+])
+def test_accepted_extremes_never_abort_the_engine(tmp_path: Path, engine: str) -> None:
+    threads = "" if "n_threads" in engine else "n_threads = 1\n"  # spinning threads crawl on a busy machine
+    config = write(tmp_path, f'[engine]\nmodel_path = "{MODEL_PATH}"\n{engine}\n{threads}'
+                             "[sampling]\nmax_tokens = 2\ntemperature = 0.0\n")
+    result = subprocess.run([sys.executable, "-c", ENGINE_RUN, str(config)], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -78,6 +135,44 @@ def test_missing_config_file_names_it(tmp_path: Path) -> None:
 def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, '[engine]\nmodel_path = "m/x.gguf"\n'))
     assert settings.engine.model_path == tmp_path / "m" / "x.gguf"
+
+
+# -- environment overrides (LLAMARELAY_<SECTION>__<KEY>) ------------------------------------------------
+
+def test_environment_overrides_a_nested_key_and_keeps_the_rest_of_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMARELAY_WEB__HOST", "0.0.0.0")
+    monkeypatch.setenv("LLAMARELAY_SAMPLING__TEMPERATURE", "0.2")
+    monkeypatch.setenv("LLAMARELAY_DISCORD__GUILD_IDS", "[11, 22]")
+    settings = load_settings(write(tmp_path, "[web]\nport = 9000\nhost = '127.0.0.1'\n[sampling]\ntop_k = 7\n"))
+    assert (settings.web.host, settings.web.port) == ("0.0.0.0", 9000)
+    assert (settings.sampling.temperature, settings.sampling.top_k) == (0.2, 7)
+    assert settings.discord.guild_ids == [11, 22]
+    assert Settings().web.host == "0.0.0.0" and load_settings(None).ops.port == Settings().ops.port
+
+
+def test_bad_environment_value_is_one_line_naming_the_variable_and_key(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMARELAY_WEB__PORT", "eighty")
+    for source in (write(tmp_path, "[web]\nport = 9000\n"), None):
+        with pytest.raises(ConfigError) as error:
+            load_settings(source)
+        message = str(error.value)
+        assert message.startswith("environment variable LLAMARELAY_WEB__PORT: 'web.port' = 'eighty' is invalid")
+        assert "integer" in message and "\n" not in message
+
+
+def test_misspelt_environment_key_is_an_error_and_secrets_are_not_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMARELAY_OPS__PROT", "1")
+    with pytest.raises(ConfigError, match="unknown setting 'ops.prot'"):
+        load_settings(None)
+    monkeypatch.delenv("LLAMARELAY_OPS__PROT")
+    # The web token has its own variable; it is a secret, never a setting (nor readable as one).
+    monkeypatch.setenv("LLAMARELAY_WEB_TOKEN", "token-secret")
+    assert "token-secret" not in Settings().model_dump_json()
+    monkeypatch.setenv("LLAMARELAY_WEB__TOKEN", "token-secret")
+    with pytest.raises(ConfigError, match="unknown setting 'web.token'"):
+        load_settings(None)
 
 
 def test_secrets_come_from_the_environment_and_never_print() -> None:

@@ -15,7 +15,7 @@ from bot.engine import Engine
 from bot.errors import MessageGone, StoreError
 from bot.prompt import ChatTemplate
 from bot.store import Status, Store
-from bot.types import Incoming, SessionKey
+from bot.types import Controls, Incoming, SessionKey
 
 CHANNEL = SessionKey.for_channel("test", "guild1", "chan1")
 LONG_GRAMMAR = 'root ::= ("la " ){300}'
@@ -32,22 +32,22 @@ class Target:
         self.calls: list[tuple[str, str]] = []
         self.first_text = asyncio.Event()
 
-    async def post(self, text: str) -> int:
+    async def post(self, text: str, controls: Controls | None = None) -> int:
         self.calls.append(("post", text))
         self.messages.append(text)
         return len(self.messages) - 1
 
-    async def post_continuation(self, text: str) -> int:
+    async def post_continuation(self, text: str, controls: Controls | None = None) -> int:
         return await self.post(text)
 
-    async def post(self, text: str) -> int:  # type: ignore[no-redef]
+    async def post(self, text: str, controls: Controls | None = None) -> int:  # type: ignore[no-redef]
         self.calls.append(("post", text))
         self.messages.append(text)
         if not text.startswith(("💭", "⏳")):
             self.first_text.set()
         return len(self.messages) - 1
 
-    async def edit(self, handle: Any, text: str) -> None:
+    async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
         self.calls.append(("edit", text))
         self.messages[handle] = text
         if not text.startswith(("💭", "⏳")):
@@ -62,7 +62,7 @@ async def test_reply_is_streamed_and_both_sides_are_stored(manager: Conversation
     target = Target()
     result = await manager.respond(message("What is the capital of France?"), target)
     assert result.status == Status.COMPLETE and result.text.strip()
-    assert target.calls[0][0] == "post" and target.calls[0][1] != "💭 Thinking…"  # an idle engine: text first
+    assert target.calls[0][0] == "post"
     assert target.messages == [result.text]
     history = await manager.history(CHANNEL)
     assert [(m.role, m.status) for m in history] == [("user", Status.COMPLETE), ("assistant", Status.COMPLETE)]
@@ -99,10 +99,11 @@ def test_dm_key_never_equals_channel_key() -> None:
 
 async def test_messages_in_one_session_are_answered_in_order(manager: ConversationManager) -> None:
     class SlowFirstPost(Target):
-        async def post(self, text: str) -> int:
+        async def post(self, text: str, controls: Controls | None = None) -> int:
             await asyncio.sleep(0.3)  # the platform is slow to show A's placeholder
             return await super().post(text)
 
+    await manager.set_sampling(CHANNEL, max_tokens=120, grammar=LONG_GRAMMAR)  # A takes a while
     first_target, second_target = SlowFirstPost(), Target()
     first = asyncio.create_task(manager.respond(message("The password is SWORDFISH."), first_target))
     await asyncio.sleep(0)
@@ -117,6 +118,7 @@ async def test_messages_in_one_session_are_answered_in_order(manager: Conversati
     history = await manager.history(CHANNEL)
     assert [(m.role, m.status) for m in history] == [("user", Status.COMPLETE), ("assistant", Status.COMPLETE)] * 2
     assert history[0].content == "The password is SWORDFISH." and history[2].content == "What is the password?"
+    assert second_target.messages[-1].startswith(history[3].content.rstrip())  # the waiting line gave way
 
 
 async def test_stop_keeps_the_partial_reply_marked_stopped(manager: ConversationManager) -> None:
@@ -300,7 +302,7 @@ async def test_platform_failure_mid_stream_frees_the_engine_and_keeps_the_text(m
     class BrokenTarget(Target):
         max_length = 50
 
-        async def post_continuation(self, text: str) -> int:
+        async def post_continuation(self, text: str, controls: Controls | None = None) -> int:
             raise MessageGone("the channel was deleted")
 
     await manager.set_sampling(CHANNEL, max_tokens=300, grammar=LONG_GRAMMAR)
@@ -421,3 +423,118 @@ async def test_lone_surrogates_are_stored_not_refused(manager: ConversationManag
     assert result.status == Status.COMPLETE
     history = await manager.history(CHANNEL)
     assert history[0].content == "hi \ufffd there" and history[0].author_name == "name\ufffd"
+
+
+async def test_a_turn_reads_only_the_newest_history_that_can_fit(manager: ConversationManager, store: Store) -> None:
+    key = str(CHANNEL)
+    for i in range(400):
+        await store.add_message(key, "user", f"question {i} " + "words " * 40, Status.COMPLETE)
+        await store.add_message(key, "assistant", f"answer {i} " + "words " * 40, Status.COMPLETE)
+    everything = await store.messages(key)
+    budget = manager.engine.n_ctx - 24
+    read = await manager._history_that_fits(key, everything[-1].id + 1, budget)
+    assert len(read) < len(everything) / 4  # a long-lived channel does not re-read its whole past every turn
+    assert read == everything[-len(read):]
+    assert manager.build_prompt("sys", read, "next", 24) == manager.build_prompt("sys", everything, "next", 24)
+
+
+# -- native conversations: regenerate, continue, speakers, threads, files, reasoning -----------------------
+
+async def test_regenerate_replaces_the_last_answer(manager: ConversationManager) -> None:
+    await manager.set_sampling(CHANNEL, grammar='root ::= "First try."')
+    first = await manager.respond(message("Say something"), Target())
+    assert first.reply_id is not None and not first.can_continue
+    await manager.set_sampling(CHANNEL, grammar='root ::= "Second try."')
+    target = Target()
+    again = await manager.regenerate(CHANNEL, target, first.reply_id)
+    assert again.text == "Second try." and again.reply_id == first.reply_id and target.messages == ["Second try."]
+    history = await manager.history(CHANNEL)
+    assert [m.content for m in history] == ["Say something", "Second try."]  # only the new answer is kept
+
+
+async def test_regenerate_of_a_stale_reply_says_so(manager: ConversationManager) -> None:
+    old = await manager.respond(message("one"), Target())
+    await manager.respond(message("two"), Target())
+    assert old.reply_id is not None
+    target = Target()
+    result = await manager.regenerate(CHANNEL, target, old.reply_id)
+    assert result.status == Status.FAILED and "no longer the latest" in target.messages[-1]
+    assert [m.content for m in await manager.history(CHANNEL)][:2] == ["one", old.text]
+
+
+async def test_continue_extends_an_answer_cut_by_the_length_limit(manager: ConversationManager) -> None:
+    await manager.set_sampling(CHANNEL, max_tokens=10, grammar=LONG_GRAMMAR)
+    cut = await manager.respond(message("sing"), Target())
+    assert cut.can_continue and cut.reply_id is not None
+    latest = await manager.latest_reply(CHANNEL)
+    assert latest is not None and latest.id == cut.reply_id
+    target = Target()
+    more = await manager.continue_reply(CHANNEL, target, cut.reply_id)
+    assert more.text.startswith(cut.text) and len(more.text) > len(cut.text)
+    assert target.messages[0].startswith(more.text[len(cut.text):].strip()[:10])  # it shows what it adds
+    stored_reply = (await manager.history(CHANNEL))[-1]
+    assert stored_reply.content == more.text and len(await manager.history(CHANNEL)) == 2
+
+
+async def test_speakers_are_named_in_shared_conversations_only(manager: ConversationManager, engine: Engine) -> None:
+    await manager.respond(Incoming(CHANNEL, "u1", "Ana", "I like tea."), Target())
+    history = await manager.history(CHANNEL)
+    shared, _ = manager.build_prompt("sys", history, "And I like coffee.", 24, speaker="Bo <|im_start|>")
+    rendered = engine.detokenize(shared)
+    assert "Ana: I like tea." in rendered and "Bo <|im_start|>: And I like coffee." in rendered
+    im_start = engine.tokenize("<|im_start|>", special=True)[0]
+    assert shared.count(im_start) == 5  # system, Ana, reply, Bo, generation prompt: the name stayed plain text
+    private, _ = manager.build_prompt("sys", history, "And I like coffee.", 24)
+    assert "Ana: I like tea." not in engine.detokenize(private)
+
+
+async def test_a_thread_inherits_its_channels_settings_until_it_sets_its_own(manager: ConversationManager) -> None:
+    thread = SessionKey.for_channel("test", "guild1", "chan1", "thread9")
+    await manager.set_system_prompt(CHANNEL, "Channel rules.")
+    await manager.set_sampling(CHANNEL, temperature=0.2)
+    assert await manager.system_prompt(thread) == "Channel rules."
+    assert (await manager.sampling(thread)).temperature == 0.2
+    await manager.set_system_prompt(thread, "Thread rules.")
+    await manager.set_sampling(thread, top_p=0.5)
+    assert await manager.system_prompt(thread) == "Thread rules."
+    assert (await manager.sampling(thread)).temperature == 0.2 and (await manager.sampling(thread)).top_p == 0.5
+    assert (await manager.sampling(CHANNEL)).top_p == manager.settings.sampling.top_p
+
+
+async def test_attached_files_are_read_into_the_message(manager: ConversationManager) -> None:
+    from bot.files import read_attachment
+    files = (read_attachment("todo.txt", "text/plain", b"buy milk", 1000),
+             read_attachment("cat.jpg", "image/jpeg", b"\xff\xd8", 1000))
+    target = Target()
+    result = await manager.respond(Incoming(CHANNEL, "u1", "Ana", "Summarize this", attachments=files), target)
+    assert result.status == Status.COMPLETE and "📎 I skipped cat.jpg: not a text file." in target.messages[-1]
+    stored_message = (await manager.history(CHANNEL))[0]
+    assert stored_message.content == "Summarize this\n\nFile todo.txt:\n```\nbuy milk\n```"
+    only_files = await manager.respond(Incoming(CHANNEL, "u1", "Ana", "", attachments=files[:1]), Target())
+    assert only_files.status == Status.COMPLETE
+
+
+async def test_reasoning_is_shown_as_a_status_and_never_stored(manager: ConversationManager) -> None:
+    await manager.set_sampling(CHANNEL, max_tokens=120,
+                               grammar='root ::= "<think>" [a-z ]{40,60} "</think>" " The answer is yes."')
+    target = Target()
+    seen: list[str] = []
+    original_edit = target.edit
+
+    async def edit(handle: Any, text: str, controls: Controls | None = None) -> None:
+        seen.append(text)
+        await original_edit(handle, text, controls)
+
+    target.edit = edit  # type: ignore[method-assign]
+    result = await manager.respond(message("Is it?"), target)
+    assert result.text == "The answer is yes." and target.messages == ["The answer is yes."]
+    assert all("<think>" not in text for text in target.messages + seen)
+    assert (await manager.history(CHANNEL))[-1].content == "The answer is yes."
+
+
+async def test_reasoning_can_be_quoted_above_the_answer(manager: ConversationManager) -> None:
+    manager.settings.conversation.show_reasoning = "quoted"
+    await manager.set_sampling(CHANNEL, max_tokens=80, grammar='root ::= "<think>weigh it</think>" "Yes."')
+    target = Target()
+    result = await manager.respond(message("Is it?"), target)
+    assert target.messages == ["> weigh it\n\nYes."] and result.text == "Yes."

@@ -11,6 +11,7 @@ import pytest
 from bot.delivery import Delivery, Pacer, Pacers, display_text
 from bot.errors import MessageGone
 from bot.replies import split_reply
+from bot.types import Controls
 
 
 class RecordingTarget:
@@ -26,13 +27,13 @@ class RecordingTarget:
         self.gone: set[int] = set()
         self.refuse_posts = False
 
-    async def post(self, text: str) -> int:
+    async def post(self, text: str, controls: Controls | None = None) -> int:
         return self._new("post", text)
 
-    async def post_continuation(self, text: str) -> int:
+    async def post_continuation(self, text: str, controls: Controls | None = None) -> int:
         return self._new("continue", text)
 
-    async def edit(self, handle: Any, text: str) -> None:
+    async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
         if handle in self.gone:
             raise MessageGone("deleted by a user")
         if self.failing_edits:

@@ -95,6 +95,7 @@ async def start_bot(manager: ConversationManager, dsettings: Settings, fake: Fak
         return task
 
     yield start
+    await manager.shutdown()  # as `llamarelay run` does: replies end while Discord can still take their last edit
     for task in tasks:
         await _stop(task)
 
@@ -442,6 +443,35 @@ async def test_shutdown_mid_reply_then_restart_keeps_the_sessions(
         await store.close()
 
 
+async def test_a_deleted_reply_continues_in_a_new_message(fake: FakeDiscord, manager: ConversationManager,
+                                                          start_bot: StartBot) -> None:
+    expected = foxes(20)
+    await force_reply(manager, CHANNEL_KEY, expected, max_tokens=1200)
+    await start_bot()
+    mid = await fake.message_create("a long one")
+    first = (await fake.wait_for(lambda: (r := fake.replies_to(mid)) and r[0]["content"].startswith("The quick")
+                                 and r, "streaming to start"))[0]
+    del fake.messages[int(first["id"])]  # someone deletes the bot's message mid-stream
+    await fake.wait_for(lambda: any(m["content"] == expected for m in fake.bot_messages(CHANNEL_ID)),
+                        "the reply to go on in a new message")
+    assert [m.content for m in await stored(manager, CHANNEL_KEY)] == ["a long one", expected]
+
+
+async def test_an_expired_interaction_continues_in_the_channel(fake: FakeDiscord, manager: ConversationManager,
+                                                               start_bot: StartBot) -> None:
+    expected = foxes(20)  # still streaming when the token expires, short enough for a busy machine
+    await force_reply(manager, CHANNEL_KEY, expected, max_tokens=1200)
+    await start_bot()
+    inter = await fake.slash("ask", {"prompt": "a long one"})
+    await fake.wait_for(lambda: inter.original_id and fake.messages[inter.original_id]["content"].startswith("The"),
+                        "the /ask answer to start")
+    fake.expired_tokens.add(inter.token)  # 15 minutes later, as far as Discord is concerned
+    continued = await fake.wait_for(lambda: [m for m in fake.bot_messages(CHANNEL_ID) if m["content"] == expected],
+                                    "the answer to go on in the channel")
+    assert "webhook_id" not in continued[0] and fake.messages[inter.original_id]["content"] != expected
+    assert [m.content for m in await stored(manager, CHANNEL_KEY)] == ["a long one", expected]
+
+
 async def test_engine_failure_ends_the_reply_with_an_error_line(fake: FakeDiscord, manager: ConversationManager,
                                                                start_bot: StartBot) -> None:
     await manager.set_sampling(CHANNEL_KEY, grammar="root ::= ((")  # llama.cpp refuses it: an engine error
@@ -473,3 +503,11 @@ async def test_commands_sync_to_configured_guilds_and_dms_can_be_off(
     [refusal] = fake.interaction_messages(refused)
     assert refusal["flags"] & EPHEMERAL_FLAG and "Direct messages are turned off" in refusal["content"]
     assert all(not fake.replies_to(mid) for mid in ignored) and len(fake.bot_messages()) == 2
+
+
+async def test_the_connection_is_reported_for_readiness(fake: FakeDiscord, manager: ConversationManager,
+                                                         start_bot: StartBot) -> None:
+    bot = await start_bot()
+    await fake.wait_for(lambda: manager.platforms.status().get("discord"), "the bot to report itself connected")
+    await _stop(bot)
+    assert manager.platforms.status()["discord"] is False

@@ -4,12 +4,9 @@ with the real engine and small model. Exact outputs are forced with per-session 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator
-from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
@@ -20,126 +17,38 @@ from adapters.slack import SlackBot, run_slack
 from adapters.slack.bot import DMS_DISABLED, NOT_ALLOWED_CHANNEL, NOT_ALLOWED_USER
 from adapters.slack.commands import ADMINS_ONLY
 from adapters.slack.mrkdwn import from_slack, neutralize_markdown, to_mrkdwn
-from bot.config import Secrets, Settings
-from bot.conversations import STOPPED_NOTE, ConversationManager
+from bot.config import Secrets
+from bot.conversations import STOPPED_NOTE
 from bot.errors import ConfigError
-from bot.store import Status, StoredMessage
+from bot.store import Status
 from bot.types import SessionKey
-from tests.fake_slack import APP_TOKEN, BOT_TOKEN, BOT_USER_ID, TEAM_ID, FakeMessage, FakeSlack
+from tests.fake_slack import APP_TOKEN, BOT_TOKEN, TEAM_ID
+from tests.slack_helpers import (ADMIN, REPLY_TIMEOUT_SECONDS, SIGNING_SECRET, answered, channel_key, command,
+                                 direct_message, fake, mention, replies, running_bot, settled, words)
 
-SIGNING_SECRET = "fake-signing-secret"
-ADMIN = "UADMIN"
-ACK_DEADLINE_SECONDS = 3.0
-REPLY_TIMEOUT_SECONDS = 120.0  # the machine is shared; generous, never slept
-
-
-def channel_key(channel: str, thread: str = "") -> SessionKey:
-    return SessionKey.for_channel("slack", TEAM_ID, channel, thread)
-
-
-def words(word: str, count: int) -> str:
-    """A grammar forcing exactly ``count`` repetitions of `` word``; its output is known in advance."""
-    return f'root ::= (" {word}"){{{count}}}'
-
-
-_ts = iter(range(1, 1_000_000))
-
-
-def mention(channel: str = "C1", text: str = "hello there", *, user: str = "U1", thread_ts: str | None = None,
-            event_type: str = "app_mention") -> dict[str, Any]:
-    ts = f"1600000000.{next(_ts):06d}"
-    event = {"type": event_type, "user": user, "text": f"<@{BOT_USER_ID}> {text}", "ts": ts, "channel": channel,
-             "event_ts": ts, "team": TEAM_ID}
-    if event_type == "message":
-        event["channel_type"] = "channel"
-    if thread_ts:
-        event["thread_ts"] = thread_ts
-    return event
-
-
-def direct_message(text: str, *, user: str = "U2", channel: str = "D1") -> dict[str, Any]:
-    ts = f"1600000000.{next(_ts):06d}"
-    return {"type": "message", "channel_type": "im", "user": user, "text": text, "ts": ts, "channel": channel,
-            "event_ts": ts, "team": TEAM_ID}
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeSlack]:
-    async with FakeSlack() as server:
-        yield server
-
-
-@contextlib.asynccontextmanager
-async def running_bot(manager: ConversationManager, settings: Settings, fake: FakeSlack, *,
-                      socket_mode: bool = True, **slack: Any) -> AsyncIterator[SlackBot]:
-    """The bot pointed at the fake (api_base_url), connected, and closed when the block ends."""
-    settings.slack.api_base_url = fake.base_url
-    settings.slack.edit_interval = 0.2
-    settings.slack.admin_user_ids = [ADMIN]
-    for name, value in slack.items():
-        setattr(settings.slack, name, value)
-    bot = SlackBot(manager, settings.slack, bot_token=BOT_TOKEN, app_token=APP_TOKEN if socket_mode else None,
-                   signing_secret=SIGNING_SECRET)
-    await bot.start()
-    try:
-        if socket_mode:
-            await fake.wait_connected()
-        yield bot
-    finally:
-        await bot.close()
-
-
-async def settled(bot: SlackBot) -> None:
-    await asyncio.wait_for(bot.manager.wait_idle(), REPLY_TIMEOUT_SECONDS)
-
-
-async def answered(bot: SlackBot, fake: FakeSlack, channel: str, thread_ts: str | None = None,
-                   count: int = 1) -> list[FakeMessage]:
-    """Wait until ``count`` replies have appeared there and every reply in flight is delivered."""
-    await fake.wait_for(lambda: len(fake.messages_in(channel, thread_ts)) >= count, timeout=REPLY_TIMEOUT_SECONDS,
-                        what=f"a reply in {channel}")
-    await settled(bot)
-    return fake.messages_in(channel, thread_ts)
-
-
-async def replies(manager: ConversationManager, key: SessionKey) -> list[StoredMessage]:
-    return [m for m in await manager.history(key) if m.role == "assistant"]
-
-
-async def timed_ack(fake: FakeSlack, envelope_id: str, pushed_at: float) -> dict[str, Any]:
-    ack = await fake.wait_ack(envelope_id, timeout=10)
-    elapsed = time.monotonic() - pushed_at
-    assert elapsed < ACK_DEADLINE_SECONDS, f"ack took {elapsed:.2f}s"
-    return ack
-
-
-async def command(fake: FakeSlack, name: str, text: str = "", **kwargs: Any) -> str:
-    """Run a slash command; return the ack's text (what Slack shows the user), checking the 3 s deadline."""
-    pushed_at = time.monotonic()
-    ack = await timed_ack(fake, await fake.push_command(name, text, **kwargs), pushed_at)
-    return str(ack.get("payload", {}).get("text", ""))
+__all__ = ["fake"]  # the fixture, shared from tests.slack_helpers
 
 
 # -- mentions and DMs ---------------------------------------------------------------------------------
 
 
 async def test_mention_is_streamed_in_a_thread_with_several_updates(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("international", 40), max_tokens=300,
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 40), max_tokens=300,
                                repeat_penalty=1.0)
     async with running_bot(manager, settings, fake) as bot:
         event = mention("C1", "tell me something")
         await fake.wait_ack(await fake.push_event(event))
         [reply] = await answered(bot, fake, "C1", thread_ts=event["ts"])
 
-    [stored] = await replies(manager, channel_key("C1"))
+    [stored] = await replies(manager, channel_key("C1", event["ts"]))  # the reply's thread is the conversation
     assert stored.status == Status.COMPLETE
-    assert stored.content.split() == ["international"] * 40
+    assert stored.content.split() == ["organization"] * 40
     assert reply.text == to_mrkdwn(stored.content)
     updates = [c for c in fake.calls_to("chat.update") if c.args["ts"] == reply.ts]
     assert len(updates) >= 3, "expected a status, then growing text, over several chat.update calls"
-    shown = [v for v in reply.versions if "international" in v]
+    shown = [v for v in reply.versions if "organization" in v]
     assert all(later.startswith(earlier.rstrip()) for earlier, later in itertools.pairwise(shown))
-    user_message = (await manager.history(channel_key("C1")))[0]
+    user_message = (await manager.history(channel_key("C1", event["ts"])))[0]
     assert user_message.content == "tell me something"  # the bot's own mention is stripped
 
 
@@ -193,7 +102,7 @@ async def test_redelivered_event_is_answered_once(manager, settings, fake):
         await answered(bot, fake, "C1")
 
     assert len(fake.calls_to("chat.postMessage")) == 1
-    assert [m.role for m in await manager.history(channel_key("C1"))] == ["user", "assistant"]
+    assert [m.role for m in await manager.history(channel_key("C1", event["ts"]))] == ["user", "assistant"]
 
 
 async def test_app_mention_and_message_events_for_one_message_answer_once(manager, settings, fake):
@@ -206,7 +115,7 @@ async def test_app_mention_and_message_events_for_one_message_answer_once(manage
         await answered(bot, fake, "C1")
 
     assert len(fake.calls_to("chat.postMessage")) == 1
-    assert [m.role for m in await manager.history(channel_key("C1"))] == ["user", "assistant"]
+    assert [m.role for m in await manager.history(channel_key("C1", event["ts"]))] == ["user", "assistant"]
 
 
 # -- concurrency, length, rate limits, reconnects ------------------------------------------------------------
@@ -214,7 +123,7 @@ async def test_app_mention_and_message_events_for_one_message_answer_once(manage
 
 async def test_two_channels_are_answered_at_once(manager, settings, fake):
     for channel in ("C1", "C2"):
-        await manager.set_sampling(channel_key(channel), grammar=words("international", 20), max_tokens=200,
+        await manager.set_sampling(channel_key(channel), grammar=words("organization", 20), max_tokens=200,
                                    repeat_penalty=1.0)
     async with running_bot(manager, settings, fake) as bot:
         first, second = mention("C1", "one"), mention("C2", "two")
@@ -223,17 +132,39 @@ async def test_two_channels_are_answered_at_once(manager, settings, fake):
         [one] = await answered(bot, fake, "C1", thread_ts=first["ts"])
         [two] = await answered(bot, fake, "C2", thread_ts=second["ts"])
 
-    assert one.text.split() == two.text.split() == ["international"] * 20
+    assert one.text.split() == two.text.split() == ["organization"] * 20
     # Each channel's reply was posted before the other's was finished: neither waited for the other.
     posted = {c.args["channel"]: c.at for c in fake.calls_to("chat.postMessage")}
     finished = {c.args["channel"]: c.at for c in fake.calls_to("chat.update")}
     assert posted["C1"] < finished["C2"] and posted["C2"] < finished["C1"]
 
 
-# " <<<<" is 5 characters from the model and 17 on Slack (" &lt;&lt;&lt;&lt;"): 250 of them make 1,250
-# characters that become 4,250, so the split must count Slack's length, or the message would be clipped.
-@pytest.mark.parametrize(("word", "count", "shown"), [("international", 260, "international"),
-                                                      ("<<<<", 250, "&lt;&lt;&lt;&lt;")], ids=["long", "escaped"])
+async def test_replies_in_one_workspace_share_its_update_pace(manager, settings, fake):
+    channels = ("C1", "C2", "C3")
+    for channel in channels:
+        await manager.set_sampling(channel_key(channel), grammar=words("organization", 40), max_tokens=400,
+                                   repeat_penalty=1.0)
+    async with running_bot(manager, settings, fake) as bot:
+        events = [mention(channel, "go") for channel in channels]
+        for event in events:
+            await fake.push_event(event)
+        for channel, event in zip(channels, events):
+            [reply] = await answered(bot, fake, channel, thread_ts=event["ts"])
+            assert reply.text.split() == ["organization"] * 40
+
+    # Slack limits chat.postMessage / chat.update per workspace: three replies streaming at once share one
+    # pace (edit_interval = 0.2 s here) instead of each assuming it has the whole budget.
+    writes = sorted(c.at for c in fake.calls_to("chat.update") + fake.calls_to("chat.postMessage"))
+    gaps = [round(b - a, 3) for a, b in zip(writes, writes[1:])]
+    assert len(writes) >= 6
+    # Arrival times jitter a little around the pace the bot keeps; three paces of their own would be 3x faster.
+    assert writes[-1] - writes[0] >= 0.95 * 0.2 * len(gaps) and min(gaps) >= 0.1, gaps
+
+
+# " <<<<" is 5 characters from the model and 17 on Slack (" &lt;&lt;&lt;&lt;"): 200 of them make 1,000
+# characters that become 3,400, so the split must count Slack's length, or the message would be clipped.
+@pytest.mark.parametrize(("word", "count", "shown"), [("organization", 260, "organization"),
+                                                      ("<<<<", 200, "&lt;&lt;&lt;&lt;")], ids=["long", "escaped"])
 async def test_long_answer_continues_in_a_new_message_in_the_same_thread(manager, settings, fake, word, count, shown):
     await manager.set_sampling(channel_key("C1"), grammar=words(word, count), max_tokens=1500, repeat_penalty=1.0)
     async with running_bot(manager, settings, fake, edit_interval=1.0) as bot:
@@ -242,12 +173,12 @@ async def test_long_answer_continues_in_a_new_message_in_the_same_thread(manager
         messages = await answered(bot, fake, "C1", thread_ts=event["ts"], count=2)
 
     assert len(messages) == 2
-    assert all(len(m.text) <= 3500 for m in messages)
+    assert all(len(m.text) <= 3000 for m in messages)  # each fits a section block
     assert (messages[0].text + " " + messages[1].text).split() == [shown] * count
 
 
 async def test_rate_limited_chat_update_is_retried_without_losing_or_duplicating(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("international", 20), max_tokens=200,
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 20), max_tokens=200,
                                repeat_penalty=1.0)
     fake.rate_limit("chat.update", retry_after=1, times=1)
     async with running_bot(manager, settings, fake) as bot:
@@ -257,29 +188,47 @@ async def test_rate_limited_chat_update_is_retried_without_losing_or_duplicating
 
     assert [c.status for c in fake.calls_to("chat.update")].count(429) == 1
     assert len(fake.calls_to("chat.postMessage")) == 1
-    assert reply.text.split() == ["international"] * 20
+    assert reply.text.split() == ["organization"] * 20
 
 
-async def test_msg_too_long_on_an_update_does_not_lose_the_final_text(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("international", 20), max_tokens=200,
+@pytest.mark.parametrize("method", ["chat.postMessage", "chat.update"])
+async def test_msg_too_long_is_sent_again_shortened_and_the_final_text_still_shown(manager, settings, fake, method):
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 20), max_tokens=200,
                                repeat_penalty=1.0)
-    fake.fail("chat.update", "msg_too_long", times=1)
+    fake.fail(method, "msg_too_long", times=1)
     async with running_bot(manager, settings, fake) as bot:
         event = mention("C1", "go")
         await fake.push_event(event)
         [reply] = await answered(bot, fake, "C1", thread_ts=event["ts"])
 
-    assert any(c.error == "msg_too_long" for c in fake.calls_to("chat.update"))
-    assert reply.text.split() == ["international"] * 20
+    calls = fake.calls_to(method)
+    refused = next(i for i, c in enumerate(calls) if c.error == "msg_too_long")
+    assert calls[refused + 1].ok  # at once, not after a backoff
+    assert reply.text.split() == ["organization"] * 20
+    assert reply.blocks[0]["text"]["text"] == reply.text
+
+
+async def test_blocks_slack_refuses_fall_back_to_plain_text(manager, settings, fake):
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 20), max_tokens=200,
+                               repeat_penalty=1.0)
+    for method in ("chat.postMessage", "chat.update"):  # say this workspace takes no blocks at all
+        fake.fail(method, "invalid_blocks", times=10**6, when=lambda args: bool(args.get("blocks")))
+    async with running_bot(manager, settings, fake) as bot:
+        event = mention("C1", "go")
+        await fake.push_event(event)
+        [reply] = await answered(bot, fake, "C1", thread_ts=event["ts"])
+
+    assert any(c.error == "invalid_blocks" for c in fake.calls)
+    assert reply.text.split() == ["organization"] * 20 and reply.blocks == []  # shown, without buttons
 
 
 async def test_socket_mode_disconnect_mid_stream_reconnects_and_keeps_the_reply(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("international", 60), max_tokens=400,
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 60), max_tokens=400,
                                repeat_penalty=1.0)
     async with running_bot(manager, settings, fake) as bot:
         event = mention("C1", "long one")
         await fake.push_event(event)
-        await fake.wait_for(lambda: any("international" in str(c.args.get("text"))
+        await fake.wait_for(lambda: any("organization" in str(c.args.get("text"))
                                         for c in fake.calls_to("chat.update")), what="the reply streaming")
         await fake.send_disconnect()
         await fake.wait_connected(2)
@@ -289,7 +238,7 @@ async def test_socket_mode_disconnect_mid_stream_reconnects_and_keeps_the_reply(
         await answered(bot, fake, "C1", thread_ts=after["ts"])
 
     assert fake.connections_opened == 2
-    assert reply.text.split() == ["international"] * 60
+    assert reply.text.split() == ["organization"] * 60
 
 
 async def test_model_output_cannot_ping_anyone(manager, settings, fake):
@@ -330,7 +279,8 @@ async def test_engine_failure_ends_the_reply_with_an_error_line_and_the_bot_keep
         [fine] = await answered(bot, fake, "C1", thread_ts=second["ts"])
 
     assert failed.text.startswith("⚠️") and "grammar" in failed.text
-    assert [r.status for r in await replies(manager, channel_key("C1"))] == [Status.FAILED, Status.COMPLETE]
+    assert [r.status for r in await replies(manager, channel_key("C1", first["ts"]))] == [Status.FAILED]
+    assert [r.status for r in await replies(manager, channel_key("C1", second["ts"]))] == [Status.COMPLETE]
     assert fine.text and not fine.text.startswith("⚠️")
 
 
@@ -365,11 +315,11 @@ async def test_ask_where_the_bot_cannot_post_tells_only_the_asker(manager, setti
 
 async def test_commands_ack_within_3_seconds_while_the_engine_is_busy(manager, settings, fake):
     busy = channel_key("C2")
-    await manager.set_sampling(busy, grammar=words("international", 400), max_tokens=1500, repeat_penalty=1.0)
+    await manager.set_sampling(busy, grammar=words("organization", 400), max_tokens=1500, repeat_penalty=1.0)
     async with running_bot(manager, settings, fake) as bot:
         event = mention("C2", "keep going")
         await fake.push_event(event)
-        await fake.wait_for(lambda: any("international" in str(c.args.get("text"))
+        await fake.wait_for(lambda: any("organization" in str(c.args.get("text"))
                                         for c in fake.calls_to("chat.update")), what="the busy reply streaming")
 
         status = await command(fake, "/status", channel="C2")
@@ -385,7 +335,7 @@ async def test_commands_ack_within_3_seconds_while_the_engine_is_busy(manager, s
         assert "Done" in await command(fake, "/reset", channel="C2")
 
     assert reply.text.endswith(STOPPED_NOTE)
-    assert reply.text.count("international") < 400
+    assert reply.text.count("organization") < 400
     assert await manager.system_prompt(busy) == settings.conversation.system_prompt
     assert await manager.history(busy) == []
 
@@ -412,14 +362,14 @@ async def test_access_control_and_per_user_rate_limit(manager, settings, fake):
     assert "try again in" in ephemeral[2]
     assert fake.messages_in("D1")[0].text == DMS_DISABLED
     assert refused_ask == NOT_ALLOWED_USER
-    assert [m.content for m in await manager.history(channel_key("C1")) if m.role == "user"] == ["first"]
+    assert [m.content for m in await manager.history(channel_key("C1", first["ts"])) if m.role == "user"] == ["first"]
 
 
 # -- native streaming ---------------------------------------------------------------------------------------
 
 
 async def test_native_streaming_appends_and_stops_the_stream(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("international", 40), max_tokens=300,
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 40), max_tokens=300,
                                repeat_penalty=1.0)
     async with running_bot(manager, settings, fake, native_streaming=True) as bot:
         event = mention("C1", "stream it")
@@ -429,9 +379,9 @@ async def test_native_streaming_appends_and_stops_the_stream(manager, settings, 
         await settled(bot)
 
     [reply] = fake.messages_in("C1", event["ts"])  # the "Thinking…" placeholder was deleted
-    [stored] = await replies(manager, channel_key("C1"))
+    [stored] = await replies(manager, channel_key("C1", event["ts"]))
     assert reply.text == neutralize_markdown(stored.content)
-    assert reply.text.split() == ["international"] * 40
+    assert reply.text.split() == ["organization"] * 40
     start = fake.calls_to("chat.startStream")[0].args
     assert (start["recipient_user_id"], start["recipient_team_id"]) == ("U1", TEAM_ID)
     assert len(fake.calls_to("chat.appendStream")) >= 1
@@ -439,7 +389,7 @@ async def test_native_streaming_appends_and_stops_the_stream(manager, settings, 
 
 
 async def test_expired_native_stream_is_finished_with_chat_update(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("international", 60), max_tokens=400,
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 60), max_tokens=400,
                                repeat_penalty=1.0)
     async with running_bot(manager, settings, fake, native_streaming=True) as bot:
         event = mention("C1", "stream it")
@@ -451,7 +401,7 @@ async def test_expired_native_stream_is_finished_with_chat_update(manager, setti
 
     assert any(c.error == "message_not_in_streaming_state" for c in fake.calls)
     [reply] = fake.messages_in("C1", event["ts"])
-    assert reply.text.split() == ["international"] * 60
+    assert reply.text.split() == ["organization"] * 60
     assert fake.calls_to("chat.update")[-1].args["ts"] == reply.ts
 
 
@@ -476,14 +426,15 @@ async def test_http_mode_verifies_signatures(manager, settings, fake):
         url = f"http://127.0.0.1:{bot.http_port}{settings.slack.http_path}"
         calls_before = len(fake.calls)
 
-        forged = json.dumps(fake.event_body(mention("C1", "forged"), event_id="EvBAD"))
+        forged_event = mention("C1", "forged")
+        forged = json.dumps(fake.event_body(forged_event, event_id="EvBAD"))
         async with http.post(url, data=forged, headers=signed(forged, secret="wrong-secret")) as resp:
             assert resp.status == 401
         stale = json.dumps(fake.event_body(mention("C1", "stale"), event_id="EvOLD"))
         async with http.post(url, data=stale, headers=signed(stale, timestamp=int(time.time()) - 600)) as resp:
             assert resp.status == 401
         assert len(fake.calls) == calls_before
-        assert await manager.history(channel_key("C1")) == []
+        assert await manager.history(channel_key("C1", forged_event["ts"])) == []
 
         challenge = json.dumps({"type": "url_verification", "challenge": "abc123", "token": "x"})
         async with http.post(url, data=challenge, headers=signed(challenge)) as resp:
@@ -503,7 +454,7 @@ async def test_http_mode_verifies_signatures(manager, settings, fake):
             assert resp.status == 200 and "*Model:*" in await resp.text()  # a text-only ack is a plain body
 
     assert len(fake.calls_to("chat.postMessage")) == 1
-    assert [m.content for m in await manager.history(channel_key("C1"))][:1] == ["over http"]
+    assert [m.content for m in await manager.history(channel_key("C1", event["ts"]))][:1] == ["over http"]
 
 
 # -- running it ----------------------------------------------------------------------------------------------
@@ -545,3 +496,9 @@ def test_markdown_to_mrkdwn(markdown: str, mrkdwn: str) -> None:
 def test_slack_markup_to_plain_text() -> None:
     text = "<@UBOT> hi <@U2|bob>, see <#C1|general> &lt;tag&gt; <https://x.example|site> <!here>"
     assert from_slack(text, "UBOT") == "hi @bob, see #general <tag> site (https://x.example) @here"
+
+
+async def test_the_connection_is_reported_for_readiness(manager, settings, fake):
+    async with running_bot(manager, settings, fake):
+        assert manager.platforms.status()["slack"] is True
+    assert manager.platforms.status()["slack"] is False

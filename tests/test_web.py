@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 import time
@@ -18,9 +19,11 @@ from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 from adapters.web import WebServer, create_app, run_web
 from adapters.web.api import LOGIN_FAILURES_ALLOWED, LOGIN_WINDOW_SECONDS, MAX_MESSAGE_CHARS, STATE, TITLE_CHARS
-from adapters.web.events import json_dumps
+from adapters.web.events import EventStreamTarget, json_dumps
+from adapters.web.uploads import MAX_FILES, upload_limit
 from bot.config import Secrets, Settings
-from bot.conversations import STOPPED_NOTE, ConversationManager
+from bot.conversations import (LENGTH_NOTE, REASONING, STALE_REPLY, STOPPED_NOTE, THINKING, WAITING_FOR_PREVIOUS,
+                               ConversationManager, parse_status_line, queued_line)
 from bot.errors import ConfigError
 from bot.store import Status
 from bot.types import SessionKey
@@ -126,7 +129,18 @@ class Browser:
         return SessionKey.for_channel("web", cookie.value, conversation)
 
     async def send(self, conversation: str, text: str) -> Stream:
-        response = await self.request("POST", f"/api/conversations/{conversation}/messages", json={"text": text})
+        return await self.stream(f"/api/conversations/{conversation}/messages", json={"text": text})
+
+    async def send_files(self, conversation: str, text: str | None, files: list[tuple[str, bytes, str]]) -> Stream:
+        """Send a form as the page does: ``text`` and each (name, data, content type) as a ``file`` part."""
+        return await self.stream(f"/api/conversations/{conversation}/messages", data=upload(text, files))
+
+    async def redo(self, conversation: str, action: str, reply_id: int) -> Stream:
+        """Regenerate or Continue the answer ``reply_id``."""
+        return await self.stream(f"/api/conversations/{conversation}/{action}", json={"reply_id": reply_id})
+
+    async def stream(self, path: str, **kwargs: Any) -> Stream:
+        response = await self.request("POST", path, **kwargs)
         assert response.status == 200, await response.text()
         assert response.content_type == "text/event-stream"
         self.streams.append(Stream(response))
@@ -136,6 +150,16 @@ class Browser:
         status, body = await self.call("GET", f"/api/conversations/{conversation}")
         assert status == 200, body
         return dict(body)
+
+
+def upload(text: str | None, files: list[tuple[str, bytes, str]]) -> aiohttp.FormData:
+    # File names as browsers send them (UTF-8, not %-encoded); a form even without files.
+    form = aiohttp.FormData(quote_fields=False, default_to_multipart=True)
+    if text is not None:
+        form.add_field("text", text)
+    for name, data, content_type in files:
+        form.add_field("file", data, filename=name, content_type=content_type)
+    return form
 
 
 @pytest.fixture
@@ -197,6 +221,7 @@ async def test_stop_ends_the_reply_and_keeps_the_partial_text(browsers: Callable
     done = await stream.done()
     assert done["status"] == Status.STOPPED and done["notes"] == [STOPPED_NOTE]
     assert done["text"] and expected(200).startswith(done["text"]) and len(done["text"]) < len(expected(200))
+    assert done["can_continue"] is True and isinstance(done["reply_id"], int)  # a stopped answer can go on
     assert stream.shown() == f"{done['text']}\n\n{STOPPED_NOTE}"
     assert await stream.next() is None, "the stream should end after done"
     reply = (await browser.conversation(conversation))["messages"][-1]
@@ -256,6 +281,227 @@ async def test_queue_position_is_streamed_while_the_engine_is_busy(browsers: Cal
         assert (await stream.done())["status"] == Status.STOPPED
 
 
+# -- regenerate and continue -------------------------------------------------------------------------------
+
+async def test_regenerate_replaces_the_last_answer_in_the_history(browsers: Callable[[], Browser]) -> None:
+    browser = browsers()
+    conversation = await browser.new('root ::= "First try."')
+    first = await (await browser.send(conversation, "Say something.")).done()
+    detail = await browser.conversation(conversation)
+    assert detail["latest_reply"] == first["reply_id"] and first["can_continue"] is False
+    assert detail["messages"][-1]["can_continue"] is False and detail["messages"][-1]["notes"] == []
+
+    await browser.manager.set_sampling(browser.key(conversation), grammar='root ::= "Second try."')
+    stream = await browser.redo(conversation, "regenerate", first["reply_id"])
+    done = await stream.done()
+    assert (done["status"], done["text"], done["reply_id"]) == (Status.COMPLETE, "Second try.", first["reply_id"])
+    assert stream.shown() == "Second try."
+    detail = await browser.conversation(conversation)
+    assert [(m["role"], m["content"]) for m in detail["messages"]] == [("user", "Say something."),
+                                                                     ("assistant", "Second try.")]
+    assert detail["latest_reply"] == first["reply_id"]
+
+
+async def test_continue_extends_an_answer_cut_by_the_length_limit(browsers: Callable[[], Browser]) -> None:
+    browser = browsers()
+    conversation = await browser.new(sentences(50), max_tokens=8)
+    cut = await (await browser.send(conversation, "Talk.")).done()
+    assert cut["notes"] == [LENGTH_NOTE] and cut["can_continue"] is True and expected(50).startswith(cut["text"])
+    stored = (await browser.conversation(conversation))["messages"][-1]
+    assert stored["notes"] == [LENGTH_NOTE] and stored["can_continue"] is True  # what the page needs after a reload
+
+    await browser.manager.set_sampling(browser.key(conversation), grammar='root ::= " And that is all."',
+                                       max_tokens=40)
+    stream = await browser.redo(conversation, "continue", cut["reply_id"])
+    assert await stream.next() == ("replace", {"text": cut["text"]})  # the stream opens with the answer so far
+    done = await stream.done()
+    assert (done["status"], done["text"]) == (Status.COMPLETE, cut["text"] + " And that is all.")
+    assert done["can_continue"] is False and done["notes"] == [] and stream.shown() == done["text"]
+    messages = (await browser.conversation(conversation))["messages"]
+    assert [(m["content"], m["can_continue"]) for m in messages] == [("Talk.", False), (done["text"], False)]
+
+    status, body = await browser.call("POST", f"/api/conversations/{conversation}/continue",
+                                      json={"reply_id": cut["reply_id"]})
+    assert (status, body["error"]) == (409, "nothing_to_continue")
+
+
+async def test_regenerate_and_continue_refuse_what_no_longer_applies(browsers: Callable[[], Browser]) -> None:
+    browser = browsers()
+    conversation = await browser.new(sentences(1))
+    first = await (await browser.send(conversation, "One.")).done()
+    second = await (await browser.send(conversation, "Two.")).done()
+    path = f"/api/conversations/{conversation}"
+    for action in ("regenerate", "continue"):  # the page showed an old state: 409, and nothing changes
+        assert await browser.call("POST", f"{path}/{action}", json={"reply_id": first["reply_id"]}) == (
+            409, {"error": "stale_reply", "message": STALE_REPLY})
+    for body in ({}, {"reply_id": "1"}, {"reply_id": True}, {"reply_id": None}):
+        status, answer = await browser.call("POST", f"{path}/regenerate", json=body)
+        assert (status, answer["error"]) == (400, "invalid_field"), body
+    async with browser.request("POST", f"{path}/regenerate", data="reply_id=1") as response:
+        assert response.status == 415
+    messages = (await browser.conversation(conversation))["messages"]
+    assert [m["content"] for m in messages] == ["One.", expected(1), "Two.", expected(1)]
+
+    # While an answer is being written, neither acts on it.
+    await browser.manager.set_sampling(browser.key(conversation), grammar=sentences(200), max_tokens=1500)
+    running = await browser.send(conversation, "Three.")
+    await running.until(lambda name, _: name == "delta")
+    latest = (await browser.conversation(conversation))["latest_reply"]
+    assert latest not in (first["reply_id"], second["reply_id"])
+    for action in ("regenerate", "continue"):
+        status, answer = await browser.call("POST", f"{path}/{action}", json={"reply_id": latest})
+        assert (status, answer["error"]) == (409, "reply_in_progress"), action
+    await browser.call("POST", f"{path}/stop")
+    assert (await running.done())["reply_id"] == latest
+
+
+# -- files, speakers, reasoning ------------------------------------------------------------------------------
+
+async def test_files_are_read_into_the_message_and_skipped_ones_say_why(browsers: Callable[[], Browser],
+                                                                          settings: Settings) -> None:
+    settings.conversation.max_file_bytes = 1000
+    browser = browsers()
+    conversation = await browser.new(sentences(1))
+    stream = await browser.send_files(conversation, "Summarize these.", [
+        ("notes.txt", b"buy milk\r\ncall Bo", "text/plain"),
+        ("photo.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "image/png"),
+        ("big.log", b"x" * 5000, "application/octet-stream"),
+        ("../../etc/données.csv", b"a,b\n1,2\n", ""),
+    ])
+    done = await stream.done()
+    assert done["status"] == Status.COMPLETE and done["text"] == expected(1)
+    assert done["notes"] == ["📎 I skipped photo.png: not a text file.", "📎 I skipped big.log: larger than 1 kB."]
+    messages = (await browser.conversation(conversation))["messages"]
+    assert messages[0]["content"] == ("Summarize these.\n\nFile notes.txt:\n```\nbuy milk\ncall Bo\n```"
+                                      "\n\nFile données.csv:\n```\na,b\n1,2\n```")
+
+    # Files alone are a message too; a form with neither text nor files is an empty one.
+    alone = await (await browser.send_files(conversation, None, [("todo.md", b"- [ ] ship it", "")])).done()
+    assert alone["status"] == Status.COMPLETE
+    assert (await browser.conversation(conversation))["messages"][-2]["content"] == (
+        "File todo.md:\n```\n- [ ] ship it\n```")
+    status, body = await browser.call("POST", f"/api/conversations/{conversation}/messages", data=upload(" ", []))
+    assert (status, body["error"]) == (400, "empty_message")
+    status, info = await browser.call("GET", "/api/info")
+    assert (info["max_files"], info["max_file_bytes"]) == (MAX_FILES, 1000)
+
+
+async def raw_post(port: int, path: str, headers: dict[str, str], body: AsyncIterator[bytes]) -> tuple[int, str]:
+    """POST with exactly these headers, sending ``body`` until the server answers: (status, JSON error code).
+    A server that waited for the whole body before answering would make this time out."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{head}\r\n".encode())
+
+    async def send() -> None:
+        with contextlib.suppress(ConnectionError):
+            async for chunk in body:
+                writer.write(chunk)
+                await writer.drain()
+
+    sender = asyncio.create_task(send())
+    try:
+        async with asyncio.timeout(REPLY_TIMEOUT_SECONDS):
+            status_line = await reader.readline()
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            answer = json.loads(await reader.readexactly(length))
+        return int(status_line.split()[1]), str(answer["error"])
+    finally:
+        sender.cancel()
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_upload_limits_hold_before_the_body_is_read(browsers: Callable[[], Browser], server: WebServer,
+                                                          settings: Settings) -> None:
+    settings.conversation.max_file_bytes = 1000
+    browser = browsers()
+    conversation = await browser.new(sentences(1))
+    path = f"/api/conversations/{conversation}/messages"
+    cookie = next(c for c in browser.session.cookie_jar if c.key == "llamarelay_browser")
+    form = {"Cookie": f"llamarelay_browser={cookie.value}", "Content-Type": "multipart/form-data; boundary=b"}
+    limit = upload_limit(MAX_MESSAGE_CHARS, 1000)
+
+    sent = 0
+
+    async def trickle() -> AsyncIterator[bytes]:  # a client that would send its gigabyte, 100 kB a second
+        nonlocal sent
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="huge.txt"\r\n\r\n'
+        while True:
+            sent += 1024
+            yield b"x" * 1024
+            await asyncio.sleep(0.01)
+
+    # A Content-Length over the limit is refused from the headers alone, long before the limit is sent.
+    assert await raw_post(server.port, path, {**form, "Content-Length": str(10**9)}, trickle()) == (
+        413, "too_large")
+    assert sent < limit / 2, (sent, limit)
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
+        async for piece in trickle():
+            yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+
+    sent = 0
+    assert await raw_post(server.port, path, {**form, "Transfer-Encoding": "chunked"}, chunked()) == (
+        413, "too_large")
+    assert limit <= sent < 2 * limit, (sent, limit)  # refused once past the limit, not at the body's end
+
+    too_many = [(f"f{n}.txt", b"x", "text/plain") for n in range(MAX_FILES + 1)]
+    cases: list[tuple[Any, dict[str, str], int, str]] = [
+        (upload("hi", too_many), {}, 413, "too_many_files"),
+        (upload("x" * (MAX_MESSAGE_CHARS + 1), []), {}, 413, "too_long"),
+        (b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\n\xff\xfe\r\n--b--\r\n',
+         {"Content-Type": "multipart/form-data; boundary=b"}, 400, "invalid_field"),
+        (b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\nno name\r\n--b--\r\n',
+         {"Content-Type": "multipart/form-data; boundary=b"}, 400, "invalid_field"),
+        (b'--b\r\nContent-Disposition: form-data; name="other"\r\n\r\nx\r\n--b--\r\n',
+         {"Content-Type": "multipart/form-data; boundary=b"}, 400, "invalid_field"),
+        (b"--b\r\nnot a header line", {"Content-Type": "multipart/form-data; boundary=b"}, 400, "invalid_form"),
+        (b"no boundary at all", {"Content-Type": "multipart/form-data"}, 400, "invalid_form"),
+    ]
+    for data, headers, status, error in cases:
+        answer = await browser.call("POST", path, data=data, headers=headers)
+        assert (answer[0], answer[1]["error"]) == (status, error), (data if isinstance(data, bytes) else error)
+    assert (await browser.conversation(conversation))["messages"] == []
+
+
+async def test_the_model_reads_no_speaker_name_on_the_web(browsers: Callable[[], Browser],
+                                                          manager: ConversationManager,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    prompts: list[list[int]] = []
+    submit = manager.engine.submit
+
+    def recording_submit(prompt: list[int], *args: Any, **kwargs: Any) -> Any:
+        prompts.append(list(prompt))
+        return submit(prompt, *args, **kwargs)
+
+    monkeypatch.setattr(manager.engine, "submit", recording_submit)
+    browser = browsers()
+    conversation = await browser.new(sentences(1))
+    for text in ("I like tea.", "And you?"):
+        await (await browser.send(conversation, text)).done()
+    read = manager.engine.detokenize(prompts[-1])
+    # One person per browser conversation: their words, with no "Name: " before them.
+    assert "user\nI like tea." in read and "user\nAnd you?" in read, read
+    assert [m.author_name for m in await manager.history(browser.key(conversation))] == ["", "", "", ""]
+
+
+async def test_a_reasoning_model_shows_a_status_then_only_its_answer(browsers: Callable[[], Browser]) -> None:
+    browser = browsers()
+    conversation = await browser.new('root ::= "<think>" ([a-z]{3,6} " "){60} "</think>" " The answer is yes."',
+                                     max_tokens=400)
+    stream = await browser.send(conversation, "Is it?")
+    done = await stream.done()
+    assert done["text"] == "The answer is yes." and stream.shown() == "The answer is yes."
+    statuses = [data for name, data in stream.events if name == "status"]
+    assert {"kind": "reasoning", "text": REASONING, "position": None} in statuses, stream.events
+    assert b"think\\u003e" not in stream.raw  # neither <think> nor </think> (sent as \u003c…\u003e)
+    assert (await browser.conversation(conversation))["messages"][-1]["content"] == "The answer is yes."
+
+
 # -- sessions ---------------------------------------------------------------------------------------------
 
 async def test_two_browsers_cannot_reach_each_others_conversations(browsers: Callable[[], Browser]) -> None:
@@ -264,8 +510,11 @@ async def test_two_browsers_cannot_reach_each_others_conversations(browsers: Cal
     await (await alice.send(conversation, "A secret.")).done()
 
     assert await mallory.call("GET", "/api/conversations") == (200, {"conversations": []})
+    reply_id = (await alice.conversation(conversation))["latest_reply"]
     for method, path, body in (("GET", "", None), ("POST", "/messages", {"text": "hi"}), ("POST", "/stop", None),
-                               ("POST", "/reset", None), ("PUT", "/system_prompt", {"system_prompt": "x"})):
+                               ("POST", "/reset", None), ("PUT", "/system_prompt", {"system_prompt": "x"}),
+                               ("POST", "/regenerate", {"reply_id": reply_id}),
+                               ("POST", "/continue", {"reply_id": reply_id})):
         status, answer = await mallory.call(method, f"/api/conversations/{conversation}{path}", json=body)
         assert (status, answer["error"]) == (404, "unknown_conversation"), (method, path)
     history = (await alice.conversation(conversation))["messages"]
@@ -415,6 +664,29 @@ def test_json_bodies_carry_any_text_and_never_raw_markup(value: Any) -> None:
     body = text.encode()  # lone surrogates included: always valid UTF-8
     assert json.loads(body) == value
     assert not {"<", ">", "&", "\n"} & set(text)
+
+
+STATUS_LINES = st.sampled_from([THINKING, REASONING, WAITING_FOR_PREVIOUS, queued_line(3)])
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(prefix=ANY_TEXT, edits=st.lists(ANY_TEXT | STATUS_LINES, min_size=1, max_size=6))
+async def test_an_event_stream_shows_the_answer_so_far_and_each_edit_after_it(prefix: str, edits: list[str]) -> None:
+    target = EventStreamTarget(min_edit_interval=0.0, prefix=prefix)
+    handle = await target.post(edits[0])
+    for text in edits[1:]:
+        await target.edit(handle, text)
+    target.close(None)
+    events = [event async for event in target.events() if event is not None]
+    shown = ""
+    for name, data in events:
+        if name in ("delta", "replace"):
+            shown = shown + data["text"] if name == "delta" else data["text"]
+    # Status lines before the first text are statuses; from the first text on, every edit is reply text.
+    texts = list(itertools.dropwhile(lambda text: parse_status_line(text) is not None, edits))
+    assert shown == prefix + (texts[-1] if texts else "")
+    assert events[-1][0] == "done" and events[-1][1]["text"] == shown
+    assert [data["text"] for name, data in events if name == "status"] == edits[:len(edits) - len(texts)]
 
 
 # -- escaping -----------------------------------------------------------------------------------------

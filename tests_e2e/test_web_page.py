@@ -24,7 +24,7 @@ from playwright.async_api import BrowserContext, ConsoleMessage, Page, async_pla
 
 from adapters.web import WebServer, create_app
 from bot.config import SamplingSettings, Secrets, Settings
-from bot.conversations import ConversationManager
+from bot.conversations import REASONING, ConversationManager
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -189,9 +189,129 @@ async def test_chat_streams_stops_and_survives_a_reload(browser: BrowserContext,
     assert await page.inner_text(".message.user .body") == QUESTION
     assert await reply_text(page) == stopped
     assert await page.locator("#conversations a").first.inner_text() == QUESTION
+    # A stopped answer is the latest one, and it can go on: both buttons stand beside Stop.
+    await expect(page.locator("#regenerate")).to_be_visible()
+    await expect(page.locator("#continue")).to_be_visible()
+
+    # The screenshot in the README: the new controls, and a file waiting to go with the next question.
+    await page.set_input_files("#files", [{"name": "config.toml", "mimeType": "text/plain",
+                                           "buffer": b'[web]\nport = 8080\n'}])
+    await page.fill("#input", "What does this config change?")
+    await expect(page.locator("#attachments li")).to_have_text(["📎 config.toml×"])
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(SCREENSHOT))
     assert dialogs == [] and console.errors == []
+
+
+async def test_regenerate_replaces_the_latest_answer(browser: BrowserContext, page_url: str, settings: Settings,
+                                                     console: Console) -> None:
+    settings.sampling = SamplingSettings(max_tokens=40, temperature=0.0, seed=1, grammar='root ::= "First answer."')
+    page = await opened(browser, page_url)
+    await page.fill("#input", "Answer me.")
+    await page.press("#input", "Enter")
+    await until(page, f"{LAST_REPLY}?.dataset.status === 'complete'")
+    await expect(page.locator("#regenerate")).to_be_visible()
+    await expect(page.locator("#continue")).to_be_hidden()  # a whole answer: nothing to continue
+
+    settings.sampling = SamplingSettings(max_tokens=40, temperature=0.0, seed=1, grammar='root ::= "Second answer."')
+    await page.click("#regenerate")
+    await until(page, f"{LAST_REPLY}.dataset.status === 'complete' && {LAST_REPLY}.dataset.text === 'Second answer.'")
+    await expect(page.locator("#regenerate")).to_be_visible()
+
+    async def check() -> None:
+        texts = await page.evaluate("[...document.querySelectorAll('.message')].map((m) => m.dataset.text)")
+        assert texts == ["Answer me.", "Second answer."]
+
+    await check()
+    await page.reload()  # the stored history kept only the new answer
+    await page.wait_for_selector("body[data-ready=true]")
+    await check()
+    await expect(page.locator("#regenerate")).to_be_visible()
+    await expect(page.locator("#continue")).to_be_hidden()
+    assert console.errors == []
+
+
+async def test_continue_grows_an_answer_cut_by_the_length_limit(browser: BrowserContext, page_url: str,
+                                                                settings: Settings, console: Console) -> None:
+    settings.sampling = SamplingSettings(max_tokens=6, temperature=0.0, seed=1,
+                                         grammar='root ::= ("one two three "){40}')
+    page = await opened(browser, page_url)
+    await page.fill("#input", "Count.")
+    await page.press("#input", "Enter")
+    await until(page, f"{LAST_REPLY}?.dataset.status === 'complete'")
+    assert "reached the reply length limit" in await page.inner_text(".message.assistant .notes")
+    await expect(page.locator("#continue")).to_be_visible()
+    cut = await page.evaluate(f"{LAST_REPLY}.dataset.text")
+    assert cut and "one two three".startswith(cut.strip()[:5])
+
+    settings.sampling = SamplingSettings(max_tokens=40, temperature=0.0, seed=1, grammar='root ::= "and so on."')
+    await page.click("#continue")
+    await until(page, f"{LAST_REPLY}.dataset.status === 'complete' && {LAST_REPLY}.dataset.text.endsWith('so on.')")
+    assert await page.evaluate(f"{LAST_REPLY}.dataset.text") == cut + "and so on."
+    assert await page.inner_text(".message.assistant .notes") == ""
+    await expect(page.locator("#continue")).to_be_hidden()
+    await expect(page.locator("#regenerate")).to_be_visible()
+
+    await page.reload()
+    await page.wait_for_selector("body[data-ready=true]")
+    assert await page.locator(".message").count() == 2
+    assert await page.evaluate(f"{LAST_REPLY}.dataset.text") == cut + "and so on."
+    await expect(page.locator("#continue")).to_be_hidden()
+    assert console.errors == []
+
+
+async def test_files_go_with_a_message(browser: BrowserContext, page_url: str, settings: Settings,
+                                       console: Console) -> None:
+    settings.conversation.max_file_bytes = 1000
+    settings.sampling = SamplingSettings(max_tokens=40, temperature=0.0, seed=1, grammar='root ::= "Read them."')
+    page = await opened(browser, page_url)
+    uploads: list[int] = []
+    page.on("request", lambda request: uploads.append(len(request.post_data_buffer or b""))
+            if request.url.endswith("/messages") else None)
+    await page.set_input_files("#files", [
+        {"name": "notes.txt", "mimeType": "text/plain", "buffer": "buy milk\nrésumé".encode()},
+        {"name": "photo.png", "mimeType": "image/png", "buffer": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"},
+    ])
+    await page.set_input_files("#files", [{"name": "big.log", "mimeType": "", "buffer": b"x" * 50_000},
+                                          {"name": "oops.txt", "mimeType": "text/plain", "buffer": b"not this"}])
+    await page.click("button[aria-label='Remove oops.txt']")
+    chips = ["📎 notes.txt×", "📎 photo.png×", "📎 big.log×"]
+    await expect(page.locator("#attachments li")).to_have_text(chips)
+
+    await page.fill("#input", "Summarize the files.")
+    await page.press("#input", "Enter")
+    await until(page, f"{LAST_REPLY}?.dataset.status === 'complete'")
+    stored = "Summarize the files.\n\nFile notes.txt:\n```\nbuy milk\nrésumé\n```"
+
+    async def check() -> None:
+        assert await page.inner_text(".message.user .body") == stored  # what the model read
+        assert await page.evaluate(f"{LAST_REPLY}.dataset.text") == "Read them."
+
+    await until(page, "document.querySelector('.message.user .body').textContent.includes('File notes.txt')")
+    await check()
+    assert await page.locator(".message.assistant .notes p").all_inner_texts() == [
+        "📎 I skipped photo.png: not a text file.", "📎 I skipped big.log: larger than 1 kB."]
+    assert await page.locator("#attachments li").count() == 0 and await page.input_value("#input") == ""
+    assert len(uploads) == 1 and uploads[0] < 5000  # of the 50 kB log only its first kilobyte travelled
+    await page.reload()
+    await page.wait_for_selector("body[data-ready=true]")
+    await check()
+    assert console.errors == []
+
+
+async def test_a_reasoning_model_shows_its_status_then_the_answer(browser: BrowserContext, page_url: str,
+                                                                  settings: Settings, console: Console) -> None:
+    settings.sampling = SamplingSettings(max_tokens=600, temperature=0.0, seed=1,
+                                         grammar='root ::= "<think>" ([a-z]{3,6} " "){80} "</think>" "Yes, it is."')
+    page = await opened(browser, page_url)
+    await page.fill("#input", "Is it?")
+    await page.press("#input", "Enter")
+    await until(page, f"{LAST_REPLY}?.querySelector('.status').textContent === '{REASONING}'")
+    assert await reply_text(page) == ""  # the reasoning itself is not shown
+    await until(page, f"{LAST_REPLY}.dataset.status === 'complete'")
+    assert await page.evaluate(f"{LAST_REPLY}.dataset.text") == "Yes, it is."
+    assert await page.evaluate(f"{LAST_REPLY}.querySelector('.status').textContent") == ""
+    assert console.errors == []
 
 
 async def test_the_page_runs_under_its_real_csp(browser: BrowserContext, page_url: str, console: Console) -> None:

@@ -1,4 +1,5 @@
-"""Discord adapter: mentions, threads, DMs and slash commands, answered by streaming edits.
+"""Discord adapter: mentions, threads, DMs, files, slash and message commands, answered by streaming edits
+with buttons (Stop, Regenerate, Continue) under each reply.
 
 `run_discord` is what `llamarelay run` starts when ``DISCORD_TOKEN`` is set; `DiscordBot` is the client.
 """

@@ -1,8 +1,9 @@
 """The Discord client: turns mentions, thread messages and DMs into `Incoming` messages for the core.
 
 Which conversation a message belongs to: a guild channel's session, a thread's own session, or the
-author's private DM session. Access lists, the per-user rate limit and the bot/self filters are applied
-here, before anything reaches the core.
+author's private DM session. With ``thread_per_conversation`` a mention in a channel opens a thread, which
+the bot then follows without mentions. Access lists, the per-user rate limit and the bot/self filters are
+applied here, before anything reaches the core; text files sent along are read within the configured size.
 """
 
 from __future__ import annotations
@@ -10,25 +11,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import discord
 
 from adapters.discord.commands import LlamarelayTree
+from adapters.discord.controls import BUTTONS
+from adapters.discord.files import read_attachments
 from adapters.discord.targets import NO_MENTIONS, ChannelTarget
+from bot.conversations import clean_text
 from bot.ratelimit import RateLimiter
 from bot.types import Incoming, SessionKey
 
 if TYPE_CHECKING:
     from bot.config import DiscordSettings
-    from bot.conversations import ConversationManager
+    from bot.conversations import ConversationManager, ReplyResult
 
-__all__ = ["DiscordBot", "PLATFORM"]
+__all__ = ["DiscordBot", "PLATFORM", "thread_name"]
 
 log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 TYPING_REFRESH_SECONDS = 8.0  # Discord shows "typing…" for about 10 s per request
+NOT_LISTED = "Sorry, you're not on the list of people allowed to use this bot."
+DM_REFUSED = "Sorry, I answer direct messages only from people allowed to use me in a server."
+DM_ACCESS_CACHE_SECONDS = 60.0  # how long a DM user's looked-up membership is trusted
+THREAD_NAME_MAX_CHARS = 100  # Discord's limit
+
+
+def thread_name(question: str, fallback: str) -> str:
+    """The name of a thread opened for ``question``: one plain line within Discord's 100 characters."""
+    name = " ".join(clean_text(question).split()) or " ".join(clean_text(fallback).split()) or "Conversation"
+    if len(name) > THREAD_NAME_MAX_CHARS:
+        name = name[:THREAD_NAME_MAX_CHARS - 1].rstrip() + "…"
+    return name
 
 
 class DiscordBot(discord.Client):
@@ -43,6 +61,8 @@ class DiscordBot(discord.Client):
         self.settings = settings
         self.rate_limiter = RateLimiter(settings.user_messages_per_minute)
         self.tree = LlamarelayTree(self)
+        self.add_dynamic_items(*BUTTONS)  # a reply's buttons work whenever they were sent, restarts included
+        self._dm_access: dict[int, tuple[float, bool]] = {}  # user id -> (when looked up, allowed)
         self._closing = False
 
     async def setup_hook(self) -> None:
@@ -63,6 +83,13 @@ class DiscordBot(discord.Client):
 
     async def on_ready(self) -> None:
         log.info("connected to Discord as %s (%d guild(s))", self.user, len(self.guilds))
+        self.manager.platforms.connected(PLATFORM)
+
+    async def on_resumed(self) -> None:
+        self.manager.platforms.connected(PLATFORM)
+
+    async def on_disconnect(self) -> None:
+        self.manager.platforms.disconnected(PLATFORM)
 
     # ------------------------------------------------------------------ sessions and access
 
@@ -77,25 +104,84 @@ class DiscordBot(discord.Client):
     def is_admin(self, user: discord.abc.User) -> bool:
         return user.id in self.settings.admin_user_ids
 
-    def refusal(self, user: discord.abc.User, channel: Any, guild_id: int | None) -> str | None:
-        """Why ``user`` may not use the bot here, or None if they may."""
+    async def refusal(self, user: discord.abc.User, channel: Any, guild_id: int | None) -> str | None:
+        """Why ``user`` may not use the bot here, or None if they may.
+
+        In a DM with any allow-list set, the user must be allowed somewhere: listed in ``allowed_user_ids``,
+        or a member of an allowed guild who passes its role and channel lists (looked up over REST).
+        """
         cfg = self.settings
         if self.is_admin(user):
             return None
         if guild_id is None:
             if not cfg.dms_enabled:
                 return "Direct messages are turned off for this bot; mention me in a server channel instead."
-        else:
-            if cfg.allowed_guild_ids and guild_id not in cfg.allowed_guild_ids:
-                return "I'm not enabled in this server."
-            channel_ids = {getattr(channel, "id", None), getattr(channel, "parent_id", None)}
-            if cfg.allowed_channel_ids and not channel_ids & set(cfg.allowed_channel_ids):
-                return "I'm not enabled in this channel."
-        if cfg.allowed_user_ids or cfg.allowed_role_ids:
-            roles = {role.id for role in getattr(user, "roles", [])}
-            if user.id not in cfg.allowed_user_ids and not roles & set(cfg.allowed_role_ids):
-                return "Sorry, you're not on the list of people allowed to use this bot."
+            return None if await self._dm_allowed(user) else DM_REFUSED
+        if cfg.allowed_guild_ids and guild_id not in cfg.allowed_guild_ids:
+            return "I'm not enabled in this server."
+        if not self._channel_allowed(channel):
+            return "I'm not enabled in this channel."
+        if not self._listed(user):
+            return NOT_LISTED
         return None
+
+    def _channel_allowed(self, channel: Any) -> bool:
+        channel_ids = {getattr(channel, "id", None), getattr(channel, "parent_id", None)}
+        return not self.settings.allowed_channel_ids or bool(channel_ids & set(self.settings.allowed_channel_ids))
+
+    def _listed(self, user: discord.abc.User) -> bool:
+        """True unless user or role lists are set and ``user`` is on neither (roles only for a `Member`)."""
+        cfg = self.settings
+        if not cfg.allowed_user_ids and not cfg.allowed_role_ids:
+            return True
+        roles = {role.id for role in getattr(user, "roles", [])}
+        return user.id in cfg.allowed_user_ids or bool(roles & set(cfg.allowed_role_ids))
+
+    async def _dm_allowed(self, user: discord.abc.User) -> bool:
+        """Whether a DM from ``user`` is answered; membership answers are kept a minute, so DM spam from
+        strangers costs one REST lookup per minute, not one per message."""
+        cfg = self.settings
+        if not (cfg.allowed_guild_ids or cfg.allowed_channel_ids or cfg.allowed_role_ids or cfg.allowed_user_ids):
+            return True  # a public bot: to keep strangers out, switch off "Public Bot" or set a list
+        if user.id in cfg.allowed_user_ids:
+            return True
+        if cfg.allowed_user_ids and not cfg.allowed_role_ids:
+            return False  # only the listed users, whatever guilds they are in
+        now = time.monotonic()
+        known = self._dm_access.get(user.id)
+        if known is not None and now - known[0] < DM_ACCESS_CACHE_SECONDS:
+            return known[1]
+        allowed: bool | None = False
+        for guild in self._dm_guilds():
+            try:
+                member = await guild.fetch_member(user.id)  # REST: needs no Server Members intent
+            except (discord.NotFound, discord.Forbidden):
+                continue
+            except discord.HTTPException as exc:
+                log.warning("could not look up user %s in guild %s: %s", user.id, guild.id, exc)
+                allowed = None  # unknown: refuse now, ask again next time
+                continue
+            if self._listed(member) and self._sees_an_allowed_channel(member, guild):
+                allowed = True
+                break
+        if allowed is not None:
+            self._dm_access[user.id] = (now, allowed)
+        return bool(allowed)
+
+    def _dm_guilds(self) -> list[discord.Guild]:
+        """Guilds whose members may DM the bot: allowed ones that hold an allowed role and channel, if listed."""
+        cfg = self.settings
+        return [guild for guild in self.guilds
+                if (not cfg.allowed_guild_ids or guild.id in cfg.allowed_guild_ids)
+                and (not cfg.allowed_role_ids or any(guild.get_role(r) for r in cfg.allowed_role_ids))
+                and (not cfg.allowed_channel_ids or any(guild.get_channel_or_thread(c)
+                                                        for c in cfg.allowed_channel_ids))]
+
+    def _sees_an_allowed_channel(self, member: discord.Member, guild: discord.Guild) -> bool:
+        if not self.settings.allowed_channel_ids:
+            return True
+        channels = (guild.get_channel_or_thread(c) for c in self.settings.allowed_channel_ids)
+        return any(c is not None and c.permissions_for(member).view_channel for c in channels)
 
     def rate_limited(self, user: discord.abc.User) -> str | None:
         """A friendly line if ``user`` is over the per-minute limit (counting this message), else None."""
@@ -103,17 +189,22 @@ class DiscordBot(discord.Client):
 
     # ------------------------------------------------------------------ messages
 
-    def _addressed(self, message: discord.Message) -> bool:
-        """True if the bot should answer: a DM, a real @mention (not @everyone), or an always-answer channel."""
+    async def _addressed(self, message: discord.Message, key: SessionKey) -> bool:
+        """True if the bot should answer: a DM, a real @mention (not @everyone), an always-answer channel, or
+        a thread the bot opened for a conversation (``thread_per_conversation``)."""
         if message.guild is None:
             return True
         assert self.user is not None
-        if isinstance(message.channel, discord.Thread) and not self.settings.answer_in_threads:
+        thread = message.channel if isinstance(message.channel, discord.Thread) else None
+        if thread is not None and not self.settings.answer_in_threads:
             return False
         if any(user.id == self.user.id for user in message.mentions):
             return True
         channel_ids = {message.channel.id, getattr(message.channel, "parent_id", None)}
-        return bool(channel_ids & set(self.settings.always_answer_channel_ids))
+        if channel_ids & set(self.settings.always_answer_channel_ids):
+            return True
+        # Threads people opened keep needing a mention; only the bot's own are its conversations.
+        return thread is not None and thread.owner_id == self.user.id and await self.manager.is_known(key)
 
     def prompt_text(self, message: discord.Message) -> str:
         """The message as the model should read it: no bot mention, other mentions as display names."""
@@ -135,28 +226,52 @@ class DiscordBot(discord.Client):
             return
         if message.type not in (discord.MessageType.default, discord.MessageType.reply):
             return
-        if not self._addressed(message):
-            return
         guild_id = message.guild.id if message.guild else None
-        if self.refusal(message.author, message.channel, guild_id) is not None:
+        key = self.session_for(message.channel, message.author, guild_id)
+        if not await self._addressed(message, key):
+            return
+        if await self.refusal(message.author, message.channel, guild_id) is not None:
             log.info("ignoring a message from user %s: not allowed here", message.author.id)
             return
         if (too_fast := self.rate_limited(message.author)) is not None:
             await self._send_quietly(message, too_fast)
             return
-        key = self.session_for(message.channel, message.author, guild_id)
-        incoming = Incoming(key, str(message.author.id), message.author.display_name, self.prompt_text(message),
-                            event_id=str(message.id))
-        target = ChannelTarget(message.channel, trigger=message, min_edit_interval=self.settings.edit_interval)
-        await self.answer(incoming, target, typing_in=message.channel)
+        text = self.prompt_text(message)
+        target = self.channel_target(message.channel, trigger=message)
+        channel: discord.abc.Messageable = message.channel
+        if (self.settings.thread_per_conversation and isinstance(message.channel, discord.TextChannel)
+                and (text or message.attachments)):  # an empty mention gets its answer where it was made
+            fallback = message.attachments[0].filename if message.attachments else message.author.display_name
+            if (thread := await self._open_thread(message, thread_name(text, fallback))) is not None:
+                channel, target = thread, self.channel_target(thread)
+                key = self.session_for(thread, message.author, guild_id)
+        files = await read_attachments(message.attachments, self.manager.settings.conversation.max_file_bytes)
+        incoming = Incoming(key, str(message.author.id), message.author.display_name, text,
+                            event_id=str(message.id), attachments=files)
+        await self.answer(self.manager.respond(incoming, target), key, typing_in=channel)
 
-    async def answer(self, incoming: Incoming, target: ChannelTarget, *,
+    async def _open_thread(self, message: discord.Message, name: str) -> discord.Thread | None:
+        """A public thread on ``message`` for its conversation; None (answer in the channel) if Discord refuses."""
+        try:
+            return await message.create_thread(name=name)
+        except discord.HTTPException as exc:
+            log.warning("could not open a thread in channel %s (the bot needs Create Public Threads there); "
+                        "answering in the channel: %s", message.channel.id, exc)
+            return None
+
+    def channel_target(self, channel: discord.abc.Messageable, *,
+                       trigger: discord.Message | None = None) -> ChannelTarget:
+        """Where a reply in ``channel`` goes (replying to ``trigger``, if given)."""
+        return ChannelTarget(channel, trigger=trigger, min_edit_interval=self.settings.edit_interval)
+
+    async def answer(self, reply: Coroutine[Any, Any, ReplyResult], key: SessionKey, *,
                      typing_in: discord.abc.Messageable | None = None) -> None:
-        """Run one reply through the core (which stores and delivers it), with a typing indicator meanwhile."""
+        """Await one reply of the core (`respond`, `regenerate`, `continue_reply`), which stores and delivers
+        it, with a typing indicator meanwhile."""
         typing = asyncio.create_task(self._keep_typing(typing_in)) if typing_in is not None else None
         try:
-            result = await self.manager.respond(incoming, target)
-            log.info("discord reply in %s: %s, %d chars", incoming.key, result.status, len(result.text))
+            result = await reply
+            log.info("discord reply in %s: %s, %d chars", key, result.status, len(result.text))
         finally:
             if typing is not None:
                 typing.cancel()
@@ -180,4 +295,5 @@ class DiscordBot(discord.Client):
     async def close(self) -> None:
         """Disconnect; replies in flight belong to the core, which ends and stores them at shutdown."""
         self._closing = True
+        self.manager.platforms.disconnected(PLATFORM)
         await super().close()

@@ -1,18 +1,22 @@
-"""Slash commands: /ask, /reset, /system, /stop, /status, on a `CommandTree` that checks access first.
+"""Slash commands: /ask, /reset, /system, /settings, /stop, /status, and the message commands of
+`adapters.discord.menus`, on a `CommandTree` that checks access first.
 
 Refusals and errors are ephemeral (only the caller sees them); answers that change a shared
-conversation (/ask, /reset, setting /system, /stop) are visible to the channel.
+conversation (/ask, /reset, setting /system or /settings, /stop) are visible to the channel.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
+from pydantic import ValidationError
 
+from adapters.discord.menus import ask_about_message, summarize_until
 from adapters.discord.targets import NO_MENTIONS, InteractionTarget
+from bot.config import SamplingSettings
 from bot.types import Incoming, SessionKey
 
 if TYPE_CHECKING:
@@ -23,6 +27,21 @@ __all__ = ["LlamarelayTree"]
 log = logging.getLogger(__name__)
 
 SHOWN_PROMPT_MAX_CHARS = 1800  # room for the heading within Discord's 2,000
+SETTINGS = {"temperature": "Temperature", "max_tokens": "Max tokens", "top_p": "Top p"}  # what /settings sets
+
+
+def _bounded(kind: type, field: str) -> Any:
+    """An option type showing Discord users the [sampling] bounds of ``field`` (the core checks them again)."""
+    low = high = None
+    for rule in SamplingSettings.model_fields[field].metadata:
+        low = getattr(rule, "ge", getattr(rule, "gt", low))
+        high = getattr(rule, "le", getattr(rule, "lt", high))
+    return app_commands.Range[kind, low, high]  # type: ignore[valid-type]
+
+
+Temperature = _bounded(float, "temperature")
+MaxTokens = _bounded(int, "max_tokens")
+TopP = _bounded(float, "top_p")
 
 
 async def _say(interaction: discord.Interaction, text: str, *, ephemeral: bool) -> None:
@@ -46,11 +65,11 @@ class LlamarelayTree(app_commands.CommandTree):
 
     def __init__(self, client: DiscordBot) -> None:
         super().__init__(client)
-        for command in (ask, reset, system, stop, status):
+        for command in (ask, reset, system, settings_command, stop, status, ask_about_message, summarize_until):
             self.add_command(command)
 
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
-        why = _bot(interaction).refusal(interaction.user, interaction.channel, interaction.guild_id)
+        why = await _bot(interaction).refusal(interaction.user, interaction.channel, interaction.guild_id)
         if why is None:
             return True
         await _say(interaction, f"🚫 {why}", ephemeral=True)
@@ -59,8 +78,7 @@ class LlamarelayTree(app_commands.CommandTree):
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError, /) -> None:
         if isinstance(error, app_commands.CheckFailure):
             return  # interaction_check has told the user already
-        log.error("slash command /%s failed", interaction.command.name if interaction.command else "?",
-                  exc_info=error)
+        log.error("command %r failed", interaction.command.name if interaction.command else "?", exc_info=error)
         try:
             await _say(interaction, "⚠️ Something went wrong with that command; please try again.", ephemeral=True)
         except discord.HTTPException:
@@ -78,9 +96,10 @@ async def ask(interaction: discord.Interaction, prompt: str) -> None:
     # Discord wants an answer within 3 s; the queue can take longer, so show "thinking…" first.
     await interaction.response.defer(thinking=True)
     user = interaction.user
-    incoming = Incoming(_session(interaction), str(user.id), user.display_name, prompt,
-                        event_id=str(interaction.id))
-    await bot.answer(incoming, InteractionTarget(interaction, min_edit_interval=bot.settings.edit_interval))
+    key = _session(interaction)
+    incoming = Incoming(key, str(user.id), user.display_name, prompt, event_id=str(interaction.id))
+    target = InteractionTarget(interaction, min_edit_interval=bot.settings.edit_interval)
+    await bot.answer(bot.manager.respond(incoming, target), key)
 
 
 @app_commands.command()
@@ -102,16 +121,57 @@ async def system(interaction: discord.Interaction, prompt: str | None = None, de
             current = current[:SHOWN_PROMPT_MAX_CHARS] + "…"
         await _say(interaction, f"Current system prompt:\n>>> {current}", ephemeral=True)
         return
-    # A DM is the caller's own conversation; a channel's is shared, so it takes a server manager.
-    allowed = (interaction.guild_id is None or bot.is_admin(interaction.user)
-               or interaction.permissions.manage_guild)
-    if not allowed:
+    if not _may_change(interaction):
         await _say(interaction, "🚫 Changing the system prompt needs the Manage Server permission.",
                    ephemeral=True)
         return
     await bot.manager.set_system_prompt(key, None if default else prompt)
     done = "set back to the default" if default else "updated"
     await _say(interaction, f"📝 System prompt {done} by {interaction.user.display_name}.", ephemeral=False)
+
+
+def _may_change(interaction: discord.Interaction) -> bool:
+    """A DM is the caller's own conversation; a channel's is shared, so changing it takes a server manager."""
+    return (interaction.guild_id is None or _bot(interaction).is_admin(interaction.user)
+            or interaction.permissions.manage_guild)
+
+
+def _why(error: ValueError) -> str:
+    """A refused setting in a line: which one, and what it must be."""
+    if isinstance(error, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'][0].lower()}{e['msg'][1:]}"
+                         for e in error.errors())
+    return str(error)
+
+
+@app_commands.command(name="settings")
+@app_commands.describe(temperature="Randomness: 0 always picks the likeliest word",
+                       max_tokens="Longest reply, in tokens", top_p="Sample only from the likeliest words up to "
+                       "this total probability")
+async def settings_command(interaction: discord.Interaction, temperature: Temperature | None = None,
+                           max_tokens: MaxTokens | None = None, top_p: TopP | None = None) -> None:
+    """Show or change this conversation's temperature, reply length and top_p."""
+    bot, key = _bot(interaction), _session(interaction)
+    changes = {name: value for name, value in
+               (("temperature", temperature), ("max_tokens", max_tokens), ("top_p", top_p)) if value is not None}
+    if not changes:
+        await _say(interaction, f"Settings of this conversation: {await _settings(bot, key)}", ephemeral=True)
+        return
+    if not _may_change(interaction):
+        await _say(interaction, "🚫 Changing the settings needs the Manage Server permission.", ephemeral=True)
+        return
+    try:
+        await bot.manager.set_sampling(key, **changes)
+    except ValueError as exc:  # pydantic's ValidationError is one too
+        await _say(interaction, f"⚠️ Nothing was changed: {_why(exc)}.", ephemeral=True)
+        return
+    await _say(interaction, f"⚙️ Settings changed by {interaction.user.display_name}: {await _settings(bot, key)}",
+               ephemeral=False)
+
+
+async def _settings(bot: DiscordBot, key: SessionKey) -> str:
+    sampling = await bot.manager.sampling(key)
+    return ", ".join(f"**{label}:** {getattr(sampling, name)}" for name, label in SETTINGS.items())
 
 
 @app_commands.command()

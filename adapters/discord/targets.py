@@ -2,7 +2,9 @@
 
 Each implements `bot.types.ReplyTarget` as a thin transport: one Discord call per method, raising on
 failure; `bot.delivery` paces, retries and falls back. A message that was deleted, or an interaction whose
-15-minute token expired, raises `MessageGone`, and the reply continues in a new channel message.
+15-minute token expired, raises `MessageGone`, and the reply continues in a new channel message. The
+`Controls` delivery passes become the buttons of `adapters.discord.controls` under the message (an edit
+without controls takes them away).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any
 import aiohttp
 import discord
 
+from adapters.discord.controls import view_for
 from bot.errors import MessageGone
+from bot.types import Controls
 
 __all__ = ["NO_MENTIONS", "SEND_ERRORS", "DISCORD_MAX_MESSAGE_CHARS", "ChannelTarget", "InteractionTarget"]
 
@@ -35,6 +39,12 @@ def _content(text: str) -> str:
     return text if text.strip() else EMPTY_PLACEHOLDER
 
 
+def _buttons(controls: Controls | None) -> dict[str, Any]:
+    """The ``view`` argument of a send: none at all when there are no buttons."""
+    view = view_for(controls)
+    return {} if view is None else {"view": view}
+
+
 def _is_gone(exc: discord.HTTPException) -> bool:
     return isinstance(exc, discord.NotFound) or exc.code in GONE_CODES
 
@@ -51,18 +61,18 @@ class ChannelTarget:
         self.min_edit_interval = min_edit_interval
         self.bucket = f"discord:channel:{getattr(channel, 'id', id(channel))}"  # Discord limits writes per channel
 
-    async def post(self, text: str) -> discord.Message:
+    async def post(self, text: str, controls: Controls | None = None) -> discord.Message:
         # A reply that must not fail if the user deleted their message meanwhile.
         reference = self._trigger.to_reference(fail_if_not_exists=False) if self._trigger else None
         return await self._channel.send(_content(text), reference=reference,  # type: ignore[arg-type]
-                                        allowed_mentions=NO_MENTIONS)
+                                        allowed_mentions=NO_MENTIONS, **_buttons(controls))
 
-    async def post_continuation(self, text: str) -> discord.Message:
-        return await self._channel.send(_content(text), allowed_mentions=NO_MENTIONS)
+    async def post_continuation(self, text: str, controls: Controls | None = None) -> discord.Message:
+        return await self._channel.send(_content(text), allowed_mentions=NO_MENTIONS, **_buttons(controls))
 
-    async def edit(self, handle: Any, text: str) -> None:
+    async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
         try:
-            await handle.edit(content=_content(text), allowed_mentions=NO_MENTIONS)
+            await handle.edit(content=_content(text), allowed_mentions=NO_MENTIONS, view=view_for(controls))
         except discord.HTTPException as exc:
             if _is_gone(exc):
                 raise MessageGone(f"discord: {exc}") from exc
@@ -90,28 +100,30 @@ class InteractionTarget(ChannelTarget):
         self._original = _Original()
         self._token_expired = False
 
-    async def post(self, text: str) -> _Original:
+    async def post(self, text: str, controls: Controls | None = None) -> _Original:
         await self._webhook(self._interaction.edit_original_response(content=_content(text),
-                                                                     allowed_mentions=NO_MENTIONS))
+                                                                     allowed_mentions=NO_MENTIONS,
+                                                                     view=view_for(controls)))
         return self._original
 
-    async def post_continuation(self, text: str) -> discord.Message:
+    async def post_continuation(self, text: str, controls: Controls | None = None) -> discord.Message:
         if not self._token_expired:
             try:
                 return await self._webhook(self._interaction.followup.send(
-                    _content(text), wait=True, allowed_mentions=NO_MENTIONS))
+                    _content(text), wait=True, allowed_mentions=NO_MENTIONS, **_buttons(controls)))
             except MessageGone:
                 pass
-        return await super().post_continuation(text)
+        return await super().post_continuation(text, controls)
 
-    async def edit(self, handle: Any, text: str) -> None:
+    async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
         if handle is not self._original:
-            await super().edit(handle, text)
+            await super().edit(handle, text, controls)
         elif self._token_expired:
             raise MessageGone("discord: the interaction token has expired")
         else:
             await self._webhook(self._interaction.edit_original_response(content=_content(text),
-                                                                         allowed_mentions=NO_MENTIONS))
+                                                                         allowed_mentions=NO_MENTIONS,
+                                                                         view=view_for(controls)))
 
     async def _webhook(self, call: Any) -> Any:
         """Await an interaction-webhook call; an expired token (after 15 minutes) becomes `MessageGone`."""

@@ -1,15 +1,23 @@
-"""The Slack bot: a slack-bolt `AsyncApp` whose listeners hand mentions, DMs and slash commands to the core.
+"""The Slack bot: a slack-bolt `AsyncApp` whose listeners hand mentions, DMs, thread follow-ups, slash commands,
+buttons, message shortcuts and assistant threads to the core.
 
 Socket Mode (``AsyncSocketModeHandler``) when an app-level token is given, else HTTP (Events API) mode on
 ``[slack] http_host:http_port`` + ``http_path``, where bolt verifies every request's signature.
+
+A channel mention answered in a thread makes that thread a conversation (its key is the channel plus the
+mention's ts); later messages in a thread the bot knows are answered without a mention.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp, AsyncBoltContext
@@ -18,14 +26,18 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.slack.assistant import register_assistant
 from adapters.slack.commands import register_commands
+from adapters.slack.controls import register_controls
+from adapters.slack.files import read_files
 from adapters.slack.mrkdwn import from_slack
+from adapters.slack.shortcuts import register_shortcuts
 from adapters.slack.targets import NativeStreamTarget, UpdateTarget
 from bot.config import Secrets, Settings, SlackSettings
 from bot.conversations import ConversationManager, ReplyResult
 from bot.errors import ConfigError
 from bot.ratelimit import RateLimiter
-from bot.types import Incoming, SessionKey
+from bot.types import Attachment, Incoming, SessionKey
 
 __all__ = ["SlackBot", "run_slack"]
 
@@ -37,6 +49,8 @@ RATE_LIMIT_RETRIES = 3  # 429s absorbed by slack-sdk's retry handler before a ca
 # Message subtypes that are a person writing; edits, deletions, joins and the like are not answered.
 ANSWERED_SUBTYPES = (None, "file_share", "thread_broadcast")
 IGNORED_EVENT_SUBTYPES = ("message_changed", "message_deleted")
+NAME_TTL_SECONDS = 3600.0  # display names are looked up (users.info) at most this often per person
+NAME_CACHE_SIZE = 5000
 
 NOT_ALLOWED_USER = "🚫 Sorry, you're not on the list of people this bot answers."
 NOT_ALLOWED_CHANNEL = "🚫 I don't answer in this channel."
@@ -53,17 +67,25 @@ class SlackBot:
         self.client = AsyncWebClient(token=bot_token, base_url=settings.api_base_url or AsyncWebClient.BASE_URL)
         # Without it a 429 from chat.update would surface as an error; with it the call waits and retries.
         self.client.retry_handlers.append(AsyncRateLimitErrorRetryHandler(max_retry_count=RATE_LIMIT_RETRIES))
+        self._bot_token = bot_token
+        self._api_host = urlsplit(self.client.base_url).hostname or ""
         self._app_token = app_token
         self._signing_secret = signing_secret
         self.rate_limiter = RateLimiter(settings.user_messages_per_minute)
+        self._names: dict[str, tuple[str, float]] = {}  # user id → (display name, when to look it up again)
+        self._running: dict[SessionKey, int] = {}  # conversations with a reply on its way here, and how many
         self.app = AsyncApp(client=self.client, signing_secret=signing_secret or "", name="llamarelay",
                             before_authorize=self._drop_edits)
         self.app.event("app_mention")(self._on_mention)
         self.app.event("message")(self._on_message)
         self.app.error(self._on_error)
         register_commands(self)
+        register_controls(self)
+        register_shortcuts(self)
+        register_assistant(self)
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None  # file downloads
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -73,13 +95,22 @@ class SlackBot:
             await self.client.auth_test()
         except SlackApiError as exc:
             raise ConfigError(f"Slack rejected SLACK_BOT_TOKEN ({exc.response.get('error')})") from None
+        if not self._app_token and not self._signing_secret:
+            raise ConfigError("Slack HTTP mode needs SLACK_SIGNING_SECRET (or set SLACK_APP_TOKEN for Socket Mode)")
+        self._http = aiohttp.ClientSession()  # for files shared with messages
+        try:
+            await self._connect()
+        except BaseException:
+            await self.close()
+            raise
+        self.manager.platforms.connected(PLATFORM)
+
+    async def _connect(self) -> None:
         if self._app_token:
             self._socket = AsyncSocketModeHandler(self.app, app_token=self._app_token)
             await self._socket.connect_async()
             log.info("connected to Slack in Socket Mode")
             return
-        if not self._signing_secret:
-            raise ConfigError("Slack HTTP mode needs SLACK_SIGNING_SECRET (or set SLACK_APP_TOKEN for Socket Mode)")
         s = self.settings
         self._runner = web.AppRunner(self.app.web_app(path=s.http_path, port=s.http_port), handle_signals=False)
         await self._runner.setup()
@@ -94,12 +125,16 @@ class SlackBot:
 
     async def close(self) -> None:
         """Stop receiving; replies in flight belong to the core, which ends and stores them at shutdown."""
+        self.manager.platforms.disconnected(PLATFORM)
         if self._socket is not None:
             await self._socket.close_async()
             self._socket = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
     # -- middleware and errors -------------------------------------------------------------------
 
@@ -126,55 +161,65 @@ class SlackBot:
         if event.get("channel_type") == "im":
             await self._answer(event, body, context, is_dm=True)
         elif context.bot_user_id and f"<@{context.bot_user_id}" in event.get("text", ""):
-            # A mention also arrives as app_mention; whichever comes first is answered (see _first_delivery).
+            # A mention also arrives as app_mention; whichever comes first is answered (see first_delivery).
             await self._answer(event, body, context, is_dm=False)
+        elif event.get("thread_ts") and event.get("channel") and await self.manager.is_known(
+                SessionKey.for_channel(PLATFORM, self.team_of(body, context), event["channel"], event["thread_ts"])):
+            # A thread the bot answered in (or was mentioned in) is a conversation: no mention needed there.
+            await self._answer(event, body, context, is_dm=False, addressed=False)
 
     async def _answer(self, event: dict[str, Any], body: dict[str, Any], context: AsyncBoltContext, *,
-                      is_dm: bool) -> None:
+                      is_dm: bool, addressed: bool = True) -> None:
         user, channel, ts = event.get("user"), event.get("channel"), event.get("ts")
         if not user or not channel or not ts:
             return
-        team = str(body.get("team_id") or context.team_id or "")
-        if not await self._first_delivery(body.get("event_id"), team, channel, ts):
+        team = self.team_of(body, context)
+        if not await self.first_delivery(body.get("event_id"), team, channel, ts):
             log.debug("event %s for message %s/%s already answered", body.get("event_id"), channel, ts)
             return
         thread = event.get("thread_ts")
         if is_dm:
             key, reply_thread = SessionKey.for_dm(PLATFORM, user), thread
+        elif thread:
+            key, reply_thread = SessionKey.for_channel(PLATFORM, team, channel, thread), thread
+        elif self.settings.reply_in_thread:  # the answer opens a thread: that thread is the conversation
+            key, reply_thread = SessionKey.for_channel(PLATFORM, team, channel, ts), ts
         else:
-            key = SessionKey.for_channel(PLATFORM, team, channel, thread or "")
-            reply_thread = thread or (ts if self.settings.reply_in_thread else None)
-        refusal = self.refusal(user, channel, is_dm=is_dm) or self.rate_refusal(user)
+            key, reply_thread = SessionKey.for_channel(PLATFORM, team, channel), None
+        refusal = self.refusal(user, channel, is_dm=is_dm)
+        if refusal and not addressed:
+            return  # someone the bot does not answer, talking in a thread it follows: not spoken to, no notice
+        refusal = refusal or self.rate_refusal(user)
         if refusal:
             await self._refuse(refusal, channel=channel, user=user, thread_ts=reply_thread, is_dm=is_dm)
             return
-        profile = event.get("user_profile") or {}
-        name = profile.get("display_name") or profile.get("real_name") or user
+        name, attachments = await asyncio.gather(self.display_name(user, event.get("user_profile")),
+                                                 self.read_files(event.get("files") or []))
         incoming = Incoming(key, user, name, from_slack(event.get("text", ""), context.bot_user_id),
-                            event_id=str(body.get("event_id") or ""))
+                            event_id=str(body.get("event_id") or ""), attachments=attachments)
         target: UpdateTarget
         if self.settings.native_streaming:
             target = NativeStreamTarget(self.client, channel, thread_ts=reply_thread or ts, team_id=team,
-                                        user_id=user, edit_interval=self.settings.edit_interval)
+                                        user_id=user, key=key, edit_interval=self.settings.edit_interval)
         else:
-            target = UpdateTarget(self.client, channel, team_id=team, thread_ts=reply_thread,
+            target = UpdateTarget(self.client, channel, team_id=team, key=key, thread_ts=reply_thread,
                                   edit_interval=self.settings.edit_interval)
         await self.reply(incoming, target)
 
-    async def _first_delivery(self, event_id: str | None, team: str, channel: str, ts: str) -> bool:
+    async def first_delivery(self, event_id: str | None, team: str, channel: str, ts: str) -> bool:
         """False for a redelivered event, and for the second of app_mention + message about one message."""
         if event_id and not await self.manager.claim_event(f"{PLATFORM}:event:{event_id}", DEDUPE_TTL_SECONDS):
             return False
         return await self.manager.claim_event(f"{PLATFORM}:message:{team}:{channel}:{ts}", DEDUPE_TTL_SECONDS)
 
     async def _refuse(self, text: str, *, channel: str, user: str, thread_ts: str | None, is_dm: bool) -> None:
-        try:
-            if is_dm:
+        if is_dm:
+            try:
                 await self.client.chat_postMessage(channel=channel, text=text, thread_ts=thread_ts)
-            else:
-                await self.client.chat_postEphemeral(channel=channel, user=user, text=text, thread_ts=thread_ts)
-        except SlackApiError as exc:
-            log.info("could not tell %s why they were refused: %s", user, exc.response.get("error"))
+            except SlackApiError as exc:
+                log.info("could not tell %s why they were refused: %s", user, exc.response.get("error"))
+        else:
+            await self.tell(channel, user, text, thread_ts=thread_ts)
 
     # -- shared with the slash commands ----------------------------------------------------------
 
@@ -196,11 +241,72 @@ class SlackBot:
     def is_admin(self, user: str) -> bool:
         return user in self.settings.admin_user_ids
 
+    @staticmethod
+    def team_of(body: dict[str, Any], context: AsyncBoltContext) -> str:
+        """The workspace of an event or command (``team_id``) or of an interaction (``team.id``)."""
+        team = body.get("team_id")
+        if not team and isinstance(body.get("team"), dict):
+            team = body["team"].get("id")
+        return str(team or context.team_id or "")
+
+    async def tell(self, channel: str, user: str, text: str, *, thread_ts: str | None = None) -> None:
+        """Show ``text`` to ``user`` alone (an ephemeral message); a failure is only logged."""
+        try:
+            await self.client.chat_postEphemeral(channel=channel, user=user, text=text, thread_ts=thread_ts)
+        except SlackApiError as exc:
+            log.info("could not tell %s privately: %s", user, exc.response.get("error"))
+
+    async def display_name(self, user: str, profile: dict[str, Any] | None = None) -> str:
+        """The name people see for ``user``: from the event's profile when it has one, else ``users.info``
+        (needs ``users:read``; cached). Falls back to the user id."""
+        profile = profile or {}
+        if name := profile.get("display_name") or profile.get("real_name"):
+            return str(name)
+        now = time.monotonic()
+        cached = self._names.get(user)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        try:
+            found = (await self.client.users_info(user=user)).get("user") or {}
+            details = found.get("profile") or {}
+            name = (details.get("display_name") or details.get("real_name") or found.get("real_name")
+                    or found.get("name") or user)
+        except (SlackApiError, aiohttp.ClientError, TimeoutError) as exc:  # a name is a nicety, never a failure
+            log.info("users.info for %s failed (%s); using the id as the name", user, exc)
+            name = user
+        if len(self._names) >= NAME_CACHE_SIZE:
+            self._names.clear()
+        self._names[user] = (str(name), now + NAME_TTL_SECONDS)
+        return str(name)
+
+    async def read_files(self, files: list[dict[str, Any]]) -> tuple[Attachment, ...]:
+        """A message's files as attachments for the core (see `adapters.slack.files`)."""
+        if not files:
+            return ()
+        assert self._http is not None, "the bot is not started"
+        return await read_files(self._http, files, token=self._bot_token, api_host=self._api_host,
+                                max_bytes=self.manager.settings.conversation.max_file_bytes)
+
     async def reply(self, incoming: Incoming, target: UpdateTarget) -> ReplyResult:
         """Stream the core's answer to ``incoming`` into ``target``, then end any native stream it opened."""
+        return await self.deliver(self.manager.respond(incoming, target), target)
+
+    def running_in(self, team: str, channel: str) -> list[SessionKey]:
+        """Conversations in ``channel`` (the channel's own and its threads') with a reply on its way."""
+        return [key for key in self._running if key.workspace == team and key.channel == channel]
+
+    async def deliver(self, answer: Awaitable[ReplyResult], target: UpdateTarget) -> ReplyResult:
+        """Await a core reply (respond, regenerate, continue) streaming into ``target``, then close ``target``."""
+        key = target.key
+        if key is not None:
+            self._running[key] = self._running.get(key, 0) + 1
         try:
-            return await self.manager.respond(incoming, target)
+            return await answer
         finally:
+            if key is not None:
+                self._running[key] -= 1
+                if not self._running[key]:
+                    del self._running[key]
             try:
                 await target.close()
             except SlackApiError as exc:

@@ -1,4 +1,4 @@
-"""Slash commands: /ask, /reset, /system, /stop, /status.
+"""Slash commands: /ask, /reset, /system, /stop, /status, /settings.
 
 Each one calls ``ack()`` before anything slow (Slack shows ``operation_timeout`` after 3 s); refusals and
 command results travel in that ack, which Slack shows only to the person who typed the command.
@@ -7,24 +7,35 @@ command results travel in that ack, which Slack shows only to the person who typ
 from __future__ import annotations
 
 import logging
+import math
+import re
 from typing import TYPE_CHECKING, Any
 
+from annotated_types import Ge, Gt, Le
+from pydantic import ValidationError
 from slack_bolt.async_app import AsyncAck, AsyncBoltContext, AsyncRespond
 
 from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.targets import UpdateTarget
+from bot.config import SamplingSettings
 from bot.types import Incoming, SessionKey
 
 if TYPE_CHECKING:
     from adapters.slack.bot import SlackBot
 
-__all__ = ["register_commands", "SlashCommands", "command_key"]
+__all__ = ["register_commands", "SlashCommands", "command_key", "parse_settings", "SETTINGS"]
 
 log = logging.getLogger(__name__)
 
 QUESTION_PREVIEW_CHARS = 200
 ASK_USAGE = "Ask me something: `/ask how do magnets work?`"
 ADMINS_ONLY = "🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change the system prompt."
+SETTINGS: dict[str, type[int] | type[float]] = {"temperature": float, "max_tokens": int, "top_p": float}
+"""What ``/settings`` shows and sets, and the type of each."""
+SETTINGS_USAGE = "Change them with `/settings temperature=0.3 max_tokens=400 top_p=0.9` (any of the three)."
+SETTINGS_ADMINS_ONLY = ("🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's "
+                        "settings; in a DM with me they are yours to change.")
+_SETTING = re.compile(r"([A-Za-z_]+)\s*=\s*([^\s,;]+)")
 
 
 def command_key(command: dict[str, Any]) -> SessionKey:
@@ -36,6 +47,49 @@ def command_key(command: dict[str, Any]) -> SessionKey:
 
 def is_dm(command: dict[str, Any]) -> bool:
     return str(command.get("channel_id", "")).startswith("D") or command.get("channel_name") == "directmessage"
+
+
+def parse_settings(text: str) -> dict[str, int | float]:
+    """``name=value`` pairs (``temperature``, ``max_tokens``, ``top_p``) from a ``/settings`` line; ValueError
+    with a readable reason for anything else. Bounds are checked later, by the core."""
+    changes: dict[str, int | float] = {}
+    for name, raw in _SETTING.findall(text):
+        name = name.lower()
+        if name not in SETTINGS:
+            raise ValueError(f"there is no setting `{name}`; these can be set: {', '.join(SETTINGS)}")
+        try:
+            value = SETTINGS[name](raw)
+        except ValueError:
+            raise ValueError(f"`{name}` needs a {'whole ' if SETTINGS[name] is int else ''}number, not `{raw}`") \
+                from None
+        if not math.isfinite(value):
+            raise ValueError(f"`{name}` needs a finite number, not `{raw}`")
+        changes[name] = value
+    leftover = " ".join(_SETTING.sub(" ", text).replace(",", " ").replace(";", " ").split())
+    if leftover:
+        raise ValueError(f"I didn't understand `{leftover[:100]}`")
+    if not changes:
+        raise ValueError("nothing to set")
+    return changes
+
+
+def _bounds(name: str, n_ctx: int) -> str:
+    low, high, above = "", "", False
+    for rule in SamplingSettings.model_fields[name].metadata:
+        if isinstance(rule, Ge):
+            low = f"{rule.ge:g}"
+        elif isinstance(rule, Gt):
+            low, above = f"{rule.gt:g}", True
+        elif isinstance(rule, Le):
+            high = f"{min(rule.le, n_ctx - 1) if name == 'max_tokens' else rule.le:g}"
+    return f"above {low}, up to {high}" if above else f"{low} to {high}"
+
+
+def _why(exc: ValueError) -> str:
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        return f"`{'.'.join(str(part) for part in error['loc'])}`: {error['msg'][0].lower()}{error['msg'][1:]}"
+    return str(exc)
 
 
 def _preview(text: str) -> str:
@@ -64,9 +118,10 @@ class SlashCommands:
         await ack()
         name = command.get("user_name") or user
         header = f"*{escape(name)} asked:* {escape(_preview(prompt))}\n\n"
-        target = UpdateTarget(self.bot.client, channel, team_id=command.get("team_id", ""), header=header,
+        key = command_key(command)
+        target = UpdateTarget(self.bot.client, channel, team_id=command.get("team_id", ""), key=key, header=header,
                               edit_interval=self.bot.settings.edit_interval, continue_in_thread=True)
-        result = await self.bot.reply(Incoming(command_key(command), user, name, prompt), target)
+        result = await self.bot.reply(Incoming(key, user, name, prompt), target)
         if not result.delivered and target.first_ts is None:  # nothing visible happened: tell the asker why
             await respond(text=f"⚠️ I can't post in this conversation (`{target.refusal}`). Invite me with "
                                "`/invite @llamarelay`, or DM me.", response_type="ephemeral")
@@ -100,11 +155,15 @@ class SlashCommands:
         await ack(text="✅ System prompt set for this conversation.")
 
     async def stop(self, ack: AsyncAck, command: dict[str, Any]) -> None:
-        """``/stop``: cancel the reply being generated in this conversation; what was written stays."""
+        """``/stop``: cancel the reply being generated in this conversation; what was written stays. In a
+        channel that includes replies in its threads (Slack offers no slash commands inside a thread)."""
         if refusal := self._refusal(command):
             await ack(text=refusal)
             return
-        if self.bot.manager.stop(command_key(command)):
+        keys = {command_key(command)}
+        if not is_dm(command):
+            keys.update(self.bot.running_in(command.get("team_id", ""), command["channel_id"]))
+        if sum(self.bot.manager.stop(key) for key in keys):
             await ack(text="⏹️ Stopping the reply.")
         else:
             await ack(text="Nothing is being written in this conversation right now.")
@@ -114,8 +173,36 @@ class SlashCommands:
         if refusal := self._refusal(command):
             await ack(text=refusal)
             return
-        status = self.bot.manager.status(command_key(command))
+        key = command_key(command)
+        if not is_dm(command) and self.bot.manager.status(key).state is None:
+            # Nothing in the channel's own conversation: show a reply running in one of its threads, if any.
+            key = next(iter(self.bot.running_in(command.get("team_id", ""), command["channel_id"])), key)
+        status = self.bot.manager.status(key)
         await ack(text="\n".join(f"*{label}:* {escape(value)}" for label, value in status.lines()))
+
+
+    async def settings(self, ack: AsyncAck, command: dict[str, Any]) -> None:
+        """``/settings`` shows this conversation's temperature, max_tokens and top_p; ``/settings name=value …``
+        sets them (admins in a channel, anyone in a DM). Threads use their channel's."""
+        if refusal := self._refusal(command):
+            await ack(text=refusal)
+            return
+        key, text = command_key(command), command.get("text", "").strip()
+        if text:
+            if not is_dm(command) and not self.bot.is_admin(command["user_id"]):
+                await ack(text=SETTINGS_ADMINS_ONLY)
+                return
+            try:
+                await self.bot.manager.set_sampling(key, **parse_settings(text))
+            except ValueError as exc:  # pydantic's ValidationError too
+                await ack(text=f"⚠️ Not changed: {_why(exc)}.\n{SETTINGS_USAGE}")
+                return
+        sampling = await self.bot.manager.sampling(key)
+        n_ctx = self.bot.manager.engine.n_ctx
+        lines = [f"• `{name}` = {getattr(sampling, name):g}  ({_bounds(name, n_ctx)})" for name in SETTINGS]
+        where = "your DM with me" if is_dm(command) else "this channel (and its threads)"
+        await ack(text="\n".join([f"{'✅ Set. ' if text else ''}*Settings for {where}:*", *lines,
+                                  "" if text else SETTINGS_USAGE]).strip())
 
 
 def register_commands(bot: SlackBot) -> SlashCommands:
@@ -126,4 +213,5 @@ def register_commands(bot: SlackBot) -> SlashCommands:
     bot.app.command("/system")(commands.system)
     bot.app.command("/stop")(commands.stop)
     bot.app.command("/status")(commands.status)
+    bot.app.command("/settings")(commands.settings)
     return commands

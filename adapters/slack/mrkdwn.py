@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from bot.replies import Fence, closes_fence, opening_fence
+
 __all__ = ["escape", "to_mrkdwn", "neutralize_markdown", "from_slack"]
 
 # A word joiner after "@" stops "@everyone" / "@channel" / "@here" being linked by any parse mode.
@@ -18,23 +20,25 @@ _WORD_JOINER = "\u2060"
 _PLAIN_BROADCAST = re.compile(r"@(?=(?:everyone|channel|here)\b)", re.IGNORECASE)
 _SAFE_URL = re.compile(r"^(?:https?://|mailto:)[^\s<>|]+$", re.IGNORECASE)
 
-_FENCE = re.compile(r"^\s{0,3}(```|~~~)")
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")
 _RULE = re.compile(r"^\s{0,3}([-*_])(?:\s*\1){2,}\s*$")
 _BULLET = re.compile(r"^(\s*)[-*+]\s+(.*)$")
 _QUOTE = re.compile(r"^\s{0,3}>\s?(.*)$")
 
+# A line with none of the characters that markup, escaping or a broadcast word start with is left as it is.
+_PLAIN = re.compile(r"[^#*_+\->`!\[<~&@]*")
 _SLACK_MARKUP = re.compile(r"<([^<>]*)>")
 
 _INLINE = re.compile(
-    r"(?P<code>(?P<ticks>`+)(?P<code_text>.+?)(?P=ticks))"
+    r"(?=[`!\[<*_~])(?:"  # every construct starts with one of these: elsewhere, fail at once
+    r"(?P<code>(?<!`)(?P<ticks>`+)(?!`)(?P<code_text>.+?)(?<!`)(?P=ticks)(?!`))"  # whole runs: no backtracking
     r"|(?P<link>!?\[(?P<label>[^\]\n]*)\]\((?P<url>[^)\s]+)(?:\s+\"[^\"\n]*\")?\))"
     r"|(?P<autolink><(?P<auto_url>(?:https?://|mailto:)[^\s<>|]+)>)"
     r"|\*\*(?=\S)(?P<bold>.+?)(?<=\S)\*\*"
     r"|(?<!\w)__(?=\S)(?P<bold2>.+?)(?<=\S)__(?!\w)"
     r"|~~(?=\S)(?P<strike>.+?)(?<=\S)~~"
     r"|(?<![*\w])\*(?=[^\s*])(?P<italic>.+?)(?<=[^\s*])\*(?![*\w])"
-    r"|(?<![_\w])_(?=[^\s_])(?P<italic2>.+?)(?<=[^\s_])_(?![_\w])"
+    r"|(?<![_\w])_(?=[^\s_])(?P<italic2>.+?)(?<=[^\s_])_(?![_\w]))"
 )
 
 
@@ -57,20 +61,22 @@ def neutralize_markdown(text: str) -> str:
 def to_mrkdwn(markdown: str) -> str:
     """Convert the model's Markdown (bold, italics, links, code, lists, headings) to Slack mrkdwn."""
     out: list[str] = []
-    code: list[str] | None = None
+    fence: Fence | None = None
+    code: list[str] = []
     for line in markdown.split("\n"):
-        if _FENCE.match(line):
-            if code is None:
-                code = []  # the info string ("```python") has no meaning in Slack
+        if fence is None:
+            fence = opening_fence(line)  # the splitter's definition, so both see the same code blocks
+            if fence is None:
+                out.append(_line(line))  # an inline ```x``` on one line included
             else:
-                out.append(_code_block(code))
-                code = None
-            continue
-        if code is not None:
-            code.append(line)
+                # A language has no meaning in Slack; code written on the fence line is code.
+                code = [fence.code] if fence.code else []
+        elif closes_fence(line, fence):
+            out.append(_code_block(code))
+            fence = None
         else:
-            out.append(_line(line))
-    if code is not None:
+            code.append(line)
+    if fence is not None:
         # Mid-stream the closing fence has not arrived yet; close it so the partial reply renders.
         out.append(_code_block(code))
     return _only_own_links("\n".join(out))
@@ -82,6 +88,8 @@ def _code_block(lines: list[str]) -> str:
 
 
 def _line(line: str) -> str:
+    if _PLAIN.fullmatch(line):
+        return line
     if m := _HEADING.match(line):
         return f"*{_inline(m.group(1))}*" if m.group(1) else ""
     if _RULE.match(line):

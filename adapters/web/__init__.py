@@ -1,7 +1,8 @@
 """Web adapter: a browser chat page served by the bot's own process, streamed over Server-Sent Events.
 
 `server` holds the aiohttp application and the checks in front of it, `api` the JSON API under /api/,
-`events` the reply target that turns the core's edits into events, `static/` the page (no build step).
+`events` the reply target that turns the core's edits into events, `uploads` the reading of a message sent
+with files, `static/` the page (no build step).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ async def run_web(manager: ConversationManager, settings: Settings, secrets: Sec
     server = WebServer(create_app(manager, settings, secrets), settings.web.host, settings.web.port)
     url = await server.start()
     log.info("web chat on %s%s", url, " (access token required)" if secrets.web_token else "")
+    manager.platforms.connected("web")
     try:
         await asyncio.Event().wait()
     finally:
+        manager.platforms.disconnected("web")
         await server.close()

@@ -1,4 +1,5 @@
-"""The JSON API under /api/: conversations of this browser, their history, sending (streamed), stop, reset.
+"""The JSON API under /api/: conversations of this browser, their history, sending (streamed, with files),
+regenerate and continue (streamed), stop, reset.
 
 Every handler works only on the conversations of the namespace the server's middleware found for the
 request (the browser's id cookie, or the token's namespace for Bearer clients; see `adapters.web.server`),
@@ -19,17 +20,19 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from adapters.web.events import EventStreamTarget, encode_event, json_dumps
+from adapters.web.uploads import FORM_TYPE, MAX_FILES, UploadError, read_form
 from bot.config import Secrets, Settings
-from bot.conversations import ConversationManager, ReplyResult, clean_text
+from bot.conversations import (NOTHING_TO_CONTINUE, STALE_REPLY, ConversationManager, ReplyResult, can_continue,
+                                clean_text)
 from bot.store import StoredMessage
-from bot.types import Incoming, SessionKey
+from bot.types import Attachment, Incoming, SessionKey
 
 __all__ = ["ApiError", "LoginThrottle", "WebState", "STATE", "BROWSER_COOKIE", "AUTH_COOKIE", "current_browser",
            "json_response", "routes", "set_cookie"]
@@ -125,19 +128,20 @@ class WebState:
         digest = hmac.new(token.encode(), b"llamarelay web api namespace", "sha256").digest()
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
-    def start_reply(self, incoming: Incoming, target: EventStreamTarget) -> None:
-        """Generate in a task the core holds, so a closed tab or dropped connection never cuts the reply short."""
+    def follow(self, key: SessionKey, target: EventStreamTarget, reply: Coroutine[Any, Any, ReplyResult]) -> None:
+        """Run ``reply`` in a task the core holds, so a closed tab or dropped connection never cuts it short,
+        and give ``target`` its ``done`` event when it ends."""
 
         def close(task: asyncio.Task[ReplyResult]) -> None:
             if task.cancelled():
                 target.close(None, "The server is shutting down; the reply was cut short.")
             elif task.exception() is not None:  # a bug: the core turns every known failure into a reply line
-                log.error("web reply in conversation %s failed", incoming.key.channel, exc_info=task.exception())
+                log.error("web reply in conversation %s failed", key.channel, exc_info=task.exception())
                 target.close(None, "The reply failed because of an internal error.")
             else:
                 target.close(task.result())
 
-        self.manager.respond_soon(incoming, target).add_done_callback(close)
+        self.manager.in_background(reply).add_done_callback(close)
 
 
 STATE = web.AppKey("llamarelay_web_state", WebState)
@@ -236,7 +240,46 @@ def _title(first_message: str) -> str:
 
 
 def _message(m: StoredMessage) -> dict[str, Any]:
-    return {"id": m.id, "role": m.role, "content": m.content, "status": m.status, "created_at": m.created_at}
+    return {"id": m.id, "role": m.role, "content": m.content, "status": m.status, "created_at": m.created_at,
+            "notes": m.notes.splitlines(), "can_continue": can_continue(m)}
+
+
+async def _reply_to_redo(request: web.Request, key: SessionKey, *, to_continue: bool) -> StoredMessage:
+    """The reply named by the body's ``reply_id``, if Regenerate (or Continue) may act on it now; 409 if not,
+    so a page showing an old state learns it at once (the core would refuse it too, in the stream)."""
+    reply_id = (await _json_body(request)).get("reply_id")
+    if not isinstance(reply_id, int) or isinstance(reply_id, bool):
+        raise ApiError(400, "invalid_field", "'reply_id' must be the id of the conversation's latest answer.")
+    manager = _state(request).manager
+    if manager.status(key).state is not None:
+        raise ApiError(409, "reply_in_progress", "An answer is still being written in this conversation; stop "
+                                                 "it or wait for it to finish.")
+    latest = await manager.latest_reply(key)
+    if latest is None or latest.id != reply_id:
+        raise ApiError(409, "stale_reply", STALE_REPLY)
+    if to_continue and not can_continue(latest):
+        raise ApiError(409, "nothing_to_continue", NOTHING_TO_CONTINUE)
+    return latest
+
+
+async def _stream(request: web.Request, key: SessionKey, target: EventStreamTarget) -> web.StreamResponse:
+    """Send ``target``'s events as Server-Sent Events until ``done``; a browser that leaves ends only this."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                           "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    async for event in target.events():
+        try:
+            await response.write(b": keep-alive\n\n" if event is None else encode_event(*event))
+        except ConnectionError:
+            log.info("browser left conversation %s while it streamed; the reply goes on and is stored",
+                     key.channel)
+            return response
+    await response.write_eof()
+    return response
+
+
+def _target(request: web.Request, prefix: str = "") -> EventStreamTarget:
+    return EventStreamTarget(min_edit_interval=_state(request).settings.streaming.edit_interval, prefix=prefix)
 
 
 # -- handlers ------------------------------------------------------------------------------------------
@@ -250,7 +293,8 @@ async def info(request: web.Request) -> web.Response:
     status = state.manager.status().engine
     return json_response({"model": status.model_name, "queue_length": status.queue_length,
                           "running": status.running, "max_message_chars": MAX_MESSAGE_CHARS,
-                          "max_system_prompt_chars": MAX_SYSTEM_PROMPT_CHARS,
+                          "max_system_prompt_chars": MAX_SYSTEM_PROMPT_CHARS, "max_files": MAX_FILES,
+                          "max_file_bytes": state.settings.conversation.max_file_bytes,
                           "default_system_prompt": state.settings.conversation.system_prompt})
 
 
@@ -314,36 +358,60 @@ async def get_conversation(request: web.Request) -> web.Response:
     manager = _state(request).manager
     messages = await manager.history(key)
     first = next((m.content for m in messages if m.role == "user"), "")
+    latest = await manager.latest_reply(key)
     return json_response({"id": conversation, "title": _title(first) or "New chat",
                           "system_prompt": await manager.system_prompt(key),
                           "position": manager.status(key).position,
+                          "latest_reply": latest.id if latest is not None else None,
                           "messages": [_message(m) for m in messages]})
 
 
 @routes.post("/api/conversations/{conversation}/messages")
 async def send_message(request: web.Request) -> web.StreamResponse:
-    """Store the message and stream the reply as Server-Sent Events (status, delta, replace, done)."""
-    _, key = await _conversation(request)
-    text = _text_field(await _json_body(request), "text", MAX_MESSAGE_CHARS)
-    assert text is not None
-    if not clean_text(text):
-        raise ApiError(400, "empty_message", "The message is empty.")
-    state = _state(request)
-    target = EventStreamTarget(min_edit_interval=state.settings.streaming.edit_interval)
-    state.start_reply(Incoming(key, current_browser.get(), "web", text), target)
+    """Store the message and stream the reply as Server-Sent Events (status, delta, replace, done).
 
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                           "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
-    await response.prepare(request)
-    async for event in target.events():
+    The body is ``{"text"}`` as JSON, or a form (multipart/form-data) with ``text`` and ``file`` parts.
+    """
+    _, key = await _conversation(request)
+    state = _state(request)
+    files: tuple[Attachment, ...] = ()
+    if request.content_type == FORM_TYPE:
         try:
-            await response.write(b": keep-alive\n\n" if event is None else encode_event(*event))
-        except ConnectionError:
-            log.info("browser left conversation %s while it streamed; the reply goes on and is stored",
-                     key.channel)
-            return response
-    await response.write_eof()
-    return response
+            text, files = await read_form(request, max_chars=MAX_MESSAGE_CHARS,
+                                          max_file_bytes=state.settings.conversation.max_file_bytes)
+        except UploadError as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+    else:
+        text = _text_field(await _json_body(request), "text", MAX_MESSAGE_CHARS) or ""
+    if not clean_text(text) and not files:
+        raise ApiError(400, "empty_message", "The message is empty.")
+    target = _target(request)
+    # One person per browser conversation: no speaker name goes before their words.
+    incoming = Incoming(key, current_browser.get(), "", text, attachments=files)
+    state.follow(key, target, state.manager.respond(incoming, target))
+    return await _stream(request, key, target)
+
+
+@routes.post("/api/conversations/{conversation}/regenerate")
+async def regenerate(request: web.Request) -> web.StreamResponse:
+    """Answer the last message again (body ``{"reply_id"}``): the new answer replaces the old one in the
+    history. Streamed like …/messages; ``409`` when that answer is no longer the latest or one is running."""
+    _, key = await _conversation(request)
+    reply = await _reply_to_redo(request, key, to_continue=False)
+    state, target = _state(request), _target(request)
+    state.follow(key, target, state.manager.regenerate(key, target, reply.id))
+    return await _stream(request, key, target)
+
+
+@routes.post("/api/conversations/{conversation}/continue")
+async def continue_reply(request: web.Request) -> web.StreamResponse:
+    """Let the model go on with the latest answer (body ``{"reply_id"}``) when it was cut by the length limit
+    or stopped. The stream opens with the answer so far (``replace``), then grows it like …/messages."""
+    _, key = await _conversation(request)
+    reply = await _reply_to_redo(request, key, to_continue=True)
+    state, target = _state(request), _target(request, prefix=reply.content)
+    state.follow(key, target, state.manager.continue_reply(key, target, reply.id))
+    return await _stream(request, key, target)
 
 
 @routes.post("/api/conversations/{conversation}/stop")

@@ -4,7 +4,8 @@ The core streams a reply as "post, then edit with the whole text" (see `bot.type
 stream can only append, so `EventStreamTarget` sends each edit as the part not sent yet (``delta``), or the
 whole text again (``replace``) in the rare case an edit is not an extension of what was sent (a status line
 giving way to the reply, a trailing space trimmed before a note). Status lines shown before the reply
-starts (thinking, waiting, queued #n) become ``status`` events so the page never mistakes them for text.
+starts (thinking, reasoning, waiting, queued #n) become ``status`` events so the page never mistakes them for
+text. A Continue's stream opens with the answer so far (``replace``): the core shows only what it adds.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from bot.conversations import ReplyResult, parse_status_line
+from bot.types import Controls
 
 __all__ = ["EventStreamTarget", "encode_event", "json_dumps"]
 
@@ -49,25 +51,29 @@ class EventStreamTarget:
 
     max_length = sys.maxsize  # one bubble holds the whole reply: no continuation messages
 
-    def __init__(self, *, min_edit_interval: float) -> None:
+    def __init__(self, *, min_edit_interval: float, prefix: str = "") -> None:
         self.min_edit_interval = min_edit_interval
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._prefix = prefix  # Continue: the answer so far, which the core's text extends
         self._parts: list[str] = []  # text of each message the core posted (one, unless an edit failed)
         self._sent = ""  # reply text the page has been sent
         self._replying = False  # True once real reply text has appeared
+        if prefix:
+            self._queue.put_nowait(("replace", {"text": prefix}))
+            self._sent = prefix
 
     # -- ReplyTarget -----------------------------------------------------------------------------------
 
-    async def post(self, text: str) -> int:
+    async def post(self, text: str, controls: Controls | None = None) -> int:
         self._parts.append("")
         handle = len(self._parts) - 1
         await self.edit(handle, text)
         return handle
 
-    async def post_continuation(self, text: str) -> int:
+    async def post_continuation(self, text: str, controls: Controls | None = None) -> int:
         return await self.post(text)
 
-    async def edit(self, handle: Any, text: str) -> None:
+    async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
         if not self._replying and len(self._parts) == 1:
             status = parse_status_line(text)
             if status is not None:
@@ -76,7 +82,7 @@ class EventStreamTarget:
                 return
             self._replying = True
         self._parts[handle] = text
-        self._send_text("".join(self._parts))
+        self._send_text(self._prefix + "".join(self._parts))
 
     # -- the event stream -------------------------------------------------------------------------------
 
@@ -92,9 +98,11 @@ class EventStreamTarget:
     def close(self, result: ReplyResult | None, error: str | None = None) -> None:
         """Queue the closing ``done`` event (``result`` is None when the reply could not be produced)."""
         if result is None:
-            done = {"status": "failed", "text": self._sent, "notes": [error or "The reply failed."]}
+            done = {"status": "failed", "text": self._sent, "notes": [error or "The reply failed."],
+                    "reply_id": None, "can_continue": False}
         else:
-            done = {"status": result.status, "text": result.text, "notes": list(result.notes)}
+            done = {"status": result.status, "text": result.text, "notes": list(result.notes),
+                    "reply_id": result.reply_id, "can_continue": result.can_continue}
         self._queue.put_nowait(("done", done))
         self._queue.put_nowait(_END)
 

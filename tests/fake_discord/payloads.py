@@ -25,6 +25,7 @@ MEMBER_ROLE_ID = 800000000000000050
 ALICE_ID = 700000000000000001  # role "member", owns the guild
 BOB_ID = 700000000000000002  # role "member"
 MALLORY_ID = 700000000000000003  # no role
+EVE_ID = 700000000000000004  # not a member of the guild: she can only DM the bot
 OTHER_BOT_ID = 700000000000000009
 GUILD_CHANNELS = (CHANNEL_ID, OTHER_CHANNEL_ID, THREAD_ID)
 EXTRA_CHANNEL_BASE = 800000000000000100  # `FakeRest.add_text_channels` numbers further channels from here

@@ -1,4 +1,4 @@
-"""The REST half of the fake Discord: login, command sync, messages, typing, interaction callbacks, webhooks.
+"""The REST half of the fake Discord: login, command sync, member lookups, messages, typing, interactions.
 
 Every request is recorded with the status it got. Tests can script failures (429 with or without ``Via``),
 enforce a per-channel write bucket announced in ``X-RateLimit-*`` headers, and wait on any condition.
@@ -17,10 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fake_discord.payloads import (ALICE_ID, APP_ID, BOB_ID, BOT_ID, CHANNEL_ID, EXTRA_CHANNEL_BASE,
+from tests.fake_discord.payloads import (ALICE_ID, APP_ID, BOB_ID, BOT_ID, CHANNEL_ID, EVE_ID, EXTRA_CHANNEL_BASE,
                                          GUILD_CHANNELS, GUILD_ID, LOADING_FLAG, MALLORY_ID, MEMBER_ROLE_ID,
-                                         OTHER_BOT_ID, OTHER_CHANNEL_ID, EPHEMERAL_FLAG, jresp, message_payload,
-                                         now_iso, user_payload)
+                                         OTHER_BOT_ID, OTHER_CHANNEL_ID, EPHEMERAL_FLAG, jresp, member_payload,
+                                         message_payload, now_iso, user_payload)
 
 __all__ = ["FakeRest", "FakeInteraction", "Recorded"]
 
@@ -61,6 +61,7 @@ class FakeInteraction:
     callbacks: list[dict[str, Any]] = field(default_factory=list)
     original_id: int | None = None
     followup_ids: list[int] = field(default_factory=list)
+    message_id: int | None = None  # the message whose button was pressed (component interactions)
 
 
 class FakeRest:
@@ -73,7 +74,9 @@ class FakeRest:
             BOB_ID: user_payload(BOB_ID, "bob", global_name="Bob"),
             MALLORY_ID: user_payload(MALLORY_ID, "mallory", global_name="Mallory"),
             OTHER_BOT_ID: user_payload(OTHER_BOT_ID, "otherbot", bot=True),
+            EVE_ID: user_payload(EVE_ID, "eve", global_name="Eve"),
         }
+        # The guild's members and their roles (Eve is not one).
         self.member_roles: dict[int, list[int]] = {ALICE_ID: [MEMBER_ROLE_ID], BOB_ID: [MEMBER_ROLE_ID],
                                                    MALLORY_ID: [], OTHER_BOT_ID: []}
         self.requests: list[Recorded] = []
@@ -86,9 +89,12 @@ class FakeRest:
         self._ids = itertools.count(1_000_000_000_000_000_000)
         self._nonces: dict[str, int] = {}
         self._scripted: list[_Scripted] = []
+        self.expired_tokens: set[str] = set()  # interactions whose 15-minute webhook token has run out
         self._write_limit: tuple[int, float] | None = None
         self._write_windows: dict[str, tuple[float, int]] = {}  # channel id -> (window start, writes used)
         self._cond = asyncio.Condition()
+        self.threads: dict[int, dict[str, Any]] = {}  # threads the bot created, by id
+        self._gateway_outbox: list[tuple[str, Any]] = []  # dispatches a REST call causes (THREAD_CREATE)
 
     # ------------------------------------------------------------------ waiting
 
@@ -220,6 +226,8 @@ class FakeRest:
             else:
                 resp = self._route(request.method, path, rec.body or {})
                 resp.headers.update(bucket_headers)
+                while self._gateway_outbox:  # sent before the REST answer, as Discord's gateway is quicker
+                    await self.dispatch(*self._gateway_outbox.pop(0))
             rec.status = resp.status
             return resp
         finally:
@@ -234,8 +242,14 @@ class FakeRest:
         raw = await request.read()
         return json.loads(raw) if raw else None
 
+    async def dispatch(self, event: str, d: Any) -> None:
+        """Send a gateway dispatch (`FakeDiscord` has the gateway)."""
+        raise NotImplementedError
+
     def _route(self, method: str, path: str, body: Any) -> web.Response:
         parts = path.strip("/").split("/")
+        if parts[0] == "channels" and (response := self._channel_extras(method, parts, body)) is not None:
+            return response
         if method == "GET" and path == "/users/@me":
             return jresp(dict(self.bot_user, verified=True, mfa_enabled=False, flags=0))
         if method == "GET" and path == "/oauth2/applications/@me":
@@ -247,6 +261,8 @@ class FakeRest:
                           for cmd in body])
         if parts[0] == "channels" and len(parts) >= 3:
             return self._channel_route(method, parts, body)
+        if method == "GET" and parts[0] == "guilds" and len(parts) == 4 and parts[2] == "members":
+            return self._member(int(parts[1]), int(parts[3]))
         if parts[0] == "interactions" and method == "POST" and parts[-1] == "callback":
             return self._callback(parts[2], body)
         if parts[0] == "webhooks" and len(parts) >= 3:
@@ -256,7 +272,7 @@ class FakeRest:
     def _register_command(self, cmd: dict[str, Any], guild_id: str | None) -> dict[str, Any]:
         existing = self.commands.get(cmd["name"])
         cmd = dict(cmd, id=existing["id"] if existing else str(next(self._ids)), application_id=str(APP_ID),
-                   version="1")
+                   version="1", description=cmd.get("description") or "")  # "" for context-menu commands
         if guild_id:
             cmd["guild_id"] = guild_id
         self.commands[cmd["name"]] = cmd
@@ -270,15 +286,25 @@ class FakeRest:
             nonce = body.get("nonce")
             if body.get("enforce_nonce") and nonce in self._nonces:
                 return jresp(self.messages[self._nonces[nonce]])  # a retried send is not a new message
-            extra = {"guild_id": str(GUILD_ID)} if cid in GUILD_CHANNELS or cid in self.text_channel_ids else {}
+            in_guild = cid in GUILD_CHANNELS or cid in self.threads or cid in self.text_channel_ids
+            extra = {"guild_id": str(GUILD_ID)} if in_guild else {}
             msg = self._new_message(cid, body.get("content") or "", flags=body.get("flags") or 0,
-                                    reference=body.get("message_reference"), **extra)
+                                    reference=body.get("message_reference"),
+                                    components=body.get("components") or [], **extra)
             if nonce:
                 self._nonces[nonce] = int(msg["id"])
             return jresp(msg)
         if parts[2] == "messages" and method == "PATCH" and len(parts) == 4:
             return self._edited(int(parts[3]), body)
         return jresp({"message": "fake discord: unsupported channel route", "code": 0}, status=404)
+
+    def _member(self, guild_id: int, user_id: int) -> web.Response:
+        """GET /guilds/{guild}/members/{user}, which bots may call without the Server Members intent."""
+        if guild_id != GUILD_ID:
+            return jresp({"message": "Unknown Guild", "code": 10004}, status=404)
+        if user_id not in self.member_roles:
+            return jresp({"message": "Unknown Member", "code": 10007}, status=404)
+        return jresp(member_payload(self.users[user_id], self.member_roles[user_id]))
 
     def _callback(self, token: str, body: dict[str, Any]) -> web.Response:
         inter = self.interactions.get(token)
@@ -292,9 +318,13 @@ class FakeRest:
         resource: dict[str, Any] = {"type": kind}
         if kind in (4, 5):  # a message, or "thinking…" (deferred) until the bot edits it
             msg = self._new_message(inter.channel_id, data.get("content") or "",
-                                    flags=flags | (LOADING_FLAG if kind == 5 else 0), interaction_token=token)
+                                    flags=flags | (LOADING_FLAG if kind == 5 else 0), interaction_token=token,
+                                    components=data.get("components") or [])
             inter.original_id = int(msg["id"])
             resource["message"] = msg
+        elif kind == 7 and inter.message_id is not None:  # UPDATE_MESSAGE: edit the message of the button
+            self._edited(inter.message_id, data)
+            resource["message"] = self.messages[inter.message_id]
         # JSON, never 204: discord.py reads data["interaction"]
         return jresp({"interaction": {"id": str(inter.id), "type": 2, "response_message_id":
                                       str(inter.original_id) if inter.original_id else None,
@@ -306,9 +336,12 @@ class FakeRest:
         inter = self.interactions.get(parts[2])
         if inter is None:
             return jresp({"message": "Unknown Webhook", "code": 10015}, status=404)
+        if inter.token in self.expired_tokens:
+            return jresp({"message": "Invalid Webhook Token", "code": 50027}, status=401)
         if method == "POST" and len(parts) == 3:
             msg = self._new_message(inter.channel_id, body.get("content") or "", flags=body.get("flags") or 0,
-                                    webhook_id=str(APP_ID), interaction_token=inter.token)
+                                    webhook_id=str(APP_ID), interaction_token=inter.token,
+                                    components=body.get("components") or [])
             inter.followup_ids.append(int(msg["id"]))
             return jresp(msg)
         if len(parts) == 5 and parts[3] == "messages":
@@ -343,6 +376,57 @@ class FakeRest:
             self.contents[mid].append(body["content"])
         if body.get("flags") is not None:
             msg["flags"] = body["flags"]
+        if body.get("components") is not None:
+            msg["components"] = body["components"]
         msg["flags"] &= ~LOADING_FLAG
         msg["edited_timestamp"] = now_iso()
         return jresp(msg)
+
+    # ------------------------------------------------------------------ threads and history
+
+    def _channel_extras(self, method: str, parts: list[str], body: Any) -> web.Response | None:
+        """Thread creation from a message and reading a channel's history; None for the other routes."""
+        if method == "POST" and len(parts) == 5 and parts[2] == "messages" and parts[4] == "threads":
+            return self._start_thread(int(parts[1]), int(parts[3]), body)
+        if method == "GET" and len(parts) == 3 and parts[2] == "messages":
+            return self._history(int(parts[1]), self.requests[-1].query)  # this request, recorded just now
+        return None
+
+    def _start_thread(self, channel_id: int, message_id: int, body: dict[str, Any]) -> web.Response:
+        """POST /channels/{channel}/messages/{message}/threads: a public thread whose id is the message's."""
+        name = body.get("name") or ""
+        if not 1 <= len(name) <= 100 or message_id not in self.messages:
+            return jresp({"message": "Invalid Form Body", "code": 50035}, status=400)
+        if message_id in self.threads:
+            return jresp({"message": "A thread has already been created for this message", "code": 160004},
+                         status=400)
+        thread = {"id": str(message_id), "type": 11, "guild_id": str(GUILD_ID), "parent_id": str(channel_id),
+                  "owner_id": self.bot_user["id"], "name": name, "message_count": 0, "member_count": 1,
+                  "rate_limit_per_user": 0, "flags": 0,
+                  "thread_metadata": {"archived": False, "locked": False, "archive_timestamp": now_iso(),
+                                      "auto_archive_duration": body.get("auto_archive_duration") or 1440}}
+        self.threads[message_id] = thread
+        self.messages[message_id]["thread"] = thread
+        self._gateway_outbox.append(("THREAD_CREATE", dict(thread, newly_created=True)))
+        return jresp(thread, status=201)
+
+    def _history(self, channel_id: int, query: dict[str, str]) -> web.Response:
+        """GET /channels/{channel}/messages: newest first, ``limit`` of those before ``before`` (after ``after``)."""
+        before, after = int(query.get("before") or 1 << 64), int(query.get("after") or 0)
+        found = sorted((mid for mid, m in self.messages.items()
+                        if m["channel_id"] == str(channel_id) and after < mid < before), reverse=True)
+        return jresp([self.messages[mid] for mid in found[:int(query.get("limit") or 50)]])
+
+    # ------------------------------------------------------------------ components
+
+    def add_bot_message(self, channel_id: int, content: str, *,
+                        components: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """A message the bot sent earlier (e.g. before a crash), with these components."""
+        extra = {"guild_id": str(GUILD_ID)} if channel_id in GUILD_CHANNELS or channel_id in self.threads else {}
+        return self._new_message(channel_id, content, components=components or [], **extra)
+
+    def buttons(self, message_id: int) -> dict[str, str]:
+        """The buttons under a message now: label -> custom_id."""
+        return {button.get("label") or "": button["custom_id"]
+                for row in self.messages[message_id].get("components") or []
+                for button in row.get("components") or [] if button.get("type") == 2}

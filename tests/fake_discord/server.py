@@ -1,8 +1,9 @@
 """`FakeDiscord`: the REST fake plus a gateway websocket, served by aiohttp on 127.0.0.1 (port 0).
 
 The gateway says HELLO, answers heartbeats, sends READY and one GUILD_CREATE on IDENTIFY, and on RESUME
-replays the dispatches the client missed, as Discord does. Tests push MESSAGE_CREATE and
-INTERACTION_CREATE and can send op 7 RECONNECT.
+replays the dispatches the client missed, as Discord does. Tests push MESSAGE_CREATE (with attachments the
+fake serves over HTTP) and INTERACTION_CREATE (slash and context-menu commands, button presses, modal
+submissions) and can send op 7 RECONNECT.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from tests.fake_discord.payloads import (ALICE_ID, API_PREFIX, APP_ID, CHANNEL_ID, EVERYONE_PERMISSIONS, GUILD_ID,
-                                         HEARTBEAT_INTERVAL_MS, MANAGE_GUILD, channel_payload,
-                                         guild_create_payload, member_payload, message_payload)
+from tests.fake_discord.payloads import (ALICE_ID, API_PREFIX, APP_ID, CHANNEL_ID, EVERYONE_PERMISSIONS,
+                                         GUILD_CHANNELS, GUILD_ID, HEARTBEAT_INTERVAL_MS, MANAGE_GUILD,
+                                         channel_payload, guild_create_payload, member_payload, message_payload)
 from tests.fake_discord.rest import FakeInteraction, FakeRest
 
 __all__ = ["FakeDiscord"]
@@ -39,6 +41,9 @@ class FakeDiscord(FakeRest):
         self._session_id = ""
         self._seq = 0
         self._sent: list[dict[str, Any]] = []  # this session's dispatches, for replay on RESUME
+        self.nicks: dict[int, str] = {}  # server nicknames, shown as the members' display names
+        self.files: dict[int, bytes] = {}  # attachment id -> its bytes, served at /attachments/{id}/{name}
+        self.downloads: list[int] = []  # attachment ids the bot fetched
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -52,6 +57,7 @@ class FakeDiscord(FakeRest):
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/attachments/{aid}/{name}", self._attachment)
         app.router.add_route("*", API_PREFIX + "/{tail:.*}", self._rest)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
@@ -79,8 +85,10 @@ class FakeDiscord(FakeRest):
         return user_id + 50_000_000_000_000_000
 
     async def message_create(self, content: str, *, author_id: int = ALICE_ID, channel_id: int = CHANNEL_ID,
-                             mention_bot: bool = True, dm: bool = False, mention_ids: tuple[int, ...] = ()) -> int:
-        """Push a user's message (prefixed with the bot's mention unless told not to); returns its id."""
+                             mention_bot: bool = True, dm: bool = False, mention_ids: tuple[int, ...] = (),
+                             files: Sequence[tuple[str, bytes, str | None]] = ()) -> int:
+        """Push a user's message (prefixed with the bot's mention unless told not to); returns its id.
+        ``files`` are attachments: (file name, bytes, content type)."""
         author = self.users[author_id]
         mentions = [dict(self.users[u], member=member_payload(self.users[u], self.member_roles[u]))
                     for u in mention_ids]
@@ -89,31 +97,42 @@ class FakeDiscord(FakeRest):
             mentions.append(self.bot_user)
         mid = next(self._ids)
         msg = message_payload(mid, self.dm_channel_id(author_id) if dm else channel_id, author, content,
-                              mentions=mentions)
+                              mentions=mentions, attachments=[self._attachment_payload(*f) for f in files])
         if not dm:  # a DM has no guild_id, as on Discord
             msg["guild_id"] = str(GUILD_ID)
             member = member_payload(author, self.member_roles[author_id])
             msg["member"] = {k: v for k, v in member.items() if k != "user"}
+            msg["member"]["nick"] = self.nicks.get(author_id)
         self._store(msg)
         await self.dispatch("MESSAGE_CREATE", msg)
         return mid
 
-    async def slash(self, name: str, options: dict[str, str] | None = None, *, user_id: int = ALICE_ID,
+    async def slash(self, name: str, options: dict[str, Any] | None = None, *, user_id: int = ALICE_ID,
                     channel_id: int = CHANNEL_ID, dm: bool = False, manage_guild: bool = False) -> FakeInteraction:
-        """Push a slash-command INTERACTION_CREATE; returns the record of what the bot answers."""
+        """Push a slash-command INTERACTION_CREATE; returns the record of what the bot answers.
+
+        Option values are sent as given; each gets the type the command registered for it."""
+        command = self.commands.get(name) or {"id": str(next(self._ids))}
+        types = {option["name"]: option["type"] for option in command.get("options") or []}
+        return await self._interact(2, {"id": command["id"], "name": name, "type": 1, "options": [
+            {"name": k, "type": types.get(k, 3), "value": v} for k, v in (options or {}).items()]},
+            user_id=user_id, channel_id=channel_id, dm=dm, manage_guild=manage_guild)
+
+    async def _interact(self, kind: int, inner: dict[str, Any], *, user_id: int, channel_id: int, dm: bool,
+                        manage_guild: bool = False, message: dict[str, Any] | None = None) -> FakeInteraction:
+        """Push an INTERACTION_CREATE of ``kind`` (2 command, 3 component, 5 modal submit) with data ``inner``."""
         user = self.users[user_id]
         iid = next(self._ids)
         token = "itok-" + uuid.uuid4().hex
         if dm:
             channel_id = self.dm_channel_id(user_id)
-        command = self.commands.get(name) or {"id": str(next(self._ids))}
         data: dict[str, Any] = {
-            "id": str(iid), "application_id": str(APP_ID), "type": 2, "token": token, "version": 1,
+            "id": str(iid), "application_id": str(APP_ID), "type": kind, "token": token, "version": 1,
             "attachment_size_limit": 8 * 1024 * 1024, "locale": "en-US", "entitlements": [],
-            "app_permissions": str(EVERYONE_PERMISSIONS), "channel_id": str(channel_id),
-            "data": {"id": command["id"], "name": name, "type": 1,
-                     "options": [{"name": k, "type": 3, "value": v} for k, v in (options or {}).items()]},
+            "app_permissions": str(EVERYONE_PERMISSIONS), "channel_id": str(channel_id), "data": inner,
         }
+        if message is not None:
+            data["message"] = message
         if dm:
             data.update(context=1, user=user, authorizing_integration_owners={"0": str(user_id)},
                         channel={"id": str(channel_id), "type": 1, "recipients": [user]})
@@ -122,9 +141,10 @@ class FakeDiscord(FakeRest):
             data.update(context=0, guild_id=str(GUILD_ID), guild_locale="en-US",
                         guild={"id": str(GUILD_ID), "locale": "en-US", "features": []},
                         authorizing_integration_owners={"0": str(GUILD_ID)},
-                        member=member_payload(user, self.member_roles[user_id], permissions=permissions),
-                        channel=channel_payload(channel_id))
-        record = FakeInteraction(iid, token, channel_id)
+                        member=dict(member_payload(user, self.member_roles[user_id], permissions=permissions),
+                                    nick=self.nicks.get(user_id)),
+                        channel=self.threads.get(channel_id) or channel_payload(channel_id))
+        record = FakeInteraction(iid, token, channel_id, message_id=int(message["id"]) if message else None)
         self.interactions[token] = record
         await self.dispatch("INTERACTION_CREATE", data)
         return record
@@ -185,8 +205,9 @@ class FakeDiscord(FakeRest):
             "private_channels": [], "relationships": [],
         })
         members = [member_payload(self.users[u], roles) for u, roles in self.member_roles.items()]
-        await self.dispatch("GUILD_CREATE", guild_create_payload(members + [member_payload(self.bot_user, [])],
-                                                                 tuple(self.text_channel_ids)))
+        guild = guild_create_payload(members + [member_payload(self.bot_user, [])], tuple(self.text_channel_ids))
+        guild["threads"] += list(self.threads.values())  # active threads, those the bot created included
+        await self.dispatch("GUILD_CREATE", guild)
 
     async def _resume(self, ws: web.WebSocketResponse, d: dict[str, Any]) -> None:
         if d.get("session_id") != self._session_id:
@@ -199,3 +220,73 @@ class FakeDiscord(FakeRest):
                 self.replayed_count += 1
                 await self._send(ws, frame)
         await self.dispatch("RESUMED", {})
+
+    # ------------------------------------------------------------------ buttons, context menus, modals
+
+    async def press(self, message_id: int, label: str, *, user_id: int = ALICE_ID) -> FakeInteraction:
+        """Press the button labelled ``label`` (a substring) under a message, as ``user_id``."""
+        msg = self.messages[message_id]
+        matches = [custom_id for text, custom_id in self.buttons(message_id).items() if label in text]
+        assert len(matches) == 1, f"no single {label!r} button under {message_id}: {self.buttons(message_id)}"
+        return await self._interact(3, {"custom_id": matches[0], "component_type": 2}, user_id=user_id,
+                                    channel_id=int(msg["channel_id"]), dm=self._in_dm(msg), message=msg)
+
+    async def context_menu(self, name: str, message_id: int, *, user_id: int = ALICE_ID) -> FakeInteraction:
+        """Use the message command ``name`` (Apps menu) on a message."""
+        msg = self.messages[message_id]
+        command = self.commands[name]
+        assert command.get("type") == 3, f"{name!r} is not a message command: {command}"
+        inner = {"id": command["id"], "name": name, "type": 3, "target_id": str(message_id),
+                 "resolved": {"messages": {str(message_id): msg}}}
+        return await self._interact(2, inner, user_id=user_id, channel_id=int(msg["channel_id"]),
+                                    dm=self._in_dm(msg))
+
+    def _in_dm(self, msg: dict[str, Any]) -> bool:
+        return int(msg["channel_id"]) not in GUILD_CHANNELS and int(msg["channel_id"]) not in self.threads
+
+    async def submit_modal(self, opened: FakeInteraction, values: dict[str, str], *,
+                           user_id: int = ALICE_ID) -> FakeInteraction:
+        """Submit the modal the bot answered ``opened`` with; ``values`` by text input label."""
+        [callback] = opened.callbacks
+        assert callback["type"] == 9, f"the bot answered with type {callback['type']}, not a modal"
+        inputs = {label: (custom_id, wrapper) for label, custom_id, wrapper in
+                  _text_inputs(callback["data"]["components"])}
+        answers = []
+        for label, value in values.items():
+            custom_id, wrapper = inputs[label]
+            field = {"type": 4, "custom_id": custom_id, "value": value}
+            # As Discord answers: in a label (type 18) or an action row (type 1), like the modal it showed.
+            answers.append({"type": 18, "component": field} if wrapper == 18 else {"type": 1, "components": [field]})
+        dm = opened.channel_id == self.dm_channel_id(user_id)
+        return await self._interact(5, {"custom_id": callback["data"]["custom_id"], "components": answers},
+                                    user_id=user_id, channel_id=opened.channel_id, dm=dm)
+
+    # ------------------------------------------------------------------ attachments
+
+    def _attachment_payload(self, name: str, data: bytes, content_type: str | None) -> dict[str, Any]:
+        aid = next(self._ids)
+        self.files[aid] = data
+        url = f"http://127.0.0.1:{self.port}/attachments/{aid}/{name}"
+        return {"id": str(aid), "filename": name, "size": len(data), "url": url, "proxy_url": url,
+                **({"content_type": content_type} if content_type else {})}
+
+    async def _attachment(self, request: web.Request) -> web.Response:
+        aid = int(request.match_info["aid"])
+        self.downloads.append(aid)
+        if aid not in self.files:
+            return web.Response(status=404)
+        return web.Response(body=self.files[aid], content_type="application/octet-stream")
+
+
+def _text_inputs(components: list[dict[str, Any]], label: str = "",
+                 wrapper: int = 1) -> list[tuple[str, str, int]]:
+    """(label, custom_id, wrapper type) of each text input of a modal, in rows (type 1) or labels (type 18)."""
+    found = []
+    for component in components:
+        if component["type"] == 1:
+            found += _text_inputs(component["components"])
+        elif component["type"] == 18:
+            found += _text_inputs([component["component"]], component.get("label", ""), 18)
+        elif component["type"] == 4:
+            found.append((component.get("label") or label, component["custom_id"], wrapper))
+    return found

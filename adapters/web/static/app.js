@@ -1,5 +1,6 @@
 // llamarelay's chat page: talks to the JSON API under /api/ and reads replies as Server-Sent Events.
 // User text is shown with textContent; model text goes through LlamarelayMarkdown (DOM nodes, no HTML).
+// Regenerate and Continue act on the conversation's latest answer, and show only when they apply to it.
 "use strict";
 
 (() => {
@@ -7,6 +8,8 @@
   const $ = (id) => document.getElementById(id);
   const ui = {
     messages: $("messages"), empty: $("empty"), input: $("input"), send: $("send"), stop: $("stop"),
+    regenerate: $("regenerate"), continue: $("continue"), attach: $("attach"), files: $("files"),
+    attachments: $("attachments"),
     reset: $("reset"), queue: $("queue"), list: $("conversations"), newChat: $("new-chat"), model: $("model"),
     banner: $("banner"), system: $("system-prompt"), systemSave: $("system-save"),
     systemDefault: $("system-default"), systemSaved: $("system-saved"), composer: $("composer"),
@@ -18,6 +21,9 @@
 
   let current = null;        // id of the open conversation
   let streaming = null;      // {conversation, bubble} while this page streams a reply
+  let latest = null;         // {id, canContinue}: the open conversation's latest answer, once it is finished
+  let attached = [];         // Files to send with the next message
+  let limits = { maxFiles: 10, maxFileBytes: 200000 };
   let pollTimer = null;
 
   // -- API ---------------------------------------------------------------------------------------------
@@ -131,18 +137,33 @@
     if (force || nearBottom()) window.scrollTo(0, document.scrollingElement.scrollHeight);
   }
 
-  function renderHistory(messages) {
+  function renderHistory(conversation) {
     ui.messages.querySelectorAll(".message").forEach((node) => node.remove());
-    ui.empty.hidden = messages.length > 0;
-    for (const message of messages) {
+    ui.empty.hidden = conversation.messages.length > 0;
+    latest = null;
+    for (const message of conversation.messages) {
       const node = bubble(message.role);
       setText(node, message.content);
       if (message.role === "assistant") {
-        setState(node, message.status);
+        node.dataset.id = message.id;
+        setState(node, message.status, message.notes);
         if (message.status === "generating") node.querySelector(".status").textContent = "✍️ Writing…";
+        else if (message.id === conversation.latest_reply) {
+          latest = { id: message.id, canContinue: message.can_continue };
+        }
       }
     }
     scrollDown(true);
+  }
+
+  /** Regenerate and Continue show beside Stop only while they apply: to a finished latest answer. */
+  function showActions() {
+    ui.regenerate.hidden = Boolean(streaming) || !latest;
+    ui.continue.hidden = Boolean(streaming) || !latest?.canContinue;
+  }
+
+  function latestFrom(done) {
+    return done && done.reply_id !== null ? { id: done.reply_id, canContinue: done.can_continue } : null;
   }
 
   // -- conversations -----------------------------------------------------------------------------------
@@ -174,7 +195,7 @@
       // This page is streaming into it: keep the live bubbles rather than the stored snapshot.
       return;
     }
-    renderHistory(conversation.messages);
+    renderHistory(conversation);
     const last = conversation.messages.at(-1);
     const generating = last && last.status === "generating";
     setBusy(generating);
@@ -196,41 +217,117 @@
     ui.stop.disabled = !busy;
     ui.send.disabled = busy;
     if (!busy) ui.queue.textContent = "";
+    showActions();
+  }
+
+  // -- files -------------------------------------------------------------------------------------------
+
+  function attach(files) {
+    const room = limits.maxFiles - attached.length;
+    if (files.length > room) showError(`At most ${limits.maxFiles} files go with one message.`);
+    attached.push(...[...files].slice(0, Math.max(0, room)));
+    showAttachments();
+  }
+
+  function showAttachments() {
+    ui.attachments.replaceChildren(...attached.map((file, index) => {
+      const li = document.createElement("li");
+      li.textContent = `📎 ${file.name}`;
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "secondary";
+      remove.textContent = "×";
+      remove.setAttribute("aria-label", `Remove ${file.name}`);
+      remove.addEventListener("click", () => {
+        attached.splice(index, 1);
+        showAttachments();
+      });
+      li.append(remove);
+      return li;
+    }));
+  }
+
+  /** The message as a form: its text and each file, cut just past the size limit (the server skips it
+   *  then, with a line saying so, and the rest never travels). */
+  function form(text, files) {
+    const body = new FormData();
+    body.append("text", text);
+    for (const file of files) body.append("file", file.slice(0, limits.maxFileBytes + 1, file.type), file.name);
+    return body;
   }
 
   // -- sending and streaming ---------------------------------------------------------------------------
 
   async function send() {
     const text = ui.input.value;
-    if (!text.trim() || streaming) return;
+    const files = attached;
+    if ((!text.trim() && !files.length) || streaming) return;
     clearError();
     const id = current || await newConversation();
     ui.input.value = "";
     const user = bubble("user");
-    setText(user, text);
+    setText(user, [text, ...files.map((file) => `📎 ${file.name}`)].filter(Boolean).join("\n\n"));
     const reply = bubble("assistant");
-    reply.dataset.status = "generating";
-    setText(reply, "");
-    scrollDown(true);
-    streaming = { conversation: id, bubble: reply };
-    setBusy(true);
-    let response;
-    try {
-      response = await fetch(`/api/conversations/${encodeURIComponent(id)}/messages`, {
-        method: "POST", headers: { "Content-Type": "application/json" }, credentials: "same-origin",
-        body: JSON.stringify({ text }),
-      });
-      if (!response.ok) throw await errorOf(response);
-    } catch (error) {
+    const body = files.length ? { body: form(text, files) }
+      : { headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text }) };
+    const done = await streamInto(id, "messages", body, reply, () => {
       // Refused (or the server is unreachable): nothing was stored, so the text goes back to the input.
-      streaming = null;
-      setBusy(false);
       user.remove();
       reply.remove();
       ui.input.value = text;
+    }, () => {
+      attached = [];
+      showAttachments();
+    });
+    if (done?.reply_id && files.length) {
+      // Show the message as it was stored: with the files' text, as the model read it.
+      const { messages } = await api("GET", `conversations/${encodeURIComponent(id)}`);
+      const at = messages.findIndex((m) => m.id === done.reply_id);
+      if (at > 0 && messages[at - 1].role === "user") setText(user, messages[at - 1].content);
+    }
+    await loadList().catch(showError);
+  }
+
+  /** Regenerate (a new answer in place of the latest) or Continue (the latest answer, grown). */
+  async function redo(action) {
+    if (!current || !latest || streaming) return;
+    clearError();
+    const id = current;
+    const reply = ui.messages.querySelector(`.message.assistant[data-id="${latest.id}"]`);
+    if (!reply) return;
+    const body = { headers: { "Content-Type": "application/json" }, body: JSON.stringify({ reply_id: latest.id }) };
+    const done = await streamInto(id, action, body, reply, () => open(id));
+    if (done && done.reply_id === null) {
+      // The answer changed before our turn came: show the conversation as it is now, and why.
+      await open(id).catch(showError);
+      showError(done.notes.join(" "));
+    }
+  }
+
+  /** POSTs to a streaming endpoint and shows the reply in ``reply``; the ``done`` event, or null. */
+  async function streamInto(id, path, options, reply, refused, accepted = () => {}) {
+    streaming = { conversation: id, bubble: reply };
+    setBusy(true);
+    const before = { text: reply.dataset.text ?? "", status: reply.dataset.status };
+    reply.dataset.status = "generating";
+    reply.querySelector(".notes").replaceChildren();
+    if (path !== "continue") setText(reply, "");
+    scrollDown(true);
+    let response;
+    try {
+      response = await fetch(`/api/conversations/${encodeURIComponent(id)}/${path}`,
+                             { method: "POST", credentials: "same-origin", ...options });
+      if (!response.ok) throw await errorOf(response);
+    } catch (error) {
+      streaming = null;
+      setText(reply, before.text);
+      reply.dataset.status = before.status;
+      setBusy(false);
+      await refused();
       throw error;
     }
-    // From here on the message is stored: whatever happens, its bubbles stay and the server's copy wins.
+    accepted();
+    // From here on the request is the server's: whatever happens, the bubbles stay and the server's copy wins.
     let done = null;
     try {
       done = await readStream(response, reply);
@@ -238,13 +335,15 @@
       showError(error);
     } finally {
       streaming = null;
+      if (current === id) latest = latestFrom(done);  // another conversation opened meanwhile has its own
+      if (done?.reply_id) reply.dataset.id = done.reply_id;
       setBusy(false);
     }
     if (done === null) {
       // The stream broke before its end: the server still finishes and stores the reply.
       await open(id).catch(showError);
     }
-    await loadList().catch(showError);
+    return done;
   }
 
   /** Applies the reply's events to its bubble; returns the ``done`` event, or null if the stream broke. */
@@ -335,6 +434,18 @@
   ui.stop.addEventListener("click", guarded(async () => {
     if (current) await api("POST", `conversations/${encodeURIComponent(current)}/stop`);
   }));
+  ui.regenerate.addEventListener("click", guarded(() => redo("regenerate")));
+  ui.continue.addEventListener("click", guarded(() => redo("continue")));
+  ui.attach.addEventListener("click", () => ui.files.click());
+  ui.files.addEventListener("change", () => {
+    attach(ui.files.files);
+    ui.files.value = "";  // choosing the same file again is a change too
+  });
+  ui.composer.addEventListener("dragover", (event) => event.preventDefault());
+  ui.composer.addEventListener("drop", (event) => {
+    event.preventDefault();
+    attach(event.dataTransfer.files);
+  });
   ui.newChat.addEventListener("click", guarded(newConversation));
   ui.reset.addEventListener("click", guarded(async () => {
     if (!current) return;
@@ -378,6 +489,7 @@
     ui.input.maxLength = info.max_message_chars;
     ui.system.maxLength = info.max_system_prompt_chars;
     ui.system.value = info.default_system_prompt;
+    limits = { maxFiles: info.max_files, maxFileBytes: info.max_file_bytes };
     const conversations = await loadList();
     const wanted = location.hash.slice(1);
     const id = conversations.some((c) => c.id === wanted) ? wanted : conversations[0]?.id;

@@ -1,0 +1,157 @@
+"""Buttons under a reply: Stop while it is written, Regenerate and Continue once it is stored.
+
+They are discord.py dynamic items: the custom_id holds what a press needs (the reply's id), and the client
+registers the classes (`DiscordBot.__init__`), so buttons sent before a restart keep working after it. Each
+press first passes the bot's access lists; a press on a reply that is no longer the latest gets an ephemeral
+explanation. The answer to Regenerate or Continue streams as a new message replying to the pressed one,
+whose buttons go at once (only the newest answer carries them).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+import discord
+
+from bot.conversations import NOTHING_TO_CONTINUE, STALE_REPLY, can_continue
+from bot.store import Status
+from bot.types import Controls
+
+if TYPE_CHECKING:
+    from adapters.discord.bot import DiscordBot
+
+__all__ = ["BUTTONS", "ContinueButton", "RegenerateButton", "StopButton", "view_for"]
+
+log = logging.getLogger(__name__)
+
+NO_MENTIONS = discord.AllowedMentions.none()
+NOTHING_RUNNING = "Nothing is being generated in this conversation."
+BEING_WRITTEN = "That answer is being written right now; wait for it to finish."
+
+
+def view_for(controls: Controls | None) -> discord.ui.View | None:
+    """The buttons that show ``controls``; None when there are none."""
+    if controls is None:
+        return None
+    items: list[discord.ui.Item[Any]] = []
+    if controls.stop:
+        items.append(StopButton())
+    if controls.reply_id is not None:
+        items.append(RegenerateButton(controls.reply_id))
+        if controls.can_continue:
+            items.append(ContinueButton(controls.reply_id))
+    if not items:
+        return None
+    view = discord.ui.View(timeout=None)  # a timeout would unregister the dynamic items when it fired
+    for item in items:
+        view.add_item(item)
+    return view
+
+
+async def _tell(interaction: discord.Interaction, text: str) -> None:
+    await interaction.response.send_message(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
+
+
+async def _allowed(interaction: discord.Interaction) -> bool:
+    """The bot's access lists, for a press: True, or False after telling the presser why not."""
+    bot: DiscordBot = interaction.client  # type: ignore[assignment]
+    why = await bot.refusal(interaction.user, interaction.channel, interaction.guild_id)
+    if why is not None:
+        await _tell(interaction, f"🚫 {why}")
+    return why is None
+
+
+class StopButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"llamarelay:stop"):
+    """Stop: ends the reply being written in this conversation (as /stop does)."""
+
+    def __init__(self) -> None:
+        super().__init__(discord.ui.Button(label="Stop", emoji="⏹️", style=discord.ButtonStyle.secondary,
+                                           custom_id="llamarelay:stop"))
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button[Any],
+                             match: re.Match[str], /) -> StopButton:
+        return cls()
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        return await _allowed(interaction)
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot: DiscordBot = interaction.client  # type: ignore[assignment]
+        key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
+        if bot.manager.stop(key):
+            await interaction.response.defer()  # the reply itself shows that it stopped
+        else:
+            await _tell(interaction, NOTHING_RUNNING)
+
+
+class RegenerateButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
+                       template=r"llamarelay:regenerate:(?P<reply_id>\d+)"):
+    """Regenerate: answer the last message again; the new answer replaces this one in the history."""
+
+    def __init__(self, reply_id: int) -> None:
+        self.reply_id = reply_id
+        super().__init__(discord.ui.Button(label="Regenerate", emoji="🔄", style=discord.ButtonStyle.secondary,
+                                           custom_id=f"llamarelay:regenerate:{reply_id}"))
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button[Any],
+                             match: re.Match[str], /) -> RegenerateButton:
+        return cls(int(match["reply_id"]))
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        return await _allowed(interaction)
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _redo(interaction, self.reply_id, continuing=False)
+
+
+class ContinueButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
+                     template=r"llamarelay:continue:(?P<reply_id>\d+)"):
+    """Continue: the model goes on with an answer cut by the length limit (or stopped) where it ended."""
+
+    def __init__(self, reply_id: int) -> None:
+        self.reply_id = reply_id
+        super().__init__(discord.ui.Button(label="Continue", emoji="➡️", style=discord.ButtonStyle.primary,
+                                           custom_id=f"llamarelay:continue:{reply_id}"))
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button[Any],
+                             match: re.Match[str], /) -> ContinueButton:
+        return cls(int(match["reply_id"]))
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        return await _allowed(interaction)
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _redo(interaction, self.reply_id, continuing=True)
+
+
+BUTTONS = (StopButton, RegenerateButton, ContinueButton)
+
+
+async def _redo(interaction: discord.Interaction, reply_id: int, *, continuing: bool) -> None:
+    """Regenerate or continue ``reply_id`` if it is still the conversation's latest answer."""
+    bot: DiscordBot = interaction.client  # type: ignore[assignment]
+    key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
+    latest = await bot.manager.latest_reply(key)
+    if latest is None or latest.id != reply_id:
+        await _tell(interaction, STALE_REPLY)
+        return
+    if latest.status == Status.GENERATING:  # a second press before the first one's answer is done
+        await _tell(interaction, BEING_WRITTEN)
+        return
+    if continuing and not can_continue(latest):
+        await _tell(interaction, NOTHING_TO_CONTINUE)
+        return
+    if (too_fast := bot.rate_limited(interaction.user)) is not None:
+        await _tell(interaction, too_fast)
+        return
+    # Answers within Discord's 3 s and takes this answer's buttons away: the new answer carries them.
+    await interaction.response.edit_message(view=None)
+    target = bot.channel_target(interaction.channel, trigger=interaction.message)  # type: ignore[arg-type]
+    manager = bot.manager
+    reply = (manager.continue_reply if continuing else manager.regenerate)(key, target, reply_id)
+    await bot.answer(reply, key, typing_in=interaction.channel)  # type: ignore[arg-type]

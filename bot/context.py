@@ -1,0 +1,36 @@
+"""Prompts built from what users point at on a platform: a message to ask about, a stretch of chat to summarize.
+
+Both platforms offer these (Discord's context menus, Slack's message shortcuts); the wording lives here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["ask_about", "summarize"]
+
+
+def _quote(text: str) -> str:
+    return "\n".join(f"> {line}" for line in text.strip().splitlines()) or ">"
+
+
+def ask_about(author: str, text: str, question: str) -> str:
+    """A question about one message, which is quoted (as data) above it."""
+    question = question.strip() or "What do you make of this message?"
+    return f"{author} wrote:\n{_quote(text)}\n\n{question}"
+
+
+def summarize(messages: Sequence[tuple[str, str]], max_chars: int) -> str:
+    """A request to summarize ``messages`` (author, text; oldest first), keeping the newest within ``max_chars``."""
+    lines: list[str] = []
+    used = 0
+    for author, text in reversed(messages):
+        line = f"{author}: {' '.join(text.split())}"
+        if used + len(line) > max_chars and lines:
+            break
+        lines.append(line[:max_chars])
+        used += len(line) + 1
+    skipped = len(messages) - len(lines)
+    older = f" ({skipped} older messages left out)" if skipped else ""
+    return ("Summarize this conversation: the main points, decisions and open questions, briefly"
+            f"{older}.\n\n" + "\n".join(reversed(lines)))

@@ -1,0 +1,184 @@
+"""Persistence: one `Store` interface, backed by SQLite (`sqlite.py`) or PostgreSQL (`postgres.py`).
+
+Only this package speaks SQL. `open_store(target)` picks the backend: a ``postgresql://`` URL selects
+PostgreSQL, anything else is the path of an SQLite file. Both keep their schema versioned and upgrade an older
+database when it is opened.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+__all__ = ["Store", "StoredMessage", "Status", "open_store", "is_database_url", "redact_url"]
+
+
+class Status:
+    """What became of a stored message. Only COMPLETE replies are fed back to the model as they are."""
+
+    COMPLETE = "complete"
+    GENERATING = "generating"  # still being written; left over after a crash, it becomes INTERRUPTED
+    STOPPED = "stopped"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: int
+    role: str
+    content: str  # a reply: exactly what the model wrote
+    status: str
+    author_name: str
+    created_at: float
+    notes: str = ""  # a reply: the lines the bot showed below it (stopped, errors), kept apart from its text
+    feedback: str = ""  # a reply: "good" or "bad" when a user rated it (Slack's feedback buttons)
+
+
+# Every column of a session and of a message, as `dump` yields them and `load` takes them back.
+SESSION_FIELDS = ("key", "system_prompt", "sampling", "created_at")
+MESSAGE_FIELDS = ("id", "session_key", "role", "content", "status", "author_id", "author_name", "created_at",
+                  "notes", "feedback")
+
+
+def storable(text: str) -> str:
+    """``text`` without NUL characters, which PostgreSQL's text type refuses (both backends store the same)."""
+    return text.replace("\x00", "\ufffd")
+
+
+class Store(abc.ABC):
+    """Sessions, their messages and settings, and seen event ids. Open with `await Store.open(path_or_url)`."""
+
+    # Numbered schema steps: MIGRATIONS[n - 1] takes a database from version n - 1 to n.
+    MIGRATIONS: ClassVar[tuple[tuple[str, ...], ...]]
+
+    @classmethod
+    async def open(cls, target: Path | str, *, migrate: bool = True) -> Store:
+        """Open the database at ``target`` (SQLite path or PostgreSQL URL); see `open_store`."""
+        return await open_store(target, migrate=migrate)
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @property
+    def latest_version(self) -> int:
+        """The schema version this llamarelay writes."""
+        return len(self.MIGRATIONS)
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """The schema version of the open database (0: empty)."""
+
+    @abc.abstractmethod
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations in order, each in its own transaction; the versions applied."""
+
+    # -- messages ---------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def add_message(self, key: str, role: str, content: str, status: str, *,
+                          author_id: str = "", author_name: str = "") -> int: ...
+
+    @abc.abstractmethod
+    async def add_exchange(self, key: str, text: str, *, author_id: str, author_name: str) -> tuple[int, int]:
+        """Store a user message and reserve its reply's row right after it: (message id, reply id).
+
+        Another message of the session can never land between the two rows.
+        """
+
+    @abc.abstractmethod
+    async def message(self, message_id: int) -> StoredMessage | None: ...
+
+    @abc.abstractmethod
+    async def reopen_reply(self, message_id: int, content: str) -> None:
+        """Make a stored reply "generating" again, holding ``content`` (Regenerate: empty; Continue: the text).
+        A rating of the old answer does not carry over to the new one."""
+
+    @abc.abstractmethod
+    async def checkpoint(self, message_id: int, content: str) -> None:
+        """Save a reply's text so far while it is still generating: a crash keeps what users have seen."""
+
+    @abc.abstractmethod
+    async def finish_message(self, message_id: int, content: str, status: str, notes: str = "") -> None: ...
+
+    @abc.abstractmethod
+    async def set_feedback(self, key: str, message_id: int, feedback: str) -> bool:
+        """Keep a user's rating of reply ``message_id`` of session ``key``; False when there is no such reply."""
+
+    @abc.abstractmethod
+    async def messages(self, key: str, *, before_id: int | None = None,
+                       limit: int | None = None) -> list[StoredMessage]:
+        """The session's messages, oldest first; with ``before_id`` / ``limit``, only the newest ones before it."""
+
+    @abc.abstractmethod
+    async def clear_messages(self, key: str) -> None: ...
+
+    # -- session settings --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def system_prompt(self, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def set_system_prompt(self, key: str, prompt: str | None) -> None: ...
+
+    @abc.abstractmethod
+    async def sampling(self, key: str) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def set_sampling(self, key: str, overrides: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def session_keys(self, prefix: str) -> list[str]:
+        """Keys of every stored session whose key starts with ``prefix``, oldest first."""
+
+    @abc.abstractmethod
+    async def session_summaries(self, prefix: str, limit: int) -> list[tuple[str, str, int]]:
+        """(key, first user message, message count) of the newest ``limit`` sessions under ``prefix``, newest first.
+
+        One query, without reading whole conversations: the first message is cut to 500 characters.
+        """
+
+    # -- event dedupe ------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim_event(self, event_id: str, ttl_seconds: float) -> bool:
+        """True the first time ``event_id`` is seen within ``ttl_seconds``; False for a repeat."""
+
+    # -- export and import -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def dump(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Every session then its messages, in order: ("session", {SESSION_FIELDS}) and ("message", {...})."""
+
+    @abc.abstractmethod
+    async def load(self, sessions: Iterable[dict[str, Any]], messages: Iterable[dict[str, Any]]) -> None:
+        """Insert dumped sessions and messages, keeping their ids, in one transaction.
+
+        Raises StoreError when the database already holds a conversation: an import never merges.
+        """
+
+
+def is_database_url(target: Path | str) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced, fit for logs and error messages."""
+    return re.sub(r"^([a-z]+://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+async def open_store(target: Path | str, *, migrate: bool = True) -> Store:
+    """Open the store at ``target``: a ``postgresql://`` URL or an SQLite file path.
+
+    With ``migrate`` (the default) an older schema is upgraded first; `llamarelay migrate` opens without it
+    to show the versions before applying them.
+    """
+    if is_database_url(target):
+        from bot.store.postgres import PostgresStore
+        return await PostgresStore.open(str(target), migrate=migrate)
+    from bot.store.sqlite import SQLiteStore
+    return await SQLiteStore.open(Path(target), migrate=migrate)

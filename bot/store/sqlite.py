@@ -1,0 +1,271 @@
+"""SQLite backend through aiosqlite (WAL): one file, one connection, one process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from bot.errors import StoreError
+from bot.store import MESSAGE_FIELDS, SESSION_FIELDS, Status, Store, StoredMessage, storable
+
+__all__ = ["SQLiteStore"]
+
+_MESSAGE_COLUMNS = "id, role, content, status, author_name, created_at, notes, feedback"
+
+# Version n is MIGRATIONS[n - 1]. Never edit a released step: add the next one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 1: sessions, messages, seen events
+        """CREATE TABLE IF NOT EXISTS sessions (
+            key            TEXT PRIMARY KEY,
+            system_prompt  TEXT,             -- NULL: the configured default
+            sampling       TEXT NOT NULL DEFAULT '{}',
+            created_at     REAL NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS messages (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            session_key  TEXT NOT NULL,
+            role         TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+            content      TEXT NOT NULL,
+            status       TEXT NOT NULL,
+            author_id    TEXT NOT NULL DEFAULT '',
+            author_name  TEXT NOT NULL DEFAULT '',
+            created_at   REAL NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS messages_by_session ON messages (session_key, id)",
+        "CREATE TABLE IF NOT EXISTS seen_events (event_id TEXT PRIMARY KEY, expires REAL NOT NULL)",
+    ),
+    # 2: what the bot added below a reply (stopped, errors), never model words
+    ("ALTER TABLE messages ADD COLUMN notes TEXT NOT NULL DEFAULT ''",),
+    # 3: what a user said of a reply ("good", "bad"), '' when nothing
+    ("ALTER TABLE messages ADD COLUMN feedback TEXT NOT NULL DEFAULT ''",),
+)
+
+
+class SQLiteStore(Store):
+    """One SQLite database shared by every session."""
+
+    MIGRATIONS = MIGRATIONS
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        self._exchange_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, target: Path | str, *, migrate: bool = True) -> SQLiteStore:
+        path = Path(target)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(path)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the database {path}: {exc}") from None
+        store = cls(db, path)
+        try:
+            await store._write("PRAGMA journal_mode=WAL")
+            await store._adopt_unversioned()
+            version = await store.schema_version()
+            if version > store.latest_version:
+                raise StoreError(f"the database {path} has schema version {version}, newer than this llamarelay "
+                                 f"knows ({store.latest_version}): upgrade llamarelay")
+            if migrate:
+                await store.migrate()
+                # A reply that was still generating when the process died is cut short, not complete.
+                await store._write("UPDATE messages SET status = ? WHERE status = ?",
+                                   (Status.INTERRUPTED, Status.GENERATING))
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # -- schema ------------------------------------------------------------------------------------------
+
+    async def _adopt_unversioned(self) -> None:
+        """Record the version of a database made before versions were kept (its columns tell which)."""
+        tables = {row[0] for row in await self._read("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "schema_migrations" in tables:
+            return
+        version = 0
+        if "messages" in tables:
+            columns = {row[0] for row in await self._read("SELECT name FROM pragma_table_info('messages')")}
+            version = 3 if "feedback" in columns else 2 if "notes" in columns else 1
+        await self._transaction(["CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)"]
+                                + [f"INSERT INTO schema_migrations VALUES ({v}, {time.time()})"
+                                   for v in range(1, version + 1)])
+
+    async def schema_version(self) -> int:
+        return (await self._read("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))[0][0]
+
+    async def migrate(self) -> list[int]:
+        applied = []
+        for version in range(await self.schema_version() + 1, self.latest_version + 1):
+            await self._transaction([*self.MIGRATIONS[version - 1],
+                                     f"INSERT INTO schema_migrations VALUES ({version}, {time.time()})"])
+            applied.append(version)
+        return applied
+
+    async def _transaction(self, statements: list[str]) -> None:
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in statements:
+                    await self._db.execute(statement)
+            except BaseException:
+                await self._db.rollback()
+                raise
+            await self._db.commit()
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreError(f"cannot write to the database {self.path}: {exc}") from None
+
+    # -- plumbing ----------------------------------------------------------------------------------------
+
+    async def _write(self, sql: str, params: tuple[Any, ...] = ()) -> aiosqlite.Cursor:
+        try:
+            cursor = await self._db.execute(sql, params)
+            await self._db.commit()
+            return cursor
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: the connection is closed
+            raise StoreError(f"cannot write to the database {self.path}: {exc}") from None
+
+    async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        try:
+            async with self._db.execute(sql, params) as cursor:
+                return list(await cursor.fetchall())
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreError(f"cannot read the database {self.path}: {exc}") from None
+
+    async def _ensure_session(self, key: str) -> None:
+        await self._write("INSERT OR IGNORE INTO sessions (key, created_at) VALUES (?, ?)", (key, time.time()))
+
+    # -- messages ---------------------------------------------------------------------------------------
+
+    async def add_message(self, key: str, role: str, content: str, status: str, *,
+                          author_id: str = "", author_name: str = "") -> int:
+        await self._ensure_session(key)
+        cursor = await self._write(
+            "INSERT INTO messages (session_key, role, content, status, author_id, author_name, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key, role, storable(content), status, author_id, storable(author_name), time.time()))
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    async def add_exchange(self, key: str, text: str, *, author_id: str, author_name: str) -> tuple[int, int]:
+        async with self._exchange_lock:  # one process per SQLite file: a lock in memory is enough
+            user_id = await self.add_message(key, "user", text, Status.COMPLETE,
+                                              author_id=author_id, author_name=author_name)
+            return user_id, await self.add_message(key, "assistant", "", Status.GENERATING)
+
+    async def message(self, message_id: int) -> StoredMessage | None:
+        rows = await self._read(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,))
+        return StoredMessage(*rows[0]) if rows else None
+
+    async def reopen_reply(self, message_id: int, content: str) -> None:
+        await self._write("UPDATE messages SET content = ?, status = ?, notes = '', feedback = '' WHERE id = ?",
+                          (storable(content), Status.GENERATING, message_id))
+
+    async def checkpoint(self, message_id: int, content: str) -> None:
+        await self._write("UPDATE messages SET content = ? WHERE id = ? AND status = ?",
+                          (storable(content), message_id, Status.GENERATING))
+
+    async def finish_message(self, message_id: int, content: str, status: str, notes: str = "") -> None:
+        await self._write("UPDATE messages SET content = ?, status = ?, notes = ? WHERE id = ?",
+                          (storable(content), status, storable(notes), message_id))
+
+    async def set_feedback(self, key: str, message_id: int, feedback: str) -> bool:
+        cursor = await self._write("UPDATE messages SET feedback = ? WHERE id = ? AND session_key = ? AND role = ?",
+                                   (feedback, message_id, key, "assistant"))
+        return cursor.rowcount == 1
+
+    async def messages(self, key: str, *, before_id: int | None = None,
+                       limit: int | None = None) -> list[StoredMessage]:
+        rows = await self._read(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_key = ? AND id < ? ORDER BY id DESC LIMIT ?",
+            (key, before_id if before_id is not None else 2**62, limit if limit is not None else -1))
+        return [StoredMessage(*row) for row in reversed(rows)]
+
+    async def clear_messages(self, key: str) -> None:
+        await self._write("DELETE FROM messages WHERE session_key = ?", (key,))
+
+    # -- session settings --------------------------------------------------------------------------------
+
+    async def system_prompt(self, key: str) -> str | None:
+        rows = await self._read("SELECT system_prompt FROM sessions WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    async def set_system_prompt(self, key: str, prompt: str | None) -> None:
+        await self._ensure_session(key)
+        await self._write("UPDATE sessions SET system_prompt = ? WHERE key = ?",
+                          (None if prompt is None else storable(prompt), key))
+
+    async def sampling(self, key: str) -> dict[str, Any]:
+        rows = await self._read("SELECT sampling FROM sessions WHERE key = ?", (key,))
+        return json.loads(rows[0][0]) if rows else {}
+
+    async def set_sampling(self, key: str, overrides: dict[str, Any]) -> None:
+        await self._ensure_session(key)
+        await self._write("UPDATE sessions SET sampling = ? WHERE key = ?", (json.dumps(overrides), key))
+
+    async def session_keys(self, prefix: str) -> list[str]:
+        rows = await self._read("SELECT key FROM sessions WHERE substr(key, 1, ?) = ? ORDER BY created_at, rowid",
+                                (len(prefix), prefix))
+        return [row[0] for row in rows]
+
+    async def session_summaries(self, prefix: str, limit: int) -> list[tuple[str, str, int]]:
+        rows = await self._read(
+            "SELECT s.key,"
+            " COALESCE((SELECT substr(m.content, 1, 500) FROM messages m"
+            "           WHERE m.session_key = s.key AND m.role = 'user' ORDER BY m.id LIMIT 1), ''),"
+            " (SELECT COUNT(*) FROM messages m WHERE m.session_key = s.key)"
+            " FROM sessions s WHERE substr(s.key, 1, ?) = ? ORDER BY s.created_at DESC, s.rowid DESC LIMIT ?",
+            (len(prefix), prefix, limit))
+        return [(key, first, count) for key, first, count in rows]
+
+    # -- event dedupe ------------------------------------------------------------------------------------
+
+    async def claim_event(self, event_id: str, ttl_seconds: float) -> bool:
+        now = time.time()
+        await self._write("DELETE FROM seen_events WHERE expires < ?", (now,))
+        cursor = await self._write("INSERT OR IGNORE INTO seen_events (event_id, expires) VALUES (?, ?)",
+                                   (event_id, now + ttl_seconds))
+        return cursor.rowcount == 1
+
+    # -- export and import -------------------------------------------------------------------------------
+
+    async def dump(self) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        sessions = await self._read(f"SELECT {', '.join(SESSION_FIELDS)} FROM sessions ORDER BY created_at, rowid")
+        for session in sessions:
+            record = dict(zip(SESSION_FIELDS, session))
+            record["sampling"] = json.loads(record["sampling"])
+            yield "session", record
+            rows = await self._read(f"SELECT {', '.join(MESSAGE_FIELDS)} FROM messages WHERE session_key = ?"
+                                    " ORDER BY id", (record["key"],))
+            for row in rows:
+                yield "message", dict(zip(MESSAGE_FIELDS, row))
+
+    async def load(self, sessions: Iterable[dict[str, Any]], messages: Iterable[dict[str, Any]]) -> None:
+        if (await self._read("SELECT COUNT(*) FROM sessions"))[0][0]:
+            raise StoreError(f"the database {self.path} already holds conversations: import into a new one")
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                await self._db.executemany(
+                    f"INSERT INTO sessions ({', '.join(SESSION_FIELDS)}) VALUES (?, ?, ?, ?)",
+                    ((s["key"], s["system_prompt"], json.dumps(s["sampling"]), s["created_at"]) for s in sessions))
+                await self._db.executemany(
+                    f"INSERT INTO messages ({', '.join(MESSAGE_FIELDS)}) VALUES ({', '.join('?' * 10)})",
+                    (tuple(m[field] for field in MESSAGE_FIELDS) for m in messages))
+            except BaseException:
+                await self._db.rollback()
+                raise
+            await self._db.commit()
+        except (sqlite3.Error, ValueError) as exc:
+            raise StoreError(f"cannot import into the database {self.path}: {exc}") from None
