@@ -2,7 +2,7 @@
 
 The bot runs as users run it (its own process, config file, DISCORD_TOKEN, SIGTERM to stop), so its memory
 and its shutdown are its own. The driver reads and writes the bot's SQLite file through a second connection
-(WAL allows it) with the bot's own `Store` methods, never `Store.open`, which would mark replies interrupted.
+(WAL allows it) with the bot's own `Store` methods, opened without migrations (which mark replies interrupted).
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bot.conversations import parse_status_line  # noqa: E402
 from bot.errors import StoreError  # noqa: E402
-from bot.store import Store  # noqa: E402
+from bot.store.sqlite import SQLiteStore  # noqa: E402
 from bot.types import SessionKey  # noqa: E402
 from tests.fake_discord import GUILD_ID, FakeDiscord, Recorded  # noqa: E402
 
@@ -123,12 +121,13 @@ class BotProcess:
             return ""
 
 
-async def open_store(path: Path) -> Store:
-    """A second connection to the bot's database (created by the bot's first start)."""
-    return Store(await aiosqlite.connect(path), path)
+async def open_store(path: Path) -> SQLiteStore:
+    """A second connection to the bot's database (made by the bot's first start), without its start-up step
+    that marks replies still `generating` as interrupted."""
+    return await SQLiteStore.open(path, migrate=False)
 
 
-async def force_reply(store: Store, key: str, text: str, max_tokens: int | None = None) -> None:
+async def force_reply(store: SQLiteStore, key: str, text: str, max_tokens: int | None = None) -> None:
     """Make the model answer exactly ``text`` in this session: a GBNF grammar with that one string.
 
     max_tokens defaults to one token per byte (under a grammar the model may spell a text out byte by byte).

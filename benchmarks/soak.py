@@ -32,15 +32,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import aiosqlite
 from discord_harness import (BotProcess, channel_key, force_reply, is_reply_text, open_store, write_config,
                              writes)
 
 from bot.conversations import RESET_NOTE, STOPPED_NOTE
 from bot.delivery import display_text
 from bot.replies import split_reply
-from bot.store import Status, Store
+from bot.store import Status
+from bot.store.sqlite import SQLiteStore
 from tests.fake_discord import ALICE_ID, BOB_ID, FakeDiscord, FakeInteraction
 
 CHANNELS = 8
@@ -237,8 +238,8 @@ class Soak:
         self.sending_until = 0.0
         self.last_row_id = 0
         self.bot: BotProcess
-        self.store: Store
-        self.db: aiosqlite.Connection
+        self.store: SQLiteStore
+        self.db: Any  # the store's aiosqlite connection, for reads of a few columns in bulk
 
     # -- driving ---------------------------------------------------------------------------------------
 
@@ -478,7 +479,7 @@ class Soak:
             self.bot = BotProcess(config, self.directory / "bot.log")
             await self.bot.start(self.fake)
             self.store = await open_store(self.directory / "llamarelay.sqlite3")
-            self.db = self.store._db  # bulk reads of a few columns, not whole conversations
+            self.db = self.store._db
             self.started = time.monotonic()
             self.sending_until = self.started + args.minutes * 60
             self.up.set()
@@ -624,15 +625,14 @@ class Soak:
         assert f.crash_at is not None
         print(f"crash: {len(crashed)} replies were still being written")
         for m in crashed:
+            kept = len(m.checkpoint or "")
             before = self.shown_at(m, f.crash_at - CHECKPOINT_MARGIN_SECONDS)
-            at_crash = self.shown_at(m, f.crash_at)
-            if at_crash:
-                print(f"    {m.nonce} showed {len(at_crash[1])} chars in its first message, {len(before[1]) if before else 0}"
-                      f" of them {CHECKPOINT_MARGIN_SECONDS:.0f} s before the crash; its checkpoint kept "
-                      f"{len(m.checkpoint or '')}")
-            if before and len(m.checkpoint or "") < len(before[1]) - 8:  # a closing fence the display adds
-                checkpoint_problems.append(f"{m.nonce}: checkpoint {len(m.checkpoint or '')} chars, shown "
-                                           f"{len(before[1])}")
+            shown_before = len(before[1]) if before else 0
+            if at_crash := self.shown_at(m, f.crash_at):
+                print(f"    {m.nonce} showed {len(at_crash[1])} chars in its first message, {shown_before} of them "
+                      f"{CHECKPOINT_MARGIN_SECONDS:.0f} s before the crash; its checkpoint kept {kept}")
+            if kept < shown_before - 8:  # 8: a closing fence the display may add
+                checkpoint_problems.append(f"{m.nonce}: checkpoint {kept} chars, shown {shown_before}")
         minutes = collections.defaultdict(list)
         for seconds, run, mb in f.rss:
             minutes[int(seconds // 60)].append((run, mb))
