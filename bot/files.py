@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 
 from bot.types import Attachment
 
-__all__ = ["TEXT_SUFFIXES", "is_text_like", "read_attachment", "skipped", "with_attachments"]
+__all__ = ["TEXT_SUFFIXES", "is_text_like", "not_worth_reading", "read_attachment", "skipped", "with_attachments"]
 
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".py", ".js", ".ts", ".json", ".csv", ".tsv", ".log",
                            ".yaml", ".yml", ".toml", ".ini", ".cfg", ".xml", ".html", ".css", ".sh", ".sql",
@@ -31,11 +31,20 @@ def skipped(name: str, why: str) -> Attachment:
     return Attachment(_clean_name(name), skipped=why)
 
 
+def not_worth_reading(name: str, content_type: str | None, size: int, max_bytes: int) -> Attachment | None:
+    """Why a file is skipped, judged from what the platform reports before any download; None to read it."""
+    if size > max_bytes:
+        return skipped(name, f"larger than {max_bytes // 1000:,} kB")
+    if not is_text_like(name, content_type):
+        return skipped(name, "not a text file")
+    return None
+
+
 def read_attachment(name: str, content_type: str | None, data: bytes, max_bytes: int) -> Attachment:
     """The file as text when it is text-like, at most ``max_bytes`` and valid UTF-8; else why it is skipped."""
-    if len(data) > max_bytes:
-        return skipped(name, f"larger than {max_bytes // 1000:,} kB")
-    if not is_text_like(name, content_type) or b"\x00" in data:
+    if (reason := not_worth_reading(name, content_type, len(data), max_bytes)) is not None:
+        return reason
+    if b"\x00" in data:
         return skipped(name, "not a text file")
     try:
         text = data.decode("utf-8-sig")

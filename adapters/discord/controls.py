@@ -22,7 +22,7 @@ from bot.types import Controls
 if TYPE_CHECKING:
     from adapters.discord.bot import DiscordBot
 
-__all__ = ["BUTTONS", "ContinueButton", "RegenerateButton", "StopButton", "view_for"]
+__all__ = ["BUTTONS", "RedoButton", "StopButton", "view_for"]
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,9 @@ def view_for(controls: Controls | None) -> discord.ui.View | None:
     if controls.stop:
         items.append(StopButton())
     if controls.reply_id is not None:
-        items.append(RegenerateButton(controls.reply_id))
+        items.append(RedoButton("regenerate", controls.reply_id))
         if controls.can_continue:
-            items.append(ContinueButton(controls.reply_id))
+            items.append(RedoButton("continue", controls.reply_id))
     if not items:
         return None
     view = discord.ui.View(timeout=None)  # a timeout would unregister the dynamic items when it fired
@@ -87,49 +87,33 @@ class StopButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"llam
             await _tell(interaction, NOTHING_RUNNING)
 
 
-class RegenerateButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
-                       template=r"llamarelay:regenerate:(?P<reply_id>\d+)"):
-    """Regenerate: answer the last message again; the new answer replaces this one in the history."""
+class RedoButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
+                 template=r"llamarelay:(?P<action>regenerate|continue):(?P<reply_id>\d+)"):
+    """Regenerate (answer the last message again; the new answer replaces this one in the history) or Continue
+    (the model goes on with an answer cut by the length limit, or stopped, where it ended)."""
 
-    def __init__(self, reply_id: int) -> None:
-        self.reply_id = reply_id
-        super().__init__(discord.ui.Button(label="Regenerate", emoji="🔄", style=discord.ButtonStyle.secondary,
-                                           custom_id=f"llamarelay:regenerate:{reply_id}"))
+    LOOKS = {"regenerate": ("Regenerate", "🔄", discord.ButtonStyle.secondary),
+             "continue": ("Continue", "➡️", discord.ButtonStyle.primary)}
+
+    def __init__(self, action: str, reply_id: int) -> None:
+        self.action, self.reply_id = action, reply_id
+        label, emoji, style = self.LOOKS[action]
+        super().__init__(discord.ui.Button(label=label, emoji=emoji, style=style,
+                                           custom_id=f"llamarelay:{action}:{reply_id}"))
 
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button[Any],
-                             match: re.Match[str], /) -> RegenerateButton:
-        return cls(int(match["reply_id"]))
+                             match: re.Match[str], /) -> RedoButton:
+        return cls(match["action"], int(match["reply_id"]))
 
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
         return await _allowed(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await _redo(interaction, self.reply_id, continuing=False)
+        await _redo(interaction, self.reply_id, continuing=self.action == "continue")
 
 
-class ContinueButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
-                     template=r"llamarelay:continue:(?P<reply_id>\d+)"):
-    """Continue: the model goes on with an answer cut by the length limit (or stopped) where it ended."""
-
-    def __init__(self, reply_id: int) -> None:
-        self.reply_id = reply_id
-        super().__init__(discord.ui.Button(label="Continue", emoji="➡️", style=discord.ButtonStyle.primary,
-                                           custom_id=f"llamarelay:continue:{reply_id}"))
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button[Any],
-                             match: re.Match[str], /) -> ContinueButton:
-        return cls(int(match["reply_id"]))
-
-    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
-        return await _allowed(interaction)
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await _redo(interaction, self.reply_id, continuing=True)
-
-
-BUTTONS = (StopButton, RegenerateButton, ContinueButton)
+BUTTONS = (StopButton, RedoButton)
 
 
 async def _redo(interaction: discord.Interaction, reply_id: int, *, continuing: bool) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import discord
 
-from bot.files import is_text_like, read_attachment, skipped
+from bot.files import not_worth_reading, read_attachment, skipped
 from bot.types import Attachment
 
 __all__ = ["read_attachments"]
@@ -20,10 +20,8 @@ async def read_attachments(attachments: Sequence[discord.Attachment], max_bytes:
     """Each file as `bot.files` reads it; too big or not text-like ones are skipped without a download."""
     async def read(attachment: discord.Attachment) -> Attachment:
         name, kind = attachment.filename, attachment.content_type
-        if attachment.size > max_bytes:
-            return skipped(name, f"larger than {max_bytes // 1000:,} kB")
-        if not is_text_like(name, kind):
-            return skipped(name, "not a text file")
+        if (reason := not_worth_reading(name, kind, attachment.size, max_bytes)) is not None:
+            return reason
         try:
             data = await attachment.read()
         except (discord.HTTPException, OSError, asyncio.TimeoutError) as exc:

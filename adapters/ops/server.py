@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from adapters.listener import Listener
 from bot.conversations import ConversationManager
-from bot.errors import ConfigError
 
 __all__ = ["OpsServer", "create_app", "readiness"]
 
@@ -65,34 +64,8 @@ def create_app(manager: ConversationManager) -> web.Application:
     return app
 
 
-class OpsServer:
-    """Listens for `create_app`'s application on ``host:port``; ``port`` 0 picks a free one (tests)."""
+class OpsServer(Listener):
+    """The ops endpoints' listener."""
 
     def __init__(self, app: web.Application, host: str, port: int) -> None:
-        self.host = host
-        self.port = port
-        self._runner = web.AppRunner(app, access_log=None)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
-
-    async def start(self) -> str:
-        """Start listening and return the base URL. A taken port is a `ConfigError` naming the key."""
-        await self._runner.setup()
-        try:
-            await web.TCPSite(self._runner, self.host, self.port).start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(f"port {self.port} on {self.host} is already in use: stop the program using it "
-                                  "or choose another with [ops] port (LLAMARELAY_OPS__PORT)") from None
-            raise ConfigError(f"cannot listen on {self.host}:{self.port} ([ops] host / port): "
-                              f"{exc.strerror or exc}") from None
-        if self.port == 0:
-            self.port = self._runner.addresses[0][1]
-        return self.url
-
-    async def close(self) -> None:
-        await self._runner.cleanup()
+        super().__init__(app, host, port, section="ops")

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from bot.files import is_text_like, read_attachment, skipped
+from bot.files import not_worth_reading, read_attachment, skipped
 from bot.types import Attachment
 
 __all__ = ["read_files"]
@@ -38,10 +38,8 @@ async def _read_one(http: aiohttp.ClientSession, file: dict[str, Any], *, token:
     size = file.get("size")
     if not url or file.get("mode") in ("tombstone", "hidden_by_limit"):
         return skipped(name, "not available to the bot")
-    if isinstance(size, int) and size > max_bytes:
-        return skipped(name, f"larger than {max_bytes // 1000:,} kB")
-    if not is_text_like(name, content_type):
-        return skipped(name, "not a text file")
+    if (reason := not_worth_reading(name, content_type, size if isinstance(size, int) else 0, max_bytes)):
+        return reason
     if not _trusted(url, api_host):
         log.warning("not sending the bot token to %s (not a Slack host)", urlsplit(url).hostname)
         return skipped(name, "not stored on Slack")

@@ -9,7 +9,6 @@ its HttpOnly cookie, or one derived from the token for ``Authorization: Bearer``
 
 from __future__ import annotations
 
-import errno
 import hmac
 import ipaddress
 import logging
@@ -20,6 +19,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from adapters.listener import Listener
 from adapters.web.api import (AUTH_COOKIE, BROWSER_COOKIE, STATE, ApiError, WebState, current_browser,
                               json_response, routes)
 from bot.config import Secrets, Settings, WebSettings
@@ -185,37 +185,8 @@ def create_app(manager: ConversationManager, settings: Settings, secrets: Secret
     return app
 
 
-class WebServer:
-    """Listens for `create_app`'s application on ``host:port``; ``port`` 0 picks a free one (tests)."""
+class WebServer(Listener):
+    """The chat page's listener; open event streams get a moment to end (the core has ended every reply by then)."""
 
     def __init__(self, app: web.Application, host: str, port: int) -> None:
-        self.app = app
-        self.host = host
-        self.port = port
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
-
-    async def start(self) -> str:
-        """Start listening and return the page's URL. A taken port is a `ConfigError` naming the key."""
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(f"port {self.port} on {self.host} is already in use: stop the program using it "
-                                  "or choose another port with [web] port in config.toml") from None
-            raise ConfigError(f"cannot listen on {self.host}:{self.port} ([web] host / port): "
-                              f"{exc.strerror or exc}") from None
-        if self.port == 0:
-            self.port = self._runner.addresses[0][1]
-        return self.url
-
-    async def close(self) -> None:
-        """Stop listening and close open connections (replies in flight are the core's to end and store)."""
-        await self._runner.cleanup()
+        super().__init__(app, host, port, section="web", shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS)

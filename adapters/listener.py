@@ -1,0 +1,49 @@
+"""`Listener`: serves an aiohttp Application on host:port, for the web page and the ops endpoints alike."""
+
+from __future__ import annotations
+
+import errno
+
+from aiohttp import web
+
+from bot.errors import ConfigError
+
+__all__ = ["Listener"]
+
+
+class Listener:
+    """Listens for ``app`` on ``host:port``; ``port`` 0 picks a free one (tests). ``section`` names the config
+    section whose host and port a start-up error points at."""
+
+    def __init__(self, app: web.Application, host: str, port: int, *, section: str,
+                 shutdown_timeout: float = 2.0) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.section = section
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    async def start(self) -> str:
+        """Start listening and return the base URL. A taken port is a `ConfigError` naming the key."""
+        await self._runner.setup()
+        try:
+            await web.TCPSite(self._runner, self.host, self.port).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {self.port} on {self.host} is already in use: stop the program using it "
+                                  f"or choose another port with [{self.section}] port in config.toml") from None
+            raise ConfigError(f"cannot listen on {self.host}:{self.port} ([{self.section}] host / port): "
+                              f"{exc.strerror or exc}") from None
+        if self.port == 0:
+            self.port = self._runner.addresses[0][1]
+        return self.url
+
+    async def close(self) -> None:
+        """Stop listening and close open connections."""
+        await self._runner.cleanup()
