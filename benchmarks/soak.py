@@ -368,6 +368,17 @@ class Soak:
             return ""
         return "cleared" if "cleared" in self.fake.messages[reset.interaction.original_id]["content"] else "failed"
 
+    def reset_running(self, m: Mention) -> str:
+        """A note if a /reset in the channel of ``m`` was sent before it and answered after it (so the reset's
+        deletion of the history may have taken the rows of ``m`` too), else ""."""
+        for r in self.resets:
+            answers = [q.at for q in self.fake.requests
+                       if r.interaction.token in q.path and q.path.endswith("/callback")]
+            if r.channel == m.channel and r.at < m.at and (not answers or answers[0] > m.at):
+                answered = f"answered {answers[0] - m.at:.2f} s after it" if answers else "never answered"
+                return f", sent while a /reset ran (the /reset was sent {m.at - r.at:.2f} s before it, {answered})"
+        return ""
+
     async def watch(self) -> None:
         while True:
             await self.refresh()
@@ -600,7 +611,8 @@ class Soak:
                     matches, need = True, len(pieces(m.expected))
             else:
                 lost.append(f"{m.nonce} in channel {m.channel} ({m.fate or 'unsettled'}): shown "
-                            f"{[s[:40] for s in seen]}, row {m.row and (m.row.status, m.row.content[:40])}")
+                            f"{[s[:40] for s in seen]}, row {m.row and (m.row.status, m.row.content[:40])}"
+                            f"{self.reset_running(m)}")
                 continue
             if len(seen) > need:
                 too_many.append(f"{m.nonce} ({m.fate}): {len(seen)} messages, its text needs {need}")
