@@ -28,6 +28,7 @@ MALLORY_ID = 700000000000000003  # no role
 EVE_ID = 700000000000000004  # not a member of the guild: she can only DM the bot
 OTHER_BOT_ID = 700000000000000009
 GUILD_CHANNELS = (CHANNEL_ID, OTHER_CHANNEL_ID, THREAD_ID)
+EXTRA_CHANNEL_BASE = 800000000000000100  # `FakeRest.add_text_channels` numbers further channels from here
 
 
 def now_iso() -> str:
@@ -59,19 +60,20 @@ def channel_payload(cid: int) -> dict[str, Any]:
                 "owner_id": str(ALICE_ID), "name": "a thread", "message_count": 0, "member_count": 1,
                 "thread_metadata": {"archived": False, "auto_archive_duration": 1440,
                                     "archive_timestamp": now_iso(), "locked": False}}
-    name = {CHANNEL_ID: "general", OTHER_CHANNEL_ID: "random"}[cid]
+    name = {CHANNEL_ID: "general", OTHER_CHANNEL_ID: "random"}.get(cid, f"channel-{cid - EXTRA_CHANNEL_BASE}")
     return {"id": str(cid), "type": 0, "guild_id": str(GUILD_ID), "name": name, "position": 0,
             "permission_overwrites": [], "nsfw": False, "parent_id": None}
 
 
-def guild_create_payload(members: list[dict[str, Any]]) -> dict[str, Any]:
+def guild_create_payload(members: list[dict[str, Any]],
+                         text_channels: tuple[int, ...] = (CHANNEL_ID, OTHER_CHANNEL_ID)) -> dict[str, Any]:
     role = {"color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}
     return {
         # member_count == len(members), or discord.py asks for member chunks and waits for them
         "id": str(GUILD_ID), "name": "Test Guild", "owner_id": str(ALICE_ID), "member_count": len(members),
         "roles": [dict(role, id=str(GUILD_ID), name="@everyone", position=0, permissions=str(EVERYONE_PERMISSIONS)),
                   dict(role, id=str(MEMBER_ROLE_ID), name="member", position=1, permissions="0")],
-        "channels": [channel_payload(CHANNEL_ID), channel_payload(OTHER_CHANNEL_ID)],
+        "channels": [channel_payload(cid) for cid in text_channels],
         "threads": [channel_payload(THREAD_ID)], "members": members, "voice_states": [], "presences": [],
         "emojis": [], "stickers": [], "features": [], "large": False, "unavailable": False,
         "joined_at": now_iso(), "stage_instances": [], "guild_scheduled_events": [],

@@ -17,9 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fake_discord.payloads import (ALICE_ID, APP_ID, BOB_ID, BOT_ID, EVE_ID, GUILD_CHANNELS, GUILD_ID,
-                                         LOADING_FLAG, MALLORY_ID, MEMBER_ROLE_ID, OTHER_BOT_ID, EPHEMERAL_FLAG,
-                                         jresp, member_payload, message_payload, now_iso, user_payload)
+from tests.fake_discord.payloads import (ALICE_ID, APP_ID, BOB_ID, BOT_ID, CHANNEL_ID, EVE_ID, EXTRA_CHANNEL_BASE,
+                                         GUILD_CHANNELS, GUILD_ID, LOADING_FLAG, MALLORY_ID, MEMBER_ROLE_ID,
+                                         OTHER_BOT_ID, OTHER_CHANNEL_ID, EPHEMERAL_FLAG, jresp, member_payload,
+                                         message_payload, now_iso, user_payload)
 
 __all__ = ["FakeRest", "FakeInteraction", "Recorded"]
 
@@ -46,6 +47,8 @@ class _Scripted:
     times: int
     retry_after: float
     via: bool
+    every: int = 1  # only every n-th matching request is answered so
+    seen: int = 0
 
 
 @dataclass
@@ -81,6 +84,7 @@ class FakeRest:
         self.contents: dict[int, list[str]] = {}  # every content a message has had, in order
         self.interactions: dict[str, FakeInteraction] = {}
         self.commands: dict[str, dict[str, Any]] = {}
+        self.text_channel_ids = [CHANNEL_ID, OTHER_CHANNEL_ID]  # the guild's text channels, sent in GUILD_CREATE
         self.rate_limit_violations = 0  # writes that came although the bucket had said Remaining: 0
         self._ids = itertools.count(1_000_000_000_000_000_000)
         self._nonces: dict[str, int] = {}
@@ -124,13 +128,21 @@ class FakeRest:
     # ------------------------------------------------------------------ scripting
 
     def script_status(self, method: str, path_regex: str, *, status: int = 429, times: int = 1,
-                      retry_after: float = 0.3, via: bool = True) -> None:
-        """Answer the next ``times`` requests matching method + path (after /api/v10) with ``status``.
-        discord.py retries a 429 only when it carries a ``Via`` header."""
-        self._scripted.append(_Scripted(method.upper(), re.compile(path_regex), status, times, retry_after, via))
+                      retry_after: float = 0.3, via: bool = True, every: int = 1) -> None:
+        """Answer the next ``times`` requests matching method + path (after /api/v10) with ``status``; with
+        ``every`` = n, only every n-th matching request. discord.py retries a 429 only when it carries ``Via``."""
+        self._scripted.append(_Scripted(method.upper(), re.compile(path_regex), status, times, retry_after, via,
+                                        every))
 
     def clear_scripts(self) -> None:
         self._scripted.clear()
+
+    def add_text_channels(self, n: int) -> list[int]:
+        """Add ``n`` text channels to the guild (before the bot connects: they are sent in GUILD_CREATE)."""
+        start = EXTRA_CHANNEL_BASE + len(self.text_channel_ids) - 1
+        added = list(range(start, start + n))
+        self.text_channel_ids += added
+        return added
 
     def limit_channel_writes(self, limit: int, window_seconds: float) -> None:
         """Allow ``limit`` message sends + edits per channel per window, announced as Discord does."""
@@ -139,6 +151,9 @@ class FakeRest:
     def _take_scripted(self, method: str, path: str) -> _Scripted | None:
         for s in self._scripted:
             if s.times > 0 and s.method == method and s.pattern.fullmatch(path):
+                s.seen += 1
+                if s.seen % s.every:
+                    continue
                 s.times -= 1
                 return s
         return None
@@ -271,7 +286,8 @@ class FakeRest:
             nonce = body.get("nonce")
             if body.get("enforce_nonce") and nonce in self._nonces:
                 return jresp(self.messages[self._nonces[nonce]])  # a retried send is not a new message
-            extra = {"guild_id": str(GUILD_ID)} if cid in GUILD_CHANNELS or cid in self.threads else {}
+            in_guild = cid in GUILD_CHANNELS or cid in self.threads or cid in self.text_channel_ids
+            extra = {"guild_id": str(GUILD_ID)} if in_guild else {}
             msg = self._new_message(cid, body.get("content") or "", flags=body.get("flags") or 0,
                                     reference=body.get("message_reference"),
                                     components=body.get("components") or [], **extra)

@@ -205,7 +205,7 @@ class FakeDiscord(FakeRest):
             "private_channels": [], "relationships": [],
         })
         members = [member_payload(self.users[u], roles) for u, roles in self.member_roles.items()]
-        guild = guild_create_payload(members + [member_payload(self.bot_user, [])])
+        guild = guild_create_payload(members + [member_payload(self.bot_user, [])], tuple(self.text_channel_ids))
         guild["threads"] += list(self.threads.values())  # active threads, those the bot created included
         await self.dispatch("GUILD_CREATE", guild)
 

@@ -1,0 +1,167 @@
+"""First content on Discord: time from a mention to the first message the bot writes that holds reply text.
+
+Run: .venv/bin/python benchmarks/first_content.py [--mentions 15] [--together 8] [--max-tokens 32] [--threads N]
+
+`llamarelay run` (default config but a short max_tokens and no per-user rate limit; the small default model;
+SQLite in a temp dir) talks through the real discord.py to the fake Discord on 127.0.0.1. With the engine
+idle, one mention at a time, each in a channel of its own: the time from the fake pushing MESSAGE_CREATE until
+it receives the first post or edit of the reply that is not a status line ("💭 Thinking…"). Prints median /
+p90 / worst and checks median <= 0.5 s; then the same for mentions in several channels at once (information
+only). First, for reference, the engine's own time to first token for the same prompts. Exits 1 if the check
+fails. On a shared 2-core machine, try --threads 1: two llama.cpp threads that spin-wait for each other are
+slow to start whenever another process wants the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from discord_harness import MODEL, BotProcess, channel_key, is_reply_text, open_store, write_config, writes
+
+from bot.config import EngineSettings, SamplingSettings, Settings
+from bot.engine import Engine, QueuePosition
+from bot.store import Status, Store
+from tests.fake_discord import FakeDiscord
+
+TARGET_MEDIAN_SECONDS = 0.5
+REPLY_TIMEOUT_SECONDS = 60.0
+
+
+async def first_content(fake: FakeDiscord, channel_id: int, mentioned: float) -> tuple[float, bool]:
+    """(seconds until the first write with reply text, whether a status line was shown before it)."""
+    deadline = mentioned + REPLY_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        seen = writes(fake, channel_id, mentioned)
+        for index, write in enumerate(seen):
+            if is_reply_text((write.body or {}).get("content") or ""):
+                return write.at - mentioned, index > 0
+        await asyncio.sleep(0.005)
+    raise RuntimeError(f"no reply text in channel {channel_id} within {REPLY_TIMEOUT_SECONDS:.0f} s")
+
+
+async def wait_answered(store: Store, channel_ids: list[int], fake: FakeDiscord) -> None:
+    """Until every reply in these channels is stored and its last edit is out: the engine is idle again."""
+    deadline = time.monotonic() + REPLY_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        rows = [m for c in channel_ids for m in await store.messages(channel_key(c))]
+        replies = [m for m in rows if m.role == "assistant"]
+        quiet = all(not writes(fake, c, time.monotonic() - 0.3) for c in channel_ids)
+        if len(replies) == len(channel_ids) and all(m.status != Status.GENERATING for m in replies) and quiet:
+            return
+        await asyncio.sleep(0.05)
+    shown = {c: [(r.method, (r.body or {}).get("content", "")[:80]) for r in writes(fake, c)] for c in channel_ids}
+    raise RuntimeError(f"replies in {channel_ids} not finished within {REPLY_TIMEOUT_SECONDS:.0f} s: "
+                       f"stored {[(m.role, m.status, m.content[:80]) for m in rows]}, shown {shown}")
+
+
+def question(number: int) -> str:
+    return f"Question {number}: name a colour and say why you like it."
+
+
+async def engine_first_tokens(threads: int | None, count: int) -> list[float]:
+    """For reference: the engine's own time to first token here, for the same prompts, without Discord."""
+    settings = EngineSettings(model_path=MODEL, **({} if threads is None else {"n_threads": threads}))
+    engine = await asyncio.to_thread(Engine, settings)
+    system = Settings().conversation.system_prompt
+    times = []
+    try:
+        for number in range(count):
+            prompt = engine.chat_tokens([{"role": "system", "content": system},
+                                         {"role": "user", "content": question(100 + number)}])
+            started = time.monotonic()
+            async for event in engine.submit(prompt, SamplingSettings(max_tokens=1), session=str(number)):
+                if not isinstance(event, QueuePosition):
+                    times.append(time.monotonic() - started)
+            await asyncio.sleep(0.5)
+    finally:
+        engine.close()
+    return times
+
+
+def summary(label: str, times: list[float], before_text: int) -> str:
+    ordered = sorted(times)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return (f"{label}: median {statistics.median(ordered):.3f} s, p90 {p90:.3f} s, worst {ordered[-1]:.3f} s "
+            f"over {len(ordered)} (a status line came first in {before_text})")
+
+
+async def run(args: argparse.Namespace, directory: Path) -> bool:
+    reference = await engine_first_tokens(args.threads, 8)
+    print(f"engine alone, time to first token: median {statistics.median(reference):.3f} s, "
+          f"worst {max(reference):.3f} s over {len(reference)} (reference, no Discord)")
+    async with FakeDiscord() as fake:
+        warm, *serial = fake.add_text_channels(1 + args.mentions)
+        together = fake.add_text_channels(args.together)
+        # One user sends every mention: the per-user limit (10 a minute) would refuse some of them.
+        engine = {} if args.threads is None else {"n_threads": args.threads}
+        config = write_config(directory, fake, sampling={"max_tokens": args.max_tokens},
+                              discord={"user_messages_per_minute": 0}, engine=engine)
+        bot = BotProcess(config, directory / "bot.log")
+        await bot.start(fake)
+        store = await open_store(directory / "llamarelay.sqlite3")
+        try:
+            mentioned = time.monotonic()
+            await fake.message_create("Hello! Who are you?", channel_id=warm)
+            warm_up, _ = await first_content(fake, warm, mentioned)
+            await wait_answered(store, [warm], fake)
+            print(f"warm-up mention (not counted): {warm_up:.3f} s")
+
+            times, status_first = [], 0
+            for number, channel_id in enumerate(serial):
+                await asyncio.sleep(0.5)  # the engine and the typing indicator settle
+                mentioned = time.monotonic()
+                await fake.message_create(question(number), channel_id=channel_id)
+                seconds, after_status = await first_content(fake, channel_id, mentioned)
+                times.append(seconds)
+                status_first += after_status
+                await wait_answered(store, [channel_id], fake)
+                if args.verbose:
+                    print(f"  mention {number}:", ", ".join(f"{w.at - mentioned:.3f} {w.method} "
+                                                           f"{(w.body or {}).get('content', '')[:30]!r}"
+                                                           for w in writes(fake, channel_id)))
+            print("one at a time:", " ".join(f"{t:.3f}" for t in times))
+            print(summary("idle engine, one mention at a time", times, status_first))
+
+            await asyncio.sleep(0.5)
+            started = []
+            for number, channel_id in enumerate(together):
+                started.append(time.monotonic())
+                await fake.message_create(f"Question {number}: name an animal and say where it lives.",
+                                          channel_id=channel_id)
+            results = await asyncio.gather(*(first_content(fake, c, t) for c, t in zip(together, started)))
+            await wait_answered(store, together, fake)
+            print(summary(f"{len(together)} channels mentioned at once (information only)",
+                          [r[0] for r in results], sum(r[1] for r in results)))
+        finally:
+            await store.close()
+            code = await bot.terminate()
+        if code != 0:
+            print(f"the bot exited with {code} on SIGTERM; the end of its log:\n{bot.log()[-3000:]}")
+            return False
+    median = statistics.median(times)
+    ok = median <= TARGET_MEDIAN_SECONDS
+    print(f"check: median first content {median:.3f} s <= {TARGET_MEDIAN_SECONDS} s: {'ok' if ok else 'FAILED'}")
+    return ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mentions", type=int, default=15, help="mentions one at a time, each in its channel")
+    parser.add_argument("--together", type=int, default=8, help="channels mentioned at once afterwards")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="[engine] n_threads (default: the config's)")
+    parser.add_argument("--verbose", action="store_true", help="print every write of each serial reply")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="llamarelay-bench-") as directory:
+        ok = asyncio.run(run(args, Path(directory)))
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
