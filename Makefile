@@ -29,6 +29,7 @@ e2e: $(INSTALLED) $(MODEL)
 bench: $(INSTALLED) $(MODEL)
 	$(BIN)/python benchmarks/engine.py
 	$(BIN)/python benchmarks/concurrency.py
+	$(BIN)/python benchmarks/first_content.py
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
