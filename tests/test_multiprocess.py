@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import discord
 import pytest
+from pydantic import ValidationError
 
-from bot.config import Settings
+from adapters.discord import ShardedDiscordBot, make_client
+from bot.config import DiscordSettings, Settings
 from bot.conversations import ConversationManager
 from bot.engine import Engine
 from bot.store import Status, Store, open_store
@@ -192,15 +195,37 @@ async def test_a_message_waiting_for_another_process_can_be_stopped(two_managers
     release = asyncio.Event()
     holder = asyncio.create_task(_hold(other_process, KEY, release))
     await asyncio.sleep(0.1)
-    target = Target()
-    reply = asyncio.create_task(manager.respond(message("Are you there?"), target))
-    await asyncio.sleep(0.3)
-    assert not reply.done()  # it waits for the other process's turn
-    assert manager.stop(CHANNEL) == 1
-    async with asyncio.timeout(2):
-        result = await reply
-    assert result.status == Status.STOPPED and not result.text
-    release.set()
-    await holder
+    try:
+        reply = asyncio.create_task(manager.respond(message("Are you there?"), Target()))
+        await asyncio.sleep(0.3)
+        assert not reply.done()  # it waits for the other process's turn
+        assert manager.stop(CHANNEL) == 1
+        async with asyncio.timeout(2):
+            result = await reply
+        assert result.status == Status.STOPPED and not result.text
+    finally:
+        release.set()  # a store closes only once its turns are given back
+        await holder
     async with asyncio.timeout(60):  # the conversation goes on: nothing was left locked
         assert (await manager.respond(message("Hello?"), Target())).status == Status.COMPLETE
+
+
+# -- Discord sharding ---------------------------------------------------------------------------------------
+
+async def test_discord_shards_come_from_the_config(manager: ConversationManager) -> None:
+    plain = make_client(manager, DiscordSettings())
+    sharded = make_client(manager, DiscordSettings(shard_count=4, shard_ids=[1, 3]))
+    everything = make_client(manager, DiscordSettings(shard_count=2))
+    # Never started, none has a session to close (discord.py's sharded close needs a started client).
+    assert not isinstance(plain, discord.AutoShardedClient)
+    assert isinstance(sharded, ShardedDiscordBot) and isinstance(sharded, discord.AutoShardedClient)
+    assert (sharded.shard_count, sharded.shard_ids) == (4, [1, 3])
+    assert (everything.shard_count, everything.shard_ids) == (2, None)  # discord.py connects all of them
+    assert sharded.manager is manager and sharded.tree is not None  # still llamarelay's client
+
+
+@pytest.mark.parametrize("shards", [{"shard_ids": [0]}, {"shard_count": 2, "shard_ids": [2]},
+                                    {"shard_count": 2, "shard_ids": [1, 1]}, {"shard_count": 0}])
+def test_discord_shards_that_cannot_work_are_refused(shards: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        DiscordSettings(**shards)
