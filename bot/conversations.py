@@ -366,8 +366,9 @@ class ConversationManager:
                         status, notes = Status.FAILED, [f"⚠️ {exc}"]
                     except Exception as exc:
                         log.exception("answering a message in %s failed", key)
-                        status, notes = Status.FAILED, [f"⚠️ Something went wrong on my side ({type(exc).__name__}); "
-                                                        "your message is saved, please try again."]
+                        status, notes = Status.FAILED, [f"⚠️ Something went wrong on my side "
+                                                        f"({type(exc).__name__}); your message is saved, "
+                                                        "please try again."]
                     if exchange is None:
                         return ReplyResult(status, "", [*first_notes, *notes])
                     return await self._store_reply(exchange, request.text, status, [*first_notes, *notes])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,7 +22,11 @@ from bot.conversations import ConversationManager
 from bot.engine import Engine
 from bot.store import Status, Store, open_store
 from bot.types import Controls
+from tests.fake_slack import FakeSlack
+from tests.slack_helpers import REPLY_TIMEOUT_SECONDS, direct_message, fake, running_bot, settled
 from tests.test_conversations import CHANNEL, Target, message
+
+__all__ = ["fake"]  # the fixture
 
 KEY = str(CHANNEL)
 OTHER = KEY + "-other"
@@ -148,8 +153,9 @@ class TimedTarget(Target):
         self.finished: float | None = None
 
     def _saw(self, text: str) -> None:
-        if self.started is None and not text.startswith(("💭", "⏳")):
-            self.started = time.monotonic()
+        if text.startswith(("💭", "⏳")) or (self.messages and self.messages[-1] == text):
+            return  # a status, or the last edit adding buttons (delivery may finish after the turn)
+        self.started = self.started or time.monotonic()
         self.finished = time.monotonic()
 
     async def post(self, text: str, controls: Controls | None = None) -> int:
@@ -184,6 +190,7 @@ async def test_one_conversation_on_two_managers_is_answered_once_each_in_order(
     assert [(m.role, m.content) for m in history if m.role == "user"] == [("user", t) for t in texts]
     assert [m.id for m in history if m.role == "assistant"] == [r.reply_id for r in results]
     assert all(m.status == Status.COMPLETE for m in history)
+    # (Slack shows edits paced, after the turn, so the order of generation is checked on the manager above.)
     for earlier, later in zip(targets, targets[1:]):  # one reply at a time, in the order they were sent
         assert earlier.finished is not None and later.started is not None
         assert earlier.finished <= later.started
@@ -229,3 +236,32 @@ async def test_discord_shards_come_from_the_config(manager: ConversationManager)
 def test_discord_shards_that_cannot_work_are_refused(shards: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         DiscordSettings(**shards)
+
+
+# -- Slack: two bots on one app ------------------------------------------------------------------------------
+
+async def test_two_slack_bots_answer_every_event_once_in_order(two_managers: list[ConversationManager],
+                                                               settings: Settings, fake: FakeSlack) -> None:
+    chooser = random.Random(12)
+    texts = ["Name a fruit.", "Name a color.", "Name an animal.", "Name a city.", "Name a tree."]
+    async with running_bot(two_managers[0], settings, fake) as first, \
+            running_bot(two_managers[1], settings, fake) as second:
+        await fake.wait_for(lambda: fake.open_sockets == 2, what="both bots connected")
+        for n, text in enumerate(texts):
+            event, event_id = direct_message(text), f"Ev{n:04d}"
+            await fake.push_event(event, event_id=event_id, to=chooser.randrange(2))  # whichever connection
+            if n % 2 == 0:  # and some twice: Slack retries, or the other connection gets it too
+                await fake.push_event(event, event_id=event_id, to=chooser.randrange(2), retry_attempt=1)
+            await asyncio.sleep(0.05)
+        await fake.wait_for(lambda: len(fake.messages_in("D1")) >= len(texts), timeout=REPLY_TIMEOUT_SECONDS,
+                            what="every reply")
+        await settled(first)
+        await settled(second)
+        await asyncio.sleep(0.5)  # a duplicate answered late would show by now
+    assert len(fake.messages_in("D1")) == len(texts)
+    [key] = await two_managers[0].store.session_keys("")
+    history = await two_managers[0].store.messages(key)
+    assert [(m.role, m.content) for m in history if m.role == "user"] == [("user", t) for t in texts]
+    assert [m.role for m in history] == ["user", "assistant"] * len(texts)
+    assert all(m.status == Status.COMPLETE for m in history)
+    # (Slack shows edits paced, after the turn, so the order of generation is checked on the manager above.)
