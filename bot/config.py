@@ -125,6 +125,20 @@ class DiscordSettings(_Section):
     user_messages_per_minute: int = Field(10, ge=0, le=10000, description="0 = unlimited")
     api_base_url: str | None = Field(None, description="REST base, e.g. https://discord.com/api/v10")
     gateway_url: str | None = Field(None, description="gateway websocket, e.g. wss://gateway.discord.gg/")
+    shard_count: int | None = Field(None, ge=1, le=100000, description="gateway shards of the whole bot, split "
+                                    "among its processes; none = one process, one connection")
+    shard_ids: list[int] = Field(default_factory=list, description="the shards this process connects (with "
+                                 "shard_count); empty = all of them")
+
+    @model_validator(mode="after")
+    def _shards_fit(self) -> DiscordSettings:
+        if self.shard_ids and self.shard_count is None:
+            raise ValueError("discord.shard_ids needs discord.shard_count: the shards of the whole bot")
+        if any(not 0 <= shard < (self.shard_count or 0) for shard in self.shard_ids):
+            raise ValueError(f"discord.shard_ids must lie in 0..{(self.shard_count or 1) - 1} (shard_count - 1)")
+        if len(set(self.shard_ids)) != len(self.shard_ids):
+            raise ValueError("discord.shard_ids names a shard twice")
+        return self
 
 
 class SlackSettings(_Section):

@@ -8,6 +8,7 @@ what is stored and fed back; notes (stopped, errors) travel beside it; `bot.deli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -354,23 +355,32 @@ class ConversationManager:
                     return ReplyResult(Status.STOPPED, "", [*first_notes, request.ended])
                 return await self._store_reply(exchange, "", Status.STOPPED, [*first_notes, request.ended])
             try:
-                if at_turn is not None:
-                    exchange = await at_turn()
-                    request.reply_id = exchange.reply_id
-                assert exchange is not None
-                request.text = exchange.prefix
-                status, notes = await self._generate(request, exchange)
-            except LlamarelayError as exc:  # the model, the template or the database: the user sees why
-                status, notes = Status.FAILED, [f"⚠️ {exc}"]
-            except Exception as exc:
-                log.exception("answering a message in %s failed", key)
-                status, notes = Status.FAILED, [f"⚠️ Something went wrong on my side ({type(exc).__name__}); "
-                                                "your message is saved, please try again."]
+                # The store's turn too (across processes on PostgreSQL), held until the reply is stored: the
+                # next message, wherever it landed, reads this reply as its history.
+                async with contextlib.AsyncExitStack() as held:
+                    try:
+                        if not await self._take_store_turn(request, held):
+                            assert request.ended is not None
+                            status, notes = Status.STOPPED, [request.ended]
+                        else:
+                            if at_turn is not None:
+                                exchange = await at_turn()
+                                request.reply_id = exchange.reply_id
+                            assert exchange is not None
+                            request.text = exchange.prefix
+                            status, notes = await self._generate(request, exchange)
+                    except LlamarelayError as exc:  # the model, the template or the database: the user sees why
+                        status, notes = Status.FAILED, [f"⚠️ {exc}"]
+                    except Exception as exc:
+                        log.exception("answering a message in %s failed", key)
+                        status, notes = Status.FAILED, [f"⚠️ Something went wrong on my side "
+                                                        f"({type(exc).__name__}); your message is saved, "
+                                                        "please try again."]
+                    if exchange is None:
+                        return ReplyResult(status, "", [*first_notes, *notes])
+                    return await self._store_reply(exchange, request.text, status, [*first_notes, *notes])
             finally:
                 turn.release()
-            if exchange is None:
-                return ReplyResult(status, "", [*first_notes, *notes])
-            return await self._store_reply(exchange, request.text, status, [*first_notes, *notes])
         except BaseException:  # cancelled: free the engine, keep what was written
             if request.generation is not None:
                 request.generation.cancel()
@@ -405,6 +415,25 @@ class ConversationManager:
                 return True
             turn.release()
         return False
+
+    async def _take_store_turn(self, request: Request, held: contextlib.AsyncExitStack) -> bool:
+        """Enter the store's turn of the conversation into ``held`` (on PostgreSQL it spans every process, so a
+        message that landed on another process goes first); False if the request was ended while waiting."""
+        if request.ended is not None:
+            return False
+        enter = asyncio.ensure_future(held.enter_async_context(self.store.turn(request.key)))
+        wake = asyncio.ensure_future(request.wake.wait())
+        try:
+            await asyncio.wait({enter, wake}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wake.cancel()
+            if not enter.done():
+                enter.cancel()
+                await asyncio.wait({enter})  # it lets go of what it took before we go on
+        if enter.cancelled():
+            return False
+        enter.result()  # a StoreError: the reply fails with its line
+        return request.ended is None
 
     async def _generate(self, request: Request, exchange: Exchange) -> tuple[str, list[str]]:
         """Build the prompt and stream the model's reply into ``request.text``: (status, notes)."""

@@ -288,14 +288,15 @@ class FakeSlack:
         """Socket Mode connections open right now."""
         return sum(not ws.closed for ws in self._sockets)
 
-    def _open_socket(self) -> web.WebSocketResponse | None:
+    def _open_socket(self, to: int | None = None) -> web.WebSocketResponse | None:
         open_sockets = [ws for ws in self._sockets if not ws.closed]
-        return open_sockets[-1] if open_sockets else None
+        return open_sockets[-1 if to is None else to] if open_sockets else None
 
     async def push(self, type_: str, payload: dict[str, Any], *, accepts_response_payload: bool = False,
-                   retry_attempt: int = 0, retry_reason: str = "") -> str:
-        """Send one envelope on the newest open socket; return its envelope_id."""
-        ws = self._open_socket()
+                   retry_attempt: int = 0, retry_reason: str = "", to: int | None = None) -> str:
+        """Send one envelope on the newest open socket (``to``: the open socket at that index, oldest first, as
+        Slack spreads envelopes over an app's connections); return its envelope_id."""
+        ws = self._open_socket(to)
         if ws is None:
             raise AssertionError("fake Slack: no Socket Mode client is connected")
         envelope_id = str(uuid.uuid4())
@@ -307,11 +308,11 @@ class FakeSlack:
         return envelope_id
 
     async def push_event(self, event: dict[str, Any], *, event_id: str | None = None,
-                         retry_attempt: int = 0) -> str:
+                         retry_attempt: int = 0, to: int | None = None) -> str:
         """Push an ``events_api`` envelope; a redelivery keeps the event_id and raises retry_attempt."""
         return await self.push("events_api", self.event_body(event, event_id=event_id),
                                retry_attempt=retry_attempt,
-                               retry_reason="timeout" if retry_attempt else "")
+                               retry_reason="timeout" if retry_attempt else "", to=to)
 
     async def push_command(self, command: str, text: str = "", *, user: str = "U1",
                            channel: str = "C1", channel_name: str = "general") -> str:

@@ -14,14 +14,14 @@ import discord.gateway
 import discord.http
 import yarl
 
-from adapters.discord.bot import DiscordBot
+from adapters.discord.bot import DiscordBot, ShardedDiscordBot, make_client
 from bot.errors import ConfigError
 
 if TYPE_CHECKING:
     from bot.config import DiscordSettings, Secrets, Settings
     from bot.conversations import ConversationManager
 
-__all__ = ["DiscordBot", "apply_endpoints", "run_discord"]
+__all__ = ["DiscordBot", "ShardedDiscordBot", "apply_endpoints", "make_client", "run_discord"]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ async def run_discord(manager: ConversationManager, settings: Settings, secrets:
         raise ConfigError("DISCORD_TOKEN is not set: create a bot in the Discord developer portal and "
                           "export its token as DISCORD_TOKEN")
     apply_endpoints(settings.discord)
-    bot = DiscordBot(manager, settings.discord, **client_options)
+    bot = make_client(manager, settings.discord, **client_options)
     try:
         await bot.start(secrets.discord_token)
     except discord.LoginFailure:

@@ -297,3 +297,16 @@ class DiscordBot(discord.Client):
         self._closing = True
         self.manager.platforms.disconnected(PLATFORM)
         await super().close()
+
+
+class ShardedDiscordBot(DiscordBot, discord.AutoShardedClient):
+    """`DiscordBot` on gateway shards: each process connects only its ``[discord] shard_ids`` of ``shard_count``,
+    so Discord sends it only the events of those shards' guilds (and DMs with shard 0)."""
+
+
+def make_client(manager: ConversationManager, settings: DiscordSettings, **options: Any) -> DiscordBot:
+    """The client ``settings`` ask for: sharded when ``shard_count`` is set, else one plain connection."""
+    if settings.shard_count is None:
+        return DiscordBot(manager, settings, **options)
+    return ShardedDiscordBot(manager, settings, shard_count=settings.shard_count,
+                             shard_ids=settings.shard_ids or None, **options)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import re
 from collections.abc import AsyncIterator, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -141,6 +142,15 @@ class Store(abc.ABC):
         """(key, first user message, message count) of the newest ``limit`` sessions under ``prefix``, newest first.
 
         One query, without reading whole conversations: the first message is cut to 500 characters.
+        """
+
+    # -- turns -------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def turn(self, key: str) -> AbstractAsyncContextManager[None]:
+        """Hold session ``key``'s turn while the context lasts: one reply at a time per conversation.
+
+        PostgreSQL's spans every process on the database; SQLite's, which serves one process, spans this one.
         """
 
     # -- event dedupe ------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -15,9 +17,12 @@ from bot.store import MESSAGE_FIELDS, SESSION_FIELDS, Status, Store, StoredMessa
 __all__ = ["PostgresStore"]
 
 POOL_MAX_SIZE = 10
+TURN_POOL_MAX_SIZE = 64  # connections holding (or waiting for) a conversation's turn, apart from the pool
 CONNECT_TIMEOUT_SECONDS = 10.0
 # pg_advisory_xact_lock keys: one for schema changes; a session's key is hashed for its exchanges.
 MIGRATION_LOCK = 0x6C6C616D  # "llam"
+# A conversation's turn is the two-key lock (TURN_LOCK, hashtext(key)): a key space apart from the one-key locks.
+TURN_LOCK = 0x7475726E  # "turn"
 
 _MESSAGE_COLUMNS = "id, role, content, status, author_name, created_at, notes, feedback"
 _ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
@@ -62,7 +67,11 @@ class PostgresStore(Store):
 
     def __init__(self, pool: asyncpg.Pool, url: str) -> None:
         self._pool = pool
+        self._url = url
         self.url = redact_url(url)  # the password never reaches a log line or an error message
+        # Turns wait on connections of their own: waiters can never take the connections the holder needs.
+        self._turn_pool: asyncpg.Pool | None = None
+        self._turn_pool_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, target: Any, *, migrate: bool = True) -> PostgresStore:
@@ -83,15 +92,65 @@ class PostgresStore(Store):
                                  f"llamarelay knows ({store.latest_version}): upgrade llamarelay")
             if migrate:
                 await store.migrate()
-                await store._execute("UPDATE messages SET status = $1 WHERE status = $2",
-                                     Status.INTERRUPTED, Status.GENERATING)
+                await store._interrupt_orphans()
         except BaseException:
             await pool.close()
             raise
         return store
 
     async def close(self) -> None:
+        if self._turn_pool is not None:
+            await self._turn_pool.close()
         await self._pool.close()
+
+    async def _interrupt_orphans(self) -> None:
+        """Mark "generating" replies interrupted, but only in sessions whose turn no process holds: another
+        process's reply in progress keeps its status."""
+        try:
+            async with self._pool.acquire() as connection:
+                keys = await connection.fetch("SELECT DISTINCT session_key FROM messages WHERE status = $1",
+                                              Status.GENERATING)
+                for (key,) in keys:
+                    if await connection.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", TURN_LOCK, key):
+                        try:
+                            await connection.execute("UPDATE messages SET status = $1 WHERE session_key = $2"
+                                                     " AND status = $3", Status.INTERRUPTED, key, Status.GENERATING)
+                        finally:
+                            await connection.execute("SELECT pg_advisory_unlock($1, hashtext($2))", TURN_LOCK, key)
+        except _ERRORS as exc:
+            raise StoreError(f"cannot write to the database {self.url}: {exc}") from None
+
+    # -- turns -------------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: str) -> AsyncIterator[None]:
+        """The session's advisory lock, held on a connection of its own for the whole turn: every process on
+        the database waits for it, in the order they asked. Cancelled while waiting, the connection goes back
+        to its pool, whose reset lets go of every lock it held."""
+        try:
+            pool = await self._turns_pool()
+            connection = await pool.acquire()
+        except (*_ERRORS, TimeoutError) as exc:
+            raise StoreError(f"cannot reach the database {self.url}: {exc}") from None
+        try:
+            try:
+                await connection.execute("SELECT pg_advisory_lock($1, hashtext($2))", TURN_LOCK, key)
+            except _ERRORS as exc:
+                raise StoreError(f"cannot lock a conversation in the database {self.url}: {exc}") from None
+            try:
+                yield
+            finally:
+                with contextlib.suppress(*_ERRORS):  # a lost connection has let go of its locks already
+                    await connection.execute("SELECT pg_advisory_unlock($1, hashtext($2))", TURN_LOCK, key)
+        finally:
+            await pool.release(connection)
+
+    async def _turns_pool(self) -> asyncpg.Pool:
+        async with self._turn_pool_lock:
+            if self._turn_pool is None:
+                self._turn_pool = await asyncpg.create_pool(self._url, min_size=0, max_size=TURN_POOL_MAX_SIZE,
+                                                            timeout=CONNECT_TIMEOUT_SECONDS)
+            return self._turn_pool
 
     # -- schema ------------------------------------------------------------------------------------------
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -15,7 +19,12 @@ import aiosqlite
 from bot.errors import StoreError
 from bot.store import MESSAGE_FIELDS, SESSION_FIELDS, Status, Store, StoredMessage, storable
 
-__all__ = ["SQLiteStore"]
+__all__ = ["SQLiteStore", "ONE_PROCESS_ONLY"]
+
+log = logging.getLogger(__name__)
+
+ONE_PROCESS_ONLY = ("another process has the SQLite database {path} open: SQLite serves one bot process only, so "
+                    "replies may come out of order or twice; several processes need PostgreSQL ([store] url)")
 
 _MESSAGE_COLUMNS = "id, role, content, status, author_name, created_at, notes, feedback"
 
@@ -57,6 +66,8 @@ class SQLiteStore(Store):
         self._db = db
         self.path = path
         self._exchange_lock = asyncio.Lock()
+        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}  # per session: its lock, and who holds or waits
+        self._owner = _claim(path)  # the lock file held while open: a second process is told at once
 
     @classmethod
     async def open(cls, target: Path | str, *, migrate: bool = True) -> SQLiteStore:
@@ -80,12 +91,15 @@ class SQLiteStore(Store):
                 await store._write("UPDATE messages SET status = ? WHERE status = ?",
                                    (Status.INTERRUPTED, Status.GENERATING))
         except BaseException:
-            await db.close()
+            await store.close()
             raise
         return store
 
     async def close(self) -> None:
         await self._db.close()
+        if self._owner is not None:
+            os.close(self._owner)  # closing the file lets go of its lock
+            self._owner = None
 
     # -- schema ------------------------------------------------------------------------------------------
 
@@ -229,6 +243,23 @@ class SQLiteStore(Store):
             (len(prefix), prefix, limit))
         return [(key, first, count) for key, first, count in rows]
 
+    # -- turns -------------------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: str) -> AsyncIterator[None]:
+        """A lock in memory: one process per SQLite file (`_claim` warns when a second one opens it)."""
+        lock, users = self._turns.get(key, (asyncio.Lock(), 0))
+        self._turns[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._turns[key]
+            if users == 1:  # nobody else holds or waits for it: forget it
+                del self._turns[key]
+            else:
+                self._turns[key] = (lock, users - 1)
+
     # -- event dedupe ------------------------------------------------------------------------------------
 
     async def claim_event(self, event_id: str, ttl_seconds: float) -> bool:
@@ -269,3 +300,19 @@ class SQLiteStore(Store):
             await self._db.commit()
         except (sqlite3.Error, ValueError) as exc:
             raise StoreError(f"cannot import into the database {self.path}: {exc}") from None
+
+
+def _claim(path: Path) -> int | None:
+    """Hold an exclusive lock on ``path``.lock for as long as the store is open; warn when another holds it.
+
+    The descriptor (to close on `close`), or None when no lock file can be made (a read-only directory).
+    """
+    try:
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.warning(ONE_PROCESS_ONLY.format(path=path))
+    return fd
