@@ -453,6 +453,10 @@ class ConversationManager:
         metrics, submitted_at, last_text_at = self.metrics, self._clock(), None
         reasoning = ReasoningSplitter(inside=not exchange.prefix and self._prompt_opens_reasoning())
         quote_reasoning = self.settings.conversation.show_reasoning == "quoted"
+
+        def shown() -> str:  # what the platform shows: a Continue only what it adds; quoted reasoning if asked
+            return (_quoted(reasoning.reasoning) if quote_reasoning else "") + reasoning.answer
+
         saved_at = self._clock()
         async for event in generation:
             if delivery.failed:  # nobody can see this reply: free the engine for others
@@ -471,8 +475,8 @@ class ConversationManager:
             request.text = exchange.prefix + reasoning.answer
             if reasoning.thinking and not quote_reasoning:
                 delivery.status(REASONING)
-            else:  # a Continue shows only what it adds
-                delivery.update(_quoted(reasoning.reasoning) * quote_reasoning + reasoning.answer)
+            else:
+                delivery.update(shown())
             if self._clock() - saved_at >= CHECKPOINT_SECONDS:
                 saved_at = self._clock()
                 try:
@@ -484,7 +488,7 @@ class ConversationManager:
         metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
         reasoning.finish()
         request.text = exchange.prefix + reasoning.answer
-        delivery.update(_quoted(reasoning.reasoning) * quote_reasoning + reasoning.answer)
+        delivery.update(shown())
         status, footer = self._outcome(request, generation, reasoning.answer)
         return status, notes + footer
 
