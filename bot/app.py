@@ -21,6 +21,7 @@ from bot.conversations import ConversationManager
 from bot.engine import Engine
 from bot.errors import ConfigError, LlamarelayError
 from bot.models import fetch_default_model
+from bot.remote import RemoteEngine
 from bot.store import is_database_url, open_store, redact_url
 from bot.store.transfer import export_jsonl, import_jsonl
 
@@ -63,7 +64,7 @@ async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> N
     Ctrl-C outside the terminal chat) shuts down cleanly: no new requests, running replies are ended and
     stored, then the adapters disconnect and the database closes.
     """
-    engine = await asyncio.to_thread(Engine, settings.engine)
+    engine = await open_engine(settings, secrets)
     try:
         engine.check_sampling(settings.sampling)
         store = await open_store(settings.store.target())
@@ -73,8 +74,17 @@ async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> N
         finally:
             await store.close()
     finally:
-        await asyncio.to_thread(engine.close)  # waits for a decode step: the loop stays free (a second signal)
+        await engine.aclose()
     log.info("stopped")
+
+
+async def open_engine(settings: Settings, secrets: Secrets) -> Engine | RemoteEngine:
+    """The configured engine: llama.cpp loaded in this process, or a remote OpenAI-compatible server."""
+    if settings.engine.backend == "openai":
+        remote = RemoteEngine(settings.engine, secrets.engine_api_key)
+        await remote.start()
+        return remote
+    return await asyncio.to_thread(Engine, settings.engine)  # loading takes a while: the loop stays free
 
 
 async def _run_adapters(manager: ConversationManager, settings: Settings, secrets: Secrets, *, mode: str) -> None:

@@ -30,7 +30,7 @@ DEFAULT_CONFIG_PATH = Path("config.toml")
 ENV_PREFIX = "LLAMARELAY_"
 ENV_NESTED_DELIMITER = "__"
 SECRET_ENV_VARS = ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET",
-                   "LLAMARELAY_WEB_TOKEN", "LLAMARELAY_DATABASE_URL")
+                   "LLAMARELAY_WEB_TOKEN", "LLAMARELAY_DATABASE_URL", "LLAMARELAY_ENGINE_API_KEY")
 
 
 class _Section(BaseModel):
@@ -39,6 +39,8 @@ class _Section(BaseModel):
 
 
 class EngineSettings(_Section):
+    backend: Literal["embedded", "openai"] = Field(
+        "embedded", description="embedded: llama.cpp in this process; openai: an OpenAI-compatible server")
     model_path: Path = Field(Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), description="GGUF model file")
     n_ctx: int = Field(4096, ge=256, le=131072, description="context window of one conversation, in tokens")
     n_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0 = all cores")
@@ -49,10 +51,28 @@ class EngineSettings(_Section):
     state_cache_mb: int = Field(256, ge=0, le=1_000_000,
                                 description="RAM for KV caches of conversations whose slot was reused")
     max_queue: int = Field(32, ge=1, le=10000, description="requests that may wait; more are refused")
+    # backend = "openai": the server's API key comes from LLAMARELAY_ENGINE_API_KEY, never from the file.
+    base_url: str | None = Field(None, description="the server's OpenAI API root, e.g. http://127.0.0.1:8080/v1")
+    model: str | None = Field(None, description="model name to ask the server for; unset = the server's first")
+    max_requests: int = Field(8, ge=1, le=1024, description="most requests in flight at the server at once")
+    connect_timeout: float = Field(5.0, gt=0, le=600, description="seconds to wait for a connection")
+    read_timeout: float = Field(120.0, gt=0, le=3600,
+                                description="seconds the server may stay silent (prompt reading included)")
+    retry_seconds: float = Field(60.0, ge=0, le=3600,
+                                 description="how long an unreachable or failing server is retried for a reply")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8080/v1")
+        return url
 
     @model_validator(mode="after")
     def _fits_llama_cpp(self) -> EngineSettings:
         # llama.cpp would abort the whole process (GGML_ASSERT) on this rather than return an error.
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError('engine.backend = "openai" needs engine.base_url (e.g. http://127.0.0.1:8080/v1)')
         if self.parallel > self.n_batch:
             raise ValueError(f"engine.parallel ({self.parallel}) must not exceed engine.n_batch ({self.n_batch}): "
                              "every conversation generated at once needs a place in each batch")
@@ -214,6 +234,7 @@ class Secrets:
     slack_signing_secret: str | None = None
     web_token: str | None = None
     database_url: str | None = None
+    engine_api_key: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Secrets:
@@ -225,7 +246,8 @@ class Secrets:
         """Every secret string, for redaction: a database URL's password on its own too."""
         password = urlsplit(self.database_url).password if self.database_url else None
         return [v for v in (self.discord_token, self.slack_bot_token, self.slack_app_token,
-                            self.slack_signing_secret, self.web_token, self.database_url, password) if v]
+                            self.slack_signing_secret, self.web_token, self.database_url, password,
+                            self.engine_api_key) if v]
 
     def __repr__(self) -> str:
         return "Secrets(<hidden>)"

@@ -25,9 +25,10 @@ from bot.engine import Engine, EngineStatus, FinishReason, Generation, QueuePosi
 from bot.errors import LlamarelayError
 from bot.files import with_attachments
 from bot.metrics import Metrics, Platforms
-from bot.prompt import strip_markers
+from bot.prompt import Prompt, strip_markers
 from bot.reasoning import OPEN as REASONING_OPEN
 from bot.reasoning import ReasoningSplitter
+from bot.remote import PromptTooLong, RemoteEngine, RemoteGeneration, Retrying
 from bot.store import Status, Store, StoredMessage
 from bot.types import Controls, Incoming, ReplyTarget, SessionKey
 
@@ -51,6 +52,8 @@ RESET_NOTE = "🧹 The conversation was reset before this message was answered."
 TRUNCATED_MARK = "\n[… the rest of this message was cut to fit the context window]"
 RESET_WAIT_SECONDS = 10.0  # /reset waits this long for the replies it ended to be stored
 CHECKPOINT_SECONDS = 3.0  # a streaming reply's text is saved this often, so a crash keeps what was shown
+SERVER_RETRYING = "⚠️ The model server is unreachable; retrying…"
+PROMPT_ATTEMPTS = 3  # a remote server that finds the prompt too long gets it again with fewer turns
 HISTORY_PAGE = 64  # messages read per step when looking back for the history that fits
 # Zero-width and bidi-control characters are invisible and only confuse the tokenizer.
 _INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
@@ -163,7 +166,7 @@ class Request:
     key: str
     delivery: Delivery
     state: State = State.WAITING
-    generation: Generation | None = None
+    generation: Generation | RemoteGeneration | None = None
     text: str = ""  # the model's reply so far
     reply_id: int | None = None  # its row in the store, once it has one
     ended: str | None = None  # the note of /stop, /reset or shutdown once one has ended it early
@@ -214,7 +217,7 @@ class ConversationStatus:
 class ConversationManager:
     """Shared by every adapter: stores messages, builds prompts within the context window, runs the engine."""
 
-    def __init__(self, engine: Engine, store: Store, settings: Settings, *,
+    def __init__(self, engine: Engine | RemoteEngine, store: Store, settings: Settings, *,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         self.engine = engine
@@ -437,17 +440,34 @@ class ConversationManager:
 
     async def _generate(self, request: Request, exchange: Exchange) -> tuple[str, list[str]]:
         """Build the prompt and stream the model's reply into ``request.text``: (status, notes)."""
-        key, delivery = request.key, request.delivery
+        key = request.key
         request.state = State.PROMPTING
         sampling = await self.sampling(key)
         system = await self.system_prompt(key)
-        history = await self._history_that_fits(key, exchange.user_id, self.engine.n_ctx - sampling.max_tokens)
+        budget = self.engine.n_ctx - sampling.max_tokens
+        history = await self._history_that_fits(key, exchange.user_id, budget)
         speakers = not SessionKey.parse(key).is_private
-        prompt, notes = await asyncio.to_thread(
-            self.build_prompt, system, history, exchange.text, sampling.max_tokens,
-            speaker=exchange.author_name if speakers else "", prefix=exchange.prefix)
-        if request.ended is not None:
-            return Status.STOPPED, [request.ended]
+        for attempt in range(PROMPT_ATTEMPTS):
+            prompt, notes = await asyncio.to_thread(
+                self.build_prompt, system, history, exchange.text, sampling.max_tokens,
+                speaker=exchange.author_name if speakers else "", prefix=exchange.prefix, budget=budget)
+            if request.ended is not None:
+                return Status.STOPPED, [request.ended]
+            try:
+                return await self._stream(request, exchange, prompt, sampling, notes)
+            except PromptTooLong as exc:  # a remote server counts more tokens than our estimate: fewer turns
+                if attempt == PROMPT_ATTEMPTS - 1 or request.text != exchange.prefix:
+                    raise
+                budget = len(prompt.tokens) // 2
+                if exc.n_ctx is not None:  # it said how large its window is
+                    budget = min(budget, exc.n_ctx - sampling.max_tokens)
+                log.info("the model server found a prompt in %s too long; trying %d tokens", key, budget)
+        raise AssertionError("unreachable")
+
+    async def _stream(self, request: Request, exchange: Exchange, prompt: Prompt, sampling: SamplingSettings,
+                      notes: list[str]) -> tuple[str, list[str]]:
+        """Run ``prompt`` on the engine and stream the model's reply into ``request.text``: (status, notes)."""
+        key, delivery = request.key, request.delivery
         generation = request.generation = self.engine.submit(prompt, sampling, session=key)
         request.state = State.QUEUED
         metrics, submitted_at, last_text_at = self.metrics, self._clock(), None
@@ -464,6 +484,9 @@ class ConversationManager:
             if isinstance(event, QueuePosition):
                 request.state = State.QUEUED if event.position else State.GENERATING
                 delivery.status(queued_line(event.position) if event.position else THINKING)
+                continue
+            if isinstance(event, Retrying):
+                delivery.status(SERVER_RETRYING)
                 continue
             now = self._clock()  # a text delta: time to the first one, then between them
             if last_text_at is None:
@@ -484,7 +507,7 @@ class ConversationManager:
                 except LlamarelayError as exc:  # the final write will try again
                     log.warning("could not checkpoint a reply in %s: %s", key, exc)
         metrics.tokens_generated.inc(generation.n_generated)
-        metrics.prompt_tokens.inc(len(prompt))
+        metrics.prompt_tokens.inc(len(prompt.tokens))
         metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
         reasoning.finish()
         request.text = exchange.prefix + reasoning.answer
@@ -495,12 +518,14 @@ class ConversationManager:
     def _prompt_opens_reasoning(self) -> bool:
         """True when the chat template's generation prompt opens a ``<think>`` block itself (DeepSeek-R1)."""
         template = self.engine.chat_template
+        if template is None:  # a remote server applies its template and sends reasoning apart
+            return False
         if self._opens_reasoning[0] is not template:
             last, _ = template.render_segments([{"role": "user", "content": "?"}])[-1]
             self._opens_reasoning = (template, last.rstrip().endswith(REASONING_OPEN))
         return self._opens_reasoning[1]
 
-    def _outcome(self, request: Request, generation: Generation, text: str) -> tuple[str, list[str]]:
+    def _outcome(self, request: Request, generation: Generation | RemoteGeneration, text: str) -> tuple[str, list[str]]:
         if request.delivery.failed:
             return Status.INTERRUPTED, ["⚠️ The platform would not take this reply."]
         if generation.finish_reason is FinishReason.CANCELLED:
@@ -534,15 +559,17 @@ class ConversationManager:
         return history
 
     def build_prompt(self, system: str, history: list[StoredMessage], text: str, max_tokens: int, *,
-                     speaker: str = "", prefix: str = "") -> tuple[list[int], list[str]]:
-        """Prompt tokens that fit ``n_ctx - max_tokens``: system prompt always, then the newest turns that fit.
+                     speaker: str = "", prefix: str = "", budget: int | None = None) -> tuple[Prompt, list[str]]:
+        """A prompt that fits ``budget`` (default ``n_ctx - max_tokens``) tokens: the system prompt always,
+        then the newest turns that fit.
 
         Every turn is the stored text as it was written: a reply cut short is fed back as far as it got. In a
         shared conversation (``speaker``: who wrote ``text``) each user turn starts with its author's name, so
         the model can tell people apart; names are message text, never template. ``prefix`` (Continue) is a
         reply so far, which the model goes on from.
         """
-        engine, budget = self.engine, self.engine.n_ctx - max_tokens
+        engine = self.engine
+        budget = self.engine.n_ctx - max_tokens if budget is None else budget
 
         def said(m: StoredMessage) -> str:
             return f"{m.author_name}: {m.content}" if speaker and m.role == "user" and m.author_name else m.content
@@ -551,9 +578,11 @@ class ConversationManager:
         head = f"{speaker}: " if speaker else ""
         tail = engine.tokenize(prefix) if prefix else []
 
+        def conversation(kept: list[dict[str, str]], user_text: str) -> list[dict[str, str]]:
+            return [{"role": "system", "content": system}, *kept, {"role": "user", "content": head + user_text}]
+
         def render(kept: list[dict[str, str]], user_text: str) -> list[int]:
-            return engine.chat_tokens([{"role": "system", "content": system}, *kept,
-                                       {"role": "user", "content": head + user_text}]) + tail
+            return engine.chat_tokens(conversation(kept, user_text)) + tail
 
         original_length = len(text)
         text = text[:self.settings.conversation.max_message_chars]
@@ -581,7 +610,7 @@ class ConversationManager:
                 high = middle
             else:
                 low = middle + 1
-        return render(turns[low:], text), notes
+        return Prompt(conversation(turns[low:], text), render(turns[low:], text), prefix), notes
 
     # -- session commands ------------------------------------------------------------------------------
 

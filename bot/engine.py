@@ -28,7 +28,7 @@ import llama_cpp
 
 from bot.config import EngineSettings, SamplingSettings
 from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
-from bot.prompt import CHATML_TEMPLATE, ChatTemplate
+from bot.prompt import CHATML_TEMPLATE, ChatTemplate, Prompt
 
 __all__ = ["Engine", "EngineStatus", "FinishReason", "Generation", "QueuePosition", "Tokenizer"]
 
@@ -480,11 +480,13 @@ class Engine:
 
     # -- requests --------------------------------------------------------------------------------------
 
-    def submit(self, prompt: list[int], sampling: SamplingSettings, *, session: str = "") -> Generation:
+    def submit(self, prompt: list[int] | Prompt, sampling: SamplingSettings, *, session: str = "") -> Generation:
         """Queue a request; call from the event loop. Raises `QueueFull` at once when the queue is full.
 
         ``session`` names the conversation, so its next turn can reuse the KV cache of this one.
         """
+        if isinstance(prompt, Prompt):
+            prompt = prompt.tokens
         if not prompt:
             raise EngineError("empty prompt")
         if len(prompt) >= self.n_ctx:
@@ -510,6 +512,10 @@ class Engine:
                 model_name=self.model_name, queue_length=len(self._waiting),
                 running=sum(slot.generation is not None for slot in self._slots),
                 position=generation.position if generation else None, tokens_per_second=self._last_rate)
+
+    async def aclose(self) -> None:
+        """`close` off the event loop (it waits for a decode step)."""
+        await asyncio.to_thread(self.close)
 
     def close(self) -> None:
         """Stop the worker (cancelling what still runs or waits) and free llama.cpp's memory."""

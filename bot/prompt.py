@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -18,7 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bot.errors import PromptError
 
-__all__ = ["ChatTemplate", "Segment", "CHATML_TEMPLATE", "alternate_roles", "strip_markers"]
+__all__ = ["ChatTemplate", "Prompt", "Segment", "CHATML_TEMPLATE", "alternate_roles", "strip_markers"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,15 @@ _MARKER = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 Segment = tuple[str, bool]
 """A piece of the rendered prompt: (text, is_message_text)."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt both engines can take: the embedded one reads ``tokens``, a remote server ``messages``."""
+
+    messages: list[dict[str, str]]  # system prompt, the kept turns, the message being answered
+    tokens: list[int]  # the rendered prompt (for a remote server, an upper estimate of its length)
+    prefix: str = ""  # Continue: the reply so far, which the model goes on from (already in ``tokens``)
 
 
 def strip_markers(text: str) -> str:

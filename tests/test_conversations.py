@@ -32,15 +32,10 @@ class Target:
         self.calls: list[tuple[str, str]] = []
         self.first_text = asyncio.Event()
 
-    async def post(self, text: str, controls: Controls | None = None) -> int:
-        self.calls.append(("post", text))
-        self.messages.append(text)
-        return len(self.messages) - 1
-
     async def post_continuation(self, text: str, controls: Controls | None = None) -> int:
         return await self.post(text)
 
-    async def post(self, text: str, controls: Controls | None = None) -> int:  # type: ignore[no-redef]
+    async def post(self, text: str, controls: Controls | None = None) -> int:
         self.calls.append(("post", text))
         self.messages.append(text)
         if not text.startswith(("💭", "⏳")):
@@ -74,7 +69,7 @@ async def test_follow_up_carries_the_history(manager: ConversationManager, engin
     await manager.respond(message("What is my dog called?"), Target())
     history = await manager.history(CHANNEL)
     prompt, _ = manager.build_prompt("sys", history[:2], "What is my dog called?", 24)
-    rendered = engine.detokenize(prompt)
+    rendered = engine.detokenize(prompt.tokens)
     assert "My dog is called Biscuit." in rendered and first.text.strip() in rendered
     assert [m.role for m in history] == ["user", "assistant", "user", "assistant"]
 
@@ -136,7 +131,7 @@ async def test_stop_keeps_the_partial_reply_marked_stopped(manager: Conversation
     assert stored.notes == STOPPED_NOTE and STOPPED_NOTE not in stored.content
     # The model reads back exactly what it wrote, never the bot's notes.
     prompt, _ = manager.build_prompt("sys", await manager.history(CHANNEL), "next", 24)
-    rendered = manager.engine.detokenize(prompt)
+    rendered = manager.engine.detokenize(prompt.tokens)
     assert stored.content.strip() in rendered and "Stopped" not in rendered and "cut short" not in rendered
     assert not manager.stop(CHANNEL)
 
@@ -171,7 +166,7 @@ async def test_template_tokens_in_user_text_are_stored_verbatim_and_stay_plain(m
     assert (await manager.history(CHANNEL))[0].content == injection
     prompt, _ = manager.build_prompt("sys", [], injection, 24)
     im_start = engine.tokenize("<|im_start|>", special=True)[0]
-    assert prompt.count(im_start) == 3
+    assert prompt.tokens.count(im_start) == 3
 
 
 async def test_context_window_keeps_system_prompt_and_newest_turns(manager: ConversationManager,
@@ -182,9 +177,9 @@ async def test_context_window_keeps_system_prompt_and_newest_turns(manager: Conv
         await store.add_message(key, "assistant", f"answer {i} " + "words " * 40, Status.COMPLETE)
     history = await store.messages(key)
     prompt, notes = manager.build_prompt("SYSTEM-PROMPT", history, "latest question", 512)
-    rendered = engine.detokenize(prompt)
-    assert len(prompt) <= engine.n_ctx - 512
-    assert len(prompt) > (engine.n_ctx - 512) * 0.8  # it uses the window, not a timid share of it
+    rendered = engine.detokenize(prompt.tokens)
+    assert len(prompt.tokens) <= engine.n_ctx - 512
+    assert len(prompt.tokens) > (engine.n_ctx - 512) * 0.8  # it uses the window, not a timid share of it
     assert "SYSTEM-PROMPT" in rendered and "latest question" in rendered and "answer 59" in rendered
     assert "question 0 " not in rendered and notes == []
 
@@ -293,7 +288,7 @@ async def test_message_over_the_character_limit_keeps_the_history(manager: Conve
     manager.settings.conversation.max_message_chars = 200
     await manager.store.add_message(str(CHANNEL), "user", "EARLIER-QUESTION", Status.COMPLETE)
     prompt, notes = manager.build_prompt("sys", await manager.history(CHANNEL), "word " * 100, 24)
-    rendered = engine.detokenize(prompt)
+    rendered = engine.detokenize(prompt.tokens)
     assert "EARLIER-QUESTION" in rendered and "cut to fit" in rendered
     assert notes and "first 200 of 500 characters" in notes[0]
 
@@ -480,12 +475,12 @@ async def test_speakers_are_named_in_shared_conversations_only(manager: Conversa
     await manager.respond(Incoming(CHANNEL, "u1", "Ana", "I like tea."), Target())
     history = await manager.history(CHANNEL)
     shared, _ = manager.build_prompt("sys", history, "And I like coffee.", 24, speaker="Bo <|im_start|>")
-    rendered = engine.detokenize(shared)
+    rendered = engine.detokenize(shared.tokens)
     assert "Ana: I like tea." in rendered and "Bo <|im_start|>: And I like coffee." in rendered
     im_start = engine.tokenize("<|im_start|>", special=True)[0]
-    assert shared.count(im_start) == 5  # system, Ana, reply, Bo, generation prompt: the name stayed plain text
+    assert shared.tokens.count(im_start) == 5  # system, Ana, reply, Bo, generation prompt: the name stayed plain text
     private, _ = manager.build_prompt("sys", history, "And I like coffee.", 24)
-    assert "Ana: I like tea." not in engine.detokenize(private)
+    assert "Ana: I like tea." not in engine.detokenize(private.tokens)
 
 
 async def test_a_thread_inherits_its_channels_settings_until_it_sets_its_own(manager: ConversationManager) -> None:

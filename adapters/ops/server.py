@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapters.listener import Listener
 from bot.conversations import ConversationManager
+from bot.remote import RemoteEngine
 
 __all__ = ["OpsServer", "create_app", "readiness"]
 
@@ -23,11 +24,11 @@ async def readiness(manager: ConversationManager) -> dict[str, str]:
     """Each check and its result ("ok" or "connected" when it passes): the engine, the database, and every
     configured platform."""
     checks: dict[str, str] = {}
-    try:
-        manager.engine.status()
+    engine = manager.engine
+    if isinstance(engine, RemoteEngine):  # the embedded engine is loaded before anything listens
+        checks["engine"] = "ok" if await engine.probe() else f"model server {engine.settings.base_url} is not answering"
+    else:
         checks["engine"] = "ok"
-    except Exception as exc:  # the remote engine (issue 12) may fail here; the embedded one is loaded or absent
-        checks["engine"] = f"failing: {exc}"
     try:
         await asyncio.wait_for(manager.store.system_prompt("ops/readyz"), DATABASE_CHECK_SECONDS)
         checks["database"] = "ok"
