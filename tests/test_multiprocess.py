@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,8 +23,10 @@ from bot.conversations import ConversationManager
 from bot.engine import Engine
 from bot.store import Status, Store, open_store
 from bot.types import Controls
-from tests.fake_slack import FakeSlack
+from tests.fake_slack import APP_TOKEN, BOT_TOKEN, FakeSlack
+from tests.inference_server import InferenceServer
 from tests.slack_helpers import REPLY_TIMEOUT_SECONDS, direct_message, fake, running_bot, settled
+from tests.test_cli import ENV
 from tests.test_conversations import CHANNEL, Target, message
 
 __all__ = ["fake"]  # the fixture
@@ -47,6 +50,15 @@ async def advisory_locks(url: str) -> int:
         return await connection.fetchval("SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
     finally:
         await connection.close()
+
+
+async def test_processes_starting_at_once_on_a_new_database_all_start(postgres: Any) -> None:
+    for _ in range(3):  # the race is narrow: several fresh databases
+        url = await postgres.database()
+        stores = await asyncio.gather(*(open_store(url) for _ in range(4)))
+        assert {await store.schema_version() for store in stores} == {stores[0].latest_version}
+        for store in stores:
+            await store.close()
 
 
 # -- the store's turn ------------------------------------------------------------------------------------
@@ -265,3 +277,56 @@ async def test_two_slack_bots_answer_every_event_once_in_order(two_managers: lis
     assert [m.role for m in history] == ["user", "assistant"] * len(texts)
     assert all(m.status == Status.COMPLETE for m in history)
     # (Slack shows edits paced, after the turn, so the order of generation is checked on the manager above.)
+
+
+async def test_two_bot_processes_on_one_database_and_one_inference_server_answer_each_event_once_in_order(
+        tmp_path: Path, postgres_url: str, fake: FakeSlack) -> None:
+    """Two `llamarelay run` processes on one Slack app, one PostgreSQL and one remote inference server; the fake
+    Slack delivers each event to a random connection, and some twice."""
+    server = await InferenceServer(tmp_path).start()
+    env = {**ENV, "SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_APP_TOKEN": APP_TOKEN, "LLAMARELAY_DATABASE_URL": postgres_url,
+           "LLAMARELAY_SLACK__API_BASE_URL": fake.base_url, "LLAMARELAY_WEB__ENABLED": "false",
+           "LLAMARELAY_ENGINE__BACKEND": "openai", "LLAMARELAY_ENGINE__BASE_URL": server.base_url,
+           "LLAMARELAY_SAMPLING__MAX_TOKENS": "12", "LLAMARELAY_SAMPLING__TEMPERATURE": "0"}
+    bots = []
+    for n in range(2):
+        with (tmp_path / f"bot{n}.log").open("wb") as log:
+            bots.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bot", "run", cwd=tmp_path, env={**env, "PYTHONPATH": str(Path.cwd())},
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log))
+    chooser = random.Random(7)
+    texts = ["Name a fruit.", "Name a color.", "Name an animal.", "Name a city.", "Name a tree."]
+    try:
+        await fake.wait_for(lambda: fake.open_sockets == 2, timeout=60, what="both processes connected")
+        for n, text in enumerate(texts):
+            event, event_id = direct_message(text), f"Ev{n:04d}"
+            await fake.push_event(event, event_id=event_id, to=chooser.randrange(2))
+            if n % 2 == 0:
+                await fake.push_event(event, event_id=event_id, to=chooser.randrange(2), retry_attempt=1)
+            await asyncio.sleep(0.05)
+        store = await open_store(postgres_url)
+        try:
+            async def answered() -> list[Any]:
+                keys = await store.session_keys("")
+                history = await store.messages(keys[0]) if keys else []
+                return [m for m in history if m.role == "assistant" and m.status != Status.GENERATING]
+
+            deadline = time.monotonic() + REPLY_TIMEOUT_SECONDS
+            while len(await answered()) < len(texts) and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1.0)  # a duplicate answered late would show by now
+            [key] = await store.session_keys("")
+            history = await store.messages(key)
+        finally:
+            await store.close()
+        assert [(m.role, m.content) for m in history if m.role == "user"] == [("user", t) for t in texts]
+        assert [m.role for m in history] == ["user", "assistant"] * len(texts)
+        assert all(m.status == Status.COMPLETE for m in history)
+        assert len(fake.messages_in("D1")) == len(texts)
+    finally:
+        for bot in bots:
+            if bot.returncode is None:
+                bot.terminate()
+        for bot in bots:
+            assert await asyncio.wait_for(bot.wait(), 15) == 0
+        await server.stop()

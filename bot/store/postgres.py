@@ -84,8 +84,7 @@ class PostgresStore(Store):
                              f"{str(exc).replace(url, redact_url(url))}") from None
         store = cls(pool, url)
         try:
-            await store._execute("CREATE TABLE IF NOT EXISTS schema_migrations "
-                                 "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION)")
+            await store._create_migrations_table()
             version = await store.schema_version()
             if version > store.latest_version:
                 raise StoreError(f"the database {store.url} has schema version {version}, newer than this "
@@ -153,6 +152,17 @@ class PostgresStore(Store):
             return self._turn_pool
 
     # -- schema ------------------------------------------------------------------------------------------
+
+    async def _create_migrations_table(self) -> None:
+        """Under the migration lock: two processes starting on a new database would otherwise race in
+        CREATE TABLE IF NOT EXISTS, and one would fail on the table's type "already existing"."""
+        try:
+            async with self._pool.acquire() as connection, connection.transaction():
+                await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+                await connection.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                                         "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION)")
+        except _ERRORS as exc:
+            raise StoreError(f"cannot write to the database {self.url}: {exc}") from None
 
     async def schema_version(self) -> int:
         return await self._fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
