@@ -35,9 +35,9 @@ class InferenceServer:
         self._log = log_dir / f"llama_cpp_server_{self.port}.log"
         self._process: asyncio.subprocess.Process | None = None
 
-    async def start(self) -> InferenceServer:
+    async def start(self, *, threads: str = "1") -> InferenceServer:
         arguments = ["--model", str(MODEL_PATH), "--host", "127.0.0.1", "--port", str(self.port),
-                     "--n_ctx", str(self.n_ctx), "--n_threads", "1"]
+                     "--n_ctx", str(self.n_ctx), "--n_threads", threads]
         if self.api_key:
             arguments += ["--api_key", self.api_key]
         with self._log.open("ab") as log:
