@@ -54,6 +54,7 @@ RESET_WAIT_SECONDS = 10.0  # /reset waits this long for the replies it ended to 
 CHECKPOINT_SECONDS = 3.0  # a streaming reply's text is saved this often, so a crash keeps what was shown
 SERVER_RETRYING = "⚠️ The model server is unreachable; retrying…"
 PROMPT_ATTEMPTS = 3  # a remote server that finds the prompt too long gets it again with fewer turns
+WINDOW_REFILL = 0.6  # when a full window must drop turns, it drops down to this share, so its start holds
 HISTORY_PAGE = 64  # messages read per step when looking back for the history that fits
 # Zero-width and bidi-control characters are invisible and only confuse the tokenizer.
 _INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
@@ -227,6 +228,7 @@ class ConversationManager:
         self._pacers = Pacers(clock=clock, sleep=sleep)
         self._lines: dict[str, list[Request]] = {}  # per conversation, its unfinished requests in arrival order
         self._turns: dict[str, asyncio.Lock] = {}  # per conversation: whose turn it is to generate
+        self._window_starts: dict[str, int] = {}  # per conversation with a full window: its oldest kept message
         self._background: set[asyncio.Task[ReplyResult]] = set()  # replies no caller awaits (`in_background`)
         self._opens_reasoning: tuple[object, bool] = (None, False)  # (chat template, its prompt opens <think>)
         self._idle = asyncio.Event()
@@ -450,7 +452,12 @@ class ConversationManager:
         for attempt in range(PROMPT_ATTEMPTS):
             prompt, notes = await asyncio.to_thread(
                 self.build_prompt, system, history, exchange.text, sampling.max_tokens,
-                speaker=exchange.author_name if speakers else "", prefix=exchange.prefix, budget=budget)
+                speaker=exchange.author_name if speakers else "", prefix=exchange.prefix, budget=budget,
+                keep_from=self._window_starts.get(key))
+            if prompt.turns_from is None:
+                self._window_starts.pop(key, None)
+            else:
+                self._window_starts[key] = prompt.turns_from
             if request.ended is not None:
                 return Status.STOPPED, [request.ended]
             try:
@@ -559,14 +566,16 @@ class ConversationManager:
         return history
 
     def build_prompt(self, system: str, history: list[StoredMessage], text: str, max_tokens: int, *,
-                     speaker: str = "", prefix: str = "", budget: int | None = None) -> tuple[Prompt, list[str]]:
+                     speaker: str = "", prefix: str = "", budget: int | None = None,
+                     keep_from: int | None = None) -> tuple[Prompt, list[str]]:
         """A prompt that fits ``budget`` (default ``n_ctx - max_tokens``) tokens: the system prompt always,
         then the newest turns that fit.
 
         Every turn is the stored text as it was written: a reply cut short is fed back as far as it got. In a
         shared conversation (``speaker``: who wrote ``text``) each user turn starts with its author's name, so
         the model can tell people apart; names are message text, never template. ``prefix`` (Continue) is a
-        reply so far, which the model goes on from.
+        reply so far, which the model goes on from. When turns must be left out, they go in large steps, and
+        ``keep_from`` (the oldest message the last prompt kept) is kept again while it fits.
         """
         engine = self.engine
         budget = self.engine.n_ctx - max_tokens if budget is None else budget
@@ -602,15 +611,27 @@ class ConversationManager:
             notes.append(f"⚠️ Your message was too long, so only its first {len(text):,} of {original_length:,} "
                          "characters were read.")
             text += TRUNCATED_MARK
-        # Drop the oldest turns until the prompt fits (binary search: render is monotone in what is kept).
-        low, high = 0, len(turns)
-        while low < high:
-            middle = (low + high) // 2
-            if len(render(turns[middle:], text)) <= budget:
-                high = middle
-            else:
-                low = middle + 1
-        return Prompt(conversation(turns[low:], text), render(turns[low:], text), prefix), notes
+        def first_fitting(limit: int, low: int = 0) -> int:
+            """How many of the oldest turns to drop to fit ``limit`` (render is monotone in what is kept)."""
+            high = len(turns)
+            while low < high:
+                middle = (low + high) // 2
+                if len(render(turns[middle:], text)) <= limit:
+                    high = middle
+                else:
+                    low = middle + 1
+            return low
+
+        drop = first_fitting(budget)
+        if drop:
+            # A full window drops turns in large steps: the prompt keeps its start (and the engine its cached
+            # prefix) for many turns, rather than changing it, and re-reading everything, on every message.
+            kept_before = next((i for i, m in enumerate(history) if keep_from is not None and m.id >= keep_from),
+                               -1)
+            drop = kept_before if kept_before >= drop else first_fitting(int(budget * WINDOW_REFILL), drop)
+        start = history[drop].id if drop < len(history) else None
+        return Prompt(conversation(turns[drop:], text), render(turns[drop:], text), prefix,
+                      turns_from=start if drop else None), notes
 
     # -- session commands ------------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ class Prompt:
     messages: list[dict[str, str]]  # system prompt, the kept turns, the message being answered
     tokens: list[int]  # the rendered prompt (for a remote server, an upper estimate of its length)
     prefix: str = ""  # Continue: the reply so far, which the model goes on from (already in ``tokens``)
+    turns_from: int | None = None  # the oldest stored message kept, when older ones had to be left out
 
 
 def strip_markers(text: str) -> str:

@@ -179,9 +179,33 @@ async def test_context_window_keeps_system_prompt_and_newest_turns(manager: Conv
     prompt, notes = manager.build_prompt("SYSTEM-PROMPT", history, "latest question", 512)
     rendered = engine.detokenize(prompt.tokens)
     assert len(prompt.tokens) <= engine.n_ctx - 512
-    assert len(prompt.tokens) > (engine.n_ctx - 512) * 0.8  # it uses the window, not a timid share of it
+    assert len(prompt.tokens) > (engine.n_ctx - 512) * 0.5  # it uses the window, not a timid share of it
     assert "SYSTEM-PROMPT" in rendered and "latest question" in rendered and "answer 59" in rendered
     assert "question 0 " not in rendered and notes == []
+
+
+async def test_a_full_window_drops_turns_in_large_steps_so_the_prompt_keeps_its_start(
+        manager: ConversationManager, store: Store) -> None:
+    key, engine = str(CHANNEL), manager.engine
+    for i in range(40):
+        await store.add_message(key, "user", f"question {i} " + "words " * 40, Status.COMPLETE)
+        await store.add_message(key, "assistant", f"answer {i} " + "words " * 40, Status.COMPLETE)
+    keep, prompts = None, []
+    for turn in range(12):  # each turn: a prompt with the last prompt's start, then its exchange is stored
+        prompt, _ = manager.build_prompt("sys", await store.messages(key), f"next {turn}", 24, keep_from=keep)
+        assert len(prompt.tokens) <= engine.n_ctx - 24 and prompt.turns_from is not None
+        keep = prompt.turns_from
+        prompts.append(prompt)
+        await store.add_message(key, "user", f"next {turn}", Status.COMPLETE)
+        await store.add_message(key, "assistant", f"reply {turn} " + "words " * 40, Status.COMPLETE)
+    starts = [p.turns_from for p in prompts]
+    assert len(set(starts)) <= 3  # moved in large steps, not on every message
+    held = [(a, b) for a, b in zip(prompts, prompts[1:]) if a.turns_from == b.turns_from]
+    assert len(held) >= 8
+    for earlier, later in held:  # the engine's cached prefix stays valid: all but the generation prompt
+        common = next((i for i, (x, y) in enumerate(zip(earlier.tokens, later.tokens)) if x != y),
+                      len(earlier.tokens))
+        assert common >= len(earlier.tokens) - 8
 
 
 async def test_reset_clears_history_but_keeps_the_system_prompt(manager: ConversationManager) -> None:
