@@ -15,7 +15,7 @@ from hypothesis import given, settings as hypothesis_settings, strategies as st
 from adapters.ops.server import readiness
 from bot.app import open_engine
 from bot.config import EngineSettings, SamplingSettings, Secrets, Settings, load_settings
-from bot.conversations import SERVER_RETRYING, ConversationManager, queued_line
+from bot.conversations import SERVER_RETRYING, ConversationManager, ReplyResult, queued_line
 from bot.errors import ConfigError
 from bot.remote import BYTES_PER_TOKEN, RemoteEngine, estimate_tokens
 from bot.store import Status, Store
@@ -53,7 +53,7 @@ async def remote_manager(settings: Settings, store: Store, api_key: str | None =
         await engine.aclose()
 
 
-async def answer(manager: ConversationManager, text: str, target: Target | None = None):  # noqa: ANN201
+async def answer(manager: ConversationManager, text: str, target: Target | None = None) -> ReplyResult:
     async with asyncio.timeout(REPLY_TIMEOUT_SECONDS):
         return await manager.respond(message(text), target or Target())
 
