@@ -25,6 +25,7 @@ from bot.config import Secrets, Settings
 from bot.conversations import (LENGTH_NOTE, REASONING, STALE_REPLY, STOPPED_NOTE, THINKING, WAITING_FOR_PREVIOUS,
                                ConversationManager, parse_status_line, queued_line)
 from bot.errors import ConfigError
+from bot.prompt import Prompt
 from bot.store import Status
 from bot.types import SessionKey
 
@@ -474,8 +475,8 @@ async def test_the_model_reads_no_speaker_name_on_the_web(browsers: Callable[[],
     prompts: list[list[int]] = []
     submit = manager.engine.submit
 
-    def recording_submit(prompt: list[int], *args: Any, **kwargs: Any) -> Any:
-        prompts.append(list(prompt))
+    def recording_submit(prompt: Prompt, *args: Any, **kwargs: Any) -> Any:
+        prompts.append(prompt.tokens)
         return submit(prompt, *args, **kwargs)
 
     monkeypatch.setattr(manager.engine, "submit", recording_submit)
