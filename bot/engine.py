@@ -15,7 +15,6 @@ import enum
 import logging
 import os
 import re
-import statistics
 import sys
 import tempfile
 import threading
@@ -46,7 +45,7 @@ IDLE_SEQUENCES = 32  # llama.cpp sequences at least: idle ones keep their conver
 LLAMA_MAX_SEQ = 256  # llama.cpp's own limit on sequence ids
 SHIFT_MIN_TOKENS = 32  # a context shift must keep at least this many tokens to be worth it
 COPY_MIN_TOKENS = 8  # shorter shared prefixes are read again rather than copied
-STEP_SAMPLES = 64  # recent decode steps the step-time model is fitted to
+BARE_STEP_EVERY = 32  # while prompts are read, every this many steps one is left without, to time it anew
 
 
 class FinishReason(str, enum.Enum):
@@ -463,7 +462,9 @@ class Engine:
         # A recurrent state is one whole: neither a prefix of it can be shared nor its positions shifted.
         self._can_copy = not (llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
         self._can_shift = self._can_copy and bool(llama_cpp.llama_memory_can_shift(self._memory))
-        self._steps: deque[tuple[int, float]] = deque(maxlen=STEP_SAMPLES)  # (tokens, seconds) of recent decodes
+        self._chunk = 4.0 * settings.prefill_chunk  # prompt tokens per step beside generating streams, adapted
+        self._gen_step: float | None = None  # seconds a step without prompt tokens takes, smoothed
+        self._since_bare = 0  # steps since the last one without prompt tokens
         self._saved = _StateCache(settings.state_cache_mb * 1024 * 1024)
         self._queues: OrderedDict[str, deque[Generation]] = OrderedDict()  # by session, served in turn
         self._n_waiting = 0
@@ -844,7 +845,10 @@ class Engine:
         generating = [slot for slot in slots if slot.next_token is not None]
         prompting = sorted((slot for slot in slots if slot.pending), key=lambda s: len(s.pending or ()))
         capacity = self._n_batch - len(generating)
-        budget = min(capacity, self._prefill_tokens(len(generating))) if generating else capacity
+        budget = min(capacity, self._prefill_tokens()) if generating else capacity
+        if generating and (self._gen_step is None or self._since_bare >= BARE_STEP_EVERY):
+            budget = 0  # a step of generating tokens only, to time it as the machine is now
+        limited = budget < sum(len(slot.pending or ()) for slot in prompting)  # more prompt than this step takes
         budget = min(budget, sum(len(slot.pending or ()) for slot in prompting))
         if not self._make_room(len(generating) + budget):
             budget = max(0, self.pool_tokens - len(self._refs) - len(generating))
@@ -854,6 +858,7 @@ class Engine:
                 with self._cond:
                     self._finish(longest, FinishReason.LENGTH)
         batch, n = self._batch, 0
+        n_prompt = budget
         for slot in slots:
             slot.logits_index = -1
         for slot in generating:
@@ -880,28 +885,29 @@ class Engine:
         result = llama_cpp.llama_decode(self._ctx, batch)
         if result != 0:
             raise EngineError(f"llama_decode returned {result}")
-        self._steps.append((n, time.perf_counter() - started))
+        if generating:
+            self._measure(time.perf_counter() - started, n_prompt, limited)
         for slot in slots:
             if slot.logits_index >= 0:
                 self._sample(slot)
 
-    def _prefill_tokens(self, n_generating: int) -> int:
-        """Prompt tokens a step may add to ``n_generating`` streams' tokens and still take at most
-        ``step_budget_ms`` (or twice a step without them, when that alone is longer); never below
-        ``prefill_chunk``, so a prompt always advances. Step time is fitted as a + b x tokens over recent steps."""
-        floor = self.settings.prefill_chunk
-        if len(self._steps) < 4:
-            return 4 * floor
-        tokens = [float(n) for n, _ in self._steps]
-        times = [t for _, t in self._steps]
-        mean_n, mean_t = statistics.fmean(tokens), statistics.fmean(times)
-        spread = sum((n - mean_n) ** 2 for n in tokens)
-        slope = sum((n - mean_n) * (t - mean_t) for n, t in zip(tokens, times)) / spread if spread else 0.0
-        intercept = mean_t - slope * mean_n
-        if slope <= 0 or intercept < 0:  # too little spread or noise: the average cost per token
-            slope, intercept = mean_t / mean_n, 0.0
-        target = max(self.settings.step_budget_ms / 1000, 2 * (intercept + slope * n_generating))
-        return max(floor, int((target - intercept) / slope) - n_generating)
+    def _prefill_tokens(self) -> int:
+        """Prompt tokens a step may add to the generating streams' tokens (see `_measure`)."""
+        return max(self.settings.prefill_chunk, int(self._chunk))
+
+    def _measure(self, seconds: float, n_prompt: int, limited: bool) -> None:
+        """Size the next steps' prompt chunk by this step's time: a step with prompt tokens should take
+        ``step_budget_ms``, or twice a step without them when that alone takes longer (a slow model or a busy
+        machine), so streams keep flowing while prompts are read as fast as that allows."""
+        self._since_bare = self._since_bare + 1 if n_prompt else 0
+        if not n_prompt:
+            self._gen_step = seconds if self._gen_step is None else 0.8 * self._gen_step + 0.2 * seconds
+            return
+        if not limited:  # the prompts ran out before the chunk did: the step says nothing about its size
+            return
+        target = max(self.settings.step_budget_ms / 1000, 2 * (self._gen_step or 0.0))
+        ratio = min(2.0, max(0.5, target / max(seconds, 1e-6)))
+        self._chunk = min(float(self._n_batch), max(float(self.settings.prefill_chunk), self._chunk * ratio))
 
     def _append(self, slot: _Slot, token: int) -> None:
         slot.cached.append(token)
