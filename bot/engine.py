@@ -462,6 +462,8 @@ class Engine:
         # A recurrent state is one whole: neither a prefix of it can be shared nor its positions shifted.
         self._can_copy = not (llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
         self._can_shift = self._can_copy and bool(llama_cpp.llama_memory_can_shift(self._memory))
+        self.step_seconds: deque[float] = deque(maxlen=10_000)
+        """How long recent llama_decode steps took (for benchmarks and metrics)."""
         self._chunk = 4.0 * settings.prefill_chunk  # prompt tokens per step beside generating streams, adapted
         self._gen_step: float | None = None  # seconds a step without prompt tokens takes, smoothed
         self._since_bare = 0  # steps since the last one without prompt tokens
@@ -834,7 +836,8 @@ class Engine:
 
     def _step(self) -> None:
         """One llama_decode over every active sequence: a token each for the generating ones, then prompt tokens,
-        shortest remaining prompt first, as many as keep the step within the latency budget."""
+        shortest remaining prompt first (so a short prompt never waits behind a long one), as many as keep the
+        step within the latency budget."""
         slots = []
         for slot in self._active():
             if slot.generation is not None and slot.generation._cancel_requested:
@@ -845,11 +848,14 @@ class Engine:
         generating = [slot for slot in slots if slot.next_token is not None]
         prompting = sorted((slot for slot in slots if slot.pending), key=lambda s: len(s.pending or ()))
         capacity = self._n_batch - len(generating)
-        budget = min(capacity, self._prefill_tokens()) if generating else capacity
+        waiting_tokens = sum(len(slot.pending or ()) for slot in prompting)
+        # Alone, a prompt is read at full batch speed; beside streams or other prompts, in timed chunks.
+        timed = bool(generating) or len(prompting) > 1
+        budget = min(capacity, self._prefill_tokens()) if timed else capacity
         if generating and (self._gen_step is None or self._since_bare >= BARE_STEP_EVERY):
             budget = 0  # a step of generating tokens only, to time it as the machine is now
-        limited = budget < sum(len(slot.pending or ()) for slot in prompting)  # more prompt than this step takes
-        budget = min(budget, sum(len(slot.pending or ()) for slot in prompting))
+        limited = timed and 0 < budget < waiting_tokens  # more prompt than this step takes: a measure of it
+        budget = min(budget, waiting_tokens)
         if not self._make_room(len(generating) + budget):
             budget = max(0, self.pool_tokens - len(self._refs) - len(generating))
             while generating and self.pool_tokens - len(self._refs) < len(generating):
@@ -885,8 +891,10 @@ class Engine:
         result = llama_cpp.llama_decode(self._ctx, batch)
         if result != 0:
             raise EngineError(f"llama_decode returned {result}")
-        if generating:
-            self._measure(time.perf_counter() - started, n_prompt, limited)
+        seconds = time.perf_counter() - started
+        self.step_seconds.append(seconds)
+        if generating or limited:
+            self._measure(seconds, n_prompt, limited)
         for slot in slots:
             if slot.logits_index >= 0:
                 self._sample(slot)
