@@ -15,7 +15,7 @@ import hypothesis
 from hypothesis import given, strategies as st
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.engine import Engine, FinishReason, Generation, QueuePosition, Tokenizer
+from bot.engine import SHIFT_MIN_TOKENS, Engine, FinishReason, Generation, QueuePosition, Tokenizer, _Slot
 from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
 from bot.prompt import CHATML_TEMPLATE, ChatTemplate
 from tests.conftest import MODEL_PATH
@@ -375,6 +375,27 @@ async def test_a_dropped_middle_is_shifted_out_and_the_rest_of_the_cache_kept() 
         assert text.strip()
     finally:
         engine.close()
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_a_context_shift_keeps_exactly_a_prefix_of_the_new_prompt(engine: Engine, data: st.DataObject) -> None:
+    tokens = st.lists(st.integers(1, 4), min_size=0, max_size=60)  # few distinct tokens: many near-matches
+    head, dropped, kept, tail, new = (data.draw(tokens) for _ in range(5))
+    kept += data.draw(st.lists(st.integers(1, 4), min_size=SHIFT_MIN_TOKENS, max_size=80))
+    cached, prompt = head + dropped + kept + tail, head + kept + new + [5]
+    start = _common_prefix_len(cached, prompt)
+    plan = engine._shift_plan(_Slot(seq_id=0, cached=cached), prompt, start)
+    if start == len(head) and dropped and len(cached) - start >= 2 * SHIFT_MIN_TOKENS:
+        assert plan is not None  # the kept turns follow the dropped ones in the cache: they are found
+    if plan is None:
+        return
+    drop, keep = plan
+    assert drop > 0 and keep >= SHIFT_MIN_TOKENS and start + keep < len(prompt)
+    # What stays after the shift is the new prompt's beginning, token for token.
+    assert cached[:start] + cached[start + drop:start + drop + keep] == prompt[:start + keep]
+    if start == len(head):
+        assert keep >= len(kept)
 
 
 # -- user-defined tokens ------------------------------------------------------------------------------------
