@@ -1,9 +1,13 @@
 """The one llama.cpp engine: loads the model once, queues every session's requests, decodes off the event loop.
 
 One worker thread owns the llama.cpp context. Each step it puts into one batch the next token of every
-generating sequence plus a chunk of prompt tokens for newly admitted ones (continuous batching over
-``parallel`` slots), decodes, and samples with per-request sampler chains that run in C. Results travel to
-the asyncio side through ``loop.call_soon_threadsafe``; nothing here ever blocks the event loop.
+generating sequence plus prompt tokens for newly admitted ones, as many as a step-time budget allows
+(continuous batching), decodes, and samples with per-request sampler chains that run in C. Every sequence
+draws its KV cells from one unified pool: a request is admitted, one session at a time in turn, while fewer
+than ``parallel`` generate and the pool has room, idle conversations' caches being evicted (to RAM) least
+recently used first. A new sequence shares the longest prefix any other holds (the system prompt), and a
+conversation that dropped its oldest turns keeps the rest of its cache by shifting it (context shift).
+Results travel to the asyncio side through ``loop.call_soon_threadsafe``; nothing here ever blocks the event loop.
 """
 
 from __future__ import annotations
@@ -785,7 +789,7 @@ class Engine:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
 
     def _save(self, slot: _Slot) -> None:
-        """Keep the slot's KV cache in RAM for its conversation's next turn before the pool drops it."""
+        """Keep the slot's KV cache in RAM for its conversation's next turn before another takes the slot."""
         if not slot.session or not slot.cached:
             return
         size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id)
