@@ -1,6 +1,6 @@
 """Engine overhead: raw llama.cpp decode rate vs the engine's single-stream rate, on the same model and threads.
 
-Run: .venv/bin/python benchmarks/engine.py [--tokens 256] [--runs 3]
+Run: .venv/bin/python benchmarks/engine.py [--tokens 256] [--runs 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -67,8 +67,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=EngineSettings().n_threads,
+                        help="[engine] n_threads (0 = all cores); 1 on a machine that is busy with other work")
     args = parser.parse_args()
-    engine = Engine(EngineSettings(model_path=MODEL, n_ctx=2048))
+    engine = Engine(EngineSettings(model_path=MODEL, n_ctx=2048, n_threads=args.threads))
     prompt = engine.chat_tokens(PROMPT)
     print(f"model: {engine.model_name}, threads: {engine.settings.n_threads or os.cpu_count()}, "
           f"prompt: {len(prompt)} tokens, generating up to {args.tokens} tokens, median of {args.runs} runs")

@@ -45,9 +45,13 @@ class EngineSettings(_Section):
     n_ctx: int = Field(4096, ge=256, le=131072, description="context window of one conversation, in tokens")
     n_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0 = all cores")
     n_batch: int = Field(512, ge=16, le=8192, description="most tokens decoded in one llama_decode call")
-    parallel: int = Field(4, ge=1, le=64, description="conversations generated together (sequence slots)")
+    kv_pool_mb: int = Field(0, ge=0, le=1_000_000,
+                            description="RAM for the KV cache all conversations share; 0 = room for 4 x n_ctx tokens")
+    parallel: int = Field(0, ge=0, le=64, description="most conversations generated together; 0 = automatic")
+    step_budget_ms: int = Field(100, ge=5, le=60_000,
+                                description="longest decode step while replies stream: prompt chunks are sized to it")
     prefill_chunk: int = Field(16, ge=1, le=8192,
-                               description="most prompt tokens read per step while other replies generate")
+                               description="fewest prompt tokens read per step while other replies generate")
     state_cache_mb: int = Field(256, ge=0, le=1_000_000,
                                 description="RAM for KV caches of conversations whose slot was reused")
     max_queue: int = Field(32, ge=1, le=10000, description="requests that may wait; more are refused")

@@ -1,9 +1,13 @@
 """The one llama.cpp engine: loads the model once, queues every session's requests, decodes off the event loop.
 
 One worker thread owns the llama.cpp context. Each step it puts into one batch the next token of every
-generating sequence plus a chunk of prompt tokens for newly admitted ones (continuous batching over
-``parallel`` slots), decodes, and samples with per-request sampler chains that run in C. Results travel to
-the asyncio side through ``loop.call_soon_threadsafe``; nothing here ever blocks the event loop.
+generating sequence plus prompt tokens for newly admitted ones, as many as a step-time budget allows
+(continuous batching), decodes, and samples with per-request sampler chains that run in C. Every sequence
+draws its KV cells from one unified pool: a request is admitted, one session at a time in turn, while fewer
+than ``parallel`` generate and the pool has room, idle conversations' caches being evicted (to RAM) least
+recently used first. A new sequence shares the longest prefix any other holds (the system prompt), and a
+conversation that dropped its oldest turns keeps the rest of its cache by shifting it (context shift).
+Results travel to the asyncio side through ``loop.call_soon_threadsafe``; nothing here ever blocks the event loop.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
@@ -39,6 +43,13 @@ _DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a new random seed
 # Tokens plain text must never become: chat markers, BOS/EOS, and added tokens such as Qwen's <think>.
 _SPECIAL_ATTRS = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
 _LONGEST_MATCHED_TEXT = 128  # longer token texts are left to the fallback in Tokenizer._plain_run
+KV_POOL_WINDOWS = 4  # the automatic KV pool holds this many full context windows
+AUTO_PARALLEL_MAX = 16  # the automatic [engine] parallel: this many, if the pool and the batch allow
+IDLE_SEQUENCES = 32  # llama.cpp sequences at least: idle ones keep their conversation's KV (and shared prefixes)
+LLAMA_MAX_SEQ = 256  # llama.cpp's own limit on sequence ids
+SHIFT_MIN_TOKENS = 32  # a context shift must keep at least this many tokens to be worth it
+COPY_MIN_TOKENS = 8  # shorter shared prefixes are read again rather than copied
+BARE_STEP_EVERY = 32  # while prompts are read, every this many steps one is left without, to time it anew
 
 
 class FinishReason(str, enum.Enum):
@@ -144,10 +155,12 @@ class Generation:
 
 @dataclass
 class _Slot:
-    """One llama.cpp sequence. Between requests it keeps its KV cache for the next turn of the same session."""
+    """One llama.cpp sequence in the shared KV pool. Between requests it keeps its KV cache for the session's
+    next turn, and as a prefix new sequences may copy, until the pool needs the room."""
 
     seq_id: int
-    cached: list[int]  # tokens whose KV is in this sequence now
+    cached: list[int]  # tokens whose KV is in this sequence now, at positions 0, 1, ...
+    cells: list[int] = field(default_factory=list)  # a name for each of those KV cells: copies share names
     generation: Generation | None = None
     pending: list[int] | None = None  # prompt tokens still to decode
     next_token: int | None = None  # sampled, not decoded yet
@@ -155,6 +168,17 @@ class _Slot:
     decoder: Any = None
     last_used: float = 0.0
     session: str = ""
+
+
+def _queue_key(generation: Generation) -> str:
+    """The waiting line a request joins: its session's, or one of its own when it names none."""
+    return f"s:{generation.session}" if generation.session else f"r:{id(generation)}"
+
+
+def _kv_bytes_per_token(model: Any) -> int:
+    """Bytes of f16 K and V one token takes in every layer."""
+    head_dim = llama_cpp.llama_model_n_embd(model) // llama_cpp.llama_model_n_head(model)
+    return llama_cpp.llama_model_n_layer(model) * 2 * head_dim * llama_cpp.llama_model_n_head_kv(model) * 2
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -395,26 +419,34 @@ class Engine:
         if not model:
             raise ModelLoadError(f"cannot load model {path}: not a valid GGUF file (run `llamarelay fetch-model` "
                                  "for the default model, or point [engine] model_path at another GGUF)")
+        per_token = _kv_bytes_per_token(model)
+        pool = settings.kv_pool_mb * 2**20 // per_token if settings.kv_pool_mb else KV_POOL_WINDOWS * settings.n_ctx
+        pool = max(pool, settings.n_ctx)  # one conversation may always fill its whole window
+        parallel = settings.parallel or min(AUTO_PARALLEL_MAX, settings.n_batch, max(1, pool // 512))
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = settings.n_ctx * settings.parallel
+        params.n_ctx = pool
+        params.kv_unified = True  # one pool of KV cells for every sequence: no per-slot share to tune
         params.n_batch = params.n_ubatch = settings.n_batch
-        params.n_seq_max = settings.parallel
+        # llama.cpp reserves one output per sequence and aborts when that exceeds the batch.
+        params.n_seq_max = min(LLAMA_MAX_SEQ, settings.n_batch, pool, max(2 * parallel, IDLE_SEQUENCES))
         params.n_threads = params.n_threads_batch = settings.n_threads or os.cpu_count() or 1
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, params)
         if not ctx:
             llama_cpp.llama_model_free(model)
-            raise ModelLoadError(f"cannot create a llama.cpp context for {path} with n_ctx={settings.n_ctx}")
+            raise ModelLoadError(f"cannot create a llama.cpp context for {path} with a KV pool of {pool} tokens")
         self._model, self._ctx = model, ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self.settings = settings
-        self.n_ctx = llama_cpp.llama_n_ctx_seq(ctx)
+        self.n_ctx = settings.n_ctx
         """Context window of one session, in tokens."""
+        self.parallel = parallel
+        """Most requests generated together (``[engine] parallel``, or derived from the pool when 0)."""
+        self.pool_tokens = llama_cpp.llama_n_ctx(ctx)
+        """KV cells shared by every sequence (llama.cpp rounds the pool up to a multiple of 256)."""
         self.model_size = llama_cpp.llama_model_size(model)
-        head_dim = llama_cpp.llama_model_n_embd(model) // llama_cpp.llama_model_n_head(model)
-        self.kv_cache_bytes = (llama_cpp.llama_n_ctx(ctx) * llama_cpp.llama_model_n_layer(model)
-                               * 2 * head_dim * llama_cpp.llama_model_n_head_kv(model) * 2)  # K and V, f16
+        self.kv_cache_bytes = self.pool_tokens * per_token
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.tokenizer = Tokenizer(self._vocab)
         self._bos = llama_cpp.llama_vocab_bos(self._vocab)
@@ -428,16 +460,28 @@ class Engine:
         # context it was given, then rounds each sequence's context up to a multiple of 256.
         self._n_batch = llama_cpp.llama_n_batch(ctx)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
-        self._slots = [_Slot(seq_id=i, cached=[]) for i in range(settings.parallel)]
+        self._slots = [_Slot(seq_id=i, cached=[]) for i in range(llama_cpp.llama_n_seq_max(ctx))]
+        self._refs: dict[int, int] = {}  # KV cell name -> sequences holding it; len() = cells in use
+        self._next_cell = 0
+        # A recurrent state is one whole: neither a prefix of it can be shared nor its positions shifted.
+        self._can_copy = not (llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
+        self._can_shift = self._can_copy and bool(llama_cpp.llama_memory_can_shift(self._memory))
+        self.step_seconds: deque[float] = deque(maxlen=10_000)
+        """How long recent llama_decode steps took (for benchmarks and metrics)."""
+        self._chunk = 4.0 * settings.prefill_chunk  # prompt tokens per step beside generating streams, adapted
+        self._gen_step: float | None = None  # seconds a step without prompt tokens takes, smoothed
+        self._since_bare = 0  # steps since the last one without prompt tokens
         self._saved = _StateCache(settings.state_cache_mb * 1024 * 1024)
-        self._waiting: deque[Generation] = deque()
+        self._queues: OrderedDict[str, deque[Generation]] = OrderedDict()  # by session, served in turn
+        self._n_waiting = 0
         self._cond = threading.Condition()
         self._closing = False
         self._last_rate: float | None = None
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
         self._thread.start()
-        log.info("loaded %s (%s, %.0f MB), context %d tokens x %d slots", self.model_name, path.name,
-                 self.model_size / 1e6, self.n_ctx, settings.parallel)
+        log.info("loaded %s (%s, %.0f MB), context %d tokens, KV pool %d tokens (%.0f MB), up to %d at once",
+                 self.model_name, path.name, self.model_size / 1e6, self.n_ctx, self.pool_tokens,
+                 self.kv_cache_bytes / 1e6, parallel)
 
     # -- tokens ----------------------------------------------------------------------------------------
 
@@ -483,7 +527,8 @@ class Engine:
     def submit(self, prompt: list[int] | Prompt, sampling: SamplingSettings, *, session: str = "") -> Generation:
         """Queue a request; call from the event loop. Raises `QueueFull` at once when the queue is full.
 
-        ``session`` names the conversation, so its next turn can reuse the KV cache of this one.
+        ``session`` names the conversation, so its next turn can reuse the KV cache of this one; waiting
+        requests start one per session in turn, so no session's pile delays another's by more than a round.
         """
         if isinstance(prompt, Prompt):
             prompt = prompt.tokens
@@ -497,19 +542,21 @@ class Engine:
             if self._closing or not self._thread.is_alive():
                 llama_cpp.llama_sampler_free(sampler)
                 raise EngineError("the engine is not running")
-            if len(self._waiting) >= self.settings.max_queue:
+            if self._n_waiting >= self.settings.max_queue:
                 llama_cpp.llama_sampler_free(sampler)
-                raise QueueFull(f"Too many requests are waiting ({len(self._waiting)}); please try again shortly.")
+                raise QueueFull(f"Too many requests are waiting ({self._n_waiting}); please try again shortly.")
             generation = Generation(self, list(prompt), sampling, session, sampler, loop)
-            self._waiting.append(generation)
-            generation._position = len(self._waiting)
+            self._queues.setdefault(_queue_key(generation), deque()).append(generation)
+            self._n_waiting += 1
+            for place, waiting in enumerate(self._waiting_in_order(), start=1):
+                waiting._position = place  # announced by the worker, which wakes up now
             self._cond.notify()
         return generation
 
     def status(self, generation: Generation | None = None) -> EngineStatus:
         with self._cond:
             return EngineStatus(
-                model_name=self.model_name, queue_length=len(self._waiting),
+                model_name=self.model_name, queue_length=self._n_waiting,
                 running=sum(slot.generation is not None for slot in self._slots),
                 position=generation.position if generation else None, tokens_per_second=self._last_rate)
 
@@ -541,8 +588,12 @@ class Engine:
     def _cancel(self, generation: Generation) -> None:
         with self._cond:
             generation._cancel_requested = True
-            if generation in self._waiting:
-                self._waiting.remove(generation)
+            queue = self._queues.get(_queue_key(generation))
+            if queue is not None and generation in queue:
+                queue.remove(generation)
+                if not queue:
+                    del self._queues[_queue_key(generation)]
+                self._n_waiting -= 1
                 self._end(generation, FinishReason.CANCELLED)
                 self._renumber_waiting()
             self._cond.notify()
@@ -576,7 +627,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closing and not self._waiting and not self._active():
+                while not self._closing and not self._queues and not self._active():
                     self._cond.wait()
                 if self._closing:
                     break
@@ -597,47 +648,151 @@ class Engine:
         with self._cond:
             for slot in self._active():
                 self._finish(slot, FinishReason.CANCELLED)
-            while self._waiting:
-                self._end(self._waiting.popleft(), FinishReason.CANCELLED)
+            for generation in self._waiting_in_order():
+                self._end(generation, FinishReason.CANCELLED)
+            self._queues.clear()
+            self._n_waiting = 0
 
     def _active(self) -> list[_Slot]:
         return [slot for slot in self._slots if slot.generation is not None]
 
+    def _waiting_in_order(self) -> list[Generation]:
+        """The waiting requests in the order they will start: the first of each session's line in turn, then
+        the second of each, and so on."""
+        lines = [list(queue) for queue in self._queues.values()]
+        return [line[r] for r in range(max(map(len, lines), default=0)) for line in lines if r < len(line)]
+
+    def _renumber_waiting(self) -> None:
+        for place, generation in enumerate(self._waiting_in_order(), start=1):
+            generation._position = place
+            generation._announce_position()
+
     def _take_admitted(self) -> list[Generation]:
-        """Take as many waiting requests as there are free slots (caller holds the lock)."""
-        free = sum(slot.generation is None for slot in self._slots)
-        admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-        for generation in admitted:
+        """Take waiting requests, one session at a time in turn, while fewer than ``parallel`` generate and the
+        KV pool has room for all that each may grow to (caller holds the lock)."""
+        active = self._active()
+        admitted: list[Generation] = []
+        room: int | None = None
+        while self._queues and len(active) + len(admitted) < self.parallel:
+            key, queue = next(iter(self._queues.items()))
+            generation = queue[0]
+            need = self._final_size(generation)
+            if room is None:
+                room = self.pool_tokens - self._committed(active)
+            if need > room and (active or admitted):
+                break  # the lines behind wait too, so a long prompt is not passed over for ever
+            room -= need
+            queue.popleft()
+            if queue:
+                self._queues.move_to_end(key)  # this session's next request waits for the others' turn
+            else:
+                del self._queues[key]
+            self._n_waiting -= 1
             generation._position = 0
+            admitted.append(generation)
         self._renumber_waiting()
         return admitted
 
-    def _admit(self, admitted: list[Generation]) -> None:
-        """Put each admitted request in the free slot that already caches the most of its prompt."""
-        free = [slot for slot in self._slots if slot.generation is None]
-        for generation in admitted:
-            slot = self._pick_slot(free, generation)
-            free.remove(slot)
-            self._start(slot, generation)
+    def _final_size(self, generation: Generation) -> int:
+        """KV cells the request's sequence may hold at its end."""
+        return min(self.n_ctx, len(generation.prompt) + generation.sampling.max_tokens)
 
-    def _pick_slot(self, free: list[_Slot], generation: Generation) -> _Slot:
-        """The free slot that already holds the most of this prompt: its own, a saved state, or a shared prefix."""
-        slot = max(free, key=lambda s: (s.session == generation.session and bool(generation.session),
-                                        _common_prefix(s.cached, generation.prompt), -s.last_used))
-        if slot.session == generation.session or not generation.session:
-            return slot
-        saved = self._saved.pop(generation.session)
-        if saved is None or _common_prefix(saved[0], generation.prompt) <= _common_prefix(slot.cached,
-                                                                                           generation.prompt):
-            return slot
-        slot = min(free, key=lambda s: s.last_used)
-        self._save(slot)
-        tokens, data = saved
-        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-        restored = llama_cpp.llama_state_seq_set_data(self._ctx, data, len(data), slot.seq_id)
-        slot.cached = list(tokens) if restored else []
-        slot.session = generation.session
+    def _committed(self, active: list[_Slot]) -> int:
+        """KV cells that running requests hold or may still grow into (idle sequences' cells can be evicted)."""
+        pinned = len(set().union(*(slot.cells for slot in active)))
+        return pinned + sum(max(0, self._final_size(slot.generation) - len(slot.cached))
+                            for slot in active if slot.generation is not None)
+
+    def _admit(self, admitted: list[Generation]) -> None:
+        for generation in admitted:
+            self._start(self._pick_slot(generation), generation)
+
+    def _pick_slot(self, generation: Generation) -> _Slot:
+        """The session's own idle sequence, else an empty one, else the least recently used idle one."""
+        idle = [slot for slot in self._slots if slot.generation is None]
+        own = [slot for slot in idle if generation.session and slot.session == generation.session]
+        if own:
+            return own[0]
+        slot = min(idle, key=lambda s: (bool(s.cells), s.last_used))
+        self._evict(slot)
         return slot
+
+    def _start(self, slot: _Slot, generation: Generation) -> None:
+        """Start the request with as much of its prompt already in the pool as can be had: the sequence's own
+        cache (shifted past dropped turns where the model allows), the session's saved state, or a prefix
+        another sequence holds (copied, sharing its cells); only the rest is read."""
+        prompt = generation.prompt
+        slot.generation = generation  # from here the sequence is busy: never evicted, never a copy's source
+        own = _common_prefix(slot.cached, prompt)
+        shift = self._shift_plan(slot, prompt, own)
+        own_reuse = own + (shift[1] if shift else 0)
+        saved = self._saved.pop(generation.session) if generation.session and slot.session != generation.session \
+            else None
+        saved_reuse = _common_prefix(saved[0], prompt) if saved else 0
+        donors = [s for s in self._slots if s is not slot and s.cells] if self._can_copy else []
+        donor = max(donors, key=lambda s: _common_prefix(s.cached, prompt), default=None)
+        copy_reuse = _common_prefix(donor.cached, prompt) if donor else 0
+        limit = len(prompt) - 1  # decode at least one token, for fresh logits
+        if saved and saved_reuse > max(own_reuse, copy_reuse):
+            self._restore(slot, *saved)
+        elif donor and copy_reuse > own_reuse and copy_reuse >= COPY_MIN_TOKENS:
+            self._copy(donor, slot, min(copy_reuse, limit))
+        elif shift:
+            self._shift(slot, own, *shift)
+        keep = min(_common_prefix(slot.cached, prompt), limit)
+        self._truncate(slot, keep)
+        slot.session = generation.session
+        slot.pending = prompt[len(slot.cached):]
+        slot.next_token = None
+        slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        generation.n_prompt_reused = len(slot.cached)
+        generation._announce_position()
+
+    def _shift_plan(self, slot: _Slot, prompt: list[int], start: int) -> tuple[int, int] | None:
+        """(drop, keep) when the cache is P + D + R... and the prompt P + R...: the conversation dropped its
+        oldest turns D, and R can be kept by shifting it left past them (llama.cpp's context shift)."""
+        cached, rest = slot.cached, prompt[start:len(prompt) - 1]
+        if not self._can_shift or len(rest) < SHIFT_MIN_TOKENS or len(cached) - start < 2 * SHIFT_MIN_TOKENS:
+            return None
+        needle = rest[:SHIFT_MIN_TOKENS]
+        best: tuple[int, int] | None = None
+        for at in range(start + 1, len(cached) - SHIFT_MIN_TOKENS + 1):
+            if cached[at] == needle[0] and cached[at:at + SHIFT_MIN_TOKENS] == needle:
+                keep = _common_prefix(cached[at:], rest)
+                if best is None or keep > best[1]:
+                    best = (at - start, keep)
+        if best is None:
+            return None
+        drop, keep = best
+        # A cell another sequence shares would move for it too: those prefixes are left as they are.
+        if any(self._refs[cell] > 1 for cell in slot.cells[start + drop:start + drop + keep]):
+            return None
+        return best
+
+    def _shift(self, slot: _Slot, start: int, drop: int, keep: int) -> None:
+        """Remove the cache's tokens [start, start + drop) and move the ``keep`` after them left into their place."""
+        self._truncate(slot, start + drop + keep)
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, start, start + drop)
+        llama_cpp.llama_memory_seq_add(self._memory, slot.seq_id, start + drop, -1, -drop)
+        self._release(slot.cells[start:start + drop])
+        del slot.cells[start:start + drop], slot.cached[start:start + drop]
+
+    def _copy(self, source: _Slot, slot: _Slot, n: int) -> None:
+        """Share the first ``n`` cells of ``source`` with ``slot``: in a unified pool nothing is copied."""
+        self._truncate(slot, 0)
+        llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, slot.seq_id, 0, n)
+        slot.cached, slot.cells = source.cached[:n], source.cells[:n]
+        for cell in slot.cells:
+            self._refs[cell] += 1
+
+    def _restore(self, slot: _Slot, tokens: list[int], data: Any) -> None:
+        self._truncate(slot, 0)
+        if self._make_room(len(tokens)) and llama_cpp.llama_state_seq_set_data(self._ctx, data, len(data),
+                                                                                  slot.seq_id):
+            slot.cached = list(tokens)
+            slot.cells = self._new_cells(len(tokens))
+        else:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
 
     def _save(self, slot: _Slot) -> None:
         """Keep the slot's KV cache in RAM for its conversation's next turn before another takes the slot."""
@@ -650,32 +805,49 @@ class Engine:
         if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.seq_id) == size:
             self._saved.put(slot.session, list(slot.cached), data)
 
-    def _renumber_waiting(self) -> None:
-        for place, generation in enumerate(self._waiting, start=1):
-            generation._position = place
-            generation._announce_position()
-
-    def _start(self, slot: _Slot, generation: Generation) -> None:
-        if slot.session != generation.session:
+    def _evict(self, slot: _Slot) -> None:
+        """Free an idle sequence's cells, its conversation's state kept in RAM for its next turn."""
+        if slot.cells:
             self._save(slot)
-        keep = _common_prefix(slot.cached, generation.prompt)
-        keep = min(keep, len(generation.prompt) - 1)  # decode at least one token to get fresh logits
+            self._truncate(slot, 0)
+        slot.session = ""
+
+    def _make_room(self, n: int) -> bool:
+        """Evict idle sequences, least recently used first, until ``n`` more cells fit in the pool."""
+        while self.pool_tokens - len(self._refs) < n:
+            idle = [slot for slot in self._slots if slot.generation is None and slot.cells]
+            if not idle:
+                return False
+            self._evict(min(idle, key=lambda s: s.last_used))
+        return True
+
+    def _truncate(self, slot: _Slot, keep: int) -> None:
+        """Drop the sequence's cache from token ``keep`` on."""
+        if keep >= len(slot.cached):
+            return
         if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)  # a recurrent state: all or nothing
             keep = 0
-            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-        del slot.cached[keep:]
-        slot.generation, slot.session = generation, generation.session
-        slot.pending = generation.prompt[keep:]
-        slot.next_token = None
-        slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        generation.n_prompt_reused = keep
-        generation._announce_position()
+        self._release(slot.cells[keep:])
+        del slot.cells[keep:], slot.cached[keep:]
+
+    def _new_cells(self, n: int) -> list[int]:
+        cells = list(range(self._next_cell, self._next_cell + n))
+        self._next_cell += n
+        self._refs.update(dict.fromkeys(cells, 1))
+        return cells
+
+    def _release(self, cells: Iterable[int]) -> None:
+        for cell in cells:
+            if self._refs[cell] == 1:
+                del self._refs[cell]
+            else:
+                self._refs[cell] -= 1
 
     def _step(self) -> None:
-        """One llama_decode over every active slot: a token each for generating ones, then prompt tokens for
-        the rest (at most ``prefill_chunk`` while any slot generates, so a long prompt never stalls it long)."""
-        batch, n = self._batch, 0
-        capacity = self._n_batch
+        """One llama_decode over every active sequence: a token each for the generating ones, then prompt tokens,
+        shortest remaining prompt first (so a short prompt never waits behind a long one), as many as keep the
+        step within the latency budget."""
         slots = []
         for slot in self._active():
             if slot.generation is not None and slot.generation._cancel_requested:
@@ -683,35 +855,81 @@ class Engine:
                     self._finish(slot, FinishReason.CANCELLED)
             else:
                 slots.append(slot)
-        # Generating sequences first: each needs only one token, so a long prompt never stalls them.
+        generating = [slot for slot in slots if slot.next_token is not None]
+        prompting = sorted((slot for slot in slots if slot.pending), key=lambda s: len(s.pending or ()))
+        capacity = self._n_batch - len(generating)
+        waiting_tokens = sum(len(slot.pending or ()) for slot in prompting)
+        # Alone, a prompt is read at full batch speed; beside streams or other prompts, in timed chunks.
+        timed = bool(generating) or len(prompting) > 1
+        budget = min(capacity, self._prefill_tokens()) if timed else capacity
+        if generating and (self._gen_step is None or self._since_bare >= BARE_STEP_EVERY):
+            budget = 0  # a step of generating tokens only, to time it as the machine is now
+        limited = timed and 0 < budget < waiting_tokens  # more prompt than this step takes: a measure of it
+        budget = min(budget, waiting_tokens)
+        if not self._make_room(len(generating) + budget):
+            budget = max(0, self.pool_tokens - len(self._refs) - len(generating))
+            while generating and self.pool_tokens - len(self._refs) < len(generating):
+                longest = max(generating, key=lambda s: len(s.cells))  # cannot happen with admission by room
+                generating.remove(longest)
+                with self._cond:
+                    self._finish(longest, FinishReason.LENGTH)
+        batch, n = self._batch, 0
+        n_prompt = budget
         for slot in slots:
             slot.logits_index = -1
-            if slot.next_token is not None:
-                n = self._add(batch, n, slot.next_token, len(slot.cached), slot.seq_id, True)
-                slot.cached.append(slot.next_token)
+        for slot in generating:
+            assert slot.next_token is not None
+            n = self._add(batch, n, slot.next_token, len(slot.cached), slot.seq_id, True)
+            self._append(slot, slot.next_token)
+            slot.logits_index = n - 1
+        for slot in prompting:
+            if budget <= 0:
+                break
+            assert slot.pending is not None
+            chunk = slot.pending[:budget]
+            budget -= len(chunk)
+            del slot.pending[:len(chunk)]
+            for i, token in enumerate(chunk):
+                n = self._add(batch, n, token, len(slot.cached), slot.seq_id, not slot.pending and i == len(chunk) - 1)
+                self._append(slot, token)
+            if not slot.pending:
                 slot.logits_index = n - 1
-        # Chunk prompts only while others are generating: alone, a prompt is read at full batch speed.
-        prefill_budget = self.settings.prefill_chunk if n else capacity
-        for slot in slots:
-            if slot.pending and n < capacity and prefill_budget > 0:
-                chunk = slot.pending[:min(capacity - n, prefill_budget)]
-                prefill_budget -= len(chunk)
-                del slot.pending[:len(chunk)]
-                for i, token in enumerate(chunk):
-                    last = not slot.pending and i == len(chunk) - 1
-                    n = self._add(batch, n, token, len(slot.cached), slot.seq_id, last)
-                    slot.cached.append(token)
-                if not slot.pending:
-                    slot.logits_index = n - 1
         if n == 0:
             return
         batch.n_tokens = n
+        started = time.perf_counter()
         result = llama_cpp.llama_decode(self._ctx, batch)
         if result != 0:
             raise EngineError(f"llama_decode returned {result}")
+        seconds = time.perf_counter() - started
+        self.step_seconds.append(seconds)
+        if generating or limited:
+            self._measure(seconds, n_prompt, limited)
         for slot in slots:
             if slot.logits_index >= 0:
                 self._sample(slot)
+
+    def _prefill_tokens(self) -> int:
+        """Prompt tokens a step may add to the generating streams' tokens (see `_measure`)."""
+        return max(self.settings.prefill_chunk, int(self._chunk))
+
+    def _measure(self, seconds: float, n_prompt: int, limited: bool) -> None:
+        """Size the next steps' prompt chunk by this step's time: a step with prompt tokens should take
+        ``step_budget_ms``, or twice a step without them when that alone takes longer (a slow model or a busy
+        machine), so streams keep flowing while prompts are read as fast as that allows."""
+        self._since_bare = self._since_bare + 1 if n_prompt else 0
+        if not n_prompt:
+            self._gen_step = seconds if self._gen_step is None else 0.8 * self._gen_step + 0.2 * seconds
+            return
+        if not limited:  # the prompts ran out before the chunk did: the step says nothing about its size
+            return
+        target = max(self.settings.step_budget_ms / 1000, 2 * (self._gen_step or 0.0))
+        ratio = min(2.0, max(0.5, target / max(seconds, 1e-6)))
+        self._chunk = min(float(self._n_batch), max(float(self.settings.prefill_chunk), self._chunk * ratio))
+
+    def _append(self, slot: _Slot, token: int) -> None:
+        slot.cached.append(token)
+        slot.cells += self._new_cells(1)
 
     @staticmethod
     def _add(batch: Any, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:
@@ -756,7 +974,9 @@ class Engine:
     def _forget(self, slot: _Slot) -> None:
         """Drop a slot's KV cache after a failure, so nothing half-written is reused."""
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        self._release(slot.cells)
         slot.cached.clear()
+        slot.cells.clear()
 
     def _end(self, generation: Generation, reason: FinishReason, error: BaseException | None = None) -> None:
         generation.finish_reason = reason

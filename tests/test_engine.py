@@ -15,7 +15,7 @@ import hypothesis
 from hypothesis import given, strategies as st
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.engine import Engine, FinishReason, Generation, QueuePosition, Tokenizer
+from bot.engine import SHIFT_MIN_TOKENS, Engine, FinishReason, Generation, QueuePosition, Tokenizer, _Slot
 from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
 from bot.prompt import CHATML_TEMPLATE, ChatTemplate
 from tests.conftest import MODEL_PATH
@@ -244,6 +244,158 @@ async def test_conversation_state_is_saved_when_its_slot_is_reused_and_restored_
         assert third.n_prompt_reused == _common_prefix_len(changed, first.prompt)
     finally:
         engine.close()
+
+
+# -- scheduling: one KV pool, shared prefixes, fair admission, prefill by latency, context shift ----------------
+LONG_SYSTEM = " ".join(f"Rule {i}: answer kindly and mention the number {i}." for i in range(40))  # ~500 tokens
+
+
+async def test_default_config_generates_eight_conversations_at_once() -> None:
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_threads=1))  # the shipped defaults, one thread
+    try:
+        assert engine.parallel >= 8 and engine.pool_tokens >= engine.n_ctx
+        running = [engine.submit(prompt(engine, f"Sing {i}."), LONG, session=f"channel{i}") for i in range(8)]
+        for generation in running:
+            await first_text(generation)
+        assert engine.status().running == 8 and engine.status().queue_length == 0
+        assert all(generation.position == 0 for generation in running)
+        for generation in running:
+            generation.cancel()
+    finally:
+        engine.close()
+
+
+async def test_requests_wait_for_room_in_the_pool_and_idle_caches_are_evicted_then_restored() -> None:
+    # A pool of one window: each conversation may fill it, so two long prompts must take turns.
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, n_threads=1, kv_pool_mb=1, parallel=4))
+    try:
+        assert engine.pool_tokens == 512
+        story = "The lighthouse keeper counted the waves. " * 40
+        a1 = engine.chat_tokens([{"role": "system", "content": "You are Ann."}, {"role": "user", "content": story}])
+        b1 = engine.chat_tokens([{"role": "system", "content": "You are Bob."}, {"role": "user", "content": story}])
+        assert 260 < len(a1) < 400 and 260 < len(b1) < 400  # two with their replies overfill the pool
+        first = engine.submit(a1, SamplingSettings(max_tokens=100, temperature=0.0, grammar='root ::= ("la " ){100}'),
+                              session="ann")
+        second = engine.submit(b1, GREEDY, session="bob")
+        (reply, _), (_, second_positions) = await asyncio.gather(collect(first), collect(second))
+        assert FinishReason.ERROR not in (first.finish_reason, second.finish_reason)
+        assert first.t_finished is not None and second.t_first_token is not None
+        assert second.t_first_token > first.t_finished  # it waited for room, then ran
+        assert QueuePosition(0) in second_positions
+
+        # Bob's sequence took the pool: Ann's KV went to RAM, and her next turn restores it.
+        a2 = engine.chat_tokens([{"role": "system", "content": "You are Ann."}, {"role": "user", "content": story},
+                                 {"role": "assistant", "content": reply}, {"role": "user", "content": "Why?"}])
+        third = engine.submit(a2, GREEDY, session="ann")
+        text, _ = await collect(third)
+        assert third.n_prompt_reused >= len(a1) - 1 and text
+    finally:
+        engine.close()
+
+
+async def test_a_new_conversation_copies_the_shared_system_prompt_instead_of_reading_it(engine: Engine) -> None:
+    system = {"role": "system", "content": LONG_SYSTEM}
+    first = engine.submit(engine.chat_tokens([system, {"role": "user", "content": "Sing."}]), LONG, session="p1")
+    await first_text(first)  # generating: its cells are copied while it writes
+    second_prompt = engine.chat_tokens([system, {"role": "user", "content": "What is rule 7?"}])
+    shared = _common_prefix_len(first.prompt, second_prompt)
+    assert shared > 450
+    second = engine.submit(second_prompt, GREEDY, session="p2")
+    text, _ = await collect(second)
+    first.cancel()
+    assert second.n_prompt_reused == shared
+    # The copied prefix gives exactly what reading the whole prompt gives.
+    fresh = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=2048, n_threads=1, parallel=1))
+    try:
+        assert (await collect(fresh.submit(second_prompt, GREEDY)))[0] == text
+    finally:
+        fresh.close()
+
+
+async def test_a_session_with_many_requests_delays_another_by_at_most_one_round() -> None:
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, n_threads=1, parallel=1, max_queue=32))
+    try:
+        blocker = engine.submit(prompt(engine, "Sing."), LONG, session="blocker")
+        await first_text(blocker)
+        short = SamplingSettings(max_tokens=2, temperature=0.0)
+        flood = [engine.submit(prompt(engine, f"Hi {i}"), short, session="flood") for i in range(20)]
+        other = engine.submit(prompt(engine, "Hello"), short, session="other")
+        assert other.position == 2 and [g.position for g in flood[:3]] == [1, 3, 4]
+        blocker.cancel()
+        await asyncio.gather(*(collect(g) for g in [*flood, other]))
+        order = sorted([*flood, other], key=lambda g: g.t_first_token or 0)
+        assert order.index(other) == 1  # after the one flood request that was first in line
+    finally:
+        engine.close()
+
+
+async def test_a_short_prompt_is_not_stuck_behind_a_long_one_and_a_long_prompt_is_read_in_large_chunks() -> None:
+    # A generous budget (steps of up to 2 s) on any machine: the prompt goes in as large chunks as the batch takes.
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=2048, n_threads=1, parallel=4, step_budget_ms=2000))
+    try:
+        stream = engine.submit(prompt(engine, "Sing."), LONG, session="stream")
+        await first_text(stream)
+        long_prompt = engine.chat_tokens([{"role": "user", "content": "The tide rose and fell. " * 120}])
+        assert len(long_prompt) > 600
+        tokens_before = stream.n_generated
+        long = engine.submit(long_prompt, SamplingSettings(max_tokens=2, temperature=0.0), session="long")
+        short = engine.submit(prompt(engine, "Hi"), SamplingSettings(max_tokens=2, temperature=0.0), session="short")
+        await asyncio.gather(collect(long), collect(short))
+        steps = stream.n_generated - tokens_before  # the stream gains one token per decode step
+        stream.cancel()
+        assert short.t_first_token is not None and long.t_first_token is not None
+        assert short.t_first_token < long.t_first_token
+        # 16 tokens a step (the old fixed chunk) take ~40 steps; chunks doubling from 64 up to the batch take ~5.
+        assert steps < 15, steps
+    finally:
+        engine.close()
+
+
+async def test_a_dropped_middle_is_shifted_out_and_the_rest_of_the_cache_kept() -> None:
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=1024, n_threads=1, parallel=1))
+    try:
+        system = {"role": "system", "content": "You are a patient tutor."}
+        turns = []
+        for i in range(5):
+            turns += [{"role": "user", "content": f"Question {i}: " + f"what is {i} plus {i}? " * 12},
+                      {"role": "assistant", "content": f"Answer {i}: " + f"it is {2 * i}. " * 12}]
+        first = engine.submit(engine.chat_tokens([system, *turns, {"role": "user", "content": "Thanks."}]),
+                              GREEDY, session="tutor")
+        reply, _ = await collect(first)
+        # The window is full: the two oldest turns go, the rest stays, and a new message follows.
+        kept = [*turns[4:], {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": reply}]
+        new = {"role": "user", "content": "What was question 4?"}
+        second_prompt = engine.chat_tokens([system, *kept, new])
+        second = engine.submit(second_prompt, GREEDY, session="tutor")
+        text, _ = await collect(second)
+        own_part = len(second_prompt) - len(engine.chat_tokens([system, *kept])) + 8  # the new message, roughly
+        prefix = _common_prefix_len(first.prompt, second_prompt)
+        assert prefix < 30  # without the shift only the system prompt would be reused
+        assert second.n_prompt_reused >= len(second_prompt) - own_part - len(engine.tokenize(reply)) - 8
+        assert text.strip()
+    finally:
+        engine.close()
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_a_context_shift_keeps_exactly_a_prefix_of_the_new_prompt(engine: Engine, data: st.DataObject) -> None:
+    tokens = st.lists(st.integers(1, 4), min_size=0, max_size=60)  # few distinct tokens: many near-matches
+    head, dropped, kept, tail, new = (data.draw(tokens) for _ in range(5))
+    kept += data.draw(st.lists(st.integers(1, 4), min_size=SHIFT_MIN_TOKENS, max_size=80))
+    cached, prompt = head + dropped + kept + tail, head + kept + new + [5]
+    start = _common_prefix_len(cached, prompt)
+    plan = engine._shift_plan(_Slot(seq_id=0, cached=cached), prompt, start)
+    if start == len(head) and dropped and len(cached) - start >= 2 * SHIFT_MIN_TOKENS:
+        assert plan is not None  # the kept turns follow the dropped ones in the cache: they are found
+    if plan is None:
+        return
+    drop, keep = plan
+    assert drop > 0 and keep >= SHIFT_MIN_TOKENS and start + keep < len(prompt)
+    # What stays after the shift is the new prompt's beginning, token for token.
+    assert cached[:start] + cached[start + drop:start + drop + keep] == prompt[:start + keep]
+    if start == len(head):
+        assert keep >= len(kept)
 
 
 # -- user-defined tokens ------------------------------------------------------------------------------------
