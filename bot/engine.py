@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +27,9 @@ from typing import Any
 import llama_cpp
 
 from bot.config import EngineSettings, SamplingSettings
+from bot.cpu import default_threads
 from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
+from bot.kvstates import StateCache, StateFiles, model_identity
 from bot.prompt import CHATML_TEMPLATE, ChatTemplate
 
 __all__ = ["Engine", "EngineStatus", "FinishReason", "Generation", "QueuePosition", "Tokenizer"]
@@ -39,6 +41,8 @@ _DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a new random seed
 # Tokens plain text must never become: chat markers, BOS/EOS, and added tokens such as Qwen's <think>.
 _SPECIAL_ATTRS = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
 _LONGEST_MATCHED_TEXT = 128  # longer token texts are left to the fallback in Tokenizer._plain_run
+IDLE_SAVE_SECONDS = 30.0  # with nothing to do that long, the worker writes the KV states to disk
+CLOSE_SAVE_SECONDS = 2.0  # at most this long writing KV states at close (docker stop kills after 10 s)
 
 
 class FinishReason(str, enum.Enum):
@@ -163,31 +167,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-
-class _StateCache:
-    """KV states of conversations whose slot went to another, least recently saved first, within a byte budget."""
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget = budget_bytes
-        self.size = 0
-        self._states: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()
-
-    def put(self, session: str, tokens: list[int], data: Any) -> None:
-        self.pop(session)
-        if len(data) > self.budget:
-            return
-        self._states[session] = (tokens, data)
-        self.size += len(data)
-        while self.size > self.budget:
-            _, (_, evicted) = self._states.popitem(last=False)
-            self.size -= len(evicted)
-
-    def pop(self, session: str) -> tuple[list[int], Any] | None:
-        state = self._states.pop(session, None)
-        if state is not None:
-            self.size -= len(state[1])
-        return state
 
 
 _log_callback: Any = None
@@ -399,7 +378,8 @@ class Engine:
         params.n_ctx = settings.n_ctx * settings.parallel
         params.n_batch = params.n_ubatch = settings.n_batch
         params.n_seq_max = settings.parallel
-        params.n_threads = params.n_threads_batch = settings.n_threads or os.cpu_count() or 1
+        self.n_threads = settings.n_threads or default_threads()
+        params.n_threads = params.n_threads_batch = self.n_threads
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, params)
         if not ctx:
@@ -429,7 +409,10 @@ class Engine:
         self._n_batch = llama_cpp.llama_n_batch(ctx)
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._slots = [_Slot(seq_id=i, cached=[]) for i in range(settings.parallel)]
-        self._saved = _StateCache(settings.state_cache_mb * 1024 * 1024)
+        disk = (StateFiles(settings.state_dir, settings.state_disk_mb * 1024 * 1024,
+                           model_identity(path, metadata, self.n_ctx, settings.n_ctx))
+                if settings.state_dir is not None and settings.state_disk_mb else None)
+        self._saved = StateCache(settings.state_cache_mb * 1024 * 1024, disk)
         self._waiting: deque[Generation] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -519,6 +502,8 @@ class Engine:
             self._closing = True
             self._cond.notify()
         self._thread.join()
+        deadline = time.monotonic() + CLOSE_SAVE_SECONDS
+        self._saved.persist(self._ctx, self._slots, stop=lambda: time.monotonic() > deadline)
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
         llama_cpp.llama_model_free(self._model)
@@ -568,13 +553,21 @@ class Engine:
     # -- worker thread ---------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        save_when_idle = self._saved.disk is not None
         while True:
             with self._cond:
                 while not self._closing and not self._waiting and not self._active():
-                    self._cond.wait()
+                    if not self._cond.wait(IDLE_SAVE_SECONDS if save_when_idle else None):
+                        break  # idle that long: save the conversations' KV states to disk
                 if self._closing:
                     break
+                idle = not self._waiting and not self._active()
                 admitted = self._take_admitted()
+            if idle:  # outside the lock; a request that comes meanwhile stops the save between two files
+                self._saved.persist(self._ctx, self._slots, stop=lambda: bool(self._waiting) or self._closing)
+                save_when_idle = False  # until there was work again
+                continue
+            save_when_idle = self._saved.disk is not None
             try:
                 # Outside the lock: KV copies can take a while, and submit/status/cancel must never wait on them.
                 self._admit(admitted)
