@@ -410,7 +410,9 @@ class Engine:
         self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         self._slots = [_Slot(seq_id=i, cached=[]) for i in range(settings.parallel)]
         disk = (StateFiles(settings.state_dir, settings.state_disk_mb * 1024 * 1024,
-                           model_identity(path, metadata, self.n_ctx, settings.n_ctx))
+                           # what shapes a sequence's saved state: its context, llama.cpp's KV streams, types
+                           model_identity(path, metadata, settings.n_ctx, 1 if params.kv_unified else params.n_seq_max,
+                                          params.type_k, params.type_v, params.flash_attn_type))
                 if settings.state_dir is not None and settings.state_disk_mb else None)
         self._saved = StateCache(settings.state_cache_mb * 1024 * 1024, disk)
         self._waiting: deque[Generation] = deque()

@@ -34,19 +34,20 @@ __all__ = ["StateCache", "StateFiles", "model_identity"]
 log = logging.getLogger(__name__)
 
 _MAGIC = b"LRKV\x00\x00\x00\x01"
-# magic, model identity (sha256), session bytes, tokens, state bytes, crc32 of the state bytes
+# magic, model identity (sha256), session bytes, tokens, state bytes, crc32 of all that follows the header
 _HEADER = struct.Struct("<8s32sIIQI")
 _SUFFIX = ".kv"
 
 State = tuple[list[int], Any]  # (tokens whose KV the state holds, the bytes of llama_state_seq_get_data)
 
 
-def model_identity(model_path: Path, metadata: Mapping[str, str], n_ctx: int, *extra: object) -> bytes:
-    """What a saved state must match to be restored: the model file, its GGUF metadata (chat template
-    included), the context size, the llama.cpp build and this machine's architecture."""
+def model_identity(model_path: Path, metadata: Mapping[str, str], *settings: object) -> bytes:
+    """What a saved state must match to be restored: the model file (name and size), its GGUF metadata (chat
+    template included), the llama.cpp build, this machine's architecture, and ``settings`` (the context size
+    and whatever else shapes a saved sequence, such as llama.cpp's number of KV streams)."""
     digest = hashlib.sha256()
-    parts = [model_path.name, model_path.stat().st_size, json.dumps(sorted(metadata.items())), n_ctx,
-             llama_cpp.__version__, platform.machine(), *extra]
+    parts = [model_path.name, model_path.stat().st_size, json.dumps(sorted(metadata.items())),
+             llama_cpp.__version__, platform.machine(), *settings]
     for part in parts:
         digest.update(str(part).encode("utf-8", "replace") + b"\0")
     return digest.digest()
@@ -96,16 +97,19 @@ class StateFiles:
         try:
             with open(path, "rb") as f:
                 header = _read_header(f, os.fstat(f.fileno()).st_size, self.identity)
-                if header is None or f.read(header[0]) != session.encode():
-                    log.info("ignoring saved KV state %s: made for another model, settings or conversation", name)
+                if header is None:
+                    log.info("ignoring saved KV state %s: made for another model or settings, or damaged", name)
                     return None
-                _, n_tokens, n_data, crc = header
-                tokens = array("i")
-                tokens.frombytes(f.read(4 * n_tokens))
+                n_session, n_tokens, n_data, crc = header
+                their_session, token_bytes = f.read(n_session), f.read(4 * n_tokens)
                 data = (ctypes.c_uint8 * n_data)()
-                if f.readinto(data) != n_data or zlib.crc32(data) != crc:  # type: ignore[arg-type]
+                if f.readinto(data) != n_data or zlib.crc32(data, zlib.crc32(their_session + token_bytes)) != crc:
                     log.warning("ignoring saved KV state %s: corrupt", name)
                     return None
+                if their_session != session.encode():  # two conversations whose names share a hash prefix
+                    return None
+                tokens = array("i")
+                tokens.frombytes(token_bytes)
                 return tokens.tolist(), data
         except OSError as exc:
             log.warning("cannot read saved KV state %s: %s", name, exc)
@@ -155,7 +159,7 @@ class StateFiles:
             raise OSError("llama.cpp gave no state")
         tokens = array("i", candidate.tokens).tobytes()
         header = _HEADER.pack(_MAGIC, self.identity, len(session), len(candidate.tokens), len(data),
-                              zlib.crc32(data))
+                              zlib.crc32(data, zlib.crc32(session + tokens)))
         temporary = self.directory / f".{name}.{os.getpid()}.tmp"
         try:
             with open(temporary, "wb") as f:
