@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import llama_cpp
 
-__all__ = ["StateCache", "StateFiles", "model_identity"]
+__all__ = ["Candidate", "StateCache", "StateFiles", "model_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class _Slot(Protocol):
 
 
 @dataclass
-class _Candidate:
+class Candidate:
     """A state that may be written: newest first within the budget."""
 
     session: str
@@ -117,7 +117,7 @@ class StateFiles:
         finally:
             _unlink(path)  # taken: used now, or of no use
 
-    def save(self, candidates: Iterable[_Candidate], stop: Callable[[], bool] = lambda: False) -> None:
+    def save(self, candidates: Iterable[Candidate], stop: Callable[[], bool] = lambda: False) -> None:
         """Write the newest states that fit the budget (unchanged ones are not rewritten) and delete the files
         that no longer fit, oldest first. ``stop()`` is asked between files: the rest waits for the next save."""
         index = self._scan()
@@ -152,7 +152,7 @@ class StateFiles:
                 del index[name]
                 _unlink(self.directory / name)
 
-    def _write(self, name: str, session: bytes, candidate: _Candidate) -> None:
+    def _write(self, name: str, session: bytes, candidate: Candidate) -> None:
         """Write atomically: a temporary file, renamed over the old one once whole."""
         data = candidate.read()
         if data is None:
@@ -260,12 +260,12 @@ class StateCache:
         if self.disk is None:
             return
         now, monotonic = time.time(), time.monotonic()
-        candidates = [_Candidate(session, tokens, saved_at, len(data), lambda data=data: data)
+        candidates = [Candidate(session, tokens, saved_at, len(data), lambda data=data: data)
                       for session, (tokens, data, saved_at) in self._states.items()]
         for slot in slots:
             if slot.session and slot.cached:
                 size = llama_cpp.llama_state_seq_get_size(ctx, slot.seq_id)
-                candidates.append(_Candidate(slot.session, list(slot.cached), now - (monotonic - slot.last_used),
+                candidates.append(Candidate(slot.session, list(slot.cached), now - (monotonic - slot.last_used),
                                              size, lambda ctx=ctx, seq=slot.seq_id, size=size: _get(ctx, seq, size)))
         try:
             self.disk.save(candidates, stop)

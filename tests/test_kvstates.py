@@ -13,13 +13,14 @@ from pathlib import Path
 
 import hypothesis
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import bot.engine
 from bot.config import EngineSettings, SamplingSettings
 from bot.cpu import default_threads
 from bot.engine import Engine, FinishReason, Generation
-from bot.kvstates import StateFiles, _Candidate
+from bot.kvstates import Candidate, StateFiles
 from tests.conftest import MODEL_PATH
 
 GREEDY = SamplingSettings(max_tokens=8, temperature=0.0)
@@ -161,7 +162,7 @@ async def test_the_disk_budget_keeps_the_newest_conversations(tmp_path: Path) ->
     new_chat = [SYSTEM, {"role": "user", "content": STORY[600:1200]}]
     engine = Engine(settings(kv, parallel=2, state_disk_mb=5))
     try:
-        old, old_reply = await turn(engine, old_chat, "old")
+        _, old_reply = await turn(engine, old_chat, "old")
         new, new_reply = await turn(engine, new_chat, "new")
     finally:
         engine.close()
@@ -183,7 +184,7 @@ def test_any_damaged_state_file_is_refused_and_deleted(position: int, truncate: 
     data = bytes(range(256))
     with tempfile.TemporaryDirectory() as folder:
         directory = Path(folder)
-        StateFiles(directory, 1 << 20, identity).save([_Candidate("channel-1", [5, 6, 7], 1.0, len(data),
+        StateFiles(directory, 1 << 20, identity).save([Candidate("channel-1", [5, 6, 7], 1.0, len(data),
                                                                   lambda: data)])
         [path] = directory.glob("*.kv")
         damaged = bytearray(path.read_bytes())
@@ -198,11 +199,11 @@ def test_any_damaged_state_file_is_refused_and_deleted(position: int, truncate: 
 
 def test_a_saved_file_round_trips_and_another_identity_refuses_it(tmp_path: Path) -> None:
     data = bytes(range(200))
-    StateFiles(tmp_path, 1 << 20, b"a" * 32).save([_Candidate("dm:7", [1, 2], 1.0, len(data), lambda: data)])
+    StateFiles(tmp_path, 1 << 20, b"a" * 32).save([Candidate("dm:7", [1, 2], 1.0, len(data), lambda: data)])
     tokens, restored = StateFiles(tmp_path, 1 << 20, b"a" * 32).load("dm:7")  # type: ignore[misc]
     assert tokens == [1, 2] and bytes(restored) == data
     assert list(tmp_path.iterdir()) == []  # taken off the disk
-    StateFiles(tmp_path, 1 << 20, b"a" * 32).save([_Candidate("dm:7", [1, 2], 1.0, len(data), lambda: data)])
+    StateFiles(tmp_path, 1 << 20, b"a" * 32).save([Candidate("dm:7", [1, 2], 1.0, len(data), lambda: data)])
     assert StateFiles(tmp_path, 1 << 20, b"b" * 32).load("dm:7") is None
     assert list(tmp_path.iterdir()) == []
 
