@@ -94,7 +94,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, {args.tokens} tokens per run, median of {args.runs} runs; "
           "busy = one other process spinning on a core")
     print(f"{'configuration':44} {'threads':>7} {'quiet t/s':>10} {'busy t/s':>9} {'kept':>6} "
-          f"{'peak RSS':>9} {'bound':>9}")
+          f"{'peak RSS':>9} {'bound':>9}", flush=True)
     for label, threads, env in CONFIGS:
         environ = dict(os.environ)
         if env is not None:
@@ -105,7 +105,7 @@ def main() -> None:
         result = json.loads(out.stdout.strip().splitlines()[-1])
         kept = result["busy"] / result["quiet"] if result["quiet"] else 0.0
         print(f"{label:44} {result['threads']:>7} {result['quiet']:>10.1f} {result['busy']:>9.1f} "
-              f"{kept:>6.0%} {result['peak_rss'] / 2**20:>7.0f}MB {result['rss_bound'] / 2**20:>7.0f}MB")
+              f"{kept:>6.0%} {result['peak_rss'] / 2**20:>7.0f}MB {result['rss_bound'] / 2**20:>7.0f}MB", flush=True)
 
 
 if __name__ == "__main__":
