@@ -43,7 +43,7 @@ class EngineSettings(_Section):
         "embedded", description="embedded: llama.cpp in this process; openai: an OpenAI-compatible server")
     model_path: Path = Field(Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), description="GGUF model file")
     n_ctx: int = Field(4096, ge=256, le=131072, description="context window of one conversation, in tokens")
-    n_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0 = all cores")
+    n_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0 = physical cores less one (at least 1)")
     n_batch: int = Field(512, ge=16, le=8192, description="most tokens decoded in one llama_decode call")
     kv_pool_mb: int = Field(0, ge=0, le=1_000_000,
                             description="RAM for the KV cache all conversations share; 0 = room for 4 x n_ctx tokens")
@@ -55,6 +55,10 @@ class EngineSettings(_Section):
     state_cache_mb: int = Field(256, ge=0, le=1_000_000,
                                 description="RAM for KV caches of conversations whose slot was reused")
     max_queue: int = Field(32, ge=1, le=10000, description="requests that may wait; more are refused")
+    state_dir: Path | None = Field(None, description="folder for KV states of recent conversations, kept across "
+                                   "restarts; a config file's default is kv/ beside [store] path")
+    state_disk_mb: int = Field(1024, ge=0, le=10_000_000,
+                               description="disk for those KV states, newest kept; 0 = none saved")
     # backend = "openai": the server's API key comes from LLAMARELAY_ENGINE_API_KEY, never from the file.
     base_url: str | None = Field(None, description="the server's OpenAI API root, e.g. http://127.0.0.1:8080/v1")
     model: str | None = Field(None, description="model name to ask the server for; unset = the server's first")
@@ -275,6 +279,8 @@ def load_settings(path: Path | str | None = DEFAULT_CONFIG_PATH) -> Settings:
     # Relative paths in the file mean "next to this file", wherever the bot is started from.
     settings.engine.model_path = path.parent / settings.engine.model_path
     settings.store.path = path.parent / settings.store.path
+    settings.engine.state_dir = (path.parent / settings.engine.state_dir if settings.engine.state_dir is not None
+                                 else settings.store.path.parent / "kv")
     return settings
 
 

@@ -31,7 +31,9 @@ from typing import Any
 import llama_cpp
 
 from bot.config import EngineSettings, SamplingSettings
+from bot.cpu import default_threads
 from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
+from bot.kvstates import StateCache, StateFiles, model_identity
 from bot.prompt import CHATML_TEMPLATE, ChatTemplate, Prompt
 
 __all__ = ["Engine", "EngineStatus", "FinishReason", "Generation", "QueuePosition", "Tokenizer"]
@@ -50,6 +52,8 @@ LLAMA_MAX_SEQ = 256  # llama.cpp's own limit on sequence ids
 SHIFT_MIN_TOKENS = 32  # a context shift must keep at least this many tokens to be worth it
 COPY_MIN_TOKENS = 8  # shorter shared prefixes are read again rather than copied
 BARE_STEP_EVERY = 32  # while prompts are read, every this many steps one is left without, to time it anew
+IDLE_SAVE_SECONDS = 30.0  # with nothing to do that long, the worker writes the KV states to disk
+CLOSE_SAVE_SECONDS = 2.0  # at most this long writing KV states at close (docker stop kills after 10 s)
 
 
 class FinishReason(str, enum.Enum):
@@ -187,31 +191,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-
-class _StateCache:
-    """KV states of conversations whose slot went to another, least recently saved first, within a byte budget."""
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget = budget_bytes
-        self.size = 0
-        self._states: OrderedDict[str, tuple[list[int], Any]] = OrderedDict()
-
-    def put(self, session: str, tokens: list[int], data: Any) -> None:
-        self.pop(session)
-        if len(data) > self.budget:
-            return
-        self._states[session] = (tokens, data)
-        self.size += len(data)
-        while self.size > self.budget:
-            _, (_, evicted) = self._states.popitem(last=False)
-            self.size -= len(evicted)
-
-    def pop(self, session: str) -> tuple[list[int], Any] | None:
-        state = self._states.pop(session, None)
-        if state is not None:
-            self.size -= len(state[1])
-        return state
 
 
 _log_callback: Any = None
@@ -429,7 +408,8 @@ class Engine:
         params.n_batch = params.n_ubatch = settings.n_batch
         # llama.cpp reserves one output per sequence and aborts when that exceeds the batch.
         params.n_seq_max = min(LLAMA_MAX_SEQ, settings.n_batch, pool, max(2 * parallel, IDLE_SEQUENCES))
-        params.n_threads = params.n_threads_batch = settings.n_threads or os.cpu_count() or 1
+        self.n_threads = settings.n_threads or default_threads()
+        params.n_threads = params.n_threads_batch = self.n_threads
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, params)
         if not ctx:
@@ -471,7 +451,12 @@ class Engine:
         self._chunk = 4.0 * settings.prefill_chunk  # prompt tokens per step beside generating streams, adapted
         self._gen_step: float | None = None  # seconds a step without prompt tokens takes, smoothed
         self._since_bare = 0  # steps since the last one without prompt tokens
-        self._saved = _StateCache(settings.state_cache_mb * 1024 * 1024)
+        disk = (StateFiles(settings.state_dir, settings.state_disk_mb * 1024 * 1024,
+                           # what shapes a sequence's saved state: its context, llama.cpp's KV streams, types
+                           model_identity(path, metadata, settings.n_ctx, 1 if params.kv_unified else params.n_seq_max,
+                                          params.type_k, params.type_v, params.flash_attn_type))
+                if settings.state_dir is not None and settings.state_disk_mb else None)
+        self._saved = StateCache(settings.state_cache_mb * 1024 * 1024, disk)
         self._queues: OrderedDict[str, deque[Generation]] = OrderedDict()  # by session, served in turn
         self._n_waiting = 0
         self._cond = threading.Condition()
@@ -572,6 +557,8 @@ class Engine:
             self._closing = True
             self._cond.notify()
         self._thread.join()
+        deadline = time.monotonic() + CLOSE_SAVE_SECONDS
+        self._saved.persist(self._ctx, self._slots, stop=lambda: time.monotonic() > deadline)
         llama_cpp.llama_batch_free(self._batch)
         llama_cpp.llama_free(self._ctx)
         llama_cpp.llama_model_free(self._model)
@@ -625,13 +612,21 @@ class Engine:
     # -- worker thread ---------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        save_when_idle = self._saved.disk is not None
         while True:
             with self._cond:
                 while not self._closing and not self._queues and not self._active():
-                    self._cond.wait()
+                    if not self._cond.wait(IDLE_SAVE_SECONDS if save_when_idle else None):
+                        break  # idle that long: save the conversations' KV states to disk
                 if self._closing:
                     break
+                idle = not self._queues and not self._active()
                 admitted = self._take_admitted()
+            if idle:  # outside the lock; a request that comes meanwhile stops the save between two files
+                self._saved.persist(self._ctx, self._slots, stop=lambda: bool(self._queues) or self._closing)
+                save_when_idle = False  # until there was work again
+                continue
+            save_when_idle = self._saved.disk is not None
             try:
                 # Outside the lock: KV copies can take a while, and submit/status/cancel must never wait on them.
                 self._admit(admitted)

@@ -25,10 +25,12 @@ def test_shipped_config_lists_every_setting_with_its_default() -> None:
     defaults = Settings()
     assert shipped.engine.model_path == ROOT / defaults.engine.model_path
     assert shipped.store.path == ROOT / defaults.store.path
+    assert shipped.engine.state_dir == ROOT / "data" / "kv" and defaults.engine.state_dir is None
     for section in Settings.model_fields:
         ours, theirs = getattr(shipped, section).model_dump(), getattr(defaults, section).model_dump()
         ours.pop("model_path", None), theirs.pop("model_path", None)
         ours.pop("path", None), theirs.pop("path", None)
+        ours.pop("state_dir", None), theirs.pop("state_dir", None)
         assert ours == theirs, section
     # Every key appears in the file, set or commented out ("# grammar = ''"), under its own section.
     text = (ROOT / "config.toml").read_text()
