@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from adapters.openai_api import OpenAIServer, create_app
-from adapters.openai_api.schema import StopCutter
+from adapters.openai_api.schema import ApiError, StopCutter, parse_chat_request
 from adapters.openai_api.server import check_access
 from bot.app import _run_adapters
 from bot.config import ApiSettings, SamplingSettings, Secrets, Settings, load_settings
@@ -293,3 +293,31 @@ def test_stop_cutter_cuts_the_same_however_the_text_is_split(text: str, stops: l
         assert text.startswith(shown)
     shown += cutter.flush()
     assert (shown, cutter.stopped) == _cut(text, stops)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5)
+                    | st.sampled_from(["user", "assistant", "system", "text"]),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=8)
+KEYS = ["messages", "role", "content", "type", "text", "max_tokens", "max_completion_tokens", "temperature",
+        "top_p", "top_k", "seed", "stop", "stream", "stream_options", "n", "user", "ignore_eos", "response_format"]
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool"]),
+                                 "content": st.text(max_size=5) | JSON})
+BODY = st.one_of(JSON, st.dictionaries(st.sampled_from(KEYS), JSON, max_size=5),
+                 st.builds(lambda messages, rest: {**rest, "messages": messages},
+                           st.lists(MESSAGE, min_size=1, max_size=3),
+                           st.dictionaries(st.sampled_from(KEYS[5:]), st.none() | st.integers(0, 3) | st.booleans()
+                                           | st.floats(0, 2) | JSON, max_size=2)))
+
+
+@hypothesis.settings(deadline=None, max_examples=300)
+@given(BODY)
+def test_any_json_body_is_read_or_refused_with_a_400(body: Any) -> None:
+    try:
+        request = parse_chat_request(body, DEFAULTS)
+    except ApiError as exc:
+        assert exc.status == 400 and exc.message and exc.body()["error"]["type"] == "invalid_request_error"
+    else:
+        assert request.messages[-1]["role"] == "user"
+        assert all(isinstance(m["content"], str) for m in request.messages)
+        assert request.sampling.grammar is None
