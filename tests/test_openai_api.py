@@ -21,7 +21,7 @@ from adapters.openai_api.server import check_access
 from bot.app import _run_adapters
 from bot.config import ApiSettings, SamplingSettings, Secrets, Settings, load_settings
 from bot.conversations import ConversationManager
-from bot.engine import Engine
+from bot.engine import Engine, QueuePosition
 from bot.errors import ConfigError
 
 TOKEN = "test-api-token"
@@ -208,6 +208,21 @@ async def test_hanging_up_a_whole_request_cancels_its_generation(api: str, engin
     with pytest.raises(asyncio.CancelledError):
         await request
     await until_idle(engine, 2.0)
+
+
+async def test_api_requests_and_platform_replies_wait_in_one_line(api: str, engine: Engine) -> None:
+    body = {"messages": HELLO, "max_tokens": 1000, "ignore_eos": True}
+    requests = [asyncio.create_task(post(api, body)) for _ in range(engine.settings.parallel)]
+    async with asyncio.timeout(10):
+        while engine.status().running < engine.settings.parallel:
+            await asyncio.sleep(0.01)
+    platform = engine.submit(engine.chat_tokens(HELLO), DEFAULTS, session="discord:1")
+    events = aiter(platform)
+    assert await anext(events) == QueuePosition(1)  # behind the API's requests, in the engine's one queue
+    for request in requests:
+        request.cancel()
+    assert await asyncio.wait_for(anext(events), 5) == QueuePosition(0)
+    platform.cancel()
 
 
 async def test_the_official_openai_client_streams_and_completes(api: str) -> None:
