@@ -282,6 +282,11 @@ async def test_the_bot_serves_the_api_alone(manager: ConversationManager, settin
         status, body = await post(match.group(1), {"messages": HELLO, "max_tokens": 4}, headers={})
         assert status == 200 and body["usage"]["completion_tokens"] <= 4
         assert "api" not in manager.platforms.status()  # not a platform: /readyz does not wait for it
+        figures = manager.metrics.registry.get_sample_value  # the bot's /metrics count the API's requests
+        assert figures("llamarelay_replies_total", {"platform": "api", "status": "complete"}) == 1
+        assert figures("llamarelay_tokens_generated_total") == body["usage"]["completion_tokens"]
+        assert figures("llamarelay_prompt_tokens_total") == body["usage"]["prompt_tokens"]
+        assert figures("llamarelay_time_to_first_token_seconds_count") == 1
     finally:
         running.cancel()
         with pytest.raises(asyncio.CancelledError):

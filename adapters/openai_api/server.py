@@ -28,6 +28,8 @@ from adapters.openai_api.schema import ApiError, ChatRequest, StopCutter, parse_
 from bot.config import ApiSettings, SamplingSettings, Secrets
 from bot.engine import Engine, FinishReason, Generation, QueuePosition
 from bot.errors import ConfigError, EngineError, PromptError, QueueFull
+from bot.metrics import Metrics
+from bot.store import Status
 
 __all__ = ["OpenAIServer", "check_access", "create_app"]
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_TIMEOUT_SECONDS = 2.0
 OWNER = "llamarelay"
+PLATFORM = "api"  # the replies metric's label for this adapter's requests
 FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -47,6 +50,7 @@ class ApiState:
     token: str | None
     model_id: str
     created: int
+    metrics: Metrics | None  # the bot's Prometheus figures, which then count the API's requests too
 
 
 STATE = web.AppKey("state", ApiState)
@@ -138,14 +142,26 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     except EngineError as exc:
         raise ApiError(503, str(exc), type="server_error", code="engine_unavailable") from None
     completion_id = f"chatcmpl-{secrets_module.token_hex(12)}"
+    status = Status.STOPPED
     try:
         if chat.stream:
-            return await _stream(request, state, chat, generation, completion_id, len(prompt))
-        return await _whole(state, chat, generation, completion_id, len(prompt))
+            response = await _stream(request, state, chat, generation, completion_id, len(prompt))
+        else:
+            response = await _whole(state, chat, generation, completion_id, len(prompt))
+        status = Status.FAILED if generation.finish_reason == FinishReason.ERROR else Status.COMPLETE
+        return response
+    except ApiError:
+        status = Status.FAILED
+        raise
     finally:
         # A client that hung up cancels this handler (handler_cancellation): its slot is freed in one step.
         if generation.finish_reason is None:
             generation.cancel()
+        if state.metrics is not None:
+            state.metrics.replies.labels(PLATFORM, status).inc()
+            state.metrics.tokens_generated.inc(generation.n_generated)
+            state.metrics.prompt_tokens.inc(len(prompt))
+            state.metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
 
 
 def _check_length(n_ctx: int, n_prompt: int, chat: ChatRequest) -> None:
@@ -164,11 +180,19 @@ def _session(request: web.Request, user: str) -> str:
     return "api:" + hashlib.sha256(f"{token}\0{user}".encode()).hexdigest()[:16]
 
 
-async def _texts(generation: Generation, cutter: StopCutter) -> Any:
+async def _texts(generation: Generation, cutter: StopCutter, metrics: Metrics | None) -> Any:
     """The reply's text pieces, cut at the first stop string (which then ends the generation)."""
+    submitted_at, last_text_at = time.monotonic(), None
     async for event in generation:
         if isinstance(event, QueuePosition):
             continue
+        if metrics is not None:
+            now = time.monotonic()
+            if last_text_at is None:
+                metrics.time_to_first_token.observe(now - submitted_at)
+            else:
+                metrics.inter_token_latency.observe(now - last_text_at)
+            last_text_at = now
         text = cutter.feed(event)
         if text:
             yield text
@@ -194,7 +218,7 @@ async def _whole(state: ApiState, chat: ChatRequest, generation: Generation, com
                  n_prompt: int) -> web.Response:
     cutter = StopCutter(chat.stop)
     try:
-        text = "".join([piece async for piece in _texts(generation, cutter)])
+        text = "".join([piece async for piece in _texts(generation, cutter, state.metrics)])
     except EngineError as exc:
         raise ApiError(500, str(exc), type="server_error", code="engine_error") from None
     return web.json_response({
@@ -219,7 +243,7 @@ async def _stream(request: web.Request, state: ApiState, chat: ChatRequest, gene
     cutter = StopCutter(chat.stop)
     await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
     try:
-        async for text in _texts(generation, cutter):
+        async for text in _texts(generation, cutter, state.metrics):
             await send([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
     except EngineError as exc:  # the headers are sent: the error goes in the stream, as llama-server does
         error = ApiError(500, str(exc), type="server_error", code="engine_error")
@@ -233,11 +257,13 @@ async def _stream(request: web.Request, state: ApiState, chat: ChatRequest, gene
     return response
 
 
-def create_app(engine: Engine, sampling: SamplingSettings, secrets: Secrets, *, host: str) -> web.Application:
-    """The API for ``engine``; requests leave out sampling fields to get ``sampling``'s."""
+def create_app(engine: Engine, sampling: SamplingSettings, secrets: Secrets, *, host: str,
+               metrics: Metrics | None = None) -> web.Application:
+    """The API for ``engine``; requests leave out sampling fields to get ``sampling``'s. With ``metrics``, each
+    request counts in them (platform "api")."""
     app = web.Application(middlewares=[_errors, _guard(is_loopback(host))])
     app[STATE] = ApiState(engine=engine, sampling=sampling, token=secrets.api_token,
-                          model_id=engine.settings.model_path.stem, created=int(time.time()))
+                          model_id=engine.settings.model_path.stem, created=int(time.time()), metrics=metrics)
     app.router.add_get("/v1/models", _models)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     return app
