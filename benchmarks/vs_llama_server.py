@@ -197,7 +197,9 @@ class Figures:
 
 
 async def measure(url: str, take: int, tokens: int) -> Figures:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+    # A new connection per request, for both: no server's keep-alive policy can drop a reused one mid-run.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
         single = await one_stream(session, url, TOPICS[0], take, tokens)
         assert single.first is not None and single.last is not None
         start = time.perf_counter()
@@ -280,6 +282,10 @@ async def main() -> None:
                               f"{figures.aggregate_tps:6.1f} tok/s, TTFT median {figures.ttft_median:.3f} s, "
                               f"worst {figures.ttft_worst:.3f} s", flush=True)
             report(results)
+        except Exception:
+            for name in ("llama-server", "llamarelay"):  # the logs go with the temporary directory: show them
+                print(f"--- the end of {name}'s log:\n" + (logs / f"{name}.log").read_text(errors="replace")[-3000:])
+            raise
         finally:
             for server in servers:
                 stop(server)
