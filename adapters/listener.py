@@ -1,27 +1,43 @@
-"""`Listener`: serves an aiohttp Application on host:port, for the web page and the ops endpoints alike."""
+"""`Listener`: serves an aiohttp Application on host:port, for the web page, the ops endpoints and the OpenAI
+API alike; `is_loopback` tells whether an address is this machine's own."""
 
 from __future__ import annotations
 
 import errno
+import ipaddress
 
 from aiohttp import web
 
 from bot.errors import ConfigError
 
-__all__ = ["Listener"]
+__all__ = ["Listener", "is_loopback"]
+
+LOOPBACK_NAMES = ("localhost", "localhost.")
+
+
+def is_loopback(host: str) -> bool:
+    """True for names and addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class Listener:
     """Listens for ``app`` on ``host:port``; ``port`` 0 picks a free one (tests). ``section`` names the config
-    section whose host and port a start-up error points at."""
+    section whose host and port a start-up error points at. With ``handler_cancellation`` a client that
+    hangs up cancels its request's handler at once (aiohttp otherwise lets it run on)."""
 
     def __init__(self, app: web.Application, host: str, port: int, *, section: str,
-                 shutdown_timeout: float = 2.0) -> None:
+                 shutdown_timeout: float = 2.0, handler_cancellation: bool = False) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.section = section
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout,
+                                     handler_cancellation=handler_cancellation)
 
     @property
     def url(self) -> str:

@@ -59,8 +59,8 @@ def setup_logging(secrets: Secrets, *, verbose: bool) -> None:
 async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> None:
     """Run the adapters of ``mode`` until stopped, sharing one engine and one store.
 
-    ``run``: every platform whose token is set, the web page when enabled, and the terminal chat when no
-    platform token is set; ``chat``: the terminal chat only; ``web``: the web page only. SIGTERM (and
+    ``run``: every platform whose token is set, the web page and the OpenAI API when enabled, and the
+    terminal chat when no platform token is set; ``chat``: the terminal chat only; ``web``: the web page only. SIGTERM (and
     Ctrl-C outside the terminal chat) shuts down cleanly: no new requests, running replies are ended and
     stored, then the adapters disconnect and the database closes.
     """
@@ -104,10 +104,14 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
         log.info("no DISCORD_TOKEN or SLACK_BOT_TOKEN set%s. Set DISCORD_TOKEN to connect to Discord, "
                  "SLACK_BOT_TOKEN (with SLACK_APP_TOKEN for Socket Mode) for Slack.",
                  ": starting the terminal chat" if terminal else "")
-    if not adapters and not terminal:
-        raise ConfigError("nothing to run: set DISCORD_TOKEN or SLACK_BOT_TOKEN, enable [web], or start "
+    api = mode == "run" and settings.api.enabled
+    if not adapters and not terminal and not api:
+        raise ConfigError("nothing to run: set DISCORD_TOKEN or SLACK_BOT_TOKEN, enable [web] or [api], or start "
                           "`llamarelay chat` in a terminal")
     manager.platforms.expect(adapters)  # /readyz answers 503 until each of them reports it is connected
+    if api:  # not a platform: it shares the engine's queue, not the conversations
+        from adapters.openai_api import run_openai_api
+        adapters["api"] = run_openai_api(manager, settings, secrets)
     if settings.ops.enabled and mode != "chat":
         from adapters.ops import run_ops
         adapters["ops"] = run_ops(manager, settings)

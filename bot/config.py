@@ -22,7 +22,7 @@ from bot.errors import ConfigError
 
 __all__ = [
     "Settings", "EngineSettings", "SamplingSettings", "ConversationSettings", "StoreSettings",
-    "StreamingSettings", "DiscordSettings", "SlackSettings", "WebSettings", "OpsSettings", "Secrets",
+    "StreamingSettings", "DiscordSettings", "SlackSettings", "WebSettings", "OpsSettings", "ApiSettings", "Secrets",
     "load_settings",
 ]
 
@@ -30,7 +30,8 @@ DEFAULT_CONFIG_PATH = Path("config.toml")
 ENV_PREFIX = "LLAMARELAY_"
 ENV_NESTED_DELIMITER = "__"
 SECRET_ENV_VARS = ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET",
-                   "LLAMARELAY_WEB_TOKEN", "LLAMARELAY_DATABASE_URL", "LLAMARELAY_ENGINE_API_KEY")
+                   "LLAMARELAY_WEB_TOKEN", "LLAMARELAY_DATABASE_URL", "LLAMARELAY_ENGINE_API_KEY",
+                   "LLAMARELAY_API_TOKEN")
 
 
 class _Section(BaseModel):
@@ -93,7 +94,13 @@ class SamplingSettings(_Section):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(40, ge=0, le=1000)
     repeat_penalty: float = Field(1.1, gt=0.0, le=5.0, description="1.0 = off; above 1.0 discourages repeats")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: less of a token the more "
+                                     "often it appeared (0 = off)")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: less of any token that "
+                                    "appeared (0 = off)")
     seed: int = Field(-1, ge=-1, le=0xFFFFFFFE, description="-1 = a new random seed per reply")
+    ignore_eos: bool = Field(False, description="write on past the end of the turn up to max_tokens "
+                             "(benchmarks, as llama-server's ignore_eos)")
     grammar: str | None = Field(None, description="GBNF grammar every reply must follow (optional)")
 
 
@@ -199,6 +206,12 @@ class OpsSettings(_Section):
     port: int = Field(9090, ge=0, le=65535, description="0 = any free port")
 
 
+class ApiSettings(_Section):
+    enabled: bool = Field(False, description="serve the OpenAI-compatible /v1/chat/completions and /v1/models")
+    host: str = Field("127.0.0.1", description="anything but loopback requires LLAMARELAY_API_TOKEN")
+    port: int = Field(8081, ge=0, le=65535, description="0 = any free port")
+
+
 class Settings(BaseSettings):
     """Every section; ``Settings()`` is the defaults with the environment's overrides applied."""
 
@@ -215,6 +228,7 @@ class Settings(BaseSettings):
     slack: SlackSettings = Field(default_factory=SlackSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     ops: OpsSettings = Field(default_factory=OpsSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -229,6 +243,9 @@ class Settings(BaseSettings):
         if self.sampling.max_tokens >= self.engine.n_ctx:
             raise ValueError(f"sampling.max_tokens ({self.sampling.max_tokens}) must be below engine.n_ctx "
                              f"({self.engine.n_ctx}): the prompt needs room too")
+        if self.api.enabled and self.engine.backend == "openai":
+            raise ValueError("[api] serves the embedded engine; with engine.backend = \"openai\" point API clients "
+                             "at the model server itself")
         return self
 
 
@@ -243,6 +260,7 @@ class Secrets:
     web_token: str | None = None
     database_url: str | None = None
     engine_api_key: str | None = None
+    api_token: str | None = None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Secrets:
@@ -255,7 +273,7 @@ class Secrets:
         password = urlsplit(self.database_url).password if self.database_url else None
         return [v for v in (self.discord_token, self.slack_bot_token, self.slack_app_token,
                             self.slack_signing_secret, self.web_token, self.database_url, password,
-                            self.engine_api_key) if v]
+                            self.engine_api_key, self.api_token) if v]
 
     def __repr__(self) -> str:
         return "Secrets(<hidden>)"

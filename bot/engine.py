@@ -428,6 +428,7 @@ class Engine:
         self.model_size = llama_cpp.llama_model_size(model)
         self.kv_cache_bytes = self.pool_tokens * per_token
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._eog_tokens = [t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)]
         self.tokenizer = Tokenizer(self._vocab)
         self._bos = llama_cpp.llama_vocab_bos(self._vocab)
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
@@ -594,9 +595,14 @@ class Engine:
                 llama_cpp.llama_sampler_free(chain)
                 raise EngineError(f"the sampling grammar is not valid GBNF: {why}")
             samplers.append(grammar)
-        if sampling.repeat_penalty != 1.0:
+        if sampling.ignore_eos:  # as llama-server does: the end-of-generation tokens can never be sampled
+            biases = (llama_cpp.llama_logit_bias * len(self._eog_tokens))(
+                *[llama_cpp.llama_logit_bias(token, float("-inf")) for token in self._eog_tokens])
+            samplers.append(llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(biases), biases))
+        if (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty) != (1.0, 0.0, 0.0):
             samplers.append(llama_cpp.llama_sampler_init_penalties(
-                self._n_vocab, PENALTY_LAST_N, sampling.repeat_penalty, 0.0, 0.0))
+                self._n_vocab, PENALTY_LAST_N, sampling.repeat_penalty, sampling.frequency_penalty,
+                sampling.presence_penalty))
         if sampling.temperature <= 0.0:
             samplers.append(llama_cpp.llama_sampler_init_greedy())
         else:

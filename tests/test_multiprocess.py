@@ -303,7 +303,9 @@ async def test_two_bot_processes_on_one_database_and_one_inference_server_answer
             await fake.push_event(event, event_id=event_id, to=chooser.randrange(2))
             if n % 2 == 0:
                 await fake.push_event(event, event_id=event_id, to=chooser.randrange(2), retry_attempt=1)
-            await asyncio.sleep(0.05)
+            # Apart by more than a process takes to store a message (which of two processes stores first is
+            # up to them), and by less than a reply takes, so turns pass from process to process.
+            await asyncio.sleep(0.5)
         store = await open_store(postgres_url)
         try:
             async def answered() -> list[Any]:

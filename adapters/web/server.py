@@ -10,7 +10,6 @@ its HttpOnly cookie, or one derived from the token for ``Authorization: Bearer``
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from adapters.listener import Listener
+from adapters.listener import Listener, is_loopback
 from adapters.web.api import (AUTH_COOKIE, BROWSER_COOKIE, STATE, ApiError, WebState, current_browser,
                               json_response, routes)
 from bot.config import Secrets, Settings, WebSettings
@@ -33,7 +32,6 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SHUTDOWN_TIMEOUT_SECONDS = 2.0  # open event streams get this long to end (the core has ended every reply by then)
 BROWSER_ID = re.compile(r"[A-Za-z0-9_-]{43}")  # secrets.token_urlsafe(32)
-LOOPBACK_NAMES = ("localhost", "localhost.")
 UNAUTHENTICATED_PATHS = ("/api/login",)
 
 # Defence in depth behind the page's own escaping: no inline script, nothing from another origin.
@@ -48,16 +46,6 @@ SECURITY_HEADERS = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def is_loopback(host: str) -> bool:
-    """True for names and addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_access(settings: WebSettings, secrets: Secrets) -> None:

@@ -1,0 +1,161 @@
+"""The OpenAI chat request, read and checked: messages, sampling, stop strings; and `StopCutter`, which ends the
+text at the first stop string however the text arrives in pieces."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from bot.config import SamplingSettings
+
+__all__ = ["ApiError", "ChatRequest", "StopCutter", "parse_chat_request"]
+
+MAX_STOP_STRINGS = 16  # OpenAI takes 4; llama-server more
+MAX_STOP_CHARS = 256
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# Request keys that map onto SamplingSettings fields of the same name.
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed", "repeat_penalty", "frequency_penalty",
+                 "presence_penalty", "ignore_eos")
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI does: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict[str, str]]
+    sampling: SamplingSettings
+    max_tokens_given: bool  # the client asked for max_tokens: prompt + max_tokens must fit the window
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+    stop: tuple[str, ...]
+    user: str
+
+
+def parse_chat_request(body: Any, defaults: SamplingSettings) -> ChatRequest:
+    """Check a /v1/chat/completions body; sampling the request leaves out comes from ``defaults`` (less their
+    grammar, which is the bot's own). Raises `ApiError` (400) naming the offending field."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    messages = _messages(body.get("messages"))
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "Only n = 1 is supported.", param="n")
+    if body.get("tools") or body.get("functions"):
+        raise ApiError(400, "Tools and functions are not supported.", param="tools")
+    if body.get("logprobs"):
+        raise ApiError(400, "logprobs is not supported.", param="logprobs")
+    response_format = body.get("response_format")
+    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
+        raise ApiError(400, "Only response_format {\"type\": \"text\"} is supported.", param="response_format")
+    overrides: dict[str, Any] = {key: body[key] for key in SAMPLING_KEYS if body.get(key) is not None}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        overrides["max_tokens"] = max_tokens
+    for key, value in overrides.items():  # pydantic would turn true into 1 and "0.5" into 0.5
+        if isinstance(value, bool) is not (key == "ignore_eos") or isinstance(value, str):
+            raise ApiError(400, f"'{key}' must be a {'boolean' if key == 'ignore_eos' else 'number'}.", param=key)
+    try:
+        sampling = SamplingSettings(**{**defaults.model_dump(), "grammar": None, **overrides})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = str(error["loc"][0]) if error["loc"] else ""
+        param = "max_tokens" if key == "max_tokens" and "max_tokens" in body else (
+            "max_completion_tokens" if key == "max_tokens" else key)
+        raise ApiError(400, f"'{param}' = {error['input']!r} is invalid: {error['msg']}.", param=param) from None
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be a boolean.", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object.", param="stream_options")
+    user = body.get("user", "")
+    if not isinstance(user, str):
+        raise ApiError(400, "'user' must be a string.", param="user")
+    return ChatRequest(messages=messages, sampling=sampling, max_tokens_given=max_tokens is not None,
+                       stream=stream, include_usage=bool(options.get("include_usage")), stop=_stop(body.get("stop")),
+                       user=user)
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise ApiError(400, f"messages[{i}] must be an object.", param=f"messages[{i}]")
+        role = ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        if role is None:
+            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, not "
+                           f"{message.get('role')!r}.", param=f"messages[{i}].role")
+        messages.append({"role": role, "content": _content(message.get("content"), i, role)})
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, "The last message must be the user's.", param=f"messages[{len(messages) - 1}].role")
+    return messages
+
+
+def _content(content: Any, i: int, role: str) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None and role == "assistant":  # an assistant turn that only called tools
+        return ""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported.",
+                               param=f"messages[{i}].content")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise ApiError(400, f"messages[{i}].content must be a string or an array of text parts.",
+                   param=f"messages[{i}].content")
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    stops = [value] if isinstance(value, str) else value if isinstance(value, list) else [] if value is None else None
+    if (stops is None or len(stops) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
+        raise ApiError(400, f"'stop' must be a string or an array of at most {MAX_STOP_STRINGS} non-empty strings "
+                       f"of at most {MAX_STOP_CHARS} characters.", param="stop")
+    return tuple(stops)
+
+
+class StopCutter:
+    """Ends a streamed text just before the first stop string to complete, holding back any tail that may be
+    the start of one; the result is the same however the text is split into pieces."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.stopped = False
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        """The part of ``text`` (after what was held back) that is sure to be shown."""
+        if self.stopped or not self.stops:
+            return "" if self.stopped else text
+        buffer = self._held + text
+        # Held text holds no whole stop string, so any found ends in the new text: the earliest end came first.
+        found = [(i + len(stop), i) for stop in self.stops if (i := buffer.find(stop)) >= 0]
+        if found:
+            self.stopped, self._held = True, ""
+            return buffer[:min(found)[1]]
+        hold = next((n for n in range(min(len(buffer), max(map(len, self.stops)) - 1), 0, -1)
+                     if any(stop.startswith(buffer[-n:]) for stop in self.stops)), 0)
+        self._held = buffer[len(buffer) - hold:]
+        return buffer[:len(buffer) - hold]
+
+    def flush(self) -> str:
+        """What was held back, now that the text has ended without a stop string."""
+        held, self._held = self._held, ""
+        return "" if self.stopped else held

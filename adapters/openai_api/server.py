@@ -1,0 +1,277 @@
+"""The aiohttp application: POST /v1/chat/completions (streamed as Server-Sent Events, or whole) and
+GET /v1/models, on the bot's one engine and queue.
+
+In front of every request: the Bearer token is checked when one is set (a listener off loopback needs one),
+the Host must be a loopback name when the server listens on loopback (a DNS rebinding page cannot reach it),
+and a POST must be JSON (a foreign page cannot send that without CORS, which this server never grants).
+Errors are always OpenAI-style JSON, never an HTML page or a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import secrets as secrets_module
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from adapters.listener import Listener, is_loopback
+from adapters.openai_api.schema import ApiError, ChatRequest, StopCutter, parse_chat_request
+from bot.config import ApiSettings, SamplingSettings, Secrets
+from bot.engine import Engine, FinishReason, Generation, QueuePosition
+from bot.errors import ConfigError, EngineError, PromptError, QueueFull
+from bot.metrics import Metrics
+from bot.store import Status
+
+__all__ = ["OpenAIServer", "check_access", "create_app"]
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT_SECONDS = 2.0
+OWNER = "llamarelay"
+PLATFORM = "api"  # the replies metric's label for this adapter's requests
+FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class ApiState:
+    engine: Engine
+    sampling: SamplingSettings  # the config's defaults for what a request leaves out
+    token: str | None
+    model_id: str
+    created: int
+    metrics: Metrics | None  # the bot's Prometheus figures, which then count the API's requests too
+
+
+STATE = web.AppKey("state", ApiState)
+
+
+def check_access(settings: ApiSettings, secrets: Secrets) -> None:
+    """Refuse to serve other machines without a token."""
+    if not is_loopback(settings.host) and not secrets.api_token:
+        raise ConfigError(f"[api] host = {settings.host!r} lets other machines use the model: set "
+                          "LLAMARELAY_API_TOKEN to an access token, or listen on host = \"127.0.0.1\" only")
+
+
+def error_response(error: ApiError) -> web.Response:
+    return web.json_response(error.body(), status=error.status)
+
+
+# -- middleware ----------------------------------------------------------------------------------------
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, body too large
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
+        return error_response(ApiError(exc.status, exc.reason, code=code))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("openai api: %s %s failed", request.method, request.path)
+        return error_response(ApiError(500, "Something went wrong on the server.", type="server_error"))
+
+
+def _guard(loopback_only: bool) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if loopback_only and not is_loopback(_hostname(request.host)):
+            raise ApiError(403, "This server answers only to localhost / 127.0.0.1.", type="permission_error",
+                           code="foreign_host")
+        token = request.app[STATE].token
+        if token is not None:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+                raise ApiError(401, "Incorrect API key provided: send 'Authorization: Bearer' with the value of "
+                               "LLAMARELAY_API_TOKEN.", code="invalid_api_key")
+        if request.method == "POST" and request.content_type != "application/json":
+            raise ApiError(415, "The request body must be JSON (Content-Type: application/json).",
+                           code="unsupported_media_type")
+        return await handler(request)
+
+    return guard
+
+
+def _hostname(host: str) -> str:
+    try:
+        return urlsplit(f"//{host}").hostname or ""
+    except ValueError:
+        return ""
+
+
+# -- handlers ------------------------------------------------------------------------------------------
+
+async def _models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response({"object": "list", "data": [
+        {"id": state.model_id, "object": "model", "created": state.created, "owned_by": OWNER}]})
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "The request body is not valid JSON.") from None
+    chat = parse_chat_request(body, state.sampling)
+    try:
+        # Rendering and tokenizing a long conversation takes a while: not on the event loop.
+        prompt = await asyncio.to_thread(state.engine.chat_tokens, chat.messages)
+    except PromptError as exc:
+        raise ApiError(400, str(exc), param="messages") from None
+    _check_length(state.engine.n_ctx, len(prompt), chat)
+    try:
+        generation = state.engine.submit(prompt, chat.sampling, session=_session(request, chat.user))
+    except QueueFull as exc:
+        raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full") from None
+    except EngineError as exc:
+        raise ApiError(503, str(exc), type="server_error", code="engine_unavailable") from None
+    completion_id = f"chatcmpl-{secrets_module.token_hex(12)}"
+    status = Status.STOPPED
+    try:
+        if chat.stream:
+            response = await _stream(request, state, chat, generation, completion_id, len(prompt))
+        else:
+            response = await _whole(state, chat, generation, completion_id, len(prompt))
+        status = Status.FAILED if generation.finish_reason == FinishReason.ERROR else Status.COMPLETE
+        return response
+    except ApiError:
+        status = Status.FAILED
+        raise
+    finally:
+        # A client that hung up cancels this handler (handler_cancellation): its slot is freed in one step.
+        if generation.finish_reason is None:
+            generation.cancel()
+        if state.metrics is not None:
+            state.metrics.replies.labels(PLATFORM, status).inc()
+            state.metrics.tokens_generated.inc(generation.n_generated)
+            state.metrics.prompt_tokens.inc(len(prompt))
+            state.metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
+
+
+def _check_length(n_ctx: int, n_prompt: int, chat: ChatRequest) -> None:
+    wanted = n_prompt + (chat.sampling.max_tokens if chat.max_tokens_given else 1)
+    if wanted > n_ctx:
+        completion = f" ({n_prompt} in the messages, {chat.sampling.max_tokens} in the completion)" \
+            if chat.max_tokens_given else ""
+        raise ApiError(400, f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                       f"{wanted} tokens{completion}. Please reduce the length of the messages or completion.",
+                       param="messages", code="context_length_exceeded")
+
+
+def _session(request: web.Request, user: str) -> str:
+    """One party for the engine's scheduler and KV reuse: the client's token and its ``user``, hashed."""
+    token = request.headers.get("Authorization", "")
+    return "api:" + hashlib.sha256(f"{token}\0{user}".encode()).hexdigest()[:16]
+
+
+async def _texts(generation: Generation, cutter: StopCutter, metrics: Metrics | None) -> Any:
+    """The reply's text pieces, cut at the first stop string (which then ends the generation)."""
+    submitted_at, last_text_at = time.monotonic(), None
+    async for event in generation:
+        if isinstance(event, QueuePosition):
+            continue
+        if metrics is not None:
+            now = time.monotonic()
+            if last_text_at is None:
+                metrics.time_to_first_token.observe(now - submitted_at)
+            else:
+                metrics.inter_token_latency.observe(now - last_text_at)
+            last_text_at = now
+        text = cutter.feed(event)
+        if text:
+            yield text
+        if cutter.stopped:
+            generation.cancel()
+            return
+    if rest := cutter.flush():
+        yield rest
+
+
+def _usage(generation: Generation, n_prompt: int) -> dict[str, int]:
+    return {"prompt_tokens": n_prompt, "completion_tokens": generation.n_generated,
+            "total_tokens": n_prompt + generation.n_generated}
+
+
+def _finish_reason(generation: Generation, cutter: StopCutter) -> str:
+    if cutter.stopped or generation.finish_reason is None:
+        return "stop"
+    return FINISH_REASONS.get(generation.finish_reason, "stop")
+
+
+async def _whole(state: ApiState, chat: ChatRequest, generation: Generation, completion_id: str,
+                 n_prompt: int) -> web.Response:
+    cutter = StopCutter(chat.stop)
+    try:
+        text = "".join([piece async for piece in _texts(generation, cutter, state.metrics)])
+    except EngineError as exc:
+        raise ApiError(500, str(exc), type="server_error", code="engine_error") from None
+    return web.json_response({
+        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": state.model_id,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": _finish_reason(generation, cutter)}],
+        "usage": _usage(generation, n_prompt)})
+
+
+async def _stream(request: web.Request, state: ApiState, chat: ChatRequest, generation: Generation,
+                  completion_id: str, n_prompt: int) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    created = int(time.time())
+
+    async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
+        chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                 "model": state.model_id, "choices": choices, **extra}
+        await response.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
+
+    cutter = StopCutter(chat.stop)
+    await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    try:
+        async for text in _texts(generation, cutter, state.metrics):
+            await send([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
+    except EngineError as exc:  # the headers are sent: the error goes in the stream, as llama-server does
+        error = ApiError(500, str(exc), type="server_error", code="engine_error")
+        await response.write(f"data: {json.dumps(error.body())}\n\n".encode())
+    else:
+        await send([{"index": 0, "delta": {}, "finish_reason": _finish_reason(generation, cutter)}])
+        if chat.include_usage:
+            await send([], usage=_usage(generation, n_prompt))
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+def create_app(engine: Engine, sampling: SamplingSettings, secrets: Secrets, *, host: str,
+               metrics: Metrics | None = None) -> web.Application:
+    """The API for ``engine``; requests leave out sampling fields to get ``sampling``'s. With ``metrics``, each
+    request counts in them (platform "api")."""
+    app = web.Application(middlewares=[_errors, _guard(is_loopback(host))])
+    app[STATE] = ApiState(engine=engine, sampling=sampling, token=secrets.api_token,
+                          model_id=engine.settings.model_path.stem, created=int(time.time()), metrics=metrics)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    return app
+
+
+class OpenAIServer(Listener):
+    """The OpenAI API's listener: a client that hangs up cancels its request's generation at once."""
+
+    def __init__(self, app: web.Application, host: str, port: int) -> None:
+        super().__init__(app, host, port, section="api", shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
+                         handler_cancellation=True)
