@@ -199,6 +199,9 @@ def test_the_openai_backend_needs_a_base_url(tmp_path: Path) -> None:
     config.write_text('[engine]\nbackend = "openai"\nbase_url = "127.0.0.1:8080"\n')
     with pytest.raises(ConfigError, match="http"):
         load_settings(config)
+    config.write_text('[engine]\nbackend = "openai"\nbase_url = "http://127.0.0.1:8080/v1"\n[api]\nenabled = true\n')
+    with pytest.raises(ConfigError, match="model server itself"):
+        load_settings(config)
 
 
 @hypothesis_settings(max_examples=200, deadline=None)
