@@ -114,8 +114,10 @@ def start_llama_server(binary: Path, args: argparse.Namespace, logs: Path) -> Se
     command = [str(binary), "-m", str(args.model), "-c", str(args.n_ctx * STREAMS), "-np", str(STREAMS),
                "-t", str(args.threads), "-tb", str(args.threads), "--host", "127.0.0.1", "--port", str(port),
                "--no-webui"]
+    # The same OpenMP waiting as llamarelay's (which sets passive unless the environment says otherwise).
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}
     with (logs / "llama-server.log").open("wb") as log:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
     return Server("llama-server", f"http://127.0.0.1:{port}/v1", process)
 
 

@@ -316,6 +316,8 @@ async def test_two_bot_processes_on_one_database_and_one_inference_server_answer
             deadline = time.monotonic() + REPLY_TIMEOUT_SECONDS
             while len(await answered()) < len(texts) and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
+            await fake.wait_for(lambda: len(fake.messages_in("D1")) >= len(texts), timeout=REPLY_TIMEOUT_SECONDS,
+                                what="every reply posted")
             await asyncio.sleep(1.0)  # a duplicate answered late would show by now
             [key] = await store.session_keys("")
             history = await store.messages(key)
