@@ -40,21 +40,28 @@ def display_text(text: str, notes: str) -> str:
 
 
 class Pacer:
-    """One platform rate bucket: calls spaced ``interval`` apart, taken in arrival order by every reply in it."""
+    """One platform rate bucket: one call per ``interval`` on average, up to ``burst`` back to back after a quiet
+    spell (a token bucket), taken in arrival order by every reply in it."""
 
-    def __init__(self, interval: float, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
+    def __init__(self, interval: float, *, burst: int = 1, clock: Clock = time.monotonic,
+                 sleep: Sleep = asyncio.sleep) -> None:
         self.interval = interval
+        self.burst = burst
         self._clock, self._sleep = clock, sleep
-        self._next = 0.0
+        self._tokens = float(burst)
+        self._updated = clock()
         self._lock = asyncio.Lock()  # FIFO: replies sharing a bucket take turns
 
     async def turn(self) -> None:
         """Wait until the bucket allows the next call, and claim it."""
         async with self._lock:
-            delay = self._next - self._clock()
-            if delay > 0:
-                await self._sleep(delay)
-            self._next = self._clock() + self.interval
+            now = self._clock()
+            refill = (now - self._updated) / self.interval if self.interval > 0 else self.burst
+            self._tokens, self._updated = min(self.burst, self._tokens + refill), now
+            if self._tokens < 1:
+                await self._sleep((1 - self._tokens) * self.interval)
+                self._tokens, self._updated = 1.0, self._clock()
+            self._tokens -= 1
 
 
 class Pacers:
@@ -66,11 +73,13 @@ class Pacers:
 
     def for_target(self, target: ReplyTarget) -> Pacer:
         bucket: str = getattr(target, "bucket", "")
+        burst: int = getattr(target, "burst", 1)
         if not bucket:
-            return Pacer(target.min_edit_interval, clock=self._clock, sleep=self._sleep)
+            return Pacer(target.min_edit_interval, burst=burst, clock=self._clock, sleep=self._sleep)
         pacer = self._buckets.get(bucket)
         if pacer is None:
-            pacer = self._buckets[bucket] = Pacer(target.min_edit_interval, clock=self._clock, sleep=self._sleep)
+            pacer = self._buckets[bucket] = Pacer(target.min_edit_interval, burst=burst, clock=self._clock,
+                                                  sleep=self._sleep)
         return pacer
 
 

@@ -109,7 +109,8 @@ class ReplyTarget(Protocol):
     Optional attributes: ``measure(text) -> int`` when the platform counts length its own way (escaping makes
     text longer; used against ``max_length`` instead of ``len``), and ``bucket``, the name of the platform's
     rate bucket this target writes to (e.g. one Discord channel, one Slack workspace): every reply in one
-    bucket shares its pace. Without one, the reply paces alone.
+    bucket shares its pace. Without one, the reply paces alone. ``burst``: writes the bucket allows back to back
+    after a quiet spell (default 1).
     """
 
     max_length: int

@@ -229,3 +229,23 @@ async def test_whitespace_only_text_keeps_the_status(empty: str) -> None:
     reply.update(empty + "Hi")
     await reply.finish()
     assert target.messages == [empty + "Hi"]
+
+
+async def test_a_bucket_with_a_burst_allows_that_many_writes_back_to_back_then_keeps_its_pace() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(round(seconds, 6))
+        now[0] += seconds
+
+    pacer = Pacer(1.0, burst=2, clock=lambda: now[0], sleep=sleep)
+    await pacer.turn()
+    await pacer.turn()  # a status line, then the first words at once
+    assert slept == []
+    await pacer.turn()
+    assert slept == [1.0]  # then one a second
+    now[0] += 5.0  # a quiet spell refills the burst, never beyond it
+    for _ in range(3):
+        await pacer.turn()
+    assert slept == [1.0, 1.0]

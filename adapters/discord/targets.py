@@ -60,6 +60,8 @@ class ChannelTarget:
         self._trigger = trigger
         self.min_edit_interval = min_edit_interval
         self.bucket = f"discord:channel:{getattr(channel, 'id', id(channel))}"  # Discord limits writes per channel
+        # to 5 in 5 s: a status line and the first words may go out back to back, the pace stays one a second.
+        self.burst = 2
 
     async def post(self, text: str, controls: Controls | None = None) -> discord.Message:
         # A reply that must not fail if the user deleted their message meanwhile.
