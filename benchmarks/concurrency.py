@@ -225,7 +225,7 @@ def main() -> None:
     settings = EngineSettings(model_path=MODEL, n_ctx=2048, n_threads=args.threads)
     engine = Engine(settings)
     pool = getattr(engine, "pool_tokens", None)
-    print(f"model {engine.model_name}, {settings.n_threads or threads} threads, context {settings.n_ctx} tokens, "
+    print(f"model {engine.model_name}, {engine.n_threads} threads, context {settings.n_ctx} tokens, "
           f"KV pool {pool or '-'} tokens, up to {getattr(engine, 'parallel', settings.parallel)} at once, "
           f"{args.tokens} tokens per reply")
 

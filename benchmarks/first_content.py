@@ -146,6 +146,8 @@ async def run(args: argparse.Namespace, directory: Path) -> bool:
         finally:
             await store.close()
             code = await bot.terminate()
+            if args.log:
+                args.log.write_text(bot.log())
         if code != 0:
             print(f"the bot exited with {code} on SIGTERM; the end of its log:\n{bot.log()[-3000:]}")
             return False
@@ -214,6 +216,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="[engine] n_threads (default: the config's)")
     parser.add_argument("--verbose", action="store_true", help="print every write of each serial reply")
+    parser.add_argument("--log", type=Path, help="keep the bot's log in this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="llamarelay-bench-") as directory:
         ok = asyncio.run(run(args, Path(directory)))

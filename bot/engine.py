@@ -847,8 +847,8 @@ class Engine:
 
     def _step(self) -> None:
         """One llama_decode over every active sequence: a token each for the generating ones, then prompt tokens,
-        shortest remaining prompt first (so a short prompt never waits behind a long one), as many as keep the
-        step within the latency budget."""
+        shortest remaining prompt first (so a short prompt never waits behind a long one) yet a share for each
+        (so a long one always advances), as many as keep the step within the latency budget."""
         slots = []
         for slot in self._active():
             if slot.generation is not None and slot.generation._cancel_requested:
@@ -883,11 +883,13 @@ class Engine:
             n = self._add(batch, n, slot.next_token, len(slot.cached), slot.seq_id, True)
             self._append(slot, slot.next_token)
             slot.logits_index = n - 1
-        for slot in prompting:
+        for place, slot in enumerate(prompting):
             if budget <= 0:
                 break
             assert slot.pending is not None
-            chunk = slot.pending[:budget]
+            # Max-min fair: shortest first, each taking at most an equal share of what is left, so short prompts
+            # finish at once while a long one still advances every step (never starved by a stream of short ones).
+            chunk = slot.pending[:max(1, budget // (len(prompting) - place))]
             budget -= len(chunk)
             del slot.pending[:len(chunk)]
             for i, token in enumerate(chunk):

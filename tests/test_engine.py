@@ -351,6 +351,30 @@ async def test_a_short_prompt_is_not_stuck_behind_a_long_one_and_a_long_prompt_i
         engine.close()
 
 
+async def test_a_long_prompt_advances_while_short_prompts_keep_arriving() -> None:
+    # Small chunks (the floor): a short prompt could take each step's whole chunk, and a line of them for ever.
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=2048, n_threads=1, parallel=6, step_budget_ms=5))
+    try:
+        stream = engine.submit(prompt(engine, "Sing."), LONG, session="stream")
+        await first_text(stream)
+        long_prompt = engine.chat_tokens([{"role": "user", "content": "The tide rose and fell. " * 60}])
+        long = engine.submit(long_prompt, SamplingSettings(max_tokens=1, temperature=0.0), session="long")
+        answered = 0
+
+        async def short_prompts(lane: int) -> None:  # three lanes: a new short prompt as soon as one is read
+            nonlocal answered
+            while long.finish_reason is None and answered < 200:
+                await collect(engine.submit(prompt(engine, f"Hi number {lane}-{answered}, how are you?"),
+                                            SamplingSettings(max_tokens=1, temperature=0.0), session=f"s{lane}"))
+                answered += 1
+
+        await asyncio.wait_for(asyncio.gather(*(short_prompts(lane) for lane in range(3))), 120)
+        stream.cancel()
+        assert long.finish_reason is not None and answered < 200, answered
+    finally:
+        engine.close()
+
+
 async def test_a_dropped_middle_is_shifted_out_and_the_rest_of_the_cache_kept() -> None:
     engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=1024, n_threads=1, parallel=1))
     try:
