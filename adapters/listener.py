@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from bot.errors import ConfigError
 
-__all__ = ["Listener", "is_loopback"]
+__all__ = ["Listener", "is_loopback", "is_loopback_host"]
 
 LOOPBACK_NAMES = ("localhost", "localhost.")
 
@@ -21,6 +22,14 @@ def is_loopback(host: str) -> bool:
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_host(header: str) -> bool:
+    """True when an HTTP ``Host`` header (a name or address, maybe with a port) names only this machine."""
+    try:
+        return is_loopback(urlsplit(f"//{header}").hostname or "")
     except ValueError:
         return False
 

@@ -36,7 +36,7 @@ from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
 from bot.kvstates import StateCache, StateFiles, model_identity
 from bot.prompt import CHATML_TEMPLATE, ChatTemplate, Prompt
 
-__all__ = ["Engine", "EngineStatus", "FinishReason", "Generation", "QueuePosition", "Tokenizer"]
+__all__ = ["Engine", "EngineStatus", "Figures", "FinishReason", "Generation", "QueuePosition", "Tokenizer"]
 
 log = logging.getLogger(__name__)
 
@@ -94,29 +94,18 @@ class EngineStatus:
 _END = object()
 
 
-class Generation:
-    """One request. ``async for event in generation`` yields `QueuePosition` events and text deltas (str).
+class Figures:
+    """What a request reports however it runs, in this process or on a model server."""
 
-    Raises `EngineError` from the iteration if llama.cpp fails. ``cancel()`` may be called at any time.
-    """
-
-    def __init__(self, engine: Engine, prompt: list[int], sampling: SamplingSettings, session: str,
-                 sampler: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, prompt: list[int], sampling: SamplingSettings) -> None:
         self.prompt = prompt
         self.sampling = sampling
-        self.session = session
         self.finish_reason: FinishReason | None = None
         self.n_generated = 0
         self.n_prompt_reused = 0  # prompt tokens whose KV cache was already there
         self.t_first_token: float | None = None
         self.t_finished: float | None = None
-        self._engine = engine
-        self._sampler = sampler
-        self._loop = loop
-        self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._position: int | None = None
-        self._announced_position: int | None = None
-        self._cancel_requested = False
 
     @property
     def position(self) -> int | None:
@@ -129,6 +118,24 @@ class Generation:
             return None
         elapsed = self.t_finished - self.t_first_token
         return (self.n_generated - 1) / elapsed if elapsed > 0 else None
+
+
+class Generation(Figures):
+    """One request. ``async for event in generation`` yields `QueuePosition` events and text deltas (str).
+
+    Raises `EngineError` from the iteration if llama.cpp fails. ``cancel()`` may be called at any time.
+    """
+
+    def __init__(self, engine: Engine, prompt: list[int], sampling: SamplingSettings, session: str,
+                 sampler: Any, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(prompt, sampling)
+        self.session = session
+        self._engine = engine
+        self._sampler = sampler
+        self._loop = loop
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._announced_position: int | None = None
+        self._cancel_requested = False
 
     def cancel(self) -> None:
         """Stop this request now; its slot or queue place is freed within one decode step."""

@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.engine import EngineStatus, FinishReason, QueuePosition
+from bot.engine import EngineStatus, Figures, FinishReason, QueuePosition
 from bot.errors import EngineError, QueueFull
 from bot.prompt import Prompt
 
@@ -64,34 +64,16 @@ def estimate_tokens(text: str) -> list[int]:
     return [int.from_bytes(b"\x01" + data[i:i + BYTES_PER_TOKEN], "big") for i in range(0, len(data), BYTES_PER_TOKEN)]
 
 
-class RemoteGeneration:
-    """One request to the server; iterate it like the embedded `Generation` (positions, text, `Retrying`)."""
+class RemoteGeneration(Figures):
+    """One request to the server; iterate it like the embedded `Generation` (positions, text, `Retrying`).
+    ``n_prompt_reused`` is the server's cache hits, when it reports them."""
 
     def __init__(self, engine: RemoteEngine, prompt: Prompt, sampling: SamplingSettings) -> None:
-        self.prompt = prompt.tokens
-        self.sampling = sampling
-        self.finish_reason: FinishReason | None = None
-        self.n_generated = 0
-        self.n_prompt_reused = 0  # the server's cache hits, when it reports them
-        self.t_first_token: float | None = None
-        self.t_finished: float | None = None
+        super().__init__(prompt.tokens, sampling)
         self._engine = engine
         self._body = engine._body(prompt, sampling)
         self._events: asyncio.Queue[Any] = asyncio.Queue()
-        self._position: int | None = None
         self._task = asyncio.create_task(self._run(), name="remote-generation")
-
-    @property
-    def position(self) -> int | None:
-        """0 while generating, n while n-th in line, None once finished."""
-        return self._position
-
-    @property
-    def tokens_per_second(self) -> float | None:
-        if self.t_first_token is None or self.t_finished is None or self.n_generated < 2:
-            return None
-        elapsed = self.t_finished - self.t_first_token
-        return (self.n_generated - 1) / elapsed if elapsed > 0 else None
 
     def cancel(self) -> None:
         """Stop now: the HTTP stream is closed, which tells the server to stop generating."""

@@ -44,6 +44,15 @@ class InferenceServer:
             self._process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "llama_cpp.server", *arguments, stdin=asyncio.subprocess.DEVNULL,
                 stdout=log, stderr=log, start_new_session=True)
+        try:
+            await self._wait_ready()
+        except BaseException:  # never leave it running behind a failed start
+            await self.kill()
+            raise
+        return self
+
+    async def _wait_ready(self) -> None:
+        assert self._process is not None
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT_SECONDS
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         async with aiohttp.ClientSession(headers=headers) as http:
@@ -52,7 +61,7 @@ class InferenceServer:
                 try:
                     async with http.get(f"{self.base_url}/models") as response:
                         if response.status == 200:
-                            return self
+                            return
                 except aiohttp.ClientError:
                     pass
                 assert asyncio.get_running_loop().time() < deadline, "llama_cpp.server did not start"

@@ -288,15 +288,15 @@ async def test_two_bot_processes_on_one_database_and_one_inference_server_answer
            "LLAMARELAY_SLACK__API_BASE_URL": fake.base_url, "LLAMARELAY_WEB__ENABLED": "false",
            "LLAMARELAY_ENGINE__BACKEND": "openai", "LLAMARELAY_ENGINE__BASE_URL": server.base_url,
            "LLAMARELAY_SAMPLING__MAX_TOKENS": "12", "LLAMARELAY_SAMPLING__TEMPERATURE": "0"}
-    bots = []
-    for n in range(2):
-        with (tmp_path / f"bot{n}.log").open("wb") as log:
-            bots.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bot", "run", cwd=tmp_path, env={**env, "PYTHONPATH": str(Path.cwd())},
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log))
+    bots: list[asyncio.subprocess.Process] = []
     chooser = random.Random(7)
     texts = ["Name a fruit.", "Name a color.", "Name an animal.", "Name a city.", "Name a tree."]
     try:
+        for n in range(2):
+            with (tmp_path / f"bot{n}.log").open("wb") as log:
+                bots.append(await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "bot", "run", cwd=tmp_path, env={**env, "PYTHONPATH": str(Path.cwd())},
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log))
         await fake.wait_for(lambda: fake.open_sockets == 2, timeout=60, what="both processes connected")
         for n, text in enumerate(texts):
             event, event_id = direct_message(text), f"Ev{n:04d}"

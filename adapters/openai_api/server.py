@@ -19,11 +19,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from adapters.listener import Listener, is_loopback
+from adapters.listener import Listener, is_loopback, is_loopback_host
 from adapters.openai_api.schema import ApiError, ChatRequest, StopCutter, parse_chat_request
 from bot.config import ApiSettings, SamplingSettings, Secrets
 from bot.engine import Engine, FinishReason, Generation, QueuePosition
@@ -90,7 +89,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 def _guard(loopback_only: bool) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if loopback_only and not is_loopback(_hostname(request.host)):
+        if loopback_only and not is_loopback_host(request.host):
             raise ApiError(403, "This server answers only to localhost / 127.0.0.1.", type="permission_error",
                            code="foreign_host")
         token = request.app[STATE].token
@@ -106,12 +105,6 @@ def _guard(loopback_only: bool) -> Callable[[web.Request, Handler], Awaitable[we
 
     return guard
 
-
-def _hostname(host: str) -> str:
-    try:
-        return urlsplit(f"//{host}").hostname or ""
-    except ValueError:
-        return ""
 
 
 # -- handlers ------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from adapters.listener import Listener, is_loopback
+from adapters.listener import Listener, is_loopback, is_loopback_host
 from adapters.web.api import (AUTH_COOKIE, BROWSER_COOKIE, STATE, ApiError, WebState, current_browser,
                               json_response, routes)
 from bot.config import Secrets, Settings, WebSettings
@@ -93,7 +93,7 @@ def _guard(loopback_only: bool) -> Callable[[web.Request, Handler], Awaitable[we
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         api = request.path.startswith("/api/")
-        if loopback_only and not is_loopback(_hostname(request.host)):
+        if loopback_only and not is_loopback_host(request.host):
             raise ApiError(403, "foreign_host", "This server answers only to localhost / 127.0.0.1.")
         if ".." in request.path.split("/"):  # whatever the router makes of it, never leave a directory
             raise web.HTTPNotFound()
@@ -110,12 +110,6 @@ def _guard(loopback_only: bool) -> Callable[[web.Request, Handler], Awaitable[we
 
     return guard
 
-
-def _hostname(host: str) -> str:
-    try:
-        return urlsplit(f"//{host}").hostname or ""
-    except ValueError:
-        return ""
 
 
 def _check_origin(request: web.Request) -> None:
