@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import random
@@ -116,7 +117,7 @@ class RemoteGeneration(Figures):
     async def _stream_with_retries(self) -> FinishReason:
         """Stream the reply; while nothing was shown yet, an unreachable or failing server is tried again."""
         deadline = time.monotonic() + self._engine.settings.retry_seconds
-        for attempt in range(1_000_000):
+        for attempt in itertools.count():
             try:
                 return await self._stream()
             except _Unavailable as exc:
@@ -132,7 +133,7 @@ class RemoteGeneration(Figures):
                             engine.settings.base_url, exc, delay)
                 self._events.put_nowait(Retrying(str(exc), delay))
                 await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+        raise AssertionError("itertools.count() never ends")
 
     async def _stream(self) -> FinishReason:
         engine = self._engine
