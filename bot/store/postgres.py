@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import asyncpg
@@ -105,7 +105,7 @@ class PostgresStore(Store):
     async def _interrupt_orphans(self) -> None:
         """Mark "generating" replies interrupted, but only in sessions whose turn no process holds: another
         process's reply in progress keeps its status."""
-        try:
+        with self._failing("write to"):
             async with self._pool.acquire() as connection:
                 keys = await connection.fetch("SELECT DISTINCT session_key FROM messages WHERE status = $1",
                                               Status.GENERATING)
@@ -116,8 +116,6 @@ class PostgresStore(Store):
                                                      " AND status = $3", Status.INTERRUPTED, key, Status.GENERATING)
                         finally:
                             await connection.execute("SELECT pg_advisory_unlock($1, hashtext($2))", TURN_LOCK, key)
-        except _ERRORS as exc:
-            raise StoreError(f"cannot write to the database {self.url}: {exc}") from None
 
     # -- turns -------------------------------------------------------------------------------------------
 
@@ -132,10 +130,8 @@ class PostgresStore(Store):
         except (*_ERRORS, TimeoutError) as exc:
             raise StoreError(f"cannot reach the database {self.url}: {exc}") from None
         try:
-            try:
+            with self._failing("lock a conversation in"):
                 await connection.execute("SELECT pg_advisory_lock($1, hashtext($2))", TURN_LOCK, key)
-            except _ERRORS as exc:
-                raise StoreError(f"cannot lock a conversation in the database {self.url}: {exc}") from None
             try:
                 yield
             finally:
@@ -156,13 +152,11 @@ class PostgresStore(Store):
     async def _create_migrations_table(self) -> None:
         """Under the migration lock: two processes starting on a new database would otherwise race in
         CREATE TABLE IF NOT EXISTS, and one would fail on the table's type "already existing"."""
-        try:
+        with self._failing("write to"):
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
                 await connection.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
                                          "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION)")
-        except _ERRORS as exc:
-            raise StoreError(f"cannot write to the database {self.url}: {exc}") from None
 
     async def schema_version(self) -> int:
         return await self._fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
@@ -171,7 +165,7 @@ class PostgresStore(Store):
         """Each step in a transaction (PostgreSQL's DDL is transactional), under a lock: two processes
         starting at once apply each step once."""
         applied = []
-        try:
+        with self._failing("migrate"):
             async with self._pool.acquire() as connection:
                 while True:
                     async with connection.transaction():
@@ -184,28 +178,28 @@ class PostgresStore(Store):
                         await connection.execute("INSERT INTO schema_migrations VALUES ($1, $2)",
                                                  version + 1, time.time())
                     applied.append(version + 1)
-        except _ERRORS as exc:
-            raise StoreError(f"cannot migrate the database {self.url}: {exc}") from None
 
     # -- plumbing ----------------------------------------------------------------------------------------
 
-    async def _execute(self, sql: str, *params: Any) -> str:
+    @contextlib.contextmanager
+    def _failing(self, doing: str) -> Iterator[None]:
+        """asyncpg's and the network's errors as one `StoreError` line: "cannot <doing> the database <url>"."""
         try:
-            return await self._pool.execute(sql, *params)
+            yield
         except _ERRORS as exc:
-            raise StoreError(f"cannot write to the database {self.url}: {exc}") from None
+            raise StoreError(f"cannot {doing} the database {self.url}: {exc}") from None
+
+    async def _execute(self, sql: str, *params: Any) -> str:
+        with self._failing("write to"):
+            return await self._pool.execute(sql, *params)
 
     async def _fetch(self, sql: str, *params: Any) -> list[asyncpg.Record]:
-        try:
+        with self._failing("read"):
             return await self._pool.fetch(sql, *params)
-        except _ERRORS as exc:
-            raise StoreError(f"cannot read the database {self.url}: {exc}") from None
 
     async def _fetchval(self, sql: str, *params: Any) -> Any:
-        try:
+        with self._failing("read"):
             return await self._pool.fetchval(sql, *params)
-        except _ERRORS as exc:
-            raise StoreError(f"cannot read the database {self.url}: {exc}") from None
 
     _ENSURE_SESSION = "INSERT INTO sessions (key, created_at) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING"
     _INSERT_MESSAGE = ("INSERT INTO messages (session_key, role, content, status, author_id, author_name, created_at)"
@@ -222,7 +216,7 @@ class PostgresStore(Store):
     async def add_exchange(self, key: str, text: str, *, author_id: str, author_name: str) -> tuple[int, int]:
         # A lock on the session's key held to the end of the transaction keeps the two rows together across
         # every process on the database, not only this one.
-        try:
+        with self._failing("write to"):
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", key)
                 now = time.time()
@@ -231,8 +225,6 @@ class PostgresStore(Store):
                                                     Status.COMPLETE, author_id, storable(author_name), now)
                 reply_id = await connection.fetchval(self._INSERT_MESSAGE, key, "assistant", "", Status.GENERATING,
                                                      "", "", time.time())
-        except _ERRORS as exc:
-            raise StoreError(f"cannot write to the database {self.url}: {exc}") from None
         return user_id, reply_id
 
     async def message(self, message_id: int) -> StoredMessage | None:
@@ -325,7 +317,7 @@ class PostgresStore(Store):
     async def load(self, sessions: Iterable[dict[str, Any]], messages: Iterable[dict[str, Any]]) -> None:
         if await self._fetchval("SELECT COUNT(*) FROM sessions"):
             raise StoreError(f"the database {self.url} already holds conversations: import into a new one")
-        try:
+        with self._failing("import into"):
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.executemany(
                     f"INSERT INTO sessions ({', '.join(SESSION_FIELDS)}) VALUES ($1, $2, $3, $4)",
@@ -337,5 +329,3 @@ class PostgresStore(Store):
                 # New messages continue after the highest imported id.
                 await connection.execute("SELECT setval(pg_get_serial_sequence('messages', 'id'),"
                                          " COALESCE((SELECT MAX(id) FROM messages), 0) + 1, false)")
-        except _ERRORS as exc:
-            raise StoreError(f"cannot import into the database {self.url}: {exc}") from None

@@ -10,7 +10,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,34 +128,42 @@ class SQLiteStore(Store):
         return applied
 
     async def _transaction(self, statements: list[str]) -> None:
+        async with self._immediate("write to"):
+            for statement in statements:
+                await self._db.execute(statement)
+
+    # -- plumbing ----------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _failing(self, doing: str) -> Iterator[None]:
+        """sqlite3's errors as one `StoreError` line: "cannot <doing> the database <path>"."""
         try:
+            yield
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: the connection is closed
+            raise StoreError(f"cannot {doing} the database {self.path}: {exc}") from None
+
+    @contextlib.asynccontextmanager
+    async def _immediate(self, doing: str) -> AsyncIterator[None]:
+        """One write transaction (BEGIN IMMEDIATE … COMMIT), rolled back if anything in it fails."""
+        with self._failing(doing):
             await self._db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in statements:
-                    await self._db.execute(statement)
+                yield
             except BaseException:
                 await self._db.rollback()
                 raise
             await self._db.commit()
-        except (sqlite3.Error, ValueError) as exc:
-            raise StoreError(f"cannot write to the database {self.path}: {exc}") from None
-
-    # -- plumbing ----------------------------------------------------------------------------------------
 
     async def _write(self, sql: str, params: tuple[Any, ...] = ()) -> aiosqlite.Cursor:
-        try:
+        with self._failing("write to"):
             cursor = await self._db.execute(sql, params)
             await self._db.commit()
             return cursor
-        except (sqlite3.Error, ValueError) as exc:  # ValueError: the connection is closed
-            raise StoreError(f"cannot write to the database {self.path}: {exc}") from None
 
     async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        try:
+        with self._failing("read"):
             async with self._db.execute(sql, params) as cursor:
                 return list(await cursor.fetchall())
-        except (sqlite3.Error, ValueError) as exc:
-            raise StoreError(f"cannot read the database {self.path}: {exc}") from None
 
     async def _ensure_session(self, key: str) -> None:
         await self._write("INSERT OR IGNORE INTO sessions (key, created_at) VALUES (?, ?)", (key, time.time()))
@@ -285,21 +293,13 @@ class SQLiteStore(Store):
     async def load(self, sessions: Iterable[dict[str, Any]], messages: Iterable[dict[str, Any]]) -> None:
         if (await self._read("SELECT COUNT(*) FROM sessions"))[0][0]:
             raise StoreError(f"the database {self.path} already holds conversations: import into a new one")
-        try:
-            await self._db.execute("BEGIN IMMEDIATE")
-            try:
-                await self._db.executemany(
-                    f"INSERT INTO sessions ({', '.join(SESSION_FIELDS)}) VALUES (?, ?, ?, ?)",
-                    ((s["key"], s["system_prompt"], json.dumps(s["sampling"]), s["created_at"]) for s in sessions))
-                await self._db.executemany(
-                    f"INSERT INTO messages ({', '.join(MESSAGE_FIELDS)}) VALUES ({', '.join('?' * 10)})",
-                    (tuple(m[field] for field in MESSAGE_FIELDS) for m in messages))
-            except BaseException:
-                await self._db.rollback()
-                raise
-            await self._db.commit()
-        except (sqlite3.Error, ValueError) as exc:
-            raise StoreError(f"cannot import into the database {self.path}: {exc}") from None
+        async with self._immediate("import into"):
+            await self._db.executemany(
+                f"INSERT INTO sessions ({', '.join(SESSION_FIELDS)}) VALUES (?, ?, ?, ?)",
+                ((s["key"], s["system_prompt"], json.dumps(s["sampling"]), s["created_at"]) for s in sessions))
+            await self._db.executemany(
+                f"INSERT INTO messages ({', '.join(MESSAGE_FIELDS)}) VALUES ({', '.join('?' * 10)})",
+                (tuple(m[field] for field in MESSAGE_FIELDS) for m in messages))
 
 
 def _claim(path: Path) -> int | None:
