@@ -553,6 +553,10 @@ class Engine:
                 running=sum(slot.generation is not None for slot in self._slots),
                 position=generation.position if generation else None, tokens_per_second=self._last_rate)
 
+    async def readiness(self) -> str:
+        """"ok": the model is loaded before anything listens (for /readyz)."""
+        return "ok"
+
     async def aclose(self) -> None:
         """`close` off the event loop (it waits for a decode step)."""
         await asyncio.to_thread(self.close)

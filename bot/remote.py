@@ -271,6 +271,10 @@ class RemoteEngine:
             self.model_name = str(models[0].get("id", self.model_name))
         return self.reachable
 
+    async def readiness(self) -> str:
+        """"ok" when the server answers now, else why not (for /readyz)."""
+        return "ok" if await self.probe() else f"model server {self.settings.base_url} is not answering"
+
     # -- token counts: an estimate ---------------------------------------------------------------------
 
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:

@@ -10,7 +10,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from adapters.listener import Listener
 from bot.conversations import ConversationManager
-from bot.remote import RemoteEngine
 
 __all__ = ["OpsServer", "create_app", "readiness"]
 
@@ -24,11 +23,7 @@ async def readiness(manager: ConversationManager) -> dict[str, str]:
     """Each check and its result ("ok" or "connected" when it passes): the engine, the database, and every
     configured platform."""
     checks: dict[str, str] = {}
-    engine = manager.engine
-    if isinstance(engine, RemoteEngine):  # the embedded engine is loaded before anything listens
-        checks["engine"] = "ok" if await engine.probe() else f"model server {engine.settings.base_url} is not answering"
-    else:
-        checks["engine"] = "ok"
+    checks["engine"] = await manager.engine.readiness()
     try:
         await asyncio.wait_for(manager.store.system_prompt("ops/readyz"), DATABASE_CHECK_SECONDS)
         checks["database"] = "ok"
