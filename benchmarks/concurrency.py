@@ -4,7 +4,7 @@ Run: .venv/bin/python benchmarks/concurrency.py [--tokens 128] [--turns 10] [--p
 On the default engine config (n_ctx 2048 as in issue 13, parallel automatic) it prints the single-stream rate
 and TTFT; for 1, 2, 4, 8 concurrent sessions the aggregate rate, median and worst TTFT, each stream's longest
 gap between tokens and the longest decode step; a "no stalls" phase (4 long histories whose oldest turns were
-dropped and 4 new conversations, all at once); a 10-turn conversation among 7 others whose history overflows
+dropped and 4 new conversations, all at once); 8 sessions again once idle caches fill the pool; a 10-turn conversation among 7 others whose history overflows
 the window; a new conversation's TTFT with a long shared system prompt vs a short one; and peak RSS against model + KV pool + state budget. The machine's other load changes every figure:
 compare runs made in one sitting.
 """
@@ -107,8 +107,8 @@ def gap_report(streams: list[Stream], steps: list[float]) -> str:
             f"worst {max(longest) * 1000:5.0f} ms{step}")
 
 
-async def concurrent(engine: Engine, n: int, sampling: SamplingSettings) -> tuple[float, float, float]:
-    prompts = [story_prompt(engine, TOPICS[i % len(TOPICS)], take=100 * n + i) for i in range(n)]
+async def concurrent(engine: Engine, n: int, sampling: SamplingSettings, take: int = 0) -> tuple[float, float, float]:
+    prompts = [story_prompt(engine, TOPICS[i % len(TOPICS)], take=take + 100 * n + i) for i in range(n)]
     mark = len(getattr(engine, "step_seconds", ()))
     started = time.perf_counter()
     streams = await asyncio.gather(*(run_stream(engine, p, sampling, session=f"c{n}-{i}")
@@ -120,6 +120,26 @@ async def concurrent(engine: Engine, n: int, sampling: SamplingSettings) -> tupl
           f"TTFT median {statistics.median(ttfts) * 1000:6.0f} ms, worst {max(ttfts) * 1000:6.0f} ms")
     print(f"             {gap_report(streams, steps_since(engine, mark))}")
     return tokens / elapsed, statistics.median(ttfts), max(ttfts)
+
+
+async def idle_pool(engine: Engine, sampling: SamplingSettings) -> None:
+    """8 sessions at once in an empty pool, then again once idle conversations' caches have filled it (a
+    long-running bot): llama.cpp's attention walks every KV cell in use, so idle caches left in the pool would
+    slow every step."""
+    await concurrent(engine, 8, SamplingSettings(max_tokens=4), take=20_000)  # warm-up: caches, allocations
+    empty = await concurrent(engine, 8, sampling)
+    notes = " ".join(f"Note {i}: the keeper checks lamp {i} and logs the weather." for i in range(70))
+    # One at a time, as separate channels would over an hour: about 1,000 tokens each, most of the pool.
+    count = max(1, (engine.pool_tokens - 8 * (50 + sampling.max_tokens)) // 1000)
+    for i in range(count):
+        prompt = engine.chat_tokens([{"role": "system", "content": f"You are assistant {i}."},
+                                     {"role": "user", "content": f"Conversation {i}. {notes}"}])
+        await run_stream(engine, prompt, SamplingSettings(max_tokens=4, temperature=0.0), session=f"idle{i}")
+    status = engine.status()
+    print(f"{count} idle conversations of ~1,000 tokens each: the pool holds {status.kv_cells} KV cells; 8 again:")
+    full = await concurrent(engine, 8, sampling, take=10_000)
+    print(f"idle caches cost the running streams: aggregate {full[0] / empty[0]:.2f}x, TTFT median "
+          f"{full[1] / empty[1]:.2f}x of an empty pool's")
 
 
 async def no_stalls(engine: Engine, sampling: SamplingSettings) -> None:
@@ -215,8 +235,8 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--threads", type=int, default=EngineSettings().n_threads,
                         help="[engine] n_threads (0 = all cores); 1 on a machine that is busy with other work")
-    parser.add_argument("--phases", default="ceiling,single,concurrent,prefix,stalls,conversation",
-                        help="comma-separated subset of: ceiling,single,concurrent,prefix,stalls,conversation")
+    parser.add_argument("--phases", default="ceiling,single,concurrent,prefix,stalls,idle,conversation",
+                        help="comma-separated subset of: ceiling,single,concurrent,prefix,stalls,idle,conversation")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
     sampling = SamplingSettings(max_tokens=args.tokens, temperature=0.7, seed=7)
@@ -247,6 +267,8 @@ def main() -> None:
         asyncio.run(shared_prefix(engine, sampling))
     if "stalls" in phases:
         asyncio.run(no_stalls(engine, sampling))
+    if "idle" in phases:
+        asyncio.run(idle_pool(engine, sampling))
     if "conversation" in phases:
         print(f"{args.turns}-turn conversation with 7 others (its history overflows the window):")
         asyncio.run(conversation(engine, args.turns, 7, sampling))

@@ -1,6 +1,6 @@
 """llamarelay's /v1 endpoint against llama.cpp's own llama-server, loaded by the same client, side by side.
 
-Run: .venv/bin/python benchmarks/vs_llama_server.py [--runs 5] [--tokens 128] [--n-ctx 2048] [--threads 2]
+Run: .venv/bin/python benchmarks/vs_llama_server.py [--runs 5] [--tokens 128] [--n-ctx 2048] [--threads N]
 
 Builds ``llama-server`` once from the llama.cpp sources vendored in the llama-cpp-python sdist (the version
 llamarelay uses) into ~/.cache/llamarelay-bench (cmake; skipped with a message when cmake is missing; the build
@@ -35,6 +35,10 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bot.cpu import default_threads  # noqa: E402
+
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP_PYTHON = "0.3.36"  # the version in pyproject.toml: the same llama.cpp on both sides
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamarelay-bench"
@@ -254,7 +258,8 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128, help="tokens each stream generates")
     parser.add_argument("--n-ctx", type=int, default=2048, help="context window of each of the 8 sequences")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=default_threads(),
+                        help="threads for both servers (default: llamarelay's n_threads = 0, the physical cores less one)")
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel jobs of the build")
     parser.add_argument("--busy", action="store_true", help="keep one core busy with another process meanwhile")

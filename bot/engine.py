@@ -5,7 +5,8 @@ generating sequence plus prompt tokens for newly admitted ones, as many as a ste
 (continuous batching), decodes, and samples with per-request sampler chains that run in C. Every sequence
 draws its KV cells from one unified pool: a request is admitted, one session at a time in turn, while fewer
 than ``parallel`` generate and the pool has room, idle conversations' caches being evicted (to RAM) least
-recently used first. A new sequence shares the longest prefix any other holds (the system prompt), and a
+recently used first, and, while others run, kept to a small share of the pool (idle cells slow every step).
+A new sequence shares the longest prefix any other holds (the system prompt), and a
 conversation that dropped its oldest turns keeps the rest of its cache by shifting it (context shift).
 Results travel to the asyncio side through ``loop.call_soon_threadsafe``; nothing here ever blocks the event loop.
 """
@@ -51,6 +52,7 @@ IDLE_SEQUENCES = 32  # llama.cpp sequences at least: idle ones keep their conver
 LLAMA_MAX_SEQ = 256  # llama.cpp's own limit on sequence ids
 SHIFT_MIN_TOKENS = 32  # a context shift must keep at least this many tokens to be worth it
 COPY_MIN_TOKENS = 8  # shorter shared prefixes are read again rather than copied
+IDLE_MIN_WINDOW_SHARE = 4  # idle caches may always keep n_ctx / this many KV cells in the pool (shared prefixes)
 BARE_STEP_EVERY = 32  # while prompts are read, every this many steps one is left without, to time it anew
 IDLE_SAVE_SECONDS = 30.0  # with nothing to do that long, the worker writes the KV states to disk
 CLOSE_SAVE_SECONDS = 2.0  # at most this long writing KV states at close (docker stop kills after 10 s)
@@ -77,6 +79,7 @@ class EngineStatus:
     running: int  # requests being generated now
     position: int | None  # the asked-about request: None if none, 0 if generating, n if n-th in queue
     tokens_per_second: float | None  # generation speed of the last finished reply
+    kv_cells: int | None = None  # KV cells the engine's pool holds now (running and idle); None on a model server
 
     def lines(self) -> list[tuple[str, str]]:
         """(label, value) pairs for a /status answer; each platform adds its own bold."""
@@ -465,6 +468,7 @@ class Engine:
                                           params.type_k, params.type_v, params.flash_attn_type))
                 if settings.state_dir is not None and settings.state_disk_mb else None)
         self._saved = StateCache(settings.state_cache_mb * 1024 * 1024, disk)
+        self._trim_due = False  # a request ended: its cache may be more than the pool should keep idle
         self._queues: OrderedDict[str, deque[Generation]] = OrderedDict()  # by session, served in turn
         self._n_waiting = 0
         self._cond = threading.Condition()
@@ -551,7 +555,8 @@ class Engine:
             return EngineStatus(
                 model_name=self.model_name, queue_length=self._n_waiting,
                 running=sum(slot.generation is not None for slot in self._slots),
-                position=generation.position if generation else None, tokens_per_second=self._last_rate)
+                position=generation.position if generation else None, tokens_per_second=self._last_rate,
+                kv_cells=len(self._refs))
 
     async def readiness(self) -> str:
         """"ok": the model is loaded before anything listens (for /readyz)."""
@@ -647,6 +652,8 @@ class Engine:
             try:
                 # Outside the lock: KV copies can take a while, and submit/status/cancel must never wait on them.
                 self._admit(admitted)
+                if self._trim_due:
+                    self._trim_idle()
                 self._step()
             except Exception as exc:  # llama.cpp failed: fail what was running, keep serving the rest
                 log.exception("decode step failed")
@@ -806,23 +813,47 @@ class Engine:
         else:
             llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
 
-    def _save(self, slot: _Slot) -> None:
-        """Keep the slot's KV cache in RAM for its conversation's next turn before another takes the slot."""
+    def _save(self, slot: _Slot) -> bool:
+        """Keep the slot's KV cache in RAM for its conversation's next turn before another takes the slot;
+        False when it is not kept (no conversation, or more than the RAM budget)."""
         if not slot.session or not slot.cached:
-            return
+            return False
         size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id)
         if size > self._saved.budget:
-            return
+            return False
         data = (ctypes.c_uint8 * size)()
-        if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.seq_id) == size:
-            self._saved.put(slot.session, list(slot.cached), data)
+        if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.seq_id) != size:
+            return False
+        self._saved.put(slot.session, list(slot.cached), data)
+        return True
 
-    def _evict(self, slot: _Slot) -> None:
-        """Free an idle sequence's cells, its conversation's state kept in RAM for its next turn."""
-        if slot.cells:
+    def _evict(self, slot: _Slot, keep: int = 0) -> None:
+        """Free an idle sequence's cells but its first ``keep`` (a prefix new sequences may share), its
+        conversation's state kept in RAM for its next turn."""
+        if len(slot.cells) > keep:
             self._save(slot)
-            self._truncate(slot, 0)
+            self._truncate(slot, keep if keep >= COPY_MIN_TOKENS else 0)
         slot.session = ""
+
+    def _trim_idle(self) -> None:
+        """Keep idle caches from slowing the running requests. llama.cpp's attention walks every KV cell up to
+        the highest in use, masking out other sequences' cells one by one: with the pool full of idle caches a
+        step took 1.9x as long. So idle sequences keep at most as many cells as the running ones hold (at least
+        a quarter window, for the shared system prompt), the most recently used first; the rest goes to the RAM
+        state cache, whence the conversation's next turn copies it back (milliseconds, where re-reading its
+        history takes seconds). A cache too large for that budget stays in the pool."""
+        active = self._active()
+        if not active:
+            return  # nothing runs that idle cells could slow: a lone conversation keeps its cache where it is
+        self._trim_due = False
+        allowance = max(self.n_ctx // IDLE_MIN_WINDOW_SHARE, len(set().union(*(slot.cells for slot in active))))
+        for slot in sorted(self._slots, key=lambda s: s.last_used, reverse=True):
+            if slot.generation is not None or not slot.cells:
+                continue
+            if len(slot.cells) > allowance and (self._save(slot) or not slot.session):
+                slot.session = ""  # its whole cache is in RAM now; what stays is a prefix to share
+                self._evict(slot, keep=allowance)
+            allowance = max(0, allowance - len(slot.cells))
 
     def _make_room(self, n: int) -> bool:
         """Evict idle sequences, least recently used first, until ``n`` more cells fit in the pool."""
@@ -981,6 +1012,7 @@ class Engine:
         # Bytes still held by the decoder are a character the model did not finish: dropped, never shown as "�".
         slot.generation, slot.pending, slot.next_token = None, None, None
         slot.last_used = time.monotonic()
+        self._trim_due = True
         self._end(generation, reason, error)
         if generation.tokens_per_second:
             self._last_rate = generation.tokens_per_second

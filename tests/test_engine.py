@@ -498,3 +498,32 @@ def _common_prefix_len(a: list[int], b: list[int]) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+async def test_an_idle_cache_leaves_the_pool_while_others_run_and_its_next_turn_still_reuses_it_whole() -> None:
+    # Attention walks every KV cell in use, so idle caches would slow the running requests: beyond a quarter
+    # window (128 cells here) they go to RAM while others run, and come back for their conversation's next turn.
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, n_threads=1, parallel=2, state_cache_mb=64))
+    try:
+        turn1 = [{"role": "system", "content": "Be brief."},
+                 {"role": "user", "content": "Remember these: " + " ".join(f"item{i}" for i in range(90))}]
+        first = engine.submit(engine.chat_tokens(turn1), GREEDY, session="ann")
+        reply, _ = await collect(first)
+        assert len(first.prompt) > 250
+        assert engine.status().kv_cells >= len(first.prompt)  # alone, the cache stays where it is
+
+        other = engine.submit(prompt(engine, "Sing."), LONG, session="zed")
+        async for event in other:
+            if isinstance(event, str) and other.n_generated >= 3:
+                break
+        cells = engine.status().kv_cells
+        other.cancel()
+        assert cells <= 512 // 4 + len(other.prompt) + other.n_generated + 1
+
+        turn2 = engine.chat_tokens(turn1 + [{"role": "assistant", "content": reply},
+                                            {"role": "user", "content": "Which was the fifth?"}])
+        second = engine.submit(turn2, GREEDY, session="ann")
+        await collect(second)
+        assert second.n_prompt_reused >= len(first.prompt) - 1
+    finally:
+        engine.close()
