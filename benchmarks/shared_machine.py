@@ -1,8 +1,9 @@
 """Generation speed on a quiet machine vs with one core kept busy by another process, per thread policy.
 
 Each configuration runs in its own process (libgomp reads its spin settings when llama.cpp is loaded):
-single-stream tokens/s quiet, then with a competing CPU-bound process (``python -c 'while True: pass'``),
-and the child's peak RSS against model + KV pool + RAM state budget + 200 MB.
+single-stream tokens/s, and 8 streams' aggregate tokens/s (steps of several tokens, which the default gives
+every core), quiet, then with a competing CPU-bound process (``python -c 'while True: pass'``), and the
+child's peak RSS against model + KV pool + RAM state budget + 200 MB.
 
 Run: .venv/bin/python benchmarks/shared_machine.py [--tokens 96] [--runs 3]
 """
@@ -24,27 +25,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+STREAMS = 8
 # (label, n_threads (0 = the engine's default), environment for libgomp; None = llamarelay's own default)
 CONFIGS: list[tuple[str, int, dict[str, str] | None]] = [
     ("old default: all cores, libgomp spin 300k", os.cpu_count() or 1, {"GOMP_SPINCOUNT": "300000"}),
     ("all cores, llamarelay's spin setting", os.cpu_count() or 1, None),
+    ("1 thread (the default before: cores less one)", 1, None),
     ("new default (n_threads = 0)", 0, None),
 ]
 
 
-async def generate(engine: object, prompt: list[int], n_tokens: int) -> float:
-    """Tokens/s after the first token, for one greedy request of up to ``n_tokens`` tokens."""
+async def generate(engine: object, prompt: list[int], n_tokens: int, streams: int = 1) -> float:
+    """Tokens/s after the first token, for ``streams`` greedy requests of up to ``n_tokens`` tokens at once."""
     from bot.config import SamplingSettings
     from bot.engine import QueuePosition
-    sampling = SamplingSettings(max_tokens=n_tokens, temperature=0.0, repeat_penalty=1.0)
+    sampling = SamplingSettings(max_tokens=n_tokens, temperature=0.0, repeat_penalty=1.0, ignore_eos=True)
     first = None
     count = 0
-    async for event in engine.submit(prompt, sampling):  # type: ignore[attr-defined]
-        if isinstance(event, QueuePosition):
-            continue
-        count += 1
-        if first is None:
-            first = time.perf_counter()
+
+    async def one(session: str) -> None:
+        nonlocal first, count
+        async for event in engine.submit(prompt, sampling, session=session):  # type: ignore[attr-defined]
+            if isinstance(event, QueuePosition):
+                continue
+            count += 1
+            if first is None:
+                first = time.perf_counter()
+
+    await asyncio.gather(*(one(f"s{i}") for i in range(streams)))
     assert first is not None and count > 1
     return (count - 1) / (time.perf_counter() - first)
 
@@ -53,32 +61,33 @@ def child(n_threads: int, n_tokens: int, runs: int, busy_seconds: float) -> None
     """Measure one configuration in this process; print one JSON line."""
     from bot.config import EngineSettings
     from bot.engine import Engine
-    settings = EngineSettings(model_path=MODEL, n_ctx=1024, n_threads=n_threads, parallel=1)
+    settings = EngineSettings(model_path=MODEL, n_ctx=1024, n_threads=n_threads, parallel=STREAMS)
     engine = Engine(settings)
     prompt = engine.chat_tokens(PROMPT)
     asyncio.run(generate(engine, prompt, 8))  # warm-up
-    quiet, busy = [], []
+    figures: dict[str, list[float]] = {"quiet": [], "busy": [], "quiet8": [], "busy8": []}
     for _ in range(runs):  # interleaved, so drift in the machine's speed hits both alike
-        quiet.append(asyncio.run(generate(engine, prompt, n_tokens)))
-        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        try:
-            time.sleep(0.2)  # let the scheduler see it
-            started = time.perf_counter()
-            # A cut-off, so that a stalled configuration still ends (and counts as 0 tokens/s).
-            rate = asyncio.run(asyncio.wait_for(generate(engine, prompt, n_tokens), busy_seconds))
-        except TimeoutError:
-            rate = 0.0
-            print(f"  (stalled: no {n_tokens} tokens within {time.perf_counter() - started:.0f} s)",
-                  file=sys.stderr)
-        finally:
-            hog.kill()
-            hog.wait()
-        busy.append(rate)
+        for streams, suffix in ((1, ""), (STREAMS, "8")):
+            figures["quiet" + suffix].append(asyncio.run(generate(engine, prompt, n_tokens, streams)))
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            try:
+                time.sleep(0.2)  # let the scheduler see it
+                started = time.perf_counter()
+                # A cut-off, so that a stalled configuration still ends (and counts as 0 tokens/s).
+                rate = asyncio.run(asyncio.wait_for(generate(engine, prompt, n_tokens, streams), busy_seconds))
+            except TimeoutError:
+                rate = 0.0
+                print(f"  (stalled: no {n_tokens} tokens within {time.perf_counter() - started:.0f} s)",
+                      file=sys.stderr)
+            finally:
+                hog.kill()
+                hog.wait()
+            figures["busy" + suffix].append(rate)
     engine.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     bound = engine.model_size + engine.kv_cache_bytes + settings.state_cache_mb * 2**20 + 200 * 2**20
-    print(json.dumps({"threads": engine.n_threads, "quiet": statistics.median(quiet),
-                      "busy": statistics.median(busy), "peak_rss": peak, "rss_bound": bound}))
+    print(json.dumps({"threads": f"{engine.n_threads}/{engine.n_threads_batch}", "peak_rss": peak,
+                      "rss_bound": bound, **{k: statistics.median(v) for k, v in figures.items()}}))
 
 
 def main() -> None:
@@ -94,7 +103,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, {args.tokens} tokens per run, median of {args.runs} runs; "
           "busy = one other process spinning on a core")
     print(f"{'configuration':44} {'threads':>7} {'quiet t/s':>10} {'busy t/s':>9} {'kept':>6} "
-          f"{'peak RSS':>9} {'bound':>9}", flush=True)
+          f"{'8 quiet':>8} {'8 busy':>7} {'kept':>6} {'peak RSS':>9} {'bound':>9}", flush=True)
     for label, threads, env in CONFIGS:
         environ = dict(os.environ)
         if env is not None:
@@ -104,8 +113,10 @@ def main() -> None:
                              env=environ, capture_output=True, text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
         kept = result["busy"] / result["quiet"] if result["quiet"] else 0.0
-        print(f"{label:44} {result['threads']:>7} {result['quiet']:>10.1f} {result['busy']:>9.1f} "
-              f"{kept:>6.0%} {result['peak_rss'] / 2**20:>7.0f}MB {result['rss_bound'] / 2**20:>7.0f}MB", flush=True)
+        kept8 = result["busy8"] / result["quiet8"] if result["quiet8"] else 0.0
+        print(f"{label:44} {result['threads']:>7} {result['quiet']:>10.1f} {result['busy']:>9.1f} {kept:>6.0%} "
+              f"{result['quiet8']:>8.1f} {result['busy8']:>7.1f} {kept8:>6.0%} "
+              f"{result['peak_rss'] / 2**20:>7.0f}MB {result['rss_bound'] / 2**20:>7.0f}MB", flush=True)
 
 
 if __name__ == "__main__":

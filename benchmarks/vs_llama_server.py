@@ -37,7 +37,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bot.cpu import default_threads  # noqa: E402
+from bot.cpu import default_batch_threads, default_threads  # noqa: E402
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP_PYTHON = "0.3.36"  # the version in pyproject.toml: the same llama.cpp on both sides
@@ -116,7 +116,8 @@ async def wait_ready(server: Server) -> None:
 def start_llama_server(binary: Path, args: argparse.Namespace, logs: Path) -> Server:
     port = free_port()
     command = [str(binary), "-m", str(args.model), "-c", str(args.n_ctx * STREAMS), "-np", str(STREAMS),
-               "-t", str(args.threads), "-tb", str(args.threads), "--host", "127.0.0.1", "--port", str(port),
+               "-t", str(args.threads or default_threads()), "-tb", str(args.threads or default_batch_threads()),
+               "--host", "127.0.0.1", "--port", str(port),
                "--no-webui"]
     # The same OpenMP waiting as llamarelay's (which sets passive unless the environment says otherwise).
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}
@@ -258,8 +259,9 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128, help="tokens each stream generates")
     parser.add_argument("--n-ctx", type=int, default=2048, help="context window of each of the 8 sequences")
-    parser.add_argument("--threads", type=int, default=default_threads(),
-                        help="threads for both servers (default: llamarelay's n_threads = 0, the physical cores less one)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for both servers; 0 (default): llamarelay's n_threads = 0, every physical core "
+                             "for steps of several tokens and one less for one-token steps (llama-server's -tb, -t)")
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel jobs of the build")
     parser.add_argument("--busy", action="store_true", help="keep one core busy with another process meanwhile")
@@ -277,7 +279,7 @@ async def main() -> None:
             for server in servers:
                 await wait_ready(server)
                 await measure(server.url, take=0, tokens=16)  # warm-up: page in the model, first allocations
-            print(f"model {args.model.name}, {STREAMS} sequences x {args.n_ctx} tokens, {args.threads} threads, "
+            print(f"model {args.model.name}, {STREAMS} sequences x {args.n_ctx} tokens, {args.threads or f'{default_threads()}/{default_batch_threads()}'} threads, "
                   f"{args.tokens} tokens a stream, ignore_eos, greedy{', one core busy' if args.busy else ''}")
             results: dict[str, list[Figures]] = {server.name: [] for server in servers}
             with busy_core(args.busy):

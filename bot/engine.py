@@ -32,7 +32,7 @@ from typing import Any
 import llama_cpp
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.cpu import default_threads
+from bot.cpu import default_batch_threads, default_threads
 from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
 from bot.kvstates import StateCache, StateFiles, model_identity
 from bot.prompt import CHATML_TEMPLATE, ChatTemplate, Prompt
@@ -419,7 +419,10 @@ class Engine:
         # llama.cpp reserves one output per sequence and aborts when that exceeds the batch.
         params.n_seq_max = min(LLAMA_MAX_SEQ, settings.n_batch, pool, max(2 * parallel, IDLE_SEQUENCES))
         self.n_threads = settings.n_threads or default_threads()
-        params.n_threads = params.n_threads_batch = self.n_threads
+        """Threads of a step that decodes one token (a lone reply)."""
+        self.n_threads_batch = settings.n_threads or default_batch_threads()
+        """Threads of a step with several tokens (prompts, several replies; see `bot.cpu`)."""
+        params.n_threads, params.n_threads_batch = self.n_threads, self.n_threads_batch
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, params)
         if not ctx:
@@ -476,9 +479,9 @@ class Engine:
         self._last_rate: float | None = None
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
         self._thread.start()
-        log.info("loaded %s (%s, %.0f MB), context %d tokens, KV pool %d tokens (%.0f MB), up to %d at once",
-                 self.model_name, path.name, self.model_size / 1e6, self.n_ctx, self.pool_tokens,
-                 self.kv_cache_bytes / 1e6, parallel)
+        log.info("loaded %s (%s, %.0f MB), context %d tokens, KV pool %d tokens (%.0f MB), up to %d at once, "
+                 "%d/%d threads", self.model_name, path.name, self.model_size / 1e6, self.n_ctx, self.pool_tokens,
+                 self.kv_cache_bytes / 1e6, parallel, self.n_threads, self.n_threads_batch)
 
     # -- tokens ----------------------------------------------------------------------------------------
 

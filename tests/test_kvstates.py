@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import bot.engine
 from bot.config import EngineSettings, SamplingSettings
-from bot.cpu import default_threads
+from bot.cpu import default_batch_threads, default_threads, physical_cores
 from bot.engine import Engine, FinishReason, Generation
 from bot.kvstates import Candidate, StateFiles
 from tests.conftest import MODEL_PATH
@@ -224,5 +224,6 @@ def test_default_thread_count_leaves_a_core_to_the_rest_of_the_machine() -> None
     engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=256, parallel=1))
     try:
         assert engine.n_threads == default_threads()
+        assert engine.n_threads_batch == default_batch_threads() == physical_cores()
     finally:
         engine.close()
