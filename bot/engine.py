@@ -745,12 +745,10 @@ class Engine:
         another sequence holds (copied, sharing its cells); only the rest is read."""
         prompt = generation.prompt
         slot.generation = generation  # from here the sequence is busy: never evicted, never a copy's source
-        own = _common_prefix(slot.cached, prompt)
-        shift = self._shift_plan(slot, prompt, own)
-        own_reuse = own + (shift[1] if shift else 0)
+        own_reuse = self._reusable(slot, prompt)
         saved = self._saved.pop(generation.session) if generation.session and slot.session != generation.session \
             else None
-        saved_reuse = _common_prefix(saved[0], prompt) if saved else 0
+        saved_reuse = self._reusable(_Slot(seq_id=-1, cached=saved[0]), prompt) if saved else 0
         donors = [s for s in self._slots if s is not slot and s.cells] if self._can_copy else []
         donor = max(donors, key=lambda s: _common_prefix(s.cached, prompt), default=None)
         copy_reuse = _common_prefix(donor.cached, prompt) if donor else 0
@@ -759,7 +757,8 @@ class Engine:
             self._restore(slot, *saved)
         elif donor and copy_reuse > own_reuse and copy_reuse >= COPY_MIN_TOKENS:
             self._copy(donor, slot, min(copy_reuse, limit))
-        elif shift:
+        own = _common_prefix(slot.cached, prompt)
+        if shift := self._shift_plan(slot, prompt, own):  # the session's own cache, restored or not
             self._shift(slot, own, *shift)
         keep = min(_common_prefix(slot.cached, prompt), limit)
         self._truncate(slot, keep)
@@ -769,6 +768,12 @@ class Engine:
         slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         generation.n_prompt_reused = len(slot.cached)
         generation._announce_position()
+
+    def _reusable(self, slot: _Slot, prompt: list[int]) -> int:
+        """Tokens of the prompt the slot's cache gives: its common prefix, plus what a context shift keeps."""
+        own = _common_prefix(slot.cached, prompt)
+        shift = self._shift_plan(slot, prompt, own)
+        return own + (shift[1] if shift else 0)
 
     def _shift_plan(self, slot: _Slot, prompt: list[int], start: int) -> tuple[int, int] | None:
         """(drop, keep) when the cache is P + D + R... and the prompt P + R...: the conversation dropped its
@@ -850,13 +855,16 @@ class Engine:
             return  # nothing runs that idle cells could slow: a lone conversation keeps its cache where it is
         self._trim_due = False
         allowance = max(self.n_ctx // IDLE_MIN_WINDOW_SHARE, len(set().union(*(slot.cells for slot in active))))
+        plan = []
         for slot in sorted(self._slots, key=lambda s: s.last_used, reverse=True):
-            if slot.generation is not None or not slot.cells:
-                continue
-            if len(slot.cells) > allowance and (self._save(slot) or not slot.session):
+            if slot.generation is None and slot.cells:
+                if len(slot.cells) > allowance:
+                    plan.append((slot, allowance))
+                allowance = max(0, allowance - len(slot.cells))
+        for slot, keep in reversed(plan):  # oldest first: when the RAM cache overflows, it keeps the newest
+            if self._save(slot) or not slot.session:
                 slot.session = ""  # its whole cache is in RAM now; what stays is a prefix to share
-                self._evict(slot, keep=allowance)
-            allowance = max(0, allowance - len(slot.cells))
+                self._evict(slot, keep)
 
     def _make_room(self, n: int) -> bool:
         """Evict idle sequences, least recently used first, until ``n`` more cells fit in the pool."""

@@ -375,8 +375,9 @@ async def test_a_long_prompt_advances_while_short_prompts_keep_arriving() -> Non
         engine.close()
 
 
-async def test_a_dropped_middle_is_shifted_out_and_the_rest_of_the_cache_kept() -> None:
-    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=1024, n_threads=1, parallel=1))
+@pytest.mark.parametrize("meanwhile", ["nothing", "another conversation ran"])
+async def test_a_dropped_middle_is_shifted_out_and_the_rest_of_the_cache_kept(meanwhile: str) -> None:
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=1024, n_threads=1, parallel=2))
     try:
         system = {"role": "system", "content": "You are a patient tutor."}
         turns = []
@@ -386,6 +387,11 @@ async def test_a_dropped_middle_is_shifted_out_and_the_rest_of_the_cache_kept() 
         first = engine.submit(engine.chat_tokens([system, *turns, {"role": "user", "content": "Thanks."}]),
                               GREEDY, session="tutor")
         reply, _ = await collect(first)
+        if meanwhile != "nothing":  # the idle cache goes to RAM: the shift applies to it once restored
+            other = engine.submit(prompt(engine, "Sing."), LONG, session="zed")
+            await first_text(other)
+            assert engine.status().kv_cells < len(first.prompt)
+            other.cancel()
         # The window is full: the two oldest turns go, the rest stays, and a new message follows.
         kept = [*turns[4:], {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": reply}]
         new = {"role": "user", "content": "What was question 4?"}
@@ -525,5 +531,33 @@ async def test_an_idle_cache_leaves_the_pool_while_others_run_and_its_next_turn_
         second = engine.submit(turn2, GREEDY, session="ann")
         await collect(second)
         assert second.n_prompt_reused >= len(first.prompt) - 1
+    finally:
+        engine.close()
+
+
+async def test_idle_caches_moved_to_a_full_ram_cache_keep_the_newest_conversation() -> None:
+    # Room in RAM for one ~250-token state: of three idle conversations that leave the pool together, the most
+    # recent must be the one kept.
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, n_threads=1, parallel=3, state_cache_mb=8))
+    try:
+        firsts = {}
+        for name, max_tokens in (("ann", 2), ("bob", 6), ("cat", 10)):  # all at once; cat ends last
+            turn = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": f"I am {name}. " + " ".join(f"{name}{i}" for i in range(80))}]
+            firsts[name] = (turn, engine.submit(engine.chat_tokens(turn), SamplingSettings(
+                max_tokens=max_tokens, temperature=0.0, ignore_eos=True), session=name))
+        for name, (turn, generation) in firsts.items():
+            reply, _ = await collect(generation)
+            firsts[name] = (turn + [{"role": "assistant", "content": reply}], generation)
+        assert firsts["cat"][1].t_finished > firsts["bob"][1].t_finished > firsts["ann"][1].t_finished
+        other = engine.submit(prompt(engine, "Sing."), LONG, session="zed")
+        async for event in other:
+            if isinstance(event, str):
+                break
+        other.cancel()
+        turn, first = firsts["cat"]
+        again = engine.submit(engine.chat_tokens(turn + [{"role": "user", "content": "And?"}]), GREEDY, session="cat")
+        await collect(again)
+        assert again.n_prompt_reused >= len(first.prompt) - 1
     finally:
         engine.close()
