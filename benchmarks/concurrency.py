@@ -4,9 +4,10 @@ Run: .venv/bin/python benchmarks/concurrency.py [--tokens 128] [--turns 10] [--p
 On the default engine config (n_ctx 2048 as in issue 13, parallel automatic) it prints the single-stream rate
 and TTFT; for 1, 2, 4, 8 concurrent sessions the aggregate rate, median and worst TTFT, each stream's longest
 gap between tokens and the longest decode step; a "no stalls" phase (4 long histories whose oldest turns were
-dropped and 4 new conversations, all at once); 8 sessions again once idle caches fill the pool; a 10-turn conversation among 7 others whose history overflows
-the window; a new conversation's TTFT with a long shared system prompt vs a short one; and peak RSS against model + KV pool + state budget. The machine's other load changes every figure:
-compare runs made in one sitting.
+dropped and 4 new conversations, all at once); 8 sessions again once idle caches fill the pool; a 10-turn
+conversation among 7 others whose history overflows the window; a new conversation's TTFT with a long shared
+system prompt vs a short one; and peak RSS against model + KV pool + state budget. The machine's other load
+changes every figure: compare runs made in one sitting.
 """
 
 from __future__ import annotations

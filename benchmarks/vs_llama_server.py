@@ -279,7 +279,8 @@ async def main() -> None:
             for server in servers:
                 await wait_ready(server)
                 await measure(server.url, take=0, tokens=16)  # warm-up: page in the model, first allocations
-            print(f"model {args.model.name}, {STREAMS} sequences x {args.n_ctx} tokens, {args.threads or f'{default_threads()}/{default_batch_threads()}'} threads, "
+            threads = args.threads or f"{default_threads()}/{default_batch_threads()}"
+            print(f"model {args.model.name}, {STREAMS} sequences x {args.n_ctx} tokens, {threads} threads, "
                   f"{args.tokens} tokens a stream, ignore_eos, greedy{', one core busy' if args.busy else ''}")
             results: dict[str, list[Figures]] = {server.name: [] for server in servers}
             with busy_core(args.busy):

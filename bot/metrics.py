@@ -32,7 +32,7 @@ class Metrics:
         self.queue_depth.set_function(lambda: engine_status().queue_length)
         self.requests_running = Gauge("llamarelay_requests_running", "Requests being generated now", registry=r)
         self.requests_running.set_function(lambda: engine_status().running)
-        self.kv_cells = Gauge("llamarelay_kv_cells", "KV cells the embedded engine's pool holds (0 for a model server)",
+        self.kv_cells = Gauge("llamarelay_kv_cells", "KV cells the embedded engine's pool holds (0 on a model server)",
                               registry=r)
         self.kv_cells.set_function(lambda: engine_status().kv_cells or 0)
         self.time_to_first_token = Histogram(
