@@ -655,9 +655,9 @@ class Engine:
             try:
                 # Outside the lock: KV copies can take a while, and submit/status/cancel must never wait on them.
                 self._admit(admitted)
-                if self._trim_due:
-                    self._trim_idle()
                 self._step()
+                if self._trim_due:  # after the step: a new request's first token does not wait for the copies
+                    self._trim_idle()
             except Exception as exc:  # llama.cpp failed: fail what was running, keep serving the rest
                 log.exception("decode step failed")
                 with self._cond:

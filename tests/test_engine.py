@@ -46,6 +46,13 @@ async def first_text(generation: Generation) -> None:
             return
 
 
+async def generated(generation: Generation, n: int) -> None:
+    """Until the request has generated ``n`` tokens (the engine tidies its pool between steps)."""
+    async for event in generation:
+        if isinstance(event, str) and generation.n_generated >= n:
+            return
+
+
 async def start_long_requests(engine: Engine) -> list[Generation]:
     """Fill every slot with a long request that is already generating."""
     running = [engine.submit(prompt(engine, f"Sing {i}."), LONG) for i in range(engine.settings.parallel)]
@@ -392,7 +399,7 @@ async def test_a_dropped_middle_is_shifted_out_and_the_rest_of_the_cache_kept(me
         reply, _ = await collect(first)
         if meanwhile != "nothing":  # the idle cache goes to RAM: the shift applies to it once restored
             other = engine.submit(prompt(engine, "Sing."), LONG, session="zed")
-            await first_text(other)
+            await generated(other, 3)
             assert engine.status().kv_cells < len(first.prompt)
             other.cancel()
         # The window is full: the two oldest turns go, the rest stays, and a new message follows.
@@ -522,9 +529,7 @@ async def test_an_idle_cache_leaves_the_pool_while_others_run_and_its_next_turn_
         assert engine.status().kv_cells >= len(first.prompt)  # alone, the cache stays where it is
 
         other = engine.submit(prompt(engine, "Sing."), LONG, session="zed")
-        async for event in other:
-            if isinstance(event, str) and other.n_generated >= 3:
-                break
+        await generated(other, 3)
         cells = engine.status().kv_cells
         other.cancel()
         assert cells <= 512 // 4 + len(other.prompt) + other.n_generated + 1
@@ -554,9 +559,7 @@ async def test_idle_caches_moved_to_a_full_ram_cache_keep_the_newest_conversatio
             firsts[name] = (turn + [{"role": "assistant", "content": reply}], generation)
         assert firsts["cat"][1].t_finished > firsts["bob"][1].t_finished > firsts["ann"][1].t_finished
         other = engine.submit(prompt(engine, "Sing."), LONG, session="zed")
-        async for event in other:
-            if isinstance(event, str):
-                break
+        await generated(other, 3)
         other.cancel()
         turn, first = firsts["cat"]
         again = engine.submit(engine.chat_tokens(turn + [{"role": "user", "content": "And?"}]), GREEDY, session="cat")
