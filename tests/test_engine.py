@@ -221,14 +221,19 @@ def test_corrupt_model_file_is_a_clear_error(tmp_path: Path) -> None:
         Engine(EngineSettings(model_path=corrupt))
 
 
-async def test_greedy_output_is_the_same_alone_or_batched(engine: Engine) -> None:
-    question = prompt(engine, "Name three fruits.")
-    alone, _ = await collect(engine.submit(question, GREEDY))
-    others = [engine.submit(prompt(engine, f"Count to {n}."), GREEDY) for n in (5, 9, 12)]
-    batched = engine.submit(question, GREEDY)
-    results = await asyncio.gather(collect(batched), *(collect(g) for g in others))
-    assert results[0][0] == alone
-    assert engine.settings.parallel >= 2  # so the requests above really shared decode steps
+async def test_greedy_output_is_the_same_alone_or_batched() -> None:
+    # On an engine of its own: a prefix copied from a cache computed in other batches (the shared test engine's
+    # earlier tests) can differ in the last bits, and so can the text.
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, n_threads=1, parallel=4))
+    try:
+        question = prompt(engine, "Name three fruits.")
+        alone, _ = await collect(engine.submit(question, GREEDY))
+        others = [engine.submit(prompt(engine, f"Count to {n}."), GREEDY) for n in (5, 9, 12)]
+        batched = engine.submit(question, GREEDY)
+        results = await asyncio.gather(collect(batched), *(collect(g) for g in others))
+        assert results[0][0] == alone
+    finally:
+        engine.close()
 
 
 async def test_conversation_state_is_saved_when_its_slot_is_reused_and_restored_next_turn() -> None:
