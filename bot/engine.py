@@ -835,12 +835,11 @@ class Engine:
         self._saved.put(slot.session, list(slot.cached), data)
         return True
 
-    def _evict(self, slot: _Slot, keep: int = 0) -> None:
-        """Free an idle sequence's cells but its first ``keep`` (a prefix new sequences may share), its
-        conversation's state kept in RAM for its next turn."""
-        if len(slot.cells) > keep:
+    def _evict(self, slot: _Slot) -> None:
+        """Free an idle sequence's cells, its conversation's state kept in RAM for its next turn."""
+        if slot.cells:
             self._save(slot)
-            self._truncate(slot, keep if keep >= COPY_MIN_TOKENS else 0)
+            self._truncate(slot, 0)
         slot.session = ""
 
     def _trim_idle(self) -> None:
@@ -863,8 +862,8 @@ class Engine:
                 allowance = max(0, allowance - len(slot.cells))
         for slot, keep in reversed(plan):  # oldest first: when the RAM cache overflows, it keeps the newest
             if self._save(slot) or not slot.session:
+                self._truncate(slot, keep if keep >= COPY_MIN_TOKENS else 0)
                 slot.session = ""  # its whole cache is in RAM now; what stays is a prefix to share
-                self._evict(slot, keep)
 
     def _make_room(self, n: int) -> bool:
         """Evict idle sequences, least recently used first, until ``n`` more cells fit in the pool."""
