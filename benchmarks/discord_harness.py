@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -124,7 +125,13 @@ class BotProcess:
 async def open_store(path: Path) -> SQLiteStore:
     """A second connection to the bot's database (made by the bot's first start), without its start-up step
     that marks replies still `generating` as interrupted."""
-    return await SQLiteStore.open(path, migrate=False)
+    store_log = logging.getLogger("bot.store.sqlite")
+    level = store_log.level
+    store_log.setLevel(logging.ERROR)  # not its warning that another process (the bot, of course) has it open
+    try:
+        return await SQLiteStore.open(path, migrate=False)
+    finally:
+        store_log.setLevel(level)
 
 
 async def force_reply(store: SQLiteStore, key: str, text: str, max_tokens: int | None = None) -> None:

@@ -145,6 +145,10 @@ async def run(args: argparse.Namespace, directory: Path) -> bool:
             turns = await long_conversation(fake, store, long_channel, chatters, args.turns)
             print("a conversation whose history overflows the window, while "
                   f"{len(chatters)} other channels chat: " + " ".join(f"{t:.3f}" for t in turns))
+            # For reference: its next turns with nobody else chatting, the same depth and message length.
+            alone = await long_conversation(fake, store, long_channel, [], 2, first_turn=args.turns + 1)
+            print(f"its next {len(alone)} turns with the other channels quiet: " + " ".join(f"{t:.3f}" for t in alone)
+                  + f" (the busy turns took {statistics.median(turns) / statistics.median(alone):.2f}x, median)")
         finally:
             await store.close()
             code = await bot.terminate()
@@ -182,7 +186,7 @@ async def replies_stored(store: Store, channel_id: int, count: int, timeout: flo
 
 
 async def long_conversation(fake: FakeDiscord, store: Store, channel_id: int, chatters: list[int],
-                            turns: int) -> list[float]:
+                            turns: int, first_turn: int = 1) -> list[float]:
     """Each turn's first content in a conversation of long messages while the other channels keep chatting."""
     done = asyncio.Event()
 
@@ -197,7 +201,7 @@ async def long_conversation(fake: FakeDiscord, store: Store, channel_id: int, ch
     firsts = []
     try:
         await asyncio.sleep(1.0)  # they are all generating
-        for turn in range(1, turns + 1):
+        for turn in range(first_turn, first_turn + turns):
             mentioned = time.monotonic()
             await fake.message_create(notes(turn), channel_id=channel_id)
             seconds, _ = await first_content(fake, channel_id, mentioned, LONG_TURN_TIMEOUT_SECONDS)

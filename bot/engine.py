@@ -204,6 +204,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 _log_callback: Any = None
+# llama.cpp's warning when the context (here: the KV pool every sequence shares) exceeds the training context.
+_POOL_BEYOND_TRAINING = "possible training context overflow"
 _held_logs: list[tuple[int, str]] | None = None  # llama.cpp log lines kept back while stderr is captured
 _llama_log = logging.getLogger("llama_cpp")
 
@@ -217,8 +219,10 @@ def _route_llama_logs() -> None:
     @llama_cpp.llama_log_callback
     def callback(level: int, text: bytes, _user_data: Any) -> None:
         # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
-        line = ({3: logging.WARNING, 4: logging.ERROR}.get(level, logging.DEBUG),
-                text.decode("utf-8", "replace").rstrip())
+        message = text.decode("utf-8", "replace").rstrip()
+        if _POOL_BEYOND_TRAINING in message:  # it measures the shared pool; the Engine checks each window itself
+            level = 1
+        line = ({3: logging.WARNING, 4: logging.ERROR}.get(level, logging.DEBUG), message)
         if _held_logs is not None:  # logging would write into the capture of _init_grammar
             _held_logs.append(line)
         else:
@@ -408,6 +412,11 @@ class Engine:
         if not model:
             raise ModelLoadError(f"cannot load model {path}: not a valid GGUF file (run `llamarelay fetch-model` "
                                  "for the default model, or point [engine] model_path at another GGUF)")
+        trained = llama_cpp.llama_model_n_ctx_train(model)
+        if settings.n_ctx > trained > 0:
+            log.warning("[engine] n_ctx (%d) is beyond the %d tokens %s was trained on: replies in long "
+                        "conversations may turn to nonsense; set n_ctx to %d or less", settings.n_ctx, trained,
+                        path.name, trained)
         per_token = _kv_bytes_per_token(model)
         pool = settings.kv_pool_mb * 2**20 // per_token if settings.kv_pool_mb else KV_POOL_WINDOWS * settings.n_ctx
         pool = max(pool, settings.n_ctx)  # one conversation may always fill its whole window
@@ -577,6 +586,7 @@ class Engine:
             self._closing = True
             self._cond.notify()
         self._thread.join()
+        self._saved.close()
         deadline = time.monotonic() + CLOSE_SAVE_SECONDS
         self._saved.persist(self._ctx, self._slots, stop=lambda: time.monotonic() > deadline)
         llama_cpp.llama_batch_free(self._batch)
@@ -836,7 +846,7 @@ class Engine:
         return True
 
     def _evict(self, slot: _Slot) -> None:
-        """Free an idle sequence's cells, its conversation's state kept in RAM for its next turn."""
+        """Free an idle sequence's cells, its conversation's state kept in RAM (or on disk) for its next turn."""
         if slot.cells:
             self._save(slot)
             self._truncate(slot, 0)

@@ -1,12 +1,13 @@
 """Saved KV states of idle conversations: in RAM within a budget, and on disk so they outlive a restart.
 
 A conversation whose slot goes to another keeps its KV state in `StateCache`; its next turn restores it
-instead of re-reading its history. With a `StateFiles` behind it, the states of recent conversations are also
-written to disk (when the engine has been idle a while, and at shutdown), and after a restart a conversation's
+instead of re-reading its history. With a `StateFiles` behind it, a state the RAM budget has no room for goes
+to disk (written by a thread of its own, so no decode step waits), the states of recent conversations are also
+written there when the engine has been idle a while and at shutdown, and after a restart a conversation's
 next turn restores its file. A file names the model it belongs to (file name and size, a hash of the GGUF
 metadata, the context size, the llama.cpp build), its conversation and tokens; one that does not match this
 engine, or is truncated or corrupt, is deleted and never used. Only the engine's worker thread (or its
-``close()``) calls in here: file IO never touches the event loop.
+``close()``) and the cache's own writer thread call in here: file IO never touches the event loop.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import logging
 import os
 import platform
 import struct
+import threading
 import time
 import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -86,9 +89,20 @@ class StateFiles:
         self.budget = budget
         self.identity = identity
         self._index: dict[str, _File] | None = None  # file name -> entry; read on first use, headers only
+        self._lock = threading.RLock()  # the engine's worker and the cache's writer thread both come here
 
     def load(self, session: str) -> State | None:
         """The saved state of ``session``, taken off the disk; None when there is none this engine can use."""
+        with self._lock:
+            return self._load(session)
+
+    def save(self, candidates: Iterable[Candidate], stop: Callable[[], bool] = lambda: False) -> None:
+        """Write the newest states that fit the budget (unchanged ones are not rewritten) and delete the files
+        that no longer fit, oldest first. ``stop()`` is asked between files: the rest waits for the next save."""
+        with self._lock:
+            self._save(candidates, stop)
+
+    def _load(self, session: str) -> State | None:
         index = self._scan()
         name = _file_name(session)
         if index.pop(name, None) is None:
@@ -117,9 +131,7 @@ class StateFiles:
         finally:
             _unlink(path)  # taken: used now, or of no use
 
-    def save(self, candidates: Iterable[Candidate], stop: Callable[[], bool] = lambda: False) -> None:
-        """Write the newest states that fit the budget (unchanged ones are not rewritten) and delete the files
-        that no longer fit, oldest first. ``stop()`` is asked between files: the rest waits for the next save."""
+    def _save(self, candidates: Iterable[Candidate], stop: Callable[[], bool]) -> None:
         index = self._scan()
         used, keep = 0, set()
         seen = set()
@@ -228,14 +240,22 @@ def _unlink(path: Path) -> None:
 
 
 class StateCache:
-    """KV states of conversations whose slot went to another, least recently saved first, within a byte budget;
-    with ``disk``, a state not in RAM is looked for on disk, and `persist` writes recent states there."""
+    """KV states of conversations whose slot went to another, least recently saved first, within a byte budget.
+
+    With ``disk``, the states RAM has no room for are written there (oldest out first), a state not in RAM is
+    looked for there, and `persist` writes the recent states there too.
+    """
 
     def __init__(self, budget_bytes: int, disk: StateFiles | None = None) -> None:
         self.budget = budget_bytes
         self.size = 0
         self.disk = disk
         self._states: OrderedDict[str, tuple[list[int], Any, float]] = OrderedDict()
+        # Evicted states on their way to disk, by session: still restorable until written. Bytes: _spill_size.
+        self._spilling: dict[str, tuple[list[int], Any, float]] = {}
+        self._spill_size = 0
+        self._spill_lock = threading.Lock()
+        self._writer: ThreadPoolExecutor | None = None
 
     def put(self, session: str, tokens: list[int], data: Any) -> None:
         self._drop(session)
@@ -244,15 +264,59 @@ class StateCache:
         self._states[session] = (tokens, data, time.time())
         self.size += len(data)
         while self.size > self.budget:
-            _, (_, evicted, _) = self._states.popitem(last=False)
-            self.size -= len(evicted)
+            evicted = self._states.popitem(last=False)
+            self.size -= len(evicted[1][1])
+            self._spill(*evicted)
 
     def pop(self, session: str) -> State | None:
-        """The saved state of ``session`` (from RAM, else from disk), taken out of the cache."""
+        """The saved state of ``session`` (from RAM, else on its way to disk, else from disk), taken out."""
         state = self._drop(session)
         if state is None and self.disk is not None and session:
-            state = self.disk.load(session)
+            with self._spill_lock:
+                spilled = self._spilling.pop(session, None)
+                self._spill_size -= len(spilled[1]) if spilled else 0
+            state = spilled[:2] if spilled else self.disk.load(session)
         return state
+
+    def close(self) -> None:
+        """Stop the writer: the write under way ends, the waiting ones are left to `persist`."""
+        if self._writer is not None:
+            self._writer.shutdown(wait=True, cancel_futures=True)
+            self._writer = None
+
+    def _spill(self, session: str, state: tuple[list[int], Any, float]) -> None:
+        """Send a state RAM has no room for to disk. A thread writes it: ~0.1 s per 100 MB is longer than a decode
+        step may wait. Should more than a quarter of the RAM budget wait already (a slow disk), the state is
+        dropped: what waits is memory beyond the budget."""
+        if self.disk is None or not session:
+            return
+        with self._spill_lock:
+            if self._spill_size > self.budget // 4:
+                return
+            if (earlier := self._spilling.pop(session, None)) is not None:
+                self._spill_size -= len(earlier[1])
+            self._spilling[session] = state
+            self._spill_size += len(state[1])
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamarelay-kv-writer")
+        self._writer.submit(self._write_spilled, session, state)
+
+    def _write_spilled(self, session: str, state: tuple[list[int], Any, float]) -> None:
+        disk = self.disk
+        assert disk is not None
+        tokens, data, saved_at = state
+        with disk._lock:
+            with self._spill_lock:
+                if self._spilling.get(session) is not state:  # restored meanwhile, or a newer one is on its way
+                    return
+            try:
+                disk.save([Candidate(session, tokens, saved_at, len(data), lambda: data)])
+            except Exception:
+                log.exception("saving a KV state to %s failed", disk.directory)
+        with self._spill_lock:
+            if self._spilling.get(session) is state:
+                del self._spilling[session]
+                self._spill_size -= len(data)
 
     def persist(self, ctx: Any, slots: Sequence[_Slot], stop: Callable[[], bool] = lambda: False) -> None:
         """Write the states of the slots' and the RAM cache's conversations to disk, newest first (worker thread
@@ -260,8 +324,10 @@ class StateCache:
         if self.disk is None:
             return
         now, monotonic = time.time(), time.monotonic()
+        with self._spill_lock:
+            saved = [*self._spilling.items(), *self._states.items()]
         candidates = [Candidate(session, tokens, saved_at, len(data), lambda data=data: data)
-                      for session, (tokens, data, saved_at) in self._states.items()]
+                      for session, (tokens, data, saved_at) in saved]
         for slot in slots:
             if slot.session and slot.cached:
                 size = llama_cpp.llama_state_seq_get_size(ctx, slot.seq_id)

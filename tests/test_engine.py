@@ -207,6 +207,23 @@ def test_invalid_grammar_is_a_config_error_at_start_up_and_its_reason_is_logged(
     assert capfd.readouterr().err == ""  # llama.cpp's parser prints to stderr itself; nothing got through
 
 
+@pytest.mark.parametrize("n_ctx, kv_pool_mb, warned", [
+    (2048, 200, False),  # a pool of ~8,900 cells, more than the 8,192 the model was trained on: not a problem
+    (8448, 1, True),  # one conversation's window beyond its training: it is
+])
+def test_only_a_window_beyond_the_models_training_is_warned_about(
+        caplog: pytest.LogCaptureFixture, n_ctx: int, kv_pool_mb: int, warned: bool) -> None:
+    with caplog.at_level(logging.WARNING):
+        engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=n_ctx, kv_pool_mb=kv_pool_mb, n_threads=1,
+                                       parallel=2))
+    engine.close()
+    assert engine.pool_tokens > 8192  # llama.cpp itself warns about such a context
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    expected = [f"[engine] n_ctx ({n_ctx}) is beyond the 8192 tokens {MODEL_PATH.name} was trained on: replies "
+                "in long conversations may turn to nonsense; set n_ctx to 8192 or less"] if warned else []
+    assert warnings == expected
+
+
 def test_missing_model_names_the_path_and_fetch_model(tmp_path: Path) -> None:
     missing = tmp_path / "nope.gguf"
     with pytest.raises(ModelLoadError) as error:
@@ -576,5 +593,36 @@ async def test_idle_caches_moved_to_a_full_ram_cache_keep_the_newest_conversatio
         again = engine.submit(engine.chat_tokens(turn + [{"role": "user", "content": "And?"}]), GREEDY, session="cat")
         await collect(again)
         assert again.n_prompt_reused >= len(first.prompt) - 1
+    finally:
+        engine.close()
+
+
+async def test_idle_caches_a_full_ram_cache_cannot_keep_go_to_disk_and_their_next_turns_reuse_them(
+        tmp_path: Path) -> None:
+    # RAM has room for two of three idle ~250-token states (~6 MB each); with a state folder the third is
+    # written there (by a thread, not in a decode step) and restored, so no conversation re-reads its history.
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, n_threads=1, parallel=3, state_cache_mb=14,
+                                   state_dir=tmp_path, state_disk_mb=64))
+    try:
+        turns = {}
+        for name in ("ann", "bob", "cat"):
+            turn = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": f"I am {name}. " + " ".join(f"{name}{i}" for i in range(80))}]
+            turns[name] = (turn, engine.submit(engine.chat_tokens(turn), GREEDY, session=name))
+        for name, (turn, generation) in turns.items():
+            reply, _ = await collect(generation)
+            turns[name] = (turn + [{"role": "assistant", "content": reply}], generation)
+        other = engine.submit(prompt(engine, "Sing."), LONG, session="zed")
+        await generated(other, 3)
+        other.cancel()
+        deadline = time.monotonic() + 10
+        while not list(tmp_path.glob("*.kv")):
+            assert time.monotonic() < deadline, "an idle state should have been written to disk"
+            await asyncio.sleep(0.05)
+        for name, (turn, first) in turns.items():
+            again = engine.submit(engine.chat_tokens(turn + [{"role": "user", "content": "And?"}]), GREEDY,
+                                  session=name)
+            await collect(again)
+            assert again.n_prompt_reused >= len(first.prompt) - 1, name
     finally:
         engine.close()

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import hypothesis
@@ -20,7 +21,7 @@ import bot.engine
 from bot.config import EngineSettings, SamplingSettings
 from bot.cpu import default_batch_threads, default_threads, physical_cores
 from bot.engine import Engine, FinishReason, Generation
-from bot.kvstates import Candidate, StateFiles
+from bot.kvstates import Candidate, StateCache, StateFiles
 from tests.conftest import MODEL_PATH
 
 GREEDY = SamplingSettings(max_tokens=8, temperature=0.0)
@@ -204,6 +205,51 @@ def test_a_saved_file_round_trips_and_another_identity_refuses_it(tmp_path: Path
     StateFiles(tmp_path, 1 << 20, b"a" * 32).save([Candidate("dm:7", [1, 2], 1.0, len(data), lambda: data)])
     assert StateFiles(tmp_path, 1 << 20, b"b" * 32).load("dm:7") is None
     assert list(tmp_path.iterdir()) == []
+
+
+def _state(n: int) -> tuple[list[int], bytes]:
+    return [n, n + 1], bytes([n]) * 100
+
+
+def _wait_for_files(folder: Path, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(list(folder.glob("*.kv"))) < count:
+        assert time.monotonic() < deadline, f"{count} states should have been written to {folder}"
+        time.sleep(0.01)
+
+
+def test_states_ram_has_no_room_for_go_to_disk_and_are_restorable_all_the_while(tmp_path: Path) -> None:
+    cache = StateCache(250, StateFiles(tmp_path, 1 << 20, bytes(32)))  # room in RAM for two states of 100 bytes
+    try:
+        for name, n in (("a", 1), ("b", 2), ("c", 3), ("d", 4)):
+            with cache.disk._lock:  # type: ignore[union-attr]  # the writer waits: "a", then "b", on its way
+                cache.put(name, *_state(n))
+                if name == "c":
+                    tokens, data = cache.pop("a")  # type: ignore[misc]  # from memory: it is not written yet
+                    assert (tokens, bytes(data)) == _state(1)
+        _wait_for_files(tmp_path, 1)  # "b"; not "a", restored meanwhile
+        cache.close()
+        assert len(list(tmp_path.glob("*.kv"))) == 1
+        for name, n in (("b", 2), ("c", 3), ("d", 4)):
+            tokens, data = cache.pop(name)  # type: ignore[misc]
+            assert (tokens, bytes(data)) == _state(n)
+        assert cache.pop("a") is None and list(tmp_path.iterdir()) == []
+    finally:
+        cache.close()
+
+
+def test_a_slow_disk_holds_at_most_a_quarter_of_the_ram_budget_waiting_to_be_written(tmp_path: Path) -> None:
+    cache = StateCache(250, StateFiles(tmp_path, 1 << 20, bytes(32)))
+    try:
+        with cache.disk._lock:  # type: ignore[union-attr]
+            for n in range(8):  # 6 evicted: once more than a quarter of the RAM budget waits, the rest are dropped
+                cache.put(f"s{n}", *_state(n))
+        _wait_for_files(tmp_path, 1)
+        cache.close()
+        assert len(list(tmp_path.glob("*.kv"))) == 1
+        assert [name for name in (f"s{n}" for n in range(8)) if cache.pop(name) is not None] == ["s0", "s6", "s7"]
+    finally:
+        cache.close()
 
 
 # -- threads -------------------------------------------------------------------------------------------------
