@@ -53,6 +53,7 @@ LLAMA_MAX_SEQ = 256  # llama.cpp's own limit on sequence ids
 SHIFT_MIN_TOKENS = 32  # a context shift must keep at least this many tokens to be worth it
 COPY_MIN_TOKENS = 8  # shorter shared prefixes are read again rather than copied
 IDLE_MIN_WINDOW_SHARE = 4  # idle caches may always keep n_ctx / this many KV cells in the pool (shared prefixes)
+LONG_PROMPT_TOKENS = 128  # a prompt this long waits for idle caches to leave the pool before it is read
 BARE_STEP_EVERY = 32  # while prompts are read, every this many steps one is left without, to time it anew
 IDLE_SAVE_SECONDS = 30.0  # with nothing to do that long, the worker writes the KV states to disk
 CLOSE_SAVE_SECONDS = 2.0  # at most this long writing KV states at close (docker stop kills after 10 s)
@@ -471,6 +472,8 @@ class Engine:
         self._can_shift = self._can_copy and bool(llama_cpp.llama_memory_can_shift(self._memory))
         self.step_seconds: deque[float] = deque(maxlen=10_000)
         """How long recent llama_decode steps took (for benchmarks and metrics)."""
+        self.step_cells: deque[int] = deque(maxlen=10_000)
+        """KV cells the pool held during each of those steps: attention walks every one of them."""
         self._chunk = 4.0 * settings.prefill_chunk  # prompt tokens per step beside generating streams, adapted
         self._gen_step: float | None = None  # seconds a step without prompt tokens takes, smoothed
         self._since_bare = 0  # steps since the last one without prompt tokens
@@ -665,8 +668,10 @@ class Engine:
             try:
                 # Outside the lock: KV copies can take a while, and submit/status/cancel must never wait on them.
                 self._admit(admitted)
+                if self._trim_due and any(len(slot.pending or ()) >= LONG_PROMPT_TOKENS for slot in self._active()):
+                    self._trim_idle()  # reading a long prompt beside the idle cells would cost more than the copies
                 self._step()
-                if self._trim_due:  # after the step: a new request's first token does not wait for the copies
+                if self._trim_due:  # after the step: a short request's first token does not wait for the copies
                     self._trim_idle()
             except Exception as exc:  # llama.cpp failed: fail what was running, keep serving the rest
                 log.exception("decode step failed")
@@ -968,6 +973,7 @@ class Engine:
             raise EngineError(f"llama_decode returned {result}")
         seconds = time.perf_counter() - started
         self.step_seconds.append(seconds)
+        self.step_cells.append(len(self._refs))
         if generating or limited:
             self._measure(seconds, n_prompt, limited)
         for slot in slots:

@@ -571,6 +571,29 @@ async def test_an_idle_cache_leaves_the_pool_while_others_run_and_its_next_turn_
         engine.close()
 
 
+async def test_a_long_prompt_is_read_only_after_idle_caches_left_the_pool() -> None:
+    # Two replies that end in the same step keep their caches in the pool (nothing else runs). A long prompt
+    # would walk all their cells in every step: they leave before its first step, not after it.
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, n_threads=1, parallel=2, state_cache_mb=64))
+    try:
+        songs = SamplingSettings(max_tokens=250, temperature=0.0, grammar='root ::= ("la " ){400}')
+        await asyncio.gather(*(collect(engine.submit(prompt(engine, "Sing."), songs, session=name))
+                               for name in ("ann", "bob")))
+        assert engine.status().kv_cells > 500
+        mark = len(engine.step_cells)
+        long = engine.submit(prompt(engine, "Count: " + " ".join(f"dan{i}" for i in range(100))), GREEDY,
+                             session="dan")
+        await collect(long)
+        assert len(long.prompt) - long.n_prompt_reused >= 128
+        assert engine.step_cells[mark] <= 512 // 4 + len(long.prompt)
+        short = engine.submit(prompt(engine, "Hi."), GREEDY, session="eve")  # a short one does not wait
+        mark = len(engine.step_cells)
+        await collect(short)
+        assert engine.step_cells[mark] > 512 // 4 + len(short.prompt)
+    finally:
+        engine.close()
+
+
 async def test_idle_caches_moved_to_a_full_ram_cache_keep_the_newest_conversation() -> None:
     # Room in RAM for one ~250-token state: of three idle conversations that leave the pool together, the most
     # recent must be the one kept.
