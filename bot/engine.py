@@ -52,7 +52,7 @@ IDLE_SEQUENCES = 32  # llama.cpp sequences at least: idle ones keep their conver
 LLAMA_MAX_SEQ = 256  # llama.cpp's own limit on sequence ids
 SHIFT_MIN_TOKENS = 32  # a context shift must keep at least this many tokens to be worth it
 COPY_MIN_TOKENS = 8  # shorter shared prefixes are read again rather than copied
-IDLE_MIN_WINDOW_SHARE = 4  # idle caches may always keep n_ctx / this many KV cells in the pool (shared prefixes)
+IDLE_WINDOW_SHARE = 4  # while requests run, idle caches keep n_ctx / this many KV cells in the pool (shared prefixes)
 LONG_PROMPT_TOKENS = 128  # a prompt this long waits for idle caches to leave the pool before it is read
 BARE_STEP_EVERY = 32  # while prompts are read, every this many steps one is left without, to time it anew
 IDLE_SAVE_SECONDS = 30.0  # with nothing to do that long, the worker writes the KV states to disk
@@ -860,15 +860,15 @@ class Engine:
     def _trim_idle(self) -> None:
         """Keep idle caches from slowing the running requests. llama.cpp's attention walks every KV cell up to
         the highest in use, masking out other sequences' cells one by one: with the pool full of idle caches a
-        step took 1.9x as long. So idle sequences keep at most as many cells as the running ones hold (at least
-        a quarter window, for the shared system prompt), the most recently used first; the rest goes to the RAM
-        state cache, whence the conversation's next turn copies it back (milliseconds, where re-reading its
-        history takes seconds). A cache too large for that budget stays in the pool."""
+        step took 1.9x as long. So idle sequences keep a quarter window of cells in all (room for the shared
+        system prompt), the most recently used first; the rest goes to the state cache (RAM, then disk), whence
+        the conversation's next turn copies it back (milliseconds, where re-reading its history takes seconds).
+        A cache too large for the RAM budget stays in the pool."""
         active = self._active()
         if not active:
             return  # nothing runs that idle cells could slow: a lone conversation keeps its cache where it is
         self._trim_due = False
-        allowance = max(self.n_ctx // IDLE_MIN_WINDOW_SHARE, len(set().union(*(slot.cells for slot in active))))
+        allowance = self.n_ctx // IDLE_WINDOW_SHARE
         plan = []
         for slot in sorted(self._slots, key=lambda s: s.last_used, reverse=True):
             if slot.generation is None and slot.cells:

@@ -571,15 +571,32 @@ async def test_an_idle_cache_leaves_the_pool_while_others_run_and_its_next_turn_
         engine.close()
 
 
-async def test_a_long_prompt_is_read_only_after_idle_caches_left_the_pool() -> None:
-    # Two replies that end in the same step keep their caches in the pool (nothing else runs). A long prompt
-    # would walk all their cells in every step: they leave before its first step, not after it.
+async def test_beside_a_long_reply_idle_caches_keep_only_a_quarter_window() -> None:
+    # The running reply's own cells are no reason to keep more idle ones: every step would walk them too.
     engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, n_threads=1, parallel=2, state_cache_mb=64))
     try:
-        songs = SamplingSettings(max_tokens=250, temperature=0.0, grammar='root ::= ("la " ){400}')
-        await asyncio.gather(*(collect(engine.submit(prompt(engine, "Sing."), songs, session=name))
-                               for name in ("ann", "bob")))
-        assert engine.status().kv_cells > 500
+        song = engine.submit(prompt(engine, "Sing."), LONG, session="zed")
+        await generated(song, 200)
+        turn = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Remember these: " + " ".join(f"item{i}" for i in range(90))}]
+        ann = engine.submit(engine.chat_tokens(turn), GREEDY, session="ann")
+        await collect(ann)
+        assert len(ann.prompt) > 250
+        await generated(song, song.n_generated + 3)  # a step or two: the idle cache was trimmed after the first
+        assert engine.status().kv_cells <= 512 // 4 + len(song.prompt) + song.n_generated + 1
+        song.cancel()
+    finally:
+        engine.close()
+
+
+async def test_a_long_prompt_is_read_only_after_idle_caches_left_the_pool() -> None:
+    # A reply that ran alone keeps its cache in the pool. A long prompt would walk all those cells in every
+    # step: they leave before its first step, not after it.
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, n_threads=1, parallel=2, state_cache_mb=64))
+    try:
+        song = SamplingSettings(max_tokens=440, temperature=0.0, grammar='root ::= ("la " ){400}')
+        await collect(engine.submit(prompt(engine, "Sing."), song, session="ann"))
+        assert engine.status().kv_cells > 400
         mark = len(engine.step_cells)
         long = engine.submit(prompt(engine, "Count: " + " ".join(f"dan{i}" for i in range(100))), GREEDY,
                              session="dan")
