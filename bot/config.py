@@ -57,8 +57,9 @@ class EngineSettings(_Section):
     state_cache_mb: int = Field(256, ge=0, le=1_000_000,
                                 description="RAM for KV caches of conversations whose slot was reused")
     max_queue: int = Field(32, ge=1, le=10000, description="requests that may wait; more are refused")
-    state_dir: Path | None = Field(None, description="folder for KV states of recent conversations, kept across "
-                                   "restarts; a config file's default is kv/ beside [store] path")
+    state_dir: Path | None = Field(None, description="folder for KV states the RAM cache has no room for, and of "
+                                   "recent conversations across restarts; a config file's default is kv/ beside "
+                                   "[store] path")
     state_disk_mb: int = Field(1024, ge=0, le=10_000_000,
                                description="disk for those KV states, newest kept; 0 = none saved")
     # backend = "openai": the server's API key comes from LLAMARELAY_ENGINE_API_KEY, never from the file.
