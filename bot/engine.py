@@ -473,7 +473,7 @@ class Engine:
         self.step_seconds: deque[float] = deque(maxlen=10_000)
         """How long recent llama_decode steps took (for benchmarks and metrics)."""
         self.step_cells: deque[int] = deque(maxlen=10_000)
-        """KV cells the pool held during each of those steps: attention walks every one of them."""
+        """KV cells the pool held during each of those steps: each step's attention walked at least these."""
         self._chunk = 4.0 * settings.prefill_chunk  # prompt tokens per step beside generating streams, adapted
         self._gen_step: float | None = None  # seconds a step without prompt tokens takes, smoothed
         self._since_bare = 0  # steps since the last one without prompt tokens
