@@ -878,7 +878,7 @@ class Engine:
         for slot, keep in reversed(plan):  # oldest first: when the RAM cache overflows, it keeps the newest
             if self._save(slot) or not slot.session:
                 self._truncate(slot, keep if keep >= COPY_MIN_TOKENS else 0)
-                slot.session = ""  # its whole cache is in RAM now; what stays is a prefix to share
+                slot.session = ""  # its whole cache is in the state cache now; what stays is a prefix to share
 
     def _make_room(self, n: int) -> bool:
         """Evict idle sequences, least recently used first, until ``n`` more cells fit in the pool."""

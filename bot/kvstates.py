@@ -89,17 +89,19 @@ class StateFiles:
         self.budget = budget
         self.identity = identity
         self._index: dict[str, _File] | None = None  # file name -> entry; read on first use, headers only
-        self._lock = threading.RLock()  # the engine's worker and the cache's writer thread both come here
+        self.lock = threading.RLock()
+        """Held while the folder is read or written (the engine's worker and the cache's writer both come here);
+        re-entrant, so a caller may hold it across a check and the `save` that depends on it."""
 
     def load(self, session: str) -> State | None:
         """The saved state of ``session``, taken off the disk; None when there is none this engine can use."""
-        with self._lock:
+        with self.lock:
             return self._load(session)
 
     def save(self, candidates: Iterable[Candidate], stop: Callable[[], bool] = lambda: False) -> None:
         """Write the newest states that fit the budget (unchanged ones are not rewritten) and delete the files
         that no longer fit, oldest first. ``stop()`` is asked between files: the rest waits for the next save."""
-        with self._lock:
+        with self.lock:
             self._save(candidates, stop)
 
     def _load(self, session: str) -> State | None:
@@ -305,7 +307,7 @@ class StateCache:
         disk = self.disk
         assert disk is not None
         tokens, data, saved_at = state
-        with disk._lock:
+        with disk.lock:
             with self._spill_lock:
                 if self._spilling.get(session) is not state:  # restored meanwhile, or a newer one is on its way
                     return

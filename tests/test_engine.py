@@ -32,6 +32,11 @@ def small_engine(**settings: Any) -> Engine:
     return Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=512, n_threads=1, **settings))
 
 
+# A first turn of about 300 tokens.
+REMEMBER = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Remember these: " + " ".join(f"item{i}" for i in range(90))}]
+
+
 def introduction(name: str) -> list[dict[str, str]]:
     """A first turn of about 250 tokens, its own for each name."""
     return [{"role": "system", "content": "Be brief."},
@@ -561,9 +566,7 @@ async def test_an_idle_cache_leaves_the_pool_while_others_run_and_its_next_turn_
     # window (128 cells here) they go to RAM while others run, and come back for their conversation's next turn.
     engine = small_engine(parallel=2, state_cache_mb=64)
     try:
-        turn1 = [{"role": "system", "content": "Be brief."},
-                 {"role": "user", "content": "Remember these: " + " ".join(f"item{i}" for i in range(90))}]
-        first = engine.submit(engine.chat_tokens(turn1), GREEDY, session="ann")
+        first = engine.submit(engine.chat_tokens(REMEMBER), GREEDY, session="ann")
         reply, _ = await collect(first)
         assert len(first.prompt) > 250
         assert engine.status().kv_cells >= len(first.prompt)  # alone, the cache stays where it is
@@ -574,8 +577,8 @@ async def test_an_idle_cache_leaves_the_pool_while_others_run_and_its_next_turn_
         other.cancel()
         assert cells <= 512 // 4 + len(other.prompt) + other.n_generated + 1
 
-        turn2 = engine.chat_tokens(turn1 + [{"role": "assistant", "content": reply},
-                                            {"role": "user", "content": "Which was the fifth?"}])
+        turn2 = engine.chat_tokens(REMEMBER + [{"role": "assistant", "content": reply},
+                                               {"role": "user", "content": "Which was the fifth?"}])
         second = engine.submit(turn2, GREEDY, session="ann")
         await collect(second)
         assert second.n_prompt_reused >= len(first.prompt) - 1
@@ -589,9 +592,7 @@ async def test_beside_a_long_reply_idle_caches_keep_only_a_quarter_window() -> N
     try:
         song = engine.submit(prompt(engine, "Sing."), LONG, session="zed")
         await generated(song, 200)
-        turn = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "Remember these: " + " ".join(f"item{i}" for i in range(90))}]
-        ann = engine.submit(engine.chat_tokens(turn), GREEDY, session="ann")
+        ann = engine.submit(engine.chat_tokens(REMEMBER), GREEDY, session="ann")
         await collect(ann)
         assert len(ann.prompt) > 250
         await generated(song, song.n_generated + 3)  # a step or two: the idle cache was trimmed after the first

@@ -222,7 +222,7 @@ def test_states_ram_has_no_room_for_go_to_disk_and_are_restorable_all_the_while(
     cache = StateCache(250, StateFiles(tmp_path, 1 << 20, bytes(32)))  # room in RAM for two states of 100 bytes
     try:
         for name, n in (("a", 1), ("b", 2), ("c", 3), ("d", 4)):
-            with cache.disk._lock:  # type: ignore[union-attr]  # the writer waits: "a", then "b", on its way
+            with cache.disk.lock:  # type: ignore[union-attr]  # the writer waits: "a", then "b", on its way
                 cache.put(name, *_state(n))
                 if name == "c":
                     tokens, data = cache.pop("a")  # type: ignore[misc]  # from memory: it is not written yet
@@ -241,7 +241,7 @@ def test_states_ram_has_no_room_for_go_to_disk_and_are_restorable_all_the_while(
 def test_a_slow_disk_holds_at_most_a_quarter_of_the_ram_budget_waiting_to_be_written(tmp_path: Path) -> None:
     cache = StateCache(250, StateFiles(tmp_path, 1 << 20, bytes(32)))
     try:
-        with cache.disk._lock:  # type: ignore[union-attr]
+        with cache.disk.lock:  # type: ignore[union-attr]
             for n in range(8):  # 6 evicted: once more than a quarter of the RAM budget waits, the rest are dropped
                 cache.put(f"s{n}", *_state(n))
         _wait_for_files(tmp_path, 1)
