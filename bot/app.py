@@ -54,6 +54,8 @@ def setup_logging(secrets: Secrets, *, verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     if not verbose:  # llama.cpp's loader chatter is only useful when debugging
         logging.getLogger("llama_cpp").setLevel(logging.WARNING)
+    # Even with -v: aiosqlite's debug lines print every SQL parameter (browser ids, what users wrote).
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 
 async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> None:

@@ -30,7 +30,7 @@ from bot.reasoning import OPEN as REASONING_OPEN
 from bot.reasoning import ReasoningSplitter
 from bot.remote import PromptTooLong, RemoteEngine, RemoteGeneration, Retrying
 from bot.store import Status, Store, StoredMessage
-from bot.types import Controls, Incoming, ReplyTarget, SessionKey
+from bot.types import Controls, Incoming, ReplyTarget, SessionKey, log_name
 
 __all__ = ["ConversationManager", "ConversationStatus", "Exchange", "ReplyResult", "State", "can_continue",
            "clean_text", "parse_status_line", "queued_line", "speaker_name", "storable"]
@@ -48,6 +48,7 @@ LENGTH_NOTE = "✂️ (reached the reply length limit)"
 STALE_REPLY = "That is no longer the latest answer in this conversation."
 NOTHING_TO_CONTINUE = "That answer was not cut short, so there is nothing to continue."
 NOT_SAVED = "⚠️ I could not save your message (database problem), so I can't answer it; please try again."
+NOT_STORED = "⚠️ This reply could not be saved (database problem), so I won't remember it."
 RESET_NOTE = "🧹 The conversation was reset before this message was answered."
 TRUNCATED_MARK = "\n[… the rest of this message was cut to fit the context window]"
 RESET_WAIT_SECONDS = 10.0  # /reset waits this long for the replies it ended to be stored
@@ -147,6 +148,7 @@ class ReplyResult:
     delivered: bool = True  # False when the platform would not show the reply
     reply_id: int | None = None  # the stored reply (what Regenerate and Continue act on)
     can_continue: bool = False
+    stored: bool = False  # True only once the reply's final text is in the database
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,10 @@ class ConversationManager:
 
         return await self._serve(key, target, at_turn=at_turn)
 
+    async def check_store(self) -> None:
+        """Raise StoreError unless the database can take a message now: readiness is a write, not a read."""
+        await self.store.probe()
+
     async def latest_reply(self, key: SessionKey) -> StoredMessage | None:
         """The conversation's newest reply: the one Regenerate and Continue may act on."""
         newest = await self.store.messages(str(key), limit=1)
@@ -350,7 +356,7 @@ class ConversationManager:
                 exchange = await before_turn()
                 request.reply_id = exchange.reply_id
             except LlamarelayError as exc:
-                log.error("could not store a message in %s: %s", key, exc)
+                log.error("could not store a message in %s: %s", log_name(key), exc)
                 return ReplyResult(Status.FAILED, "", [*first_notes, NOT_SAVED])
         turn = self._turns.setdefault(key, asyncio.Lock())
         try:
@@ -377,7 +383,7 @@ class ConversationManager:
                     except LlamarelayError as exc:  # the model, the template or the database: the user sees why
                         status, notes = Status.FAILED, [f"⚠️ {exc}"]
                     except Exception as exc:
-                        log.exception("answering a message in %s failed", key)
+                        log.exception("answering a message in %s failed", log_name(key))
                         status, notes = Status.FAILED, [f"⚠️ Something went wrong on my side "
                                                         f"({type(exc).__name__}); your message is saved, "
                                                         "please try again."]
@@ -468,7 +474,7 @@ class ConversationManager:
                 budget = len(prompt.tokens) // 2
                 if exc.n_ctx is not None:  # it said how large its window is
                     budget = min(budget, exc.n_ctx - sampling.max_tokens)
-                log.info("the model server found a prompt in %s too long; trying %d tokens", key, budget)
+                log.info("the model server found a prompt in %s too long; trying %d tokens", log_name(key), budget)
         raise AssertionError("unreachable")
 
     async def _stream(self, request: Request, exchange: Exchange, prompt: Prompt, sampling: SamplingSettings,
@@ -512,7 +518,7 @@ class ConversationManager:
                 try:
                     await self.store.checkpoint(exchange.reply_id, request.text)
                 except LlamarelayError as exc:  # the final write will try again
-                    log.warning("could not checkpoint a reply in %s: %s", key, exc)
+                    log.warning("could not checkpoint a reply in %s: %s", log_name(key), exc)
         metrics.tokens_generated.inc(generation.n_generated)
         metrics.prompt_tokens.inc(len(prompt.tokens))
         metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
@@ -546,10 +552,10 @@ class ConversationManager:
     async def _store_reply(self, exchange: Exchange, text: str, status: str, notes: list[str]) -> ReplyResult:
         try:
             await self.store.finish_message(exchange.reply_id, text, status, "\n".join(notes))
-        except LlamarelayError as exc:
+        except LlamarelayError as exc:  # no controls: Regenerate and Continue act on the stored reply
             log.error("could not store a reply: %s", exc)
-            notes = [*notes, "⚠️ This reply could not be saved (database problem), so I won't remember it."]
-        return ReplyResult(status, text, notes, reply_id=exchange.reply_id,
+            return ReplyResult(status, text, [*notes, NOT_STORED])
+        return ReplyResult(status, text, notes, reply_id=exchange.reply_id, stored=True,
                            can_continue=bool(text.strip()) and can_continue_status(status, notes))
 
     async def _history_that_fits(self, key: str, before_id: int, budget: int) -> list[StoredMessage]:

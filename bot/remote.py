@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 BYTES_PER_TOKEN = 3  # fewer than any common tokenizer averages on prose or code: the estimate runs high
 TOKENS_PER_MESSAGE = 8  # a chat template's markers around each message
 BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0)  # then 15 s between attempts
+# An idle pooled connection is closed before the server's keep-alive (llama-server's: 5 s) can close it under us.
+KEEPALIVE_SECONDS = 2.0
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 # "maximum context length is 2048 tokens" (OpenAI, vLLM, llama_cpp.server), '"n_ctx": 2048' (llama-server)
 _WINDOW = re.compile(r'context length is (\d+)|"n_ctx"\s*:\s*(\d+)')
@@ -117,10 +119,14 @@ class RemoteGeneration(Figures):
     async def _stream_with_retries(self) -> FinishReason:
         """Stream the reply; while nothing was shown yet, an unreachable or failing server is tried again."""
         deadline = time.monotonic() + self._engine.settings.retry_seconds
+        stale_retried = False
         for attempt in itertools.count():
             try:
                 return await self._stream()
             except _Unavailable as exc:
+                if exc.stale and not stale_retried:  # a pooled connection the server had closed: no outage
+                    stale_retried = True
+                    continue
                 if self.n_generated:
                     raise EngineError(f"The model server stopped in the middle of this reply ({exc}).") from None
                 engine = self._engine
@@ -137,8 +143,10 @@ class RemoteGeneration(Figures):
 
     async def _stream(self) -> FinishReason:
         engine = self._engine
+        answered = False
         try:
             async with engine._session().post(engine._url("chat/completions"), json=self._body) as response:
+                answered = True
                 if response.status != 200:
                     await _raise_for(response)
                 engine.reachable = True
@@ -180,7 +188,10 @@ class RemoteGeneration(Figures):
                                         "the server's context window (set [engine] n_ctx to the server's).")
                 return reason
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
-            raise _Unavailable(_describe(exc)) from None
+            # Dropped before any answer on a connection that was open: the server closed it while it sat idle.
+            stale = not answered and isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)) \
+                and not isinstance(exc, aiohttp.ClientConnectorError)
+            raise _Unavailable(_describe(exc), stale=stale) from None
         except (json.JSONDecodeError, AttributeError) as exc:
             raise EngineError(f"the model server sent something that is not a chat completion stream: {exc}") from None
 
@@ -192,7 +203,12 @@ class RemoteGeneration(Figures):
 
 
 class _Unavailable(Exception):
-    """The server cannot be reached, dropped the connection, timed out, or answered 5xx: worth another try."""
+    """The server cannot be reached, dropped the connection, timed out, or answered 5xx: worth another try.
+    ``stale``: the connection was dropped before any answer, as a server does with an idle keep-alive one."""
+
+    def __init__(self, reason: str, *, stale: bool = False) -> None:
+        super().__init__(reason)
+        self.stale = stale
 
 
 async def _raise_for(response: aiohttp.ClientResponse) -> None:
@@ -370,7 +386,8 @@ class RemoteEngine:
             headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
             timeout = aiohttp.ClientTimeout(total=None, connect=self.settings.connect_timeout,
                                             sock_read=self.settings.read_timeout)
-            self._http = aiohttp.ClientSession(headers=headers, timeout=timeout)
+            self._http = aiohttp.ClientSession(headers=headers, timeout=timeout,
+                                               connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_SECONDS))
         return self._http
 
     def _url(self, path: str) -> str:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["Attachment", "Controls", "SessionKey", "Incoming", "ReplyTarget"]
+__all__ = ["Attachment", "Controls", "SessionKey", "Incoming", "ReplyTarget", "log_name"]
+
+
+def log_name(key: SessionKey | str) -> str:
+    """How logs name a conversation: its platform and a hash of its key. A key can hold a secret (the web
+    page's browser id, which is that browser's cookie), so no log line carries the key itself."""
+    text = str(key)
+    return f"{text.split('/', 1)[0]}:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 @dataclass(frozen=True)

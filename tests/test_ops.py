@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -97,7 +98,29 @@ async def test_readyz_waits_for_every_platform_and_fails_without_the_database(
     manager.platforms.connected("discord")
     await store.close()
     status, body = await get(ops + "readyz")
-    assert status == 503 and '"database": "failing: cannot read the database' in body
+    assert status == 503 and '"database": "failing: cannot write to the database' in body
+
+
+async def test_readyz_fails_while_the_database_refuses_writes(ops: str, store: Store, settings: Settings) -> None:
+    assert (await get(ops + "readyz"))[0] == 200  # (no platform is expected here)
+    files = [str(settings.store.path), f"{settings.store.path}-wal"]
+    subprocess.run(["chattr", "+i", *files], check=True)  # readable, but nothing can be written
+    try:
+        status, body = await get(ops + "readyz")
+        assert await store.messages("web/ch/w1/c1") == []  # reads still work: a read probe would say ready
+    finally:
+        subprocess.run(["chattr", "-i", *files], check=True)
+    assert status == 503 and '"database": "failing: cannot write to the database' in body
+    assert (await get(ops + "readyz"))[0] == 200
+
+
+async def test_ops_endpoints_answer_only_to_a_loopback_host(ops: str) -> None:
+    # A DNS-rebinding page reaches 127.0.0.1 under its own name: its Host header gives it away.
+    for path in ("healthz", "readyz", "metrics"):
+        async with aiohttp.ClientSession() as http, http.get(ops + path, headers={"Host": "evil.example"}) as response:
+            assert response.status == 403 and "localhost" in await response.text()
+        async with aiohttp.ClientSession() as http, http.get(ops + path, headers={"Host": "localhost:9090"}) as r:
+            assert r.status == 200
 
 
 async def test_metrics_count_a_reply_and_its_first_token(ops: str, manager: ConversationManager) -> None:

@@ -212,3 +212,62 @@ def test_the_estimate_never_counts_fewer_tokens_than_bytes_allow_and_gives_the_t
     size = len(text.encode("utf-8", "replace"))
     assert len(tokens) * BYTES_PER_TOKEN >= size > (len(tokens) - 1) * BYTES_PER_TOKEN
     assert engine.detokenize(tokens) == text.encode("utf-8", "replace").decode("utf-8")
+
+
+class ClosingKeepAlive:
+    """A server on 127.0.0.1 that answers the first request of each connection with a short chat completion
+    stream, keeps the connection open, and drops it when a second request arrives on it: what a server whose
+    keep-alive ran out does to a client that reuses the connection at that moment."""
+
+    REPLY = (b'data: {"choices":[{"delta":{"content":"Hello there."}}]}\n\n'
+             b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+
+    def __init__(self) -> None:
+        self.dropped = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for served in range(2):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                if served:
+                    self.dropped += 1
+                    break
+                body = self.REPLY if head.startswith(b"POST") else b'{"data": [{"id": "model.gguf"}]}'
+                kind = b"text/event-stream" if head.startswith(b"POST") else b"application/json"
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + kind + b"\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\nConnection: keep-alive\r\n\r\n" + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def test_a_pooled_connection_the_server_closed_is_retried_at_once_not_reported_as_an_outage(
+        settings: Settings, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    server = ClosingKeepAlive()
+    url = await server.start()
+    try:
+        async with remote_manager(remote_settings(settings, url), store) as manager:
+            for text in ("Hello?", "And again?"):  # each request meets a connection the server drops
+                target = Target()
+                result = await answer(manager, text, target)
+                assert result.status == Status.COMPLETE and result.text == "Hello there."
+                assert SERVER_RETRYING not in [shown for _, shown in target.calls]
+        assert server.dropped >= 2
+        assert "unavailable" not in caplog.text
+    finally:
+        await server.stop()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.slack.commands import SETTINGS, SETTINGS_ADMINS_ONLY, parse_settings
+from adapters.slack.commands import ADMINS_ONLY, SETTINGS, SETTINGS_ADMINS_ONLY, parse_settings
 from bot.conversations import LENGTH_NOTE
 from bot.types import SessionKey
 from tests.slack_helpers import ADMIN, answered, channel_key, command, fake, mention, running_bot
@@ -50,6 +50,18 @@ async def test_anyone_sets_their_own_dm_settings(manager, settings, fake):
     assert changed.startswith("✅ Set. *Settings for your DM with me:*")
     assert (await manager.sampling(SessionKey.for_dm("slack", "U5"))).top_p == 0.8
     assert (await manager.sampling(channel_key("D5"))).top_p == settings.sampling.top_p
+
+
+async def test_anyone_sets_their_own_dm_system_prompt_as_any_other_setting(manager, settings, fake):
+    # One rule for /system and /settings (bot.access): a DM is the user's own, a channel needs an admin.
+    async with running_bot(manager, settings, fake):
+        mine = await command(fake, "/system", "Answer in French.", user="U5", channel="D5",
+                             channel_name="directmessage")
+        refused = await command(fake, "/system", "Answer in French.", user="U5", channel="C1")
+
+    assert mine.startswith("✅") and refused == ADMINS_ONLY
+    assert await manager.system_prompt(SessionKey.for_dm("slack", "U5")) == "Answer in French."
+    assert await manager.system_prompt(channel_key("C1")) == settings.conversation.system_prompt
 
 
 @pytest.mark.parametrize(("line", "expected"), [

@@ -23,7 +23,7 @@ from adapters.discord.files import read_attachments
 from adapters.discord.targets import NO_MENTIONS, ChannelTarget
 from bot.conversations import clean_text
 from bot.ratelimit import RateLimiter
-from bot.types import Incoming, SessionKey
+from bot.types import Incoming, SessionKey, log_name
 
 if TYPE_CHECKING:
     from bot.config import DiscordSettings
@@ -271,7 +271,7 @@ class DiscordBot(discord.Client):
         typing = asyncio.create_task(self._keep_typing(typing_in)) if typing_in is not None else None
         try:
             result = await reply
-            log.info("discord reply in %s: %s, %d chars", key, result.status, len(result.text))
+            log.info("discord reply in %s: %s, %d chars", log_name(key), result.status, len(result.text))
         finally:
             if typing is not None:
                 typing.cancel()

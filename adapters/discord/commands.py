@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from adapters.discord.menus import ask_about_message, summarize_until
 from adapters.discord.targets import NO_MENTIONS, InteractionTarget
+from bot.access import may_change_settings
 from bot.config import SamplingSettings
 from bot.types import Incoming, SessionKey
 
@@ -131,9 +132,9 @@ async def system(interaction: discord.Interaction, prompt: str | None = None, de
 
 
 def _may_change(interaction: discord.Interaction) -> bool:
-    """A DM is the caller's own conversation; a channel's is shared, so changing it takes a server manager."""
-    return (interaction.guild_id is None or _bot(interaction).is_admin(interaction.user)
-            or interaction.permissions.manage_guild)
+    """The core's rule, with Discord's admins: the configured ones and whoever may manage the server."""
+    admin = _bot(interaction).is_admin(interaction.user) or interaction.permissions.manage_guild
+    return may_change_settings(_session(interaction), admin=admin)
 
 
 def _why(error: ValueError) -> str:

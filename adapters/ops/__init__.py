@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 async def run_ops(manager: ConversationManager, settings: Settings) -> None:
     """Serve /healthz, /readyz and /metrics on ``[ops] host:port`` until cancelled."""
-    server = OpsServer(create_app(manager), settings.ops.host, settings.ops.port)
+    server = OpsServer(create_app(manager, settings.ops.host), settings.ops.host, settings.ops.port)
     url = await server.start()
     log.info("health and metrics on %shealthz, %sreadyz, %smetrics", url, url, url)
     try:

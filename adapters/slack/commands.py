@@ -17,6 +17,7 @@ from slack_bolt.async_app import AsyncAck, AsyncBoltContext, AsyncRespond
 
 from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.targets import UpdateTarget
+from bot.access import may_change_settings
 from bot.config import SamplingSettings
 from bot.types import Incoming, SessionKey
 
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 QUESTION_PREVIEW_CHARS = 200
 ASK_USAGE = "Ask me something: `/ask how do magnets work?`"
-ADMINS_ONLY = "🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change the system prompt."
+ADMINS_ONLY = ("🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's system "
+               "prompt; in a DM with me it is yours to change.")
 SETTINGS: dict[str, type[int] | type[float]] = {"temperature": float, "max_tokens": int, "top_p": float}
 """What ``/settings`` shows and sets, and the type of each."""
 SETTINGS_USAGE = "Change them with `/settings temperature=0.3 max_tokens=400 top_p=0.9` (any of the three)."
@@ -135,7 +137,8 @@ class SlashCommands:
         await ack(text="🧹 Done: this conversation starts fresh (the system prompt is kept).")
 
     async def system(self, ack: AsyncAck, command: dict[str, Any]) -> None:
-        """``/system`` shows the system prompt; ``/system <prompt>`` (admins) sets it, ``/system default`` resets it."""
+        """``/system`` shows the system prompt; ``/system <prompt>`` sets it (admins in a channel, anyone in a DM),
+        ``/system default`` resets it."""
         if refusal := self._refusal(command):
             await ack(text=refusal)
             return
@@ -144,7 +147,7 @@ class SlashCommands:
             current = await self.bot.manager.system_prompt(key)
             await ack(text=f"System prompt for this conversation:\n```\n{escape(current)}\n```")
             return
-        if not self.bot.is_admin(command["user_id"]):
+        if not may_change_settings(key, admin=self.bot.is_admin(command["user_id"])):
             await ack(text=ADMINS_ONLY)
             return
         if text.lower() == "default":
@@ -189,7 +192,7 @@ class SlashCommands:
             return
         key, text = command_key(command), command.get("text", "").strip()
         if text:
-            if not is_dm(command) and not self.bot.is_admin(command["user_id"]):
+            if not may_change_settings(key, admin=self.bot.is_admin(command["user_id"])):
                 await ack(text=SETTINGS_ADMINS_ONLY)
                 return
             try:

@@ -32,7 +32,7 @@ from bot.config import Secrets, Settings
 from bot.conversations import (NOTHING_TO_CONTINUE, STALE_REPLY, ConversationManager, ReplyResult, can_continue,
                                 clean_text)
 from bot.store import StoredMessage
-from bot.types import Attachment, Incoming, SessionKey
+from bot.types import Attachment, Incoming, SessionKey, log_name
 
 __all__ = ["ApiError", "LoginThrottle", "WebState", "STATE", "BROWSER_COOKIE", "AUTH_COOKIE", "current_browser",
            "json_response", "routes", "set_cookie"]
@@ -136,7 +136,7 @@ class WebState:
             if task.cancelled():
                 target.close(None, "The server is shutting down; the reply was cut short.")
             elif task.exception() is not None:  # a bug: the core turns every known failure into a reply line
-                log.error("web reply in conversation %s failed", key.channel, exc_info=task.exception())
+                log.error("web reply in %s failed", log_name(key), exc_info=task.exception())
                 target.close(None, "The reply failed because of an internal error.")
             else:
                 target.close(task.result())
@@ -184,7 +184,7 @@ def _state(request: web.Request) -> WebState:
 
 
 def _key(browser: str, conversation: str) -> SessionKey:
-    # The browser id is the secret that keeps browsers apart: logs name only the conversation (key.channel).
+    # The browser id is the secret that keeps browsers apart: logs name a conversation by `log_name(key)`.
     return SessionKey.for_channel(PLATFORM, browser, conversation)
 
 
@@ -271,8 +271,7 @@ async def _stream(request: web.Request, key: SessionKey, target: EventStreamTarg
         try:
             await response.write(b": keep-alive\n\n" if event is None else encode_event(*event))
         except ConnectionError:
-            log.info("browser left conversation %s while it streamed; the reply goes on and is stored",
-                     key.channel)
+            log.info("browser left %s while it streamed; the reply goes on and is stored", log_name(key))
             return response
     await response.write_eof()
     return response

@@ -99,10 +99,11 @@ class EventStreamTarget:
         """Queue the closing ``done`` event (``result`` is None when the reply could not be produced)."""
         if result is None:
             done = {"status": "failed", "text": self._sent, "notes": [error or "The reply failed."],
-                    "reply_id": None, "can_continue": False}
+                    "reply_id": None, "can_continue": False, "stored": False}
         else:
             done = {"status": result.status, "text": result.text, "notes": list(result.notes),
-                    "reply_id": result.reply_id, "can_continue": result.can_continue}
+                    "reply_id": result.reply_id, "can_continue": result.can_continue,
+                    "stored": result.stored}
         self._queue.put_nowait(("done", done))
         self._queue.put_nowait(_END)
 

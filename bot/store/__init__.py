@@ -46,6 +46,10 @@ MESSAGE_FIELDS = ("id", "session_key", "role", "content", "status", "author_id",
                   "notes", "feedback")
 
 
+# The row `probe` writes: a seen event that has already expired, so the next `claim_event` sweeps it away.
+PROBE_EVENT = "llamarelay/probe"
+
+
 def storable(text: str) -> str:
     """``text`` without NUL characters, which PostgreSQL's text type refuses (both backends store the same)."""
     return text.replace("\x00", "\ufffd")
@@ -64,6 +68,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def probe(self) -> None:
+        """Write one row and commit it: raises StoreError unless the database can take a message now.
+
+        Readiness asks this, not a read: a database that answers reads but refuses writes loses every message.
+        """
 
     @property
     def latest_version(self) -> int:

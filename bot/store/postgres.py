@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from bot.errors import StoreError
-from bot.store import MESSAGE_FIELDS, SESSION_FIELDS, Status, Store, StoredMessage, redact_url, storable
+from bot.store import MESSAGE_FIELDS, PROBE_EVENT, SESSION_FIELDS, Status, Store, StoredMessage, redact_url, storable
 
 __all__ = ["PostgresStore"]
 
@@ -178,6 +178,10 @@ class PostgresStore(Store):
                         await connection.execute("INSERT INTO schema_migrations VALUES ($1, $2)",
                                                  version + 1, time.time())
                     applied.append(version + 1)
+
+    async def probe(self) -> None:
+        await self._execute("INSERT INTO seen_events (event_id, expires) VALUES ($1, $2)"
+                            " ON CONFLICT (event_id) DO UPDATE SET expires = EXCLUDED.expires", PROBE_EVENT, time.time())
 
     # -- plumbing ----------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Any
 import aiosqlite
 
 from bot.errors import StoreError
-from bot.store import MESSAGE_FIELDS, SESSION_FIELDS, Status, Store, StoredMessage, storable
+from bot.store import MESSAGE_FIELDS, PROBE_EVENT, SESSION_FIELDS, Status, Store, StoredMessage, storable
 
 __all__ = ["SQLiteStore", "ONE_PROCESS_ONLY"]
 
@@ -68,6 +68,8 @@ class SQLiteStore(Store):
         self._exchange_lock = asyncio.Lock()
         self._turns: dict[str, tuple[asyncio.Lock, int]] = {}  # per session: its lock, and who holds or waits
         self._owner = _claim(path)  # the lock file held while open: a second process is told at once
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file this connection writes
+        self._lost: str | None = None  # why nothing can be saved any more, once the file is gone
 
     @classmethod
     async def open(cls, target: Path | str, *, migrate: bool = True) -> SQLiteStore:
@@ -80,6 +82,7 @@ class SQLiteStore(Store):
         store = cls(db, path)
         try:
             await store._write("PRAGMA journal_mode=WAL")
+            store._file = _identity(path)
             await store._adopt_unversioned()
             version = await store.schema_version()
             if version > store.latest_version:
@@ -96,10 +99,17 @@ class SQLiteStore(Store):
         return store
 
     async def close(self) -> None:
+        with contextlib.suppress(StoreError):  # a file that went away says so, at the latest here
+            self._check_file()
         await self._db.close()
         if self._owner is not None:
             os.close(self._owner)  # closing the file lets go of its lock
             self._owner = None
+
+    async def probe(self) -> None:
+        async with self._immediate("write to"):
+            await self._db.execute("INSERT OR REPLACE INTO seen_events (event_id, expires) VALUES (?, ?)",
+                                   (PROBE_EVENT, time.time()))
 
     # -- schema ------------------------------------------------------------------------------------------
 
@@ -142,23 +152,47 @@ class SQLiteStore(Store):
         except (sqlite3.Error, ValueError) as exc:  # ValueError: the connection is closed
             raise StoreError(f"cannot {doing} the database {self.path}: {exc}") from None
 
+    def _check_file(self) -> None:
+        """Raise StoreError once the path no longer holds the file this connection writes (deleted or replaced
+        under the running bot): every write would go to a file that no one will open again. Logged once."""
+        if self._lost is None and self._file is not None:
+            try:
+                same = _identity(self.path) == self._file
+            except OSError:
+                same = False
+            if not same:
+                self._lost = (f"the database file {self.path} was deleted or replaced while the bot was running: "
+                              "nothing can be saved until llamarelay is restarted")
+                log.error("%s", self._lost)
+        if self._lost is not None:
+            raise StoreError(self._lost)
+
     @contextlib.asynccontextmanager
     async def _immediate(self, doing: str) -> AsyncIterator[None]:
         """One write transaction (BEGIN IMMEDIATE … COMMIT), rolled back if anything in it fails."""
+        self._check_file()
         with self._failing(doing):
             await self._db.execute("BEGIN IMMEDIATE")
-            try:
+            async with self._committing():
                 yield
-            except BaseException:
-                await self._db.rollback()
-                raise
+
+    @contextlib.asynccontextmanager
+    async def _committing(self) -> AsyncIterator[None]:
+        """Commit what the context wrote, or roll it back if anything failed, the commit included: a write the
+        disk refused must not stay pending, to be committed later with someone else's."""
+        try:
+            yield
             await self._db.commit()
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error, ValueError):
+                await self._db.rollback()
+            raise
 
     async def _write(self, sql: str, params: tuple[Any, ...] = ()) -> aiosqlite.Cursor:
+        self._check_file()
         with self._failing("write to"):
-            cursor = await self._db.execute(sql, params)
-            await self._db.commit()
-            return cursor
+            async with self._committing():
+                return await self._db.execute(sql, params)
 
     async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         with self._failing("read"):
@@ -300,6 +334,11 @@ class SQLiteStore(Store):
             await self._db.executemany(
                 f"INSERT INTO messages ({', '.join(MESSAGE_FIELDS)}) VALUES ({', '.join('?' * 10)})",
                 (tuple(m[field] for field in MESSAGE_FIELDS) for m in messages))
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_dev, status.st_ino
 
 
 def _claim(path: Path) -> int | None:
