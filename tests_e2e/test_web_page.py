@@ -42,6 +42,8 @@ tail ::= ("Each step streams its words as they are written. "){120}'''
 URL_REPLY = ("The official site is https://www.python.org/ and the docs are at https://docs.python.org/3/ "
              "(see [the tutorial](https://docs.python.org/3/tutorial/)).")
 
+FRENCH = "Always answer in French."
+
 LAST_REPLY = "[...document.querySelectorAll('.message.assistant')].at(-1)"
 # What render() may produce (markdown.js allows these and sets target/rel on links itself).
 ALLOWED_TAGS = {"p", "br", "strong", "em", "s", "code", "pre", "a", "ul", "ol", "li", "blockquote", "hr",
@@ -438,6 +440,29 @@ async def test_markdown_renders_safely(browser: BrowserContext, page_url: str, c
     assert await page.inner_text(".message.user .body") == "<img src=x onerror=alert(6)>"
     assert await page.locator("#messages img").count() == 0
     assert fired == [] and console.errors == []
+
+
+async def test_a_system_prompt_saved_before_the_first_message_is_kept(browser: BrowserContext, page_url: str,
+                                                                    console: Console) -> None:
+    page = await opened(browser, page_url)
+    assert await page.locator("#conversations a").count() == 0  # a fresh page: no conversation yet
+    await page.click("#system summary")
+    await page.fill("#system-prompt", FRENCH)
+    await page.click("#system-save")
+    await expect(page.locator("#system-saved")).to_have_text("Saved.")
+    assert await page.input_value("#system-prompt") == FRENCH
+
+    async def stored() -> str:
+        conversation = await page.evaluate("async () => (await fetch(`/api/conversations/${location.hash.slice(1)}`,"
+                                           " {credentials: 'same-origin'})).json()")
+        return str(conversation["system_prompt"])
+
+    assert await stored() == FRENCH  # the one the model reads
+    await page.reload()
+    await page.wait_for_selector("body[data-ready=true]")
+    assert await page.input_value("#system-prompt") == FRENCH
+    assert await stored() == FRENCH
+    assert console.errors == []
 
 
 # -- the renderer, property-tested in the page -----------------------------------------------------------
