@@ -9,6 +9,7 @@ outside the page's CSP) because ``wait_for_function`` would need the ``eval`` th
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -41,6 +42,13 @@ code ::= "```sh\nllamarelay web\n```\n\nThen open the page. "
 tail ::= ("Each step streams its words as they are written. "){120}'''
 URL_REPLY = ("The official site is https://www.python.org/ and the docs are at https://docs.python.org/3/ "
              "(see [the tutorial](https://docs.python.org/3/tutorial/)).")
+
+# 50 list levels (2 nesting levels each): markdown-it's maxNesting (100) is reached at the last one. The
+# one-line form is short enough for the test model's context; the indented one is rendered in the page.
+DEEP_LINE = "- " * 50 + "deep"
+DEEP_LIST = "".join(f"{'  ' * level}- level {level}\n" for level in range(50))
+SENTINEL = "Sentinel: nothing lost."
+FRENCH = "Always answer in French."
 
 LAST_REPLY = "[...document.querySelectorAll('.message.assistant')].at(-1)"
 # What render() may produce (markdown.js allows these and sets target/rel on links itself).
@@ -438,6 +446,63 @@ async def test_markdown_renders_safely(browser: BrowserContext, page_url: str, c
     assert await page.inner_text(".message.user .body") == "<img src=x onerror=alert(6)>"
     assert await page.locator("#messages img").count() == 0
     assert fired == [] and console.errors == []
+
+
+async def test_a_system_prompt_saved_before_the_first_message_is_kept(browser: BrowserContext, page_url: str,
+                                                                    console: Console) -> None:
+    page = await opened(browser, page_url)
+    assert await page.locator("#conversations a").count() == 0  # a fresh page: no conversation yet
+    await page.click("#system summary")
+    await page.fill("#system-prompt", FRENCH)
+    await page.click("#system-save")
+    await expect(page.locator("#system-saved")).to_have_text("Saved.")
+    assert await page.input_value("#system-prompt") == FRENCH
+
+    async def stored() -> str:
+        conversation = await page.evaluate("async () => (await fetch(`/api/conversations/${location.hash.slice(1)}`,"
+                                           " {credentials: 'same-origin'})).json()")
+        return str(conversation["system_prompt"])
+
+    assert await stored() == FRENCH  # the one the model reads
+    await page.reload()
+    await page.wait_for_selector("body[data-ready=true]")
+    assert await page.input_value("#system-prompt") == FRENCH
+    assert await stored() == FRENCH
+    assert console.errors == []
+
+
+async def test_markdown_nested_past_the_limit_keeps_the_rest_of_the_reply(browser: BrowserContext, page_url: str,
+                                                                          settings: Settings,
+                                                                          console: Console) -> None:
+    reply = f"Here is **a list**:\n\n{DEEP_LINE}\n\n{SENTINEL}"
+    settings.sampling = SamplingSettings(max_tokens=400, temperature=0.0, seed=1,
+                                         grammar=f"root ::= {json.dumps(reply)}")
+    page = await opened(browser, page_url)
+    await page.fill("#input", "Nest a list.")
+    await page.press("#input", "Enter")
+    await until(page, f"{LAST_REPLY}?.dataset.status === 'complete'")
+
+    async def check() -> None:
+        assert await page.evaluate(f"{LAST_REPLY}.dataset.text") == reply
+        body = page.locator(".message.assistant .body").last
+        assert SENTINEL in await body.inner_text()
+        await expect(body.get_by_text(SENTINEL)).to_be_in_viewport()
+        # Markdown up to the limit, plain text from there on.
+        assert await body.locator("strong").inner_text() == "a list"
+        assert await body.locator("p.plain").inner_text() == f"{DEEP_LINE}\n\n{SENTINEL}"
+
+    await check()
+    await page.reload()
+    await page.wait_for_selector("body[data-ready=true]")
+    await check()
+
+    out = await page.evaluate(RENDER, f"{DEEP_LIST}\n{SENTINEL}")  # the deepest item, then the sentinel, are text
+    assert out["html"].count("<ul>") == 49 and SENTINEL in out["text"]
+    # Past the limit the text stays text: no markup from it reaches the page, in blockquotes as in lists.
+    out = await page.evaluate(RENDER, "> " * 100 + "deep\n\n<img src=x onerror=alert(1)> **after**")
+    assert out["threw"] is None and set(out["tags"]) <= ALLOWED_TAGS and set(out["attributes"]) <= ALLOWED_ATTRIBUTES
+    assert "deep" in out["text"] and "<img src=x onerror=alert(1)> **after**" in out["text"]
+    assert console.errors == []
 
 
 # -- the renderer, property-tested in the page -----------------------------------------------------------

@@ -415,8 +415,9 @@ async def continue_reply(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/api/conversations/{conversation}/stop")
 async def stop(request: web.Request) -> web.Response:
+    """End the running reply and the messages waiting behind it; ``{"stopped"}`` says whether any was."""
     _, key = await _conversation(request)
-    return json_response({"stopped": _state(request).manager.stop(key)})
+    return json_response({"stopped": _state(request).manager.stop(key) > 0})
 
 
 @routes.post("/api/conversations/{conversation}/reset")

@@ -453,9 +453,10 @@
     await open(current);
   }));
   ui.systemSave.addEventListener("click", guarded(async () => {
+    const prompt = ui.system.value;  // read first: opening a new conversation shows its (default) prompt
     const id = current || await newConversation();
     const saved = await api("PUT", `conversations/${encodeURIComponent(id)}/system_prompt`,
-                            { system_prompt: ui.system.value });
+                            { system_prompt: prompt });
     ui.system.value = saved.system_prompt;
     ui.systemSaved.textContent = "Saved.";
   }));

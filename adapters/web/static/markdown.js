@@ -3,7 +3,8 @@
 // tags and attributes; links survive only for http(s) and mailto, and open in a new tab.
 //
 // render() is total: for any input it returns a DocumentFragment (the Markdown, or the plain text when
-// anything at all goes wrong) and never throws, so no reply can break the page.
+// anything at all goes wrong) and never throws, so no reply can break the page. Text nested deeper than
+// markdown-it's maxNesting, which markdown-it would drop with all that follows, is shown as plain text.
 "use strict";
 
 const LlamarelayMarkdown = (() => {
@@ -37,6 +38,16 @@ const LlamarelayMarkdown = (() => {
         }
       }
     });
+    // markdown-it drops a block nested past maxNesting, and everything after it up to the end of its parent
+    // (usually the reply's end). Note the first line dropped, so that render() shows it and the rest as text.
+    const tokenize = parser.block.tokenize;
+    parser.block.tokenize = function (state, startLine, endLine) {
+      if (state.level >= parser.options.maxNesting) {
+        const line = state.skipEmptyLines(startLine);  // the line markdown-it's own loop stops at
+        if (line < endLine && state.sCount[line] >= state.blkIndent) state.env.droppedLine ??= line;
+      }
+      return tokenize.call(this, state, startLine, endLine);
+    };
     return parser;
   }
 
@@ -51,12 +62,26 @@ const LlamarelayMarkdown = (() => {
     return p;
   }
 
+  /** ``text`` as HTML up to the first line markdown-it would drop, and from that line on as ``rest`` (mostly ""). */
+  function markdownOf(text) {
+    let lines = text.split(/\r\n?|\n/);  // markdown-it's own lines: it turns \r\n and \r into \n
+    let rest = [];
+    for (;;) {
+      const env = {};
+      const html = md.render(lines.join("\n"), env);
+      if (env.droppedLine === undefined) return { html, rest: rest.join("\n") };
+      rest = [...lines.slice(env.droppedLine), ...rest];  // the part kept may, parsed alone, drop a line too
+      lines = lines.slice(0, env.droppedLine);
+    }
+  }
+
   /** Renders ``text`` into a DocumentFragment. An unclosed code fence (a reply still streaming) runs to the end. */
   function render(text) {
     const out = document.createDocumentFragment();
     try {
       md ??= parser();
-      const clean = DOMPurify.sanitize(md.render(String(text)), SANITIZE);
+      const { html, rest } = markdownOf(String(text));
+      const clean = DOMPurify.sanitize(html, SANITIZE);
       if (!(clean instanceof DocumentFragment)) throw new Error("DOMPurify cannot sanitize in this browser");
       for (const a of clean.querySelectorAll("a")) {
         if (SAFE_URL.test(a.getAttribute("href") ?? "")) {
@@ -67,6 +92,7 @@ const LlamarelayMarkdown = (() => {
         }
       }
       out.append(clean);
+      if (rest) out.append(plain(rest));
     } catch (error) {
       console.warn("llamarelay: Markdown failed, the reply is shown as plain text:", error);
       out.replaceChildren(plain(text));
