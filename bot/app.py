@@ -72,6 +72,7 @@ async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> N
         store = await open_store(settings.store.target())
         try:
             manager = ConversationManager(engine, store, settings)
+            manager.start()  # leases: replies of another process that dies are taken over
             await _run_adapters(manager, settings, secrets, mode=mode)
         finally:
             await store.close()

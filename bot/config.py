@@ -127,6 +127,9 @@ class StoreSettings(_Section):
     path: Path = Field(Path("data/llamarelay.sqlite3"), description="SQLite database file (when no url is set)")
     url: str | None = Field(None, description="postgresql://user@host/db selects PostgreSQL; the password "
                             f"belongs in {DATABASE_URL_ENV}, which overrides this")
+    reply_lease: float = Field(30.0, ge=0.5, le=3600,
+                               description="seconds a reply in progress stays its process's without word from it; "
+                               "then another process on the database marks it interrupted")
 
     @field_validator("url")
     @classmethod

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import json
 import logging
 import re
 import time
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bot.config import SamplingSettings, Settings
-from bot.delivery import Delivery, Pacers
+from bot.delivery import Delivery, Pacers, display_text
 from bot.engine import Engine, EngineStatus, FinishReason, Generation, QueuePosition
 from bot.errors import LlamarelayError
 from bot.files import with_attachments
@@ -29,11 +30,12 @@ from bot.prompt import Prompt, strip_markers
 from bot.reasoning import OPEN as REASONING_OPEN
 from bot.reasoning import ReasoningSplitter
 from bot.remote import PromptTooLong, RemoteEngine, RemoteGeneration, Retrying
-from bot.store import Status, Store, StoredMessage
+from bot.replies import split_reply
+from bot.store import LapsedReply, Status, Store, StoredMessage
 from bot.types import Controls, Incoming, ReplyTarget, SessionKey, log_name
 
-__all__ = ["ConversationManager", "ConversationStatus", "Exchange", "ReplyResult", "State", "can_continue",
-           "clean_text", "parse_status_line", "queued_line", "speaker_name", "storable"]
+__all__ = ["ConversationManager", "ConversationStatus", "Exchange", "Locator", "ReplyResult", "State",
+           "can_continue", "clean_text", "parse_status_line", "queued_line", "speaker_name", "storable"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ NOTHING_TO_CONTINUE = "That answer was not cut short, so there is nothing to con
 NOT_SAVED = "⚠️ I could not save your message (database problem), so I can't answer it; please try again."
 NOT_STORED = "⚠️ This reply could not be saved (database problem), so I won't remember it."
 RESET_NOTE = "🧹 The conversation was reset before this message was answered."
+TAKEN_OVER_NOTE = "⚠️ The bot process writing this reply stopped; this is as far as it got."
 TRUNCATED_MARK = "\n[… the rest of this message was cut to fit the context window]"
 RESET_WAIT_SECONDS = 10.0  # /reset waits this long for the replies it ended to be stored
 CHECKPOINT_SECONDS = 3.0  # a streaming reply's text is saved this often, so a crash keeps what was shown
@@ -57,6 +60,8 @@ SERVER_RETRYING = "⚠️ The model server is unreachable; retrying…"
 PROMPT_ATTEMPTS = 3  # a remote server that finds the prompt too long gets it again with fewer turns
 WINDOW_REFILL = 0.6  # when a full window must drop turns, it drops down to this share, so its start holds
 HISTORY_PAGE = 64  # messages read per step when looking back for the history that fits
+# Per platform: the target and handle that edit the message at an adapter's reference (`ReplyTarget.reference`).
+Locator = Callable[[SessionKey, str], tuple[ReplyTarget, Any]]
 # Zero-width and bidi-control characters are invisible and only confuse the tokenizer.
 _INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -172,6 +177,9 @@ class Request:
     generation: Generation | RemoteGeneration | None = None
     text: str = ""  # the model's reply so far
     reply_id: int | None = None  # its row in the store, once it has one
+    skip: int = 0  # characters of the stored reply its messages do not show (a Continue's text so far)
+    where: tuple[int, str] | None = None  # its message with the buttons: (index, the target's reference)
+    where_saved: str = ""  # the reference last written to its row
     ended: str | None = None  # the note of /stop, /reset or shutdown once one has ended it early
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # set when it is ended while waiting its turn
 
@@ -238,6 +246,11 @@ class ConversationManager:
         self._accepting = True
         self.metrics = Metrics(engine.status)  # this bot's own registry: several bots may share a process
         self.platforms = Platforms()  # adapters report connected / disconnected here; /readyz reads it
+        # Adapters register how to reach their messages again: a process that outlives another rewrites the
+        # messages of the replies the dead one left (see `start`).
+        self.locators: dict[str, Locator] = {}
+        self._keeper: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
 
     # -- answering -------------------------------------------------------------------------------------
 
@@ -257,7 +270,7 @@ class ConversationManager:
         async def store_message() -> Exchange:
             # Both rows are written before anything is shown, so neither the message nor its reply's place is lost.
             user_id, reply_id = await self.store.add_exchange(str(incoming.key), text, author_id=incoming.author_id,
-                                                              author_name=name)
+                                                              author_name=name, lease_seconds=self._lease())
             return Exchange(user_id, text, name, reply_id)
 
         return await self._serve(incoming.key, target, before_turn=store_message, notes=file_notes)
@@ -267,7 +280,7 @@ class ConversationManager:
 
         async def at_turn() -> Exchange:
             exchange = await self._latest_exchange(key, reply_id)
-            await self.store.reopen_reply(reply_id, "")
+            await self.store.reopen_reply(reply_id, "", lease_seconds=self._lease())
             return exchange
 
         return await self._serve(key, target, at_turn=at_turn)
@@ -280,7 +293,7 @@ class ConversationManager:
             reply = await self.store.message(reply_id)
             if reply is None or not can_continue(reply):
                 raise LlamarelayError(NOTHING_TO_CONTINUE)
-            await self.store.reopen_reply(reply_id, reply.content)
+            await self.store.reopen_reply(reply_id, reply.content, lease_seconds=self._lease())
             return dataclasses.replace(exchange, prefix=reply.content)
 
         return await self._serve(key, target, at_turn=at_turn)
@@ -307,9 +320,10 @@ class ConversationManager:
         self.metrics.replies.labels(key.platform, Status.FAILED).inc()
         return ReplyResult(Status.FAILED, "", notes, delivered)
 
-    def _delivery(self, key: SessionKey, target: ReplyTarget) -> Delivery:
+    def _delivery(self, key: SessionKey, target: ReplyTarget,
+                  on_moved: Callable[[int, str], Awaitable[None]] | None = None) -> Delivery:
         return Delivery(target, self._pacers.for_target(target), clock=self._clock, sleep=self._sleep,
-                        on_failure=lambda exc: self.metrics.platform_failure(key.platform, exc))
+                        on_failure=lambda exc: self.metrics.platform_failure(key.platform, exc), on_moved=on_moved)
 
     async def _serve(self, key: SessionKey, target: ReplyTarget, *,
                      before_turn: Callable[[], Awaitable[Exchange]] | None = None,
@@ -321,7 +335,7 @@ class ConversationManager:
             return await self._refuse(key, target, [SHUTTING_DOWN])
         if len(line) > self.settings.conversation.max_waiting:
             return await self._refuse(key, target, [too_many_waiting(len(line) - 1)])
-        delivery = self._delivery(key, target)
+        delivery = self._delivery(key, target, on_moved=lambda index, at: self._moved(request, index, at))
         request = Request(str(key), delivery)
         self._lines.setdefault(request.key, []).append(request)
         self._idle.clear()
@@ -354,7 +368,7 @@ class ConversationManager:
         if before_turn is not None:
             try:
                 exchange = await before_turn()
-                request.reply_id = exchange.reply_id
+                await self._own(request, exchange)
             except LlamarelayError as exc:
                 log.error("could not store a message in %s: %s", log_name(key), exc)
                 return ReplyResult(Status.FAILED, "", [*first_notes, NOT_SAVED])
@@ -376,7 +390,7 @@ class ConversationManager:
                         else:
                             if at_turn is not None:
                                 exchange = await at_turn()
-                                request.reply_id = exchange.reply_id
+                                await self._own(request, exchange)
                             assert exchange is not None
                             request.text = exchange.prefix
                             status, notes = await self._generate(request, exchange)
@@ -398,6 +412,27 @@ class ConversationManager:
             if exchange is not None:
                 await asyncio.shield(self._store_reply(exchange, request.text, Status.INTERRUPTED, first_notes))
             raise
+
+    async def _own(self, request: Request, exchange: Exchange) -> None:
+        """``request`` now writes ``exchange``'s reply row: note it there if its message is posted already."""
+        request.reply_id, request.skip = exchange.reply_id, len(exchange.prefix)
+        await self._save_where(request)
+
+    async def _moved(self, request: Request, index: int, at: str) -> None:
+        request.where = (index, at)
+        await self._save_where(request)
+
+    async def _save_where(self, request: Request) -> None:
+        """Store where the reply's message with the buttons is, so a survivor can rewrite it if we die."""
+        if request.reply_id is None or request.where is None:
+            return
+        ref = json.dumps({"message": request.where[0], "skip": request.skip, "at": request.where[1]})
+        if ref != request.where_saved:
+            request.where_saved = ref
+            try:
+                await self.store.set_message_ref(request.reply_id, ref)
+            except LlamarelayError as exc:  # only a survivor's rewrite of the message depends on it
+                log.warning("could not note where a reply in %s is: %s", log_name(request.key), exc)
 
     async def _latest_exchange(self, key: SessionKey, reply_id: int) -> Exchange:
         """The conversation's last message and its reply, if ``reply_id`` is still that reply."""
@@ -714,6 +749,58 @@ class ConversationManager:
         engine = self.engine.status(first.generation if first is not None else None)
         return ConversationStatus(engine, first.state if first else None, max(0, len(line) - 1))
 
+    # -- leases: replies of processes that died ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Keep leases from now on: every reply in progress here is leased and renewed, and every process on
+        the database takes over the replies whose process died (a lease no one renews), marking them
+        interrupted as far as they were saved and rewriting their messages without a Stop button."""
+        if self._keeper is None:
+            self._keeper = asyncio.create_task(self._keep_leases(), name="reply leases")
+
+    def _lease(self) -> float | None:
+        return self.settings.store.reply_lease if self._keeper is not None else None
+
+    async def _keep_leases(self) -> None:
+        """Three times a lease: renew this process's replies, then take over those whose lease ran out."""
+        lease = self.settings.store.reply_lease
+        while True:
+            try:
+                ours = [r.reply_id for line in self._lines.values() for r in line if r.reply_id is not None]
+                if ours:
+                    await self.store.renew_leases(ours, lease)
+                for lapsed in await self.store.expire_leases(TAKEN_OVER_NOTE):
+                    log.warning("reply %d in %s was left generating by a process that stopped; marked interrupted",
+                                lapsed.id, log_name(lapsed.session_key))
+                    task = asyncio.create_task(self._retire(lapsed), name="retire a reply")
+                    self._retiring.add(task)
+                    task.add_done_callback(self._retiring.discard)
+            except LlamarelayError as exc:  # the database is away: try again next time
+                log.warning("could not renew or check reply leases: %s", exc)
+            except Exception:  # never stop renewing: other processes would take over our live replies
+                log.exception("keeping reply leases failed")
+            await asyncio.sleep(lease / 3)
+
+    async def _retire(self, lapsed: LapsedReply) -> None:
+        """Show a reply taken over from a dead process as it was saved, with the note and without Stop."""
+        key = SessionKey.parse(lapsed.session_key)
+        locate = self.locators.get(key.platform)
+        if locate is None or not lapsed.message_ref:
+            return
+        try:
+            where = json.loads(lapsed.message_ref)
+            target, handle = locate(key, where["at"])
+            measure: Callable[[str], int] = getattr(target, "measure", len)
+            pieces = split_reply(lapsed.content[where["skip"]:], target.max_length, measure)
+            piece = pieces[where["message"]].text if where["message"] < len(pieces) else ""
+            while piece and (over := measure(display_text(piece, TAKEN_OVER_NOTE)) - target.max_length) > 0:
+                piece = piece[:-over]
+            await target.edit(handle, display_text(piece, TAKEN_OVER_NOTE),
+                              Controls(reply_id=lapsed.id, can_continue=bool(lapsed.content.strip())))
+        except Exception as exc:  # the message may be gone; the stored reply is what matters
+            self.metrics.platform_failure(key.platform, exc)
+            log.warning("could not rewrite the message of reply %d in %s: %s", lapsed.id, log_name(key), exc)
+
     # -- shutdown --------------------------------------------------------------------------------------
 
     async def shutdown(self, timeout: float = 8.0) -> None:
@@ -736,6 +823,11 @@ class ConversationManager:
                                                         SHUTTING_DOWN)
                     except LlamarelayError as exc:
                         log.error("could not store a reply at shutdown: %s", exc)
+        leases = [task for task in (self._keeper, *self._retiring) if task is not None]
+        for task in leases:
+            task.cancel()
+        await asyncio.gather(*leases, return_exceptions=True)
+        self._keeper = None
 
     async def wait_idle(self) -> None:
         """Wait until no message is being answered."""

@@ -92,9 +92,13 @@ class Delivery:
 
     def __init__(self, target: ReplyTarget, pacer: Pacer, *, clock: Clock = time.monotonic,
                  sleep: Sleep = asyncio.sleep, hold: float = HOLD_STATUS_SECONDS,
-                 on_failure: Callable[[BaseException], None] | None = None) -> None:
+                 on_failure: Callable[[BaseException], None] | None = None,
+                 on_moved: Callable[[int, str], Awaitable[None]] | None = None) -> None:
         self._target = target
         self._on_failure = on_failure  # told of each platform call that fails (the metrics count them)
+        # Told where the message with the buttons is (its index, the target's reference) whenever that changes.
+        self._on_moved = on_moved
+        self._reference: tuple[int, str] | None = None
         self._pacer = pacer
         self._measure: Callable[[str], int] = getattr(target, "measure", len)
         self._clock, self._sleep = clock, sleep
@@ -198,6 +202,16 @@ class Delivery:
                 await self._sleep(BACKOFF_SECONDS[min(failures, len(BACKOFF_SECONDS)) - 1])  # backoff, no storm
             else:
                 failures = 0
+                await self._moved()
+
+    async def _moved(self) -> None:
+        reference = getattr(self._target, "reference", None)
+        if self._on_moved is None or reference is None or not self._handles:
+            return
+        where = reference(self._handles[-1])
+        if where is not None and (len(self._handles) - 1, where) != self._reference:
+            self._reference = (len(self._handles) - 1, where)
+            await self._on_moved(*self._reference)
 
     def _failed_call(self, exc: BaseException) -> None:
         if self._on_failure is not None:

@@ -118,7 +118,9 @@ class ReplyTarget(Protocol):
     text longer; used against ``max_length`` instead of ``len``), and ``bucket``, the name of the platform's
     rate bucket this target writes to (e.g. one Discord channel, one Slack workspace): every reply in one
     bucket shares its pace. Without one, the reply paces alone. ``burst``: writes the bucket allows back to back
-    after a quiet spell (default 1).
+    after a quiet spell (default 1). ``reference(handle) -> str | None``: where that message is, as a string
+    the adapter's locator (`ConversationManager.locators`) turns back into a target and handle, so another
+    process can rewrite the message if this one dies; None when it cannot be found again.
     """
 
     max_length: int

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -18,14 +20,16 @@ import pytest
 from pydantic import ValidationError
 
 from adapters.discord import ShardedDiscordBot, make_client
+from adapters.slack.blocks import STOP
 from bot.config import DiscordSettings, Settings
-from bot.conversations import ConversationManager
+from bot.conversations import TAKEN_OVER_NOTE, ConversationManager
 from bot.engine import Engine
 from bot.store import Status, Store, open_store
 from bot.types import Controls
 from tests.fake_slack import APP_TOKEN, BOT_TOKEN, FakeSlack
 from tests.inference_server import InferenceServer
-from tests.slack_helpers import REPLY_TIMEOUT_SECONDS, direct_message, fake, running_bot, settled
+from tests.conftest import MODEL_PATH
+from tests.slack_helpers import REPLY_TIMEOUT_SECONDS, direct_message, fake, running_bot, settled, words
 from tests.test_cli import ENV
 from tests.test_conversations import CHANNEL, Target, message
 
@@ -334,3 +338,63 @@ async def test_two_bot_processes_on_one_database_and_one_inference_server_answer
         for bot in bots:
             assert await asyncio.wait_for(bot.wait(), 15) == 0
         await server.stop()
+
+
+async def test_a_reply_of_a_killed_process_is_taken_over_by_the_survivor(tmp_path: Path, postgres_url: str,
+                                                                        fake: FakeSlack) -> None:
+    """kill -9 of the process writing a reply: the other one marks it interrupted with its saved text, and its
+    Slack message loses the Stop button and says why it ended."""
+    lease = 3.0
+    env = {**ENV, "SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_APP_TOKEN": APP_TOKEN, "LLAMARELAY_DATABASE_URL": postgres_url,
+           "LLAMARELAY_SLACK__API_BASE_URL": fake.base_url, "LLAMARELAY_WEB__ENABLED": "false",
+           "LLAMARELAY_ENGINE__MODEL_PATH": str(MODEL_PATH), "LLAMARELAY_ENGINE__N_CTX": "2048",
+           "LLAMARELAY_ENGINE__N_THREADS": "1", "LLAMARELAY_STORE__REPLY_LEASE": str(lease),
+           # A reply far longer than the test: it is still being written when its process is killed.
+           "LLAMARELAY_SAMPLING__MAX_TOKENS": "2000", "LLAMARELAY_SAMPLING__GRAMMAR": words("lease", 1900),
+           "LLAMARELAY_SAMPLING__TEMPERATURE": "0", "PYTHONPATH": str(Path.cwd())}
+    bots: list[asyncio.subprocess.Process] = []
+    store = await open_store(postgres_url)
+    try:
+        for n in range(2):  # one at a time: the fake's first socket is the first process's
+            with (tmp_path / f"bot{n}.log").open("wb") as log:
+                bots.append(await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "bot", "run", cwd=tmp_path, env=env,
+                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log))
+            await fake.wait_for(lambda: fake.open_sockets == n + 1, timeout=60, what=f"process {n} connected")
+        victim, survivor = bots
+        await fake.push_event(direct_message("Say lease."), event_id="Ev0001", to=0)
+
+        async def reply() -> Any:
+            keys = await store.session_keys("")
+            history = await store.messages(keys[0]) if keys else []
+            return history[-1] if history and history[-1].role == "assistant" else None
+
+        deadline = time.monotonic() + REPLY_TIMEOUT_SECONDS
+        while not ((row := await reply()) and row.content and fake.messages_in("D1")
+                   and STOP in fake.messages_in("D1")[-1].buttons):
+            assert time.monotonic() < deadline, "no reply was checkpointed"
+            await asyncio.sleep(0.1)
+        os.kill(victim.pid, signal.SIGKILL)
+        assert await asyncio.wait_for(victim.wait(), 15) == -signal.SIGKILL
+        saved = await reply()
+        assert saved.status == Status.GENERATING and "lease lease" in saved.content
+        [shown] = fake.messages_in("D1")
+
+        killed_at = time.monotonic()
+        while (row := await reply()).status == Status.GENERATING:
+            assert time.monotonic() - killed_at < 6 * lease, "the survivor did not take over the reply"
+            await asyncio.sleep(0.1)
+        assert (row.id, row.status, row.content, row.notes) == (saved.id, Status.INTERRUPTED, saved.content,
+                                                                TAKEN_OVER_NOTE)
+        await fake.wait_for(lambda: TAKEN_OVER_NOTE in shown.text, timeout=10, what="the message rewritten")
+        assert shown.text.lstrip().startswith(saved.content.strip()) and STOP not in shown.buttons
+        assert shown.buttons  # Regenerate and Continue instead, which the survivor answers
+        assert survivor.returncode is None
+    finally:
+        await store.close()
+        for bot in bots:
+            if bot.returncode is None:
+                bot.terminate()
+        for bot in bots:
+            await asyncio.wait_for(bot.wait(), 15)
+    assert survivor.returncode == 0

@@ -174,6 +174,62 @@ async def test_claims_from_two_stores_on_one_database_count_once(target: str | P
             await store.close()
 
 
+# -- leases: replies of a process that died ------------------------------------------------------------------
+
+async def test_a_reply_whose_lease_lapses_is_interrupted_once_with_its_text(target: str | Path) -> None:
+    # Two stores on one database, as two processes have (on SQLite: the same process, opened twice).
+    writer, survivor = await open_store(target), await open_store(target)
+    try:
+        _, lapsing = await writer.add_exchange(KEY, "hi", author_id="u1", author_name="Ann", lease_seconds=0.5)
+        _, renewed = await writer.add_exchange(OTHER, "hi", author_id="u1", author_name="Ann", lease_seconds=0.5)
+        _, unleased = await reply_pair(writer, "discord:g1:c3")  # no lease: left to the open-time check
+        await writer.checkpoint(lapsing, "as far as it got")
+        await writer.set_message_ref(lapsing, "where it is")
+        assert await survivor.expire_leases("gone") == []  # not yet run out
+        for _ in range(3):  # the process answering OTHER is alive: it keeps renewing
+            await asyncio.sleep(0.3)
+            await writer.renew_leases([renewed], 0.5)
+        sweeps = await asyncio.gather(survivor.expire_leases("⚠️ gone"), writer.expire_leases("⚠️ gone"))
+        assert sorted([(r.id, r.session_key, r.content, r.message_ref) for r in sweep] for sweep in sweeps) == [
+            [], [(lapsing, KEY, "as far as it got", "where it is")]]  # taken over once, by one of them
+        cut = await writer.message(lapsing)
+        assert cut is not None and (cut.status, cut.content, cut.notes) == (Status.INTERRUPTED, "as far as it got",
+                                                                           "⚠️ gone")
+        assert (await writer.message(renewed)).status == Status.GENERATING  # type: ignore[union-attr]
+        assert (await writer.message(unleased)).status == Status.GENERATING  # type: ignore[union-attr]
+        await writer.checkpoint(lapsing, "a late checkpoint")  # the dead process's writes change nothing
+        await writer.renew_leases([lapsing], 60)
+        assert (await writer.message(lapsing)).content == "as far as it got"  # type: ignore[union-attr]
+        await writer.finish_message(renewed, "done", Status.COMPLETE)
+        await asyncio.sleep(0.6)
+        assert await survivor.expire_leases("gone") == []  # a finished reply's lease means nothing
+    finally:
+        await writer.close()
+        await survivor.close()
+
+
+async def test_a_reopened_reply_is_leased_afresh_and_forgets_its_old_message(store: Store) -> None:
+    _, reply = await reply_pair(store)
+    await store.finish_message(reply, "an answer", Status.COMPLETE)
+    await store.set_message_ref(reply, "the old message")
+    await store.reopen_reply(reply, "an answer", lease_seconds=0.2)
+    await asyncio.sleep(0.4)
+    [lapsed] = await store.expire_leases("gone")
+    assert (lapsed.id, lapsed.content, lapsed.message_ref) == (reply, "an answer", "")
+
+
+async def test_leases_and_message_references_are_not_exported(store: Store, tmp_path: Path) -> None:
+    _, reply = await store.add_exchange(KEY, "hi", author_id="u1", author_name="Ann", lease_seconds=60)
+    await store.set_message_ref(reply, "where it is")
+    assert await export_jsonl(store, tmp_path / "out.jsonl") == (1, 2)
+    copy = await open_store(tmp_path / "copy.sqlite3")
+    try:
+        assert await import_jsonl(copy, tmp_path / "out.jsonl") == (1, 2)
+        assert [m.content for m in await copy.messages(KEY)] == ["hi", ""]
+    finally:
+        await copy.close()
+
+
 # -- lifecycle and schema ------------------------------------------------------------------------------
 
 async def test_a_reply_cut_by_a_crash_is_interrupted_on_the_next_open(target: str | Path) -> None:
@@ -197,7 +253,7 @@ async def test_a_closed_store_raises_store_error(target: str | Path) -> None:
 
 
 async def test_a_new_database_is_at_the_latest_version(store: Store) -> None:
-    assert store.latest_version == 3
+    assert store.latest_version == 4
     assert await store.schema_version() == store.latest_version
     assert await store.migrate() == []
 
@@ -211,7 +267,7 @@ async def test_an_older_database_is_upgraded_at_open(target: str | Path) -> None
     await old.close()
     store = await open_store(target)
     try:
-        assert await store.schema_version() == 3
+        assert await store.schema_version() == 4
         assert await store.migrate() == []
         [kept] = await store.messages(KEY)
         assert (kept.content, kept.notes, kept.feedback) == ("from long ago", "", "")
@@ -222,9 +278,9 @@ async def test_an_older_database_is_upgraded_at_open(target: str | Path) -> None
 async def test_a_database_newer_than_this_llamarelay_is_refused(target: str | Path) -> None:
     store = await open_store(target)
     store.MIGRATIONS = (*type(store).MIGRATIONS, ("CREATE TABLE future (x INTEGER)",))  # type: ignore[misc]
-    assert await store.migrate() == [4]
+    assert await store.migrate() == [5]
     await store.close()
-    with pytest.raises(StoreError, match="schema version 4, newer than this llamarelay knows"):
+    with pytest.raises(StoreError, match="schema version 5, newer than this llamarelay knows"):
         await open_store(target)
 
 
@@ -260,7 +316,7 @@ async def test_an_unversioned_sqlite_database_is_upgraded(tmp_path: Path, extra:
     await store.close()
     store = await open_store(path)
     try:
-        assert await store.schema_version() == 3
+        assert await store.schema_version() == store.latest_version
         history = await store.messages(KEY)
         assert [(m.content, m.status, m.notes, m.feedback) for m in history] == [
             ("hello", "complete", "", ""), ("half", "interrupted", "", "")]
@@ -352,9 +408,9 @@ async def test_the_migrate_command_shows_and_applies_migrations(tmp_path: Path) 
     config = sqlite_config(tmp_path, "old")
     first = llamarelay("migrate", config=config)
     assert first.returncode == 0, first.stderr
-    assert "schema version: 1 (latest: 3)" in first.stdout and "applied migrations: 2, 3" in first.stdout
+    assert "schema version: 1 (latest: 4)" in first.stdout and "applied migrations: 2, 3, 4" in first.stdout
     again = llamarelay("migrate", config=config)
-    assert "schema version: 3 (latest: 3)" in again.stdout and "up to date" in again.stdout
+    assert "schema version: 4 (latest: 4)" in again.stdout and "up to date" in again.stdout
 
 
 async def test_the_commands_move_conversations_to_postgres_with_the_url_from_the_environment(

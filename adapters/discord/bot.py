@@ -20,7 +20,7 @@ import discord
 from adapters.discord.commands import LlamarelayTree
 from adapters.discord.controls import BUTTONS
 from adapters.discord.files import read_attachments
-from adapters.discord.targets import NO_MENTIONS, ChannelTarget
+from adapters.discord.targets import NO_MENTIONS, ChannelTarget, locate
 from bot.conversations import clean_text
 from bot.ratelimit import RateLimiter
 from bot.types import Incoming, SessionKey, log_name
@@ -62,6 +62,7 @@ class DiscordBot(discord.Client):
         self.rate_limiter = RateLimiter(settings.user_messages_per_minute)
         self.tree = LlamarelayTree(self)
         self.add_dynamic_items(*BUTTONS)  # a reply's buttons work whenever they were sent, restarts included
+        manager.locators[PLATFORM] = lambda key, reference: locate(self, reference)
         self._dm_access: dict[int, tuple[float, bool]] = {}  # user id -> (when looked up, allowed)
         self._closing = False
 

@@ -20,7 +20,7 @@ from adapters.discord.controls import view_for
 from bot.errors import MessageGone
 from bot.types import Controls
 
-__all__ = ["NO_MENTIONS", "SEND_ERRORS", "DISCORD_MAX_MESSAGE_CHARS", "ChannelTarget", "InteractionTarget"]
+__all__ = ["NO_MENTIONS", "SEND_ERRORS", "DISCORD_MAX_MESSAGE_CHARS", "ChannelTarget", "InteractionTarget", "locate"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,21 @@ class ChannelTarget:
             if _is_gone(exc):
                 raise MessageGone(f"discord: {exc}") from exc
             raise
+
+    def reference(self, handle: Any) -> str | None:
+        """"<channel id>/<message id>" for `locate`; None for an interaction's original response (no message id
+        until fetched, and its token lapses anyway)."""
+        if isinstance(handle, discord.Message | discord.PartialMessage):
+            return f"{handle.channel.id}/{handle.id}"
+        return None
+
+
+def locate(client: discord.Client, reference: str) -> tuple[ChannelTarget, discord.PartialMessage]:
+    """A target and handle that edit the message at ``reference`` (`ChannelTarget.reference`): how a surviving
+    process shows the end of a reply another process left."""
+    channel_id, message_id = (int(part) for part in reference.split("/"))
+    channel = client.get_partial_messageable(channel_id)
+    return ChannelTarget(channel, min_edit_interval=1.0), channel.get_partial_message(message_id)
 
 
 class _Original:

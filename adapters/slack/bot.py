@@ -32,7 +32,7 @@ from adapters.slack.controls import register_controls
 from adapters.slack.files import read_files
 from adapters.slack.mrkdwn import from_slack
 from adapters.slack.shortcuts import register_shortcuts
-from adapters.slack.targets import NativeStreamTarget, UpdateTarget
+from adapters.slack.targets import NativeStreamTarget, UpdateTarget, locate
 from bot.config import Secrets, Settings, SlackSettings
 from bot.conversations import ConversationManager, ReplyResult
 from bot.errors import ConfigError
@@ -83,6 +83,7 @@ class SlackBot:
         register_controls(self)
         register_shortcuts(self)
         register_assistant(self)
+        manager.locators[PLATFORM] = lambda key, reference: locate(self.client, key, reference)
         self._socket: AsyncSocketModeHandler | None = None
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None  # file downloads

@@ -10,6 +10,7 @@ block, with the core's `Controls` as buttons under the reply's last message.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from bot.conversations import parse_status_line
 from bot.errors import MessageGone
 from bot.types import Controls, SessionKey
 
-__all__ = ["UpdateTarget", "NativeStreamTarget", "AssistantTarget", "MAX_REPLY_CHARS", "assistant_status"]
+__all__ = ["UpdateTarget", "NativeStreamTarget", "AssistantTarget", "MAX_REPLY_CHARS", "assistant_status", "locate"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,14 @@ class UpdateTarget:
     async def close(self) -> None:
         """Nothing to finish: every chat.update already carried the whole text."""
 
+    def reference(self, handle: Any) -> str | None:
+        """The message's channel and ts (and the header it opens with), for `locate`."""
+        ts = handle.ts if isinstance(handle, _Message) else handle
+        if ts is None:
+            return None  # an assistant thread's status: no message yet
+        header = [self.header] if ts == self.first_ts and self.header else []
+        return json.dumps([self.channel, ts, *header])
+
     def _continuation_thread(self) -> str | None:
         return self.thread_ts or (self.first_ts if self.continue_in_thread else None)
 
@@ -164,6 +173,15 @@ class UpdateTarget:
         if refused == "invalid_blocks":  # the text alone still reaches people; [] clears blocks on an update
             return {"text": text, "blocks": []}
         return {"text": text, "blocks": reply_blocks(text, controls, self.key, header)}
+
+
+def locate(client: AsyncWebClient, key: SessionKey, reference: str) -> tuple[UpdateTarget, str]:
+    """A target and handle that rewrite the message at ``reference`` (`UpdateTarget.reference`) with chat.update:
+    how a surviving process shows the end of a reply another process left."""
+    channel, ts, *header = json.loads(reference)
+    target = UpdateTarget(client, channel, team_id=key.workspace, key=key, header=header[0] if header else "")
+    target.first_ts = ts
+    return target, ts
 
 
 def _gone(exc: SlackApiError) -> Exception:

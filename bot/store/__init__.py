@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-__all__ = ["Store", "StoredMessage", "Status", "open_store", "is_database_url", "redact_url"]
+__all__ = ["Store", "StoredMessage", "LapsedReply", "Status", "open_store", "is_database_url", "redact_url"]
 
 
 class Status:
     """What became of a stored message. Only COMPLETE replies are fed back to the model as they are."""
 
     COMPLETE = "complete"
-    GENERATING = "generating"  # still being written; left over after a crash, it becomes INTERRUPTED
+    GENERATING = "generating"  # still being written; left by a dead process (its lease lapsed), INTERRUPTED
     STOPPED = "stopped"
     FAILED = "failed"
     INTERRUPTED = "interrupted"
@@ -40,7 +40,18 @@ class StoredMessage:
     feedback: str = ""  # a reply: "good" or "bad" when a user rated it (Slack's feedback buttons)
 
 
-# Every column of a session and of a message, as `dump` yields them and `load` takes them back.
+@dataclass(frozen=True)
+class LapsedReply:
+    """A reply whose process stopped renewing its lease, as `Store.expire_leases` took it over."""
+
+    id: int
+    session_key: str
+    content: str  # its last checkpointed text
+    message_ref: str  # where its platform message is (see `Store.set_message_ref`), "" when unknown
+
+
+# Every column of a session and of a message, as `dump` yields them and `load` takes them back; a reply's
+# lease and message reference are the running processes' business, never exported.
 SESSION_FIELDS = ("key", "system_prompt", "sampling", "created_at")
 MESSAGE_FIELDS = ("id", "session_key", "role", "content", "status", "author_id", "author_name", "created_at",
                   "notes", "feedback")
@@ -96,19 +107,37 @@ class Store(abc.ABC):
                           author_id: str = "", author_name: str = "") -> int: ...
 
     @abc.abstractmethod
-    async def add_exchange(self, key: str, text: str, *, author_id: str, author_name: str) -> tuple[int, int]:
+    async def add_exchange(self, key: str, text: str, *, author_id: str, author_name: str,
+                           lease_seconds: float | None = None) -> tuple[int, int]:
         """Store a user message and reserve its reply's row right after it: (message id, reply id).
 
-        Another message of the session can never land between the two rows.
+        Another message of the session can never land between the two rows. With ``lease_seconds`` the reply
+        is leased (see `renew_leases`) from the start.
         """
 
     @abc.abstractmethod
     async def message(self, message_id: int) -> StoredMessage | None: ...
 
     @abc.abstractmethod
-    async def reopen_reply(self, message_id: int, content: str) -> None:
-        """Make a stored reply "generating" again, holding ``content`` (Regenerate: empty; Continue: the text).
-        A rating of the old answer does not carry over to the new one."""
+    async def reopen_reply(self, message_id: int, content: str, *, lease_seconds: float | None = None) -> None:
+        """Make a stored reply "generating" again, holding ``content`` (Regenerate: empty; Continue: the text),
+        leased for ``lease_seconds`` when given. A rating and a message reference of the old answer do not
+        carry over to the new one."""
+
+    @abc.abstractmethod
+    async def renew_leases(self, message_ids: Iterable[int], seconds: float) -> None:
+        """Extend the lease of those replies still generating to ``seconds`` from now (the database's clock):
+        the process writing them is alive. A reply whose lease runs out is taken over by `expire_leases`."""
+
+    @abc.abstractmethod
+    async def expire_leases(self, note: str) -> list[LapsedReply]:
+        """Mark every generating reply whose lease has run out interrupted, keeping its text, with ``note``;
+        the replies marked. Each is returned to one caller only, whichever process asks first."""
+
+    @abc.abstractmethod
+    async def set_message_ref(self, message_id: int, ref: str) -> None:
+        """Record where a reply's platform message is (opaque to the store), so another process can rewrite
+        it if this one dies."""
 
     @abc.abstractmethod
     async def checkpoint(self, message_id: int, content: str) -> None:

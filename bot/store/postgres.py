@@ -12,7 +12,8 @@ from typing import Any
 import asyncpg
 
 from bot.errors import StoreError
-from bot.store import MESSAGE_FIELDS, PROBE_EVENT, SESSION_FIELDS, Status, Store, StoredMessage, redact_url, storable
+from bot.store import (MESSAGE_FIELDS, PROBE_EVENT, SESSION_FIELDS, LapsedReply, Status, Store, StoredMessage,
+                       redact_url, storable)
 
 __all__ = ["PostgresStore"]
 
@@ -52,6 +53,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     ("ALTER TABLE messages ADD COLUMN notes TEXT NOT NULL DEFAULT ''",),  # 2
     ("ALTER TABLE messages ADD COLUMN feedback TEXT NOT NULL DEFAULT ''",),  # 3
+    (  # 4: a generating reply's lease (renewed by its process) and where its platform message is
+        "ALTER TABLE messages ADD COLUMN lease_until TIMESTAMPTZ",
+        "ALTER TABLE messages ADD COLUMN message_ref TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX messages_leased ON messages (lease_until) WHERE status = 'generating'",
+    ),
 )
 
 
@@ -217,7 +223,8 @@ class PostgresStore(Store):
         return await self._fetchval(self._INSERT_MESSAGE, key, role, storable(content), status, author_id,
                                     storable(author_name), time.time())
 
-    async def add_exchange(self, key: str, text: str, *, author_id: str, author_name: str) -> tuple[int, int]:
+    async def add_exchange(self, key: str, text: str, *, author_id: str, author_name: str,
+                           lease_seconds: float | None = None) -> tuple[int, int]:
         # A lock on the session's key held to the end of the transaction keeps the two rows together across
         # every process on the database, not only this one.
         with self._failing("write to"):
@@ -229,15 +236,38 @@ class PostgresStore(Store):
                                                     Status.COMPLETE, author_id, storable(author_name), now)
                 reply_id = await connection.fetchval(self._INSERT_MESSAGE, key, "assistant", "", Status.GENERATING,
                                                      "", "", time.time())
+                if lease_seconds is not None:
+                    await connection.execute(self._LEASE, [reply_id], lease_seconds)
         return user_id, reply_id
 
     async def message(self, message_id: int) -> StoredMessage | None:
         rows = await self._fetch(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = $1", message_id)
         return StoredMessage(*rows[0]) if rows else None
 
-    async def reopen_reply(self, message_id: int, content: str) -> None:
-        await self._execute("UPDATE messages SET content = $1, status = $2, notes = '', feedback = '' WHERE id = $3",
-                            storable(content), Status.GENERATING, message_id)
+    async def reopen_reply(self, message_id: int, content: str, *, lease_seconds: float | None = None) -> None:
+        await self._execute("UPDATE messages SET content = $1, status = $2, notes = '', feedback = '',"
+                            " message_ref = '', lease_until = now() + make_interval(secs => $4) WHERE id = $3",
+                            storable(content), Status.GENERATING, message_id, lease_seconds)
+
+    # The database's clock, not this machine's: processes on several hosts agree on when a lease runs out.
+    _LEASE = ("UPDATE messages SET lease_until = now() + make_interval(secs => $2)"
+              " WHERE id = ANY($1::bigint[]) AND status = 'generating'")
+
+    async def renew_leases(self, message_ids: Iterable[int], seconds: float) -> None:
+        await self._execute(self._LEASE, list(message_ids), seconds)
+
+    async def expire_leases(self, note: str) -> list[LapsedReply]:
+        # Concurrent sweeps: the second UPDATE waits for the first's row lock, then finds the row no longer
+        # generating and skips it, so each reply is taken over once.
+        with self._failing("write to"):
+            rows = await self._pool.fetch(
+                "UPDATE messages SET status = $1, notes = $2, lease_until = NULL"
+                " WHERE status = $3 AND lease_until < now() RETURNING id, session_key, content, message_ref",
+                Status.INTERRUPTED, storable(note), Status.GENERATING)
+        return [LapsedReply(*row) for row in sorted(rows)]
+
+    async def set_message_ref(self, message_id: int, ref: str) -> None:
+        await self._execute("UPDATE messages SET message_ref = $1 WHERE id = $2", ref, message_id)
 
     async def checkpoint(self, message_id: int, content: str) -> None:
         await self._execute("UPDATE messages SET content = $1 WHERE id = $2 AND status = $3",

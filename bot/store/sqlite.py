@@ -17,7 +17,8 @@ from typing import Any
 import aiosqlite
 
 from bot.errors import StoreError
-from bot.store import MESSAGE_FIELDS, PROBE_EVENT, SESSION_FIELDS, Status, Store, StoredMessage, storable
+from bot.store import (MESSAGE_FIELDS, PROBE_EVENT, SESSION_FIELDS, LapsedReply, Status, Store, StoredMessage,
+                       storable)
 
 __all__ = ["SQLiteStore", "ONE_PROCESS_ONLY"]
 
@@ -54,6 +55,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER TABLE messages ADD COLUMN notes TEXT NOT NULL DEFAULT ''",),
     # 3: what a user said of a reply ("good", "bad"), '' when nothing
     ("ALTER TABLE messages ADD COLUMN feedback TEXT NOT NULL DEFAULT ''",),
+    # 4: a generating reply's lease (Unix time, renewed by its process) and where its platform message is
+    ("ALTER TABLE messages ADD COLUMN lease_until REAL",
+     "ALTER TABLE messages ADD COLUMN message_ref TEXT NOT NULL DEFAULT ''",
+     "CREATE INDEX messages_leased ON messages (lease_until) WHERE status = 'generating'"),
 )
 
 
@@ -214,19 +219,44 @@ class SQLiteStore(Store):
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
-    async def add_exchange(self, key: str, text: str, *, author_id: str, author_name: str) -> tuple[int, int]:
+    async def add_exchange(self, key: str, text: str, *, author_id: str, author_name: str,
+                           lease_seconds: float | None = None) -> tuple[int, int]:
         async with self._exchange_lock:  # one process per SQLite file: a lock in memory is enough
             user_id = await self.add_message(key, "user", text, Status.COMPLETE,
                                               author_id=author_id, author_name=author_name)
-            return user_id, await self.add_message(key, "assistant", "", Status.GENERATING)
+            reply_id = await self.add_message(key, "assistant", "", Status.GENERATING)
+        if lease_seconds is not None:
+            await self.renew_leases([reply_id], lease_seconds)
+        return user_id, reply_id
 
     async def message(self, message_id: int) -> StoredMessage | None:
         rows = await self._read(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,))
         return StoredMessage(*rows[0]) if rows else None
 
-    async def reopen_reply(self, message_id: int, content: str) -> None:
-        await self._write("UPDATE messages SET content = ?, status = ?, notes = '', feedback = '' WHERE id = ?",
-                          (storable(content), Status.GENERATING, message_id))
+    async def reopen_reply(self, message_id: int, content: str, *, lease_seconds: float | None = None) -> None:
+        await self._write("UPDATE messages SET content = ?, status = ?, notes = '', feedback = '', message_ref = '',"
+                          " lease_until = ? WHERE id = ?",
+                          (storable(content), Status.GENERATING,
+                           None if lease_seconds is None else time.time() + lease_seconds, message_id))
+
+    async def renew_leases(self, message_ids: Iterable[int], seconds: float) -> None:
+        ids = list(message_ids)
+        if ids:
+            marks = ", ".join("?" * len(ids))
+            await self._write(f"UPDATE messages SET lease_until = ? WHERE status = ? AND id IN ({marks})",
+                              (time.time() + seconds, Status.GENERATING, *ids))
+
+    async def expire_leases(self, note: str) -> list[LapsedReply]:
+        async with self._immediate("write to"):
+            async with self._db.execute(
+                    "UPDATE messages SET status = ?, notes = ?, lease_until = NULL WHERE status = ? AND lease_until < ?"
+                    " RETURNING id, session_key, content, message_ref",
+                    (Status.INTERRUPTED, storable(note), Status.GENERATING, time.time())) as cursor:
+                rows = list(await cursor.fetchall())
+        return [LapsedReply(*row) for row in sorted(rows)]
+
+    async def set_message_ref(self, message_id: int, ref: str) -> None:
+        await self._write("UPDATE messages SET message_ref = ? WHERE id = ?", (ref, message_id))
 
     async def checkpoint(self, message_id: int, content: str) -> None:
         await self._write("UPDATE messages SET content = ? WHERE id = ? AND status = ?",
