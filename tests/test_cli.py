@@ -317,3 +317,41 @@ async def test_terminal_is_restored_when_the_chat_is_cancelled_or_fails(manager:
     finally:
         os.close(terminal)
         os.close(controller)
+
+
+# -- bad settings: one line naming the key or variable and the value --------------------------------------------
+
+def test_a_list_variable_that_is_not_json_is_one_line_naming_it(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "bot", "--config", str(write_config(tmp_path)), "chat"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**ENV, "LLAMARELAY_DISCORD__GUILD_IDS": "notjson"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "LLAMARELAY_DISCORD__GUILD_IDS" in result.stderr and "'notjson'" in result.stderr
+    assert "JSON list" in result.stderr
+
+
+@pytest.mark.parametrize(("section", "line", "shown"), [
+    ("store", 'url = "mysql://bot:s3cret@db/chat"', "'store.url' = 'mysql://bot:***@db/chat' is invalid: "
+                                                    "must be a postgresql:// URL"),
+    ("engine", 'backend = "openai"\nbase_url = "ftp://x"', "'engine.base_url' = 'ftp://x' is invalid: "
+                                                           "must be an http:// or https:// URL"),
+])
+def test_a_wrong_url_names_the_key_and_the_value(tmp_path: Path, section: str, line: str, shown: str) -> None:
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace(f"[{section}]\n", f"[{section}]\n{line}\n"))
+    result = llamarelay("--config", str(config), "run")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"llamarelay: {config}: {shown}") and result.stderr.count("\n") == 1
+    assert "s3cret" not in result.stderr
+
+
+def test_a_database_url_variable_that_is_not_postgresql_is_refused_not_a_file_name(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "bot", "--config", str(write_config(tmp_path)), "migrate"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path,  # where a file would go
+                            env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                                 "LLAMARELAY_DATABASE_URL": "mysql://bot:s3cret@db/chat"})
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("llamarelay: environment variable LLAMARELAY_DATABASE_URL = "
+                                     "'mysql://bot:***@db/chat' is invalid: must be a postgresql:// URL")
+    assert "s3cret" not in result.stderr and list(tmp_path.iterdir()) == [tmp_path / "config.toml"]
