@@ -355,3 +355,26 @@ def test_a_database_url_variable_that_is_not_postgresql_is_refused_not_a_file_na
     assert result.stderr.startswith("llamarelay: environment variable LLAMARELAY_DATABASE_URL = "
                                      "'mysql://bot:***@db/chat' is invalid: must be a postgresql:// URL")
     assert "s3cret" not in result.stderr and list(tmp_path.iterdir()) == [tmp_path / "config.toml"]
+
+
+async def test_an_unwritable_state_dir_is_a_warning_at_start_up(tmp_path: Path) -> None:
+    """Told when the bot starts, not at the first save; the bot runs on without the disk cache."""
+    (tmp_path / "afile").write_text("a file, so no folder can be made under it (even by root)")
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace("[engine]\n", '[engine]\nstate_dir = "afile/states"\n'))
+    chat = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--config", str(config), "chat", env=ENV,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert chat.stdin and chat.stdout and chat.stderr
+    await read_until(chat.stdout, b"you> ")  # started, nothing said yet: no state saved
+    async with asyncio.timeout(10):  # the log of the start-up is written by now
+        while b"state_dir" not in (line := await chat.stderr.readline()):
+            assert line, "the log ended"
+    assert b" WARNING " in line
+    assert f"[engine] state_dir = '{tmp_path / 'afile' / 'states'}' is not writable".encode() in line
+    chat.stdin.write(b"Hi\n/quit\n")
+    await chat.stdin.drain()
+    assert await asyncio.wait_for(chat.wait(), 60) == 0
+    rest = await chat.stderr.read()
+    assert b"state_dir" not in rest and b"KV state" not in rest  # no complaint per save: it was not tried
+    assert stored(tmp_path)[-1][0] == "assistant"  # it answered all the same
