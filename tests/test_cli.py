@@ -8,12 +8,14 @@ import io
 import os
 import pty
 import re
+import select
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -317,6 +319,75 @@ async def test_terminal_is_restored_when_the_chat_is_cancelled_or_fails(manager:
     finally:
         os.close(terminal)
         os.close(controller)
+
+
+# -- a real terminal: keys, pastes, Ctrl-C and Ctrl-D as a user types them ----------------------------------
+
+# As a shell starts a program: the terminal becomes its controlling terminal, so a typed Ctrl-C is SIGINT.
+FROM_A_SHELL = "import os, sys; os.login_tty(0); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+
+
+class Terminal:
+    """`llamarelay chat` in a pseudo-terminal of its own (stdin, stdout and stderr), typed at through it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.controller, terminal = pty.openpty()
+        self.attributes = termios.tcgetattr(terminal)
+        self.process = subprocess.Popen([sys.executable, "-c", FROM_A_SHELL, "-m", "bot", "chat", "--config",
+                                         str(write_config(tmp_path))], stdin=terminal, env=ENV)
+        os.close(terminal)
+        os.set_blocking(self.controller, False)
+
+    def type(self, keys: bytes, *, until: bytes, timeout: float = 60) -> bytes:
+        """Type ``keys`` (however long: the terminal is read meanwhile) and return what it shows until ``until``."""
+        shown = bytearray()
+        deadline = time.monotonic() + timeout
+        while keys or until not in shown:
+            left = deadline - time.monotonic()
+            assert left > 0, f"the terminal never showed {until!r}: {bytes(shown[-500:])!r}"
+            readable, writable, _ = select.select([self.controller], [self.controller] if keys else [], [], left)
+            if readable:
+                try:
+                    shown += os.read(self.controller, 2**16)
+                except OSError:  # EIO: every program on the terminal has closed it
+                    raise AssertionError(f"the chat ended before {until!r}: {bytes(shown[-500:])!r}") from None
+            if writable:
+                keys = keys[os.write(self.controller, keys[:4096]):]
+        return bytes(shown)
+
+    def __enter__(self) -> Terminal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:  # the test failed midway: the chat is still running
+            self.process.kill()
+        self.process.wait()
+        os.close(self.controller)
+
+
+def test_a_long_paste_arrives_whole_and_keys_edit_as_in_a_terminal(tmp_path: Path) -> None:
+    """The kernel's line editor keeps 4,095 characters of a line; the chat reads keys itself, so nothing is cut."""
+    with Terminal(tmp_path) as chat:
+        chat.type(b"", until=b"you> ")
+        paste = b"x" * 100_000
+        shown = chat.type(paste + b"\r", until=b"you> ")  # Enter sends CR; the terminal makes it a newline
+        assert paste in shown  # echoed whole
+        chat.type(b"Hx\x7fi\r", until=b"you> ")  # Backspace
+        chat.type(b"\x1b[200~one\rtwo\x1b[201~\r", until=b"you> ")  # a bracketed paste keeps its line break
+        chat.type(b"\x04", until=b"Bye.")  # Ctrl-D on an empty line leaves
+        assert chat.process.wait(30) == 0
+        assert termios.tcgetattr(chat.controller) == chat.attributes  # the terminal is as it was
+    users = [content for role, content, _ in stored(tmp_path) if role == "user"]
+    assert [len(users[0]), users[1:]] == [100_000, ["Hi", "one\ntwo"]]
+
+
+def test_ctrl_c_typed_at_the_prompt_leaves(tmp_path: Path) -> None:
+    with Terminal(tmp_path) as chat:
+        chat.type(b"", until=b"you> ")
+        chat.type(b"half a li\x03", until=b"Bye.")
+        assert chat.process.wait(30) == 0
+        assert termios.tcgetattr(chat.controller) == chat.attributes
+    assert stored(tmp_path) == []
 
 
 # -- bad settings: one line naming the key or variable and the value --------------------------------------------
