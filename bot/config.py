@@ -7,18 +7,20 @@ JSON, ``LLAMARELAY_DISCORD__GUILD_IDS=[1,2]``): pydantic-settings reads them, th
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from bot.errors import ConfigError
+from bot.store import redact_url
 
 __all__ = [
     "Settings", "EngineSettings", "SamplingSettings", "ConversationSettings", "StoreSettings",
@@ -139,9 +141,14 @@ class StoreSettings(_Section):
         return url
 
     def target(self, environ: Mapping[str, str] | None = None) -> Path | str:
-        """Where the store lives: the URL in LLAMARELAY_DATABASE_URL, else ``url``, else the SQLite ``path``."""
+        """Where the store lives: the URL in LLAMARELAY_DATABASE_URL, else ``url``, else the SQLite ``path``.
+        A variable that is not a postgresql:// URL raises ConfigError (never read as a file name)."""
         env = os.environ if environ is None else environ
-        return env.get(DATABASE_URL_ENV) or self.url or self.path
+        url = env.get(DATABASE_URL_ENV)
+        if url and not url.startswith(("postgresql://", "postgres://")):  # else it would name an SQLite file
+            raise ConfigError(f"environment variable {DATABASE_URL_ENV} = {redact_url(url)!r} is invalid: must be a "
+                              "postgresql:// URL (leave it unset for SQLite)")
+        return url or self.url or self.path
 
 
 class StreamingSettings(_Section):
@@ -316,6 +323,27 @@ def _validate(raw: dict[str, Any], origin: str) -> Settings:
         if variable in {name.upper() for name in os.environ}:  # the value came from the environment: say so
             origin = f"environment variable {variable}"
         raise ConfigError(f"{origin}: {_describe(error)}") from None
+    except SettingsError as exc:  # a list variable that is not JSON: pydantic-settings names only the section
+        raise ConfigError(_bad_json_variable() or f"environment: {exc}") from None
+
+
+def _bad_json_variable() -> str | None:
+    """One line naming the LLAMARELAY_ variable whose list value is not valid JSON, if one is."""
+    for name, value in os.environ.items():
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition(ENV_NESTED_DELIMITER)
+        model = Settings.model_fields[section].annotation if section in Settings.model_fields else None
+        field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None or get_origin(field.annotation) is not list:
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            example = "[123, 456]" if get_args(field.annotation) == (int,) else '["C012AB3CD"]'
+            return (f"environment variable {name}: '{section}.{key}' = {value!r} is invalid: "
+                    f"must be a JSON list, e.g. {example}")
+    return None
 
 
 def env_variable(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -327,6 +355,9 @@ def _describe(error: Any) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"unknown setting '{key}'"
-    if not key or error["type"] == "value_error":  # a rule across keys; its message names them
-        return error["msg"].removeprefix("Value error, ")
-    return f"'{key}' = {error['input']!r} is invalid: {error['msg'][0].lower()}{error['msg'][1:]}"
+    message = error["msg"].removeprefix("Value error, ")
+    if len(error["loc"]) < 2:  # a rule across a section's keys; its message names them
+        return message
+    # A URL's password never reaches the message.
+    value = redact_url(error["input"]) if isinstance(error["input"], str) else error["input"]
+    return f"'{key}' = {value!r} is invalid: {message[0].lower()}{message[1:]}"

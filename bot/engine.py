@@ -34,7 +34,7 @@ import llama_cpp
 from bot.config import EngineSettings, SamplingSettings
 from bot.cpu import default_batch_threads, default_threads
 from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
-from bot.kvstates import StateCache, StateFiles, model_identity
+from bot.kvstates import StateCache, StateFiles, model_identity, unwritable
 from bot.prompt import CHATML_TEMPLATE, ChatTemplate, Prompt
 
 __all__ = ["Engine", "EngineStatus", "Figures", "FinishReason", "Generation", "QueuePosition", "Tokenizer"]
@@ -477,11 +477,17 @@ class Engine:
         self._chunk = 4.0 * settings.prefill_chunk  # prompt tokens per step beside generating streams, adapted
         self._gen_step: float | None = None  # seconds a step without prompt tokens takes, smoothed
         self._since_bare = 0  # steps since the last one without prompt tokens
-        disk = (StateFiles(settings.state_dir, settings.state_disk_mb * 1024 * 1024,
-                           # what shapes a sequence's saved state: its context, llama.cpp's KV streams, types
-                           model_identity(path, metadata, settings.n_ctx, 1 if params.kv_unified else params.n_seq_max,
-                                          params.type_k, params.type_v, params.flash_attn_type))
-                if settings.state_dir is not None and settings.state_disk_mb else None)
+        disk: StateFiles | None = None
+        if settings.state_dir is not None and settings.state_disk_mb:
+            if (why := unwritable(settings.state_dir)) is None:
+                disk = StateFiles(settings.state_dir, settings.state_disk_mb * 1024 * 1024,
+                                  # what shapes a sequence's saved state: its context, llama.cpp's KV streams, types
+                                  model_identity(path, metadata, settings.n_ctx,
+                                                 1 if params.kv_unified else params.n_seq_max,
+                                                 params.type_k, params.type_v, params.flash_attn_type))
+            else:  # the bot still works, only without the disk: a warning, not a refusal to start
+                log.warning("[engine] state_dir = '%s' is not writable (%s): running without the disk cache of KV "
+                            "states, so none outlive a restart", settings.state_dir, why)
         self._saved = StateCache(settings.state_cache_mb * 1024 * 1024, disk)
         self._trim_due = False  # a request ended: its cache may be more than the pool should keep idle
         self._queues: OrderedDict[str, deque[Generation]] = OrderedDict()  # by session, served in turn

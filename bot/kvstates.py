@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import struct
+import tempfile
 import threading
 import time
 import zlib
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 
 import llama_cpp
 
-__all__ = ["Candidate", "StateCache", "StateFiles", "model_identity"]
+__all__ = ["Candidate", "StateCache", "StateFiles", "model_identity", "unwritable"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,18 @@ class _File:
     size: int
     mtime: float
     written: int | None = None  # hash of the tokens this process wrote there, to skip rewriting the same state
+
+
+def unwritable(directory: Path) -> str | None:
+    """Why no file can be written in ``directory`` (made if missing), or None when one can: checked once at
+    start-up, so a bad path is told then rather than at the first save."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 class StateFiles:

@@ -8,12 +8,14 @@ import io
 import os
 import pty
 import re
+import select
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -317,3 +319,133 @@ async def test_terminal_is_restored_when_the_chat_is_cancelled_or_fails(manager:
     finally:
         os.close(terminal)
         os.close(controller)
+
+
+# -- a real terminal: keys, pastes, Ctrl-C and Ctrl-D as a user types them ----------------------------------
+
+# As a shell starts a program: the terminal becomes its controlling terminal, so a typed Ctrl-C is SIGINT.
+FROM_A_SHELL = "import os, sys; os.login_tty(0); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+
+
+class Terminal:
+    """`llamarelay chat` in a pseudo-terminal of its own (stdin, stdout and stderr), typed at through it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.controller, terminal = pty.openpty()
+        self.attributes = termios.tcgetattr(terminal)
+        self.process = subprocess.Popen([sys.executable, "-c", FROM_A_SHELL, "-m", "bot", "chat", "--config",
+                                         str(write_config(tmp_path))], stdin=terminal, env=ENV)
+        os.close(terminal)
+        os.set_blocking(self.controller, False)
+
+    def type(self, keys: bytes, *, until: bytes, timeout: float = 60) -> bytes:
+        """Type ``keys`` (however long: the terminal is read meanwhile) and return what it shows until ``until``."""
+        shown = bytearray()
+        deadline = time.monotonic() + timeout
+        while keys or until not in shown:
+            left = deadline - time.monotonic()
+            assert left > 0, f"the terminal never showed {until!r}: {bytes(shown[-500:])!r}"
+            readable, writable, _ = select.select([self.controller], [self.controller] if keys else [], [], left)
+            if readable:
+                try:
+                    shown += os.read(self.controller, 2**16)
+                except OSError:  # EIO: every program on the terminal has closed it
+                    raise AssertionError(f"the chat ended before {until!r}: {bytes(shown[-500:])!r}") from None
+            if writable:
+                keys = keys[os.write(self.controller, keys[:4096]):]
+        return bytes(shown)
+
+    def __enter__(self) -> Terminal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:  # the test failed midway: the chat is still running
+            self.process.kill()
+        self.process.wait()
+        os.close(self.controller)
+
+
+def test_a_long_paste_arrives_whole_and_keys_edit_as_in_a_terminal(tmp_path: Path) -> None:
+    """The kernel's line editor keeps 4,095 characters of a line; the chat reads keys itself, so nothing is cut."""
+    with Terminal(tmp_path) as chat:
+        chat.type(b"", until=b"you> ")
+        paste = b"x" * 100_000
+        shown = chat.type(paste + b"\r", until=b"you> ")  # Enter sends CR; the terminal makes it a newline
+        assert paste in shown  # echoed whole
+        chat.type(b"Hx\x7fi\r", until=b"you> ")  # Backspace
+        chat.type(b"\x1b[200~one\rtwo\x1b[201~\r", until=b"you> ")  # a bracketed paste keeps its line break
+        chat.type(b"\x04", until=b"Bye.")  # Ctrl-D on an empty line leaves
+        assert chat.process.wait(30) == 0
+        assert termios.tcgetattr(chat.controller) == chat.attributes  # the terminal is as it was
+    users = [content for role, content, _ in stored(tmp_path) if role == "user"]
+    assert [len(users[0]), users[1:]] == [100_000, ["Hi", "one\ntwo"]]
+
+
+def test_ctrl_c_typed_at_the_prompt_leaves(tmp_path: Path) -> None:
+    with Terminal(tmp_path) as chat:
+        chat.type(b"", until=b"you> ")
+        chat.type(b"half a li\x03", until=b"Bye.")
+        assert chat.process.wait(30) == 0
+        assert termios.tcgetattr(chat.controller) == chat.attributes
+    assert stored(tmp_path) == []
+
+
+# -- bad settings: one line naming the key or variable and the value --------------------------------------------
+
+def test_a_list_variable_that_is_not_json_is_one_line_naming_it(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "bot", "--config", str(write_config(tmp_path)), "chat"],
+                            capture_output=True, text=True, timeout=60,
+                            env={**ENV, "LLAMARELAY_DISCORD__GUILD_IDS": "notjson"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "LLAMARELAY_DISCORD__GUILD_IDS" in result.stderr and "'notjson'" in result.stderr
+    assert "JSON list" in result.stderr
+
+
+@pytest.mark.parametrize(("section", "line", "shown"), [
+    ("store", 'url = "mysql://bot:s3cret@db/chat"', "'store.url' = 'mysql://bot:***@db/chat' is invalid: "
+                                                    "must be a postgresql:// URL"),
+    ("engine", 'backend = "openai"\nbase_url = "ftp://x"', "'engine.base_url' = 'ftp://x' is invalid: "
+                                                           "must be an http:// or https:// URL"),
+])
+def test_a_wrong_url_names_the_key_and_the_value(tmp_path: Path, section: str, line: str, shown: str) -> None:
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace(f"[{section}]\n", f"[{section}]\n{line}\n"))
+    result = llamarelay("--config", str(config), "run")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"llamarelay: {config}: {shown}") and result.stderr.count("\n") == 1
+    assert "s3cret" not in result.stderr
+
+
+def test_a_database_url_variable_that_is_not_postgresql_is_refused_not_a_file_name(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "bot", "--config", str(write_config(tmp_path)), "migrate"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path,  # where a file would go
+                            env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                                 "LLAMARELAY_DATABASE_URL": "mysql://bot:s3cret@db/chat"})
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("llamarelay: environment variable LLAMARELAY_DATABASE_URL = "
+                                     "'mysql://bot:***@db/chat' is invalid: must be a postgresql:// URL")
+    assert "s3cret" not in result.stderr and list(tmp_path.iterdir()) == [tmp_path / "config.toml"]
+
+
+async def test_an_unwritable_state_dir_is_a_warning_at_start_up(tmp_path: Path) -> None:
+    """Told when the bot starts, not at the first save; the bot runs on without the disk cache."""
+    (tmp_path / "afile").write_text("a file, so no folder can be made under it (even by root)")
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace("[engine]\n", '[engine]\nstate_dir = "afile/states"\n'))
+    chat = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "--config", str(config), "chat", env=ENV,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert chat.stdin and chat.stdout and chat.stderr
+    await read_until(chat.stdout, b"you> ")  # started, nothing said yet: no state saved
+    async with asyncio.timeout(10):  # the log of the start-up is written by now
+        while b"state_dir" not in (line := await chat.stderr.readline()):
+            assert line, "the log ended"
+    assert b" WARNING " in line
+    assert f"[engine] state_dir = '{tmp_path / 'afile' / 'states'}' is not writable".encode() in line
+    chat.stdin.write(b"Hi\n/quit\n")
+    await chat.stdin.drain()
+    assert await asyncio.wait_for(chat.wait(), 60) == 0
+    rest = await chat.stderr.read()
+    assert b"state_dir" not in rest and b"KV state" not in rest  # no complaint per save: it was not tried
+    assert stored(tmp_path)[-1][0] == "assistant"  # it answered all the same

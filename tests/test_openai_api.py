@@ -160,6 +160,12 @@ async def test_a_missing_or_wrong_token_is_401(api: str, headers: dict[str, str]
     ({"messages": HELLO, "n": 2}, "n"),
     ({"messages": HELLO, "stop": ["a", ""]}, "stop"),
     ({"messages": HELLO, "stream": "yes"}, "stream"),
+    # Accepted and ignored would be a wrong answer: refused, naming the field.
+    ({"messages": HELLO, "logit_bias": {"50256": -100}}, "logit_bias"),
+    ({"messages": HELLO, "logit_bias": "x"}, "logit_bias"),
+    ({"messages": HELLO, "n": True}, "n"),  # strict: a boolean is not the number 1
+    ({"messages": HELLO, "stream_options": []}, "stream_options"),
+    ({"messages": HELLO, "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
 ])
 async def test_a_bad_body_is_400_naming_the_field(api: str, body: Any, param: str | None) -> None:
     status, answer = await post(api, body)
@@ -175,6 +181,18 @@ async def test_malformed_json_and_foreign_content_types_get_json_errors(api: str
                 assert response.status == expected and "message" in (await response.json())["error"]
         async with session.get(api + "/nowhere", headers=AUTH) as response:
             assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
+
+
+async def test_json_nested_too_deep_is_400_without_a_traceback(api: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    depth = 200_000  # deeper than Python's json parser recurses
+    async with aiohttp.ClientSession() as session:
+        for data in ("[" * depth + "]" * depth, '{"messages": ' + "[" * depth + "]" * depth + "}"):
+            async with session.post(api + "/chat/completions", data=data,
+                                    headers={**AUTH, "Content-Type": "application/json"}) as response:
+                assert response.status == 400
+                assert (await response.json())["error"]["type"] == "invalid_request_error"
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
 async def test_a_too_long_prompt_is_400_context_length_exceeded(api: str, engine: Engine) -> None:
@@ -320,7 +338,8 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
                     max_leaves=8)
 KEYS = ["messages", "role", "content", "type", "text", "max_tokens", "max_completion_tokens", "temperature",
-        "top_p", "top_k", "seed", "stop", "stream", "stream_options", "n", "user", "ignore_eos", "response_format"]
+        "top_p", "top_k", "seed", "stop", "stream", "stream_options", "n", "user", "ignore_eos", "response_format",
+        "logit_bias"]
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool"]),
                                  "content": st.text(max_size=5) | JSON})
 BODY = st.one_of(JSON, st.dictionaries(st.sampled_from(KEYS), JSON, max_size=5),

@@ -50,10 +50,13 @@ def parse_chat_request(body: Any, defaults: SamplingSettings) -> ChatRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     messages = _messages(body.get("messages"))
-    if body.get("n", 1) != 1:
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):  # strict: true is not 1
         raise ApiError(400, "Only n = 1 is supported.", param="n")
     if body.get("tools") or body.get("functions"):
         raise ApiError(400, "Tools and functions are not supported.", param="tools")
+    if body.get("logit_bias") not in (None, {}):  # a bias silently ignored would be a wrong answer
+        raise ApiError(400, "logit_bias is not supported.", param="logit_bias")
     if body.get("logprobs"):
         raise ApiError(400, "logprobs is not supported.", param="logprobs")
     response_format = body.get("response_format")
@@ -77,9 +80,10 @@ def parse_chat_request(body: Any, defaults: SamplingSettings) -> ChatRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean.", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object.", param="stream_options")
+    options = {} if body.get("stream_options") is None else body["stream_options"]
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage"), bool | None):
+        raise ApiError(400, "'stream_options' must be an object, its include_usage a boolean.",
+                       param="stream_options")
     user = body.get("user", "")
     if not isinstance(user, str):
         raise ApiError(400, "'user' must be a string.", param="user")

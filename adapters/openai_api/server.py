@@ -119,7 +119,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise ApiError(400, "The request body is not valid JSON.") from None
     chat = parse_chat_request(body, state.sampling)
     try:
