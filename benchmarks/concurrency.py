@@ -22,9 +22,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import llama_cpp
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bot.cpu import configure_openmp  # noqa: E402
+
+configure_openmp()  # before llama.cpp loads, as the command line does: measure what the bot runs
+
+import llama_cpp  # noqa: E402
 
 from bot.config import EngineSettings, SamplingSettings  # noqa: E402
 from bot.engine import Engine, QueuePosition  # noqa: E402
@@ -235,7 +239,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--threads", type=int, default=EngineSettings().n_threads,
-                        help="[engine] n_threads (0 = all cores); 1 on a machine that is busy with other work")
+                        help="[engine] n_threads (0: timed, the fastest kept; the config's default)")
     parser.add_argument("--phases", default="ceiling,single,concurrent,prefix,stalls,idle,conversation",
                         help="comma-separated subset of: ceiling,single,concurrent,prefix,stalls,idle,conversation")
     args = parser.parse_args()
@@ -246,7 +250,8 @@ def main() -> None:
     settings = EngineSettings(model_path=MODEL, n_ctx=2048, n_threads=args.threads)
     engine = Engine(settings)
     pool = getattr(engine, "pool_tokens", None)
-    print(f"model {engine.model_name}, {engine.n_threads} threads, context {settings.n_ctx} tokens, "
+    threads_shown = "/".join(map(str, engine.threads.candidates))
+    print(f"model {engine.model_name}, {threads_shown} threads, context {settings.n_ctx} tokens, "
           f"KV pool {pool or '-'} tokens, up to {getattr(engine, 'parallel', settings.parallel)} at once, "
           f"{args.tokens} tokens per reply")
 

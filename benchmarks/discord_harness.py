@@ -20,6 +20,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bot.cpu import configure_openmp  # noqa: E402
+
+configure_openmp()  # before llama.cpp loads, as the command line does: measure what the bot runs
+
 from bot.conversations import parse_status_line  # noqa: E402
 from bot.errors import StoreError  # noqa: E402
 from bot.store.sqlite import SQLiteStore  # noqa: E402

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import llama_cpp
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bot.cpu import configure_openmp  # noqa: E402
+
+configure_openmp()  # before llama.cpp loads, as the command line does: measure what the bot runs
+
+import llama_cpp  # noqa: E402
 
 from bot.config import EngineSettings, SamplingSettings  # noqa: E402
 from bot.engine import Engine, QueuePosition  # noqa: E402
@@ -29,7 +32,7 @@ def raw_decode_rate(engine: Engine, prompt: list[int], n_tokens: int) -> float:
     model = llama_cpp.llama_model_load_from_file(str(MODEL).encode(), llama_cpp.llama_model_default_params())
     params = llama_cpp.llama_context_default_params()
     params.n_ctx, params.n_batch = 2048, 512
-    params.n_threads = params.n_threads_batch = engine.settings.n_threads or os.cpu_count() or 1
+    params.n_threads = params.n_threads_batch = engine.threads.best()  # what the engine settled on
     ctx = llama_cpp.llama_init_from_model(model, params)
     sampler = llama_cpp.llama_sampler_init_greedy()
     tokens = (llama_cpp.llama_token * len(prompt))(*prompt)
@@ -68,11 +71,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=EngineSettings().n_threads,
-                        help="[engine] n_threads (0 = all cores); 1 on a machine that is busy with other work")
+                        help="[engine] n_threads (0: timed, the fastest kept; the config's default)")
     args = parser.parse_args()
     engine = Engine(EngineSettings(model_path=MODEL, n_ctx=2048, n_threads=args.threads))
     prompt = engine.chat_tokens(PROMPT)
-    print(f"model: {engine.model_name}, threads: {engine.settings.n_threads or os.cpu_count()}, "
+    print(f"model: {engine.model_name}, threads: {'/'.join(map(str, engine.threads.candidates))}, "
           f"prompt: {len(prompt)} tokens, generating up to {args.tokens} tokens, median of {args.runs} runs")
     raws, runs = [], []
     for _ in range(args.runs):  # interleaved, so drift in the machine's speed hits both alike

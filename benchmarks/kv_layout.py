@@ -18,7 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import llama_cpp
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bot.cpu import configure_openmp  # noqa: E402
+
+configure_openmp()  # before llama.cpp loads, as the command line does: measure what the bot runs
+
+import llama_cpp  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 OTHERS = 7

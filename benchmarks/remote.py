@@ -18,15 +18,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bot.cpu import configure_openmp  # noqa: E402
+
+configure_openmp()  # before llama.cpp loads, as the command line does: measure what the bot runs
+
+import llama_cpp  # noqa: E402
 
 from bot.app import open_engine  # noqa: E402
 from bot.config import SamplingSettings, Secrets, load_settings  # noqa: E402
 from bot.conversations import ConversationManager, parse_status_line  # noqa: E402
-from bot.cpu import default_threads  # noqa: E402
+from bot.cpu import physical_cores  # noqa: E402
 from bot.engine import Tokenizer  # noqa: E402
 from bot.store import open_store  # noqa: E402
 from bot.types import Controls, Incoming, SessionKey  # noqa: E402
@@ -109,7 +113,7 @@ async def main() -> None:
     count = tokenizer()
     settings = load_settings(ROOT / "config.toml")
     settings.sampling = SamplingSettings(max_tokens=args.tokens, temperature=0.7, seed=7)
-    threads = settings.engine.n_threads or default_threads()  # the same for the server
+    threads = settings.engine.n_threads or physical_cores()  # the same for the server
     print(f"{args.conversations} conversations at once, {args.tokens} tokens each, {threads} threads, "
           f"{os.cpu_count()} cores")
     await measure(f"embedded (parallel = {settings.engine.parallel})", settings, args, count)

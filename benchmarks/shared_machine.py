@@ -1,9 +1,10 @@
 """Generation speed on a quiet machine vs with one core kept busy by another process, per thread policy.
 
 Each configuration runs in its own process (libgomp reads its spin settings when llama.cpp is loaded):
-single-stream tokens/s, and 8 streams' aggregate tokens/s (steps of several tokens, which the default gives
-every core), quiet, then with a competing CPU-bound process (``python -c 'while True: pass'``), and the
-child's peak RSS against model + KV pool + RAM state budget + 200 MB.
+single-stream tokens/s, and 8 streams' aggregate tokens/s, quiet, then with a competing CPU-bound process
+(``python -c 'while True: pass'``), and the child's peak RSS against model + KV pool + RAM state budget + 200 MB.
+The fixed configurations show what each waiting policy costs; the last is llamarelay's own: its spin
+(`bot.cpu.SPIN_COUNT`) and thread counts timed online (``n_threads = 0``).
 
 Run: .venv/bin/python benchmarks/shared_machine.py [--tokens 96] [--runs 3]
 """
@@ -26,12 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
 STREAMS = 8
-# (label, n_threads (0 = the engine's default), environment for libgomp; None = llamarelay's own default)
+CORES = os.cpu_count() or 1
+# (label, n_threads (0 = timed, the engine's default), environment for libgomp; None = llamarelay's own)
 CONFIGS: list[tuple[str, int, dict[str, str] | None]] = [
-    ("old default: all cores, libgomp spin 300k", os.cpu_count() or 1, {"GOMP_SPINCOUNT": "300000"}),
-    ("all cores, llamarelay's spin setting", os.cpu_count() or 1, None),
-    ("1 thread (the default before: cores less one)", 1, None),
-    ("new default (n_threads = 0)", 0, None),
+    ("libgomp's own spin (300k), all cores", CORES, {"GOMP_SPINCOUNT": "300000"}),
+    ("passive (sleep at once), all cores", CORES, {"OMP_WAIT_POLICY": "passive"}),
+    ("passive, 1 thread (the shipped policy before)", 1, {"OMP_WAIT_POLICY": "passive"}),
+    ("spin 1k, all cores", CORES, {"GOMP_SPINCOUNT": "1000"}),
+    ("spin 10k, all cores", CORES, {"GOMP_SPINCOUNT": "10000"}),
+    ("spin 100k, all cores", CORES, {"GOMP_SPINCOUNT": "100000"}),
+    ("spin 10k, 1 thread", 1, {"GOMP_SPINCOUNT": "10000"}),
+    ("llamarelay's default: threads timed, its spin", 0, None),
 ]
 
 
@@ -59,6 +65,8 @@ async def generate(engine: object, prompt: list[int], n_tokens: int, streams: in
 
 def child(n_threads: int, n_tokens: int, runs: int, busy_seconds: float) -> None:
     """Measure one configuration in this process; print one JSON line."""
+    from bot.cpu import configure_openmp
+    configure_openmp()  # a no-op where the configuration set the environment itself
     from bot.config import EngineSettings
     from bot.engine import Engine
     settings = EngineSettings(model_path=MODEL, n_ctx=1024, n_threads=n_threads, parallel=STREAMS)
@@ -86,7 +94,9 @@ def child(n_threads: int, n_tokens: int, runs: int, busy_seconds: float) -> None
     engine.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     bound = engine.model_size + engine.kv_cache_bytes + settings.state_cache_mb * 2**20 + 200 * 2**20
-    print(json.dumps({"threads": f"{engine.n_threads}/{engine.n_threads_batch}", "peak_rss": peak,
+    threads = "/".join(map(str, engine.threads.candidates)) if len(engine.threads.candidates) > 1 else \
+        str(engine.threads.candidates[0])
+    print(json.dumps({"threads": threads, "peak_rss": peak,
                       "rss_bound": bound, **{k: statistics.median(v) for k, v in figures.items()}}))
 
 

@@ -20,6 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bot.cpu import configure_openmp  # noqa: E402
+
+configure_openmp()  # before llama.cpp loads, as the command line does: measure what the bot runs
+
 from bot.config import SamplingSettings, load_settings  # noqa: E402
 from bot.engine import Engine, QueuePosition  # noqa: E402
 

@@ -10,6 +10,10 @@ are loaded by one client over HTTP on 127.0.0.1, in interleaved runs: a single s
 (one system prompt, ``--tokens`` tokens each, greedy, ``ignore_eos`` on both). Prints each run's figures and
 the medians side by side with their ratio (llamarelay / llama-server). Not part of ``make test`` or ``make bench``.
 ``--busy`` keeps one core busy with another process during the runs (a shared machine).
+
+Two modes. Equal threads (the default): both get ``--threads`` threads (default: every physical core) and
+libgomp's spin as llamarelay sets it. ``--defaults``: each as a new user starts it, llama-server with
+``-c 16384 -np 8`` and its own thread count and spin, llamarelay with the shipped config.toml (``[api]`` on).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bot.cpu import default_batch_threads, default_threads  # noqa: E402
+from bot.cpu import SPIN_COUNT, physical_cores  # noqa: E402
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP_PYTHON = "0.3.36"  # the version in pyproject.toml: the same llama.cpp on both sides
@@ -115,12 +119,15 @@ async def wait_ready(server: Server) -> None:
 
 def start_llama_server(binary: Path, args: argparse.Namespace, logs: Path) -> Server:
     port = free_port()
-    command = [str(binary), "-m", str(args.model), "-c", str(args.n_ctx * STREAMS), "-np", str(STREAMS),
-               "-t", str(args.threads or default_threads()), "-tb", str(args.threads or default_batch_threads()),
-               "--host", "127.0.0.1", "--port", str(port),
-               "--no-webui"]
-    # The same OpenMP waiting as llamarelay's (which sets passive unless the environment says otherwise).
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "passive")}
+    command = [str(binary), "-m", str(args.model), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+    env = dict(os.environ)
+    if args.defaults:  # as its README starts it for 8 users: its own threads and libgomp's own spin
+        command += ["-c", "16384", "-np", str(STREAMS)]
+    else:  # the same threads, context per sequence and OpenMP waiting as llamarelay's
+        command += ["-c", str(args.n_ctx * STREAMS), "-np", str(STREAMS), "-t", str(args.threads),
+                    "-tb", str(args.threads)]
+        if "OMP_WAIT_POLICY" not in env:
+            env.setdefault("GOMP_SPINCOUNT", str(SPIN_COUNT))
     with (logs / "llama-server.log").open("wb") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
     return Server("llama-server", f"http://127.0.0.1:{port}/v1", process)
@@ -129,13 +136,17 @@ def start_llama_server(binary: Path, args: argparse.Namespace, logs: Path) -> Se
 def start_llamarelay(args: argparse.Namespace, logs: Path) -> Server:
     port = free_port()
     config = logs / "config.toml"
-    config.write_text(f'[engine]\nmodel_path = "{args.model}"\nn_ctx = {args.n_ctx}\nn_threads = {args.threads}\n'
-                      f'parallel = {STREAMS}\n[sampling]\nmax_tokens = {args.tokens}\n'
-                      f'[store]\npath = "{logs / "llamarelay.sqlite3"}"\n[web]\nenabled = false\n'
-                      f'[api]\nenabled = true\nport = {port}\n')
+    if args.defaults:  # the shipped config, model and all; only where it stores and what it serves differ
+        config.write_text((ROOT / "config.toml").read_text())
+    else:
+        config.write_text(f'[engine]\nmodel_path = "{args.model}"\nn_ctx = {args.n_ctx}\n'
+                          f'n_threads = {args.threads}\nparallel = {STREAMS}\n')
     # Only the API: no platform token may reach it from this shell.
     env = {k: v for k, v in os.environ.items() if not k.endswith(("_TOKEN", "_SECRET")) and not k.startswith(
         "LLAMARELAY_")}
+    env.update({"LLAMARELAY_STORE__PATH": str(logs / "llamarelay.sqlite3"), "LLAMARELAY_WEB__ENABLED": "false",
+                "LLAMARELAY_API__ENABLED": "true", "LLAMARELAY_API__PORT": str(port),
+                "LLAMARELAY_SAMPLING__MAX_TOKENS": str(args.tokens)})
     with (logs / "llamarelay.log").open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "bot", "--config", str(config), "run"], cwd=ROOT, env=env,
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -259,9 +270,10 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128, help="tokens each stream generates")
     parser.add_argument("--n-ctx", type=int, default=2048, help="context window of each of the 8 sequences")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="threads for both servers; 0 (default): llamarelay's n_threads = 0, every physical core "
-                             "for steps of several tokens and one less for one-token steps (llama-server's -tb, -t)")
+    parser.add_argument("--threads", type=int, default=physical_cores(),
+                        help="threads for both servers (default: every physical core)")
+    parser.add_argument("--defaults", action="store_true",
+                        help="each server at its own defaults (llama-server -c 16384 -np 8; the shipped config)")
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel jobs of the build")
     parser.add_argument("--busy", action="store_true", help="keep one core busy with another process meanwhile")
@@ -279,9 +291,10 @@ async def main() -> None:
             for server in servers:
                 await wait_ready(server)
                 await measure(server.url, take=0, tokens=16)  # warm-up: page in the model, first allocations
-            threads = args.threads or f"{default_threads()}/{default_batch_threads()}"
-            print(f"model {args.model.name}, {STREAMS} sequences x {args.n_ctx} tokens, {threads} threads, "
-                  f"{args.tokens} tokens a stream, ignore_eos, greedy{', one core busy' if args.busy else ''}")
+            setup = ("each at its own defaults" if args.defaults else
+                     f"{STREAMS} sequences x {args.n_ctx} tokens, {args.threads} threads each")
+            print(f"model {args.model.name}, {setup}, {args.tokens} tokens a stream, ignore_eos, greedy"
+                  f"{', one core busy' if args.busy else ''}")
             results: dict[str, list[Figures]] = {server.name: [] for server in servers}
             with busy_core(args.busy):
                 for run in range(1, args.runs + 1):

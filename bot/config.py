@@ -46,8 +46,8 @@ class EngineSettings(_Section):
         "embedded", description="embedded: llama.cpp in this process; openai: an OpenAI-compatible server")
     model_path: Path = Field(Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), description="GGUF model file")
     n_ctx: int = Field(4096, ge=256, le=131072, description="context window of one conversation, in tokens")
-    n_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0 = every physical core for steps of "
-                                                        "several tokens, one less (at least 1) for one-token steps")
+    n_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0 = timed: every physical core, one less "
+                                                        "and half are tried, and the fastest kept")
     n_batch: int = Field(512, ge=16, le=8192, description="most tokens decoded in one llama_decode call")
     kv_pool_mb: int = Field(0, ge=0, le=1_000_000,
                             description="RAM for the KV cache all conversations share; 0 = room for 4 x n_ctx tokens")

@@ -32,7 +32,7 @@ from typing import Any
 import llama_cpp
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.cpu import default_batch_threads, default_threads
+from bot.cpu import ThreadTuner, physical_cores, thread_candidates
 from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
 from bot.kvstates import StateCache, StateFiles, model_identity, unwritable
 from bot.prompt import CHATML_TEMPLATE, ChatTemplate, Prompt
@@ -428,11 +428,10 @@ class Engine:
         params.n_batch = params.n_ubatch = settings.n_batch
         # llama.cpp reserves one output per sequence and aborts when that exceeds the batch.
         params.n_seq_max = min(LLAMA_MAX_SEQ, settings.n_batch, pool, max(2 * parallel, IDLE_SEQUENCES))
-        self.n_threads = settings.n_threads or default_threads()
-        """Threads of a step that decodes one token (a lone reply)."""
-        self.n_threads_batch = settings.n_threads or default_batch_threads()
-        """Threads of a step with several tokens (prompts, several replies; see `bot.cpu`)."""
-        params.n_threads, params.n_threads_batch = self.n_threads, self.n_threads_batch
+        self.threads = ThreadTuner([settings.n_threads] if settings.n_threads
+                                   else thread_candidates(physical_cores()))
+        """Chooses each step's thread count by timing them (``[engine] n_threads`` fixes it; see `bot.cpu`)."""
+        self._n_threads = params.n_threads = params.n_threads_batch = self.threads.candidates[0]
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, params)
         if not ctx:
@@ -498,8 +497,10 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
         self._thread.start()
         log.info("loaded %s (%s, %.0f MB), context %d tokens, KV pool %d tokens (%.0f MB), up to %d at once, "
-                 "%d/%d threads", self.model_name, path.name, self.model_size / 1e6, self.n_ctx, self.pool_tokens,
-                 self.kv_cache_bytes / 1e6, parallel, self.n_threads, self.n_threads_batch)
+                 "%s threads", self.model_name, path.name, self.model_size / 1e6, self.n_ctx, self.pool_tokens,
+                 self.kv_cache_bytes / 1e6, parallel,
+                 settings.n_threads if settings.n_threads else
+                 f"{' or '.join(map(str, self.threads.candidates))} (timed, the fastest kept)")
 
     # -- tokens ----------------------------------------------------------------------------------------
 
@@ -973,11 +974,16 @@ class Engine:
         if n == 0:
             return
         batch.n_tokens = n
+        threads = self.threads.choose(n)
+        if threads != self._n_threads:
+            llama_cpp.llama_set_n_threads(self._ctx, threads, threads)
+            self._n_threads = threads
         started = time.perf_counter()
         result = llama_cpp.llama_decode(self._ctx, batch)
         if result != 0:
             raise EngineError(f"llama_decode returned {result}")
         seconds = time.perf_counter() - started
+        self.threads.record(n, threads, seconds)
         self.step_seconds.append(seconds)
         self.step_cells.append(len(self._refs))
         if generating or limited:

@@ -8,11 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import EngineSettings, SamplingSettings, Settings
-from bot.conversations import ConversationManager
-from bot.engine import Engine
-from bot.store import Store, open_store
-from tests.postgres import Cluster
+from bot.cpu import configure_openmp
+
+configure_openmp()  # before llama.cpp loads, as the command line does
+
+from bot.config import EngineSettings, SamplingSettings, Settings  # noqa: E402
+from bot.conversations import ConversationManager  # noqa: E402
+from bot.engine import Engine  # noqa: E402
+from bot.store import Store, open_store  # noqa: E402
+from tests.postgres import Cluster  # noqa: E402
 
 MODEL_PATH = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -4,10 +4,7 @@ never used when they do not fit (another model or settings, damaged files)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +16,6 @@ from hypothesis import strategies as st
 
 import bot.engine
 from bot.config import EngineSettings, SamplingSettings
-from bot.cpu import default_batch_threads, default_threads, physical_cores
 from bot.engine import Engine, FinishReason, Generation
 from bot.kvstates import Candidate, StateCache, StateFiles
 from tests.conftest import MODEL_PATH
@@ -250,26 +246,3 @@ def test_a_slow_disk_holds_at_most_a_quarter_of_the_ram_budget_waiting_to_be_wri
         assert [name for name in (f"s{n}" for n in range(8)) if cache.pop(name) is not None] == ["s0", "s6", "s7"]
     finally:
         cache.close()
-
-
-# -- threads -------------------------------------------------------------------------------------------------
-
-def test_openmp_threads_sleep_at_barriers_unless_the_environment_says_otherwise() -> None:
-    script = "import os, bot.engine; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
-    root = Path(__file__).resolve().parent.parent
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    runs = [subprocess.run([sys.executable, "-c", script], env={**base, **extra}, cwd=root, capture_output=True,
-                           text=True, check=True).stdout.split()
-            for extra in ({}, {"OMP_WAIT_POLICY": "active"}, {"GOMP_SPINCOUNT": "1000"})]
-    assert runs == [["passive", "None"], ["active", "None"], ["None", "1000"]]
-
-
-def test_default_thread_count_leaves_a_core_to_the_rest_of_the_machine() -> None:
-    cpus = len(os.sched_getaffinity(0))
-    assert default_threads() == 1 if cpus <= 2 else 1 <= default_threads() < cpus
-    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=256, parallel=1))
-    try:
-        assert engine.n_threads == default_threads()
-        assert engine.n_threads_batch == default_batch_threads() == physical_cores()
-    finally:
-        engine.close()
