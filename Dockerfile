@@ -28,7 +28,7 @@ COPY adapters ./adapters
 RUN pip install --no-cache-dir .
 
 COPY config.toml ./
-# Without llama.cpp: a CUDA build cannot load before `docker run --gpus` brings the driver (libcuda.so.1).
+# Without loading llama.cpp: a CUDA build needs the driver (libcuda.so.1), which only `docker run --gpus` brings.
 RUN python -c "from pathlib import Path; from bot.models import DEFAULT_MODEL_FILE, fetch_default_model; \
 fetch_default_model(Path('models') / DEFAULT_MODEL_FILE)"
 
