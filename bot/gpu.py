@@ -70,7 +70,7 @@ def gpus() -> list[str]:
     if lib is None:
         return ["GPU"] if llama_cpp.llama_supports_gpu_offload() else []
     devices = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
-    found = {kind: [f"{lib.ggml_backend_dev_name(d).decode()} ({lib.ggml_backend_dev_description(d).decode()})"
+    found = {kind: [f"{_text(lib.ggml_backend_dev_name(d))} ({_text(lib.ggml_backend_dev_description(d))})"
                     for d in devices if lib.ggml_backend_dev_type(d) == kind] for kind in (_DEVICE_GPU, _DEVICE_IGPU)}
     return found[_DEVICE_GPU] or found[_DEVICE_IGPU]
 
@@ -81,7 +81,11 @@ def backends() -> list[str]:
     lib = _ggml()
     if lib is None:
         return []
-    return [lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)).decode() for i in range(lib.ggml_backend_reg_count())]
+    return [_text(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))) for i in range(lib.ggml_backend_reg_count())]
+
+
+def _text(name: bytes | None) -> str:
+    return (name or b"?").decode("utf-8", "replace")
 
 
 def placement(n_gpu_layers: int, n_layer: int, gpus: list[str], main_gpu: int | None) -> Placement:
