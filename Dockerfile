@@ -2,11 +2,23 @@
 #   docker build -t llamarelay .
 #   docker run -it -e DISCORD_TOKEN -v llamarelay-data:/app/data llamarelay
 # or `docker compose up` (compose.yaml). Any setting can be changed with LLAMARELAY_<SECTION>__<KEY>=value.
-FROM python:3.11-slim
+# For an NVIDIA GPU, llama.cpp built with CUDA on NVIDIA's CUDA image, run with --gpus all (see "GPU" in the README):
+#   docker build -t llamarelay-cuda --build-arg BASE=nvidia/cuda:12.6.3-devel-ubuntu24.04 \
+#       --build-arg CMAKE_ARGS="-DGGML_CUDA=on -DGGML_NATIVE=off" .
+#   docker run -it --gpus all -e DISCORD_TOKEN -v llamarelay-data:/app/data llamarelay-cuda
+# Any base with Python 3.11 or newer, or none (Ubuntu 24.04's 3.12 is installed then; 22.04's 3.10 is too old).
+ARG BASE=python:3.11-slim
+FROM ${BASE}
+# Passed to llama.cpp's CMake build by pip. -DGGML_NATIVE=off for CUDA: the build has no GPU to tune for.
+ARG CMAKE_ARGS=""
 
-RUN apt-get update \
+RUN export DEBIAN_FRONTEND=noninteractive && apt-get update \
     && apt-get install -y --no-install-recommends build-essential cmake \
+    && if ! command -v python3 >/dev/null; then apt-get install -y --no-install-recommends python3 python3-venv; fi \
     && rm -rf /var/lib/apt/lists/*
+# A venv: Ubuntu's Python refuses packages installed beside its own.
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -16,7 +28,9 @@ COPY adapters ./adapters
 RUN pip install --no-cache-dir .
 
 COPY config.toml ./
-RUN mkdir -p models && llamarelay fetch-model
+# Without loading llama.cpp: a CUDA build needs the driver (libcuda.so.1), which only `docker run --gpus` brings.
+RUN python -c "from pathlib import Path; from bot.models import DEFAULT_MODEL_FILE, fetch_default_model; \
+fetch_default_model(Path('models') / DEFAULT_MODEL_FILE)"
 
 # SQLite lives here; mount a volume so conversations survive a new container.
 VOLUME /app/data

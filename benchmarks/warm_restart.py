@@ -82,7 +82,7 @@ def main() -> None:
             cold.close()
         if run == 0:
             print(f"history {n_prompt} tokens, next turn {n_next} tokens ({reused} reused after the restart); "
-                  f"threads {restarted.n_threads}; median of {args.runs} runs")
+                  f"threads {restarted.threads.best()}; median of {args.runs} runs")
     print(f"state file: {statistics.median(sizes) / 2**20:.1f} MB, written at close in "
           f"{statistics.median(saves):.2f} s")
     for label, values in results.items():

@@ -64,6 +64,10 @@ class EngineSettings(_Section):
                                    "[store] path")
     state_disk_mb: int = Field(1024, ge=0, le=10_000_000,
                                description="disk for those KV states, newest kept; 0 = none saved")
+    n_gpu_layers: int = Field(-1, description="model layers llama.cpp puts on the GPU: -1 = all (where the build "
+                              "has GPU support), 0 = none (CPU only)")
+    main_gpu: int | None = Field(None, ge=0, le=255, description="the one GPU (0, 1, …) that holds the model; "
+                                 "unset = llama.cpp splits the layers over every GPU")
     # backend = "openai": the server's API key comes from LLAMARELAY_ENGINE_API_KEY, never from the file.
     base_url: str | None = Field(None, description="the server's OpenAI API root, e.g. http://127.0.0.1:8080/v1")
     model: str | None = Field(None, description="model name to ask the server for; unset = the server's first")
@@ -80,6 +84,13 @@ class EngineSettings(_Section):
         if url is not None and urlsplit(url).scheme not in ("http", "https"):
             raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8080/v1")
         return url
+
+    @field_validator("n_gpu_layers")
+    @classmethod
+    def _layers(cls, n: int) -> int:
+        if not -1 <= n <= 100_000:
+            raise ValueError("must be -1 (every layer on the GPU), 0 (CPU only) or a number of layers")
+        return n
 
     @model_validator(mode="after")
     def _fits_llama_cpp(self) -> EngineSettings:

@@ -34,6 +34,7 @@ import llama_cpp
 from bot.config import EngineSettings, SamplingSettings
 from bot.cpu import ThreadTuner, physical_cores, thread_candidates
 from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
+from bot.gpu import Placement, gpus, model_params, placement
 from bot.kvstates import StateCache, StateFiles, model_identity, unwritable
 from bot.prompt import CHATML_TEMPLATE, ChatTemplate, Prompt
 
@@ -81,6 +82,7 @@ class EngineStatus:
     position: int | None  # the asked-about request: None if none, 0 if generating, n if n-th in queue
     tokens_per_second: float | None  # generation speed of the last finished reply
     kv_cells: int | None = None  # KV cells the engine's pool holds now (running and idle); None on a model server
+    device: Placement | None = None  # where the embedded model runs (CPU, or how much on which GPU); None on a server
 
     def lines(self) -> list[tuple[str, str]]:
         """(label, value) pairs for a /status answer; each platform adds its own bold."""
@@ -91,8 +93,9 @@ class EngineStatus:
         else:
             place = f"#{self.position} in the queue"
         speed = f"{self.tokens_per_second:.1f} tokens/s" if self.tokens_per_second else "not measured yet"
-        return [("Model", self.model_name), ("Queue", f"{self.queue_length} waiting, {self.running} generating"),
-                ("This conversation", place), ("Speed", f"{speed} (last reply)")]
+        lines = [("Model", self.model_name), ("Queue", f"{self.queue_length} waiting, {self.running} generating"),
+                 ("This conversation", place), ("Speed", f"{speed} (last reply)")]
+        return lines + [("Device", str(self.device))] if self.device is not None else lines
 
 
 _END = object()
@@ -409,10 +412,19 @@ class Engine:
                                  "default model, or set [engine] model_path in config.toml)")
         _route_llama_logs()
         llama_cpp.llama_backend_init()
-        model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        found = gpus()
+        offload = bool(found) and settings.n_gpu_layers != 0
+        model = llama_cpp.llama_model_load_from_file(
+            str(path).encode(), model_params(settings.n_gpu_layers, settings.main_gpu, found))
+        if not model and offload:
+            raise ModelLoadError(f"cannot load model {path}: not a valid GGUF file, or too big for the GPU's memory "
+                                 "(lower [engine] n_gpu_layers: the other layers stay on the CPU)")
         if not model:
             raise ModelLoadError(f"cannot load model {path}: not a valid GGUF file (run `llamarelay fetch-model` "
                                  "for the default model, or point [engine] model_path at another GGUF)")
+        self.placement = placement(settings.n_gpu_layers, llama_cpp.llama_model_n_layer(model), found,
+                                   settings.main_gpu)
+        """Where the model runs: CPU, or how many of its layers on which GPUs."""
         trained = llama_cpp.llama_model_n_ctx_train(model)
         if settings.n_ctx > trained > 0:
             log.warning("[engine] n_ctx (%d) is beyond the %d tokens %s was trained on: replies in long "
@@ -436,7 +448,8 @@ class Engine:
         ctx = llama_cpp.llama_init_from_model(model, params)
         if not ctx:
             llama_cpp.llama_model_free(model)
-            raise ModelLoadError(f"cannot create a llama.cpp context for {path} with a KV pool of {pool} tokens")
+            raise ModelLoadError(f"cannot create a llama.cpp context for {path} with a KV pool of {pool} tokens"
+                                 + (" (on the GPU: lower [engine] kv_pool_mb or n_gpu_layers)" if offload else ""))
         self._model, self._ctx = model, ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(model)
@@ -501,6 +514,8 @@ class Engine:
                  self.kv_cache_bytes / 1e6, parallel,
                  settings.n_threads if settings.n_threads else
                  f"{' or '.join(map(str, self.threads.candidates))} (timed, the fastest kept)")
+        why = "" if self.placement.gpu_layers else " ([engine] n_gpu_layers = 0)" if found else " (no GPU found)"
+        log.info("%s runs on %s%s", self.model_name, self.placement, why)
 
     # -- tokens ----------------------------------------------------------------------------------------
 
@@ -578,7 +593,7 @@ class Engine:
                 model_name=self.model_name, queue_length=self._n_waiting,
                 running=sum(slot.generation is not None for slot in self._slots),
                 position=generation.position if generation else None, tokens_per_second=self._last_rate,
-                kv_cells=len(self._refs))
+                kv_cells=len(self._refs), device=self.placement)
 
     async def readiness(self) -> str:
         """"ok": the model is loaded before anything listens (for /readyz)."""

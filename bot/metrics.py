@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 if TYPE_CHECKING:
     from bot.engine import EngineStatus
@@ -35,6 +35,13 @@ class Metrics:
         self.kv_cells = Gauge("llamarelay_kv_cells", "KV cells the embedded engine's pool holds (0 on a model server)",
                               registry=r)
         self.kv_cells.set_function(lambda: engine_status().kv_cells or 0)
+        # Fixed once the model is loaded: read once. device="server" for a model server (backend = "openai").
+        device = engine_status().device
+        self.engine_info = Info("llamarelay_engine", "Where the model runs: device cpu, gpu or server; layers "
+                                "offloaded to the GPUs named", registry=r)
+        self.engine_info.info({"device": "server"} if device is None else {
+            "device": device.kind, "gpu_layers": str(device.gpu_layers), "layers": str(device.layers),
+            "gpus": ", ".join(device.gpus)})
         self.time_to_first_token = Histogram(
             "llamarelay_time_to_first_token_seconds", "From handing a prompt to the engine to its first text",
             buckets=TTFT_BUCKETS, registry=r)

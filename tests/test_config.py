@@ -52,6 +52,9 @@ def test_reply_length_must_leave_room_for_the_prompt(tmp_path: Path) -> None:
     ("[sampling]\nrepeat_penalty = 0\n", r"'sampling.repeat_penalty' = 0 is invalid: .*greater than 0"),
     # llama.cpp's seed is 32 bits, and 0xFFFFFFFF means "random".
     ("[sampling]\nseed = 4294967295\n", r"'sampling.seed' = 4294967295 is invalid: .*less than or equal"),
+    ("[engine]\nn_gpu_layers = -2\n", r"'engine.n_gpu_layers' = -2 is invalid: must be -1 \(every layer on the "
+                                      r"GPU\), 0 \(CPU only\) or a number of layers"),
+    ("[engine]\nmain_gpu = -1\n", r"'engine.main_gpu' = -1 is invalid: .*greater than or equal to 0"),
 ])
 def test_values_llama_cpp_cannot_take_are_one_line_naming_the_key(tmp_path: Path, toml: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected) as error:
@@ -111,6 +114,12 @@ def test_bad_value_names_key_value_and_expectation(tmp_path: Path) -> None:
     message = str(error.value)
     assert "engine.n_ctx" in message and "'lots'" in message and "integer" in message
     assert "\n" not in message
+
+
+def test_gpu_settings_default_to_every_layer_on_the_gpus_llama_cpp_finds(tmp_path: Path) -> None:
+    assert (Settings().engine.n_gpu_layers, Settings().engine.main_gpu) == (-1, None)
+    engine = load_settings(write(tmp_path, "[engine]\nn_gpu_layers = 0\nmain_gpu = 1\n")).engine
+    assert (engine.n_gpu_layers, engine.main_gpu) == (0, 1)
 
 
 def test_out_of_range_value_says_the_bound(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from hypothesis import given, strategies as st
 from bot.config import EngineSettings, SamplingSettings
 from bot.engine import SHIFT_MIN_TOKENS, Engine, FinishReason, Generation, QueuePosition, Tokenizer, _Slot
 from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
+from bot.gpu import Placement, gpus, model_params, placement
 from bot.prompt import CHATML_TEMPLATE, ChatTemplate
 from tests.conftest import MODEL_PATH
 
@@ -239,6 +240,67 @@ def test_only_a_window_beyond_the_models_training_is_warned_about(
     expected = [f"[engine] n_ctx ({n_ctx}) is beyond the 8192 tokens {MODEL_PATH.name} was trained on: replies "
                 "in long conversations may turn to nonsense; set n_ctx to 8192 or less"] if warned else []
     assert warnings == expected
+
+
+# SmolLM2-135M: 30 repeating layers, and the output layer llama.cpp counts as one more.
+LAYERS = 31
+NO_GPU = pytest.mark.skipif(bool(gpus()), reason="llama.cpp here finds a GPU")
+
+
+async def test_status_metrics_and_start_up_say_where_the_model_runs(engine: Engine,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="bot.engine"):
+        small = small_engine()
+    small.close()
+    said = [record.getMessage() for record in caplog.records if " runs on " in record.getMessage()]
+    if gpus():  # a GPU build on a GPU machine: every layer on it by default
+        expected = f"GPU, {LAYERS}/{LAYERS} layers on {gpus()[0]}"
+        assert said == [f"{small.model_name} runs on {expected}"]
+    else:
+        expected = "CPU"
+        assert said == [f"{small.model_name} runs on CPU (no GPU found)"]
+    assert dict(small.status().lines())["Device"] == expected
+    assert dict(engine.status().lines())["Device"] == expected
+
+
+@NO_GPU
+@pytest.mark.parametrize(("setting", "asked"), [({"n_gpu_layers": 20}, "n_gpu_layers = 20"),
+                                                ({"main_gpu": 1}, "main_gpu = 1")])
+async def test_a_gpu_asked_of_a_build_without_one_is_one_warning_and_the_cpu_answers(
+        caplog: pytest.LogCaptureFixture, setting: dict[str, int], asked: str) -> None:
+    with caplog.at_level(logging.WARNING):
+        small = small_engine(**setting)
+    try:
+        warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and warnings[0].startswith(f"[engine] {asked}, but llama.cpp (backends: CPU) "
+                                                             "finds no GPU: the model runs on the CPU.")
+        assert 'CMAKE_ARGS="-DGGML_CUDA=on" make run' in warnings[0]
+        assert small.status().device == Placement(0, LAYERS)
+        generation = small.submit(small.chat_tokens([{"role": "user", "content": "Hi"}]), GREEDY)
+        text, _ = await collect(generation)
+        assert text and generation.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+    finally:
+        small.close()
+
+
+def test_placement_counts_layers_as_llama_cpp_does() -> None:
+    two = ["CUDA0 (NVIDIA GeForce RTX 4090)", "CUDA1 (NVIDIA GeForce RTX 3090)"]
+    assert str(placement(-1, 30, two[:1], None)) == "GPU, 31/31 layers on CUDA0 (NVIDIA GeForce RTX 4090)"
+    assert str(placement(99, 30, two, None)) == f"GPU, 31/31 layers on {two[0]}, {two[1]}"
+    assert str(placement(20, 30, two, 1)) == f"GPU, 20/31 layers on {two[1]}, the rest on CPU"
+    assert placement(0, 30, two, None) == placement(-1, 30, [], None) == Placement(0, 31)
+    assert str(Placement(0, 31)) == "CPU" and Placement(0, 31).kind == "cpu"
+
+
+def test_main_gpu_picks_one_gpu_and_one_llama_cpp_lacks_is_named() -> None:
+    two = ["CUDA0 (NVIDIA A)", "CUDA1 (NVIDIA B)"]
+    params = model_params(-1, 1, two)
+    assert (params.n_gpu_layers, params.main_gpu, params.split_mode) == (-1, 1, llama_cpp.LLAMA_SPLIT_MODE_NONE)
+    default = model_params(12, None, two)  # llama.cpp's default: the layers split over every GPU
+    assert (default.n_gpu_layers, default.split_mode) == (12, llama_cpp.LLAMA_SPLIT_MODE_LAYER)
+    with pytest.raises(ModelLoadError, match=r"^\[engine\] main_gpu = 2, but llama.cpp finds 2 GPUs: "
+                                             r"0 = CUDA0 \(NVIDIA A\), 1 = CUDA1 \(NVIDIA B\)$"):
+        model_params(-1, 2, two)
 
 
 def test_missing_model_names_the_path_and_fetch_model(tmp_path: Path) -> None:

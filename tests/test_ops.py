@@ -18,6 +18,7 @@ from bot.app import _run_adapters
 from bot.config import Secrets, Settings
 from bot.conversations import ConversationManager
 from bot.engine import Engine
+from bot.gpu import gpus
 from bot.store import Status, Store
 from bot.types import Controls, Incoming, SessionKey
 
@@ -147,6 +148,15 @@ async def test_metrics_count_a_reply_and_its_first_token(ops: str, manager: Conv
     assert again[complete] == 2 and again[ttft] == 2
     assert again[("llamarelay_prompt_tokens_reused_total", ())] > 0
     assert again[("llamarelay_queue_depth", ())] == 0 and again[("llamarelay_requests_running", ())] == 0
+
+
+async def test_metrics_say_where_the_model_runs(ops: str) -> None:
+    info = {labels: value for (name, labels), value in (await figures(ops)).items() if name == "llamarelay_engine_info"}
+    if gpus():  # a GPU build on a GPU machine: all 31 layers of the small model there
+        [(labels, value)] = info.items()
+        assert dict(labels)["device"] == "gpu" and dict(labels)["gpu_layers"] == "31" and value == 1
+    else:
+        assert info == {(("device", "cpu"), ("gpu_layers", "0"), ("gpus", ""), ("layers", "31")): 1}
 
 
 async def test_empty_message_counts_as_a_failed_reply(ops: str, manager: ConversationManager) -> None:

@@ -73,6 +73,8 @@ async def test_a_reply_streams_from_the_server_and_is_stored(server: InferenceSe
                                                 second.text]
         lines = dict(manager.status(CHANNEL).lines())
         assert lines["Model"] == manager.engine.model_name and "tokens/s" in lines["Speed"]
+        assert "Device" not in lines  # the server knows where its model runs
+        assert manager.metrics.registry.get_sample_value("llamarelay_engine_info", {"device": "server"}) == 1
 
 
 async def test_stop_closes_the_stream_at_once(server: InferenceServer, settings: Settings, store: Store) -> None:
