@@ -1,19 +1,24 @@
 """`Listener`: serves an aiohttp Application on host:port, for the web page, the ops endpoints and the OpenAI
-API alike; `is_loopback` tells whether an address is this machine's own."""
+API alike; `is_loopback` tells whether an address is this machine's own, and `host_guard` keeps a loopback
+listener for this machine's own clients."""
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from bot.errors import ConfigError
 
-__all__ = ["Listener", "is_loopback", "is_loopback_host"]
+__all__ = ["FOREIGN_HOST", "Handler", "Listener", "host_guard", "is_loopback", "is_loopback_host"]
 
 LOOPBACK_NAMES = ("localhost", "localhost.")
+FOREIGN_HOST = "This server answers only to localhost / 127.0.0.1."
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 def is_loopback(host: str) -> bool:
@@ -32,6 +37,20 @@ def is_loopback_host(header: str) -> bool:
         return is_loopback(urlsplit(f"//{header}").hostname or "")
     except ValueError:
         return False
+
+
+def host_guard(host: str, refuse: Callable[[], Exception]) -> Middleware:
+    """Middleware for a listener on ``host``: when that is loopback, a request whose Host header names another
+    machine raises ``refuse()`` (the server's own 403), since only a page using DNS rebinding sends one."""
+    loopback_only = is_loopback(host)
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if loopback_only and not is_loopback_host(request.host):
+            raise refuse()
+        return await handler(request)
+
+    return guard
 
 
 class Listener:

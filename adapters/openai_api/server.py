@@ -16,13 +16,12 @@ import json
 import logging
 import secrets as secrets_module
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from adapters.listener import Listener, is_loopback, is_loopback_host
+from adapters.listener import FOREIGN_HOST, Handler, Listener, host_guard, is_loopback
 from adapters.openai_api.schema import ApiError, ChatRequest, StopCutter, parse_chat_request
 from bot.config import ApiSettings, SamplingSettings, Secrets
 from bot.engine import Engine, FinishReason, Generation, QueuePosition
@@ -39,7 +38,6 @@ OWNER = "llamarelay"
 PLATFORM = "api"  # the replies metric's label for this adapter's requests
 FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop"}
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -86,24 +84,23 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error_response(ApiError(500, "Something went wrong on the server.", type="server_error"))
 
 
-def _guard(loopback_only: bool) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if loopback_only and not is_loopback_host(request.host):
-            raise ApiError(403, "This server answers only to localhost / 127.0.0.1.", type="permission_error",
-                           code="foreign_host")
-        token = request.app[STATE].token
-        if token is not None:
-            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-                raise ApiError(401, "Incorrect API key provided: send 'Authorization: Bearer' with the value of "
-                               "LLAMARELAY_API_TOKEN.", code="invalid_api_key")
-        if request.method == "POST" and request.content_type != "application/json":
-            raise ApiError(415, "The request body must be JSON (Content-Type: application/json).",
-                           code="unsupported_media_type")
-        return await handler(request)
+def _foreign_host() -> ApiError:
+    return ApiError(403, FOREIGN_HOST, type="permission_error", code="foreign_host")
 
-    return guard
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The Bearer token when one is set, and JSON bodies only."""
+    token = request.app[STATE].token
+    if token is not None:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise ApiError(401, "Incorrect API key provided: send 'Authorization: Bearer' with the value of "
+                           "LLAMARELAY_API_TOKEN.", code="invalid_api_key")
+    if request.method == "POST" and request.content_type != "application/json":
+        raise ApiError(415, "The request body must be JSON (Content-Type: application/json).",
+                       code="unsupported_media_type")
+    return await handler(request)
 
 
 
@@ -254,7 +251,7 @@ def create_app(engine: Engine, sampling: SamplingSettings, secrets: Secrets, *, 
                metrics: Metrics | None = None) -> web.Application:
     """The API for ``engine``; requests leave out sampling fields to get ``sampling``'s. With ``metrics``, each
     request counts in them (platform "api")."""
-    app = web.Application(middlewares=[_errors, _guard(is_loopback(host))])
+    app = web.Application(middlewares=[_errors, host_guard(host, _foreign_host), _guard])
     app[STATE] = ApiState(engine=engine, sampling=sampling, token=secrets.api_token,
                           model_id=engine.settings.model_path.stem, created=int(time.time()), metrics=metrics)
     app.router.add_get("/v1/models", _models)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from adapters.listener import Listener, is_loopback, is_loopback_host
+from adapters.listener import FOREIGN_HOST, Listener, host_guard
 from bot.conversations import ConversationManager
 
 __all__ = ["OpsServer", "create_app", "readiness"]
@@ -18,7 +17,6 @@ log = logging.getLogger(__name__)
 
 DATABASE_CHECK_SECONDS = 2.0  # a database slower than this to write one row cannot answer anyone either
 MANAGER = web.AppKey("manager", ConversationManager)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 async def readiness(manager: ConversationManager) -> dict[str, str]:
@@ -53,21 +51,9 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _guard(loopback_only: bool) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """On a loopback listener, refuse a foreign Host: a DNS-rebinding page must not read the figures."""
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if loopback_only and not is_loopback_host(request.host):
-            return web.Response(status=403, text="This server answers only to localhost / 127.0.0.1.\n")
-        return await handler(request)
-
-    return guard
-
-
 def create_app(manager: ConversationManager, host: str = "127.0.0.1") -> web.Application:
     """The ops application for a listener on ``host``."""
-    app = web.Application(middlewares=[_guard(is_loopback(host))])
+    app = web.Application(middlewares=[host_guard(host, lambda: web.HTTPForbidden(text=FOREIGN_HOST + "\n"))])
     app[MANAGER] = manager
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

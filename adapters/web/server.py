@@ -12,13 +12,12 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from adapters.listener import Listener, is_loopback, is_loopback_host
+from adapters.listener import FOREIGN_HOST, Handler, Listener, host_guard, is_loopback
 from adapters.web.api import (AUTH_COOKIE, BROWSER_COOKIE, STATE, ApiError, WebState, current_browser,
                               json_response, routes)
 from bot.config import Secrets, Settings, WebSettings
@@ -45,7 +44,6 @@ SECURITY_HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
 }
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def check_access(settings: WebSettings, secrets: Secrets) -> None:
@@ -89,27 +87,26 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                              status=500)
 
 
-def _guard(loopback_only: bool) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        api = request.path.startswith("/api/")
-        if loopback_only and not is_loopback_host(request.host):
-            raise ApiError(403, "foreign_host", "This server answers only to localhost / 127.0.0.1.")
-        if ".." in request.path.split("/"):  # whatever the router makes of it, never leave a directory
-            raise web.HTTPNotFound()
-        if not api:  # the page and its files: no id is read or given on a page load
-            return await handler(request)
-        _check_origin(request)
-        bearer = request.path not in UNAUTHENTICATED_PATHS and _check_token(request)
-        browser = request.app[STATE].token_namespace if bearer else request.cookies.get(BROWSER_COOKIE, "")
-        reset = current_browser.set(browser if browser and BROWSER_ID.fullmatch(browser) else "")
-        try:
-            return await handler(request)
-        finally:
-            current_browser.reset(reset)
+def _foreign_host() -> ApiError:
+    return ApiError(403, "foreign_host", FOREIGN_HOST)
 
-    return guard
 
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Never a path out of a directory; on /api/ only, same-site requests with their browser id or token."""
+    api = request.path.startswith("/api/")
+    if ".." in request.path.split("/"):  # whatever the router makes of it, never leave a directory
+        raise web.HTTPNotFound()
+    if not api:  # the page and its files: no id is read or given on a page load
+        return await handler(request)
+    _check_origin(request)
+    bearer = request.path not in UNAUTHENTICATED_PATHS and _check_token(request)
+    browser = request.app[STATE].token_namespace if bearer else request.cookies.get(BROWSER_COOKIE, "")
+    reset = current_browser.set(browser if browser and BROWSER_ID.fullmatch(browser) else "")
+    try:
+        return await handler(request)
+    finally:
+        current_browser.reset(reset)
 
 
 def _check_origin(request: web.Request) -> None:
@@ -157,7 +154,7 @@ async def _index(request: web.Request) -> web.StreamResponse:
 
 def create_app(manager: ConversationManager, settings: Settings, secrets: Secrets) -> web.Application:
     """The web chat as an aiohttp Application (not listening yet: see `WebServer`)."""
-    app = web.Application(middlewares=[_errors, _guard(is_loopback(settings.web.host))])
+    app = web.Application(middlewares=[_errors, host_guard(settings.web.host, _foreign_host), _guard])
     state = WebState(manager, settings, secrets)
     app[STATE] = state
     app.router.add_get("/", _index)
