@@ -19,7 +19,7 @@ from bot.config import EngineSettings, SamplingSettings
 from bot.engine import Engine, FinishReason, Generation, QueuePosition, Tokenizer
 from bot.engine.kv import SHIFT_MIN_TOKENS, Slot
 from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
-from bot.gpu import Placement, gpus, model_params, placement
+from bot.engine.devices import Placement, gpus, model_params, placement
 from bot.prompt import CHATML_TEMPLATE, ChatTemplate
 from tests.conftest import MODEL_PATH
 

@@ -1,4 +1,4 @@
-"""The engine: llama.cpp embedded in this process (`Engine`), or an OpenAI-compatible server (`bot.remote`).
+"""The engine: llama.cpp in this process (`Engine`), or an OpenAI-compatible server (`bot.engine.remote`).
 
 The shared types load here at once; the embedded engine's names load llama.cpp, so they are imported on
 first use (``from bot.engine import Engine``), and a process on a remote server never loads llama.cpp.

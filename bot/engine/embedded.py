@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import llama_cpp
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.cpu import ThreadTuner
+from bot.engine.threads import ThreadTuner
 from bot.engine.base import EngineStatus
 from bot.engine.generation import Generation
 from bot.engine.kv import KVPool
@@ -86,7 +86,7 @@ class Engine:
 
     @property
     def threads(self) -> ThreadTuner:
-        """Chooses each step's thread count by timing them (``[engine] n_threads`` fixes it; see `bot.cpu`)."""
+        """Chooses each step's thread count by timing them (``[engine] n_threads`` fixes it; see `threads`)."""
         return self.worker.threads
 
     @property

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 
-from bot.kvstates import StateCache
+from bot.engine.states import StateCache
 
 if TYPE_CHECKING:
     from bot.engine.generation import Generation

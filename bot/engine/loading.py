@@ -10,11 +10,11 @@ from typing import Any
 import llama_cpp
 
 from bot.config import EngineSettings
-from bot.cpu import ThreadTuner, physical_cores, thread_candidates
+from bot.engine.threads import ThreadTuner, physical_cores, thread_candidates
 from bot.engine.logs import route_llama_logs
 from bot.errors import ModelLoadError
-from bot.gpu import Placement, gpus, model_params, placement
-from bot.kvstates import StateCache, StateFiles, model_identity, unwritable
+from bot.engine.devices import Placement, gpus, model_params, placement
+from bot.engine.states import StateCache, StateFiles, model_identity, unwritable
 
 __all__ = ["Loaded", "load", "open_state_cache"]
 

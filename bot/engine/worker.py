@@ -17,7 +17,7 @@ from typing import Any
 import llama_cpp
 
 from bot.config import EngineSettings
-from bot.cpu import ThreadTuner
+from bot.engine.threads import ThreadTuner
 from bot.engine.base import FinishReason
 from bot.engine.generation import Generation
 from bot.engine.kv import KVPool, Slot

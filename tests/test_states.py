@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import bot.engine.worker
 from bot.config import EngineSettings, SamplingSettings
 from bot.engine import Engine, FinishReason, Generation
-from bot.kvstates import Candidate, StateCache, StateFiles
+from bot.engine.states import Candidate, StateCache, StateFiles
 from tests.conftest import MODEL_PATH
 
 GREEDY = SamplingSettings(max_tokens=8, temperature=0.0)
