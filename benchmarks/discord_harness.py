@@ -20,7 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bot.cpu import configure_openmp  # noqa: E402
+from bot.engine.threads import configure_openmp  # noqa: E402
 
 configure_openmp()  # before llama.cpp loads, as the command line does: measure what the bot runs
 

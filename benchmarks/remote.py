@@ -21,7 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bot.cpu import configure_openmp  # noqa: E402
+from bot.engine.threads import configure_openmp  # noqa: E402
 
 configure_openmp()  # before llama.cpp loads, as the command line does: measure what the bot runs
 
@@ -30,7 +30,7 @@ import llama_cpp  # noqa: E402
 from bot.app import open_engine  # noqa: E402
 from bot.config import SamplingSettings, Secrets, load_settings  # noqa: E402
 from bot.conversations import ConversationManager, parse_status_line  # noqa: E402
-from bot.cpu import physical_cores  # noqa: E402
+from bot.engine.threads import physical_cores  # noqa: E402
 from bot.engine import Tokenizer  # noqa: E402
 from bot.store import open_store  # noqa: E402
 from bot.types import Controls, Incoming, SessionKey  # noqa: E402

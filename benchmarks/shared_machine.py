@@ -4,7 +4,7 @@ Each configuration runs in its own process (libgomp reads its spin settings when
 single-stream tokens/s, and 8 streams' aggregate tokens/s, quiet, then with a competing CPU-bound process
 (``python -c 'while True: pass'``), and the child's peak RSS against model + KV pool + RAM state budget + 200 MB.
 The fixed configurations show what each waiting policy costs; the last is llamarelay's own: its spin
-(`bot.cpu.SPIN_COUNT`) and thread counts timed online (``n_threads = 0``).
+(`bot.engine.threads.SPIN_COUNT`) and thread counts timed online (``n_threads = 0``).
 
 Run: .venv/bin/python benchmarks/shared_machine.py [--tokens 96] [--runs 3]
 """
@@ -65,7 +65,7 @@ async def generate(engine: object, prompt: list[int], n_tokens: int, streams: in
 
 def child(n_threads: int, n_tokens: int, runs: int, busy_seconds: float) -> None:
     """Measure one configuration in this process; print one JSON line."""
-    from bot.cpu import configure_openmp
+    from bot.engine.threads import configure_openmp
     configure_openmp()  # a no-op where the configuration set the environment itself
     from bot.config import EngineSettings
     from bot.engine import Engine

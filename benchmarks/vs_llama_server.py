@@ -41,7 +41,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bot.cpu import SPIN_COUNT, physical_cores  # noqa: E402
+from bot.engine.threads import SPIN_COUNT, physical_cores  # noqa: E402
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP_PYTHON = "0.3.36"  # the version in pyproject.toml: the same llama.cpp on both sides

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bot.cpu import configure_openmp  # noqa: E402
+from bot.engine.threads import configure_openmp  # noqa: E402
 
 configure_openmp()  # before llama.cpp loads, as the command line does: measure what the bot runs
 

@@ -14,16 +14,18 @@ import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.config import DEFAULT_CONFIG_PATH, Secrets, Settings, load_settings
 from bot.conversations import ConversationManager
-from bot.engine import Engine
 from bot.errors import ConfigError, LlamarelayError
 from bot.models import fetch_default_model
-from bot.remote import RemoteEngine
+from bot.engine.remote import RemoteEngine
 from bot.store import is_database_url, open_store, redact_url
 from bot.store.transfer import export_jsonl, import_jsonl
+
+if TYPE_CHECKING:
+    from bot.engine.embedded import Engine
 
 __all__ = ["main", "serve"]
 
@@ -87,6 +89,8 @@ async def open_engine(settings: Settings, secrets: Secrets) -> Engine | RemoteEn
         remote = RemoteEngine(settings.engine, secrets.engine_api_key)
         await remote.start()
         return remote
+    from bot.engine.embedded import Engine  # here: a remote backend never loads llama.cpp
+
     return await asyncio.to_thread(Engine, settings.engine)  # loading takes a while: the loop stays free
 
 

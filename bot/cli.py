@@ -6,7 +6,7 @@ module imports nothing of the bot before `configure_openmp` has run.
 
 from __future__ import annotations
 
-from bot.cpu import configure_openmp
+from bot.engine.threads import configure_openmp
 
 __all__ = ["main"]
 

@@ -18,21 +18,24 @@ import time
 import unicodedata
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from bot.config import SamplingSettings, Settings
 from bot.delivery import Delivery, Pacers, display_text
-from bot.engine import Engine, EngineStatus, FinishReason, Generation, QueuePosition
+from bot.engine import EngineStatus, FinishReason, Generation, QueuePosition
 from bot.errors import LlamarelayError
 from bot.files import with_attachments
 from bot.metrics import Metrics, Platforms
 from bot.prompt import Prompt, strip_markers
 from bot.reasoning import OPEN as REASONING_OPEN
 from bot.reasoning import ReasoningSplitter
-from bot.remote import PromptTooLong, RemoteEngine, RemoteGeneration, Retrying
+from bot.engine.remote import PromptTooLong, RemoteEngine, RemoteGeneration, Retrying
 from bot.replies import split_reply
 from bot.store import LapsedReply, Status, Store, StoredMessage
 from bot.types import Controls, Incoming, ReplyTarget, SessionKey, log_name
+
+if TYPE_CHECKING:
+    from bot.engine.embedded import Engine
 
 __all__ = ["ConversationManager", "ConversationStatus", "Exchange", "Locator", "ReplyResult", "State",
            "can_continue", "clean_text", "parse_status_line", "queued_line", "speaker_name", "storable"]

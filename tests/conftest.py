@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.cpu import configure_openmp
+from bot.engine.threads import configure_openmp
 
 configure_openmp()  # before llama.cpp loads, as the command line does
 

@@ -580,11 +580,11 @@ async def test_a_reply_cut_inside_a_character_never_ends_with_a_replacement(mana
 
 async def test_shutdown_past_its_deadline_leaves_nothing_generating(manager: ConversationManager) -> None:
     _, tasks = await start_singing(manager, ["sing"])
-    manager.engine._cond.acquire()  # the engine is stuck in a long decode step: it cannot end the reply
+    manager.engine.scheduler.cond.acquire()  # the engine is stuck in a long decode step: it cannot end the reply
     try:
         await manager.shutdown(timeout=0.2)
         stuck = (await manager.history(CHANNEL))[-1]
         assert stuck.status == Status.INTERRUPTED and stuck.content.startswith("l")
     finally:
-        manager.engine._cond.release()
+        manager.engine.scheduler.cond.release()
     await asyncio.gather(*tasks)

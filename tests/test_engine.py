@@ -16,9 +16,10 @@ import hypothesis
 from hypothesis import given, strategies as st
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.engine import SHIFT_MIN_TOKENS, Engine, FinishReason, Generation, QueuePosition, Tokenizer, _Slot
+from bot.engine import Engine, FinishReason, Generation, QueuePosition, Tokenizer
+from bot.engine.kv import SHIFT_MIN_TOKENS, Slot
 from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
-from bot.gpu import Placement, gpus, model_params, placement
+from bot.engine.devices import Placement, gpus, model_params, placement
 from bot.prompt import CHATML_TEMPLATE, ChatTemplate
 from tests.conftest import MODEL_PATH
 
@@ -166,7 +167,7 @@ async def test_full_queue_refuses_with_a_clear_error() -> None:
         await first_text(running)  # in the only slot now
         # While the test holds the engine's lock the worker can neither admit nor finish anything, so the
         # queue is provably as the test filled it (the lock is re-entrant: submit takes it again).
-        with engine._cond:
+        with engine.scheduler.cond:
             waiting = engine.submit(prompt(engine, "Hi"), GREEDY)
             assert waiting.position == 1 and engine.status().running == 1
             with pytest.raises(QueueFull, match="try again"):
@@ -202,10 +203,18 @@ async def test_next_turn_reuses_the_kv_cache_of_the_previous_one(engine: Engine)
 
 
 def test_invalid_grammar_is_refused(engine: Engine) -> None:
-    async def submit() -> None:
-        engine.submit(prompt(engine, "Hi"), SamplingSettings(grammar="root ::= ("))
+    # Compiled on the worker thread, not the event loop: the request fails with the reason; once refused, the
+    # same grammar is turned away at submit.
+    invalid = SamplingSettings(grammar="root ::= (")
 
-    with pytest.raises(EngineError, match="grammar"):
+    async def submit() -> None:
+        generation = engine.submit(prompt(engine, "Hi"), invalid)
+        with pytest.raises(EngineError, match="grammar is not valid GBNF: expecting"):
+            await collect(generation)
+        assert generation.finish_reason == FinishReason.ERROR
+        engine.submit(prompt(engine, "Hi"), invalid)
+
+    with pytest.raises(EngineError, match="grammar is not valid GBNF: expecting"):
         asyncio.run(submit())
 
 
@@ -532,7 +541,7 @@ def test_a_context_shift_keeps_exactly_a_prefix_of_the_new_prompt(engine: Engine
     kept += data.draw(st.lists(st.integers(1, 4), min_size=SHIFT_MIN_TOKENS, max_size=80))
     cached, prompt = head + dropped + kept + tail, head + kept + new + [5]
     start = _common_prefix_len(cached, prompt)
-    plan = engine._shift_plan(_Slot(seq_id=0, cached=cached), prompt, start)
+    plan = engine.kv.shift_plan(Slot(seq_id=0, cached=cached), prompt, start)
     if start == len(head) and dropped and len(cached) - start >= 2 * SHIFT_MIN_TOKENS:
         assert plan is not None  # the kept turns follow the dropped ones in the cache: they are found
     if plan is None:

@@ -18,7 +18,7 @@ from bot.app import _run_adapters
 from bot.config import Secrets, Settings
 from bot.conversations import ConversationManager
 from bot.engine import Engine
-from bot.gpu import gpus
+from bot.engine.devices import gpus
 from bot.store import Status, Store
 from bot.types import Controls, Incoming, SessionKey
 

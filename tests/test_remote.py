@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,12 +19,13 @@ from bot.app import open_engine
 from bot.config import EngineSettings, SamplingSettings, Secrets, Settings, load_settings
 from bot.conversations import SERVER_RETRYING, ConversationManager, ReplyResult, queued_line
 from bot.errors import ConfigError
-from bot.remote import BYTES_PER_TOKEN, RemoteEngine, estimate_tokens
+from bot.engine.remote import BYTES_PER_TOKEN, RemoteEngine, estimate_tokens
 from bot.store import Status, Store
 from bot.types import SessionKey
 from tests.inference_server import InferenceServer, free_port
 from tests.test_conversations import CHANNEL, Target, message
 
+ROOT = Path(__file__).resolve().parent.parent
 LONG = SamplingSettings(max_tokens=300, temperature=0.0, seed=1)
 REPLY_TIMEOUT_SECONDS = 60.0
 
@@ -204,6 +207,30 @@ def test_the_openai_backend_needs_a_base_url(tmp_path: Path) -> None:
     config.write_text('[engine]\nbackend = "openai"\nbase_url = "http://127.0.0.1:8080/v1"\n[api]\nenabled = true\n')
     with pytest.raises(ConfigError, match="model server itself"):
         load_settings(config)
+
+
+def test_the_remote_backend_never_loads_llama_cpp() -> None:
+    # The bot, its adapters and a remote engine opened as start-up opens it: llama.cpp stays out of the process.
+    script = f"""
+import asyncio, sys
+import adapters.ops, adapters.openai_api, adapters.web, bot.app
+from bot.app import open_engine
+from bot.config import EngineSettings, Secrets, Settings
+
+async def main():
+    settings = Settings()
+    settings.engine = EngineSettings(backend="openai", base_url="http://127.0.0.1:{free_port()}/v1",
+                                     connect_timeout=0.5)
+    engine = await open_engine(settings, Secrets())
+    engine.status()
+    await engine.aclose()
+
+asyncio.run(main())
+print(sorted(name for name in sys.modules if name.startswith("llama_cpp")))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "[]"
 
 
 @hypothesis_settings(max_examples=200, deadline=None)

@@ -17,17 +17,20 @@ import logging
 import secrets as secrets_module
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from adapters.listener import FOREIGN_HOST, Handler, Listener, host_guard, is_loopback
 from adapters.openai_api.schema import ApiError, ChatRequest, StopCutter, parse_chat_request
 from bot.config import ApiSettings, SamplingSettings, Secrets
-from bot.engine import Engine, FinishReason, Generation, QueuePosition
+from bot.engine import FinishReason, Generation, QueuePosition
 from bot.errors import ConfigError, EngineError, PromptError, QueueFull
 from bot.metrics import Metrics
 from bot.store import Status
+
+if TYPE_CHECKING:
+    from bot.engine.embedded import Engine
 
 __all__ = ["OpenAIServer", "check_access", "create_app"]
 

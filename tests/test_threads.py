@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.cpu import SPIN_COUNT, ThreadTuner, physical_cores, thread_candidates
+from bot.engine.threads import SPIN_COUNT, ThreadTuner, physical_cores, thread_candidates
 from bot.engine import Engine
 from tests.conftest import MODEL_PATH
 
@@ -29,12 +29,12 @@ def test_importing_the_bot_leaves_the_environment_alone() -> None:
 
 
 def test_the_entry_point_sets_a_short_spin_unless_the_environment_says_otherwise() -> None:
-    configure = "from bot.cpu import configure_openmp; configure_openmp(); import bot.engine"
+    configure = "from bot.engine.threads import configure_openmp; configure_openmp(); import bot.engine"
     assert spin_settings(configure) == ["None", str(SPIN_COUNT)]
     assert spin_settings(configure, OMP_WAIT_POLICY="active") == ["active", "None"]
     assert spin_settings(configure, GOMP_SPINCOUNT="1000") == ["None", "1000"]
     # Too late once llama.cpp is loaded: it is left alone rather than set to no effect.
-    late = "import llama_cpp; from bot.cpu import configure_openmp; configure_openmp()"
+    late = "import llama_cpp; from bot.engine.threads import configure_openmp; configure_openmp()"
     assert spin_settings(late) == ["None", "None"]
 
 

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import bot.engine
+import bot.engine.worker
 from bot.config import EngineSettings, SamplingSettings
 from bot.engine import Engine, FinishReason, Generation
-from bot.kvstates import Candidate, StateCache, StateFiles
+from bot.engine.states import Candidate, StateCache, StateFiles
 from tests.conftest import MODEL_PATH
 
 GREEDY = SamplingSettings(max_tokens=8, temperature=0.0)
@@ -76,7 +76,7 @@ async def test_after_a_restart_a_long_conversation_reuses_its_whole_history(tmp_
 
 async def test_an_idle_engine_saves_states_so_a_crash_loses_nothing(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bot.engine, "IDLE_SAVE_SECONDS", 0.3)
+    monkeypatch.setattr(bot.engine.worker, "IDLE_SAVE_SECONDS", 0.3)
     kv = tmp_path / "kv"
     history = [SYSTEM, {"role": "user", "content": SHORT}]
     engine = Engine(settings(kv))

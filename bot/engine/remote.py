@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.engine import EngineStatus, Figures, FinishReason, QueuePosition
+from bot.engine.base import EngineStatus, Figures, FinishReason, QueuePosition
 from bot.errors import EngineError, QueueFull
 from bot.prompt import Prompt
 

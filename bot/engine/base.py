@@ -1,0 +1,106 @@
+"""What every engine shares, embedded or remote: finish reasons, queue events, status, figures, the protocol.
+
+Nothing here loads llama.cpp: the remote backend imports this module alone.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from bot.config import EngineSettings, SamplingSettings
+
+if TYPE_CHECKING:
+    from bot.engine.devices import Placement
+
+__all__ = ["EngineStatus", "Figures", "FinishReason", "InferenceEngine", "QueuePosition"]
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # the model ended its turn
+    LENGTH = "length"  # max_tokens or the context window was reached
+    CANCELLED = "cancelled"  # cancel() was called
+    ERROR = "error"  # llama.cpp failed
+
+
+@dataclass(frozen=True)
+class QueuePosition:
+    """Event: the request now waits at this 1-based place in the queue; 0 means it has started."""
+
+    position: int
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    model_name: str
+    queue_length: int  # requests waiting for a slot
+    running: int  # requests being generated now
+    position: int | None  # the asked-about request: None if none, 0 if generating, n if n-th in queue
+    tokens_per_second: float | None  # generation speed of the last finished reply
+    kv_cells: int | None = None  # KV cells the engine's pool holds now (running and idle); None on a model server
+    device: Placement | None = None  # where the embedded model runs (CPU, or how much on which GPU); None on a server
+
+    def lines(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for a /status answer; each platform adds its own bold."""
+        if self.position is None:
+            place = "nothing queued"
+        elif self.position == 0:
+            place = "generating now"
+        else:
+            place = f"#{self.position} in the queue"
+        speed = f"{self.tokens_per_second:.1f} tokens/s" if self.tokens_per_second else "not measured yet"
+        lines = [("Model", self.model_name), ("Queue", f"{self.queue_length} waiting, {self.running} generating"),
+                 ("This conversation", place), ("Speed", f"{speed} (last reply)")]
+        return lines + [("Device", str(self.device))] if self.device is not None else lines
+
+
+class Figures:
+    """What a request reports however it runs, in this process or on a model server."""
+
+    def __init__(self, prompt: list[int], sampling: SamplingSettings) -> None:
+        self.prompt = prompt
+        self.sampling = sampling
+        self.finish_reason: FinishReason | None = None
+        self.n_generated = 0
+        self.n_prompt_reused = 0  # prompt tokens whose KV cache was already there
+        self.t_first_token: float | None = None
+        self.t_finished: float | None = None
+        self._position: int | None = None
+
+    @property
+    def position(self) -> int | None:
+        """0 while generating, n while n-th in the queue, None once finished."""
+        return self._position
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        if self.t_first_token is None or self.t_finished is None or self.n_generated < 2:
+            return None
+        elapsed = self.t_finished - self.t_first_token
+        return (self.n_generated - 1) / elapsed if elapsed > 0 else None
+
+
+class InferenceEngine(Protocol):
+    """What the core asks of an engine, the embedded `Engine` and the `RemoteEngine` alike."""
+
+    settings: EngineSettings
+    n_ctx: int  # context window of one session, in tokens
+    model_name: str
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]: ...
+
+    def detokenize(self, tokens: Sequence[int]) -> str: ...
+
+    def chat_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
+
+    def submit(self, prompt: Any, sampling: SamplingSettings, *, session: str = "") -> Any: ...
+
+    def status(self, generation: Any = None) -> EngineStatus: ...
+
+    def check_sampling(self, sampling: SamplingSettings) -> None: ...
+
+    async def readiness(self) -> str: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,179 @@
+"""The embedded engine: llama.cpp in this process, loaded once, serving every session's requests.
+
+`Engine` composes the parts: `loading` (model and context), `tokenizer`, `sampling` (sampler chains),
+`scheduler` (the fair queue and the lock), `kv` (the KV pool's sequences and cells) and `worker` (the one
+thread that decodes). Every sequence draws its KV cells from one unified pool: a request is admitted, one
+session at a time in turn, while fewer than ``parallel`` generate and the pool has room, idle conversations'
+caches being evicted (to RAM) least recently used first, and, while others run, kept to a small share of the
+pool (idle cells slow every step). A new sequence shares the longest prefix any other holds (the system
+prompt), and a conversation that dropped its oldest turns keeps the rest of its cache by shifting it (context
+shift). Nothing here ever blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+
+import llama_cpp
+
+from bot.config import EngineSettings, SamplingSettings
+from bot.engine.threads import ThreadTuner
+from bot.engine.base import EngineStatus
+from bot.engine.generation import Generation
+from bot.engine.kv import KVPool
+from bot.engine.loading import load, open_state_cache
+from bot.engine.sampling import Samplers
+from bot.engine.scheduler import Scheduler
+from bot.engine.tokenizer import Tokenizer
+from bot.engine.worker import Worker
+from bot.errors import EngineError
+from bot.prompt import CHATML_TEMPLATE, ChatTemplate, Prompt
+
+__all__ = ["Engine"]
+
+log = logging.getLogger(__name__)
+
+CLOSE_SAVE_SECONDS = 2.0  # at most this long writing KV states at close (docker stop kills after 10 s)
+
+
+class Engine:
+    """The process-wide llama.cpp engine. Build it once (blocking: loads the model) and share it."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        path = settings.model_path
+        loaded = load(settings)
+        self.placement = loaded.placement
+        """Where the model runs: CPU, or how many of its layers on which GPUs."""
+        self._model, self._ctx = loaded.model, loaded.ctx
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.settings = settings
+        self.n_ctx = settings.n_ctx
+        """Context window of one session, in tokens."""
+        self.parallel = loaded.parallel
+        """Most requests generated together (``[engine] parallel``, or derived from the pool when 0)."""
+        self.model_size = llama_cpp.llama_model_size(self._model)
+        self.tokenizer = Tokenizer(self._vocab)
+        self._bos = llama_cpp.llama_vocab_bos(self._vocab)
+        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        metadata = loaded.metadata
+        self.model_name = metadata.get("general.name") or path.stem
+        self.chat_template = ChatTemplate(metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE,
+                                          bos_token=self._special_text(self._bos),
+                                          eos_token=self._special_text(llama_cpp.llama_vocab_eos(self._vocab)))
+        self.samplers = Samplers(self._vocab)
+        self.kv = KVPool(self._ctx, self._model, settings.n_ctx, open_state_cache(settings, loaded))
+        self.kv_cache_bytes = self.kv.pool_tokens * loaded.kv_bytes_per_token
+        self.scheduler = Scheduler()
+        self.worker = Worker(self._ctx, self._vocab, settings, self.kv, self.scheduler, self.samplers,
+                             self.tokenizer, loaded.threads, loaded.parallel)
+        self.worker.start()
+        log.info("loaded %s (%s, %.0f MB), context %d tokens, KV pool %d tokens (%.0f MB), up to %d at once, "
+                 "%s threads", self.model_name, path.name, self.model_size / 1e6, self.n_ctx, self.pool_tokens,
+                 self.kv_cache_bytes / 1e6, self.parallel,
+                 settings.n_threads if settings.n_threads else
+                 f"{' or '.join(map(str, self.threads.candidates))} (timed, the fastest kept)")
+        why = "" if self.placement.gpu_layers else " ([engine] n_gpu_layers = 0)" if loaded.found else " (no GPU found)"
+        log.info("%s runs on %s%s", self.model_name, self.placement, why)
+
+    @property
+    def pool_tokens(self) -> int:
+        """KV cells shared by every sequence (llama.cpp rounds the pool up to a multiple of 256)."""
+        return self.kv.pool_tokens
+
+    @property
+    def threads(self) -> ThreadTuner:
+        """Chooses each step's thread count by timing them (``[engine] n_threads`` fixes it; see `threads`)."""
+        return self.worker.threads
+
+    @property
+    def step_seconds(self) -> deque[float]:
+        """How long recent llama_decode steps took (for benchmarks and metrics)."""
+        return self.worker.step_seconds
+
+    @property
+    def step_cells(self) -> deque[int]:
+        """KV cells the pool held during each of those steps: each step's attention walked at least these."""
+        return self.worker.step_cells
+
+    # -- tokens ----------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        """Token ids of ``text``; with ``special=False`` text like ``<|im_start|>`` or ``<think>`` stays plain."""
+        return self.tokenizer.tokenize(text, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.detokenize(tokens)
+
+    def chat_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The prompt for ``messages`` by the model's chat template; message text never becomes special tokens."""
+        tokens = self.chat_template.tokenize(messages, lambda text, special: self.tokenize(text, special=special))
+        if self._add_bos and tokens[:1] != [self._bos]:
+            tokens.insert(0, self._bos)
+        return tokens
+
+    def is_special(self, token: int) -> bool:
+        """True for control and user-defined tokens (chat markers, BOS/EOS, <think>): plain text never gives one."""
+        return self.tokenizer.is_special(token)
+
+    def _special_text(self, token: int) -> str:
+        return self.tokenizer.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+    # -- requests --------------------------------------------------------------------------------------
+
+    def submit(self, prompt: list[int] | Prompt, sampling: SamplingSettings, *, session: str = "") -> Generation:
+        """Queue a request; call from the event loop. Raises `QueueFull` at once when the queue is full.
+
+        ``session`` names the conversation, so its next turn can reuse the KV cache of this one; waiting
+        requests start one per session in turn, so no session's pile delays another's by more than a round.
+        A grammar llama.cpp cannot parse fails the request (`EngineError` from its iteration; at once here
+        when the same grammar was refused before): it is compiled on the worker thread, not here.
+        """
+        if isinstance(prompt, Prompt):
+            prompt = prompt.tokens
+        if not prompt:
+            raise EngineError("empty prompt")
+        if len(prompt) >= self.n_ctx:
+            raise EngineError(f"prompt of {len(prompt)} tokens does not fit the {self.n_ctx}-token context")
+        self.samplers.refuse(sampling)
+        generation = Generation(list(prompt), sampling, session, asyncio.get_running_loop(), self.scheduler.cancel)
+        with self.scheduler.cond:
+            if self.scheduler.closing or not self.worker.is_alive():
+                raise EngineError("the engine is not running")
+            self.scheduler.enqueue(generation, self.settings.max_queue)
+        return generation
+
+    def status(self, generation: Generation | None = None) -> EngineStatus:
+        with self.scheduler.cond:
+            return EngineStatus(
+                model_name=self.model_name, queue_length=self.scheduler.n_waiting, running=len(self.kv.active()),
+                position=generation.position if generation else None, tokens_per_second=self.worker.last_rate,
+                kv_cells=self.kv.cells_in_use, device=self.placement)
+
+    async def readiness(self) -> str:
+        """"ok": the model is loaded before anything listens (for /readyz)."""
+        return "ok"
+
+    async def aclose(self) -> None:
+        """`close` off the event loop (it waits for a decode step)."""
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        """Stop the worker (cancelling what still runs or waits) and free llama.cpp's memory."""
+        if not self.scheduler.close():
+            return
+        self.worker.join()
+        self.kv.saved.close()
+        deadline = time.monotonic() + CLOSE_SAVE_SECONDS
+        self.kv.persist(stop=lambda: time.monotonic() > deadline)
+        self.worker.free()
+        llama_cpp.llama_free(self._ctx)
+        llama_cpp.llama_model_free(self._model)
+
+    def check_sampling(self, sampling: SamplingSettings) -> None:
+        """Compile ``sampling.grammar`` once, so that at start-up a grammar llama.cpp cannot parse is a
+        `ConfigError` naming the key rather than a failure of every reply."""
+        self.samplers.check(sampling)

@@ -1,0 +1,66 @@
+"""One request to the embedded engine: the events it yields to the event loop, and its figures."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from bot.config import SamplingSettings
+from bot.engine.base import Figures, FinishReason, QueuePosition
+
+__all__ = ["Generation"]
+
+END = object()  # the event that ends the iteration
+
+
+class Generation(Figures):
+    """One request. ``async for event in generation`` yields `QueuePosition` events and text deltas (str).
+
+    Raises `EngineError` from the iteration if llama.cpp fails. ``cancel()`` may be called at any time.
+    """
+
+    def __init__(self, prompt: list[int], sampling: SamplingSettings, session: str,
+                 loop: asyncio.AbstractEventLoop, cancel: Callable[[Generation], None]) -> None:
+        super().__init__(prompt, sampling)
+        self.session = session
+        self._request_cancel = cancel
+        self._sampler: Any = None  # llama.cpp's sampler chain, built by the worker when the request starts
+        self._loop = loop
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
+        self._announced_position: int | None = None
+        self._cancel_requested = False
+
+    def cancel(self) -> None:
+        """Stop this request now; its slot or queue place is freed within one decode step."""
+        self._request_cancel(self)
+
+    async def __aiter__(self) -> AsyncIterator[QueuePosition | str]:
+        while True:
+            event = await self._events.get()
+            if event is END:
+                return
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+
+    # -- worker side ---------------------------------------------------------------------------------
+
+    def _emit(self, event: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self._cancel_requested = True
+
+    def _announce_position(self) -> None:
+        if self._position is not None and self._position != self._announced_position:
+            self._announced_position = self._position
+            self._emit(QueuePosition(self._position))
+
+    def _end(self, reason: FinishReason, error: BaseException | None = None) -> None:
+        """Record how the request ended and tell the iteration (its sampler already freed)."""
+        self.finish_reason = reason
+        self.t_finished = time.monotonic()
+        self._position = None
+        self._emit(error if error is not None else END)

@@ -1,0 +1,272 @@
+"""The KV pool's bookkeeping: llama.cpp sequences (slots), the cells they hold and share, prefix copies, context
+shifts, trims, and eviction of idle conversations' caches to the state cache (RAM, then disk).
+
+Every sequence draws its KV cells from one unified llama.cpp pool. A cell is named when it is written and
+counted by the sequences holding it (copies share names), so the pool's use is known without asking llama.cpp.
+Used by the engine's worker thread only (and `Engine.status`, under the scheduler's lock).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import llama_cpp
+
+from bot.engine.states import StateCache
+
+if TYPE_CHECKING:
+    from bot.engine.generation import Generation
+
+__all__ = ["COPY_MIN_TOKENS", "SHIFT_MIN_TOKENS", "KVPool", "Slot", "common_prefix"]
+
+SHIFT_MIN_TOKENS = 32  # a context shift must keep at least this many tokens to be worth it
+COPY_MIN_TOKENS = 8  # shorter shared prefixes are read again rather than copied
+IDLE_WINDOW_SHARE = 4  # while requests run, idle caches keep n_ctx / this many KV cells in the pool (shared prefixes)
+
+
+@dataclass
+class Slot:
+    """One llama.cpp sequence in the shared KV pool. Between requests it keeps its KV cache for the session's
+    next turn, and as a prefix new sequences may copy, until the pool needs the room."""
+
+    seq_id: int
+    cached: list[int]  # tokens whose KV is in this sequence now, at positions 0, 1, ...
+    cells: list[int] = field(default_factory=list)  # a name for each of those KV cells: copies share names
+    generation: Generation | None = None
+    pending: list[int] | None = None  # prompt tokens still to decode
+    next_token: int | None = None  # sampled, not decoded yet
+    logits_index: int = -1  # batch index of this slot's logits in the current step
+    decoder: Any = None
+    last_used: float = 0.0
+    session: str = ""
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class KVPool:
+    """The slots of one llama.cpp context, the KV cells they hold, and the state cache idle ones go to."""
+
+    def __init__(self, ctx: Any, model: Any, n_ctx: int, saved: StateCache) -> None:
+        self._ctx = ctx
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self.n_ctx = n_ctx
+        self.pool_tokens = llama_cpp.llama_n_ctx(ctx)
+        """KV cells shared by every sequence (llama.cpp rounds the pool up to a multiple of 256)."""
+        self.slots = [Slot(seq_id=i, cached=[]) for i in range(llama_cpp.llama_n_seq_max(ctx))]
+        self.saved = saved
+        self._refs: dict[int, int] = {}  # KV cell name -> sequences holding it; len() = cells in use
+        self._next_cell = 0
+        # A recurrent state is one whole: neither a prefix of it can be shared nor its positions shifted.
+        self._can_copy = not (llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
+        self._can_shift = self._can_copy and bool(llama_cpp.llama_memory_can_shift(self._memory))
+        self.trim_due = False  # a request ended: its cache may be more than the pool should keep idle
+
+    @property
+    def cells_in_use(self) -> int:
+        return len(self._refs)
+
+    @property
+    def free_cells(self) -> int:
+        return self.pool_tokens - len(self._refs)
+
+    def active(self) -> list[Slot]:
+        return [slot for slot in self.slots if slot.generation is not None]
+
+    def final_size(self, generation: Generation) -> int:
+        """KV cells the request's sequence may hold at its end."""
+        return min(self.n_ctx, len(generation.prompt) + generation.sampling.max_tokens)
+
+    def room(self) -> int:
+        """KV cells left once running requests hold or grow into theirs (idle sequences' cells can be evicted)."""
+        active = self.active()
+        pinned = len(set().union(*(slot.cells for slot in active)))
+        return self.pool_tokens - pinned - sum(max(0, self.final_size(slot.generation) - len(slot.cached))
+                                               for slot in active if slot.generation is not None)
+
+    def pick_slot(self, generation: Generation) -> Slot:
+        """The session's own idle sequence, else an empty one, else the least recently used idle one."""
+        idle = [slot for slot in self.slots if slot.generation is None]
+        own = [slot for slot in idle if generation.session and slot.session == generation.session]
+        if own:
+            return own[0]
+        slot = min(idle, key=lambda s: (bool(s.cells), s.last_used))
+        self.evict(slot)
+        return slot
+
+    def place(self, slot: Slot, generation: Generation) -> None:
+        """Give the request's sequence as much of its prompt as can be had: its own cache (shifted past dropped
+        turns where the model allows), the session's saved state, or a prefix another sequence holds (copied,
+        sharing its cells); at least the prompt's last token is left to read, for fresh logits."""
+        prompt = generation.prompt
+        slot.generation = generation  # from here the sequence is busy: never evicted, never a copy's source
+        own_reuse = self._reusable(slot, prompt)
+        saved = self.saved.pop(generation.session) if generation.session and slot.session != generation.session \
+            else None
+        saved_reuse = self._reusable(Slot(seq_id=-1, cached=saved[0]), prompt) if saved else 0
+        donors = [s for s in self.slots if s is not slot and s.cells] if self._can_copy else []
+        donor = max(donors, key=lambda s: common_prefix(s.cached, prompt), default=None)
+        copy_reuse = common_prefix(donor.cached, prompt) if donor else 0
+        limit = len(prompt) - 1  # decode at least one token, for fresh logits
+        if saved and saved_reuse > max(own_reuse, copy_reuse):
+            self._restore(slot, *saved)
+        elif donor and copy_reuse > own_reuse and copy_reuse >= COPY_MIN_TOKENS:
+            self._copy(donor, slot, min(copy_reuse, limit))
+        own = common_prefix(slot.cached, prompt)
+        if shift := self.shift_plan(slot, prompt, own):  # the session's own cache, restored or not
+            self._shift(slot, own, *shift)
+        keep = min(common_prefix(slot.cached, prompt), limit)
+        self.truncate(slot, keep)
+        slot.session = generation.session
+
+    def _reusable(self, slot: Slot, prompt: list[int]) -> int:
+        """Tokens of the prompt the slot's cache gives: its common prefix, plus what a context shift keeps."""
+        own = common_prefix(slot.cached, prompt)
+        shift = self.shift_plan(slot, prompt, own)
+        return own + (shift[1] if shift else 0)
+
+    def shift_plan(self, slot: Slot, prompt: list[int], start: int) -> tuple[int, int] | None:
+        """(drop, keep) when the cache is P + D + R... and the prompt P + R...: the conversation dropped its
+        oldest turns D, and R can be kept by shifting it left past them (llama.cpp's context shift)."""
+        cached, rest = slot.cached, prompt[start:len(prompt) - 1]
+        if not self._can_shift or len(rest) < SHIFT_MIN_TOKENS or len(cached) - start < 2 * SHIFT_MIN_TOKENS:
+            return None
+        needle = rest[:SHIFT_MIN_TOKENS]
+        best: tuple[int, int] | None = None
+        for at in range(start + 1, len(cached) - SHIFT_MIN_TOKENS + 1):
+            if cached[at] == needle[0] and cached[at:at + SHIFT_MIN_TOKENS] == needle:
+                keep = common_prefix(cached[at:], rest)
+                if best is None or keep > best[1]:
+                    best = (at - start, keep)
+        if best is None:
+            return None
+        drop, keep = best
+        # A cell another sequence shares would move for it too: those prefixes are left as they are.
+        if any(self._refs[cell] > 1 for cell in slot.cells[start + drop:start + drop + keep]):
+            return None
+        return best
+
+    def _shift(self, slot: Slot, start: int, drop: int, keep: int) -> None:
+        """Remove the cache's tokens [start, start + drop) and move the ``keep`` after them left into their place."""
+        self.truncate(slot, start + drop + keep)
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, start, start + drop)
+        llama_cpp.llama_memory_seq_add(self._memory, slot.seq_id, start + drop, -1, -drop)
+        self._release(slot.cells[start:start + drop])
+        del slot.cells[start:start + drop], slot.cached[start:start + drop]
+
+    def _copy(self, source: Slot, slot: Slot, n: int) -> None:
+        """Share the first ``n`` cells of ``source`` with ``slot``: in a unified pool nothing is copied."""
+        self.truncate(slot, 0)
+        llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, slot.seq_id, 0, n)
+        slot.cached, slot.cells = source.cached[:n], source.cells[:n]
+        for cell in slot.cells:
+            self._refs[cell] += 1
+
+    def _restore(self, slot: Slot, tokens: list[int], data: Any) -> None:
+        self.truncate(slot, 0)
+        if self.make_room(len(tokens)) and llama_cpp.llama_state_seq_set_data(self._ctx, data, len(data),
+                                                                                 slot.seq_id):
+            slot.cached = list(tokens)
+            slot.cells = self._new_cells(len(tokens))
+        else:
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+
+    def _save(self, slot: Slot) -> bool:
+        """Keep the slot's KV cache in RAM for its conversation's next turn before another takes the slot;
+        False when it is not kept (no conversation, or more than the RAM budget)."""
+        if not slot.session or not slot.cached:
+            return False
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id)
+        if size > self.saved.budget:
+            return False
+        data = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.seq_id) != size:
+            return False
+        self.saved.put(slot.session, list(slot.cached), data)
+        return True
+
+    def evict(self, slot: Slot) -> None:
+        """Free an idle sequence's cells, its conversation's state kept in RAM (or on disk) for its next turn."""
+        if slot.cells:
+            self._save(slot)
+            self.truncate(slot, 0)
+        slot.session = ""
+
+    def trim_idle(self) -> None:
+        """Keep idle caches from slowing the running requests. llama.cpp's attention walks every KV cell up to
+        the highest in use, masking out other sequences' cells one by one: with the pool full of idle caches a
+        step took 1.9x as long. So idle sequences keep a quarter window of cells in all (room for the shared
+        system prompt), the most recently used first; the rest goes to the state cache (RAM, then disk), whence
+        the conversation's next turn copies it back (milliseconds, where re-reading its history takes seconds).
+        A cache too large for the RAM budget stays in the pool."""
+        active = self.active()
+        if not active:
+            return  # nothing runs that idle cells could slow: a lone conversation keeps its cache where it is
+        self.trim_due = False
+        allowance = self.n_ctx // IDLE_WINDOW_SHARE
+        plan = []
+        for slot in sorted(self.slots, key=lambda s: s.last_used, reverse=True):
+            if slot.generation is None and slot.cells:
+                if len(slot.cells) > allowance:
+                    plan.append((slot, allowance))
+                allowance = max(0, allowance - len(slot.cells))
+        for slot, keep in reversed(plan):  # oldest first: when the RAM cache overflows, it keeps the newest
+            if self._save(slot) or not slot.session:
+                self.truncate(slot, keep if keep >= COPY_MIN_TOKENS else 0)
+                slot.session = ""  # its whole cache is in the state cache now; what stays is a prefix to share
+
+    def make_room(self, n: int) -> bool:
+        """Evict idle sequences, least recently used first, until ``n`` more cells fit in the pool."""
+        while self.pool_tokens - len(self._refs) < n:
+            idle = [slot for slot in self.slots if slot.generation is None and slot.cells]
+            if not idle:
+                return False
+            self.evict(min(idle, key=lambda s: s.last_used))
+        return True
+
+    def truncate(self, slot: Slot, keep: int) -> None:
+        """Drop the sequence's cache from token ``keep`` on."""
+        if keep >= len(slot.cached):
+            return
+        if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)  # a recurrent state: all or nothing
+            keep = 0
+        self._release(slot.cells[keep:])
+        del slot.cells[keep:], slot.cached[keep:]
+
+    def append(self, slot: Slot, token: int) -> None:
+        """Record a token decoded into the slot's sequence (one new cell)."""
+        slot.cached.append(token)
+        slot.cells += self._new_cells(1)
+
+    def forget(self, slot: Slot) -> None:
+        """Drop a slot's KV cache after a failure, so nothing half-written is reused."""
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        self._release(slot.cells)
+        slot.cached.clear()
+        slot.cells.clear()
+
+    def persist(self, stop: Callable[[], bool]) -> None:
+        """Write the idle conversations' KV states to disk (see `StateCache.persist`)."""
+        self.saved.persist(self._ctx, self.slots, stop=stop)
+
+    def _new_cells(self, n: int) -> list[int]:
+        cells = list(range(self._next_cell, self._next_cell + n))
+        self._next_cell += n
+        self._refs.update(dict.fromkeys(cells, 1))
+        return cells
+
+    def _release(self, cells: Iterable[int]) -> None:
+        for cell in cells:
+            if self._refs[cell] == 1:
+                del self._refs[cell]
+            else:
+                self._refs[cell] -= 1

@@ -1,0 +1,271 @@
+"""The worker thread: the one thread that touches the llama.cpp context, decoding every running request.
+
+Each step puts into one batch the next token of every generating sequence plus prompt tokens for newly admitted
+ones, as many as a step-time budget allows (continuous batching), decodes, and samples with per-request sampler
+chains that run in C. Results travel to the asyncio side through ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import llama_cpp
+
+from bot.config import EngineSettings
+from bot.engine.threads import ThreadTuner
+from bot.engine.base import FinishReason
+from bot.engine.generation import Generation
+from bot.engine.kv import KVPool, Slot
+from bot.engine.sampling import Samplers
+from bot.engine.scheduler import Scheduler
+from bot.engine.tokenizer import Tokenizer
+from bot.errors import EngineError
+
+__all__ = ["Worker"]
+
+log = logging.getLogger(__name__)
+
+LONG_PROMPT_TOKENS = 128  # a prompt this long waits for idle caches to leave the pool before it is read
+BARE_STEP_EVERY = 32  # while prompts are read, every this many steps one is left without, to time it anew
+IDLE_SAVE_SECONDS = 30.0  # with nothing to do that long, the worker writes the KV states to disk
+
+
+class Worker:
+    """Runs the decode loop on its own thread: admits waiting requests, steps, samples, ends requests."""
+
+    def __init__(self, ctx: Any, vocab: Any, settings: EngineSettings, kv: KVPool, scheduler: Scheduler,
+                 samplers: Samplers, tokenizer: Tokenizer, threads: ThreadTuner, parallel: int) -> None:
+        self._ctx, self._vocab = ctx, vocab
+        self.settings = settings
+        self.n_ctx = settings.n_ctx
+        self.parallel = parallel
+        self.kv, self.scheduler, self.samplers, self.tokenizer = kv, scheduler, samplers, tokenizer
+        self.threads = threads
+        self._n_threads = threads.candidates[0]  # as the context was created
+        # llama.cpp aborts on a batch above its own n_batch, which can be below ours: it caps n_batch at the
+        # context it was given, then rounds each sequence's context up to a multiple of 256.
+        self._n_batch = llama_cpp.llama_n_batch(ctx)
+        self._batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        self.step_seconds: deque[float] = deque(maxlen=10_000)
+        """How long recent llama_decode steps took (for benchmarks and metrics)."""
+        self.step_cells: deque[int] = deque(maxlen=10_000)
+        """KV cells the pool held during each of those steps: each step's attention walked at least these."""
+        self._chunk = 4.0 * settings.prefill_chunk  # prompt tokens per step beside generating streams, adapted
+        self._gen_step: float | None = None  # seconds a step without prompt tokens takes, smoothed
+        self._since_bare = 0  # steps since the last one without prompt tokens
+        self.last_rate: float | None = None  # generation speed of the last finished reply
+        self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def free(self) -> None:
+        """Free the batch (after `join`)."""
+        llama_cpp.llama_batch_free(self._batch)
+
+    def _run(self) -> None:
+        kv, scheduler, cond = self.kv, self.scheduler, self.scheduler.cond
+        save_when_idle = kv.saved.disk is not None
+        while True:
+            with cond:
+                while not scheduler.closing and not scheduler.has_waiting and not kv.active():
+                    if not cond.wait(IDLE_SAVE_SECONDS if save_when_idle else None):
+                        break  # idle that long: save the conversations' KV states to disk
+                if scheduler.closing:
+                    break
+                idle = not scheduler.has_waiting and not kv.active()
+                admitted = scheduler.take_admitted(len(kv.active()), self.parallel, kv.room, kv.final_size)
+            if idle:  # outside the lock; a request that comes meanwhile stops the save between two files
+                kv.persist(stop=lambda: scheduler.has_waiting or scheduler.closing)
+                save_when_idle = False  # until there was work again
+                continue
+            save_when_idle = kv.saved.disk is not None
+            try:
+                # Outside the lock: KV copies can take a while, and submit/status/cancel must never wait on them.
+                self._admit(admitted)
+                if kv.trim_due and any(len(slot.pending or ()) >= LONG_PROMPT_TOKENS for slot in kv.active()):
+                    kv.trim_idle()  # reading a long prompt beside the idle cells would cost more than the copies
+                self._step()
+                if kv.trim_due:  # after the step: a short request's first token does not wait for the copies
+                    kv.trim_idle()
+            except Exception as exc:  # llama.cpp failed: fail what was running, keep serving the rest
+                log.exception("decode step failed")
+                with cond:
+                    for slot in kv.active():
+                        self._finish(slot, FinishReason.ERROR, EngineError(f"the model failed: {exc}"))
+                        kv.forget(slot)
+                    for generation in admitted:
+                        if generation.finish_reason is None:
+                            self._end(generation, FinishReason.ERROR, EngineError(f"the model failed: {exc}"))
+        with cond:
+            for slot in kv.active():
+                self._finish(slot, FinishReason.CANCELLED)
+            scheduler.drain()
+
+    def _admit(self, admitted: list[Generation]) -> None:
+        for generation in admitted:
+            try:  # here, not at submit: compiling a grammar takes a while, and the event loop must not wait
+                generation._sampler = self.samplers.build(generation.sampling)
+            except EngineError as exc:  # not valid GBNF: the caller learns why from the iteration
+                with self.scheduler.cond:
+                    self._end(generation, FinishReason.ERROR, exc)
+                continue
+            self._start(self.kv.pick_slot(generation), generation)
+
+    def _start(self, slot: Slot, generation: Generation) -> None:
+        """Start the request with as much of its prompt already in the pool as can be had; only the rest is read."""
+        self.kv.place(slot, generation)
+        slot.pending = generation.prompt[len(slot.cached):]
+        slot.next_token = None
+        slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        generation.n_prompt_reused = len(slot.cached)
+        generation._announce_position()
+
+    def _step(self) -> None:
+        """One llama_decode over every active sequence: a token each for the generating ones, then prompt tokens,
+        shortest remaining prompt first (so a short prompt never waits behind a long one) yet a share for each
+        (so a long one always advances), as many as keep the step within the latency budget."""
+        kv = self.kv
+        slots = []
+        for slot in kv.active():
+            if slot.generation is not None and slot.generation._cancel_requested:
+                with self.scheduler.cond:
+                    self._finish(slot, FinishReason.CANCELLED)
+            else:
+                slots.append(slot)
+        generating = [slot for slot in slots if slot.next_token is not None]
+        prompting = sorted((slot for slot in slots if slot.pending), key=lambda s: len(s.pending or ()))
+        capacity = self._n_batch - len(generating)
+        waiting_tokens = sum(len(slot.pending or ()) for slot in prompting)
+        # Alone, a prompt is read at full batch speed; beside streams or other prompts, in timed chunks.
+        timed = bool(generating) or len(prompting) > 1
+        budget = min(capacity, self._prefill_tokens()) if timed else capacity
+        if generating and (self._gen_step is None or self._since_bare >= BARE_STEP_EVERY):
+            budget = 0  # a step of generating tokens only, to time it as the machine is now
+        limited = timed and 0 < budget < waiting_tokens  # more prompt than this step takes: a measure of it
+        budget = min(budget, waiting_tokens)
+        if not kv.make_room(len(generating) + budget):
+            budget = max(0, kv.free_cells - len(generating))
+            while generating and kv.free_cells < len(generating):
+                longest = max(generating, key=lambda s: len(s.cells))  # cannot happen with admission by room
+                generating.remove(longest)
+                with self.scheduler.cond:
+                    self._finish(longest, FinishReason.LENGTH)
+        batch, n = self._batch, 0
+        n_prompt = budget
+        for slot in slots:
+            slot.logits_index = -1
+        for slot in generating:
+            assert slot.next_token is not None
+            n = self._add(batch, n, slot.next_token, len(slot.cached), slot.seq_id, True)
+            kv.append(slot, slot.next_token)
+            slot.logits_index = n - 1
+        for place, slot in enumerate(prompting):
+            if budget <= 0:
+                break
+            assert slot.pending is not None
+            # Max-min fair: shortest first, each taking at most an equal share of what is left, so short prompts
+            # finish at once while a long one still advances every step (never starved by a stream of short ones).
+            chunk = slot.pending[:max(1, budget // (len(prompting) - place))]
+            budget -= len(chunk)
+            del slot.pending[:len(chunk)]
+            for i, token in enumerate(chunk):
+                n = self._add(batch, n, token, len(slot.cached), slot.seq_id, not slot.pending and i == len(chunk) - 1)
+                kv.append(slot, token)
+            if not slot.pending:
+                slot.logits_index = n - 1
+        if n == 0:
+            return
+        batch.n_tokens = n
+        threads = self.threads.choose(n)
+        if threads != self._n_threads:
+            llama_cpp.llama_set_n_threads(self._ctx, threads, threads)
+            self._n_threads = threads
+        started = time.perf_counter()
+        result = llama_cpp.llama_decode(self._ctx, batch)
+        if result != 0:
+            raise EngineError(f"llama_decode returned {result}")
+        seconds = time.perf_counter() - started
+        self.threads.record(n, threads, seconds)
+        self.step_seconds.append(seconds)
+        self.step_cells.append(kv.cells_in_use)
+        if generating or limited:
+            self._measure(seconds, n_prompt, limited)
+        for slot in slots:
+            if slot.logits_index >= 0:
+                self._sample(slot)
+
+    def _prefill_tokens(self) -> int:
+        """Prompt tokens a step may add to the generating streams' tokens (see `_measure`)."""
+        return max(self.settings.prefill_chunk, int(self._chunk))
+
+    def _measure(self, seconds: float, n_prompt: int, limited: bool) -> None:
+        """Size the next steps' prompt chunk by this step's time: a step with prompt tokens should take
+        ``step_budget_ms``, or twice a step without them when that alone takes longer (a slow model or a busy
+        machine), so streams keep flowing while prompts are read as fast as that allows."""
+        self._since_bare = self._since_bare + 1 if n_prompt else 0
+        if not n_prompt:
+            self._gen_step = seconds if self._gen_step is None else 0.8 * self._gen_step + 0.2 * seconds
+            return
+        if not limited:  # the prompts ran out before the chunk did: the step says nothing about its size
+            return
+        target = max(self.settings.step_budget_ms / 1000, 2 * (self._gen_step or 0.0))
+        ratio = min(2.0, max(0.5, target / max(seconds, 1e-6)))
+        self._chunk = min(float(self._n_batch), max(float(self.settings.prefill_chunk), self._chunk * ratio))
+
+    @staticmethod
+    def _add(batch: Any, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:
+        batch.token[n] = token
+        batch.pos[n] = pos
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = seq_id
+        batch.logits[n] = logits
+        return n + 1
+
+    def _sample(self, slot: Slot) -> None:
+        generation = slot.generation
+        assert generation is not None
+        token = llama_cpp.llama_sampler_sample(generation._sampler, self._ctx, slot.logits_index)
+        if generation.t_first_token is None:
+            generation.t_first_token = time.monotonic()
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            with self.scheduler.cond:
+                self._finish(slot, FinishReason.STOP)
+            return
+        generation.n_generated += 1
+        text = slot.decoder.decode(self.tokenizer.piece(token))
+        if text:
+            generation._emit(text)
+        if generation.n_generated >= generation.sampling.max_tokens or len(slot.cached) + 1 >= self.n_ctx:
+            with self.scheduler.cond:
+                self._finish(slot, FinishReason.LENGTH)
+        else:
+            slot.next_token = token
+
+    def _finish(self, slot: Slot, reason: FinishReason, error: BaseException | None = None) -> None:
+        """End the slot's request (caller holds the lock); the slot keeps its KV cache for the next turn."""
+        generation = slot.generation
+        assert generation is not None
+        # Bytes still held by the decoder are a character the model did not finish: dropped, never shown as "�".
+        slot.generation, slot.pending, slot.next_token = None, None, None
+        slot.last_used = time.monotonic()
+        self.kv.trim_due = True
+        self._end(generation, reason, error)
+        if generation.tokens_per_second:
+            self.last_rate = generation.tokens_per_second
+
+    def _end(self, generation: Generation, reason: FinishReason, error: BaseException | None = None) -> None:
+        self.samplers.free(generation._sampler)
+        generation._sampler = None
+        generation._end(reason, error)
