@@ -1,4 +1,4 @@
-from bot.cli import main
+from bot.app import main
 
 if __name__ == "__main__":
     main()

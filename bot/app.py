@@ -21,6 +21,7 @@ from bot.conversations import ConversationManager
 from bot.errors import ConfigError, LlamarelayError
 from bot.models import fetch_default_model
 from bot.engine.remote import RemoteEngine
+from bot.engine.threads import configure_openmp
 from bot.store import is_database_url, open_store, redact_url
 from bot.store.transfer import export_jsonl, import_jsonl
 
@@ -89,6 +90,7 @@ async def open_engine(settings: Settings, secrets: Secrets) -> Engine | RemoteEn
         remote = RemoteEngine(settings.engine, secrets.engine_api_key)
         await remote.start()
         return remote
+    configure_openmp()  # before llama.cpp loads: libgomp reads it then
     from bot.engine.embedded import Engine  # here: a remote backend never loads llama.cpp
 
     return await asyncio.to_thread(Engine, settings.engine)  # loading takes a while: the loop stays free

@@ -28,7 +28,13 @@ def test_importing_the_bot_leaves_the_environment_alone() -> None:
     assert spin_settings("import bot.app, bot.engine") == ["None", "None"]
 
 
-def test_the_entry_point_sets_a_short_spin_unless_the_environment_says_otherwise() -> None:
+def test_a_short_spin_is_set_before_llama_cpp_loads_unless_the_environment_says_otherwise() -> None:
+    # What the bot does: open_engine sets it, then loads llama.cpp (and llama.cpp was not loaded before).
+    opened = ("import asyncio, sys; from bot.app import open_engine; from bot.config import Secrets, Settings; "
+              f"settings = Settings(); settings.engine.model_path = {str(MODEL_PATH)!r}; "
+              "assert 'llama_cpp' not in sys.modules; engine = asyncio.run(open_engine(settings, Secrets())); "
+              "assert 'llama_cpp' in sys.modules; engine.close()")
+    assert spin_settings(opened) == ["None", str(SPIN_COUNT)]
     configure = "from bot.engine.threads import configure_openmp; configure_openmp(); import bot.engine"
     assert spin_settings(configure) == ["None", str(SPIN_COUNT)]
     assert spin_settings(configure, OMP_WAIT_POLICY="active") == ["active", "None"]

@@ -2,8 +2,8 @@
 
 llama.cpp's CPU threads (OpenMP, in the llama-cpp-python builds) meet at a barrier after every operation of a
 decode step, hundreds of times per token. How long a waiting thread spins before it sleeps is libgomp's
-``GOMP_SPINCOUNT``, read once, when the library loads: `configure_openmp` sets it, from the entry points (the
-command line, the benchmarks, the tests), never as a side effect of an import. A short spin keeps a quiet
+``GOMP_SPINCOUNT``, read once, when the library loads: `configure_openmp` sets it where llama.cpp is loaded
+(`bot.app.open_engine`, the benchmarks, the tests), never as a side effect of an import. A short spin keeps a quiet
 machine's threads in step (passive waiting, which sleeps at once, more than halved the speed of two threads),
 and spends little when another process holds a core, where libgomp's own default (300,000 rounds) crawled.
 
@@ -24,7 +24,7 @@ __all__ = ["SPIN_COUNT", "ThreadTuner", "configure_openmp", "physical_cores", "t
 
 log = logging.getLogger(__name__)
 
-SPIN_COUNT = 10_000  # libgomp's rounds of spinning at a barrier before a thread sleeps (see benchmarks/threads.py)
+SPIN_COUNT = 10_000  # libgomp's rounds of spinning at a barrier before a thread sleeps (see benchmarks/shared_machine.py)
 EXPLORE_EVERY = 24  # of a kind's steps, one in this many tries another thread count
 SMOOTHING = 0.5  # weight of a new step time in a thread count's running figure: a few tries tell a change
 
