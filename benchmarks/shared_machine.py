@@ -2,7 +2,7 @@
 
 Each configuration runs in its own process (libgomp reads its spin settings when llama.cpp is loaded):
 single-stream tokens/s, and 8 streams' aggregate tokens/s, quiet, then with a competing CPU-bound process
-(``python -c 'while True: pass'``), and the child's peak RSS against model + KV pool + RAM state budget + 200 MB.
+(a Python loop), and the child's peak RSS against model + KV pool + RAM state budget + 200 MB.
 The fixed configurations show what each waiting policy costs; the last is llamarelay's own: its spin
 (`bot.engine.threads.SPIN_COUNT`) and thread counts timed online (``n_threads = 0``).
 
@@ -28,6 +28,8 @@ MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instru
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
 STREAMS = 8
 CORES = os.cpu_count() or 1
+# A process spinning on one core for as long as the one that started it lives (never left behind by a kill).
+HOG = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
 # (label, n_threads (0 = timed, the engine's default), environment for libgomp; None = llamarelay's own)
 CONFIGS: list[tuple[str, int, dict[str, str] | None]] = [
     ("libgomp's own spin (300k), all cores", CORES, {"GOMP_SPINCOUNT": "300000"}),
@@ -77,7 +79,7 @@ def child(n_threads: int, n_tokens: int, runs: int, busy_seconds: float) -> None
     for _ in range(runs):  # interleaved, so drift in the machine's speed hits both alike
         for streams, suffix in ((1, ""), (STREAMS, "8")):
             figures["quiet" + suffix].append(asyncio.run(generate(engine, prompt, n_tokens, streams)))
-            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            hog = subprocess.Popen([sys.executable, "-c", HOG])
             try:
                 time.sleep(0.2)  # let the scheduler see it
                 started = time.perf_counter()

@@ -50,39 +50,67 @@ def test_candidates_are_all_cores_one_less_and_half() -> None:
     assert thread_candidates(16) == [16, 15, 8]
 
 
-def run(tuner: ThreadTuner, steps: int, seconds: dict[int, float], n_tokens: int = 1) -> list[int]:
-    """``steps`` steps whose time at each thread count is ``seconds``; the counts the tuner chose."""
-    chosen = []
-    for _ in range(steps):
-        threads = tuner.choose(n_tokens)
-        tuner.record(n_tokens, threads, seconds[threads])
-        chosen.append(threads)
-    return chosen
+class Machine:
+    """Steps whose time at each thread count is set by the test; the first step after a change of count
+    costs double (threads waking up), as on a real machine. Its clock is the steps' time."""
+
+    def __init__(self, seconds: dict[int, float]) -> None:
+        self.seconds = seconds
+        self.now = 0.0
+        self.last: int | None = None
+
+    def run(self, tuner: ThreadTuner, steps: int, n_tokens: int = 1) -> list[int]:
+        """``steps`` steps; the counts the tuner chose."""
+        chosen = []
+        for _ in range(steps):
+            threads = tuner.choose(n_tokens)
+            took = self.seconds[threads] * (2 if threads != self.last else 1)
+            self.now += took
+            self.last = threads
+            tuner.record(n_tokens, threads, took)
+            chosen.append(threads)
+        return chosen
 
 
 def test_the_tuner_keeps_the_fastest_count_and_follows_the_machine() -> None:
-    tuner = ThreadTuner([2, 1], explore_every=8)
-    quiet = {2: 0.010, 1: 0.014}
-    busy = {2: 0.030, 1: 0.015}  # another process took a core: two threads wait on each other
-    chosen = run(tuner, 80, quiet)
-    assert chosen[:2] == [2, 1] and chosen[-48:].count(2) == 42  # tried each, then the faster but 1 in 8
-    chosen = run(tuner, 80, busy)
-    assert chosen[-48:].count(1) == 42 and chosen.index(1) < 4  # it moved to one thread within a few steps
-    chosen = run(tuner, 80, quiet)
-    assert chosen[-48:].count(2) == 42 and chosen[24:].count(1) <= 7  # and back within 3 tries of two
-    assert tuner.best() == 2
+    machine = Machine({2: 0.010, 1: 0.014})
+    tuner = ThreadTuner([2, 1], clock=lambda: machine.now)
+    chosen = machine.run(tuner, 300)  # 3 s of steps
+    assert chosen[:8] == [2] * 4 + [1] * 4  # a try of each, the first step of a try not counted
+    assert chosen[-200:].count(2) >= 190 and tuner.best() == 2  # then the faster, other tries rare
+    machine.seconds = {2: 0.030, 1: 0.015}  # another process took a core: two threads wait on each other
+    chosen = machine.run(tuner, 300)
+    assert chosen.index(1) < 10 and chosen[-200:].count(1) >= 190  # moved to one thread within a few steps
+    machine.seconds = {2: 0.010, 1: 0.014}  # the core is free again
+    started = machine.now
+    chosen = machine.run(tuner, 400)
+    back = chosen.index(2) + 4  # after its try
+    assert chosen[back:back + 100].count(2) >= 95  # back to two threads...
+    assert sum(machine.seconds[c] for c in chosen[:back]) + started <= started + 3.0  # ...within seconds
+
+
+def test_a_much_slower_count_is_tried_less_often() -> None:
+    machine = Machine({2: 0.080, 1: 0.012})  # two threads crawl beside another busy process
+    tuner = ThreadTuner([2, 1], clock=lambda: machine.now)
+    chosen = machine.run(tuner, 1000)  # 12 s or so
+    tries = sum(1 for a, b in zip(chosen, chosen[1:]) if a == 1 and b == 2)
+    assert 1 <= tries <= 3  # every 6.7 s (80 / 12 x 1 s), not every second
 
 
 def test_the_tuner_times_each_kind_of_step_apart() -> None:
-    tuner = ThreadTuner([2, 1], explore_every=8)
-    run(tuner, 40, {2: 0.010, 1: 0.014}, n_tokens=1)  # one-token steps: two threads win
-    run(tuner, 40, {2: 0.200, 1: 0.150}, n_tokens=300)  # long prompt chunks (say): one wins
+    one, prompt = Machine({2: 0.010, 1: 0.014}), Machine({2: 0.200, 1: 0.150})
+    tuner = ThreadTuner([2, 1], clock=lambda: one.now + prompt.now)
+    for _ in range(10):  # bursts of each: a reply's one-token steps, then a long prompt's chunks
+        one.run(tuner, 20, n_tokens=1)  # two threads win these
+        prompt.last = one.last
+        prompt.run(tuner, 10, n_tokens=300)  # one wins these (say)
+        one.last = prompt.last
     assert tuner.best(1) == 2 and tuner.best(300) == 1 and tuner.best(256) == 1
 
 
 def test_a_fixed_thread_count_is_never_tuned() -> None:
-    tuner = ThreadTuner([3])
-    assert run(tuner, 10, {3: 0.01}) == [3] * 10
+    machine = Machine({3: 0.01})
+    assert machine.run(ThreadTuner([3]), 10) == [3] * 10
 
 
 def test_the_engine_times_its_steps_at_each_candidate(tmp_path: Path) -> None:
@@ -96,7 +124,7 @@ def test_the_engine_times_its_steps_at_each_candidate(tmp_path: Path) -> None:
                 pass
 
         asyncio.run(generate())
-        timed = engine.threads._seconds[ThreadTuner.kind(1)]  # one-token steps, timed at every candidate
+        timed = engine.threads.timings(1)  # one-token steps, timed at every candidate
         assert sorted(timed) == sorted(engine.threads.candidates) and all(s > 0 for s in timed.values())
     finally:
         engine.close()

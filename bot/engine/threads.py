@@ -17,16 +17,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["SPIN_COUNT", "ThreadTuner", "configure_openmp", "physical_cores", "thread_candidates"]
 
 log = logging.getLogger(__name__)
 
-SPIN_COUNT = 10_000  # libgomp's rounds of spinning at a barrier before a thread sleeps (see benchmarks/shared_machine.py)
-EXPLORE_EVERY = 24  # of a kind's steps, one in this many tries another thread count
-SMOOTHING = 0.5  # weight of a new step time in a thread count's running figure: a few tries tell a change
+SPIN_COUNT = 1_000  # libgomp's rounds of spinning at a barrier before a thread sleeps (benchmarks/shared_machine.py)
+EXPLORE_SECONDS = 1.0  # each kind of step tries another thread count about this often (longer if it was slower)
+TRIAL_STEPS = 4  # steps of a try, the first not counted
+SMOOTHING = 0.5  # weight of a new step time in a thread count's running figure: a try tells a change
 
 
 def configure_openmp() -> None:
@@ -63,22 +66,34 @@ def thread_candidates(cores: int) -> list[int]:
     return sorted({cores, max(1, cores - 1), max(1, cores // 2)}, reverse=True)
 
 
+@dataclass
+class _Kind:
+    """One kind of step's figures: smoothed seconds per step at each count, when each count was last tried,
+    and the try under way (count, steps left)."""
+
+    seconds: dict[int, float] = field(default_factory=dict)
+    tried_at: dict[int, float] = field(default_factory=dict)
+    trial: tuple[int, int] | None = None
+
+
 class ThreadTuner:
     """Chooses the thread count of each decode step from how long earlier steps of its kind took at each count.
 
     A kind is the step's size class (1 token, 2-3, 4-7, …): one- and many-token steps differ in how well they
-    spread over threads. Mostly the fastest count so far is used; one step in ``explore_every`` of a kind tries
-    the count tried least recently, so the figures follow the machine as other work comes and goes. Used by the
-    engine's worker thread only.
+    spread over threads. Mostly the fastest count so far is used. About every ``explore_seconds`` (longer in
+    proportion when that count was slower: a count that was 6x slower is tried every 6 ``explore_seconds``)
+    another count gets a try of `TRIAL_STEPS` steps, so the figures follow the machine as other work comes and
+    goes. A step right after the count changed is not counted: it pays for waking threads that slept, which the
+    steps after it do not. Used by the engine's worker thread only.
     """
 
-    def __init__(self, candidates: Sequence[int], explore_every: int = EXPLORE_EVERY) -> None:
+    def __init__(self, candidates: Sequence[int], explore_seconds: float = EXPLORE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.candidates = list(candidates)
-        self.explore_every = explore_every
-        # per kind: seconds per step at each count (smoothed), the steps taken, and when each count was last tried
-        self._seconds: dict[int, dict[int, float]] = {}
-        self._steps: dict[int, int] = {}
-        self._tried: dict[int, dict[int, int]] = {}
+        self.explore_seconds = explore_seconds
+        self._clock = clock
+        self._kinds: dict[int, _Kind] = {}
+        self._last: int | None = None  # the count of the step before
 
     @staticmethod
     def kind(n_tokens: int) -> int:
@@ -88,29 +103,46 @@ class ThreadTuner:
         """The thread count for a step of ``n_tokens`` tokens."""
         if len(self.candidates) == 1:
             return self.candidates[0]
-        kind = self.kind(n_tokens)
-        seconds = self._seconds.get(kind, {})
-        untried = [count for count in self.candidates if count not in seconds]
+        kind = self._kinds.setdefault(self.kind(n_tokens), _Kind())
+        if kind.trial is None:
+            kind.trial = self._next_trial(kind)
+        return kind.trial[0] if kind.trial is not None else self._best(kind)
+
+    def _next_trial(self, kind: _Kind) -> tuple[int, int] | None:
+        now = self._clock()
+        untried = [count for count in self.candidates if count not in kind.seconds]
         if untried:
-            return untried[0]
-        step = self._steps.get(kind, 0)
-        if step % self.explore_every == self.explore_every - 1:
-            tried = self._tried[kind]
-            return min(self.candidates, key=lambda count: tried[count])
-        return min(self.candidates, key=lambda count: seconds[count])
+            kind.tried_at[untried[0]] = now
+            return untried[0], TRIAL_STEPS
+        best = self._best(kind)
+        for count in sorted(self.candidates, key=lambda count: kind.tried_at.get(count, 0.0)):
+            wait = self.explore_seconds * max(1.0, kind.seconds[count] / kind.seconds[best])
+            if count != best and now - kind.tried_at.get(count, 0.0) >= wait:
+                kind.tried_at[count] = now
+                return count, TRIAL_STEPS
+        return None
 
     def record(self, n_tokens: int, threads: int, seconds: float) -> None:
         """How long a step of ``n_tokens`` tokens took with ``threads`` threads."""
-        kind = self.kind(n_tokens)
-        figures = self._seconds.setdefault(kind, {})
-        previous = figures.get(threads)
-        figures[threads] = seconds if previous is None else (1 - SMOOTHING) * previous + SMOOTHING * seconds
-        step = self._steps.get(kind, 0) + 1
-        self._steps[kind] = step
-        self._tried.setdefault(kind, {})[threads] = step
+        if len(self.candidates) == 1:
+            return
+        kind = self._kinds.setdefault(self.kind(n_tokens), _Kind())
+        if threads == self._last:
+            previous = kind.seconds.get(threads)
+            kind.seconds[threads] = seconds if previous is None else (1 - SMOOTHING) * previous + SMOOTHING * seconds
+        self._last = threads
+        if kind.trial is not None and kind.trial[0] == threads:
+            left = kind.trial[1] - 1
+            kind.trial = (threads, left) if left > 0 or threads not in kind.seconds else None
+
+    def _best(self, kind: _Kind) -> int:
+        known = [count for count in self.candidates if count in kind.seconds]
+        return min(known, key=lambda count: kind.seconds[count]) if known else self.candidates[0]
+
+    def timings(self, n_tokens: int = 1) -> dict[int, float]:
+        """Smoothed seconds a step of ``n_tokens`` tokens takes at each count timed so far."""
+        return dict(self._kinds.get(self.kind(n_tokens), _Kind()).seconds)
 
     def best(self, n_tokens: int = 1) -> int:
-        """The count a step of ``n_tokens`` tokens gets now, exploration aside (for /status and logs)."""
-        seconds = self._seconds.get(self.kind(n_tokens), {})
-        known = [count for count in self.candidates if count in seconds]
-        return min(known, key=lambda count: seconds[count]) if known else self.candidates[0]
+        """The count a step of ``n_tokens`` tokens gets now, tries aside (for /status, logs and benchmarks)."""
+        return self._best(self._kinds.get(self.kind(n_tokens), _Kind()))
