@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--busy-seconds", type=float, default=30.0, help="give up on a busy run after this")
+    parser.add_argument("--configs", default="", help="comma-separated numbers of the configurations to run "
+                        "(1 = the first; default: all)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -116,7 +118,8 @@ def main() -> None:
           "busy = one other process spinning on a core")
     print(f"{'configuration':44} {'threads':>7} {'quiet t/s':>10} {'busy t/s':>9} {'kept':>6} "
           f"{'8 quiet':>8} {'8 busy':>7} {'kept':>6} {'peak RSS':>9} {'bound':>9}", flush=True)
-    for label, threads, env in CONFIGS:
+    chosen = [CONFIGS[int(n) - 1] for n in args.configs.split(",")] if args.configs else CONFIGS
+    for label, threads, env in chosen:
         environ = dict(os.environ)
         if env is not None:
             environ.update(env)

@@ -144,7 +144,8 @@ def start_llamarelay(args: argparse.Namespace, logs: Path) -> Server:
     # Only the API: no platform token may reach it from this shell.
     env = {k: v for k, v in os.environ.items() if not k.endswith(("_TOKEN", "_SECRET")) and not k.startswith(
         "LLAMARELAY_")}
-    env.update({"LLAMARELAY_STORE__PATH": str(logs / "llamarelay.sqlite3"), "LLAMARELAY_WEB__ENABLED": "false",
+    env.update({"LLAMARELAY_ENGINE__MODEL_PATH": str(args.model),
+                "LLAMARELAY_STORE__PATH": str(logs / "llamarelay.sqlite3"), "LLAMARELAY_WEB__ENABLED": "false",
                 "LLAMARELAY_API__ENABLED": "true", "LLAMARELAY_API__PORT": str(port),
                 "LLAMARELAY_SAMPLING__MAX_TOKENS": str(args.tokens)})
     with (logs / "llamarelay.log").open("wb") as log:
