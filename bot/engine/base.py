@@ -5,8 +5,9 @@ Nothing here loads llama.cpp: the remote backend imports this module alone.
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -56,10 +57,15 @@ class EngineStatus:
         return lines + [("Device", str(self.device))] if self.device is not None else lines
 
 
+END = object()  # the event that ends a request's iteration
+
+
 class Figures:
-    """What a request reports however it runs, in this process or on a model server."""
+    """What a request reports however it runs, in this process or on a model server, and the stream of its
+    events: ``async for event in request`` yields them until `END`, and raises an exception put in the stream."""
 
     def __init__(self, prompt: list[int], sampling: SamplingSettings) -> None:
+        self._events: asyncio.Queue[Any] = asyncio.Queue()
         self.prompt = prompt
         self.sampling = sampling
         self.finish_reason: FinishReason | None = None
@@ -68,6 +74,15 @@ class Figures:
         self.t_first_token: float | None = None
         self.t_finished: float | None = None
         self._position: int | None = None
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        while True:
+            event = await self._events.get()
+            if event is END:
+                return
+            if isinstance(event, BaseException):
+                raise event
+            yield event
 
     @property
     def position(self) -> int | None:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from bot.config import SamplingSettings
-from bot.engine.base import Figures, FinishReason, QueuePosition
+from bot.engine.base import END, Figures, FinishReason, QueuePosition
 
 __all__ = ["Generation"]
-
-END = object()  # the event that ends the iteration
-
 
 class Generation(Figures):
     """One request. ``async for event in generation`` yields `QueuePosition` events and text deltas (str).
@@ -28,22 +25,12 @@ class Generation(Figures):
         self._request_cancel = cancel
         self._sampler: Any = None  # llama.cpp's sampler chain, built by the worker when the request starts
         self._loop = loop
-        self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._announced_position: int | None = None
         self._cancel_requested = False
 
     def cancel(self) -> None:
         """Stop this request now; its slot or queue place is freed within one decode step."""
         self._request_cancel(self)
-
-    async def __aiter__(self) -> AsyncIterator[QueuePosition | str]:
-        while True:
-            event = await self._events.get()
-            if event is END:
-                return
-            if isinstance(event, BaseException):
-                raise event
-            yield event
 
     # -- worker side ---------------------------------------------------------------------------------
 

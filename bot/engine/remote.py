@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.engine.base import EngineStatus, Figures, FinishReason, QueuePosition
+from bot.engine.base import END, EngineStatus, Figures, FinishReason, QueuePosition
 from bot.errors import EngineError, QueueFull
 from bot.prompt import Prompt
 
@@ -75,21 +75,11 @@ class RemoteGeneration(Figures):
         super().__init__(prompt.tokens, sampling)
         self._engine = engine
         self._body = engine._body(prompt, sampling)
-        self._events: asyncio.Queue[Any] = asyncio.Queue()
         self._task = asyncio.create_task(self._run(), name="remote-generation")
 
     def cancel(self) -> None:
         """Stop now: the HTTP stream is closed, which tells the server to stop generating."""
         self._task.cancel()
-
-    async def __aiter__(self) -> AsyncIterator[QueuePosition | Retrying | str]:
-        while True:
-            event = await self._events.get()
-            if event is None:
-                return
-            if isinstance(event, BaseException):
-                raise event
-            yield event
 
     async def _run(self) -> None:
         engine = self._engine
@@ -109,7 +99,7 @@ class RemoteGeneration(Figures):
         self._position = None
         if rate := self.tokens_per_second:
             engine.last_rate = rate
-        self._events.put_nowait(outcome)
+        self._events.put_nowait(END if outcome is None else outcome)
 
     def _set_position(self, position: int) -> None:
         if position != self._position:
