@@ -50,6 +50,7 @@ async def main() -> None:
     parser.add_argument("--conversations", type=int, default=6)
     args = parser.parse_args()
     settings = load_settings(ROOT / "config.toml")
+    settings.engine.state_dir = None  # no KV states of an earlier run restored from disk: new conversations only
     engine = await asyncio.to_thread(Engine, settings.engine)
     try:
         medians = {}
