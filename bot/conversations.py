@@ -3,6 +3,9 @@
 Each message is a `Request` with an explicit `State` that /stop, /reset, /status and shutdown all see.
 Messages of one conversation are answered in arrival order; the reply text is the model's, whole, and is
 what is stored and fed back; notes (stopped, errors) travel beside it; `bot.delivery` shows it.
+
+Over 500 lines, knowingly for now: wording, text cleaning, request types, window fitting, streaming, settings
+inheritance and reply leases all live here; issue 21 splits them into a `bot/conversations/` package.
 """
 
 from __future__ import annotations

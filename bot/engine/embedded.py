@@ -21,13 +21,13 @@ from collections.abc import Sequence
 import llama_cpp
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.engine.threads import ThreadTuner
 from bot.engine.base import EngineStatus
 from bot.engine.generation import Generation
 from bot.engine.kv import KVPool
 from bot.engine.loading import load, open_state_cache
 from bot.engine.sampling import Samplers
 from bot.engine.scheduler import Scheduler
+from bot.engine.threads import ThreadTuner
 from bot.engine.tokenizer import Tokenizer
 from bot.engine.worker import Worker
 from bot.errors import EngineError
