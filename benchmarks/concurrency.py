@@ -1,6 +1,6 @@
-"""Engine throughput with many conversations: one KV pool, continuous batching, KV reuse between turns.
+"""Engine throughput with many conversations: KV streams or pool, continuous batching, KV reuse between turns.
 
-Run: .venv/bin/python benchmarks/concurrency.py [--tokens 128] [--turns 10] [--phases all]
+Run: .venv/bin/python benchmarks/concurrency.py [--tokens 128] [--turns 10] [--phases all] [--layout streams|pool]
 On the default engine config (n_ctx 2048 as in issue 13, parallel automatic) it prints the single-stream rate
 and TTFT; for 1, 2, 4, 8 concurrent sessions the aggregate rate, median and worst TTFT, each stream's longest
 gap between tokens and the longest decode step; a "no stalls" phase (4 long histories whose oldest turns were
@@ -240,6 +240,10 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--threads", type=int, default=EngineSettings().n_threads,
                         help="[engine] n_threads (0: timed, the fastest kept; the config's default)")
+    parser.add_argument("--layout", choices=["auto", "streams", "pool"], default="auto",
+                        help="[engine] kv_layout: a KV stream per conversation, one unified pool, or the automatic "
+                             "choice (the default)")
+    parser.add_argument("--kv-pool-mb", type=int, default=0, help="[engine] kv_pool_mb (0: the default budget)")
     parser.add_argument("--phases", default="ceiling,single,concurrent,prefix,stalls,idle,conversation",
                         help="comma-separated subset of: ceiling,single,concurrent,prefix,stalls,idle,conversation")
     args = parser.parse_args()
@@ -247,12 +251,14 @@ def main() -> None:
     sampling = SamplingSettings(max_tokens=args.tokens, temperature=0.7, seed=7)
     threads = os.cpu_count()
     # The defaults otherwise: parallel automatic.
-    settings = EngineSettings(model_path=MODEL, n_ctx=2048, n_threads=args.threads)
+    settings = EngineSettings(model_path=MODEL, n_ctx=2048, n_threads=args.threads, kv_layout=args.layout,
+                              kv_pool_mb=args.kv_pool_mb)
     engine = Engine(settings)
     pool = getattr(engine, "pool_tokens", None)
     threads_shown = "/".join(map(str, engine.threads.candidates))
+    layout = f"{len(engine.kv.slots)} KV streams" if engine.kv.layout == "streams" else "one KV pool"
     print(f"model {engine.model_name}, {threads_shown} threads, context {settings.n_ctx} tokens, "
-          f"KV pool {pool or '-'} tokens, up to {getattr(engine, 'parallel', settings.parallel)} at once, "
+          f"{layout} of {pool or '-'} tokens, up to {getattr(engine, 'parallel', settings.parallel)} at once, "
           f"{args.tokens} tokens per reply")
 
     if "ceiling" in phases:
@@ -283,7 +289,7 @@ def main() -> None:
 
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     allowed = model_bytes + kv_bytes + (settings.state_cache_mb + 200) * 2**20
-    print(f"peak RSS {peak_rss / 2**20:.0f} MB (target <= model {model_bytes / 2**20:.0f} MB + KV pool "
+    print(f"peak RSS {peak_rss / 2**20:.0f} MB with {layout} (target <= model {model_bytes / 2**20:.0f} MB + KV "
           f"{kv_bytes / 2**20:.0f} MB + state budget {settings.state_cache_mb} MB + 200 MB = "
           f"{allowed / 2**20:.0f} MB)")
 

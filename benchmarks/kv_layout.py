@@ -32,12 +32,14 @@ CHUNKS = (0, 32, 128)
 _QUIET = llama_cpp.llama_log_callback(lambda *_: None)  # llama.cpp keeps only a pointer: the object must live on
 
 
-def measure(model: object, unified: bool, flash: bool, own: int, others: int, threads: int) -> list[float]:
+def measure(model: object, unified: bool, flash: bool, own: int, others: int, threads: int,
+            kv_type: int = llama_cpp.GGML_TYPE_F16) -> list[float]:
     """Median seconds of a step with the seven decodes plus each of CHUNKS prompt tokens."""
     params = llama_cpp.llama_context_default_params()
     params.n_batch = params.n_ubatch = 512
     params.n_threads, params.n_threads_batch = 1, threads
     params.kv_unified = unified
+    params.type_k = params.type_v = kv_type
     params.n_seq_max = OTHERS + 1
     window = max(own + 256, others + 16)
     params.n_ctx = (own + 256 + OTHERS * (others + 16)) if unified else (OTHERS + 1) * window
@@ -100,12 +102,16 @@ def main() -> None:
     print(f"one sequence at {args.own} tokens, {OTHERS} at {args.others}; a step of {OTHERS} one-token decodes "
           f"plus a prompt chunk of 0 / 32 / 128 tokens; {args.threads} threads")
     try:
-        for label, unified, flash in (("unified pool, flash attention (llamarelay)", True, True),
-                                      ("a stream per sequence, flash attention", False, True),
-                                      ("a stream per sequence, no flash attention", False, False),
-                                      ("unified pool, no flash attention", True, False)):
-            medians = measure(model, unified, flash, args.own, args.others, args.threads)
-            print(f"{label:45s} " + " / ".join(f"{1000 * m:7.1f} ms" for m in medians))
+        f16, q8 = llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_Q8_0
+        for label, unified, flash, kv_type in (
+                ("a stream per sequence, flash attention (llamarelay)", False, True, f16),
+                ("unified pool, flash attention (llamarelay's pool)", True, True, f16),
+                ("a stream per sequence, no flash attention", False, False, f16),
+                ("unified pool, no flash attention", True, False, f16),
+                ("a stream per sequence, flash, q8_0 K and V (half)", False, True, q8),
+                ("unified pool, flash, q8_0 K and V (half)", True, True, q8)):
+            medians = measure(model, unified, flash, args.own, args.others, args.threads, kv_type)
+            print(f"{label:52s} " + " / ".join(f"{1000 * m:7.1f} ms" for m in medians))
     finally:
         llama_cpp.llama_model_free(model)
 

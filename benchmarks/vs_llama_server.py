@@ -14,6 +14,8 @@ the medians side by side with their ratio (llamarelay / llama-server). Not part 
 Two modes. Equal threads (the default): both get ``--threads`` threads (default: every physical core) and
 libgomp's spin as llamarelay sets it. ``--defaults``: each as a new user starts it, llama-server with
 ``-c 16384 -np 8`` and its own thread count and spin, llamarelay with the shipped config.toml (``[api]`` on).
+``--layout streams|pool`` sets llamarelay's KV layout (default: its automatic choice). Prints each server's peak
+RSS at the end.
 """
 
 from __future__ import annotations
@@ -148,10 +150,18 @@ def start_llamarelay(args: argparse.Namespace, logs: Path) -> Server:
                 "LLAMARELAY_STORE__PATH": str(logs / "llamarelay.sqlite3"), "LLAMARELAY_WEB__ENABLED": "false",
                 "LLAMARELAY_API__ENABLED": "true", "LLAMARELAY_API__PORT": str(port),
                 "LLAMARELAY_SAMPLING__MAX_TOKENS": str(args.tokens)})
+    if args.layout:
+        env["LLAMARELAY_ENGINE__KV_LAYOUT"] = args.layout
     with (logs / "llamarelay.log").open("wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "bot", "--config", str(config), "run"], cwd=ROOT, env=env,
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     return Server("llamarelay", f"http://127.0.0.1:{port}/v1", process)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")) / 1024
 
 
 def stop(server: Server) -> None:
@@ -278,6 +288,8 @@ async def main() -> None:
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel jobs of the build")
     parser.add_argument("--busy", action="store_true", help="keep one core busy with another process meanwhile")
+    parser.add_argument("--layout", choices=["streams", "pool"], help="llamarelay's [engine] kv_layout (default: "
+                        "the config's, automatic)")
     args = parser.parse_args()
     args.model = args.model.resolve()
     if not args.model.is_file():
@@ -306,6 +318,8 @@ async def main() -> None:
                               f"{figures.aggregate_tps:6.1f} tok/s, TTFT median {figures.ttft_median:.3f} s, "
                               f"worst {figures.ttft_worst:.3f} s", flush=True)
             report(results)
+            print("peak RSS: " + ", ".join(f"{server.name} {peak_rss_mb(server.process.pid):.0f} MB"
+                                           for server in servers))
         except Exception:
             for name in ("llama-server", "llamarelay"):  # the logs go with the temporary directory: show them
                 print(f"--- the end of {name}'s log:\n" + (logs / f"{name}.log").read_text(errors="replace")[-3000:])

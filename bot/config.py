@@ -50,7 +50,11 @@ class EngineSettings(_Section):
                                                         "and half are tried, and the fastest kept")
     n_batch: int = Field(512, ge=16, le=8192, description="most tokens decoded in one llama_decode call")
     kv_pool_mb: int = Field(0, ge=0, le=1_000_000,
-                            description="RAM for the KV cache all conversations share; 0 = room for 4 x n_ctx tokens")
+                            description="memory for the KV cache of all conversations; 0 = room for 8 x n_ctx "
+                                        "tokens (4 x where that is over a quarter of the RAM)")
+    kv_layout: Literal["auto", "streams", "pool"] = Field(
+        "auto", description="streams: a KV stream of a whole window per conversation generating; pool: one pool "
+                            "they all share; auto: streams where kv_pool_mb holds 8 windows")
     parallel: int = Field(0, ge=0, le=64, description="most conversations generated together; 0 = automatic")
     step_budget_ms: int = Field(100, ge=5, le=60_000,
                                 description="longest decode step while replies stream: prompt chunks are sized to it")

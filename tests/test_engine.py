@@ -391,6 +391,52 @@ async def test_default_config_generates_eight_conversations_at_once() -> None:
         engine.close()
 
 
+@pytest.mark.parametrize("kv_pool_mb, layout, streams", [(0, "streams", 8), (100, "streams", 8), (50, "pool", 1),
+                                                         (1, "pool", 1)])
+def test_a_conversation_gets_a_kv_stream_of_its_own_where_the_budget_holds_eight_windows(
+        kv_pool_mb: int, layout: str, streams: int) -> None:
+    # 512-token windows of ~22.5 KB a token: 100 MB hold 8 of them, 50 MB only 4 (a pool, where short
+    # conversations share the cells), the default budget 8 (well within a quarter of this machine's RAM).
+    engine = small_engine(kv_pool_mb=kv_pool_mb)
+    try:
+        assert engine.kv.layout == layout
+        if layout == "streams":
+            assert len(engine.kv.slots) == engine.parallel == streams
+            assert engine.pool_tokens == streams * engine.n_ctx  # each stream a whole window
+        else:
+            assert engine.parallel >= 1 and engine.pool_tokens >= engine.n_ctx
+    finally:
+        engine.close()
+
+
+async def test_a_reply_moves_into_the_stream_a_finished_one_left_and_goes_on_unchanged() -> None:
+    # llama.cpp decodes each run of consecutive sequence ids as a ubatch of its own: a gap costs a pass over the
+    # weights per step, so the last running sequence moves into it, its KV moved as a state, mid-reply.
+    engine = small_engine(kv_layout="streams", parallel=3)
+    try:
+        question = prompt(engine, "Tell me about the sea.")
+        reply = SamplingSettings(max_tokens=48, temperature=0.0)
+        first = engine.submit(prompt(engine, "Sing."), LONG, session="a")
+        short = engine.submit(prompt(engine, "Hi."), SamplingSettings(max_tokens=2, temperature=0.0), session="b")
+        moved = engine.submit(question, reply, session="c")
+        await first_text(moved)
+        with engine.scheduler.cond:
+            assert [slot.seq_id for slot in engine.kv.slots if slot.generation is moved] == [2]
+        await collect(short)
+        await generated(moved, moved.n_generated + 2)
+        with engine.scheduler.cond:
+            assert sorted(slot.seq_id for slot in engine.kv.active()) == [0, 1]
+            assert [slot.seq_id for slot in engine.kv.slots if slot.generation is moved] == [1]
+        rest, _ = await collect(moved)  # all it wrote after the move
+        first.cancel()
+        await collect(first)
+        # Nothing of its KV was lost on the way: the same question alone gives the same text.
+        alone, _ = await collect(engine.submit(question, reply, session="d"))
+        assert moved.n_generated == 48 and len(rest) > len(alone) // 2 and alone.endswith(rest)
+    finally:
+        engine.close()
+
+
 async def test_requests_wait_for_room_in_the_pool_and_idle_caches_are_evicted_then_restored() -> None:
     # A pool of one window: each conversation may fill it, so two long prompts must take turns.
     engine = small_engine(kv_pool_mb=1, parallel=4)
@@ -503,7 +549,8 @@ async def test_a_long_prompt_advances_while_short_prompts_keep_arriving() -> Non
 
 @pytest.mark.parametrize("meanwhile", ["nothing", "another conversation ran"])
 async def test_a_dropped_middle_is_shifted_out_and_the_rest_of_the_cache_kept(meanwhile: str) -> None:
-    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=1024, n_threads=1, parallel=2))
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=1024, n_threads=1, parallel=2,
+                                   kv_layout="pool"))  # its trim sends the idle cache to RAM
     try:
         system = {"role": "system", "content": "You are a patient tutor."}
         turns = []
@@ -635,7 +682,7 @@ def _common_prefix_len(a: list[int], b: list[int]) -> int:
 async def test_an_idle_cache_leaves_the_pool_while_others_run_and_its_next_turn_still_reuses_it_whole() -> None:
     # Attention walks every KV cell in use, so idle caches would slow the running requests: beyond a quarter
     # window (128 cells here) they go to RAM while others run, and come back for their conversation's next turn.
-    engine = small_engine(parallel=2, state_cache_mb=64)
+    engine = small_engine(parallel=2, state_cache_mb=64, kv_layout="pool")
     try:
         first = engine.submit(engine.chat_tokens(REMEMBER), GREEDY, session="ann")
         reply, _ = await collect(first)
@@ -659,7 +706,7 @@ async def test_an_idle_cache_leaves_the_pool_while_others_run_and_its_next_turn_
 
 async def test_beside_a_long_reply_idle_caches_keep_only_a_quarter_window() -> None:
     # The running reply's own cells are no reason to keep more idle ones: every step would walk them too.
-    engine = small_engine(parallel=2, state_cache_mb=64)
+    engine = small_engine(parallel=2, state_cache_mb=64, kv_layout="pool")
     try:
         song = engine.submit(prompt(engine, "Sing."), LONG, session="zed")
         await generated(song, 200)
@@ -676,7 +723,7 @@ async def test_beside_a_long_reply_idle_caches_keep_only_a_quarter_window() -> N
 async def test_a_long_prompt_is_read_only_after_idle_caches_left_the_pool() -> None:
     # A reply that ran alone keeps its cache in the pool. A long prompt would walk all those cells in every
     # step: they leave before its first step, not after it.
-    engine = small_engine(parallel=2, state_cache_mb=64)
+    engine = small_engine(parallel=2, state_cache_mb=64, kv_layout="pool")
     try:
         song = SamplingSettings(max_tokens=440, temperature=0.0, grammar='root ::= ("la " ){400}')
         await collect(engine.submit(prompt(engine, "Sing."), song, session="ann"))
@@ -724,7 +771,7 @@ async def test_idle_caches_a_full_ram_cache_cannot_keep_go_to_disk_and_their_nex
         tmp_path: Path) -> None:
     # RAM has room for two of three idle ~250-token states (~6 MB each); with a state folder the third is
     # written there (by a thread, not in a decode step) and restored, so no conversation re-reads its history.
-    engine = small_engine(parallel=3, state_cache_mb=14, state_dir=tmp_path, state_disk_mb=64)
+    engine = small_engine(parallel=3, state_cache_mb=14, state_dir=tmp_path, state_disk_mb=64, kv_layout="pool")
     try:
         turns = {}
         for name in ("ann", "bob", "cat"):

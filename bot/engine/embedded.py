@@ -1,11 +1,11 @@
 """The embedded engine: llama.cpp in this process, loaded once, serving every session's requests.
 
 `Engine` composes the parts: `loading` (model and context), `tokenizer`, `sampling` (sampler chains),
-`scheduler` (the fair queue and the lock), `kv` (the KV pool's sequences and cells) and `worker` (the one
-thread that decodes). Every sequence draws its KV cells from one unified pool: a request is admitted, one
-session at a time in turn, while fewer than ``parallel`` generate and the pool has room, idle conversations'
-caches being evicted (to RAM) least recently used first, and, while others run, kept to a small share of the
-pool (idle cells slow every step). A new sequence shares the longest prefix any other holds (the system
+`scheduler` (the fair queue and the lock), `kv` (the sequences and their KV cells) and `worker` (the one
+thread that decodes). A request is admitted, one session at a time in turn, while fewer than ``parallel``
+generate and the KV cache has room: a stream of its own where the memory budget holds a stream per reply
+(`KVStreams`), else cells of one pool all share (`KVPool`). Idle conversations' caches are evicted (to RAM,
+then disk) least recently used first. A new sequence takes the longest prefix any other holds (the system
 prompt), and a conversation that dropped its oldest turns keeps the rest of its cache by shifting it (context
 shift). Nothing here ever blocks the event loop.
 """
@@ -23,7 +23,7 @@ import llama_cpp
 from bot.config import EngineSettings, SamplingSettings
 from bot.engine.base import EngineStatus
 from bot.engine.generation import Generation
-from bot.engine.kv import KVPool
+from bot.engine.kv import KVPool, KVStreams
 from bot.engine.loading import load, open_state_cache
 from bot.engine.sampling import Samplers
 from bot.engine.scheduler import Scheduler
@@ -65,14 +65,16 @@ class Engine:
                                           bos_token=self._special_text(self._bos),
                                           eos_token=self._special_text(llama_cpp.llama_vocab_eos(self._vocab)))
         self.samplers = Samplers(self._vocab)
-        self.kv = KVPool(self._ctx, self._model, settings.n_ctx, open_state_cache(settings, loaded))
+        layout = KVStreams if loaded.layout == "streams" else KVPool
+        self.kv = layout(self._ctx, self._model, settings.n_ctx, open_state_cache(settings, loaded))
         self.kv_cache_bytes = self.kv.pool_tokens * loaded.kv_bytes_per_token
         self.scheduler = Scheduler()
         self.worker = Worker(self._ctx, self._vocab, settings, self.kv, self.scheduler, self.samplers,
                              self.tokenizer, loaded.threads, loaded.parallel)
         self.worker.start()
-        log.info("loaded %s (%s, %.0f MB), context %d tokens, KV pool %d tokens (%.0f MB), up to %d at once, "
-                 "%s threads", self.model_name, path.name, self.model_size / 1e6, self.n_ctx, self.pool_tokens,
+        log.info("loaded %s (%s, %.0f MB), context %d tokens, KV %s of %d tokens (%.0f MB), up to %d at once, "
+                 "%s threads", self.model_name, path.name, self.model_size / 1e6, self.n_ctx,
+                 f"{len(self.kv.slots)} streams" if self.kv.layout == "streams" else "pool", self.pool_tokens,
                  self.kv_cache_bytes / 1e6, self.parallel,
                  settings.n_threads if settings.n_threads else
                  f"{' or '.join(map(str, self.threads.candidates))} (timed, the fastest kept)")
@@ -81,7 +83,7 @@ class Engine:
 
     @property
     def pool_tokens(self) -> int:
-        """KV cells shared by every sequence (llama.cpp rounds the pool up to a multiple of 256)."""
+        """KV cells of the whole cache, every stream or the one pool (llama.cpp rounds up to a multiple of 256)."""
         return self.kv.pool_tokens
 
     @property

@@ -1,9 +1,16 @@
-"""The KV pool's bookkeeping: llama.cpp sequences (slots), the cells they hold and share, prefix copies, context
-shifts, trims, and eviction of idle conversations' caches to the state cache (RAM, then disk).
+"""The KV cache's bookkeeping: llama.cpp sequences (slots), the cells they hold, prefix copies, context shifts,
+and eviction of idle conversations' caches to the state cache (RAM, then disk). Two layouts:
 
-Every sequence draws its KV cells from one unified llama.cpp pool. A cell is named when it is written and
-counted by the sequences holding it (copies share names), so the pool's use is known without asking llama.cpp.
-Used by the engine's worker thread only (and `Engine.status`, under the scheduler's lock).
+- `KVStreams`: a KV stream per sequence (llama.cpp ``kv_unified = false``), each a whole context window. A step's
+  attention walks only each sequence's own cells, so idle and long conversations cost the others nothing; a
+  stream's window is fixed, so the number of streams (and of replies generated at once) is what the memory
+  budget holds.
+- `KVPool`: one unified pool every sequence draws its cells from: any number of short conversations fit, but
+  every token's attention walks every sequence's cells, so idle caches are trimmed while others run.
+
+A cell is named when it is written and counted by the sequences holding it (a copy in the unified pool shares
+names), so the cache's use is known without asking llama.cpp. Used by the engine's worker thread only (and
+`Engine.status`, under the scheduler's lock).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from bot.engine.states import StateCache
 if TYPE_CHECKING:
     from bot.engine.generation import Generation
 
-__all__ = ["COPY_MIN_TOKENS", "SHIFT_MIN_TOKENS", "KVPool", "Slot", "common_prefix"]
+__all__ = ["COPY_MIN_TOKENS", "SHIFT_MIN_TOKENS", "KVCache", "KVPool", "KVStreams", "Slot", "common_prefix"]
 
 SHIFT_MIN_TOKENS = 32  # a context shift must keep at least this many tokens to be worth it
 COPY_MIN_TOKENS = 8  # shorter shared prefixes are read again rather than copied
@@ -29,8 +36,8 @@ IDLE_WINDOW_SHARE = 4  # while requests run, idle caches keep n_ctx / this many 
 
 @dataclass
 class Slot:
-    """One llama.cpp sequence in the shared KV pool. Between requests it keeps its KV cache for the session's
-    next turn, and as a prefix new sequences may copy, until the pool needs the room."""
+    """One llama.cpp sequence. Between requests it keeps its KV cache for the session's next turn, and as a
+    prefix new sequences may copy, until the cache needs the room."""
 
     seq_id: int
     cached: list[int]  # tokens whose KV is in this sequence now, at positions 0, 1, ...
@@ -52,15 +59,19 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-class KVPool:
-    """The slots of one llama.cpp context, the KV cells they hold, and the state cache idle ones go to."""
+class KVCache:
+    """The slots of one llama.cpp context, the KV cells they hold, and the state cache idle ones go to: what
+    both layouts share."""
+
+    layout = ""
+    """"streams" or "pool", for the logs and /status."""
 
     def __init__(self, ctx: Any, model: Any, n_ctx: int, saved: StateCache) -> None:
         self._ctx = ctx
         self._memory = llama_cpp.llama_get_memory(ctx)
         self.n_ctx = n_ctx
         self.pool_tokens = llama_cpp.llama_n_ctx(ctx)
-        """KV cells shared by every sequence (llama.cpp rounds the pool up to a multiple of 256)."""
+        """KV cells of the whole cache (llama.cpp rounds a pool, or each stream, up to a multiple of 256)."""
         self.slots = [Slot(seq_id=i, cached=[]) for i in range(llama_cpp.llama_n_seq_max(ctx))]
         self.saved = saved
         self._refs: dict[int, int] = {}  # KV cell name -> sequences holding it; len() = cells in use
@@ -85,22 +96,34 @@ class KVPool:
         """KV cells the request's sequence may hold at its end."""
         return min(self.n_ctx, len(generation.prompt) + generation.sampling.max_tokens)
 
-    def room(self) -> int:
-        """KV cells left once running requests hold or grow into theirs (idle sequences' cells can be evicted)."""
-        active = self.active()
-        pinned = len(set().union(*(slot.cells for slot in active)))
-        return self.pool_tokens - pinned - sum(max(0, self.final_size(slot.generation) - len(slot.cached))
-                                               for slot in active if slot.generation is not None)
-
     def pick_slot(self, generation: Generation) -> Slot:
         """The session's own idle sequence, else an empty one, else the least recently used idle one."""
         idle = [slot for slot in self.slots if slot.generation is None]
         own = [slot for slot in idle if generation.session and slot.session == generation.session]
         if own:
             return own[0]
-        slot = min(idle, key=lambda s: (bool(s.cells), s.last_used))
+        slot = min(idle, key=lambda s: (bool(s.cells), s.last_used, s.seq_id))
         self.evict(slot)
         return slot
+
+    def room(self) -> int:
+        """KV cells left for new requests once running requests hold or grow into theirs."""
+        raise NotImplementedError
+
+    def make_room(self, n: int) -> bool:
+        """Make room for ``n`` more cells among the running sequences; False when there is none to be had."""
+        raise NotImplementedError
+
+    def trim_idle(self) -> None:
+        """Keep idle caches from slowing the running requests (due after a request ended: ``trim_due``)."""
+        self.trim_due = False
+
+    def settle(self) -> None:
+        """Arrange the running sequences for the next step, once new ones were placed."""
+
+    def _copy(self, source: Slot, slot: Slot, n: int) -> None:
+        """Give ``slot`` the first ``n`` cells of ``source``'s cache."""
+        raise NotImplementedError
 
     def place(self, slot: Slot, generation: Generation) -> None:
         """Give the request's sequence as much of its prompt as can be had: its own cache (shifted past dropped
@@ -162,14 +185,6 @@ class KVPool:
         self._release(slot.cells[start:start + drop])
         del slot.cells[start:start + drop], slot.cached[start:start + drop]
 
-    def _copy(self, source: Slot, slot: Slot, n: int) -> None:
-        """Share the first ``n`` cells of ``source`` with ``slot``: in a unified pool nothing is copied."""
-        self.truncate(slot, 0)
-        llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, slot.seq_id, 0, n)
-        slot.cached, slot.cells = source.cached[:n], source.cells[:n]
-        for cell in slot.cells:
-            self._refs[cell] += 1
-
     def _restore(self, slot: Slot, tokens: list[int], data: Any) -> None:
         self.truncate(slot, 0)
         if self.make_room(len(tokens)) and llama_cpp.llama_state_seq_set_data(self._ctx, data, len(data),
@@ -184,14 +199,20 @@ class KVPool:
         False when it is not kept (no conversation, or more than the RAM budget)."""
         if not slot.session or not slot.cached:
             return False
-        size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id)
-        if size > self.saved.budget:
-            return False
-        data = (ctypes.c_uint8 * size)()
-        if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.seq_id) != size:
+        data = self._state(slot, self.saved.budget)
+        if data is None:
             return False
         self.saved.put(slot.session, list(slot.cached), data)
         return True
+
+    def _state(self, slot: Slot, budget: int | None = None) -> Any:
+        """The bytes of the sequence's KV state (`llama_state_seq_get_data`), or None when llama.cpp gives none
+        or they are more than ``budget``."""
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, slot.seq_id)
+        if budget is not None and size > budget:
+            return None
+        data = (ctypes.c_uint8 * size)()
+        return data if llama_cpp.llama_state_seq_get_data(self._ctx, data, size, slot.seq_id) == size else None
 
     def evict(self, slot: Slot) -> None:
         """Free an idle sequence's cells, its conversation's state kept in RAM (or on disk) for its next turn."""
@@ -199,38 +220,6 @@ class KVPool:
             self._save(slot)
             self.truncate(slot, 0)
         slot.session = ""
-
-    def trim_idle(self) -> None:
-        """Keep idle caches from slowing the running requests. llama.cpp's attention walks every KV cell up to
-        the highest in use, masking out other sequences' cells one by one: with the pool full of idle caches a
-        step took 1.9x as long. So idle sequences keep a quarter window of cells in all (room for the shared
-        system prompt), the most recently used first; the rest goes to the state cache (RAM, then disk), whence
-        the conversation's next turn copies it back (milliseconds, where re-reading its history takes seconds).
-        A cache too large for the RAM budget stays in the pool."""
-        active = self.active()
-        if not active:
-            return  # nothing runs that idle cells could slow: a lone conversation keeps its cache where it is
-        self.trim_due = False
-        allowance = self.n_ctx // IDLE_WINDOW_SHARE
-        plan = []
-        for slot in sorted(self.slots, key=lambda s: s.last_used, reverse=True):
-            if slot.generation is None and slot.cells:
-                if len(slot.cells) > allowance:
-                    plan.append((slot, allowance))
-                allowance = max(0, allowance - len(slot.cells))
-        for slot, keep in reversed(plan):  # oldest first: when the RAM cache overflows, it keeps the newest
-            if self._save(slot) or not slot.session:
-                self.truncate(slot, keep if keep >= COPY_MIN_TOKENS else 0)
-                slot.session = ""  # its whole cache is in the state cache now; what stays is a prefix to share
-
-    def make_room(self, n: int) -> bool:
-        """Evict idle sequences, least recently used first, until ``n`` more cells fit in the pool."""
-        while self.pool_tokens - len(self._refs) < n:
-            idle = [slot for slot in self.slots if slot.generation is None and slot.cells]
-            if not idle:
-                return False
-            self.evict(min(idle, key=lambda s: s.last_used))
-        return True
 
     def truncate(self, slot: Slot, keep: int) -> None:
         """Drop the sequence's cache from token ``keep`` on."""
@@ -270,3 +259,115 @@ class KVPool:
                 del self._refs[cell]
             else:
                 self._refs[cell] -= 1
+
+
+class KVPool(KVCache):
+    """One unified pool of KV cells every sequence draws from (llama.cpp ``kv_unified = true``)."""
+
+    layout = "pool"
+
+    def room(self) -> int:
+        """KV cells left once running requests hold or grow into theirs (idle sequences' cells can be evicted)."""
+        active = self.active()
+        pinned = len(set().union(*(slot.cells for slot in active)))
+        return self.pool_tokens - pinned - sum(max(0, self.final_size(slot.generation) - len(slot.cached))
+                                               for slot in active if slot.generation is not None)
+
+    def _copy(self, source: Slot, slot: Slot, n: int) -> None:
+        """Share the first ``n`` cells of ``source`` with ``slot``: in a unified pool nothing is copied."""
+        self.truncate(slot, 0)
+        llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, slot.seq_id, 0, n)
+        slot.cached, slot.cells = source.cached[:n], source.cells[:n]
+        for cell in slot.cells:
+            self._refs[cell] += 1
+
+    def trim_idle(self) -> None:
+        """Keep idle caches from slowing the running requests. llama.cpp's attention walks every KV cell up to
+        the highest in use, masking out other sequences' cells one by one: with the pool full of idle caches a
+        step took 1.9x as long. So idle sequences keep a quarter window of cells in all (room for the shared
+        system prompt), the most recently used first; the rest goes to the state cache (RAM, then disk), whence
+        the conversation's next turn copies it back (milliseconds, where re-reading its history takes seconds).
+        A cache too large for the RAM budget stays in the pool."""
+        active = self.active()
+        if not active:
+            return  # nothing runs that idle cells could slow: a lone conversation keeps its cache where it is
+        self.trim_due = False
+        allowance = self.n_ctx // IDLE_WINDOW_SHARE
+        plan = []
+        for slot in sorted(self.slots, key=lambda s: s.last_used, reverse=True):
+            if slot.generation is None and slot.cells:
+                if len(slot.cells) > allowance:
+                    plan.append((slot, allowance))
+                allowance = max(0, allowance - len(slot.cells))
+        for slot, keep in reversed(plan):  # oldest first: when the RAM cache overflows, it keeps the newest
+            if self._save(slot) or not slot.session:
+                self.truncate(slot, keep if keep >= COPY_MIN_TOKENS else 0)
+                slot.session = ""  # its whole cache is in the state cache now; what stays is a prefix to share
+
+    def make_room(self, n: int) -> bool:
+        """Evict idle sequences, least recently used first, until ``n`` more cells fit in the pool."""
+        while self.pool_tokens - len(self._refs) < n:
+            idle = [slot for slot in self.slots if slot.generation is None and slot.cells]
+            if not idle:
+                return False
+            self.evict(min(idle, key=lambda s: s.last_used))
+        return True
+
+
+class KVStreams(KVCache):
+    """A KV stream per sequence (llama.cpp ``kv_unified = false``), each holding a whole context window.
+
+    Across streams llama.cpp copies only whole streams, and later (at the next decode): a partial
+    `llama_memory_seq_cp` aborts the process, and a copy still pending when a state is written into its source
+    would carry the new state. So nothing here calls it: a prefix or a running sequence moves to another stream
+    as a state (`llama_state_seq_get_data`, then `_set_data`: done at once, and only the cells in use).
+    """
+
+    layout = "streams"
+
+    def room(self) -> int:
+        """A window for each stream no running request holds: every request fits one by construction."""
+        return self.n_ctx * sum(1 for slot in self.slots if slot.generation is None)
+
+    def make_room(self, n: int) -> bool:
+        return True  # each running sequence has its whole window to itself, and never needs more
+
+    def _copy(self, source: Slot, slot: Slot, n: int) -> None:
+        """Give ``slot`` the first ``n`` cells of ``source``'s cache: the whole sequence moved over as a state,
+        then its tail dropped."""
+        self._transfer(source, slot)
+        self.truncate(slot, n)
+
+    def _transfer(self, source: Slot, slot: Slot) -> bool:
+        """Make ``slot``'s stream hold a copy of ``source``'s cache; False (and ``slot`` empty) when it cannot."""
+        self.truncate(slot, 0)
+        data = self._state(source)
+        if data is None or not llama_cpp.llama_state_seq_set_data(self._ctx, data, len(data), slot.seq_id):
+            llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+            return False
+        slot.cached, slot.cells = list(source.cached), self._new_cells(len(source.cached))
+        return True
+
+    def trim_idle(self) -> None:
+        """Idle streams cost the running ones nothing; only the gap a finished one left among them does."""
+        self.trim_due = False
+        self.settle()
+
+    def settle(self) -> None:
+        """Close gaps among the running sequence ids: llama.cpp decodes each run of consecutive ids as a ubatch of
+        its own (the model's weights read once per run), so the highest running sequence moves into the gap."""
+        while True:
+            running = sorted(slot.seq_id for slot in self.active())
+            if not running or running[-1] - running[0] + 1 == len(running):
+                return
+            top = self.slots[running[-1]]
+            gap = next(slot for slot in self.slots[running[0]:] if slot.generation is None)
+            self.evict(gap)
+            if not self._transfer(top, gap):
+                return
+            gap.session, gap.last_used = top.session, top.last_used
+            gap.generation, gap.pending, gap.next_token, gap.decoder = \
+                top.generation, top.pending, top.next_token, top.decoder
+            top.generation = top.pending = top.next_token = top.decoder = None
+            self.truncate(top, 0)
+            top.session = ""

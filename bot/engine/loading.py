@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,10 @@ __all__ = ["Loaded", "load", "open_state_cache"]
 
 log = logging.getLogger(__name__)
 
-KV_POOL_WINDOWS = 4  # the automatic KV pool holds this many full context windows
+KV_WINDOWS = 8  # the automatic KV budget: this many full context windows (a stream each), RAM allowing
+KV_RAM_SHARE = 4  # ... at most 1 / this of the machine's memory; else a unified pool of POOL_WINDOWS windows
+POOL_WINDOWS = 4
+STREAMS_MIN = 8  # a stream per conversation where the budget holds this many windows; else one unified pool
 AUTO_PARALLEL_MAX = 16  # the automatic [engine] parallel: this many, if the pool and the batch allow
 IDLE_SEQUENCES = 32  # llama.cpp sequences at least: idle ones keep their conversation's KV (and shared prefixes)
 LLAMA_MAX_SEQ = 256  # llama.cpp's own limit on sequence ids
@@ -36,6 +40,7 @@ class Loaded:
     placement: Placement
     found: list[str]  # the GPUs llama.cpp sees
     parallel: int
+    layout: str  # "streams" (a KV stream per sequence) or "pool" (one unified pool)
     threads: ThreadTuner
     kv_bytes_per_token: int
     metadata: dict[str, str]
@@ -67,15 +72,17 @@ def load(settings: EngineSettings) -> Loaded:
                     "conversations may turn to nonsense; set n_ctx to %d or less", settings.n_ctx, trained,
                     path.name, trained)
     per_token = _kv_bytes_per_token(model)
-    pool = settings.kv_pool_mb * 2**20 // per_token if settings.kv_pool_mb else KV_POOL_WINDOWS * settings.n_ctx
-    pool = max(pool, settings.n_ctx)  # one conversation may always fill its whole window
-    parallel = settings.parallel or min(AUTO_PARALLEL_MAX, settings.n_batch, max(1, pool // 512))
+    layout, pool, streams = kv_layout(settings, per_token)
     params = llama_cpp.llama_context_default_params()
-    params.n_ctx = pool
-    params.kv_unified = True  # one pool of KV cells for every sequence: no per-slot share to tune
     params.n_batch = params.n_ubatch = settings.n_batch
-    # llama.cpp reserves one output per sequence and aborts when that exceeds the batch.
-    params.n_seq_max = min(LLAMA_MAX_SEQ, settings.n_batch, pool, max(2 * parallel, IDLE_SEQUENCES))
+    if layout == "streams":  # a stream of a whole window per sequence: no conversation's cells slow another's
+        parallel = min(settings.parallel or streams, streams)
+        params.n_ctx, params.n_seq_max, params.kv_unified = streams * settings.n_ctx, streams, False
+    else:  # one pool of KV cells for every sequence: as many short conversations as fit
+        parallel = settings.parallel or min(AUTO_PARALLEL_MAX, settings.n_batch, max(1, pool // 512))
+        params.n_ctx, params.kv_unified = pool, True
+        # llama.cpp reserves one output per sequence and aborts when that exceeds the batch.
+        params.n_seq_max = min(LLAMA_MAX_SEQ, settings.n_batch, pool, max(2 * parallel, IDLE_SEQUENCES))
     threads = ThreadTuner([settings.n_threads] if settings.n_threads else thread_candidates(physical_cores()))
     params.n_threads = params.n_threads_batch = threads.candidates[0]
     params.no_perf = True
@@ -84,7 +91,35 @@ def load(settings: EngineSettings) -> Loaded:
         llama_cpp.llama_model_free(model)
         raise ModelLoadError(f"cannot create a llama.cpp context for {path} with a KV pool of {pool} tokens"
                              + (" (on the GPU: lower [engine] kv_pool_mb or n_gpu_layers)" if offload else ""))
-    return Loaded(model, ctx, params, where, found, parallel, threads, per_token, _metadata(model))
+    return Loaded(model, ctx, params, where, found, parallel, layout, threads, per_token, _metadata(model))
+
+
+def kv_layout(settings: EngineSettings, per_token: int) -> tuple[str, int, int]:
+    """(layout, KV cells in all, streams) for ``[engine] kv_layout`` and the memory budget: ``kv_pool_mb``, or
+    `KV_WINDOWS` windows where that is at most 1/`KV_RAM_SHARE` of the RAM (else a pool of `POOL_WINDOWS`).
+    "auto" gives each conversation a stream of its own where the budget holds `STREAMS_MIN` windows (as many
+    replies generate at once as there are streams), and one unified pool below that (where short conversations
+    share the cells, so more of them fit)."""
+    window = settings.n_ctx
+    if settings.kv_pool_mb:
+        budget = settings.kv_pool_mb * 2**20 // per_token
+    else:
+        budget = KV_WINDOWS * window
+        if budget * per_token > _ram_bytes() // KV_RAM_SHARE:
+            budget = POOL_WINDOWS * window
+    budget = max(budget, window)  # one conversation may always fill its whole window
+    streams = min(AUTO_PARALLEL_MAX, settings.n_batch, budget // window)
+    if settings.kv_layout == "streams" or (settings.kv_layout == "auto" and streams >= STREAMS_MIN):
+        return "streams", streams * window, streams
+    return "pool", budget, 1
+
+
+def _ram_bytes() -> int:
+    """The machine's memory (physical pages), or a large number where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
 
 
 def open_state_cache(settings: EngineSettings, loaded: Loaded) -> StateCache:

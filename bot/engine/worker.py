@@ -20,7 +20,7 @@ from bot.config import EngineSettings
 from bot.engine.threads import ThreadTuner
 from bot.engine.base import FinishReason
 from bot.engine.generation import Generation
-from bot.engine.kv import KVPool, Slot
+from bot.engine.kv import KVCache, Slot
 from bot.engine.sampling import Samplers
 from bot.engine.scheduler import Scheduler
 from bot.engine.tokenizer import Tokenizer
@@ -38,7 +38,7 @@ IDLE_SAVE_SECONDS = 30.0  # with nothing to do that long, the worker writes the 
 class Worker:
     """Runs the decode loop on its own thread: admits waiting requests, steps, samples, ends requests."""
 
-    def __init__(self, ctx: Any, vocab: Any, settings: EngineSettings, kv: KVPool, scheduler: Scheduler,
+    def __init__(self, ctx: Any, vocab: Any, settings: EngineSettings, kv: KVCache, scheduler: Scheduler,
                  samplers: Samplers, tokenizer: Tokenizer, threads: ThreadTuner, parallel: int) -> None:
         self._ctx, self._vocab = ctx, vocab
         self.settings = settings
@@ -122,6 +122,8 @@ class Worker:
                     self._end(generation, FinishReason.ERROR, exc)
                 continue
             self._start(self.kv.pick_slot(generation), generation)
+        if admitted:
+            self.kv.settle()
 
     def _start(self, slot: Slot, generation: Generation) -> None:
         """Start the request with as much of its prompt already in the pool as can be had; only the rest is read."""
@@ -162,29 +164,35 @@ class Worker:
                 generating.remove(longest)
                 with self.scheduler.cond:
                     self._finish(longest, FinishReason.LENGTH)
-        batch, n = self._batch, 0
         n_prompt = budget
-        for slot in slots:
-            slot.logits_index = -1
-        for slot in generating:
-            assert slot.next_token is not None
-            n = self._add(batch, n, slot.next_token, len(slot.cached), slot.seq_id, True)
-            kv.append(slot, slot.next_token)
-            slot.logits_index = n - 1
+        chunks: dict[int, list[int]] = {}
         for place, slot in enumerate(prompting):
             if budget <= 0:
                 break
             assert slot.pending is not None
             # Max-min fair: shortest first, each taking at most an equal share of what is left, so short prompts
             # finish at once while a long one still advances every step (never starved by a stream of short ones).
-            chunk = slot.pending[:max(1, budget // (len(prompting) - place))]
-            budget -= len(chunk)
-            del slot.pending[:len(chunk)]
-            for i, token in enumerate(chunk):
-                n = self._add(batch, n, token, len(slot.cached), slot.seq_id, not slot.pending and i == len(chunk) - 1)
-                kv.append(slot, token)
-            if not slot.pending:
+            chunks[slot.seq_id] = slot.pending[:max(1, budget // (len(prompting) - place))]
+            budget -= len(chunks[slot.seq_id])
+        batch, n = self._batch, 0
+        # In sequence order: with a KV stream per sequence, llama.cpp splits a batch into a ubatch per run of
+        # consecutive sequence ids (see `KVStreams.trim_idle`), taken in the order the batch names them.
+        for slot in sorted(slots, key=lambda s: s.seq_id):
+            slot.logits_index = -1
+            if slot in generating:
+                assert slot.next_token is not None
+                n = self._add(batch, n, slot.next_token, len(slot.cached), slot.seq_id, True)
+                kv.append(slot, slot.next_token)
                 slot.logits_index = n - 1
+            elif chunk := chunks.get(slot.seq_id):
+                assert slot.pending is not None
+                del slot.pending[:len(chunk)]
+                for i, token in enumerate(chunk):
+                    n = self._add(batch, n, token, len(slot.cached), slot.seq_id,
+                                  not slot.pending and i == len(chunk) - 1)
+                    kv.append(slot, token)
+                if not slot.pending:
+                    slot.logits_index = n - 1
         if n == 0:
             return
         batch.n_tokens = n
