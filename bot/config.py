@@ -188,7 +188,7 @@ class ImageSettings(_Section):
     max_bytes: int = Field(10_000_000, ge=0, le=100_000_000,
                            description="larger image files are skipped, with a note, before any download")
     max_count: int = Field(4, ge=0, le=32, description="images read from one message; the rest are skipped")
-    max_pixels: int = Field(40_000_000, ge=1, le=500_000_000,
+    max_pixels: int = Field(40_000_000, ge=1, le=150_000_000,  # Pillow refuses past 178 M whatever we allow
                             description="images with more pixels are skipped (decompression bombs)")
     disk_mb: int = Field(1024, ge=0, le=10_000_000, description="stored images, newest kept; older ones are "
                          "replaced by a note")
