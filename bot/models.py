@@ -142,6 +142,7 @@ class ModelRegistry:
         self._opener = opener
         self._budget = asyncio.Lock()  # one load or unload decision at a time
         self._closed = False
+        self._unloading: set[asyncio.Task[None]] = set()  # idle unloads under way (held: tasks are weakly kept)
         default = Model(default_model_name(settings.engine), settings.engine, is_default=True)
         self._models: dict[str, Model] = {default.name.lower(): default}
         for entry in settings.models:
@@ -210,7 +211,12 @@ class ModelRegistry:
             if model.users == 0 and not model.is_default and model.backend == "embedded" \
                     and self._pool.idle_seconds > 0 and not self._closed:
                 model.idle_timer = asyncio.get_running_loop().call_later(
-                    self._pool.idle_seconds, lambda: asyncio.ensure_future(self._unload_if_idle(model)))
+                    self._pool.idle_seconds, self._start_idle_unload, model)
+
+    def api_keys(self) -> list[str]:
+        """The keys the server models' ``api_key_env`` variables hold now, for redaction from logs."""
+        return [key for model in self._models.values()
+                if model.api_key_env and (key := self._environ.get(model.api_key_env))]
 
     async def aclose(self) -> None:
         """Close every loaded engine (at shutdown, once replies have ended)."""
@@ -218,6 +224,8 @@ class ModelRegistry:
         for model in self._models.values():
             if model.idle_timer is not None:
                 model.idle_timer.cancel()
+        await asyncio.gather(*self._unloading, return_exceptions=True)
+        for model in self._models.values():
             await self._unload(model)
 
     # -- loading and unloading ---------------------------------------------------------------------------
@@ -265,6 +273,11 @@ class ModelRegistry:
             oldest = min(idle, key=lambda m: m.last_used)
             log.info("unloading model %s to make room for %s", oldest.name, model.name)
             await self._unload(oldest)
+
+    def _start_idle_unload(self, model: Model) -> None:
+        task = asyncio.get_running_loop().create_task(self._unload_if_idle(model), name=f"unload-{model.name}")
+        self._unloading.add(task)
+        task.add_done_callback(self._unloading.discard)
 
     async def _unload_if_idle(self, model: Model) -> None:
         model.idle_timer = None

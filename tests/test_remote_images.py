@@ -93,6 +93,7 @@ async def test_each_server_model_is_asked_for_by_its_own_id_and_text_stays_plain
                 generation = engine.submit(prompt, SAMPLING)
                 assert "".join([event async for event in generation if isinstance(event, str)]) == REPLY
         assert not registry.get("plain").capabilities.vision and registry.get("vision").capabilities.vision
+        assert registry.api_keys() == ["k-123"]  # for the log formatter to redact
     finally:
         await registry.aclose()
     plain, vision = server.requests()
