@@ -47,7 +47,8 @@ class ModelUnavailable(EngineError):
 
 def unavailable_line(name: str, reason: str) -> str:
     """The failure line users see: which model, why, and what they can do about it."""
-    return f"The model {name} is unavailable: {reason.rstrip('.')}. Try /model to pick another."
+    reason = reason.strip().rstrip(".")
+    return f"The model {name} is unavailable: {reason[:1].lower()}{reason[1:]}. Try /model to pick another."
 
 
 async def open_backend(settings: EngineSettings, api_key: str | None = None) -> InferenceEngine:
@@ -212,6 +213,11 @@ class ModelRegistry:
                     and self._pool.idle_seconds > 0 and not self._closed:
                 model.idle_timer = asyncio.get_running_loop().call_later(
                     self._pool.idle_seconds, self._start_idle_unload, model)
+
+    def failure_line(self, name: str, error: BaseException) -> str:
+        """The line a reply of model ``name`` ends with when its engine failed (a server that is down): the
+        engine's reason, naming the model and pointing at /model."""
+        return unavailable_line(self.get(name).name, str(error))
 
     def api_keys(self) -> list[str]:
         """The keys the server models' ``api_key_env`` variables hold now, for redaction from logs."""

@@ -12,9 +12,11 @@ import pytest
 
 from bot.config import EngineSettings, ModelSettings, SamplingSettings, Secrets, Settings, load_settings
 from bot.engine.base import InferenceEngine
-from bot.errors import ConfigError
+from bot.errors import ConfigError, EngineError
 from bot.models import ModelRegistry, ModelUnavailable, open_backend
+from bot.prompt import Prompt
 from tests.conftest import MODEL_PATH
+from tests.inference_server import free_port
 
 GREEDY = SamplingSettings(max_tokens=4, temperature=0.0, seed=1, grammar='root ::= "Yes."')
 DEFAULT = "SmolLM2-135M-Instruct.Q4_1"
@@ -63,7 +65,8 @@ async def registry(request: pytest.FixtureRequest, opener: Counting) -> AsyncIte
 
 
 async def reply(engine: InferenceEngine) -> str:
-    generation = engine.submit(engine.chat_tokens([{"role": "user", "content": "Ready?"}]), GREEDY)
+    messages = [{"role": "user", "content": "Ready?"}]
+    generation = engine.submit(Prompt(messages, engine.chat_tokens(messages)), GREEDY)
     return "".join([event async for event in generation if isinstance(event, str)])
 
 
@@ -244,3 +247,21 @@ def test_the_commented_models_example_in_config_toml_loads_once_uncommented(tmp_
     assert registry.names() == [DEFAULT, "qwen2-vl", "gpt-4o-mini"]
     assert registry.get("gpt-4o-mini").api_key_env == "OPENAI_API_KEY"
     assert registry.get("qwen2-vl").mmproj == tmp_path / "models/mmproj-Qwen2-VL-2B-Instruct-f16.gguf"
+
+
+async def test_a_server_model_that_is_down_fails_alone_naming_itself() -> None:
+    settings = registry_settings(ModelSettings(name="hosted", url=f"http://127.0.0.1:{free_port()}/v1"))
+    settings.engine.retry_seconds = 0.5
+    registry = ModelRegistry(settings)
+    await registry.start()
+    try:
+        async with registry.use("hosted") as remote:
+            with pytest.raises(EngineError) as raised:
+                await reply(remote)
+        line = registry.failure_line("HOSTED", raised.value)
+        assert line.startswith("The model hosted is unavailable: the model server is unreachable (cannot connect)")
+        assert line.endswith("Try /model to pick another.") and "\n" not in line
+        async with registry.use(DEFAULT) as engine:
+            assert await reply(engine) == "Yes."
+    finally:
+        await registry.aclose()
