@@ -29,7 +29,7 @@ RUN pip install --no-cache-dir .
 
 COPY config.toml ./
 # Without loading llama.cpp: a CUDA build needs the driver (libcuda.so.1), which only `docker run --gpus` brings.
-RUN python -c "from pathlib import Path; from bot.models import DEFAULT_MODEL_FILE, fetch_default_model; \
+RUN python -c "from pathlib import Path; from bot.default_model import DEFAULT_MODEL_FILE, fetch_default_model; \
 fetch_default_model(Path('models') / DEFAULT_MODEL_FILE)"
 
 # SQLite lives here; mount a volume so conversations survive a new container.

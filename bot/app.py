@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 from bot.config import DEFAULT_CONFIG_PATH, Secrets, Settings, load_settings
 from bot.conversations import ConversationManager
 from bot.errors import ConfigError, LlamarelayError
-from bot.models import fetch_default_model
+from bot.default_model import fetch_default_model
+from bot.models import open_backend
 from bot.engine.remote import RemoteEngine
-from bot.engine.threads import configure_openmp
 from bot.store import is_database_url, open_store, redact_url
 from bot.store.transfer import export_jsonl, import_jsonl
 
@@ -86,14 +86,7 @@ async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> N
 
 async def open_engine(settings: Settings, secrets: Secrets) -> Engine | RemoteEngine:
     """The configured engine: llama.cpp loaded in this process, or a remote OpenAI-compatible server."""
-    if settings.engine.backend == "openai":
-        remote = RemoteEngine(settings.engine, secrets.engine_api_key)
-        await remote.start()
-        return remote
-    configure_openmp()  # before llama.cpp loads: libgomp reads it then
-    from bot.engine.embedded import Engine  # here: a remote backend never loads llama.cpp
-
-    return await asyncio.to_thread(Engine, settings.engine)  # loading takes a while: the loop stays free
+    return await open_backend(settings.engine, secrets.engine_api_key)  # type: ignore[return-value]
 
 
 async def _run_adapters(manager: ConversationManager, settings: Settings, secrets: Secrets, *, mode: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from bot.errors import ConfigError
 from bot.store import redact_url
 
 __all__ = [
-    "Settings", "EngineSettings", "SamplingSettings", "ConversationSettings", "StoreSettings",
+    "Settings", "EngineSettings", "ModelSettings", "ModelPoolSettings", "ImageSettings", "SamplingSettings", "ConversationSettings", "StoreSettings",
     "StreamingSettings", "DiscordSettings", "SlackSettings", "WebSettings", "OpsSettings", "ApiSettings", "Secrets",
     "load_settings",
 ]
@@ -35,6 +36,16 @@ SECRET_ENV_VARS = ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK
                    "LLAMARELAY_WEB_TOKEN", "LLAMARELAY_DATABASE_URL", "LLAMARELAY_ENGINE_API_KEY",
                    "LLAMARELAY_API_TOKEN")
 
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _model_name(name: str | None) -> str | None:
+    if name is not None and not _MODEL_NAME.fullmatch(name):
+        raise ValueError("must be 1-64 letters, digits, '.', '_', ':' or '-', starting with a letter or digit "
+                         "(users type it after /model)")
+    return name
+
 
 class _Section(BaseModel):
     # A misspelt key is an error, not a silently ignored setting.
@@ -42,6 +53,8 @@ class _Section(BaseModel):
 
 
 class EngineSettings(_Section):
+    name: str | None = Field(None, description="the name users pick this model by (/model); unset = the remote "
+                             "model's id, else the GGUF file's name")
     backend: Literal["embedded", "openai"] = Field(
         "embedded", description="embedded: llama.cpp in this process; openai: an OpenAI-compatible server")
     model_path: Path = Field(Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), description="GGUF model file")
@@ -89,6 +102,8 @@ class EngineSettings(_Section):
             raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8080/v1")
         return url
 
+    _name = field_validator("name")(_model_name)
+
     @field_validator("n_gpu_layers")
     @classmethod
     def _layers(cls, n: int) -> int:
@@ -105,6 +120,82 @@ class EngineSettings(_Section):
             raise ValueError(f"engine.parallel ({self.parallel}) must not exceed engine.n_batch ({self.n_batch}): "
                              "every conversation generated at once needs a place in each batch")
         return self
+
+
+class ModelSettings(_Section):
+    """One ``[[models]]`` entry: a GGUF run here (``path``) or a model on an OpenAI-compatible server (``url``).
+
+    What it leaves out comes from ``[engine]`` (threads, batch, queue, timeouts…); secrets come from the
+    environment variable ``api_key_env`` names, never from the file.
+    """
+
+    name: str = Field(description="what users pick it by with /model")
+    description: str = Field("", max_length=100, description="one line shown beside the name in /model")
+    path: Path | None = Field(None, description="an embedded GGUF model file")
+    mmproj: Path | None = Field(None, description="the GGUF's multimodal projector, for image input")
+    n_gpu_layers: int | None = Field(None, ge=-1, le=100_000, description="unset = [engine] n_gpu_layers")
+    kv_pool_mb: int | None = Field(None, ge=0, le=1_000_000, description="unset = [engine] kv_pool_mb")
+    url: str | None = Field(None, description="an OpenAI-compatible server's API root, e.g. http://127.0.0.1:8080/v1")
+    model: str | None = Field(None, description="the model id the server is asked for; unset = the server's first")
+    api_key_env: str | None = Field(None, description="environment variable that holds the server's API key")
+    n_ctx: int | None = Field(None, ge=256, le=1_048_576, description="context window; unset = [engine] n_ctx")
+    vision: bool | None = Field(None, description="reads images; unset = detected (an embedded model: mmproj set)")
+    tools: bool | None = Field(None, description="calls tools; unset = detected from its chat template")
+    image_size: int = Field(1024, ge=64, le=8192, description="longest side, in pixels, images are scaled to")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8080/v1")
+        return url
+
+    _name = field_validator("name")(_model_name)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _variable_name(cls, name: str | None) -> str | None:
+        # A key pasted here by mistake is refused before it can reach a log line (the message hides it).
+        if name is not None and not _ENV_NAME.fullmatch(name):
+            raise ValueError("must name an environment variable (letters, digits, _), e.g. OPENAI_API_KEY; "
+                             "the key itself goes in that variable, never in the file")
+        return name
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> ModelSettings:
+        if (self.path is None) == (self.url is None):
+            raise ValueError(f"model {self.name!r} needs either path (a GGUF file) or url (a server), not "
+                             f"{'both' if self.path else 'neither'}")
+        if self.url is not None and (self.mmproj or self.n_gpu_layers is not None or self.kv_pool_mb is not None):
+            raise ValueError(f"model {self.name!r} is on a server (url): mmproj, n_gpu_layers and kv_pool_mb "
+                             "belong to an embedded model (path)")
+        if self.path is not None and (self.model or self.api_key_env):
+            raise ValueError(f"model {self.name!r} is embedded (path): model and api_key_env belong to a server "
+                             "model (url)")
+        if self.path is not None and self.vision and self.mmproj is None:
+            raise ValueError(f"model {self.name!r}: vision = true needs mmproj, the GGUF's multimodal projector")
+        return self
+
+    @property
+    def backend(self) -> Literal["embedded", "openai"]:
+        return "embedded" if self.path is not None else "openai"
+
+
+class ModelPoolSettings(_Section):
+    memory_mb: int = Field(8192, ge=0, le=10_000_000, description="RAM (or VRAM) for embedded models loaded at "
+                           "once, weights and KV pool; the least recently used idle ones are unloaded to make room")
+    idle_seconds: float = Field(900.0, ge=0, le=604_800, description="an embedded model other than the default "
+                                "is unloaded after this long unused; 0 = only to make room")
+
+
+class ImageSettings(_Section):
+    max_bytes: int = Field(10_000_000, ge=0, le=100_000_000,
+                           description="larger image files are skipped, with a note, before any download")
+    max_count: int = Field(4, ge=0, le=32, description="images read from one message; the rest are skipped")
+    max_pixels: int = Field(40_000_000, ge=1, le=150_000_000,  # Pillow refuses past 178 M whatever we allow
+                            description="images with more pixels are skipped (decompression bombs)")
+    disk_mb: int = Field(1024, ge=0, le=10_000_000, description="stored images, newest kept; older ones are "
+                         "replaced by a note")
 
 
 class SamplingSettings(_Section):
@@ -256,6 +347,9 @@ class Settings(BaseSettings):
     web: WebSettings = Field(default_factory=WebSettings)
     ops: OpsSettings = Field(default_factory=OpsSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    models: list[ModelSettings] = Field(default_factory=list, description="models besides [engine], the default")
+    model_pool: ModelPoolSettings = Field(default_factory=ModelPoolSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -273,7 +367,25 @@ class Settings(BaseSettings):
         if self.api.enabled and self.engine.backend == "openai":
             raise ValueError("[api] serves the embedded engine; with engine.backend = \"openai\" point API clients "
                              "at the model server itself")
+        seen = {default_model_name(self.engine).lower(): "[engine]"}
+        for index, model in enumerate(self.models):
+            if (first := seen.setdefault(model.name.lower(), f"models[{index}]")) != f"models[{index}]":
+                raise ValueError(f"models[{index}]: the name {model.name!r} is taken by {first}; each model "
+                                 "needs a name of its own")
+            n_ctx = model.n_ctx or self.engine.n_ctx
+            if self.sampling.max_tokens >= n_ctx:
+                raise ValueError(f"models[{index}] ({model.name!r}): sampling.max_tokens ({self.sampling.max_tokens})"
+                                 f" must be below its n_ctx ({n_ctx}): the prompt needs room too")
         return self
+
+
+def default_model_name(engine: EngineSettings) -> str:
+    """What users call the ``[engine]`` model: its ``name``, else the server's model id, else the GGUF's stem."""
+    if engine.name:
+        return engine.name
+    if engine.backend == "openai":
+        return engine.model or "default"
+    return engine.model_path.stem
 
 
 @dataclass(frozen=True, repr=False)
@@ -324,6 +436,9 @@ def load_settings(path: Path | str | None = DEFAULT_CONFIG_PATH) -> Settings:
     # Relative paths in the file mean "next to this file", wherever the bot is started from.
     settings.engine.model_path = path.parent / settings.engine.model_path
     settings.store.path = path.parent / settings.store.path
+    for model in settings.models:
+        model.path = path.parent / model.path if model.path is not None else None
+        model.mmproj = path.parent / model.mmproj if model.mmproj is not None else None
     settings.engine.state_dir = (path.parent / settings.engine.state_dir if settings.engine.state_dir is not None
                                  else settings.store.path.parent / "kv")
     return settings
@@ -367,12 +482,14 @@ def env_variable(loc: tuple[Any, ...] | list[Any]) -> str:
 
 
 def _describe(error: Any) -> str:
-    key = ".".join(str(part) for part in error["loc"])
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
     if error["type"] == "extra_forbidden":
         return f"unknown setting '{key}'"
     message = error["msg"].removeprefix("Value error, ")
-    if len(error["loc"]) < 2:  # a rule across a section's keys; its message names them
-        return message
-    # A URL's password never reaches the message.
+    if len(error["loc"]) < 2 or isinstance(error["loc"][-1], int):  # a rule across keys: its message names them
+        return message if len(error["loc"]) < 2 else f"{key}: {message}"
+    # A URL's password never reaches the message, nor a key pasted where its variable's name belongs.
     value = redact_url(error["input"]) if isinstance(error["input"], str) else error["input"]
+    if error["loc"][-1] == "api_key_env":
+        return f"'{key}' is invalid: {message[0].lower()}{message[1:]}"
     return f"'{key}' = {value!r} is invalid: {message[0].lower()}{message[1:]}"

@@ -11,7 +11,7 @@ from pathlib import PurePosixPath
 
 from bot.types import Attachment
 
-__all__ = ["TEXT_SUFFIXES", "is_text_like", "not_worth_reading", "read_attachment", "skipped", "with_attachments"]
+__all__ = ["TEXT_SUFFIXES", "clean_name", "is_text_like", "not_worth_reading", "read_attachment", "skipped", "with_attachments"]
 
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".py", ".js", ".ts", ".json", ".csv", ".tsv", ".log",
                            ".yaml", ".yml", ".toml", ".ini", ".cfg", ".xml", ".html", ".css", ".sh", ".sql",
@@ -28,7 +28,7 @@ def is_text_like(name: str, content_type: str | None = None) -> bool:
 
 
 def skipped(name: str, why: str) -> Attachment:
-    return Attachment(_clean_name(name), skipped=why)
+    return Attachment(clean_name(name), skipped=why)
 
 
 def not_worth_reading(name: str, content_type: str | None, size: int, max_bytes: int) -> Attachment | None:
@@ -50,7 +50,7 @@ def read_attachment(name: str, content_type: str | None, data: bytes, max_bytes:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         return skipped(name, "not UTF-8 text")
-    return Attachment(_clean_name(name), text.replace("\r\n", "\n"))
+    return Attachment(clean_name(name), text.replace("\r\n", "\n"))
 
 
 def with_attachments(text: str, attachments: tuple[Attachment, ...]) -> tuple[str, list[str]]:
@@ -67,6 +67,6 @@ def with_attachments(text: str, attachments: tuple[Attachment, ...]) -> tuple[st
     return "\n\n".join(parts), notes
 
 
-def _clean_name(name: str) -> str:
+def clean_name(name: str) -> str:
     # A file name is shown to people and to the model: one line, no path.
     return " ".join(PurePosixPath(name.replace("\\", "/")).name.split())[:200] or "file"

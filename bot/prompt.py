@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from bot.errors import PromptError
+from bot.types import ImagePart
 
 __all__ = ["ChatTemplate", "Prompt", "Segment", "CHATML_TEMPLATE", "alternate_roles", "strip_markers"]
 
@@ -51,6 +52,8 @@ class Prompt:
     tokens: list[int]  # the rendered prompt (for a remote server, an upper estimate of its length)
     prefix: str = ""  # Continue: the reply so far, which the model goes on from (already in ``tokens``)
     turns_from: int | None = None  # the oldest stored message kept, when older ones had to be left out
+    # Index in ``messages`` of a user turn -> its images, in order (a str stands for one no longer stored).
+    images: Mapping[int, Sequence[ImagePart | str]] = field(default_factory=dict)
 
 
 def strip_markers(text: str) -> str:

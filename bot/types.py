@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["Attachment", "Controls", "SessionKey", "Incoming", "ReplyTarget", "log_name"]
+__all__ = ["Attachment", "Controls", "ImagePart", "SessionKey", "Incoming", "ReplyTarget", "log_name"]
 
 
 def log_name(key: SessionKey | str) -> str:
@@ -82,6 +83,21 @@ class Attachment:
     name: str
     text: str | None = None
     skipped: str = ""  # e.g. "not a text file", "larger than 200 kB"
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An image of a user's turn as stored and sent (see `bot.images`): PNG or JPEG bytes at the model's size."""
+
+    name: str
+    media_type: str  # image/png or image/jpeg
+    data: bytes
+    width: int
+    height: int
+
+    def data_url(self) -> str:
+        """The image inline, as OpenAI's ``image_url`` parts take it."""
+        return f"data:{self.media_type};base64,{base64.b64encode(self.data).decode('ascii')}"
 
 
 @dataclass(frozen=True)

@@ -253,7 +253,7 @@ async def test_a_closed_store_raises_store_error(target: str | Path) -> None:
 
 
 async def test_a_new_database_is_at_the_latest_version(store: Store) -> None:
-    assert store.latest_version == 4
+    assert store.latest_version == 5
     assert await store.schema_version() == store.latest_version
     assert await store.migrate() == []
 
@@ -267,7 +267,7 @@ async def test_an_older_database_is_upgraded_at_open(target: str | Path) -> None
     await old.close()
     store = await open_store(target)
     try:
-        assert await store.schema_version() == 4
+        assert await store.schema_version() == 5
         assert await store.migrate() == []
         [kept] = await store.messages(KEY)
         assert (kept.content, kept.notes, kept.feedback) == ("from long ago", "", "")
@@ -278,9 +278,9 @@ async def test_an_older_database_is_upgraded_at_open(target: str | Path) -> None
 async def test_a_database_newer_than_this_llamarelay_is_refused(target: str | Path) -> None:
     store = await open_store(target)
     store.MIGRATIONS = (*type(store).MIGRATIONS, ("CREATE TABLE future (x INTEGER)",))  # type: ignore[misc]
-    assert await store.migrate() == [5]
+    assert await store.migrate() == [6]
     await store.close()
-    with pytest.raises(StoreError, match="schema version 5, newer than this llamarelay knows"):
+    with pytest.raises(StoreError, match="schema version 6, newer than this llamarelay knows"):
         await open_store(target)
 
 
@@ -408,9 +408,9 @@ async def test_the_migrate_command_shows_and_applies_migrations(tmp_path: Path) 
     config = sqlite_config(tmp_path, "old")
     first = llamarelay("migrate", config=config)
     assert first.returncode == 0, first.stderr
-    assert "schema version: 1 (latest: 4)" in first.stdout and "applied migrations: 2, 3, 4" in first.stdout
+    assert "schema version: 1 (latest: 5)" in first.stdout and "applied migrations: 2, 3, 4, 5" in first.stdout
     again = llamarelay("migrate", config=config)
-    assert "schema version: 4 (latest: 4)" in again.stdout and "up to date" in again.stdout
+    assert "schema version: 5 (latest: 5)" in again.stdout and "up to date" in again.stdout
 
 
 async def test_the_commands_move_conversations_to_postgres_with_the_url_from_the_environment(

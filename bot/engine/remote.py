@@ -1,5 +1,6 @@
 """A remote engine: any OpenAI-compatible server that streams chat completions (llama-server, vLLM, Ollama,
 LM Studio, llama-cpp-python's ``llama_cpp.server``), behind the interface the core uses for the embedded one.
+A user turn's images (`Prompt.images`) go as OpenAI ``image_url`` parts, inline as data URLs.
 
 It sends the conversation as chat messages; the server applies the model's template. Prompt sizes are a
 conservative estimate (the server's tokenizer is not ours), and a prompt the server finds too long raises
@@ -29,6 +30,7 @@ from bot.config import EngineSettings, SamplingSettings
 from bot.engine.base import END, EngineStatus, Figures, FinishReason, QueuePosition
 from bot.errors import EngineError, QueueFull
 from bot.prompt import Prompt
+from bot.types import ImagePart
 
 __all__ = ["PromptTooLong", "RemoteEngine", "RemoteGeneration", "Retrying", "estimate_tokens"]
 
@@ -218,6 +220,20 @@ async def _raise_for(response: aiohttp.ClientResponse) -> None:
     raise EngineError(f"The model server refused this request (HTTP {response.status}): {message}")
 
 
+def _with_images(message: dict[str, str], images: Sequence[ImagePart | str]) -> dict[str, Any]:
+    """A chat message with its images as OpenAI content parts: the text, then each image as a data URL
+    (one no longer stored as its note, in text)."""
+    if not images:
+        return message
+    parts: list[dict[str, Any]] = [{"type": "text", "text": message["content"]}] if message["content"] else []
+    for image in images:
+        if isinstance(image, str):
+            parts.append({"type": "text", "text": image})
+        else:
+            parts.append({"type": "image_url", "image_url": {"url": image.data_url()}})
+    return {**message, "content": parts}
+
+
 def _too_long(error: Any, message: str) -> bool:
     details = error.get("error") if isinstance(error, dict) else None
     code = str(details.get("code") or details.get("type") or "") if isinstance(details, dict) else ""
@@ -355,7 +371,8 @@ class RemoteEngine:
             generation._set_position(place)
 
     def _body(self, prompt: Prompt, sampling: SamplingSettings) -> dict[str, Any]:
-        messages = list(prompt.messages)
+        messages: list[dict[str, Any]] = [_with_images(message, prompt.images.get(index, ()))
+                                          for index, message in enumerate(prompt.messages)]
         if prompt.prefix:  # Continue: servers that support it go on from this reply; others answer after it
             messages.append({"role": "assistant", "content": prompt.prefix})
         body: dict[str, Any] = {"model": self.settings.model or self.model_name, "messages": messages,

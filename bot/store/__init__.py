@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-__all__ = ["Store", "StoredMessage", "LapsedReply", "Status", "open_store", "is_database_url", "redact_url"]
+from bot.types import ImagePart
+
+__all__ = ["Store", "StoredImage", "StoredMessage", "LapsedReply", "Status", "open_store", "is_database_url", "redact_url"]
 
 
 class Status:
@@ -38,6 +40,19 @@ class StoredMessage:
     created_at: float
     notes: str = ""  # a reply: the lines the bot showed below it (stopped, errors), kept apart from its text
     feedback: str = ""  # a reply: "good" or "bad" when a user rated it (Slack's feedback buttons)
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An image of a user message; ``data`` is None once it was pruned to keep images within their budget."""
+
+    id: int
+    message_id: int
+    name: str
+    media_type: str
+    width: int
+    height: int
+    data: bytes | None
 
 
 @dataclass(frozen=True)
@@ -158,6 +173,21 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def clear_messages(self, key: str, through_id: int) -> None:
         """Delete the session's messages up to and including ``through_id`` (those arriving later stay)."""
+
+    # -- images ------------------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def add_images(self, message_id: int, images: Sequence[ImagePart]) -> None:
+        """Keep the images of user message ``message_id``, in order (deleted with the message)."""
+
+    @abc.abstractmethod
+    async def images(self, message_ids: Iterable[int]) -> dict[int, list[StoredImage]]:
+        """The images of those messages, in order, by message id (messages without any are left out)."""
+
+    @abc.abstractmethod
+    async def prune_images(self, budget_bytes: int) -> int:
+        """Drop the data of the oldest images until the rest fit ``budget_bytes``; how many were dropped.
+        Their rows stay (name and size), so a conversation can say an image was there."""
 
     # -- session settings --------------------------------------------------------------------------------
 

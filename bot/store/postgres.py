@@ -6,14 +6,15 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 import asyncpg
 
 from bot.errors import StoreError
-from bot.store import (MESSAGE_FIELDS, PROBE_EVENT, SESSION_FIELDS, LapsedReply, Status, Store, StoredMessage,
-                       redact_url, storable)
+from bot.store import (MESSAGE_FIELDS, PROBE_EVENT, SESSION_FIELDS, LapsedReply, Status, Store, StoredImage,
+                       StoredMessage, redact_url, storable)
+from bot.types import ImagePart
 
 __all__ = ["PostgresStore"]
 
@@ -57,6 +58,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE messages ADD COLUMN lease_until TIMESTAMPTZ",
         "ALTER TABLE messages ADD COLUMN message_ref TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX messages_leased ON messages (lease_until) WHERE status = 'generating'",
+    ),
+    (  # 5: images of user messages; data NULL once pruned to keep the images' disk budget
+        """CREATE TABLE images (
+            id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            message_id  BIGINT NOT NULL,
+            position    INTEGER NOT NULL,
+            name        TEXT NOT NULL,
+            media_type  TEXT NOT NULL,
+            width       INTEGER NOT NULL,
+            height      INTEGER NOT NULL,
+            bytes       BIGINT NOT NULL,
+            data        BYTEA,
+            created_at  DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX images_by_message ON images (message_id, position)",
+        "CREATE INDEX images_kept ON images (id) WHERE data IS NOT NULL",
     ),
 )
 
@@ -290,7 +307,37 @@ class PostgresStore(Store):
         return [StoredMessage(*row) for row in reversed(rows)]
 
     async def clear_messages(self, key: str, through_id: int) -> None:
-        await self._execute("DELETE FROM messages WHERE session_key = $1 AND id <= $2", key, through_id)
+        with self._failing("write to"):
+            async with self._pool.acquire() as connection, connection.transaction():
+                await connection.execute("DELETE FROM images WHERE message_id IN (SELECT id FROM messages WHERE "
+                                         "session_key = $1 AND id <= $2)", key, through_id)
+                await connection.execute("DELETE FROM messages WHERE session_key = $1 AND id <= $2", key, through_id)
+
+    # -- images ------------------------------------------------------------------------------------------
+
+    async def add_images(self, message_id: int, images: Sequence[ImagePart]) -> None:
+        with self._failing("write to"):
+            async with self._pool.acquire() as connection, connection.transaction():
+                await connection.executemany(
+                    "INSERT INTO images (message_id, position, name, media_type, width, height, bytes, data, "
+                    "created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    [(message_id, position, storable(image.name), image.media_type, image.width, image.height,
+                      len(image.data), image.data, time.time()) for position, image in enumerate(images)])
+
+    async def images(self, message_ids: Iterable[int]) -> dict[int, list[StoredImage]]:
+        rows = await self._fetch("SELECT id, message_id, name, media_type, width, height, data FROM images "
+                                 "WHERE message_id = ANY($1::bigint[]) ORDER BY message_id, position", list(message_ids))
+        found: dict[int, list[StoredImage]] = {}
+        for row in rows:
+            found.setdefault(row["message_id"], []).append(StoredImage(*row))
+        return found
+
+    async def prune_images(self, budget_bytes: int) -> int:
+        # Newest first, a running total: every image past the budget loses its data, in one statement.
+        status = await self._execute(
+            "UPDATE images SET data = NULL WHERE id IN (SELECT id FROM (SELECT id, SUM(bytes) OVER (ORDER BY id DESC)"
+            " AS kept FROM images WHERE data IS NOT NULL) newest WHERE kept > $1)", budget_bytes)
+        return _count(status)
 
     # -- session settings --------------------------------------------------------------------------------
 

@@ -10,15 +10,16 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from bot.errors import StoreError
-from bot.store import (MESSAGE_FIELDS, PROBE_EVENT, SESSION_FIELDS, LapsedReply, Status, Store, StoredMessage,
-                       storable)
+from bot.store import (MESSAGE_FIELDS, PROBE_EVENT, SESSION_FIELDS, LapsedReply, Status, Store, StoredImage,
+                       StoredMessage, storable)
+from bot.types import ImagePart
 
 __all__ = ["SQLiteStore", "ONE_PROCESS_ONLY"]
 
@@ -59,6 +60,22 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ("ALTER TABLE messages ADD COLUMN lease_until REAL",
      "ALTER TABLE messages ADD COLUMN message_ref TEXT NOT NULL DEFAULT ''",
      "CREATE INDEX messages_leased ON messages (lease_until) WHERE status = 'generating'"),
+    (  # 5: images of user messages; data NULL once pruned to keep the images' disk budget
+        """CREATE TABLE images (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            message_id  INTEGER NOT NULL,
+            position    INTEGER NOT NULL,
+            name        TEXT NOT NULL,
+            media_type  TEXT NOT NULL,
+            width       INTEGER NOT NULL,
+            height      INTEGER NOT NULL,
+            bytes       INTEGER NOT NULL,
+            data        BLOB,
+            created_at  REAL NOT NULL
+        )""",
+        "CREATE INDEX images_by_message ON images (message_id, position)",
+        "CREATE INDEX images_kept ON images (id) WHERE data IS NOT NULL",
+    ),
 )
 
 
@@ -279,7 +296,43 @@ class SQLiteStore(Store):
         return [StoredMessage(*row) for row in reversed(rows)]
 
     async def clear_messages(self, key: str, through_id: int) -> None:
-        await self._write("DELETE FROM messages WHERE session_key = ? AND id <= ?", (key, through_id))
+        async with self._immediate("write to"):
+            await self._db.execute("DELETE FROM images WHERE message_id IN (SELECT id FROM messages WHERE "
+                                   "session_key = ? AND id <= ?)", (key, through_id))
+            await self._db.execute("DELETE FROM messages WHERE session_key = ? AND id <= ?", (key, through_id))
+
+    # -- images ------------------------------------------------------------------------------------------
+
+    async def add_images(self, message_id: int, images: Sequence[ImagePart]) -> None:
+        async with self._immediate("write to"):
+            await self._db.executemany(
+                "INSERT INTO images (message_id, position, name, media_type, width, height, bytes, data, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(message_id, position, image.name, image.media_type, image.width, image.height, len(image.data),
+                  image.data, time.time()) for position, image in enumerate(images)])
+
+    async def images(self, message_ids: Iterable[int]) -> dict[int, list[StoredImage]]:
+        ids = list(message_ids)
+        found: dict[int, list[StoredImage]] = {}
+        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+            chunk = ids[start:start + 500]
+            rows = await self._read("SELECT id, message_id, name, media_type, width, height, data FROM images "
+                                    f"WHERE message_id IN ({', '.join('?' * len(chunk))}) ORDER BY message_id, "
+                                    "position", tuple(chunk))
+            for row in rows:
+                found.setdefault(row[1], []).append(StoredImage(*row))
+        return found
+
+    async def prune_images(self, budget_bytes: int) -> int:
+        async with self._immediate("write to"):
+            async with self._db.execute("SELECT id, bytes FROM images WHERE data IS NOT NULL ORDER BY id DESC") as rows:
+                kept, dropped = 0, []
+                async for image_id, size in rows:
+                    kept += size
+                    if kept > budget_bytes:
+                        dropped.append((image_id,))
+            await self._db.executemany("UPDATE images SET data = NULL WHERE id = ?", dropped)
+        return len(dropped)
 
     # -- session settings --------------------------------------------------------------------------------
 
