@@ -4,7 +4,10 @@ streamable HTTP (127.0.0.1, bearer token), crashing, slow and changing its tools
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -124,6 +127,33 @@ async def test_a_crashed_server_is_reported_down_then_restarted(supervisor: Tool
     assert supervisor.health()["test"].restarts == 1
     assert (await supervisor.call("add", {"a": 1, "b": 2})).text == "3"
     assert 'llamarelay_tool_server_up{server="test"} 1.0' in generate_latest(registry).decode()
+
+
+async def test_a_server_killed_while_idle_is_noticed_by_its_ping_and_restarted() -> None:
+    settings = ToolsSettings(servers=[stdio_server()], check_interval=0.2, restart_delay=0.2)
+    async with ToolSupervisor(settings) as tools:
+        pid = int((await tools.call("pid", {})).text)
+        os.kill(pid, signal.SIGKILL)
+        await eventually(lambda: tools.health()["test"].state is ServerState.DOWN)
+        await eventually(lambda: tools.health()["test"].up)
+        assert int((await tools.call("pid", {})).text) != pid
+
+
+async def test_restarts_back_off_doubling_up_to_the_longest_delay(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="bot.tools.connection")
+    settings = ToolsSettings(servers=[ToolServerSettings(name="ghost", command="/nonexistent/mcp-server")],
+                             restart_delay=0.05, max_restart_delay=0.2)
+    async with ToolSupervisor(settings) as tools:
+        await eventually(lambda: tools.health()["ghost"].restarts >= 4)
+    delays = re.findall(r"restarting in ([\d.]+) s", caplog.text)
+    assert delays[:5] == ["0.05", "0.1", "0.2", "0.2", "0.2"]
+
+
+async def test_calls_run_side_by_side(supervisor: ToolSupervisor) -> None:
+    started = time.monotonic()
+    results = await asyncio.gather(*(supervisor.call("slow", {"seconds": 1}) for _ in range(3)))
+    assert [r.text for r in results] == ["slept 1.0"] * 3
+    assert time.monotonic() - started < 2.5  # not one after another
 
 
 async def test_a_server_that_cannot_start_is_down_with_the_reason_and_the_others_work() -> None:
