@@ -60,6 +60,8 @@ def setup_logging(secrets: Secrets, *, verbose: bool) -> None:
         logging.getLogger("llama_cpp").setLevel(logging.WARNING)
     # Even with -v: aiosqlite's debug lines print every SQL parameter (browser ids, what users wrote).
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
+    # The MCP SDK's HTTP client logs each request (tool calls, pings) at INFO.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> None:

@@ -3,6 +3,7 @@ cut at the size cap with a note."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ def result_text(result: types.CallToolResult) -> str:
         else:
             parts.append(f"[{block.type} content, {getattr(block, 'mime_type', None) or 'unknown type'}]")
     if not parts and result.structured_content is not None:
-        parts.append(str(result.structured_content))
+        parts.append(json.dumps(result.structured_content, ensure_ascii=False, default=str))
     return _CONTROL.sub("", "\n".join(parts))
 
 

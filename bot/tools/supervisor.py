@@ -94,6 +94,10 @@ class ToolSupervisor:
             if exc.error.code == CONNECTION_CLOSED:
                 connection.check_soon()
             return ToolResult(name, f"the tool {name} failed: {describe_error(exc)}", is_error=True)
+        except Exception as exc:  # a malformed answer, a transport torn down mid-call: the reply goes on
+            log.warning("tool %s on %s failed: %s", name, spec.server, describe_error(exc))
+            connection.check_soon()
+            return ToolResult(name, f"the tool {name} failed: {describe_error(exc)}", is_error=True)
         text, was_cut = cut(result_text(result), self.settings.max_result_chars)
         return ToolResult(name, text, is_error=bool(result.is_error), cut=was_cut)
 
