@@ -221,7 +221,7 @@ class ToolCallParser:
         """The events of a call whose payload is complete (the rest goes back to being text), or None while it
         is not; at the output's end (``final``) whatever there is becomes a call or an invalid one."""
         if self.syntax is ToolSyntax.HERMES:
-            end = payload.find(CLOSING)
+            end = _find_outside_strings(payload, CLOSING)  # a "</tool_call>" in an argument does not end it
             if end < 0 and not final:
                 return None
             body, rest = (payload[:end], payload[end + len(CLOSING):]) if end >= 0 else (payload, "")
@@ -315,6 +315,24 @@ def _call_from(value: Any, raw: str) -> ParseEvent:
     if not isinstance(arguments, dict):
         return CallInvalid(raw, "the call's arguments are not a JSON object")
     return CallParsed(ToolCall(value["name"], arguments))
+
+
+def _find_outside_strings(text: str, marker: str) -> int:
+    """Index of the first ``marker`` in ``text`` that is not inside a JSON string; -1 if there is none."""
+    in_string = escaped = False
+    for index, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif text.startswith(marker, index):
+            return index
+    return -1
 
 
 def _partial_suffix(text: str, marker: str) -> int:

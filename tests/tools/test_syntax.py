@@ -123,11 +123,15 @@ def test_text_without_a_call_comes_through_unchanged(syntax: ToolSyntax, text: s
     assert _run(syntax, _cuts(text, data)) == ([TextPiece(text)] if text else [])
 
 
-JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+# Argument strings may hold any syntax's markers: only the call's JSON structure may end it.
+MARKERS = st.sampled_from(["</tool_call>", "<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "[ARGS]", "]", "}",
+                           '"', "\\"])
+STRINGS = st.lists(st.text(max_size=6) | MARKERS, max_size=4).map("".join)
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | STRINGS,
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                                       max_size=3), max_leaves=8)
 CALLS = st.builds(ToolCall, name=st.from_regex(r"[a-z_][a-z0-9_]{0,20}", fullmatch=True),
-                  arguments=st.dictionaries(st.text(max_size=10), JSON_VALUES, max_size=4))
+                  arguments=st.dictionaries(STRINGS, JSON_VALUES, max_size=4))
 PLAIN = st.text(max_size=60).filter(lambda t: not any(o in t for o in ("<tool_call>", "[TOOL_CALLS]",
                                                                         "<|python_tag|>")))
 
