@@ -57,6 +57,12 @@ def pid() -> str:
     return str(os.getpid())
 
 
+@server.tool(title="Reading the environment")
+def env(name: str) -> str:
+    """The value of an environment variable in the server's process ("" if unset)."""
+    return os.environ.get(name, "")
+
+
 @server.tool(title="Crashing")
 def crash() -> str:
     """Exit the whole server process at once (a crash, for the restart tests)."""

@@ -33,14 +33,14 @@ async def test_readyz_and_metrics_report_each_tool_server(manager: ConversationM
         url = await server.start()
         status, text = await _get(url + "readyz")
         body = json.loads(text)
-        assert body["tools"] == {"test": "up, 7 tools", "ghost": "down: command not found: /nonexistent/mcp-server"}
+        assert body["tools"] == {"test": "up, 8 tools", "ghost": "down: command not found: /nonexistent/mcp-server"}
         # Details only: a dead tool server does not make the bot unready.
         assert body["ready"] == all(v in ("ok", "connected") for v in body["checks"].values())
         assert status == (200 if body["ready"] else 503)
         _, metrics = await _get(url + "metrics")
         assert 'llamarelay_tool_server_up{server="test"} 1.0' in metrics
         assert 'llamarelay_tool_server_up{server="ghost"} 0.0' in metrics
-        assert 'llamarelay_tool_server_tools{server="test"} 7.0' in metrics
+        assert 'llamarelay_tool_server_tools{server="test"} 8.0' in metrics
     finally:
         await server.close()
         await tools.aclose()

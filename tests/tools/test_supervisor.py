@@ -26,8 +26,9 @@ SERVER = str(Path(__file__).with_name("mcp_server.py"))
 TOKEN = "test-token-0123456789"
 
 
-def stdio_server(name: str = "test", *, mark: Path | None = None, **options: Any) -> ToolServerSettings:
-    env = {"MCP_TEST_MARK": str(mark)} if mark else {}
+def stdio_server(name: str = "test", *, mark: Path | None = None, env: dict[str, str] | None = None,
+                 **options: Any) -> ToolServerSettings:
+    env = {**(env or {}), **({"MCP_TEST_MARK": str(mark)} if mark else {})}
     return ToolServerSettings(name=name, command=sys.executable, args=[SERVER], env=env, **options)
 
 
@@ -49,9 +50,9 @@ async def supervisor(tmp_path: Path) -> AsyncIterator[ToolSupervisor]:
 
 async def test_tools_are_listed_at_start_with_titles_and_confirm_flags(supervisor: ToolSupervisor) -> None:
     health = supervisor.health()["test"]
-    assert health.state is ServerState.UP and health.describe() == "up, 7 tools"
+    assert health.state is ServerState.UP and health.describe() == "up, 8 tools"
     tools = {tool.name: tool for tool in supervisor.tools()}
-    assert set(tools) == {"add", "delete_file", "slow", "big", "add_tool", "pid", "crash"}
+    assert set(tools) == {"add", "delete_file", "slow", "big", "add_tool", "pid", "env", "crash"}
     assert tools["add"].title == "Adding numbers" and tools["add"].server == "test"
     assert tools["add"].input_schema["required"] == ["a", "b"]
     assert tools["delete_file"].confirm and not tools["add"].confirm
@@ -82,7 +83,7 @@ async def test_a_changed_tool_list_is_read_again(supervisor: ToolSupervisor) -> 
     assert supervisor.registry.get("echo") is None
     assert (await supervisor.call("add_tool", {})).text == "added echo"
     await eventually(lambda: supervisor.registry.get("echo") is not None)
-    assert supervisor.health()["test"].tools == 8
+    assert supervisor.health()["test"].tools == 9
     assert (await supervisor.call("echo", {"text": "hello"})).text == "hello"
 
 
@@ -154,6 +155,17 @@ async def test_calls_run_side_by_side(supervisor: ToolSupervisor) -> None:
     results = await asyncio.gather(*(supervisor.call("slow", {"seconds": 1}) for _ in range(3)))
     assert [r.text for r in results] == ["slept 1.0"] * 3
     assert time.monotonic() - started < 2.5  # not one after another
+
+
+async def test_a_stdio_server_gets_its_env_and_never_the_bots_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISCORD_TOKEN", "discord-secret")
+    monkeypatch.setenv("LLAMARELAY_API_TOKEN", "api-secret")
+    server = stdio_server(env={"GIVEN": "yes"})
+    async with ToolSupervisor(ToolsSettings(servers=[server])) as tools:
+        assert (await tools.call("env", {"name": "GIVEN"})).text == "yes"
+        assert (await tools.call("env", {"name": "PATH"})).text  # what a program needs to run
+        assert (await tools.call("env", {"name": "DISCORD_TOKEN"})).text == ""
+        assert (await tools.call("env", {"name": "LLAMARELAY_API_TOKEN"})).text == ""
 
 
 async def test_a_server_that_cannot_start_is_down_with_the_reason_and_the_others_work() -> None:
