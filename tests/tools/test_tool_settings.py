@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 def test_the_commented_example_in_config_toml_loads(tmp_path: Path) -> None:
     text = (ROOT / "config.toml").read_text()
-    section = text[text.index("\n[tools]"):]
+    start = text.index("\n[tools]")
+    section = text[start:text.find("\n\n", start + 1)]  # up to the blank line that ends it
     example = re.sub(r"^# (\[\[tools\.servers\]\]|(?!servers )\w+ = )", r"\1", section, flags=re.M)
     (tmp_path / "config.toml").write_text(example)
     tools = load_settings(tmp_path / "config.toml").tools
@@ -27,20 +28,21 @@ def test_the_commented_example_in_config_toml_loads(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("toml", "expected"), [
     ('[[tools.servers]]\nname = "a"\ncommand = "x"\nurl = "http://127.0.0.1/mcp"',
-     "tool server 'a' needs either command (a stdio server) or url (a streamable-HTTP server), not both"),
-    ('[[tools.servers]]\nname = "a"', "tool server 'a' needs either command"),
+     "tools.servers[0]: tool server 'a' needs either command (a stdio server) or url (a streamable-HTTP "
+     "server), not both"),
+    ('[[tools.servers]]\nname = "a"', "tools.servers[0]: tool server 'a' needs either command"),
     ('[[tools.servers]]\nname = "a b"\ncommand = "x"',
-     "'tools.servers.0.name' = 'a b' is invalid: must be 1 to 64 letters, digits, _ or -"),
+     "'tools.servers[0].name' = 'a b' is invalid: must be 1 to 64 letters, digits, _ or -"),
     ('[[tools.servers]]\nname = "a"\nurl = "file:///etc/passwd"',
-     "'tools.servers.0.url' = 'file:///etc/passwd' is invalid: must be an http:// or https:// URL"),
+     "'tools.servers[0].url' = 'file:///etc/passwd' is invalid: must be an http:// or https:// URL"),
     ('[[tools.servers]]\nname = "a"\ncommand = "x"\nauth_env = "TOKEN"',
-     "tool server 'a': auth_env is for a url; pass a stdio server its token through env"),
+     "tools.servers[0]: tool server 'a': auth_env is for a url; pass a stdio server its token through env"),
     ('[[tools.servers]]\nname = "a"\ncommand = "x"\n[[tools.servers]]\nname = "a"\ncommand = "y"',
      "tools.servers names 'a' twice"),
     ('[[tools.servers]]\nname = "a"\ncommand = "x"\ntools = { t = { confirm = "maybe" } }',
-     "'tools.servers.0.tools.t.confirm' = 'maybe' is invalid"),
+     "'tools.servers[0].tools.t.confirm' = 'maybe' is invalid"),
     ('[[tools.servers]]\nname = "a"\ncommand = "x"\ntools = { t = { confrim = true } }',
-     "unknown setting 'tools.servers.0.tools.t.confrim'"),
+     "unknown setting 'tools.servers[0].tools.t.confrim'"),
     ("[tools]\ncall_timeout = 0", "'tools.call_timeout' = 0 is invalid: input should be greater than 0"),
     ("[tools]\nmax_result_chars = 10", "'tools.max_result_chars' = 10 is invalid: input should be greater than or "
                                        "equal to 100"),
@@ -59,4 +61,4 @@ def test_a_token_pasted_where_its_variable_name_belongs_is_not_echoed(tmp_path: 
     with pytest.raises(ConfigError) as caught:
         load_settings(tmp_path / "config.toml")
     assert "sk-live-abc123" not in str(caught.value)
-    assert "'tools.servers.0.auth_env' = '<hidden>' is invalid: must name an environment variable" in str(caught.value)
+    assert "'tools.servers[0].auth_env' is invalid: must name an environment variable" in str(caught.value)
