@@ -27,6 +27,7 @@ from bot.store.transfer import export_jsonl, import_jsonl
 
 if TYPE_CHECKING:
     from bot.engine.embedded import Engine
+    from bot.tools import ToolSupervisor
 
 __all__ = ["main", "serve"]
 
@@ -59,6 +60,8 @@ def setup_logging(secrets: Secrets, *, verbose: bool) -> None:
         logging.getLogger("llama_cpp").setLevel(logging.WARNING)
     # Even with -v: aiosqlite's debug lines print every SQL parameter (browser ids, what users wrote).
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
+    # The MCP SDK's HTTP client logs each request (tool calls, pings) at INFO.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> None:
@@ -76,7 +79,12 @@ async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> N
         try:
             manager = ConversationManager(engine, store, settings)
             manager.start()  # leases: replies of another process that dies are taken over
-            await _run_adapters(manager, settings, secrets, mode=mode)
+            tools = await start_tools(settings, manager)
+            try:
+                await _run_adapters(manager, settings, secrets, mode=mode, tools=tools)
+            finally:
+                if tools is not None:
+                    await tools.aclose()
         finally:
             await store.close()
     finally:
@@ -89,7 +97,21 @@ async def open_engine(settings: Settings, secrets: Secrets) -> Engine | RemoteEn
     return await open_backend(settings.engine, secrets.engine_api_key)  # type: ignore[return-value]
 
 
-async def _run_adapters(manager: ConversationManager, settings: Settings, secrets: Secrets, *, mode: str) -> None:
+async def start_tools(settings: Settings, manager: ConversationManager) -> ToolSupervisor | None:
+    """The MCP tool servers, started and kept up, their health in /metrics; None when none are configured (the
+    MCP SDK is then not even imported)."""
+    if not settings.tools.servers:
+        return None
+    from bot.tools import ToolSupervisor
+
+    tools = ToolSupervisor(settings.tools)
+    await tools.start()
+    tools.register_metrics(manager.metrics.registry)
+    return tools
+
+
+async def _run_adapters(manager: ConversationManager, settings: Settings, secrets: Secrets, *, mode: str,
+                        tools: ToolSupervisor | None = None) -> None:
     adapters: dict[str, Coroutine[Any, Any, None]] = {}
     if mode == "run" and secrets.discord_token:
         from adapters.discord import run_discord
@@ -116,7 +138,7 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
         adapters["api"] = run_openai_api(manager, settings, secrets)
     if settings.ops.enabled and mode != "chat":
         from adapters.ops import run_ops
-        adapters["ops"] = run_ops(manager, settings)
+        adapters["ops"] = run_ops(manager, settings, tools)
     if terminal:
         from adapters.console import run_console
         # The terminal chat handles Ctrl-C and SIGTERM itself; leaving it stops everything.

@@ -25,8 +25,8 @@ from bot.store import redact_url
 
 __all__ = [
     "Settings", "EngineSettings", "ModelSettings", "ModelPoolSettings", "ImageSettings", "SamplingSettings", "ConversationSettings", "StoreSettings",
-    "StreamingSettings", "DiscordSettings", "SlackSettings", "WebSettings", "OpsSettings", "ApiSettings", "Secrets",
-    "load_settings",
+    "StreamingSettings", "DiscordSettings", "SlackSettings", "WebSettings", "OpsSettings", "ApiSettings",
+    "ToolOptions", "ToolServerSettings", "ToolsSettings", "Secrets", "load_settings",
 ]
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
@@ -330,6 +330,83 @@ class ApiSettings(_Section):
     port: int = Field(8081, ge=0, le=65535, description="0 = any free port")
 
 
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class ToolOptions(_Section):
+    confirm: bool = Field(False, description="ask the user (Run / Deny) before each call of this tool")
+    title: str | None = Field(None, max_length=100, description="what the status line says while it runs, e.g. "
+                              "'Searching the wiki'; unset = the server's title for the tool")
+
+
+class ToolServerSettings(_Section):
+    name: str = Field(description="the server's name in logs, /status and metrics (letters, digits, _ and -)")
+    # stdio: a command line the bot starts and stops.
+    command: str | None = Field(None, description="program that runs a stdio MCP server")
+    args: list[str] = Field(default_factory=list, description="its arguments")
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for it")
+    # streamable HTTP: a server that runs elsewhere.
+    url: str | None = Field(None, description="a streamable-HTTP MCP server's endpoint, e.g. http://127.0.0.1:8000/mcp")
+    auth_env: str | None = Field(None, description="environment variable holding the token sent in auth_header "
+                                 "(never the token itself)")
+    auth_header: str = Field("Authorization", min_length=1, max_length=100, description="header the token goes in")
+    auth_scheme: str = Field("Bearer", max_length=50, description="word before the token; empty = the token alone")
+    tools: dict[str, ToolOptions] = Field(default_factory=dict, description="per-tool options, by the tool's name")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not _NAME.fullmatch(name):
+            raise ValueError("must be 1 to 64 letters, digits, _ or -")
+        return name
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
+            raise ValueError("must be an http:// or https:// URL, e.g. http://127.0.0.1:8000/mcp")
+        return url
+
+    @field_validator("auth_env")
+    @classmethod
+    def _env_name(cls, name: str | None) -> str | None:
+        if name is not None and not _ENV_NAME.fullmatch(name):
+            raise ValueError("must name an environment variable (e.g. WIKI_MCP_TOKEN), not hold the token")
+        return name
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> ToolServerSettings:
+        if (self.command is None) == (self.url is None):
+            raise ValueError(f"tool server '{self.name}' needs either command (a stdio server) or url "
+                             "(a streamable-HTTP server), not both")
+        if self.url is None and self.auth_env is not None:
+            raise ValueError(f"tool server '{self.name}': auth_env is for a url; pass a stdio server its token "
+                             "through env")
+        if self.command is None and (self.args or self.env):
+            raise ValueError(f"tool server '{self.name}': args and env are for a command; a url server takes none")
+        return self
+
+
+class ToolsSettings(_Section):
+    servers: list[ToolServerSettings] = Field(default_factory=list, description="MCP servers; none = no tools")
+    max_rounds: int = Field(4, ge=1, le=50, description="most rounds of tool calls in one reply")
+    call_timeout: float = Field(30.0, gt=0, le=3600, description="seconds one tool call may take")
+    max_result_chars: int = Field(8000, ge=100, le=1_000_000,
+                                  description="a longer tool result is cut to this, with a note")
+    restart_delay: float = Field(1.0, gt=0, le=600, description="seconds before restarting a server that died; "
+                                 "doubled after each failure in a row")
+    max_restart_delay: float = Field(60.0, gt=0, le=3600, description="the longest wait between restarts")
+    check_interval: float = Field(15.0, gt=0, le=3600, description="seconds between pings of a quiet server")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ToolsSettings:
+        names = [server.name for server in self.servers]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"tools.servers names '{twice[0]}' twice: each server needs its own name")
+        return self
+
+
 class Settings(BaseSettings):
     """Every section; ``Settings()`` is the defaults with the environment's overrides applied."""
 
@@ -350,6 +427,7 @@ class Settings(BaseSettings):
     models: list[ModelSettings] = Field(default_factory=list, description="models besides [engine], the default")
     model_pool: ModelPoolSettings = Field(default_factory=ModelPoolSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
+    tools: ToolsSettings = Field(default_factory=ToolsSettings)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -490,6 +568,6 @@ def _describe(error: Any) -> str:
         return message if len(error["loc"]) < 2 else f"{key}: {message}"
     # A URL's password never reaches the message, nor a key pasted where its variable's name belongs.
     value = redact_url(error["input"]) if isinstance(error["input"], str) else error["input"]
-    if error["loc"][-1] == "api_key_env":
+    if error["loc"][-1] in ("api_key_env", "auth_env"):
         return f"'{key}' is invalid: {message[0].lower()}{message[1:]}"
     return f"'{key}' = {value!r} is invalid: {message[0].lower()}{message[1:]}"

@@ -12,15 +12,16 @@ from adapters.ops.server import OpsServer, create_app, readiness
 if TYPE_CHECKING:
     from bot.config import Settings
     from bot.conversations import ConversationManager
+    from bot.tools import ToolSupervisor
 
 __all__ = ["OpsServer", "create_app", "readiness", "run_ops"]
 
 log = logging.getLogger(__name__)
 
 
-async def run_ops(manager: ConversationManager, settings: Settings) -> None:
+async def run_ops(manager: ConversationManager, settings: Settings, tools: ToolSupervisor | None = None) -> None:
     """Serve /healthz, /readyz and /metrics on ``[ops] host:port`` until cancelled."""
-    server = OpsServer(create_app(manager, settings.ops.host), settings.ops.host, settings.ops.port)
+    server = OpsServer(create_app(manager, settings.ops.host, tools), settings.ops.host, settings.ops.port)
     url = await server.start()
     log.info("health and metrics on %shealthz, %sreadyz, %smetrics", url, url, url)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -11,12 +12,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from adapters.listener import FOREIGN_HOST, Listener, host_guard
 from bot.conversations import ConversationManager
 
+if TYPE_CHECKING:
+    from bot.tools import ToolSupervisor
+
 __all__ = ["OpsServer", "create_app", "readiness"]
 
 log = logging.getLogger(__name__)
 
 DATABASE_CHECK_SECONDS = 2.0  # a database slower than this to write one row cannot answer anyone either
 MANAGER = web.AppKey("manager", ConversationManager)
+TOOLS: web.AppKey[ToolSupervisor] = web.AppKey("tools")  # only with tool servers: the MCP SDK loads then
 
 
 async def readiness(manager: ConversationManager) -> dict[str, str]:
@@ -43,7 +48,10 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     checks = await readiness(request.app[MANAGER])
     ready = all(result in ("ok", "connected") for result in checks.values())
-    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+    body: dict[str, object] = {"ready": ready, "checks": checks}
+    if TOOLS in request.app:  # details only: the bot answers without its tools, so a dead server is not "unready"
+        body["tools"] = {name: health.describe() for name, health in request.app[TOOLS].health().items()}
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -51,10 +59,13 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(manager: ConversationManager, host: str = "127.0.0.1") -> web.Application:
-    """The ops application for a listener on ``host``."""
+def create_app(manager: ConversationManager, host: str = "127.0.0.1",
+               tools: ToolSupervisor | None = None) -> web.Application:
+    """The ops application for a listener on ``host``; /readyz lists ``tools``' servers when given."""
     app = web.Application(middlewares=[host_guard(host, lambda: web.HTTPForbidden(text=FOREIGN_HOST + "\n"))])
     app[MANAGER] = manager
+    if tools is not None:
+        app[TOOLS] = tools
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
