@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -24,7 +25,8 @@ from bot.engine.threads import configure_openmp  # noqa: E402
 
 configure_openmp()  # before llama.cpp loads, as the command line does: measure what the bot runs
 
-from bot.conversations import parse_status_line  # noqa: E402
+from bot.types import Phase, ReplyStatus  # noqa: E402
+from bot.wording import queued_line, status_line  # noqa: E402
 from bot.errors import StoreError  # noqa: E402
 from bot.store.sqlite import SQLiteStore  # noqa: E402
 from bot.types import SessionKey  # noqa: E402
@@ -43,7 +45,13 @@ def channel_key(channel_id: int) -> str:
 
 def is_reply_text(content: str) -> bool:
     """True if a message shows reply text, not a status line ("💭 Thinking…", a queue place) or a blank."""
-    return bool(content.strip()) and content != EMPTY_PLACEHOLDER and parse_status_line(content) is None
+    return bool(content.strip()) and content != EMPTY_PLACEHOLDER and not _is_status_line(content)
+
+
+def _is_status_line(content: str) -> bool:
+    """A status as the bot renders it on Discord (the harness sees only the rendered text)."""
+    fixed = {status_line(ReplyStatus(phase)) for phase in Phase if phase is not Phase.QUEUED}
+    return content in fixed or re.fullmatch(re.escape(queued_line(0)).replace("0", r"\d+"), content) is not None
 
 
 def write_config(directory: Path, fake: FakeDiscord, **sections: dict[str, Any]) -> Path:

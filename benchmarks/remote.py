@@ -29,7 +29,7 @@ import llama_cpp  # noqa: E402
 
 from bot.app import open_engine  # noqa: E402
 from bot.config import SamplingSettings, Secrets, load_settings  # noqa: E402
-from bot.conversations import ConversationManager, parse_status_line  # noqa: E402
+from bot.conversations import ConversationManager  # noqa: E402
 from bot.engine.threads import physical_cores  # noqa: E402
 from bot.engine import Tokenizer  # noqa: E402
 from bot.store import open_store  # noqa: E402
@@ -51,7 +51,7 @@ class Recorder:
         self.first_text: float | None = None
 
     def _saw(self, text: str) -> None:
-        if self.first_text is None and text and parse_status_line(text) is None:
+        if self.first_text is None and text:
             self.first_text = time.perf_counter()
 
     async def post(self, text: str, controls: Controls | None = None) -> int:
@@ -63,6 +63,12 @@ class Recorder:
 
     async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
         self._saw(text)
+
+    async def post_status(self, status: Any, controls: Controls | None = None) -> int:
+        return 0  # a status is not the first words
+
+    async def edit_status(self, handle: Any, status: Any, controls: Controls | None = None) -> None:
+        pass
 
 
 def tokenizer() -> Tokenizer:

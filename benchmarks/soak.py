@@ -37,7 +37,7 @@ from typing import Any
 from discord_harness import (BotProcess, channel_key, force_reply, is_reply_text, open_store, write_config,
                              writes)
 
-from bot.conversations import RESET_NOTE, STOPPED_NOTE
+from bot.wording import RESET_NOTE, STOPPED_NOTE
 from bot.delivery import display_text
 from bot.replies import split_reply
 from bot.store import Status

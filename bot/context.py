@@ -1,11 +1,14 @@
 """Prompts built from what users point at on a platform: a message to ask about, a stretch of chat to summarize.
 
-Both platforms offer these (Discord's context menus, Slack's message shortcuts); the wording lives here once.
+Both platforms offer these (Discord's context menus, Slack's message shortcuts); they are built here once, in
+the words of `bot.wording`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from bot.wording import ASK_ABOUT_QUESTION, summarize_request
 
 __all__ = ["ask_about", "summarize"]
 
@@ -16,7 +19,7 @@ def _quote(text: str) -> str:
 
 def ask_about(author: str, text: str, question: str) -> str:
     """A question about one message, which is quoted (as data) above it."""
-    question = question.strip() or "What do you make of this message?"
+    question = question.strip() or ASK_ABOUT_QUESTION
     return f"{author} wrote:\n{_quote(text)}\n\n{question}"
 
 
@@ -30,7 +33,4 @@ def summarize(messages: Sequence[tuple[str, str]], max_chars: int) -> str:
             break
         lines.append(line[:max_chars])
         used += len(line) + 1
-    skipped = len(messages) - len(lines)
-    older = f" ({skipped} older messages left out)" if skipped else ""
-    return ("Summarize this conversation: the main points, decisions and open questions, briefly"
-            f"{older}.\n\n" + "\n".join(reversed(lines)))
+    return summarize_request(len(messages) - len(lines)) + "\n\n" + "\n".join(reversed(lines))

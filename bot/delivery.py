@@ -4,7 +4,8 @@ The one place that paces, retries and falls back. What a reply should look like 
 (`bot.replies.split_reply`); `Delivery` compares that with what each posted message shows and makes the
 next call that closes the gap: post a missing message, or edit one that differs. The producer (the engine's
 stream) only sets the newest text and never waits for the platform, so status changes and text coalesce:
-whatever is newest when the bucket allows a call is what gets sent.
+whatever is newest when the bucket allows a call is what gets sent. A status (`ReplyStatus`) is shown as its
+`bot.wording.status_line`, or by the target's own ``post_status`` / ``edit_status`` where it has them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 
 from bot.errors import MessageGone
 from bot.replies import split_reply
-from bot.types import Controls, ReplyTarget
+from bot.types import Controls, ReplyStatus, ReplyTarget
+from bot.wording import status_line
 
 __all__ = ["Delivery", "Pacer", "Pacers", "display_text"]
 
@@ -30,6 +32,7 @@ BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[Any]]
+Shown = tuple[str | ReplyStatus, Controls | None]  # what one message shows: text or a status, and its buttons
 
 
 def display_text(text: str, notes: str) -> str:
@@ -103,23 +106,23 @@ class Delivery:
         self._measure: Callable[[str], int] = getattr(target, "measure", len)
         self._clock, self._sleep = clock, sleep
         self._hold_until = clock() + hold
-        self._status = ""
+        self._status: ReplyStatus | None = None
         self._text = ""
         self._notes = ""
         self._final = False
         self._controls: Controls | None = None
         self._changed = asyncio.Event()
         self._handles: list[Any] = []
-        self._shown: list[tuple[str, Controls | None]] = []  # what each posted message shows now
+        self._shown: list[Shown] = []  # what each posted message shows now
         self._task: asyncio.Task[None] | None = None
         self.failed = False
         """True once the platform refused so often that the reply cannot be shown."""
 
     # -- what to show ------------------------------------------------------------------------------------
 
-    def status(self, line: str) -> None:
-        """Show ``line`` (queued, thinking) while the reply has no text yet."""
-        self._status = line
+    def status(self, status: ReplyStatus) -> None:
+        """Show ``status`` (queued, thinking) while the reply has no text yet."""
+        self._status = status
         self._changed.set()
 
     def update(self, text: str) -> None:
@@ -132,13 +135,14 @@ class Delivery:
         self._controls = controls
         self._changed.set()
 
-    def wanted(self) -> list[tuple[str, Controls | None]]:
-        """The text (and buttons) each message of the reply should show now."""
+    def wanted(self) -> list[Shown]:
+        """The text or status (and buttons) each message of the reply should show now."""
+        texts: list[str | ReplyStatus]
         if self._text.strip() or self._final:
             shown = display_text(self._text, self._notes)
             texts = [piece.text for piece in split_reply(shown, self._target.max_length, self._measure)]
         else:
-            texts = [self._status] if self._status else []
+            texts = [self._status] if self._status is not None else []
         return [(text, self._controls if i == len(texts) - 1 else None) for i, text in enumerate(texts)]
 
     # -- running -----------------------------------------------------------------------------------------
@@ -233,19 +237,33 @@ class Delivery:
                 return lambda: self._edit(index, shown)
         return None
 
-    async def _post(self, index: int, shown: tuple[str, Controls | None]) -> None:
-        post = self._target.post if index == 0 else self._target.post_continuation
-        self._handles.append(await post(*shown))
+    async def _post(self, index: int, shown: Shown) -> None:
+        content, controls = shown
+        post_status = getattr(self._target, "post_status", None)
+        if isinstance(content, ReplyStatus) and post_status is not None:
+            self._handles.append(await post_status(content, controls))
+        else:
+            post = self._target.post if index == 0 else self._target.post_continuation
+            self._handles.append(await post(_text(content), controls))
         self._shown.append(shown)
 
-    async def _edit(self, index: int, shown: tuple[str, Controls | None]) -> None:
+    async def _edit(self, index: int, shown: Shown) -> None:
+        content, controls = shown
+        edit_status = getattr(self._target, "edit_status", None)
         try:
-            await self._target.edit(self._handles[index], *shown)
+            if isinstance(content, ReplyStatus) and edit_status is not None:
+                await edit_status(self._handles[index], content, controls)
+            else:
+                await self._target.edit(self._handles[index], _text(content), controls)
         except MessageGone as gone:
             # Deleted, or no longer editable: the text goes into a new message rather than being lost.
             log.info("a reply's message is gone (%s); showing its text in a new message", gone)
-            self._handles[index] = await self._target.post_continuation(*shown)
+            self._handles[index] = await self._target.post_continuation(_text(content), controls)
         self._shown[index] = shown
+
+
+def _text(content: str | ReplyStatus) -> str:
+    return status_line(content) if isinstance(content, ReplyStatus) else content
 
 
 def _describe(exc: BaseException) -> str:

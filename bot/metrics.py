@@ -7,6 +7,7 @@ generation loop, and `bot.delivery` for the platform calls that fail.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 if TYPE_CHECKING:
     from bot.engine import EngineStatus
 
-__all__ = ["Metrics", "Platforms", "is_rate_limited"]
+__all__ = ["Metrics", "Platforms", "TokenTimer", "is_rate_limited"]
 
 # Seconds; from a fast GPU's first token to a long wait in the queue on a small CPU.
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -66,6 +67,25 @@ class Metrics:
         self.platform_errors.labels(platform).inc()
         if is_rate_limited(exc):
             self.platform_rate_limited.labels(platform).inc()
+
+
+class TokenTimer:
+    """Observes one streaming reply's time to its first text (from now) and between its texts."""
+
+    def __init__(self, metrics: Metrics | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._metrics, self._clock = metrics, clock
+        self._submitted_at = clock()
+        self._last_at: float | None = None
+
+    def text_arrived(self) -> None:
+        if self._metrics is None:
+            return
+        now = self._clock()
+        if self._last_at is None:
+            self._metrics.time_to_first_token.observe(now - self._submitted_at)
+        else:
+            self._metrics.inter_token_latency.observe(now - self._last_at)
+        self._last_at = now
 
 
 def is_rate_limited(exc: BaseException) -> bool:

@@ -1,13 +1,15 @@
-"""The few types every layer passes around: session keys, incoming messages, reply targets."""
+"""The few types every layer passes around: session keys, incoming messages, reply targets, reply statuses."""
 
 from __future__ import annotations
 
 import base64
+import enum
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["Attachment", "Controls", "ImagePart", "SessionKey", "Incoming", "ReplyTarget", "log_name"]
+__all__ = ["Attachment", "Controls", "ImagePart", "SessionKey", "Incoming", "Phase", "ReplyStatus", "ReplyTarget",
+           "log_name"]
 
 
 def log_name(key: SessionKey | str) -> str:
@@ -121,6 +123,32 @@ class Controls:
     can_continue: bool = False  # it was cut by the length limit, or stopped
 
 
+class Phase(str, enum.Enum):
+    """What a reply is doing while it has no text to show yet."""
+
+    THINKING = "thinking"  # the model is reading the prompt or starting to write
+    REASONING = "reasoning"  # the model is writing hidden reasoning
+    WAITING = "waiting"  # for the previous reply of its conversation
+    QUEUED = "queued"  # in the engine's queue, at ``ReplyStatus.position``
+    RETRYING = "retrying"  # the model server is unreachable; the request is tried again
+
+
+@dataclass(frozen=True)
+class ReplyStatus:
+    """A reply's status before its text: a typed value each adapter renders its own way.
+
+    The shared rendering (the placeholder line) is `bot.wording.status_line`.
+    """
+
+    phase: Phase
+    position: int | None = None  # the place in the engine's queue (1 = next), for QUEUED only
+
+    def __post_init__(self) -> None:
+        if (self.phase is Phase.QUEUED) != (self.position is not None):
+            raise ValueError(f"a {self.phase.value} status takes {'a' if self.phase is Phase.QUEUED else 'no'} "
+                             "queue position")
+
+
 class ReplyTarget(Protocol):
     """Where a reply goes: a thin transport implemented by each adapter, driven by `bot.delivery.Delivery`.
 
@@ -137,6 +165,11 @@ class ReplyTarget(Protocol):
     after a quiet spell (default 1). ``reference(handle) -> str | None``: where that message is, as a string
     the adapter's locator (`ConversationManager.locators`) turns back into a target and handle, so another
     process can rewrite the message if this one dies; None when it cannot be found again.
+
+    A reply's status (`ReplyStatus`) is shown as text rendered by `bot.wording.status_line`, unless the target
+    renders statuses its own way: then it has ``post_status(status, controls)`` and ``edit_status(handle,
+    status, controls)``, used instead of ``post`` and ``edit`` while the message shows a status (the web page
+    sends status events, a Slack assistant thread sets the thread's status).
     """
 
     max_length: int

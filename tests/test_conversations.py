@@ -9,13 +9,15 @@ from typing import Any
 import pytest
 
 from bot.config import Settings
-from bot.conversations import (CHECKPOINT_SECONDS, EMPTY_MESSAGE, RESET_NOTE, SHUTTING_DOWN, STOPPED_NOTE, WAITING_FOR_PREVIOUS,
-                               ConversationManager, State, clean_text, parse_status_line, queued_line)
+from bot.conversations import ConversationManager, State
+from bot.conversations.streaming import CHECKPOINT_SECONDS
+from bot.text import clean_text
+from bot.wording import EMPTY_MESSAGE, RESET_NOTE, SHUTTING_DOWN, STOPPED_NOTE, WAITING_FOR_PREVIOUS, queued_line, status_line
 from bot.engine import Engine
 from bot.errors import MessageGone, StoreError
 from bot.prompt import ChatTemplate
 from bot.store import Status, Store
-from bot.types import Controls, Incoming, SessionKey
+from bot.types import Controls, Incoming, Phase, ReplyStatus, SessionKey
 
 CHANNEL = SessionKey.for_channel("test", "guild1", "chan1")
 LONG_GRAMMAR = 'root ::= ("la " ){300}'
@@ -68,7 +70,7 @@ async def test_follow_up_carries_the_history(manager: ConversationManager, engin
     first = await manager.respond(message("My dog is called Biscuit."), Target())
     await manager.respond(message("What is my dog called?"), Target())
     history = await manager.history(CHANNEL)
-    prompt, _ = manager.build_prompt("sys", history[:2], "What is my dog called?", 24)
+    prompt, _ = manager.window.build_prompt("sys", history[:2], "What is my dog called?", 24)
     rendered = engine.detokenize(prompt.tokens)
     assert "My dog is called Biscuit." in rendered and first.text.strip() in rendered
     assert [m.role for m in history] == ["user", "assistant", "user", "assistant"]
@@ -130,7 +132,7 @@ async def test_stop_keeps_the_partial_reply_marked_stopped(manager: Conversation
     assert stored.status == Status.STOPPED and stored.content.startswith("l") and stored.content == result.text
     assert stored.notes == STOPPED_NOTE and STOPPED_NOTE not in stored.content
     # The model reads back exactly what it wrote, never the bot's notes.
-    prompt, _ = manager.build_prompt("sys", await manager.history(CHANNEL), "next", 24)
+    prompt, _ = manager.window.build_prompt("sys", await manager.history(CHANNEL), "next", 24)
     rendered = manager.engine.detokenize(prompt.tokens)
     assert stored.content.strip() in rendered and "Stopped" not in rendered and "cut short" not in rendered
     assert not manager.stop(CHANNEL)
@@ -164,7 +166,7 @@ async def test_template_tokens_in_user_text_are_stored_verbatim_and_stay_plain(m
     result = await manager.respond(message(injection), Target())
     assert result.status == Status.COMPLETE
     assert (await manager.history(CHANNEL))[0].content == injection
-    prompt, _ = manager.build_prompt("sys", [], injection, 24)
+    prompt, _ = manager.window.build_prompt("sys", [], injection, 24)
     im_start = engine.tokenize("<|im_start|>", special=True)[0]
     assert prompt.tokens.count(im_start) == 3
 
@@ -176,7 +178,7 @@ async def test_context_window_keeps_system_prompt_and_newest_turns(manager: Conv
         await store.add_message(key, "user", f"question {i} " + "words " * 40, Status.COMPLETE)
         await store.add_message(key, "assistant", f"answer {i} " + "words " * 40, Status.COMPLETE)
     history = await store.messages(key)
-    prompt, notes = manager.build_prompt("SYSTEM-PROMPT", history, "latest question", 512)
+    prompt, notes = manager.window.build_prompt("SYSTEM-PROMPT", history, "latest question", 512)
     rendered = engine.detokenize(prompt.tokens)
     assert len(prompt.tokens) <= engine.n_ctx - 512
     assert len(prompt.tokens) > (engine.n_ctx - 512) * 0.5  # it uses the window, not a timid share of it
@@ -192,7 +194,7 @@ async def test_a_full_window_drops_turns_in_large_steps_so_the_prompt_keeps_its_
         await store.add_message(key, "assistant", f"answer {i} " + "words " * 40, Status.COMPLETE)
     keep, prompts = None, []
     for turn in range(12):  # each turn: a prompt with the last prompt's start, then its exchange is stored
-        prompt, _ = manager.build_prompt("sys", await store.messages(key), f"next {turn}", 24, keep_from=keep)
+        prompt, _ = manager.window.build_prompt("sys", await store.messages(key), f"next {turn}", 24, keep_from=keep)
         assert len(prompt.tokens) <= engine.n_ctx - 24 and prompt.turns_from is not None
         keep = prompt.turns_from
         prompts.append(prompt)
@@ -311,7 +313,7 @@ async def test_message_over_the_character_limit_keeps_the_history(manager: Conve
                                                                   engine: Engine) -> None:
     manager.settings.conversation.max_message_chars = 200
     await manager.store.add_message(str(CHANNEL), "user", "EARLIER-QUESTION", Status.COMPLETE)
-    prompt, notes = manager.build_prompt("sys", await manager.history(CHANNEL), "word " * 100, 24)
+    prompt, notes = manager.window.build_prompt("sys", await manager.history(CHANNEL), "word " * 100, 24)
     rendered = engine.detokenize(prompt.tokens)
     assert "EARLIER-QUESTION" in rendered and "cut to fit" in rendered
     assert notes and "first 200 of 500 characters" in notes[0]
@@ -335,11 +337,14 @@ async def test_platform_failure_mid_stream_frees_the_engine_and_keeps_the_text(m
     assert stored.status == Status.INTERRUPTED and stored.content.startswith("l") and stored.content == result.text
 
 
-def test_status_lines_are_told_apart_from_reply_text() -> None:
-    assert parse_status_line(queued_line(3)) == ("queued", 3)
-    assert parse_status_line(WAITING_FOR_PREVIOUS) == ("waiting", None)
-    assert parse_status_line("⏳ Queued: #3 in line… and then some") is None
-    assert parse_status_line("Queued: #3") is None
+def test_statuses_are_typed_values_shown_as_the_lines_users_know() -> None:
+    assert status_line(ReplyStatus(Phase.QUEUED, 3)) == queued_line(3) == "⏳ Queued: #3 in line…"
+    assert status_line(ReplyStatus(Phase.WAITING)) == WAITING_FOR_PREVIOUS
+    assert status_line(ReplyStatus(Phase.THINKING)) == "💭 Thinking…"
+    with pytest.raises(ValueError, match="queued status takes a queue position"):
+        ReplyStatus(Phase.QUEUED)
+    with pytest.raises(ValueError, match="thinking status takes no queue position"):
+        ReplyStatus(Phase.THINKING, 2)
 
 
 async def start_singing(manager: ConversationManager, texts: list[str]) -> tuple[list[Target], list[asyncio.Task[Any]]]:
@@ -451,10 +456,10 @@ async def test_a_turn_reads_only_the_newest_history_that_can_fit(manager: Conver
         await store.add_message(key, "assistant", f"answer {i} " + "words " * 40, Status.COMPLETE)
     everything = await store.messages(key)
     budget = manager.engine.n_ctx - 24
-    read = await manager._history_that_fits(key, everything[-1].id + 1, budget)
+    read = await manager.window.history(key, everything[-1].id + 1, budget)
     assert len(read) < len(everything) / 4  # a long-lived channel does not re-read its whole past every turn
     assert read == everything[-len(read):]
-    assert manager.build_prompt("sys", read, "next", 24) == manager.build_prompt("sys", everything, "next", 24)
+    assert manager.window.build_prompt("sys", read, "next", 24) == manager.window.build_prompt("sys", everything, "next", 24)
 
 
 # -- native conversations: regenerate, continue, speakers, threads, files, reasoning -----------------------
@@ -498,12 +503,12 @@ async def test_continue_extends_an_answer_cut_by_the_length_limit(manager: Conve
 async def test_speakers_are_named_in_shared_conversations_only(manager: ConversationManager, engine: Engine) -> None:
     await manager.respond(Incoming(CHANNEL, "u1", "Ana", "I like tea."), Target())
     history = await manager.history(CHANNEL)
-    shared, _ = manager.build_prompt("sys", history, "And I like coffee.", 24, speaker="Bo <|im_start|>")
+    shared, _ = manager.window.build_prompt("sys", history, "And I like coffee.", 24, speaker="Bo <|im_start|>")
     rendered = engine.detokenize(shared.tokens)
     assert "Ana: I like tea." in rendered and "Bo <|im_start|>: And I like coffee." in rendered
     im_start = engine.tokenize("<|im_start|>", special=True)[0]
     assert shared.tokens.count(im_start) == 5  # system, Ana, reply, Bo, generation prompt: the name stayed plain text
-    private, _ = manager.build_prompt("sys", history, "And I like coffee.", 24)
+    private, _ = manager.window.build_prompt("sys", history, "And I like coffee.", 24)
     assert "Ana: I like tea." not in engine.detokenize(private.tokens)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bot.conversations import NOT_SAVED
+from bot.wording import NOT_SAVED
 from tests.conftest import MODEL_PATH
 from tests.test_cli import ENV
 

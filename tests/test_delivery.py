@@ -11,7 +11,7 @@ import pytest
 from bot.delivery import Delivery, Pacer, Pacers, display_text
 from bot.errors import MessageGone
 from bot.replies import split_reply
-from bot.types import Controls
+from bot.types import Controls, Phase, ReplyStatus
 
 
 class RecordingTarget:
@@ -59,7 +59,7 @@ def delivery(target: RecordingTarget, pacers: Pacers | None = None, **options: A
 async def test_first_text_is_the_first_post_when_it_comes_quickly() -> None:
     target = RecordingTarget()
     reply = delivery(target)
-    reply.status("💭 Thinking…")
+    reply.status(ReplyStatus(Phase.THINKING))
     reply.start()
     await asyncio.sleep(0.05)
     reply.update("Hello")
@@ -71,7 +71,7 @@ async def test_status_is_shown_when_no_text_comes_within_the_hold() -> None:
     target = RecordingTarget()
     reply = delivery(target, hold=0.1)
     started = time.monotonic()
-    reply.status("⏳ Queued: #2 in line…")
+    reply.status(ReplyStatus(Phase.QUEUED, 2))
     reply.start()
     await asyncio.sleep(0.3)
     assert target.messages == ["⏳ Queued: #2 in line…"]
@@ -84,12 +84,12 @@ async def test_status_is_shown_when_no_text_comes_within_the_hold() -> None:
 async def test_status_updates_coalesce_to_the_newest() -> None:
     target = RecordingTarget(min_edit_interval=0.3)
     reply = delivery(target, hold=0)
-    reply.status("⏳ Queued: #3 in line…")
+    reply.status(ReplyStatus(Phase.QUEUED, 3))
     reply.start()
     await asyncio.sleep(0.05)  # posted; the next call must wait 0.3 s
     for position in (2, 1):
         reply.status(f"⏳ Queued: #{position} in line…")
-    reply.status("💭 Thinking…")
+    reply.status(ReplyStatus(Phase.THINKING))
     await asyncio.sleep(0.4)
     assert [text for _, _, _, text in target.calls] == ["⏳ Queued: #3 in line…", "💭 Thinking…"]
     reply.update("Done.")
@@ -221,7 +221,7 @@ async def test_a_platform_that_refuses_posts_fails_at_once() -> None:
 async def test_whitespace_only_text_keeps_the_status(empty: str) -> None:
     target = RecordingTarget()
     reply = delivery(target, hold=0)
-    reply.status("💭 Thinking…")
+    reply.status(ReplyStatus(Phase.THINKING))
     reply.update(empty)
     reply.start()
     await asyncio.sleep(0.05)

@@ -17,7 +17,8 @@ import yarl
 
 from adapters.discord import run_discord
 from bot.config import Secrets, Settings
-from bot.conversations import SHUTTING_DOWN, THINKING, ConversationManager
+from bot.conversations import ConversationManager
+from bot.wording import SHUTTING_DOWN, THINKING
 from bot.delivery import HOLD_STATUS_SECONDS
 from bot.store import Store, StoredMessage
 from bot.types import SessionKey

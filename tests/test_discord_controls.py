@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from bot.config import Settings
-from bot.conversations import LENGTH_NOTE, STALE_REPLY, STOPPED_NOTE, ConversationManager
+from bot.conversations import ConversationManager
+from bot.wording import LENGTH_NOTE, STALE_REPLY, STOPPED_NOTE
 from bot.store import Status
 from tests.fake_discord import (BOB_ID, CHANNEL_ID, EPHEMERAL_FLAG, MALLORY_ID, MEMBER_ROLE_ID,
                                 FakeDiscord, FakeInteraction)

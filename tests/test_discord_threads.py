@@ -9,7 +9,8 @@ from hypothesis import given, settings, strategies as st
 
 from adapters.discord.bot import THREAD_NAME_MAX_CHARS, thread_name
 from bot.config import Settings
-from bot.conversations import ConversationManager, clean_text
+from bot.conversations import ConversationManager
+from bot.text import clean_text
 from bot.types import SessionKey
 from tests.fake_discord import BOB_ID, CHANNEL_ID, GUILD_ID, THREAD_ID, FakeDiscord
 from tests.test_discord import (CHANNEL_KEY, THREAD_KEY, StartBot, dsettings, fake, force_reply,  # noqa: F401

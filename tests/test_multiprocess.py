@@ -22,7 +22,8 @@ from pydantic import ValidationError
 from adapters.discord import ShardedDiscordBot, make_client
 from adapters.slack.blocks import STOP
 from bot.config import DiscordSettings, Settings
-from bot.conversations import TAKEN_OVER_NOTE, ConversationManager
+from bot.conversations import ConversationManager
+from bot.wording import TAKEN_OVER_NOTE
 from bot.engine import Engine
 from bot.store import Status, Store, open_store
 from bot.types import Controls

@@ -17,7 +17,8 @@ from hypothesis import given, settings as hypothesis_settings, strategies as st
 from adapters.ops.server import readiness
 from bot.app import open_engine
 from bot.config import EngineSettings, SamplingSettings, Secrets, Settings, load_settings
-from bot.conversations import SERVER_RETRYING, ConversationManager, ReplyResult, queued_line
+from bot.conversations import ConversationManager, ReplyResult
+from bot.wording import SERVER_RETRYING, queued_line
 from bot.errors import ConfigError
 from bot.engine.remote import BYTES_PER_TOKEN, RemoteEngine, estimate_tokens
 from bot.store import Status, Store

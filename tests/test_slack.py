@@ -18,7 +18,7 @@ from adapters.slack.bot import DMS_DISABLED, NOT_ALLOWED_CHANNEL, NOT_ALLOWED_US
 from adapters.slack.commands import ADMINS_ONLY
 from adapters.slack.mrkdwn import from_slack, neutralize_markdown, to_mrkdwn
 from bot.config import Secrets
-from bot.conversations import STOPPED_NOTE
+from bot.wording import STOPPED_NOTE
 from bot.errors import ConfigError
 from bot.store import Status
 from bot.types import SessionKey

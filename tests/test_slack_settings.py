@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.slack.commands import ADMINS_ONLY, SETTINGS, SETTINGS_ADMINS_ONLY, parse_settings
-from bot.conversations import LENGTH_NOTE
+from bot.wording import LENGTH_NOTE
 from bot.types import SessionKey
 from tests.slack_helpers import ADMIN, answered, channel_key, command, fake, mention, running_bot
 

@@ -22,12 +22,13 @@ from adapters.web.api import LOGIN_FAILURES_ALLOWED, LOGIN_WINDOW_SECONDS, MAX_M
 from adapters.web.events import EventStreamTarget, json_dumps
 from adapters.web.uploads import MAX_FILES, upload_limit
 from bot.config import Secrets, Settings
-from bot.conversations import (LENGTH_NOTE, REASONING, STALE_REPLY, STOPPED_NOTE, THINKING, WAITING_FOR_PREVIOUS,
-                               ConversationManager, parse_status_line, queued_line)
+from bot.conversations import ConversationManager
+from bot.wording import (LENGTH_NOTE, REASONING, STALE_REPLY, STOPPED_NOTE, THINKING, WAITING_FOR_PREVIOUS, queued_line,
+                         status_line)
 from bot.errors import ConfigError
 from bot.prompt import Prompt
 from bot.store import Status
-from bot.types import SessionKey
+from bot.types import Phase, ReplyStatus, SessionKey
 
 REPLY_TIMEOUT_SECONDS = 120.0  # the machine is shared and may be slow; waited on, never slept
 SENTENCE = "lorem ipsum dolor sit amet."
@@ -669,27 +670,34 @@ def test_json_bodies_carry_any_text_and_never_raw_markup(value: Any) -> None:
     assert not {"<", ">", "&", "\n"} & set(text)
 
 
-STATUS_LINES = st.sampled_from([THINKING, REASONING, WAITING_FOR_PREVIOUS, queued_line(3)])
+STATUSES = st.sampled_from([ReplyStatus(phase) for phase in Phase if phase is not Phase.QUEUED]
+                           + [ReplyStatus(Phase.QUEUED, 3)])
+LOOKALIKES = st.sampled_from([THINKING, REASONING, WAITING_FOR_PREVIOUS, queued_line(3)])  # a model may write these
 
 
 @hypothesis_settings(max_examples=200, deadline=None)
-@given(prefix=ANY_TEXT, edits=st.lists(ANY_TEXT | STATUS_LINES, min_size=1, max_size=6))
-async def test_an_event_stream_shows_the_answer_so_far_and_each_edit_after_it(prefix: str, edits: list[str]) -> None:
+@given(prefix=ANY_TEXT, edits=st.lists(ANY_TEXT | LOOKALIKES | STATUSES, min_size=1, max_size=6))
+async def test_an_event_stream_shows_the_answer_so_far_and_each_edit_after_it(
+        prefix: str, edits: list[str | ReplyStatus]) -> None:
     target = EventStreamTarget(min_edit_interval=0.0, prefix=prefix)
-    handle = await target.post(edits[0])
-    for text in edits[1:]:
-        await target.edit(handle, text)
+    first = edits[0]
+    handle = await (target.post_status(first) if isinstance(first, ReplyStatus) else target.post(first))
+    for edit in edits[1:]:
+        await (target.edit_status(handle, edit) if isinstance(edit, ReplyStatus) else target.edit(handle, edit))
     target.close(None)
     events = [event async for event in target.events() if event is not None]
     shown = ""
     for name, data in events:
         if name in ("delta", "replace"):
             shown = shown + data["text"] if name == "delta" else data["text"]
-    # Status lines before the first text are statuses; from the first text on, every edit is reply text.
-    texts = list(itertools.dropwhile(lambda text: parse_status_line(text) is not None, edits))
+    # Statuses before the first text are status events; text that only looks like a status line is text, and
+    # from the first text on, a status shows as its line.
+    statuses = list(itertools.takewhile(lambda edit: isinstance(edit, ReplyStatus), edits))
+    texts = [status_line(e) if isinstance(e, ReplyStatus) else e for e in edits[len(statuses):]]
     assert shown == prefix + (texts[-1] if texts else "")
     assert events[-1][0] == "done" and events[-1][1]["text"] == shown
-    assert [data["text"] for name, data in events if name == "status"] == edits[:len(edits) - len(texts)]
+    assert [(data["kind"], data["text"], data["position"]) for name, data in events if name == "status"] == [
+        (status.phase.value, status_line(status), status.position) for status in statuses if isinstance(status, ReplyStatus)]
 
 
 # -- escaping -----------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from playwright.async_api import BrowserContext, ConsoleMessage, Page, async_pla
 
 from adapters.web import WebServer, create_app
 from bot.config import SamplingSettings, Secrets, Settings
-from bot.conversations import REASONING, ConversationManager
+from bot.conversations import ConversationManager
+from bot.wording import REASONING
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

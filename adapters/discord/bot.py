@@ -21,7 +21,7 @@ from adapters.discord.commands import LlamarelayTree
 from adapters.discord.controls import BUTTONS
 from adapters.discord.files import read_attachments
 from adapters.discord.targets import NO_MENTIONS, ChannelTarget, locate
-from bot.conversations import clean_text
+from bot.text import clean_text
 from bot.ratelimit import RateLimiter
 from bot.types import Incoming, SessionKey, log_name
 

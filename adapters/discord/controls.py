@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot.conversations import NOTHING_TO_CONTINUE, STALE_REPLY, can_continue
-from bot.store import Status
+from bot.conversations import Refusal
+from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY
 from bot.types import Controls
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 NO_MENTIONS = discord.AllowedMentions.none()
 NOTHING_RUNNING = "Nothing is being generated in this conversation."
 BEING_WRITTEN = "That answer is being written right now; wait for it to finish."
+REFUSALS = {Refusal.STALE: STALE_REPLY, Refusal.BUSY: BEING_WRITTEN, Refusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE}
 
 
 def view_for(controls: Controls | None) -> discord.ui.View | None:
@@ -120,15 +121,8 @@ async def _redo(interaction: discord.Interaction, reply_id: int, *, continuing: 
     """Regenerate or continue ``reply_id`` if it is still the conversation's latest answer."""
     bot: DiscordBot = interaction.client  # type: ignore[assignment]
     key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
-    latest = await bot.manager.latest_reply(key)
-    if latest is None or latest.id != reply_id:
-        await _tell(interaction, STALE_REPLY)
-        return
-    if latest.status == Status.GENERATING:  # a second press before the first one's answer is done
-        await _tell(interaction, BEING_WRITTEN)
-        return
-    if continuing and not can_continue(latest):
-        await _tell(interaction, NOTHING_TO_CONTINUE)
+    if (refusal := await bot.manager.redo_refusal(key, reply_id, continuing=continuing)) is not None:
+        await _tell(interaction, REFUSALS[refusal])
         return
     if (too_fast := bot.rate_limited(interaction.user)) is not None:
         await _tell(interaction, too_fast)

@@ -26,7 +26,7 @@ from adapters.openai_api.schema import ApiError, ChatRequest, StopCutter, parse_
 from bot.config import ApiSettings, SamplingSettings, Secrets
 from bot.engine import FinishReason, Generation, QueuePosition
 from bot.errors import ConfigError, EngineError, PromptError, QueueFull
-from bot.metrics import Metrics
+from bot.metrics import Metrics, TokenTimer
 from bot.store import Status
 
 if TYPE_CHECKING:
@@ -175,17 +175,11 @@ def _session(request: web.Request, user: str) -> str:
 
 async def _texts(generation: Generation, cutter: StopCutter, metrics: Metrics | None) -> Any:
     """The reply's text pieces, cut at the first stop string (which then ends the generation)."""
-    submitted_at, last_text_at = time.monotonic(), None
+    timer = TokenTimer(metrics)
     async for event in generation:
         if isinstance(event, QueuePosition):
             continue
-        if metrics is not None:
-            now = time.monotonic()
-            if last_text_at is None:
-                metrics.time_to_first_token.observe(now - submitted_at)
-            else:
-                metrics.inter_token_latency.observe(now - last_text_at)
-            last_text_at = now
+        timer.text_arrived()
         text = cutter.feed(event)
         if text:
             yield text

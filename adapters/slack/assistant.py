@@ -19,6 +19,7 @@ from slack_sdk.errors import SlackApiError
 
 from adapters.slack.mrkdwn import from_slack
 from adapters.slack.targets import AssistantTarget
+from bot.text import one_line
 from bot.types import Incoming, SessionKey
 
 if TYPE_CHECKING:
@@ -45,8 +46,7 @@ def thread_key(team: str, channel: str, thread_ts: str) -> SessionKey:
 
 
 def _title(question: str) -> str:
-    line = " ".join(question.split())
-    return line if len(line) <= TITLE_CHARS else line[:TITLE_CHARS - 1] + "…"
+    return one_line(question, TITLE_CHARS)
 
 
 class AssistantThreads:

@@ -19,6 +19,7 @@ from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.targets import UpdateTarget
 from bot.access import may_change_settings
 from bot.config import SamplingSettings
+from bot.text import one_line
 from bot.types import Incoming, SessionKey
 
 if TYPE_CHECKING:
@@ -95,8 +96,7 @@ def _why(exc: ValueError) -> str:
 
 
 def _preview(text: str) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= QUESTION_PREVIEW_CHARS else line[:QUESTION_PREVIEW_CHARS - 1] + "…"
+    return one_line(text, QUESTION_PREVIEW_CHARS)
 
 
 class SlashCommands:

@@ -16,8 +16,8 @@ from slack_sdk.errors import SlackApiError
 
 from adapters.slack.blocks import CONTINUE, FEEDBACK, REGENERATE, STOP, ButtonValue, without_buttons
 from adapters.slack.targets import UpdateTarget
-from bot.conversations import NOTHING_TO_CONTINUE, STALE_REPLY, can_continue
-from bot.store import Status
+from bot.conversations import Refusal
+from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY
 from bot.types import SessionKey
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ NOTHING_TO_STOP = "This reply is already finished; there is nothing to stop."
 STALE = f"🕰️ {STALE_REPLY} Only the newest answer can be regenerated or continued."
 BUSY = "⏳ This conversation is still answering; wait for it to finish (or press Stop) first."
 THANKS = "Thanks for the feedback!"
+REFUSALS = {Refusal.STALE: STALE, Refusal.BUSY: BUSY, Refusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE}
 
 
 @dataclass(frozen=True)
@@ -130,14 +131,10 @@ class ReplyControls:
             await self.bot.tell(press.channel, press.user, BUSY, thread_ts=press.thread_ts)
             return False
         self._busy.add(key)
-        latest = await self.bot.manager.latest_reply(press.key)
-        refusal = None
-        if latest is None or latest.id != press.value.reply_id:
-            refusal = STALE
-        elif latest.status == Status.GENERATING:
-            refusal = BUSY
-        elif continuing and not can_continue(latest):
-            refusal = NOTHING_TO_CONTINUE
+        reply_id = press.value.reply_id
+        redo = (Refusal.STALE if reply_id is None
+                else await self.bot.manager.redo_refusal(press.key, reply_id, continuing=continuing))
+        refusal = REFUSALS[redo] if redo is not None else None
         refusal = refusal or self.bot.rate_refusal(press.user)  # a new answer costs what a message costs
         if refusal:
             self._busy.discard(key)

@@ -19,6 +19,7 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.targets import UpdateTarget
 from bot.context import ask_about, summarize
+from bot.text import one_line
 from bot.types import Incoming, SessionKey
 
 if TYPE_CHECKING:
@@ -43,8 +44,7 @@ CANNOT_READ = ("⚠️ I can't read this conversation (`{error}`). Invite me wit
 
 
 def _preview(text: str, limit: int = PREVIEW_CHARS) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[:limit - 1] + "…"
+    return one_line(text, limit)
 
 
 def view_metadata(fields: dict[str, Any], text: str) -> str:

@@ -21,9 +21,9 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack.blocks import SECTION_TEXT_LIMIT, button_blocks, feedback_blocks, reply_blocks
 from adapters.slack.mrkdwn import neutralize_markdown, to_mrkdwn
-from bot.conversations import parse_status_line
 from bot.errors import MessageGone
-from bot.types import Controls, SessionKey
+from bot.types import Controls, Phase, ReplyStatus, SessionKey
+from bot.wording import status_line
 
 __all__ = ["UpdateTarget", "NativeStreamTarget", "AssistantTarget", "MAX_REPLY_CHARS", "assistant_status", "locate"]
 
@@ -59,16 +59,16 @@ def _visible(text: str) -> str:
     return text if text.strip() else "…"
 
 
-def assistant_status(status_line: str) -> str | None:
-    """The assistant thread status ("<app> is thinking…") for one of the core's status lines, else None."""
-    parsed = parse_status_line(status_line)
-    if parsed is None:
-        return None
-    kind, position = parsed
-    if kind == "queued":
-        return f"is waiting in line (#{position})…"
-    return {"reasoning": "is thinking it through…", "waiting": "is finishing the previous reply…"}.get(
-        kind, "is thinking…")
+_ASSISTANT_STATUSES = {Phase.THINKING: "is thinking…", Phase.REASONING: "is thinking it through…",
+                       Phase.WAITING: "is finishing the previous reply…"}
+
+
+def assistant_status(status: ReplyStatus) -> str | None:
+    """The assistant thread status ("<app> is thinking…") for one of the core's statuses; None for one that
+    belongs in a message (the model server being retried)."""
+    if status.phase is Phase.QUEUED:
+        return f"is waiting in line (#{status.position})…"
+    return _ASSISTANT_STATUSES.get(status.phase)
 
 
 class UpdateTarget:
@@ -329,29 +329,46 @@ class AssistantTarget(NativeStreamTarget):
         await self.edit(message, text, controls)
         return message
 
+    async def post_status(self, status: ReplyStatus, controls: Controls | None = None) -> Any:
+        message = _Message(mode="status", controls=controls)
+        self._messages.append(message)
+        await self.edit_status(message, status, controls)
+        return message
+
     async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
         message: _Message = handle
         if message.mode != "status":
             await super().edit(message, text, controls)
             return
         message.controls = controls
-        status = assistant_status(text)
-        if status is not None and not self._status_refused:
+        if not text.strip():
+            return
+        if self.native:
+            await self._start_stream(message, text)
+        else:
+            message.ts = await self._post(to_mrkdwn(text), self.thread_ts, controls)
+            message.mode, message.shown = "update", text
+
+    async def edit_status(self, handle: Any, status: ReplyStatus, controls: Controls | None = None) -> None:
+        message: _Message = handle
+        line = status_line(status)
+        if message.mode != "status":
+            await super().edit(message, line, controls)
+            return
+        message.controls = controls
+        thread_status = assistant_status(status)
+        if thread_status is not None and not self._status_refused:
             try:
                 await self.client.assistant_threads_setStatus(channel_id=self.channel, thread_ts=str(self.thread_ts),
-                                                              status=status)
+                                                              status=thread_status)
                 return
             except SlackApiError as exc:
                 log.warning("assistant.threads.setStatus refused (%s); showing statuses as messages",
                             exc.response.get("error"))
                 self._status_refused = True
-        if not text.strip():
-            return
-        if self.native and status is None:
-            await self._start_stream(message, text)
-        else:
-            message.ts = await self._post(to_mrkdwn(text), self.thread_ts, controls)
-            message.mode, message.shown = ("placeholder" if self.native else "update"), text
+        # A placeholder message: a stream only appends, and the status must give way to the reply.
+        message.ts = await self._post(to_mrkdwn(line), self.thread_ts, controls)
+        message.mode, message.shown = ("placeholder" if self.native else "update"), line
 
 
 class _Rewritten(Exception):

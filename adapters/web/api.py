@@ -29,8 +29,9 @@ from aiohttp import web
 from adapters.web.events import EventStreamTarget, encode_event, json_dumps
 from adapters.web.uploads import FORM_TYPE, MAX_FILES, UploadError, read_form
 from bot.config import Secrets, Settings
-from bot.conversations import (NOTHING_TO_CONTINUE, STALE_REPLY, ConversationManager, ReplyResult, can_continue,
-                                clean_text)
+from bot.conversations import ConversationManager, Refusal, ReplyResult, can_continue
+from bot.text import clean_text, one_line
+from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY
 from bot.store import StoredMessage
 from bot.types import Attachment, Incoming, SessionKey, log_name
 
@@ -230,18 +231,16 @@ def _text_field(body: dict[str, Any], name: str, limit: int, *, nullable: bool =
 
 
 def _title(first_message: str) -> str:
-    title = " ".join(first_message.split())
-    if len(title) <= TITLE_CHARS:
-        return title
-    cut = title[:TITLE_CHARS - 1]
-    if " " in cut[TITLE_CHARS // 2:]:  # end on a whole word when one ends late enough
-        cut = cut.rsplit(" ", 1)[0]
-    return cut.rstrip() + "…"
+    return one_line(first_message, TITLE_CHARS, whole_words=True)
 
 
 def _message(m: StoredMessage) -> dict[str, Any]:
     return {"id": m.id, "role": m.role, "content": m.content, "status": m.status, "created_at": m.created_at,
             "notes": m.notes.splitlines(), "can_continue": can_continue(m)}
+
+
+_REFUSALS = {Refusal.STALE: STALE_REPLY, Refusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE,
+             Refusal.BUSY: "An answer is still being written in this conversation; stop it or wait for it to finish."}
 
 
 async def _reply_to_redo(request: web.Request, key: SessionKey, *, to_continue: bool) -> StoredMessage:
@@ -251,14 +250,11 @@ async def _reply_to_redo(request: web.Request, key: SessionKey, *, to_continue: 
     if not isinstance(reply_id, int) or isinstance(reply_id, bool):
         raise ApiError(400, "invalid_field", "'reply_id' must be the id of the conversation's latest answer.")
     manager = _state(request).manager
-    if manager.status(key).state is not None:
-        raise ApiError(409, "reply_in_progress", "An answer is still being written in this conversation; stop "
-                                                 "it or wait for it to finish.")
-    latest = await manager.latest_reply(key)
+    refusal = await manager.redo_refusal(key, reply_id, continuing=to_continue)
+    latest = await manager.latest_reply(key) if refusal is None else None
     if latest is None or latest.id != reply_id:
-        raise ApiError(409, "stale_reply", STALE_REPLY)
-    if to_continue and not can_continue(latest):
-        raise ApiError(409, "nothing_to_continue", NOTHING_TO_CONTINUE)
+        refusal = refusal or Refusal.STALE
+        raise ApiError(409, refusal.value, _REFUSALS[refusal])
     return latest
 
 

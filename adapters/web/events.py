@@ -3,9 +3,9 @@
 The core streams a reply as "post, then edit with the whole text" (see `bot.types.ReplyTarget`). An event
 stream can only append, so `EventStreamTarget` sends each edit as the part not sent yet (``delta``), or the
 whole text again (``replace``) in the rare case an edit is not an extension of what was sent (a status line
-giving way to the reply, a trailing space trimmed before a note). Status lines shown before the reply
-starts (thinking, reasoning, waiting, queued #n) become ``status`` events so the page never mistakes them for
-text. A Continue's stream opens with the answer so far (``replace``): the core shows only what it adds.
+giving way to the reply, a trailing space trimmed before a note). The core's typed statuses shown before the
+reply starts (thinking, reasoning, waiting, queued #n, retrying) become ``status`` events, so the page never
+mistakes them for text. A Continue's stream opens with the answer so far (``replace``): the core shows only what it adds.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-from bot.conversations import ReplyResult, parse_status_line
-from bot.types import Controls
+from bot.conversations import ReplyResult
+from bot.types import Controls, ReplyStatus
+from bot.wording import status_line
 
 __all__ = ["EventStreamTarget", "encode_event", "json_dumps"]
 
@@ -74,15 +75,22 @@ class EventStreamTarget:
         return await self.post(text)
 
     async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
-        if not self._replying and len(self._parts) == 1:
-            status = parse_status_line(text)
-            if status is not None:
-                kind, position = status
-                self._queue.put_nowait(("status", {"kind": kind, "text": text, "position": position}))
-                return
-            self._replying = True
+        self._replying = True
         self._parts[handle] = text
         self._send_text(self._prefix + "".join(self._parts))
+
+    async def post_status(self, status: ReplyStatus, controls: Controls | None = None) -> int:
+        self._parts.append("")
+        handle = len(self._parts) - 1
+        await self.edit_status(handle, status)
+        return handle
+
+    async def edit_status(self, handle: Any, status: ReplyStatus, controls: Controls | None = None) -> None:
+        if self._replying or len(self._parts) != 1:  # once the reply has begun, a status is text like any other
+            await self.edit(handle, status_line(status))
+            return
+        self._queue.put_nowait(("status", {"kind": status.phase.value, "text": status_line(status),
+                                           "position": status.position}))
 
     # -- the event stream -------------------------------------------------------------------------------
 

@@ -1,0 +1,391 @@
+"""ConversationManager: the one owner of every message, from arrival to its stored, delivered reply.
+
+Each message is a `Request` with an explicit `State` that /stop, /reset, /status and shutdown all see.
+Messages of one conversation are answered in arrival order; the reply text is the model's, whole, and is
+what is stored and fed back; notes (stopped, errors) travel beside it; `bot.delivery` shows it. The window,
+the stream, settings inheritance, the redo rule and leases each live in a module of this package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Literal
+
+from bot.config import SamplingSettings, Settings
+from bot.conversations import redo
+from bot.conversations.leases import Leases
+from bot.conversations.requests import (BEFORE_STORED, ConversationStatus, Exchange, Locator, NewMessage, Redo,
+                                        ReplyResult, Request, State)
+from bot.conversations.settings import SessionSettings
+from bot.conversations.streaming import Streaming
+from bot.conversations.turns import take_store_turn, take_turn
+from bot.conversations.window import Window
+from bot.delivery import Delivery, Pacers
+from bot.engine.remote import RemoteEngine
+from bot.errors import LlamarelayError
+from bot.files import with_attachments
+from bot.metrics import Metrics, Platforms
+from bot.prompt import Prompt
+from bot.store import Status, Store, StoredMessage
+from bot.text import clean_text, speaker_name
+from bot.types import Controls, Incoming, Phase, ReplyStatus, ReplyTarget, SessionKey, log_name
+from bot.wording import (EMPTY_MESSAGE, NOT_SAVED, NOT_STORED, NOTHING_TO_CONTINUE, RESET_NOTE, SHUTTING_DOWN,
+                         STALE_REPLY, STOPPED_NOTE, failed, something_went_wrong, too_many_waiting)
+
+if TYPE_CHECKING:
+    from bot.engine.embedded import Engine
+
+__all__ = ["ConversationManager"]
+
+log = logging.getLogger(__name__)
+
+RESET_WAIT_SECONDS = 10.0  # /reset waits this long for the replies it ended to be stored
+
+Ask = NewMessage | Redo
+
+
+class ConversationManager:
+    """Shared by every adapter: stores messages, builds prompts within the context window, runs the engine."""
+
+    def __init__(self, engine: Engine | RemoteEngine, store: Store, settings: Settings, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+        self.engine = engine
+        self.store = store
+        self.settings = settings
+        self._clock, self._sleep = clock, sleep
+        self._pacers = Pacers(clock=clock, sleep=sleep)
+        self._lines: dict[str, list[Request]] = {}  # per conversation, its unfinished requests in arrival order
+        self._turns: dict[str, asyncio.Lock] = {}  # per conversation: whose turn it is to generate
+        self._background: set[asyncio.Task[ReplyResult]] = set()  # replies no caller awaits (`in_background`)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._accepting = True
+        self.metrics = Metrics(engine.status)  # this bot's own registry: several bots may share a process
+        self.platforms = Platforms()  # adapters report connected / disconnected here; /readyz reads it
+        # Adapters register how to reach their messages again: a process that outlives another rewrites the
+        # messages of the replies the dead one left (see `start`).
+        self.locators: dict[str, Locator] = {}
+        self.window = Window(engine, store, settings.conversation)
+        self.sessions = SessionSettings(store, settings, lambda: engine.n_ctx)
+        self._streaming = Streaming(engine, store, self.metrics, settings.conversation, clock=clock)
+        self._leases = Leases(store, self.metrics, self.locators, settings=settings.store, ours=lambda: (
+            r.reply_id for line in self._lines.values() for r in line if r.reply_id is not None))
+
+    # -- answering -------------------------------------------------------------------------------------
+
+    async def respond(self, incoming: Incoming, target: ReplyTarget) -> ReplyResult:
+        """Answer ``incoming`` on ``target``: store it, stream the model's reply, store the reply.
+
+        Never raises for a failure of the model, the database or the platform: each ends the reply with a
+        clear line (and a stored status). Only cancellation of the caller propagates.
+        """
+        files = tuple(dataclasses.replace(a, text=clean_text(a.text) or None, skipped=a.skipped or "it is empty")
+                      if a.text is not None else a for a in incoming.attachments)
+        text, file_notes = with_attachments(clean_text(incoming.text), files)
+        if not text:
+            return await self._refuse(incoming.key, target, file_notes + [EMPTY_MESSAGE])
+        ask = NewMessage(incoming, text, speaker_name(incoming.author_name))
+        return await self._serve(incoming.key, target, ask, file_notes)
+
+    async def regenerate(self, key: SessionKey, target: ReplyTarget, reply_id: int) -> ReplyResult:
+        """Answer the conversation's last message again; the new reply replaces ``reply_id`` in the history."""
+        return await self._serve(key, target, Redo(reply_id))
+
+    async def continue_reply(self, key: SessionKey, target: ReplyTarget, reply_id: int) -> ReplyResult:
+        """Let the model go on with reply ``reply_id`` (cut by the length limit, or stopped) where it ended."""
+        return await self._serve(key, target, Redo(reply_id, continuing=True))
+
+    async def redo_refusal(self, key: SessionKey, reply_id: int, *, continuing: bool) -> redo.Refusal | None:
+        """Why reply ``reply_id`` may not be regenerated (or continued) now, or None when it may: what every
+        platform's buttons ask before they start a new answer."""
+        return redo.refusal(await self.latest_reply(key), reply_id, continuing=continuing,
+                            answering=self.status(key).state is not None)
+
+    def in_background(self, reply: Coroutine[Any, Any, ReplyResult]) -> asyncio.Task[ReplyResult]:
+        """Run ``reply`` (`respond`, `regenerate`, `continue_reply`) in a task held here until it ends: for
+        adapters whose request ends before the reply does (a closed browser tab must not cut a reply short)."""
+        task = asyncio.create_task(reply, name="reply")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _refuse(self, key: SessionKey, target: ReplyTarget, notes: list[str]) -> ReplyResult:
+        delivered = await self._delivery(key, target).finish("\n".join(notes))
+        self.metrics.replies.labels(key.platform, Status.FAILED).inc()
+        return ReplyResult(Status.FAILED, "", notes, delivered)
+
+    def _delivery(self, key: SessionKey, target: ReplyTarget,
+                  on_moved: Callable[[int, str], Awaitable[None]] | None = None) -> Delivery:
+        return Delivery(target, self._pacers.for_target(target), clock=self._clock, sleep=self._sleep,
+                        on_failure=lambda exc: self.metrics.platform_failure(key.platform, exc), on_moved=on_moved)
+
+    async def _serve(self, key: SessionKey, target: ReplyTarget, ask: Ask, notes: list[str] | None = None
+                     ) -> ReplyResult:
+        """One request's whole life: a place in the conversation's line, its turn, the reply, its delivery."""
+        line = self._lines.get(str(key), [])
+        if not self._accepting:
+            return await self._refuse(key, target, [SHUTTING_DOWN])
+        if len(line) > self.settings.conversation.max_waiting:
+            return await self._refuse(key, target, [too_many_waiting(len(line) - 1)])
+        delivery = self._delivery(key, target, on_moved=lambda index, at: self._moved(request, index, at))
+        request = Request(str(key), delivery)
+        self._lines.setdefault(request.key, []).append(request)
+        self._idle.clear()
+        try:
+            result = await self._run(request, ask, notes or [])
+            request.state = State.DELIVERING
+            if result.reply_id is not None:
+                delivery.controls(Controls(reply_id=result.reply_id, can_continue=result.can_continue))
+            delivered = await delivery.finish("\n".join(result.notes))
+            self.metrics.replies.labels(key.platform, result.status).inc()
+            return dataclasses.replace(result, delivered=delivered)
+        finally:
+            delivery.cancel()
+            self._done(request)
+
+    def _done(self, request: Request) -> None:
+        request.state = State.DONE
+        self._lines[request.key].remove(request)
+        if not self._lines[request.key]:
+            del self._lines[request.key]
+            self._turns.pop(request.key, None)
+        if not self._lines:
+            self._idle.set()
+
+    async def _run(self, request: Request, ask: Ask, notes: list[str]) -> ReplyResult:
+        """Store a new message, wait for the conversation's turn, generate, and store the reply (``notes``
+        above its own). Cancelled, it frees the engine and stores the reply as far as it got."""
+        first = ReplyStatus(Phase.WAITING) if len(self._lines[request.key]) > 1 else ReplyStatus(Phase.THINKING)
+        request.delivery.status(first)
+        request.delivery.controls(Controls(stop=True))
+        request.delivery.start()
+        if isinstance(ask, NewMessage) and not await self._store_message(request, ask):
+            return ReplyResult(Status.FAILED, "", [*notes, NOT_SAVED])
+        try:
+            return await self._answer_in_turn(request, ask, notes)
+        except BaseException:
+            if request.generation is not None:
+                request.generation.cancel()
+            if request.exchange is not None:
+                await asyncio.shield(self._store_reply(request.exchange, request.text, Status.INTERRUPTED, notes))
+            raise
+
+    async def _store_message(self, request: Request, ask: NewMessage) -> bool:
+        """Store the message and its reply's row before anything is shown, so neither is lost; False if not."""
+        incoming = ask.incoming
+        try:
+            user_id, reply_id = await self.store.add_exchange(request.key, ask.text, author_id=incoming.author_id,
+                                                              author_name=ask.author_name,
+                                                              lease_seconds=self._leases.seconds)
+            await self._own(request, Exchange(user_id, ask.text, ask.author_name, reply_id))
+        except LlamarelayError as exc:
+            log.error("could not store a message in %s: %s", log_name(request.key), exc)
+            return False
+        return True
+
+    async def _answer_in_turn(self, request: Request, ask: Ask, notes: list[str]) -> ReplyResult:
+        """Take the conversation's turns (this process's, then the store's), answer, and store the reply."""
+        turn = self._turns.setdefault(request.key, asyncio.Lock())
+        if not await take_turn(request, turn):
+            return await self._end(request, Status.STOPPED, [*notes, request.ended or STOPPED_NOTE])
+        try:
+            # The store's turn is held until the reply is stored (across processes on PostgreSQL): the next
+            # message, wherever it landed, reads this reply as its history.
+            async with contextlib.AsyncExitStack() as held:
+                status, own_notes = await self._answer(request, ask, held)
+                return await self._end(request, status, [*notes, *own_notes])
+        finally:
+            turn.release()
+
+    async def _answer(self, request: Request, ask: Ask, held: contextlib.AsyncExitStack) -> tuple[str, list[str]]:
+        """With the store's turn entered into ``held``, generate the reply: (status, notes). A failure of the
+        model, the template or the database ends it with a line that says why."""
+        try:
+            if not await take_store_turn(request, self.store, held):
+                return Status.STOPPED, [request.ended or STOPPED_NOTE]
+            if isinstance(ask, Redo):
+                await self._own(request, await self._reopen(SessionKey.parse(request.key), ask))
+            assert request.exchange is not None
+            request.text = request.exchange.prefix
+            return await self._generate(request, request.exchange)
+        except LlamarelayError as exc:
+            return Status.FAILED, [failed(exc)]
+        except Exception as exc:
+            log.exception("answering a message in %s failed", log_name(request.key))
+            return Status.FAILED, [something_went_wrong(exc)]
+
+    async def _reopen(self, key: SessionKey, ask: Redo) -> Exchange:
+        """The exchange a Regenerate or Continue answers, its reply row reopened; refused by the redo rule when
+        the reply is no longer the latest, or (Continue) was not cut short."""
+        newest = await self.store.messages(str(key), limit=2)
+        if len(newest) < 2 or newest[1].id != ask.reply_id or newest[0].role != "user":
+            raise LlamarelayError(STALE_REPLY)
+        user, reply = newest
+        if ask.continuing and not redo.can_continue(reply):
+            raise LlamarelayError(NOTHING_TO_CONTINUE)
+        prefix = reply.content if ask.continuing else ""
+        await self.store.reopen_reply(ask.reply_id, prefix, lease_seconds=self._leases.seconds)
+        return Exchange(user.id, user.content, user.author_name, ask.reply_id, prefix)
+
+    async def _generate(self, request: Request, exchange: Exchange) -> tuple[str, list[str]]:
+        """Build the prompt and stream the model's reply into ``request.text``: (status, notes)."""
+        request.state = State.PROMPTING
+        sampling = await self.sampling(request.key)
+        system = await self.system_prompt(request.key)
+
+        async def run(prompt: Prompt, notes: list[str]) -> tuple[str, list[str]]:
+            if request.ended is not None:
+                return Status.STOPPED, [request.ended]
+            return await self._streaming.run(request, exchange, prompt, sampling, notes)
+
+        return await self.window.fit(request.key, exchange, system, sampling, run=run,
+                                     speakers=not SessionKey.parse(request.key).is_private,
+                                     wrote=lambda: request.text != exchange.prefix)
+
+    async def _end(self, request: Request, status: str, notes: list[str]) -> ReplyResult:
+        """The reply as it ended, stored in its row (a request that never got one only reports)."""
+        if request.exchange is None:
+            return ReplyResult(status, "", notes)
+        return await self._store_reply(request.exchange, request.text, status, notes)
+
+    async def _store_reply(self, exchange: Exchange, text: str, status: str, notes: list[str]) -> ReplyResult:
+        try:
+            await self.store.finish_message(exchange.reply_id, text, status, "\n".join(notes))
+        except LlamarelayError as exc:  # no controls: Regenerate and Continue act on the stored reply
+            log.error("could not store a reply: %s", exc)
+            return ReplyResult(status, text, [*notes, NOT_STORED])
+        return ReplyResult(status, text, notes, reply_id=exchange.reply_id, stored=True,
+                           can_continue=bool(text.strip()) and redo.can_continue_status(status, notes))
+
+    # -- where a reply's message is, for a survivor's rewrite -------------------------------------------------
+
+    async def _own(self, request: Request, exchange: Exchange) -> None:
+        """``request`` now writes ``exchange``'s reply row: note it there if its message is posted already."""
+        request.exchange = exchange
+        request.reply_id, request.skip = exchange.reply_id, len(exchange.prefix)
+        await self._save_where(request)
+
+    async def _moved(self, request: Request, index: int, at: str) -> None:
+        request.where = (index, at)
+        await self._save_where(request)
+
+    async def _save_where(self, request: Request) -> None:
+        """Store where the reply's message with the buttons is, so a survivor can rewrite it if we die."""
+        if request.reply_id is None or request.where is None:
+            return
+        ref = json.dumps({"message": request.where[0], "skip": request.skip, "at": request.where[1]})
+        if ref != request.where_saved:
+            request.where_saved = ref
+            try:
+                await self.store.set_message_ref(request.reply_id, ref)
+            except LlamarelayError as exc:  # only a survivor's rewrite of the message depends on it
+                log.warning("could not note where a reply in %s is: %s", log_name(request.key), exc)
+
+    # -- session commands ------------------------------------------------------------------------------
+
+    def stop(self, key: SessionKey | str, note: str = STOPPED_NOTE) -> int:
+        """End the conversation's running reply and the messages waiting behind it; how many were ended."""
+        ended = 0
+        for request in list(self._lines.get(str(key), [])):
+            if request.ended is None and request.state not in (State.DELIVERING, State.DONE):
+                request.end(note)
+                ended += 1
+        return ended
+
+    async def reset(self, key: SessionKey) -> None:
+        """Forget the session's history (its system prompt and sampling stay); messages still waiting are
+        cancelled, not answered into a history that no longer exists."""
+        newest = await self.store.messages(str(key), limit=1)
+        pending = [request for request in self._lines.get(str(key), []) if request.state is not State.DONE]
+        for request in pending:
+            request.end(RESET_NOTE if request.state in (State.WAITING, State.PROMPTING) else STOPPED_NOTE)
+        deadline = self._clock() + RESET_WAIT_SECONDS  # their last rows are written within a decode step
+        while self._clock() < deadline and any(request.state in BEFORE_STORED for request in pending):
+            await asyncio.sleep(0.01)
+        if newest:  # a message sent while the reset ran is the new conversation's first: it stays
+            await self.store.clear_messages(str(key), through_id=newest[0].id)
+
+    def status(self, key: SessionKey | str | None = None) -> ConversationStatus:
+        """The engine's figures and, for ``key``, where that conversation's oldest unanswered message is."""
+        line = [r for r in self._lines.get(str(key), []) if r.state is not State.DONE] if key else []
+        first = line[0] if line else None
+        engine = self.engine.status(first.generation if first is not None else None)
+        return ConversationStatus(engine, first.state if first else None, max(0, len(line) - 1))
+
+    # -- settings (inherited: `bot.conversations.settings`) and the store's answers ------------------------
+
+    async def system_prompt(self, key: SessionKey | str) -> str:
+        return await self.sessions.system_prompt(key)
+
+    async def set_system_prompt(self, key: SessionKey, prompt: str | None) -> None:
+        await self.sessions.set_system_prompt(key, prompt)
+
+    async def sampling(self, key: SessionKey | str) -> SamplingSettings:
+        return await self.sessions.sampling(key)
+
+    async def set_sampling(self, key: SessionKey, **overrides: Any) -> None:
+        await self.sessions.set_sampling(key, **overrides)
+
+    async def history(self, key: SessionKey) -> list[StoredMessage]:
+        return await self.store.messages(str(key))
+
+    async def latest_reply(self, key: SessionKey) -> StoredMessage | None:
+        """The conversation's newest reply: the one Regenerate and Continue may act on."""
+        newest = await self.store.messages(str(key), limit=1)
+        return newest[0] if newest and newest[0].role == "assistant" else None
+
+    async def set_feedback(self, key: SessionKey, reply_id: int, feedback: Literal["good", "bad"]) -> bool:
+        """Store a user's 👍/👎 with reply ``reply_id``; False when it is not a reply of this conversation."""
+        return await self.store.set_feedback(str(key), reply_id, feedback)
+
+    async def is_known(self, key: SessionKey) -> bool:
+        """True once the conversation has a message: a thread the bot answered in is one it follows."""
+        return bool(await self.store.messages(str(key), limit=1))
+
+    async def claim_event(self, event_id: str, ttl_seconds: float = 900.0) -> bool:
+        """True the first time a platform event id is seen; False for a redelivery within the TTL."""
+        return await self.store.claim_event(event_id, ttl_seconds)
+
+    async def check_store(self) -> None:
+        """Raise StoreError unless the database can take a message now: readiness is a write, not a read."""
+        await self.store.probe()
+
+    # -- leases and shutdown ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Keep leases from now on (`bot.conversations.leases`): a process that dies leaves no reply
+        "generating" for ever; another one takes it over."""
+        self._leases.start()
+
+    async def shutdown(self, timeout: float = 8.0) -> None:
+        """Refuse new messages, end every request whatever its state, and wait (at most ``timeout`` s) until
+        each reply is stored and shown; after that, deliveries still going are cancelled."""
+        self._accepting = False
+        for key in list(self._lines):
+            self.stop(key, SHUTTING_DOWN)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            late = [request for line in self._lines.values() for request in line]
+            log.warning("%d replies were not finished at the shutdown deadline", len(late))
+            for request in late:
+                request.delivery.cancel()
+                if request.state in BEFORE_STORED and request.reply_id is not None:
+                    # Still in the engine (a long decode step): stored as far as it got, never left "generating".
+                    try:
+                        await self.store.finish_message(request.reply_id, request.text, Status.INTERRUPTED,
+                                                        SHUTTING_DOWN)
+                    except LlamarelayError as exc:
+                        log.error("could not store a reply at shutdown: %s", exc)
+        await self._leases.stop()
+
+    async def wait_idle(self) -> None:
+        """Wait until no message is being answered."""
+        await self._idle.wait()

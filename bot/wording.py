@@ -1,0 +1,106 @@
+"""Every line the core shows users, once: statuses, notes under replies, refusals, and shortcut prompts.
+
+Adapters render statuses their own way where a platform has a better place for them; `status_line` is the
+shared default (the placeholder message a reply shows before its text).
+"""
+
+from __future__ import annotations
+
+from bot.types import Phase, ReplyStatus
+
+__all__ = [
+    "ASK_ABOUT_QUESTION", "EMPTY_MESSAGE", "EMPTY_REPLY", "LENGTH_NOTE", "NOTHING_TO_CONTINUE", "NOT_SAVED",
+    "NOT_STORED", "PLATFORM_REFUSED", "REASONING", "RESET_NOTE", "SERVER_RETRYING", "SHUTTING_DOWN",
+    "SHUTTING_DOWN_REASON", "STALE_REPLY", "STOPPED_NOTE", "SYSTEM_PROMPT_TOO_LONG", "TAKEN_OVER_NOTE", "THINKING",
+    "TRUNCATED_MARK", "WAITING_FOR_PREVIOUS", "conversation_place", "failed", "message_cut", "queued_line",
+    "something_went_wrong", "status_line", "summarize_request", "too_many_waiting",
+]
+
+# -- statuses: what a reply shows before its text ------------------------------------------------------------
+
+THINKING = "💭 Thinking…"
+REASONING = "🤔 Thinking it through…"
+WAITING_FOR_PREVIOUS = "⏳ Waiting for the previous reply in this conversation…"
+SERVER_RETRYING = "⚠️ The model server is unreachable; retrying…"
+
+
+def queued_line(position: int) -> str:
+    return f"⏳ Queued: #{position} in line…"
+
+
+def status_line(status: ReplyStatus) -> str:
+    """The placeholder line for ``status``: what a platform without a status display shows."""
+    if status.phase is Phase.QUEUED:
+        assert status.position is not None
+        return queued_line(status.position)
+    return {Phase.THINKING: THINKING, Phase.REASONING: REASONING, Phase.WAITING: WAITING_FOR_PREVIOUS,
+            Phase.RETRYING: SERVER_RETRYING}[status.phase]
+
+
+# -- notes under a reply -------------------------------------------------------------------------------------
+
+SHUTTING_DOWN_REASON = "The bot is shutting down; please send your message again in a moment."
+SHUTTING_DOWN = f"⚠️ {SHUTTING_DOWN_REASON}"
+STOPPED_NOTE = "⏹️ Stopped."
+LENGTH_NOTE = "✂️ (reached the reply length limit)"
+RESET_NOTE = "🧹 The conversation was reset before this message was answered."
+TAKEN_OVER_NOTE = "⚠️ The bot process writing this reply stopped; this is as far as it got."
+NOT_SAVED = "⚠️ I could not save your message (database problem), so I can't answer it; please try again."
+NOT_STORED = "⚠️ This reply could not be saved (database problem), so I won't remember it."
+EMPTY_MESSAGE = "⚠️ Your message is empty. Write something and I'll answer."
+EMPTY_REPLY = "⚠️ The model gave an empty reply; try rephrasing."
+PLATFORM_REFUSED = "⚠️ The platform would not take this reply."
+SYSTEM_PROMPT_TOO_LONG = ("The system prompt is too long for the model's context window; shorten it or raise "
+                          "[engine] n_ctx.")
+# Appended, in the prompt, to a message cut to fit the context window.
+TRUNCATED_MARK = "\n[… the rest of this message was cut to fit the context window]"
+
+
+def failed(reason: object) -> str:
+    """A reply that failed for a reason the user can act on (the model, the template, the database)."""
+    return f"⚠️ {reason}"
+
+
+def something_went_wrong(error: BaseException) -> str:
+    return (f"⚠️ Something went wrong on my side ({type(error).__name__}); your message is saved, please try "
+            "again.")
+
+
+def message_cut(kept: int, length: int) -> str:
+    return (f"⚠️ Your message was too long, so only its first {kept:,} of {length:,} characters were read.")
+
+
+def too_many_waiting(limit: int) -> str:
+    return (f"⚠️ {limit} messages are already waiting in this conversation; please wait for their answers "
+            "before sending more.")
+
+
+# -- Regenerate and Continue refused -------------------------------------------------------------------------
+
+STALE_REPLY = "That is no longer the latest answer in this conversation."
+NOTHING_TO_CONTINUE = "That answer was not cut short, so there is nothing to continue."
+
+# -- /status: where a conversation is ------------------------------------------------------------------------
+
+
+def conversation_place(state: str | None, position: int | None, waiting: int) -> str:
+    """The "This conversation" line of /status for a `bot.conversations.State` value (None: nothing queued)."""
+    if state in ("queued", "generating") and position is not None:
+        place = "generating now" if position == 0 else f"#{position} in the queue"
+    else:
+        place = {"waiting": "waiting for the previous reply", "prompting": "reading the conversation",
+                 "delivering": "sending the last of a reply"}.get(state or "", "nothing queued")
+    if waiting:
+        place += f", {waiting} more message{'s' if waiting > 1 else ''} waiting"
+    return place
+
+
+# -- prompts the shortcuts write for users (Discord's context menus, Slack's message shortcuts) ---------------
+
+ASK_ABOUT_QUESTION = "What do you make of this message?"  # when the user asks nothing in particular
+
+
+def summarize_request(left_out: int) -> str:
+    """The request that opens a summary prompt; ``left_out``: older messages that did not fit."""
+    older = f" ({left_out} older messages left out)" if left_out else ""
+    return f"Summarize this conversation: the main points, decisions and open questions, briefly{older}."
