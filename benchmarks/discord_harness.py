@@ -25,11 +25,10 @@ from bot.engine.threads import configure_openmp  # noqa: E402
 
 configure_openmp()  # before llama.cpp loads, as the command line does: measure what the bot runs
 
-from bot.types import Phase, ReplyStatus  # noqa: E402
-from bot.wording import queued_line, status_line  # noqa: E402
 from bot.errors import StoreError  # noqa: E402
 from bot.store.sqlite import SQLiteStore  # noqa: E402
-from bot.types import SessionKey  # noqa: E402
+from bot.types import Phase, ReplyStatus, SessionKey  # noqa: E402
+from bot.wording import queued_line, status_line  # noqa: E402
 from tests.fake_discord import GUILD_ID, FakeDiscord, Recorded  # noqa: E402
 
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -37,11 +37,11 @@ from typing import Any
 from discord_harness import (BotProcess, channel_key, force_reply, is_reply_text, open_store, write_config,
                              writes)
 
-from bot.wording import RESET_NOTE, STOPPED_NOTE
 from bot.delivery import display_text
 from bot.replies import split_reply
 from bot.store import Status
 from bot.store.sqlite import SQLiteStore
+from bot.wording import RESET_NOTE, STOPPED_NOTE
 from tests.fake_discord import ALICE_ID, BOB_ID, FakeDiscord, FakeInteraction
 
 CHANNELS = 8

@@ -1,4 +1,4 @@
-from bot.app import main
+from bot.cli import main
 
 if __name__ == "__main__":
     main()

@@ -258,7 +258,11 @@ class StoreSettings(_Section):
 
 
 class StreamingSettings(_Section):
-    edit_interval: float = Field(1.0, ge=0.0, le=60.0, description="seconds between web page updates")
+    """The web page's streaming only: Discord and Slack pace their edits with their own ``edit_interval``."""
+
+    edit_interval: float = Field(1.0, ge=0.0, le=60.0,
+                                 description="seconds between updates of a reply streamed to the web page (only "
+                                             "the web page; [discord] and [slack] have their own edit_interval)")
 
 
 class DiscordSettings(_Section):

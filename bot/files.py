@@ -10,6 +10,7 @@ import re
 from pathlib import PurePosixPath
 
 from bot.types import Attachment
+from bot.wording import NOT_A_TEXT_FILE, NOT_UTF8_TEXT, file_skipped, file_too_large
 
 __all__ = ["TEXT_SUFFIXES", "clean_name", "is_text_like", "not_worth_reading", "read_attachment", "skipped", "with_attachments"]
 
@@ -34,9 +35,9 @@ def skipped(name: str, why: str) -> Attachment:
 def not_worth_reading(name: str, content_type: str | None, size: int, max_bytes: int) -> Attachment | None:
     """Why a file is skipped, judged from what the platform reports before any download; None to read it."""
     if size > max_bytes:
-        return skipped(name, f"larger than {max_bytes // 1000:,} kB")
+        return skipped(name, file_too_large(max_bytes))
     if not is_text_like(name, content_type):
-        return skipped(name, "not a text file")
+        return skipped(name, NOT_A_TEXT_FILE)
     return None
 
 
@@ -45,11 +46,11 @@ def read_attachment(name: str, content_type: str | None, data: bytes, max_bytes:
     if (reason := not_worth_reading(name, content_type, len(data), max_bytes)) is not None:
         return reason
     if b"\x00" in data:
-        return skipped(name, "not a text file")
+        return skipped(name, NOT_A_TEXT_FILE)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        return skipped(name, "not UTF-8 text")
+        return skipped(name, NOT_UTF8_TEXT)
     return Attachment(clean_name(name), text.replace("\r\n", "\n"))
 
 
@@ -60,7 +61,7 @@ def with_attachments(text: str, attachments: tuple[Attachment, ...]) -> tuple[st
     notes = []
     for attachment in attachments:
         if attachment.text is None:
-            notes.append(f"📎 I skipped {attachment.name}: {attachment.skipped}.")
+            notes.append(file_skipped(attachment.name, attachment.skipped))
             continue
         fence = "`" * max(3, 1 + max((len(run) for run in _FENCE_RUN.findall(attachment.text)), default=0))
         parts.append(f"File {attachment.name}:\n{fence}\n{attachment.text.rstrip()}\n{fence}")

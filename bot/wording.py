@@ -9,7 +9,8 @@ from __future__ import annotations
 from bot.types import Phase, ReplyStatus
 
 __all__ = [
-    "ASK_ABOUT_QUESTION", "EMPTY_MESSAGE", "EMPTY_REPLY", "LENGTH_NOTE", "NOTHING_TO_CONTINUE", "NOT_SAVED",
+    "ASK_ABOUT_QUESTION", "EMPTY_FILE", "EMPTY_MESSAGE", "NOT_A_TEXT_FILE", "NOT_UTF8_TEXT", "file_skipped",
+    "file_too_large", "EMPTY_REPLY", "LENGTH_NOTE", "NOTHING_TO_CONTINUE", "NOT_SAVED",
     "NOT_STORED", "PLATFORM_REFUSED", "REASONING", "RESET_NOTE", "SERVER_RETRYING", "SHUTTING_DOWN",
     "SHUTTING_DOWN_REASON", "STALE_REPLY", "STOPPED_NOTE", "SYSTEM_PROMPT_TOO_LONG", "TAKEN_OVER_NOTE", "THINKING",
     "TRUNCATED_MARK", "WAITING_FOR_PREVIOUS", "conversation_place", "failed", "message_cut", "queued_line",
@@ -73,6 +74,22 @@ def message_cut(kept: int, length: int) -> str:
 def too_many_waiting(limit: int) -> str:
     return (f"⚠️ {limit} messages are already waiting in this conversation; please wait for their answers "
             "before sending more.")
+
+
+# -- attached files ------------------------------------------------------------------------------------------
+
+NOT_A_TEXT_FILE = "not a text file"
+NOT_UTF8_TEXT = "not UTF-8 text"
+EMPTY_FILE = "it is empty"
+
+
+def file_too_large(max_bytes: int) -> str:
+    return f"larger than {max_bytes // 1000:,} kB"
+
+
+def file_skipped(name: str, reason: str) -> str:
+    """The note under a reply for an attached file the model did not read."""
+    return f"📎 I skipped {name}: {reason}."
 
 
 # -- Regenerate and Continue refused -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from adapters.console import run_console
-from bot.app import _parser
+from bot.cli import _parser
 from bot.conversations import ConversationManager
 from tests.conftest import MODEL_PATH
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.app import RedactingFormatter
+from bot.cli import RedactingFormatter
 from bot.config import ModelSettings, Secrets, Settings, load_settings
 from bot.errors import ConfigError
 from bot.ratelimit import RateLimiter

@@ -18,10 +18,10 @@ import yarl
 from adapters.discord import run_discord
 from bot.config import Secrets, Settings
 from bot.conversations import ConversationManager
-from bot.wording import SHUTTING_DOWN, THINKING
 from bot.delivery import HOLD_STATUS_SECONDS
 from bot.store import Store, StoredMessage
 from bot.types import SessionKey
+from bot.wording import SHUTTING_DOWN, THINKING
 from tests.fake_discord import (ALICE_ID, APP_ID, BOB_ID, CHANNEL_ID, EPHEMERAL_FLAG, GUILD_ID, MALLORY_ID,
                                 MEMBER_ROLE_ID, OTHER_BOT_ID, OTHER_CHANNEL_ID, THREAD_ID, FakeDiscord)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from bot.config import Settings
 from bot.conversations import ConversationManager
-from bot.wording import LENGTH_NOTE, STALE_REPLY, STOPPED_NOTE
 from bot.store import Status
+from bot.wording import LENGTH_NOTE, STALE_REPLY, STOPPED_NOTE
 from tests.fake_discord import (BOB_ID, CHANNEL_ID, EPHEMERAL_FLAG, MALLORY_ID, MEMBER_ROLE_ID,
                                 FakeDiscord, FakeInteraction)
 from tests.test_discord import (CHANNEL_KEY, FOX, StartBot, _stop, dsettings, fake, force_reply,  # noqa: F401

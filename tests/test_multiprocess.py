@@ -23,16 +23,16 @@ from adapters.discord import ShardedDiscordBot, make_client
 from adapters.slack.blocks import STOP
 from bot.config import DiscordSettings, Settings
 from bot.conversations import ConversationManager
-from bot.wording import TAKEN_OVER_NOTE
 from bot.engine import Engine
 from bot.store import Status, Store, open_store
 from bot.types import Controls
+from bot.wording import TAKEN_OVER_NOTE
+from tests.conftest import MODEL_PATH
+from tests.conversations.helpers import CHANNEL, Target, message
 from tests.fake_slack import APP_TOKEN, BOT_TOKEN, FakeSlack
 from tests.inference_server import InferenceServer
-from tests.conftest import MODEL_PATH
 from tests.slack_helpers import REPLY_TIMEOUT_SECONDS, direct_message, fake, running_bot, settled, words
 from tests.test_cli import ENV
-from tests.test_conversations import CHANNEL, Target, message
 
 __all__ = ["fake"]  # the fixture
 

@@ -18,13 +18,13 @@ from adapters.ops.server import readiness
 from bot.app import open_engine
 from bot.config import EngineSettings, SamplingSettings, Secrets, Settings, load_settings
 from bot.conversations import ConversationManager, ReplyResult
-from bot.wording import SERVER_RETRYING, queued_line
-from bot.errors import ConfigError
 from bot.engine.remote import BYTES_PER_TOKEN, RemoteEngine, estimate_tokens
+from bot.errors import ConfigError
 from bot.store import Status, Store
 from bot.types import SessionKey
+from bot.wording import SERVER_RETRYING, queued_line
+from tests.conversations.helpers import CHANNEL, Target, message
 from tests.inference_server import InferenceServer, free_port
-from tests.test_conversations import CHANNEL, Target, message
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = SamplingSettings(max_tokens=300, temperature=0.0, seed=1)

@@ -18,10 +18,10 @@ from adapters.slack.bot import DMS_DISABLED, NOT_ALLOWED_CHANNEL, NOT_ALLOWED_US
 from adapters.slack.commands import ADMINS_ONLY
 from adapters.slack.mrkdwn import from_slack, neutralize_markdown, to_mrkdwn
 from bot.config import Secrets
-from bot.wording import STOPPED_NOTE
 from bot.errors import ConfigError
 from bot.store import Status
 from bot.types import SessionKey
+from bot.wording import STOPPED_NOTE
 from tests.fake_slack import APP_TOKEN, BOT_TOKEN, TEAM_ID
 from tests.slack_helpers import (ADMIN, REPLY_TIMEOUT_SECONDS, SIGNING_SECRET, answered, channel_key, command,
                                  direct_message, fake, mention, replies, running_bot, settled, words)

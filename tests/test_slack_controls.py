@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from adapters.slack.blocks import CONTINUE, FEEDBACK, MAX_VALUE_CHARS, REGENERATE, STOP, ButtonValue
 from adapters.slack.bot import NOT_ALLOWED_USER
 from adapters.slack.controls import NOTHING_TO_STOP, STALE, THANKS
-from bot.wording import STOPPED_NOTE
 from bot.store import Status, Store
+from bot.wording import STOPPED_NOTE
 from tests.fake_slack import FakeMessage, FakeSlack
 from tests.slack_helpers import (ACK_DEADLINE_SECONDS, REPLY_TIMEOUT_SECONDS, answered, channel_key, fake, mention,
                                  replies, running_bot, settled, words)

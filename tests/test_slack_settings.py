@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adapters.slack.commands import ADMINS_ONLY, SETTINGS, SETTINGS_ADMINS_ONLY, parse_settings
-from bot.wording import LENGTH_NOTE
 from bot.types import SessionKey
+from bot.wording import LENGTH_NOTE
 from tests.slack_helpers import ADMIN, answered, channel_key, command, fake, mention, running_bot
 
 __all__ = ["fake"]

@@ -21,8 +21,8 @@ from bot.store import Status, Store, open_store, redact_url
 from bot.store.sqlite import SQLiteStore
 from bot.store.transfer import export_jsonl, import_jsonl
 from tests.conftest import MODEL_PATH
+from tests.conversations.helpers import Target, message
 from tests.postgres import Cluster
-from tests.test_conversations import Target, message
 
 KEY = "discord:g1:c1"
 OTHER = "discord:g1:c2"

@@ -23,12 +23,12 @@ from adapters.web.events import EventStreamTarget, json_dumps
 from adapters.web.uploads import MAX_FILES, upload_limit
 from bot.config import Secrets, Settings
 from bot.conversations import ConversationManager
-from bot.wording import (LENGTH_NOTE, REASONING, STALE_REPLY, STOPPED_NOTE, THINKING, WAITING_FOR_PREVIOUS, queued_line,
-                         status_line)
 from bot.errors import ConfigError
 from bot.prompt import Prompt
 from bot.store import Status
 from bot.types import Phase, ReplyStatus, SessionKey
+from bot.wording import (LENGTH_NOTE, REASONING, STALE_REPLY, STOPPED_NOTE, THINKING, WAITING_FOR_PREVIOUS, queued_line,
+                         status_line)
 
 REPLY_TIMEOUT_SECONDS = 120.0  # the machine is shared and may be slow; waited on, never slept
 SENTENCE = "lorem ipsum dolor sit amet."
@@ -697,7 +697,8 @@ async def test_an_event_stream_shows_the_answer_so_far_and_each_edit_after_it(
     assert shown == prefix + (texts[-1] if texts else "")
     assert events[-1][0] == "done" and events[-1][1]["text"] == shown
     assert [(data["kind"], data["text"], data["position"]) for name, data in events if name == "status"] == [
-        (status.phase.value, status_line(status), status.position) for status in statuses if isinstance(status, ReplyStatus)]
+        (status.phase.value, status_line(status), status.position)
+        for status in statuses if isinstance(status, ReplyStatus)]
 
 
 # -- escaping -----------------------------------------------------------------------------------------

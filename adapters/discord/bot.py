@@ -21,8 +21,8 @@ from adapters.discord.commands import LlamarelayTree
 from adapters.discord.controls import BUTTONS
 from adapters.discord.files import read_attachments
 from adapters.discord.targets import NO_MENTIONS, ChannelTarget, locate
-from bot.text import clean_text
 from bot.ratelimit import RateLimiter
+from bot.text import clean_text
 from bot.types import Incoming, SessionKey, log_name
 
 if TYPE_CHECKING:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import discord
 
 from bot.conversations import Refusal
-from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY
 from bot.types import Controls
+from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY
 
 if TYPE_CHECKING:
     from adapters.discord.bot import DiscordBot

@@ -17,8 +17,8 @@ from slack_sdk.errors import SlackApiError
 from adapters.slack.blocks import CONTINUE, FEEDBACK, REGENERATE, STOP, ButtonValue, without_buttons
 from adapters.slack.targets import UpdateTarget
 from bot.conversations import Refusal
-from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY
 from bot.types import SessionKey
+from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY
 
 if TYPE_CHECKING:
     from adapters.slack.bot import SlackBot

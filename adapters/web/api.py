@@ -30,10 +30,10 @@ from adapters.web.events import EventStreamTarget, encode_event, json_dumps
 from adapters.web.uploads import FORM_TYPE, MAX_FILES, UploadError, read_form
 from bot.config import Secrets, Settings
 from bot.conversations import ConversationManager, Refusal, ReplyResult, can_continue
-from bot.text import clean_text, one_line
-from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY
 from bot.store import StoredMessage
+from bot.text import clean_text, one_line
 from bot.types import Attachment, Incoming, SessionKey, log_name
+from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY
 
 __all__ = ["ApiError", "LoginThrottle", "WebState", "STATE", "BROWSER_COOKIE", "AUTH_COOKIE", "current_browser",
            "json_response", "routes", "set_cookie"]

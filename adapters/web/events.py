@@ -3,9 +3,10 @@
 The core streams a reply as "post, then edit with the whole text" (see `bot.types.ReplyTarget`). An event
 stream can only append, so `EventStreamTarget` sends each edit as the part not sent yet (``delta``), or the
 whole text again (``replace``) in the rare case an edit is not an extension of what was sent (a status line
-giving way to the reply, a trailing space trimmed before a note). The core's typed statuses shown before the
-reply starts (thinking, reasoning, waiting, queued #n, retrying) become ``status`` events, so the page never
-mistakes them for text. A Continue's stream opens with the answer so far (``replace``): the core shows only what it adds.
+giving way to the reply, a trailing space trimmed before a note). The core's typed statuses shown before
+the reply starts (thinking, reasoning, waiting, queued #n, retrying) become ``status`` events, so the page
+never mistakes them for text. A Continue's stream opens with the answer so far (``replace``): the core shows
+only what it adds.
 """
 
 from __future__ import annotations

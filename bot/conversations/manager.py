@@ -35,8 +35,8 @@ from bot.prompt import Prompt
 from bot.store import Status, Store, StoredMessage
 from bot.text import clean_text, speaker_name
 from bot.types import Controls, Incoming, Phase, ReplyStatus, ReplyTarget, SessionKey, log_name
-from bot.wording import (EMPTY_MESSAGE, NOT_SAVED, NOT_STORED, NOTHING_TO_CONTINUE, RESET_NOTE, SHUTTING_DOWN,
-                         STALE_REPLY, STOPPED_NOTE, failed, something_went_wrong, too_many_waiting)
+from bot.wording import (EMPTY_FILE, EMPTY_MESSAGE, NOT_SAVED, NOT_STORED, NOTHING_TO_CONTINUE, RESET_NOTE,
+                         SHUTTING_DOWN, STALE_REPLY, STOPPED_NOTE, failed, something_went_wrong, too_many_waiting)
 
 if TYPE_CHECKING:
     from bot.engine.embedded import Engine
@@ -86,7 +86,7 @@ class ConversationManager:
         Never raises for a failure of the model, the database or the platform: each ends the reply with a
         clear line (and a stored status). Only cancellation of the caller propagates.
         """
-        files = tuple(dataclasses.replace(a, text=clean_text(a.text) or None, skipped=a.skipped or "it is empty")
+        files = tuple(dataclasses.replace(a, text=clean_text(a.text) or None, skipped=a.skipped or EMPTY_FILE)
                       if a.text is not None else a for a in incoming.attachments)
         text, file_notes = with_attachments(clean_text(incoming.text), files)
         if not text:

@@ -1,0 +1,27 @@
+"""The core's words (`bot.wording`): typed statuses shown as the lines users know, shortcut prompts."""
+
+from __future__ import annotations
+
+import pytest
+
+from bot.context import ask_about, summarize
+from bot.types import Phase, ReplyStatus
+from bot.wording import ASK_ABOUT_QUESTION, WAITING_FOR_PREVIOUS, queued_line, status_line
+
+
+def test_statuses_are_typed_values_shown_as_the_lines_users_know() -> None:
+    assert status_line(ReplyStatus(Phase.QUEUED, 3)) == queued_line(3) == "⏳ Queued: #3 in line…"
+    assert status_line(ReplyStatus(Phase.WAITING)) == WAITING_FOR_PREVIOUS
+    assert status_line(ReplyStatus(Phase.THINKING)) == "💭 Thinking…"
+    assert status_line(ReplyStatus(Phase.RETRYING)) == "⚠️ The model server is unreachable; retrying…"
+    with pytest.raises(ValueError, match="queued status takes a queue position"):
+        ReplyStatus(Phase.QUEUED)
+    with pytest.raises(ValueError, match="thinking status takes no queue position"):
+        ReplyStatus(Phase.THINKING, 2)
+
+
+def test_shortcut_prompts_keep_their_words() -> None:
+    assert ask_about("Bo", "Tea?", "  ") == f"Bo wrote:\n> Tea?\n\n{ASK_ABOUT_QUESTION}"
+    prompt = summarize([("Ana", "one"), ("Bo", "two"), ("Cy", "three")], max_chars=20)
+    assert prompt == ("Summarize this conversation: the main points, decisions and open questions, briefly "
+                      "(1 older messages left out).\n\nBo: two\nCy: three")
