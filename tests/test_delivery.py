@@ -67,6 +67,35 @@ async def test_first_text_is_the_first_post_when_it_comes_quickly() -> None:
     assert [(kind, text) for kind, _, _, text in target.calls] == [("post", "Hello")]
 
 
+class StatusTarget(RecordingTarget):
+    """A target that shows statuses its own way (as the web page and Slack's assistant threads do)."""
+
+    def __init__(self) -> None:
+        super().__init__(min_edit_interval=0.0)
+        self.statuses: list[ReplyStatus] = []
+
+    async def post_status(self, status: ReplyStatus, controls: Controls | None = None) -> int:
+        self.statuses.append(status)
+        return self._new("post_status", "")
+
+    async def edit_status(self, handle: Any, status: ReplyStatus, controls: Controls | None = None) -> None:
+        self.statuses.append(status)
+
+
+async def test_a_target_with_its_own_status_display_gets_typed_statuses_and_text_apart() -> None:
+    target = StatusTarget()
+    reply = delivery(target, hold=0.0)
+    reply.status(ReplyStatus(Phase.QUEUED, 2))
+    reply.start()
+    await asyncio.sleep(0.05)
+    reply.status(ReplyStatus(Phase.THINKING))
+    await asyncio.sleep(0.05)
+    reply.update("💭 Thinking…")  # the model's own words, however much they look like a status line
+    await reply.finish()
+    assert target.statuses == [ReplyStatus(Phase.QUEUED, 2), ReplyStatus(Phase.THINKING)]
+    assert [(kind, text) for kind, _, _, text in target.calls] == [("post_status", ""), ("edit", "💭 Thinking…")]
+
+
 async def test_status_is_shown_when_no_text_comes_within_the_hold() -> None:
     target = RecordingTarget()
     reply = delivery(target, hold=0.1)
