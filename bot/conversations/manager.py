@@ -105,8 +105,8 @@ class ConversationManager:
     async def redo_refusal(self, key: SessionKey, reply_id: int, *, continuing: bool) -> redo.Refusal | None:
         """Why reply ``reply_id`` may not be regenerated (or continued) now, or None when it may: what every
         platform's buttons ask before they start a new answer."""
-        return redo.refusal(await self.latest_reply(key), reply_id, continuing=continuing,
-                            answering=self.status(key).state is not None)
+        answering = any(request.state is not State.DONE for request in self._lines.get(str(key), []))
+        return redo.refusal(await self.latest_reply(key), reply_id, continuing=continuing, answering=answering)
 
     def in_background(self, reply: Coroutine[Any, Any, ReplyResult]) -> asyncio.Task[ReplyResult]:
         """Run ``reply`` (`respond`, `regenerate`, `continue_reply`) in a task held here until it ends: for
