@@ -349,9 +349,15 @@ class KVStreams(KVCache):
         return True
 
     def trim_idle(self) -> None:
-        """Idle streams cost the running ones nothing; only the gap a finished one left among them does."""
+        """Idle streams cost the running ones nothing; the gap a finished one left among them does, and so does
+        a new conversation finding no empty stream: it would wait for an idle one's state to be saved. So once a
+        request ends, the gap is closed and one stream kept empty, the least recently used idle cache going to
+        the state cache (RAM, then disk) whence its next turn restores it."""
         self.trim_due = False
         self.settle()
+        idle = [slot for slot in self.slots if slot.generation is None]
+        if idle and all(slot.cells for slot in idle):
+            self.evict(min(idle, key=lambda s: s.last_used))
 
     def settle(self) -> None:
         """Close gaps among the running sequence ids: llama.cpp decodes each run of consecutive ids as a ubatch of

@@ -27,7 +27,9 @@ __all__ = ["SPIN_COUNT", "ThreadTuner", "configure_openmp", "physical_cores", "t
 log = logging.getLogger(__name__)
 
 SPIN_COUNT = 1_000  # libgomp's rounds of spinning at a barrier before a thread sleeps (benchmarks/shared_machine.py)
-EXPLORE_SECONDS = 1.0  # each kind of step tries another thread count about this often (longer if it was slower)
+EXPLORE_SECONDS = 1.0  # each kind of step tries another thread count at most this often (x how much slower)...
+EXPLORE_SHARE = 0.03  # ... and no more often than keeps the tries' extra time under this share of the time...
+EXPLORE_MAX_SECONDS = 10.0  # ... but at least this often, so the figures follow the machine
 TRIAL_STEPS = 4  # steps of a try, the first not counted
 SMOOTHING = 0.5  # weight of a new step time in a thread count's running figure: a try tells a change
 
@@ -80,10 +82,11 @@ class ThreadTuner:
     """Chooses the thread count of each decode step from how long earlier steps of its kind took at each count.
 
     A kind is the step's size class (1 token, 2-3, 4-7, …): one- and many-token steps differ in how well they
-    spread over threads. Mostly the fastest count so far is used. About every ``explore_seconds`` (longer in
-    proportion when that count was slower: a count that was 6x slower is tried every 6 ``explore_seconds``)
-    another count gets a try of `TRIAL_STEPS` steps, so the figures follow the machine as other work comes and
-    goes. A step right after the count changed is not counted: it pays for waking threads that slept, which the
+    spread over threads. Mostly the fastest count so far is used. Another count gets a try of `TRIAL_STEPS` steps
+    now and then, so the figures follow the machine as other work comes and goes: as often as keeps what the tries
+    cost beyond the fastest count under `EXPLORE_SHARE` of the time (one 70 ms a step slower every 9 s), never
+    more often than every ``explore_seconds`` times how much slower it was (1.4 s for a count 1.4x slower), nor
+    rarer than `EXPLORE_MAX_SECONDS`. A step right after the count changed is not counted: it pays for waking threads that slept, which the
     steps after it do not. Used by the engine's worker thread only.
     """
 
@@ -116,7 +119,9 @@ class ThreadTuner:
             return untried[0], TRIAL_STEPS
         best = self._best(kind)
         for count in sorted(self.candidates, key=lambda count: kind.tried_at.get(count, 0.0)):
-            wait = self.explore_seconds * max(1.0, kind.seconds[count] / kind.seconds[best])
+            cost = TRIAL_STEPS * (kind.seconds[count] - kind.seconds[best])
+            wait = min(EXPLORE_MAX_SECONDS, max(self.explore_seconds * kind.seconds[count] / kind.seconds[best],
+                                                cost / EXPLORE_SHARE))
             if count != best and now - kind.tried_at.get(count, 0.0) >= wait:
                 kind.tried_at[count] = now
                 return count, TRIAL_STEPS
