@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,8 @@ EXPLORE_SECONDS = 1.0  # each kind of step tries another thread count at most th
 EXPLORE_SHARE = 0.03  # ... and no more often than keeps the tries' extra time under this share of the time...
 EXPLORE_MAX_SECONDS = 10.0  # ... but at least this often, so the figures follow the machine
 TRIAL_STEPS = 4  # steps of a try, the first not counted
-SMOOTHING = 0.5  # weight of a new step time in a thread count's running figure: a try tells a change
+RECENT_STEPS = 7  # a thread count's figure is the median of its last this many steps: one stalled step (another
+# process took the core a moment) does not make it look slower, four in a row (it keeps the core) do
 
 
 def configure_openmp() -> None:
@@ -70,12 +73,17 @@ def thread_candidates(cores: int) -> list[int]:
 
 @dataclass
 class _Kind:
-    """One kind of step's figures: smoothed seconds per step at each count, when each count was last tried,
-    and the try under way (count, steps left)."""
+    """One kind of step's figures: recent seconds per step at each count, when each count was last tried, and
+    the try under way (count, steps left)."""
 
-    seconds: dict[int, float] = field(default_factory=dict)
+    recent: dict[int, deque[float]] = field(default_factory=dict)
     tried_at: dict[int, float] = field(default_factory=dict)
     trial: tuple[int, int] | None = None
+
+    @property
+    def seconds(self) -> dict[int, float]:
+        """The median of each count's recent steps."""
+        return {count: statistics.median(times) for count, times in self.recent.items() if times}
 
 
 class ThreadTuner:
@@ -113,17 +121,19 @@ class ThreadTuner:
 
     def _next_trial(self, kind: _Kind) -> tuple[int, int] | None:
         now = self._clock()
-        untried = [count for count in self.candidates if count not in kind.seconds]
+        seconds = kind.seconds
+        untried = [count for count in self.candidates if count not in seconds]
         if untried:
             kind.tried_at[untried[0]] = now
             return untried[0], TRIAL_STEPS
         best = self._best(kind)
         for count in sorted(self.candidates, key=lambda count: kind.tried_at.get(count, 0.0)):
-            cost = TRIAL_STEPS * (kind.seconds[count] - kind.seconds[best])
-            wait = min(EXPLORE_MAX_SECONDS, max(self.explore_seconds * kind.seconds[count] / kind.seconds[best],
+            cost = TRIAL_STEPS * (seconds[count] - seconds[best])
+            wait = min(EXPLORE_MAX_SECONDS, max(self.explore_seconds * seconds[count] / seconds[best],
                                                 cost / EXPLORE_SHARE))
             if count != best and now - kind.tried_at.get(count, 0.0) >= wait:
                 kind.tried_at[count] = now
+                kind.recent[count].clear()  # the try's steps alone tell how that count does now
                 return count, TRIAL_STEPS
         return None
 
@@ -133,20 +143,20 @@ class ThreadTuner:
             return
         kind = self._kinds.setdefault(self.kind(n_tokens), _Kind())
         if threads == self._last:
-            previous = kind.seconds.get(threads)
-            kind.seconds[threads] = seconds if previous is None else (1 - SMOOTHING) * previous + SMOOTHING * seconds
+            kind.recent.setdefault(threads, deque(maxlen=RECENT_STEPS)).append(seconds)
         self._last = threads
         if kind.trial is not None and kind.trial[0] == threads:
             left = kind.trial[1] - 1
-            kind.trial = (threads, left) if left > 0 or threads not in kind.seconds else None
+            kind.trial = (threads, left) if left > 0 or not kind.recent.get(threads) else None
 
     def _best(self, kind: _Kind) -> int:
-        known = [count for count in self.candidates if count in kind.seconds]
-        return min(known, key=lambda count: kind.seconds[count]) if known else self.candidates[0]
+        seconds = kind.seconds
+        known = [count for count in self.candidates if count in seconds]
+        return min(known, key=lambda count: seconds[count]) if known else self.candidates[0]
 
     def timings(self, n_tokens: int = 1) -> dict[int, float]:
-        """Smoothed seconds a step of ``n_tokens`` tokens takes at each count timed so far."""
-        return dict(self._kinds.get(self.kind(n_tokens), _Kind()).seconds)
+        """Seconds a step of ``n_tokens`` tokens takes at each count timed so far (medians of recent steps)."""
+        return self._kinds.get(self.kind(n_tokens), _Kind()).seconds
 
     def best(self, n_tokens: int = 1) -> int:
         """The count a step of ``n_tokens`` tokens gets now, tries aside (for /status, logs and benchmarks)."""
