@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from bot.config import SamplingSettings, Settings
+from bot.config import ConversationSettings, SamplingSettings, Settings
 from bot.delivery import Delivery, Pacers, display_text
 from bot.engine import EngineStatus, FinishReason, Generation, QueuePosition
 from bot.errors import LlamarelayError
@@ -524,7 +524,7 @@ class ConversationManager:
         key, delivery = request.key, request.delivery
         generation = request.generation = self.engine.submit(prompt, sampling, session=key)
         request.state = State.QUEUED
-        metrics, submitted_at, last_text_at = self.metrics, self._clock(), None
+        metrics, timer = self.metrics, self.metrics.timer(self._clock)
         reasoning = ReasoningSplitter(inside=not exchange.prefix and self._prompt_opens_reasoning())
         quote_reasoning = self.settings.conversation.show_reasoning == "quoted"
 
@@ -542,12 +542,7 @@ class ConversationManager:
             if isinstance(event, Retrying):
                 delivery.status(SERVER_RETRYING)
                 continue
-            now = self._clock()  # a text delta: time to the first one, then between them
-            if last_text_at is None:
-                metrics.time_to_first_token.observe(now - submitted_at)
-            else:
-                metrics.inter_token_latency.observe(now - last_text_at)
-            last_text_at = now
+            timer.text()  # a text delta
             reasoning.feed(event)
             request.text = exchange.prefix + reasoning.answer
             if reasoning.thinking and not quote_reasoning:
@@ -743,6 +738,29 @@ class ConversationManager:
     async def is_known(self, key: SessionKey) -> bool:
         """True once the conversation has a message: a thread the bot answered in is one it follows."""
         return bool(await self.store.messages(str(key), limit=1))
+
+    async def conversations(self, prefix: str, limit: int) -> list[tuple[str, str, int]]:
+        """(key, first user message, message count) of the newest ``limit`` conversations under ``prefix``."""
+        return await self.store.session_summaries(prefix, limit)
+
+    async def exists(self, key: SessionKey) -> bool:
+        """True once the conversation was created (a message, or settings of its own)."""
+        return str(key) in await self.store.session_keys(str(key))
+
+    def running(self) -> list[SessionKey]:
+        """Conversations with a message not yet answered: waiting, queued, generating or being delivered."""
+        return [SessionKey.parse(key) for key, line in self._lines.items()
+                if any(request.state is not State.DONE for request in line)]
+
+    @property
+    def limits(self) -> ConversationSettings:
+        """The [conversation] settings adapters apply at their edge (file sizes, how much a summary reads)."""
+        return self.settings.conversation
+
+    @property
+    def context_window(self) -> int:
+        """Tokens in one conversation's window (a reply's max_tokens must stay below it)."""
+        return self.engine.n_ctx
 
     async def claim_event(self, event_id: str, ttl_seconds: float = 900.0) -> bool:
         """True the first time a platform event id is seen; False for a redelivery within the TTL."""

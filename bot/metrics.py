@@ -7,6 +7,7 @@ generation loop, and `bot.delivery` for the platform calls that fail.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 if TYPE_CHECKING:
     from bot.engine import EngineStatus
 
-__all__ = ["Metrics", "Platforms", "is_rate_limited"]
+__all__ = ["Metrics", "Platforms", "TokenTimer", "is_rate_limited"]
 
 # Seconds; from a fast GPU's first token to a long wait in the queue on a small CPU.
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -61,11 +62,34 @@ class Metrics:
                                              "Platform API calls refused with 429 (a subset of the errors)",
                                              ["platform"], registry=r)
 
+    def timer(self, clock: Callable[[], float] = time.monotonic) -> TokenTimer:
+        """A timer for one generation, started now (just after its prompt went to the engine)."""
+        return TokenTimer(self, clock)
+
     def platform_failure(self, platform: str, exc: BaseException) -> None:
         """Count one failed platform call (``bot.delivery`` reports each)."""
         self.platform_errors.labels(platform).inc()
         if is_rate_limited(exc):
             self.platform_rate_limited.labels(platform).inc()
+
+
+class TokenTimer:
+    """Times one generation's text into the metrics: from submitting its prompt to the first piece, then
+    between pieces. The one place both the conversations and the OpenAI API measure it."""
+
+    def __init__(self, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
+        self._metrics, self._clock = metrics, clock
+        self._submitted_at: float = clock()
+        self._last_text_at: float | None = None
+
+    def text(self) -> None:
+        """One piece of text arrived now."""
+        now = self._clock()
+        if self._last_text_at is None:
+            self._metrics.time_to_first_token.observe(now - self._submitted_at)
+        else:
+            self._metrics.inter_token_latency.observe(now - self._last_text_at)
+        self._last_text_at = now
 
 
 def is_rate_limited(exc: BaseException) -> bool:

@@ -14,8 +14,6 @@ import pytest
 from slack_sdk.signature import SignatureVerifier
 
 from adapters.slack import SlackBot, run_slack
-from adapters.slack.bot import DMS_DISABLED, NOT_ALLOWED_CHANNEL, NOT_ALLOWED_USER
-from adapters.slack.commands import ADMINS_ONLY
 from adapters.slack.mrkdwn import from_slack, neutralize_markdown, to_mrkdwn
 from bot.config import Secrets
 from bot.conversations import STOPPED_NOTE
@@ -27,6 +25,13 @@ from tests.slack_helpers import (ADMIN, REPLY_TIMEOUT_SECONDS, SIGNING_SECRET, a
                                  direct_message, fake, mention, replies, running_bot, settled, words)
 
 __all__ = ["fake"]  # the fixture, shared from tests.slack_helpers
+
+# The access policy's words (bot.access), the same on every platform.
+NOT_ALLOWED_USER = "🚫 Sorry, you're not on the list of people allowed to use this bot."
+NOT_ALLOWED_CHANNEL = "🚫 I'm not enabled in this channel."
+DMS_DISABLED = "🚫 Direct messages are turned off for this bot; mention me in a channel instead."
+ADMINS_ONLY = ("🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's system "
+               "prompt; in a DM with me it is yours to change.")
 
 
 # -- mentions and DMs ---------------------------------------------------------------------------------

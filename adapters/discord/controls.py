@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
+from bot.access import Action
 from bot.conversations import NOTHING_TO_CONTINUE, STALE_REPLY, can_continue
 from bot.store import Status
 from bot.types import Controls
@@ -57,9 +58,10 @@ async def _tell(interaction: discord.Interaction, text: str) -> None:
 async def _allowed(interaction: discord.Interaction) -> bool:
     """The bot's access lists, for a press: True, or False after telling the presser why not."""
     bot: DiscordBot = interaction.client  # type: ignore[assignment]
-    why = await bot.refusal(interaction.user, interaction.channel, interaction.guild_id)
+    key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
+    why = await bot.refusal(interaction.user, key)
     if why is not None:
-        await _tell(interaction, f"🚫 {why}")
+        await _tell(interaction, why)
     return why is None
 
 
@@ -130,8 +132,8 @@ async def _redo(interaction: discord.Interaction, reply_id: int, *, continuing: 
     if continuing and not can_continue(latest):
         await _tell(interaction, NOTHING_TO_CONTINUE)
         return
-    if (too_fast := bot.rate_limited(interaction.user)) is not None:
-        await _tell(interaction, too_fast)
+    if (too_fast := await bot.refusal(interaction.user, key, Action.ASK)) is not None:
+        await _tell(interaction, too_fast)  # a new answer costs what a message costs
         return
     # Answers within Discord's 3 s and takes this answer's buttons away: the new answer carries them.
     await interaction.response.edit_message(view=None)

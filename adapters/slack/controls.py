@@ -15,7 +15,9 @@ from slack_bolt.async_app import AsyncAck
 from slack_sdk.errors import SlackApiError
 
 from adapters.slack.blocks import CONTINUE, FEEDBACK, REGENERATE, STOP, ButtonValue, without_buttons
+from adapters.slack.sessions import is_dm
 from adapters.slack.targets import UpdateTarget
+from bot.access import Action
 from bot.conversations import NOTHING_TO_CONTINUE, STALE_REPLY, can_continue
 from bot.store import Status
 from bot.types import SessionKey
@@ -53,7 +55,7 @@ class Press:
 
     @property
     def in_dm(self) -> bool:
-        return self.key.is_private or self.channel.startswith("D")
+        return is_dm(self.channel)
 
 
 class ReplyControls:
@@ -75,7 +77,7 @@ class ReplyControls:
             log.warning("ignoring a %s press whose value does not match its conversation", action.get("action_id"))
             return None
         press = Press(value, user, channel, team, message)
-        if refusal := self.bot.refusal(user, channel, is_dm=press.in_dm):
+        if refusal := await self.bot.refusal(user, channel):
             await self.bot.tell(channel, user, refusal, thread_ts=press.thread_ts)
             return None
         return press
@@ -138,7 +140,8 @@ class ReplyControls:
             refusal = BUSY
         elif continuing and not can_continue(latest):
             refusal = NOTHING_TO_CONTINUE
-        refusal = refusal or self.bot.rate_refusal(press.user)  # a new answer costs what a message costs
+        # A new answer costs what a message costs.
+        refusal = refusal or await self.bot.refusal(press.user, press.channel, Action.ASK)
         if refusal:
             self._busy.discard(key)
             await self.bot.tell(press.channel, press.user, refusal, thread_ts=press.thread_ts)
