@@ -26,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from adapters.http import HttpError
 from adapters.web.events import EventStreamTarget, encode_event, json_dumps
 from adapters.web.uploads import FORM_TYPE, MAX_FILES, UploadError, read_form
 from bot.config import Secrets, Settings
@@ -61,15 +62,8 @@ LOGIN_CLIENTS_TRACKED = 10_000  # bounds the throttle's memory under a spray fro
 current_browser: contextvars.ContextVar[str] = contextvars.ContextVar("current_browser")
 
 
-class ApiError(Exception):
+class ApiError(HttpError):
     """A request the API refuses: becomes ``{"error": code, "message": message}`` with ``status``."""
-
-    def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
 
 
 class LoginThrottle:
@@ -198,7 +192,7 @@ async def _conversation(request: web.Request) -> tuple[str, SessionKey]:
     conversation = request.match_info["conversation"]
     browser = current_browser.get()
     key = _key(browser, conversation) if browser and CONVERSATION_ID.fullmatch(conversation) else None
-    if key is None or str(key) not in await _state(request).manager.store.session_keys(str(key)):
+    if key is None or not await _state(request).manager.exists(key):
         raise ApiError(404, "unknown_conversation", "No such conversation in this browser.")
     return conversation, key
 
@@ -328,7 +322,7 @@ async def list_conversations(request: web.Request) -> web.Response:
     if not browser:
         return json_response({"conversations": []})
     prefix = _prefix(browser)
-    summaries = await _state(request).manager.store.session_summaries(prefix, MAX_LISTED_CONVERSATIONS)
+    summaries = await _state(request).manager.conversations(prefix, MAX_LISTED_CONVERSATIONS)
     listed = [{"id": key[len(prefix):], "title": _title(first) or "New chat", "messages": count}
               for key, first, count in summaries if CONVERSATION_ID.fullmatch(key[len(prefix):])]
     return json_response({"conversations": listed})

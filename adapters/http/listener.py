@@ -1,56 +1,20 @@
-"""`Listener`: serves an aiohttp Application on host:port, for the web page, the ops endpoints and the OpenAI
-API alike; `is_loopback` tells whether an address is this machine's own, and `host_guard` keeps a loopback
-listener for this machine's own clients."""
+"""`Listener`: serves an aiohttp Application on host:port until cancelled, for the web page, the ops endpoints
+and the OpenAI API alike; a taken port is a `ConfigError` naming the config key."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
-import ipaddress
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from bot.errors import ConfigError
 
-__all__ = ["FOREIGN_HOST", "Handler", "Listener", "host_guard", "is_loopback", "is_loopback_host"]
+__all__ = ["Handler", "Listener", "Middleware"]
 
-LOOPBACK_NAMES = ("localhost", "localhost.")
-FOREIGN_HOST = "This server answers only to localhost / 127.0.0.1."
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
-
-
-def is_loopback(host: str) -> bool:
-    """True for names and addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def is_loopback_host(header: str) -> bool:
-    """True when an HTTP ``Host`` header (a name or address, maybe with a port) names only this machine."""
-    try:
-        return is_loopback(urlsplit(f"//{header}").hostname or "")
-    except ValueError:
-        return False
-
-
-def host_guard(host: str, refuse: Callable[[], Exception]) -> Middleware:
-    """Middleware for a listener on ``host``: when that is loopback, a request whose Host header names another
-    machine raises ``refuse()`` (the server's own 403), since only a page using DNS rebinding sends one."""
-    loopback_only = is_loopback(host)
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if loopback_only and not is_loopback_host(request.host):
-            raise refuse()
-        return await handler(request)
-
-    return guard
 
 
 class Listener:
@@ -91,3 +55,12 @@ class Listener:
     async def close(self) -> None:
         """Stop listening and close open connections."""
         await self._runner.cleanup()
+
+    async def serve(self, started: Callable[[str], None] = lambda url: None) -> None:
+        """Listen until cancelled, then close: a server task's whole life. ``started`` gets the base URL once
+        the port is open (to log it, or to report the platform connected)."""
+        started(await self.start())
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.close()
