@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 import time
 from urllib.parse import urlencode
 
@@ -463,6 +464,17 @@ async def test_http_mode_verifies_signatures(manager, settings, fake):
 
 
 # -- running it ----------------------------------------------------------------------------------------------
+
+
+async def test_http_mode_on_a_taken_port_is_one_line_naming_the_key(manager, settings, fake):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"port {port}\b.*\[slack\] http_port") as error:
+            async with running_bot(manager, settings, fake, socket_mode=False, http_port=port):
+                pass
+    assert "\n" not in str(error.value)
 
 
 async def test_run_slack_serves_until_cancelled_then_disconnects(manager, settings, fake):

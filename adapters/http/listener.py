@@ -19,15 +19,17 @@ Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 class Listener:
     """Listens for ``app`` on ``host:port``; ``port`` 0 picks a free one (tests). ``section`` names the config
-    section whose host and port a start-up error points at. With ``handler_cancellation`` a client that
-    hangs up cancels its request's handler at once (aiohttp otherwise lets it run on)."""
+    section whose host and port a start-up error points at (their names start with ``keys_prefix``, as
+    ``[slack] http_port`` does). With ``handler_cancellation`` a client that hangs up cancels its request's
+    handler at once (aiohttp otherwise lets it run on)."""
 
-    def __init__(self, app: web.Application, host: str, port: int, *, section: str,
+    def __init__(self, app: web.Application, host: str, port: int, *, section: str, keys_prefix: str = "",
                  shutdown_timeout: float = 2.0, handler_cancellation: bool = False) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.section = section
+        self._keys = keys_prefix
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout,
                                      handler_cancellation=handler_cancellation)
 
@@ -43,10 +45,11 @@ class Listener:
             await web.TCPSite(self._runner, self.host, self.port).start()
         except OSError as exc:
             await self._runner.cleanup()
+            section, keys = f"[{self.section}]", self._keys
             if exc.errno == errno.EADDRINUSE:
                 raise ConfigError(f"port {self.port} on {self.host} is already in use: stop the program using it "
-                                  f"or choose another port with [{self.section}] port in config.toml") from None
-            raise ConfigError(f"cannot listen on {self.host}:{self.port} ([{self.section}] host / port): "
+                                  f"or choose another port with {section} {keys}port in config.toml") from None
+            raise ConfigError(f"cannot listen on {self.host}:{self.port} ({section} {keys}host / {keys}port): "
                               f"{exc.strerror or exc}") from None
         if self.port == 0:
             self.port = self._runner.addresses[0][1]

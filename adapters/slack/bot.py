@@ -18,7 +18,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp, AsyncBoltContext
 from slack_bolt.response import BoltResponse
@@ -26,6 +25,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.http import Listener
 from adapters.slack.assistant import register_assistant
 from adapters.slack.commands import register_commands
 from adapters.slack.controls import register_controls
@@ -84,7 +84,7 @@ class SlackBot:
         register_assistant(self)
         manager.locators[PLATFORM] = lambda key, reference: locate(self.client, key, reference)
         self._socket: AsyncSocketModeHandler | None = None
-        self._runner: web.AppRunner | None = None
+        self._listener: Listener | None = None  # HTTP mode
         self._http: aiohttp.ClientSession | None = None  # file downloads
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -112,16 +112,17 @@ class SlackBot:
             log.info("connected to Slack in Socket Mode")
             return
         s = self.settings
-        self._runner = web.AppRunner(self.app.web_app(path=s.http_path, port=s.http_port), handle_signals=False)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, s.http_host, s.http_port).start()
-        log.info("serving Slack events on http://%s:%d%s", s.http_host, self.http_port, s.http_path)
+        listener = Listener(self.app.web_app(path=s.http_path, port=s.http_port), s.http_host, s.http_port,
+                            section="slack", keys_prefix="http_")
+        url = await listener.start()  # a taken port is a ConfigError naming [slack] http_port's section
+        self._listener = listener
+        log.info("serving Slack events on %s%s", url, s.http_path.lstrip("/"))
 
     @property
     def http_port(self) -> int:
         """The port HTTP mode listens on (the real one when configured as 0)."""
-        assert self._runner is not None, "HTTP mode is not running"
-        return int(self._runner.addresses[0][1])
+        assert self._listener is not None, "HTTP mode is not running"
+        return self._listener.port
 
     async def close(self) -> None:
         """Stop receiving; replies in flight belong to the core, which ends and stores them at shutdown."""
@@ -129,9 +130,9 @@ class SlackBot:
         if self._socket is not None:
             await self._socket.close_async()
             self._socket = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
         if self._http is not None:
             await self._http.close()
             self._http = None
