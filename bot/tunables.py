@@ -8,9 +8,11 @@ from typing import cast
 
 from annotated_types import Ge, Gt, Le, Lt
 
+from pydantic import ValidationError
+
 from bot.config import SamplingSettings
 
-__all__ = ["SETTINGS", "Tunable", "tunable"]
+__all__ = ["SETTINGS", "Tunable", "refused", "tunable"]
 
 
 @dataclass(frozen=True)
@@ -55,3 +57,12 @@ SETTINGS: tuple[Tunable, ...] = (
 def tunable(name: str) -> Tunable | None:
     """The setting called ``name``, or None when /settings cannot change it."""
     return next((setting for setting in SETTINGS if setting.name == name), None)
+
+
+def refused(error: ValueError) -> list[tuple[str, str]]:
+    """Why a change of settings was refused, as (setting, reason) pairs; a plain ValueError (the core's own
+    check) has no setting, only its reason."""
+    if isinstance(error, ValidationError):
+        return [(".".join(str(part) for part in e["loc"]), e["msg"][0].lower() + e["msg"][1:])
+                for e in error.errors()]
+    return [("", str(error))]

@@ -12,12 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
-from pydantic import ValidationError
 
 from adapters.discord.menus import ask_about_message, summarize_until
 from adapters.discord.targets import NO_MENTIONS, InteractionTarget
 from bot.access import Action
-from bot.tunables import SETTINGS, tunable
+from bot.tunables import SETTINGS, refused, tunable
 from bot.types import Incoming, SessionKey
 
 if TYPE_CHECKING:
@@ -135,10 +134,7 @@ async def system(interaction: discord.Interaction, prompt: str | None = None, de
 
 def _why(error: ValueError) -> str:
     """A refused setting in a line: which one, and what it must be."""
-    if isinstance(error, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'][0].lower()}{e['msg'][1:]}"
-                         for e in error.errors())
-    return str(error)
+    return "; ".join(f"{name}: {reason}" if name else reason for name, reason in refused(error))
 
 
 @app_commands.command(name="settings")

@@ -11,14 +11,13 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
 from slack_bolt.async_app import AsyncAck, AsyncBoltContext, AsyncRespond
 
 from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.sessions import is_dm, session_key
 from adapters.slack.targets import UpdateTarget
 from bot.access import Action
-from bot.tunables import SETTINGS, Tunable, tunable
+from bot.tunables import SETTINGS, Tunable, refused, tunable
 from bot.types import Incoming, SessionKey
 
 if TYPE_CHECKING:
@@ -73,10 +72,8 @@ def _bounds(setting: Tunable, n_ctx: int) -> str:
 
 
 def _why(exc: ValueError) -> str:
-    if isinstance(exc, ValidationError):
-        error = exc.errors()[0]
-        return f"`{'.'.join(str(part) for part in error['loc'])}`: {error['msg'][0].lower()}{error['msg'][1:]}"
-    return str(exc)
+    name, reason = refused(exc)[0]
+    return f"`{name}`: {reason}" if name else reason
 
 
 def _preview(text: str) -> str:
