@@ -13,7 +13,7 @@ from aiohttp import web
 from adapters.http.listener import Handler, Middleware
 from bot.errors import LlamarelayError
 
-__all__ = ["HttpError", "json_errors"]
+__all__ = ["HttpError", "error_body", "json_errors"]
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,14 @@ def _from_aiohttp(exc: web.HTTPException) -> HttpError:
     return HttpError(exc.status, code, exc.reason, headers=headers)
 
 
-def json_errors(render: Callable[[HttpError], web.Response], *, name: str,
+def error_body(error: HttpError) -> web.Response:
+    """The plain shape of an error: ``{"error": code, "message": message}`` with its status."""
+    return web.json_response({"error": error.code, "message": error.message}, status=error.status)
+
+
+def json_errors(render: Callable[[HttpError], web.Response] = error_body, *, name: str,
                 applies: Callable[[web.Request], bool] = lambda request: True) -> Middleware:
-    """Middleware answering every error as ``render`` writes an `HttpError` (each API has its body's shape).
+    """Middleware answering every error as ``render`` writes an `HttpError` (an API may have its own shape).
 
     Where ``applies`` is false (a page rather than an API), aiohttp's own errors and failures keep plain
     text pages. ``name`` labels the log lines of unexpected failures.

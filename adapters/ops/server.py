@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from adapters.http import FOREIGN_HOST, Listener, host_guard
+from adapters.http import FOREIGN_HOST, HttpError, Listener, host_guard, json_errors
 from bot.conversations import ConversationManager
 from bot.health import PASSING, readiness
 
@@ -44,7 +44,8 @@ async def _metrics(request: web.Request) -> web.Response:
 def create_app(manager: ConversationManager, host: str = "127.0.0.1",
                tools: ToolSupervisor | None = None) -> web.Application:
     """The ops application for a listener on ``host``; /readyz lists ``tools``' servers when given."""
-    app = web.Application(middlewares=[host_guard(host, lambda: web.HTTPForbidden(text=FOREIGN_HOST + "\n"))])
+    app = web.Application(middlewares=[json_errors(name="ops"),
+                                       host_guard(host, lambda: HttpError(403, "foreign_host", FOREIGN_HOST))])
     app[MANAGER] = manager
     if tools is not None:
         app[TOOLS] = tools
