@@ -29,6 +29,7 @@ from aiohttp import web
 from adapters.http import HttpError
 from adapters.web.events import EventStreamTarget, encode_event, json_dumps
 from adapters.web.uploads import FORM_TYPE, MAX_FILES, UploadError, read_form
+from bot.access import AccessPolicy, Action, Actor, Place, Refusal, refusal_text
 from bot.config import Secrets, Settings
 from bot.conversations import (NOTHING_TO_CONTINUE, STALE_REPLY, ConversationManager, ReplyResult, can_continue,
                                 clean_text)
@@ -103,6 +104,9 @@ class WebState:
     settings: Settings
     secrets: Secrets
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    # The core's access policy: no lists here (the access token is the web's door), asked all the same, so a
+    # rule added there (a rate limit, issue 23's tools) reaches the web as it reaches every platform.
+    policy: AccessPolicy = field(default_factory=AccessPolicy)
 
     @property
     def auth_digest(self) -> str | None:
@@ -236,6 +240,18 @@ def _title(first_message: str) -> str:
 def _message(m: StoredMessage) -> dict[str, Any]:
     return {"id": m.id, "role": m.role, "content": m.content, "status": m.status, "created_at": m.created_at,
             "notes": m.notes.splitlines(), "can_continue": can_continue(m)}
+
+
+async def _check(request: web.Request, action: Action) -> None:
+    """Ask the access policy for this browser (the actor) in its conversation, which is its own as a DM is;
+    a refusal is an `ApiError` carrying the policy's words."""
+    decision = await _state(request).policy.check(Actor(current_browser.get()), Place(dm=True), action)
+    if decision.refusal is None:
+        return
+    if decision.refusal is Refusal.TOO_FAST:
+        raise ApiError(429, decision.refusal.value, refusal_text(decision),
+                       headers={"Retry-After": str(max(1, math.ceil(decision.retry_after)))})
+    raise ApiError(403, decision.refusal.value, refusal_text(decision))
 
 
 async def _reply_to_redo(request: web.Request, key: SessionKey, *, to_continue: bool) -> StoredMessage:
@@ -378,6 +394,7 @@ async def send_message(request: web.Request) -> web.StreamResponse:
         text = _text_field(await _json_body(request), "text", MAX_MESSAGE_CHARS) or ""
     if not clean_text(text) and not files:
         raise ApiError(400, "empty_message", "The message is empty.")
+    await _check(request, Action.ASK)
     target = _target(request)
     # One person per browser conversation: no speaker name goes before their words.
     incoming = Incoming(key, current_browser.get(), "", text, attachments=files)
@@ -391,6 +408,7 @@ async def regenerate(request: web.Request) -> web.StreamResponse:
     history. Streamed like …/messages; ``409`` when that answer is no longer the latest or one is running."""
     _, key = await _conversation(request)
     reply = await _reply_to_redo(request, key, to_continue=False)
+    await _check(request, Action.ASK)
     state, target = _state(request), _target(request)
     state.follow(key, target, state.manager.regenerate(key, target, reply.id))
     return await _stream(request, key, target)
@@ -402,6 +420,7 @@ async def continue_reply(request: web.Request) -> web.StreamResponse:
     or stopped. The stream opens with the answer so far (``replace``), then grows it like …/messages."""
     _, key = await _conversation(request)
     reply = await _reply_to_redo(request, key, to_continue=True)
+    await _check(request, Action.ASK)
     state, target = _state(request), _target(request, prefix=reply.content)
     state.follow(key, target, state.manager.continue_reply(key, target, reply.id))
     return await _stream(request, key, target)
@@ -427,6 +446,7 @@ async def set_system_prompt(request: web.Request) -> web.Response:
     """Set the conversation's system prompt; ``null`` (or an empty text) restores the default."""
     _, key = await _conversation(request)
     prompt = _text_field(await _json_body(request), "system_prompt", MAX_SYSTEM_PROMPT_CHARS, nullable=True)
+    await _check(request, Action.SET_SYSTEM_PROMPT)
     manager = _state(request).manager
     await manager.set_system_prompt(key, prompt if prompt and prompt.strip() else None)
     return json_response({"system_prompt": await manager.system_prompt(key)})
