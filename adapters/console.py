@@ -207,7 +207,7 @@ async def _chat(manager: ConversationManager, *, user: str | None, stdin: IO[str
 
     loop.add_signal_handler(signal.SIGINT, on_interrupt)
     loop.add_signal_handler(signal.SIGTERM, on_terminate)
-    out.write(f"llamarelay terminal chat with {manager.engine.model_name}. {HELP}\n")
+    out.write(f"llamarelay terminal chat with {manager.status().engine.model_name}. {HELP}\n")
     try:
         while not quitting.is_set():
             out.write(PROMPT)

@@ -105,7 +105,7 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
     manager.platforms.expect(adapters)  # /readyz answers 503 until each of them reports it is connected
     if api:  # not a platform: it shares the engine's queue, not the conversations
         from adapters.openai_api import run_openai_api
-        adapters["api"] = run_openai_api(manager, settings, secrets)
+        adapters["api"] = run_openai_api(manager.engine, manager.metrics, settings, secrets)
     if settings.ops.enabled and mode != "chat":
         from adapters.ops import run_ops
         adapters["ops"] = run_ops(manager, settings, tools)

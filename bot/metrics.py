@@ -70,14 +70,17 @@ class Metrics:
 
 
 class TokenTimer:
-    """Observes one streaming reply's time to its first text (from now) and between its texts."""
+    """Times one generation's text into the metrics: from submitting its prompt (when the timer is made) to
+    the first piece, then between pieces. The one place both the conversations and the OpenAI API measure it;
+    without metrics (an API run on its own) it observes nothing."""
 
     def __init__(self, metrics: Metrics | None, clock: Callable[[], float] = time.monotonic) -> None:
         self._metrics, self._clock = metrics, clock
-        self._submitted_at = clock()
+        self._submitted_at: float = clock()
         self._last_at: float | None = None
 
     def text_arrived(self) -> None:
+        """One piece of text arrived now."""
         if self._metrics is None:
             return
         now = self._clock()

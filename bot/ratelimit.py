@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Hashable
@@ -39,10 +38,3 @@ class RateLimiter:
         if not recent or len(recent) < self.per_minute:
             return 0.0
         return max(0.0, WINDOW_SECONDS - (self._clock() - recent[0]))
-
-    def refusal(self, user: Hashable) -> str | None:
-        """Record one message; None if it is within the limit, else a friendly line saying when to retry."""
-        if self.allow(user):
-            return None
-        return (f"⏳ Easy there! You can send {self.per_minute} messages a minute; "
-                f"try again in {max(1, math.ceil(self.retry_after(user)))} s.")

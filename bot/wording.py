@@ -6,6 +6,9 @@ shared default (the placeholder message a reply shows before its text).
 
 from __future__ import annotations
 
+import math
+
+from bot.access import Action, Decision, Refusal
 from bot.types import Phase, ReplyStatus
 
 __all__ = [
@@ -14,7 +17,7 @@ __all__ = [
     "NOT_STORED", "PLATFORM_REFUSED", "REASONING", "RESET_NOTE", "SERVER_RETRYING", "SHUTTING_DOWN",
     "SHUTTING_DOWN_REASON", "STALE_REPLY", "STOPPED_NOTE", "SYSTEM_PROMPT_TOO_LONG", "TAKEN_OVER_NOTE", "THINKING",
     "TRUNCATED_MARK", "WAITING_FOR_PREVIOUS", "conversation_place", "failed", "message_cut", "queued_line",
-    "something_went_wrong", "status_line", "summarize_request", "too_many_waiting",
+    "refusal_text", "something_went_wrong", "status_line", "summarize_request", "too_many_waiting",
 ]
 
 # -- statuses: what a reply shows before its text ------------------------------------------------------------
@@ -90,6 +93,30 @@ def file_too_large(max_bytes: int) -> str:
 def file_skipped(name: str, reason: str) -> str:
     """The note under a reply for an attached file the model did not read."""
     return f"📎 I skipped {name}: {reason}."
+
+
+# -- access refused (`bot.access`): allow-lists, DMs, the rate limit, shared settings ------------------------
+
+REFUSALS = {
+    Refusal.NOT_LISTED: "🚫 Sorry, you're not on the list of people allowed to use this bot.",
+    Refusal.SERVER_NOT_ALLOWED: "🚫 I'm not enabled in this server.",
+    Refusal.CHANNEL_NOT_ALLOWED: "🚫 I'm not enabled in this channel.",
+    Refusal.DMS_OFF: "🚫 Direct messages are turned off for this bot; mention me in a channel instead.",
+    Refusal.DM_NOT_ALLOWED: "🚫 Sorry, I answer direct messages only from people allowed to use me in a server.",
+}
+_SHARED = {Action.SET_SYSTEM_PROMPT: "a channel's system prompt; in a DM with me it is yours to change",
+           Action.SET_SAMPLING: "a channel's settings; in a DM with me they are yours to change"}
+
+
+def refusal_text(decision: Decision, *, admins: str = "admins") -> str:
+    """The line a user sees for a refused ``decision``; ``admins`` says who the platform's admins are."""
+    if decision.refusal is Refusal.TOO_FAST:
+        return (f"⏳ Easy there! You can send {decision.per_minute} messages a minute; "
+                f"try again in {max(1, math.ceil(decision.retry_after))} s.")
+    if decision.refusal is Refusal.ADMINS_ONLY:
+        return f"🚫 Only {admins} can change {_SHARED.get(decision.action, _SHARED[Action.SET_SAMPLING])}."
+    assert decision.refusal is not None, "an allowed decision has no refusal to show"
+    return REFUSALS[decision.refusal]
 
 
 # -- Regenerate and Continue refused -------------------------------------------------------------------------

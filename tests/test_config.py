@@ -216,11 +216,3 @@ def test_rate_limiter_allows_n_per_minute_per_user() -> None:
     now[0] = 60.0
     assert limiter.allow("a")
     assert RateLimiter(0).allow("anyone")
-
-
-def test_rate_limit_refusal_says_when_to_retry() -> None:
-    now = [0.0]
-    limiter = RateLimiter(1, clock=lambda: now[0])
-    assert limiter.refusal("a") is None
-    now[0] = 20.5
-    assert limiter.refusal("a") == "⏳ Easy there! You can send 1 messages a minute; try again in 40 s."

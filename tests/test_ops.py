@@ -119,9 +119,13 @@ async def test_ops_endpoints_answer_only_to_a_loopback_host(ops: str) -> None:
     # A DNS-rebinding page reaches 127.0.0.1 under its own name: its Host header gives it away.
     for path in ("healthz", "readyz", "metrics"):
         async with aiohttp.ClientSession() as http, http.get(ops + path, headers={"Host": "evil.example"}) as response:
-            assert response.status == 403 and "localhost" in await response.text()
+            assert response.status == 403 and (await response.json())["error"] == "foreign_host"
+            assert "localhost" in (await response.json())["message"]
         async with aiohttp.ClientSession() as http, http.get(ops + path, headers={"Host": "localhost:9090"}) as r:
             assert r.status == 200
+    # Errors are JSON bodies here too, as on the web API and /v1 (the shared edge, adapters.http).
+    async with aiohttp.ClientSession() as http, http.get(ops + "nothing") as response:
+        assert response.status == 404 and await response.json() == {"error": "not_found", "message": "Not Found"}
 
 
 async def test_metrics_count_a_reply_and_its_first_token(ops: str, manager: ConversationManager) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import socket
 import time
 from urllib.parse import urlencode
 
@@ -14,8 +15,6 @@ import pytest
 from slack_sdk.signature import SignatureVerifier
 
 from adapters.slack import SlackBot, run_slack
-from adapters.slack.bot import DMS_DISABLED, NOT_ALLOWED_CHANNEL, NOT_ALLOWED_USER
-from adapters.slack.commands import ADMINS_ONLY
 from adapters.slack.mrkdwn import from_slack, neutralize_markdown, to_mrkdwn
 from bot.config import Secrets
 from bot.errors import ConfigError
@@ -27,6 +26,13 @@ from tests.slack_helpers import (ADMIN, REPLY_TIMEOUT_SECONDS, SIGNING_SECRET, a
                                  direct_message, fake, mention, replies, running_bot, settled, words)
 
 __all__ = ["fake"]  # the fixture, shared from tests.slack_helpers
+
+# The access policy's words (bot.access), the same on every platform.
+NOT_ALLOWED_USER = "🚫 Sorry, you're not on the list of people allowed to use this bot."
+NOT_ALLOWED_CHANNEL = "🚫 I'm not enabled in this channel."
+DMS_DISABLED = "🚫 Direct messages are turned off for this bot; mention me in a channel instead."
+ADMINS_ONLY = ("🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's system "
+               "prompt; in a DM with me it is yours to change.")
 
 
 # -- mentions and DMs ---------------------------------------------------------------------------------
@@ -458,6 +464,17 @@ async def test_http_mode_verifies_signatures(manager, settings, fake):
 
 
 # -- running it ----------------------------------------------------------------------------------------------
+
+
+async def test_http_mode_on_a_taken_port_is_one_line_naming_the_key(manager, settings, fake):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"port {port}\b.*\[slack\] http_port") as error:
+            async with running_bot(manager, settings, fake, socket_mode=False, http_port=port):
+                pass
+    assert "\n" not in str(error.value)
 
 
 async def test_run_slack_serves_until_cancelled_then_disconnects(manager, settings, fake):

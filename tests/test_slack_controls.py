@@ -13,7 +13,6 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from adapters.slack.blocks import CONTINUE, FEEDBACK, MAX_VALUE_CHARS, REGENERATE, STOP, ButtonValue
-from adapters.slack.bot import NOT_ALLOWED_USER
 from adapters.slack.controls import NOTHING_TO_STOP, STALE, THANKS
 from bot.store import Status, Store
 from bot.wording import STOPPED_NOTE
@@ -22,6 +21,8 @@ from tests.slack_helpers import (ACK_DEADLINE_SECONDS, REPLY_TIMEOUT_SECONDS, an
                                  replies, running_bot, settled, words)
 
 __all__ = ["fake"]
+
+NOT_ALLOWED_USER = "🚫 Sorry, you're not on the list of people allowed to use this bot."  # bot.access
 
 
 async def press(fake: FakeSlack, message: FakeMessage, action_id: str, **kwargs: object) -> None:

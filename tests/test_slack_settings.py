@@ -9,12 +9,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.slack.commands import ADMINS_ONLY, SETTINGS, SETTINGS_ADMINS_ONLY, parse_settings
+from adapters.slack.commands import parse_settings
+from bot.tunables import tunable
 from bot.types import SessionKey
 from bot.wording import LENGTH_NOTE
 from tests.slack_helpers import ADMIN, answered, channel_key, command, fake, mention, running_bot
 
 __all__ = ["fake"]
+
+ADMINS_ONLY = ("🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's system "
+               "prompt; in a DM with me it is yours to change.")
+SETTINGS_ADMINS_ONLY = ("🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's "
+                        "settings; in a DM with me they are yours to change.")
+SETTINGS = {"temperature": float, "max_tokens": int, "top_p": float}
 
 
 async def test_settings_are_shown_set_by_admins_and_used_by_the_channels_threads(manager, settings, fake):
@@ -89,6 +96,7 @@ def test_parse_settings_of_any_text_is_known_finite_numbers_or_a_reason(line: st
         return
     assert changes and set(changes) <= set(SETTINGS)
     assert all(isinstance(value, SETTINGS[name]) and math.isfinite(value) for name, value in changes.items())
+    assert all(tunable(name) is not None for name in changes)
 
 
 @settings(max_examples=100, deadline=None)

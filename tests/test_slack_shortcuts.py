@@ -10,13 +10,14 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from adapters.slack import shortcuts
-from adapters.slack.bot import NOT_ALLOWED_USER
 from adapters.slack.shortcuts import (ASK_ABOUT, ASK_VIEW, CANNOT_READ, METADATA_LIMIT, QUESTION_BLOCK, QUESTION_INPUT,
                                       SUMMARIZE, view_metadata)
 from tests.fake_slack import FakeMessage, FakeSlack
 from tests.slack_helpers import ACK_DEADLINE_SECONDS, answered, channel_key, fake, running_bot, settled
 
 __all__ = ["fake"]
+
+NOT_ALLOWED_USER = "🚫 Sorry, you're not on the list of people allowed to use this bot."  # bot.access
 
 
 def shown(message: FakeMessage) -> str:

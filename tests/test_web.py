@@ -21,6 +21,7 @@ from adapters.web import WebServer, create_app, run_web
 from adapters.web.api import LOGIN_FAILURES_ALLOWED, LOGIN_WINDOW_SECONDS, MAX_MESSAGE_CHARS, STATE, TITLE_CHARS
 from adapters.web.events import EventStreamTarget, json_dumps
 from adapters.web.uploads import MAX_FILES, upload_limit
+from bot.access import AccessPolicy
 from bot.config import Secrets, Settings
 from bot.conversations import ConversationManager
 from bot.errors import ConfigError
@@ -524,6 +525,22 @@ async def test_two_browsers_cannot_reach_each_others_conversations(browsers: Cal
     history = (await alice.conversation(conversation))["messages"]
     assert [m["content"] for m in history] == ["A secret.", expected(1)]
     assert (await alice.conversation(conversation))["system_prompt"] == "You are a helpful assistant."
+
+
+async def test_the_web_asks_the_core_access_policy_and_answers_its_refusals(
+        server: WebServer, browsers: Callable[[], Browser]) -> None:
+    # No [web] key sets a limit; a policy with one shows that the web asks the same question as every platform.
+    server.app[STATE].policy = AccessPolicy(messages_per_minute=1)
+    browser = browsers()
+    conversation = await browser.new(sentences(1))
+    await (await browser.send(conversation, "first")).done()
+    async with browser.request("POST", f"/api/conversations/{conversation}/messages", json={"text": "again"}) as r:
+        body = await r.json()
+        assert (r.status, body["error"]) == (429, "too_fast") and int(r.headers["Retry-After"]) > 0
+        assert body["message"].startswith("⏳ Easy there! You can send 1 messages a minute")
+    # A browser's conversation is its own, as a DM is: its settings are its to change.
+    assert (await browser.call("PUT", f"/api/conversations/{conversation}/system_prompt",
+                               json={"system_prompt": "Be brief."}))[0] == 200
 
 
 async def test_conversations_list_system_prompt_and_reset(browsers: Callable[[], Browser]) -> None:

@@ -21,9 +21,10 @@ from adapters.discord.commands import LlamarelayTree
 from adapters.discord.controls import BUTTONS
 from adapters.discord.files import read_attachments
 from adapters.discord.targets import NO_MENTIONS, ChannelTarget, locate
-from bot.ratelimit import RateLimiter
+from bot.access import AccessPolicy, Action, Actor, Decision, Place, Refusal
 from bot.text import clean_text
 from bot.types import Incoming, SessionKey, log_name
+from bot.wording import refusal_text
 
 if TYPE_CHECKING:
     from bot.config import DiscordSettings
@@ -35,8 +36,7 @@ log = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 TYPING_REFRESH_SECONDS = 8.0  # Discord shows "typing…" for about 10 s per request
-NOT_LISTED = "Sorry, you're not on the list of people allowed to use this bot."
-DM_REFUSED = "Sorry, I answer direct messages only from people allowed to use me in a server."
+ADMINS = "people with the Manage Server permission"  # who may change a channel's settings, in refusals
 DM_ACCESS_CACHE_SECONDS = 60.0  # how long a DM user's looked-up membership is trusted
 THREAD_NAME_MAX_CHARS = 100  # Discord's limit
 
@@ -59,7 +59,10 @@ class DiscordBot(discord.Client):
         super().__init__(intents=intents, **options)
         self.manager = manager
         self.settings = settings
-        self.rate_limiter = RateLimiter(settings.user_messages_per_minute)
+        self.policy = AccessPolicy(servers=settings.allowed_guild_ids, channels=settings.allowed_channel_ids,
+                                   roles=settings.allowed_role_ids, users=settings.allowed_user_ids,
+                                   admins=settings.admin_user_ids, dms_enabled=settings.dms_enabled,
+                                   messages_per_minute=settings.user_messages_per_minute)
         self.tree = LlamarelayTree(self)
         self.add_dynamic_items(*BUTTONS)  # a reply's buttons work whenever they were sent, restarts included
         manager.locators[PLATFORM] = lambda key, reference: locate(self, reference)
@@ -102,52 +105,23 @@ class DiscordBot(discord.Client):
             return SessionKey.for_channel(PLATFORM, str(guild_id), str(channel.parent_id), str(channel.id))
         return SessionKey.for_channel(PLATFORM, str(guild_id), str(channel.id))
 
-    def is_admin(self, user: discord.abc.User) -> bool:
-        return user.id in self.settings.admin_user_ids
+    async def check(self, user: discord.abc.User, key: SessionKey, action: Action = Action.USE, *,
+                    manages_place: bool = False) -> Decision:
+        """The core's access policy for ``user`` in conversation ``key``: Discord's roles, and for a DM whether
+        the user is a member of an allowed server. ``manages_place``: Manage Server, which may change settings."""
+        actor = Actor(str(user.id), roles=frozenset(str(role.id) for role in getattr(user, "roles", [])),
+                      manages_place=manages_place, member_elsewhere=lambda: self._member_of_allowed_guild(user))
+        return await self.policy.check(actor, Place.of(key), action)
 
-    async def refusal(self, user: discord.abc.User, channel: Any, guild_id: int | None) -> str | None:
-        """Why ``user`` may not use the bot here, or None if they may.
+    async def refusal(self, user: discord.abc.User, key: SessionKey, action: Action = Action.USE, *,
+                      manages_place: bool = False) -> str | None:
+        """Why ``user`` may not do ``action`` in ``key``, in words, or None if they may."""
+        decision = await self.check(user, key, action, manages_place=manages_place)
+        return None if decision.allowed else refusal_text(decision, admins=ADMINS)
 
-        In a DM with any allow-list set, the user must be allowed somewhere: listed in ``allowed_user_ids``,
-        or a member of an allowed guild who passes its role and channel lists (looked up over REST).
-        """
-        cfg = self.settings
-        if self.is_admin(user):
-            return None
-        if guild_id is None:
-            if not cfg.dms_enabled:
-                return "Direct messages are turned off for this bot; mention me in a server channel instead."
-            return None if await self._dm_allowed(user) else DM_REFUSED
-        if cfg.allowed_guild_ids and guild_id not in cfg.allowed_guild_ids:
-            return "I'm not enabled in this server."
-        if not self._channel_allowed(channel):
-            return "I'm not enabled in this channel."
-        if not self._listed(user):
-            return NOT_LISTED
-        return None
-
-    def _channel_allowed(self, channel: Any) -> bool:
-        channel_ids = {getattr(channel, "id", None), getattr(channel, "parent_id", None)}
-        return not self.settings.allowed_channel_ids or bool(channel_ids & set(self.settings.allowed_channel_ids))
-
-    def _listed(self, user: discord.abc.User) -> bool:
-        """True unless user or role lists are set and ``user`` is on neither (roles only for a `Member`)."""
-        cfg = self.settings
-        if not cfg.allowed_user_ids and not cfg.allowed_role_ids:
-            return True
-        roles = {role.id for role in getattr(user, "roles", [])}
-        return user.id in cfg.allowed_user_ids or bool(roles & set(cfg.allowed_role_ids))
-
-    async def _dm_allowed(self, user: discord.abc.User) -> bool:
-        """Whether a DM from ``user`` is answered; membership answers are kept a minute, so DM spam from
-        strangers costs one REST lookup per minute, not one per message."""
-        cfg = self.settings
-        if not (cfg.allowed_guild_ids or cfg.allowed_channel_ids or cfg.allowed_role_ids or cfg.allowed_user_ids):
-            return True  # a public bot: to keep strangers out, switch off "Public Bot" or set a list
-        if user.id in cfg.allowed_user_ids:
-            return True
-        if cfg.allowed_user_ids and not cfg.allowed_role_ids:
-            return False  # only the listed users, whatever guilds they are in
+    async def _member_of_allowed_guild(self, user: discord.abc.User) -> bool:
+        """Whether ``user`` passes the lists as a member of an allowed guild (looked up over REST); answers are
+        kept a minute, so DM spam from strangers costs one lookup per minute, not one per message."""
         now = time.monotonic()
         known = self._dm_access.get(user.id)
         if known is not None and now - known[0] < DM_ACCESS_CACHE_SECONDS:
@@ -162,7 +136,8 @@ class DiscordBot(discord.Client):
                 log.warning("could not look up user %s in guild %s: %s", user.id, guild.id, exc)
                 allowed = None  # unknown: refuse now, ask again next time
                 continue
-            if self._listed(member) and self._sees_an_allowed_channel(member, guild):
+            roles = frozenset(str(role.id) for role in member.roles)
+            if self.policy.listed(Actor(str(user.id), roles=roles)) and self._sees_an_allowed_channel(member, guild):
                 allowed = True
                 break
         if allowed is not None:
@@ -183,10 +158,6 @@ class DiscordBot(discord.Client):
             return True
         channels = (guild.get_channel_or_thread(c) for c in self.settings.allowed_channel_ids)
         return any(c is not None and c.permissions_for(member).view_channel for c in channels)
-
-    def rate_limited(self, user: discord.abc.User) -> str | None:
-        """A friendly line if ``user`` is over the per-minute limit (counting this message), else None."""
-        return None if self.is_admin(user) else self.rate_limiter.refusal(user.id)
 
     # ------------------------------------------------------------------ messages
 
@@ -231,11 +202,12 @@ class DiscordBot(discord.Client):
         key = self.session_for(message.channel, message.author, guild_id)
         if not await self._addressed(message, key):
             return
-        if await self.refusal(message.author, message.channel, guild_id) is not None:
-            log.info("ignoring a message from user %s: not allowed here", message.author.id)
+        decision = await self.check(message.author, key, Action.ASK)
+        if decision.refusal is Refusal.TOO_FAST:
+            await self._send_quietly(message, refusal_text(decision))
             return
-        if (too_fast := self.rate_limited(message.author)) is not None:
-            await self._send_quietly(message, too_fast)
+        if not decision.allowed:
+            log.info("ignoring a message from user %s: not allowed here", message.author.id)
             return
         text = self.prompt_text(message)
         target = self.channel_target(message.channel, trigger=message)
@@ -246,7 +218,7 @@ class DiscordBot(discord.Client):
             if (thread := await self._open_thread(message, thread_name(text, fallback))) is not None:
                 channel, target = thread, self.channel_target(thread)
                 key = self.session_for(thread, message.author, guild_id)
-        files = await read_attachments(message.attachments, self.manager.settings.conversation.max_file_bytes)
+        files = await read_attachments(message.attachments, self.manager.limits.max_file_bytes)
         incoming = Incoming(key, str(message.author.id), message.author.display_name, text,
                             event_id=str(message.id), attachments=files)
         await self.answer(self.manager.respond(incoming, target), key, typing_in=channel)

@@ -12,12 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
-from pydantic import ValidationError
 
 from adapters.discord.menus import ask_about_message, summarize_until
 from adapters.discord.targets import NO_MENTIONS, InteractionTarget
-from bot.access import may_change_settings
-from bot.config import SamplingSettings
+from bot.access import Action
+from bot.tunables import SETTINGS, refused, tunable
 from bot.types import Incoming, SessionKey
 
 if TYPE_CHECKING:
@@ -28,16 +27,15 @@ __all__ = ["LlamarelayTree"]
 log = logging.getLogger(__name__)
 
 SHOWN_PROMPT_MAX_CHARS = 1800  # room for the heading within Discord's 2,000
-SETTINGS = {"temperature": "Temperature", "max_tokens": "Max tokens", "top_p": "Top p"}  # what /settings sets
 
 
 def _bounded(kind: type, field: str) -> Any:
     """An option type showing Discord users the [sampling] bounds of ``field`` (the core checks them again)."""
-    low = high = None
-    for rule in SamplingSettings.model_fields[field].metadata:
-        low = getattr(rule, "ge", getattr(rule, "gt", low))
-        high = getattr(rule, "le", getattr(rule, "lt", high))
-    return app_commands.Range[kind, low, high]  # type: ignore[valid-type]
+    setting = tunable(field)
+    assert setting is not None, f"/settings cannot set {field}"
+    low, high, _ = setting.bounds
+    return app_commands.Range[kind, None if low is None else kind(low),  # type: ignore[valid-type]
+                              None if high is None else kind(high)]
 
 
 Temperature = _bounded(float, "temperature")
@@ -61,6 +59,16 @@ def _session(interaction: discord.Interaction) -> SessionKey:
     return _bot(interaction).session_for(interaction.channel, interaction.user, interaction.guild_id)
 
 
+async def _refused(interaction: discord.Interaction, action: Action = Action.USE) -> bool:
+    """Ask the access policy; True after telling the user (only them) why not. Whoever may manage the server
+    may change its channels' settings, as the configured admins may."""
+    manages = bool(interaction.permissions.manage_guild) if interaction.guild_id is not None else False
+    why = await _bot(interaction).refusal(interaction.user, _session(interaction), action, manages_place=manages)
+    if why is not None:
+        await _say(interaction, why, ephemeral=True)
+    return why is not None
+
+
 class LlamarelayTree(app_commands.CommandTree):
     """The bot's command tree: every command passes the access lists before it runs."""
 
@@ -70,11 +78,7 @@ class LlamarelayTree(app_commands.CommandTree):
             self.add_command(command)
 
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
-        why = await _bot(interaction).refusal(interaction.user, interaction.channel, interaction.guild_id)
-        if why is None:
-            return True
-        await _say(interaction, f"🚫 {why}", ephemeral=True)
-        return False
+        return not await _refused(interaction)
 
     async def on_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError, /) -> None:
         if isinstance(error, app_commands.CheckFailure):
@@ -91,8 +95,7 @@ class LlamarelayTree(app_commands.CommandTree):
 async def ask(interaction: discord.Interaction, prompt: str) -> None:
     """Ask the model; the answer streams into this channel."""
     bot = _bot(interaction)
-    if (too_fast := bot.rate_limited(interaction.user)) is not None:
-        await _say(interaction, too_fast, ephemeral=True)
+    if await _refused(interaction, Action.ASK):
         return
     # Discord wants an answer within 3 s; the queue can take longer, so show "thinking…" first.
     await interaction.response.defer(thinking=True)
@@ -122,33 +125,20 @@ async def system(interaction: discord.Interaction, prompt: str | None = None, de
             current = current[:SHOWN_PROMPT_MAX_CHARS] + "…"
         await _say(interaction, f"Current system prompt:\n>>> {current}", ephemeral=True)
         return
-    if not _may_change(interaction):
-        await _say(interaction, "🚫 Changing the system prompt needs the Manage Server permission.",
-                   ephemeral=True)
+    if await _refused(interaction, Action.SET_SYSTEM_PROMPT):
         return
     await bot.manager.set_system_prompt(key, None if default else prompt)
     done = "set back to the default" if default else "updated"
     await _say(interaction, f"📝 System prompt {done} by {interaction.user.display_name}.", ephemeral=False)
 
 
-def _may_change(interaction: discord.Interaction) -> bool:
-    """The core's rule, with Discord's admins: the configured ones and whoever may manage the server."""
-    admin = _bot(interaction).is_admin(interaction.user) or interaction.permissions.manage_guild
-    return may_change_settings(_session(interaction), admin=admin)
-
-
 def _why(error: ValueError) -> str:
     """A refused setting in a line: which one, and what it must be."""
-    if isinstance(error, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'][0].lower()}{e['msg'][1:]}"
-                         for e in error.errors())
-    return str(error)
+    return "; ".join(f"{name}: {reason}" if name else reason for name, reason in refused(error))
 
 
 @app_commands.command(name="settings")
-@app_commands.describe(temperature="Randomness: 0 always picks the likeliest word",
-                       max_tokens="Longest reply, in tokens", top_p="Sample only from the likeliest words up to "
-                       "this total probability")
+@app_commands.describe(**{setting.name: setting.description for setting in SETTINGS})
 async def settings_command(interaction: discord.Interaction, temperature: Temperature | None = None,
                            max_tokens: MaxTokens | None = None, top_p: TopP | None = None) -> None:
     """Show or change this conversation's temperature, reply length and top_p."""
@@ -158,8 +148,7 @@ async def settings_command(interaction: discord.Interaction, temperature: Temper
     if not changes:
         await _say(interaction, f"Settings of this conversation: {await _settings(bot, key)}", ephemeral=True)
         return
-    if not _may_change(interaction):
-        await _say(interaction, "🚫 Changing the settings needs the Manage Server permission.", ephemeral=True)
+    if await _refused(interaction, Action.SET_SAMPLING):
         return
     try:
         await bot.manager.set_sampling(key, **changes)
@@ -172,7 +161,7 @@ async def settings_command(interaction: discord.Interaction, temperature: Temper
 
 async def _settings(bot: DiscordBot, key: SessionKey) -> str:
     sampling = await bot.manager.sampling(key)
-    return ", ".join(f"**{label}:** {getattr(sampling, name)}" for name, label in SETTINGS.items())
+    return ", ".join(f"**{setting.label}:** {getattr(sampling, setting.name)}" for setting in SETTINGS)
 
 
 @app_commands.command()

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import discord
 
-from bot.conversations import Refusal
+from bot.access import Action
+from bot.conversations import RedoRefusal
 from bot.types import Controls
 from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY
 
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 NO_MENTIONS = discord.AllowedMentions.none()
 NOTHING_RUNNING = "Nothing is being generated in this conversation."
 BEING_WRITTEN = "That answer is being written right now; wait for it to finish."
-REFUSALS = {Refusal.STALE: STALE_REPLY, Refusal.BUSY: BEING_WRITTEN, Refusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE}
+REFUSALS = {RedoRefusal.STALE: STALE_REPLY, RedoRefusal.BUSY: BEING_WRITTEN,
+            RedoRefusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE}
 
 
 def view_for(controls: Controls | None) -> discord.ui.View | None:
@@ -58,9 +60,10 @@ async def _tell(interaction: discord.Interaction, text: str) -> None:
 async def _allowed(interaction: discord.Interaction) -> bool:
     """The bot's access lists, for a press: True, or False after telling the presser why not."""
     bot: DiscordBot = interaction.client  # type: ignore[assignment]
-    why = await bot.refusal(interaction.user, interaction.channel, interaction.guild_id)
+    key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
+    why = await bot.refusal(interaction.user, key)
     if why is not None:
-        await _tell(interaction, f"🚫 {why}")
+        await _tell(interaction, why)
     return why is None
 
 
@@ -124,8 +127,8 @@ async def _redo(interaction: discord.Interaction, reply_id: int, *, continuing: 
     if (refusal := await bot.manager.redo_refusal(key, reply_id, continuing=continuing)) is not None:
         await _tell(interaction, REFUSALS[refusal])
         return
-    if (too_fast := bot.rate_limited(interaction.user)) is not None:
-        await _tell(interaction, too_fast)
+    if (too_fast := await bot.refusal(interaction.user, key, Action.ASK)) is not None:
+        await _tell(interaction, too_fast)  # a new answer costs what a message costs
         return
     # Answers within Discord's 3 s and takes this answer's buttons away: the new answer carries them.
     await interaction.response.edit_message(view=None)

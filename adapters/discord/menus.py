@@ -17,6 +17,7 @@ from discord import app_commands
 
 from adapters.discord.files import read_attachments
 from adapters.discord.targets import NO_MENTIONS, InteractionTarget
+from bot.access import Action
 from bot.context import ask_about, summarize
 from bot.types import Attachment, Incoming
 
@@ -55,14 +56,13 @@ class AskModal(discord.ui.Modal, title="Ask llamarelay about this message"):
 
     async def on_submit(self, interaction: discord.Interaction, /) -> None:
         bot: DiscordBot = interaction.client  # type: ignore[assignment]
-        if (too_fast := bot.rate_limited(interaction.user)) is not None:
-            await interaction.response.send_message(too_fast, ephemeral=True, allowed_mentions=NO_MENTIONS)
+        if await _too_fast(interaction):
             return
         await interaction.response.defer(thinking=True)
         assert isinstance(self.question.component, discord.ui.TextInput)
         text = ask_about(self.message.author.display_name, bot.prompt_text(self.message),
                          self.question.component.value)
-        files = await read_attachments(self.message.attachments, bot.manager.settings.conversation.max_file_bytes)
+        files = await read_attachments(self.message.attachments, bot.manager.limits.max_file_bytes)
         await _answer(interaction, text, files)
 
     async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:
@@ -73,11 +73,10 @@ class AskModal(discord.ui.Modal, title="Ask llamarelay about this message"):
 async def summarize_until(interaction: discord.Interaction, message: discord.Message) -> None:
     """Summarize the channel's (or thread's) last messages, up to this one."""
     bot: DiscordBot = interaction.client  # type: ignore[assignment]
-    if (too_fast := bot.rate_limited(interaction.user)) is not None:
-        await interaction.response.send_message(too_fast, ephemeral=True, allowed_mentions=NO_MENTIONS)
+    if await _too_fast(interaction):
         return
     await interaction.response.defer(thinking=True)
-    conversation = bot.manager.settings.conversation
+    conversation = bot.manager.limits
     channel = interaction.channel
     assert isinstance(channel, discord.abc.Messageable)
     said: list[tuple[str, str]] = []
@@ -95,6 +94,16 @@ async def summarize_until(interaction: discord.Interaction, message: discord.Mes
         await interaction.edit_original_response(content=NOTHING_TO_SUMMARIZE, allowed_mentions=NO_MENTIONS)
         return
     await _answer(interaction, summarize(said[::-1], conversation.summarize_chars))
+
+
+async def _too_fast(interaction: discord.Interaction) -> bool:
+    """Count the request as a message (the tree has checked the lists); True after telling the user to wait."""
+    bot: DiscordBot = interaction.client  # type: ignore[assignment]
+    key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
+    if (too_fast := await bot.refusal(interaction.user, key, Action.ASK)) is None:
+        return False
+    await interaction.response.send_message(too_fast, ephemeral=True, allowed_mentions=NO_MENTIONS)
+    return True
 
 
 async def _answer(interaction: discord.Interaction, text: str, files: tuple[Attachment, ...] = ()) -> None:

@@ -6,7 +6,6 @@ WebUI, editors, scripts) share its one model and wait in the same fair line as t
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -14,24 +13,22 @@ from adapters.openai_api.server import OpenAIServer, check_access, create_app
 
 if TYPE_CHECKING:
     from bot.config import Secrets, Settings
-    from bot.conversations import ConversationManager
+    from bot.engine.embedded import Engine
+    from bot.metrics import Metrics
 
 __all__ = ["OpenAIServer", "create_app", "run_openai_api"]
 
 log = logging.getLogger(__name__)
 
 
-async def run_openai_api(manager: ConversationManager, settings: Settings, secrets: Secrets) -> None:
-    """Serve the API on ``[api] host:port`` until cancelled, on the manager's engine, counted in its metrics.
+async def run_openai_api(engine: Engine, metrics: Metrics, settings: Settings, secrets: Secrets) -> None:
+    """Serve the API on ``[api] host:port`` until cancelled, on the bot's one ``engine`` (its fair queue),
+    counted in its ``metrics``; the composition root (`bot.app`) hands both over.
 
     Raises `bot.errors.ConfigError` when the address needs a token that is not set, or the port is taken.
     """
     check_access(settings.api, secrets)
-    app = create_app(manager.engine, settings.sampling, secrets, host=settings.api.host, metrics=manager.metrics)
+    app = create_app(engine, settings.sampling, secrets, host=settings.api.host, metrics=metrics)
     server = OpenAIServer(app, settings.api.host, settings.api.port)
-    url = await server.start()
-    log.info("OpenAI-compatible API on %sv1%s", url, " (Bearer token required)" if secrets.api_token else "")
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await server.close()
+    await server.serve(lambda url: log.info("OpenAI-compatible API on %sv1%s", url,
+                                            " (Bearer token required)" if secrets.api_token else ""))

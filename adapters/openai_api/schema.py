@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from adapters.http import HttpError
 from bot.config import SamplingSettings
 
 __all__ = ["ApiError", "ChatRequest", "StopCutter", "parse_chat_request"]
@@ -21,13 +22,21 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed", "repeat_penalty", "fre
                  "presence_penalty", "ignore_eos")
 
 
-class ApiError(Exception):
+class ApiError(HttpError):
     """An error answered as OpenAI does: ``{"error": {"message", "type", "param", "code"}}``."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        super().__init__(status, code, message)
+        self.type, self.param = type, param
+
+    @classmethod
+    def of(cls, error: HttpError) -> ApiError:
+        """``error`` (the shared edge's own) in OpenAI's words: a server error from 500 up."""
+        if isinstance(error, ApiError):
+            return error
+        kind = "server_error" if error.status >= 500 else "invalid_request_error"
+        return cls(error.status, error.message, type=kind, code=error.code)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import logging
 import secrets as secrets_module
@@ -21,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from adapters.listener import FOREIGN_HOST, Handler, Listener, host_guard, is_loopback
+from adapters.http import (FOREIGN_HOST, Handler, HttpError, Listener, bearer_guard, check_token_needed, host_guard,
+                           json_errors)
 from adapters.openai_api.schema import ApiError, ChatRequest, StopCutter, parse_chat_request
 from bot.config import ApiSettings, SamplingSettings, Secrets
 from bot.engine import FinishReason, Generation, QueuePosition
-from bot.errors import ConfigError, EngineError, PromptError, QueueFull
+from bot.errors import EngineError, PromptError, QueueFull
 from bot.metrics import Metrics, TokenTimer
 from bot.store import Status
 
@@ -47,7 +47,6 @@ FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", Fini
 class ApiState:
     engine: Engine
     sampling: SamplingSettings  # the config's defaults for what a request leaves out
-    token: str | None
     model_id: str
     created: int
     metrics: Metrics | None  # the bot's Prometheus figures, which then count the API's requests too
@@ -58,53 +57,32 @@ STATE = web.AppKey("state", ApiState)
 
 def check_access(settings: ApiSettings, secrets: Secrets) -> None:
     """Refuse to serve other machines without a token."""
-    if not is_loopback(settings.host) and not secrets.api_token:
-        raise ConfigError(f"[api] host = {settings.host!r} lets other machines use the model: set "
-                          "LLAMARELAY_API_TOKEN to an access token, or listen on host = \"127.0.0.1\" only")
+    check_token_needed(settings.host, secrets.api_token, section="api", env="LLAMARELAY_API_TOKEN",
+                       exposes="use the model")
 
 
-def error_response(error: ApiError) -> web.Response:
-    return web.json_response(error.body(), status=error.status)
+def error_response(error: HttpError) -> web.Response:
+    return web.json_response(ApiError.of(error).body(), status=error.status)
 
 
 # -- middleware ----------------------------------------------------------------------------------------
-
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return error_response(exc)
-    except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, body too large
-        if exc.status < 400:
-            raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
-        return error_response(ApiError(exc.status, exc.reason, code=code))
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        log.exception("openai api: %s %s failed", request.method, request.path)
-        return error_response(ApiError(500, "Something went wrong on the server.", type="server_error"))
-
 
 def _foreign_host() -> ApiError:
     return ApiError(403, FOREIGN_HOST, type="permission_error", code="foreign_host")
 
 
+def _wrong_token() -> ApiError:
+    return ApiError(401, "Incorrect API key provided: send 'Authorization: Bearer' with the value of "
+                    "LLAMARELAY_API_TOKEN.", code="invalid_api_key")
+
+
 @web.middleware
-async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The Bearer token when one is set, and JSON bodies only."""
-    token = request.app[STATE].token
-    if token is not None:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-            raise ApiError(401, "Incorrect API key provided: send 'Authorization: Bearer' with the value of "
-                           "LLAMARELAY_API_TOKEN.", code="invalid_api_key")
+async def _json_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A POST must be JSON: a foreign page cannot send that without CORS, which this server never grants."""
     if request.method == "POST" and request.content_type != "application/json":
         raise ApiError(415, "The request body must be JSON (Content-Type: application/json).",
                        code="unsupported_media_type")
     return await handler(request)
-
 
 
 # -- handlers ------------------------------------------------------------------------------------------
@@ -248,8 +226,10 @@ def create_app(engine: Engine, sampling: SamplingSettings, secrets: Secrets, *, 
                metrics: Metrics | None = None) -> web.Application:
     """The API for ``engine``; requests leave out sampling fields to get ``sampling``'s. With ``metrics``, each
     request counts in them (platform "api")."""
-    app = web.Application(middlewares=[_errors, host_guard(host, _foreign_host), _guard])
-    app[STATE] = ApiState(engine=engine, sampling=sampling, token=secrets.api_token,
+    app = web.Application(middlewares=[json_errors(error_response, name="openai api"),
+                                       host_guard(host, _foreign_host), bearer_guard(secrets.api_token, _wrong_token),
+                                       _json_only])
+    app[STATE] = ApiState(engine=engine, sampling=sampling,
                           model_id=engine.settings.model_path.stem, created=int(time.time()), metrics=metrics)
     app.router.add_get("/v1/models", _models)
     app.router.add_post("/v1/chat/completions", _chat_completions)

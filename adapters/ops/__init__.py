@@ -3,7 +3,6 @@ Prometheus. `server` holds the aiohttp application; the figures themselves live 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -22,9 +21,4 @@ log = logging.getLogger(__name__)
 async def run_ops(manager: ConversationManager, settings: Settings, tools: ToolSupervisor | None = None) -> None:
     """Serve /healthz, /readyz and /metrics on ``[ops] host:port`` until cancelled."""
     server = OpsServer(create_app(manager, settings.ops.host, tools), settings.ops.host, settings.ops.port)
-    url = await server.start()
-    log.info("health and metrics on %shealthz, %sreadyz, %smetrics", url, url, url)
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await server.close()
+    await server.serve(lambda url: log.info("health and metrics on %shealthz, %sreadyz, %smetrics", url, url, url))

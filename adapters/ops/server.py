@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from adapters.listener import FOREIGN_HOST, Listener, host_guard
+from adapters.http import FOREIGN_HOST, HttpError, Listener, host_guard, json_errors
 from bot.conversations import ConversationManager
+from bot.health import PASSING, readiness
 
 if TYPE_CHECKING:
     from bot.tools import ToolSupervisor
@@ -19,26 +19,8 @@ __all__ = ["OpsServer", "create_app", "readiness"]
 
 log = logging.getLogger(__name__)
 
-DATABASE_CHECK_SECONDS = 2.0  # a database slower than this to write one row cannot answer anyone either
 MANAGER = web.AppKey("manager", ConversationManager)
 TOOLS: web.AppKey[ToolSupervisor] = web.AppKey("tools")  # only with tool servers: the MCP SDK loads then
-
-
-async def readiness(manager: ConversationManager) -> dict[str, str]:
-    """Each check and its result ("ok" or "connected" when it passes): the engine, the database, and every
-    configured platform."""
-    checks: dict[str, str] = {}
-    checks["engine"] = await manager.engine.readiness()
-    try:
-        await asyncio.wait_for(manager.check_store(), DATABASE_CHECK_SECONDS)
-        checks["database"] = "ok"
-    except TimeoutError:
-        checks["database"] = f"no answer within {DATABASE_CHECK_SECONDS:g} s"
-    except Exception as exc:
-        checks["database"] = f"failing: {exc}"
-    for name, connected in manager.platforms.status().items():
-        checks[name] = "connected" if connected else "not connected"
-    return checks
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -47,7 +29,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     checks = await readiness(request.app[MANAGER])
-    ready = all(result in ("ok", "connected") for result in checks.values())
+    ready = all(result in PASSING for result in checks.values())
     body: dict[str, object] = {"ready": ready, "checks": checks}
     if TOOLS in request.app:  # details only: the bot answers without its tools, so a dead server is not "unready"
         body["tools"] = {name: health.describe() for name, health in request.app[TOOLS].health().items()}
@@ -62,7 +44,8 @@ async def _metrics(request: web.Request) -> web.Response:
 def create_app(manager: ConversationManager, host: str = "127.0.0.1",
                tools: ToolSupervisor | None = None) -> web.Application:
     """The ops application for a listener on ``host``; /readyz lists ``tools``' servers when given."""
-    app = web.Application(middlewares=[host_guard(host, lambda: web.HTTPForbidden(text=FOREIGN_HOST + "\n"))])
+    app = web.Application(middlewares=[json_errors(name="ops"),
+                                       host_guard(host, lambda: HttpError(403, "foreign_host", FOREIGN_HOST))])
     app[MANAGER] = manager
     if tools is not None:
         app[TOOLS] = tools

@@ -18,7 +18,9 @@ from slack_bolt.middleware.assistant.async_assistant import AsyncAssistant
 from slack_sdk.errors import SlackApiError
 
 from adapters.slack.mrkdwn import from_slack
+from adapters.slack.sessions import session_key
 from adapters.slack.targets import AssistantTarget
+from bot.access import Action
 from bot.text import one_line
 from bot.types import Incoming, SessionKey
 
@@ -42,7 +44,7 @@ ASSISTANT_ROOT_SUBTYPE = "assistant_app_thread"  # the first message of every as
 
 def thread_key(team: str, channel: str, thread_ts: str) -> SessionKey:
     """An assistant thread's conversation: one per thread, in the app's DM with the user."""
-    return SessionKey.for_channel("slack", team, channel, thread_ts)
+    return session_key(team, channel, "", thread_ts, own_thread=True)
 
 
 def _title(question: str) -> str:
@@ -67,7 +69,7 @@ class AssistantThreads:
         thread = event.get("assistant_thread") or {}
         channel, user = str(thread.get("channel_id") or ""), str(thread.get("user_id") or "")
         self._remember(f"{channel}/{thread.get('thread_ts')}", True)
-        if refusal := self.bot.refusal(user, channel, is_dm=True):
+        if refusal := await self.bot.refusal(user, channel):
             await say(refusal)
             return
         await say(GREETING)
@@ -107,7 +109,7 @@ class AssistantThreads:
         team = self.bot.team_of(body, context)
         if not await self.bot.first_delivery(body.get("event_id"), team, channel, ts):
             return
-        if refusal := self.bot.refusal(user, channel, is_dm=True) or self.bot.rate_refusal(user):
+        if refusal := await self.bot.refusal(user, channel, Action.ASK):
             await self.bot.client.chat_postMessage(channel=channel, thread_ts=thread, text=refusal)
             return
         key = thread_key(team, channel, thread)

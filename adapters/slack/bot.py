@@ -18,7 +18,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp, AsyncBoltContext
 from slack_bolt.response import BoltResponse
@@ -26,24 +25,26 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.http import Listener
 from adapters.slack.assistant import register_assistant
 from adapters.slack.commands import register_commands
 from adapters.slack.controls import register_controls
 from adapters.slack.files import read_files
 from adapters.slack.mrkdwn import from_slack
+from adapters.slack.sessions import PLATFORM, is_dm, session_key
 from adapters.slack.shortcuts import register_shortcuts
 from adapters.slack.targets import NativeStreamTarget, UpdateTarget, locate
+from bot.access import AccessPolicy, Action, Actor, Decision, Place, Refusal
 from bot.config import Secrets, Settings, SlackSettings
 from bot.conversations import ConversationManager, ReplyResult
 from bot.errors import ConfigError
-from bot.ratelimit import RateLimiter
 from bot.types import Attachment, Incoming, SessionKey
+from bot.wording import refusal_text
 
 __all__ = ["SlackBot", "run_slack"]
 
 log = logging.getLogger(__name__)
 
-PLATFORM = "slack"
 DEDUPE_TTL_SECONDS = 900.0  # Slack retries for about 5 minutes; keep ids well past that
 RATE_LIMIT_RETRIES = 3  # 429s absorbed by slack-sdk's retry handler before a call fails
 # Message subtypes that are a person writing; edits, deletions, joins and the like are not answered.
@@ -52,9 +53,7 @@ IGNORED_EVENT_SUBTYPES = ("message_changed", "message_deleted")
 NAME_TTL_SECONDS = 3600.0  # display names are looked up (users.info) at most this often per person
 NAME_CACHE_SIZE = 5000
 
-NOT_ALLOWED_USER = "🚫 Sorry, you're not on the list of people this bot answers."
-NOT_ALLOWED_CHANNEL = "🚫 I don't answer in this channel."
-DMS_DISABLED = "🚫 Direct messages to this bot are turned off."
+ADMINS = "admins (`admin_user_ids` under `[slack]` in config.toml)"  # who may change a channel's settings
 
 
 class SlackBot:
@@ -71,9 +70,10 @@ class SlackBot:
         self._api_host = urlsplit(self.client.base_url).hostname or ""
         self._app_token = app_token
         self._signing_secret = signing_secret
-        self.rate_limiter = RateLimiter(settings.user_messages_per_minute)
+        self.policy = AccessPolicy(channels=settings.allowed_channel_ids, users=settings.allowed_user_ids,
+                                   admins=settings.admin_user_ids, dms_enabled=settings.dms_enabled,
+                                   messages_per_minute=settings.user_messages_per_minute)
         self._names: dict[str, tuple[str, float]] = {}  # user id → (display name, when to look it up again)
-        self._running: dict[SessionKey, int] = {}  # conversations with a reply on its way here, and how many
         self.app = AsyncApp(client=self.client, signing_secret=signing_secret or "", name="llamarelay",
                             before_authorize=self._drop_edits)
         self.app.event("app_mention")(self._on_mention)
@@ -85,7 +85,7 @@ class SlackBot:
         register_assistant(self)
         manager.locators[PLATFORM] = lambda key, reference: locate(self.client, key, reference)
         self._socket: AsyncSocketModeHandler | None = None
-        self._runner: web.AppRunner | None = None
+        self._listener: Listener | None = None  # HTTP mode
         self._http: aiohttp.ClientSession | None = None  # file downloads
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -113,16 +113,17 @@ class SlackBot:
             log.info("connected to Slack in Socket Mode")
             return
         s = self.settings
-        self._runner = web.AppRunner(self.app.web_app(path=s.http_path, port=s.http_port), handle_signals=False)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, s.http_host, s.http_port).start()
-        log.info("serving Slack events on http://%s:%d%s", s.http_host, self.http_port, s.http_path)
+        listener = Listener(self.app.web_app(path=s.http_path, port=s.http_port), s.http_host, s.http_port,
+                            section="slack", keys_prefix="http_")
+        url = await listener.start()  # a taken port is a ConfigError naming [slack] http_port's section
+        self._listener = listener
+        log.info("serving Slack events on %s%s", url, s.http_path.lstrip("/"))
 
     @property
     def http_port(self) -> int:
         """The port HTTP mode listens on (the real one when configured as 0)."""
-        assert self._runner is not None, "HTTP mode is not running"
-        return int(self._runner.addresses[0][1])
+        assert self._listener is not None, "HTTP mode is not running"
+        return self._listener.port
 
     async def close(self) -> None:
         """Stop receiving; replies in flight belong to the core, which ends and stores them at shutdown."""
@@ -130,9 +131,9 @@ class SlackBot:
         if self._socket is not None:
             await self._socket.close_async()
             self._socket = None
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -154,23 +155,24 @@ class SlackBot:
     # -- events ----------------------------------------------------------------------------------
 
     async def _on_mention(self, event: dict[str, Any], body: dict[str, Any], context: AsyncBoltContext) -> None:
-        await self._answer(event, body, context, is_dm=False)
+        await self._answer(event, body, context)
 
     async def _on_message(self, event: dict[str, Any], body: dict[str, Any], context: AsyncBoltContext) -> None:
         if event.get("subtype") not in ANSWERED_SUBTYPES or event.get("bot_id"):
             return  # other bots (and our own posts) are never answered: no bot loops
-        if event.get("channel_type") == "im":
-            await self._answer(event, body, context, is_dm=True)
+        channel = str(event.get("channel") or "")
+        if is_dm(channel):
+            await self._answer(event, body, context)
         elif context.bot_user_id and f"<@{context.bot_user_id}" in event.get("text", ""):
             # A mention also arrives as app_mention; whichever comes first is answered (see first_delivery).
-            await self._answer(event, body, context, is_dm=False)
-        elif event.get("thread_ts") and event.get("channel") and await self.manager.is_known(
-                SessionKey.for_channel(PLATFORM, self.team_of(body, context), event["channel"], event["thread_ts"])):
+            await self._answer(event, body, context)
+        elif event.get("thread_ts") and channel and await self.manager.is_known(session_key(
+                self.team_of(body, context), channel, str(event.get("user") or ""), event["thread_ts"])):
             # A thread the bot answered in (or was mentioned in) is a conversation: no mention needed there.
-            await self._answer(event, body, context, is_dm=False, addressed=False)
+            await self._answer(event, body, context, addressed=False)
 
     async def _answer(self, event: dict[str, Any], body: dict[str, Any], context: AsyncBoltContext, *,
-                      is_dm: bool, addressed: bool = True) -> None:
+                      addressed: bool = True) -> None:
         user, channel, ts = event.get("user"), event.get("channel"), event.get("ts")
         if not user or not channel or not ts:
             return
@@ -179,20 +181,15 @@ class SlackBot:
             log.debug("event %s for message %s/%s already answered", body.get("event_id"), channel, ts)
             return
         thread = event.get("thread_ts")
-        if is_dm:
-            key, reply_thread = SessionKey.for_dm(PLATFORM, user), thread
-        elif thread:
-            key, reply_thread = SessionKey.for_channel(PLATFORM, team, channel, thread), thread
-        elif self.settings.reply_in_thread:  # the answer opens a thread: that thread is the conversation
-            key, reply_thread = SessionKey.for_channel(PLATFORM, team, channel, ts), ts
-        else:
-            key, reply_thread = SessionKey.for_channel(PLATFORM, team, channel), None
-        refusal = self.refusal(user, channel, is_dm=is_dm)
-        if refusal and not addressed:
+        # In a channel the answer opens a thread (with reply_in_thread): that thread is the conversation.
+        reply_thread = thread or (ts if self.settings.reply_in_thread and not is_dm(channel) else None)
+        key = session_key(team, channel, user, reply_thread or "")
+        decision = await self.check(user, channel, Action.ASK)
+        if not decision.allowed and not addressed and decision.refusal is not Refusal.TOO_FAST:
             return  # someone the bot does not answer, talking in a thread it follows: not spoken to, no notice
-        refusal = refusal or self.rate_refusal(user)
-        if refusal:
-            await self._refuse(refusal, channel=channel, user=user, thread_ts=reply_thread, is_dm=is_dm)
+        if not decision.allowed:
+            await self._refuse(refusal_text(decision, admins=ADMINS), channel=channel, user=user,
+                               thread_ts=reply_thread)
             return
         name, attachments = await asyncio.gather(self.display_name(user, event.get("user_profile")),
                                                  self.read_files(event.get("files") or []))
@@ -213,8 +210,8 @@ class SlackBot:
             return False
         return await self.manager.claim_event(f"{PLATFORM}:message:{team}:{channel}:{ts}", DEDUPE_TTL_SECONDS)
 
-    async def _refuse(self, text: str, *, channel: str, user: str, thread_ts: str | None, is_dm: bool) -> None:
-        if is_dm:
+    async def _refuse(self, text: str, *, channel: str, user: str, thread_ts: str | None) -> None:
+        if is_dm(channel):
             try:
                 await self.client.chat_postMessage(channel=channel, text=text, thread_ts=thread_ts)
             except SlackApiError as exc:
@@ -224,23 +221,15 @@ class SlackBot:
 
     # -- shared with the slash commands ----------------------------------------------------------
 
-    def refusal(self, user: str, channel: str, *, is_dm: bool) -> str | None:
-        """Why ``user`` may not talk to the bot in ``channel``, or None when they may."""
-        s = self.settings
-        if s.allowed_user_ids and user not in s.allowed_user_ids and user not in s.admin_user_ids:
-            return NOT_ALLOWED_USER
-        if is_dm:
-            return None if s.dms_enabled else DMS_DISABLED
-        if s.allowed_channel_ids and channel not in s.allowed_channel_ids:
-            return NOT_ALLOWED_CHANNEL
-        return None
+    async def check(self, user: str, channel: str, action: Action = Action.USE) -> Decision:
+        """The core's access policy for ``user`` in ``channel`` (a DM, or a channel of the lists)."""
+        place = Place(dm=True) if is_dm(channel) else Place(dm=False, channels=frozenset({channel}))
+        return await self.policy.check(Actor(user), place, action)
 
-    def rate_refusal(self, user: str) -> str | None:
-        """Counts one message against ``user``'s per-minute limit (admins have none); a refusal when over it."""
-        return None if self.is_admin(user) else self.rate_limiter.refusal(user)
-
-    def is_admin(self, user: str) -> bool:
-        return user in self.settings.admin_user_ids
+    async def refusal(self, user: str, channel: str, action: Action = Action.USE) -> str | None:
+        """Why ``user`` may not do ``action`` in ``channel``, in words, or None when they may."""
+        decision = await self.check(user, channel, action)
+        return None if decision.allowed else refusal_text(decision, admins=ADMINS)
 
     @staticmethod
     def team_of(body: dict[str, Any], context: AsyncBoltContext) -> str:
@@ -286,7 +275,7 @@ class SlackBot:
             return ()
         assert self._http is not None, "the bot is not started"
         return await read_files(self._http, files, token=self._bot_token, api_host=self._api_host,
-                                max_bytes=self.manager.settings.conversation.max_file_bytes)
+                                max_bytes=self.manager.limits.max_file_bytes)
 
     async def reply(self, incoming: Incoming, target: UpdateTarget) -> ReplyResult:
         """Stream the core's answer to ``incoming`` into ``target``, then end any native stream it opened."""
@@ -294,20 +283,14 @@ class SlackBot:
 
     def running_in(self, team: str, channel: str) -> list[SessionKey]:
         """Conversations in ``channel`` (the channel's own and its threads') with a reply on its way."""
-        return [key for key in self._running if key.workspace == team and key.channel == channel]
+        return [key for key in self.manager.running()
+                if key.platform == PLATFORM and key.workspace == team and key.channel == channel]
 
     async def deliver(self, answer: Awaitable[ReplyResult], target: UpdateTarget) -> ReplyResult:
         """Await a core reply (respond, regenerate, continue) streaming into ``target``, then close ``target``."""
-        key = target.key
-        if key is not None:
-            self._running[key] = self._running.get(key, 0) + 1
         try:
             return await answer
         finally:
-            if key is not None:
-                self._running[key] -= 1
-                if not self._running[key]:
-                    del self._running[key]
             try:
                 await target.close()
             except SlackApiError as exc:

@@ -11,45 +11,33 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from annotated_types import Ge, Gt, Le
-from pydantic import ValidationError
 from slack_bolt.async_app import AsyncAck, AsyncBoltContext, AsyncRespond
 
 from adapters.slack.mrkdwn import escape, from_slack
+from adapters.slack.sessions import is_dm, session_key
 from adapters.slack.targets import UpdateTarget
-from bot.access import may_change_settings
-from bot.config import SamplingSettings
+from bot.access import Action
 from bot.text import one_line
+from bot.tunables import SETTINGS, Tunable, refused, tunable
 from bot.types import Incoming, SessionKey
 
 if TYPE_CHECKING:
     from adapters.slack.bot import SlackBot
 
-__all__ = ["register_commands", "SlashCommands", "command_key", "parse_settings", "SETTINGS"]
+__all__ = ["register_commands", "SlashCommands", "command_key", "parse_settings"]
 
 log = logging.getLogger(__name__)
 
 QUESTION_PREVIEW_CHARS = 200
 ASK_USAGE = "Ask me something: `/ask how do magnets work?`"
-ADMINS_ONLY = ("🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's system "
-               "prompt; in a DM with me it is yours to change.")
-SETTINGS: dict[str, type[int] | type[float]] = {"temperature": float, "max_tokens": int, "top_p": float}
-"""What ``/settings`` shows and sets, and the type of each."""
 SETTINGS_USAGE = "Change them with `/settings temperature=0.3 max_tokens=400 top_p=0.9` (any of the three)."
-SETTINGS_ADMINS_ONLY = ("🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's "
-                        "settings; in a DM with me they are yours to change.")
 _SETTING = re.compile(r"([A-Za-z_]+)\s*=\s*([^\s,;]+)")
 
 
 def command_key(command: dict[str, Any]) -> SessionKey:
-    """The session a command acts on: the user's DM session in a DM with the bot, else the channel's."""
-    if is_dm(command):
-        return SessionKey.for_dm("slack", command["user_id"])
-    return SessionKey.for_channel("slack", command.get("team_id", ""), command["channel_id"])
-
-
-def is_dm(command: dict[str, Any]) -> bool:
-    return str(command.get("channel_id", "")).startswith("D") or command.get("channel_name") == "directmessage"
+    """The session a command acts on: the user's DM session in a DM with the bot, else the channel's (Slack
+    offers no slash commands inside a thread)."""
+    return session_key(command.get("team_id", ""), command["channel_id"], command["user_id"])
 
 
 def parse_settings(text: str) -> dict[str, int | float]:
@@ -58,12 +46,14 @@ def parse_settings(text: str) -> dict[str, int | float]:
     changes: dict[str, int | float] = {}
     for name, raw in _SETTING.findall(text):
         name = name.lower()
-        if name not in SETTINGS:
-            raise ValueError(f"there is no setting `{name}`; these can be set: {', '.join(SETTINGS)}")
+        setting = tunable(name)
+        if setting is None:
+            names = ", ".join(setting.name for setting in SETTINGS)
+            raise ValueError(f"there is no setting `{name}`; these can be set: {names}")
         try:
-            value = SETTINGS[name](raw)
+            value = setting.kind(raw)
         except ValueError:
-            raise ValueError(f"`{name}` needs a {'whole ' if SETTINGS[name] is int else ''}number, not `{raw}`") \
+            raise ValueError(f"`{name}` needs a {'whole ' if setting.kind is int else ''}number, not `{raw}`") \
                 from None
         if not math.isfinite(value):
             raise ValueError(f"`{name}` needs a finite number, not `{raw}`")
@@ -76,23 +66,15 @@ def parse_settings(text: str) -> dict[str, int | float]:
     return changes
 
 
-def _bounds(name: str, n_ctx: int) -> str:
-    low, high, above = "", "", False
-    for rule in SamplingSettings.model_fields[name].metadata:
-        if isinstance(rule, Ge):
-            low = f"{rule.ge:g}"
-        elif isinstance(rule, Gt):
-            low, above = f"{rule.gt:g}", True
-        elif isinstance(rule, Le):
-            high = f"{min(rule.le, n_ctx - 1) if name == 'max_tokens' else rule.le:g}"
-    return f"above {low}, up to {high}" if above else f"{low} to {high}"
+def _bounds(setting: Tunable, n_ctx: int) -> str:
+    low, _, above = setting.bounds
+    high = setting.highest(n_ctx)
+    return f"above {low:g}, up to {high:g}" if above else f"{low:g} to {high:g}"
 
 
 def _why(exc: ValueError) -> str:
-    if isinstance(exc, ValidationError):
-        error = exc.errors()[0]
-        return f"`{'.'.join(str(part) for part in error['loc'])}`: {error['msg'][0].lower()}{error['msg'][1:]}"
-    return str(exc)
+    name, reason = refused(exc)[0]
+    return f"`{name}`: {reason}" if name else reason
 
 
 def _preview(text: str) -> str:
@@ -105,15 +87,16 @@ class SlashCommands:
     def __init__(self, bot: SlackBot) -> None:
         self.bot = bot
 
-    def _refusal(self, command: dict[str, Any]) -> str | None:
-        return self.bot.refusal(command["user_id"], command["channel_id"], is_dm=is_dm(command))
+    async def _refusal(self, command: dict[str, Any], action: Action = Action.USE) -> str | None:
+        return await self.bot.refusal(command["user_id"], command["channel_id"], action)
 
     async def ask(self, ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond,
                   context: AsyncBoltContext) -> None:
         """``/ask <prompt>``: a visible message in the channel showing the question, the answer streamed into it."""
         user, channel = command["user_id"], command["channel_id"]
         prompt = from_slack(command.get("text", ""), context.bot_user_id)
-        refusal = self._refusal(command) or (None if prompt else ASK_USAGE) or self.bot.rate_refusal(user)
+        refusal = (await self._refusal(command) or (None if prompt else ASK_USAGE)
+                   or await self._refusal(command, Action.ASK))
         if refusal:
             await ack(text=refusal)
             return
@@ -130,7 +113,7 @@ class SlashCommands:
 
     async def reset(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         """``/reset``: forget this conversation's history."""
-        if refusal := self._refusal(command):
+        if refusal := await self._refusal(command):
             await ack(text=refusal)
             return
         await self.bot.manager.reset(command_key(command))
@@ -139,7 +122,7 @@ class SlashCommands:
     async def system(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         """``/system`` shows the system prompt; ``/system <prompt>`` sets it (admins in a channel, anyone in a DM),
         ``/system default`` resets it."""
-        if refusal := self._refusal(command):
+        if refusal := await self._refusal(command):
             await ack(text=refusal)
             return
         key, text = command_key(command), command.get("text", "").strip()
@@ -147,8 +130,8 @@ class SlashCommands:
             current = await self.bot.manager.system_prompt(key)
             await ack(text=f"System prompt for this conversation:\n```\n{escape(current)}\n```")
             return
-        if not may_change_settings(key, admin=self.bot.is_admin(command["user_id"])):
-            await ack(text=ADMINS_ONLY)
+        if refusal := await self._refusal(command, Action.SET_SYSTEM_PROMPT):
+            await ack(text=refusal)
             return
         if text.lower() == "default":
             await self.bot.manager.set_system_prompt(key, None)
@@ -160,11 +143,11 @@ class SlashCommands:
     async def stop(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         """``/stop``: cancel the reply being generated in this conversation; what was written stays. In a
         channel that includes replies in its threads (Slack offers no slash commands inside a thread)."""
-        if refusal := self._refusal(command):
+        if refusal := await self._refusal(command):
             await ack(text=refusal)
             return
         keys = {command_key(command)}
-        if not is_dm(command):
+        if not is_dm(command["channel_id"]):
             keys.update(self.bot.running_in(command.get("team_id", ""), command["channel_id"]))
         if sum(self.bot.manager.stop(key) for key in keys):
             await ack(text="⏹️ Stopping the reply.")
@@ -173,11 +156,11 @@ class SlashCommands:
 
     async def status(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         """``/status``: the model, the queue, and where this conversation's reply stands."""
-        if refusal := self._refusal(command):
+        if refusal := await self._refusal(command):
             await ack(text=refusal)
             return
         key = command_key(command)
-        if not is_dm(command) and self.bot.manager.status(key).state is None:
+        if not is_dm(command["channel_id"]) and self.bot.manager.status(key).state is None:
             # Nothing in the channel's own conversation: show a reply running in one of its threads, if any.
             key = next(iter(self.bot.running_in(command.get("team_id", ""), command["channel_id"])), key)
         status = self.bot.manager.status(key)
@@ -187,13 +170,13 @@ class SlashCommands:
     async def settings(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         """``/settings`` shows this conversation's temperature, max_tokens and top_p; ``/settings name=value …``
         sets them (admins in a channel, anyone in a DM). Threads use their channel's."""
-        if refusal := self._refusal(command):
+        if refusal := await self._refusal(command):
             await ack(text=refusal)
             return
         key, text = command_key(command), command.get("text", "").strip()
         if text:
-            if not may_change_settings(key, admin=self.bot.is_admin(command["user_id"])):
-                await ack(text=SETTINGS_ADMINS_ONLY)
+            if refusal := await self._refusal(command, Action.SET_SAMPLING):
+                await ack(text=refusal)
                 return
             try:
                 await self.bot.manager.set_sampling(key, **parse_settings(text))
@@ -201,9 +184,10 @@ class SlashCommands:
                 await ack(text=f"⚠️ Not changed: {_why(exc)}.\n{SETTINGS_USAGE}")
                 return
         sampling = await self.bot.manager.sampling(key)
-        n_ctx = self.bot.manager.engine.n_ctx
-        lines = [f"• `{name}` = {getattr(sampling, name):g}  ({_bounds(name, n_ctx)})" for name in SETTINGS]
-        where = "your DM with me" if is_dm(command) else "this channel (and its threads)"
+        n_ctx = self.bot.manager.context_window
+        lines = [f"• `{setting.name}` = {getattr(sampling, setting.name):g}  ({_bounds(setting, n_ctx)})"
+                 for setting in SETTINGS]
+        where = "your DM with me" if is_dm(command["channel_id"]) else "this channel (and its threads)"
         await ack(text="\n".join([f"{'✅ Set. ' if text else ''}*Settings for {where}:*", *lines,
                                   "" if text else SETTINGS_USAGE]).strip())
 

@@ -15,8 +15,10 @@ from slack_bolt.async_app import AsyncAck
 from slack_sdk.errors import SlackApiError
 
 from adapters.slack.blocks import CONTINUE, FEEDBACK, REGENERATE, STOP, ButtonValue, without_buttons
+from adapters.slack.sessions import is_dm
 from adapters.slack.targets import UpdateTarget
-from bot.conversations import Refusal
+from bot.access import Action
+from bot.conversations import RedoRefusal
 from bot.types import SessionKey
 from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY
 
@@ -31,7 +33,7 @@ NOTHING_TO_STOP = "This reply is already finished; there is nothing to stop."
 STALE = f"🕰️ {STALE_REPLY} Only the newest answer can be regenerated or continued."
 BUSY = "⏳ This conversation is still answering; wait for it to finish (or press Stop) first."
 THANKS = "Thanks for the feedback!"
-REFUSALS = {Refusal.STALE: STALE, Refusal.BUSY: BUSY, Refusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE}
+REFUSALS = {RedoRefusal.STALE: STALE, RedoRefusal.BUSY: BUSY, RedoRefusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE}
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class Press:
 
     @property
     def in_dm(self) -> bool:
-        return self.key.is_private or self.channel.startswith("D")
+        return is_dm(self.channel)
 
 
 class ReplyControls:
@@ -76,7 +78,7 @@ class ReplyControls:
             log.warning("ignoring a %s press whose value does not match its conversation", action.get("action_id"))
             return None
         press = Press(value, user, channel, team, message)
-        if refusal := self.bot.refusal(user, channel, is_dm=press.in_dm):
+        if refusal := await self.bot.refusal(user, channel):
             await self.bot.tell(channel, user, refusal, thread_ts=press.thread_ts)
             return None
         return press
@@ -132,10 +134,11 @@ class ReplyControls:
             return False
         self._busy.add(key)
         reply_id = press.value.reply_id
-        redo = (Refusal.STALE if reply_id is None
+        redo = (RedoRefusal.STALE if reply_id is None
                 else await self.bot.manager.redo_refusal(press.key, reply_id, continuing=continuing))
         refusal = REFUSALS[redo] if redo is not None else None
-        refusal = refusal or self.bot.rate_refusal(press.user)  # a new answer costs what a message costs
+        # A new answer costs what a message costs.
+        refusal = refusal or await self.bot.refusal(press.user, press.channel, Action.ASK)
         if refusal:
             self._busy.discard(key)
             await self.bot.tell(press.channel, press.user, refusal, thread_ts=press.thread_ts)

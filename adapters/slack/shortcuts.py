@@ -17,10 +17,12 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from adapters.slack.mrkdwn import escape, from_slack
+from adapters.slack.sessions import session_key
 from adapters.slack.targets import UpdateTarget
+from bot.access import Action
 from bot.context import ask_about, summarize
 from bot.text import one_line
-from bot.types import Incoming, SessionKey
+from bot.types import Incoming
 
 if TYPE_CHECKING:
     from adapters.slack.bot import SlackBot
@@ -68,7 +70,7 @@ class MessageShortcuts:
         """The shortcut: a modal asking for the question, carrying the message along."""
         await ack()
         user, channel, message = shortcut["user"]["id"], shortcut["channel"]["id"], shortcut.get("message") or {}
-        if refusal := self.bot.refusal(user, channel, is_dm=channel.startswith("D")):
+        if refusal := await self.bot.refusal(user, channel):
             await respond(text=refusal, response_type="ephemeral")
             return
         author = await self._author(message)
@@ -110,11 +112,11 @@ class MessageShortcuts:
         await ack()
         user, channel, message = shortcut["user"]["id"], shortcut["channel"]["id"], shortcut.get("message") or {}
         team = str((shortcut.get("team") or {}).get("id") or "")
-        if refusal := self.bot.refusal(user, channel, is_dm=channel.startswith("D")):
+        if refusal := await self.bot.refusal(user, channel):
             await respond(text=refusal, response_type="ephemeral")
             return
         thread = str(message.get("thread_ts") or message.get("ts") or "")
-        limits = self.bot.manager.settings.conversation
+        limits = self.bot.manager.limits
         try:
             messages = await self._thread(channel, thread, limits.summarize_messages)
         except SlackApiError as exc:
@@ -150,15 +152,13 @@ class MessageShortcuts:
                       heading: tuple[str, str], prompt: str) -> None:
         """Answer ``prompt`` for ``user`` in the thread, under a line saying who asked what:
         ``heading`` is (what they did, the words they asked with, if any)."""
-        in_dm = channel.startswith("D")
-        refusal = self.bot.refusal(user, channel, is_dm=in_dm) or self.bot.rate_refusal(user)
-        if refusal:
+        if refusal := await self.bot.refusal(user, channel, Action.ASK):
             await _tell(response_url, refusal)
             return
         name = await self.bot.display_name(user)
         did, words = heading
         header = f"*{escape(name)} {did}:* {escape(_preview(words, 200))}" if words else f"*{escape(name)} {did}.*"
-        key = SessionKey.for_dm("slack", user) if in_dm else SessionKey.for_channel("slack", team, channel, thread)
+        key = session_key(team, channel, user, thread)
         target = UpdateTarget(self.bot.client, channel, team_id=team, key=key, thread_ts=thread,
                               header=header + "\n\n", edit_interval=self.bot.settings.edit_interval)
         result = await self.bot.reply(Incoming(key, user, name, prompt), target)

@@ -7,7 +7,6 @@ with files, `static/` the page (no build step).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -29,11 +28,12 @@ async def run_web(manager: ConversationManager, settings: Settings, secrets: Sec
     """
     check_access(settings.web, secrets)
     server = WebServer(create_app(manager, settings, secrets), settings.web.host, settings.web.port)
-    url = await server.start()
-    log.info("web chat on %s%s", url, " (access token required)" if secrets.web_token else "")
-    manager.platforms.connected("web")
+
+    def started(url: str) -> None:
+        log.info("web chat on %s%s", url, " (access token required)" if secrets.web_token else "")
+        manager.platforms.connected("web")
+
     try:
-        await asyncio.Event().wait()
+        await server.serve(started)
     finally:
         manager.platforms.disconnected("web")
-        await server.close()

@@ -26,14 +26,16 @@ from typing import Any
 
 from aiohttp import web
 
+from adapters.http import HttpError
 from adapters.web.events import EventStreamTarget, encode_event, json_dumps
 from adapters.web.uploads import FORM_TYPE, MAX_FILES, UploadError, read_form
+from bot.access import AccessPolicy, Action, Actor, Place, Refusal
 from bot.config import Secrets, Settings
-from bot.conversations import ConversationManager, Refusal, ReplyResult, can_continue
+from bot.conversations import ConversationManager, RedoRefusal, ReplyResult, can_continue
 from bot.store import StoredMessage
 from bot.text import clean_text, one_line
 from bot.types import Attachment, Incoming, SessionKey, log_name
-from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY
+from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY, refusal_text
 
 __all__ = ["ApiError", "LoginThrottle", "WebState", "STATE", "BROWSER_COOKIE", "AUTH_COOKIE", "current_browser",
            "json_response", "routes", "set_cookie"]
@@ -62,15 +64,8 @@ LOGIN_CLIENTS_TRACKED = 10_000  # bounds the throttle's memory under a spray fro
 current_browser: contextvars.ContextVar[str] = contextvars.ContextVar("current_browser")
 
 
-class ApiError(Exception):
+class ApiError(HttpError):
     """A request the API refuses: becomes ``{"error": code, "message": message}`` with ``status``."""
-
-    def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
 
 
 class LoginThrottle:
@@ -110,6 +105,9 @@ class WebState:
     settings: Settings
     secrets: Secrets
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    # The core's access policy: no lists here (the access token is the web's door), asked all the same, so a
+    # rule added there (a rate limit, issue 23's tools) reaches the web as it reaches every platform.
+    policy: AccessPolicy = field(default_factory=AccessPolicy)
 
     @property
     def auth_digest(self) -> str | None:
@@ -199,7 +197,7 @@ async def _conversation(request: web.Request) -> tuple[str, SessionKey]:
     conversation = request.match_info["conversation"]
     browser = current_browser.get()
     key = _key(browser, conversation) if browser and CONVERSATION_ID.fullmatch(conversation) else None
-    if key is None or str(key) not in await _state(request).manager.store.session_keys(str(key)):
+    if key is None or not await _state(request).manager.exists(key):
         raise ApiError(404, "unknown_conversation", "No such conversation in this browser.")
     return conversation, key
 
@@ -239,8 +237,20 @@ def _message(m: StoredMessage) -> dict[str, Any]:
             "notes": m.notes.splitlines(), "can_continue": can_continue(m)}
 
 
-_REFUSALS = {Refusal.STALE: STALE_REPLY, Refusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE,
-             Refusal.BUSY: "An answer is still being written in this conversation; stop it or wait for it to finish."}
+_REFUSALS = {RedoRefusal.STALE: STALE_REPLY, RedoRefusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE, RedoRefusal.BUSY:
+             "An answer is still being written in this conversation; stop it or wait for it to finish."}
+
+
+async def _check(request: web.Request, action: Action) -> None:
+    """Ask the access policy for this browser (the actor) in its conversation, which is its own as a DM is;
+    a refusal is an `ApiError` carrying the policy's words."""
+    decision = await _state(request).policy.check(Actor(current_browser.get()), Place(dm=True), action)
+    if decision.refusal is None:
+        return
+    if decision.refusal is Refusal.TOO_FAST:
+        raise ApiError(429, decision.refusal.value, refusal_text(decision),
+                       headers={"Retry-After": str(max(1, math.ceil(decision.retry_after)))})
+    raise ApiError(403, decision.refusal.value, refusal_text(decision))
 
 
 async def _reply_to_redo(request: web.Request, key: SessionKey, *, to_continue: bool) -> StoredMessage:
@@ -253,7 +263,7 @@ async def _reply_to_redo(request: web.Request, key: SessionKey, *, to_continue: 
     refusal = await manager.redo_refusal(key, reply_id, continuing=to_continue)
     latest = await manager.latest_reply(key) if refusal is None else None
     if latest is None or latest.id != reply_id:
-        refusal = refusal or Refusal.STALE
+        refusal = refusal or RedoRefusal.STALE
         raise ApiError(409, refusal.value, _REFUSALS[refusal])
     return latest
 
@@ -324,7 +334,7 @@ async def list_conversations(request: web.Request) -> web.Response:
     if not browser:
         return json_response({"conversations": []})
     prefix = _prefix(browser)
-    summaries = await _state(request).manager.store.session_summaries(prefix, MAX_LISTED_CONVERSATIONS)
+    summaries = await _state(request).manager.conversations(prefix, MAX_LISTED_CONVERSATIONS)
     listed = [{"id": key[len(prefix):], "title": _title(first) or "New chat", "messages": count}
               for key, first, count in summaries if CONVERSATION_ID.fullmatch(key[len(prefix):])]
     return json_response({"conversations": listed})
@@ -380,6 +390,7 @@ async def send_message(request: web.Request) -> web.StreamResponse:
         text = _text_field(await _json_body(request), "text", MAX_MESSAGE_CHARS) or ""
     if not clean_text(text) and not files:
         raise ApiError(400, "empty_message", "The message is empty.")
+    await _check(request, Action.ASK)
     target = _target(request)
     # One person per browser conversation: no speaker name goes before their words.
     incoming = Incoming(key, current_browser.get(), "", text, attachments=files)
@@ -393,6 +404,7 @@ async def regenerate(request: web.Request) -> web.StreamResponse:
     history. Streamed like …/messages; ``409`` when that answer is no longer the latest or one is running."""
     _, key = await _conversation(request)
     reply = await _reply_to_redo(request, key, to_continue=False)
+    await _check(request, Action.ASK)
     state, target = _state(request), _target(request)
     state.follow(key, target, state.manager.regenerate(key, target, reply.id))
     return await _stream(request, key, target)
@@ -404,6 +416,7 @@ async def continue_reply(request: web.Request) -> web.StreamResponse:
     or stopped. The stream opens with the answer so far (``replace``), then grows it like …/messages."""
     _, key = await _conversation(request)
     reply = await _reply_to_redo(request, key, to_continue=True)
+    await _check(request, Action.ASK)
     state, target = _state(request), _target(request, prefix=reply.content)
     state.follow(key, target, state.manager.continue_reply(key, target, reply.id))
     return await _stream(request, key, target)
@@ -429,6 +442,7 @@ async def set_system_prompt(request: web.Request) -> web.Response:
     """Set the conversation's system prompt; ``null`` (or an empty text) restores the default."""
     _, key = await _conversation(request)
     prompt = _text_field(await _json_body(request), "system_prompt", MAX_SYSTEM_PROMPT_CHARS, nullable=True)
+    await _check(request, Action.SET_SYSTEM_PROMPT)
     manager = _state(request).manager
     await manager.set_system_prompt(key, prompt if prompt and prompt.strip() else None)
     return json_response({"system_prompt": await manager.system_prompt(key)})

@@ -4,12 +4,11 @@ In front of every request: the Host must be a loopback name when the server list
 rebinding page cannot reach it), API calls from a foreign ``Origin`` are refused, the access token is
 checked when one is set, and the namespace of the request's conversations is found: the browser's id from
 its HttpOnly cookie, or one derived from the token for ``Authorization: Bearer`` clients. Errors under
-/api/ are always JSON, never an HTML page or a stack trace.
+/api/ are always JSON, never an HTML page or a stack trace (the shared edge, `adapters.http`, does those).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 from pathlib import Path
@@ -17,12 +16,12 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from adapters.listener import FOREIGN_HOST, Handler, Listener, host_guard, is_loopback
+from adapters.http import (FOREIGN_HOST, Handler, HttpError, Listener, bearer_token, check_token_needed, host_guard,
+                           is_loopback, json_errors, token_matches)
 from adapters.web.api import (AUTH_COOKIE, BROWSER_COOKIE, STATE, ApiError, WebState, current_browser,
                               json_response, routes)
 from bot.config import Secrets, Settings, WebSettings
 from bot.conversations import ConversationManager
-from bot.errors import ConfigError, LlamarelayError
 
 __all__ = ["WebServer", "check_access", "create_app", "is_loopback"]
 
@@ -48,43 +47,18 @@ SECURITY_HEADERS = {
 
 def check_access(settings: WebSettings, secrets: Secrets) -> None:
     """Refuse to serve other machines without an access token."""
-    if not is_loopback(settings.host) and not secrets.web_token:
-        raise ConfigError(f"[web] host = {settings.host!r} lets other machines reach the chat: set "
-                          "LLAMARELAY_WEB_TOKEN to an access token, or listen on host = \"127.0.0.1\" only")
+    check_token_needed(settings.host, secrets.web_token, section="web", env="LLAMARELAY_WEB_TOKEN",
+                       exposes="reach the chat")
 
 
 # -- middleware ----------------------------------------------------------------------------------------
 
-@web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """API errors as ``{"error", "message"}`` JSON; nothing unexpected ever shows a traceback."""
-    api = request.path.startswith("/api/")
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        response = json_response({"error": exc.code, "message": exc.message}, status=exc.status)
-        response.headers.update(exc.headers)
-        return response
-    except web.HTTPException as exc:
-        if not api or exc.status < 400:
-            raise
-        response = json_response({"error": exc.reason.lower().replace(" ", "_"), "message": exc.reason},
-                                 status=exc.status)
-        if "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except LlamarelayError as exc:  # the store could not be read or written
-        log.error("web: %s %s failed: %s", request.method, request.path, exc)
-        if not api:
-            raise web.HTTPServiceUnavailable(text="temporarily unavailable") from None
-        return json_response({"error": "unavailable", "message": "The bot cannot serve this right now."},
-                             status=503)
-    except Exception:
-        log.exception("web: %s %s failed", request.method, request.path)
-        if not api:
-            raise web.HTTPInternalServerError(text="internal error") from None
-        return json_response({"error": "internal_error", "message": "Something went wrong on the server."},
-                             status=500)
+def _is_api(request: web.Request) -> bool:
+    return request.path.startswith("/api/")
+
+
+def _render(error: HttpError) -> web.Response:
+    return json_response({"error": error.code, "message": error.message}, status=error.status)
 
 
 def _foreign_host() -> ApiError:
@@ -94,7 +68,7 @@ def _foreign_host() -> ApiError:
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Never a path out of a directory; on /api/ only, same-site requests with their browser id or token."""
-    api = request.path.startswith("/api/")
+    api = _is_api(request)
     if ".." in request.path.split("/"):  # whatever the router makes of it, never leave a directory
         raise web.HTTPNotFound()
     if not api:  # the page and its files: no id is read or given on a page load
@@ -129,10 +103,9 @@ def _check_token(request: web.Request) -> bool:
     digest, token = state.auth_digest, state.secrets.web_token
     if digest is None or token is None:
         return False
-    bearer = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-    if bearer and hmac.compare_digest(bearer.encode(), token.encode()):
+    if token_matches(bearer_token(request), token):
         return True
-    if hmac.compare_digest(request.cookies.get(AUTH_COOKIE, "").encode(), digest.encode()):
+    if token_matches(request.cookies.get(AUTH_COOKIE, ""), digest):
         return False
     raise ApiError(401, "token_required", "This server needs its access token (LLAMARELAY_WEB_TOKEN).")
 
@@ -154,7 +127,8 @@ async def _index(request: web.Request) -> web.StreamResponse:
 
 def create_app(manager: ConversationManager, settings: Settings, secrets: Secrets) -> web.Application:
     """The web chat as an aiohttp Application (not listening yet: see `WebServer`)."""
-    app = web.Application(middlewares=[_errors, host_guard(settings.web.host, _foreign_host), _guard])
+    app = web.Application(middlewares=[json_errors(_render, name="web", applies=_is_api),
+                                       host_guard(settings.web.host, _foreign_host), _guard])
     state = WebState(manager, settings, secrets)
     app[STATE] = state
     app.router.add_get("/", _index)

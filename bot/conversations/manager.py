@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal
 
-from bot.config import SamplingSettings, Settings
+from bot.config import ConversationSettings, SamplingSettings, Settings
 from bot.conversations import redo
 from bot.conversations.leases import Leases
 from bot.conversations.requests import (BEFORE_STORED, ConversationStatus, Exchange, Locator, NewMessage, Redo,
@@ -102,7 +102,7 @@ class ConversationManager:
         """Let the model go on with reply ``reply_id`` (cut by the length limit, or stopped) where it ended."""
         return await self._serve(key, target, Redo(reply_id, continuing=True))
 
-    async def redo_refusal(self, key: SessionKey, reply_id: int, *, continuing: bool) -> redo.Refusal | None:
+    async def redo_refusal(self, key: SessionKey, reply_id: int, *, continuing: bool) -> redo.RedoRefusal | None:
         """Why reply ``reply_id`` may not be regenerated (or continued) now, or None when it may: what every
         platform's buttons ask before they start a new answer."""
         answering = any(request.state is not State.DONE for request in self._lines.get(str(key), []))
@@ -348,6 +348,29 @@ class ConversationManager:
     async def is_known(self, key: SessionKey) -> bool:
         """True once the conversation has a message: a thread the bot answered in is one it follows."""
         return bool(await self.store.messages(str(key), limit=1))
+
+    async def conversations(self, prefix: str, limit: int) -> list[tuple[str, str, int]]:
+        """(key, first user message, message count) of the newest ``limit`` conversations under ``prefix``."""
+        return await self.store.session_summaries(prefix, limit)
+
+    async def exists(self, key: SessionKey) -> bool:
+        """True once the conversation was created (a message, or settings of its own)."""
+        return str(key) in await self.store.session_keys(str(key))
+
+    def running(self) -> list[SessionKey]:
+        """Conversations with a message not yet answered: waiting, queued, generating or being delivered."""
+        return [SessionKey.parse(key) for key, line in self._lines.items()
+                if any(request.state is not State.DONE for request in line)]
+
+    @property
+    def limits(self) -> ConversationSettings:
+        """The [conversation] settings adapters apply at their edge (file sizes, how much a summary reads)."""
+        return self.settings.conversation
+
+    @property
+    def context_window(self) -> int:
+        """Tokens in one conversation's window (a reply's max_tokens must stay below it)."""
+        return self.engine.n_ctx
 
     async def claim_event(self, event_id: str, ttl_seconds: float = 900.0) -> bool:
         """True the first time a platform event id is seen; False for a redelivery within the TTL."""

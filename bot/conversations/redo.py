@@ -10,10 +10,10 @@ import enum
 from bot.store import Status, StoredMessage
 from bot.wording import LENGTH_NOTE
 
-__all__ = ["Refusal", "can_continue", "can_continue_status", "refusal"]
+__all__ = ["RedoRefusal", "can_continue", "can_continue_status", "refusal"]
 
 
-class Refusal(str, enum.Enum):
+class RedoRefusal(str, enum.Enum):
     """Why a reply may not be regenerated or continued now."""
 
     STALE = "stale_reply"  # it is no longer the conversation's latest answer
@@ -33,18 +33,19 @@ def can_continue(reply: StoredMessage) -> bool:
                                                                                               reply.notes)
 
 
-def refusal(latest: StoredMessage | None, reply_id: int, *, continuing: bool, answering: bool) -> Refusal | None:
+def refusal(latest: StoredMessage | None, reply_id: int, *, continuing: bool,
+            answering: bool) -> RedoRefusal | None:
     """Why reply ``reply_id`` may not be redone now, or None when it may.
 
     ``latest`` is the conversation's newest reply (None when its newest message is not a reply);
     ``answering``: the conversation has a message on its way to a reply.
     """
     if latest is None and answering:  # a newer message is being answered: its reply will be the latest
-        return Refusal.BUSY
+        return RedoRefusal.BUSY
     if latest is None or latest.id != reply_id:
-        return Refusal.STALE
+        return RedoRefusal.STALE
     if answering or latest.status == Status.GENERATING:
-        return Refusal.BUSY
+        return RedoRefusal.BUSY
     if continuing and not can_continue(latest):
-        return Refusal.NOTHING_TO_CONTINUE
+        return RedoRefusal.NOTHING_TO_CONTINUE
     return None

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bot.conversations import ConversationManager, Refusal
+from bot.conversations import ConversationManager, RedoRefusal
 from bot.conversations.redo import refusal
 from bot.store import Status, StoredMessage
 from bot.wording import LENGTH_NOTE
@@ -58,16 +58,16 @@ def reply(status: str = Status.COMPLETE, notes: str = "", content: str = "An ans
     (reply(notes=LENGTH_NOTE), False, True, None),  # cut by the length limit: Continue goes on
     (reply(Status.STOPPED), False, True, None),
     (reply(Status.INTERRUPTED), False, True, None),
-    (reply(), False, True, Refusal.NOTHING_TO_CONTINUE),  # it ended on its own
-    (reply(Status.STOPPED, content="  "), False, True, Refusal.NOTHING_TO_CONTINUE),  # nothing to go on from
-    (reply(id=8), False, False, Refusal.STALE),  # a newer answer came since
-    (None, False, False, Refusal.STALE),  # the history was reset
-    (None, True, False, Refusal.BUSY),  # a newer message is being answered
-    (reply(Status.GENERATING), False, False, Refusal.BUSY),  # a second press (or another process) writes it
-    (reply(), True, True, Refusal.BUSY),
+    (reply(), False, True, RedoRefusal.NOTHING_TO_CONTINUE),  # it ended on its own
+    (reply(Status.STOPPED, content="  "), False, True, RedoRefusal.NOTHING_TO_CONTINUE),  # nothing to go on from
+    (reply(id=8), False, False, RedoRefusal.STALE),  # a newer answer came since
+    (None, False, False, RedoRefusal.STALE),  # the history was reset
+    (None, True, False, RedoRefusal.BUSY),  # a newer message is being answered
+    (reply(Status.GENERATING), False, False, RedoRefusal.BUSY),  # a second press (or another process) writes it
+    (reply(), True, True, RedoRefusal.BUSY),
 ])
 def test_the_redo_rule(latest: StoredMessage | None, answering: bool, continuing: bool,
-                       expected: Refusal | None) -> None:
+                       expected: RedoRefusal | None) -> None:
     assert refusal(latest, 7, continuing=continuing, answering=answering) is expected
 
 
@@ -76,18 +76,18 @@ async def test_every_platform_asks_the_manager_the_same_question(manager: Conver
     first = await manager.respond(message("Hello"), Target())
     assert first.reply_id is not None
     assert await manager.redo_refusal(CHANNEL, first.reply_id, continuing=False) is None
-    assert await manager.redo_refusal(CHANNEL, first.reply_id, continuing=True) is Refusal.NOTHING_TO_CONTINUE
+    assert await manager.redo_refusal(CHANNEL, first.reply_id, continuing=True) is RedoRefusal.NOTHING_TO_CONTINUE
     second = await manager.respond(message("Again"), Target())
-    assert await manager.redo_refusal(CHANNEL, first.reply_id, continuing=False) is Refusal.STALE
+    assert await manager.redo_refusal(CHANNEL, first.reply_id, continuing=False) is RedoRefusal.STALE
     await manager.set_sampling(CHANNEL, max_tokens=300, grammar=LONG_GRAMMAR)
     target = Target()
     running = asyncio.create_task(manager.respond(message("sing"), target))
     await target.first_text.wait()
     assert second.reply_id is not None
-    assert await manager.redo_refusal(CHANNEL, second.reply_id, continuing=False) is Refusal.STALE
+    assert await manager.redo_refusal(CHANNEL, second.reply_id, continuing=False) is RedoRefusal.STALE
     latest = await manager.latest_reply(CHANNEL)
     assert latest is not None and latest.status == Status.GENERATING
-    assert await manager.redo_refusal(CHANNEL, latest.id, continuing=False) is Refusal.BUSY
+    assert await manager.redo_refusal(CHANNEL, latest.id, continuing=False) is RedoRefusal.BUSY
     manager.stop(CHANNEL)
     stopped = await running
     assert stopped.can_continue and stopped.reply_id == latest.id
