@@ -146,7 +146,7 @@ async def test_guild_mention_is_streamed_with_several_edits(fake: FakeDiscord, m
     assert all(expected.startswith(text) for text in partial), partial
     assert [len(t) for t in partial] == sorted(len(t) for t in partial)
     edits = [r.at for r in fake.matching("PATCH", f"/channels/{CHANNEL_ID}/messages/{reply['id']}")]
-    assert all(b - a >= 0.15 for a, b in zip(edits, edits[1:])), "edits came faster than edit_interval"
+    assert all(b - a >= 0.15 for a, b in zip(edits, edits[1:])), ("edits came faster than edit_interval", edits, shown)
     assert fake.matching("POST", f"/channels/{CHANNEL_ID}/typing")
     assert len(fake.bot_messages()) == 1
     history = await stored(manager, CHANNEL_KEY)
