@@ -71,7 +71,8 @@ WORDS = ("the of and to in is you that it was for on are as with they at be this
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Thank you for your understanding and cooperation.",
              "Here is a short summary of the main points.", "Let me know if you have any other questions!",
              "This is a common pattern in many programming languages.", "I hope this helps you get started."]
-CJK = ["日本語の文章です。", "中文字符测试，", "你好，世界！", "한국어 문장입니다.", "漢字かな交じり文", "「引用」と（括弧）"]
+CJK = ["日本語の文章です。", "中文字符测试，", "你好，世界！", "한국어 문장입니다.", "漢字かな交じり文",
+       "「引用」と（括弧）"]
 EMOJI = ["👍", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷", "🏳️‍🌈", "🤖", "❤️", "🧑🏿‍💻", "😀", "🫠"]
 COMBINING = ["e\u0301", "a\u0308\u0323", "n\u0303", "o\u0328\u0304", "Z\u0335\u0321", "\u0915\u094d\u0937\u093f",
              "\u05e9\u05c1\u05b8"]
@@ -567,7 +568,7 @@ class Soak:
             rows = {row[0]: row for row in await cursor.fetchall()}
         statuses: collections.Counter[str] = collections.Counter()
         wrong_text: list[str] = []
-        for row_id, role, status, content, notes in rows.values():
+        for row_id, role, status, content, _notes in rows.values():
             if role != "assistant":
                 continue
             statuses[status] += 1

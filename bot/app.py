@@ -38,8 +38,8 @@ async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> N
     """Run the adapters of ``mode`` until stopped, sharing one engine and one store.
 
     ``run``: every platform whose token is set, the web page and the OpenAI API when enabled, and the
-    terminal chat when no platform token is set; ``chat``: the terminal chat only; ``web``: the web page only. SIGTERM (and
-    Ctrl-C outside the terminal chat) shuts down cleanly: no new requests, running replies are ended and
+    terminal chat when no platform token is set; ``chat``: the terminal chat only; ``web``: the web page only.
+    SIGTERM (and Ctrl-C outside the terminal chat) shuts down cleanly: no new requests, running replies are ended and
     stored, then the adapters disconnect and the database closes.
     """
     engine = await open_engine(settings, secrets)

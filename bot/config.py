@@ -24,7 +24,8 @@ from bot.errors import ConfigError
 from bot.store import redact_url
 
 __all__ = [
-    "Settings", "EngineSettings", "ModelSettings", "ModelPoolSettings", "ImageSettings", "SamplingSettings", "ConversationSettings", "StoreSettings",
+    "Settings", "EngineSettings", "ModelSettings", "ModelPoolSettings", "ImageSettings", "SamplingSettings",
+    "ConversationSettings", "StoreSettings",
     "StreamingSettings", "DiscordSettings", "SlackSettings", "WebSettings", "OpsSettings", "ApiSettings",
     "ToolOptions", "ToolServerSettings", "ToolsSettings", "Secrets", "load_settings",
 ]
@@ -435,7 +436,8 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource,
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment overrides the file (passed in as init values); no .env or secrets-dir files.

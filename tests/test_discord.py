@@ -134,7 +134,7 @@ async def test_guild_mention_is_streamed_with_several_edits(fake: FakeDiscord, m
     await start_bot()
     assert {"ask", "reset", "system", "stop", "status"} <= set(fake.commands)
     mentioned = time.monotonic()
-    mid = await fake.message_create("tell me about <@%d>" % BOB_ID, mention_ids=(BOB_ID,))
+    mid = await fake.message_create(f"tell me about <@{BOB_ID}>", mention_ids=(BOB_ID,))
     reply = await fake.final_reply(mid, expected)
     shown = fake.contents[int(reply["id"])]
     posted = fake.matching("POST", f"/channels/{CHANNEL_ID}/messages")[0].at

@@ -9,7 +9,7 @@ from bot.files import read_attachment, with_attachments
 
 
 def test_text_files_are_read_and_others_skipped_with_a_reason() -> None:
-    assert read_attachment("notes.md", None, "# Title\r\nbody".encode(), 1000).text == "# Title\nbody"
+    assert read_attachment("notes.md", None, b"# Title\r\nbody", 1000).text == "# Title\nbody"
     assert read_attachment("data", "text/csv; charset=utf-8", b"a,b\n1,2", 1000).text == "a,b\n1,2"
     assert read_attachment("photo.png", "image/png", b"\x89PNG\r\n", 1000).skipped == "not a text file"
     assert read_attachment("fake.txt", None, b"abc\x00def", 1000).skipped == "not a text file"

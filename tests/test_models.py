@@ -106,7 +106,8 @@ vision = true
     registry = ModelRegistry(settings)
     assert registry.names() == [DEFAULT, "qwen-vl", "gpt"]
     local, remote = registry.get("QWEN-VL"), registry.get("gpt")
-    assert local.settings.model_path == tmp_path / "models/qwen.gguf" and local.mmproj == tmp_path / "models/mmproj.gguf"
+    assert local.settings.model_path == tmp_path / "models/qwen.gguf"
+    assert local.mmproj == tmp_path / "models/mmproj.gguf"
     assert (local.n_ctx, local.settings.n_threads, local.backend) == (8192, 3, "embedded")
     assert local.settings.state_dir == tmp_path / "kv" / "models" / "qwen-vl"  # never another model's KV states
     assert (remote.backend, remote.settings.base_url, remote.settings.model) == (

@@ -361,7 +361,7 @@ async def test_a_reply_of_a_killed_process_is_taken_over_by_the_survivor(tmp_pat
                 bots.append(await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "bot", "run", cwd=tmp_path, env=env,
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log))
-            await fake.wait_for(lambda: fake.open_sockets == n + 1, timeout=60, what=f"process {n} connected")
+            await fake.wait_for(lambda n=n: fake.open_sockets == n + 1, timeout=60, what=f"process {n} connected")
         victim, survivor = bots
         await fake.push_event(direct_message("Say lease."), event_id="Ev0001", to=0)
 

@@ -106,7 +106,8 @@ async def test_requests_beyond_max_requests_wait_and_learn_their_place(server: I
     settings.sampling = SamplingSettings(max_tokens=48, temperature=0.0)
     async with remote_manager(remote_settings(settings, server.base_url, max_requests=1), store) as manager:
         targets = [Target() for _ in range(3)]
-        replies = [asyncio.create_task(manager.respond(message(f"Count to {n}.", SessionKey.for_channel("discord", "g", f"c{n}")), target))
+        replies = [asyncio.create_task(manager.respond(
+                       message(f"Count to {n}.", SessionKey.for_channel("discord", "g", f"c{n}")), target))
                    for n, target in enumerate(targets)]
         async with asyncio.timeout(REPLY_TIMEOUT_SECONDS):
             results = await asyncio.gather(*replies)

@@ -120,7 +120,7 @@ def assert_code_kept(text: str, pieces: list[Piece]) -> None:
 def long_inline_span(text: str, limit: int) -> bool:
     """Whether a line opens with a ```code``` span that might not fit a message whole (Slack's escaping: x5)."""
     for line in text.split("\n"):
-        opening = re.match(r"[ \t]*(`{3,%d})(?!`)" % FENCE_MAX, line)
+        opening = re.match(rf"[ \t]*(`{{3,{FENCE_MAX}}})(?!`)", line)
         if opening and opening_fence(line) is None:
             closing = re.compile(rf"(?<!`){opening.group(1)}(?!`)").search(line, opening.end())
             if closing is not None and 5 * closing.end() > limit:
@@ -287,7 +287,8 @@ def test_slack_pieces_fit_after_escaping() -> None:
 
 CODE = "\n".join(f"    total += values[{i}] & mask  # <{i}>" for i in range(40))
 SECTION = f"## Part\n\nSome **bold** text with a [link](https://example.com) & more.\n\n```python\n{CODE}\n```\n\n"
-MARKUP = ["word", "naïve", "日本語", "👩‍👩‍👧‍👦", "a<b", "x&y", "**b**", "`c`", "e\u0301", "_i_", "[l](https://x.y)", "~~s~~"]
+MARKUP = ["word", "naïve", "日本語", "👩‍👩‍👧‍👦", "a<b", "x&y", "**b**", "`c`", "e\u0301", "_i_", "[l](https://x.y)",
+          "~~s~~"]
 PROSE = " ".join(MARKUP[i * 7 % len(MARKUP)] + ("\n" if i % 13 == 0 else "") for i in range(30_000))
 
 

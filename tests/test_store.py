@@ -480,7 +480,7 @@ async def test_an_unreachable_database_names_it_without_its_password() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here once the socket is closed
-    with pytest.raises(StoreError, match=rf"cannot connect to the database postgresql://bot:\*\*\*@127.0.0.1:{port}/x") \
-            as failure:
+    refused = rf"cannot connect to the database postgresql://bot:\*\*\*@127.0.0.1:{port}/x"
+    with pytest.raises(StoreError, match=refused) as failure:
         await open_store(f"postgresql://bot:hunter2@127.0.0.1:{port}/x")
     assert "hunter2" not in str(failure.value)

@@ -40,7 +40,8 @@ def test_a_tiny_mmproj_loads_and_an_images_tokens_reach_the_decode(tmp_path: Pat
         prompt = mtmd.mtmd_input_text(text, len(text), True, True)
         assert mtmd.mtmd_tokenize(vision, chunks, ctypes.byref(prompt), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
         kinds = [(mtmd.mtmd_input_chunk_get_type(chunk), mtmd.mtmd_input_chunk_get_n_tokens(chunk))
-                 for chunk in (mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks)))]
+                 for chunk in (mtmd.mtmd_input_chunks_get(chunks, i)
+                               for i in range(mtmd.mtmd_input_chunks_size(chunks)))]
         assert [kind for kind, _ in kinds] == [TEXT, IMAGE, TEXT] and kinds[1][1] == IMAGE_TOKENS
         n_past = llama_cpp.llama_pos(0)
         assert mtmd.mtmd_helper_eval_chunks(vision, ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) == 0
@@ -52,7 +53,8 @@ def test_a_tiny_mmproj_loads_and_an_images_tokens_reach_the_decode(tmp_path: Pat
             token = int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))))
             piece = ctypes.create_string_buffer(64)
             reply += piece.raw[:llama_cpp.llama_token_to_piece(vocab, token, piece, 64, 0, True)]
-            assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(token), 1)) == 0
+            batch = llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(token), 1)
+            assert llama_cpp.llama_decode(ctx, batch) == 0
         assert reply.strip()
     finally:
         mtmd.mtmd_input_chunks_free(chunks)

@@ -24,7 +24,7 @@ async def read_attachments(attachments: Sequence[discord.Attachment], max_bytes:
             return reason
         try:
             data = await attachment.read()
-        except (discord.HTTPException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, discord.HTTPException, OSError) as exc:
             log.warning("could not download attachment %s: %s", attachment.id, exc)
             return skipped(name, "could not be downloaded")
         return read_attachment(name, kind, data, max_bytes)

@@ -13,8 +13,8 @@ from aiohttp import web
 from adapters.http.listener import Handler, Middleware
 from bot.errors import ConfigError
 
-__all__ = ["FOREIGN_HOST", "bearer_guard", "bearer_token", "check_token_needed", "host_guard", "is_loopback", "is_loopback_host",
-           "token_matches"]
+__all__ = ["FOREIGN_HOST", "bearer_guard", "bearer_token", "check_token_needed", "host_guard", "is_loopback",
+           "is_loopback_host", "token_matches"]
 
 LOOPBACK_NAMES = ("localhost", "localhost.")
 FOREIGN_HOST = "This server answers only to localhost / 127.0.0.1."

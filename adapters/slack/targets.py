@@ -146,7 +146,7 @@ class UpdateTarget:
         except SlackApiError as exc:
             self.refusal = exc.response.get("error")
             if self.refusal not in _RETRIED_ERRORS:
-                raise _gone(exc)
+                raise _gone(exc)  # noqa: B904 -- _gone sets the cause itself, or is exc unchanged
             log.warning("Slack refused a post (%s); sending it again %s", self.refusal, _RETRIED_ERRORS[self.refusal])
             content = self._content(text, controls, header, refused=self.refusal)
             if not content["blocks"]:
@@ -160,7 +160,7 @@ class UpdateTarget:
         except SlackApiError as exc:
             error = exc.response.get("error")
             if error not in _RETRIED_ERRORS:
-                raise _gone(exc)
+                raise _gone(exc)  # noqa: B904 -- _gone sets the cause itself, or is exc unchanged
             log.warning("Slack refused an update (%s); sending it again %s", error, _RETRIED_ERRORS[error])
             await self.client.chat_update(channel=self.channel, ts=ts,
                                           **self._content(text, controls, header, refused=error))

@@ -94,8 +94,8 @@ class ThreadTuner:
     now and then, so the figures follow the machine as other work comes and goes: as often as keeps what the tries
     cost beyond the fastest count under `EXPLORE_SHARE` of the time (one 70 ms a step slower every 9 s), never
     more often than every ``explore_seconds`` times how much slower it was (1.4 s for a count 1.4x slower), nor
-    rarer than `EXPLORE_MAX_SECONDS`. A step right after the count changed is not counted: it pays for waking threads that slept, which the
-    steps after it do not. Used by the engine's worker thread only.
+    rarer than `EXPLORE_MAX_SECONDS`. A step right after the count changed is not counted: it pays for waking
+    threads that slept, which the steps after it do not. Used by the engine's worker thread only.
     """
 
     def __init__(self, candidates: Sequence[int], explore_seconds: float = EXPLORE_SECONDS,

@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 
 from bot.types import ImagePart
 
-__all__ = ["Store", "StoredImage", "StoredMessage", "LapsedReply", "Status", "open_store", "is_database_url", "redact_url"]
+__all__ = ["Store", "StoredImage", "StoredMessage", "LapsedReply", "Status", "open_store", "is_database_url",
+           "redact_url"]
 
 
 class Status:

@@ -204,7 +204,8 @@ class PostgresStore(Store):
 
     async def probe(self) -> None:
         await self._execute("INSERT INTO seen_events (event_id, expires) VALUES ($1, $2)"
-                            " ON CONFLICT (event_id) DO UPDATE SET expires = EXCLUDED.expires", PROBE_EVENT, time.time())
+                            " ON CONFLICT (event_id) DO UPDATE SET expires = EXCLUDED.expires",
+                            PROBE_EVENT, time.time())
 
     # -- plumbing ----------------------------------------------------------------------------------------
 
@@ -326,7 +327,8 @@ class PostgresStore(Store):
 
     async def images(self, message_ids: Iterable[int]) -> dict[int, list[StoredImage]]:
         rows = await self._fetch("SELECT id, message_id, name, media_type, width, height, data FROM images "
-                                 "WHERE message_id = ANY($1::bigint[]) ORDER BY message_id, position", list(message_ids))
+                                 "WHERE message_id = ANY($1::bigint[]) ORDER BY message_id, position",
+                                 list(message_ids))
         found: dict[int, list[StoredImage]] = {}
         for row in rows:
             found.setdefault(row["message_id"], []).append(StoredImage(*row))

@@ -4,7 +4,8 @@
 channel history, threads started from messages, attachments over HTTP, typing, interaction callbacks (messages,
 updates, modals) and webhooks, and a gateway that identifies, resumes and replays. It records every request;
 tests push MESSAGE_CREATE / INTERACTION_CREATE (slash and message commands, button presses, modal submissions),
-script 429s, enforce rate-limit buckets and send op 7 RECONNECT, then wait on conditions. Its one guild, the channels and the users are described in `payloads`.
+script 429s, enforce rate-limit buckets and send op 7 RECONNECT, then wait on conditions. Its one guild, the channels
+and the users are described in `payloads`.
 """
 
 from tests.fake_discord.payloads import (ALICE_ID, APP_ID, BOB_ID, BOT_ID, CHANNEL_ID, EPHEMERAL_FLAG, EVE_ID,
