@@ -165,8 +165,9 @@ def _terminal_restored(stdin: IO[str]) -> Iterator[None]:
     asyncio's read pipe makes the fd non-blocking, and that flag belongs to the open file the shell shares
     with us: left set, the next program started from that shell fails to read its input.
     """
+    fd: int | None
     try:
-        fd: int | None = stdin.fileno()
+        fd = stdin.fileno()
         blocking = os.get_blocking(fd)
         attributes = termios.tcgetattr(fd) if os.isatty(fd) else None
     except (AttributeError, OSError, ValueError, termios.error):  # not a real file: nothing to restore
@@ -276,7 +277,7 @@ async def _ready(fd: int) -> bytes:
     non-blocking."""
     loop = asyncio.get_running_loop()
     ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+    loop.add_reader(fd, lambda: None if ready.done() else ready.set_result(None))
     try:
         await ready
     finally:

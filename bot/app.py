@@ -64,6 +64,7 @@ async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> N
 
 async def open_engine(settings: Settings, secrets: Secrets) -> Engine | RemoteEngine:
     """The configured engine: llama.cpp loaded in this process, or a remote OpenAI-compatible server."""
+    # open_backend returns the InferenceEngine protocol; what it opens is always one of these two.
     return await open_backend(settings.engine, secrets.engine_api_key)  # type: ignore[return-value]
 
 
@@ -105,6 +106,7 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
     manager.platforms.expect(adapters)  # /readyz answers 503 until each of them reports it is connected
     if api:  # not a platform: it shares the engine's queue, not the conversations
         from adapters.openai_api import run_openai_api
+        assert not isinstance(manager.engine, RemoteEngine)  # load_settings refuses [api] with a remote backend
         adapters["api"] = run_openai_api(manager.engine, manager.metrics, settings, secrets)
     if settings.ops.enabled and mode != "chat":
         from adapters.ops import run_ops
@@ -112,7 +114,7 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
     if terminal:
         from adapters.console import run_console
         # The terminal chat handles Ctrl-C and SIGTERM itself; leaving it stops everything.
-        stop = asyncio.create_task(run_console(manager), name="terminal")
+        stop: asyncio.Task[object] = asyncio.create_task(run_console(manager), name="terminal")
     else:
         stopping = asyncio.Event()
 

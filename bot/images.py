@@ -64,7 +64,7 @@ def prepare_image(name: str, data: bytes, limits: ImageSettings, max_side: int) 
         # Pillow warns above its own pixel limit and raises above twice that; ours is checked from the header.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             if image.width * image.height > limits.max_pixels:
                 return skipped(name, f"an image of more than {limits.max_pixels / 1e6:g} megapixels")
             image.draft("RGB", (max_side, max_side))  # JPEG: decode at a smaller scale straight away

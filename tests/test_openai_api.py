@@ -149,6 +149,7 @@ async def test_a_missing_or_wrong_token_is_401(api: str, headers: dict[str, str]
     ({}, "messages"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role"),  # unhashable: not a 500
     ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},

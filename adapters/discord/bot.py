@@ -184,7 +184,7 @@ class DiscordBot(discord.Client):
         text = re.sub(rf"<@!?{self.user.id}>", "", message.content)
         for user in message.mentions:
             name = "@" + user.display_name
-            text = re.sub(rf"<@!?{user.id}>", lambda _match, name=name: name, text)
+            text = re.sub(rf"<@!?{user.id}>", name.replace("\\", r"\\"), text)  # backslashes doubled: taken as is
         for role in message.role_mentions:
             text = text.replace(f"<@&{role.id}>", "@" + role.name)
         for channel in message.channel_mentions:

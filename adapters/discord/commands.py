@@ -34,13 +34,18 @@ def _bounded(kind: type, field: str) -> Any:
     setting = tunable(field)
     assert setting is not None, f"/settings cannot set {field}"
     low, high, _ = setting.bounds
-    return app_commands.Range[kind, None if low is None else kind(low),  # type: ignore[valid-type]
+    return app_commands.Range[kind, None if low is None else kind(low),
                               None if high is None else kind(high)]
 
 
-Temperature = _bounded(float, "temperature")
-MaxTokens = _bounded(int, "max_tokens")
-TopP = _bounded(float, "top_p")
+if TYPE_CHECKING:  # the values the command receives; Discord reads the bounded option types built below
+    Temperature = float
+    MaxTokens = int
+    TopP = float
+else:
+    Temperature = _bounded(float, "temperature")
+    MaxTokens = _bounded(int, "max_tokens")
+    TopP = _bounded(float, "top_p")
 
 
 async def _say(interaction: discord.Interaction, text: str, *, ephemeral: bool) -> None:
@@ -52,7 +57,7 @@ async def _say(interaction: discord.Interaction, text: str, *, ephemeral: bool) 
 
 
 def _bot(interaction: discord.Interaction) -> DiscordBot:
-    return interaction.client  # type: ignore[return-value]
+    return interaction.client  # type: ignore[return-value]  # typed Client: this bot's client is a DiscordBot
 
 
 def _session(interaction: discord.Interaction) -> SessionKey:
@@ -74,6 +79,7 @@ class LlamarelayTree(app_commands.CommandTree):
 
     def __init__(self, client: DiscordBot) -> None:
         super().__init__(client)
+        command: app_commands.Command[Any, ..., Any] | app_commands.ContextMenu
         for command in (ask, reset, system, settings_command, stop, status, ask_about_message, summarize_until):
             self.add_command(command)
 

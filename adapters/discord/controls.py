@@ -59,7 +59,7 @@ async def _tell(interaction: discord.Interaction, text: str) -> None:
 
 async def _allowed(interaction: discord.Interaction) -> bool:
     """The bot's access lists, for a press: True, or False after telling the presser why not."""
-    bot: DiscordBot = interaction.client  # type: ignore[assignment]
+    bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
     key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
     why = await bot.refusal(interaction.user, key)
     if why is not None:
@@ -75,7 +75,7 @@ class StopButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"llam
                                            custom_id="llamarelay:stop"))
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button[Any],
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
                              match: re.Match[str], /) -> StopButton:
         return cls()
 
@@ -83,7 +83,7 @@ class StopButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"llam
         return await _allowed(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        bot: DiscordBot = interaction.client  # type: ignore[assignment]
+        bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
         key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
         if bot.manager.stop(key):
             await interaction.response.defer()  # the reply itself shows that it stopped
@@ -106,7 +106,7 @@ class RedoButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
                                            custom_id=f"llamarelay:{action}:{reply_id}"))
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button[Any],
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
                              match: re.Match[str], /) -> RedoButton:
         return cls(match["action"], int(match["reply_id"]))
 
@@ -122,7 +122,7 @@ BUTTONS = (StopButton, RedoButton)
 
 async def _redo(interaction: discord.Interaction, reply_id: int, *, continuing: bool) -> None:
     """Regenerate or continue ``reply_id`` if it is still the conversation's latest answer."""
-    bot: DiscordBot = interaction.client  # type: ignore[assignment]
+    bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
     key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
     if (refusal := await bot.manager.redo_refusal(key, reply_id, continuing=continuing)) is not None:
         await _tell(interaction, REFUSALS[refusal])
@@ -132,7 +132,8 @@ async def _redo(interaction: discord.Interaction, reply_id: int, *, continuing: 
         return
     # Answers within Discord's 3 s and takes this answer's buttons away: the new answer carries them.
     await interaction.response.edit_message(view=None)
+    # A button's channel is typed as any channel or None; a message with buttons is in a messageable one.
     target = bot.channel_target(interaction.channel, trigger=interaction.message)  # type: ignore[arg-type]
     manager = bot.manager
     reply = (manager.continue_reply if continuing else manager.regenerate)(key, target, reply_id)
-    await bot.answer(reply, key, typing_in=interaction.channel)  # type: ignore[arg-type]
+    await bot.answer(reply, key, typing_in=interaction.channel)  # type: ignore[arg-type]  # as above

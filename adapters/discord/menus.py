@@ -55,7 +55,7 @@ class AskModal(discord.ui.Modal, title="Ask llamarelay about this message"):
         self.message = message
 
     async def on_submit(self, interaction: discord.Interaction, /) -> None:
-        bot: DiscordBot = interaction.client  # type: ignore[assignment]
+        bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
         if await _too_fast(interaction):
             return
         await interaction.response.defer(thinking=True)
@@ -65,14 +65,15 @@ class AskModal(discord.ui.Modal, title="Ask llamarelay about this message"):
         files = await read_attachments(self.message.attachments, bot.manager.limits.max_file_bytes)
         await _answer(interaction, text, files)
 
-    async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:
+    # discord.py's own Modal.on_error drops BaseView's ``item`` argument; this matches Modal's, which is called.
+    async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:  # type: ignore[override]
         log.error("the Ask modal failed", exc_info=error)
 
 
 @app_commands.context_menu(name=SUMMARIZE_NAME)
 async def summarize_until(interaction: discord.Interaction, message: discord.Message) -> None:
     """Summarize the channel's (or thread's) last messages, up to this one."""
-    bot: DiscordBot = interaction.client  # type: ignore[assignment]
+    bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
     if await _too_fast(interaction):
         return
     await interaction.response.defer(thinking=True)
@@ -98,7 +99,7 @@ async def summarize_until(interaction: discord.Interaction, message: discord.Mes
 
 async def _too_fast(interaction: discord.Interaction) -> bool:
     """Count the request as a message (the tree has checked the lists); True after telling the user to wait."""
-    bot: DiscordBot = interaction.client  # type: ignore[assignment]
+    bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
     key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
     if (too_fast := await bot.refusal(interaction.user, key, Action.ASK)) is None:
         return False
@@ -108,7 +109,7 @@ async def _too_fast(interaction: discord.Interaction) -> bool:
 
 async def _answer(interaction: discord.Interaction, text: str, files: tuple[Attachment, ...] = ()) -> None:
     """Ask the model ``text`` as the user of ``interaction``, in this channel's conversation."""
-    bot: DiscordBot = interaction.client  # type: ignore[assignment]
+    bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
     user = interaction.user
     key = bot.session_for(interaction.channel, user, interaction.guild_id)
     incoming = Incoming(key, str(user.id), user.display_name, text, event_id=str(interaction.id),

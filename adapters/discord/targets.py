@@ -63,9 +63,10 @@ class ChannelTarget:
         # to 5 in 5 s: a status line and the first words may go out back to back, the pace stays one a second.
         self.burst = 2
 
-    async def post(self, text: str, controls: Controls | None = None) -> discord.Message:
+    async def post(self, text: str, controls: Controls | None = None) -> discord.Message | _Original:
         # A reply that must not fail if the user deleted their message meanwhile.
         reference = self._trigger.to_reference(fail_if_not_exists=False) if self._trigger else None
+        # send() takes reference=None (its default), though its typed overloads leave None out.
         return await self._channel.send(_content(text), reference=reference,  # type: ignore[arg-type]
                                         allowed_mentions=NO_MENTIONS, **_buttons(controls))
 
@@ -112,6 +113,7 @@ class InteractionTarget(ChannelTarget):
 
     def __init__(self, interaction: discord.Interaction, *, min_edit_interval: float) -> None:
         channel = interaction.channel
+        # A slash command's channel is typed as any channel or None; where a command runs, it is messageable.
         super().__init__(channel, min_edit_interval=min_edit_interval)  # type: ignore[arg-type]
         self._interaction = interaction
         self._original = _Original()

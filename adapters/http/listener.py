@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware  # aiohttp's own: its Application(middlewares=) takes these
 
 from bot.errors import ConfigError
 
 __all__ = ["Handler", "Listener", "Middleware"]
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 class Listener:

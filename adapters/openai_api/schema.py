@@ -108,7 +108,7 @@ def _messages(value: Any) -> list[dict[str, str]]:
     for i, message in enumerate(value):
         if not isinstance(message, dict):
             raise ApiError(400, f"messages[{i}] must be an object.", param=f"messages[{i}]")
-        role = ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        role = ROLES.get(raw) if isinstance(raw := message.get("role"), str) else None  # a list is unhashable
         if role is None:
             raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, not "
                            f"{message.get('role')!r}.", param=f"messages[{i}].role")

@@ -61,7 +61,8 @@ class AssistantThreads:
         self.assistant.thread_started(self.started)
         self.assistant.thread_context_changed(self.context_changed)
         is_assistant_thread = AsyncCustomListenerMatcher(app_name="llamarelay", func=self.is_assistant_thread)
-        self.assistant.user_message(self.question, matchers=[is_assistant_thread])
+        # slack_bolt annotates one matcher, but its _merge_matchers adds `matchers` to a list: a list it must be.
+        self.assistant.user_message(self.question, matchers=[is_assistant_thread])  # type: ignore[arg-type]
 
     async def started(self, event: dict[str, Any], say: AsyncSay,
                       set_suggested_prompts: AsyncSetSuggestedPrompts) -> None:

@@ -145,7 +145,7 @@ class SlackBot:
         # Acknowledged (so Slack does not redeliver) but never handed to a listener.
         if body.get("event", {}).get("subtype") in IGNORED_EVENT_SUBTYPES:
             return BoltResponse(status=200, body="")
-        return await next()  # type: ignore[no-any-return]
+        return await next()
 
     @staticmethod
     async def _on_error(error: Exception, body: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from slack_bolt.async_app import AsyncAck
 from slack_sdk.errors import SlackApiError
@@ -121,7 +121,7 @@ class ReplyControls:
         press = await self._press(ack, body, action)
         if press is None or press.value.reply_id is None or press.value.feedback not in ("good", "bad"):
             return
-        rating = "good" if press.value.feedback == "good" else "bad"
+        rating: Literal["good", "bad"] = "good" if press.value.feedback == "good" else "bad"
         stored = await self.bot.manager.set_feedback(press.key, press.value.reply_id, rating)
         await self.bot.tell(press.channel, press.user, THANKS if stored else f"🕰️ {STALE_REPLY}",
                             thread_ts=press.thread_ts)

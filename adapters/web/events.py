@@ -107,7 +107,7 @@ class EventStreamTarget:
     def close(self, result: ReplyResult | None, error: str | None = None) -> None:
         """Queue the closing ``done`` event (``result`` is None when the reply could not be produced)."""
         if result is None:
-            done = {"status": "failed", "text": self._sent, "notes": [error or "The reply failed."],
+            done: dict[str, Any] = {"status": "failed", "text": self._sent, "notes": [error or "The reply failed."],
                     "reply_id": None, "can_continue": False, "stored": False}
         else:
             done = {"status": result.status, "text": result.text, "notes": list(result.notes),

@@ -81,8 +81,8 @@ class Window:
             if not page:
                 break
             history[:0] = page
-            tokens += await asyncio.to_thread(
-                lambda page=page: sum(len(self._engine.tokenize(m.content)) for m in page))
+            tokens += await asyncio.to_thread(lambda page: sum(len(self._engine.tokenize(m.content)) for m in page),
+                                              page)
         return history
 
     def build_prompt(self, system: str, history: list[StoredMessage], text: str, max_tokens: int, *,

@@ -50,7 +50,8 @@ def with_captured_stderr(call: Callable[[], T]) -> tuple[T, str, list[tuple[int,
     llama.cpp sent meanwhile, held back so they do not land in the capture; the caller logs them."""
     global _held
     sys.stderr.flush()
-    _held = held = []
+    held: list[tuple[int, str]] = []
+    _held = held
     saved = os.dup(2)
     try:
         # A file, not a pipe: a long grammar echoed back would fill a pipe and block the writer for ever.

@@ -13,6 +13,7 @@ engine, or is truncated or corrupt, is deleted and never used. Only the engine's
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -341,13 +342,13 @@ class StateCache:
         now, monotonic = time.time(), time.monotonic()
         with self._spill_lock:
             saved = [*self._spilling.items(), *self._states.items()]
-        candidates = [Candidate(session, tokens, saved_at, len(data), lambda data=data: data)
+        candidates = [Candidate(session, tokens, saved_at, len(data), functools.partial(lambda kept: kept, data))
                       for session, (tokens, data, saved_at) in saved]
         for slot in slots:
             if slot.session and slot.cached:
                 size = llama_cpp.llama_state_seq_get_size(ctx, slot.seq_id)
                 candidates.append(Candidate(slot.session, list(slot.cached), now - (monotonic - slot.last_used),
-                                             size, lambda ctx=ctx, seq=slot.seq_id, size=size: _get(ctx, seq, size)))
+                                             size, functools.partial(_get, ctx, slot.seq_id, size)))
         try:
             self.disk.save(candidates, stop)
         except Exception:

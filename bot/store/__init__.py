@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 from bot.types import ImagePart
 
@@ -244,7 +244,7 @@ class Store(abc.ABC):
         """
 
 
-def is_database_url(target: Path | str) -> bool:
+def is_database_url(target: Path | str) -> TypeGuard[str]:
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 

@@ -187,7 +187,7 @@ class PostgresStore(Store):
     async def migrate(self) -> list[int]:
         """Each step in a transaction (PostgreSQL's DDL is transactional), under a lock: two processes
         starting at once apply each step once."""
-        applied = []
+        applied: list[int] = []
         with self._failing("migrate"):
             async with self._pool.acquire() as connection:
                 while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -109,8 +110,9 @@ class ToolSupervisor:
         tools = Gauge("llamarelay_tool_server_tools", "Tools the MCP server offers now", ["server"],
                       registry=registry)
         for name, connection in self._connections.items():
-            up.labels(name).set_function(lambda c=connection: 1.0 if c.health.up else 0.0)
-            tools.labels(name).set_function(lambda c=connection: float(c.health.tools if c.health.up else 0))
+            up.labels(name).set_function(functools.partial(lambda c: 1.0 if c.health.up else 0.0, connection))
+            tools.labels(name).set_function(
+                functools.partial(lambda c: float(c.health.tools if c.health.up else 0), connection))
 
     def _on_tools(self, server: str, tools: list[ToolSpec] | None) -> None:
         if tools is None:

@@ -177,7 +177,7 @@ class ToolCallParser:
         while self._step(events, final=True):
             pass
         if self._in_call:
-            events.extend(self._close_call(self._pending, final=True))
+            events.extend(self._close_call(self._pending, final=True) or [])  # final: never None
         elif self._pending:
             events.append(TextPiece(self._pending))
         self._pending = ""
