@@ -8,8 +8,8 @@ idle, one mention at a time, each in a channel of its own: the time from the fak
 it receives the first post or edit of the reply that is not a status line ("💭 Thinking…"). Prints median /
 p90 / worst and checks median <= 0.5 s; then the same for mentions in 8 channels at once (checks median <= 1 s,
 worst <= 2 s); then a conversation of long messages whose history overflows the window while 7 other channels
-chat (checks every turn <= 2 x its next turns' with the other channels quiet). First, for reference, the engine's own time to first token
-for the same prompts. Exits 1 if a check fails.
+chat (checks every turn <= 2 x its next turns' with the other channels quiet). First, for reference, the
+engine's own time to first token for the same prompts. Exits 1 if a check fails.
 """
 
 from __future__ import annotations
