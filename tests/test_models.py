@@ -113,8 +113,7 @@ vision = true
         "openai", "https://api.example.com/v1", "gpt-4o-mini")
     assert remote.settings.n_ctx == settings.engine.n_ctx
     assert remote.capabilities.vision and not registry.default.capabilities.vision
-    # An embedded model's mmproj is said, but its images wait for the engine's mtmd support (phase 2).
-    assert not local.capabilities.vision
+    assert local.capabilities.vision  # an embedded model with an mmproj reads images (llama.cpp's mtmd)
 
 
 @pytest.mark.parametrize(("entry", "line"), [
