@@ -92,7 +92,9 @@ async def test_an_images_positions_reach_the_decode_and_the_reply_streams(engine
     assert generation.finish_reason is FinishReason.LENGTH
     # The prompt the model read: the text's tokens plus the image's 16 positions (and the line before it).
     (start, length), = image_runs(generation.prompt)
-    assert length == IMAGE_TOKENS and generation.prompt[start:start + length] == stand_ins(RED.data, IMAGE_TOKENS)
+    assert engine.vision is not None
+    assert length == IMAGE_TOKENS
+    assert generation.prompt[start:start + length] == stand_ins(RED.data, IMAGE_TOKENS, engine.vision.identity)
     assert len(generation.prompt) == len(prompt.tokens) + IMAGE_TOKENS + 1
     # llama.cpp's own KV sequence holds every position: the text after the image came after its 16.
     slot = slot_of(engine, "look")
@@ -124,6 +126,31 @@ async def test_the_next_turn_reuses_the_images_kv_and_answers_as_a_fresh_read_wo
         await fresh.aclose()
 
 
+async def test_an_image_prompt_is_read_in_chunks_beside_a_streaming_reply_and_answers_as_alone(
+        engine: Engine, mmproj: Path) -> None:
+    long = SamplingSettings(max_tokens=400, temperature=0.0, grammar='root ::= ("la " ){400}')
+    singing = engine.submit(Prompt(QUESTION[:1] + [{"role": "user", "content": "Sing."}],
+                                   engine.chat_tokens(QUESTION[:1] + [{"role": "user", "content": "Sing."}])),
+                            long, session="singer")
+    async for event in singing:
+        if isinstance(event, str):
+            break
+    # ~250 tokens of text before the image: read a chunk per step beside the song, then the image, then the rest.
+    messages = [QUESTION[0], {"role": "user", "content": "Look: " + " ".join(f"detail{i}" for i in range(80))}]
+    looked = singing.n_generated
+    generation = engine.submit(with_images(engine, messages, {1: [NOISE]}), GREEDY, session="beside")
+    text = await read(generation)
+    assert singing.n_generated > looked and singing.finish_reason is None  # the song went on meanwhile
+    singing.cancel()
+    (start, _), = image_runs(generation.prompt)
+    assert start > 200
+    fresh = await asyncio.to_thread(vision_engine, mmproj, parallel=1)
+    try:
+        assert await read(fresh.submit(with_images(fresh, messages, {1: [NOISE]}), GREEDY)) == text
+    finally:
+        await fresh.aclose()
+
+
 async def test_two_different_images_share_no_prefix(engine: Engine) -> None:
     green, yellow = (picture(Image.new("RGB", (80, 60), color)) for color in ((30, 200, 30), (230, 230, 20)))
     first = engine.submit(with_images(engine, QUESTION, {1: [green]}), GREEDY, session="green")
@@ -137,6 +164,9 @@ async def test_two_different_images_share_no_prefix(engine: Engine) -> None:
     again = engine.submit(with_images(engine, QUESTION, {1: [green]}), GREEDY, session="green-again")
     await read(again)
     assert again.n_prompt_reused >= start + IMAGE_TOKENS
+    # Read by another projector, the same picture is other ids: a KV state saved with one is never reused by another.
+    assert engine.vision is not None
+    assert stand_ins(green.data, IMAGE_TOKENS, engine.vision.identity) != stand_ins(green.data, IMAGE_TOKENS, b"other")
 
 
 async def test_an_image_conversation_evicted_to_the_state_cache_comes_back_whole(mmproj: Path) -> None:
@@ -172,7 +202,9 @@ async def test_images_in_history_and_notes_are_read_in_order(engine: Engine) -> 
     await read(generation)
     runs = image_runs(generation.prompt)
     assert [length for _, length in runs] == [IMAGE_TOKENS, IMAGE_TOKENS]
-    assert [generation.prompt[start] for start, _ in runs] == [stand_ins(RED.data, 1)[0], stand_ins(BLUE.data, 1)[0]]
+    assert engine.vision is not None
+    assert [generation.prompt[start] for start, _ in runs] == [stand_ins(image.data, 1, engine.vision.identity)[0]
+                                                               for image in (RED, BLUE)]
     assert "old.png, was here" in engine.detokenize([t for t in generation.prompt if t >= 0])
 
 

@@ -41,10 +41,12 @@ _STAND_IN_RANGE = 1 << 30
 _NO_CALLBACK = mtmd.mtmd_helper_post_decode_callback()  # a NULL function pointer: nothing to do after each decode
 
 
-def stand_ins(data: bytes, n: int) -> list[int]:
+def stand_ins(data: bytes, n: int, projector: bytes = b"") -> list[int]:
     """The ``n`` ids an image's positions have in a prompt's token list: negative (never a token), derived from
-    the image's bytes, so the same image is the same run of ids in every turn, and another image another."""
-    base = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") % _STAND_IN_RANGE
+    the image's bytes and the ``projector`` that reads it, so the same image is the same run of ids in every
+    turn, another image (or a KV state saved with another projector) another."""
+    base = int.from_bytes(hashlib.blake2b(data, digest_size=8, key=projector[:64]).digest(), "little") \
+        % _STAND_IN_RANGE
     return [-1 - (base + i) % _STAND_IN_RANGE for i in range(n)]
 
 
@@ -88,6 +90,10 @@ class Vision:
             raise ModelLoadError(f"mmproj {path} reads no images (an audio projector?): remove it or pick a "
                                  "vision one")
         self._marker = mtmd.mtmd_default_marker()
+        stat = path.stat()
+        self.identity = hashlib.blake2b(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode(),
+                                        digest_size=16).digest()
+        """Which projector this is: its images' ids differ from another's, so no KV of one is reused by another."""
         self.mrope = bool(mtmd.mtmd_decode_use_mrope(self._ctx))
         """M-RoPE (Qwen2-VL and kin) gives an image fewer positions than KV cells, where the engine's cache counts
         one position per cell: such a model reads text only here (see `Engine`)."""
@@ -169,7 +175,7 @@ class Vision:
             elif kind == _IMAGE_CHUNK:
                 n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
                 prepared.spans.append(ImageSpan(len(tokens), n_tokens, chunk))
-                tokens += stand_ins(image.data, n_tokens)
+                tokens += stand_ins(image.data, n_tokens, self.identity)
             else:
                 raise EngineError(f"the image {image.name} became a chunk of type {kind}, which is not an image")
 
