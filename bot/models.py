@@ -329,5 +329,6 @@ def _configured(entry: ModelSettings, engine: EngineSettings) -> Model:
 
 
 def _measure(engine: InferenceEngine) -> int:
-    """An embedded engine's weights and KV pool; 0 for a server."""
-    return int(getattr(engine, "model_size", 0)) + int(getattr(engine, "kv_cache_bytes", 0))
+    """An embedded engine's weights (its image projector's too) and KV pool; 0 for a server."""
+    return int(getattr(engine, "model_size", 0)) + int(getattr(engine, "projector_size", 0)) \
+        + int(getattr(engine, "kv_cache_bytes", 0))

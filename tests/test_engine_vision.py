@@ -255,11 +255,14 @@ async def registry(mmproj: Path) -> AsyncIterator[ModelRegistry]:
     await registry.aclose()
 
 
-async def test_a_model_with_an_mmproj_has_vision_and_its_engine_reads_images(registry: ModelRegistry) -> None:
+async def test_a_model_with_an_mmproj_has_vision_and_its_engine_reads_images(registry: ModelRegistry,
+                                                                            mmproj: Path) -> None:
     assert registry.get("eyes").capabilities.vision and not registry.default.capabilities.vision
     assert not registry.get("blind").capabilities.vision  # said in the config
     async with registry.use("eyes") as engine:
         assert registry.get("eyes").capabilities.vision
+        assert engine.projector_size == mmproj.stat().st_size > 0  # the memory budget counts the projector
+        assert registry.get("eyes").memory_bytes == engine.model_size + engine.projector_size + engine.kv_cache_bytes
         generation = engine.submit(with_images(engine, QUESTION, {1: [RED]}), GREEDY)
         await read(generation)
         assert len(image_runs(generation.prompt)) == 1

@@ -7,7 +7,8 @@ generate and the KV cache has room: a stream of its own where the memory budget 
 (`KVStreams`), else cells of one pool all share (`KVPool`). Idle conversations' caches are evicted (to RAM,
 then disk) least recently used first. A new sequence takes the longest prefix any other holds (the system
 prompt), and a conversation that dropped its oldest turns keeps the rest of its cache by shifting it (context
-shift). Nothing here ever blocks the event loop.
+shift). With an ``mmproj``, `vision` (llama.cpp's mtmd) reads a prompt's images into the same sequences, their KV
+reused like text. Nothing here ever blocks the event loop.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class Engine:
             llama_cpp.llama_model_free(self._model)
             raise
         """The model's multimodal projector (``mmproj``) when it reads images; None when it reads text only."""
+        self.projector_size = settings.mmproj.stat().st_size if self.vision is not None and settings.mmproj else 0
+        """Bytes of the projector's weights (beside `model_size`), for the model pool's memory budget."""
         layout = KVStreams if loaded.layout == "streams" else KVPool
         self.kv = layout(self._ctx, self._model, settings.n_ctx, open_state_cache(settings, loaded))
         self.kv_cache_bytes = self.kv.pool_tokens * loaded.kv_bytes_per_token
@@ -175,7 +178,9 @@ class Engine:
         ``session`` names the conversation, so its next turn can reuse the KV cache of this one; waiting
         requests start one per session in turn, so no session's pile delays another's by more than a round.
         A grammar llama.cpp cannot parse fails the request (`EngineError` from its iteration; at once here
-        when the same grammar was refused before): it is compiled on the worker thread, not here.
+        when the same grammar was refused before): it is compiled on the worker thread, not here. So are a
+        `Prompt`'s images, on a model that reads them (see `bot.engine.vision`): the window then counts their
+        positions too, and a prompt they push past it fails from the iteration.
         """
         with_images = None
         if isinstance(prompt, Prompt):
