@@ -59,6 +59,7 @@ class EngineSettings(_Section):
     backend: Literal["embedded", "openai"] = Field(
         "embedded", description="embedded: llama.cpp in this process; openai: an OpenAI-compatible server")
     model_path: Path = Field(Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), description="GGUF model file")
+    mmproj: Path | None = Field(None, description="the GGUF's multimodal projector: the model reads images")
     n_ctx: int = Field(4096, ge=256, le=131072, description="context window of one conversation, in tokens")
     n_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0 = timed: every physical core, one less "
                                                         "and half are tried, and the fastest kept")
@@ -519,6 +520,7 @@ def load_settings(path: Path | str | None = DEFAULT_CONFIG_PATH) -> Settings:
     settings = _validate(raw, str(path))
     # Relative paths in the file mean "next to this file", wherever the bot is started from.
     settings.engine.model_path = path.parent / settings.engine.model_path
+    settings.engine.mmproj = path.parent / settings.engine.mmproj if settings.engine.mmproj is not None else None
     settings.store.path = path.parent / settings.store.path
     for model in settings.models:
         model.path = path.parent / model.path if model.path is not None else None

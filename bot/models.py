@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 RETRY_LOAD_SECONDS = 30.0  # a model that failed to load is not tried again sooner (each try costs a load)
 DEFAULT_IMAGE_SIZE = 1024  # the [engine] model's longest image side, in pixels
-# Image input for an embedded GGUF needs llama.cpp's mtmd in the engine (issue 22, phase 2); until then an
-# embedded model with an mmproj is reported without vision, so no image is sent where it would be ignored.
-EMBEDDED_IMAGES = False
 
 Opener = Callable[[EngineSettings, "str | None"], Awaitable[InferenceEngine]]
 
@@ -112,11 +109,14 @@ class Model:
         if self.backend == "openai":
             # The OpenAI API does not say what a model reads: only the config can.
             return Capabilities(vision=bool(self.declared_vision), tools=self.declared_tools)
+        # An embedded model reads images through llama.cpp's mtmd when it has an mmproj; once loaded, its engine
+        # says whether that projector could be used (not one whose images need M-RoPE positions).
         vision = self.mmproj is not None if self.declared_vision is None else self.declared_vision
+        vision = vision and getattr(self.engine, "sees_images", True)
         tools = self.declared_tools
         if tools is None and self.chat_template is not None:
             tools = "tools" in self.chat_template.source  # templates that take tools render them by that name
-        return Capabilities(vision=vision and EMBEDDED_IMAGES, tools=tools)
+        return Capabilities(vision=vision, tools=tools)
 
     def estimate_bytes(self) -> int:
         """Memory it will take once loaded: its files and its KV pool (exact once it is loaded)."""
@@ -144,7 +144,8 @@ class ModelRegistry:
         self._budget = asyncio.Lock()  # one load or unload decision at a time
         self._closed = False
         self._unloading: set[asyncio.Task[None]] = set()  # idle unloads under way (held: tasks are weakly kept)
-        default = Model(default_model_name(settings.engine), settings.engine, is_default=True)
+        default = Model(default_model_name(settings.engine), settings.engine, is_default=True,
+                        mmproj=settings.engine.mmproj)
         self._models: dict[str, Model] = {default.name.lower(): default}
         for entry in settings.models:
             self._models[entry.name.lower()] = _configured(entry, settings.engine)
@@ -254,9 +255,6 @@ class ModelRegistry:
                 model.last_used = time.monotonic()
                 log.info("model %s loaded (%.0f MB; %.0f MB of models in memory)", model.name,
                          model.memory_bytes / MIB, self.resident_bytes / MIB)
-                if model.mmproj is not None and not EMBEDDED_IMAGES:
-                    log.warning("model %s has an mmproj, but image input for embedded models is not built yet: "
-                                "it reads text only", model.name)
                 return
         model.failed = (time.monotonic(), why)
         log.warning("model %s is unavailable: %s", model.name, why)
@@ -314,7 +312,9 @@ def _configured(entry: ModelSettings, engine: EngineSettings) -> Model:
     """A ``[[models]]`` entry as a `Model`: ``[engine]`` with the entry's own keys over it."""
     update: dict[str, Any] = {"name": entry.name, "backend": entry.backend, "n_ctx": entry.n_ctx or engine.n_ctx}
     if entry.path is not None:
-        update.update(model_path=entry.path, base_url=None, model=None)
+        # A projector said not to be used (vision = false) is not loaded.
+        update.update(model_path=entry.path, mmproj=entry.mmproj if entry.vision is not False else None,
+                      base_url=None, model=None)
         if entry.n_gpu_layers is not None:
             update["n_gpu_layers"] = entry.n_gpu_layers
         if entry.kv_pool_mb is not None:
@@ -322,12 +322,13 @@ def _configured(entry: ModelSettings, engine: EngineSettings) -> Model:
         if engine.state_dir is not None:  # KV states are one model's: never read by another
             update["state_dir"] = engine.state_dir / "models" / entry.name
     else:
-        update.update(base_url=entry.url, model=entry.model)
+        update.update(base_url=entry.url, model=entry.model, mmproj=None)
     return Model(entry.name, engine.model_copy(update=update), description=entry.description,
                  image_size=entry.image_size, mmproj=entry.mmproj, api_key_env=entry.api_key_env,
                  declared_vision=entry.vision, declared_tools=entry.tools)
 
 
 def _measure(engine: InferenceEngine) -> int:
-    """An embedded engine's weights and KV pool; 0 for a server."""
-    return int(getattr(engine, "model_size", 0)) + int(getattr(engine, "kv_cache_bytes", 0))
+    """An embedded engine's weights (its image projector's too) and KV pool; 0 for a server."""
+    return int(getattr(engine, "model_size", 0)) + int(getattr(engine, "projector_size", 0)) \
+        + int(getattr(engine, "kv_cache_bytes", 0))

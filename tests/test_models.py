@@ -114,8 +114,7 @@ vision = true
         "openai", "https://api.example.com/v1", "gpt-4o-mini")
     assert remote.settings.n_ctx == settings.engine.n_ctx
     assert remote.capabilities.vision and not registry.default.capabilities.vision
-    # An embedded model's mmproj is said, but its images wait for the engine's mtmd support (phase 2).
-    assert not local.capabilities.vision
+    assert local.capabilities.vision  # an embedded model with an mmproj reads images (llama.cpp's mtmd)
 
 
 @pytest.mark.parametrize(("entry", "line"), [
@@ -245,9 +244,9 @@ def test_the_commented_models_example_in_config_toml_loads_once_uncommented(tmp_
     config = tmp_path / "config.toml"
     config.write_text(head + "\n".join(lines) + "\n")
     registry = ModelRegistry(load_settings(config))
-    assert registry.names() == [DEFAULT, "qwen2-vl", "gpt-4o-mini"]
+    assert registry.names() == [DEFAULT, "gemma3", "gpt-4o-mini"]
     assert registry.get("gpt-4o-mini").api_key_env == "OPENAI_API_KEY"
-    assert registry.get("qwen2-vl").mmproj == tmp_path / "models/mmproj-Qwen2-VL-2B-Instruct-f16.gguf"
+    assert registry.get("gemma3").mmproj == tmp_path / "models/mmproj-gemma-3-4b-it-f16.gguf"
 
 
 async def test_a_server_model_that_is_down_fails_alone_naming_itself() -> None:

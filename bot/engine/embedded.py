@@ -7,7 +7,8 @@ generate and the KV cache has room: a stream of its own where the memory budget 
 (`KVStreams`), else cells of one pool all share (`KVPool`). Idle conversations' caches are evicted (to RAM,
 then disk) least recently used first. A new sequence takes the longest prefix any other holds (the system
 prompt), and a conversation that dropped its oldest turns keeps the rest of its cache by shifting it (context
-shift). Nothing here ever blocks the event loop.
+shift). With an ``mmproj``, `vision` (llama.cpp's mtmd) reads a prompt's images into the same sequences, their KV
+reused like text. Nothing here ever blocks the event loop.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from bot.engine.sampling import Samplers
 from bot.engine.scheduler import Scheduler
 from bot.engine.threads import ThreadTuner
 from bot.engine.tokenizer import Tokenizer
+from bot.engine.vision import PromptImages, Vision
 from bot.engine.worker import Worker
 from bot.errors import EngineError
 from bot.prompt import CHATML_TEMPLATE, ChatTemplate, Prompt
@@ -65,12 +67,22 @@ class Engine:
                                           bos_token=self._special_text(self._bos),
                                           eos_token=self._special_text(llama_cpp.llama_vocab_eos(self._vocab)))
         self.samplers = Samplers(self._vocab)
+        try:
+            self.vision = self._load_vision(settings, loaded.threads.candidates[0])
+        except BaseException:
+            llama_cpp.llama_free(self._ctx)
+            llama_cpp.llama_model_free(self._model)
+            raise
+        """The model's multimodal projector (``mmproj``) when it reads images; None when it reads text only."""
+        self.projector_size = settings.mmproj.stat().st_size if self.vision is not None and settings.mmproj else 0
+        """Bytes of the projector's weights (beside `model_size`), for the model pool's memory budget."""
         layout = KVStreams if loaded.layout == "streams" else KVPool
         self.kv = layout(self._ctx, self._model, settings.n_ctx, open_state_cache(settings, loaded))
         self.kv_cache_bytes = self.kv.pool_tokens * loaded.kv_bytes_per_token
         self.scheduler = Scheduler()
         self.worker = Worker(self._ctx, self._vocab, settings, self.kv, self.scheduler, self.samplers,
-                             self.tokenizer, loaded.threads, loaded.parallel)
+                             self.tokenizer, loaded.threads, loaded.parallel, vision=self.vision,
+                             image_prompt=self._image_prompt)
         self.worker.start()
         log.info("loaded %s (%s, %.0f MB), context %d tokens, KV %s of %d tokens (%.0f MB), up to %d at once, "
                  "%s threads", self.model_name, path.name, self.model_size / 1e6, self.n_ctx,
@@ -80,6 +92,26 @@ class Engine:
                  f"{' or '.join(map(str, self.threads.candidates))} (timed, the fastest kept)")
         why = "" if self.placement.gpu_layers else " ([engine] n_gpu_layers = 0)" if loaded.found else " (no GPU found)"
         log.info("%s runs on %s%s", self.model_name, self.placement, why)
+
+    def _load_vision(self, settings: EngineSettings, n_threads: int) -> Vision | None:
+        """The projector of ``mmproj``, on the model's device; a missing or foreign file fails the load (a
+        `ModelLoadError` naming it), a model whose images need M-RoPE positions reads text only."""
+        if settings.mmproj is None:
+            return None
+        vision = Vision(settings.mmproj, self._model, use_gpu=bool(self.placement.gpu_layers), n_threads=n_threads)
+        if vision.mrope:
+            log.warning("%s: its images need M-RoPE positions (Qwen2-VL and kin), which the embedded engine does not "
+                        "give yet: it reads text only (serve it with llama-server as a url model to send it images)",
+                        settings.mmproj.name)
+            vision.close()
+            return None
+        log.info("%s reads images through %s", self.model_name, settings.mmproj.name)
+        return vision
+
+    @property
+    def sees_images(self) -> bool:
+        """Whether prompts' images reach the model (an ``mmproj`` it can use was loaded)."""
+        return self.vision is not None
 
     @property
     def pool_tokens(self) -> int:
@@ -117,6 +149,20 @@ class Engine:
             tokens.insert(0, self._bos)
         return tokens
 
+    def _image_prompt(self, prompt: Prompt) -> tuple[list[int], PromptImages]:
+        """`chat_tokens` of a prompt with images, each image as its stand-in ids (see `bot.engine.vision`), and
+        the images to decode; the worker calls it when the request starts (reading images takes a while)."""
+        assert self.vision is not None
+        tokens, images = self.vision.prompt(self.chat_template, prompt.messages, prompt.images,
+                                            lambda text, special: self.tokenize(text, special=special))
+        if self._add_bos and tokens[:1] != [self._bos]:
+            tokens.insert(0, self._bos)
+            for span in images.spans:
+                span.start += 1
+        if prompt.prefix:
+            tokens += self.tokenize(prompt.prefix)
+        return tokens, images
+
     def is_special(self, token: int) -> bool:
         """True for control and user-defined tokens (chat markers, BOS/EOS, <think>): plain text never gives one."""
         return self.tokenizer.is_special(token)
@@ -132,9 +178,14 @@ class Engine:
         ``session`` names the conversation, so its next turn can reuse the KV cache of this one; waiting
         requests start one per session in turn, so no session's pile delays another's by more than a round.
         A grammar llama.cpp cannot parse fails the request (`EngineError` from its iteration; at once here
-        when the same grammar was refused before): it is compiled on the worker thread, not here.
+        when the same grammar was refused before): it is compiled on the worker thread, not here. So are a
+        `Prompt`'s images, on a model that reads them (see `bot.engine.vision`): the window then counts their
+        positions too, and a prompt they push past it fails from the iteration.
         """
+        with_images = None
         if isinstance(prompt, Prompt):
+            if prompt.images and self.vision is not None:
+                with_images = prompt  # its tokens are text only: the worker reads them with the images
             prompt = prompt.tokens
         if not prompt:
             raise EngineError("empty prompt")
@@ -142,6 +193,7 @@ class Engine:
             raise EngineError(f"prompt of {len(prompt)} tokens does not fit the {self.n_ctx}-token context")
         self.samplers.refuse(sampling)
         generation = Generation(list(prompt), sampling, session, asyncio.get_running_loop(), self.scheduler.cancel)
+        generation._image_prompt = with_images
         with self.scheduler.cond:
             if self.scheduler.closing or not self.worker.is_alive():
                 raise EngineError("the engine is not running")
@@ -172,6 +224,8 @@ class Engine:
         deadline = time.monotonic() + CLOSE_SAVE_SECONDS
         self.kv.persist(stop=lambda: time.monotonic() > deadline)
         self.worker.free()
+        if self.vision is not None:
+            self.vision.close()
         llama_cpp.llama_free(self._ctx)
         llama_cpp.llama_model_free(self._model)
 

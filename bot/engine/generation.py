@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.config import SamplingSettings
 from bot.engine.base import END, Figures, FinishReason, QueuePosition
+
+if TYPE_CHECKING:
+    from bot.engine.vision import PromptImages
+    from bot.prompt import Prompt
 
 __all__ = ["Generation"]
 
@@ -27,6 +31,8 @@ class Generation(Figures):
         self._loop = loop
         self._announced_position: int | None = None
         self._cancel_requested = False
+        self._image_prompt: Prompt | None = None  # a prompt with images, read by the worker when it starts
+        self._images: PromptImages | None = None  # its images still to decode (worker side)
 
     def cancel(self) -> None:
         """Stop this request now; its slot or queue place is freed within one decode step."""

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import llama_cpp
 
-__all__ = ["llama_log", "route_llama_logs", "with_captured_stderr"]
+__all__ = ["llama_log", "route_llama_logs", "route_mtmd_logs", "with_captured_stderr"]
 
 T = TypeVar("T")
 
@@ -43,6 +43,15 @@ def route_llama_logs() -> None:
 
     _callback = callback  # keep a reference: llama.cpp holds only a C pointer to it
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def route_mtmd_logs() -> None:
+    """The same for llama.cpp's multimodal library (mtmd and its helpers log on their own), once it is used."""
+    import llama_cpp.mtmd_cpp as mtmd  # here: only a model with an mmproj loads it
+
+    route_llama_logs()
+    mtmd.mtmd_log_set(_callback, ctypes.c_void_p(0))
+    mtmd.mtmd_helper_log_set(_callback, ctypes.c_void_p(0))
 
 
 def with_captured_stderr(call: Callable[[], T]) -> tuple[T, str, list[tuple[int, str]]]:

@@ -2,7 +2,9 @@
 
 Each step puts into one batch the next token of every generating sequence plus prompt tokens for newly admitted
 ones, as many as a step-time budget allows (continuous batching), decodes, and samples with per-request sampler
-chains that run in C. Results travel to the asyncio side through ``loop.call_soon_threadsafe``.
+chains that run in C. A prompt's image is decoded on its own right after the step that read the text before it
+(its embeddings, not tokens, at that sequence's next positions). Results travel to the asyncio side through
+``loop.call_soon_threadsafe``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 
@@ -25,6 +28,10 @@ from bot.engine.sampling import Samplers
 from bot.engine.scheduler import Scheduler
 from bot.engine.tokenizer import Tokenizer
 from bot.errors import EngineError
+
+if TYPE_CHECKING:
+    from bot.engine.vision import PromptImages, Vision
+    from bot.prompt import Prompt
 
 __all__ = ["Worker"]
 
@@ -39,8 +46,12 @@ class Worker:
     """Runs the decode loop on its own thread: admits waiting requests, steps, samples, ends requests."""
 
     def __init__(self, ctx: Any, vocab: Any, settings: EngineSettings, kv: KVCache, scheduler: Scheduler,
-                 samplers: Samplers, tokenizer: Tokenizer, threads: ThreadTuner, parallel: int) -> None:
+                 samplers: Samplers, tokenizer: Tokenizer, threads: ThreadTuner, parallel: int, *,
+                 vision: Vision | None = None,
+                 image_prompt: Callable[[Prompt], tuple[list[int], PromptImages]] | None = None) -> None:
         self._ctx, self._vocab = ctx, vocab
+        self.vision, self._image_prompt = vision, image_prompt
+        self._with_images: list[Generation] = []  # running requests with images still to decode
         self.settings = settings
         self.n_ctx = settings.n_ctx
         self.parallel = parallel
@@ -117,6 +128,8 @@ class Worker:
         for generation in admitted:
             try:  # here, not at submit: compiling a grammar takes a while, and the event loop must not wait
                 generation._sampler = self.samplers.build(generation.sampling)
+                if generation._image_prompt is not None:  # so does reading images
+                    self._read_images(generation)
             except EngineError as exc:  # not valid GBNF: the caller learns why from the iteration
                 with self.scheduler.cond:
                     self._end(generation, FinishReason.ERROR, exc)
@@ -125,14 +138,53 @@ class Worker:
         if admitted:
             self.kv.settle()
 
+    def _read_images(self, generation: Generation) -> None:
+        """Replace the request's text-only prompt by the one with its images (their stand-in ids, see
+        `bot.engine.vision`); `EngineError` when it does not fit the context or cannot be read."""
+        assert self._image_prompt is not None and self.vision is not None and generation._image_prompt is not None
+        prompt, images = self._image_prompt(generation._image_prompt)
+        generation._image_prompt = None
+        last = images.spans[-1] if images.spans else None
+        problem = None
+        if len(prompt) >= self.n_ctx:
+            problem = f"prompt of {len(prompt)} tokens with its images does not fit the {self.n_ctx}-token context"
+        elif last is not None and last.start + last.n_tokens >= len(prompt):
+            problem = "a prompt cannot end with an image (no text after it to give the first token)"
+        if problem is not None or last is None:
+            self.vision.free(images)
+        if problem is not None:
+            raise EngineError(problem)
+        generation.prompt = prompt
+        generation._images = images if last is not None else None
+
     def _start(self, slot: Slot, generation: Generation) -> None:
         """Start the request with as much of its prompt already in the pool as can be had; only the rest is read."""
         self.kv.place(slot, generation)
+        if generation._images is not None:
+            self._skip_cached_images(slot, generation._images)
+            if generation._images.spans:
+                self._with_images.append(generation)
+            else:
+                generation._images = None
         slot.pending = generation.prompt[len(slot.cached):]
         slot.next_token = None
         slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         generation.n_prompt_reused = len(slot.cached)
         generation._announce_position()
+
+    def _skip_cached_images(self, slot: Slot, images: PromptImages) -> None:
+        """Drop the images whose KV the sequence already holds; a cache that ends inside an image is cut back to
+        its start (an image is decoded whole)."""
+        assert self.vision is not None
+        cached = len(slot.cached)
+        while images.spans and images.spans[0].start < cached:
+            span = images.spans[0]
+            if span.start + span.n_tokens > cached:
+                self.kv.truncate(slot, span.start)
+                break
+            images.spans.pop(0)
+        if not images.spans:
+            self.vision.free(images)
 
     def _step(self) -> None:
         """One llama_decode over every active sequence: a token each for the generating ones, then prompt tokens,
@@ -172,7 +224,10 @@ class Worker:
             assert slot.pending is not None
             # Max-min fair: shortest first, each taking at most an equal share of what is left, so short prompts
             # finish at once while a long one still advances every step (never starved by a stream of short ones).
-            chunks[slot.seq_id] = slot.pending[:max(1, budget // (len(prompting) - place))]
+            share = max(1, budget // (len(prompting) - place))
+            if self._with_images and slot.generation is not None and slot.generation._images is not None:
+                share = min(share, slot.generation._images.spans[0].start - len(slot.cached))  # up to its image
+            chunks[slot.seq_id] = slot.pending[:share]
             budget -= len(chunks[slot.seq_id])
         batch, n = self._batch, 0
         # In sequence order: with a KV stream per sequence, llama.cpp splits a batch into a ubatch per run of
@@ -193,8 +248,13 @@ class Worker:
                     kv.append(slot, token)
                 if not slot.pending:
                     slot.logits_index = n - 1
-        if n == 0:
-            return
+        if n:
+            self._decode(batch, n, slots, n_prompt, limited, bool(generating))
+        if self._with_images:  # after the sampling: an image's decode overwrites the step's logits
+            self._decode_images(slots)
+
+    def _decode(self, batch: Any, n: int, slots: list[Slot], n_prompt: int, limited: bool, generating: bool) -> None:
+        """Decode the step's batch of ``n`` tokens, time it, and sample the sequences it gave logits for."""
         batch.n_tokens = n
         threads = self.threads.choose(n)
         if threads != self._n_threads:
@@ -207,12 +267,40 @@ class Worker:
         seconds = time.perf_counter() - started
         self.threads.record(n, threads, seconds)
         self.step_seconds.append(seconds)
-        self.step_cells.append(kv.cells_in_use)
+        self.step_cells.append(self.kv.cells_in_use)
         if generating or limited:
             self._measure(seconds, n_prompt, limited)
         for slot in slots:
             if slot.logits_index >= 0:
                 self._sample(slot)
+
+    def _decode_images(self, slots: list[Slot]) -> None:
+        """Decode the image each prompting sequence has reached (the text before it read), one per sequence."""
+        assert self.vision is not None
+        kv = self.kv
+        for slot in slots:
+            generation = slot.generation
+            images = generation._images if generation is not None else None
+            if generation is None or images is None or not slot.pending or images.spans[0].start != len(slot.cached):
+                continue
+            span = images.spans.pop(0)
+            try:
+                if not kv.make_room(span.n_tokens):
+                    raise EngineError("the KV cache has no room for the image")
+                self.vision.decode(self._ctx, span, slot.seq_id, len(slot.cached), self._n_batch)
+            except EngineError as exc:
+                log.warning("decoding an image failed: %s", exc)
+                kv.forget(slot)  # nothing half-written is reused
+                with self.scheduler.cond:
+                    self._finish(slot, FinishReason.ERROR, exc)
+                continue
+            for token in slot.pending[:span.n_tokens]:
+                kv.append(slot, token)
+            del slot.pending[:span.n_tokens]
+            if not images.spans:
+                self.vision.free(images)
+                generation._images = None
+                self._with_images.remove(generation)
 
     def _prefill_tokens(self) -> int:
         """Prompt tokens a step may add to the generating streams' tokens (see `_measure`)."""
@@ -276,4 +364,10 @@ class Worker:
     def _end(self, generation: Generation, reason: FinishReason, error: BaseException | None = None) -> None:
         self.samplers.free(generation._sampler)
         generation._sampler = None
+        if generation._images is not None:
+            assert self.vision is not None
+            self.vision.free(generation._images)
+            generation._images = None
+            if generation in self._with_images:  # not yet when its start failed
+                self._with_images.remove(generation)
         generation._end(reason, error)
