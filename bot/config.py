@@ -90,6 +90,7 @@ class EngineSettings(_Section):
     # backend = "openai": the server's API key comes from LLAMARELAY_ENGINE_API_KEY, never from the file.
     base_url: str | None = Field(None, description="the server's OpenAI API root, e.g. http://127.0.0.1:8080/v1")
     model: str | None = Field(None, description="model name to ask the server for; unset = the server's first")
+    vision: bool = Field(False, description="the server's model reads images (they go as image_url parts)")
     max_requests: int = Field(8, ge=1, le=1024, description="most requests in flight at the server at once")
     connect_timeout: float = Field(5.0, gt=0, le=600, description="seconds to wait for a connection")
     read_timeout: float = Field(120.0, gt=0, le=3600,
@@ -118,6 +119,9 @@ class EngineSettings(_Section):
         # llama.cpp would abort the whole process (GGML_ASSERT) on this rather than return an error.
         if self.backend == "openai" and not self.base_url:
             raise ValueError('engine.backend = "openai" needs engine.base_url (e.g. http://127.0.0.1:8080/v1)')
+        if self.vision and self.backend != "openai":
+            raise ValueError('engine.vision = true is for a server model (backend = "openai"); an embedded model '
+                             "reads images through its mmproj ([engine] mmproj)")
         if self.parallel > self.n_batch:
             raise ValueError(f"engine.parallel ({self.parallel}) must not exceed engine.n_batch ({self.n_batch}): "
                              "every conversation generated at once needs a place in each batch")

@@ -1,8 +1,10 @@
 """Images sent with a message: which are fetched (size and count, judged before any download), how they are
 checked (pixels), scaled to the model's size and encoded (Pillow), kept within a disk budget, and read back.
 
-Adapters fetch an image's bytes after `not_worth_fetching` and `over_count` let it through, then `read_image`
-turns them into an `ImagePart` (or a skipped `Attachment`, listed with a note like a skipped text file).
+Adapters hand a message's image files to `ImageIntake.read` with a way to download one: the count and the
+size the platform reports are judged before any download, then each is read into an `ImagePart` (or a skipped
+`Attachment`, listed with a note like a skipped text file). The manager stores them with the user's message;
+the window puts them into the prompt of a model that sees (`Vision`), at its size, and a note elsewhere.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import asyncio
 import io
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import TypeVar
 
@@ -21,9 +24,10 @@ from bot.config import ImageSettings
 from bot.files import clean_name, skipped
 from bot.store import Store
 from bot.types import Attachment, ImagePart
+from bot.wording import NOT_DOWNLOADED
 
-__all__ = ["IMAGE_SUFFIXES", "estimate_tokens", "is_image", "keep_images", "over_count", "not_worth_fetching",
-           "prepare_image", "pruned_note", "read_image", "stored_images"]
+__all__ = ["IMAGE_SUFFIXES", "ImageIntake", "Vision", "estimate_tokens", "fit_for", "is_image", "keep_images",
+           "over_count", "not_worth_fetching", "prepare_image", "pruned_note", "read_image", "stored_images"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 JPEG_QUALITY = 90
@@ -86,6 +90,57 @@ def prepare_image(name: str, data: bytes, limits: ImageSettings, max_side: int) 
 async def read_image(name: str, data: bytes, limits: ImageSettings, max_side: int) -> ImagePart | Attachment:
     """`prepare_image` off the event loop (decoding and scaling take a while)."""
     return await asyncio.to_thread(prepare_image, name, data, limits, max_side)
+
+
+@dataclass(frozen=True)
+class Vision:
+    """What the model that reads a prompt makes of images: whether it sees them and at what size; ``seeing``
+    names the configured models that do, for the note a model without vision leaves."""
+
+    sees: bool = False
+    image_size: int = 1024
+    seeing: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ImageIntake:
+    """How adapters read a message's images: ``[images]`` limits, and the size they are stored at (the largest
+    any model reads; a model that reads them smaller gets them scaled again, see `fit_for`)."""
+
+    limits: ImageSettings
+    max_side: int = 1024
+
+    async def read(self, files: Sequence[T], *, name_of: Callable[[T], str], size_of: Callable[[T], int],
+                   fetch: Callable[[T], Awaitable[bytes | None]]
+                   ) -> tuple[tuple[ImagePart, ...], tuple[Attachment, ...]]:
+        """The images among ``files`` and the ones skipped, with why: past the count or the size each reports,
+        nothing is downloaded; ``fetch`` returns a file's bytes, or None when it could not be downloaded."""
+        kept, skipped_files = over_count(files, self.limits, name_of)
+
+        async def one(file: T) -> ImagePart | Attachment:
+            name = name_of(file)
+            if (reason := not_worth_fetching(name, size_of(file), self.limits)) is not None:
+                return reason
+            data = await fetch(file)
+            if data is None:
+                return skipped(name, NOT_DOWNLOADED)
+            return await read_image(name, data, self.limits, self.max_side)
+
+        read = await asyncio.gather(*map(one, kept))
+        images = tuple(part for part in read if isinstance(part, ImagePart))
+        return images, tuple(part for part in read if isinstance(part, Attachment)) + tuple(skipped_files)
+
+
+async def fit_for(images: Sequence[ImagePart | str], vision: Vision, limits: ImageSettings
+                  ) -> list[ImagePart | str]:
+    """Stored images as a model reads them: those larger than its ``image_size`` scaled down (off the loop)."""
+    async def one(image: ImagePart | str) -> ImagePart | str:
+        if isinstance(image, str) or max(image.width, image.height) <= vision.image_size:
+            return image
+        scaled = await read_image(image.name, image.data, limits, vision.image_size)
+        return scaled if isinstance(scaled, ImagePart) else image
+
+    return list(await asyncio.gather(*map(one, images)))
 
 
 def estimate_tokens(image: ImagePart) -> int:

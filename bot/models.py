@@ -23,7 +23,8 @@ from bot.config import EngineSettings, ModelSettings, Secrets, Settings, default
 from bot.engine.base import InferenceEngine
 from bot.errors import EngineError, LlamarelayError
 
-__all__ = ["Capabilities", "Model", "ModelRegistry", "ModelUnavailable", "open_backend", "unavailable_line"]
+__all__ = ["Capabilities", "Model", "ModelRegistry", "ModelUnavailable", "configured_models", "open_backend",
+           "unavailable_line"]
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +145,7 @@ class ModelRegistry:
         self._budget = asyncio.Lock()  # one load or unload decision at a time
         self._closed = False
         self._unloading: set[asyncio.Task[None]] = set()  # idle unloads under way (held: tasks are weakly kept)
-        default = Model(default_model_name(settings.engine), settings.engine, is_default=True,
-                        mmproj=settings.engine.mmproj)
-        self._models: dict[str, Model] = {default.name.lower(): default}
-        for entry in settings.models:
-            self._models[entry.name.lower()] = _configured(entry, settings.engine)
+        self._models: dict[str, Model] = {model.name.lower(): model for model in configured_models(settings)}
 
     # -- what there is -----------------------------------------------------------------------------------
 
@@ -308,9 +305,17 @@ class ModelRegistry:
         return key
 
 
+def configured_models(settings: Settings) -> list[Model]:
+    """Every configured model, none loaded: the default (``[engine]``) first, then ``[[models]]`` in order."""
+    default = Model(default_model_name(settings.engine), settings.engine, is_default=True,
+                    mmproj=settings.engine.mmproj, declared_vision=settings.engine.vision or None)
+    return [default, *(_configured(entry, settings.engine) for entry in settings.models)]
+
+
 def _configured(entry: ModelSettings, engine: EngineSettings) -> Model:
     """A ``[[models]]`` entry as a `Model`: ``[engine]`` with the entry's own keys over it."""
-    update: dict[str, Any] = {"name": entry.name, "backend": entry.backend, "n_ctx": entry.n_ctx or engine.n_ctx}
+    update: dict[str, Any] = {"name": entry.name, "backend": entry.backend, "n_ctx": entry.n_ctx or engine.n_ctx,
+                              "vision": False}  # [engine]'s own: this model's is the entry's
     if entry.path is not None:
         # A projector said not to be used (vision = false) is not loaded.
         update.update(model_path=entry.path, mmproj=entry.mmproj if entry.vision is not False else None,

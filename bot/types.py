@@ -112,6 +112,7 @@ class Incoming:
     text: str
     event_id: str = ""
     attachments: tuple[Attachment, ...] = ()
+    images: tuple[ImagePart, ...] = ()  # read and scaled by `bot.images`; its skipped ones are in attachments
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ __all__ = [
     "SHUTTING_DOWN_REASON", "STALE_REPLY", "STOPPED_NOTE", "SYSTEM_PROMPT_TOO_LONG", "TAKEN_OVER_NOTE", "THINKING",
     "TRUNCATED_MARK", "WAITING_FOR_PREVIOUS", "conversation_place", "failed", "message_cut", "queued_line",
     "refusal_text", "something_went_wrong", "status_line", "summarize_request", "too_many_waiting",
+    "NOT_DOWNLOADED", "cannot_see_images", "image_unseen",
 ]
 
 # -- statuses: what a reply shows before its text ------------------------------------------------------------
@@ -88,6 +89,22 @@ EMPTY_FILE = "it is empty"
 
 def file_too_large(max_bytes: int) -> str:
     return f"larger than {max_bytes // 1000:,} kB"
+
+
+NOT_DOWNLOADED = "could not be downloaded"
+
+
+def cannot_see_images(seeing: list[str]) -> str:
+    """The note under a reply to a message with images, from a model that cannot read them: ``seeing`` are the
+    configured models that can."""
+    if seeing:
+        return f"🖼️ I can't see images with this model; try `/model {seeing[0]}`."
+    return "🖼️ I can't see images with this model, and no configured model reads images."
+
+
+def image_unseen(name: str) -> str:
+    """What a model without vision reads in place of an image of the conversation, so it knows one is there."""
+    return f"[An image, {name}, is attached; this model cannot see images.]"
 
 
 def file_skipped(name: str, reason: str) -> str:

@@ -31,7 +31,9 @@ from bot.engine.base import InferenceEngine
 from bot.engine.remote import RemoteEngine
 from bot.errors import LlamarelayError
 from bot.files import with_attachments
+from bot.images import ImageIntake, Vision, keep_images
 from bot.metrics import Metrics, Platforms
+from bot.models import configured_models
 from bot.prompt import Prompt
 from bot.store import Status, Store, StoredMessage
 from bot.text import clean_text, speaker_name
@@ -73,7 +75,11 @@ class ConversationManager:
         # Adapters register how to reach their messages again: a process that outlives another rewrites the
         # messages of the replies the dead one left (see `start`).
         self.locators: dict[str, Locator] = {}
-        self.window = Window(engine, store, settings.conversation)
+        self.window = Window(engine, store, settings.conversation, settings.images)
+        # Images: stored at the largest size a model reads; each model gets them at its own (bot.images).
+        self._models = configured_models(settings)
+        seeing = [model for model in self._models if model.capabilities.vision]
+        self.images = ImageIntake(settings.images, max((m.image_size for m in seeing or self._models[:1])))
         self.sessions = SessionSettings(store, settings, lambda: engine.n_ctx)
         self._streaming = Streaming(engine, store, self.metrics, settings.conversation, clock=clock)
         self._leases = Leases(store, self.metrics, self.locators, settings=settings.store, ours=lambda: (
@@ -90,7 +96,7 @@ class ConversationManager:
         files = tuple(dataclasses.replace(a, text=clean_text(a.text) or None, skipped=a.skipped or EMPTY_FILE)
                       if a.text is not None else a for a in incoming.attachments)
         text, file_notes = with_attachments(clean_text(incoming.text), files)
-        if not text:
+        if not text and not incoming.images:
             return await self._refuse(incoming.key, target, file_notes + [EMPTY_MESSAGE])
         ask = NewMessage(incoming, text, speaker_name(incoming.author_name))
         return await self._serve(incoming.key, target, ask, file_notes)
@@ -185,6 +191,9 @@ class ConversationManager:
             user_id, reply_id = await self.store.add_exchange(request.key, ask.text, author_id=incoming.author_id,
                                                               author_name=ask.author_name,
                                                               lease_seconds=self._leases.seconds)
+            if incoming.images:  # before the reply is built: its prompt reads them from the store, like history
+                if pruned := await keep_images(self.store, user_id, incoming.images, self.settings.images):
+                    log.info("%d stored images lost their data to keep [images] disk_mb", pruned)
             await self._own(request, Exchange(user_id, ask.text, ask.author_name, reply_id))
         except LlamarelayError as exc:
             log.error("could not store a message in %s: %s", log_name(request.key), exc)
@@ -248,7 +257,13 @@ class ConversationManager:
 
         return await self.window.fit(request.key, exchange, system, sampling, run=run,
                                      speakers=not SessionKey.parse(request.key).is_private,
-                                     wrote=lambda: request.text != exchange.prefix)
+                                     wrote=lambda: request.text != exchange.prefix, vision=self.vision(request.key))
+
+    def vision(self, key: SessionKey | str) -> Vision:
+        """What the model answering conversation ``key`` makes of images (the default model's until /model)."""
+        model = self._models[0]
+        return Vision(model.capabilities.vision, model.image_size,
+                      tuple(m.name for m in self._models if m.capabilities.vision))
 
     async def _end(self, request: Request, status: str, notes: list[str]) -> ReplyResult:
         """The reply as it ended, stored in its row (a request that never got one only reports)."""

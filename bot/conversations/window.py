@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from bot.config import ConversationSettings, SamplingSettings
+from bot.config import ConversationSettings, ImageSettings, SamplingSettings
 from bot.conversations.requests import Exchange
 from bot.engine.remote import PromptTooLong, RemoteEngine
 from bot.errors import LlamarelayError
+from bot.images import Vision, estimate_tokens, fit_for, stored_images
 from bot.prompt import Prompt
 from bot.store import Store, StoredMessage
-from bot.types import log_name
-from bot.wording import SYSTEM_PROMPT_TOO_LONG, TRUNCATED_MARK, message_cut
+from bot.types import ImagePart, log_name
+from bot.wording import SYSTEM_PROMPT_TOO_LONG, TRUNCATED_MARK, cannot_see_images, image_unseen, message_cut
 
 if TYPE_CHECKING:
     from bot.engine.embedded import Engine
@@ -30,32 +31,43 @@ HISTORY_PAGE = 64  # messages read per step when looking back for the history th
 
 T = TypeVar("T")
 Turn = dict[str, str]
+Pictures = Mapping[int, Sequence[ImagePart | str]]  # a user message's id -> its images (a str: one pruned)
 
 
 class Window:
     """Builds each conversation's prompts within the engine's context window, and remembers where a full
     window starts (so the next prompt keeps that start, and the engine its cached prefix)."""
 
-    def __init__(self, engine: Engine | RemoteEngine, store: Store, settings: ConversationSettings) -> None:
+    def __init__(self, engine: Engine | RemoteEngine, store: Store, settings: ConversationSettings,
+                 images: ImageSettings | None = None) -> None:
         self._engine = engine
         self._store = store
         self._settings = settings  # its max_message_chars: the longest message the model reads
+        self._images = images or ImageSettings()
         self._starts: dict[str, int] = {}  # per conversation with a full window: its oldest kept message
 
     async def fit(self, key: str, exchange: Exchange, system: str, sampling: SamplingSettings, *, speakers: bool,
-                  run: Callable[[Prompt, list[str]], Awaitable[T]], wrote: Callable[[], bool]) -> T:
+                  run: Callable[[Prompt, list[str]], Awaitable[T]], wrote: Callable[[], bool],
+                  vision: Vision = Vision()) -> T:
         """``run`` the prompt that answers ``exchange`` (with the notes about it, e.g. a message cut short).
+
+        The stored images of its user turns go with them to a model that sees (``vision``); one that does not
+        reads a line in place of each, and a note under the reply says it could not see the message's images.
 
         A remote server may count more tokens than our estimate: when ``run`` raises `PromptTooLong` before it
         ``wrote`` anything, it gets the prompt again with fewer turns, up to `PROMPT_ATTEMPTS` times.
         """
         budget = self._engine.n_ctx - sampling.max_tokens
         history = await self.history(key, exchange.user_id, budget)
+        pictures = await stored_images(self._store, [m.id for m in history if m.role == "user"] + [exchange.user_id])
+        if vision.sees:
+            pictures = {message_id: await fit_for(images, vision, self._images)
+                        for message_id, images in pictures.items()}
         for attempt in range(1, PROMPT_ATTEMPTS + 1):
             prompt, notes = await asyncio.to_thread(
                 self.build_prompt, system, history, exchange.text, sampling.max_tokens,
                 speaker=exchange.author_name if speakers else "", prefix=exchange.prefix, budget=budget,
-                keep_from=self._starts.get(key))
+                keep_from=self._starts.get(key), pictures=pictures, user_id=exchange.user_id, vision=vision)
             if prompt.turns_from is None:
                 self._starts.pop(key, None)
             else:
@@ -87,7 +99,8 @@ class Window:
 
     def build_prompt(self, system: str, history: list[StoredMessage], text: str, max_tokens: int, *,
                      speaker: str = "", prefix: str = "", budget: int | None = None,
-                     keep_from: int | None = None) -> tuple[Prompt, list[str]]:
+                     keep_from: int | None = None, pictures: Pictures | None = None, user_id: int | None = None,
+                     vision: Vision = Vision()) -> tuple[Prompt, list[str]]:
         """A prompt that fits ``budget`` (default ``n_ctx - max_tokens``) tokens: the system prompt always,
         then the newest turns that fit.
 
@@ -95,12 +108,24 @@ class Window:
         shared conversation (``speaker``: who wrote ``text``) each user turn starts with its author's name, so
         the model can tell people apart; names are message text, never template. ``prefix`` (Continue) is a
         reply so far, which the model goes on from. When turns must be left out, they go in large steps, and
-        ``keep_from`` (the oldest message the last prompt kept) is kept again while it fits.
+        ``keep_from`` (the oldest message the last prompt kept) is kept again while it fits. ``pictures``: the
+        images of user messages by id (``user_id``: the message being answered), sent along when ``vision``
+        sees, else named in the text.
         """
         budget = self._engine.n_ctx - max_tokens if budget is None else budget
+        pictures = pictures or {}
         turns = [{"role": m.role, "content": _said(m, speaker)} for m in history]  # templates keep roles alternating
-        render = _Renderer(self._engine, system, f"{speaker}: " if speaker else "", prefix)
+        mine = pictures.get(user_id, []) if user_id is not None else []
+        images = [pictures.get(m.id, []) for m in history]
+        if not vision.sees:
+            turns = [{**turn, "content": _unseen(turn["content"], seen)} for turn, seen in zip(turns, images)]
+            images = [[] for _ in history]
+        render = _Renderer(self._engine, system, f"{speaker}: " if speaker else "", prefix,
+                           costs=[_cost(seen) for seen in images], own_cost=_cost(mine) if vision.sees else 0)
         text, notes = self._message_that_fits(render, text, budget)
+        if mine and not vision.sees:
+            text = _unseen(text, mine)
+            notes.append(cannot_see_images(list(vision.seeing)))
         drop = render.turns_to_drop(turns, text, budget)
         if drop:
             # A full window drops turns in large steps: the prompt keeps its start (and the engine its cached
@@ -110,26 +135,40 @@ class Window:
             drop = (kept_before if kept_before >= drop
                     else render.turns_to_drop(turns, text, int(budget * WINDOW_REFILL), drop))
         start = history[drop].id if drop < len(history) else None
-        return Prompt(render.conversation(turns[drop:], text), render(turns[drop:], text), prefix,
-                      turns_from=start if drop else None), notes
+        messages = render.conversation(turns[drop:], text)
+        sent = {1 + index: seen for index, seen in enumerate(images[drop:]) if seen}  # after the system prompt
+        if mine and vision.sees:
+            sent[len(messages) - 1] = mine
+        return Prompt(messages, render(turns[drop:], text), prefix, turns_from=start if drop else None,
+                      images=sent), notes
 
     def _message_that_fits(self, render: _Renderer, text: str, budget: int) -> tuple[str, list[str]]:
         """The user's message, cut (with a mark) to its head when it alone overflows the window; the notes."""
         original_length = len(text)
         text = text[:self._settings.max_message_chars]
-        if len(render([], text)) > budget:
-            overhead = len(render([], "")) + len(self._engine.tokenize(TRUNCATED_MARK))
+        if render.length([], text) > budget:
+            overhead = render.length([], "") + len(self._engine.tokenize(TRUNCATED_MARK))
             if overhead >= budget:
                 raise LlamarelayError(SYSTEM_PROMPT_TOO_LONG)
             content, keep = self._engine.tokenize(text), budget - overhead
             while keep > 0:  # token counts shift a little where the pieces meet
                 text = self._engine.detokenize(content[:keep])
-                if len(render([], text + TRUNCATED_MARK)) <= budget:
+                if render.length([], text + TRUNCATED_MARK) <= budget:
                     break
                 keep -= 8
         if len(text) == original_length:
             return text, []
         return text + TRUNCATED_MARK, [message_cut(len(text), original_length)]
+
+
+def _unseen(text: str, images: Sequence[ImagePart | str]) -> str:
+    """A turn as a model without vision reads it: its text, then a line in place of each image."""
+    lines = [image if isinstance(image, str) else image_unseen(image.name) for image in images]
+    return "\n".join([text, *lines]) if text else "\n".join(lines)
+
+
+def _cost(images: Sequence[ImagePart | str]) -> int:
+    return sum(estimate_tokens(image) for image in images if isinstance(image, ImagePart))
 
 
 def _said(message: StoredMessage, speaker: str) -> str:
@@ -143,11 +182,14 @@ class _Renderer:
     """Token ids of the conversation with some of its turns kept: the system prompt, turns, the user's message
     (after ``head``, its speaker), and ``prefix`` (a reply the model goes on from)."""
 
-    def __init__(self, engine: Engine | RemoteEngine, system: str, head: str, prefix: str) -> None:
+    def __init__(self, engine: Engine | RemoteEngine, system: str, head: str, prefix: str, *,
+                 costs: list[int] | None = None, own_cost: int = 0) -> None:
         self._engine = engine
         self._system = system
         self._head = head
         self._tail = engine.tokenize(prefix) if prefix else []
+        self._costs = costs or []  # per turn: the tokens its images take beside its text
+        self._own_cost = own_cost  # the images of the message being answered
 
     def conversation(self, kept: list[Turn], user_text: str) -> list[Turn]:
         return [{"role": "system", "content": self._system}, *kept,
@@ -156,12 +198,17 @@ class _Renderer:
     def __call__(self, kept: list[Turn], user_text: str) -> list[int]:
         return self._engine.chat_tokens(self.conversation(kept, user_text)) + self._tail
 
+    def length(self, kept: list[Turn], user_text: str) -> int:
+        """Tokens of the conversation with ``kept`` (the newest turns), its images included."""
+        images = sum(self._costs[len(self._costs) - len(kept):]) if kept else 0
+        return len(self(kept, user_text)) + images + self._own_cost
+
     def turns_to_drop(self, turns: list[Turn], text: str, limit: int, low: int = 0) -> int:
         """How many of the oldest turns to drop to fit ``limit`` (the length is monotone in what is kept)."""
         high = len(turns)
         while low < high:
             middle = (low + high) // 2
-            if len(self(turns[middle:], text)) <= limit:
+            if self.length(turns[middle:], text) <= limit:
                 high = middle
             else:
                 low = middle + 1
