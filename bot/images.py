@@ -26,8 +26,9 @@ from bot.store import Store
 from bot.types import Attachment, ImagePart
 from bot.wording import NOT_DOWNLOADED
 
-__all__ = ["IMAGE_SUFFIXES", "ImageIntake", "Vision", "estimate_tokens", "fit_for", "is_image", "keep_images",
-           "over_count", "not_worth_fetching", "prepare_image", "pruned_note", "read_image", "stored_images"]
+__all__ = ["BLIND", "IMAGE_SUFFIXES", "ImageIntake", "Vision", "estimate_tokens", "fit_for", "is_image",
+           "keep_images", "over_count", "not_worth_fetching", "prepare_image", "pruned_note", "read_image",
+           "stored_images"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 JPEG_QUALITY = 90
@@ -100,6 +101,9 @@ class Vision:
     sees: bool = False
     image_size: int = 1024
     seeing: tuple[str, ...] = ()
+
+
+BLIND = Vision()  # a model that reads text only
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ class ConversationManager:
         # Images: stored at the largest size a model reads; each model gets them at its own (bot.images).
         self._models = configured_models(settings)
         seeing = [model for model in self._models if model.capabilities.vision]
-        self.images = ImageIntake(settings.images, max((m.image_size for m in seeing or self._models[:1])))
+        self.images = ImageIntake(settings.images, max(m.image_size for m in seeing or self._models[:1]))
         self.sessions = SessionSettings(store, settings, lambda: engine.n_ctx)
         self._streaming = Streaming(engine, store, self.metrics, settings.conversation, clock=clock)
         self._leases = Leases(store, self.metrics, self.locators, settings=settings.store, ours=lambda: (
@@ -191,9 +191,10 @@ class ConversationManager:
             user_id, reply_id = await self.store.add_exchange(request.key, ask.text, author_id=incoming.author_id,
                                                               author_name=ask.author_name,
                                                               lease_seconds=self._leases.seconds)
-            if incoming.images:  # before the reply is built: its prompt reads them from the store, like history
-                if pruned := await keep_images(self.store, user_id, incoming.images, self.settings.images):
-                    log.info("%d stored images lost their data to keep [images] disk_mb", pruned)
+            # Before the reply is built: its prompt reads them from the store, like the history's.
+            if incoming.images and (pruned := await keep_images(self.store, user_id, incoming.images,
+                                                                self.settings.images)):
+                log.info("%d stored images lost their data to keep [images] disk_mb", pruned)
             await self._own(request, Exchange(user_id, ask.text, ask.author_name, reply_id))
         except LlamarelayError as exc:
             log.error("could not store a message in %s: %s", log_name(request.key), exc)

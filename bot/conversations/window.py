@@ -12,7 +12,7 @@ from bot.config import ConversationSettings, ImageSettings, SamplingSettings
 from bot.conversations.requests import Exchange
 from bot.engine.remote import PromptTooLong, RemoteEngine
 from bot.errors import LlamarelayError
-from bot.images import Vision, estimate_tokens, fit_for, stored_images
+from bot.images import BLIND, Vision, estimate_tokens, fit_for, stored_images
 from bot.prompt import Prompt
 from bot.store import Store, StoredMessage
 from bot.types import ImagePart, log_name
@@ -48,7 +48,7 @@ class Window:
 
     async def fit(self, key: str, exchange: Exchange, system: str, sampling: SamplingSettings, *, speakers: bool,
                   run: Callable[[Prompt, list[str]], Awaitable[T]], wrote: Callable[[], bool],
-                  vision: Vision = Vision()) -> T:
+                  vision: Vision = BLIND) -> T:
         """``run`` the prompt that answers ``exchange`` (with the notes about it, e.g. a message cut short).
 
         The stored images of its user turns go with them to a model that sees (``vision``); one that does not
@@ -100,7 +100,7 @@ class Window:
     def build_prompt(self, system: str, history: list[StoredMessage], text: str, max_tokens: int, *,
                      speaker: str = "", prefix: str = "", budget: int | None = None,
                      keep_from: int | None = None, pictures: Pictures | None = None, user_id: int | None = None,
-                     vision: Vision = Vision()) -> tuple[Prompt, list[str]]:
+                     vision: Vision = BLIND) -> tuple[Prompt, list[str]]:
         """A prompt that fits ``budget`` (default ``n_ctx - max_tokens``) tokens: the system prompt always,
         then the newest turns that fit.
 
