@@ -48,7 +48,7 @@ def is_image(name: str, content_type: str | None = None) -> bool:
 def not_worth_fetching(name: str, size: int, limits: ImageSettings) -> Attachment | None:
     """Why an image is skipped, judged from the size the platform reports before any download; None to fetch."""
     if size > limits.max_bytes:
-        return skipped(name, f"an image larger than {limits.max_bytes // 1_000_000:,} MB")
+        return skipped(name, f"an image larger than {_size(limits.max_bytes)}")
     return None
 
 
@@ -171,6 +171,10 @@ async def stored_images(store: Store, message_ids: Iterable[int]) -> dict[int, l
     return {message_id: [ImagePart(image.name, image.media_type, image.data, image.width, image.height)
                          if image.data is not None else pruned_note(image.name) for image in images]
             for message_id, images in found.items()}
+
+
+def _size(count: int) -> str:
+    return f"{count / 1_000_000:g} MB" if count >= 1_000_000 else f"{count / 1000:g} kB"
 
 
 def _encoded(image: Image.Image, format: str, **options: object) -> bytes:

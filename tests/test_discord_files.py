@@ -22,11 +22,11 @@ async def test_text_files_are_read_and_the_others_skipped_unread(
     mid = await fake.message_create("what is in these?", files=[
         ("notes.txt", NOTES.encode(), "text/plain; charset=utf-8"),
         ("script.py", b"print('hi')\r\n", None),  # no content type: known by its suffix
-        ("photo.png", b"\x89PNG\r\n\x1a\n" + bytes(64), "image/png"),
+        ("archive.zip", b"PK\x03\x04" + bytes(64), "application/zip"),
         ("big.log", b"x" * 5000, "text/plain"),
     ])
-    [notes_id, script_id, photo_id, big_id] = [int(a["id"]) for a in fake.messages[mid]["attachments"]]
-    expected = "Read it.\n\n📎 I skipped photo.png: not a text file.\n📎 I skipped big.log: larger than 1 kB."
+    [notes_id, script_id, archive_id, big_id] = [int(a["id"]) for a in fake.messages[mid]["attachments"]]
+    expected = "Read it.\n\n📎 I skipped archive.zip: not a text file.\n📎 I skipped big.log: larger than 1 kB."
     await fake.final_reply(mid, expected)
     assert sorted(fake.downloads) == sorted([notes_id, script_id])  # the others were judged by size and kind
     [question, answer] = await stored(manager, CHANNEL_KEY)

@@ -19,7 +19,7 @@ async def test_text_files_on_a_mention_are_read_and_the_rest_skipped_with_a_line
     await manager.set_sampling(channel_key("C1"), grammar='root ::= "Looks fine."', max_tokens=30)
     files = [
         fake.add_file("notes.md", b"# Plan\r\nship it"),
-        fake.add_file("photo.png", b"\x89PNG\r\n\x1a\n", "image/png"),
+        fake.add_file("archive.zip", b"PK\x03\x04", "application/zip"),
         fake.add_file("big.log", b"x" * 5000),
         fake.add_file("small-but-not.txt", b"y" * 5000, size=10),  # Slack's size is wrong: still cut off
     ]
@@ -33,7 +33,7 @@ async def test_text_files_on_a_mention_are_read_and_the_rest_skipped_with_a_line
     [asked] = [m for m in await manager.history(channel_key("C1", event["ts"])) if m.role == "user"]
     assert asked.content == "review these\n\nFile notes.md:\n```\n# Plan\nship it\n```"
     assert shown(reply) == to_mrkdwn("Looks fine.\n\n" + "\n".join([
-        "📎 I skipped photo.png: not a text file.", "📎 I skipped big.log: larger than 1 kB.",
+        "📎 I skipped archive.zip: not a text file.", "📎 I skipped big.log: larger than 1 kB.",
         "📎 I skipped small-but-not.txt: larger than 1 kB.", "📎 I skipped elsewhere.txt: not stored on Slack."]))
     assert sorted(fake.downloads) == ["notes.md", "small-but-not.txt"]  # nothing too big or binary was fetched
 

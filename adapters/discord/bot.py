@@ -19,7 +19,7 @@ import discord
 
 from adapters.discord.commands import LlamarelayTree
 from adapters.discord.controls import BUTTONS
-from adapters.discord.files import read_attachments
+from adapters.discord.files import read_files
 from adapters.discord.targets import NO_MENTIONS, ChannelTarget, locate
 from bot.access import AccessPolicy, Action, Actor, Decision, Place, Refusal
 from bot.text import clean_text
@@ -218,9 +218,10 @@ class DiscordBot(discord.Client):
             if (thread := await self._open_thread(message, thread_name(text, fallback))) is not None:
                 channel, target = thread, self.channel_target(thread)
                 key = self.session_for(thread, message.author, guild_id)
-        files = await read_attachments(message.attachments, self.manager.limits.max_file_bytes)
+        files, images = await read_files(message.attachments, self.manager.limits.max_file_bytes,
+                                         self.manager.images)
         incoming = Incoming(key, str(message.author.id), message.author.display_name, text,
-                            event_id=str(message.id), attachments=files)
+                            event_id=str(message.id), attachments=files, images=images)
         await self.answer(self.manager.respond(incoming, target), key, typing_in=channel)
 
     async def _open_thread(self, message: discord.Message, name: str) -> discord.Thread | None:

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 import discord
 from discord import app_commands
 
-from adapters.discord.files import read_attachments
+from adapters.discord.files import read_files
 from adapters.discord.targets import NO_MENTIONS, InteractionTarget
 from bot.access import Action
 from bot.context import ask_about, summarize
-from bot.types import Attachment, Incoming
+from bot.types import Attachment, ImagePart, Incoming
 
 if TYPE_CHECKING:
     from adapters.discord.bot import DiscordBot
@@ -62,8 +62,9 @@ class AskModal(discord.ui.Modal, title="Ask llamarelay about this message"):
         assert isinstance(self.question.component, discord.ui.TextInput)
         text = ask_about(self.message.author.display_name, bot.prompt_text(self.message),
                          self.question.component.value)
-        files = await read_attachments(self.message.attachments, bot.manager.limits.max_file_bytes)
-        await _answer(interaction, text, files)
+        files, images = await read_files(self.message.attachments, bot.manager.limits.max_file_bytes,
+                                         bot.manager.images)
+        await _answer(interaction, text, files, images)
 
     # discord.py's own Modal.on_error drops BaseView's ``item`` argument; this matches Modal's, which is called.
     async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:  # type: ignore[override]
@@ -107,12 +108,13 @@ async def _too_fast(interaction: discord.Interaction) -> bool:
     return True
 
 
-async def _answer(interaction: discord.Interaction, text: str, files: tuple[Attachment, ...] = ()) -> None:
+async def _answer(interaction: discord.Interaction, text: str, files: tuple[Attachment, ...] = (),
+                  images: tuple[ImagePart, ...] = ()) -> None:
     """Ask the model ``text`` as the user of ``interaction``, in this channel's conversation."""
     bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
     user = interaction.user
     key = bot.session_for(interaction.channel, user, interaction.guild_id)
     incoming = Incoming(key, str(user.id), user.display_name, text, event_id=str(interaction.id),
-                        attachments=files)
+                        attachments=files, images=images)
     target = InteractionTarget(interaction, min_edit_interval=bot.settings.edit_interval)
     await bot.answer(bot.manager.respond(incoming, target), key)

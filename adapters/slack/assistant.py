@@ -120,9 +120,10 @@ class AssistantThreads:
                 await set_title(_title(text))
             except SlackApiError as exc:
                 log.info("could not title assistant thread %s: %s", thread, exc.response.get("error"))
-        attachments = await self.bot.read_files(event.get("files") or [])
+        attachments, images = await self.bot.read_files(event.get("files") or [])
         # One person per assistant thread: no speaker names, as in a DM.
-        incoming = Incoming(key, user, "", text, event_id=str(body.get("event_id") or ""), attachments=attachments)
+        incoming = Incoming(key, user, "", text, event_id=str(body.get("event_id") or ""), attachments=attachments,
+                            images=images)
         target = AssistantTarget(self.bot.client, channel, thread_ts=thread, team_id=team, user_id=user, key=key,
                                  edit_interval=self.bot.settings.edit_interval,
                                  native=self.bot.settings.native_streaming)

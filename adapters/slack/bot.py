@@ -29,7 +29,7 @@ from adapters.http import Listener
 from adapters.slack.assistant import register_assistant
 from adapters.slack.commands import register_commands
 from adapters.slack.controls import register_controls
-from adapters.slack.files import read_files
+from adapters.slack.files import read_files, read_images
 from adapters.slack.mrkdwn import from_slack
 from adapters.slack.sessions import PLATFORM, is_dm, session_key
 from adapters.slack.shortcuts import register_shortcuts
@@ -38,7 +38,7 @@ from bot.access import AccessPolicy, Action, Actor, Decision, Place, Refusal
 from bot.config import Secrets, Settings, SlackSettings
 from bot.conversations import ConversationManager, ReplyResult
 from bot.errors import ConfigError
-from bot.types import Attachment, Incoming, SessionKey
+from bot.types import Attachment, ImagePart, Incoming, SessionKey
 from bot.wording import refusal_text
 
 __all__ = ["SlackBot", "run_slack"]
@@ -191,10 +191,10 @@ class SlackBot:
             await self._refuse(refusal_text(decision, admins=ADMINS), channel=channel, user=user,
                                thread_ts=reply_thread)
             return
-        name, attachments = await asyncio.gather(self.display_name(user, event.get("user_profile")),
-                                                 self.read_files(event.get("files") or []))
+        name, (attachments, images) = await asyncio.gather(self.display_name(user, event.get("user_profile")),
+                                                           self.read_files(event.get("files") or []))
         incoming = Incoming(key, user, name, from_slack(event.get("text", ""), context.bot_user_id),
-                            event_id=str(body.get("event_id") or ""), attachments=attachments)
+                            event_id=str(body.get("event_id") or ""), attachments=attachments, images=images)
         target: UpdateTarget
         if self.settings.native_streaming:
             target = NativeStreamTarget(self.client, channel, thread_ts=reply_thread or ts, team_id=team,
@@ -269,13 +269,18 @@ class SlackBot:
         self._names[user] = (str(name), now + NAME_TTL_SECONDS)
         return str(name)
 
-    async def read_files(self, files: list[dict[str, Any]]) -> tuple[Attachment, ...]:
-        """A message's files as attachments for the core (see `adapters.slack.files`)."""
+    async def read_files(self, files: list[dict[str, Any]]) -> tuple[tuple[Attachment, ...], tuple[ImagePart, ...]]:
+        """A message's files for the core (see `adapters.slack.files`): text files read or skipped (with the
+        images skipped), and its images."""
         if not files:
-            return ()
+            return (), ()
         assert self._http is not None, "the bot is not started"
-        return await read_files(self._http, files, token=self._bot_token, api_host=self._api_host,
-                                max_bytes=self.manager.limits.max_file_bytes)
+        texts, (images, skipped_images) = await asyncio.gather(
+            read_files(self._http, files, token=self._bot_token, api_host=self._api_host,
+                       max_bytes=self.manager.limits.max_file_bytes),
+            read_images(self._http, files, token=self._bot_token, api_host=self._api_host,
+                        images=self.manager.images))
+        return texts + skipped_images, images
 
     async def reply(self, incoming: Incoming, target: UpdateTarget) -> ReplyResult:
         """Stream the core's answer to ``incoming`` into ``target``, then end any native stream it opened."""

@@ -5,24 +5,19 @@ and replaced by a note past the disk budget. The model is a real server process 
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import io
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from PIL import Image
 
-from bot.app import open_engine
-from bot.config import EngineSettings, ImageSettings, ModelSettings, Secrets, Settings
+from bot.config import ImageSettings, ModelSettings, Settings
 from bot.conversations import ConversationManager, ReplyResult
 from bot.images import read_image
 from bot.store import Status, Store
 from bot.types import ImagePart, Incoming
 from bot.wording import cannot_see_images, image_unseen
 from tests.conversations.helpers import CHANNEL, Target
+from tests.pictures import MODEL_ID, png, recorded_manager, sent_images
 from tests.recording_server import REPLY, RecordingServer
 
 REPLY_TIMEOUT_SECONDS = 30.0
@@ -30,30 +25,14 @@ REPLY_TIMEOUT_SECONDS = 30.0
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[RecordingServer]:
-    server = await RecordingServer(tmp_path, "llava-test").start()
+    server = await RecordingServer(tmp_path, MODEL_ID).start()
     yield server
     await server.stop()
 
 
-@contextlib.asynccontextmanager
-async def manager_for(settings: Settings, store: Store, server: RecordingServer, *, vision: bool
-                      ) -> AsyncIterator[ConversationManager]:
-    settings.engine = EngineSettings(backend="openai", base_url=server.base_url, model="llava-test", n_ctx=4096,
-                                     retry_seconds=1.0, vision=vision)
-    engine = await open_engine(settings, Secrets())
-    manager = ConversationManager(engine, store, settings)
-    try:
-        yield manager
-    finally:
-        await manager.shutdown()
-        await engine.aclose()
-
-
 async def picture(name: str, size: tuple[int, int], color: tuple[int, int, int], max_side: int = 1024
                   ) -> ImagePart:
-    out = io.BytesIO()
-    Image.new("RGB", size, color).save(out, "PNG")
-    part = await read_image(name, out.getvalue(), ImageSettings(), max_side)
+    part = await read_image(name, png(size, color), ImageSettings(), max_side)
     assert isinstance(part, ImagePart)
     return part
 
@@ -63,21 +42,10 @@ async def ask(manager: ConversationManager, text: str, *images: ImagePart) -> Re
         return await manager.respond(Incoming(CHANNEL, "u1", "Ann", text, images=images), Target())
 
 
-def sent_images(message: dict[str, Any]) -> list[Image.Image]:
-    """The images of one message of a recorded request, decoded from their data URLs."""
-    found = []
-    for part in message["content"] if isinstance(message["content"], list) else []:
-        if part["type"] == "image_url":
-            head, _, data = part["image_url"]["url"].partition(",")
-            assert head in ("data:image/png;base64", "data:image/jpeg;base64")
-            found.append(Image.open(io.BytesIO(base64.b64decode(data))))
-    return found
-
-
 async def test_a_picture_reaches_the_vision_model_and_again_on_regenerate_and_in_later_turns(
         settings: Settings, store: Store, server: RecordingServer) -> None:
     red = await picture("red.png", (640, 480), (255, 0, 0))
-    async with manager_for(settings, store, server, vision=True) as manager:
+    async with recorded_manager(settings, store, server, vision=True) as manager:
         first = await ask(manager, "What colour is this?", red)
         assert (first.status, first.text, first.notes) == (Status.COMPLETE, REPLY, [])
         assert first.reply_id is not None
@@ -100,7 +68,7 @@ async def test_a_picture_alone_is_answered_and_scaled_to_the_models_image_size(
         settings: Settings, store: Store, server: RecordingServer) -> None:
     settings.models = [ModelSettings(name="small-eyes", url=server.base_url, vision=True, image_size=200)]
     big = await picture("wide.png", (1600, 800), (0, 0, 255), max_side=1600)
-    async with manager_for(settings, store, server, vision=True) as manager:
+    async with recorded_manager(settings, store, server, vision=True) as manager:
         assert manager.images.max_side == 1024  # stored at the largest size a model reads
         result = await ask(manager, "", big)
     assert result.status == Status.COMPLETE and result.text == REPLY
@@ -115,7 +83,7 @@ async def test_a_model_without_vision_answers_and_says_it_cannot_see_the_picture
         settings: Settings, store: Store, server: RecordingServer) -> None:
     settings.models = [ModelSettings(name="llava", url=server.base_url, vision=True)]
     cat = await picture("cat.png", (64, 64), (10, 200, 10))
-    async with manager_for(settings, store, server, vision=False) as manager:
+    async with recorded_manager(settings, store, server, vision=False) as manager:
         result = await ask(manager, "What is this?", cat)
         history = await manager.history(CHANNEL)
     assert result.status == Status.COMPLETE and result.text == REPLY
@@ -132,7 +100,7 @@ async def test_past_the_disk_budget_a_picture_is_replaced_by_a_note(
         settings: Settings, store: Store, server: RecordingServer) -> None:
     settings.images = ImageSettings(disk_mb=0)
     cat = await picture("cat.png", (64, 64), (10, 200, 10))
-    async with manager_for(settings, store, server, vision=True) as manager:
+    async with recorded_manager(settings, store, server, vision=True) as manager:
         result = await ask(manager, "Still there?", cat)
     assert result.status == Status.COMPLETE
     [request] = server.requests()
