@@ -369,13 +369,13 @@ async def test_files_are_read_into_the_message_and_skipped_ones_say_why(browsers
     conversation = await browser.new(sentences(1))
     stream = await browser.send_files(conversation, "Summarize these.", [
         ("notes.txt", b"buy milk\r\ncall Bo", "text/plain"),
-        ("photo.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "image/png"),
+        ("archive.zip", b"PK\x03\x04\x00\x00", "application/zip"),
         ("big.log", b"x" * 5000, "application/octet-stream"),
         ("../../etc/données.csv", b"a,b\n1,2\n", ""),
     ])
     done = await stream.done()
     assert done["status"] == Status.COMPLETE and done["text"] == expected(1)
-    assert done["notes"] == ["📎 I skipped photo.png: not a text file.", "📎 I skipped big.log: larger than 1 kB."]
+    assert done["notes"] == ["📎 I skipped archive.zip: not a text file.", "📎 I skipped big.log: larger than 1 kB."]
     messages = (await browser.conversation(conversation))["messages"]
     assert messages[0]["content"] == ("Summarize these.\n\nFile notes.txt:\n```\nbuy milk\ncall Bo\n```"
                                       "\n\nFile données.csv:\n```\na,b\n1,2\n```")
@@ -423,12 +423,13 @@ async def raw_post(port: int, path: str, headers: dict[str, str], body: AsyncIte
 async def test_upload_limits_hold_before_the_body_is_read(browsers: Callable[[], Browser], server: WebServer,
                                                           settings: Settings) -> None:
     settings.conversation.max_file_bytes = 1000
+    settings.images.max_bytes = 1000
     browser = browsers()
     conversation = await browser.new(sentences(1))
     path = f"/api/conversations/{conversation}/messages"
     cookie = next(c for c in browser.session.cookie_jar if c.key == "llamarelay_browser")
     form = {"Cookie": f"llamarelay_browser={cookie.value}", "Content-Type": "multipart/form-data; boundary=b"}
-    limit = upload_limit(MAX_MESSAGE_CHARS, 1000)
+    limit = upload_limit(MAX_MESSAGE_CHARS, 1000, 1000, settings.images.max_count)
 
     sent = 0
 

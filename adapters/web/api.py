@@ -34,7 +34,7 @@ from bot.config import Secrets, Settings
 from bot.conversations import ConversationManager, RedoRefusal, ReplyResult, can_continue
 from bot.store import StoredMessage
 from bot.text import clean_text, one_line
-from bot.types import Attachment, Incoming, SessionKey, log_name
+from bot.types import Attachment, ImagePart, Incoming, SessionKey, log_name
 from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY, refusal_text
 
 __all__ = ["ApiError", "LoginThrottle", "WebState", "STATE", "BROWSER_COOKIE", "AUTH_COOKIE", "current_browser",
@@ -300,6 +300,8 @@ async def info(request: web.Request) -> web.Response:
                           "running": status.running, "max_message_chars": MAX_MESSAGE_CHARS,
                           "max_system_prompt_chars": MAX_SYSTEM_PROMPT_CHARS, "max_files": MAX_FILES,
                           "max_file_bytes": state.settings.conversation.max_file_bytes,
+                          "max_images": state.manager.images.limits.max_count,
+                          "max_image_bytes": state.manager.images.limits.max_bytes,
                           "default_system_prompt": state.settings.conversation.system_prompt})
 
 
@@ -380,22 +382,33 @@ async def send_message(request: web.Request) -> web.StreamResponse:
     _, key = await _conversation(request)
     state = _state(request)
     files: tuple[Attachment, ...] = ()
+    images: tuple[ImagePart, ...] = ()
     if request.content_type == FORM_TYPE:
+        intake = state.manager.images
         try:
-            text, files = await read_form(request, max_chars=MAX_MESSAGE_CHARS,
-                                          max_file_bytes=state.settings.conversation.max_file_bytes)
+            text, files, sent = await read_form(request, max_chars=MAX_MESSAGE_CHARS,
+                                                max_file_bytes=state.settings.conversation.max_file_bytes,
+                                                max_image_bytes=intake.limits.max_bytes,
+                                                max_images=intake.limits.max_count)
         except UploadError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
+        images, skipped = await intake.read(sent, name_of=lambda image: image[0], size_of=lambda image: len(image[1]),
+                                            fetch=_sent_bytes)
+        files += skipped
     else:
         text = _text_field(await _json_body(request), "text", MAX_MESSAGE_CHARS) or ""
-    if not clean_text(text) and not files:
+    if not clean_text(text) and not files and not images:
         raise ApiError(400, "empty_message", "The message is empty.")
     await _check(request, Action.ASK)
     target = _target(request)
     # One person per browser conversation: no speaker name goes before their words.
-    incoming = Incoming(key, current_browser.get(), "", text, attachments=files)
+    incoming = Incoming(key, current_browser.get(), "", text, attachments=files, images=images)
     state.follow(key, target, state.manager.respond(incoming, target))
     return await _stream(request, key, target)
+
+
+async def _sent_bytes(image: tuple[str, bytes]) -> bytes:
+    return image[1]  # an uploaded image is here already
 
 
 @routes.post("/api/conversations/{conversation}/regenerate")

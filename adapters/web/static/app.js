@@ -23,7 +23,7 @@
   let streaming = null;      // {conversation, bubble} while this page streams a reply
   let latest = null;         // {id, canContinue}: the open conversation's latest answer, once it is finished
   let attached = [];         // Files to send with the next message
-  let limits = { maxFiles: 10, maxFileBytes: 200000 };
+  let limits = { maxFiles: 10, maxFileBytes: 200000, maxImages: 4, maxImageBytes: 10000000 };
   let pollTimer = null;
 
   // -- API ---------------------------------------------------------------------------------------------
@@ -247,12 +247,24 @@
     }));
   }
 
+  /** An image the model may read (the server judges the same way, by type or name). */
+  function isImage(file) {
+    return file.type !== "image/svg+xml"
+      && (file.type.startsWith("image/") || /\.(png|jpe?g|webp|gif|bmp|tiff?)$/i.test(file.name));
+  }
+
   /** The message as a form: its text and each file, cut just past the size limit (the server skips it
-   *  then, with a line saying so, and the rest never travels). */
+   *  then, with a line saying so, and the rest never travels). Images past the count go empty: the server
+   *  names them as skipped without reading them. */
   function form(text, files) {
     const body = new FormData();
     body.append("text", text);
-    for (const file of files) body.append("file", file.slice(0, limits.maxFileBytes + 1, file.type), file.name);
+    let images = 0;
+    for (const file of files) {
+      const keep = !isImage(file) ? limits.maxFileBytes + 1
+        : images++ < limits.maxImages ? limits.maxImageBytes + 1 : 0;
+      body.append("file", file.slice(0, keep, file.type), file.name);
+    }
     return body;
   }
 
@@ -266,7 +278,9 @@
     const id = current || await newConversation();
     ui.input.value = "";
     const user = bubble("user");
-    setText(user, [text, ...files.map((file) => `📎 ${file.name}`)].filter(Boolean).join("\n\n"));
+    const pictures = files.filter(isImage).map((file) => `🖼️ ${file.name}`);
+    setText(user, [text, ...files.filter((file) => !isImage(file)).map((file) => `📎 ${file.name}`), ...pictures]
+      .filter(Boolean).join("\n\n"));
     const reply = bubble("assistant");
     const body = files.length ? { body: form(text, files) }
       : { headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text }) };
@@ -283,7 +297,9 @@
       // Show the message as it was stored: with the files' text, as the model read it.
       const { messages } = await api("GET", `conversations/${encodeURIComponent(id)}`);
       const at = messages.findIndex((m) => m.id === done.reply_id);
-      if (at > 0 && messages[at - 1].role === "user") setText(user, messages[at - 1].content);
+      if (at > 0 && messages[at - 1].role === "user") {
+        setText(user, [messages[at - 1].content, ...pictures].filter(Boolean).join("\n\n"));
+      }
     }
     await loadList().catch(showError);
   }
@@ -441,6 +457,12 @@
     attach(ui.files.files);
     ui.files.value = "";  // choosing the same file again is a change too
   });
+  ui.input.addEventListener("paste", (event) => {
+    const files = [...(event.clipboardData?.files || [])];
+    if (!files.length) return;  // text pastes as text
+    event.preventDefault();
+    attach(files);
+  });
   ui.composer.addEventListener("dragover", (event) => event.preventDefault());
   ui.composer.addEventListener("drop", (event) => {
     event.preventDefault();
@@ -490,7 +512,8 @@
     ui.input.maxLength = info.max_message_chars;
     ui.system.maxLength = info.max_system_prompt_chars;
     ui.system.value = info.default_system_prompt;
-    limits = { maxFiles: info.max_files, maxFileBytes: info.max_file_bytes };
+    limits = { maxFiles: info.max_files, maxFileBytes: info.max_file_bytes, maxImages: info.max_images,
+      maxImageBytes: info.max_image_bytes };
     const conversations = await loadList();
     const wanted = location.hash.slice(1);
     const id = conversations.some((c) => c.id === wanted) ? wanted : conversations[0]?.id;
