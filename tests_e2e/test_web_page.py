@@ -9,6 +9,7 @@ outside the page's CSP) because ``wait_for_function`` would need the ``eval`` th
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 import time
@@ -21,12 +22,13 @@ from aiohttp import web
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from PIL import Image
 from playwright.async_api import BrowserContext, ConsoleMessage, Page, async_playwright, expect
 
 from adapters.web import WebServer, create_app
 from bot.config import SamplingSettings, Secrets, Settings
 from bot.conversations import ConversationManager
-from bot.wording import REASONING
+from bot.wording import REASONING, cannot_see_images
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -279,12 +281,12 @@ async def test_files_go_with_a_message(browser: BrowserContext, page_url: str, s
             if request.url.endswith("/messages") else None)
     await page.set_input_files("#files", [
         {"name": "notes.txt", "mimeType": "text/plain", "buffer": "buy milk\nrésumé".encode()},
-        {"name": "photo.png", "mimeType": "image/png", "buffer": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"},
+        {"name": "archive.zip", "mimeType": "application/zip", "buffer": b"PK\x03\x04\x00\x00"},
     ])
     await page.set_input_files("#files", [{"name": "big.log", "mimeType": "", "buffer": b"x" * 50_000},
                                           {"name": "oops.txt", "mimeType": "text/plain", "buffer": b"not this"}])
     await page.click("button[aria-label='Remove oops.txt']")
-    chips = ["📎 notes.txt×", "📎 photo.png×", "📎 big.log×"]
+    chips = ["📎 notes.txt×", "📎 archive.zip×", "📎 big.log×"]
     await expect(page.locator("#attachments li")).to_have_text(chips)
 
     await page.fill("#input", "Summarize the files.")
@@ -299,12 +301,38 @@ async def test_files_go_with_a_message(browser: BrowserContext, page_url: str, s
     await until(page, "document.querySelector('.message.user .body').textContent.includes('File notes.txt')")
     await check()
     assert await page.locator(".message.assistant .notes p").all_inner_texts() == [
-        "📎 I skipped photo.png: not a text file.", "📎 I skipped big.log: larger than 1 kB."]
+        "📎 I skipped archive.zip: not a text file.", "📎 I skipped big.log: larger than 1 kB."]
     assert await page.locator("#attachments li").count() == 0 and await page.input_value("#input") == ""
     assert len(uploads) == 1 and uploads[0] < 5000  # of the 50 kB log only its first kilobyte travelled
     await page.reload()
     await page.wait_for_selector("body[data-ready=true]")
     await check()
+    assert console.errors == []
+
+
+async def test_a_pasted_picture_goes_with_the_message(browser: BrowserContext, page_url: str, settings: Settings,
+                                                     console: Console) -> None:
+    settings.sampling = SamplingSettings(max_tokens=40, temperature=0.0, seed=1, grammar='root ::= "A picture."')
+    page = await opened(browser, page_url)
+    out = io.BytesIO()
+    Image.new("RGB", (120, 80), (200, 0, 0)).save(out, "PNG")
+    # The clipboard holds an image, as after "Copy image" or a screenshot: pasting attaches it.
+    await page.focus("#input")
+    await page.evaluate("""(bytes) => {
+        const data = new DataTransfer();
+        data.items.add(new File([new Uint8Array(bytes)], 'screenshot.png', {type: 'image/png'}));
+        document.querySelector('#input').dispatchEvent(
+            new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}));
+    }""", list(out.getvalue()))
+    await expect(page.locator("#attachments li")).to_have_text(["📎 screenshot.png×"])
+    await page.fill("#input", "What is this?")
+    await page.press("#input", "Enter")
+    await until(page, f"{LAST_REPLY}?.dataset.status === 'complete'")
+    # The small model has no vision: the picture reached the core, which says so rather than dropping it.
+    assert await page.locator(".message.assistant .notes p").all_inner_texts() == [
+        cannot_see_images([])]
+    await until(page, "document.querySelector('.message.user .body').textContent.includes('screenshot.png')")
+    assert "What is this?" in await page.inner_text(".message.user .body")
     assert console.errors == []
 
 
