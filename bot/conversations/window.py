@@ -39,11 +39,11 @@ class Window:
     window starts (so the next prompt keeps that start, and the engine its cached prefix)."""
 
     def __init__(self, engine: Engine | RemoteEngine, store: Store, settings: ConversationSettings,
-                 images: ImageSettings | None = None) -> None:
+                 images: ImageSettings) -> None:
         self._engine = engine
         self._store = store
         self._settings = settings  # its max_message_chars: the longest message the model reads
-        self._images = images or ImageSettings()
+        self._images = images  # the limits an image scaled again for a model's size is read within
         self._starts: dict[str, int] = {}  # per conversation with a full window: its oldest kept message
 
     async def fit(self, key: str, exchange: Exchange, system: str, sampling: SamplingSettings, *, speakers: bool,
