@@ -60,6 +60,10 @@ async def test_a_sent_picture_reaches_the_vision_model_and_again_on_regenerate(p
         alone = await (await browser.send_files(conversation, None, [
             ("dropped.jpg", png((20, 20), (0, 0, 255)), "image/jpeg")])).done()
         assert alone["status"] == Status.COMPLETE
+        history = (await browser.conversation(conversation))["messages"]
+        assert [(m["role"], m["content"], m["images"]) for m in history] == [
+            ("user", "what colour?", ["pasted.png"]), ("assistant", REPLY, []),
+            ("user", "", ["dropped.jpg"]), ("assistant", REPLY, [])]  # the page shows a line for each image
     first, regenerated, third = server.requests()
     for request in (first, regenerated):
         user = request["body"]["messages"][-1]

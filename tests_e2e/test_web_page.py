@@ -332,7 +332,10 @@ async def test_a_pasted_picture_goes_with_the_message(browser: BrowserContext, p
     assert await page.locator(".message.assistant .notes p").all_inner_texts() == [
         cannot_see_images([])]
     await until(page, "document.querySelector('.message.user .body').textContent.includes('screenshot.png')")
-    assert "What is this?" in await page.inner_text(".message.user .body")
+    assert await page.inner_text(".message.user .body") == "What is this?\n\n🖼️ screenshot.png"
+    await page.reload()
+    await page.wait_for_selector("body[data-ready=true]")
+    assert await page.inner_text(".message.user .body") == "What is this?\n\n🖼️ screenshot.png"
     assert console.errors == []
 
 

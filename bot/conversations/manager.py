@@ -354,6 +354,11 @@ class ConversationManager:
     async def history(self, key: SessionKey) -> list[StoredMessage]:
         return await self.store.messages(str(key))
 
+    async def image_names(self, message_ids: list[int]) -> dict[int, list[str]]:
+        """The names of the images stored with those user messages, by message id (for a history's view)."""
+        return {message_id: [image.name for image in images]
+                for message_id, images in (await self.store.images(message_ids)).items()}
+
     async def latest_reply(self, key: SessionKey) -> StoredMessage | None:
         """The conversation's newest reply: the one Regenerate and Continue may act on."""
         newest = await self.store.messages(str(key), limit=1)

@@ -137,13 +137,18 @@
     if (force || nearBottom()) window.scrollTo(0, document.scrollingElement.scrollHeight);
   }
 
+  /** A stored message as its bubble shows it: its text, then a line for each image sent with it. */
+  function shown(message) {
+    return [message.content, ...(message.images || []).map((name) => `🖼️ ${name}`)].filter(Boolean).join("\n\n");
+  }
+
   function renderHistory(conversation) {
     ui.messages.querySelectorAll(".message").forEach((node) => node.remove());
     ui.empty.hidden = conversation.messages.length > 0;
     latest = null;
     for (const message of conversation.messages) {
       const node = bubble(message.role);
-      setText(node, message.content);
+      setText(node, shown(message));
       if (message.role === "assistant") {
         node.dataset.id = message.id;
         setState(node, message.status, message.notes);
@@ -294,12 +299,10 @@
       showAttachments();
     });
     if (done?.reply_id && files.length) {
-      // Show the message as it was stored: with the files' text, as the model read it.
+      // Show the message as it was stored: with the files' text, as the model read it, and its images.
       const { messages } = await api("GET", `conversations/${encodeURIComponent(id)}`);
       const at = messages.findIndex((m) => m.id === done.reply_id);
-      if (at > 0 && messages[at - 1].role === "user") {
-        setText(user, [messages[at - 1].content, ...pictures].filter(Boolean).join("\n\n"));
-      }
+      if (at > 0 && messages[at - 1].role === "user") setText(user, shown(messages[at - 1]));
     }
     await loadList().catch(showError);
   }
