@@ -43,7 +43,7 @@ async def read_files(attachments: Sequence[discord.Attachment], max_bytes: int, 
     async def fetch(attachment: discord.Attachment) -> bytes | None:
         try:
             return await attachment.read()
-        except (discord.HTTPException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, discord.HTTPException, OSError) as exc:
             log.warning("could not download image %s: %s", attachment.id, exc)
             return None
 

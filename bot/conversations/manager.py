@@ -78,6 +78,7 @@ class ConversationManager:
         self.window = Window(engine, store, settings.conversation, settings.images)
         # Images: stored at the largest size a model reads; each model gets them at its own (bot.images).
         self._models = configured_models(settings)
+        self._models[0].engine = engine  # the default model: its engine says whether its projector reads images
         seeing = [model for model in self._models if model.capabilities.vision]
         self.images = ImageIntake(settings.images, max(m.image_size for m in seeing or self._models[:1]))
         self.sessions = SessionSettings(store, settings, lambda: engine.n_ctx)
