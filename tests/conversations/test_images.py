@@ -10,15 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import ImageSettings, ModelSettings, Settings
+from bot.config import EngineSettings, ImageSettings, ModelSettings, Settings
 from bot.conversations import ConversationManager, ReplyResult
 from bot.images import read_image
 from bot.store import Status, Store
 from bot.types import ImagePart, Incoming
 from bot.wording import cannot_see_images, image_unseen
+from bot.engine import Engine
+from tests.conftest import MODEL_PATH
 from tests.conversations.helpers import CHANNEL, Target
 from tests.pictures import MODEL_ID, png, recorded_manager, sent_images
 from tests.recording_server import REPLY, RecordingServer
+from tests.tiny_vision import IMAGE_TOKENS, write_tiny_mmproj
 
 REPLY_TIMEOUT_SECONDS = 30.0
 
@@ -107,3 +110,22 @@ async def test_past_the_disk_budget_a_picture_is_replaced_by_a_note(
     assert request["body"]["messages"][-1]["content"] == [
         {"type": "text", "text": "Ann: Still there?"},
         {"type": "text", "text": "[An image, cat.png, was here; it is no longer stored.]"}]
+
+
+async def test_an_embedded_model_with_a_projector_reads_the_picture_with_no_note(settings: Settings,
+                                                                                 store: Store, tmp_path: Path) -> None:
+    settings.engine = EngineSettings(model_path=MODEL_PATH, mmproj=write_tiny_mmproj(tmp_path / "mmproj.gguf"),
+                                     n_ctx=1024, n_threads=1)
+    engine = await asyncio.to_thread(Engine, settings.engine)
+    manager = ConversationManager(engine, store, settings)
+    try:
+        assert manager.vision(CHANNEL).sees
+        result = await ask(manager, "What is this?", await picture("red.png", (80, 60), (220, 30, 30)))
+        assert result.status == Status.COMPLETE and result.text
+        assert not any("can't see images" in note for note in result.notes)
+        # The conversation's KV holds the picture's positions (negative stand-in ids) before the reply.
+        [slot] = [slot for slot in engine.kv.slots if slot.session == str(CHANNEL)]
+        assert sum(1 for token in slot.cached if token < 0) == IMAGE_TOKENS
+    finally:
+        await manager.shutdown()
+        engine.close()
