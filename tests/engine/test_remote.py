@@ -26,7 +26,7 @@ from bot.wording import SERVER_RETRYING, queued_line
 from tests.conversations.helpers import CHANNEL, Target, message
 from tests.inference_server import InferenceServer, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LONG = SamplingSettings(max_tokens=300, temperature=0.0, seed=1)
 REPLY_TIMEOUT_SECONDS = 60.0
 

@@ -13,7 +13,7 @@ from bot.engine.threads import SPIN_COUNT, ThreadTuner, physical_cores, thread_c
 from bot.engine import Engine
 from tests.conftest import MODEL_PATH
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def spin_settings(script: str, **environment: str) -> list[str]:
