@@ -30,9 +30,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp
+
+if TYPE_CHECKING:
+    from bot.engine.kv import Slot
 
 __all__ = ["Candidate", "StateCache", "StateFiles", "model_identity", "unwritable"]
 
@@ -56,13 +59,6 @@ def model_identity(model_path: Path, metadata: Mapping[str, str], *settings: obj
     for part in parts:
         digest.update(str(part).encode("utf-8", "replace") + b"\0")
     return digest.digest()
-
-
-class _Slot(Protocol):
-    seq_id: int
-    cached: list[int]
-    last_used: float  # time.monotonic()
-    session: str
 
 
 @dataclass
@@ -334,7 +330,7 @@ class StateCache:
                 del self._spilling[session]
                 self._spill_size -= len(data)
 
-    def persist(self, ctx: Any, slots: Sequence[_Slot], stop: Callable[[], bool] = lambda: False) -> None:
+    def persist(self, ctx: Any, slots: Sequence[Slot], stop: Callable[[], bool] = lambda: False) -> None:
         """Write the states of the slots' and the RAM cache's conversations to disk, newest first (worker thread
         only, or after it stopped). Never raises: a state that cannot be written is logged and left out."""
         if self.disk is None:
