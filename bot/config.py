@@ -3,6 +3,9 @@ their own environment variables only.
 
 ``LLAMARELAY_<SECTION>__<KEY>`` overrides ``[section] key`` (e.g. ``LLAMARELAY_WEB__HOST=0.0.0.0``; lists as
 JSON, ``LLAMARELAY_DISCORD__GUILD_IDS=[1,2]``): pydantic-settings reads them, the file stays the base.
+
+Over 400 lines: declarations only, one pydantic section per config.toml table, so that each key is
+documented once where it is defined.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 A reply is stored and fed back exactly as the model wrote it; what a platform shows is derived from it by
 `split_reply`, a pure function of (text, limit, measure). Adapters use `opening_fence` / `closes_fence`
 so that their rendering (Slack's mrkdwn) and the splitter agree on where code blocks are.
+
+Over 400 lines because splitting a reply is one algorithm (fences, lists, tables, limits) whose parts
+are only meaningful together.
 """
 
 from __future__ import annotations

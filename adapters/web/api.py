@@ -5,6 +5,8 @@ Every handler works only on the conversations of the namespace the server's midd
 request (the browser's id cookie, or the token's namespace for Bearer clients; see `adapters.web.server`),
 so one browser can never read, stream to or stop another's. Bad input raises `ApiError`, which the server
 turns into a 4xx JSON answer.
+
+Over 400 lines: every route of the page's JSON API, each a few lines over the manager.
 """
 
 from __future__ import annotations

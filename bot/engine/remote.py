@@ -7,6 +7,9 @@ conservative estimate (the server's tokenizer is not ours), and a prompt the ser
 `PromptTooLong`, so the manager retries with fewer turns: a prompt never overflows silently. At most
 ``max_requests`` requests are in flight; the rest wait in line and learn their place. An unreachable server
 or a 5xx is retried with backoff until ``retry_seconds`` have passed, each attempt announced (`Retrying`).
+
+Over 400 lines: the whole OpenAI-compatible client (pooling, retries, streaming, images), which a reader
+follows top to bottom.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""SQLite backend through aiosqlite (WAL): one file, one connection, one process."""
+"""SQLite backend through aiosqlite (WAL): one file, one connection, one process.
+
+Over 400 lines: every query of the store interface in this dialect, kept in one file as `postgres.py` is.
+"""
 
 from __future__ import annotations
 
