@@ -69,15 +69,17 @@ async def open_engine(settings: Settings, secrets: Secrets) -> Engine | RemoteEn
 
 
 async def start_tools(settings: Settings, manager: ConversationManager) -> ToolSupervisor | None:
-    """The MCP tool servers, started and kept up, their health in /metrics; None when none are configured (the
-    MCP SDK is then not even imported)."""
+    """The MCP tool servers, started and kept up, their health in /metrics, their tools offered by the manager
+    where ``[[tools.allow]]`` grants them; None when none are configured (the MCP SDK is then not even imported)."""
     if not settings.tools.servers:
         return None
-    from bot.tools import ToolSupervisor
+    from bot.conversations.tools import Toolbox
+    from bot.tools import ToolAccess, ToolSupervisor
 
     tools = ToolSupervisor(settings.tools)
     await tools.start()
     tools.register_metrics(manager.metrics.registry)
+    manager.use_tools(Toolbox(tools, ToolAccess(settings.tools.allow), settings.tools))
     return tools
 
 

@@ -30,7 +30,7 @@ __all__ = [
     "Settings", "EngineSettings", "ModelSettings", "ModelPoolSettings", "ImageSettings", "SamplingSettings",
     "ConversationSettings", "StoreSettings",
     "StreamingSettings", "DiscordSettings", "SlackSettings", "WebSettings", "OpsSettings", "ApiSettings",
-    "ToolOptions", "ToolServerSettings", "ToolsSettings", "Secrets", "load_settings",
+    "ToolGrant", "ToolOptions", "ToolServerSettings", "ToolsSettings", "Secrets", "load_settings",
 ]
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
@@ -401,8 +401,27 @@ class ToolServerSettings(_Section):
         return self
 
 
+class ToolGrant(_Section):
+    places: list[str] = Field(min_length=1, description="conversations, as session-key patterns: "
+                              "'discord/ch/<server>/*' a whole server, 'discord/ch/<server>/<channel>*' a channel "
+                              "and its threads, 'slack/ch/<workspace>/*', 'discord/dm/*', 'web/*'")
+    users: list[str] = Field(default_factory=list, description="only these user ids there; empty = everyone")
+    tools: list[str] = Field(default_factory=lambda: ["*"], description="tool names (patterns); '*' = every tool")
+
+    @field_validator("places")
+    @classmethod
+    def _key_patterns(cls, places: list[str]) -> list[str]:
+        for place in places:
+            if "/" not in place and place != "*":
+                raise ValueError(f"'{place}' is not a session-key pattern: write e.g. 'discord/ch/<server id>/*' "
+                                 "or 'web/*'")
+        return places
+
+
 class ToolsSettings(_Section):
     servers: list[ToolServerSettings] = Field(default_factory=list, description="MCP servers; none = no tools")
+    allow: list[ToolGrant] = Field(default_factory=list, description="which places (and users) may use which "
+                                   "tools; none = no place may (tools are opt-in)")
     max_rounds: int = Field(4, ge=1, le=50, description="most rounds of tool calls in one reply")
     call_timeout: float = Field(30.0, gt=0, le=3600, description="seconds one tool call may take")
     max_result_chars: int = Field(8000, ge=100, le=1_000_000,

@@ -132,6 +132,7 @@ class Phase(str, enum.Enum):
     WAITING = "waiting"  # for the previous reply of its conversation
     QUEUED = "queued"  # in the engine's queue, at ``ReplyStatus.position``
     RETRYING = "retrying"  # the model server is unreachable; the request is tried again
+    TOOL = "tool"  # a tool call runs, named by ``ReplyStatus.tool`` (the tool's title)
 
 
 @dataclass(frozen=True)
@@ -143,11 +144,15 @@ class ReplyStatus:
 
     phase: Phase
     position: int | None = None  # the place in the engine's queue (1 = next), for QUEUED only
+    tool: str = ""  # the running tool's title, for TOOL only
 
     def __post_init__(self) -> None:
         if (self.phase is Phase.QUEUED) != (self.position is not None):
             raise ValueError(f"a {self.phase.value} status takes {'a' if self.phase is Phase.QUEUED else 'no'} "
                              "queue position")
+        if (self.phase is Phase.TOOL) != bool(self.tool):
+            raise ValueError(f"a {self.phase.value} status takes {'a' if self.phase is Phase.TOOL else 'no'} "
+                             "tool title")
 
 
 class ReplyTarget(Protocol):

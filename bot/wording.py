@@ -13,7 +13,8 @@ from bot.types import Phase, ReplyStatus
 
 __all__ = [
     "ASK_ABOUT_QUESTION", "EMPTY_FILE", "EMPTY_MESSAGE", "NOT_A_TEXT_FILE", "NOT_UTF8_TEXT", "file_skipped",
-    "file_too_large", "EMPTY_REPLY", "LENGTH_NOTE", "NOTHING_TO_CONTINUE", "NOT_SAVED",
+    "file_too_large", "tool_call_unreadable", "tool_not_offered", "tool_rounds_used", "tool_running", "tools_used",
+    "EMPTY_REPLY", "LENGTH_NOTE", "NOTHING_TO_CONTINUE", "NOT_SAVED",
     "NOT_STORED", "PLATFORM_REFUSED", "REASONING", "RESET_NOTE", "SERVER_RETRYING", "SHUTTING_DOWN",
     "SHUTTING_DOWN_REASON", "STALE_REPLY", "STOPPED_NOTE", "SYSTEM_PROMPT_TOO_LONG", "TAKEN_OVER_NOTE", "THINKING",
     "TRUNCATED_MARK", "WAITING_FOR_PREVIOUS", "conversation_place", "failed", "message_cut", "queued_line",
@@ -29,6 +30,10 @@ WAITING_FOR_PREVIOUS = "⏳ Waiting for the previous reply in this conversation�
 SERVER_RETRYING = "⚠️ The model server is unreachable; retrying…"
 
 
+def tool_running(title: str) -> str:
+    return f"🔧 {title}…"
+
+
 def queued_line(position: int) -> str:
     return f"⏳ Queued: #{position} in line…"
 
@@ -38,6 +43,8 @@ def status_line(status: ReplyStatus) -> str:
     if status.phase is Phase.QUEUED:
         assert status.position is not None
         return queued_line(status.position)
+    if status.phase is Phase.TOOL:
+        return tool_running(status.tool)
     return {Phase.THINKING: THINKING, Phase.REASONING: REASONING, Phase.WAITING: WAITING_FOR_PREVIOUS,
             Phase.RETRYING: SERVER_RETRYING}[status.phase]
 
@@ -78,6 +85,31 @@ def message_cut(kept: int, length: int) -> str:
 def too_many_waiting(limit: int) -> str:
     return (f"⚠️ {limit} messages are already waiting in this conversation; please wait for their answers "
             "before sending more.")
+
+
+# -- tools: the footer of a reply that used them, and what a call that could not run says ---------------------
+
+
+def tools_used(titles: list[str]) -> str:
+    """The compact footer of a reply that called tools: each tool once, in order, with a count when repeated."""
+    counts: dict[str, int] = {}
+    for title in titles:
+        counts[title] = counts.get(title, 0) + 1
+    return "🔧 Used: " + ", ".join(f"{title} ×{n}" if n > 1 else title for title, n in counts.items())
+
+
+def tool_rounds_used(rounds: int) -> str:
+    return (f"⚠️ The model asked for more tools after {rounds} round{'s' if rounds > 1 else ''} of tool calls, "
+            "the most one reply may use ([tools] max_rounds).")
+
+
+def tool_not_offered(name: str) -> str:
+    """What the model reads back for a call of a tool this place may not use (or that does not exist)."""
+    return f"the tool {name!r} is not available here"
+
+
+def tool_call_unreadable(reason: str) -> str:
+    return f"your tool call could not be read ({reason}); write it again as the format asks"
 
 
 # -- attached files ------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from bot.conversations.requests import (BEFORE_STORED, ConversationStatus, Excha
                                         ReplyResult, Request, State)
 from bot.conversations.settings import SessionSettings
 from bot.conversations.streaming import Streaming
+from bot.conversations.tools import Toolbox, ToolRounds
 from bot.conversations.turns import take_store_turn, take_turn
 from bot.conversations.window import Window
 from bot.delivery import Delivery, Pacers
@@ -37,6 +38,7 @@ from bot.models import configured_models
 from bot.prompt import Prompt
 from bot.store import Status, Store, StoredMessage
 from bot.text import clean_text, speaker_name
+from bot.tools.registry import ToolSpec
 from bot.types import Controls, Incoming, Phase, ReplyStatus, ReplyTarget, SessionKey, log_name
 from bot.wording import (EMPTY_FILE, EMPTY_MESSAGE, NOT_SAVED, NOT_STORED, NOTHING_TO_CONTINUE, RESET_NOTE,
                          SHUTTING_DOWN, STALE_REPLY, STOPPED_NOTE, failed, something_went_wrong, too_many_waiting)
@@ -83,6 +85,9 @@ class ConversationManager:
         self.images = ImageIntake(settings.images, max(m.image_size for m in seeing or self._models[:1]))
         self.sessions = SessionSettings(store, settings, lambda: engine.n_ctx)
         self._streaming = Streaming(engine, store, self.metrics, settings.conversation, clock=clock)
+        self.tools: Toolbox | None = None  # set by `use_tools` when tool servers are configured
+        self._tool_rounds = ToolRounds(engine, store, self.metrics, clock=clock) \
+            if getattr(engine, "chat_template", None) is not None else None  # type: ignore[arg-type]
         self._leases = Leases(store, self.metrics, self.locators, settings=settings.store, ours=lambda: (
             r.reply_id for line in self._lines.values() for r in line if r.reply_id is not None))
 
@@ -143,7 +148,7 @@ class ConversationManager:
         if len(line) > self.settings.conversation.max_waiting:
             return await self._refuse(key, target, [too_many_waiting(len(line) - 1)])
         delivery = self._delivery(key, target, on_moved=lambda index, at: self._moved(request, index, at))
-        request = Request(str(key), delivery)
+        request = Request(str(key), delivery, author_id=ask.incoming.author_id if isinstance(ask, NewMessage) else "")
         self._lines.setdefault(request.key, []).append(request)
         self._idle.clear()
         try:
@@ -250,11 +255,19 @@ class ConversationManager:
         """Build the prompt and stream the model's reply into ``request.text``: (status, notes)."""
         request.state = State.PROMPTING
         sampling = await self.sampling(request.key)
-        system = await self.system_prompt(request.key)
+        system = plain_system = await self.system_prompt(request.key)
+        tools = self.offered_tools(request.key, request.author_id)
+        if tools:
+            assert self._tool_rounds is not None and self.tools is not None
+            system = self._tool_rounds.offer(plain_system, tools)
 
         async def run(prompt: Prompt, notes: list[str]) -> tuple[str, list[str]]:
             if request.ended is not None:
                 return Status.STOPPED, [request.ended]
+            if tools:
+                assert self._tool_rounds is not None and self.tools is not None
+                return await self._tool_rounds.run(request, exchange, prompt, sampling, notes, box=self.tools,
+                                                   tools=tools, plain_system=plain_system)
             return await self._streaming.run(request, exchange, prompt, sampling, notes)
 
         return await self.window.fit(request.key, exchange, system, sampling, run=run,
@@ -281,6 +294,20 @@ class ConversationManager:
             return ReplyResult(status, text, [*notes, NOT_STORED])
         return ReplyResult(status, text, notes, reply_id=exchange.reply_id, stored=True,
                            can_continue=bool(text.strip()) and redo.can_continue_status(status, notes))
+
+    # -- tools ---------------------------------------------------------------------------------------------
+
+    def use_tools(self, toolbox: Toolbox) -> None:
+        """Offer the tools of ``toolbox`` where its grants allow (the embedded engine only, for now)."""
+        if self._tool_rounds is None:
+            log.warning("tools are configured, but the remote model backend cannot call them yet; no tools are "
+                        "offered")
+            return
+        self.tools = toolbox
+
+    def offered_tools(self, key: SessionKey | str, user_id: str) -> list[ToolSpec]:
+        """The tools the model is offered in conversation ``key`` answering ``user_id``; none without a grant."""
+        return self.tools.offered(key, user_id) if self.tools is not None else []
 
     # -- where a reply's message is, for a survivor's rewrite -------------------------------------------------
 

@@ -90,6 +90,8 @@ class Request:
     where_saved: str = ""  # the reference last written to its row
     ended: str | None = None  # the note of /stop, /reset or shutdown once one has ended it early
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # set when it is ended while waiting its turn
+    author_id: str = ""  # who asked (a new message's author; "" for a Regenerate or Continue): tools' grants
+    tool_call: asyncio.Task[Any] | None = None  # the tool call running now, cancelled by `end`
 
     def end(self, note: str) -> None:
         """End this request as soon as it can be: at once while it waits, within a decode step while it runs."""
@@ -99,6 +101,8 @@ class Request:
         self.wake.set()
         if self.generation is not None:
             self.generation.cancel()
+        if self.tool_call is not None:
+            self.tool_call.cancel()
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from bot.wording import EMPTY_REPLY, LENGTH_NOTE, PLATFORM_REFUSED, STOPPED_NOTE
 if TYPE_CHECKING:
     from bot.engine.embedded import Engine
 
-__all__ = ["CHECKPOINT_SECONDS", "Streaming"]
+__all__ = ["CHECKPOINT_SECONDS", "Streaming", "outcome"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Streaming:
         self._metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
         reasoning.finish()
         self._show(request, exchange, reasoning, quote_reasoning, final=True)
-        status, footer = _outcome(request, generation, reasoning.answer)
+        status, footer = outcome(request, generation, reasoning.answer)
         return status, notes + footer
 
     def _show(self, request: Request, exchange: Exchange, reasoning: ReasoningSplitter, quote_reasoning: bool, *,
@@ -102,7 +102,7 @@ class Streaming:
         return self._opens_reasoning[1]
 
 
-def _outcome(request: Request, generation: Generation | RemoteGeneration, text: str) -> tuple[str, list[str]]:
+def outcome(request: Request, generation: Generation | RemoteGeneration, text: str) -> tuple[str, list[str]]:
     """How a reply that streamed ``text`` ended: (status, notes)."""
     if request.delivery.failed:
         return Status.INTERRUPTED, [PLATFORM_REFUSED]

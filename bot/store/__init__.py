@@ -17,8 +17,8 @@ from typing import Any, ClassVar, TypeGuard
 
 from bot.types import ImagePart
 
-__all__ = ["Store", "StoredImage", "StoredMessage", "LapsedReply", "Status", "open_store", "is_database_url",
-           "redact_url"]
+__all__ = ["Store", "StoredImage", "StoredMessage", "StoredToolCall", "LapsedReply", "Status", "open_store",
+           "is_database_url", "redact_url"]
 
 
 class Status:
@@ -41,6 +41,19 @@ class StoredMessage:
     created_at: float
     notes: str = ""  # a reply: the lines the bot showed below it (stopped, errors), kept apart from its text
     feedback: str = ""  # a reply: "good" or "bad" when a user rated it (Slack's feedback buttons)
+
+
+@dataclass(frozen=True)
+class StoredToolCall:
+    """A tool message of a reply: one call the model made (its round, tool, arguments as JSON) and the result it
+    read back (plain text, untrusted)."""
+
+    reply_id: int
+    round: int
+    tool: str
+    arguments: str
+    result: str
+    is_error: bool
 
 
 @dataclass(frozen=True)
@@ -189,6 +202,16 @@ class Store(abc.ABC):
     async def prune_images(self, budget_bytes: int) -> int:
         """Drop the data of the oldest images until the rest fit ``budget_bytes``; how many were dropped.
         Their rows stay (name and size), so a conversation can say an image was there."""
+
+    # -- tool messages -----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def add_tool_call(self, call: StoredToolCall) -> None:
+        """Keep one tool call of a reply and its result (deleted with the reply)."""
+
+    @abc.abstractmethod
+    async def tool_calls(self, reply_id: int) -> list[StoredToolCall]:
+        """The tool calls of reply ``reply_id``, in the order they were made."""
 
     # -- session settings --------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import asyncpg
 
 from bot.errors import StoreError
 from bot.store import (MESSAGE_FIELDS, PROBE_EVENT, SESSION_FIELDS, LapsedReply, Status, Store, StoredImage,
-                       StoredMessage, redact_url, storable)
+                       StoredMessage, StoredToolCall, redact_url, storable)
 from bot.types import ImagePart
 
 __all__ = ["PostgresStore"]
@@ -77,6 +77,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX images_by_message ON images (message_id, position)",
         "CREATE INDEX images_kept ON images (id) WHERE data IS NOT NULL",
+    ),
+    (  # 6: tool messages: each call a reply made and the result fed back to the model
+        """CREATE TABLE tool_calls (
+            id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            reply_id    BIGINT NOT NULL,
+            round       INTEGER NOT NULL,
+            tool        TEXT NOT NULL,
+            arguments   TEXT NOT NULL,
+            result      TEXT NOT NULL,
+            is_error    BOOLEAN NOT NULL,
+            created_at  DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX tool_calls_by_reply ON tool_calls (reply_id, id)",
     ),
 )
 
@@ -315,7 +328,24 @@ class PostgresStore(Store):
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.execute("DELETE FROM images WHERE message_id IN (SELECT id FROM messages WHERE "
                                          "session_key = $1 AND id <= $2)", key, through_id)
+                await connection.execute("DELETE FROM tool_calls WHERE reply_id IN (SELECT id FROM messages WHERE "
+                                         "session_key = $1 AND id <= $2)", key, through_id)
                 await connection.execute("DELETE FROM messages WHERE session_key = $1 AND id <= $2", key, through_id)
+
+    # -- tool messages -----------------------------------------------------------------------------------
+
+    async def add_tool_call(self, call: StoredToolCall) -> None:
+        with self._failing("write to"):
+            async with self._pool.acquire() as connection:
+                await connection.execute(
+                    "INSERT INTO tool_calls (reply_id, round, tool, arguments, result, is_error, created_at) "
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7)", call.reply_id, call.round, storable(call.tool),
+                    storable(call.arguments), storable(call.result), call.is_error, time.time())
+
+    async def tool_calls(self, reply_id: int) -> list[StoredToolCall]:
+        rows = await self._fetch("SELECT reply_id, round, tool, arguments, result, is_error FROM tool_calls "
+                                 "WHERE reply_id = $1 ORDER BY id", reply_id)
+        return [StoredToolCall(*row) for row in rows]
 
     # -- images ------------------------------------------------------------------------------------------
 

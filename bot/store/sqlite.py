@@ -21,7 +21,7 @@ import aiosqlite
 
 from bot.errors import StoreError
 from bot.store import (MESSAGE_FIELDS, PROBE_EVENT, SESSION_FIELDS, LapsedReply, Status, Store, StoredImage,
-                       StoredMessage, storable)
+                       StoredMessage, StoredToolCall, storable)
 from bot.types import ImagePart
 
 __all__ = ["SQLiteStore", "ONE_PROCESS_ONLY"]
@@ -78,6 +78,19 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX images_by_message ON images (message_id, position)",
         "CREATE INDEX images_kept ON images (id) WHERE data IS NOT NULL",
+    ),
+    (  # 6: tool messages: each call a reply made and the result fed back to the model
+        """CREATE TABLE tool_calls (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            reply_id    INTEGER NOT NULL,
+            round       INTEGER NOT NULL,
+            tool        TEXT NOT NULL,
+            arguments   TEXT NOT NULL,
+            result      TEXT NOT NULL,
+            is_error    BOOLEAN NOT NULL,
+            created_at  REAL NOT NULL
+        )""",
+        "CREATE INDEX tool_calls_by_reply ON tool_calls (reply_id, id)",
     ),
 )
 
@@ -302,7 +315,24 @@ class SQLiteStore(Store):
         async with self._immediate("write to"):
             await self._db.execute("DELETE FROM images WHERE message_id IN (SELECT id FROM messages WHERE "
                                    "session_key = ? AND id <= ?)", (key, through_id))
+            await self._db.execute("DELETE FROM tool_calls WHERE reply_id IN (SELECT id FROM messages WHERE "
+                                   "session_key = ? AND id <= ?)", (key, through_id))
             await self._db.execute("DELETE FROM messages WHERE session_key = ? AND id <= ?", (key, through_id))
+
+    # -- tool messages -----------------------------------------------------------------------------------
+
+    async def add_tool_call(self, call: StoredToolCall) -> None:
+        async with self._immediate("write to"):
+            await self._db.execute(
+                "INSERT INTO tool_calls (reply_id, round, tool, arguments, result, is_error, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", (call.reply_id, call.round, storable(call.tool),
+                                                 storable(call.arguments), storable(call.result), call.is_error,
+                                                 time.time()))
+
+    async def tool_calls(self, reply_id: int) -> list[StoredToolCall]:
+        rows = await self._read("SELECT reply_id, round, tool, arguments, result, is_error FROM tool_calls "
+                                "WHERE reply_id = ? ORDER BY id", (reply_id,))
+        return [StoredToolCall(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows]
 
     # -- images ------------------------------------------------------------------------------------------
 

@@ -1,9 +1,25 @@
-"""Tools from MCP servers: the servers' supervisor, the tool registry, results as plain text, and the models'
-tool-call syntax (prompt, parser, grammar). Wiring them into the reply loop is the conversations' job."""
+"""Tools from MCP servers: the servers' supervisor, the tool registry, who may use which tool, results as plain
+text, and the models' tool-call syntax (prompt, parser, grammar). The reply loop is `bot.conversations.tools`.
+
+The supervisor and results load the MCP SDK, so they are imported on first use: a bot without tool servers
+never loads it."""
+
+from __future__ import annotations
+
+from typing import Any
 
 from bot.tools.health import ServerHealth, ServerState
+from bot.tools.permissions import ToolAccess
 from bot.tools.registry import ToolRegistry, ToolSpec
-from bot.tools.results import ToolResult
-from bot.tools.supervisor import ToolSupervisor
 
-__all__ = ["ServerHealth", "ServerState", "ToolRegistry", "ToolResult", "ToolSpec", "ToolSupervisor"]
+__all__ = ["ServerHealth", "ServerState", "ToolAccess", "ToolRegistry", "ToolResult", "ToolSpec", "ToolSupervisor"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ToolSupervisor":
+        from bot.tools.supervisor import ToolSupervisor
+        return ToolSupervisor
+    if name == "ToolResult":
+        from bot.tools.results import ToolResult
+        return ToolResult
+    raise AttributeError(name)

@@ -1,0 +1,70 @@
+"""Replies that call tools, with the real engine and small model, the real MCP server process and a real store:
+the model is made to call a tool with a GBNF grammar, and its real output goes through the parser, the MCP
+call, the stored tool message and the answer round."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bot.config import Settings, ToolGrant, ToolServerSettings, ToolsSettings
+from bot.conversations import ConversationManager
+from bot.conversations.tools import Toolbox
+from bot.engine import Engine
+from bot.store import Store
+from bot.tools import ToolAccess, ToolSupervisor
+from bot.tools.grammar import call_grammar
+from bot.tools.syntax import ToolSyntax
+from bot.types import SessionKey
+from bot.wording import STOPPED_NOTE, tool_running, tools_used
+from tests.conversations.helpers import Target, message
+
+SERVER = str(Path(__file__).resolve().parent.parent / "tools" / "mcp_server.py")
+DM = SessionKey.for_dm("test", "u1")
+ADD_CALL = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+
+
+def call_or(answer: str, call: str = ADD_CALL) -> str:
+    """A grammar for a reply that is either ``call`` (as written) or ``answer``: the greedy model picks the call
+    while it is offered tools, and the answer in the round that has none."""
+    literal = call.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'root ::= "{literal}" | "{answer}"'
+
+
+def tool_settings(tmp_path: Path, **changes: object) -> ToolsSettings:
+    return ToolsSettings(servers=[ToolServerSettings(name="test", command=sys.executable, args=[SERVER],
+                                                     env={"MCP_TEST_MARK": str(tmp_path / "marks")})],
+                         allow=[ToolGrant(places=["test/dm/*"])], max_rounds=1, **changes)
+
+
+@pytest.fixture
+async def tools(tmp_path: Path) -> AsyncIterator[ToolSupervisor]:
+    async with ToolSupervisor(tool_settings(tmp_path)) as supervisor:
+        yield supervisor
+
+
+@pytest.fixture
+async def tool_manager(engine: Engine, store: Store, settings: Settings, tools: ToolSupervisor,
+                       tmp_path: Path) -> AsyncIterator[ConversationManager]:
+    manager = ConversationManager(engine, store, settings)
+    manager.use_tools(Toolbox(tools, ToolAccess(tools.settings.allow), tools.settings))
+    yield manager
+    await manager.shutdown()
+
+
+async def test_a_tool_call_runs_is_stored_and_answered(tool_manager: ConversationManager, store: Store) -> None:
+    await tool_manager.set_sampling(DM, grammar=call_or("5"), max_tokens=40)
+    target = Target()
+    result = await tool_manager.respond(message("What is 2 plus 3?", DM), target)
+    assert result.status == "complete", result
+    assert result.text == "5"  # the call itself is never part of the reply
+    assert result.notes == [tools_used(["Adding numbers"])]
+    assert tool_running("Adding numbers") in [text for _, text in target.calls]
+    assert "<tool_call>" not in "".join(text for _, text in target.calls)
+    [call] = await store.tool_calls(result.reply_id or 0)
+    assert (call.round, call.tool, call.arguments, call.result, call.is_error) == (1, "add", '{"a": 2, "b": 3}',
+                                                                                  "5", False)
