@@ -68,6 +68,8 @@ def assistant_status(status: ReplyStatus) -> str | None:
     belongs in a message (the model server being retried)."""
     if status.phase is Phase.QUEUED:
         return f"is waiting in line (#{status.position})…"
+    if status.phase is Phase.TOOL:
+        return f"is using a tool: {status.tool}…"
     return _ASSISTANT_STATUSES.get(status.phase)
 
 
