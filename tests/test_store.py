@@ -17,7 +17,7 @@ from bot.config import Settings
 from bot.conversations import ConversationManager
 from bot.engine import Engine
 from bot.errors import StoreError
-from bot.store import Status, Store, open_store, redact_url
+from bot.store import Status, Store, StoredToolCall, open_store, redact_url
 from bot.store.sqlite import SQLiteStore
 from bot.store.transfer import export_jsonl, import_jsonl
 from tests.conftest import MODEL_PATH
@@ -252,8 +252,21 @@ async def test_a_closed_store_raises_store_error(target: str | Path) -> None:
         await store.messages(KEY)
 
 
+async def test_tool_messages_are_kept_in_order_with_their_reply_and_cleared_with_it(store: Store) -> None:
+    _, reply = await reply_pair(store)
+    first = StoredToolCall(reply, 1, "add", '{"a": 2}', "5", False)
+    second = StoredToolCall(reply, 2, "crash", "{}", "the tool crash failed: gone\x00", True)
+    await store.add_tool_call(first)
+    await store.add_tool_call(second)
+    assert await store.tool_calls(reply) == [first, StoredToolCall(reply, 2, "crash", "{}",
+                                                                   "the tool crash failed: gone\ufffd", True)]
+    assert await store.tool_calls(reply + 1) == []
+    await store.clear_messages(KEY, through_id=reply)
+    assert await store.tool_calls(reply) == []
+
+
 async def test_a_new_database_is_at_the_latest_version(store: Store) -> None:
-    assert store.latest_version == 5
+    assert store.latest_version == 6
     assert await store.schema_version() == store.latest_version
     assert await store.migrate() == []
 
@@ -267,7 +280,7 @@ async def test_an_older_database_is_upgraded_at_open(target: str | Path) -> None
     await old.close()
     store = await open_store(target)
     try:
-        assert await store.schema_version() == 5
+        assert await store.schema_version() == 6
         assert await store.migrate() == []
         [kept] = await store.messages(KEY)
         assert (kept.content, kept.notes, kept.feedback) == ("from long ago", "", "")

@@ -6,7 +6,7 @@ import pytest
 
 from bot.context import ask_about, summarize
 from bot.types import Phase, ReplyStatus
-from bot.wording import ASK_ABOUT_QUESTION, WAITING_FOR_PREVIOUS, queued_line, status_line
+from bot.wording import ASK_ABOUT_QUESTION, WAITING_FOR_PREVIOUS, queued_line, status_line, tools_used
 
 
 def test_statuses_are_typed_values_shown_as_the_lines_users_know() -> None:
@@ -14,10 +14,17 @@ def test_statuses_are_typed_values_shown_as_the_lines_users_know() -> None:
     assert status_line(ReplyStatus(Phase.WAITING)) == WAITING_FOR_PREVIOUS
     assert status_line(ReplyStatus(Phase.THINKING)) == "💭 Thinking…"
     assert status_line(ReplyStatus(Phase.RETRYING)) == "⚠️ The model server is unreachable; retrying…"
+    assert status_line(ReplyStatus(Phase.TOOL, tool="Searching the wiki")) == "🔧 Searching the wiki…"
+    with pytest.raises(ValueError, match="tool status takes a tool title"):
+        ReplyStatus(Phase.TOOL)
     with pytest.raises(ValueError, match="queued status takes a queue position"):
         ReplyStatus(Phase.QUEUED)
     with pytest.raises(ValueError, match="thinking status takes no queue position"):
         ReplyStatus(Phase.THINKING, 2)
+
+
+def test_the_tools_footer_names_each_tool_once_with_a_count() -> None:
+    assert tools_used(["Adding numbers", "Searching", "Adding numbers"]) == "🔧 Used: Adding numbers ×2, Searching"
 
 
 def test_shortcut_prompts_keep_their_words() -> None:

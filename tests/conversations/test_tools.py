@@ -20,7 +20,7 @@ from bot.tools import ToolAccess, ToolSupervisor
 from bot.tools.grammar import call_grammar
 from bot.tools.syntax import ToolSyntax
 from bot.types import SessionKey
-from bot.wording import STOPPED_NOTE, tool_running, tools_used
+from bot.wording import STOPPED_NOTE, tool_rounds_used, tool_running, tools_used
 from tests.conversations.helpers import Target, message
 
 SERVER = str(Path(__file__).resolve().parent.parent / "tools" / "mcp_server.py")
@@ -68,3 +68,58 @@ async def test_a_tool_call_runs_is_stored_and_answered(tool_manager: Conversatio
     [call] = await store.tool_calls(result.reply_id or 0)
     assert (call.round, call.tool, call.arguments, call.result, call.is_error) == (1, "add", '{"a": 2, "b": 3}',
                                                                                   "5", False)
+
+
+async def test_a_place_without_a_grant_is_never_offered_tools(tool_manager: ConversationManager, store: Store,
+                                                              tmp_path: Path) -> None:
+    channel = SessionKey.for_channel("test", "guild1", "chan1")
+    assert tool_manager.offered_tools(channel, "u1") == [] and tool_manager.offered_tools(DM, "u1")
+    await tool_manager.set_sampling(channel, grammar=call_or("5"), max_tokens=40)
+    target = Target()
+    result = await tool_manager.respond(message("What is 2 plus 3?", channel), target)
+    assert not any(text.startswith("🔧") for _, text in target.calls)
+    assert await store.tool_calls(result.reply_id or 0) == []
+    assert not (tmp_path / "marks").exists()  # the server was never asked
+    assert not any("Used:" in note for note in result.notes)
+
+
+async def test_stop_cancels_a_slow_tool_call(tool_manager: ConversationManager, store: Store,
+                                             tmp_path: Path) -> None:
+    slow = '<tool_call>\n{"name": "slow", "arguments": {"seconds": 60}}\n</tool_call>'
+    await tool_manager.set_sampling(DM, grammar=call_or("5", slow), max_tokens=40)
+    target = Target()
+    reply = asyncio.create_task(tool_manager.respond(message("Sleep a minute.", DM), target))
+    marks = tmp_path / "marks"
+    for _ in range(600):
+        if marks.exists() and "slow started" in marks.read_text():
+            break
+        await asyncio.sleep(0.05)
+    assert tool_running("Sleeping") in [text for _, text in target.calls]
+    assert tool_manager.stop(DM) == 1
+    result = await asyncio.wait_for(reply, 10)
+    assert result.status == "stopped" and STOPPED_NOTE in result.notes
+    for _ in range(100):  # the MCP request is cancelled at the server too
+        if "slow cancelled" in marks.read_text():
+            break
+        await asyncio.sleep(0.05)
+    assert "slow cancelled" in marks.read_text()
+    assert (await tool_manager.history(DM))[-1].status == "stopped"
+
+
+async def test_a_crashed_server_is_a_failed_call_and_the_next_reply_has_it_back(
+        tool_manager: ConversationManager, store: Store, tools: ToolSupervisor) -> None:
+    crash = '<tool_call>\n{"name": "crash", "arguments": {}}\n</tool_call>'
+    await tool_manager.set_sampling(DM, grammar=call_or("5", crash), max_tokens=40)
+    result = await tool_manager.respond(message("Crash the server.", DM), Target())
+    [call] = await store.tool_calls(result.reply_id or 0)
+    assert call.tool == "crash" and call.is_error and "failed" in call.result
+    # The model (held to call or say "5") asked again in the round without tools: a clear line, no raw call.
+    assert result.notes == [tool_rounds_used(1), tools_used(["Crashing"])] and "<tool_call>" not in result.text
+    for _ in range(200):  # the supervisor restarts the server
+        if tools.health()["test"].up:
+            break
+        await asyncio.sleep(0.05)
+    await tool_manager.set_sampling(DM, grammar=call_or("5"), max_tokens=40)
+    again = await tool_manager.respond(message("What is 2 plus 3?", DM), Target())
+    assert (again.status, again.text) == ("complete", "5"), again
+    assert [c.result for c in await store.tool_calls(again.reply_id or 0)] == ["5"]
