@@ -58,7 +58,7 @@ async def test_a_slow_tool_shows_its_status_in_the_channel(
     await start_bot()
     mid = await fake.message_create("Wait a moment, then tell me 2 plus 3.")
     # The small model, held to "call or say 5", asks for the tool again in the round without tools: a clear line.
-    reply = await fake.final_reply(mid, f"{tool_rounds_used(1)}\n\n{tools_used(['Sleeping'])}")
+    reply = await fake.final_reply(mid, f"{tool_rounds_used(1)}\n{tools_used(['Sleeping'])}")
     shown = fake.contents[int(reply["id"])]
     assert tool_running("Sleeping") in shown, shown  # the 🔧 status, while the slow tool ran
     assert not any("<tool_call>" in text or "slept" in text for text in shown)  # neither the call nor the result
