@@ -86,8 +86,9 @@ class ConversationManager:
         self.sessions = SessionSettings(store, settings, lambda: engine.n_ctx)
         self._streaming = Streaming(engine, store, self.metrics, settings.conversation, clock=clock)
         self.tools: Toolbox | None = None  # set by `use_tools` when tool servers are configured
-        self._tool_rounds = ToolRounds(engine, store, self.metrics, clock=clock) \
-            if getattr(engine, "chat_template", None) is not None else None  # type: ignore[arg-type]
+        # The embedded engine only, for now: a remote server's tools/tool_calls API is the next step.
+        self._tool_rounds = None if isinstance(engine, RemoteEngine) else ToolRounds(engine, store, self.metrics,
+                                                                                     clock=clock)
         self._leases = Leases(store, self.metrics, self.locators, settings=settings.store, ours=lambda: (
             r.reply_id for line in self._lines.values() for r in line if r.reply_id is not None))
 

@@ -22,10 +22,25 @@ from bot.prompt import Prompt
 from bot.store import Status, Store, StoredToolCall
 from bot.tools.permissions import ToolAccess
 from bot.tools.registry import ToolSpec
-from bot.tools.syntax import (CallInvalid, CallParsed, CallStarted, TextPiece, ToolCall, ToolCallParser, ToolFormat,
-                              render_tools, tool_format)
+from bot.tools.syntax import (
+    CallInvalid,
+    CallParsed,
+    CallStarted,
+    TextPiece,
+    ToolCall,
+    ToolCallParser,
+    ToolFormat,
+    render_tools,
+    tool_format,
+)
 from bot.types import Phase, ReplyStatus, SessionKey, log_name
-from bot.wording import (tool_call_unreadable, tool_not_offered, tool_rounds_used, tool_running, tools_used)
+from bot.wording import (
+    tool_call_unreadable,
+    tool_not_offered,
+    tool_rounds_used,
+    tool_running,
+    tools_used,
+)
 
 if TYPE_CHECKING:
     from bot.engine.embedded import Engine
@@ -187,7 +202,9 @@ class ToolRounds:
             self._metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
             if switch is not None and request.ended is None and not request.delivery.failed:
                 # The call's JSON, generated again from its opening under the grammar of the offered tools.
-                from bot.tools.grammar import call_grammar  # llama.cpp's converter: only for the embedded engine
+                from bot.tools.grammar import (
+                    call_grammar,  # llama.cpp's converter: only for the embedded engine
+                )
 
                 opening = self.format().opening
                 round_.raw = switch + opening

@@ -17,8 +17,6 @@ from bot.conversations.tools import Toolbox
 from bot.engine import Engine
 from bot.store import Store
 from bot.tools import ToolAccess, ToolSupervisor
-from bot.tools.grammar import call_grammar
-from bot.tools.syntax import ToolSyntax
 from bot.types import SessionKey
 from bot.wording import STOPPED_NOTE, tool_rounds_used, tool_running, tools_used
 from tests.conversations.helpers import Target, message
