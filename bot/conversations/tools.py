@@ -5,6 +5,7 @@ round without tools then answers. Results are untrusted plain text: message text
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -114,13 +115,13 @@ class ToolRounds:
         """Answer with ``prompt`` (whose system prompt offers ``tools``): (status, ``notes`` + its own)."""
         syntax = self.format().syntax
         messages = [dict(m) for m in prompt.messages]
-        tokens = list(prompt.tokens)
+        current = prompt
         used: list[str] = []
         request.text = exchange.prefix
         rounds = 0
         final = False
         while True:
-            round_, generation = await self._round(request, tokens, sampling, syntax, tools, first=rounds == 0,
+            round_, generation = await self._round(request, current, sampling, syntax, tools, first=rounds == 0,
                                                    prefix=exchange.prefix if rounds == 0 else "")
             if request.ended is not None or request.delivery.failed or not (round_.calls or round_.invalid):
                 status, own = outcome(request, generation, request.text)
@@ -144,19 +145,24 @@ class ToolRounds:
                 messages[0] = {"role": "system", "content": plain_system}
             request.state = State.PROMPTING
             tokens = await asyncio.to_thread(self._engine.chat_tokens, messages)
+            # The same images (their user turns keep their places): a model that reads them sees them each round.
+            current = dataclasses.replace(prompt, messages=[dict(m) for m in messages], tokens=tokens, prefix="",
+                                          turns_from=None)
 
-    async def _round(self, request: Request, tokens: list[int], sampling: SamplingSettings, syntax: Any,
+    async def _round(self, request: Request, prompt: Prompt, sampling: SamplingSettings, syntax: Any,
                      tools: list[ToolSpec], *, first: bool, prefix: str) -> tuple[_Round, Generation]:
         """One generation, streamed into the reply's text until it ends or writes a tool call. Once a call's
         opening is written, the rest of the call is generated again under the tools' grammar (unless the
-        conversation's own grammar rules every token)."""
+        conversation's own grammar rules every token, or the prompt has images: they go with the prompt as built)."""
         round_ = _Round(raw=prefix)
         parser = ToolCallParser(syntax)
         separate = not first and bool(request.text.strip())
         timer = TokenTimer(self._metrics, self._clock)
         saved_at = self._clock()
+        tokens: list[int] | None = None  # set once the call's opening is appended to the prompt
         while True:
-            generation = request.generation = self._engine.submit(tokens, sampling, session=request.key)
+            generation = request.generation = self._engine.submit(prompt if tokens is None else tokens, sampling,
+                                                                  session=request.key)
             request.state = State.QUEUED
             round_.ours = False
             switch: str | None = None
@@ -183,7 +189,7 @@ class ToolRounds:
                             request.delivery.update(request.text)
                         elif isinstance(parsed, CallStarted):
                             opening = self.format().opening
-                            if not sampling.grammar and opening in round_.raw:
+                            if not sampling.grammar and not prompt.images and opening in round_.raw:
                                 switch = round_.raw[:round_.raw.index(opening)]
                                 round_.ours = True
                                 generation.cancel()
@@ -198,7 +204,7 @@ class ToolRounds:
                         saved_at = self._clock()
                         await self._checkpoint(request)
             self._metrics.tokens_generated.inc(generation.n_generated)
-            self._metrics.prompt_tokens.inc(len(tokens))
+            self._metrics.prompt_tokens.inc(len(prompt.tokens if tokens is None else tokens))
             self._metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
             if switch is not None and request.ended is None and not request.delivery.failed:
                 # The call's JSON, generated again from its opening under the grammar of the offered tools.
@@ -208,7 +214,7 @@ class ToolRounds:
 
                 opening = self.format().opening
                 round_.raw = switch + opening
-                tokens = tokens + self._engine.tokenize(switch[len(prefix):]) \
+                tokens = list(prompt.tokens) + self._engine.tokenize(switch[len(prefix):]) \
                     + self._engine.tokenize(opening, special=True)
                 sampling = sampling.model_copy(update={"grammar": call_grammar(tools, syntax)})
                 prefix = ""
