@@ -8,7 +8,8 @@ import pytest
 
 from adapters.slack.assistant import GREETING, SUGGESTED_PROMPTS
 from adapters.slack.blocks import FEEDBACK, REGENERATE
-from bot.types import SessionKey
+from adapters.slack.targets import assistant_status
+from bot.types import Phase, ReplyStatus, SessionKey
 from tests.fake_slack import FakeSlack
 from tests.slack_helpers import REPLY_TIMEOUT_SECONDS, answered, channel_key, fake, running_bot, settled
 
@@ -72,3 +73,8 @@ async def test_a_dm_thread_that_is_not_an_assistant_thread_is_answered_as_before
     users = [m.content for m in await manager.history(SessionKey.for_dm("slack", "U2")) if m.role == "user"]
     assert users == ["hello", "and in a thread?"]
     assert fake.calls_to("assistant.threads.setStatus") == [] and fake.calls_to("assistant.threads.setTitle") == []
+
+
+def test_the_thread_status_names_a_running_tool() -> None:
+    status = ReplyStatus(Phase.TOOL, tool="Searching the wiki")
+    assert assistant_status(status) == "is using a tool: Searching the wiki…"

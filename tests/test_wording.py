@@ -32,3 +32,4 @@ def test_shortcut_prompts_keep_their_words() -> None:
     prompt = summarize([("Ana", "one"), ("Bo", "two"), ("Cy", "three")], max_chars=20)
     assert prompt == ("Summarize this conversation: the main points, decisions and open questions, briefly "
                       "(1 older messages left out).\n\nBo: two\nCy: three")
+
