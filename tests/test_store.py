@@ -422,9 +422,9 @@ async def test_the_migrate_command_shows_and_applies_migrations(tmp_path: Path) 
     config = sqlite_config(tmp_path, "old")
     first = llamarelay("migrate", config=config)
     assert first.returncode == 0, first.stderr
-    assert "schema version: 1 (latest: 5)" in first.stdout and "applied migrations: 2, 3, 4, 5" in first.stdout
+    assert "schema version: 1 (latest: 6)" in first.stdout and "applied migrations: 2, 3, 4, 5, 6" in first.stdout
     again = llamarelay("migrate", config=config)
-    assert "schema version: 5 (latest: 5)" in again.stdout and "up to date" in again.stdout
+    assert "schema version: 6 (latest: 6)" in again.stdout and "up to date" in again.stdout
 
 
 async def test_the_commands_move_conversations_to_postgres_with_the_url_from_the_environment(
