@@ -193,6 +193,7 @@ class ToolRounds:
                                 switch = round_.raw[:round_.raw.index(opening)]
                                 round_.ours = True
                                 generation.cancel()
+                                break  # what followed the opening is generated again
                         elif isinstance(parsed, CallParsed):
                             round_.calls.append(parsed.call)
                         elif isinstance(parsed, CallInvalid):
@@ -214,6 +215,8 @@ class ToolRounds:
 
                 opening = self.format().opening
                 round_.raw = switch + opening
+                parser = ToolCallParser(syntax)
+                parser.feed(opening)  # inside the call, with nothing after its opening yet
                 tokens = list(prompt.tokens) + self._engine.tokenize(switch[len(prefix):]) \
                     + self._engine.tokenize(opening, special=True)
                 sampling = sampling.model_copy(update={"grammar": call_grammar(tools, syntax)})

@@ -121,3 +121,17 @@ async def test_a_crashed_server_is_a_failed_call_and_the_next_reply_has_it_back(
     again = await tool_manager.respond(message("What is 2 plus 3?", DM), Target())
     assert (again.status, again.text) == ("complete", "5"), again
     assert [c.result for c in await store.tool_calls(again.reply_id or 0)] == ["5"]
+
+
+async def test_a_call_the_model_starts_on_its_own_is_finished_under_the_tools_grammar(
+        tool_manager: ConversationManager, store: Store, engine: Engine) -> None:
+    # No grammar of the conversation's: the small model writes the opening itself, copying its earlier turn,
+    # and the call's JSON is generated again from the opening under the offered tools' grammar.
+    await store.add_message(str(DM), "user", "What is 1 plus 1?", "complete", author_id="u1")
+    await store.add_message(str(DM), "assistant", '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 1}}\n'
+                                                  "</tool_call>", "complete")
+    await tool_manager.set_sampling(DM, max_tokens=60)
+    result = await tool_manager.respond(message("What is 2 plus 3?", DM), Target())
+    calls = await store.tool_calls(result.reply_id or 0)
+    assert calls and all(call.tool == "add" and not call.is_error for call in calls), (result, calls)
+    assert "<tool_call>" not in result.text
