@@ -17,13 +17,17 @@ def test_the_commented_example_in_config_toml_loads(tmp_path: Path) -> None:
     text = (ROOT / "config.toml").read_text()
     start = text.index("\n[tools]")
     section = text[start:text.find("\n\n", start + 1)]  # up to the blank line that ends it
-    example = re.sub(r"^# (\[\[tools\.servers\]\]|(?!servers )\w+ = )", r"\1", section, flags=re.M)
+    example = re.sub(r"^# (\[\[tools\.(?:servers|allow)\]\]|(?!servers |allow )\w+ = )", r"\1", section, flags=re.M)
     (tmp_path / "config.toml").write_text(example)
     tools = load_settings(tmp_path / "config.toml").tools
     files, wiki = tools.servers
     assert (files.command, files.args[0], files.tools["write_file"].confirm) == ("npx", "-y", True)
     assert (wiki.url, wiki.auth_env, wiki.auth_scheme) == ("https://wiki.example.com/mcp", "WIKI_MCP_TOKEN", "Bearer")
     assert tools.max_rounds == 4 and tools.call_timeout == 30.0 and tools.max_result_chars == 8000
+    server, dms = tools.allow
+    assert (server.places, server.users, server.tools) == (["discord/ch/123456789012345678/*"], [], ["*"])
+    assert (dms.places, dms.users, dms.tools) == (["discord/dm/*", "web/*"], ["234567890123456789"],
+                                                  ["read_file", "search_*"])
 
 
 @pytest.mark.parametrize(("toml", "expected"), [
