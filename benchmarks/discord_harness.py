@@ -49,8 +49,10 @@ def is_reply_text(content: str) -> bool:
 
 def _is_status_line(content: str) -> bool:
     """A status as the bot renders it on Discord (the harness sees only the rendered text)."""
-    fixed = {status_line(ReplyStatus(phase)) for phase in Phase if phase is not Phase.QUEUED}
-    return content in fixed or re.fullmatch(re.escape(queued_line(0)).replace("0", r"\d+"), content) is not None
+    fixed = {status_line(ReplyStatus(phase)) for phase in Phase if phase not in (Phase.QUEUED, Phase.TOOL)}
+    tool = status_line(ReplyStatus(Phase.TOOL, tool="X")).partition("X")[0]  # "🔧 " and the tool's title
+    return (content in fixed or content.startswith(tool)
+            or re.fullmatch(re.escape(queued_line(0)).replace("0", r"\d+"), content) is not None)
 
 
 def write_config(directory: Path, fake: FakeDiscord, **sections: dict[str, Any]) -> Path:

@@ -9,7 +9,12 @@ it receives the first post or edit of the reply that is not a status line ("💭
 p90 / worst and checks median <= 0.5 s; then the same for mentions in 8 channels at once (checks median <= 1 s,
 worst <= 2 s); then a conversation of long messages whose history overflows the window while 7 other channels
 chat (checks every turn <= 2 x its next turns' with the other channels quiet). First, for reference, the
-engine's own time to first token for the same prompts. Exits 1 if a check fails.
+engine's own time to first token for the same prompts.
+
+Stream rate: a long reply (``--stream-tokens``, written past the end of turn) in a channel of its own, on an idle
+engine: the characters that reach Discord between the first write with reply text and the last write, per
+second, against the characters per second the engine alone writes the same reply at from its first token
+(checks >= 0.9x). Exits 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from discord_harness import MODEL, BotProcess, channel_key, is_reply_text, open_store, write_config, writes
 
@@ -30,6 +36,7 @@ from bot.store import Status, Store
 from tests.fake_discord import FakeDiscord
 
 TARGET_MEDIAN_SECONDS = 0.5
+TARGET_STREAM_RATE = 0.9  # of the engine's own rate
 REPLY_TIMEOUT_SECONDS = 60.0
 LONG_TURN_TIMEOUT_SECONDS = 300.0  # a long message beside 7 busy channels on a small CPU
 
@@ -86,6 +93,53 @@ async def engine_first_tokens(threads: int | None, count: int) -> list[float]:
     return times
 
 
+def stream_sampling(tokens: int) -> dict[str, Any]:
+    """A reply of exactly ``tokens`` tokens, the same each time (greedy, past the end of turn)."""
+    return {"max_tokens": tokens, "ignore_eos": True, "temperature": 0.0}
+
+
+async def engine_stream_rates(threads: int | None, tokens: int, runs: int) -> list[float]:
+    """For reference: characters per second the engine alone writes a long reply at, from its first token on."""
+    settings = EngineSettings(model_path=MODEL, **({} if threads is None else {"n_threads": threads}))
+    engine = await asyncio.to_thread(Engine, settings)
+    system = Settings().conversation.system_prompt
+    rates = []
+    try:
+        for number in range(runs):
+            prompt = engine.chat_tokens([{"role": "system", "content": system},
+                                         {"role": "user", "content": question(200 + number)}])
+            first, text = None, ""
+            async for event in engine.submit(prompt, SamplingSettings(**stream_sampling(tokens)),
+                                             session=f"stream-{number}"):
+                if isinstance(event, QueuePosition):
+                    continue
+                if first is None:
+                    first = time.monotonic()
+                else:
+                    text += event
+            assert first is not None
+            rates.append(len(text) / (time.monotonic() - first))
+            await asyncio.sleep(0.5)
+    finally:
+        engine.close()
+    return rates
+
+
+async def discord_stream_rate(fake: FakeDiscord, store: Store, channel_id: int, number: int,
+                              tokens: int) -> float:
+    """Characters per second reaching Discord in one long reply, from its first write with reply text to its last."""
+    overrides = await store.sampling(channel_key(channel_id))
+    await store.set_sampling(channel_key(channel_id), {**overrides, **stream_sampling(tokens)})
+    mentioned = time.monotonic()
+    await fake.message_create(question(200 + number), channel_id=channel_id)
+    await first_content(fake, channel_id, mentioned)
+    await wait_answered(store, [channel_id], fake)
+    shown = [w for w in writes(fake, channel_id, mentioned) if is_reply_text((w.body or {}).get("content") or "")]
+    reply = next(m for m in await store.messages(channel_key(channel_id)) if m.role == "assistant")
+    first_text = (shown[0].body or {}).get("content") or ""
+    return (len(reply.content) - len(first_text)) / (shown[-1].at - shown[0].at)
+
+
 def summary(label: str, times: list[float], before_text: int) -> str:
     ordered = sorted(times)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
@@ -97,8 +151,12 @@ async def run(args: argparse.Namespace, directory: Path) -> bool:
     reference = await engine_first_tokens(args.threads, 8)
     print(f"engine alone, time to first token: median {statistics.median(reference):.3f} s, "
           f"worst {max(reference):.3f} s over {len(reference)} (reference, no Discord)")
+    engine_rates = await engine_stream_rates(args.threads, args.stream_tokens, args.streams)
+    print(f"engine alone, a {args.stream_tokens}-token reply: " + " ".join(f"{r:.0f}" for r in engine_rates)
+          + " characters/s (reference, no Discord)")
     async with FakeDiscord() as fake:
         warm, *serial = fake.add_text_channels(1 + args.mentions)
+        streamed = fake.add_text_channels(args.streams)
         together = fake.add_text_channels(args.together)
         long_channel, *chatters = fake.add_text_channels(1 + args.chatters)
         # One user sends every mention: the per-user limit (10 a minute) would refuse some of them.
@@ -131,6 +189,15 @@ async def run(args: argparse.Namespace, directory: Path) -> bool:
             print("one at a time:", " ".join(f"{t:.3f}" for t in times))
             print(summary("idle engine, one mention at a time", times, status_first))
 
+            stream_rates = []
+            for number, channel_id in enumerate(streamed):
+                await asyncio.sleep(0.5)
+                stream_rates.append(await discord_stream_rate(fake, store, channel_id, number, args.stream_tokens))
+            stream_ratio = statistics.median(stream_rates) / statistics.median(engine_rates)
+            print(f"through Discord, a {args.stream_tokens}-token reply: "
+                  + " ".join(f"{r:.0f}" for r in stream_rates)
+                  + f" characters/s ({stream_ratio:.2f}x the engine alone, medians)")
+
             await asyncio.sleep(0.5)
             started = []
             for number, channel_id in enumerate(together):
@@ -161,6 +228,8 @@ async def run(args: argparse.Namespace, directory: Path) -> bool:
     checks = [(f"median first content {median:.3f} s <= {TARGET_MEDIAN_SECONDS} s", median <= TARGET_MEDIAN_SECONDS),
               (f"{len(together)} at once: median {statistics.median(firsts_together):.3f} s <= 1.0 s",
                statistics.median(firsts_together) <= 1.0),
+              (f"stream rate through Discord {stream_ratio:.2f}x the engine's >= {TARGET_STREAM_RATE}x",
+               stream_ratio >= TARGET_STREAM_RATE),
               (f"{len(together)} at once: worst {max(firsts_together):.3f} s <= 2.0 s", max(firsts_together) <= 2.0),
               (f"long conversation: worst busy turn {max(turns):.3f} s <= 2 x the same turns with the others quiet "
                f"(median {statistics.median(alone):.3f} s)", max(turns) <= 2 * statistics.median(alone))]
@@ -222,6 +291,8 @@ def main() -> None:
     parser.add_argument("--chatters", type=int, default=7, help="channels chatting beside the long conversation")
     parser.add_argument("--turns", type=int, default=10, help="turns of the long conversation")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--stream-tokens", type=int, default=384, help="length of the stream-rate replies")
+    parser.add_argument("--streams", type=int, default=3, help="stream-rate replies, each in its channel")
     parser.add_argument("--threads", type=int, default=None, help="[engine] n_threads (default: the config's)")
     parser.add_argument("--verbose", action="store_true", help="print every write of each serial reply")
     parser.add_argument("--log", type=Path, help="keep the bot's log in this file")
