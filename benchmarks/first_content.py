@@ -12,9 +12,9 @@ chat (checks every turn <= 2 x its next turns' with the other channels quiet). F
 engine's own time to first token for the same prompts.
 
 Stream rate: a long reply (``--stream-tokens``, written past the end of turn) in a channel of its own, on an idle
-engine: the characters that reach Discord between the first write with reply text and the last write, per
-second, against the characters per second the engine alone writes the same reply at from its first token
-(checks >= 0.9x). Exits 1 if a check fails.
+engine: the tokens of text that reach Discord between the first write with reply text and the last write, per
+second, against the tokens per second the engine alone writes such a reply at from its first token (checks >=
+0.9x). Exits 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +99,16 @@ def stream_sampling(tokens: int) -> dict[str, Any]:
     return {"max_tokens": tokens, "ignore_eos": True, "temperature": 0.0}
 
 
+def token_counter() -> Callable[[str], int]:
+    """How many tokens of the model a text is (its vocabulary only: no weights, no context)."""
+    import llama_cpp  # here: the harness sets libgomp's spin before llama.cpp loads
+
+    vocab = llama_cpp.Llama(str(MODEL), vocab_only=True, verbose=False)
+    return lambda text: len(vocab.tokenize(text.encode(), add_bos=False))
+
+
 async def engine_stream_rates(threads: int | None, tokens: int, runs: int) -> list[float]:
-    """For reference: characters per second the engine alone writes a long reply at, from its first token on."""
+    """For reference: tokens per second the engine alone writes a long reply at, after its first token."""
     settings = EngineSettings(model_path=MODEL, **({} if threads is None else {"n_threads": threads}))
     engine = await asyncio.to_thread(Engine, settings)
     system = Settings().conversation.system_prompt
@@ -108,26 +117,25 @@ async def engine_stream_rates(threads: int | None, tokens: int, runs: int) -> li
         for number in range(runs):
             prompt = engine.chat_tokens([{"role": "system", "content": system},
                                          {"role": "user", "content": question(200 + number)}])
-            first, text = None, ""
+            first, count = None, 0
             async for event in engine.submit(prompt, SamplingSettings(**stream_sampling(tokens)),
                                              session=f"stream-{number}"):
                 if isinstance(event, QueuePosition):
                     continue
-                if first is None:
-                    first = time.monotonic()
-                else:
-                    text += event
+                count += 1
+                first = first or time.monotonic()
             assert first is not None
-            rates.append(len(text) / (time.monotonic() - first))
+            rates.append((count - 1) / (time.monotonic() - first))
             await asyncio.sleep(0.5)
     finally:
         engine.close()
     return rates
 
 
-async def discord_stream_rate(fake: FakeDiscord, store: Store, channel_id: int, number: int,
-                              tokens: int) -> float:
-    """Characters per second reaching Discord in one long reply, from its first write with reply text to its last."""
+async def discord_stream_rate(fake: FakeDiscord, store: Store, channel_id: int, number: int, tokens: int,
+                              count_tokens: Callable[[str], int]) -> float:
+    """Tokens of text per second reaching Discord in one long reply, from its first write with reply text to its
+    last."""
     overrides = await store.sampling(channel_key(channel_id))
     await store.set_sampling(channel_key(channel_id), {**overrides, **stream_sampling(tokens)})
     mentioned = time.monotonic()
@@ -137,7 +145,7 @@ async def discord_stream_rate(fake: FakeDiscord, store: Store, channel_id: int, 
     shown = [w for w in writes(fake, channel_id, mentioned) if is_reply_text((w.body or {}).get("content") or "")]
     reply = next(m for m in await store.messages(channel_key(channel_id)) if m.role == "assistant")
     first_text = (shown[0].body or {}).get("content") or ""
-    return (len(reply.content) - len(first_text)) / (shown[-1].at - shown[0].at)
+    return (count_tokens(reply.content) - count_tokens(first_text)) / (shown[-1].at - shown[0].at)
 
 
 def summary(label: str, times: list[float], before_text: int) -> str:
@@ -152,8 +160,9 @@ async def run(args: argparse.Namespace, directory: Path) -> bool:
     print(f"engine alone, time to first token: median {statistics.median(reference):.3f} s, "
           f"worst {max(reference):.3f} s over {len(reference)} (reference, no Discord)")
     engine_rates = await engine_stream_rates(args.threads, args.stream_tokens, args.streams)
-    print(f"engine alone, a {args.stream_tokens}-token reply: " + " ".join(f"{r:.0f}" for r in engine_rates)
-          + " characters/s (reference, no Discord)")
+    print(f"engine alone, a {args.stream_tokens}-token reply: " + " ".join(f"{r:.1f}" for r in engine_rates)
+          + " tokens/s (reference, no Discord)")
+    count_tokens = token_counter()
     async with FakeDiscord() as fake:
         warm, *serial = fake.add_text_channels(1 + args.mentions)
         streamed = fake.add_text_channels(args.streams)
@@ -192,11 +201,12 @@ async def run(args: argparse.Namespace, directory: Path) -> bool:
             stream_rates = []
             for number, channel_id in enumerate(streamed):
                 await asyncio.sleep(0.5)
-                stream_rates.append(await discord_stream_rate(fake, store, channel_id, number, args.stream_tokens))
+                stream_rates.append(await discord_stream_rate(fake, store, channel_id, number, args.stream_tokens,
+                                                              count_tokens))
             stream_ratio = statistics.median(stream_rates) / statistics.median(engine_rates)
             print(f"through Discord, a {args.stream_tokens}-token reply: "
-                  + " ".join(f"{r:.0f}" for r in stream_rates)
-                  + f" characters/s ({stream_ratio:.2f}x the engine alone, medians)")
+                  + " ".join(f"{r:.1f}" for r in stream_rates)
+                  + f" tokens/s ({stream_ratio:.2f}x the engine alone, medians)")
 
             await asyncio.sleep(0.5)
             started = []

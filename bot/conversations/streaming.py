@@ -70,6 +70,8 @@ class Streaming:
         self._metrics.tokens_generated.inc(generation.n_generated)
         self._metrics.prompt_tokens.inc(len(prompt.tokens))
         self._metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
+        log.debug("reply in %s: a prompt of %d tokens (%d of them cached), %d generated", log_name(request.key),
+                  len(prompt.tokens), generation.n_prompt_reused, generation.n_generated)
         reasoning.finish()
         self._show(request, exchange, reasoning, quote_reasoning, final=True)
         status, footer = outcome(request, generation, reasoning.answer)
