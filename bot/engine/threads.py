@@ -33,6 +33,7 @@ EXPLORE_SECONDS = 1.0  # each kind of step tries another thread count at most th
 EXPLORE_SHARE = 0.03  # ... and no more often than keeps the tries' extra time under this share of the time...
 EXPLORE_MAX_SECONDS = 10.0  # ... but at least this often, so the figures follow the machine
 TRIAL_STEPS = 4  # steps of a try, the first not counted
+RETRY_SECONDS = 0.5  # a count that lost first place by its own steps gets one early try this much later
 RECENT_STEPS = 7  # a thread count's figure is the median of its last this many steps: one stalled step (another
 # process took the core a moment) does not make it look slower, four in a row (it keeps the core) do
 
@@ -73,11 +74,12 @@ def thread_candidates(cores: int) -> list[int]:
 
 @dataclass
 class _Kind:
-    """One kind of step's figures: recent seconds per step at each count, when each count was last tried, and
-    the try under way (count, steps left)."""
+    """One kind of step's figures: recent seconds per step at each count, when each count was last tried (or
+    lost first place by its own steps), and the try under way (count, steps left)."""
 
     recent: dict[int, deque[float]] = field(default_factory=dict)
     tried_at: dict[int, float] = field(default_factory=dict)
+    demoted_at: dict[int, float] = field(default_factory=dict)
     trial: tuple[int, int] | None = None
 
     @property
@@ -94,7 +96,10 @@ class ThreadTuner:
     now and then, so the figures follow the machine as other work comes and goes: as often as keeps what the tries
     cost beyond the fastest count under `EXPLORE_SHARE` of the time (one 70 ms a step slower every 9 s), never
     more often than every ``explore_seconds`` times how much slower it was (1.4 s for a count 1.4x slower), nor
-    rarer than `EXPLORE_MAX_SECONDS`. A step right after the count changed is not counted: it pays for waking
+    rarer than `EXPLORE_MAX_SECONDS`. A count whose own steps made it lose first place gets one early try
+    `RETRY_SECONDS` later: a stall of a few steps (a burst of other work) costs half a second at the slower count,
+    not the seconds a regular try waits; when the slowness stays (another process keeps the core), that try shows
+    it and the regular waits follow. A step right after the count changed is not counted: it pays for waking
     threads that slept, which the steps after it do not. Used by the engine's worker thread only.
     """
 
@@ -128,10 +133,17 @@ class ThreadTuner:
             return untried[0], TRIAL_STEPS
         best = self._best(kind)
         for count in sorted(self.candidates, key=lambda count: kind.tried_at.get(count, 0.0)):
-            cost = TRIAL_STEPS * (seconds[count] - seconds[best])
-            wait = min(EXPLORE_MAX_SECONDS, max(self.explore_seconds * seconds[count] / seconds[best],
-                                                cost / EXPLORE_SHARE))
-            if count != best and now - kind.tried_at.get(count, 0.0) >= wait:
+            if count == best:
+                continue
+            if count in kind.demoted_at:
+                since, wait = kind.demoted_at[count], RETRY_SECONDS
+            else:
+                cost = TRIAL_STEPS * (seconds[count] - seconds[best])
+                since = kind.tried_at.get(count, 0.0)
+                wait = min(EXPLORE_MAX_SECONDS, max(self.explore_seconds * seconds[count] / seconds[best],
+                                                    cost / EXPLORE_SHARE))
+            if now - since >= wait:
+                kind.demoted_at.pop(count, None)
                 kind.tried_at[count] = now
                 kind.recent[count].clear()  # the try's steps alone tell how that count does now
                 return count, TRIAL_STEPS
@@ -143,7 +155,10 @@ class ThreadTuner:
             return
         kind = self._kinds.setdefault(self.kind(n_tokens), _Kind())
         if threads == self._last:
+            was_best = kind.trial is None and self._best(kind) == threads
             kind.recent.setdefault(threads, deque(maxlen=RECENT_STEPS)).append(seconds)
+            if was_best and self._best(kind) != threads:
+                kind.demoted_at[threads] = self._clock()
         self._last = threads
         if kind.trial is not None and kind.trial[0] == threads:
             left = kind.trial[1] - 1

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.engine.threads import SPIN_COUNT, ThreadTuner, physical_cores, thread_candidates
+from bot.engine.threads import SPIN_COUNT, TRIAL_STEPS, ThreadTuner, physical_cores, thread_candidates
 from bot.engine import Engine
 from tests.conftest import MODEL_PATH
 
@@ -100,6 +100,20 @@ def test_one_stalled_step_does_not_move_the_tuner_off_the_fastest_count() -> Non
         machine.seconds = {2: 0.008, 1: 0.012}
         assert machine.run(tuner, 20).count(2) >= 16  # a try of one thread at most, not a move to it
     assert tuner.best() == 2
+
+
+def test_a_stall_of_a_few_steps_costs_half_a_second_at_the_slower_count_not_seconds() -> None:
+    machine = Machine({2: 0.008, 1: 0.012})
+    tuner = ThreadTuner([2, 1], clock=lambda: machine.now)
+    machine.run(tuner, 200)
+    assert tuner.best() == 2
+    machine.seconds = {2: 0.035, 1: 0.012}  # a burst of other work: four steps in a row crawl
+    assert machine.run(tuner, 4) == [2] * 4 and tuner.best() == 1
+    machine.seconds = {2: 0.008, 1: 0.012}  # the burst is over
+    chosen = machine.run(tuner, 200)
+    back = chosen.index(2) + TRIAL_STEPS
+    assert sum(machine.seconds[c] for c in chosen[:back]) <= 0.6  # tried again half a second later...
+    assert chosen[back:].count(1) <= TRIAL_STEPS and tuner.best() == 2  # ...and kept (a regular try of one aside)
 
 
 def test_a_much_slower_count_is_tried_less_often() -> None:
