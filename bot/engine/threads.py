@@ -33,7 +33,8 @@ EXPLORE_SECONDS = 1.0  # each kind of step tries another thread count at most th
 EXPLORE_SHARE = 0.03  # ... and no more often than keeps the tries' extra time under this share of the time...
 EXPLORE_MAX_SECONDS = 10.0  # ... but at least this often, so the figures follow the machine
 TRIAL_STEPS = 4  # steps of a try, the first not counted
-RETRY_SECONDS = 0.5  # a count that lost first place by its own steps gets one early try this much later
+RETRY_SECONDS = 0.5  # a count that lost first place by its own steps gets one early try this much later...
+LEADER_SECONDS = 2.0  # ... when it had held that place this long (not a slower count a lucky try put there)
 RECENT_STEPS = 7  # a thread count's figure is the median of its last this many steps: one stalled step (another
 # process took the core a moment) does not make it look slower, four in a row (it keeps the core) do
 
@@ -80,6 +81,7 @@ class _Kind:
     recent: dict[int, deque[float]] = field(default_factory=dict)
     tried_at: dict[int, float] = field(default_factory=dict)
     demoted_at: dict[int, float] = field(default_factory=dict)
+    leader: tuple[int, float] | None = None  # the fastest count and since when
     trial: tuple[int, int] | None = None
 
     @property
@@ -96,11 +98,12 @@ class ThreadTuner:
     now and then, so the figures follow the machine as other work comes and goes: as often as keeps what the tries
     cost beyond the fastest count under `EXPLORE_SHARE` of the time (one 70 ms a step slower every 9 s), never
     more often than every ``explore_seconds`` times how much slower it was (1.4 s for a count 1.4x slower), nor
-    rarer than `EXPLORE_MAX_SECONDS`. A count whose own steps made it lose first place gets one early try
-    `RETRY_SECONDS` later: a stall of a few steps (a burst of other work) costs half a second at the slower count,
-    not the seconds a regular try waits; when the slowness stays (another process keeps the core), that try shows
-    it and the regular waits follow. A step right after the count changed is not counted: it pays for waking
-    threads that slept, which the steps after it do not. Used by the engine's worker thread only.
+    rarer than `EXPLORE_MAX_SECONDS`. A count that held first place `LEADER_SECONDS` and lost it by its own steps
+    gets one early try `RETRY_SECONDS` later: a stall of a few steps (a burst of other work) costs half a second
+    at the slower count, not the seconds a regular try waits; when the slowness stays (another process keeps the
+    core), that try shows it and the regular waits follow. A step right after the count changed is not counted:
+    it pays for waking threads that slept, which the steps after it do not. Used by the engine's worker thread
+    only.
     """
 
     def __init__(self, candidates: Sequence[int], explore_seconds: float = EXPLORE_SECONDS,
@@ -155,11 +158,13 @@ class ThreadTuner:
             return
         kind = self._kinds.setdefault(self.kind(n_tokens), _Kind())
         if threads == self._last:
-            was_best = kind.trial is None and self._best(kind) == threads
             kind.recent.setdefault(threads, deque(maxlen=RECENT_STEPS)).append(seconds)
-            if was_best and self._best(kind) != threads:
-                kind.demoted_at[threads] = self._clock()
         self._last = threads
+        best, now = self._best(kind), self._clock()
+        if kind.leader is None or kind.leader[0] != best:
+            if kind.leader is not None and kind.leader[0] == threads and now - kind.leader[1] >= LEADER_SECONDS:
+                kind.demoted_at[threads] = now  # its own steps, not another count's try, took its place
+            kind.leader = (best, now)
         if kind.trial is not None and kind.trial[0] == threads:
             left = kind.trial[1] - 1
             kind.trial = (threads, left) if left > 0 or not kind.recent.get(threads) else None
