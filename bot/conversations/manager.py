@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from bot.config import ConversationSettings, SamplingSettings, Settings
 from bot.conversations import redo
@@ -28,8 +28,7 @@ from bot.conversations.tools import Toolbox, ToolRounds
 from bot.conversations.turns import take_store_turn, take_turn
 from bot.conversations.window import Window
 from bot.delivery import Delivery, Pacers
-from bot.engine.base import InferenceEngine
-from bot.engine.remote import RemoteEngine
+from bot.engine.base import InferenceEngine, renders_template
 from bot.errors import LlamarelayError
 from bot.files import with_attachments
 from bot.images import ImageIntake, Vision, keep_images
@@ -43,9 +42,6 @@ from bot.types import Controls, Incoming, Phase, ReplyStatus, ReplyTarget, Sessi
 from bot.wording import (EMPTY_FILE, EMPTY_MESSAGE, NOT_SAVED, NOT_STORED, NOTHING_TO_CONTINUE, RESET_NOTE,
                          SHUTTING_DOWN, STALE_REPLY, STOPPED_NOTE, failed, something_went_wrong, too_many_waiting)
 
-if TYPE_CHECKING:
-    from bot.engine.embedded import Engine
-
 __all__ = ["ConversationManager"]
 
 log = logging.getLogger(__name__)
@@ -58,7 +54,7 @@ Ask = NewMessage | Redo
 class ConversationManager:
     """Shared by every adapter: stores messages, builds prompts within the context window, runs the engine."""
 
-    def __init__(self, engine: Engine | RemoteEngine, store: Store, settings: Settings, *,
+    def __init__(self, engine: InferenceEngine, store: Store, settings: Settings, *,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         self.engine = engine
@@ -87,8 +83,7 @@ class ConversationManager:
         self._streaming = Streaming(engine, store, self.metrics, settings.conversation, clock=clock)
         self.tools: Toolbox | None = None  # set by `use_tools` when tool servers are configured
         # The embedded engine only, for now: a remote server's tools/tool_calls API is the next step.
-        self._tool_rounds = None if isinstance(engine, RemoteEngine) else ToolRounds(engine, store, self.metrics,
-                                                                                     clock=clock)
+        self._tool_rounds = ToolRounds(engine, store, self.metrics, clock=clock) if renders_template(engine) else None
         self._leases = Leases(store, self.metrics, self.locators, settings=settings.store, ours=lambda: (
             r.reply_id for line in self._lines.values() for r in line if r.reply_id is not None))
 
@@ -362,8 +357,7 @@ class ConversationManager:
         """The engine's figures and, for ``key``, where that conversation's oldest unanswered message is."""
         line = [r for r in self._lines.get(str(key), []) if r.state is not State.DONE] if key else []
         first = line[0] if line else None
-        backend: InferenceEngine = self.engine  # either kind: the request's generation is that backend's own
-        engine = backend.status(first.generation if first is not None else None)
+        engine = self.engine.status(first.generation if first is not None else None)
         return ConversationStatus(engine, first.state if first else None, max(0, len(line) - 1))
 
     # -- settings (inherited: `bot.conversations.settings`) and the store's answers ------------------------
