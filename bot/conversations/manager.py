@@ -4,6 +4,9 @@ Each message is a `Request` with an explicit `State` that /stop, /reset, /status
 Messages of one conversation are answered in arrival order; the reply text is the model's, whole, and is
 what is stored and fed back; notes (stopped, errors) travel beside it; `bot.delivery` shows it. The window,
 the stream, settings inheritance, the redo rule and leases each live in a module of this package.
+
+Over 400 lines: this is the one face adapters call (answering, /stop, /reset, /status, settings, the store's
+answers they need, shutdown), so each of those is a short method here over the module that does the work.
 """
 
 from __future__ import annotations
