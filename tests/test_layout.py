@@ -15,6 +15,8 @@ LONG_MODULE_LINES = 400  # past this, a module says at its top why it is one mod
 # Besides bot/engine/: the tools' grammar borrows llama-cpp-python's pure-Python JSON schema -> GBNF converter,
 # imported only by the embedded engine's tool rounds.
 LLAMA_CPP_BORROWERS = {"bot/tools/grammar.py"}
+PLATFORM_LIBRARIES = {"discord", "slack_bolt", "slack_sdk"}  # the adapters' own, with aiohttp.web
+DATABASE_LIBRARIES = {"sqlite3", "aiosqlite", "asyncpg"}  # bot/store/ alone speaks SQL
 REACHING_IN = re.compile(r"\bmanager\.(store|engine|settings|window|sessions)\b")
 
 
@@ -30,6 +32,7 @@ def _imports(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from aiohttp import web`
     return names
 
 
@@ -43,11 +46,16 @@ def test_a_long_module_says_at_its_top_why_it_is_one(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", MODULES, ids=_name)
-def test_imports_point_one_way_and_only_the_engine_loads_llama_cpp(path: Path) -> None:
+def test_imports_point_one_way_and_each_library_has_one_home(path: Path) -> None:
     imports = _imports(path)
     if _name(path).startswith("bot/") and _name(path) != "bot/app.py":
         assert not {name for name in imports if name.split(".")[0] == "adapters"}, \
             f"{_name(path)}: only bot/app.py (the composition root) imports adapters/"
+        platform = {name for name in imports if name.split(".")[0] in PLATFORM_LIBRARIES
+                    or name.startswith("aiohttp.web")}
+        assert not platform, f"{_name(path)}: the core imports no platform library ({platform})"
+    if not _name(path).startswith("bot/store/"):
+        assert not imports & DATABASE_LIBRARIES, f"{_name(path)}: only bot/store/ speaks SQL"
     if not _name(path).startswith("bot/engine/") and _name(path) not in LLAMA_CPP_BORROWERS:
         assert not {name for name in imports if name.split(".")[0] == "llama_cpp"}, \
             f"{_name(path)}: only bot/engine/ loads llama.cpp"
