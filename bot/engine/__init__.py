@@ -1,4 +1,5 @@
-"""The engine: llama.cpp in this process (`Engine`), or an OpenAI-compatible server (`bot.engine.remote`).
+"""The engine: llama.cpp in this process (`Engine`), or an OpenAI-compatible server (`bot.engine.remote`), both
+behind the `InferenceEngine` protocol of `bot.engine.base`; `renders_template` says which one an engine is.
 
 The shared types load here at once; the embedded engine's names load llama.cpp, so they are imported on
 first use (``from bot.engine import Engine``), and a process on a remote server never loads llama.cpp.
