@@ -360,7 +360,8 @@ class ConversationManager:
         """The engine's figures and, for ``key``, where that conversation's oldest unanswered message is."""
         line = [r for r in self._lines.get(str(key), []) if r.state is not State.DONE] if key else []
         first = line[0] if line else None
-        engine = self.engine.status(first.generation if first is not None else None)
+        backend: InferenceEngine = self.engine  # either kind: the request's generation is that backend's own
+        engine = backend.status(first.generation if first is not None else None)
         return ConversationStatus(engine, first.state if first else None, max(0, len(line) - 1))
 
     # -- settings (inherited: `bot.conversations.settings`) and the store's answers ------------------------
