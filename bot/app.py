@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 from bot.config import Secrets, Settings
 from bot.conversations import ConversationManager
 from bot.errors import ConfigError, LlamarelayError
+from bot.engine.base import InferenceEngine, renders_template
 from bot.models import open_backend
-from bot.engine.remote import RemoteEngine
 from bot.store import open_store
 
 if TYPE_CHECKING:
-    from bot.engine.embedded import Engine
     from bot.tools import ToolSupervisor
 
 __all__ = ["open_engine", "serve", "start_tools"]
@@ -62,10 +61,9 @@ async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> N
     log.info("stopped")
 
 
-async def open_engine(settings: Settings, secrets: Secrets) -> Engine | RemoteEngine:
+async def open_engine(settings: Settings, secrets: Secrets) -> InferenceEngine:
     """The configured engine: llama.cpp loaded in this process, or a remote OpenAI-compatible server."""
-    # open_backend returns the InferenceEngine protocol; what it opens is always one of these two.
-    return await open_backend(settings.engine, secrets.engine_api_key)  # type: ignore[return-value]
+    return await open_backend(settings.engine, secrets.engine_api_key)
 
 
 async def start_tools(settings: Settings, manager: ConversationManager) -> ToolSupervisor | None:
@@ -108,7 +106,7 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
     manager.platforms.expect(adapters)  # /readyz answers 503 until each of them reports it is connected
     if api:  # not a platform: it shares the engine's queue, not the conversations
         from adapters.openai_api import run_openai_api
-        assert not isinstance(manager.engine, RemoteEngine)  # load_settings refuses [api] with a remote backend
+        assert renders_template(manager.engine)  # load_settings refuses [api] with a remote backend
         adapters["api"] = run_openai_api(manager.engine, manager.metrics, settings, secrets)
     if settings.ops.enabled and mode != "chat":
         from adapters.ops import run_ops

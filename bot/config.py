@@ -11,6 +11,7 @@ documented once where it is defined.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tomllib
@@ -32,6 +33,8 @@ __all__ = [
     "StreamingSettings", "DiscordSettings", "SlackSettings", "WebSettings", "OpsSettings", "ApiSettings",
     "ToolGrant", "ToolOptions", "ToolServerSettings", "ToolsSettings", "Secrets", "load_settings",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
 ENV_PREFIX = "LLAMARELAY_"
@@ -267,11 +270,10 @@ class StoreSettings(_Section):
 
 
 class StreamingSettings(_Section):
-    """The web page's streaming only: Discord and Slack pace their edits with their own ``edit_interval``."""
+    """Deprecated: its one key only ever paced the web page, so it is ``[web] edit_interval`` now. A config that
+    still sets it works as before (it stands in for an unset ``[web] edit_interval``), with a warning."""
 
-    edit_interval: float = Field(1.0, ge=0.0, le=60.0,
-                                 description="seconds between updates of a reply streamed to the web page (only "
-                                             "the web page; [discord] and [slack] have their own edit_interval)")
+    edit_interval: float | None = Field(None, ge=0.0, le=60.0, description="deprecated: [web] edit_interval")
 
 
 class DiscordSettings(_Section):
@@ -328,6 +330,8 @@ class WebSettings(_Section):
     port: int = Field(8080, ge=0, le=65535)
     trust_forwarded_proto: bool = Field(False, description="behind a TLS-terminating proxy: its "
                                         "X-Forwarded-Proto: https marks cookies Secure")
+    edit_interval: float = Field(1.0, ge=0.0, le=60.0, description="seconds between updates of a reply streamed "
+                                 "to the page ([discord] and [slack] have their own edit_interval)")
 
 
 class OpsSettings(_Section):
@@ -469,6 +473,16 @@ class Settings(BaseSettings):
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment overrides the file (passed in as init values); no .env or secrets-dir files.
         return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _streaming_is_web(self) -> Settings:
+        """``[streaming] edit_interval`` (deprecated) stands in for an unset ``[web] edit_interval``."""
+        if self.streaming.edit_interval is not None:
+            log.warning("[streaming] edit_interval is deprecated: it is [web] edit_interval now (only the web page "
+                        "ever read it)")
+            if "edit_interval" not in self.web.model_fields_set:
+                self.web.edit_interval = self.streaming.edit_interval
+        return self
 
     @model_validator(mode="after")
     def _reply_fits_the_window(self) -> Settings:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bot.wording import ASK_ABOUT_QUESTION, summarize_request
+from bot.wording import ASK_ABOUT_QUESTION, asked_about, summarize_request
 
 __all__ = ["ask_about", "summarize"]
 
@@ -20,7 +20,7 @@ def _quote(text: str) -> str:
 def ask_about(author: str, text: str, question: str) -> str:
     """A question about one message, which is quoted (as data) above it."""
     question = question.strip() or ASK_ABOUT_QUESTION
-    return f"{author} wrote:\n{_quote(text)}\n\n{question}"
+    return asked_about(author, _quote(text), question)
 
 
 def summarize(messages: Sequence[tuple[str, str]], max_chars: int) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bot.config import EngineSettings, ModelSettings, Secrets, Settings, default_model_name
-from bot.engine.base import InferenceEngine
+from bot.engine.base import InferenceEngine, renders_template
 from bot.errors import EngineError, LlamarelayError
 
 __all__ = ["Capabilities", "Model", "ModelRegistry", "ModelUnavailable", "configured_models", "open_backend",
@@ -103,7 +103,7 @@ class Model:
     @property
     def chat_template(self) -> Any:
         """The model's own template once loaded (None for a server model, which applies its own)."""
-        return getattr(self.engine, "chat_template", None)
+        return self.engine.chat_template if self.engine is not None and renders_template(self.engine) else None
 
     @property
     def capabilities(self) -> Capabilities:

@@ -18,7 +18,7 @@ __all__ = [
     "NOT_STORED", "PLATFORM_REFUSED", "REASONING", "RESET_NOTE", "SERVER_RETRYING", "SHUTTING_DOWN",
     "SHUTTING_DOWN_REASON", "STALE_REPLY", "STOPPED_NOTE", "SYSTEM_PROMPT_TOO_LONG", "TAKEN_OVER_NOTE", "THINKING",
     "TRUNCATED_MARK", "WAITING_FOR_PREVIOUS", "conversation_place", "failed", "message_cut", "queued_line",
-    "refusal_text", "something_went_wrong", "status_line", "summarize_request", "too_many_waiting",
+    "asked_about", "refusal_text", "something_went_wrong", "status_line", "summarize_request", "too_many_waiting",
     "NOT_DOWNLOADED", "cannot_see_images", "image_unseen",
 ]
 
@@ -191,6 +191,11 @@ def conversation_place(state: str | None, position: int | None, waiting: int) ->
 # -- prompts the shortcuts write for users (Discord's context menus, Slack's message shortcuts) ---------------
 
 ASK_ABOUT_QUESTION = "What do you make of this message?"  # when the user asks nothing in particular
+
+
+def asked_about(author: str, quote: str, question: str) -> str:
+    """A question about one message: who wrote it, the message (already quoted, as data), then the question."""
+    return f"{author} wrote:\n{quote}\n\n{question}"
 
 
 def summarize_request(left_out: int) -> str:

@@ -165,6 +165,19 @@ def test_environment_overrides_a_nested_key_and_keeps_the_rest_of_the_file(
     assert Settings().web.host == "0.0.0.0" and load_settings(None).ops.port == Settings().ops.port
 
 
+def test_the_deprecated_streaming_edit_interval_still_paces_the_web_page_with_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="bot.config"):
+        assert load_settings(write(tmp_path, "[streaming]\nedit_interval = 0.5\n")).web.edit_interval == 0.5
+    assert "[streaming] edit_interval is deprecated" in caplog.text and "[web] edit_interval" in caplog.text
+    both = "[streaming]\nedit_interval = 0.5\n[web]\nedit_interval = 2.0\n"
+    assert load_settings(write(tmp_path, both)).web.edit_interval == 2.0  # the new key wins
+    caplog.clear()
+    assert load_settings(write(tmp_path, "")).web.edit_interval == 1.0 and not caplog.text
+    monkeypatch.setenv("LLAMARELAY_STREAMING__EDIT_INTERVAL", "0.3")
+    assert load_settings(write(tmp_path, "")).web.edit_interval == 0.3
+
+
 def test_bad_environment_value_is_one_line_naming_the_variable_and_key(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLAMARELAY_WEB__PORT", "eighty")

@@ -167,7 +167,7 @@ def upload(text: str | None, files: list[tuple[str, bytes, str]]) -> aiohttp.For
 
 @pytest.fixture
 async def server(manager: ConversationManager, settings: Settings) -> AsyncIterator[WebServer]:
-    settings.streaming.edit_interval = 0.02
+    settings.web.edit_interval = 0.02
     web = WebServer(create_app(manager, settings, Secrets()), "127.0.0.1", 0)
     await web.start()
     try:

@@ -32,7 +32,7 @@ def page(settings: Settings, store: Store, server: RecordingServer
     """A browser on the web page of a bot whose model is the recording server, with or without vision."""
     @contextlib.asynccontextmanager
     async def open_page(*, vision: bool) -> AsyncIterator[Browser]:
-        settings.streaming.edit_interval = 0.02
+        settings.web.edit_interval = 0.02
         async with recorded_manager(settings, store, server, vision=vision) as manager:
             web = WebServer(create_app(manager, settings, Secrets()), "127.0.0.1", 0)
             await web.start()

@@ -103,7 +103,7 @@ class Console:
 @pytest.fixture
 async def page_url(manager: ConversationManager, settings: Settings) -> AsyncIterator[str]:
     settings.sampling = SamplingSettings(max_tokens=1500, temperature=0.0, seed=1, grammar=REPLY_GRAMMAR)
-    settings.streaming.edit_interval = 0.1
+    settings.web.edit_interval = 0.1
     server = WebServer(create_app(manager, settings, Secrets()), "127.0.0.1", 0)
     await server.start()
     try:

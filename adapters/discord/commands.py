@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 
+from adapters.discord.interactions import bot_of
 from adapters.discord.menus import ask_about_message, summarize_until
 from adapters.discord.targets import NO_MENTIONS, InteractionTarget
 from bot.access import Action
@@ -57,7 +58,7 @@ async def _say(interaction: discord.Interaction, text: str, *, ephemeral: bool) 
 
 
 def _bot(interaction: discord.Interaction) -> DiscordBot:
-    return interaction.client  # type: ignore[return-value]  # typed Client: this bot's client is a DiscordBot
+    return bot_of(interaction)
 
 
 def _session(interaction: discord.Interaction) -> SessionKey:

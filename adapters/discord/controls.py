@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 
+from adapters.discord.interactions import bot_of
 from bot.access import Action
 from bot.conversations import RedoRefusal
 from bot.types import Controls
 from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY
-
-if TYPE_CHECKING:
-    from adapters.discord.bot import DiscordBot
 
 __all__ = ["BUTTONS", "RedoButton", "StopButton", "view_for"]
 
@@ -59,7 +57,7 @@ async def _tell(interaction: discord.Interaction, text: str) -> None:
 
 async def _allowed(interaction: discord.Interaction) -> bool:
     """The bot's access lists, for a press: True, or False after telling the presser why not."""
-    bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
+    bot = bot_of(interaction)
     key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
     why = await bot.refusal(interaction.user, key)
     if why is not None:
@@ -83,7 +81,7 @@ class StopButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"llam
         return await _allowed(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
+        bot = bot_of(interaction)
         key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
         if bot.manager.stop(key):
             await interaction.response.defer()  # the reply itself shows that it stopped
@@ -122,7 +120,7 @@ BUTTONS = (StopButton, RedoButton)
 
 async def _redo(interaction: discord.Interaction, reply_id: int, *, continuing: bool) -> None:
     """Regenerate or continue ``reply_id`` if it is still the conversation's latest answer."""
-    bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
+    bot = bot_of(interaction)
     key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
     if (refusal := await bot.manager.redo_refusal(key, reply_id, continuing=continuing)) is not None:
         await _tell(interaction, REFUSALS[refusal])

@@ -10,19 +10,16 @@ into the command's response. The command tree has checked access before either r
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 
 from adapters.discord.files import read_files
+from adapters.discord.interactions import bot_of
 from adapters.discord.targets import NO_MENTIONS, InteractionTarget
 from bot.access import Action
 from bot.context import ask_about, summarize
 from bot.types import Attachment, ImagePart, Incoming
-
-if TYPE_CHECKING:
-    from adapters.discord.bot import DiscordBot
 
 __all__ = ["ASK_NAME", "SUMMARIZE_NAME", "AskModal", "ask_about_message", "summarize_until"]
 
@@ -55,7 +52,7 @@ class AskModal(discord.ui.Modal, title="Ask llamarelay about this message"):
         self.message = message
 
     async def on_submit(self, interaction: discord.Interaction, /) -> None:
-        bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
+        bot = bot_of(interaction)
         if await _too_fast(interaction):
             return
         await interaction.response.defer(thinking=True)
@@ -74,7 +71,7 @@ class AskModal(discord.ui.Modal, title="Ask llamarelay about this message"):
 @app_commands.context_menu(name=SUMMARIZE_NAME)
 async def summarize_until(interaction: discord.Interaction, message: discord.Message) -> None:
     """Summarize the channel's (or thread's) last messages, up to this one."""
-    bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
+    bot = bot_of(interaction)
     if await _too_fast(interaction):
         return
     await interaction.response.defer(thinking=True)
@@ -100,7 +97,7 @@ async def summarize_until(interaction: discord.Interaction, message: discord.Mes
 
 async def _too_fast(interaction: discord.Interaction) -> bool:
     """Count the request as a message (the tree has checked the lists); True after telling the user to wait."""
-    bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
+    bot = bot_of(interaction)
     key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
     if (too_fast := await bot.refusal(interaction.user, key, Action.ASK)) is None:
         return False
@@ -111,7 +108,7 @@ async def _too_fast(interaction: discord.Interaction) -> bool:
 async def _answer(interaction: discord.Interaction, text: str, files: tuple[Attachment, ...] = (),
                   images: tuple[ImagePart, ...] = ()) -> None:
     """Ask the model ``text`` as the user of ``interaction``, in this channel's conversation."""
-    bot: DiscordBot = interaction.client  # type: ignore[assignment]  # typed Client; ours is a DiscordBot
+    bot = bot_of(interaction)
     user = interaction.user
     key = bot.session_for(interaction.channel, user, interaction.guild_id)
     incoming = Incoming(key, str(user.id), user.display_name, text, event_id=str(interaction.id),

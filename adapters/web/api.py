@@ -286,7 +286,7 @@ async def _stream(request: web.Request, key: SessionKey, target: EventStreamTarg
 
 
 def _target(request: web.Request, prefix: str = "") -> EventStreamTarget:
-    return EventStreamTarget(min_edit_interval=_state(request).settings.streaming.edit_interval, prefix=prefix)
+    return EventStreamTarget(min_edit_interval=_state(request).settings.web.edit_interval, prefix=prefix)
 
 
 # -- handlers ------------------------------------------------------------------------------------------

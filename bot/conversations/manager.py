@@ -4,6 +4,9 @@ Each message is a `Request` with an explicit `State` that /stop, /reset, /status
 Messages of one conversation are answered in arrival order; the reply text is the model's, whole, and is
 what is stored and fed back; notes (stopped, errors) travel beside it; `bot.delivery` shows it. The window,
 the stream, settings inheritance, the redo rule and leases each live in a module of this package.
+
+Over 400 lines: this is the one face adapters call (answering, /stop, /reset, /status, settings, the store's
+answers they need, shutdown), so each of those is a short method here over the module that does the work.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from bot.config import ConversationSettings, SamplingSettings, Settings
 from bot.conversations import redo
@@ -28,8 +31,7 @@ from bot.conversations.tools import Toolbox, ToolRounds
 from bot.conversations.turns import take_store_turn, take_turn
 from bot.conversations.window import Window
 from bot.delivery import Delivery, Pacers
-from bot.engine.base import InferenceEngine
-from bot.engine.remote import RemoteEngine
+from bot.engine.base import InferenceEngine, renders_template
 from bot.errors import LlamarelayError
 from bot.files import with_attachments
 from bot.images import ImageIntake, Vision, keep_images
@@ -43,9 +45,6 @@ from bot.types import Controls, Incoming, Phase, ReplyStatus, ReplyTarget, Sessi
 from bot.wording import (EMPTY_FILE, EMPTY_MESSAGE, NOT_SAVED, NOT_STORED, NOTHING_TO_CONTINUE, RESET_NOTE,
                          SHUTTING_DOWN, STALE_REPLY, STOPPED_NOTE, failed, something_went_wrong, too_many_waiting)
 
-if TYPE_CHECKING:
-    from bot.engine.embedded import Engine
-
 __all__ = ["ConversationManager"]
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ Ask = NewMessage | Redo
 class ConversationManager:
     """Shared by every adapter: stores messages, builds prompts within the context window, runs the engine."""
 
-    def __init__(self, engine: Engine | RemoteEngine, store: Store, settings: Settings, *,
+    def __init__(self, engine: InferenceEngine, store: Store, settings: Settings, *,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         self.engine = engine
@@ -87,8 +86,7 @@ class ConversationManager:
         self._streaming = Streaming(engine, store, self.metrics, settings.conversation, clock=clock)
         self.tools: Toolbox | None = None  # set by `use_tools` when tool servers are configured
         # The embedded engine only, for now: a remote server's tools/tool_calls API is the next step.
-        self._tool_rounds = None if isinstance(engine, RemoteEngine) else ToolRounds(engine, store, self.metrics,
-                                                                                     clock=clock)
+        self._tool_rounds = ToolRounds(engine, store, self.metrics, clock=clock) if renders_template(engine) else None
         self._leases = Leases(store, self.metrics, self.locators, settings=settings.store, ours=lambda: (
             r.reply_id for line in self._lines.values() for r in line if r.reply_id is not None))
 

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.delivery import Delivery
-from bot.engine import EngineStatus, Generation
-from bot.engine.remote import RemoteGeneration
+from bot.engine.base import EngineStatus, Figures
 from bot.types import Incoming, ReplyTarget, SessionKey
 from bot.wording import conversation_place
 
@@ -82,7 +81,7 @@ class Request:
     delivery: Delivery
     state: State = State.WAITING
     exchange: Exchange | None = None  # the message it answers and the row of its reply, once known
-    generation: Generation | RemoteGeneration | None = None
+    generation: Figures | None = None  # either backend's request
     text: str = ""  # the model's reply so far
     reply_id: int | None = None  # its row in the store, once it has one
     skip: int = 0  # characters of the stored reply its messages do not show (a Continue's text so far)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from bot.config import ConversationSettings, SamplingSettings
 from bot.conversations.requests import Exchange, Request, State
-from bot.engine import FinishReason, Generation, QueuePosition
-from bot.engine.remote import RemoteEngine, RemoteGeneration, Retrying
+from bot.engine.base import Figures, FinishReason, InferenceEngine, QueuePosition, Retrying, renders_template
 from bot.errors import LlamarelayError
 from bot.metrics import Metrics, TokenTimer
 from bot.prompt import Prompt
@@ -19,9 +17,6 @@ from bot.store import Status, Store
 from bot.text import quoted
 from bot.types import Phase, ReplyStatus, log_name
 from bot.wording import EMPTY_REPLY, LENGTH_NOTE, PLATFORM_REFUSED, STOPPED_NOTE
-
-if TYPE_CHECKING:
-    from bot.engine.embedded import Engine
 
 __all__ = ["CHECKPOINT_SECONDS", "Streaming", "outcome"]
 
@@ -33,7 +28,7 @@ CHECKPOINT_SECONDS = 3.0  # a streaming reply's text is saved this often, so a c
 class Streaming:
     """Runs prompts on the engine and streams each reply into its request, its delivery and the store."""
 
-    def __init__(self, engine: Engine | RemoteEngine, store: Store, metrics: Metrics, settings: ConversationSettings,
+    def __init__(self, engine: InferenceEngine, store: Store, metrics: Metrics, settings: ConversationSettings,
                  *, clock: Callable[[], float]) -> None:
         self._engine = engine
         self._store = store
@@ -95,16 +90,16 @@ class Streaming:
 
     def _prompt_opens_reasoning(self) -> bool:
         """True when the chat template's generation prompt opens a ``<think>`` block itself (DeepSeek-R1)."""
-        template = self._engine.chat_template
-        if template is None:  # a remote server applies its template and sends reasoning apart
+        if not renders_template(self._engine):  # a remote server applies its template and sends reasoning apart
             return False
+        template = self._engine.chat_template
         if self._opens_reasoning[0] is not template:
             last, _ = template.render_segments([{"role": "user", "content": "?"}])[-1]
             self._opens_reasoning = (template, last.rstrip().endswith(REASONING_OPEN))
         return self._opens_reasoning[1]
 
 
-def outcome(request: Request, generation: Generation | RemoteGeneration, text: str) -> tuple[str, list[str]]:
+def outcome(request: Request, generation: Figures, text: str) -> tuple[str, list[str]]:
     """How a reply that streamed ``text`` ended: (status, notes)."""
     if request.delivery.failed:
         return Status.INTERRUPTED, [PLATFORM_REFUSED]

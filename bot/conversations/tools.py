@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from bot.config import SamplingSettings, ToolsSettings
 from bot.conversations.requests import Exchange, Request, State
 from bot.conversations.streaming import CHECKPOINT_SECONDS, outcome
-from bot.engine import Generation, QueuePosition
-from bot.engine.remote import Retrying
+from bot.engine import Generation, QueuePosition, Retrying
 from bot.errors import LlamarelayError
 from bot.metrics import Metrics, TokenTimer
 from bot.prompt import Prompt

@@ -6,20 +6,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from bot.config import ConversationSettings, ImageSettings, SamplingSettings
 from bot.conversations.requests import Exchange
-from bot.engine.remote import PromptTooLong, RemoteEngine
+from bot.engine.base import InferenceEngine, PromptTooLong
 from bot.errors import LlamarelayError
 from bot.images import BLIND, Vision, estimate_tokens, fit_for, stored_images
 from bot.prompt import Prompt
 from bot.store import Store, StoredMessage
 from bot.types import ImagePart, log_name
 from bot.wording import SYSTEM_PROMPT_TOO_LONG, TRUNCATED_MARK, cannot_see_images, image_unseen, message_cut
-
-if TYPE_CHECKING:
-    from bot.engine.embedded import Engine
 
 __all__ = ["HISTORY_PAGE", "PROMPT_ATTEMPTS", "WINDOW_REFILL", "Window"]
 
@@ -38,7 +35,7 @@ class Window:
     """Builds each conversation's prompts within the engine's context window, and remembers where a full
     window starts (so the next prompt keeps that start, and the engine its cached prefix)."""
 
-    def __init__(self, engine: Engine | RemoteEngine, store: Store, settings: ConversationSettings,
+    def __init__(self, engine: InferenceEngine, store: Store, settings: ConversationSettings,
                  images: ImageSettings) -> None:
         self._engine = engine
         self._store = store
@@ -182,7 +179,7 @@ class _Renderer:
     """Token ids of the conversation with some of its turns kept: the system prompt, turns, the user's message
     (after ``head``, its speaker), and ``prefix`` (a reply the model goes on from)."""
 
-    def __init__(self, engine: Engine | RemoteEngine, system: str, head: str, prefix: str, *,
+    def __init__(self, engine: InferenceEngine, system: str, head: str, prefix: str, *,
                  costs: list[int] | None = None, own_cost: int = 0) -> None:
         self._engine = engine
         self._system = system

@@ -1,4 +1,5 @@
-"""What every engine shares, embedded or remote: finish reasons, queue events, status, figures, the protocol.
+"""What every engine shares, embedded or remote: finish reasons, queue and retry events, status, figures, the
+`InferenceEngine` protocol the core speaks to, and the one capability that tells the backends apart.
 
 Nothing here loads llama.cpp: the remote backend imports this module alone.
 """
@@ -9,14 +10,18 @@ import asyncio
 import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
 
 from bot.config import EngineSettings, SamplingSettings
+from bot.errors import EngineError
 
 if TYPE_CHECKING:
     from bot.engine.devices import Placement
+    from bot.engine.embedded import Engine
+    from bot.prompt import Prompt
 
-__all__ = ["EngineStatus", "Figures", "FinishReason", "InferenceEngine", "QueuePosition"]
+__all__ = ["EngineStatus", "Figures", "FinishReason", "InferenceEngine", "PromptTooLong", "QueuePosition",
+           "Retrying", "renders_template"]
 
 
 class FinishReason(str, enum.Enum):
@@ -31,6 +36,22 @@ class QueuePosition:
     """Event: the request now waits at this 1-based place in the queue; 0 means it has started."""
 
     position: int
+
+
+@dataclass(frozen=True)
+class Retrying:
+    """Event: the model server could not be reached (or failed); the request tries again in ``delay`` seconds."""
+
+    reason: str
+    delay: float
+
+
+class PromptTooLong(EngineError):
+    """The model server says the prompt does not fit its context window (``n_ctx`` when it said how large)."""
+
+    def __init__(self, message: str, n_ctx: int | None = None) -> None:
+        super().__init__(message)
+        self.n_ctx = n_ctx
 
 
 @dataclass(frozen=True)
@@ -84,6 +105,10 @@ class Figures:
                 raise event
             yield event
 
+    def cancel(self) -> None:
+        """Stop this request now (call from the event loop); each backend frees its place its own way."""
+        raise NotImplementedError
+
     @property
     def position(self) -> int | None:
         """0 while generating, n while n-th in the queue, None once finished."""
@@ -103,6 +128,10 @@ class InferenceEngine(Protocol):
     settings: EngineSettings
     n_ctx: int  # context window of one session, in tokens
     model_name: str
+    # True: this process renders the model's chat template into tokens (the embedded engine), so the core may
+    # read the template (reasoning openers, tool syntax) and submit token prompts. False: the model server
+    # applies its own template to chat messages (the remote engine).
+    renders_template: bool
 
     def tokenize(self, text: str, *, special: bool = False) -> list[int]: ...
 
@@ -110,7 +139,7 @@ class InferenceEngine(Protocol):
 
     def chat_tokens(self, messages: Sequence[dict[str, str]]) -> list[int]: ...
 
-    def submit(self, prompt: Any, sampling: SamplingSettings, *, session: str = "") -> Any: ...
+    def submit(self, prompt: Prompt, sampling: SamplingSettings, *, session: str = "") -> Figures: ...
 
     def status(self, generation: Any = None) -> EngineStatus: ...
 
@@ -119,3 +148,9 @@ class InferenceEngine(Protocol):
     async def readiness(self) -> str: ...
 
     async def aclose(self) -> None: ...
+
+
+def renders_template(engine: InferenceEngine) -> TypeGuard[Engine]:
+    """True for an engine that renders its chat template here (the embedded `Engine`, with its `chat_template`
+    and token prompts), asked of its capability: nothing is imported, so llama.cpp stays unloaded."""
+    return engine.renders_template

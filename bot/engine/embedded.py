@@ -45,6 +45,8 @@ CLOSE_SAVE_SECONDS = 2.0  # at most this long writing KV states at close (docker
 class Engine:
     """The process-wide llama.cpp engine. Build it once (blocking: loads the model) and share it."""
 
+    renders_template = True  # prompts are rendered here by `chat_template`, into tokens
+
     def __init__(self, settings: EngineSettings) -> None:
         path = settings.model_path
         loaded = load(settings)

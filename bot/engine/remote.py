@@ -24,13 +24,12 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.engine.base import END, EngineStatus, Figures, FinishReason, QueuePosition
+from bot.engine.base import END, EngineStatus, Figures, FinishReason, PromptTooLong, QueuePosition, Retrying
 from bot.errors import EngineError, QueueFull
 from bot.prompt import Prompt
 from bot.types import ImagePart
@@ -47,22 +46,6 @@ KEEPALIVE_SECONDS = 2.0
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 # "maximum context length is 2048 tokens" (OpenAI, vLLM, llama_cpp.server), '"n_ctx": 2048' (llama-server)
 _WINDOW = re.compile(r'context length is (\d+)|"n_ctx"\s*:\s*(\d+)')
-
-
-class PromptTooLong(EngineError):
-    """The server says the prompt does not fit its context window (``n_ctx`` when it said how large)."""
-
-    def __init__(self, message: str, n_ctx: int | None = None) -> None:
-        super().__init__(message)
-        self.n_ctx = n_ctx
-
-
-@dataclass(frozen=True)
-class Retrying:
-    """Event: the server could not be reached (or failed); the request tries again in ``delay`` seconds."""
-
-    reason: str
-    delay: float
 
 
 def estimate_tokens(text: str) -> list[int]:
@@ -260,7 +243,7 @@ def _describe(exc: BaseException) -> str:
 class RemoteEngine:
     """The engine interface over an OpenAI-compatible chat completions server."""
 
-    chat_template = None  # the server applies the model's template
+    renders_template = False  # the server applies the model's template to the chat messages
 
     def __init__(self, settings: EngineSettings, api_key: str | None = None) -> None:
         if not settings.base_url:

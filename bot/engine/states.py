@@ -46,7 +46,7 @@ _MAGIC = b"LRKV\x00\x00\x00\x01"
 _HEADER = struct.Struct("<8s32sIIQI")
 _SUFFIX = ".kv"
 
-State = tuple[list[int], Any]  # (tokens whose KV the state holds, the bytes of llama_state_seq_get_data)
+SavedKV = tuple[list[int], Any]  # a saved state: (tokens whose KV it holds, the bytes of llama_state_seq_get_data)
 
 
 def model_identity(model_path: Path, metadata: Mapping[str, str], *settings: object) -> bytes:
@@ -103,7 +103,7 @@ class StateFiles:
         """Held while the folder is read or written (the engine's worker and the cache's writer both come here);
         re-entrant, so a caller may hold it across a check and the `save` that depends on it."""
 
-    def load(self, session: str) -> State | None:
+    def load(self, session: str) -> SavedKV | None:
         """The saved state of ``session``, taken off the disk; None when there is none this engine can use."""
         with self.lock:
             return self._load(session)
@@ -114,7 +114,7 @@ class StateFiles:
         with self.lock:
             self._save(candidates, stop)
 
-    def _load(self, session: str) -> State | None:
+    def _load(self, session: str) -> SavedKV | None:
         index = self._scan()
         name = _file_name(session)
         if index.pop(name, None) is None:
@@ -280,7 +280,7 @@ class StateCache:
             self.size -= len(evicted[1][1])
             self._spill(*evicted)
 
-    def pop(self, session: str) -> State | None:
+    def pop(self, session: str) -> SavedKV | None:
         """The saved state of ``session`` (from RAM, else on its way to disk, else from disk), taken out."""
         state = self._drop(session)
         if state is None and self.disk is not None and session:
@@ -350,7 +350,7 @@ class StateCache:
         except Exception:
             log.exception("saving KV states to %s failed", self.disk.directory)
 
-    def _drop(self, session: str) -> State | None:
+    def _drop(self, session: str) -> SavedKV | None:
         state = self._states.pop(session, None)
         if state is None:
             return None

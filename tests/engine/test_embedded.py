@@ -16,7 +16,7 @@ import hypothesis
 from hypothesis import given, strategies as st
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.engine import Engine, FinishReason, Generation, QueuePosition, Tokenizer
+from bot.engine import Engine, FinishReason, Generation, QueuePosition, Tokenizer, renders_template
 from bot.engine.kv import SHIFT_MIN_TOKENS, Slot
 from bot.errors import ConfigError, EngineError, ModelLoadError, QueueFull
 from bot.engine.devices import Placement, gpus, model_params, placement
@@ -83,6 +83,7 @@ async def start_long_requests(engine: Engine) -> list[Generation]:
 def test_chat_template_comes_from_the_gguf(engine: Engine) -> None:
     assert "<|im_start|>" in engine.chat_template.source
     assert "loop.first" in engine.chat_template.source  # SmolLM2's own template, not the ChatML fallback
+    assert engine.renders_template and renders_template(engine)  # the capability the core asks, not the template
 
 
 def test_template_control_tokens_in_user_text_stay_plain_text(engine: Engine) -> None:

@@ -18,6 +18,7 @@ from adapters.ops.server import readiness
 from bot.app import open_engine
 from bot.config import EngineSettings, SamplingSettings, Secrets, Settings, load_settings
 from bot.conversations import ConversationManager, ReplyResult
+from bot.engine.base import renders_template
 from bot.engine.remote import BYTES_PER_TOKEN, RemoteEngine, estimate_tokens
 from bot.errors import ConfigError
 from bot.store import Status, Store
@@ -233,6 +234,21 @@ print(sorted(name for name in sys.modules if name.startswith("llama_cpp")))
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[-2] == "[]"
+
+
+@pytest.mark.parametrize("module", ["bot.engine.remote", "bot.engine", "bot.conversations"])
+def test_importing_the_remote_backend_or_the_core_does_not_import_llama_cpp(module: str) -> None:
+    script = (f"import sys, {module}\n"
+              "loaded = sorted(name for name in sys.modules if name.startswith('llama_cpp'))\n"
+              "assert not loaded, loaded\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_remote_engine_says_the_server_renders_the_template() -> None:
+    engine = RemoteEngine(EngineSettings(backend="openai", base_url="http://127.0.0.1:9/v1"))
+    assert engine.renders_template is False and not renders_template(engine)
+    assert not hasattr(engine, "chat_template")  # no sentinel template: the capability says it
 
 
 @hypothesis_settings(max_examples=200, deadline=None)
