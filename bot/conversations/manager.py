@@ -38,10 +38,13 @@ from bot.models import configured_models
 from bot.prompt import Prompt
 from bot.store import Status, Store, StoredMessage
 from bot.text import clean_text, speaker_name
+from bot.tools.approvals import Approvals
+from bot.tools.details import details_text
 from bot.tools.registry import ToolSpec
 from bot.types import Controls, Incoming, Phase, ReplyStatus, ReplyTarget, SessionKey, log_name
-from bot.wording import (EMPTY_FILE, EMPTY_MESSAGE, NOT_SAVED, NOT_STORED, NOTHING_TO_CONTINUE, RESET_NOTE,
-                         SHUTTING_DOWN, STALE_REPLY, STOPPED_NOTE, failed, something_went_wrong, too_many_waiting)
+from bot.wording import (EMPTY_FILE, EMPTY_MESSAGE, NO_TOOL_CALLS, NOT_SAVED, NOT_STORED, NOTHING_TO_CONTINUE,
+                         RESET_NOTE, SHUTTING_DOWN, STALE_REPLY, STOPPED_NOTE, failed, something_went_wrong,
+                         too_many_waiting)
 
 if TYPE_CHECKING:
     from bot.engine.embedded import Engine
@@ -87,8 +90,10 @@ class ConversationManager:
         self._streaming = Streaming(engine, store, self.metrics, settings.conversation, clock=clock)
         self.tools: Toolbox | None = None  # set by `use_tools` when tool servers are configured
         # The embedded engine only, for now: a remote server's tools/tool_calls API is the next step.
+        self.approvals = Approvals()  # tool calls waiting for Run / Deny; adapters forward presses here
         self._tool_rounds = None if isinstance(engine, RemoteEngine) else ToolRounds(engine, store, self.metrics,
-                                                                                     clock=clock)
+                                                                                     clock=clock,
+                                                                                     approvals=self.approvals)
         self._leases = Leases(store, self.metrics, self.locators, settings=settings.store, ours=lambda: (
             r.reply_id for line in self._lines.values() for r in line if r.reply_id is not None))
 
@@ -156,7 +161,8 @@ class ConversationManager:
             result = await self._run(request, ask, notes or [])
             request.state = State.DELIVERING
             if result.reply_id is not None:
-                delivery.controls(Controls(reply_id=result.reply_id, can_continue=result.can_continue))
+                delivery.controls(Controls(reply_id=result.reply_id, can_continue=result.can_continue,
+                                           tool_details=await self._called_tools(result.reply_id)))
             delivered = await delivery.finish("\n".join(result.notes))
             self.metrics.replies.labels(key.platform, result.status).inc()
             return dataclasses.replace(result, delivered=delivered)
@@ -257,7 +263,7 @@ class ConversationManager:
         request.state = State.PROMPTING
         sampling = await self.sampling(request.key)
         system = plain_system = await self.system_prompt(request.key)
-        tools = self.offered_tools(request.key, request.author_id)
+        tools = self.offered_tools(request.key, request.author_id, can_ask=request.delivery.asks_approval)
         if tools:
             assert self._tool_rounds is not None and self.tools is not None
             system = self._tool_rounds.offer(plain_system, tools)
@@ -306,9 +312,28 @@ class ConversationManager:
             return
         self.tools = toolbox
 
-    def offered_tools(self, key: SessionKey | str, user_id: str) -> list[ToolSpec]:
-        """The tools the model is offered in conversation ``key`` answering ``user_id``; none without a grant."""
-        return self.tools.offered(key, user_id) if self.tools is not None else []
+    async def tool_details(self, key: SessionKey | str, reply_id: int, max_chars: int) -> str:
+        """The arguments and results of reply ``reply_id``'s tool calls, for a user who expands them (at most
+        ``max_chars``); a line saying there are none when the reply is not in ``key`` or called no tools."""
+        try:
+            calls = await self.store.tool_calls(reply_id, key=str(key))
+        except LlamarelayError as exc:
+            return failed(exc)
+        return details_text(calls, max_chars) or NO_TOOL_CALLS
+
+    async def _called_tools(self, reply_id: int) -> bool:
+        """Whether reply ``reply_id`` called tools (its buttons then offer their details)."""
+        if self.tools is None:
+            return False
+        try:
+            return bool(await self.store.tool_calls(reply_id))
+        except LlamarelayError:
+            return False
+
+    def offered_tools(self, key: SessionKey | str, user_id: str, *, can_ask: bool = False) -> list[ToolSpec]:
+        """The tools the model is offered in conversation ``key`` answering ``user_id``; none without a grant.
+        ``can_ask``: the reply can show Run / Deny, so ``confirm = true`` tools are offered too."""
+        return self.tools.offered(key, user_id, can_ask=can_ask) if self.tools is not None else []
 
     # -- where a reply's message is, for a survivor's rewrite -------------------------------------------------
 

@@ -210,8 +210,9 @@ class Store(abc.ABC):
         """Keep one tool call of a reply and its result (deleted with the reply)."""
 
     @abc.abstractmethod
-    async def tool_calls(self, reply_id: int) -> list[StoredToolCall]:
-        """The tool calls of reply ``reply_id``, in the order they were made."""
+    async def tool_calls(self, reply_id: int, *, key: str | None = None) -> list[StoredToolCall]:
+        """The tool calls of reply ``reply_id``, in the order they were made; with ``key``, only if the reply is
+        in that conversation (a pressed button names a reply: it must not show another conversation's)."""
 
     # -- session settings --------------------------------------------------------------------------------
 

@@ -329,9 +329,10 @@ class SQLiteStore(Store):
                                                  storable(call.arguments), storable(call.result), call.is_error,
                                                  time.time()))
 
-    async def tool_calls(self, reply_id: int) -> list[StoredToolCall]:
+    async def tool_calls(self, reply_id: int, *, key: str | None = None) -> list[StoredToolCall]:
+        in_key = "" if key is None else " AND reply_id IN (SELECT id FROM messages WHERE session_key = ?)"
         rows = await self._read("SELECT reply_id, round, tool, arguments, result, is_error FROM tool_calls "
-                                "WHERE reply_id = ? ORDER BY id", (reply_id,))
+                                f"WHERE reply_id = ?{in_key} ORDER BY id", (reply_id, *([] if key is None else [key])))
         return [StoredToolCall(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows]
 
     # -- images ------------------------------------------------------------------------------------------
