@@ -84,6 +84,8 @@ class UpdateTarget:
     workspace, not per message.
     """
 
+    asks_approval = True  # Run / Deny buttons (adapters.slack.controls)
+
     def __init__(self, client: AsyncWebClient, channel: str, *, team_id: str, key: SessionKey | None = None,
                  thread_ts: str | None = None, header: str = "", edit_interval: float = 1.0,
                  continue_in_thread: bool = False, replace_ts: str | None = None) -> None:
@@ -219,6 +221,8 @@ class NativeStreamTarget(UpdateTarget):
     ended (``message_not_in_streaming_state``) fall back to ``chat.update`` with the whole text. A stream
     cannot show buttons while it grows; its last message gets them (and Slack's 👍/👎) when it stops.
     """
+
+    asks_approval = False  # a growing stream cannot show buttons: confirm tools are not offered
 
     def __init__(self, client: AsyncWebClient, channel: str, *, thread_ts: str, team_id: str, user_id: str,
                  key: SessionKey | None = None, edit_interval: float = 1.0) -> None:
