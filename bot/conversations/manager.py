@@ -161,8 +161,9 @@ class ConversationManager:
             result = await self._run(request, ask, notes or [])
             request.state = State.DELIVERING
             if result.reply_id is not None:
+                result = dataclasses.replace(result, tool_details=await self._called_tools(result.reply_id))
                 delivery.controls(Controls(reply_id=result.reply_id, can_continue=result.can_continue,
-                                           tool_details=await self._called_tools(result.reply_id)))
+                                           tool_details=result.tool_details))
             delivered = await delivery.finish("\n".join(result.notes))
             self.metrics.replies.labels(key.platform, result.status).inc()
             return dataclasses.replace(result, delivered=delivered)

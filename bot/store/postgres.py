@@ -348,6 +348,13 @@ class PostgresStore(Store):
                                  f"WHERE reply_id = $1{in_key} ORDER BY id", reply_id, *([] if key is None else [key]))
         return [StoredToolCall(*row) for row in rows]
 
+    async def with_tool_calls(self, reply_ids: Iterable[int]) -> set[int]:
+        ids = list(reply_ids)
+        if not ids:
+            return set()
+        rows = await self._fetch("SELECT DISTINCT reply_id FROM tool_calls WHERE reply_id = ANY($1::bigint[])", ids)
+        return {int(row[0]) for row in rows}
+
     # -- images ------------------------------------------------------------------------------------------
 
     async def add_images(self, message_id: int, images: Sequence[ImagePart]) -> None:
