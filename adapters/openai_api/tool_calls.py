@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 from adapters.openai_api.schema import ApiError, ChatRequest, StopCutter
 from bot.engine import Generation, QueuePosition
-from bot.tools.grammar import call_grammar
 from bot.tools.registry import ToolSpec
 from bot.tools.syntax import (CallParsed, CallStarted, TextPiece, ToolCall, ToolCallParser, ToolFormat, format_call,
                               render_tools, tool_format)
@@ -100,6 +99,8 @@ class ToolTurn:
         return generation
 
     def grammar(self, *, with_opening: bool) -> str:
+        from bot.tools.grammar import call_grammar  # llama.cpp's converter: loaded only when tools are asked for
+
         try:
             return call_grammar(offered(self.chat), self.fmt.syntax, with_opening=with_opening)
         except Exception as exc:  # the converter asserts, raises KeyError, ValueError…: the caller's schema, a 400

@@ -24,6 +24,7 @@ from bot.conversations.requests import (BEFORE_STORED, ConversationStatus, Excha
                                         ReplyResult, Request, State)
 from bot.conversations.settings import SessionSettings
 from bot.conversations.streaming import Streaming
+from bot.conversations.remote_tools import RemoteToolRounds
 from bot.conversations.tools import Toolbox, ToolRounds
 from bot.conversations.turns import take_store_turn, take_turn
 from bot.conversations.window import Window
@@ -89,11 +90,12 @@ class ConversationManager:
         self.sessions = SessionSettings(store, settings, lambda: engine.n_ctx)
         self._streaming = Streaming(engine, store, self.metrics, settings.conversation, clock=clock)
         self.tools: Toolbox | None = None  # set by `use_tools` when tool servers are configured
-        # The embedded engine only, for now: a remote server's tools/tool_calls API is the next step.
         self.approvals = Approvals()  # tool calls waiting for Run / Deny; adapters forward presses here
-        self._tool_rounds = None if isinstance(engine, RemoteEngine) else ToolRounds(engine, store, self.metrics,
-                                                                                     clock=clock,
-                                                                                     approvals=self.approvals)
+        # The embedded engine writes calls in the model's syntax; a remote server takes OpenAI's tools API.
+        self._tool_rounds: ToolRounds | RemoteToolRounds = (
+            RemoteToolRounds(engine, store, self.metrics, clock=clock, approvals=self.approvals)
+            if isinstance(engine, RemoteEngine) else
+            ToolRounds(engine, store, self.metrics, clock=clock, approvals=self.approvals))
         self._leases = Leases(store, self.metrics, self.locators, settings=settings.store, ours=lambda: (
             r.reply_id for line in self._lines.values() for r in line if r.reply_id is not None))
 
@@ -266,14 +268,13 @@ class ConversationManager:
         system = plain_system = await self.system_prompt(request.key)
         tools = self.offered_tools(request.key, request.author_id, can_ask=request.delivery.asks_approval)
         if tools:
-            assert self._tool_rounds is not None and self.tools is not None
             system = self._tool_rounds.offer(plain_system, tools)
 
         async def run(prompt: Prompt, notes: list[str]) -> tuple[str, list[str]]:
             if request.ended is not None:
                 return Status.STOPPED, [request.ended]
             if tools:
-                assert self._tool_rounds is not None and self.tools is not None
+                assert self.tools is not None
                 return await self._tool_rounds.run(request, exchange, prompt, sampling, notes, box=self.tools,
                                                    tools=tools, plain_system=plain_system)
             return await self._streaming.run(request, exchange, prompt, sampling, notes)
@@ -306,11 +307,7 @@ class ConversationManager:
     # -- tools ---------------------------------------------------------------------------------------------
 
     def use_tools(self, toolbox: Toolbox) -> None:
-        """Offer the tools of ``toolbox`` where its grants allow (the embedded engine only, for now)."""
-        if self._tool_rounds is None:
-            log.warning("tools are configured, but the remote model backend cannot call them yet; no tools are "
-                        "offered")
-            return
+        """Offer the tools of ``toolbox`` where its grants allow."""
         self.tools = toolbox
 
     async def tool_details(self, key: SessionKey | str, reply_id: int, max_chars: int) -> str:
