@@ -24,13 +24,15 @@ from tests.test_discord import (ALICE_DM_KEY, CHANNEL_KEY, OTHER_KEY, StartBot, 
                                 stored)
 
 SERVER = str(Path(__file__).with_name("mcp_server.py"))
+PINGS = f"@everyone @here <@{BOB_ID}> <@&{GUILD_ID}>"
 SLOW_CALL = '<tool_call>\n{"name": "slow", "arguments": {"seconds": 1.5}}\n</tool_call>'
 
 
 @pytest.fixture
 async def tools(tmp_path: Path) -> AsyncIterator[ToolSupervisor]:
     settings = ToolsSettings(servers=[ToolServerSettings(name="test", command=sys.executable, args=[SERVER],
-                                                         env={"MCP_TEST_MARK": str(tmp_path / "marks")})],
+                                                         env={"MCP_TEST_MARK": str(tmp_path / "marks"),
+                                                              "MCP_TEST_PINGS": PINGS})],
                              allow=[ToolGrant(places=[f"discord/ch/{GUILD_ID}/{CHANNEL_ID}*", "discord/dm/*"])],
                              max_rounds=1)
     async with ToolSupervisor(settings) as supervisor:
@@ -188,3 +190,16 @@ async def test_an_unanswered_approval_times_out_with_a_clear_line(
 async def test_a_place_whose_target_cannot_ask_is_not_offered_confirm_tools(asking: ConversationManager) -> None:
     assert [t.name for t in asking.offered_tools(CHANNEL_KEY, str(BOB_ID))].count("delete_file") == 0
     assert "delete_file" in [t.name for t in asking.offered_tools(CHANNEL_KEY, str(BOB_ID), can_ask=True)]
+
+
+async def test_a_result_full_of_mentions_is_expanded_without_pinging_anyone(
+        fake: FakeDiscord, with_tools: ConversationManager, start_bot: StartBot) -> None:
+    read = '<tool_call>\n{"name": "env", "arguments": {"name": "MCP_TEST_PINGS"}}\n</tool_call>'
+    await with_tools.set_sampling(CHANNEL_KEY, grammar=call_or("done", read), max_tokens=40)
+    await start_bot()
+    question = await fake.message_create("Read the variable.")
+    done = await _finished(fake, with_tools, question)
+    assert PINGS not in done["content"] and "Tool details" in fake.buttons(int(done["id"]))
+    details = await _ephemeral(fake, await fake.press(int(done["id"]), "Tool details", user_id=BOB_ID))
+    assert PINGS in details  # shown as it is, to the presser alone…
+    assert fake.pinging_writes() == []  # …and no message the bot wrote could ping anyone
