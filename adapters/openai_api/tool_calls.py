@@ -10,6 +10,7 @@ offers nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 from collections.abc import AsyncIterator, Sequence
@@ -31,8 +32,13 @@ AUTO, NONE, REQUIRED = "auto", "none", "required"
 
 
 def model_format(engine: Engine) -> ToolFormat:
-    """The engine's model's tool-call syntax, from its chat template."""
-    return tool_format(engine.chat_template.source)
+    """The engine's model's tool-call syntax, from its chat template (read once per template)."""
+    return _format_of(engine.chat_template.source)
+
+
+@functools.lru_cache(maxsize=8)
+def _format_of(template: str | None) -> ToolFormat:
+    return tool_format(template)
 
 
 def prompt_messages(chat: ChatRequest, fmt: ToolFormat) -> list[dict[str, str]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import Settings, ToolGrant, ToolServerSettings, ToolsSettings
+from bot.config import Settings, ToolGrant, ToolOptions, ToolServerSettings, ToolsSettings
 from bot.conversations import ConversationManager
 from bot.conversations.tools import Toolbox
 from bot.engine import Engine
@@ -168,3 +168,36 @@ async def test_a_tool_result_that_looks_like_special_tokens_stays_plain_text_in_
     # the result's own "<|im_end|>" and "<|im_start|>" are plain text, not turn markers.
     assert answer_round.count(im_start) == 5 and answer_round.count(im_end) == 4  # + the generation prompt
     assert INJECTION.split("\n")[2] in engine.detokenize(answer_round)
+
+
+class AskingTarget(Target):
+    """A target that shows Run / Deny (as Discord, Slack and the web page do)."""
+
+    asks_approval = True
+
+
+async def test_stop_ends_a_wait_for_approval_and_the_tool_never_runs(
+        engine: Engine, store: Store, settings: Settings, tmp_path: Path) -> None:
+    tools_settings = tool_settings(tmp_path)
+    tools_settings.servers[0].tools["slow"] = ToolOptions(confirm=True)
+    async with ToolSupervisor(tools_settings) as supervisor:
+        manager = ConversationManager(engine, store, settings)
+        manager.use_tools(Toolbox(supervisor, ToolAccess(tools_settings.allow), tools_settings))
+        assert "slow" not in [t.name for t in manager.offered_tools(DM, "u1")]  # a target that cannot ask
+        slow = '<tool_call>\n{"name": "slow", "arguments": {"seconds": 1}}\n</tool_call>'
+        await manager.set_sampling(DM, grammar=call_or("5", slow), max_tokens=40)
+        target = AskingTarget()
+        reply = asyncio.create_task(manager.respond(message("Sleep a second.", DM), target))
+        for _ in range(600):
+            if manager.approvals.waiting(str(DM)):
+                break
+            await asyncio.sleep(0.05)
+        [pending] = manager.approvals.waiting(str(DM))
+        assert pending.owner == "u1" and pending.tool == "Sleeping"
+        assert manager.stop(DM) == 1
+        result = await asyncio.wait_for(reply, 10)
+        await manager.shutdown()
+    assert result.status == "stopped" and STOPPED_NOTE in result.notes
+    assert manager.approvals.waiting(str(DM)) == [] and not manager.approvals.answer(pending.id, run=True)
+    assert await store.tool_calls(result.reply_id or 0) == []
+    assert not (tmp_path / "marks").exists()  # the server was never asked to run it
