@@ -84,7 +84,10 @@ class UpdateTarget:
     workspace, not per message.
     """
 
-    asks_approval = True  # Run / Deny buttons (adapters.slack.controls)
+    @property
+    def asks_approval(self) -> bool:
+        """Run / Deny buttons (adapters.slack.controls), which need the conversation's key."""
+        return self.key is not None
 
     def __init__(self, client: AsyncWebClient, channel: str, *, team_id: str, key: SessionKey | None = None,
                  thread_ts: str | None = None, header: str = "", edit_interval: float = 1.0,
@@ -222,7 +225,10 @@ class NativeStreamTarget(UpdateTarget):
     cannot show buttons while it grows; its last message gets them (and Slack's 👍/👎) when it stops.
     """
 
-    asks_approval = False  # a growing stream cannot show buttons: confirm tools are not offered
+    @property
+    def asks_approval(self) -> bool:
+        """A growing stream cannot show buttons: tools marked confirm = true are not offered."""
+        return False
 
     def __init__(self, client: AsyncWebClient, channel: str, *, thread_ts: str, team_id: str, user_id: str,
                  key: SessionKey | None = None, edit_interval: float = 1.0) -> None:

@@ -100,3 +100,15 @@ async def test_an_admin_denies_and_an_unanswered_request_times_out(asking: Conve
 async def asking_message_in(fake: FakeSlack, channel: str, thread: str) -> FakeMessage:
     return await fake.wait_for(lambda: next((m for m in fake.messages_in(channel, thread) if RUN in m.buttons),
                                             None), timeout=REPLY_TIMEOUT_SECONDS, what="the Run / Deny buttons")
+
+
+def test_only_targets_that_can_show_buttons_ask_for_approval() -> None:
+    from slack_sdk.web.async_client import AsyncWebClient
+
+    from adapters.slack.targets import NativeStreamTarget, UpdateTarget
+
+    client = AsyncWebClient(token="xoxb-test")
+    assert UpdateTarget(client, "C1", team_id="T1", key=channel_key("C1")).asks_approval
+    assert not UpdateTarget(client, "C1", team_id="T1").asks_approval  # no key: its buttons could not act
+    assert not NativeStreamTarget(client, "C1", thread_ts="1.0", team_id="T1", user_id="U1",
+                                  key=channel_key("C1")).asks_approval
