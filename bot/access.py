@@ -4,7 +4,7 @@ who may change a conversation's shared settings.
 Each adapter maps its platform's identities onto an `Actor` (who) and a `Place` (where), asks
 `AccessPolicy.check` one question, and renders the `Decision` it gets (`bot.wording.refusal_text` holds the
 words, once).
-New kinds of question (issue 23: which tools a place may use) become another `Action` on the same policy.
+Approving a tool call (Run / Deny) is `Action.APPROVE_TOOL`: only the user who asked, or an admin.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class Action(enum.Enum):
     ASK = "ask"  # a new answer from the model: counts one message against the rate limit
     SET_SYSTEM_PROMPT = "set_system_prompt"  # change a conversation's shared system prompt
     SET_SAMPLING = "set_sampling"  # change a conversation's shared sampling settings (/settings)
+    APPROVE_TOOL = "approve_tool"  # Run or Deny a tool call: the asker (``owner``) or an admin
 
 
 class Refusal(enum.Enum):
@@ -38,6 +39,7 @@ class Refusal(enum.Enum):
     DM_NOT_ALLOWED = "dm_not_allowed"  # a DM from someone the platform finds in no allowed server
     TOO_FAST = "too_fast"  # over the per-minute message limit
     ADMINS_ONLY = "admins_only"  # a shared conversation's settings: admins only
+    NOT_YOURS = "not_yours"  # someone else's tool call: only the one who asked, or an admin, may approve it
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,9 @@ class AccessPolicy:
     def is_admin(self, actor: Actor) -> bool:
         return actor.id in self.admins
 
-    async def check(self, actor: Actor, place: Place, action: Action = Action.USE) -> Decision:
-        """May ``actor`` do ``action`` in ``place``? An `Action.ASK` that passes counts against the limit."""
+    async def check(self, actor: Actor, place: Place, action: Action = Action.USE, *, owner: str = "") -> Decision:
+        """May ``actor`` do ``action`` in ``place``? An `Action.ASK` that passes counts against the limit.
+        ``owner``: for `Action.APPROVE_TOOL`, the user whose message started the call ("" = none known)."""
         admin = self.is_admin(actor)
         refusal = None if admin else await self._refusal(actor, place)
         if refusal is not None:
@@ -120,7 +123,15 @@ class AccessPolicy:
         if action in (Action.SET_SYSTEM_PROMPT, Action.SET_SAMPLING) and not self.may_change_settings(
                 place, admin=admin or actor.manages_place):
             return Decision(Refusal.ADMINS_ONLY, action)
+        if action is Action.APPROVE_TOOL and not self.may_approve(actor, owner, admin=admin):
+            return Decision(Refusal.NOT_YOURS, action)
         return Decision(None, action)
+
+    @staticmethod
+    def may_approve(actor: Actor, owner: str, *, admin: bool) -> bool:
+        """A tool call acts for the user who asked, so they decide; an admin (configured, or the platform's
+        manager of the place) may decide for anyone."""
+        return admin or actor.manages_place or (bool(owner) and actor.id == owner)
 
     @staticmethod
     def may_change_settings(place: Place, *, admin: bool) -> bool:

@@ -428,6 +428,8 @@ class ToolsSettings(_Section):
                                    "tools; none = no place may (tools are opt-in)")
     max_rounds: int = Field(4, ge=1, le=50, description="most rounds of tool calls in one reply")
     call_timeout: float = Field(30.0, gt=0, le=3600, description="seconds one tool call may take")
+    approval_timeout: float = Field(120.0, gt=0, le=3600, description="seconds a confirm = true call waits for "
+                                    "Run / Deny before it is dropped (the model is told it did not run)")
     max_result_chars: int = Field(8000, ge=100, le=1_000_000,
                                   description="a longer tool result is cut to this, with a note")
     restart_delay: float = Field(1.0, gt=0, le=600, description="seconds before restarting a server that died; "

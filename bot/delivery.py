@@ -118,6 +118,11 @@ class Delivery:
         self.failed = False
         """True once the platform refused so often that the reply cannot be shown."""
 
+    @property
+    def asks_approval(self) -> bool:
+        """Whether the target shows Run / Deny buttons for a tool call (`ReplyTarget`'s ``asks_approval``)."""
+        return bool(getattr(self._target, "asks_approval", False))
+
     # -- what to show ------------------------------------------------------------------------------------
 
     def status(self, status: ReplyStatus) -> None:

@@ -48,7 +48,8 @@ Segment = tuple[str, bool]
 class Prompt:
     """A prompt both engines can take: the embedded one reads ``tokens``, a remote server ``messages``."""
 
-    messages: list[dict[str, str]]  # system prompt, the kept turns, the message being answered
+    messages: list[dict[str, Any]]  # system prompt, kept turns, the message answered (str content; a remote tool
+    # round adds OpenAI tool_calls and tool messages)
     tokens: list[int]  # the rendered prompt (for a remote server, an upper estimate of its length)
     prefix: str = ""  # Continue: the reply so far, which the model goes on from (already in ``tokens``)
     turns_from: int | None = None  # the oldest stored message kept, when older ones had to be left out

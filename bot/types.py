@@ -122,6 +122,8 @@ class Controls:
     stop: bool = False  # while the reply is on its way
     reply_id: int | None = None  # once it is stored: Regenerate (and Continue) act on this reply
     can_continue: bool = False  # it was cut by the length limit, or stopped
+    approval: str | None = None  # a tool call waits for Run / Deny: the id of its `bot.tools.approvals` request
+    tool_details: bool = False  # the stored reply called tools: a button shows their arguments and results
 
 
 class Phase(str, enum.Enum):
@@ -133,6 +135,7 @@ class Phase(str, enum.Enum):
     QUEUED = "queued"  # in the engine's queue, at ``ReplyStatus.position``
     RETRYING = "retrying"  # the model server is unreachable; the request is tried again
     TOOL = "tool"  # a tool call runs, named by ``ReplyStatus.tool`` (the tool's title)
+    APPROVAL = "approval"  # a tool call waits for the user's Run / Deny, named by ``ReplyStatus.tool``
 
 
 @dataclass(frozen=True)
@@ -144,15 +147,15 @@ class ReplyStatus:
 
     phase: Phase
     position: int | None = None  # the place in the engine's queue (1 = next), for QUEUED only
-    tool: str = ""  # the running tool's title, for TOOL only
+    tool: str = ""  # the tool's title, for TOOL and APPROVAL only
 
     def __post_init__(self) -> None:
         if (self.phase is Phase.QUEUED) != (self.position is not None):
             raise ValueError(f"a {self.phase.value} status takes {'a' if self.phase is Phase.QUEUED else 'no'} "
                              "queue position")
-        if (self.phase is Phase.TOOL) != bool(self.tool):
-            raise ValueError(f"a {self.phase.value} status takes {'a' if self.phase is Phase.TOOL else 'no'} "
-                             "tool title")
+        names_a_tool = self.phase in (Phase.TOOL, Phase.APPROVAL)
+        if names_a_tool != bool(self.tool):
+            raise ValueError(f"a {self.phase.value} status takes {'a' if names_a_tool else 'no'} tool title")
 
 
 class ReplyTarget(Protocol):
@@ -171,6 +174,9 @@ class ReplyTarget(Protocol):
     after a quiet spell (default 1). ``reference(handle) -> str | None``: where that message is, as a string
     the adapter's locator (`ConversationManager.locators`) turns back into a target and handle, so another
     process can rewrite the message if this one dies; None when it cannot be found again.
+
+    ``asks_approval``: True where the target can show `Controls.approval`'s Run / Deny buttons and the adapter
+    forwards presses to `bot.tools.approvals.Approvals`; only there are tools marked ``confirm`` offered.
 
     A reply's status (`ReplyStatus`) is shown as text rendered by `bot.wording.status_line`, unless the target
     renders statuses its own way: then it has ``post_status(status, controls)`` and ``edit_status(handle,

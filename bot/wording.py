@@ -13,7 +13,9 @@ from bot.types import Phase, ReplyStatus
 
 __all__ = [
     "ASK_ABOUT_QUESTION", "EMPTY_FILE", "EMPTY_MESSAGE", "NOT_A_TEXT_FILE", "NOT_UTF8_TEXT", "file_skipped",
-    "file_too_large", "tool_call_unreadable", "tool_not_offered", "tool_rounds_used", "tool_running", "tools_used",
+    "file_too_large", "tool_call_unreadable", "tool_not_offered",
+    "tool_asking", "tool_denied", "tool_approval_timed_out", "TOOL_DENIED_RESULT", "TOOL_TIMED_OUT_RESULT",
+    "APPROVAL_GONE", "APPROVED", "DENIED", "NO_TOOL_CALLS", "tool_rounds_used", "tool_running", "tools_used",
     "EMPTY_REPLY", "LENGTH_NOTE", "NOTHING_TO_CONTINUE", "NOT_SAVED",
     "NOT_STORED", "PLATFORM_REFUSED", "REASONING", "RESET_NOTE", "SERVER_RETRYING", "SHUTTING_DOWN",
     "SHUTTING_DOWN_REASON", "STALE_REPLY", "STOPPED_NOTE", "SYSTEM_PROMPT_TOO_LONG", "TAKEN_OVER_NOTE", "THINKING",
@@ -34,6 +36,11 @@ def tool_running(title: str) -> str:
     return f"🔧 {title}…"
 
 
+def tool_asking(title: str) -> str:
+    """The status of a ``confirm = true`` call waiting for Run / Deny."""
+    return f"🔐 {title}: waiting for approval. Run or Deny?"
+
+
 def queued_line(position: int) -> str:
     return f"⏳ Queued: #{position} in line…"
 
@@ -45,6 +52,8 @@ def status_line(status: ReplyStatus) -> str:
         return queued_line(status.position)
     if status.phase is Phase.TOOL:
         return tool_running(status.tool)
+    if status.phase is Phase.APPROVAL:
+        return tool_asking(status.tool)
     return {Phase.THINKING: THINKING, Phase.REASONING: REASONING, Phase.WAITING: WAITING_FOR_PREVIOUS,
             Phase.RETRYING: SERVER_RETRYING}[status.phase]
 
@@ -108,6 +117,33 @@ def tool_not_offered(name: str) -> str:
     return f"the tool {name!r} is not available here"
 
 
+def tool_denied(title: str) -> str:
+    """The note under a reply whose tool call the user denied."""
+    return f"🚫 {title} was denied, so it did not run."
+
+
+def tool_approval_timed_out(title: str, seconds: float) -> str:
+    """The note under a reply whose tool call nobody approved in time."""
+    return (f"⏱️ No one approved {title} within {_duration(seconds)}, so it did not run "
+            "([tools] approval_timeout).")
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 120 and seconds % 60 == 0:
+        return f"{int(seconds // 60)} minutes"
+    return f"{seconds:g} s"
+
+
+# What the model reads back for a call the user did not approve.
+TOOL_DENIED_RESULT = "the user denied this tool call; it did not run. Do not try it again in this reply"
+TOOL_TIMED_OUT_RESULT = "no one approved this tool call in time; it did not run. Do not try it again in this reply"
+# A press on Run / Deny for a call no longer waiting (answered, timed out, stopped, or the bot restarted).
+APPROVAL_GONE = "🕰️ This tool call is no longer waiting for approval."
+APPROVED = "▶️ Running it."
+DENIED = "🚫 Denied; it will not run."
+NO_TOOL_CALLS = "This reply used no tools, or their record is gone."
+
+
 def tool_call_unreadable(reason: str) -> str:
     return f"your tool call could not be read ({reason}); write it again as the format asks"
 
@@ -152,6 +188,7 @@ REFUSALS = {
     Refusal.CHANNEL_NOT_ALLOWED: "🚫 I'm not enabled in this channel.",
     Refusal.DMS_OFF: "🚫 Direct messages are turned off for this bot; mention me in a channel instead.",
     Refusal.DM_NOT_ALLOWED: "🚫 Sorry, I answer direct messages only from people allowed to use me in a server.",
+    Refusal.NOT_YOURS: "🚫 Only the person who asked, or an admin, can approve or deny this tool call.",
 }
 _SHARED = {Action.SET_SYSTEM_PROMPT: "a channel's system prompt; in a DM with me it is yours to change",
            Action.SET_SAMPLING: "a channel's settings; in a DM with me they are yours to change"}

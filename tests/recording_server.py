@@ -1,5 +1,8 @@
 """An OpenAI-compatible server for the tests that records what it receives: each chat completion request's
-headers and body go to a JSON-lines file, and it streams a fixed reply. Run as its own process on 127.0.0.1:
+headers and body go to a JSON-lines file, and it streams a fixed reply. Offered ``tools`` (and a
+``tool_choice`` other than "none") while the last message is the user's, it streams a call of the first tool
+instead (``add`` gets 2 and 3), its arguments in two pieces as servers send them; after a ``tool`` message it
+answers with the result it read (`answer_for`). Run as its own process on 127.0.0.1:
 ``python -m tests.recording_server PORT RECORD_FILE [MODEL_ID ...]`` (no vision model can be downloaded here).
 """
 
@@ -19,6 +22,28 @@ from aiohttp import web
 from tests.inference_server import START_TIMEOUT_SECONDS, free_port
 
 REPLY = "I see a picture."
+CALL_ID = "call_rec_1"
+
+
+def answer_for(result: str) -> str:
+    return f"The tool said: {result}"
+
+
+def _chunks(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The deltas of the streamed reply, then the last one's finish_reason."""
+    messages = body.get("messages") or [{}]
+    tools = body.get("tools") or []
+    if tools and body.get("tool_choice") != "none" and messages[-1].get("role") == "user":
+        name = tools[0]["function"]["name"]
+        arguments = '{"a": 2, "b": 3}' if name == "add" else "{}"
+        return [{"content": "Let me check. "},
+                {"tool_calls": [{"index": 0, "id": CALL_ID, "type": "function",
+                                 "function": {"name": name, "arguments": arguments[:6]}}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": arguments[6:]}}]},
+                {"finish": "tool_calls"}]
+    if messages[-1].get("role") == "tool":
+        return [{"content": answer_for(str(messages[-1].get("content")))}, {"finish": "stop"}]
+    return [{"content": REPLY}, {"finish": "stop"}]
 
 
 def make_app(record: Path, model_ids: list[str]) -> web.Application:
@@ -31,8 +56,9 @@ def make_app(record: Path, model_ids: list[str]) -> web.Application:
             out.write(json.dumps({"authorization": request.headers.get("Authorization"), "body": body}) + "\n")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for chunk in ({"content": REPLY}, {}):
-            choice: dict[str, Any] = {"index": 0, "delta": chunk, "finish_reason": None if chunk else "stop"}
+        for chunk in _chunks(body):
+            finish = chunk.pop("finish", None)
+            choice: dict[str, Any] = {"index": 0, "delta": chunk, "finish_reason": finish}
             await response.write(f"data: {json.dumps({'model': body.get('model'), 'choices': [choice]})}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         return response

@@ -95,3 +95,18 @@ async def test_a_channels_settings_are_for_admins_and_a_dms_for_its_user() -> No
     # The lists come first: someone refused outright hears that, not "admins only".
     listed = AccessPolicy(users=["U2"])
     assert (await listed.check(Actor("U1"), CHANNEL, Action.SET_SAMPLING)).refusal is Refusal.NOT_LISTED
+
+
+async def test_only_the_asker_or_an_admin_may_approve_a_tool_call() -> None:
+    policy = AccessPolicy(admins=["boss"], users=["asker", "other"])
+    channel = Place(dm=False, server="s", channels=frozenset({"c"}))
+    check = policy.check
+    assert (await check(Actor("asker"), channel, Action.APPROVE_TOOL, owner="asker")).allowed
+    assert (await check(Actor("other"), channel, Action.APPROVE_TOOL, owner="asker")).refusal is Refusal.NOT_YOURS
+    assert (await check(Actor("boss"), channel, Action.APPROVE_TOOL, owner="asker")).allowed
+    assert (await check(Actor("other", manages_place=True), channel, Action.APPROVE_TOOL, owner="asker")).allowed
+    # No known asker (a Regenerate): only an admin; and the lists still come first.
+    assert (await check(Actor("asker"), channel, Action.APPROVE_TOOL, owner="")).refusal is Refusal.NOT_YOURS
+    assert (await check(Actor("stranger"), channel, Action.APPROVE_TOOL, owner="stranger")).refusal \
+        is Refusal.NOT_LISTED
+    assert "Only the person who asked" in refusal_text(Decision(Refusal.NOT_YOURS, Action.APPROVE_TOOL))

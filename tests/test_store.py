@@ -261,8 +261,13 @@ async def test_tool_messages_are_kept_in_order_with_their_reply_and_cleared_with
     assert await store.tool_calls(reply) == [first, StoredToolCall(reply, 2, "crash", "{}",
                                                                    "the tool crash failed: gone\ufffd", True)]
     assert await store.tool_calls(reply + 1) == []
+    assert await store.tool_calls(reply, key=KEY) == await store.tool_calls(reply)
+    assert await store.tool_calls(reply, key=OTHER) == []  # a button naming it from elsewhere sees nothing
+    assert await store.with_tool_calls([reply, reply - 1, reply + 1]) == {reply}
+    assert await store.with_tool_calls([]) == set()
     await store.clear_messages(KEY, through_id=reply)
     assert await store.tool_calls(reply) == []
+    assert await store.with_tool_calls([reply]) == set()
 
 
 async def test_a_new_database_is_at_the_latest_version(store: Store) -> None:

@@ -688,8 +688,10 @@ def test_json_bodies_carry_any_text_and_never_raw_markup(value: Any) -> None:
     assert not {"<", ">", "&", "\n"} & set(text)
 
 
-STATUSES = st.sampled_from([ReplyStatus(phase) for phase in Phase if phase not in (Phase.QUEUED, Phase.TOOL)]
-                           + [ReplyStatus(Phase.QUEUED, 3), ReplyStatus(Phase.TOOL, tool="Search the web")])
+STATUSES = st.sampled_from([ReplyStatus(phase) for phase in Phase
+                            if phase not in (Phase.QUEUED, Phase.TOOL, Phase.APPROVAL)]
+                           + [ReplyStatus(Phase.QUEUED, 3), ReplyStatus(Phase.TOOL, tool="Search the web"),
+                              ReplyStatus(Phase.APPROVAL, tool="Delete a file")])
 LOOKALIKES = st.sampled_from([THINKING, REASONING, WAITING_FOR_PREVIOUS, queued_line(3)])  # a model may write these
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from bot.context import ask_about, summarize
 from bot.types import Phase, ReplyStatus
-from bot.wording import ASK_ABOUT_QUESTION, WAITING_FOR_PREVIOUS, queued_line, status_line, tools_used
+from bot.wording import (ASK_ABOUT_QUESTION, WAITING_FOR_PREVIOUS, queued_line, status_line, tool_approval_timed_out,
+                         tool_asking, tool_denied, tools_used)
 
 
 def test_statuses_are_typed_values_shown_as_the_lines_users_know() -> None:
@@ -15,8 +16,12 @@ def test_statuses_are_typed_values_shown_as_the_lines_users_know() -> None:
     assert status_line(ReplyStatus(Phase.THINKING)) == "💭 Thinking…"
     assert status_line(ReplyStatus(Phase.RETRYING)) == "⚠️ The model server is unreachable; retrying…"
     assert status_line(ReplyStatus(Phase.TOOL, tool="Searching the wiki")) == "🔧 Searching the wiki…"
+    assert status_line(ReplyStatus(Phase.APPROVAL, tool="Deleting a file")) == tool_asking("Deleting a file")
+    assert "Deleting a file" in tool_asking("Deleting a file") and "Run or Deny" in tool_asking("Deleting a file")
     with pytest.raises(ValueError, match="tool status takes a tool title"):
         ReplyStatus(Phase.TOOL)
+    with pytest.raises(ValueError, match="approval status takes a tool title"):
+        ReplyStatus(Phase.APPROVAL)
     with pytest.raises(ValueError, match="queued status takes a queue position"):
         ReplyStatus(Phase.QUEUED)
     with pytest.raises(ValueError, match="thinking status takes no queue position"):
@@ -33,3 +38,10 @@ def test_shortcut_prompts_keep_their_words() -> None:
     assert prompt == ("Summarize this conversation: the main points, decisions and open questions, briefly "
                       "(1 older messages left out).\n\nBo: two\nCy: three")
 
+
+
+def test_a_tool_call_not_run_says_why_in_one_clear_line() -> None:
+    assert tool_denied("Deleting a file") == "🚫 Deleting a file was denied, so it did not run."
+    assert tool_approval_timed_out("Deleting a file", 120) == (
+        "⏱️ No one approved Deleting a file within 2 minutes, so it did not run ([tools] approval_timeout).")
+    assert "within 1.5 s" in tool_approval_timed_out("Deleting a file", 1.5)

@@ -106,17 +106,18 @@ class DiscordBot(discord.Client):
         return SessionKey.for_channel(PLATFORM, str(guild_id), str(channel.id))
 
     async def check(self, user: discord.abc.User, key: SessionKey, action: Action = Action.USE, *,
-                    manages_place: bool = False) -> Decision:
+                    manages_place: bool = False, owner: str = "") -> Decision:
         """The core's access policy for ``user`` in conversation ``key``: Discord's roles, and for a DM whether
         the user is a member of an allowed server. ``manages_place``: Manage Server, which may change settings."""
         actor = Actor(str(user.id), roles=frozenset(str(role.id) for role in getattr(user, "roles", [])),
                       manages_place=manages_place, member_elsewhere=lambda: self._member_of_allowed_guild(user))
-        return await self.policy.check(actor, Place.of(key), action)
+        return await self.policy.check(actor, Place.of(key), action, owner=owner)
 
     async def refusal(self, user: discord.abc.User, key: SessionKey, action: Action = Action.USE, *,
-                      manages_place: bool = False) -> str | None:
-        """Why ``user`` may not do ``action`` in ``key``, in words, or None if they may."""
-        decision = await self.check(user, key, action, manages_place=manages_place)
+                      manages_place: bool = False, owner: str = "") -> str | None:
+        """Why ``user`` may not do ``action`` in ``key``, in words, or None if they may (``owner``: whose tool
+        call an `Action.APPROVE_TOOL` answers)."""
+        decision = await self.check(user, key, action, manages_place=manages_place, owner=owner)
         return None if decision.allowed else refusal_text(decision, admins=ADMINS)
 
     async def _member_of_allowed_guild(self, user: discord.abc.User) -> bool:

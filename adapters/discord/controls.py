@@ -1,4 +1,5 @@
-"""Buttons under a reply: Stop while it is written, Regenerate and Continue once it is stored.
+"""Buttons under a reply: Stop while it is written, Regenerate and Continue once it is stored (and the tools'
+buttons of `adapters.discord.tool_buttons`: Run / Deny, Tool details).
 
 They are discord.py dynamic items: the custom_id holds what a press needs (the reply's id), and the client
 registers the classes (`DiscordBot.__init__`), so buttons sent before a restart keep working after it. Each
@@ -16,6 +17,7 @@ from typing import Any
 import discord
 
 from adapters.discord.interactions import bot_of
+from adapters.discord.tool_buttons import TOOL_BUTTONS, ApprovalButton, ToolDetailsButton
 from bot.access import Action
 from bot.conversations import RedoRefusal
 from bot.types import Controls
@@ -37,12 +39,16 @@ def view_for(controls: Controls | None) -> discord.ui.View | None:
     if controls is None:
         return None
     items: list[discord.ui.Item[Any]] = []
+    if controls.approval is not None:
+        items += [ApprovalButton(controls.approval, "run"), ApprovalButton(controls.approval, "deny")]
     if controls.stop:
         items.append(StopButton())
     if controls.reply_id is not None:
         items.append(RedoButton("regenerate", controls.reply_id))
         if controls.can_continue:
             items.append(RedoButton("continue", controls.reply_id))
+        if controls.tool_details:
+            items.append(ToolDetailsButton(controls.reply_id))
     if not items:
         return None
     view = discord.ui.View(timeout=None)  # a timeout would unregister the dynamic items when it fired
@@ -115,7 +121,7 @@ class RedoButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
         await _redo(interaction, self.reply_id, continuing=self.action == "continue")
 
 
-BUTTONS = (StopButton, RedoButton)
+BUTTONS = (StopButton, RedoButton, *TOOL_BUTTONS)
 
 
 async def _redo(interaction: discord.Interaction, reply_id: int, *, continuing: bool) -> None:

@@ -53,6 +53,7 @@ class ChannelTarget:
     """A reply in a channel, thread or DM: the first message answers ``trigger``, continuations follow it."""
 
     max_length = DISCORD_MAX_MESSAGE_CHARS
+    asks_approval = True  # Run / Deny buttons (adapters.discord.tool_buttons)
 
     def __init__(self, channel: discord.abc.Messageable, *, trigger: discord.Message | None = None,
                  min_edit_interval: float) -> None:

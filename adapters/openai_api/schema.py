@@ -1,8 +1,11 @@
-"""The OpenAI chat request, read and checked: messages, sampling, stop strings; and `StopCutter`, which ends the
-text at the first stop string however the text arrives in pieces."""
+"""The OpenAI chat request, read and checked: messages (with tool calls and tool results), sampling, stop
+strings, tools and tool_choice; and `StopCutter`, which ends the text at the first stop string however the text
+arrives in pieces."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,12 +14,17 @@ from pydantic import ValidationError
 
 from adapters.http import HttpError
 from bot.config import SamplingSettings
+from bot.tools.registry import ToolSpec
+from bot.tools.syntax import ToolCall
 
 __all__ = ["ApiError", "ChatRequest", "StopCutter", "parse_chat_request"]
 
 MAX_STOP_STRINGS = 16  # OpenAI takes 4; llama-server more
 MAX_STOP_CHARS = 256
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MAX_TOOLS = 128
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+TOOL_CHOICES = ("auto", "none", "required")
 # Request keys that map onto SamplingSettings fields of the same name.
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed", "repeat_penalty", "frequency_penalty",
                  "presence_penalty", "ignore_eos")
@@ -44,13 +52,15 @@ class ApiError(HttpError):
 
 @dataclass(frozen=True)
 class ChatRequest:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]  # role and content; an assistant's may hold "tool_calls" (`ToolCall`s)
     sampling: SamplingSettings
     max_tokens_given: bool  # the client asked for max_tokens: prompt + max_tokens must fit the window
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
     stop: tuple[str, ...]
     user: str
+    tools: tuple[ToolSpec, ...] = ()  # the caller's functions (it runs them itself)
+    tool_choice: str = "none"  # "auto", "none", "required", or the name of the one function to call
 
 
 def parse_chat_request(body: Any, defaults: SamplingSettings) -> ChatRequest:
@@ -62,8 +72,10 @@ def parse_chat_request(body: Any, defaults: SamplingSettings) -> ChatRequest:
     n = body.get("n")
     if n is not None and (type(n) is not int or n != 1):  # strict: true is not 1
         raise ApiError(400, "Only n = 1 is supported.", param="n")
-    if body.get("tools") or body.get("functions"):
-        raise ApiError(400, "Tools and functions are not supported.", param="tools")
+    if body.get("functions") or body.get("function_call"):
+        raise ApiError(400, "'functions' is not supported; send 'tools'.", param="functions")
+    tools = _tools(body.get("tools"))
+    tool_choice = _tool_choice(body.get("tool_choice"), tools)
     if body.get("logit_bias") not in (None, {}):  # a bias silently ignored would be a wrong answer
         raise ApiError(400, "logit_bias is not supported.", param="logit_bias")
     if body.get("logprobs"):
@@ -98,10 +110,50 @@ def parse_chat_request(body: Any, defaults: SamplingSettings) -> ChatRequest:
         raise ApiError(400, "'user' must be a string.", param="user")
     return ChatRequest(messages=messages, sampling=sampling, max_tokens_given=max_tokens is not None,
                        stream=stream, include_usage=bool(options.get("include_usage")), stop=_stop(body.get("stop")),
-                       user=user)
+                       user=user, tools=tools, tool_choice=tool_choice)
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _tools(value: Any) -> tuple[ToolSpec, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        raise ApiError(400, f"'tools' must be an array of at most {MAX_TOOLS} tools.", param="tools")
+    tools: list[ToolSpec] = []
+    for i, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name) or any(t.name == name for t in tools):
+            raise ApiError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": …}}}} "
+                           "with a unique name of letters, digits, _, . or -.", param=f"tools[{i}]")
+        assert isinstance(function, dict)
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        description = function.get("description", "")
+        if not isinstance(parameters, dict) or not isinstance(description, str):
+            raise ApiError(400, f"tools[{i}].function: 'parameters' must be a JSON schema object and "
+                           "'description' a string.", param=f"tools[{i}].function")
+        tools.append(ToolSpec(name, "api", description, parameters, name))
+    return tuple(tools)
+
+
+def _tool_choice(value: Any, tools: Sequence[ToolSpec]) -> str:
+    if value is None:
+        return "auto" if tools else "none"
+    if isinstance(value, str) and value in TOOL_CHOICES:
+        choice = value
+    elif isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict) \
+            and isinstance(value["function"].get("name"), str):
+        choice = value["function"]["name"]
+        if not any(tool.name == choice for tool in tools):
+            raise ApiError(400, f"tool_choice names {choice!r}, which is not in 'tools'.", param="tool_choice")
+    else:
+        raise ApiError(400, "'tool_choice' must be \"auto\", \"none\", \"required\" or "
+                       "{\"type\": \"function\", \"function\": {\"name\": …}}.", param="tool_choice")
+    if choice != "none" and not tools:
+        raise ApiError(400, f"tool_choice {choice!r} needs 'tools'.", param="tool_choice")
+    return choice
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise ApiError(400, "'messages' must be a non-empty array.", param="messages")
     messages = []
@@ -112,10 +164,35 @@ def _messages(value: Any) -> list[dict[str, str]]:
         if role is None:
             raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, not "
                            f"{message.get('role')!r}.", param=f"messages[{i}].role")
-        messages.append({"role": role, "content": _content(message.get("content"), i, role)})
-    if messages[-1]["role"] != "user":
-        raise ApiError(400, "The last message must be the user's.", param=f"messages[{len(messages) - 1}].role")
+        entry: dict[str, Any] = {"role": role, "content": _content(message.get("content"), i, role)}
+        if role == "assistant" and message.get("tool_calls") is not None:
+            entry["tool_calls"] = _calls(message["tool_calls"], i)
+        messages.append(entry)
+    if messages[-1]["role"] not in ("user", "tool"):
+        raise ApiError(400, "The last message must be the user's (or a tool's result).",
+                       param=f"messages[{len(messages) - 1}].role")
     return messages
+
+
+def _calls(value: Any, i: int) -> list[ToolCall]:
+    """An assistant message's ``tool_calls``: each a function's name and its arguments as a JSON object text."""
+    param = f"messages[{i}].tool_calls"
+    if not isinstance(value, list):
+        raise ApiError(400, f"{param} must be an array.", param=param)
+    calls = []
+    for call in value:
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments", "{}") if isinstance(function, dict) else None
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else None
+        except (ValueError, RecursionError):
+            parsed = None
+        if not isinstance(name, str) or not name or not isinstance(parsed, dict):
+            raise ApiError(400, f"{param}: each call needs a function name and its arguments as a JSON object "
+                           "text.", param=param)
+        calls.append(ToolCall(name, parsed))
+    return calls
 
 
 def _content(content: Any, i: int, role: str) -> str:

@@ -1,5 +1,6 @@
-"""The aiohttp application: POST /v1/chat/completions (streamed as Server-Sent Events, or whole) and
-GET /v1/models, on the bot's one engine and queue.
+"""The aiohttp application: POST /v1/chat/completions (streamed as Server-Sent Events, or whole; with
+``tools`` it returns ``tool_calls``, see `adapters.openai_api.tool_calls`) and GET /v1/models, on the bot's one
+engine and queue.
 
 In front of every request: the Bearer token is checked when one is set (a listener off loopback needs one),
 the Host must be a loopback name when the server listens on loopback (a DNS rebinding page cannot reach it),
@@ -23,6 +24,7 @@ from aiohttp import web
 from adapters.http import (FOREIGN_HOST, Handler, HttpError, Listener, bearer_guard, check_token_needed, host_guard,
                            json_errors)
 from adapters.openai_api.schema import ApiError, ChatRequest, StopCutter, parse_chat_request
+from adapters.openai_api.tool_calls import NONE, ToolTurn, call_json, model_format, prompt_messages
 from bot.config import ApiSettings, SamplingSettings, Secrets
 from bot.engine import FinishReason, Generation, QueuePosition
 from bot.errors import EngineError, PromptError, QueueFull
@@ -100,12 +102,16 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise ApiError(400, "The request body is not valid JSON.") from None
     chat = parse_chat_request(body, state.sampling)
+    fmt = model_format(state.engine)
     try:
         # Rendering and tokenizing a long conversation takes a while: not on the event loop.
-        prompt = await asyncio.to_thread(state.engine.chat_tokens, chat.messages)
+        prompt = await asyncio.to_thread(state.engine.chat_tokens, prompt_messages(chat, fmt))
     except PromptError as exc:
         raise ApiError(400, str(exc), param="messages") from None
     _check_length(state.engine.n_ctx, len(prompt), chat)
+    if chat.tools and chat.tool_choice != NONE:
+        return await _tool_chat(request, state, chat, ToolTurn(state.engine, chat, fmt, _session(request, chat.user)),
+                                prompt)
     try:
         generation = state.engine.submit(prompt, chat.sampling, session=_session(request, chat.user))
     except QueueFull as exc:
@@ -133,6 +139,96 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
             state.metrics.tokens_generated.inc(generation.n_generated)
             state.metrics.prompt_tokens.inc(len(prompt))
             state.metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
+
+
+async def _tool_chat(request: web.Request, state: ApiState, chat: ChatRequest, turn: ToolTurn,
+                     prompt: list[int]) -> web.StreamResponse:
+    """A completion offered ``tools``: its text, then its calls as ``tool_calls`` (finish_reason "tool_calls")."""
+    try:
+        turn.start(prompt)
+    except QueueFull as exc:
+        raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full") from None
+    except EngineError as exc:
+        raise ApiError(503, str(exc), type="server_error", code="engine_unavailable") from None
+    completion_id = f"chatcmpl-{secrets_module.token_hex(12)}"
+    status = Status.STOPPED
+    try:
+        if chat.stream:
+            response = await _stream_tools(request, state, chat, turn, completion_id, len(prompt), prompt)
+        else:
+            response = await _whole_tools(state, turn, completion_id, len(prompt), prompt)
+        last = turn.last
+        status = Status.FAILED if last is not None and last.finish_reason == FinishReason.ERROR else Status.COMPLETE
+        return response
+    except (ApiError, EngineError):
+        status = Status.FAILED
+        raise
+    finally:
+        turn.cancel()
+        if state.metrics is not None:
+            state.metrics.replies.labels(PLATFORM, status).inc()
+            state.metrics.tokens_generated.inc(turn.n_generated)
+            state.metrics.prompt_tokens.inc(len(prompt))
+
+
+def _tool_finish(turn: ToolTurn) -> str:
+    if turn.calls:
+        return "tool_calls"
+    last = turn.last
+    if turn.cutter.stopped or last is None or last.finish_reason is None:
+        return "stop"
+    return FINISH_REASONS.get(last.finish_reason, "stop")
+
+
+def _tool_usage(turn: ToolTurn, n_prompt: int) -> dict[str, int]:
+    return {"prompt_tokens": n_prompt, "completion_tokens": turn.n_generated,
+            "total_tokens": n_prompt + turn.n_generated}
+
+
+async def _whole_tools(state: ApiState, turn: ToolTurn, completion_id: str, n_prompt: int,
+                       prompt: list[int]) -> web.Response:
+    try:
+        text = "".join([piece async for piece in turn.texts(prompt)])
+    except (EngineError, QueueFull) as exc:  # QueueFull: the call's second generation found the queue full
+        raise ApiError(500, str(exc), type="server_error", code="engine_error") from None
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if turn.calls:
+        message["tool_calls"] = [call_json(call) for call in turn.calls]
+    return web.json_response({
+        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": state.model_id,
+        "choices": [{"index": 0, "message": message, "finish_reason": _tool_finish(turn)}],
+        "usage": _tool_usage(turn, n_prompt)})
+
+
+async def _stream_tools(request: web.Request, state: ApiState, chat: ChatRequest, turn: ToolTurn,
+                        completion_id: str, n_prompt: int, prompt: list[int]) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    created = int(time.time())
+
+    async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
+        chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                 "model": state.model_id, "choices": choices, **extra}
+        await response.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
+
+    await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    try:
+        async for text in turn.texts(prompt):
+            await send([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
+        for index, call in enumerate(turn.calls):  # each call whole, in one chunk
+            await send([{"index": 0, "delta": {"tool_calls": [{"index": index, **call_json(call)}]},
+                         "finish_reason": None}])
+    except (EngineError, QueueFull) as exc:  # the headers are sent: the error goes in the stream, as llama-server does
+        error = ApiError(500, str(exc), type="server_error", code="engine_error")
+        await response.write(f"data: {json.dumps(error.body())}\n\n".encode())
+    else:
+        await send([{"index": 0, "delta": {}, "finish_reason": _tool_finish(turn)}])
+        if chat.include_usage:
+            await send([], usage=_tool_usage(turn, n_prompt))
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
 
 
 def _check_length(n_ctx: int, n_prompt: int, chat: ChatRequest) -> None:

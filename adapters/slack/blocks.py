@@ -12,13 +12,17 @@ from typing import Any
 
 from bot.types import Controls, SessionKey
 
-__all__ = ["STOP", "REGENERATE", "CONTINUE", "FEEDBACK", "MAX_VALUE_CHARS", "SECTION_TEXT_LIMIT", "ButtonValue",
+__all__ = ["STOP", "REGENERATE", "CONTINUE", "FEEDBACK", "RUN", "DENY", "TOOL_DETAILS",
+           "MAX_VALUE_CHARS", "SECTION_TEXT_LIMIT", "ButtonValue",
            "reply_blocks", "button_blocks", "feedback_blocks", "without_buttons"]
 
 STOP = "llamarelay_stop"
 REGENERATE = "llamarelay_regenerate"
 CONTINUE = "llamarelay_continue"
 FEEDBACK = "llamarelay_feedback"
+RUN = "llamarelay_run"  # a tool call waiting for approval: run it
+DENY = "llamarelay_deny"  # … or not
+TOOL_DETAILS = "llamarelay_tool_details"  # the stored reply's tool calls, shown to the presser alone
 MAX_VALUE_CHARS = 2000  # a button value's limit
 SECTION_TEXT_LIMIT = 3000
 """Characters one section block's text may hold (a Block Kit limit, stricter than a message's ``text``)."""
@@ -26,16 +30,18 @@ SECTION_TEXT_LIMIT = 3000
 
 @dataclass(frozen=True)
 class ButtonValue:
-    """What a button acts on: a conversation, its stored reply (none for Stop), 👍/👎 for feedback, and the
-    header that opens the message (a ``/ask`` question), which a regenerated answer keeps."""
+    """What a button acts on: a conversation, its stored reply (none for Stop), 👍/👎 for feedback, the
+    header that opens the message (a ``/ask`` question), which a regenerated answer keeps, and for Run / Deny
+    the id of the tool call's approval request (`bot.tools.approvals`)."""
 
     key: SessionKey
     reply_id: int | None = None
     feedback: str = ""
     header: str = ""
+    approval: str = ""
 
     def dump(self) -> str:
-        value = {"k": str(self.key), "r": self.reply_id, "f": self.feedback, "h": self.header}
+        value = {"k": str(self.key), "r": self.reply_id, "f": self.feedback, "h": self.header, "a": self.approval}
         text = json.dumps(value, separators=(",", ":"))
         if len(text) > MAX_VALUE_CHARS:  # a header is a nicety; the rest always fits
             text = json.dumps(value | {"h": ""}, separators=(",", ":"))
@@ -50,7 +56,7 @@ class ButtonValue:
             if reply_id is not None and not isinstance(reply_id, int):
                 return None
             return cls(SessionKey.parse(str(data["k"])), reply_id, str(data.get("f") or ""),
-                       str(data.get("h") or ""))
+                       str(data.get("h") or ""), str(data.get("a") or ""))
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
 
@@ -79,12 +85,17 @@ def button_blocks(controls: Controls | None, key: SessionKey | None, header: str
     the text above the reply in this message, which Regenerate keeps."""
     buttons: list[dict[str, Any]] = []
     if controls is not None and key is not None:
+        if controls.approval is not None:
+            buttons.append(_button("▶️ Run", RUN, ButtonValue(key, approval=controls.approval), "primary"))
+            buttons.append(_button("🚫 Deny", DENY, ButtonValue(key, approval=controls.approval), "danger"))
         if controls.stop:
             buttons.append(_button("⏹️ Stop", STOP, ButtonValue(key), "danger"))
         if controls.reply_id is not None:
             buttons.append(_button("🔄 Regenerate", REGENERATE, ButtonValue(key, controls.reply_id, header=header)))
             if controls.can_continue:
                 buttons.append(_button("⏩ Continue", CONTINUE, ButtonValue(key, controls.reply_id)))
+            if controls.tool_details:
+                buttons.append(_button("🔧 Tool details", TOOL_DETAILS, ButtonValue(key, controls.reply_id)))
     return [{"type": "actions", "elements": buttons}] if buttons else []
 
 

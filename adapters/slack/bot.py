@@ -221,14 +221,15 @@ class SlackBot:
 
     # -- shared with the slash commands ----------------------------------------------------------
 
-    async def check(self, user: str, channel: str, action: Action = Action.USE) -> Decision:
-        """The core's access policy for ``user`` in ``channel`` (a DM, or a channel of the lists)."""
+    async def check(self, user: str, channel: str, action: Action = Action.USE, *, owner: str = "") -> Decision:
+        """The core's access policy for ``user`` in ``channel`` (a DM, or a channel of the lists); ``owner``:
+        whose tool call an `Action.APPROVE_TOOL` answers."""
         place = Place(dm=True) if is_dm(channel) else Place(dm=False, channels=frozenset({channel}))
-        return await self.policy.check(Actor(user), place, action)
+        return await self.policy.check(Actor(user), place, action, owner=owner)
 
-    async def refusal(self, user: str, channel: str, action: Action = Action.USE) -> str | None:
+    async def refusal(self, user: str, channel: str, action: Action = Action.USE, *, owner: str = "") -> str | None:
         """Why ``user`` may not do ``action`` in ``channel``, in words, or None when they may."""
-        decision = await self.check(user, channel, action)
+        decision = await self.check(user, channel, action, owner=owner)
         return None if decision.allowed else refusal_text(decision, admins=ADMINS)
 
     @staticmethod

@@ -1,4 +1,6 @@
-"""The buttons under a reply: Stop, Regenerate, Continue, and Slack's 👍/👎 on natively streamed replies.
+"""The buttons under a reply: Stop, Regenerate, Continue, Slack's 👍/👎 on natively streamed replies, and for
+tools Run / Deny (a call waiting for approval; the waiting is the core's, `bot.tools.approvals`) and Tool details
+(the reply's calls, shown to the presser alone).
 
 Each handler acks at once (Slack wants it within 3 s), then checks the press: only people the bot answers may
 press, and a press on a reply that is no longer the conversation's latest gets an ephemeral explanation
@@ -14,13 +16,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from slack_bolt.async_app import AsyncAck
 from slack_sdk.errors import SlackApiError
 
-from adapters.slack.blocks import CONTINUE, FEEDBACK, REGENERATE, STOP, ButtonValue, without_buttons
+from adapters.slack.blocks import (CONTINUE, DENY, FEEDBACK, REGENERATE, RUN, STOP, TOOL_DETAILS, ButtonValue,
+                                   without_buttons)
 from adapters.slack.sessions import is_dm
 from adapters.slack.targets import UpdateTarget
 from bot.access import Action
 from bot.conversations import RedoRefusal
 from bot.types import SessionKey
-from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY
+from bot.wording import APPROVAL_GONE, APPROVED, DENIED, NOTHING_TO_CONTINUE, STALE_REPLY
 
 if TYPE_CHECKING:
     from adapters.slack.bot import SlackBot
@@ -33,6 +36,7 @@ NOTHING_TO_STOP = "This reply is already finished; there is nothing to stop."
 STALE = f"🕰️ {STALE_REPLY} Only the newest answer can be regenerated or continued."
 BUSY = "⏳ This conversation is still answering; wait for it to finish (or press Stop) first."
 THANKS = "Thanks for the feedback!"
+EPHEMERAL_LIMIT = 3000  # characters of tool details in one ephemeral message
 REFUSALS = {RedoRefusal.STALE: STALE, RedoRefusal.BUSY: BUSY, RedoRefusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE}
 
 
@@ -78,6 +82,8 @@ class ReplyControls:
             log.warning("ignoring a %s press whose value does not match its conversation", action.get("action_id"))
             return None
         press = Press(value, user, channel, team, message)
+        if action.get("action_id") in (RUN, DENY):
+            return press  # `approve` asks the policy its own question
         if refusal := await self.bot.refusal(user, channel):
             await self.bot.tell(channel, user, refusal, thread_ts=press.thread_ts)
             return None
@@ -125,6 +131,32 @@ class ReplyControls:
         stored = await self.bot.manager.set_feedback(press.key, press.value.reply_id, rating)
         await self.bot.tell(press.channel, press.user, THANKS if stored else f"🕰️ {STALE_REPLY}",
                             thread_ts=press.thread_ts)
+
+    async def approve(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        """Run / Deny: answer a tool call waiting for approval, if the presser is its asker or an admin."""
+        press = await self._press(ack, body, action)
+        if press is None:
+            return
+        approvals = self.bot.manager.approvals
+        pending = approvals.get(press.value.approval)
+        if pending is None or pending.key != str(press.key):
+            await self.bot.tell(press.channel, press.user, APPROVAL_GONE, thread_ts=press.thread_ts)
+            return
+        run = action.get("action_id") == RUN
+        if refusal := await self.bot.refusal(press.user, press.channel, Action.APPROVE_TOOL, owner=pending.owner):
+            await self.bot.tell(press.channel, press.user, refusal, thread_ts=press.thread_ts)
+        elif not approvals.answer(pending.id, run=run):
+            await self.bot.tell(press.channel, press.user, APPROVAL_GONE, thread_ts=press.thread_ts)
+        else:
+            await self.bot.tell(press.channel, press.user, APPROVED if run else DENIED, thread_ts=press.thread_ts)
+
+    async def tool_details(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        """Tool details: the reply's tool calls, arguments and results, to the presser alone."""
+        press = await self._press(ack, body, action)
+        if press is None or press.value.reply_id is None:
+            return
+        details = await self.bot.manager.tool_details(press.key, press.value.reply_id, EPHEMERAL_LIMIT)
+        await self.bot.tell(press.channel, press.user, details, thread_ts=press.thread_ts)
 
     async def _claim(self, press: Press, *, continuing: bool) -> bool:
         """True when the pressed reply may be regenerated or continued now; it is then this press's to work on."""
@@ -177,4 +209,7 @@ def register_controls(bot: SlackBot) -> ReplyControls:
     bot.app.action(REGENERATE)(controls.regenerate)
     bot.app.action(CONTINUE)(controls.continue_)
     bot.app.action(FEEDBACK)(controls.feedback)
+    bot.app.action(RUN)(controls.approve)
+    bot.app.action(DENY)(controls.approve)
+    bot.app.action(TOOL_DETAILS)(controls.tool_details)
     return controls

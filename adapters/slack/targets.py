@@ -84,6 +84,11 @@ class UpdateTarget:
     workspace, not per message.
     """
 
+    @property
+    def asks_approval(self) -> bool:
+        """Run / Deny buttons (adapters.slack.controls), which need the conversation's key."""
+        return self.key is not None
+
     def __init__(self, client: AsyncWebClient, channel: str, *, team_id: str, key: SessionKey | None = None,
                  thread_ts: str | None = None, header: str = "", edit_interval: float = 1.0,
                  continue_in_thread: bool = False, replace_ts: str | None = None) -> None:
@@ -219,6 +224,11 @@ class NativeStreamTarget(UpdateTarget):
     ended (``message_not_in_streaming_state``) fall back to ``chat.update`` with the whole text. A stream
     cannot show buttons while it grows; its last message gets them (and Slack's 👍/👎) when it stops.
     """
+
+    @property
+    def asks_approval(self) -> bool:
+        """A growing stream cannot show buttons: tools marked confirm = true are not offered."""
+        return False
 
     def __init__(self, client: AsyncWebClient, channel: str, *, thread_ts: str, team_id: str, user_id: str,
                  key: SessionKey | None = None, edit_interval: float = 1.0) -> None:

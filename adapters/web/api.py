@@ -234,9 +234,10 @@ def _title(first_message: str) -> str:
     return one_line(first_message, TITLE_CHARS, whole_words=True)
 
 
-def _message(m: StoredMessage, images: list[str] | None = None) -> dict[str, Any]:
+def _message(m: StoredMessage, images: list[str] | None = None, *, tool_details: bool = False) -> dict[str, Any]:
     return {"id": m.id, "role": m.role, "content": m.content, "status": m.status, "created_at": m.created_at,
-            "notes": m.notes.splitlines(), "can_continue": can_continue(m), "images": images or []}
+            "notes": m.notes.splitlines(), "can_continue": can_continue(m), "images": images or [],
+            "tool_details": tool_details}
 
 
 _REFUSALS = {RedoRefusal.STALE: STALE_REPLY, RedoRefusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE, RedoRefusal.BUSY:
@@ -369,11 +370,13 @@ async def get_conversation(request: web.Request) -> web.Response:
     first = next((m.content for m in messages if m.role == "user"), "")
     latest = await manager.latest_reply(key)
     pictures = await manager.image_names([m.id for m in messages if m.role == "user"])
+    with_tools = await manager.with_tool_calls(m.id for m in messages if m.role == "assistant")
     return json_response({"id": conversation, "title": _title(first) or "New chat",
                           "system_prompt": await manager.system_prompt(key),
                           "position": manager.status(key).position,
                           "latest_reply": latest.id if latest is not None else None,
-                          "messages": [_message(m, pictures.get(m.id)) for m in messages]})
+                          "messages": [_message(m, pictures.get(m.id), tool_details=m.id in with_tools)
+                                       for m in messages]})
 
 
 @routes.post("/api/conversations/{conversation}/messages")

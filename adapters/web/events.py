@@ -6,7 +6,9 @@ whole text again (``replace``) in the rare case an edit is not an extension of w
 giving way to the reply, a trailing space trimmed before a note). The core's typed statuses shown before
 the reply starts (thinking, reasoning, waiting, queued #n, retrying) become ``status`` events, so the page
 never mistakes them for text. A Continue's stream opens with the answer so far (``replace``): the core shows
-only what it adds.
+only what it adds. A tool call waiting for Run / Deny sends ``approval`` (its id, answered with
+``POST …/approvals/{id}``; ``null`` once it no longer waits); ``done`` says whether the reply's tool calls can be
+expanded (``tool_details``, fetched from ``GET …/replies/{id}/tools``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class EventStreamTarget:
     """
 
     max_length = sys.maxsize  # one bubble holds the whole reply: no continuation messages
+    asks_approval = True  # the page shows Run / Deny on an ``approval`` event
 
     def __init__(self, *, min_edit_interval: float, prefix: str = "") -> None:
         self.min_edit_interval = min_edit_interval
@@ -60,6 +63,7 @@ class EventStreamTarget:
         self._parts: list[str] = []  # text of each message the core posted (one, unless an edit failed)
         self._sent = ""  # reply text the page has been sent
         self._replying = False  # True once real reply text has appeared
+        self._approval: str | None = None  # the approval request the page was last told of
         if prefix:
             self._queue.put_nowait(("replace", {"text": prefix}))
             self._sent = prefix
@@ -69,31 +73,39 @@ class EventStreamTarget:
     async def post(self, text: str, controls: Controls | None = None) -> int:
         self._parts.append("")
         handle = len(self._parts) - 1
-        await self.edit(handle, text)
+        await self.edit(handle, text, controls)
         return handle
 
     async def post_continuation(self, text: str, controls: Controls | None = None) -> int:
-        return await self.post(text)
+        return await self.post(text, controls)
 
     async def edit(self, handle: Any, text: str, controls: Controls | None = None) -> None:
         self._replying = True
         self._parts[handle] = text
         self._send_text(self._prefix + "".join(self._parts))
+        self._send_approval(controls)
 
     async def post_status(self, status: ReplyStatus, controls: Controls | None = None) -> int:
         self._parts.append("")
         handle = len(self._parts) - 1
-        await self.edit_status(handle, status)
+        await self.edit_status(handle, status, controls)
         return handle
 
     async def edit_status(self, handle: Any, status: ReplyStatus, controls: Controls | None = None) -> None:
         if self._replying or len(self._parts) != 1:  # once the reply has begun, a status is text like any other
-            await self.edit(handle, status_line(status))
+            await self.edit(handle, status_line(status), controls)
             return
         self._queue.put_nowait(("status", {"kind": status.phase.value, "text": status_line(status),
                                            "position": status.position}))
+        self._send_approval(controls)
 
     # -- the event stream -------------------------------------------------------------------------------
+
+    def _send_approval(self, controls: Controls | None) -> None:
+        approval = controls.approval if controls is not None else None
+        if approval != self._approval:
+            self._queue.put_nowait(("approval", {"id": approval}))
+            self._approval = approval
 
     def _send_text(self, text: str) -> None:
         if text == self._sent:
@@ -108,11 +120,11 @@ class EventStreamTarget:
         """Queue the closing ``done`` event (``result`` is None when the reply could not be produced)."""
         if result is None:
             done: dict[str, Any] = {"status": "failed", "text": self._sent, "notes": [error or "The reply failed."],
-                    "reply_id": None, "can_continue": False, "stored": False}
+                    "reply_id": None, "can_continue": False, "stored": False, "tool_details": False}
         else:
             done = {"status": result.status, "text": result.text, "notes": list(result.notes),
                     "reply_id": result.reply_id, "can_continue": result.can_continue,
-                    "stored": result.stored}
+                    "stored": result.stored, "tool_details": result.tool_details}
         self._queue.put_nowait(("done", done))
         self._queue.put_nowait(_END)
 

@@ -20,6 +20,7 @@ from adapters.http import (FOREIGN_HOST, Handler, HttpError, Listener, bearer_to
                            is_loopback, json_errors, token_matches)
 from adapters.web.api import (AUTH_COOKIE, BROWSER_COOKIE, STATE, ApiError, WebState, current_browser,
                               json_response, routes)
+from adapters.web.tool_routes import tool_routes
 from bot.config import Secrets, Settings, WebSettings
 from bot.conversations import ConversationManager
 
@@ -134,6 +135,7 @@ def create_app(manager: ConversationManager, settings: Settings, secrets: Secret
     app.router.add_get("/", _index)
     app.router.add_static("/static/", STATIC_DIR)
     app.router.add_routes(routes)
+    app.router.add_routes(tool_routes)
     app.on_response_prepare.append(_security_headers)
     return app
 

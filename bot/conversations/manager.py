@@ -17,7 +17,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Literal
 
 from bot.config import ConversationSettings, SamplingSettings, Settings
@@ -27,23 +27,28 @@ from bot.conversations.requests import (BEFORE_STORED, ConversationStatus, Excha
                                         ReplyResult, Request, State)
 from bot.conversations.settings import SessionSettings
 from bot.conversations.streaming import Streaming
+from bot.conversations.remote_tools import RemoteToolRounds
 from bot.conversations.tools import Toolbox, ToolRounds
 from bot.conversations.turns import take_store_turn, take_turn
 from bot.conversations.window import Window
 from bot.delivery import Delivery, Pacers
 from bot.engine.base import InferenceEngine, renders_template
+from bot.engine.remote import RemoteEngine
 from bot.errors import LlamarelayError
 from bot.files import with_attachments
 from bot.images import ImageIntake, Vision, keep_images
 from bot.metrics import Metrics, Platforms
 from bot.models import configured_models
 from bot.prompt import Prompt
-from bot.store import Status, Store, StoredMessage
+from bot.store import Status, Store, StoredMessage, StoredToolCall
 from bot.text import clean_text, speaker_name
+from bot.tools.approvals import Approvals
+from bot.tools.details import details_text
 from bot.tools.registry import ToolSpec
 from bot.types import Controls, Incoming, Phase, ReplyStatus, ReplyTarget, SessionKey, log_name
-from bot.wording import (EMPTY_FILE, EMPTY_MESSAGE, NOT_SAVED, NOT_STORED, NOTHING_TO_CONTINUE, RESET_NOTE,
-                         SHUTTING_DOWN, STALE_REPLY, STOPPED_NOTE, failed, something_went_wrong, too_many_waiting)
+from bot.wording import (EMPTY_FILE, EMPTY_MESSAGE, NO_TOOL_CALLS, NOT_SAVED, NOT_STORED, NOTHING_TO_CONTINUE,
+                         RESET_NOTE, SHUTTING_DOWN, STALE_REPLY, STOPPED_NOTE, failed, something_went_wrong,
+                         too_many_waiting)
 
 __all__ = ["ConversationManager"]
 
@@ -85,8 +90,14 @@ class ConversationManager:
         self.sessions = SessionSettings(store, settings, lambda: engine.n_ctx)
         self._streaming = Streaming(engine, store, self.metrics, settings.conversation, clock=clock)
         self.tools: Toolbox | None = None  # set by `use_tools` when tool servers are configured
-        # The embedded engine only, for now: a remote server's tools/tool_calls API is the next step.
-        self._tool_rounds = ToolRounds(engine, store, self.metrics, clock=clock) if renders_template(engine) else None
+        self.approvals = Approvals()  # tool calls waiting for Run / Deny; adapters forward presses here
+        # The embedded engine writes calls in the model's syntax; a remote server takes OpenAI's tools API.
+        self._tool_rounds: ToolRounds | RemoteToolRounds
+        if renders_template(engine):
+            self._tool_rounds = ToolRounds(engine, store, self.metrics, clock=clock, approvals=self.approvals)
+        else:  # a server reads OpenAI's tools API
+            assert isinstance(engine, RemoteEngine)
+            self._tool_rounds = RemoteToolRounds(engine, store, self.metrics, clock=clock, approvals=self.approvals)
         self._leases = Leases(store, self.metrics, self.locators, settings=settings.store, ours=lambda: (
             r.reply_id for line in self._lines.values() for r in line if r.reply_id is not None))
 
@@ -154,7 +165,9 @@ class ConversationManager:
             result = await self._run(request, ask, notes or [])
             request.state = State.DELIVERING
             if result.reply_id is not None:
-                delivery.controls(Controls(reply_id=result.reply_id, can_continue=result.can_continue))
+                result = dataclasses.replace(result, tool_details=await self._called_tools(result.reply_id))
+                delivery.controls(Controls(reply_id=result.reply_id, can_continue=result.can_continue,
+                                           tool_details=result.tool_details))
             delivered = await delivery.finish("\n".join(result.notes))
             self.metrics.replies.labels(key.platform, result.status).inc()
             return dataclasses.replace(result, delivered=delivered)
@@ -255,16 +268,15 @@ class ConversationManager:
         request.state = State.PROMPTING
         sampling = await self.sampling(request.key)
         system = plain_system = await self.system_prompt(request.key)
-        tools = self.offered_tools(request.key, request.author_id)
+        tools = self.offered_tools(request.key, request.author_id, can_ask=request.delivery.asks_approval)
         if tools:
-            assert self._tool_rounds is not None and self.tools is not None
             system = self._tool_rounds.offer(plain_system, tools)
 
         async def run(prompt: Prompt, notes: list[str]) -> tuple[str, list[str]]:
             if request.ended is not None:
                 return Status.STOPPED, [request.ended]
             if tools:
-                assert self._tool_rounds is not None and self.tools is not None
+                assert self.tools is not None
                 return await self._tool_rounds.run(request, exchange, prompt, sampling, notes, box=self.tools,
                                                    tools=tools, plain_system=plain_system)
             return await self._streaming.run(request, exchange, prompt, sampling, notes)
@@ -297,16 +309,39 @@ class ConversationManager:
     # -- tools ---------------------------------------------------------------------------------------------
 
     def use_tools(self, toolbox: Toolbox) -> None:
-        """Offer the tools of ``toolbox`` where its grants allow (the embedded engine only, for now)."""
-        if self._tool_rounds is None:
-            log.warning("tools are configured, but the remote model backend cannot call them yet; no tools are "
-                        "offered")
-            return
+        """Offer the tools of ``toolbox`` where its grants allow."""
         self.tools = toolbox
 
-    def offered_tools(self, key: SessionKey | str, user_id: str) -> list[ToolSpec]:
-        """The tools the model is offered in conversation ``key`` answering ``user_id``; none without a grant."""
-        return self.tools.offered(key, user_id) if self.tools is not None else []
+    async def tool_details(self, key: SessionKey | str, reply_id: int, max_chars: int) -> str:
+        """The arguments and results of reply ``reply_id``'s tool calls, for a user who expands them (at most
+        ``max_chars``); a line saying there are none when the reply is not in ``key`` or called no tools."""
+        try:
+            calls = await self.store.tool_calls(reply_id, key=str(key))
+        except LlamarelayError as exc:
+            return failed(exc)
+        return details_text(calls, max_chars) or NO_TOOL_CALLS
+
+    async def tool_calls(self, key: SessionKey | str, reply_id: int) -> list[StoredToolCall]:
+        """Reply ``reply_id``'s tool calls, when it is a reply of ``key`` (none otherwise)."""
+        return await self.store.tool_calls(reply_id, key=str(key))
+
+    async def with_tool_calls(self, reply_ids: Iterable[int]) -> set[int]:
+        """Which of these replies called tools."""
+        return await self.store.with_tool_calls(reply_ids)
+
+    async def _called_tools(self, reply_id: int) -> bool:
+        """Whether reply ``reply_id`` called tools (its buttons then offer their details)."""
+        if self.tools is None:
+            return False
+        try:
+            return bool(await self.store.tool_calls(reply_id))
+        except LlamarelayError:
+            return False
+
+    def offered_tools(self, key: SessionKey | str, user_id: str, *, can_ask: bool = False) -> list[ToolSpec]:
+        """The tools the model is offered in conversation ``key`` answering ``user_id``; none without a grant.
+        ``can_ask``: the reply can show Run / Deny, so ``confirm = true`` tools are offered too."""
+        return self.tools.offered(key, user_id, can_ask=can_ask) if self.tools is not None else []
 
     # -- where a reply's message is, for a survivor's rewrite -------------------------------------------------
 

@@ -60,6 +60,7 @@ class ReplyResult:
     reply_id: int | None = None  # the stored reply (what Regenerate and Continue act on)
     can_continue: bool = False
     stored: bool = False  # True only once the reply's final text is in the database
+    tool_details: bool = False  # the reply called tools: their arguments and results can be expanded
 
 
 @dataclass(frozen=True)

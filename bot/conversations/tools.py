@@ -1,6 +1,7 @@
 """Replies that call tools: the model is offered the tools its place may use; a call in its output ends the round,
-runs (visibly, stoppable), is stored as a tool message and fed back, up to ``[tools] max_rounds`` rounds; a last
-round without tools then answers. Results are untrusted plain text: message text to the template, never shown."""
+runs (visibly, stoppable; a ``confirm = true`` tool only once the user presses Run), is stored as a tool message
+and fed back, up to ``[tools] max_rounds`` rounds; a last round without tools then answers. Results are untrusted
+plain text: message text to the template, never shown unless the user expands them."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from bot.errors import LlamarelayError
 from bot.metrics import Metrics, TokenTimer
 from bot.prompt import Prompt
 from bot.store import Status, Store, StoredToolCall
+from bot.tools.approvals import Approvals, Verdict
 from bot.tools.permissions import ToolAccess
 from bot.tools.registry import ToolSpec
 from bot.tools.syntax import (
@@ -33,9 +35,14 @@ from bot.tools.syntax import (
     render_tools,
     tool_format,
 )
-from bot.types import Phase, ReplyStatus, SessionKey, log_name
+from bot.types import Controls, Phase, ReplyStatus, SessionKey, log_name
 from bot.wording import (
+    TOOL_DENIED_RESULT,
+    TOOL_TIMED_OUT_RESULT,
+    tool_approval_timed_out,
+    tool_asking,
     tool_call_unreadable,
+    tool_denied,
     tool_not_offered,
     tool_rounds_used,
     tool_running,
@@ -46,7 +53,7 @@ if TYPE_CHECKING:
     from bot.engine.embedded import Engine
     from bot.tools.results import ToolResult
 
-__all__ = ["ToolCaller", "ToolRounds", "Toolbox"]
+__all__ = ["ToolCaller", "ToolRounds", "ToolRunner", "Toolbox"]
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +76,11 @@ class Toolbox:
     access: ToolAccess
     settings: ToolsSettings
 
-    def offered(self, key: SessionKey | str, user_id: str) -> list[ToolSpec]:
+    def offered(self, key: SessionKey | str, user_id: str, *, can_ask: bool = False) -> list[ToolSpec]:
         """The tools the model is offered in conversation ``key`` answering ``user_id``. Tools that need the
-        user's approval are left out until a platform can ask for it."""
-        return [tool for tool in self.access.offered(key, user_id, self.caller.tools()) if not tool.confirm]
+        user's approval are left out where the reply cannot ask for it (``can_ask``: Run / Deny buttons)."""
+        return [tool for tool in self.access.offered(key, user_id, self.caller.tools())
+                if can_ask or not tool.confirm]
 
 
 @dataclass
@@ -85,14 +93,104 @@ class _Round:
     ours: bool = False  # we cancelled the generation: a call was written, or its grammar takes over
 
 
-class ToolRounds:
-    """Runs a reply whose model is offered tools, round by round, on the embedded engine."""
+class ToolRunner:
+    """Runs one tool call of a reply, whatever engine wrote it: the user's approval first for a ``confirm``
+    tool, the status naming it while it runs (stoppable), and its record as a tool message."""
 
-    def __init__(self, engine: Engine, store: Store, metrics: Metrics, *, clock: Callable[[], float]) -> None:
-        self._engine = engine
+    def __init__(self, store: Store, metrics: Metrics, *, clock: Callable[[], float],
+                 approvals: Approvals | None = None) -> None:
+        self.approvals = approvals or Approvals()
         self._store = store
         self._metrics = metrics
         self._clock = clock
+
+    async def _call(self, request: Request, exchange: Exchange, box: Toolbox, tools: list[ToolSpec],
+                    call: ToolCall, round_number: int, used: list[str], notes: list[str]) -> str | None:
+        """Run ``call`` while the reply's status names it (after the user's Run, for a ``confirm`` tool); its
+        result as the model reads it (None: stopped). A call not run leaves a line in ``notes``."""
+        spec = next((tool for tool in tools if tool.name == call.name), None)
+        verdict = Verdict.RUN
+        if spec is not None and spec.confirm:
+            verdict_or_stop = await self._approval(request, box, spec)
+            if verdict_or_stop is None:
+                return None
+            verdict = verdict_or_stop
+        if spec is None:  # not offered here: never run, whatever the model wrote
+            text, is_error = tool_not_offered(call.name), True
+        elif verdict is not Verdict.RUN:
+            text, is_error = (TOOL_DENIED_RESULT if verdict is Verdict.DENY else TOOL_TIMED_OUT_RESULT), True
+            notes.append(tool_denied(spec.title) if verdict is Verdict.DENY
+                         else tool_approval_timed_out(spec.title, box.settings.approval_timeout))
+        else:
+            if request.ended is not None:
+                return None
+            status = ReplyStatus(Phase.TOOL, tool=spec.title)
+            if request.text.strip():
+                request.delivery.update(f"{request.text}\n\n{tool_running(spec.title)}")
+            else:
+                request.delivery.status(status)
+            request.state = State.GENERATING
+            task = request.tool_call = asyncio.create_task(box.caller.call(call.name, call.arguments),
+                                                           name=f"tool {call.name}")
+            try:
+                result = await task
+            except asyncio.CancelledError:
+                if request.ended is not None and task.cancelled():
+                    return None  # /stop, /reset or shutdown ended the call
+                raise
+            finally:
+                request.tool_call = None
+                request.delivery.update(request.text)
+            text, is_error = result.text, result.is_error
+            used.append(spec.title)
+        try:
+            await self._store.add_tool_call(StoredToolCall(exchange.reply_id, round_number, call.name,
+                                                           json.dumps(dict(call.arguments), ensure_ascii=False),
+                                                           text, is_error))
+        except LlamarelayError as exc:  # the reply goes on; only the record of the call is lost
+            log.warning("could not store a tool call in %s: %s", log_name(request.key), exc)
+        return text
+
+    async def _approval(self, request: Request, box: Toolbox, spec: ToolSpec) -> Verdict | None:
+        """Ask the user (Run / Deny buttons under the reply) whether ``spec`` may run; None when /stop ended
+        the reply while it waited."""
+        if request.ended is not None:
+            return None
+        pending = self.approvals.open(request.key, request.author_id, spec.title)
+        if request.text.strip():
+            request.delivery.update(f"{request.text}\n\n{tool_asking(spec.title)}")
+        else:
+            request.delivery.status(ReplyStatus(Phase.APPROVAL, tool=spec.title))
+        request.delivery.controls(Controls(stop=True, approval=pending.id))
+        task = request.tool_call = asyncio.create_task(self.approvals.wait(pending, box.settings.approval_timeout),
+                                                       name=f"approval of {spec.name}")
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if request.ended is not None and task.cancelled():
+                return None
+            raise
+        finally:
+            request.tool_call = None
+            request.delivery.controls(Controls(stop=True))
+            request.delivery.update(request.text)
+
+    async def _checkpoint(self, request: Request) -> None:
+        if request.reply_id is None:
+            return
+        try:
+            await self._store.checkpoint(request.reply_id, request.text)
+        except LlamarelayError as exc:
+            log.warning("could not checkpoint a reply in %s: %s", log_name(request.key), exc)
+
+
+class ToolRounds(ToolRunner):
+    """Runs a reply whose model is offered tools, round by round, on the embedded engine."""
+
+    def __init__(self, engine: Engine, store: Store, metrics: Metrics, *, clock: Callable[[], float],
+                 approvals: Approvals | None = None) -> None:
+        super().__init__(store, metrics, clock=clock, approvals=approvals)
+        self._engine = engine
         self._format: tuple[object, ToolFormat | None] = (None, None)
 
     def format(self) -> ToolFormat:
@@ -131,7 +229,7 @@ class ToolRounds:
             rounds += 1
             responses: list[str] = []
             for call in round_.calls:
-                result = await self._call(request, exchange, box, tools, call, rounds, used)
+                result = await self._call(request, exchange, box, tools, call, rounds, used, notes)
                 if result is None:  # stopped while it ran
                     return Status.STOPPED, notes + [request.ended or ""] + ([tools_used(used)] if used else [])
                 responses.append(result)
@@ -232,47 +330,3 @@ class ToolRounds:
                         round_.invalid.append(parsed)
                 request.delivery.update(request.text)
             return round_, generation
-
-    async def _call(self, request: Request, exchange: Exchange, box: Toolbox, tools: list[ToolSpec],
-                    call: ToolCall, round_number: int, used: list[str]) -> str | None:
-        """Run ``call`` while the reply's status names it; its result as the model reads it (None: stopped)."""
-        spec = next((tool for tool in tools if tool.name == call.name), None)
-        if spec is None:  # not offered here: never run, whatever the model wrote
-            text, is_error = tool_not_offered(call.name), True
-        else:
-            if request.ended is not None:
-                return None
-            status = ReplyStatus(Phase.TOOL, tool=spec.title)
-            if request.text.strip():
-                request.delivery.update(f"{request.text}\n\n{tool_running(spec.title)}")
-            else:
-                request.delivery.status(status)
-            request.state = State.GENERATING
-            task = request.tool_call = asyncio.create_task(box.caller.call(call.name, call.arguments),
-                                                           name=f"tool {call.name}")
-            try:
-                result = await task
-            except asyncio.CancelledError:
-                if request.ended is not None and task.cancelled():
-                    return None  # /stop, /reset or shutdown ended the call
-                raise
-            finally:
-                request.tool_call = None
-                request.delivery.update(request.text)
-            text, is_error = result.text, result.is_error
-            used.append(spec.title)
-        try:
-            await self._store.add_tool_call(StoredToolCall(exchange.reply_id, round_number, call.name,
-                                                           json.dumps(dict(call.arguments), ensure_ascii=False),
-                                                           text, is_error))
-        except LlamarelayError as exc:  # the reply goes on; only the record of the call is lost
-            log.warning("could not store a tool call in %s: %s", log_name(request.key), exc)
-        return text
-
-    async def _checkpoint(self, request: Request) -> None:
-        if request.reply_id is None:
-            return
-        try:
-            await self._store.checkpoint(request.reply_id, request.text)
-        except LlamarelayError as exc:
-            log.warning("could not checkpoint a reply in %s: %s", log_name(request.key), exc)

@@ -1,6 +1,7 @@
 """A remote engine: any OpenAI-compatible server that streams chat completions (llama-server, vLLM, Ollama,
 LM Studio, llama-cpp-python's ``llama_cpp.server``), behind the interface the core uses for the embedded one.
-A user turn's images (`Prompt.images`) go as OpenAI ``image_url`` parts, inline as data URLs.
+A user turn's images (`Prompt.images`) go as OpenAI ``image_url`` parts, inline as data URLs. Tools go as OpenAI
+``tools``; the calls the server streams back (``delta.tool_calls``) are gathered in `RemoteGeneration.tool_calls`.
 
 It sends the conversation as chat messages; the server applies the model's template. Prompt sizes are a
 conservative estimate (the server's tokenizer is not ours), and a prompt the server finds too long raises
@@ -24,6 +25,7 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -34,7 +36,7 @@ from bot.errors import EngineError, QueueFull
 from bot.prompt import Prompt
 from bot.types import ImagePart
 
-__all__ = ["PromptTooLong", "RemoteEngine", "RemoteGeneration", "Retrying", "estimate_tokens"]
+__all__ = ["PromptTooLong", "RemoteCall", "RemoteEngine", "RemoteGeneration", "Retrying", "estimate_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,16 @@ _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _WINDOW = re.compile(r'context length is (\d+)|"n_ctx"\s*:\s*(\d+)')
 
 
+@dataclass
+class RemoteCall:
+    """One tool call the server streamed: its id, the function's name and its arguments (JSON text, gathered
+    from the pieces the stream sent)."""
+
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
 def estimate_tokens(text: str) -> list[int]:
     """Pseudo-tokens of ``text``: one per ``BYTES_PER_TOKEN`` UTF-8 bytes, each holding its bytes, so a count
     is an upper estimate and `detokenize` gives the text back (a cut may fall inside a character)."""
@@ -59,10 +71,14 @@ class RemoteGeneration(Figures):
     """One request to the server; iterate it like the embedded `Generation` (positions, text, `Retrying`).
     ``n_prompt_reused`` is the server's cache hits, when it reports them."""
 
-    def __init__(self, engine: RemoteEngine, prompt: Prompt, sampling: SamplingSettings) -> None:
+    def __init__(self, engine: RemoteEngine, prompt: Prompt, sampling: SamplingSettings,
+                 tools: Sequence[dict[str, Any]] = (), tool_choice: str = "auto") -> None:
         super().__init__(prompt.tokens, sampling)
         self._engine = engine
         self._body = engine._body(prompt, sampling)
+        if tools:
+            self._body.update(tools=list(tools), tool_choice=tool_choice)
+        self.tool_calls: list[RemoteCall] = []  # complete once the generation has ended
         self._task = asyncio.create_task(self._run(), name="remote-generation")
 
     def cancel(self) -> None:
@@ -128,6 +144,7 @@ class RemoteGeneration(Figures):
                 if response.status != 200:
                     await _raise_for(response)
                 engine.reachable = True
+                self.tool_calls = []
                 reason: FinishReason | None = None
                 reasoning = False
                 async for line in response.content:
@@ -155,6 +172,8 @@ class RemoteGeneration(Figures):
                             reasoning = False
                         if text:
                             self._text(text)
+                        for piece in delta.get("tool_calls") or ():
+                            self._tool_call_piece(piece)
                         if finish := choice.get("finish_reason"):
                             reason = FinishReason.LENGTH if finish == "length" else FinishReason.STOP
                 if reasoning:
@@ -172,6 +191,21 @@ class RemoteGeneration(Figures):
             raise _Unavailable(_describe(exc), stale=stale) from None
         except (json.JSONDecodeError, AttributeError) as exc:
             raise EngineError(f"the model server sent something that is not a chat completion stream: {exc}") from None
+
+    def _tool_call_piece(self, piece: dict[str, Any]) -> None:
+        """Add one streamed piece of a tool call: the first names it, the rest extend its arguments."""
+        index = piece.get("index", len(self.tool_calls))
+        index = index if isinstance(index, int) and 0 <= index < 128 else len(self.tool_calls)
+        while len(self.tool_calls) <= index:
+            self.tool_calls.append(RemoteCall())
+        call = self.tool_calls[index]
+        function = piece.get("function") or {}
+        call.id = str(piece.get("id") or call.id)
+        call.name += str(function.get("name") or "")
+        call.arguments += str(function.get("arguments") or "")
+        if self.t_first_token is None:
+            self.t_first_token = time.monotonic()
+        self.n_generated += 1
 
     def _text(self, text: str) -> None:
         if self.t_first_token is None:
@@ -296,16 +330,19 @@ class RemoteEngine:
         """An upper estimate of the prompt the server will build from ``messages``."""
         tokens: list[int] = []
         for message in messages:
-            tokens += estimate_tokens(message["content"]) + [0] * TOKENS_PER_MESSAGE
+            extra = json.dumps(message["tool_calls"]) if message.get("tool_calls") else ""
+            tokens += estimate_tokens((message.get("content") or "") + extra) + [0] * TOKENS_PER_MESSAGE
         return tokens + [0] * TOKENS_PER_MESSAGE  # the generation prompt
 
     # -- requests --------------------------------------------------------------------------------------
 
-    def submit(self, prompt: Prompt, sampling: SamplingSettings, *, session: str = "") -> RemoteGeneration:
-        """Send ``prompt.messages`` (call from the event loop); raises `QueueFull` when the line is full."""
+    def submit(self, prompt: Prompt, sampling: SamplingSettings, *, session: str = "",
+               tools: Sequence[dict[str, Any]] = (), tool_choice: str = "auto") -> RemoteGeneration:
+        """Send ``prompt.messages`` (call from the event loop), offering ``tools`` (OpenAI's shape) when given;
+        raises `QueueFull` when the line is full."""
         if len(self._waiting) >= self.settings.max_queue:
             raise QueueFull(f"Too many requests are waiting ({len(self._waiting)}); please try again shortly.")
-        return RemoteGeneration(self, prompt, sampling)
+        return RemoteGeneration(self, prompt, sampling, tools, tool_choice)
 
     def status(self, generation: RemoteGeneration | None = None) -> EngineStatus:
         return EngineStatus(model_name=self.model_name, queue_length=len(self._waiting), running=self._running,

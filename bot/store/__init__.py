@@ -210,8 +210,13 @@ class Store(abc.ABC):
         """Keep one tool call of a reply and its result (deleted with the reply)."""
 
     @abc.abstractmethod
-    async def tool_calls(self, reply_id: int) -> list[StoredToolCall]:
-        """The tool calls of reply ``reply_id``, in the order they were made."""
+    async def tool_calls(self, reply_id: int, *, key: str | None = None) -> list[StoredToolCall]:
+        """The tool calls of reply ``reply_id``, in the order they were made; with ``key``, only if the reply is
+        in that conversation (a pressed button names a reply: it must not show another conversation's)."""
+
+    @abc.abstractmethod
+    async def with_tool_calls(self, reply_ids: Iterable[int]) -> set[int]:
+        """Those of ``reply_ids`` that called tools (one query, for a history's expandable replies)."""
 
     # -- session settings --------------------------------------------------------------------------------
 

@@ -342,10 +342,18 @@ class PostgresStore(Store):
                     "VALUES ($1, $2, $3, $4, $5, $6, $7)", call.reply_id, call.round, storable(call.tool),
                     storable(call.arguments), storable(call.result), call.is_error, time.time())
 
-    async def tool_calls(self, reply_id: int) -> list[StoredToolCall]:
+    async def tool_calls(self, reply_id: int, *, key: str | None = None) -> list[StoredToolCall]:
+        in_key = "" if key is None else " AND reply_id IN (SELECT id FROM messages WHERE session_key = $2)"
         rows = await self._fetch("SELECT reply_id, round, tool, arguments, result, is_error FROM tool_calls "
-                                 "WHERE reply_id = $1 ORDER BY id", reply_id)
+                                 f"WHERE reply_id = $1{in_key} ORDER BY id", reply_id, *([] if key is None else [key]))
         return [StoredToolCall(*row) for row in rows]
+
+    async def with_tool_calls(self, reply_ids: Iterable[int]) -> set[int]:
+        ids = list(reply_ids)
+        if not ids:
+            return set()
+        rows = await self._fetch("SELECT DISTINCT reply_id FROM tool_calls WHERE reply_id = ANY($1::bigint[])", ids)
+        return {int(row[0]) for row in rows}
 
     # -- images ------------------------------------------------------------------------------------------
 

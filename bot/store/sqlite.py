@@ -329,10 +329,21 @@ class SQLiteStore(Store):
                                                  storable(call.arguments), storable(call.result), call.is_error,
                                                  time.time()))
 
-    async def tool_calls(self, reply_id: int) -> list[StoredToolCall]:
+    async def tool_calls(self, reply_id: int, *, key: str | None = None) -> list[StoredToolCall]:
+        in_key = "" if key is None else " AND reply_id IN (SELECT id FROM messages WHERE session_key = ?)"
         rows = await self._read("SELECT reply_id, round, tool, arguments, result, is_error FROM tool_calls "
-                                "WHERE reply_id = ? ORDER BY id", (reply_id,))
+                                f"WHERE reply_id = ?{in_key} ORDER BY id", (reply_id, *([] if key is None else [key])))
         return [StoredToolCall(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows]
+
+    async def with_tool_calls(self, reply_ids: Iterable[int]) -> set[int]:
+        ids = list(reply_ids)
+        found: set[int] = set()
+        for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+            chunk = ids[start:start + 500]
+            rows = await self._read("SELECT DISTINCT reply_id FROM tool_calls WHERE reply_id IN "
+                                    f"({', '.join('?' * len(chunk))})", tuple(chunk))
+            found.update(int(row[0]) for row in rows)
+        return found
 
     # -- images ------------------------------------------------------------------------------------------
 

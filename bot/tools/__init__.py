@@ -1,5 +1,7 @@
 """Tools from MCP servers: the servers' supervisor, the tool registry, who may use which tool, results as plain
-text, and the models' tool-call syntax (prompt, parser, grammar). The reply loop is `bot.conversations.tools`.
+text, the models' tool-call syntax (prompt, parser, grammar), the calls waiting for Run / Deny (`approvals`) and
+a reply's calls as the user expands them (`details`). The reply loops are `bot.conversations.tools` (embedded
+engine) and `bot.conversations.remote_tools` (OpenAI's tools API).
 
 The supervisor and results load the MCP SDK, so they are imported on first use: a bot without tool servers
 never loads it."""

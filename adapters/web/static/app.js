@@ -128,6 +128,54 @@
     }));
   }
 
+  /** Run / Deny under a reply whose tool call waits for approval (``approval`` null: it no longer waits). */
+  function showApproval(reply, conversation, approval) {
+    reply.querySelector(".approval")?.remove();
+    if (!approval) return;
+    const box = document.createElement("div");
+    box.className = "approval";
+    for (const [label, run] of [["▶️ Run", true], ["🚫 Deny", false]]) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = label;
+      button.addEventListener("click", guarded(async () => {
+        box.querySelectorAll("button").forEach((b) => { b.disabled = true; });
+        const path = `conversations/${encodeURIComponent(conversation)}/approvals/${encodeURIComponent(approval)}`;
+        await api("POST", path, { run });
+      }));
+      box.append(button);
+    }
+    reply.querySelector(".notes").before(box);
+  }
+
+  /** A closed disclosure under a reply that called tools: opening it fetches their arguments and results,
+   *  shown as plain text (a tool's output is untrusted: never markup). */
+  function showToolDetails(reply, conversation, replyId) {
+    reply.querySelector(".tools")?.remove();
+    const details = document.createElement("details");
+    details.className = "tools";
+    const summary = document.createElement("summary");
+    summary.textContent = "🔧 Tool details";
+    details.append(summary);
+    details.addEventListener("toggle", () => {
+      if (!details.open || details.dataset.loaded) return;
+      details.dataset.loaded = "true";
+      const path = `conversations/${encodeURIComponent(conversation)}/replies/${replyId}/tools`;
+      api("GET", path).then(({ calls }) => {
+        details.append(...calls.map((call) => {
+          const pre = document.createElement("pre");
+          pre.textContent = `${call.tool} (round ${call.round})${call.is_error ? " — failed" : ""}\n` +
+            `arguments: ${call.arguments}\nresult: ${call.result}`;
+          return pre;
+        }));
+      }).catch((error) => {
+        delete details.dataset.loaded;
+        showError(error);
+      });
+    });
+    reply.append(details);
+  }
+
   function nearBottom() {
     const el = document.scrollingElement;
     return el.scrollHeight - el.scrollTop - el.clientHeight < 120;
@@ -152,6 +200,7 @@
       if (message.role === "assistant") {
         node.dataset.id = message.id;
         setState(node, message.status, message.notes);
+        if (message.tool_details) showToolDetails(node, conversation.id, message.id);
         if (message.status === "generating") node.querySelector(".status").textContent = "✍️ Writing…";
         else if (message.id === conversation.latest_reply) {
           latest = { id: message.id, canContinue: message.can_continue };
@@ -349,7 +398,7 @@
     // From here on the request is the server's: whatever happens, the bubbles stay and the server's copy wins.
     let done = null;
     try {
-      done = await readStream(response, reply);
+      done = await readStream(response, reply, id);
     } catch (error) {
       showError(error);
     } finally {
@@ -366,7 +415,7 @@
   }
 
   /** Applies the reply's events to its bubble; returns the ``done`` event, or null if the stream broke. */
-  async function readStream(response, reply) {
+  async function readStream(response, reply, conversation) {
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
     let text = "";
@@ -397,6 +446,9 @@
           reply.dataset.listed = "true";
           reply.querySelector(".status").textContent = data.text;
           ui.queue.textContent = data.kind === "queued" ? `Queued: #${data.position} in line` : "";
+        } else if (name === "approval") {
+          showApproval(reply, conversation, data.id);
+          scrollDown();
         } else if (name === "delta" || name === "replace") {
           reply.querySelector(".status").textContent = "";
           ui.queue.textContent = "";
@@ -406,6 +458,8 @@
           if (frame) cancelAnimationFrame(frame);
           setText(reply, data.text);
           setState(reply, data.status, data.notes);
+          showApproval(reply, conversation, null);
+          if (data.tool_details && data.reply_id) showToolDetails(reply, conversation, data.reply_id);
           scrollDown();
           return data;
         }
