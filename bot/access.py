@@ -26,6 +26,7 @@ class Action(enum.Enum):
     ASK = "ask"  # a new answer from the model: counts one message against the rate limit
     SET_SYSTEM_PROMPT = "set_system_prompt"  # change a conversation's shared system prompt
     SET_SAMPLING = "set_sampling"  # change a conversation's shared sampling settings (/settings)
+    SET_MODEL = "set_model"  # change which model answers a shared conversation (/model)
 
 
 class Refusal(enum.Enum):
@@ -117,7 +118,7 @@ class AccessPolicy:
             return Decision(refusal, action)
         if action is Action.ASK and not admin and not self.limiter.allow(actor.id):
             return Decision(Refusal.TOO_FAST, action, self.limiter.per_minute, self.limiter.retry_after(actor.id))
-        if action in (Action.SET_SYSTEM_PROMPT, Action.SET_SAMPLING) and not self.may_change_settings(
+        if action in (Action.SET_SYSTEM_PROMPT, Action.SET_SAMPLING, Action.SET_MODEL) and not self.may_change_settings(
                 place, admin=admin or actor.manages_place):
             return Decision(Refusal.ADMINS_ONLY, action)
         return Decision(None, action)
