@@ -55,7 +55,6 @@ async def serve(settings: Settings, secrets: Secrets, *, mode: str = "run") -> N
             finally:
                 if tools is not None:
                     await tools.aclose()
-                await manager.models.aclose()  # the models /model loaded (the default is closed below)
         finally:
             await store.close()
     finally:

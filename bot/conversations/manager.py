@@ -450,6 +450,10 @@ class ConversationManager:
         name = await self.sessions.model(key)
         return self.models.default if name is None else self.models.get(name)
 
+    async def model_name(self, key: SessionKey | str) -> str:
+        """The name of the model conversation ``key`` uses, as chosen (even one no longer configured)."""
+        return await self.sessions.model(key) or self.models.default.name
+
     async def set_model(self, key: SessionKey, name: str) -> Model:
         """Make model ``name`` (any case) answer conversation ``key`` from its next message on; the model.
         An unknown name raises `LlamarelayError` with the line that names it and the choices."""
@@ -527,7 +531,8 @@ class ConversationManager:
 
     async def shutdown(self, timeout: float = 8.0) -> None:
         """Refuse new messages, end every request whatever its state, and wait (at most ``timeout`` s) until
-        each reply is stored and shown; after that, deliveries still going are cancelled."""
+        each reply is stored and shown; after that, deliveries still going are cancelled. Then the models loaded
+        on use are closed."""
         self._accepting = False
         for key in list(self._lines):
             self.stop(key, SHUTTING_DOWN)
@@ -546,6 +551,7 @@ class ConversationManager:
                     except LlamarelayError as exc:
                         log.error("could not store a reply at shutdown: %s", exc)
         await self._leases.stop()
+        await self.models.aclose()  # the models /model loaded; the default engine is its opener's to close
 
     async def wait_idle(self) -> None:
         """Wait until no message is being answered."""

@@ -89,7 +89,6 @@ async def test_a_channel_switched_to_another_model_is_answered_by_it_and_keeps_i
         assert ("Model", "second") in status.lines()
     finally:
         await first.shutdown()
-        await first.models.aclose()
 
     restarted = ConversationManager(engine, store, model_settings)  # a new process: models loaded afresh
     try:
@@ -103,7 +102,6 @@ async def test_a_channel_switched_to_another_model_is_answered_by_it_and_keeps_i
         assert default_status["Model"] == engine.model_name  # the default model's own name, as before /model
     finally:
         await restarted.shutdown()
-        await restarted.models.aclose()
     assert len(server.requests()) == 1  # the restart's replies never went to the server model
 
 
@@ -123,7 +121,6 @@ async def test_a_model_that_cannot_load_fails_alone_and_says_which(
         assert (await reply(manager, OTHER_CHANNEL, "again")).status == Status.COMPLETE
     finally:
         await manager.shutdown()
-        await manager.models.aclose()
 
 
 async def test_a_remote_model_that_is_down_names_itself(engine: Engine, store: Store, model_settings: Settings,
@@ -139,7 +136,6 @@ async def test_a_remote_model_that_is_down_names_itself(engine: Engine, store: S
         assert "Try /model to pick another." in failed.notes[0]
     finally:
         await manager.shutdown()
-        await manager.models.aclose()
 
 
 async def test_an_unknown_model_is_refused_with_a_line_that_names_it(manager: ConversationManager,
