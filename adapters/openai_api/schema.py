@@ -51,6 +51,7 @@ class ChatRequest:
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
     stop: tuple[str, ...]
     user: str
+    model: str = ""  # the model asked for by name; "" for the default
 
 
 def parse_chat_request(body: Any, defaults: SamplingSettings) -> ChatRequest:
@@ -96,9 +97,12 @@ def parse_chat_request(body: Any, defaults: SamplingSettings) -> ChatRequest:
     user = body.get("user", "")
     if not isinstance(user, str):
         raise ApiError(400, "'user' must be a string.", param="user")
+    model = body.get("model") or ""
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string.", param="model")
     return ChatRequest(messages=messages, sampling=sampling, max_tokens_given=max_tokens is not None,
                        stream=stream, include_usage=bool(options.get("include_usage")), stop=_stop(body.get("stop")),
-                       user=user)
+                       user=user, model=model.strip())
 
 
 def _messages(value: Any) -> list[dict[str, str]]:

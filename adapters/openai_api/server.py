@@ -1,5 +1,6 @@
 """The aiohttp application: POST /v1/chat/completions (streamed as Server-Sent Events, or whole) and
-GET /v1/models, on the bot's one engine and queue.
+GET /v1/models, on the bot's engines and their queues: a request's ``model`` picks one of the configured models
+(loaded on first use, as /model's are); none picks the default.
 
 In front of every request: the Bearer token is checked when one is set (a listener off loopback needs one),
 the Host must be a loopback name when the server listens on loopback (a DNS rebinding page cannot reach it),
@@ -10,11 +11,13 @@ Errors are always OpenAI-style JSON, never an HTML page or a stack trace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import secrets as secrets_module
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +28,12 @@ from adapters.http import (FOREIGN_HOST, Handler, HttpError, Listener, bearer_gu
 from adapters.openai_api.schema import ApiError, ChatRequest, StopCutter, parse_chat_request
 from bot.config import ApiSettings, SamplingSettings, Secrets
 from bot.engine import FinishReason, Generation, QueuePosition
+from bot.engine.base import InferenceEngine
+from bot.engine.remote import RemoteGeneration, Retrying
 from bot.errors import EngineError, PromptError, QueueFull
 from bot.metrics import Metrics, TokenTimer
+from bot.models import ModelRegistry, ModelUnavailable
+from bot.prompt import Prompt
 from bot.store import Status
 
 if TYPE_CHECKING:
@@ -50,6 +57,28 @@ class ApiState:
     model_id: str
     created: int
     metrics: Metrics | None  # the bot's Prometheus figures, which then count the API's requests too
+    models: ModelRegistry | None = None  # every configured model; None: ``engine`` alone, as ``model_id``
+
+    def model_ids(self) -> list[str]:
+        return self.models.names() if self.models is not None else [self.model_id]
+
+    @contextlib.asynccontextmanager
+    async def engine_for(self, requested: str) -> AsyncIterator[tuple[str, InferenceEngine]]:
+        """The model ``requested`` by name (any case; "" the default) and its engine, lent while the context
+        lasts: loaded first when it is not. 404 for a name that is not configured, 503 when it cannot load."""
+        if self.models is None:
+            if requested and requested.lower() != self.model_id.lower():
+                raise _no_such_model(requested, self.model_ids())
+            yield self.model_id, self.engine
+            return
+        model = self.models.find(requested) if requested else self.models.default
+        if model is None:
+            raise _no_such_model(requested, self.model_ids())
+        try:
+            async with self.models.use(model.name) as engine:
+                yield model.name, engine
+        except ModelUnavailable as exc:  # only `use` raises it: it failed to load, or does not fit
+            raise ApiError(503, str(exc), type="server_error", code="model_unavailable") from None
 
 
 STATE = web.AppKey("state", ApiState)
@@ -71,6 +100,11 @@ def _foreign_host() -> ApiError:
     return ApiError(403, FOREIGN_HOST, type="permission_error", code="foreign_host")
 
 
+def _no_such_model(name: str, names: list[str]) -> ApiError:
+    return ApiError(404, f"The model '{name}' does not exist; the models here are: {', '.join(names)}.",
+                    param="model", code="model_not_found")
+
+
 def _wrong_token() -> ApiError:
     return ApiError(401, "Incorrect API key provided: send 'Authorization: Bearer' with the value of "
                     "LLAMARELAY_API_TOKEN.", code="invalid_api_key")
@@ -90,7 +124,7 @@ async def _json_only(request: web.Request, handler: Handler) -> web.StreamRespon
 async def _models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     return web.json_response({"object": "list", "data": [
-        {"id": state.model_id, "object": "model", "created": state.created, "owned_by": OWNER}]})
+        {"id": name, "object": "model", "created": state.created, "owned_by": OWNER} for name in state.model_ids()]})
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
@@ -100,14 +134,22 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise ApiError(400, "The request body is not valid JSON.") from None
     chat = parse_chat_request(body, state.sampling)
+    async with state.engine_for(chat.model) as (model_id, engine):
+        return await _complete(request, state, chat, model_id, engine)
+
+
+async def _complete(request: web.Request, state: ApiState, chat: ChatRequest, model_id: str,
+                    engine: InferenceEngine) -> web.StreamResponse:
+    """Answer ``chat`` with ``engine`` (model ``model_id``), whole or streamed."""
     try:
         # Rendering and tokenizing a long conversation takes a while: not on the event loop.
-        prompt = await asyncio.to_thread(state.engine.chat_tokens, chat.messages)
+        prompt = await asyncio.to_thread(engine.chat_tokens, chat.messages)
     except PromptError as exc:
         raise ApiError(400, str(exc), param="messages") from None
-    _check_length(state.engine.n_ctx, len(prompt), chat)
+    _check_length(engine.n_ctx, len(prompt), chat)
     try:
-        generation = state.engine.submit(prompt, chat.sampling, session=_session(request, chat.user))
+        # Both backends take a Prompt: a server model reads its messages, an embedded one its tokens.
+        generation = engine.submit(Prompt(chat.messages, prompt), chat.sampling, session=_session(request, chat.user))
     except QueueFull as exc:
         raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full") from None
     except EngineError as exc:
@@ -116,9 +158,9 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     status = Status.STOPPED
     try:
         if chat.stream:
-            response = await _stream(request, state, chat, generation, completion_id, len(prompt))
+            response = await _stream(request, state, chat, generation, completion_id, len(prompt), model_id)
         else:
-            response = await _whole(state, chat, generation, completion_id, len(prompt))
+            response = await _whole(state, chat, generation, completion_id, len(prompt), model_id)
         status = Status.FAILED if generation.finish_reason == FinishReason.ERROR else Status.COMPLETE
         return response
     except ApiError:
@@ -151,11 +193,14 @@ def _session(request: web.Request, user: str) -> str:
     return "api:" + hashlib.sha256(f"{token}\0{user}".encode()).hexdigest()[:16]
 
 
-async def _texts(generation: Generation, cutter: StopCutter, metrics: Metrics | None) -> Any:
+Running = Generation | RemoteGeneration  # an embedded model's request, or a server model's
+
+
+async def _texts(generation: Running, cutter: StopCutter, metrics: Metrics | None) -> Any:
     """The reply's text pieces, cut at the first stop string (which then ends the generation)."""
     timer = TokenTimer(metrics)
     async for event in generation:
-        if isinstance(event, QueuePosition):
+        if isinstance(event, QueuePosition | Retrying):
             continue
         timer.text_arrived()
         text = cutter.feed(event)
@@ -168,33 +213,33 @@ async def _texts(generation: Generation, cutter: StopCutter, metrics: Metrics | 
         yield rest
 
 
-def _usage(generation: Generation, n_prompt: int) -> dict[str, int]:
+def _usage(generation: Running, n_prompt: int) -> dict[str, int]:
     return {"prompt_tokens": n_prompt, "completion_tokens": generation.n_generated,
             "total_tokens": n_prompt + generation.n_generated}
 
 
-def _finish_reason(generation: Generation, cutter: StopCutter) -> str:
+def _finish_reason(generation: Running, cutter: StopCutter) -> str:
     if cutter.stopped or generation.finish_reason is None:
         return "stop"
     return FINISH_REASONS.get(generation.finish_reason, "stop")
 
 
-async def _whole(state: ApiState, chat: ChatRequest, generation: Generation, completion_id: str,
-                 n_prompt: int) -> web.Response:
+async def _whole(state: ApiState, chat: ChatRequest, generation: Running, completion_id: str,
+                 n_prompt: int, model_id: str) -> web.Response:
     cutter = StopCutter(chat.stop)
     try:
         text = "".join([piece async for piece in _texts(generation, cutter, state.metrics)])
     except EngineError as exc:
         raise ApiError(500, str(exc), type="server_error", code="engine_error") from None
     return web.json_response({
-        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": state.model_id,
+        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                      "finish_reason": _finish_reason(generation, cutter)}],
         "usage": _usage(generation, n_prompt)})
 
 
-async def _stream(request: web.Request, state: ApiState, chat: ChatRequest, generation: Generation,
-                  completion_id: str, n_prompt: int) -> web.StreamResponse:
+async def _stream(request: web.Request, state: ApiState, chat: ChatRequest, generation: Running,
+                  completion_id: str, n_prompt: int, model_id: str) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
@@ -202,7 +247,7 @@ async def _stream(request: web.Request, state: ApiState, chat: ChatRequest, gene
 
     async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
         chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                 "model": state.model_id, "choices": choices, **extra}
+                 "model": model_id, "choices": choices, **extra}
         await response.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
 
     cutter = StopCutter(chat.stop)
@@ -223,14 +268,16 @@ async def _stream(request: web.Request, state: ApiState, chat: ChatRequest, gene
 
 
 def create_app(engine: Engine, sampling: SamplingSettings, secrets: Secrets, *, host: str,
-               metrics: Metrics | None = None) -> web.Application:
+               metrics: Metrics | None = None, models: ModelRegistry | None = None) -> web.Application:
     """The API for ``engine``; requests leave out sampling fields to get ``sampling``'s. With ``metrics``, each
-    request counts in them (platform "api")."""
+    request counts in them (platform "api"); with ``models`` (whose default ``engine`` is), a request's
+    ``model`` picks any configured model."""
     app = web.Application(middlewares=[json_errors(error_response, name="openai api"),
                                        host_guard(host, _foreign_host), bearer_guard(secrets.api_token, _wrong_token),
                                        _json_only])
     app[STATE] = ApiState(engine=engine, sampling=sampling,
-                          model_id=engine.settings.model_path.stem, created=int(time.time()), metrics=metrics)
+                          model_id=models.default.name if models is not None else engine.settings.model_path.stem,
+                          created=int(time.time()), metrics=metrics, models=models)
     app.router.add_get("/v1/models", _models)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     return app
