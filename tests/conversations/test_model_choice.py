@@ -11,16 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import ModelSettings, Settings
+from bot.config import ImageSettings, ModelSettings, Settings
 from bot.conversations import ConversationManager, ReplyResult
 from bot.engine import Engine
 from bot.errors import LlamarelayError
+from bot.images import read_image
 from bot.models import unavailable_line
 from bot.store import Status, Store
-from bot.types import SessionKey
-from bot.wording import answered_by, unknown_model
+from bot.types import ImagePart, Incoming, SessionKey
+from bot.wording import answered_by, cannot_see_images, unknown_model
 from tests.conftest import MODEL_PATH
 from tests.conversations.helpers import CHANNEL, Target, message
+from tests.pictures import png, sent_images
 from tests.recording_server import REPLY, RecordingServer
 
 DEFAULT = MODEL_PATH.stem
@@ -39,13 +41,13 @@ async def server(tmp_path: Path) -> AsyncIterator[RecordingServer]:
 @pytest.fixture
 def model_settings(settings: Settings, server: RecordingServer, tmp_path: Path) -> Settings:
     """The small model as the default, again as "second" (embedded), the recording server as "remote", and a
-    "broken" model whose file is no GGUF."""
+    "broken" model whose file is no GGUF. Only "remote" reads images."""
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"not a model")
     settings.engine.n_threads, settings.engine.n_ctx = 1, 2048
     settings.engine.retry_seconds = 1.0  # a server that is down fails within a second (the models inherit it)
     settings.models = [ModelSettings(name="second", path=MODEL_PATH, n_ctx=1024, kv_pool_mb=24),
-                       ModelSettings(name="remote", url=server.base_url, model="remote-id", n_ctx=2048),
+                       ModelSettings(name="remote", url=server.base_url, model="remote-id", n_ctx=2048, vision=True),
                        ModelSettings(name="broken", path=broken, kv_pool_mb=24)]
     return settings
 
@@ -153,3 +155,25 @@ async def test_a_stored_choice_no_longer_configured_fails_with_the_models_line(
     assert failed.status == Status.FAILED
     assert failed.notes == [f"⚠️ {unavailable_line('retired', f'there is no such model (these are: {DEFAULT})')}"]
 
+
+
+async def test_images_go_only_to_the_model_that_reads_them(engine: Engine, store: Store, model_settings: Settings,
+                                                          server: RecordingServer) -> None:
+    red = await read_image("red.png", png((64, 48), (255, 0, 0)), ImageSettings(), 1024)
+    assert isinstance(red, ImagePart)
+    manager = ConversationManager(engine, store, model_settings)
+    try:
+        await force(manager, CHANNEL, "I cannot tell.")
+        async with asyncio.timeout(TIMEOUT_SECONDS):
+            blind = await manager.respond(Incoming(CHANNEL, "u1", "Ann", "What colour?", images=(red,)), Target())
+        assert (blind.text, blind.notes) == ("I cannot tell.", [cannot_see_images(["remote"])])
+        assert server.requests() == []
+        await manager.set_model(CHANNEL, "remote")
+        seeing = await reply(manager, CHANNEL, "And now, what colour was it?")
+        assert (seeing.text, seeing.notes) == (REPLY, [answered_by("remote")])
+    finally:
+        await manager.shutdown()
+    [request] = server.requests()
+    earlier = request["body"]["messages"][1]  # the picture's turn, in the history the new model reads
+    assert [part["type"] for part in earlier["content"]] == ["text", "image_url"]
+    assert [image.getpixel((5, 5)) for image in sent_images(earlier)] == [(255, 0, 0)]
