@@ -322,15 +322,12 @@ class ConversationManager:
                 Streaming(backend, self.store, self.metrics, self.settings.conversation, clock=self._clock), rounds)
         return parts
 
-    def vision(self, key: SessionKey | str) -> Vision:
-        """What the default model makes of images (`model_vision` says what a conversation's model does)."""
-        return self._vision_of(self.models.default)
-
-    async def model_vision(self, key: SessionKey | str) -> Vision:
+    async def vision(self, key: SessionKey | str) -> Vision:
         """What the model answering conversation ``key`` makes of images."""
         return self._vision_of(await self.model(key))
 
     def _vision_of(self, model: Model) -> Vision:
+        """What ``model`` makes of images; ``seeing``: the configured models that read them, for the note."""
         seeing = tuple(name for name in self.models.names() if self.models.get(name).capabilities.vision)
         return Vision(model.capabilities.vision, model.image_size, seeing)
 
