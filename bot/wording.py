@@ -139,8 +139,9 @@ def model_changed(name: str, by: str) -> str:
 
 
 def unknown_model(name: str, names: list[str]) -> str:
-    """The line for a /model name that is not configured, naming it and the choices."""
-    return f"⚠️ There is no model called {name!r}; the models are: {', '.join(names)}."
+    """The line for a /model name that is not configured, naming it (its start, if long) and the choices."""
+    shown = name if len(name) <= 80 else name[:80] + "…"
+    return f"⚠️ There is no model called {shown!r}; the models are: {', '.join(names)}."
 
 
 # -- attached files ------------------------------------------------------------------------------------------
