@@ -92,9 +92,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX tool_calls_by_reply ON tool_calls (reply_id, id)",
     ),
-    # 7: a conversation's own model (NULL: inherited, else the default) and the model that wrote each reply
-    ("ALTER TABLE sessions ADD COLUMN model TEXT",
-     "ALTER TABLE messages ADD COLUMN model TEXT NOT NULL DEFAULT ''"),
+    (  # 7: a conversation's own model (NULL: inherited, else the default) and the model that wrote each reply
+        # (a database from before versions were kept may lack the sessions table: step 1's, made first)
+        """CREATE TABLE IF NOT EXISTS sessions (
+            key            TEXT PRIMARY KEY,
+            system_prompt  TEXT,
+            sampling       TEXT NOT NULL DEFAULT '{}',
+            created_at     REAL NOT NULL
+        )""",
+        "ALTER TABLE sessions ADD COLUMN model TEXT",
+        "ALTER TABLE messages ADD COLUMN model TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
 
