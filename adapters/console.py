@@ -19,12 +19,14 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import IO, Any
 
 from bot.conversations import ConversationManager
+from bot.errors import LlamarelayError
 from bot.types import Controls, Incoming, SessionKey
+from bot.wording import model_changed, model_list
 
 __all__ = ["ConsoleTarget", "run_console"]
 
 HELP = ("Commands: /reset (forget this conversation), /system [text] (show or set the system prompt), "
-        "/quit. Ctrl-C stops a reply.")
+        "/model [name] (show the models or pick one), /quit. Ctrl-C stops a reply.")
 PROMPT = "you> "
 MAX_LINE_BYTES = 16 * 2**20  # asyncio's default (64 KiB) is shorter than a pasted document
 PASTE_START, PASTE_END = "\033[200~", "\033[201~"  # bracketed paste: the terminal marks what was pasted
@@ -236,6 +238,8 @@ async def _chat(manager: ConversationManager, *, user: str | None, stdin: IO[str
                     out.write("System prompt set.\n")
                 else:
                     out.write(f"System prompt: {await manager.system_prompt(key)}\n")
+            elif text == "/model" or text.startswith("/model "):
+                out.write(await _model_command(manager, key, user, text.removeprefix("/model").strip()) + "\n")
             else:
                 target = ConsoleTarget(out)
                 replying.set()
@@ -251,6 +255,18 @@ async def _chat(manager: ConversationManager, *, user: str | None, stdin: IO[str
         loop.remove_signal_handler(signal.SIGTERM)
         out.write(("\033[?2004l" if editor else "") + "\nBye.\n")
         out.flush()
+
+
+async def _model_command(manager: ConversationManager, key: SessionKey, user: str, name: str) -> str:
+    """``/model``: the conversation's model and the list; ``/model <name>``: pick it (the terminal is the
+    user's own conversation, as a DM is)."""
+    if not name:
+        choices = [(model.name, model.description) for model in manager.model_choices()]
+        return model_list(await manager.model_name(key), choices)
+    try:
+        return model_changed((await manager.set_model(key, name)).name, user)
+    except LlamarelayError as exc:  # an unknown name: the line names it and the choices
+        return str(exc)
 
 
 async def _read_line(reader: asyncio.StreamReader, quitting: asyncio.Event) -> str | None:

@@ -27,6 +27,7 @@ class Action(enum.Enum):
     SET_SYSTEM_PROMPT = "set_system_prompt"  # change a conversation's shared system prompt
     SET_SAMPLING = "set_sampling"  # change a conversation's shared sampling settings (/settings)
     APPROVE_TOOL = "approve_tool"  # Run or Deny a tool call: the asker (``owner``) or an admin
+    SET_MODEL = "set_model"  # change which model answers a shared conversation (/model)
 
 
 class Refusal(enum.Enum):
@@ -120,7 +121,7 @@ class AccessPolicy:
             return Decision(refusal, action)
         if action is Action.ASK and not admin and not self.limiter.allow(actor.id):
             return Decision(Refusal.TOO_FAST, action, self.limiter.per_minute, self.limiter.retry_after(actor.id))
-        if action in (Action.SET_SYSTEM_PROMPT, Action.SET_SAMPLING) and not self.may_change_settings(
+        if action in (Action.SET_SYSTEM_PROMPT, Action.SET_SAMPLING, Action.SET_MODEL) and not self.may_change_settings(
                 place, admin=admin or actor.manages_place):
             return Decision(Refusal.ADMINS_ONLY, action)
         if action is Action.APPROVE_TOOL and not self.may_approve(actor, owner, admin=admin):

@@ -107,7 +107,7 @@ async def _run_adapters(manager: ConversationManager, settings: Settings, secret
     if api:  # not a platform: it shares the engine's queue, not the conversations
         from adapters.openai_api import run_openai_api
         assert renders_template(manager.engine)  # load_settings refuses [api] with a remote backend
-        adapters["api"] = run_openai_api(manager.engine, manager.metrics, settings, secrets)
+        adapters["api"] = run_openai_api(manager.engine, manager.metrics, settings, secrets, models=manager.models)
     if settings.ops.enabled and mode != "chat":
         from adapters.ops import run_ops
         adapters["ops"] = run_ops(manager, settings, tools)

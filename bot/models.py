@@ -146,6 +146,7 @@ class ModelRegistry:
         self._closed = False
         self._unloading: set[asyncio.Task[None]] = set()  # idle unloads under way (held: tasks are weakly kept)
         self._models: dict[str, Model] = {model.name.lower(): model for model in configured_models(settings)}
+        self._adopted: InferenceEngine | None = None  # a default engine its caller opened and will close
 
     # -- what there is -----------------------------------------------------------------------------------
 
@@ -156,6 +157,10 @@ class ModelRegistry:
     def names(self) -> list[str]:
         """Every model's name, the default first, then in config order (for /model and /v1/models)."""
         return [model.name for model in self._models.values()]
+
+    def find(self, name: str) -> Model | None:
+        """The model called ``name`` (any case), or None."""
+        return self._models.get(name.strip().lower())
 
     def get(self, name: str) -> Model:
         """The model called ``name`` (any case); `ModelUnavailable` naming the choices when there is none."""
@@ -182,6 +187,11 @@ class ModelRegistry:
         else:
             async with default.lock:
                 await self._load(default)
+
+    def adopt(self, engine: InferenceEngine) -> None:
+        """Make ``engine`` the default model's, opened (and closed) by whoever passes it: `aclose` leaves it."""
+        default = self.default
+        default.engine, default.memory_bytes, self._adopted = engine, _measure(engine), engine
 
     @contextlib.asynccontextmanager
     async def use(self, name: str) -> AsyncIterator[InferenceEngine]:
@@ -230,6 +240,8 @@ class ModelRegistry:
                 model.idle_timer.cancel()
         await asyncio.gather(*self._unloading, return_exceptions=True)
         for model in self._models.values():
+            if model.engine is not None and model.engine is self._adopted:
+                continue  # its caller closes it
             await self._unload(model)
 
     # -- loading and unloading ---------------------------------------------------------------------------

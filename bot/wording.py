@@ -22,6 +22,7 @@ __all__ = [
     "TRUNCATED_MARK", "WAITING_FOR_PREVIOUS", "conversation_place", "failed", "message_cut", "queued_line",
     "asked_about", "refusal_text", "something_went_wrong", "status_line", "summarize_request", "too_many_waiting",
     "NOT_DOWNLOADED", "cannot_see_images", "image_unseen",
+    "answered_by", "model_changed", "model_line", "model_list", "unknown_model",
 ]
 
 # -- statuses: what a reply shows before its text ------------------------------------------------------------
@@ -148,6 +149,37 @@ def tool_call_unreadable(reason: str) -> str:
     return f"your tool call could not be read ({reason}); write it again as the format asks"
 
 
+# -- models (/model): which model answers a conversation -----------------------------------------------------
+
+
+def answered_by(name: str) -> str:
+    """The compact footer of a reply written by a model other than the default."""
+    return f"🧠 {name}"
+
+
+def model_line(name: str, loaded: bool) -> str:
+    """The Model line of /status for a conversation's own model."""
+    return name if loaded else f"{name} (loads on its next reply)"
+
+
+def model_list(current: str, models: list[tuple[str, str]]) -> str:
+    """What /model without a name shows: the conversation's model, then every configured one (name, details)."""
+    lines = [f"🧠 This conversation uses `{current}`. The models:"]
+    lines += [f"{'▸' if name == current else '•'} `{name}`{f' — {details}' if details else ''}"
+              for name, details in models]
+    return "\n".join([*lines, "Pick one with /model followed by its name."])
+
+
+def model_changed(name: str, by: str) -> str:
+    return f"🧠 This conversation now uses `{name}` (set by {by}); its next reply comes from it."
+
+
+def unknown_model(name: str, names: list[str]) -> str:
+    """The line for a /model name that is not configured, naming it (its start, if long) and the choices."""
+    shown = name if len(name) <= 80 else name[:80] + "…"
+    return f"⚠️ There is no model called {shown!r}; the models are: {', '.join(names)}."
+
+
 # -- attached files ------------------------------------------------------------------------------------------
 
 NOT_A_TEXT_FILE = "not a text file"
@@ -191,7 +223,8 @@ REFUSALS = {
     Refusal.NOT_YOURS: "🚫 Only the person who asked, or an admin, can approve or deny this tool call.",
 }
 _SHARED = {Action.SET_SYSTEM_PROMPT: "a channel's system prompt; in a DM with me it is yours to change",
-           Action.SET_SAMPLING: "a channel's settings; in a DM with me they are yours to change"}
+           Action.SET_SAMPLING: "a channel's settings; in a DM with me they are yours to change",
+           Action.SET_MODEL: "a channel's model; in a DM with me it is yours to change"}
 
 
 def refusal_text(decision: Decision, *, admins: str = "admins") -> str:

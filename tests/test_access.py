@@ -92,6 +92,11 @@ async def test_a_channels_settings_are_for_admins_and_a_dms_for_its_user() -> No
     assert (await policy.check(Actor("U1"), DM, Action.SET_SAMPLING)).allowed
     assert (await policy.check(Actor("A1"), CHANNEL, Action.SET_SAMPLING)).allowed
     assert (await policy.check(Actor("U1", manages_place=True), CHANNEL, Action.SET_SYSTEM_PROMPT)).allowed
+    # /model follows the same rule, in words of its own.
+    model = await policy.check(Actor("U1"), THREAD, Action.SET_MODEL)
+    assert refusal_text(model).endswith("a channel's model; in a DM with me it is yours to change.")
+    assert (await policy.check(Actor("U1"), DM, Action.SET_MODEL)).allowed
+    assert (await policy.check(Actor("U1", manages_place=True), CHANNEL, Action.SET_MODEL)).allowed
     # The lists come first: someone refused outright hears that, not "admins only".
     listed = AccessPolicy(users=["U2"])
     assert (await listed.check(Actor("U1"), CHANNEL, Action.SET_SAMPLING)).refusal is Refusal.NOT_LISTED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import os
 import pty
 import re
@@ -60,6 +61,28 @@ def test_terminal_chat_answers_and_keeps_history(tmp_path: Path) -> None:
 
     again = llamarelay("--config", str(config), "chat", stdin="/reset\n")
     assert "Conversation cleared." in again.stdout and stored(tmp_path) == []
+
+
+def test_terminal_chat_picks_a_model_that_is_kept_over_a_restart_and_an_export(tmp_path: Path) -> None:
+    config = write_config(tmp_path, sampling='max_tokens = 8\ngrammar = \'root ::= "Ahoy."\'\n')
+    config.write_text(config.read_text() + f'[[models]]\nname = "second"\npath = "{MODEL_PATH}"\n'
+                      'description = "the same, loaded again"\n')
+    result = llamarelay("--config", str(config), "chat", stdin="/model\n/model gpt-9\n/model SECOND\nHello\n/quit\n")
+    assert result.returncode == 0, result.stderr
+    assert "/model [name]" in result.stdout
+    assert f"uses `{MODEL_PATH.stem}`" in result.stdout and "• `second` — the same, loaded again" in result.stdout
+    assert "There is no model called 'gpt-9'" in result.stdout
+    assert "now uses `second`" in result.stdout and "🧠 second" in result.stdout  # the reply's footer
+    with sqlite3.connect(tmp_path / "chat.sqlite3") as db:
+        assert db.execute("SELECT role, content, model FROM messages ORDER BY id").fetchall() == [
+            ("user", "Hello", ""), ("assistant", "Ahoy.", "second")]
+
+    again = llamarelay("--config", str(config), "chat", stdin="/model\n")
+    assert "This conversation uses `second`" in again.stdout
+    exported = llamarelay("--config", str(config), "export", str(tmp_path / "out.jsonl"))
+    assert exported.returncode == 0, exported.stderr
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()[1:]]
+    assert [r["model"] for r in records] == ["second", "", "second"]  # the session's, then each message's
 
 
 def test_run_without_tokens_in_a_terminal_starts_the_terminal_chat_and_says_how_to_connect(tmp_path: Path) -> None:

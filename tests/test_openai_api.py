@@ -7,6 +7,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -19,10 +20,12 @@ from adapters.openai_api import OpenAIServer, create_app
 from adapters.openai_api.schema import ApiError, StopCutter, parse_chat_request
 from adapters.openai_api.server import check_access
 from bot.app import _run_adapters
-from bot.config import ApiSettings, SamplingSettings, Secrets, Settings, load_settings
+from bot.config import ApiSettings, ModelSettings, SamplingSettings, Secrets, Settings, load_settings
 from bot.conversations import ConversationManager
 from bot.engine import Engine, QueuePosition
 from bot.errors import ConfigError
+from bot.models import ModelRegistry
+from tests.recording_server import REPLY, RecordingServer
 
 TOKEN = "test-api-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -76,7 +79,8 @@ async def test_models_lists_the_one_model(api: str, engine: Engine) -> None:
 
 
 async def test_a_whole_completion_reports_text_usage_and_finish_reason(api: str, engine: Engine) -> None:
-    status, body = await post(api, {"model": "any", "messages": HELLO, "max_tokens": 6, "ignore_eos": True})
+    status, body = await post(api, {"model": engine.settings.model_path.stem, "messages": HELLO, "max_tokens": 6,
+                                    "ignore_eos": True})
     assert status == 200, body
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     [choice] = body["choices"]
@@ -264,6 +268,42 @@ async def test_the_official_openai_client_streams_and_completes(api: str) -> Non
     async with openai.AsyncOpenAI(base_url=api, api_key="wrong", max_retries=0) as client:
         with pytest.raises(openai.AuthenticationError):
             await client.models.list()
+
+
+async def test_the_request_model_picks_a_configured_model_and_an_unknown_one_is_404(
+        engine: Engine, tmp_path: Path) -> None:
+    server = await RecordingServer(tmp_path, "remote-id").start()
+    settings = Settings(engine=engine.settings,
+                        models=[ModelSettings(name="helper", url=server.base_url, model="remote-id", n_ctx=2048)])
+    models = ModelRegistry(settings)
+    models.adopt(engine)
+    api = OpenAIServer(create_app(engine, DEFAULTS, Secrets(api_token=TOKEN), host="127.0.0.1", models=models),
+                       "127.0.0.1", 0)
+    url = await api.start() + "v1"
+    try:
+        async with openai.AsyncOpenAI(base_url=url, api_key=TOKEN, max_retries=0) as client:
+            assert [m.id async for m in client.models.list()] == [engine.settings.model_path.stem, "helper"]
+            routed = await client.chat.completions.create(model="HELPER", messages=HELLO,  # type: ignore[arg-type]
+                                                          max_tokens=8)
+            assert (routed.model, routed.choices[0].message.content) == ("helper", REPLY)
+            pieces = [chunk.choices[0].delta.content async for chunk in await client.chat.completions.create(
+                model="helper", messages=HELLO, max_tokens=8, stream=True)  # type: ignore[arg-type]
+                if chunk.choices and chunk.choices[0].delta.content]
+            assert "".join(pieces) == REPLY
+            local = await client.chat.completions.create(model=engine.settings.model_path.stem,  # type: ignore[arg-type]
+                                                         messages=HELLO, max_tokens=4, temperature=0)
+            assert local.choices[0].message.content != REPLY
+            with pytest.raises(openai.NotFoundError, match="The model 'gpt-9' does not exist") as unknown:
+                await client.chat.completions.create(model="gpt-9", messages=HELLO)  # type: ignore[arg-type]
+            assert unknown.value.code == "model_not_found" and "helper" in str(unknown.value)
+        received = server.requests()
+        assert [r["body"]["model"] for r in received] == ["remote-id", "remote-id"]
+        assert received[0]["body"]["messages"] == HELLO
+    finally:
+        await api.close()
+        await models.aclose()
+        await server.stop()
+        await until_idle(engine)
 
 
 async def test_a_foreign_host_name_is_refused_on_loopback(api: str) -> None:

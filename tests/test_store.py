@@ -123,6 +123,19 @@ async def test_nul_characters_are_stored_the_same_on_both_backends(store: Store)
 
 # -- session settings ----------------------------------------------------------------------------------
 
+async def test_a_sessions_model_and_the_model_of_each_reply(store: Store) -> None:
+    assert await store.model(KEY) is None
+    await store.set_model(KEY, "second")
+    await store.set_system_prompt(KEY, "Be brief.")  # another setting leaves the model alone
+    assert await store.model(KEY) == "second" and await store.model(OTHER) is None
+    _, reply = await reply_pair(store)
+    await store.finish_message(reply, "partly", Status.STOPPED, model="second")
+    await store.finish_message(reply, "partly", Status.INTERRUPTED)  # no model said: the stored one stays
+    assert [(m.role, m.model) for m in await store.messages(KEY)] == [("user", ""), ("assistant", "second")]
+    await store.set_model(KEY, None)
+    assert await store.model(KEY) is None and await store.system_prompt(KEY) == "Be brief."
+
+
 async def test_system_prompt_and_sampling_per_session(store: Store) -> None:
     assert await store.system_prompt(KEY) is None and await store.sampling(KEY) == {}
     await store.set_system_prompt(KEY, "You are a pirate.")
@@ -271,7 +284,7 @@ async def test_tool_messages_are_kept_in_order_with_their_reply_and_cleared_with
 
 
 async def test_a_new_database_is_at_the_latest_version(store: Store) -> None:
-    assert store.latest_version == 6
+    assert store.latest_version == 7
     assert await store.schema_version() == store.latest_version
     assert await store.migrate() == []
 
@@ -285,10 +298,11 @@ async def test_an_older_database_is_upgraded_at_open(target: str | Path) -> None
     await old.close()
     store = await open_store(target)
     try:
-        assert await store.schema_version() == 6
+        assert await store.schema_version() == 7
         assert await store.migrate() == []
         [kept] = await store.messages(KEY)
-        assert (kept.content, kept.notes, kept.feedback) == ("from long ago", "", "")
+        assert (kept.content, kept.notes, kept.feedback, kept.model) == ("from long ago", "", "", "")
+        assert await store.model(KEY) is None
     finally:
         await store.close()
 
@@ -351,8 +365,9 @@ async def fill(store: Store) -> None:
     """Two conversations with settings, every status, notes, feedback and authors."""
     await store.set_system_prompt(KEY, "Answer in French. «ça»")
     await store.set_sampling(KEY, {"temperature": 0.3})
+    await store.set_model(KEY, "second")
     _, reply = await reply_pair(store, text="Bonjour 👋\nsecond line")
-    await store.finish_message(reply, "Salut !", Status.COMPLETE)
+    await store.finish_message(reply, "Salut !", Status.COMPLETE, model="second")
     await store.set_feedback(KEY, reply, "good")
     _, stopped = await reply_pair(store, text="tell a story")
     await store.finish_message(stopped, "Once upon", Status.STOPPED, "⏹️ stopped by Ann")
@@ -391,8 +406,23 @@ async def test_export_and_import_round_trip_sqlite_postgres_sqlite(tmp_path: Pat
         assert await dumped(back) == original
         assert await back.system_prompt(KEY) == "Answer in French. «ça»"
         assert [m.feedback for m in await back.messages(KEY)] == ["", "good", "", ""]
+        assert await back.model(KEY) == "second" and await back.model(OTHER) is None
+        assert [m.model for m in await back.messages(KEY)] == ["", "second", "", ""]
     finally:
         await back.close()
+
+
+async def test_an_export_from_before_schema_7_imports_without_models(store: Store, tmp_path: Path) -> None:
+    old = tmp_path / "old.jsonl"
+    old.write_text('{"type": "llamarelay-export", "version": 1, "schema": 6}\n'
+                   f'{{"type": "session", "key": "{KEY}", "system_prompt": null, "sampling": {{}}, '
+                   '"created_at": 1.0}\n'
+                   f'{{"type": "message", "id": 5, "session_key": "{KEY}", "role": "user", "content": "old", '
+                   '"status": "complete", "author_id": "", "author_name": "", "created_at": 1.0, "notes": "", '
+                   '"feedback": ""}\n')
+    assert await import_jsonl(store, old) == (1, 1)
+    assert await store.model(KEY) is None
+    assert [(m.content, m.model) for m in await store.messages(KEY)] == [("old", "")]
 
 
 async def test_import_refuses_a_file_that_is_not_an_export(store: Store, tmp_path: Path) -> None:
@@ -427,9 +457,9 @@ async def test_the_migrate_command_shows_and_applies_migrations(tmp_path: Path) 
     config = sqlite_config(tmp_path, "old")
     first = llamarelay("migrate", config=config)
     assert first.returncode == 0, first.stderr
-    assert "schema version: 1 (latest: 6)" in first.stdout and "applied migrations: 2, 3, 4, 5, 6" in first.stdout
+    assert "schema version: 1 (latest: 7)" in first.stdout and "applied migrations: 2, 3, 4, 5, 6, 7" in first.stdout
     again = llamarelay("migrate", config=config)
-    assert "schema version: 6 (latest: 6)" in again.stdout and "up to date" in again.stdout
+    assert "schema version: 7 (latest: 7)" in again.stdout and "up to date" in again.stdout
 
 
 async def test_the_commands_move_conversations_to_postgres_with_the_url_from_the_environment(

@@ -1,8 +1,8 @@
-"""Slash commands: /ask, /reset, /system, /settings, /stop, /status, and the message commands of
+"""Slash commands: /ask, /reset, /system, /settings, /model, /stop, /status, and the message commands of
 `adapters.discord.menus`, on a `CommandTree` that checks access first.
 
 Refusals and errors are ephemeral (only the caller sees them); answers that change a shared
-conversation (/ask, /reset, setting /system or /settings, /stop) are visible to the channel.
+conversation (/ask, /reset, setting /system, /settings or /model, /stop) are visible to the channel.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from adapters.discord.interactions import bot_of
 from adapters.discord.menus import ask_about_message, summarize_until
 from adapters.discord.targets import NO_MENTIONS, InteractionTarget
 from bot.access import Action
+from bot.errors import LlamarelayError
 from bot.tunables import SETTINGS, refused, tunable
 from bot.types import Incoming, SessionKey
+from bot.wording import model_changed, model_list
 
 if TYPE_CHECKING:
     from adapters.discord.bot import DiscordBot
@@ -81,7 +83,8 @@ class LlamarelayTree(app_commands.CommandTree):
     def __init__(self, client: DiscordBot) -> None:
         super().__init__(client)
         command: app_commands.Command[Any, ..., Any] | app_commands.ContextMenu
-        for command in (ask, reset, system, settings_command, stop, status, ask_about_message, summarize_until):
+        for command in (ask, reset, system, settings_command, model, stop, status, ask_about_message,
+                        summarize_until):
             self.add_command(command)
 
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
@@ -171,6 +174,37 @@ async def _settings(bot: DiscordBot, key: SessionKey) -> str:
     return ", ".join(f"**{setting.label}:** {getattr(sampling, setting.name)}" for setting in SETTINGS)
 
 
+AUTOCOMPLETE_LIMIT = 25  # Discord shows at most 25 choices
+
+
+async def _model_names(interaction: discord.Interaction, typed: str) -> list[app_commands.Choice[str]]:
+    """The configured models whose name or description contains what the user has typed so far."""
+    typed = typed.strip().lower()
+    return [app_commands.Choice(name=f"{m.name} — {m.description}"[:100] if m.description else m.name, value=m.name)
+            for m in _bot(interaction).manager.model_choices()
+            if typed in m.name.lower() or typed in m.description.lower()][:AUTOCOMPLETE_LIMIT]
+
+
+@app_commands.command()
+@app_commands.describe(name="The model to answer here from now on; leave out to see the current one and the list")
+@app_commands.autocomplete(name=_model_names)
+async def model(interaction: discord.Interaction, name: str | None = None) -> None:
+    """Show or change the model that answers in this conversation."""
+    bot, key = _bot(interaction), _session(interaction)
+    if name is None:
+        choices = [(m.name, m.description) for m in bot.manager.model_choices()]
+        await _say(interaction, model_list(await bot.manager.model_name(key), choices), ephemeral=True)
+        return
+    if await _refused(interaction, Action.SET_MODEL):
+        return
+    try:
+        chosen = await bot.manager.set_model(key, name)
+    except LlamarelayError as exc:  # an unknown name: the line names it and the choices
+        await _say(interaction, str(exc), ephemeral=True)
+        return
+    await _say(interaction, model_changed(chosen.name, interaction.user.display_name), ephemeral=False)
+
+
 @app_commands.command()
 async def stop(interaction: discord.Interaction) -> None:
     """Stop the reply being generated in this conversation."""
@@ -183,5 +217,5 @@ async def stop(interaction: discord.Interaction) -> None:
 @app_commands.command()
 async def status(interaction: discord.Interaction) -> None:
     """Model, queue length, this conversation's place in the queue, and speed."""
-    status = _bot(interaction).manager.status(_session(interaction))
+    status = await _bot(interaction).manager.conversation_status(_session(interaction))
     await _say(interaction, "\n".join(f"**{label}:** {value}" for label, value in status.lines()), ephemeral=True)

@@ -61,6 +61,7 @@ class ChatRequest:
     user: str
     tools: tuple[ToolSpec, ...] = ()  # the caller's functions (it runs them itself)
     tool_choice: str = "none"  # "auto", "none", "required", or the name of the one function to call
+    model: str = ""  # the model asked for by name; "" for the default
 
 
 def parse_chat_request(body: Any, defaults: SamplingSettings) -> ChatRequest:
@@ -108,9 +109,12 @@ def parse_chat_request(body: Any, defaults: SamplingSettings) -> ChatRequest:
     user = body.get("user", "")
     if not isinstance(user, str):
         raise ApiError(400, "'user' must be a string.", param="user")
+    model = body.get("model") or ""
+    if not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string.", param="model")
     return ChatRequest(messages=messages, sampling=sampling, max_tokens_given=max_tokens is not None,
                        stream=stream, include_usage=bool(options.get("include_usage")), stop=_stop(body.get("stop")),
-                       user=user, tools=tools, tool_choice=tool_choice)
+                       user=user, tools=tools, tool_choice=tool_choice, model=model.strip())
 
 
 def _tools(value: Any) -> tuple[ToolSpec, ...]:

@@ -1,4 +1,4 @@
-"""Slash commands: /ask, /reset, /system, /stop, /status, /settings.
+"""Slash commands: /ask, /reset, /system, /stop, /status, /settings, /model.
 
 Each one calls ``ack()`` before anything slow (Slack shows ``operation_timeout`` after 3 s); refusals and
 command results travel in that ack, which Slack shows only to the person who typed the command.
@@ -17,9 +17,11 @@ from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.sessions import is_dm, session_key
 from adapters.slack.targets import UpdateTarget
 from bot.access import Action
+from bot.errors import LlamarelayError
 from bot.text import one_line
 from bot.tunables import SETTINGS, Tunable, refused, tunable
 from bot.types import Incoming, SessionKey
+from bot.wording import model_changed, model_list
 
 if TYPE_CHECKING:
     from adapters.slack.bot import SlackBot
@@ -82,7 +84,7 @@ def _preview(text: str) -> str:
 
 
 class SlashCommands:
-    """The five commands, registered on the bot's AsyncApp by `register_commands`."""
+    """The commands, registered on the bot's AsyncApp by `register_commands`."""
 
     def __init__(self, bot: SlackBot) -> None:
         self.bot = bot
@@ -163,7 +165,7 @@ class SlashCommands:
         if not is_dm(command["channel_id"]) and self.bot.manager.status(key).state is None:
             # Nothing in the channel's own conversation: show a reply running in one of its threads, if any.
             key = next(iter(self.bot.running_in(command.get("team_id", ""), command["channel_id"])), key)
-        status = self.bot.manager.status(key)
+        status = await self.bot.manager.conversation_status(key)
         await ack(text="\n".join(f"*{label}:* {escape(value)}" for label, value in status.lines()))
 
 
@@ -191,6 +193,28 @@ class SlashCommands:
         await ack(text="\n".join([f"{'✅ Set. ' if text else ''}*Settings for {where}:*", *lines,
                                   "" if text else SETTINGS_USAGE]).strip())
 
+    async def model(self, ack: AsyncAck, command: dict[str, Any]) -> None:
+        """``/model`` shows this conversation's model and the configured ones; ``/model <name>`` switches to it
+        (admins in a channel, anyone in a DM). Threads use their channel's."""
+        if refusal := await self._refusal(command):
+            await ack(text=refusal)
+            return
+        key, name = command_key(command), command.get("text", "").strip()
+        manager = self.bot.manager
+        if not name:
+            choices = [(escape(m.name), escape(m.description)) for m in manager.model_choices()]
+            await ack(text=model_list(escape(await manager.model_name(key)), choices))
+            return
+        if refusal := await self._refusal(command, Action.SET_MODEL):
+            await ack(text=refusal)
+            return
+        try:
+            chosen = await manager.set_model(key, name)
+        except LlamarelayError as exc:  # an unknown name: the line names it and the choices
+            await ack(text=escape(str(exc)))
+            return
+        await ack(text=model_changed(escape(chosen.name), f"<@{command['user_id']}>"))
+
 
 def register_commands(bot: SlackBot) -> SlashCommands:
     """Register the slash commands on ``bot.app`` (names must match the app manifest)."""
@@ -201,4 +225,5 @@ def register_commands(bot: SlackBot) -> SlashCommands:
     bot.app.command("/stop")(commands.stop)
     bot.app.command("/status")(commands.status)
     bot.app.command("/settings")(commands.settings)
+    bot.app.command("/model")(commands.model)
     return commands

@@ -34,6 +34,7 @@ from adapters.web.uploads import FORM_TYPE, MAX_FILES, UploadError, read_form
 from bot.access import AccessPolicy, Action, Actor, Place, Refusal
 from bot.config import Secrets, Settings
 from bot.conversations import ConversationManager, RedoRefusal, ReplyResult, can_continue
+from bot.errors import LlamarelayError
 from bot.store import StoredMessage
 from bot.text import clean_text, one_line
 from bot.types import Attachment, ImagePart, Incoming, SessionKey, log_name
@@ -49,6 +50,7 @@ MAX_MESSAGE_CHARS = 20_000  # about the whole context window of a 4k-token model
 MAX_SYSTEM_PROMPT_CHARS = 20_000  # as [conversation] system_prompt in config.toml
 MAX_LISTED_CONVERSATIONS = 200
 TITLE_CHARS = 60
+MAX_MODEL_NAME_CHARS = 64  # as [[models]] name
 
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{8,32}")
 JSON_TYPES = ("application/json",)
@@ -237,7 +239,8 @@ def _title(first_message: str) -> str:
 def _message(m: StoredMessage, images: list[str] | None = None, *, tool_details: bool = False) -> dict[str, Any]:
     return {"id": m.id, "role": m.role, "content": m.content, "status": m.status, "created_at": m.created_at,
             "notes": m.notes.splitlines(), "can_continue": can_continue(m), "images": images or [],
-            "tool_details": tool_details}
+            "tool_details": tool_details,
+            "model": m.model}
 
 
 _REFUSALS = {RedoRefusal.STALE: STALE_REPLY, RedoRefusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE, RedoRefusal.BUSY:
@@ -305,7 +308,9 @@ async def info(request: web.Request) -> web.Response:
                           "max_file_bytes": state.settings.conversation.max_file_bytes,
                           "max_images": state.manager.images.limits.max_count,
                           "max_image_bytes": state.manager.images.limits.max_bytes,
-                          "default_system_prompt": state.settings.conversation.system_prompt})
+                          "default_system_prompt": state.settings.conversation.system_prompt,
+                          "models": [{"name": m.name, "description": m.description, "default": m.is_default,
+                                      "vision": m.capabilities.vision} for m in state.manager.model_choices()]})
 
 
 @routes.post("/api/login")
@@ -373,6 +378,7 @@ async def get_conversation(request: web.Request) -> web.Response:
     with_tools = await manager.with_tool_calls(m.id for m in messages if m.role == "assistant")
     return json_response({"id": conversation, "title": _title(first) or "New chat",
                           "system_prompt": await manager.system_prompt(key),
+                          "model": await manager.model_name(key),
                           "position": manager.status(key).position,
                           "latest_reply": latest.id if latest is not None else None,
                           "messages": [_message(m, pictures.get(m.id), tool_details=m.id in with_tools)
@@ -465,3 +471,17 @@ async def set_system_prompt(request: web.Request) -> web.Response:
     manager = _state(request).manager
     await manager.set_system_prompt(key, prompt if prompt and prompt.strip() else None)
     return json_response({"system_prompt": await manager.system_prompt(key)})
+
+
+@routes.put("/api/conversations/{conversation}/model")
+async def set_model(request: web.Request) -> web.Response:
+    """Choose the model that answers the conversation from its next message on (body ``{"model": name}``, a
+    name `/api/info` lists); 400 naming an unknown one."""
+    _, key = await _conversation(request)
+    name = _text_field(await _json_body(request), "model", MAX_MODEL_NAME_CHARS)
+    await _check(request, Action.SET_MODEL)
+    try:
+        chosen = await _state(request).manager.set_model(key, name or "")
+    except LlamarelayError as exc:  # not configured: the line names it and the choices
+        raise ApiError(400, "unknown_model", str(exc)) from None
+    return json_response({"model": chosen.name})

@@ -34,11 +34,11 @@ from bot.conversations.window import Window
 from bot.delivery import Delivery, Pacers
 from bot.engine.base import InferenceEngine, renders_template
 from bot.engine.remote import RemoteEngine
-from bot.errors import LlamarelayError
+from bot.errors import EngineError, LlamarelayError
 from bot.files import with_attachments
 from bot.images import ImageIntake, Vision, keep_images
 from bot.metrics import Metrics, Platforms
-from bot.models import configured_models
+from bot.models import Model, ModelRegistry
 from bot.prompt import Prompt
 from bot.store import Status, Store, StoredMessage, StoredToolCall
 from bot.text import clean_text, speaker_name
@@ -47,8 +47,8 @@ from bot.tools.details import details_text
 from bot.tools.registry import ToolSpec
 from bot.types import Controls, Incoming, Phase, ReplyStatus, ReplyTarget, SessionKey, log_name
 from bot.wording import (EMPTY_FILE, EMPTY_MESSAGE, NO_TOOL_CALLS, NOT_SAVED, NOT_STORED, NOTHING_TO_CONTINUE,
-                         RESET_NOTE, SHUTTING_DOWN, STALE_REPLY, STOPPED_NOTE, failed, something_went_wrong,
-                         too_many_waiting)
+                         RESET_NOTE, SHUTTING_DOWN, STALE_REPLY, STOPPED_NOTE, answered_by, failed, model_line,
+                         something_went_wrong, too_many_waiting, unknown_model)
 
 __all__ = ["ConversationManager"]
 
@@ -59,11 +59,21 @@ RESET_WAIT_SECONDS = 10.0  # /reset waits this long for the replies it ended to 
 Ask = NewMessage | Redo
 
 
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """What runs one model's prompts: its window, its stream, and its tool rounds."""
+
+    engine: InferenceEngine
+    window: Window
+    streaming: Streaming
+    tool_rounds: ToolRounds | RemoteToolRounds
+
+
 class ConversationManager:
     """Shared by every adapter: stores messages, builds prompts within the context window, runs the engine."""
 
     def __init__(self, engine: InferenceEngine, store: Store, settings: Settings, *,
-                 clock: Callable[[], float] = time.monotonic,
+                 models: ModelRegistry | None = None, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
         self.engine = engine
         self.store = store
@@ -81,23 +91,18 @@ class ConversationManager:
         # Adapters register how to reach their messages again: a process that outlives another rewrites the
         # messages of the replies the dead one left (see `start`).
         self.locators: dict[str, Locator] = {}
-        self.window = Window(engine, store, settings.conversation, settings.images)
+        # Every configured model; the default (``engine``) is open, the others load on first use (/model).
+        self.models = models or ModelRegistry(settings)
+        self.models.adopt(engine)
+        self._parts: dict[str, _Parts] = {}  # per model name: what runs its prompts, for its engine of now
+        self.window = self._parts_for(self.models.default, engine).window  # the default model's
         # Images: stored at the largest size a model reads; each model gets them at its own (bot.images).
-        self._models = configured_models(settings)
-        self._models[0].engine = engine  # the default model: its engine says whether its projector reads images
-        seeing = [model for model in self._models if model.capabilities.vision]
-        self.images = ImageIntake(settings.images, max(m.image_size for m in seeing or self._models[:1]))
+        every = [self.models.get(name) for name in self.models.names()]
+        seeing = [model for model in every if model.capabilities.vision]
+        self.images = ImageIntake(settings.images, max(m.image_size for m in seeing or every[:1]))
         self.sessions = SessionSettings(store, settings, lambda: engine.n_ctx)
-        self._streaming = Streaming(engine, store, self.metrics, settings.conversation, clock=clock)
         self.tools: Toolbox | None = None  # set by `use_tools` when tool servers are configured
         self.approvals = Approvals()  # tool calls waiting for Run / Deny; adapters forward presses here
-        # The embedded engine writes calls in the model's syntax; a remote server takes OpenAI's tools API.
-        self._tool_rounds: ToolRounds | RemoteToolRounds
-        if renders_template(engine):
-            self._tool_rounds = ToolRounds(engine, store, self.metrics, clock=clock, approvals=self.approvals)
-        else:  # a server reads OpenAI's tools API
-            assert isinstance(engine, RemoteEngine)
-            self._tool_rounds = RemoteToolRounds(engine, store, self.metrics, clock=clock, approvals=self.approvals)
         self._leases = Leases(store, self.metrics, self.locators, settings=settings.store, ours=lambda: (
             r.reply_id for line in self._lines.values() for r in line if r.reply_id is not None))
 
@@ -199,7 +204,8 @@ class ConversationManager:
             if request.generation is not None:
                 request.generation.cancel()
             if request.exchange is not None:
-                await asyncio.shield(self._store_reply(request.exchange, request.text, Status.INTERRUPTED, notes))
+                await asyncio.shield(self._store_reply(request.exchange, request.text, Status.INTERRUPTED, notes,
+                                                       model=request.model))
             raise
 
     async def _store_message(self, request: Request, ask: NewMessage) -> bool:
@@ -264,42 +270,83 @@ class ConversationManager:
         return Exchange(user.id, user.content, user.author_name, ask.reply_id, prefix)
 
     async def _generate(self, request: Request, exchange: Exchange) -> tuple[str, list[str]]:
-        """Build the prompt and stream the model's reply into ``request.text``: (status, notes)."""
+        """Build the prompt for the conversation's model and stream its reply into ``request.text``: (status,
+        notes). The model is loaded first when it is not; one that cannot answer fails this reply alone, with a
+        line that names it."""
         request.state = State.PROMPTING
+        model = await self.model(request.key)
+        request.model = model.name
+        async with self.models.use(model.name) as engine:
+            try:
+                status, notes = await self._generate_with(request, exchange, model, self._parts_for(model, engine))
+            except EngineError as exc:
+                if len(self.models.names()) == 1:  # nothing else to pick: the engine's own words, as ever
+                    raise
+                raise EngineError(self.models.failure_line(model.name, exc)) from exc
+        return status, notes + ([answered_by(model.name)] if not model.is_default else [])
+
+    async def _generate_with(self, request: Request, exchange: Exchange, model: Model, parts: _Parts
+                             ) -> tuple[str, list[str]]:
+        """Build the prompt that fits ``model``'s window (its template, its images, its tools) and run it."""
         sampling = await self.sampling(request.key)
+        if sampling.max_tokens >= parts.engine.n_ctx:  # a smaller window than the default's: leave room to read
+            sampling = sampling.model_copy(update={"max_tokens": parts.engine.n_ctx // 4})
         system = plain_system = await self.system_prompt(request.key)
-        tools = self.offered_tools(request.key, request.author_id, can_ask=request.delivery.asks_approval)
+        # Any model may call tools unless its [[models]] entry says tools = false: an embedded one writes them in
+        # its template's syntax (read back under a grammar), a server takes OpenAI's tools API.
+        tools = (self.offered_tools(request.key, request.author_id, can_ask=request.delivery.asks_approval)
+                 if model.declared_tools is not False else [])
         if tools:
-            system = self._tool_rounds.offer(plain_system, tools)
+            system = parts.tool_rounds.offer(plain_system, tools)
 
         async def run(prompt: Prompt, notes: list[str]) -> tuple[str, list[str]]:
             if request.ended is not None:
                 return Status.STOPPED, [request.ended]
             if tools:
                 assert self.tools is not None
-                return await self._tool_rounds.run(request, exchange, prompt, sampling, notes, box=self.tools,
+                return await parts.tool_rounds.run(request, exchange, prompt, sampling, notes, box=self.tools,
                                                    tools=tools, plain_system=plain_system)
-            return await self._streaming.run(request, exchange, prompt, sampling, notes)
+            return await parts.streaming.run(request, exchange, prompt, sampling, notes)
 
-        return await self.window.fit(request.key, exchange, system, sampling, run=run,
-                                     speakers=not SessionKey.parse(request.key).is_private,
-                                     wrote=lambda: request.text != exchange.prefix, vision=self.vision(request.key))
+        return await parts.window.fit(request.key, exchange, system, sampling, run=run,
+                                      speakers=not SessionKey.parse(request.key).is_private,
+                                      wrote=lambda: request.text != exchange.prefix, vision=self._vision_of(model))
 
-    def vision(self, key: SessionKey | str) -> Vision:
-        """What the model answering conversation ``key`` makes of images (the default model's until /model)."""
-        model = self._models[0]
-        return Vision(model.capabilities.vision, model.image_size,
-                      tuple(m.name for m in self._models if m.capabilities.vision))
+    def _parts_for(self, model: Model, engine: InferenceEngine) -> _Parts:
+        """What runs ``model``'s prompts on ``engine``, built once per engine (a model loaded again gets new)."""
+        parts = self._parts.get(model.name)
+        if parts is None or parts.engine is not engine:
+            rounds: ToolRounds | RemoteToolRounds
+            if renders_template(engine):
+                rounds = ToolRounds(engine, self.store, self.metrics, clock=self._clock, approvals=self.approvals)
+            else:  # a server reads OpenAI's tools API
+                assert isinstance(engine, RemoteEngine)
+                rounds = RemoteToolRounds(engine, self.store, self.metrics, clock=self._clock,
+                                          approvals=self.approvals)
+            parts = self._parts[model.name] = _Parts(
+                engine, Window(engine, self.store, self.settings.conversation, self.settings.images),
+                Streaming(engine, self.store, self.metrics, self.settings.conversation, clock=self._clock), rounds)
+        return parts
+
+    async def vision(self, key: SessionKey | str) -> Vision:
+        """What the model answering conversation ``key`` makes of images."""
+        return self._vision_of(await self.model(key))
+
+    def _vision_of(self, model: Model) -> Vision:
+        """What ``model`` makes of images; ``seeing``: the configured models that read them, for the note."""
+        seeing = tuple(name for name in self.models.names() if self.models.get(name).capabilities.vision)
+        return Vision(model.capabilities.vision, model.image_size, seeing)
 
     async def _end(self, request: Request, status: str, notes: list[str]) -> ReplyResult:
         """The reply as it ended, stored in its row (a request that never got one only reports)."""
         if request.exchange is None:
             return ReplyResult(status, "", notes)
-        return await self._store_reply(request.exchange, request.text, status, notes)
+        return await self._store_reply(request.exchange, request.text, status, notes, model=request.model)
 
-    async def _store_reply(self, exchange: Exchange, text: str, status: str, notes: list[str]) -> ReplyResult:
+    async def _store_reply(self, exchange: Exchange, text: str, status: str, notes: list[str], *,
+                           model: str | None = None) -> ReplyResult:
         try:
-            await self.store.finish_message(exchange.reply_id, text, status, "\n".join(notes))
+            await self.store.finish_message(exchange.reply_id, text, status, "\n".join(notes), model=model)
         except LlamarelayError as exc:  # no controls: Regenerate and Continue act on the stored reply
             log.error("could not store a reply: %s", exc)
             return ReplyResult(status, text, [*notes, NOT_STORED])
@@ -391,13 +438,26 @@ class ConversationManager:
         if newest:  # a message sent while the reset ran is the new conversation's first: it stays
             await self.store.clear_messages(str(key), through_id=newest[0].id)
 
-    def status(self, key: SessionKey | str | None = None) -> ConversationStatus:
-        """The engine's figures and, for ``key``, where that conversation's oldest unanswered message is."""
+    def status(self, key: SessionKey | str | None = None, model: Model | None = None) -> ConversationStatus:
+        """The engine's figures and, for ``key``, where that conversation's oldest unanswered message is; with
+        ``model`` (not the default), that model's figures while it is loaded, and its name."""
         line = [r for r in self._lines.get(str(key), []) if r.state is not State.DONE] if key else []
         first = line[0] if line else None
         backend: InferenceEngine = self.engine  # either kind: the request's generation is that backend's own
+        chosen = None if model is None or model.is_default else model
+        if chosen is not None and chosen.engine is not None:
+            backend = chosen.engine  # the figures of the engine its replies run on
         engine = backend.status(first.generation if first is not None else None)
-        return ConversationStatus(engine, first.state if first else None, max(0, len(line) - 1))
+        return ConversationStatus(engine, first.state if first else None, max(0, len(line) - 1),
+                                  model=None if chosen is None else model_line(chosen.name, chosen.engine is not None))
+
+    async def conversation_status(self, key: SessionKey | str) -> ConversationStatus:
+        """`status` of conversation ``key`` with the model that answers it (what /status shows)."""
+        try:
+            model: Model | None = await self.model(key)
+        except LlamarelayError:  # a choice no longer configured: its replies say so; the figures are the default's
+            model = None
+        return self.status(key, model)
 
     # -- settings (inherited: `bot.conversations.settings`) and the store's answers ------------------------
 
@@ -409,6 +469,29 @@ class ConversationManager:
 
     async def sampling(self, key: SessionKey | str) -> SamplingSettings:
         return await self.sessions.sampling(key)
+
+    async def model(self, key: SessionKey | str) -> Model:
+        """The model that answers conversation ``key``: its own choice, else its channel's, else the default.
+        A choice whose model is no longer configured raises `ModelUnavailable` naming it."""
+        name = await self.sessions.model(key)
+        return self.models.default if name is None else self.models.get(name)
+
+    async def model_name(self, key: SessionKey | str) -> str:
+        """The name of the model conversation ``key`` uses, as chosen (even one no longer configured)."""
+        return await self.sessions.model(key) or self.models.default.name
+
+    async def set_model(self, key: SessionKey, name: str) -> Model:
+        """Make model ``name`` (any case) answer conversation ``key`` from its next message on; the model.
+        An unknown name raises `LlamarelayError` with the line that names it and the choices."""
+        model = self.models.find(name)
+        if model is None:
+            raise LlamarelayError(unknown_model(name, self.models.names()))
+        await self.sessions.set_model(key, model.name)
+        return model
+
+    def model_choices(self) -> list[Model]:
+        """Every configured model, the default first (for /model's list and autocomplete)."""
+        return [self.models.get(name) for name in self.models.names()]
 
     async def set_sampling(self, key: SessionKey, **overrides: Any) -> None:
         await self.sessions.set_sampling(key, **overrides)
@@ -474,7 +557,8 @@ class ConversationManager:
 
     async def shutdown(self, timeout: float = 8.0) -> None:
         """Refuse new messages, end every request whatever its state, and wait (at most ``timeout`` s) until
-        each reply is stored and shown; after that, deliveries still going are cancelled."""
+        each reply is stored and shown; after that, deliveries still going are cancelled. Then the models loaded
+        on use are closed."""
         self._accepting = False
         for key in list(self._lines):
             self.stop(key, SHUTTING_DOWN)
@@ -493,6 +577,7 @@ class ConversationManager:
                     except LlamarelayError as exc:
                         log.error("could not store a reply at shutdown: %s", exc)
         await self._leases.stop()
+        await self.models.aclose()  # the models /model loaded; the default engine is its opener's to close
 
     async def wait_idle(self) -> None:
         """Wait until no message is being answered."""

@@ -92,6 +92,7 @@ class Request:
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # set when it is ended while waiting its turn
     author_id: str = ""  # who asked (a new message's author; "" for a Regenerate or Continue): tools' grants
     tool_call: asyncio.Task[Any] | None = None  # the tool call running now, cancelled by `end`
+    model: str | None = None  # the name of the model answering it, once chosen (stored with the reply)
 
     def end(self, note: str) -> None:
         """End this request as soon as it can be: at once while it waits, within a decode step while it runs."""
@@ -112,6 +113,7 @@ class ConversationStatus:
     engine: EngineStatus
     state: State | None = None
     waiting: int = 0  # messages behind it in the same conversation
+    model: str | None = None  # the Model line when the conversation's model is not the default
 
     @property
     def position(self) -> int | None:
@@ -121,6 +123,8 @@ class ConversationStatus:
     def lines(self) -> list[tuple[str, str]]:
         """(label, value) pairs for a /status answer; each platform adds its own bold."""
         lines = [(label, value) for label, value in self.engine.lines() if label != "This conversation"]
+        if self.model is not None:
+            lines = [(label, self.model if label == "Model" else value) for label, value in lines]
         place = conversation_place(self.state.value if self.state else None, self.position, self.waiting)
         lines.insert(2, ("This conversation", place))
         return lines

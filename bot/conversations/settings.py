@@ -1,4 +1,4 @@
-"""Per-session settings: a thread inherits its channel's system prompt and sampling until it sets its own."""
+"""Per-session settings: a thread inherits its channel's system prompt, sampling and model until it sets its own."""
 
 from __future__ import annotations
 
@@ -36,6 +36,18 @@ class SessionSettings:
     async def set_system_prompt(self, key: SessionKey, prompt: str | None) -> None:
         """Set this session's system prompt; None restores the configured default."""
         await self._store.set_system_prompt(str(key), None if prompt is None else clean_text(prompt))
+
+    async def model(self, key: SessionKey | str) -> str | None:
+        """The name of the model the conversation chose, else its channel's (a thread inherits); None: the default."""
+        key = _key(key)
+        for owner in (key, key.parent):
+            if owner is not None and (name := await self._store.model(str(owner))) is not None:
+                return name
+        return None
+
+    async def set_model(self, key: SessionKey, name: str | None) -> None:
+        """Choose this session's model by its configured name; None goes back to inheriting (or the default)."""
+        await self._store.set_model(str(key), name)
 
     async def sampling(self, key: SessionKey | str) -> SamplingSettings:
         """The configured sampling with the channel's overrides, then the conversation's own (a thread inherits)."""

@@ -17,8 +17,8 @@ from typing import Any, ClassVar, TypeGuard
 
 from bot.types import ImagePart
 
-__all__ = ["Store", "StoredImage", "StoredMessage", "StoredToolCall", "LapsedReply", "Status", "open_store",
-           "is_database_url", "redact_url"]
+__all__ = ["ADDED_FIELDS", "Store", "StoredImage", "StoredMessage", "StoredToolCall", "LapsedReply", "Status",
+           "open_store", "is_database_url", "redact_url"]
 
 
 class Status:
@@ -41,6 +41,7 @@ class StoredMessage:
     created_at: float
     notes: str = ""  # a reply: the lines the bot showed below it (stopped, errors), kept apart from its text
     feedback: str = ""  # a reply: "good" or "bad" when a user rated it (Slack's feedback buttons)
+    model: str = ""  # a reply: the name of the model that wrote it ("" before schema 7, or not yet known)
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,11 @@ class LapsedReply:
 
 # Every column of a session and of a message, as `dump` yields them and `load` takes them back; a reply's
 # lease and message reference are the running processes' business, never exported.
-SESSION_FIELDS = ("key", "system_prompt", "sampling", "created_at")
+SESSION_FIELDS = ("key", "system_prompt", "sampling", "created_at", "model")
 MESSAGE_FIELDS = ("id", "session_key", "role", "content", "status", "author_id", "author_name", "created_at",
-                  "notes", "feedback")
+                  "notes", "feedback", "model")
+# Fields an export written before schema 7 lacks, and what `load` reads in their place.
+ADDED_FIELDS: dict[str, dict[str, Any]] = {"session": {"model": None}, "message": {"model": ""}}
 
 
 # The row `probe` writes: a seen event that has already expired, so the next `claim_event` sweeps it away.
@@ -173,7 +176,10 @@ class Store(abc.ABC):
         """Save a reply's text so far while it is still generating: a crash keeps what users have seen."""
 
     @abc.abstractmethod
-    async def finish_message(self, message_id: int, content: str, status: str, notes: str = "") -> None: ...
+    async def finish_message(self, message_id: int, content: str, status: str, notes: str = "", *,
+                             model: str | None = None) -> None:
+        """Store a reply's final text, status and notes; ``model``: the name of the model that wrote it (None
+        leaves what is stored)."""
 
     @abc.abstractmethod
     async def set_feedback(self, key: str, message_id: int, feedback: str) -> bool:
@@ -225,6 +231,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def set_system_prompt(self, key: str, prompt: str | None) -> None: ...
+
+    @abc.abstractmethod
+    async def model(self, key: str) -> str | None:
+        """The name of the model session ``key`` chose itself (/model), None when it chose none."""
+
+    @abc.abstractmethod
+    async def set_model(self, key: str, name: str | None) -> None: ...
 
     @abc.abstractmethod
     async def sampling(self, key: str) -> dict[str, Any]: ...

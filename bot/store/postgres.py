@@ -29,7 +29,7 @@ MIGRATION_LOCK = 0x6C6C616D  # "llam"
 # A conversation's turn is the two-key lock (TURN_LOCK, hashtext(key)): a key space apart from the one-key locks.
 TURN_LOCK = 0x7475726E  # "turn"
 
-_MESSAGE_COLUMNS = "id, role, content, status, author_name, created_at, notes, feedback"
+_MESSAGE_COLUMNS = "id, role, content, status, author_name, created_at, notes, feedback, model"
 _ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 
 # Version n is MIGRATIONS[n - 1]; the same steps as SQLite's, in PostgreSQL's words.
@@ -90,6 +90,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at  DOUBLE PRECISION NOT NULL
         )""",
         "CREATE INDEX tool_calls_by_reply ON tool_calls (reply_id, id)",
+    ),
+    (  # 7: a conversation's own model (NULL: inherited, else the default) and the model that wrote each reply
+        "ALTER TABLE sessions ADD COLUMN model TEXT",
+        "ALTER TABLE messages ADD COLUMN model TEXT NOT NULL DEFAULT ''",
     ),
 )
 
@@ -307,9 +311,10 @@ class PostgresStore(Store):
         await self._execute("UPDATE messages SET content = $1 WHERE id = $2 AND status = $3",
                             storable(content), message_id, Status.GENERATING)
 
-    async def finish_message(self, message_id: int, content: str, status: str, notes: str = "") -> None:
-        await self._execute("UPDATE messages SET content = $1, status = $2, notes = $3 WHERE id = $4",
-                            storable(content), status, storable(notes), message_id)
+    async def finish_message(self, message_id: int, content: str, status: str, notes: str = "", *,
+                             model: str | None = None) -> None:
+        await self._execute("UPDATE messages SET content = $1, status = $2, notes = $3, model = COALESCE($5, model)"
+                            " WHERE id = $4", storable(content), status, storable(notes), message_id, model)
 
     async def set_feedback(self, key: str, message_id: int, feedback: str) -> bool:
         status = await self._execute("UPDATE messages SET feedback = $1 WHERE id = $2 AND session_key = $3"
@@ -392,6 +397,13 @@ class PostgresStore(Store):
                             " ON CONFLICT (key) DO UPDATE SET system_prompt = EXCLUDED.system_prompt",
                             key, time.time(), None if prompt is None else storable(prompt))
 
+    async def model(self, key: str) -> str | None:
+        return await self._fetchval("SELECT model FROM sessions WHERE key = $1", key)
+
+    async def set_model(self, key: str, name: str | None) -> None:
+        await self._execute("INSERT INTO sessions (key, created_at, model) VALUES ($1, $2, $3)"
+                            " ON CONFLICT (key) DO UPDATE SET model = EXCLUDED.model", key, time.time(), name)
+
     async def sampling(self, key: str) -> dict[str, Any]:
         value = await self._fetchval("SELECT sampling FROM sessions WHERE key = $1", key)
         return json.loads(value) if value is not None else {}
@@ -444,11 +456,12 @@ class PostgresStore(Store):
         with self._failing("import into"):
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.executemany(
-                    f"INSERT INTO sessions ({', '.join(SESSION_FIELDS)}) VALUES ($1, $2, $3, $4)",
-                    [(s["key"], s["system_prompt"], json.dumps(s["sampling"]), s["created_at"]) for s in sessions])
+                    f"INSERT INTO sessions ({', '.join(SESSION_FIELDS)}) VALUES ($1, $2, $3, $4, $5)",
+                    [(s["key"], s["system_prompt"], json.dumps(s["sampling"]), s["created_at"], s["model"])
+                     for s in sessions])
                 await connection.executemany(
                     f"INSERT INTO messages ({', '.join(MESSAGE_FIELDS)})"
-                    f" VALUES ({', '.join(f'${n}' for n in range(1, 11))})",
+                    f" VALUES ({', '.join(f'${n}' for n in range(1, len(MESSAGE_FIELDS) + 1))})",
                     [tuple(m[field] for field in MESSAGE_FIELDS) for m in messages])
                 # New messages continue after the highest imported id.
                 await connection.execute("SELECT setval(pg_get_serial_sequence('messages', 'id'),"

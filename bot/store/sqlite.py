@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 ONE_PROCESS_ONLY = ("another process has the SQLite database {path} open: SQLite serves one bot process only, so "
                     "replies may come out of order or twice; several processes need PostgreSQL ([store] url)")
 
-_MESSAGE_COLUMNS = "id, role, content, status, author_name, created_at, notes, feedback"
+_MESSAGE_COLUMNS = "id, role, content, status, author_name, created_at, notes, feedback, model"
 
 # Version n is MIGRATIONS[n - 1]. Never edit a released step: add the next one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -91,6 +91,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             created_at  REAL NOT NULL
         )""",
         "CREATE INDEX tool_calls_by_reply ON tool_calls (reply_id, id)",
+    ),
+    (  # 7: a conversation's own model (NULL: inherited, else the default) and the model that wrote each reply
+        # (a database from before versions were kept may lack the sessions table: step 1's, made first)
+        """CREATE TABLE IF NOT EXISTS sessions (
+            key            TEXT PRIMARY KEY,
+            system_prompt  TEXT,
+            sampling       TEXT NOT NULL DEFAULT '{}',
+            created_at     REAL NOT NULL
+        )""",
+        "ALTER TABLE sessions ADD COLUMN model TEXT",
+        "ALTER TABLE messages ADD COLUMN model TEXT NOT NULL DEFAULT ''",
     ),
 )
 
@@ -295,9 +306,10 @@ class SQLiteStore(Store):
         await self._write("UPDATE messages SET content = ? WHERE id = ? AND status = ?",
                           (storable(content), message_id, Status.GENERATING))
 
-    async def finish_message(self, message_id: int, content: str, status: str, notes: str = "") -> None:
-        await self._write("UPDATE messages SET content = ?, status = ?, notes = ? WHERE id = ?",
-                          (storable(content), status, storable(notes), message_id))
+    async def finish_message(self, message_id: int, content: str, status: str, notes: str = "", *,
+                             model: str | None = None) -> None:
+        await self._write("UPDATE messages SET content = ?, status = ?, notes = ?, model = COALESCE(?, model)"
+                          " WHERE id = ?", (storable(content), status, storable(notes), model, message_id))
 
     async def set_feedback(self, key: str, message_id: int, feedback: str) -> bool:
         cursor = await self._write("UPDATE messages SET feedback = ? WHERE id = ? AND session_key = ? AND role = ?",
@@ -389,6 +401,14 @@ class SQLiteStore(Store):
         await self._write("UPDATE sessions SET system_prompt = ? WHERE key = ?",
                           (None if prompt is None else storable(prompt), key))
 
+    async def model(self, key: str) -> str | None:
+        rows = await self._read("SELECT model FROM sessions WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    async def set_model(self, key: str, name: str | None) -> None:
+        await self._ensure_session(key)
+        await self._write("UPDATE sessions SET model = ? WHERE key = ?", (name, key))
+
     async def sampling(self, key: str) -> dict[str, Any]:
         rows = await self._read("SELECT sampling FROM sessions WHERE key = ?", (key,))
         return json.loads(rows[0][0]) if rows else {}
@@ -456,10 +476,11 @@ class SQLiteStore(Store):
             raise StoreError(f"the database {self.path} already holds conversations: import into a new one")
         async with self._immediate("import into"):
             await self._db.executemany(
-                f"INSERT INTO sessions ({', '.join(SESSION_FIELDS)}) VALUES (?, ?, ?, ?)",
-                ((s["key"], s["system_prompt"], json.dumps(s["sampling"]), s["created_at"]) for s in sessions))
+                f"INSERT INTO sessions ({', '.join(SESSION_FIELDS)}) VALUES ({', '.join('?' * len(SESSION_FIELDS))})",
+                ((s["key"], s["system_prompt"], json.dumps(s["sampling"]), s["created_at"], s["model"])
+                 for s in sessions))
             await self._db.executemany(
-                f"INSERT INTO messages ({', '.join(MESSAGE_FIELDS)}) VALUES ({', '.join('?' * 10)})",
+                f"INSERT INTO messages ({', '.join(MESSAGE_FIELDS)}) VALUES ({', '.join('?' * len(MESSAGE_FIELDS))})",
                 (tuple(m[field] for field in MESSAGE_FIELDS) for m in messages))
 
 

@@ -1,7 +1,7 @@
 """`llamarelay export` / `import`: every conversation as JSON lines, so history moves between backends.
 
 The file opens with a header line, then each session followed by its messages in order:
-``{"type": "session", "key": ..., "system_prompt": ..., "sampling": {...}, "created_at": ...}`` and
+``{"type": "session", "key": ..., "system_prompt": ..., "sampling": {...}, "created_at": ..., "model": ...}`` and
 ``{"type": "message", "id": ..., "session_key": ..., "role": ..., ...every column}``.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bot.errors import StoreError
-from bot.store import MESSAGE_FIELDS, SESSION_FIELDS, Store
+from bot.store import ADDED_FIELDS, MESSAGE_FIELDS, SESSION_FIELDS, Store
 
 __all__ = ["export_jsonl", "import_jsonl"]
 
@@ -66,6 +66,7 @@ async def import_jsonl(store: Store, path: Path) -> tuple[int, int]:
         fields = {"session": SESSION_FIELDS, "message": MESSAGE_FIELDS}.get(kind or "")
         if fields is None:
             raise StoreError(f"{path}:{number}: expected a session or a message")
+        record = {**ADDED_FIELDS[str(kind)], **record}  # an export of an older llamarelay lacks the newer fields
         if set(record) != set(fields):
             raise StoreError(f"{path}:{number}: a {kind} has exactly these fields: {', '.join(fields)}")
         (sessions if kind == "session" else messages).append(record)

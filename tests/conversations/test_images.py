@@ -119,7 +119,7 @@ async def test_an_embedded_model_with_a_projector_reads_the_picture_with_no_note
     engine = await asyncio.to_thread(Engine, settings.engine)
     manager = ConversationManager(engine, store, settings)
     try:
-        assert manager.vision(CHANNEL).sees
+        assert (await manager.vision(CHANNEL)).sees
         result = await ask(manager, "What is this?", await picture("red.png", (80, 60), (220, 30, 30)))
         assert result.status == Status.COMPLETE and result.text
         assert not any("can't see images" in note for note in result.notes)

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from bot.config import Settings, ToolGrant, ToolOptions, ToolServerSettings, ToolsSettings
+from bot.config import ModelSettings, Settings, ToolGrant, ToolOptions, ToolServerSettings, ToolsSettings
 from bot.conversations import ConversationManager
 from bot.conversations.tools import Toolbox
 from bot.engine import Engine
 from bot.store import Store
 from bot.tools import ToolAccess, ToolSupervisor
 from bot.types import SessionKey
-from bot.wording import STOPPED_NOTE, tool_rounds_used, tool_running, tools_used
+from bot.wording import STOPPED_NOTE, answered_by, tool_rounds_used, tool_running, tools_used
+from tests.conftest import MODEL_PATH
 from tests.conversations.helpers import Target, message
 
 SERVER = str(Path(__file__).resolve().parent.parent / "tools" / "mcp_server.py")
@@ -201,3 +202,22 @@ async def test_stop_ends_a_wait_for_approval_and_the_tool_never_runs(
     assert manager.approvals.waiting(str(DM)) == [] and not manager.approvals.answer(pending.id, run=True)
     assert await store.tool_calls(result.reply_id or 0) == []
     assert not (tmp_path / "marks").exists()  # the server was never asked to run it
+
+
+async def test_a_model_marked_tools_false_is_offered_none(engine: Engine, store: Store, settings: Settings,
+                                                          tools: ToolSupervisor) -> None:
+    settings.engine.n_threads = 1
+    settings.models = [ModelSettings(name="plain", path=MODEL_PATH, n_ctx=1024, kv_pool_mb=24, tools=False)]
+    manager = ConversationManager(engine, store, settings)
+    manager.use_tools(Toolbox(tools, ToolAccess(tools.settings.allow), tools.settings))
+    try:
+        await manager.set_sampling(DM, grammar=call_or("5"), max_tokens=40)
+        assert (await manager.respond(message("What is 2 plus 3?", DM), Target())).notes == [
+            tools_used(["Adding numbers"])]  # the default model calls the tool
+        await manager.set_model(DM, "plain")
+        result = await manager.respond(message("And 2 plus 3 again?", DM), Target())
+    finally:
+        await manager.shutdown()
+    # Offered nothing (no tools in its system prompt), the greedy model answers without a call: no tool ran.
+    assert result.status == "complete" and result.notes == [answered_by("plain")]
+    assert result.text == "5" and await store.tool_calls(result.reply_id or 0) == []

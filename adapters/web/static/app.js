@@ -245,6 +245,7 @@
     if (current !== id) return;
     ui.system.value = conversation.system_prompt;
     ui.systemSaved.textContent = "";
+    ui.model.value = conversation.model;
     if (streaming && streaming.conversation === id) {
       // This page is streaming into it: keep the live bubbles rather than the stored snapshot.
       return;
@@ -546,6 +547,12 @@
     ui.system.value = saved.system_prompt;
     ui.systemSaved.textContent = "Back to the default.";
   }));
+  ui.model.addEventListener("change", guarded(async () => {
+    const name = ui.model.value;  // read first: opening a new conversation shows its (default) model
+    const id = current || await newConversation();
+    const saved = await api("PUT", `conversations/${encodeURIComponent(id)}/model`, { model: name });
+    ui.model.value = saved.model;
+  }));
   ui.list.addEventListener("click", (event) => {
     const link = event.target.closest("a[data-id]");
     if (!link) return;
@@ -556,6 +563,20 @@
     if (id && id !== current) guarded(() => open(id))();
   });
 
+  // The configured models, for the picker: its value is the open conversation's model (the default until one
+  // is opened); a model other than the default says so under each of its answers.
+  function showModels(models) {
+    ui.model.replaceChildren(...models.map((model) => {
+      const option = document.createElement("option");
+      option.value = model.name;
+      option.textContent = model.name + (model.description ? ` — ${model.description}` : "");
+      option.title = model.vision ? "reads images" : "";
+      return option;
+    }));
+    ui.model.value = models.find((model) => model.default).name;
+    ui.model.disabled = models.length < 2;
+  }
+
   async function start() {
     let info;
     try {
@@ -565,7 +586,7 @@
       await authorize();
       info = await api("GET", "info");
     }
-    ui.model.textContent = `Model: ${info.model}`;
+    showModels(info.models);
     ui.input.maxLength = info.max_message_chars;
     ui.system.maxLength = info.max_system_prompt_chars;
     ui.system.value = info.default_system_prompt;
