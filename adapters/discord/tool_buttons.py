@@ -9,15 +9,13 @@ waiting itself is the core's (`bot.tools.approvals`). Tool details answer only t
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 
+from adapters.discord.interactions import bot_of
 from bot.access import Action
 from bot.wording import APPROVAL_GONE, APPROVED, DENIED
-
-if TYPE_CHECKING:
-    from adapters.discord.bot import DiscordBot
 
 __all__ = ["ApprovalButton", "ToolDetailsButton", "TOOL_BUTTONS"]
 
@@ -27,10 +25,6 @@ EPHEMERAL_LIMIT = 2000  # characters of one message
 
 async def _tell(interaction: discord.Interaction, text: str) -> None:
     await interaction.response.send_message(text[:EPHEMERAL_LIMIT], ephemeral=True, allowed_mentions=NO_MENTIONS)
-
-
-def _bot(interaction: discord.Interaction) -> DiscordBot:
-    return interaction.client  # type: ignore[return-value]  # typed Client; ours is a DiscordBot
 
 
 class ApprovalButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
@@ -51,7 +45,7 @@ class ApprovalButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
         return cls(match["approval"], match["choice"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        bot = _bot(interaction)
+        bot = bot_of(interaction)
         approvals = bot.manager.approvals
         pending = approvals.get(self.approval)
         key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
@@ -84,7 +78,7 @@ class ToolDetailsButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
         return cls(int(match["reply_id"]))
 
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
-        bot = _bot(interaction)
+        bot = bot_of(interaction)
         key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
         if (why := await bot.refusal(interaction.user, key)) is not None:
             await _tell(interaction, why)
@@ -92,7 +86,7 @@ class ToolDetailsButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
         return True
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        bot = _bot(interaction)
+        bot = bot_of(interaction)
         key = bot.session_for(interaction.channel, interaction.user, interaction.guild_id)
         await _tell(interaction, await bot.manager.tool_details(key, self.reply_id, EPHEMERAL_LIMIT))
 
