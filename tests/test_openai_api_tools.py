@@ -13,6 +13,7 @@ import pytest
 from adapters.openai_api.schema import ApiError, parse_chat_request
 from adapters.openai_api.tool_calls import ToolTurn, model_format, prompt_messages
 from bot.engine import Engine
+from tests.conftest import MODEL_PATH
 from tests.test_openai_api import DEFAULTS, TOKEN, api, post, stream  # noqa: F401
 
 ADD = {"type": "function", "function": {"name": "add", "description": "Add two integers.",
@@ -24,12 +25,13 @@ WEATHER = {"type": "function", "function": {"name": "weather", "description": "T
                                                            "properties": {"city": {"type": "string",
                                                                                    "enum": ["Paris", "Oslo"]}}}}}
 ASK = [{"role": "user", "content": "What is 2 plus 3? Use the add tool."}]
+MODEL = MODEL_PATH.stem  # the default model's name, as /v1/models lists it
 
 
 async def test_the_openai_client_gets_a_tool_call_whole_and_streamed(api: str) -> None:
     async with openai.AsyncOpenAI(base_url=api, api_key=TOKEN, max_retries=0) as client:
         completion = await client.chat.completions.create(
-            model="m", messages=ASK, tools=[ADD, WEATHER], tool_choice="required", max_tokens=60)  # type: ignore[arg-type,list-item]
+            model=MODEL, messages=ASK, tools=[ADD, WEATHER], tool_choice="required", max_tokens=60)  # type: ignore[arg-type,list-item]
         choice = completion.choices[0]
         assert choice.finish_reason == "tool_calls"
         [call] = choice.message.tool_calls or []
@@ -42,7 +44,7 @@ async def test_the_openai_client_gets_a_tool_call_whole_and_streamed(api: str) -
         assert "<tool_call>" not in (choice.message.content or "")
 
         chunks = await client.chat.completions.create(
-            model="m", messages=ASK, tools=[ADD, WEATHER], stream=True, max_tokens=60,  # type: ignore[arg-type,list-item]
+            model=MODEL, messages=ASK, tools=[ADD, WEATHER], stream=True, max_tokens=60,  # type: ignore[arg-type,list-item]
             tool_choice={"type": "function", "function": {"name": "weather"}})
         streamed: list[Any] = []
         finish = None
@@ -55,7 +57,7 @@ async def test_the_openai_client_gets_a_tool_call_whole_and_streamed(api: str) -
         assert json.loads(piece.function.arguments or "")["city"] in ("Paris", "Oslo")
 
         # The caller ran the tool: its result goes back as a tool message; "none" offers no tools this time.
-        answer = await client.chat.completions.create(model="m", tool_choice="none", tools=[ADD], max_tokens=8,
+        answer = await client.chat.completions.create(model=MODEL, tool_choice="none", tools=[ADD], max_tokens=8,
                                                       messages=[*ASK, {"role": "assistant", "content": None,  # type: ignore[list-item]
                                                                        "tool_calls": [call.model_dump()]},
                                                                 {"role": "tool", "tool_call_id": call.id,
