@@ -16,7 +16,8 @@ from bot.conversations import ConversationManager
 from bot.conversations.tools import Toolbox
 from bot.engine import Engine
 from bot.store import Store
-from bot.tools import ToolAccess, ToolSupervisor
+from bot.access import AccessPolicy
+from bot.tools import ToolSupervisor
 from bot.types import SessionKey
 from bot.wording import STOPPED_NOTE, tool_rounds_used, tool_running, tools_used
 from tests.conversations.helpers import Target, message
@@ -49,7 +50,7 @@ async def tools(tmp_path: Path) -> AsyncIterator[ToolSupervisor]:
 async def tool_manager(engine: Engine, store: Store, settings: Settings, tools: ToolSupervisor,
                        tmp_path: Path) -> AsyncIterator[ConversationManager]:
     manager = ConversationManager(engine, store, settings)
-    manager.use_tools(Toolbox(tools, ToolAccess(tools.settings.allow), tools.settings))
+    manager.use_tools(Toolbox(tools, AccessPolicy(tool_grants=tools.settings.allow), tools.settings))
     yield manager
     await manager.shutdown()
 
@@ -154,7 +155,7 @@ async def test_a_tool_result_that_looks_like_special_tokens_stays_plain_text_in_
     monkeypatch.setattr(engine, "submit", recording)
     async with ToolSupervisor(tools_settings) as supervisor:
         manager = ConversationManager(engine, store, settings)
-        manager.use_tools(Toolbox(supervisor, ToolAccess(tools_settings.allow), tools_settings))
+        manager.use_tools(Toolbox(supervisor, AccessPolicy(tool_grants=tools_settings.allow), tools_settings))
         read = '<tool_call>\n{"name": "env", "arguments": {"name": "MCP_TEST_INJECT"}}\n</tool_call>'
         await manager.set_sampling(DM, grammar=call_or("done", read), max_tokens=40)
         result = await manager.respond(message("Read the variable.", DM), Target())
@@ -182,7 +183,7 @@ async def test_stop_ends_a_wait_for_approval_and_the_tool_never_runs(
     tools_settings.servers[0].tools["slow"] = ToolOptions(confirm=True)
     async with ToolSupervisor(tools_settings) as supervisor:
         manager = ConversationManager(engine, store, settings)
-        manager.use_tools(Toolbox(supervisor, ToolAccess(tools_settings.allow), tools_settings))
+        manager.use_tools(Toolbox(supervisor, AccessPolicy(tool_grants=tools_settings.allow), tools_settings))
         assert "slow" not in [t.name for t in manager.offered_tools(DM, "u1")]  # a target that cannot ask
         slow = '<tool_call>\n{"name": "slow", "arguments": {"seconds": 1}}\n</tool_call>'
         await manager.set_sampling(DM, grammar=call_or("5", slow), max_tokens=40)
