@@ -5,16 +5,23 @@ Each adapter maps its platform's identities onto an `Actor` (who) and a `Place` 
 `AccessPolicy.check` one question, and renders the `Decision` it gets (`bot.wording.refusal_text` holds the
 words, once).
 Approving a tool call (Run / Deny) is `Action.APPROVE_TOOL`: only the user who asked, or an admin.
+Which tools a conversation may use is `AccessPolicy.tools_for`: the ``[[tools.allow]]`` grants, matched against
+the place's session key, the actor's id and roles, and the tool's name. No grant, no tools.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from bot.ratelimit import RateLimiter
 from bot.types import SessionKey
+
+if TYPE_CHECKING:
+    from bot.config import ToolGrant
 
 __all__ = ["AccessPolicy", "Action", "Actor", "Decision", "Place", "Refusal"]
 
@@ -50,13 +57,16 @@ class Place:
     dm: bool
     server: str = ""
     channels: frozenset[str] = frozenset()  # the channel and, in a thread, the thread: either may be listed
+    key: str = ""  # the conversation's session key, which ``[[tools.allow]]`` places match ("" = none known)
 
     @classmethod
-    def of(cls, key: SessionKey) -> Place:
+    def of(cls, key: SessionKey | str) -> Place:
         """The place of conversation ``key`` (a DM key is a DM; a channel key names its server and channels)."""
+        key = SessionKey.parse(key) if isinstance(key, str) else key
         if key.is_private:
-            return cls(dm=True)
-        return cls(dm=False, server=key.workspace, channels=frozenset(c for c in (key.channel, key.thread) if c))
+            return cls(dm=True, key=str(key))
+        return cls(dm=False, server=key.workspace, channels=frozenset(c for c in (key.channel, key.thread) if c),
+                   key=str(key))
 
 
 @dataclass(frozen=True)
@@ -88,8 +98,24 @@ class Decision:
         return self.refusal is None
 
 
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+NamedT = TypeVar("NamedT", bound=_Named)
+
+
 def _ids(values: Iterable[object]) -> frozenset[str]:
     return frozenset(str(value) for value in values)
+
+
+def _grants(grant: ToolGrant, actor: Actor, key: str, tool: str) -> bool:
+    """Whether this one grant lets ``actor`` use ``tool`` in the conversation whose session key is ``key``."""
+    place = any(fnmatchcase(key, pattern) for pattern in grant.places)
+    who = (not grant.users and not grant.roles) or (bool(actor.id) and actor.id in grant.users) \
+        or bool(actor.roles & set(grant.roles))
+    return place and who and any(fnmatchcase(tool, pattern) for pattern in grant.tools)
 
 
 class AccessPolicy:
@@ -98,16 +124,20 @@ class AccessPolicy:
     Admins pass every list and have no rate limit. A DM is answered when direct messages are on and the user
     is allowed somewhere: listed, or (where the platform can tell) a member of an allowed server who passes
     its lists.
+
+    ``tool_grants`` (``[[tools.allow]]``) say which tools each place may use, apart from the lists above: a message
+    that reaches the model has passed them already, and tools are opt-in on top, for admins too.
     """
 
     def __init__(self, *, servers: Iterable[object] = (), channels: Iterable[object] = (),
                  roles: Iterable[object] = (), users: Iterable[object] = (), admins: Iterable[object] = (),
                  dms_enabled: bool = True, messages_per_minute: int = 0,
-                 limiter: RateLimiter | None = None) -> None:
+                 limiter: RateLimiter | None = None, tool_grants: Sequence[ToolGrant] = ()) -> None:
         self.servers, self.channels, self.roles = _ids(servers), _ids(channels), _ids(roles)
         self.users, self.admins = _ids(users), _ids(admins)
         self.dms_enabled = dms_enabled
         self.limiter = limiter or RateLimiter(messages_per_minute)
+        self.tool_grants = list(tool_grants)
 
     def is_admin(self, actor: Actor) -> bool:
         return actor.id in self.admins
@@ -133,6 +163,17 @@ class AccessPolicy:
         """A tool call acts for the user who asked, so they decide; an admin (configured, or the platform's
         manager of the place) may decide for anyone."""
         return admin or actor.manages_place or (bool(owner) and actor.id == owner)
+
+    def may_use_tool(self, actor: Actor, place: Place, tool: str) -> bool:
+        """Whether the model answering ``actor`` in ``place`` may call ``tool``: some grant names the place (a
+        session-key pattern), the tool (a name pattern) and, if it lists users or roles, the actor's id or one of
+        their roles. An unknown actor (id "", as for a Regenerate) passes only grants open to everyone; a place
+        whose key is unknown passes none."""
+        return bool(place.key) and any(_grants(grant, actor, place.key, tool) for grant in self.tool_grants)
+
+    def tools_for(self, actor: Actor, place: Place, tools: Iterable[NamedT]) -> list[NamedT]:
+        """The ``tools`` (anything with a ``name``) that ``actor`` may have the model use in ``place``, in order."""
+        return [tool for tool in tools if self.may_use_tool(actor, place, tool.name)]
 
     @staticmethod
     def may_change_settings(place: Place, *, admin: bool) -> bool:

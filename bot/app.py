@@ -72,12 +72,13 @@ async def start_tools(settings: Settings, manager: ConversationManager) -> ToolS
     if not settings.tools.servers:
         return None
     from bot.conversations.tools import Toolbox
-    from bot.tools import ToolAccess, ToolSupervisor
+    from bot.access import AccessPolicy
+    from bot.tools import ToolSupervisor
 
     tools = ToolSupervisor(settings.tools)
     await tools.start()
     tools.register_metrics(manager.metrics.registry)
-    manager.use_tools(Toolbox(tools, ToolAccess(settings.tools.allow), settings.tools))
+    manager.use_tools(Toolbox(tools, AccessPolicy(tool_grants=settings.tools.allow), settings.tools))
     return tools
 
 

@@ -406,10 +406,15 @@ class ToolServerSettings(_Section):
 
 
 class ToolGrant(_Section):
+    """One ``[[tools.allow]]`` grant; `bot.access.AccessPolicy.tools_for` matches them."""
+
     places: list[str] = Field(min_length=1, description="conversations, as session-key patterns: "
                               "'discord/ch/<server>/*' a whole server, 'discord/ch/<server>/<channel>*' a channel "
                               "and its threads, 'slack/ch/<workspace>/*', 'discord/dm/*', 'web/*'")
-    users: list[str] = Field(default_factory=list, description="only these user ids there; empty = everyone")
+    users: list[str] = Field(default_factory=list, description="only these user ids there (or the roles below); "
+                             "users and roles both empty = everyone")
+    roles: list[str] = Field(default_factory=list, description="only members with one of these Discord role ids "
+                             "there (or the users above)")
     tools: list[str] = Field(default_factory=lambda: ["*"], description="tool names (patterns); '*' = every tool")
 
     @field_validator("places")
@@ -421,11 +426,27 @@ class ToolGrant(_Section):
                                  "or 'web/*'")
         return places
 
+    @field_validator("users", "roles", mode="before")
+    @classmethod
+    def _ids_as_text(cls, ids: Any) -> Any:
+        """Ids may be written as TOML integers (Discord's snowflakes); they are matched as text."""
+        return [str(i) if isinstance(i, int) and not isinstance(i, bool) else i for i in ids] \
+            if isinstance(ids, list) else ids
+
+    @field_validator("roles")
+    @classmethod
+    def _role_ids(cls, roles: list[str]) -> list[str]:
+        for role in roles:
+            if not role.isdigit():
+                raise ValueError(f"'{role}' is not a role id: write the role's number (Discord: Server Settings, "
+                                 "Roles, right-click the role, Copy Role ID)")
+        return roles
+
 
 class ToolsSettings(_Section):
     servers: list[ToolServerSettings] = Field(default_factory=list, description="MCP servers; none = no tools")
-    allow: list[ToolGrant] = Field(default_factory=list, description="which places (and users) may use which "
-                                   "tools; none = no place may (tools are opt-in)")
+    allow: list[ToolGrant] = Field(default_factory=list, description="which places (and users or roles) may use "
+                                   "which tools; none = no place may (tools are opt-in)")
     max_rounds: int = Field(4, ge=1, le=50, description="most rounds of tool calls in one reply")
     call_timeout: float = Field(30.0, gt=0, le=3600, description="seconds one tool call may take")
     approval_timeout: float = Field(120.0, gt=0, le=3600, description="seconds a confirm = true call waits for "

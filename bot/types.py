@@ -113,6 +113,7 @@ class Incoming:
     event_id: str = ""
     attachments: tuple[Attachment, ...] = ()
     images: tuple[ImagePart, ...] = ()  # read and scaled by `bot.images`; its skipped ones are in attachments
+    author_roles: frozenset[str] = frozenset()  # the author's role ids in the place (Discord), for tools' grants
 
 
 @dataclass(frozen=True)

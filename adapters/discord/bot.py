@@ -20,6 +20,7 @@ import discord
 from adapters.discord.commands import LlamarelayTree
 from adapters.discord.controls import BUTTONS
 from adapters.discord.files import read_files
+from adapters.discord.interactions import role_ids
 from adapters.discord.targets import NO_MENTIONS, ChannelTarget, locate
 from bot.access import AccessPolicy, Action, Actor, Decision, Place, Refusal
 from bot.text import clean_text
@@ -109,8 +110,8 @@ class DiscordBot(discord.Client):
                     manages_place: bool = False, owner: str = "") -> Decision:
         """The core's access policy for ``user`` in conversation ``key``: Discord's roles, and for a DM whether
         the user is a member of an allowed server. ``manages_place``: Manage Server, which may change settings."""
-        actor = Actor(str(user.id), roles=frozenset(str(role.id) for role in getattr(user, "roles", [])),
-                      manages_place=manages_place, member_elsewhere=lambda: self._member_of_allowed_guild(user))
+        actor = Actor(str(user.id), roles=role_ids(user), manages_place=manages_place,
+                      member_elsewhere=lambda: self._member_of_allowed_guild(user))
         return await self.policy.check(actor, Place.of(key), action, owner=owner)
 
     async def refusal(self, user: discord.abc.User, key: SessionKey, action: Action = Action.USE, *,
@@ -222,7 +223,8 @@ class DiscordBot(discord.Client):
         files, images = await read_files(message.attachments, self.manager.limits.max_file_bytes,
                                          self.manager.images)
         incoming = Incoming(key, str(message.author.id), message.author.display_name, text,
-                            event_id=str(message.id), attachments=files, images=images)
+                            event_id=str(message.id), attachments=files, images=images,
+                            author_roles=role_ids(message.author))
         await self.answer(self.manager.respond(incoming, target), key, typing_in=channel)
 
     async def _open_thread(self, message: discord.Message, name: str) -> discord.Thread | None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 
-from adapters.discord.interactions import bot_of
+from adapters.discord.interactions import bot_of, role_ids
 from adapters.discord.menus import ask_about_message, summarize_until
 from adapters.discord.targets import NO_MENTIONS, InteractionTarget
 from bot.access import Action
@@ -111,7 +111,8 @@ async def ask(interaction: discord.Interaction, prompt: str) -> None:
     await interaction.response.defer(thinking=True)
     user = interaction.user
     key = _session(interaction)
-    incoming = Incoming(key, str(user.id), user.display_name, prompt, event_id=str(interaction.id))
+    incoming = Incoming(key, str(user.id), user.display_name, prompt, event_id=str(interaction.id),
+                        author_roles=role_ids(user))
     target = InteractionTarget(interaction, min_edit_interval=bot.settings.edit_interval)
     await bot.answer(bot.manager.respond(incoming, target), key)
 

@@ -15,7 +15,7 @@ import discord
 from discord import app_commands
 
 from adapters.discord.files import read_files
-from adapters.discord.interactions import bot_of
+from adapters.discord.interactions import bot_of, role_ids
 from adapters.discord.targets import NO_MENTIONS, InteractionTarget
 from bot.access import Action
 from bot.context import ask_about, summarize
@@ -112,6 +112,6 @@ async def _answer(interaction: discord.Interaction, text: str, files: tuple[Atta
     user = interaction.user
     key = bot.session_for(interaction.channel, user, interaction.guild_id)
     incoming = Incoming(key, str(user.id), user.display_name, text, event_id=str(interaction.id),
-                        attachments=files, images=images)
+                        attachments=files, images=images, author_roles=role_ids(user))
     target = InteractionTarget(interaction, min_edit_interval=bot.settings.edit_interval)
     await bot.answer(bot.manager.respond(incoming, target), key)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Literal
 
+from bot.access import Actor
 from bot.config import ConversationSettings, SamplingSettings, Settings
 from bot.conversations import redo
 from bot.conversations.leases import Leases
@@ -163,7 +164,8 @@ class ConversationManager:
         if len(line) > self.settings.conversation.max_waiting:
             return await self._refuse(key, target, [too_many_waiting(len(line) - 1)])
         delivery = self._delivery(key, target, on_moved=lambda index, at: self._moved(request, index, at))
-        request = Request(str(key), delivery, author_id=ask.incoming.author_id if isinstance(ask, NewMessage) else "")
+        request = Request(str(key), delivery, author_id=ask.incoming.author_id if isinstance(ask, NewMessage) else "",
+                          author_roles=ask.incoming.author_roles if isinstance(ask, NewMessage) else frozenset())
         self._lines.setdefault(request.key, []).append(request)
         self._idle.clear()
         try:
@@ -294,7 +296,8 @@ class ConversationManager:
         system = plain_system = await self.system_prompt(request.key)
         # Any model may call tools unless its [[models]] entry says tools = false: an embedded one writes them in
         # its template's syntax (read back under a grammar), a server takes OpenAI's tools API.
-        tools = (self.offered_tools(request.key, request.author_id, can_ask=request.delivery.asks_approval)
+        tools = (self.offered_tools(request.key, request.author_id, roles=request.author_roles,
+                                    can_ask=request.delivery.asks_approval)
                  if model.declared_tools is not False else [])
         if tools:
             system = parts.tool_rounds.offer(plain_system, tools)
@@ -385,10 +388,14 @@ class ConversationManager:
         except LlamarelayError:
             return False
 
-    def offered_tools(self, key: SessionKey | str, user_id: str, *, can_ask: bool = False) -> list[ToolSpec]:
-        """The tools the model is offered in conversation ``key`` answering ``user_id``; none without a grant.
-        ``can_ask``: the reply can show Run / Deny, so ``confirm = true`` tools are offered too."""
-        return self.tools.offered(key, user_id, can_ask=can_ask) if self.tools is not None else []
+    def offered_tools(self, key: SessionKey | str, user_id: str, *, roles: frozenset[str] = frozenset(),
+                      can_ask: bool = False) -> list[ToolSpec]:
+        """The tools the model is offered in conversation ``key`` answering ``user_id`` (with ``roles``), as the
+        access policy grants them; none without a grant. ``can_ask``: the reply can show Run / Deny, so
+        ``confirm = true`` tools are offered too."""
+        if self.tools is None:
+            return []
+        return self.tools.offered(key, Actor(user_id, roles=roles), can_ask=can_ask)
 
     # -- where a reply's message is, for a survivor's rewrite -------------------------------------------------
 

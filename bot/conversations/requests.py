@@ -91,6 +91,7 @@ class Request:
     ended: str | None = None  # the note of /stop, /reset or shutdown once one has ended it early
     wake: asyncio.Event = field(default_factory=asyncio.Event)  # set when it is ended while waiting its turn
     author_id: str = ""  # who asked (a new message's author; "" for a Regenerate or Continue): tools' grants
+    author_roles: frozenset[str] = frozenset()  # their roles in the place (Discord), for tools' grants
     tool_call: asyncio.Task[Any] | None = None  # the tool call running now, cancelled by `end`
     model: str | None = None  # the name of the model answering it, once chosen (stored with the reply)
 

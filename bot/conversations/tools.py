@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from bot.access import AccessPolicy, Actor, Place
 from bot.config import SamplingSettings, ToolsSettings
 from bot.conversations.requests import Exchange, Request, State
 from bot.conversations.streaming import CHECKPOINT_SECONDS, outcome
@@ -22,7 +23,6 @@ from bot.metrics import Metrics, TokenTimer
 from bot.prompt import Prompt
 from bot.store import Status, Store, StoredToolCall
 from bot.tools.approvals import Approvals, Verdict
-from bot.tools.permissions import ToolAccess
 from bot.tools.registry import ToolSpec
 from bot.tools.syntax import (
     CallInvalid,
@@ -70,16 +70,17 @@ class ToolCaller(Protocol):
 
 @dataclass(frozen=True)
 class Toolbox:
-    """The tool servers and who may use which of their tools."""
+    """The tool servers, and the access policy that holds their grants (``[[tools.allow]]``, one list for every
+    platform: `AccessPolicy.tools_for` decides)."""
 
     caller: ToolCaller
-    access: ToolAccess
+    access: AccessPolicy
     settings: ToolsSettings
 
-    def offered(self, key: SessionKey | str, user_id: str, *, can_ask: bool = False) -> list[ToolSpec]:
-        """The tools the model is offered in conversation ``key`` answering ``user_id``. Tools that need the
+    def offered(self, key: SessionKey | str, actor: Actor, *, can_ask: bool = False) -> list[ToolSpec]:
+        """The tools the model is offered in conversation ``key`` answering ``actor``. Tools that need the
         user's approval are left out where the reply cannot ask for it (``can_ask``: Run / Deny buttons)."""
-        return [tool for tool in self.access.offered(key, user_id, self.caller.tools())
+        return [tool for tool in self.access.tools_for(actor, Place.of(key), self.caller.tools())
                 if can_ask or not tool.confirm]
 
 

@@ -1,4 +1,4 @@
-"""Tools from MCP servers: the servers' supervisor, the tool registry, who may use which tool, results as plain
+"""Tools from MCP servers: the servers' supervisor, the tool registry, results as plain
 text, the models' tool-call syntax (prompt, parser, grammar), the calls waiting for Run / Deny (`approvals`) and
 a reply's calls as the user expands them (`details`). The reply loops are `bot.conversations.tools` (embedded
 engine) and `bot.conversations.remote_tools` (OpenAI's tools API).
@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from bot.tools.health import ServerHealth, ServerState
-from bot.tools.permissions import ToolAccess
 from bot.tools.registry import ToolRegistry, ToolSpec
 
-__all__ = ["ServerHealth", "ServerState", "ToolAccess", "ToolRegistry", "ToolResult", "ToolSpec", "ToolSupervisor"]
+__all__ = ["ServerHealth", "ServerState", "ToolRegistry", "ToolResult", "ToolSpec", "ToolSupervisor"]
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,8 @@ from bot.config import Settings, ToolGrant, ToolServerSettings, ToolsSettings
 from bot.conversations import ConversationManager
 from bot.conversations.tools import Toolbox
 from bot.store import Store
-from bot.tools import ToolAccess, ToolSupervisor
+from bot.access import AccessPolicy
+from bot.tools import ToolSupervisor
 from bot.types import SessionKey
 from bot.wording import tool_running, tools_used
 from tests.conversations.helpers import Target, message
@@ -37,7 +38,7 @@ async def remote_with_tools(settings: Settings, store: Store, server: RecordingS
     tools = ToolsSettings(servers=[ToolServerSettings(name="test", command=sys.executable, args=[SERVER])],
                           allow=[ToolGrant(places=["test/dm/*"], tools=["add", "pid"])], max_rounds=max_rounds)
     async with ToolSupervisor(tools) as supervisor, recorded_manager(settings, store, server, vision=False) as manager:
-        manager.use_tools(Toolbox(supervisor, ToolAccess(tools.allow), tools))
+        manager.use_tools(Toolbox(supervisor, AccessPolicy(tool_grants=tools.allow), tools))
         yield manager
 
 

@@ -16,7 +16,8 @@ from bot.conversations import ConversationManager
 from bot.conversations.tools import Toolbox
 from bot.engine import Engine
 from bot.store import Store
-from bot.tools import ToolAccess, ToolSupervisor
+from bot.access import AccessPolicy
+from bot.tools import ToolSupervisor
 from bot.types import SessionKey
 from bot.wording import STOPPED_NOTE, answered_by, tool_rounds_used, tool_running, tools_used
 from tests.conftest import MODEL_PATH
@@ -50,7 +51,7 @@ async def tools(tmp_path: Path) -> AsyncIterator[ToolSupervisor]:
 async def tool_manager(engine: Engine, store: Store, settings: Settings, tools: ToolSupervisor,
                        tmp_path: Path) -> AsyncIterator[ConversationManager]:
     manager = ConversationManager(engine, store, settings)
-    manager.use_tools(Toolbox(tools, ToolAccess(tools.settings.allow), tools.settings))
+    manager.use_tools(Toolbox(tools, AccessPolicy(tool_grants=tools.settings.allow), tools.settings))
     yield manager
     await manager.shutdown()
 
@@ -155,7 +156,7 @@ async def test_a_tool_result_that_looks_like_special_tokens_stays_plain_text_in_
     monkeypatch.setattr(engine, "submit", recording)
     async with ToolSupervisor(tools_settings) as supervisor:
         manager = ConversationManager(engine, store, settings)
-        manager.use_tools(Toolbox(supervisor, ToolAccess(tools_settings.allow), tools_settings))
+        manager.use_tools(Toolbox(supervisor, AccessPolicy(tool_grants=tools_settings.allow), tools_settings))
         read = '<tool_call>\n{"name": "env", "arguments": {"name": "MCP_TEST_INJECT"}}\n</tool_call>'
         await manager.set_sampling(DM, grammar=call_or("done", read), max_tokens=40)
         result = await manager.respond(message("Read the variable.", DM), Target())
@@ -183,7 +184,7 @@ async def test_stop_ends_a_wait_for_approval_and_the_tool_never_runs(
     tools_settings.servers[0].tools["slow"] = ToolOptions(confirm=True)
     async with ToolSupervisor(tools_settings) as supervisor:
         manager = ConversationManager(engine, store, settings)
-        manager.use_tools(Toolbox(supervisor, ToolAccess(tools_settings.allow), tools_settings))
+        manager.use_tools(Toolbox(supervisor, AccessPolicy(tool_grants=tools_settings.allow), tools_settings))
         assert "slow" not in [t.name for t in manager.offered_tools(DM, "u1")]  # a target that cannot ask
         slow = '<tool_call>\n{"name": "slow", "arguments": {"seconds": 1}}\n</tool_call>'
         await manager.set_sampling(DM, grammar=call_or("5", slow), max_tokens=40)
@@ -209,7 +210,7 @@ async def test_a_model_marked_tools_false_is_offered_none(engine: Engine, store:
     settings.engine.n_threads = 1
     settings.models = [ModelSettings(name="plain", path=MODEL_PATH, n_ctx=1024, kv_pool_mb=24, tools=False)]
     manager = ConversationManager(engine, store, settings)
-    manager.use_tools(Toolbox(tools, ToolAccess(tools.settings.allow), tools.settings))
+    manager.use_tools(Toolbox(tools, AccessPolicy(tool_grants=tools.settings.allow), tools.settings))
     try:
         await manager.set_sampling(DM, grammar=call_or("5"), max_tokens=40)
         assert (await manager.respond(message("What is 2 plus 3?", DM), Target())).notes == [

@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 
-from bot.access import Refusal
+from bot.access import AccessPolicy, Refusal
 from bot.config import ToolGrant, ToolOptions, ToolServerSettings, ToolsSettings
 from bot.conversations import ConversationManager
 from bot.conversations.tools import Toolbox
-from bot.tools import ToolAccess, ToolSupervisor
+from bot.tools import ToolSupervisor
 from bot.wording import (APPROVED, DENIED, REFUSALS, TOOL_DENIED_RESULT, TOOL_TIMED_OUT_RESULT, tool_approval_timed_out,
                          tool_asking, tool_denied, tool_rounds_used, tool_running, tools_used)
 from tests.conversations.test_tools import call_or
-from tests.fake_discord import (ALICE_ID, BOB_ID, CHANNEL_ID, EPHEMERAL_FLAG, GUILD_ID, MALLORY_ID, OTHER_CHANNEL_ID,
-                                FakeDiscord, FakeInteraction)
+from tests.fake_discord import (ALICE_ID, BOB_ID, CHANNEL_ID, EPHEMERAL_FLAG, GUILD_ID, MALLORY_ID, MEMBER_ROLE_ID,
+                                OTHER_CHANNEL_ID, FakeDiscord, FakeInteraction)
 from tests.test_discord import (ALICE_DM_KEY, CHANNEL_KEY, OTHER_KEY, StartBot, dsettings, fake, start_bot,  # noqa: F401
                                 stored)
 
@@ -41,7 +41,7 @@ async def tools(tmp_path: Path) -> AsyncIterator[ToolSupervisor]:
 
 @pytest.fixture
 def with_tools(manager: ConversationManager, tools: ToolSupervisor) -> ConversationManager:
-    manager.use_tools(Toolbox(tools, ToolAccess(tools.settings.allow), tools.settings))
+    manager.use_tools(Toolbox(tools, AccessPolicy(tool_grants=tools.settings.allow), tools.settings))
     return manager
 
 
@@ -87,6 +87,34 @@ async def test_a_channel_without_a_grant_never_offers_tools(
     assert not any(text.startswith("🔧") for texts in fake.contents.values() for text in texts)
 
 
+async def test_a_role_grant_offers_tools_to_members_with_the_role_only(
+        fake: FakeDiscord, manager: ConversationManager, tools: ToolSupervisor, start_bot: StartBot,
+        tmp_path: Path) -> None:
+    grants = [ToolGrant(places=[f"discord/ch/{GUILD_ID}/*"], roles=[str(MEMBER_ROLE_ID)], tools=["slow"])]
+    manager.use_tools(Toolbox(tools, AccessPolicy(tool_grants=grants), tools.settings))
+    for key in (CHANNEL_KEY, OTHER_KEY):  # two conversations: neither reply is seen while the other is written
+        await manager.set_sampling(key, grammar=call_or("5", SLOW_CALL), max_tokens=40)
+    await start_bot()
+
+    mid = await fake.message_create("Wait a moment, then tell me 2 plus 3.", author_id=MALLORY_ID,  # no role
+                                    channel_id=OTHER_CHANNEL_ID)
+    await fake.wait_for(lambda: (r := fake.replies_to(mid)) and manager.status(OTHER_KEY).state is None
+                        and r[0]["content"] not in ("", "💭 Thinking…"), "Mallory's reply")
+    history = await stored(manager, OTHER_KEY)
+    assert await manager.store.tool_calls(history[-1].id) == []
+    assert not (tmp_path / "marks").exists()  # the tool was never offered, so never called
+    assert not any(text.startswith("🔧") or tools_used(["Sleeping"]) in text
+                   for texts in fake.contents.values() for text in texts)
+
+    mid = await fake.message_create("Wait a moment, then tell me 2 plus 3.", author_id=BOB_ID)  # the member role
+    reply = await fake.final_reply(mid, f"{tool_rounds_used(1)}\n{tools_used(['Sleeping'])}")
+    assert tool_running("Sleeping") in fake.contents[int(reply["id"])]
+    history = await stored(manager, CHANNEL_KEY)
+    [call] = await manager.store.tool_calls(history[-1].id)
+    assert (call.tool, call.result) == ("slow", "slept 1.5")
+    assert (tmp_path / "marks").exists()
+
+
 # -- approval: Run / Deny before a confirm = true tool runs -------------------------------------------------------
 
 DELETE_CALL = '<tool_call>\n{"name": "delete_file", "arguments": {"path": "notes.txt"}}\n</tool_call>'
@@ -104,7 +132,8 @@ async def confirm_tools(tmp_path: Path) -> AsyncIterator[ToolSupervisor]:
 
 @pytest.fixture
 async def asking(manager: ConversationManager, confirm_tools: ToolSupervisor) -> ConversationManager:
-    manager.use_tools(Toolbox(confirm_tools, ToolAccess(confirm_tools.settings.allow), confirm_tools.settings))
+    manager.use_tools(Toolbox(confirm_tools, AccessPolicy(tool_grants=confirm_tools.settings.allow),
+                              confirm_tools.settings))
     await manager.set_sampling(CHANNEL_KEY, grammar=call_or("done", DELETE_CALL), max_tokens=40)
     return manager
 

@@ -16,7 +16,8 @@ from bot.access import Refusal
 from bot.config import ToolGrant, ToolOptions, ToolServerSettings, ToolsSettings
 from bot.conversations import ConversationManager
 from bot.conversations.tools import Toolbox
-from bot.tools import ToolAccess, ToolSupervisor
+from bot.access import AccessPolicy
+from bot.tools import ToolSupervisor
 from bot.wording import (APPROVED, DENIED, REFUSALS, TOOL_DENIED_RESULT, tool_approval_timed_out, tool_asking,
                          tool_denied, tools_used)
 from tests.conversations.test_tools import call_or
@@ -36,7 +37,7 @@ async def asking(manager: ConversationManager, tmp_path: Path) -> AsyncIterator[
                                                          tools={"delete_file": ToolOptions(confirm=True)})],
                              allow=[ToolGrant(places=["slack/ch/*"])], max_rounds=1, approval_timeout=1.5)
     async with ToolSupervisor(settings) as supervisor:
-        manager.use_tools(Toolbox(supervisor, ToolAccess(settings.allow), settings))
+        manager.use_tools(Toolbox(supervisor, AccessPolicy(tool_grants=settings.allow), settings))
         await manager.set_sampling(channel_key("C1"), grammar=call_or("done", DELETE_CALL), max_tokens=40)
         yield manager
 

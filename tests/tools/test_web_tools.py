@@ -14,7 +14,7 @@ from bot.config import ToolGrant, ToolOptions, ToolServerSettings, ToolsSettings
 from bot.conversations import ConversationManager
 from bot.conversations.tools import Toolbox
 from bot.tools import ToolSupervisor
-from bot.tools.permissions import ToolAccess
+from bot.access import AccessPolicy
 from bot.wording import APPROVAL_GONE, TOOL_DENIED_RESULT, tool_asking, tool_denied, tools_used
 from tests.conversations.test_tools import call_or
 from tests.test_web import Browser, browsers, server  # noqa: F401
@@ -29,7 +29,7 @@ async def asking(manager: ConversationManager) -> AsyncIterator[ConversationMana
                                                          tools={"delete_file": ToolOptions(confirm=True)})],
                              allow=[ToolGrant(places=["web/*"])], max_rounds=1)
     async with ToolSupervisor(settings) as supervisor:
-        manager.use_tools(Toolbox(supervisor, ToolAccess(settings.allow), settings))
+        manager.use_tools(Toolbox(supervisor, AccessPolicy(tool_grants=settings.allow), settings))
         yield manager
 
 
