@@ -94,6 +94,7 @@ class ConversationManager:
         # Every configured model; the default (``engine``) is open, the others load on first use (/model).
         self.models = models or ModelRegistry(settings)
         self.models.adopt(engine)
+        self.approvals = Approvals()  # tool calls waiting for Run / Deny; adapters forward presses here
         self._parts: dict[str, _Parts] = {}  # per model name: what runs its prompts, for its engine of now
         self.window = self._parts_for(self.models.default, engine).window  # the default model's
         # Images: stored at the largest size a model reads; each model gets them at its own (bot.images).
@@ -102,7 +103,6 @@ class ConversationManager:
         self.images = ImageIntake(settings.images, max(m.image_size for m in seeing or every[:1]))
         self.sessions = SessionSettings(store, settings, lambda: engine.n_ctx)
         self.tools: Toolbox | None = None  # set by `use_tools` when tool servers are configured
-        self.approvals = Approvals()  # tool calls waiting for Run / Deny; adapters forward presses here
         self._leases = Leases(store, self.metrics, self.locators, settings=settings.store, ours=lambda: (
             r.reply_id for line in self._lines.values() for r in line if r.reply_id is not None))
 
