@@ -77,6 +77,8 @@ async def test_the_greeting_offers_the_models_and_a_pick_switches_that_thread_al
     assert chosen(greeting.selects[MODEL_SELECT]) == "helper"  # redrawn with the thread's model
     assert chosen(other_greeting.selects[MODEL_SELECT]) == DEFAULT
     assert REPLY in switched and answered_by("helper") in switched
+    titles = [c.args["title"] for c in fake.calls_to("assistant.threads.setTitle") if c.args["thread_ts"] == picked]
+    assert titles == ["who answers?"]  # a pick before the first question leaves the titling as it was
     [request] = server.requests()
     assert request["body"]["model"] == "remote-id"
     assert request["body"]["messages"][-1]["content"] == "who answers?"
