@@ -22,7 +22,8 @@ __all__ = [
     "TRUNCATED_MARK", "WAITING_FOR_PREVIOUS", "conversation_place", "failed", "message_cut", "queued_line",
     "asked_about", "refusal_text", "something_went_wrong", "status_line", "summarize_request", "too_many_waiting",
     "NOT_DOWNLOADED", "cannot_see_images", "image_unseen",
-    "answered_by", "model_changed", "model_line", "model_list", "unknown_model",
+    "answered_by", "model_changed", "model_line", "model_list", "unknown_model", "MODEL_PICKER_LABEL",
+    "MODEL_PICKER_PLACEHOLDER",
 ]
 
 # -- statuses: what a reply shows before its text ------------------------------------------------------------
@@ -172,6 +173,10 @@ def model_list(current: str, models: list[tuple[str, str]]) -> str:
 
 def model_changed(name: str, by: str) -> str:
     return f"🧠 This conversation now uses `{name}` (set by {by}); its next reply comes from it."
+
+
+MODEL_PICKER_LABEL = "🧠 Model:"  # beside a surface's model picker (Slack's assistant greeting)
+MODEL_PICKER_PLACEHOLDER = "Pick a model"
 
 
 def unknown_model(name: str, names: list[str]) -> str:

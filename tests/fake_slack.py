@@ -80,6 +80,18 @@ class FakeMessage:
         return {element["action_id"]: element for block in self.blocks
                 if block.get("type") in ("actions", "context_actions") for element in block.get("elements", [])}
 
+    @property
+    def selects(self) -> dict[str, dict[str, Any]]:
+        """The static selects in the message (a section's accessory or in an actions block), by action_id, each
+        with its block's ``block_id``."""
+        found = {}
+        for block in self.blocks:
+            elements = [block["accessory"]] if "accessory" in block else block.get("elements", [])
+            for element in elements:
+                if element.get("type") == "static_select":
+                    found[element["action_id"]] = {**element, "block_id": block.get("block_id") or "b"}
+        return found
+
     def as_event(self) -> dict[str, Any]:
         """The message as Slack shows it in API answers and interaction payloads."""
         message: dict[str, Any] = {"type": "message", "user": self.user, "text": self.text, "ts": self.ts}
@@ -92,6 +104,16 @@ class FakeMessage:
         if self.subtype:
             message["subtype"] = self.subtype
         return message
+
+
+def _valid_select(select: dict[str, Any]) -> bool:
+    """Block Kit's rules for a static select: 1-100 options, texts and descriptions of at most 75 characters,
+    values of at most 150, and an initial option that is one of the options."""
+    options = select.get("options") or []
+    texts = [o["text"]["text"] for o in options] + [o["description"]["text"] for o in options if "description" in o]
+    return (0 < len(options) <= 100 and all(len(text) <= 75 for text in texts)
+            and all(0 < len(o.get("value") or "") <= 150 for o in options)
+            and select.get("initial_option", options[0]) in options)
 
 
 @dataclass
@@ -348,6 +370,25 @@ class FakeSlack:
             actions=[{"action_id": action_id, "block_id": "b", "type": element["type"], "value": value,
                       "action_ts": str(time.time())}]))
 
+    async def choose(self, message: FakeMessage, action_id: str, value: str, *, user: str = "U1") -> str:
+        """Pick the option whose value is ``value`` in the select ``action_id`` that ``message`` shows now."""
+        select = message.selects.get(action_id)
+        if select is None:
+            raise AssertionError(f"fake Slack: message {message.ts} has no {action_id!r} select: {message.blocks}")
+        option = next((o for o in select["options"] if o["value"] == value), None)
+        if option is None:
+            raise AssertionError(f"fake Slack: the {action_id!r} select has no option {value!r}: {select}")
+        container = {"type": "message", "message_ts": message.ts, "channel_id": message.channel,
+                     "is_ephemeral": False, **({"thread_ts": message.thread_ts} if message.thread_ts else {})}
+        block_id = select["block_id"]
+        return await self.push_interactive(self._interaction(
+            "block_actions", user, container=container, channel={"id": message.channel, "name": "directmessage"},
+            message=message.as_event(),
+            state={"values": {block_id: {action_id: {"type": "static_select", "selected_option": option}}}},
+            actions=[{"action_id": action_id, "block_id": block_id, "type": "static_select",
+                      "selected_option": option, "placeholder": select.get("placeholder"),
+                      "action_ts": str(time.time())}]))
+
     async def message_shortcut(self, callback_id: str, message: FakeMessage, *, user: str = "U1") -> str:
         """Use a message shortcut on ``message``."""
         return await self.push_interactive(self._interaction(
@@ -506,6 +547,9 @@ class FakeSlack:
             blocks = json.loads(blocks)
         for block in blocks:
             if block.get("type") == "section" and len(block.get("text", {}).get("text", "")) > SECTION_TEXT_CHARS:
+                return self._error(call, "invalid_blocks")
+            select = block.get("accessory") or {}
+            if select.get("type") == "static_select" and not _valid_select(select):
                 return self._error(call, "invalid_blocks")
         return list(blocks)
 

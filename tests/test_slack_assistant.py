@@ -78,3 +78,15 @@ async def test_a_dm_thread_that_is_not_an_assistant_thread_is_answered_as_before
 def test_the_thread_status_names_a_running_tool() -> None:
     status = ReplyStatus(Phase.TOOL, tool="Searching the wiki")
     assert assistant_status(status) == "is using a tool: Searching the wiki…"
+
+
+async def test_with_one_model_the_greeting_has_no_model_select(manager, settings, fake):
+    async with running_bot(manager, settings, fake) as bot:
+        thread, _ = await fake.start_assistant_thread(user="U2", channel="D1")
+        [greeting] = await answered(bot, fake, "D1", thread_ts=thread)
+
+    assert len(manager.model_choices()) == 1
+    assert greeting.text == GREETING
+    assert greeting.blocks == [] and greeting.selects == {}
+    [post] = [c for c in fake.calls_to("chat.postMessage") if c.args.get("thread_ts") == thread]
+    assert "blocks" not in post.args  # the plain greeting, as before models could be picked

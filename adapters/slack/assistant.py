@@ -1,6 +1,8 @@
 """Slack's AI-app surface (Agents & AI Apps): assistant threads through bolt's `AsyncAssistant` middleware.
 
-A new assistant thread gets a greeting and suggested prompts; each question in it is answered in that thread,
+A new assistant thread gets a greeting and suggested prompts; with several models configured, the greeting
+carries a select of them (`blocks.model_select_blocks`): picking one switches that thread's model, as ``/model``
+does elsewhere, and the select then shows the thread's model. Each question in it is answered in that thread,
 its status ("is thinking…", "is waiting in line (#2)…") shown with ``assistant.threads.setStatus`` until the
 answer appears, and the thread is titled after its first question. Each assistant thread is a conversation of
 its own (key: the app's DM channel + the thread). The middleware only takes messages in threads that are
@@ -12,17 +14,20 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from slack_bolt.async_app import AsyncBoltContext, AsyncSay, AsyncSetSuggestedPrompts, AsyncSetTitle
+from slack_bolt.async_app import AsyncAck, AsyncBoltContext, AsyncSay, AsyncSetSuggestedPrompts, AsyncSetTitle
 from slack_bolt.listener_matcher.async_listener_matcher import AsyncCustomListenerMatcher
 from slack_bolt.middleware.assistant.async_assistant import AsyncAssistant
 from slack_sdk.errors import SlackApiError
 
-from adapters.slack.mrkdwn import from_slack
+from adapters.slack.blocks import MODEL_SELECT, model_select_blocks
+from adapters.slack.mrkdwn import escape, from_slack
 from adapters.slack.sessions import session_key
 from adapters.slack.targets import AssistantTarget
 from bot.access import Action
+from bot.errors import LlamarelayError
 from bot.text import one_line
 from bot.types import Incoming, SessionKey
+from bot.wording import model_changed
 
 if TYPE_CHECKING:
     from adapters.slack.bot import SlackBot
@@ -64,7 +69,7 @@ class AssistantThreads:
         # slack_bolt annotates one matcher, but its _merge_matchers adds `matchers` to a list: a list it must be.
         self.assistant.user_message(self.question, matchers=[is_assistant_thread])  # type: ignore[arg-type]
 
-    async def started(self, event: dict[str, Any], say: AsyncSay,
+    async def started(self, event: dict[str, Any], body: dict[str, Any], context: AsyncBoltContext, say: AsyncSay,
                       set_suggested_prompts: AsyncSetSuggestedPrompts) -> None:
         """``assistant_thread_started``: greet, and offer a few prompts to start from."""
         thread = event.get("assistant_thread") or {}
@@ -73,8 +78,54 @@ class AssistantThreads:
         if refusal := await self.bot.refusal(user, channel):
             await say(refusal)
             return
-        await say(GREETING)
+        key = thread_key(self.bot.team_of(body, context), channel, str(thread.get("thread_ts") or ""))
+        await say(GREETING, blocks=await self._greeting_blocks(key))  # no blocks: the plain greeting
         await set_suggested_prompts(prompts=SUGGESTED_PROMPTS, title="Try one of these:")
+
+    async def _greeting_blocks(self, key: SessionKey) -> list[dict[str, Any]] | None:
+        """The greeting with the model select showing ``key``'s model; None with one model (nothing to pick)."""
+        choices = self.bot.manager.model_choices()
+        if len(choices) < 2:
+            return None
+        return model_select_blocks(escape(GREETING), [(m.name, m.description) for m in choices],
+                                   await self.bot.manager.model_name(key))
+
+    async def choose_model(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any],
+                           context: AsyncBoltContext) -> None:
+        """A model picked in a greeting's select: the thread's model from its next answer on, if the policy lets
+        the user change it (a refusal, or a name no longer configured, is said in the thread). The greeting is
+        then redrawn with the thread's model, so the select never shows a choice that did not happen."""
+        await ack()
+        user = str((body.get("user") or {}).get("id") or "")
+        container, message = body.get("container") or {}, body.get("message") or {}
+        channel = str(container.get("channel_id") or (body.get("channel") or {}).get("id") or "")
+        thread = str(container.get("thread_ts") or message.get("thread_ts") or "")
+        name = str((action.get("selected_option") or {}).get("value") or "")
+        if not user or not channel or not thread or not name:
+            log.warning("ignoring a model select without its user, thread or choice")
+            return
+        key = thread_key(self.bot.team_of(body, context), channel, thread)
+        if refusal := await self.bot.refusal(user, channel, Action.SET_MODEL):
+            line = refusal
+        else:
+            try:
+                line = model_changed(escape((await self.bot.manager.set_model(key, name)).name), f"<@{user}>")
+            except LlamarelayError as exc:  # configured when the greeting was posted, but not now
+                line = escape(str(exc))
+        await self._redraw(channel, str(message.get("ts") or container.get("message_ts") or ""), key)
+        try:
+            await self.bot.client.chat_postMessage(channel=channel, thread_ts=thread, text=line)
+        except SlackApiError as exc:
+            log.info("could not answer a model select in %s: %s", thread, exc.response.get("error"))
+
+    async def _redraw(self, channel: str, ts: str, key: SessionKey) -> None:
+        blocks = await self._greeting_blocks(key)
+        if not ts or blocks is None:
+            return
+        try:
+            await self.bot.client.chat_update(channel=channel, ts=ts, text=GREETING, blocks=blocks)
+        except SlackApiError as exc:
+            log.info("could not redraw the greeting %s: %s", ts, exc.response.get("error"))
 
     async def context_changed(self) -> None:
         """The user moved to another channel with the assistant open; the answers do not depend on it."""
@@ -136,7 +187,9 @@ class AssistantThreads:
 
 
 def register_assistant(bot: SlackBot) -> AssistantThreads:
-    """Add the assistant middleware to ``bot.app``; it only acts when Slack sends assistant-thread events."""
+    """Add the assistant middleware to ``bot.app`` (it only acts when Slack sends assistant-thread events), and
+    the greeting's model select."""
     threads = AssistantThreads(bot)
     bot.app.assistant(threads.assistant)
+    bot.app.action(MODEL_SELECT)(threads.choose_model)
     return threads

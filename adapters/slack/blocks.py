@@ -1,4 +1,5 @@
-"""Block Kit for replies: the text as a section, the core's `Controls` as buttons, and the values they carry.
+"""Block Kit for replies: the text as a section, the core's `Controls` as buttons, and the values they carry;
+and the assistant greeting's model select (`model_select_blocks`).
 
 Every button's value names the conversation and the stored reply it acts on (`ButtonValue`), so a press can be
 answered after a restart without any state kept in memory. Slack sends back only values the bot set.
@@ -10,11 +11,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from bot.text import one_line
 from bot.types import Controls, SessionKey
+from bot.wording import MODEL_PICKER_LABEL, MODEL_PICKER_PLACEHOLDER
 
 __all__ = ["STOP", "REGENERATE", "CONTINUE", "FEEDBACK", "RUN", "DENY", "TOOL_DETAILS",
-           "MAX_VALUE_CHARS", "SECTION_TEXT_LIMIT", "ButtonValue",
-           "reply_blocks", "button_blocks", "feedback_blocks", "without_buttons"]
+           "MODEL_SELECT",
+           "MAX_VALUE_CHARS", "SECTION_TEXT_LIMIT", "OPTION_TEXT_LIMIT", "MAX_OPTIONS", "ButtonValue",
+           "reply_blocks", "button_blocks", "feedback_blocks", "without_buttons", "model_select_blocks"]
 
 STOP = "llamarelay_stop"
 REGENERATE = "llamarelay_regenerate"
@@ -23,9 +27,12 @@ FEEDBACK = "llamarelay_feedback"
 RUN = "llamarelay_run"  # a tool call waiting for approval: run it
 DENY = "llamarelay_deny"  # … or not
 TOOL_DETAILS = "llamarelay_tool_details"  # the stored reply's tool calls, shown to the presser alone
+MODEL_SELECT = "llamarelay_model"  # the assistant greeting's select: which model answers that thread
 MAX_VALUE_CHARS = 2000  # a button value's limit
 SECTION_TEXT_LIMIT = 3000
 """Characters one section block's text may hold (a Block Kit limit, stricter than a message's ``text``)."""
+OPTION_TEXT_LIMIT = 75  # a select option's text, and its description (Block Kit limits)
+MAX_OPTIONS = 100  # options one static select may hold
 
 
 @dataclass(frozen=True)
@@ -113,3 +120,23 @@ def feedback_blocks(key: SessionKey, reply_id: int) -> list[dict[str, Any]]:
 def without_buttons(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A message's blocks minus its buttons (once the reply has moved on, they would act on the wrong text)."""
     return [block for block in blocks if block.get("type") not in ("actions", "context_actions")]
+
+
+def _option(name: str, description: str) -> dict[str, Any]:
+    option: dict[str, Any] = {"text": {"type": "plain_text", "text": one_line(name, OPTION_TEXT_LIMIT)},
+                              "value": name}  # configured names are at most 64 characters: they fit a value
+    if description:
+        option["description"] = {"type": "plain_text", "text": one_line(description, OPTION_TEXT_LIMIT)}
+    return option
+
+
+def model_select_blocks(mrkdwn: str, models: list[tuple[str, str]], current: str) -> list[dict[str, Any]]:
+    """A message's text (mrkdwn) with a select of ``models`` (name, description) under it, ``current`` chosen
+    when it is one of them (a choice no longer configured shows the placeholder instead)."""
+    options = [_option(name, description) for name, description in models[:MAX_OPTIONS]]
+    select: dict[str, Any] = {"type": "static_select", "action_id": MODEL_SELECT, "options": options,
+                              "placeholder": {"type": "plain_text", "text": MODEL_PICKER_PLACEHOLDER}}
+    if chosen := next((option for option in options if option["value"] == current), None):
+        select["initial_option"] = chosen
+    return [{"type": "section", "text": {"type": "mrkdwn", "text": mrkdwn}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": MODEL_PICKER_LABEL}, "accessory": select}]
