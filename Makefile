@@ -27,10 +27,12 @@ chat: $(INSTALLED) $(REBUILD) $(MODEL)
 web: $(INSTALLED) $(REBUILD) $(MODEL)
 	$(BIN)/llamarelay web
 
-# Static checks first (ruff, then mypy; their settings are in pyproject.toml), then the suite. The store tests
-# start their own PostgreSQL cluster: Debian's postgresql package, installed when missing.
+# Static checks first (ruff's lint and import order, ruff format, then mypy; their settings are in pyproject.toml),
+# then the suite. The store tests start their own PostgreSQL cluster: Debian's postgresql package, installed when
+# missing.
 test: $(INSTALLED) $(REBUILD) $(MODEL)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	bash tests/install_postgres.sh
 	$(BIN)/python -m pytest

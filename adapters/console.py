@@ -25,8 +25,10 @@ from bot.wording import model_changed, model_list
 
 __all__ = ["ConsoleTarget", "run_console"]
 
-HELP = ("Commands: /reset (forget this conversation), /system [text] (show or set the system prompt), "
-        "/model [name] (show the models or pick one), /quit. Ctrl-C stops a reply.")
+HELP = (
+    "Commands: /reset (forget this conversation), /system [text] (show or set the system prompt), "
+    "/model [name] (show the models or pick one), /quit. Ctrl-C stops a reply."
+)
 PROMPT = "you> "
 MAX_LINE_BYTES = 16 * 2**20  # asyncio's default (64 KiB) is shorter than a pasted document
 PASTE_START, PASTE_END = "\033[200~", "\033[201~"  # bracketed paste: the terminal marks what was pasted
@@ -58,7 +60,7 @@ class ConsoleTarget:
 
     def _show(self, text: str) -> None:
         if text.startswith(self._shown):
-            self._write(text[len(self._shown):])
+            self._write(text[len(self._shown) :])
         elif self._out.isatty():  # a status line ("Thinking…") replaced by the reply: redraw the line
             self._write("\r\033[Kbot> " + text)
         else:
@@ -130,8 +132,9 @@ class LineEditor:
                 self._pasting = sequence == PASTE_START
 
 
-async def run_console(manager: ConversationManager, *, user: str | None = None,
-                      stdin: IO[str] = sys.stdin, out: IO[str] = sys.stdout) -> None:
+async def run_console(
+    manager: ConversationManager, *, user: str | None = None, stdin: IO[str] = sys.stdin, out: IO[str] = sys.stdout
+) -> None:
     """Chat on stdin/stdout until /quit, end of input, or Ctrl-C at the prompt."""
     with _terminal_restored(stdin):
         editor = LineEditor(lambda text: _write(out, text)) if _keys_mode(stdin, out) else None
@@ -185,8 +188,9 @@ def _terminal_restored(stdin: IO[str]) -> Iterator[None]:
                     termios.tcsetattr(fd, termios.TCSADRAIN, attributes)
 
 
-async def _chat(manager: ConversationManager, *, user: str | None, stdin: IO[str], out: IO[str],
-                editor: LineEditor | None) -> None:
+async def _chat(
+    manager: ConversationManager, *, user: str | None, stdin: IO[str], out: IO[str], editor: LineEditor | None
+) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_LINE_BYTES)
     transport = None
@@ -216,8 +220,9 @@ async def _chat(manager: ConversationManager, *, user: str | None, stdin: IO[str
             out.write(PROMPT)
             out.flush()
             try:
-                line = await (_read_line(reader, quitting) if editor is None
-                              else _read_keys(stdin.fileno(), editor, quitting))
+                line = await (
+                    _read_line(reader, quitting) if editor is None else _read_keys(stdin.fileno(), editor, quitting)
+                )
             except ValueError:  # a pasted line longer than MAX_LINE_BYTES: dropped
                 out.write(f"That line is longer than {MAX_LINE_BYTES // 2**20} MB; please send a shorter one.\n")
                 continue

@@ -51,8 +51,11 @@ def _is_status_line(content: str) -> bool:
     """A status as the bot renders it on Discord (the harness sees only the rendered text)."""
     fixed = {status_line(ReplyStatus(phase)) for phase in Phase if phase not in (Phase.QUEUED, Phase.TOOL)}
     tool = status_line(ReplyStatus(Phase.TOOL, tool="X")).partition("X")[0]  # "🔧 " and the tool's title
-    return (content in fixed or content.startswith(tool)
-            or re.fullmatch(re.escape(queued_line(0)).replace("0", r"\d+"), content) is not None)
+    return (
+        content in fixed
+        or content.startswith(tool)
+        or re.fullmatch(re.escape(queued_line(0)).replace("0", r"\d+"), content) is not None
+    )
 
 
 def write_config(directory: Path, fake: FakeDiscord, **sections: dict[str, Any]) -> Path:
@@ -91,8 +94,18 @@ class BotProcess:
         ready_before = self.log().count("connected to Discord as")
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bot", "--config", str(self.config), "run", cwd=ROOT, env=env,
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT)
+                sys.executable,
+                "-m",
+                "bot",
+                "--config",
+                str(self.config),
+                "run",
+                cwd=ROOT,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+            )
         self.starts += 1
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while self.log().count("connected to Discord as") == ready_before:
@@ -156,8 +169,10 @@ async def force_reply(store: SQLiteStore, key: str, text: str, max_tokens: int |
     for attempt in range(LOCKED_RETRIES):
         try:
             overrides = await store.sampling(key)
-            await store.set_sampling(key, {**overrides, "grammar": f'root ::= "{literal}"',
-                                           "max_tokens": max_tokens or len(text.encode()) + 16})
+            await store.set_sampling(
+                key,
+                {**overrides, "grammar": f'root ::= "{literal}"', "max_tokens": max_tokens or len(text.encode()) + 16},
+            )
             return
         except StoreError as exc:  # the bot's writes come first; after a SIGKILL, SQLite may need a moment
             if "locked" not in str(exc) or attempt == LOCKED_RETRIES - 1:
@@ -169,5 +184,11 @@ async def force_reply(store: SQLiteStore, key: str, text: str, max_tokens: int |
 def writes(fake: FakeDiscord, channel_id: int, since: float = 0.0) -> list[Recorded]:
     """The bot's accepted message posts and edits in a channel since ``since`` (monotonic), in order."""
     prefix = f"/channels/{channel_id}/messages"
-    return [r for r in fake.requests if r.at >= since and r.method in ("POST", "PATCH") and r.status == 200
-            and (r.path == prefix or r.path.startswith(prefix + "/"))]
+    return [
+        r
+        for r in fake.requests
+        if r.at >= since
+        and r.method in ("POST", "PATCH")
+        and r.status == 200
+        and (r.path == prefix or r.path.startswith(prefix + "/"))
+    ]

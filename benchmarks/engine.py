@@ -70,13 +70,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=EngineSettings().n_threads,
-                        help="[engine] n_threads (0: timed, the fastest kept; the config's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=EngineSettings().n_threads,
+        help="[engine] n_threads (0: timed, the fastest kept; the config's default)",
+    )
     args = parser.parse_args()
     engine = Engine(EngineSettings(model_path=MODEL, n_ctx=2048, n_threads=args.threads))
     prompt = engine.chat_tokens(PROMPT)
-    print(f"model: {engine.model_name}, threads: {'/'.join(map(str, engine.threads.candidates))}, "
-          f"prompt: {len(prompt)} tokens, generating up to {args.tokens} tokens, median of {args.runs} runs")
+    print(
+        f"model: {engine.model_name}, threads: {'/'.join(map(str, engine.threads.candidates))}, "
+        f"prompt: {len(prompt)} tokens, generating up to {args.tokens} tokens, median of {args.runs} runs"
+    )
     raws, runs = [], []
     for _ in range(args.runs):  # interleaved, so drift in the machine's speed hits both alike
         raws.append(raw_decode_rate(engine, prompt, args.tokens))

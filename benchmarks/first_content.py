@@ -42,8 +42,9 @@ REPLY_TIMEOUT_SECONDS = 60.0
 LONG_TURN_TIMEOUT_SECONDS = 300.0  # a long message beside 7 busy channels on a small CPU
 
 
-async def first_content(fake: FakeDiscord, channel_id: int, mentioned: float,
-                        timeout: float = REPLY_TIMEOUT_SECONDS) -> tuple[float, bool]:
+async def first_content(
+    fake: FakeDiscord, channel_id: int, mentioned: float, timeout: float = REPLY_TIMEOUT_SECONDS
+) -> tuple[float, bool]:
     """(seconds until the first write with reply text, whether a status line was shown before it)."""
     deadline = mentioned + timeout
     while time.monotonic() < deadline:
@@ -66,8 +67,10 @@ async def wait_answered(store: Store, channel_ids: list[int], fake: FakeDiscord)
             return
         await asyncio.sleep(0.05)
     shown = {c: [(r.method, (r.body or {}).get("content", "")[:80]) for r in writes(fake, c)] for c in channel_ids}
-    raise RuntimeError(f"replies in {channel_ids} not finished within {REPLY_TIMEOUT_SECONDS:.0f} s: "
-                       f"stored {[(m.role, m.status, m.content[:80]) for m in rows]}, shown {shown}")
+    raise RuntimeError(
+        f"replies in {channel_ids} not finished within {REPLY_TIMEOUT_SECONDS:.0f} s: "
+        f"stored {[(m.role, m.status, m.content[:80]) for m in rows]}, shown {shown}"
+    )
 
 
 def question(number: int) -> str:
@@ -82,8 +85,9 @@ async def engine_first_tokens(threads: int | None, count: int) -> list[float]:
     times = []
     try:
         for number in range(count):
-            prompt = engine.chat_tokens([{"role": "system", "content": system},
-                                         {"role": "user", "content": question(100 + number)}])
+            prompt = engine.chat_tokens(
+                [{"role": "system", "content": system}, {"role": "user", "content": question(100 + number)}]
+            )
             started = time.monotonic()
             async for event in engine.submit(prompt, SamplingSettings(max_tokens=1), session=str(number)):
                 if not isinstance(event, QueuePosition):
@@ -115,11 +119,13 @@ async def engine_stream_rates(threads: int | None, tokens: int, runs: int) -> li
     rates = []
     try:
         for number in range(runs):
-            prompt = engine.chat_tokens([{"role": "system", "content": system},
-                                         {"role": "user", "content": question(200 + number)}])
+            prompt = engine.chat_tokens(
+                [{"role": "system", "content": system}, {"role": "user", "content": question(200 + number)}]
+            )
             first, count = None, 0
-            async for event in engine.submit(prompt, SamplingSettings(**stream_sampling(tokens)),
-                                             session=f"stream-{number}"):
+            async for event in engine.submit(
+                prompt, SamplingSettings(**stream_sampling(tokens)), session=f"stream-{number}"
+            ):
                 if isinstance(event, QueuePosition):
                     continue
                 count += 1
@@ -132,8 +138,9 @@ async def engine_stream_rates(threads: int | None, tokens: int, runs: int) -> li
     return rates
 
 
-async def discord_stream_rate(fake: FakeDiscord, store: Store, channel_id: int, number: int, tokens: int,
-                              count_tokens: Callable[[str], int]) -> float:
+async def discord_stream_rate(
+    fake: FakeDiscord, store: Store, channel_id: int, number: int, tokens: int, count_tokens: Callable[[str], int]
+) -> float:
     """Tokens of text per second reaching Discord in one long reply, from its first write with reply text to its
     last."""
     overrides = await store.sampling(channel_key(channel_id))
@@ -151,17 +158,24 @@ async def discord_stream_rate(fake: FakeDiscord, store: Store, channel_id: int, 
 def summary(label: str, times: list[float], before_text: int) -> str:
     ordered = sorted(times)
     p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-    return (f"{label}: median {statistics.median(ordered):.3f} s, p90 {p90:.3f} s, worst {ordered[-1]:.3f} s "
-            f"over {len(ordered)} (a status line came first in {before_text})")
+    return (
+        f"{label}: median {statistics.median(ordered):.3f} s, p90 {p90:.3f} s, worst {ordered[-1]:.3f} s "
+        f"over {len(ordered)} (a status line came first in {before_text})"
+    )
 
 
 async def run(args: argparse.Namespace, directory: Path) -> bool:
     reference = await engine_first_tokens(args.threads, 8)
-    print(f"engine alone, time to first token: median {statistics.median(reference):.3f} s, "
-          f"worst {max(reference):.3f} s over {len(reference)} (reference, no Discord)")
+    print(
+        f"engine alone, time to first token: median {statistics.median(reference):.3f} s, "
+        f"worst {max(reference):.3f} s over {len(reference)} (reference, no Discord)"
+    )
     engine_rates = await engine_stream_rates(args.threads, args.stream_tokens, args.streams)
-    print(f"engine alone, a {args.stream_tokens}-token reply: " + " ".join(f"{r:.1f}" for r in engine_rates)
-          + " tokens/s (reference, no Discord)")
+    print(
+        f"engine alone, a {args.stream_tokens}-token reply: "
+        + " ".join(f"{r:.1f}" for r in engine_rates)
+        + " tokens/s (reference, no Discord)"
+    )
     count_tokens = token_counter()
     async with FakeDiscord() as fake:
         warm, *serial = fake.add_text_channels(1 + args.mentions)
@@ -170,8 +184,13 @@ async def run(args: argparse.Namespace, directory: Path) -> bool:
         long_channel, *chatters = fake.add_text_channels(1 + args.chatters)
         # One user sends every mention: the per-user limit (10 a minute) would refuse some of them.
         engine = {} if args.threads is None else {"n_threads": args.threads}
-        config = write_config(directory, fake, sampling={"max_tokens": args.max_tokens},
-                              discord={"user_messages_per_minute": 0}, engine=engine)
+        config = write_config(
+            directory,
+            fake,
+            sampling={"max_tokens": args.max_tokens},
+            discord={"user_messages_per_minute": 0},
+            engine=engine,
+        )
         bot = BotProcess(config, directory / "bot.log")
         await bot.start(fake)
         store = await open_store(directory / "llamarelay.sqlite3")
@@ -192,40 +211,56 @@ async def run(args: argparse.Namespace, directory: Path) -> bool:
                 status_first += after_status
                 await wait_answered(store, [channel_id], fake)
                 if args.verbose:
-                    print(f"  mention {number}:", ", ".join(f"{w.at - mentioned:.3f} {w.method} "
-                                                           f"{(w.body or {}).get('content', '')[:30]!r}"
-                                                           for w in writes(fake, channel_id)))
+                    print(
+                        f"  mention {number}:",
+                        ", ".join(
+                            f"{w.at - mentioned:.3f} {w.method} {(w.body or {}).get('content', '')[:30]!r}"
+                            for w in writes(fake, channel_id)
+                        ),
+                    )
             print("one at a time:", " ".join(f"{t:.3f}" for t in times))
             print(summary("idle engine, one mention at a time", times, status_first))
 
             stream_rates = []
             for number, channel_id in enumerate(streamed):
                 await asyncio.sleep(0.5)
-                stream_rates.append(await discord_stream_rate(fake, store, channel_id, number, args.stream_tokens,
-                                                              count_tokens))
+                stream_rates.append(
+                    await discord_stream_rate(fake, store, channel_id, number, args.stream_tokens, count_tokens)
+                )
             stream_ratio = statistics.median(stream_rates) / statistics.median(engine_rates)
-            print(f"through Discord, a {args.stream_tokens}-token reply: "
-                  + " ".join(f"{r:.1f}" for r in stream_rates)
-                  + f" tokens/s ({stream_ratio:.2f}x the engine alone, medians)")
+            print(
+                f"through Discord, a {args.stream_tokens}-token reply: "
+                + " ".join(f"{r:.1f}" for r in stream_rates)
+                + f" tokens/s ({stream_ratio:.2f}x the engine alone, medians)"
+            )
 
             await asyncio.sleep(0.5)
             started = []
             for number, channel_id in enumerate(together):
                 started.append(time.monotonic())
-                await fake.message_create(f"Question {number}: name an animal and say where it lives.",
-                                          channel_id=channel_id)
+                await fake.message_create(
+                    f"Question {number}: name an animal and say where it lives.", channel_id=channel_id
+                )
             results = await asyncio.gather(*(first_content(fake, c, t) for c, t in zip(together, started)))
             await wait_answered(store, together, fake)
-            print(summary(f"{len(together)} channels mentioned at once", [r[0] for r in results],
-                          sum(r[1] for r in results)))
+            print(
+                summary(
+                    f"{len(together)} channels mentioned at once", [r[0] for r in results], sum(r[1] for r in results)
+                )
+            )
             firsts_together = [r[0] for r in results]
             turns = await long_conversation(fake, store, long_channel, chatters, args.turns)
-            print("a conversation whose history overflows the window, while "
-                  f"{len(chatters)} other channels chat: " + " ".join(f"{t:.3f}" for t in turns))
+            print(
+                "a conversation whose history overflows the window, while "
+                f"{len(chatters)} other channels chat: " + " ".join(f"{t:.3f}" for t in turns)
+            )
             # For reference: its next turns with nobody else chatting, the same depth and message length.
             alone = await long_conversation(fake, store, long_channel, [], 3, first_turn=args.turns + 1)
-            print(f"its next {len(alone)} turns with the other channels quiet: " + " ".join(f"{t:.3f}" for t in alone)
-                  + f" (the busy turns took {statistics.median(turns) / statistics.median(alone):.2f}x, median)")
+            print(
+                f"its next {len(alone)} turns with the other channels quiet: "
+                + " ".join(f"{t:.3f}" for t in alone)
+                + f" (the busy turns took {statistics.median(turns) / statistics.median(alone):.2f}x, median)"
+            )
         finally:
             await store.close()
             code = await bot.terminate()
@@ -235,14 +270,23 @@ async def run(args: argparse.Namespace, directory: Path) -> bool:
             print(f"the bot exited with {code} on SIGTERM; the end of its log:\n{bot.log()[-3000:]}")
             return False
     median = statistics.median(times)
-    checks = [(f"median first content {median:.3f} s <= {TARGET_MEDIAN_SECONDS} s", median <= TARGET_MEDIAN_SECONDS),
-              (f"{len(together)} at once: median {statistics.median(firsts_together):.3f} s <= 1.0 s",
-               statistics.median(firsts_together) <= 1.0),
-              (f"stream rate through Discord {stream_ratio:.2f}x the engine's >= {TARGET_STREAM_RATE}x",
-               stream_ratio >= TARGET_STREAM_RATE),
-              (f"{len(together)} at once: worst {max(firsts_together):.3f} s <= 2.0 s", max(firsts_together) <= 2.0),
-              (f"long conversation: worst busy turn {max(turns):.3f} s <= 2 x the same turns with the others quiet "
-               f"(median {statistics.median(alone):.3f} s)", max(turns) <= 2 * statistics.median(alone))]
+    checks = [
+        (f"median first content {median:.3f} s <= {TARGET_MEDIAN_SECONDS} s", median <= TARGET_MEDIAN_SECONDS),
+        (
+            f"{len(together)} at once: median {statistics.median(firsts_together):.3f} s <= 1.0 s",
+            statistics.median(firsts_together) <= 1.0,
+        ),
+        (
+            f"stream rate through Discord {stream_ratio:.2f}x the engine's >= {TARGET_STREAM_RATE}x",
+            stream_ratio >= TARGET_STREAM_RATE,
+        ),
+        (f"{len(together)} at once: worst {max(firsts_together):.3f} s <= 2.0 s", max(firsts_together) <= 2.0),
+        (
+            f"long conversation: worst busy turn {max(turns):.3f} s <= 2 x the same turns with the others quiet "
+            f"(median {statistics.median(alone):.3f} s)",
+            max(turns) <= 2 * statistics.median(alone),
+        ),
+    ]
     for label, ok in checks:
         print(f"check: {label}: {'ok' if ok else 'FAILED'}")
     return all(ok for _, ok in checks)
@@ -264,8 +308,9 @@ async def replies_stored(store: Store, channel_id: int, count: int, timeout: flo
     raise RuntimeError(f"reply {count} in channel {channel_id} not stored within {timeout:.0f} s")
 
 
-async def long_conversation(fake: FakeDiscord, store: Store, channel_id: int, chatters: list[int],
-                            turns: int, first_turn: int = 1) -> list[float]:
+async def long_conversation(
+    fake: FakeDiscord, store: Store, channel_id: int, chatters: list[int], turns: int, first_turn: int = 1
+) -> list[float]:
     """Each turn's first content in a conversation of long messages while the other channels keep chatting."""
     done = asyncio.Event()
 
@@ -287,7 +332,7 @@ async def long_conversation(fake: FakeDiscord, store: Store, channel_id: int, ch
             firsts.append(seconds)
             await replies_stored(store, channel_id, turn, timeout=LONG_TURN_TIMEOUT_SECONDS)
             while writes(fake, channel_id, time.monotonic() - 1.5):  # its last edits are out, none is taken
-                await asyncio.sleep(0.1)                              # for the next turn's first words
+                await asyncio.sleep(0.1)  # for the next turn's first words
     finally:
         done.set()
         await asyncio.gather(*chatting)

@@ -32,8 +32,15 @@ CHUNKS = (0, 32, 128)
 _QUIET = llama_cpp.llama_log_callback(lambda *_: None)  # llama.cpp keeps only a pointer: the object must live on
 
 
-def measure(model: object, unified: bool, flash: bool, own: int, others: int, threads: int,
-            kv_type: int = llama_cpp.GGML_TYPE_F16) -> list[float]:
+def measure(
+    model: object,
+    unified: bool,
+    flash: bool,
+    own: int,
+    others: int,
+    threads: int,
+    kv_type: int = llama_cpp.GGML_TYPE_F16,
+) -> list[float]:
     """Median seconds of a step with the seven decodes plus each of CHUNKS prompt tokens."""
     params = llama_cpp.llama_context_default_params()
     params.n_batch = params.n_ubatch = 512
@@ -43,8 +50,9 @@ def measure(model: object, unified: bool, flash: bool, own: int, others: int, th
     params.n_seq_max = OTHERS + 1
     window = max(own + 256, others + 16)
     params.n_ctx = (own + 256 + OTHERS * (others + 16)) if unified else (OTHERS + 1) * window
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else \
-        llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
     ctx = llama_cpp.llama_init_from_model(model, params)
     batch = llama_cpp.llama_batch_init(512, 0, 1)
     memory = llama_cpp.llama_get_memory(ctx)
@@ -99,17 +107,20 @@ def main() -> None:
     llama_cpp.llama_log_set(_QUIET, None)
     llama_cpp.llama_backend_init()
     model = llama_cpp.llama_model_load_from_file(str(MODEL).encode(), llama_cpp.llama_model_default_params())
-    print(f"one sequence at {args.own} tokens, {OTHERS} at {args.others}; a step of {OTHERS} one-token decodes "
-          f"plus a prompt chunk of 0 / 32 / 128 tokens; {args.threads} threads")
+    print(
+        f"one sequence at {args.own} tokens, {OTHERS} at {args.others}; a step of {OTHERS} one-token decodes "
+        f"plus a prompt chunk of 0 / 32 / 128 tokens; {args.threads} threads"
+    )
     try:
         f16, q8 = llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_Q8_0
         for label, unified, flash, kv_type in (
-                ("a stream per sequence, flash attention (llamarelay)", False, True, f16),
-                ("unified pool, flash attention (llamarelay's pool)", True, True, f16),
-                ("a stream per sequence, no flash attention", False, False, f16),
-                ("unified pool, no flash attention", True, False, f16),
-                ("a stream per sequence, flash, q8_0 K and V (half)", False, True, q8),
-                ("unified pool, flash, q8_0 K and V (half)", True, True, q8)):
+            ("a stream per sequence, flash attention (llamarelay)", False, True, f16),
+            ("unified pool, flash attention (llamarelay's pool)", True, True, f16),
+            ("a stream per sequence, no flash attention", False, False, f16),
+            ("unified pool, no flash attention", True, False, f16),
+            ("a stream per sequence, flash, q8_0 K and V (half)", False, True, q8),
+            ("unified pool, flash, q8_0 K and V (half)", True, True, q8),
+        ):
             medians = measure(model, unified, flash, args.own, args.others, args.threads, kv_type)
             print(f"{label:52s} " + " / ".join(f"{1000 * m:7.1f} ms" for m in medians))
     finally:

@@ -100,10 +100,15 @@ async def run(runs: int) -> None:
     with tempfile.TemporaryDirectory() as folder:
         mmproj = write_tiny_mmproj(Path(folder) / "mmproj-tiny.gguf")
         small = dict(path=MODEL, n_ctx=2048, kv_pool_mb=32, n_gpu_layers=0)
-        settings = Settings(engine=EngineSettings(model_path=MODEL, n_ctx=2048, n_threads=1, parallel=1,
-                                                  kv_pool_mb=32, state_dir=None, n_gpu_layers=0),
-                            models=[ModelSettings(name="second", **small),
-                                    ModelSettings(name="seeing", mmproj=mmproj, image_size=64, **small)])
+        settings = Settings(
+            engine=EngineSettings(
+                model_path=MODEL, n_ctx=2048, n_threads=1, parallel=1, kv_pool_mb=32, state_dir=None, n_gpu_layers=0
+            ),
+            models=[
+                ModelSettings(name="second", **small),
+                ModelSettings(name="seeing", mmproj=mmproj, image_size=64, **small),
+            ],
+        )
         settings.sampling = SAMPLING
         settings.store.path = Path(folder) / "bench.sqlite3"
         settings.model_pool.idle_seconds = 0
@@ -137,9 +142,11 @@ async def run(runs: int) -> None:
             mid = {name: statistics.median(values) for name, values in figures.items()}
             print(f"model switch (median of {runs}; SmolLM2-135M Q4_1 loaded again as a second model, CPU, 1 thread)")
             print(f"  load time:                      {mid['load'] * 1000:8.0f} ms")
-            print(f"  RSS before -> after the switch: {mid['rss_before']:8.0f} MB -> {mid['rss_after']:.0f} MB "
-                  f"(+{mid['rss_after'] - mid['rss_before']:.0f} MB; the registry counts {resident:.0f} MB "
-                  "of weights and KV pool)")
+            print(
+                f"  RSS before -> after the switch: {mid['rss_before']:8.0f} MB -> {mid['rss_after']:.0f} MB "
+                f"(+{mid['rss_after'] - mid['rss_before']:.0f} MB; the registry counts {resident:.0f} MB "
+                "of weights and KV pool)"
+            )
             print(f"  first reply after /model:       {mid['cold'] * 1000:8.0f} ms to first words (load included)")
             print(f"  next reply on it:               {mid['warm'] * 1000:8.0f} ms to first words")
 
@@ -154,11 +161,12 @@ async def run(runs: int) -> None:
                     pictured = [await turn(seeing, f"Turn {n}: what colour is this?", image) for n in range(runs)]
             finally:
                 await models.aclose()
-            print(f"image turn (median of {runs}; the same model with a tiny random projector: 64 px, 16 image "
-                  "tokens)")
+            print(f"image turn (median of {runs}; the same model with a tiny random projector: 64 px, 16 image tokens)")
             for label, results in (("text only", text_only), ("with a 640x480 picture", pictured)):
-                print(f"  {label + ':':31} {statistics.median(t for t, _ in results) * 1000:8.0f} ms to first words, "
-                      f"{statistics.median(n for _, n in results):.0f} prompt positions")
+                print(
+                    f"  {label + ':':31} {statistics.median(t for t, _ in results) * 1000:8.0f} ms to first words, "
+                    f"{statistics.median(n for _, n in results):.0f} prompt positions"
+                )
         finally:
             await store.close()
             await engine.aclose()

@@ -30,14 +30,22 @@ import llama_cpp  # noqa: E402
 from bot.app import open_engine  # noqa: E402
 from bot.config import SamplingSettings, Secrets, load_settings  # noqa: E402
 from bot.conversations import ConversationManager  # noqa: E402
-from bot.engine.threads import physical_cores  # noqa: E402
 from bot.engine import Tokenizer  # noqa: E402
+from bot.engine.threads import physical_cores  # noqa: E402
 from bot.store import open_store  # noqa: E402
 from bot.types import Controls, Incoming, SessionKey  # noqa: E402
 from tests.inference_server import InferenceServer  # noqa: E402
 
-TOPICS = ["a lighthouse keeper", "a lost robot", "a dragon who bakes", "two rival chess players",
-          "a city under the sea", "a time-travelling cat", "the last tree on Mars", "a haunted violin"]
+TOPICS = [
+    "a lighthouse keeper",
+    "a lost robot",
+    "a dragon who bakes",
+    "two rival chess players",
+    "a city under the sea",
+    "a time-travelling cat",
+    "the last tree on Mars",
+    "a haunted violin",
+]
 
 
 class Recorder:
@@ -74,20 +82,32 @@ class Recorder:
 def tokenizer() -> Tokenizer:
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf").encode(),
-                                                 params)
+    model = llama_cpp.llama_model_load_from_file(
+        str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf").encode(), params
+    )
     return Tokenizer(llama_cpp.llama_model_get_vocab(model))
 
 
-async def round_of(manager: ConversationManager, conversations: int, take: int, count: Tokenizer
-                   ) -> tuple[float, list[float]]:
+async def round_of(
+    manager: ConversationManager, conversations: int, take: int, count: Tokenizer
+) -> tuple[float, list[float]]:
     """(aggregate tokens/s, times to first text) for ``conversations`` new conversations at once."""
     recorders = [Recorder() for _ in range(conversations)]
     started = time.perf_counter()
-    results = await asyncio.gather(*(
-        manager.respond(Incoming(SessionKey.for_channel("bench", "g", f"take{take}-{n}"), "u", "user",
-                                 f"Please write a long, detailed story about {TOPICS[n % len(TOPICS)]}."), recorder)
-        for n, recorder in enumerate(recorders)))
+    results = await asyncio.gather(
+        *(
+            manager.respond(
+                Incoming(
+                    SessionKey.for_channel("bench", "g", f"take{take}-{n}"),
+                    "u",
+                    "user",
+                    f"Please write a long, detailed story about {TOPICS[n % len(TOPICS)]}.",
+                ),
+                recorder,
+            )
+            for n, recorder in enumerate(recorders)
+        )
+    )
     elapsed = time.perf_counter() - started
     tokens = sum(len(count.tokenize(result.text)) for result in results)
     return tokens / elapsed, [r.first_text - r.started for r in recorders if r.first_text is not None]
@@ -102,8 +122,11 @@ async def measure(label: str, settings: Any, args: argparse.Namespace, count: To
             await round_of(manager, 1, 0, count)  # warm-up
             for take in range(1, args.rounds + 1):
                 rate, firsts = await round_of(manager, args.conversations, take, count)
-                print(f"  {label:<34} {rate:7.1f} tokens/s   first text median {statistics.median(firsts):5.2f} s, "
-                      f"worst {max(firsts):5.2f} s", flush=True)
+                print(
+                    f"  {label:<34} {rate:7.1f} tokens/s   first text median {statistics.median(firsts):5.2f} s, "
+                    f"worst {max(firsts):5.2f} s",
+                    flush=True,
+                )
         finally:
             await manager.shutdown()
             await store.close()
@@ -120,8 +143,10 @@ async def main() -> None:
     settings = load_settings(ROOT / "config.toml")
     settings.sampling = SamplingSettings(max_tokens=args.tokens, temperature=0.7, seed=7)
     threads = settings.engine.n_threads or physical_cores()  # the same for the server
-    print(f"{args.conversations} conversations at once, {args.tokens} tokens each, {threads} threads, "
-          f"{os.cpu_count()} cores")
+    print(
+        f"{args.conversations} conversations at once, {args.tokens} tokens each, {threads} threads, "
+        f"{os.cpu_count()} cores"
+    )
     await measure(f"embedded (parallel = {settings.engine.parallel})", settings, args, count)
     with tempfile.TemporaryDirectory() as logs:
         server = InferenceServer(Path(logs), n_ctx=settings.engine.n_ctx)

@@ -47,6 +47,7 @@ async def generate(engine: object, prompt: list[int], n_tokens: int, streams: in
     """Tokens/s after the first token, for ``streams`` greedy requests of up to ``n_tokens`` tokens at once."""
     from bot.config import SamplingSettings
     from bot.engine import QueuePosition
+
     sampling = SamplingSettings(max_tokens=n_tokens, temperature=0.0, repeat_penalty=1.0, ignore_eos=True)
     first = None
     count = 0
@@ -68,9 +69,11 @@ async def generate(engine: object, prompt: list[int], n_tokens: int, streams: in
 def child(n_threads: int, n_tokens: int, runs: int, busy_seconds: float) -> None:
     """Measure one configuration in this process; print one JSON line."""
     from bot.engine.threads import configure_openmp
+
     configure_openmp()  # a no-op where the configuration set the environment itself
     from bot.config import EngineSettings
     from bot.engine import Engine
+
     settings = EngineSettings(model_path=MODEL, n_ctx=1024, n_threads=n_threads, parallel=STREAMS)
     engine = Engine(settings)
     prompt = engine.chat_tokens(PROMPT)
@@ -87,8 +90,9 @@ def child(n_threads: int, n_tokens: int, runs: int, busy_seconds: float) -> None
                 rate = asyncio.run(asyncio.wait_for(generate(engine, prompt, n_tokens, streams), busy_seconds))
             except TimeoutError:
                 rate = 0.0
-                print(f"  (stalled: no {n_tokens} tokens within {time.perf_counter() - started:.0f} s)",
-                      file=sys.stderr)
+                print(
+                    f"  (stalled: no {n_tokens} tokens within {time.perf_counter() - started:.0f} s)", file=sys.stderr
+                )
             finally:
                 hog.kill()
                 hog.wait()
@@ -96,10 +100,21 @@ def child(n_threads: int, n_tokens: int, runs: int, busy_seconds: float) -> None
     engine.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     bound = engine.model_size + engine.kv_cache_bytes + settings.state_cache_mb * 2**20 + 200 * 2**20
-    threads = "/".join(map(str, engine.threads.candidates)) if len(engine.threads.candidates) > 1 else \
-        str(engine.threads.candidates[0])
-    print(json.dumps({"threads": threads, "peak_rss": peak,
-                      "rss_bound": bound, **{k: statistics.median(v) for k, v in figures.items()}}))
+    threads = (
+        "/".join(map(str, engine.threads.candidates))
+        if len(engine.threads.candidates) > 1
+        else str(engine.threads.candidates[0])
+    )
+    print(
+        json.dumps(
+            {
+                "threads": threads,
+                "peak_rss": peak,
+                "rss_bound": bound,
+                **{k: statistics.median(v) for k, v in figures.items()},
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -107,31 +122,57 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--busy-seconds", type=float, default=30.0, help="give up on a busy run after this")
-    parser.add_argument("--configs", default="", help="comma-separated numbers of the configurations to run "
-                        "(1 = the first; default: all)")
+    parser.add_argument(
+        "--configs",
+        default="",
+        help="comma-separated numbers of the configurations to run (1 = the first; default: all)",
+    )
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         child(args.child, args.tokens, args.runs, args.busy_seconds)
         return
-    print(f"{os.cpu_count()} CPUs, {args.tokens} tokens per run, median of {args.runs} runs; "
-          "busy = one other process spinning on a core")
-    print(f"{'configuration':44} {'threads':>7} {'quiet t/s':>10} {'busy t/s':>9} {'kept':>6} "
-          f"{'8 quiet':>8} {'8 busy':>7} {'kept':>6} {'peak RSS':>9} {'bound':>9}", flush=True)
+    print(
+        f"{os.cpu_count()} CPUs, {args.tokens} tokens per run, median of {args.runs} runs; "
+        "busy = one other process spinning on a core"
+    )
+    print(
+        f"{'configuration':44} {'threads':>7} {'quiet t/s':>10} {'busy t/s':>9} {'kept':>6} "
+        f"{'8 quiet':>8} {'8 busy':>7} {'kept':>6} {'peak RSS':>9} {'bound':>9}",
+        flush=True,
+    )
     chosen = [CONFIGS[int(n) - 1] for n in args.configs.split(",")] if args.configs else CONFIGS
     for label, threads, env in chosen:
         environ = dict(os.environ)
         if env is not None:
             environ.update(env)
-        out = subprocess.run([sys.executable, __file__, "--child", str(threads), "--tokens", str(args.tokens),
-                              "--runs", str(args.runs), "--busy-seconds", str(args.busy_seconds)],
-                             env=environ, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(threads),
+                "--tokens",
+                str(args.tokens),
+                "--runs",
+                str(args.runs),
+                "--busy-seconds",
+                str(args.busy_seconds),
+            ],
+            env=environ,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         result = json.loads(out.stdout.strip().splitlines()[-1])
         kept = result["busy"] / result["quiet"] if result["quiet"] else 0.0
         kept8 = result["busy8"] / result["quiet8"] if result["quiet8"] else 0.0
-        print(f"{label:44} {result['threads']:>7} {result['quiet']:>10.1f} {result['busy']:>9.1f} {kept:>6.0%} "
-              f"{result['quiet8']:>8.1f} {result['busy8']:>7.1f} {kept8:>6.0%} "
-              f"{result['peak_rss'] / 2**20:>7.0f}MB {result['rss_bound'] / 2**20:>7.0f}MB", flush=True)
+        print(
+            f"{label:44} {result['threads']:>7} {result['quiet']:>10.1f} {result['busy']:>9.1f} {kept:>6.0%} "
+            f"{result['quiet8']:>8.1f} {result['busy8']:>7.1f} {kept8:>6.0%} "
+            f"{result['peak_rss'] / 2**20:>7.0f}MB {result['rss_bound'] / 2**20:>7.0f}MB",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ from bot.config import SamplingSettings, load_settings  # noqa: E402
 from bot.engine import Engine, QueuePosition  # noqa: E402
 
 SHORT = "You are a helpful assistant. Answer briefly and kindly."
-LONG = ("You are the assistant of a community of hobby astronomers. " + " ".join(
+LONG = "You are the assistant of a community of hobby astronomers. " + " ".join(
     f"Rule {n}: be precise about telescopes, eyepieces, mounts, filters and the night sky, and say when unsure."
-    for n in range(1, 25)))
+    for n in range(1, 25)
+)
 SAMPLING = SamplingSettings(max_tokens=4, temperature=0.0)
 
 
@@ -59,14 +60,17 @@ async def main() -> None:
             await first_token(engine, system, "Hello!", f"{label}-first")
             times, reused = [], []
             for n in range(args.conversations):
-                took, kept = await first_token(engine, system, f"Question {n}: what is {n} plus {n * 3}?",
-                                               f"{label}-{n}")
+                took, kept = await first_token(
+                    engine, system, f"Question {n}: what is {n} plus {n * 3}?", f"{label}-{n}"
+                )
                 times.append(took)
                 reused.append(kept)
             medians[label] = statistics.median(times)
-            print(f"{label} system prompt ({size} tokens with the template): new conversation's first token "
-                  f"median {medians[label]:.3f} s, worst {max(times):.3f} s; prompt tokens reused median "
-                  f"{statistics.median(reused):.0f}")
+            print(
+                f"{label} system prompt ({size} tokens with the template): new conversation's first token "
+                f"median {medians[label]:.3f} s, worst {max(times):.3f} s; prompt tokens reused median "
+                f"{statistics.median(reused):.0f}"
+            )
         ratio = medians["500-token"] / medians["20-token"]
         print(f"ratio 500-token / 20-token: {ratio:.2f} (target <= 1.2: {'ok' if ratio <= 1.2 else 'NOT MET'})")
     finally:

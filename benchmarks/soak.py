@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from discord_harness import (BotProcess, channel_key, force_reply, is_reply_text, open_store, write_config,
-                             writes)
+from discord_harness import BotProcess, channel_key, force_reply, is_reply_text, open_store, write_config, writes
 
 from bot.delivery import display_text
 from bot.replies import split_reply
@@ -63,21 +62,50 @@ FENCE_LINE = re.compile(r"`{3,}[\w+-]*")
 
 # ------------------------------------------------------------------ random text
 
-WORDS = ("the of and to in is you that it was for on are as with they at be this have from or one had by word "
-         "but not what all were we when your can said there use each which she do how their if will up other "
-         "about out many then them these so some her would make like him into time has look two more write go "
-         "see number no way could people my than first water been call who oil its now find long down day did "
-         "get come made may part").split()
-SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Thank you for your understanding and cooperation.",
-             "Here is a short summary of the main points.", "Let me know if you have any other questions!",
-             "This is a common pattern in many programming languages.", "I hope this helps you get started."]
-CJK = ["日本語の文章です。", "中文字符测试，", "你好，世界！", "한국어 문장입니다.", "漢字かな交じり文",
-       "「引用」と（括弧）"]
+WORDS = (
+    "the of and to in is you that it was for on are as with they at be this have from or one had by word "
+    "but not what all were we when your can said there use each which she do how their if will up other "
+    "about out many then them these so some her would make like him into time has look two more write go "
+    "see number no way could people my than first water been call who oil its now find long down day did "
+    "get come made may part"
+).split()
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Thank you for your understanding and cooperation.",
+    "Here is a short summary of the main points.",
+    "Let me know if you have any other questions!",
+    "This is a common pattern in many programming languages.",
+    "I hope this helps you get started.",
+]
+CJK = [
+    "日本語の文章です。",
+    "中文字符测试，",
+    "你好，世界！",
+    "한국어 문장입니다.",
+    "漢字かな交じり文",
+    "「引用」と（括弧）",
+]
 EMOJI = ["👍", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷", "🏳️‍🌈", "🤖", "❤️", "🧑🏿‍💻", "😀", "🫠"]
-COMBINING = ["e\u0301", "a\u0308\u0323", "n\u0303", "o\u0328\u0304", "Z\u0335\u0321", "\u0915\u094d\u0937\u093f",
-             "\u05e9\u05c1\u05b8"]
-CODE = ["var a=1;", "function f(b){return b*2}", "if(x){y()}else{z()};", "a.b.c(d,e);", 'x="q\\"s\\\\n";',
-        "for(let i=0;i<n;i++){s+=i}", "const q=[1,2,3].map(v=>v+1);", "`${t}`;", "/[a-z]+/g.test(w);"]
+COMBINING = [
+    "e\u0301",
+    "a\u0308\u0323",
+    "n\u0303",
+    "o\u0328\u0304",
+    "Z\u0335\u0321",
+    "\u0915\u094d\u0937\u093f",
+    "\u05e9\u05c1\u05b8",
+]
+CODE = [
+    "var a=1;",
+    "function f(b){return b*2}",
+    "if(x){y()}else{z()};",
+    "a.b.c(d,e);",
+    'x="q\\"s\\\\n";',
+    "for(let i=0;i<n;i++){s+=i}",
+    "const q=[1,2,3].map(v=>v+1);",
+    "`${t}`;",
+    "/[a-z]+/g.test(w);",
+]
 LANGS = ["", "js", "python", "c++", "text"]
 
 
@@ -128,7 +156,7 @@ def reply_text(rng: random.Random, long: bool) -> str:
         lang = rng.choice(LANGS)
         text = "```" + lang + minified(rng, length)
         if rng.random() < 0.5:
-            text = text[:length - 12] + "\n```\nDone."
+            text = text[: length - 12] + "\n```\nDone."
     elif kind == "code-block":
         head = prose(rng, rng.randint(0, 200))
         body = "\n".join(minified(rng, rng.randint(10, 900)) for _ in range(rng.randint(1, 4)))
@@ -246,8 +274,9 @@ class Soak:
 
     async def set_text(self, channel: int, long: bool) -> None:
         text = reply_text(self.rng, long)
-        await force_reply(self.store, channel_key(channel), text,
-                          max_tokens=max(MAX_TOKENS_FLOOR, len(text.encode()) + 16))
+        await force_reply(
+            self.store, channel_key(channel), text, max_tokens=max(MAX_TOKENS_FLOOR, len(text.encode()) + 16)
+        )
         self.current[channel] = text
         self.figures.long_texts += long
 
@@ -260,8 +289,9 @@ class Soak:
         mention = Mention(0, channel, nonce, self.current[channel], at)
         self.mentions.append(mention)
         self.by_nonce[nonce] = mention
-        mention.id = await self.fake.message_create(text, channel_id=channel,
-                                                    author_id=self.rng.choice([ALICE_ID, BOB_ID]))
+        mention.id = await self.fake.message_create(
+            text, channel_id=channel, author_id=self.rng.choice([ALICE_ID, BOB_ID])
+        )
         self.figures.sent += 1
 
     async def slash(self, channel: int, name: str) -> None:
@@ -322,8 +352,9 @@ class Soak:
 
     async def refresh(self) -> None:
         """Read new and changed rows, and settle what became of each unsettled mention."""
-        async with self.db.execute("SELECT id, role, substr(content, 1, 24) FROM messages WHERE id > ? ORDER BY id",
-                                   (self.last_row_id,)) as cursor:
+        async with self.db.execute(
+            "SELECT id, role, substr(content, 1, 24) FROM messages WHERE id > ? ORDER BY id", (self.last_row_id,)
+        ) as cursor:
             for row_id, role, head in await cursor.fetchall():
                 self.last_row_id = row_id
                 if role == "user" and (match := NONCE.match(head)) and match.group() in self.by_nonce:
@@ -332,8 +363,9 @@ class Soak:
         rows: dict[int, Row] = {}
         if open_ids:
             marks = ",".join("?" * len(open_ids))
-            async with self.db.execute(f"SELECT id, status, content, notes FROM messages WHERE id IN ({marks})",
-                                       open_ids) as cursor:
+            async with self.db.execute(
+                f"SELECT id, status, content, notes FROM messages WHERE id IN ({marks})", open_ids
+            ) as cursor:
                 rows = {row_id: Row(*rest) for row_id, *rest in await cursor.fetchall()}
         now = time.monotonic()
         for m in self.mentions:
@@ -360,8 +392,10 @@ class Soak:
     def reset_after(self, m: Mention, answered: bool = True) -> bool:
         """True if a /reset was sent after ``m`` in its channel (and, with ``answered``, has cleared the history,
         so ``m`` was cancelled before)."""
-        return any(r.channel == m.channel and r.at > m.at and (not answered or self.reset_outcome(r) == "cleared")
-                   for r in self.resets)
+        return any(
+            r.channel == m.channel and r.at > m.at and (not answered or self.reset_outcome(r) == "cleared")
+            for r in self.resets
+        )
 
     def reset_outcome(self, reset: Reset) -> str:
         """cleared, failed, or "" while unanswered."""
@@ -373,8 +407,9 @@ class Soak:
         """A note if a /reset in the channel of ``m`` was sent before it and answered after it (so the reset's
         deletion of the history may have taken the rows of ``m`` too), else ""."""
         for r in self.resets:
-            answers = [q.at for q in self.fake.requests
-                       if r.interaction.token in q.path and q.path.endswith("/callback")]
+            answers = [
+                q.at for q in self.fake.requests if r.interaction.token in q.path and q.path.endswith("/callback")
+            ]
             if r.channel == m.channel and r.at < m.at and (not answers or answers[0] > m.at):
                 answered = f"answered {answers[0] - m.at:.2f} s after it" if answers else "never answered"
                 return f", sent while a /reset ran (the /reset was sent {m.at - r.at:.2f} s before it, {answered})"
@@ -448,9 +483,18 @@ class Soak:
         if not first:
             return None
         path = f"/channels/{m.channel}/messages/{first[0]['id']}"
-        shown = [r for r in writes(self.fake, m.channel) if r.at <= moment and (
-            r.path == path or (r.method == "POST" and ((r.body or {}).get("message_reference") or {})
-                               .get("message_id") == str(m.id)))]
+        shown = [
+            r
+            for r in writes(self.fake, m.channel)
+            if r.at <= moment
+            and (
+                r.path == path
+                or (
+                    r.method == "POST"
+                    and ((r.body or {}).get("message_reference") or {}).get("message_id") == str(m.id)
+                )
+            )
+        ]
         texts = [(r.at, r.body.get("content") or "") for r in shown if is_reply_text(r.body.get("content") or "")]
         return (texts[0][0], texts[-1][1]) if texts else None
 
@@ -485,8 +529,7 @@ class Soak:
         async with self.fake:
             self.channels = self.fake.add_text_channels(CHANNELS)  # before the bot connects: GUILD_CREATE has them
             engine = {"n_threads": args.threads, "state_cache_mb": args.state_cache_mb}
-            config = write_config(self.directory, self.fake, discord={"user_messages_per_minute": 0},
-                                  engine=engine)
+            config = write_config(self.directory, self.fake, discord={"user_messages_per_minute": 0}, engine=engine)
             self.fake.script_status("PATCH", EDIT_PATH, times=10**9, every=EDIT_429_EVERY, via=True)
             self.bot = BotProcess(config, self.directory / "bot.log")
             await self.bot.start(self.fake)
@@ -531,8 +574,9 @@ class Soak:
             for message in self.fake.bot_messages(channel):
                 if message.get("message_reference") or message.get("interaction_token"):
                     continue
-                candidates = [m for first_id, m in firsts
-                              if first_id < int(message["id"]) and len(m.expected) > SHORT_TEXT_MAX]
+                candidates = [
+                    m for first_id, m in firsts if first_id < int(message["id"]) and len(m.expected) > SHORT_TEXT_MAX
+                ]
                 if not candidates:
                     orphans.append(f"message {message['id']} in channel {channel}: {message['content'][:60]!r}")
                     continue
@@ -545,6 +589,7 @@ class Soak:
                 return None
             wanted = pieces(display_text(m.row.content, m.row.notes))
             return wanted[len(shown[m])] if len(shown[m]) < len(wanted) else None
+
         if exact := [m for m in candidates if next_piece(m) == content]:
             return exact[-1]
         lines = content.split("\n")
@@ -582,8 +627,9 @@ class Soak:
             if not good:
                 wrong_text.append(f"{m.nonce} ({status}): stored {content[:80]!r}, forced {m.expected[:80]!r}")
             if m.checkpoint is not None and (status != Status.INTERRUPTED or content != m.checkpoint):
-                wrong_text.append(f"{m.nonce}: after the crash {status} {len(content)} chars, checkpoint "
-                                  f"{len(m.checkpoint)}")
+                wrong_text.append(
+                    f"{m.nonce}: after the crash {status} {len(content)} chars, checkpoint {len(m.checkpoint)}"
+                )
 
         shown, orphans = self.attribute()
         fates = collections.Counter(m.fate or "unsettled" for m in self.mentions)
@@ -611,28 +657,38 @@ class Soak:
                     unverified += 1
                     matches, need = True, len(pieces(m.expected))
             else:
-                lost.append(f"{m.nonce} in channel {m.channel} ({m.fate or 'unsettled'}): shown "
-                            f"{[s[:40] for s in seen]}, row {m.row and (m.row.status, m.row.content[:40])}"
-                            f"{self.reset_running(m)}")
+                lost.append(
+                    f"{m.nonce} in channel {m.channel} ({m.fate or 'unsettled'}): shown "
+                    f"{[s[:40] for s in seen]}, row {m.row and (m.row.status, m.row.content[:40])}"
+                    f"{self.reset_running(m)}"
+                )
                 continue
             if len(seen) > need:
                 too_many.append(f"{m.nonce} ({m.fate}): {len(seen)} messages, its text needs {need}")
             if not matches:
-                mismatched.append(f"{m.nonce} ({m.fate}, {m.row and m.row.status}): shown "
-                                  f"{[(len(s), s[-40:]) for s in seen]}")
+                mismatched.append(
+                    f"{m.nonce} ({m.fate}, {m.row and m.row.status}): shown {[(len(s), s[-40:]) for s in seen]}"
+                )
 
-        print(f"mentions sent: {f.sent} ({f.bursts} bursts of 2-3; {f.long_texts} long forced texts); "
-              f"/stop sent: {f.stops}; /reset sent: {f.resets} ({f.mention_after_reset} with a mention right "
-              f"behind; {sum(self.reset_outcome(r) == 'failed' for r in self.resets)} answered with an error)")
-        print(f"restarts: {len(f.graceful_exit_codes) - 1} by SIGTERM (exit codes {f.graceful_exit_codes}, the last "
-              f"ends the run), 1 crash by SIGKILL; bot processes: {self.bot.starts}")
+        print(
+            f"mentions sent: {f.sent} ({f.bursts} bursts of 2-3; {f.long_texts} long forced texts); "
+            f"/stop sent: {f.stops}; /reset sent: {f.resets} ({f.mention_after_reset} with a mention right "
+            f"behind; {sum(self.reset_outcome(r) == 'failed' for r in self.resets)} answered with an error)"
+        )
+        print(
+            f"restarts: {len(f.graceful_exit_codes) - 1} by SIGTERM (exit codes {f.graceful_exit_codes}, the last "
+            f"ends the run), 1 crash by SIGKILL; bot processes: {self.bot.starts}"
+        )
         answered_429 = sum(r.status == 429 for r in self.fake.requests)
         edits = len(self.fake.matching("PATCH", EDIT_PATH))
         print(f"edits: {edits}, answered 429: {answered_429}")
         print("replies stored by status:", dict(statuses.most_common()))
         print("what became of each mention:", dict(fates.most_common()))
-        print("messages per reply:", dict(sorted(per_reply.items())),
-              f"(crash-cut displays checked by count only: {unverified})")
+        print(
+            "messages per reply:",
+            dict(sorted(per_reply.items())),
+            f"(crash-cut displays checked by count only: {unverified})",
+        )
         crashed = [m for m in self.mentions if m.checkpoint is not None]
         checkpoint_problems = []
         assert f.crash_at is not None
@@ -642,16 +698,22 @@ class Soak:
             before = self.shown_at(m, f.crash_at - CHECKPOINT_MARGIN_SECONDS)
             shown_before = len(before[1]) if before else 0
             if at_crash := self.shown_at(m, f.crash_at):
-                print(f"    {m.nonce} showed {len(at_crash[1])} chars in its first message, {shown_before} of them "
-                      f"{CHECKPOINT_MARGIN_SECONDS:.0f} s before the crash; its checkpoint kept {kept}")
+                print(
+                    f"    {m.nonce} showed {len(at_crash[1])} chars in its first message, {shown_before} of them "
+                    f"{CHECKPOINT_MARGIN_SECONDS:.0f} s before the crash; its checkpoint kept {kept}"
+                )
             if kept < shown_before - 8:  # 8: a closing fence the display may add
                 checkpoint_problems.append(f"{m.nonce}: checkpoint {kept} chars, shown {shown_before}")
         minutes = collections.defaultdict(list)
         for seconds, run, mb in f.rss:
             minutes[int(seconds // 60)].append((run, mb))
-        print("bot RSS per minute (MB, max; process):",
-              ", ".join(f"{minute}: {max(mb for _, mb in samples):.0f} (#{samples[-1][0]})"
-                        for minute, samples in sorted(minutes.items())))
+        print(
+            "bot RSS per minute (MB, max; process):",
+            ", ".join(
+                f"{minute}: {max(mb for _, mb in samples):.0f} (#{samples[-1][0]})"
+                for minute, samples in sorted(minutes.items())
+            ),
+        )
         warm_up = min(WARM_UP_MINUTES, self.args.minutes / 4) * 60
         base = [mb for seconds, _, mb in f.rss if seconds <= warm_up]
         later = [mb for seconds, _, mb in f.rss if seconds > warm_up]
@@ -659,8 +721,10 @@ class Soak:
         log = self.bot.log()
         tracebacks = log.count("Traceback (most recent call last)")
         errors = [line for line in log.splitlines() if " ERROR " in line]
-        print(f"bot log: {len(log.splitlines())} lines, {log.count(' WARNING ')} warnings, {len(errors)} errors, "
-              f"{tracebacks} tracebacks")
+        print(
+            f"bot log: {len(log.splitlines())} lines, {log.count(' WARNING ')} warnings, {len(errors)} errors, "
+            f"{tracebacks} tracebacks"
+        )
         for line in errors[:5]:
             print(f"    {line[:200]}")
 
@@ -669,14 +733,22 @@ class Soak:
         check(not mismatched, "each reply shows exactly the pieces of its stored text + notes", mismatched)
         check(not wrong_text, "every stored reply is the forced text (complete) or a prefix of it", wrong_text)
         check(not lost and not f.errors, "every message got a stored or shown outcome", lost + f.errors)
-        check(statuses[Status.GENERATING] == 0 and f.left_generating_at_restart == 0,
-              f"nothing left generating (after the run: {statuses[Status.GENERATING]}, after the SIGTERM restart: "
-              f"{f.left_generating_at_restart})")
+        check(
+            statuses[Status.GENERATING] == 0 and f.left_generating_at_restart == 0,
+            f"nothing left generating (after the run: {statuses[Status.GENERATING]}, after the SIGTERM restart: "
+            f"{f.left_generating_at_restart})",
+        )
         check(all(code == 0 for code in f.graceful_exit_codes), "the bot exits 0 on SIGTERM")
-        check(not checkpoint_problems, f"a crash keeps the text shown {CHECKPOINT_MARGIN_SECONDS:.0f} s before it "
-              f"({len(crashed)} replies were cut)", checkpoint_problems)
-        check(growth < RSS_GROWTH_LIMIT_MB, f"RSS after warm-up ({warm_up / 60:.1f} min) grows {growth:.1f} MB "
-              f"< {RSS_GROWTH_LIMIT_MB:.0f} MB")
+        check(
+            not checkpoint_problems,
+            f"a crash keeps the text shown {CHECKPOINT_MARGIN_SECONDS:.0f} s before it "
+            f"({len(crashed)} replies were cut)",
+            checkpoint_problems,
+        )
+        check(
+            growth < RSS_GROWTH_LIMIT_MB,
+            f"RSS after warm-up ({warm_up / 60:.1f} min) grows {growth:.1f} MB < {RSS_GROWTH_LIMIT_MB:.0f} MB",
+        )
         check(tracebacks == 0, "no traceback in the bot's log")
         return ok
 
@@ -685,10 +757,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="how long messages are sent")
     parser.add_argument("--seed", type=int, default=None, help="for the random prompts and replies")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="[engine] n_threads (0: all cores, the config's default); see the note above")
-    parser.add_argument("--state-cache-mb", type=int, default=0,
-                        help="[engine] state_cache_mb; it fills by design, so above 0 it shows as RSS growth")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="[engine] n_threads (0: all cores, the config's default); see the note above",
+    )
+    parser.add_argument(
+        "--state-cache-mb",
+        type=int,
+        default=0,
+        help="[engine] state_cache_mb; it fills by design, so above 0 it shows as RSS growth",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (database, bot log)")
     args = parser.parse_args()
     if args.seed is None:

@@ -50,18 +50,35 @@ LLAMA_CPP_PYTHON = "0.3.36"  # the version in pyproject.toml: the same llama.cpp
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llamarelay-bench"
 SOURCE = CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
 BINARY = SOURCE / "build" / "bin" / "llama-server"
-CMAKE_OPTIONS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON", "-DGGML_NATIVE=ON",
-                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-                 # No web UI: it would be fetched from the network or built with npm.
-                 "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF"]
+CMAKE_OPTIONS = [
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DGGML_NATIVE=ON",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    # No web UI: it would be fetched from the network or built with npm.
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+]
 STREAMS = 8
 START_TIMEOUT_SECONDS = 120.0
 SYSTEM_PROMPT = "You are a creative writer. Write vivid, detailed stories with named characters and places."
-TOPICS = ["a lighthouse keeper", "a lost robot", "a dragon who bakes", "two rival chess players",
-          "a city under the sea", "a time-travelling cat", "the last tree on Mars", "a haunted violin"]
+TOPICS = [
+    "a lighthouse keeper",
+    "a lost robot",
+    "a dragon who bakes",
+    "two rival chess players",
+    "a city under the sea",
+    "a time-travelling cat",
+    "the last tree on Mars",
+    "a haunted violin",
+]
 
 
 # -- building llama-server -------------------------------------------------------------------------
+
 
 def build_llama_server(jobs: int) -> Path | None:
     """The llama-server binary, built on first use; None (with a message) when it cannot be built here."""
@@ -74,16 +91,32 @@ def build_llama_server(jobs: int) -> Path | None:
     sdist = CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
     if not sdist.is_file():
         print(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON} sdist into {CACHE}", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
-                        "--no-binary", ":all:", "--no-deps", "--quiet", "-d", str(CACHE)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                "--quiet",
+                "-d",
+                str(CACHE),
+            ],
+            check=True,
+        )
     if not (SOURCE / "CMakeLists.txt").is_file():
         with tarfile.open(sdist) as archive:
             archive.extractall(CACHE, filter="data")
     log = CACHE / "build.log"
     print(f"building llama-server with {jobs} jobs (tens of minutes on 2 cores; log: {log})", flush=True)
     with log.open("w") as output:
-        for command in (["cmake", "-B", "build", *CMAKE_OPTIONS],
-                        ["cmake", "--build", "build", "--target", "llama-server", f"-j{jobs}"]):
+        for command in (
+            ["cmake", "-B", "build", *CMAKE_OPTIONS],
+            ["cmake", "--build", "build", "--target", "llama-server", f"-j{jobs}"],
+        ):
             if subprocess.run(command, cwd=SOURCE, stdout=output, stderr=subprocess.STDOUT).returncode != 0:
                 print(f"the llama-server build failed: see {log}")
                 return None
@@ -91,6 +124,7 @@ def build_llama_server(jobs: int) -> Path | None:
 
 
 # -- the servers -----------------------------------------------------------------------------------
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -126,8 +160,16 @@ def start_llama_server(binary: Path, args: argparse.Namespace, logs: Path) -> Se
     if args.defaults:  # as its README starts it for 8 users: its own threads and libgomp's own spin
         command += ["-c", "16384", "-np", str(STREAMS)]
     else:  # the same threads, context per sequence and OpenMP waiting as llamarelay's
-        command += ["-c", str(args.n_ctx * STREAMS), "-np", str(STREAMS), "-t", str(args.threads),
-                    "-tb", str(args.threads)]
+        command += [
+            "-c",
+            str(args.n_ctx * STREAMS),
+            "-np",
+            str(STREAMS),
+            "-t",
+            str(args.threads),
+            "-tb",
+            str(args.threads),
+        ]
         if "OMP_WAIT_POLICY" not in env:
             env.setdefault("GOMP_SPINCOUNT", str(SPIN_COUNT))
     with (logs / "llama-server.log").open("wb") as log:
@@ -141,20 +183,35 @@ def start_llamarelay(args: argparse.Namespace, logs: Path) -> Server:
     if args.defaults:  # the shipped config, model and all; only where it stores and what it serves differ
         config.write_text((ROOT / "config.toml").read_text())
     else:
-        config.write_text(f'[engine]\nmodel_path = "{args.model}"\nn_ctx = {args.n_ctx}\n'
-                          f'n_threads = {args.threads}\nparallel = {STREAMS}\n')
+        config.write_text(
+            f'[engine]\nmodel_path = "{args.model}"\nn_ctx = {args.n_ctx}\n'
+            f"n_threads = {args.threads}\nparallel = {STREAMS}\n"
+        )
     # Only the API: no platform token may reach it from this shell.
-    env = {k: v for k, v in os.environ.items() if not k.endswith(("_TOKEN", "_SECRET")) and not k.startswith(
-        "LLAMARELAY_")}
-    env.update({"LLAMARELAY_ENGINE__MODEL_PATH": str(args.model),
-                "LLAMARELAY_STORE__PATH": str(logs / "llamarelay.sqlite3"), "LLAMARELAY_WEB__ENABLED": "false",
-                "LLAMARELAY_API__ENABLED": "true", "LLAMARELAY_API__PORT": str(port),
-                "LLAMARELAY_SAMPLING__MAX_TOKENS": str(args.tokens)})
+    env = {
+        k: v for k, v in os.environ.items() if not k.endswith(("_TOKEN", "_SECRET")) and not k.startswith("LLAMARELAY_")
+    }
+    env.update(
+        {
+            "LLAMARELAY_ENGINE__MODEL_PATH": str(args.model),
+            "LLAMARELAY_STORE__PATH": str(logs / "llamarelay.sqlite3"),
+            "LLAMARELAY_WEB__ENABLED": "false",
+            "LLAMARELAY_API__ENABLED": "true",
+            "LLAMARELAY_API__PORT": str(port),
+            "LLAMARELAY_SAMPLING__MAX_TOKENS": str(args.tokens),
+        }
+    )
     if args.layout:
         env["LLAMARELAY_ENGINE__KV_LAYOUT"] = args.layout
     with (logs / "llamarelay.log").open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "bot", "--config", str(config), "run"], cwd=ROOT, env=env,
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bot", "--config", str(config), "run"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     return Server("llamarelay", f"http://127.0.0.1:{port}/v1", process)
 
 
@@ -175,6 +232,7 @@ def stop(server: Server) -> None:
 
 # -- the client ------------------------------------------------------------------------------------
 
+
 @dataclass
 class Stream:
     submitted: float
@@ -190,11 +248,20 @@ class Stream:
 
 async def one_stream(session: aiohttp.ClientSession, url: str, topic: str, take: int, tokens: int) -> Stream:
     """One streamed chat completion; the token count is the server's usage figure (chunks if it sends none)."""
-    body = {"model": "default", "stream": True, "stream_options": {"include_usage": True},
-            "max_tokens": tokens, "ignore_eos": True, "temperature": 0.0, "repeat_penalty": 1.0,
-            "messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                         # ``take`` opens the message, so no run reuses another run's KV cache past the system prompt.
-                         {"role": "user", "content": f"Take {take}. Please write a long story about {topic}."}]}
+    body = {
+        "model": "default",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": tokens,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "repeat_penalty": 1.0,
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            # ``take`` opens the message, so no run reuses another run's KV cache past the system prompt.
+            {"role": "user", "content": f"Take {take}. Please write a long story about {topic}."},
+        ],
+    }
     stream = Stream(time.perf_counter())
     chunks = 0
     async with session.post(url + "/chat/completions", json=body) as response:
@@ -235,9 +302,12 @@ async def measure(url: str, take: int, tokens: int) -> Figures:
         streams = await asyncio.gather(*(one_stream(session, url, topic, take, tokens) for topic in TOPICS))
     end = max(s.last or start for s in streams)
     ttfts = [s.ttft for s in streams]
-    return Figures(single_tps=(single.tokens - 1) / (single.last - single.first),
-                   aggregate_tps=sum(s.tokens for s in streams) / (end - start),
-                   ttft_median=statistics.median(ttfts), ttft_worst=max(ttfts))
+    return Figures(
+        single_tps=(single.tokens - 1) / (single.last - single.first),
+        aggregate_tps=sum(s.tokens for s in streams) / (end - start),
+        ttft_median=statistics.median(ttfts),
+        ttft_worst=max(ttfts),
+    )
 
 
 def busy_loop() -> None:
@@ -260,10 +330,12 @@ def busy_core(enabled: bool) -> Iterator[None]:
         process.join()
 
 
-ROWS = [("single stream tokens/s", "single_tps", "{:.1f}", "higher"),
-        ("8 at once: aggregate tokens/s", "aggregate_tps", "{:.1f}", "higher"),
-        ("8 at once: TTFT median s", "ttft_median", "{:.3f}", "lower"),
-        ("8 at once: TTFT worst s", "ttft_worst", "{:.3f}", "lower")]
+ROWS = [
+    ("single stream tokens/s", "single_tps", "{:.1f}", "higher"),
+    ("8 at once: aggregate tokens/s", "aggregate_tps", "{:.1f}", "higher"),
+    ("8 at once: TTFT median s", "ttft_median", "{:.3f}", "lower"),
+    ("8 at once: TTFT worst s", "ttft_worst", "{:.3f}", "lower"),
+]
 
 
 def report(results: dict[str, list[Figures]]) -> None:
@@ -281,15 +353,22 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=128, help="tokens each stream generates")
     parser.add_argument("--n-ctx", type=int, default=2048, help="context window of each of the 8 sequences")
-    parser.add_argument("--threads", type=int, default=physical_cores(),
-                        help="threads for both servers (default: every physical core)")
-    parser.add_argument("--defaults", action="store_true",
-                        help="each server at its own defaults (llama-server -c 16384 -np 8; the shipped config)")
+    parser.add_argument(
+        "--threads", type=int, default=physical_cores(), help="threads for both servers (default: every physical core)"
+    )
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="each server at its own defaults (llama-server -c 16384 -np 8; the shipped config)",
+    )
     parser.add_argument("--model", type=Path, default=MODEL)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel jobs of the build")
     parser.add_argument("--busy", action="store_true", help="keep one core busy with another process meanwhile")
-    parser.add_argument("--layout", choices=["streams", "pool"], help="llamarelay's [engine] kv_layout (default: "
-                        "the config's, automatic)")
+    parser.add_argument(
+        "--layout",
+        choices=["streams", "pool"],
+        help="llamarelay's [engine] kv_layout (default: the config's, automatic)",
+    )
     args = parser.parse_args()
     args.model = args.model.resolve()
     if not args.model.is_file():
@@ -304,22 +383,32 @@ async def main() -> None:
             for server in servers:
                 await wait_ready(server)
                 await measure(server.url, take=0, tokens=16)  # warm-up: page in the model, first allocations
-            setup = ("each at its own defaults" if args.defaults else
-                     f"{STREAMS} sequences x {args.n_ctx} tokens, {args.threads} threads each")
-            print(f"model {args.model.name}, {setup}, {args.tokens} tokens a stream, ignore_eos, greedy"
-                  f"{', one core busy' if args.busy else ''}")
+            setup = (
+                "each at its own defaults"
+                if args.defaults
+                else f"{STREAMS} sequences x {args.n_ctx} tokens, {args.threads} threads each"
+            )
+            print(
+                f"model {args.model.name}, {setup}, {args.tokens} tokens a stream, ignore_eos, greedy"
+                f"{', one core busy' if args.busy else ''}"
+            )
             results: dict[str, list[Figures]] = {server.name: [] for server in servers}
             with busy_core(args.busy):
                 for run in range(1, args.runs + 1):
                     for server in servers if run % 2 else reversed(servers):  # alternate who goes first
                         figures = await measure(server.url, take=run, tokens=args.tokens)
                         results[server.name].append(figures)
-                        print(f"run {run} {server.name:12} single {figures.single_tps:6.1f} tok/s | 8 streams "
-                              f"{figures.aggregate_tps:6.1f} tok/s, TTFT median {figures.ttft_median:.3f} s, "
-                              f"worst {figures.ttft_worst:.3f} s", flush=True)
+                        print(
+                            f"run {run} {server.name:12} single {figures.single_tps:6.1f} tok/s | 8 streams "
+                            f"{figures.aggregate_tps:6.1f} tok/s, TTFT median {figures.ttft_median:.3f} s, "
+                            f"worst {figures.ttft_worst:.3f} s",
+                            flush=True,
+                        )
             report(results)
-            print("peak RSS: " + ", ".join(f"{server.name} {peak_rss_mb(server.process.pid):.0f} MB"
-                                           for server in servers))
+            print(
+                "peak RSS: "
+                + ", ".join(f"{server.name} {peak_rss_mb(server.process.pid):.0f} MB" for server in servers)
+            )
         except Exception:
             for name in ("llama-server", "llamarelay"):  # the logs go with the temporary directory: show them
                 print(f"--- the end of {name}'s log:\n" + (logs / f"{name}.log").read_text(errors="replace")[-3000:])

@@ -49,18 +49,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="0 = the engine's default")
     args = parser.parse_args()
     log = " ".join(f"Night {i}: the keeper lit the lamp and counted {i} ships." for i in range(args.lines))
-    history = [{"role": "system", "content": "Be brief."},
-               {"role": "user", "content": f"Here is a log. {log} Which night had the most ships?"}]
+    history = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": f"Here is a log. {log} Which night had the most ships?"},
+    ]
     results: dict[str, list[float]] = {"same engine": [], "after restart": [], "cold": []}
     saves, sizes = [], []
     for run in range(args.runs):
         with tempfile.TemporaryDirectory() as folder:
-            settings = EngineSettings(model_path=MODEL, n_ctx=2048, n_threads=args.threads, parallel=1,
-                                      state_dir=Path(folder) / "kv", state_disk_mb=512)
+            settings = EngineSettings(
+                model_path=MODEL,
+                n_ctx=2048,
+                n_threads=args.threads,
+                parallel=1,
+                state_dir=Path(folder) / "kv",
+                state_disk_mb=512,
+            )
             engine = Engine(settings)
             _, reply, n_prompt, _ = asyncio.run(turn(engine, history, "c"))
-            following = [*history, {"role": "assistant", "content": reply},
-                         {"role": "user", "content": "And the last one?"}]
+            following = [
+                *history,
+                {"role": "assistant", "content": reply},
+                {"role": "user", "content": "And the last one?"},
+            ]
             started = time.perf_counter()
             engine.close()  # writes the state
             saves.append(time.perf_counter() - started)
@@ -81,10 +92,13 @@ def main() -> None:
             results["cold"].append(asyncio.run(turn(cold, following, "c"))[0])
             cold.close()
         if run == 0:
-            print(f"history {n_prompt} tokens, next turn {n_next} tokens ({reused} reused after the restart); "
-                  f"threads {restarted.threads.best()}; median of {args.runs} runs")
-    print(f"state file: {statistics.median(sizes) / 2**20:.1f} MB, written at close in "
-          f"{statistics.median(saves):.2f} s")
+            print(
+                f"history {n_prompt} tokens, next turn {n_next} tokens ({reused} reused after the restart); "
+                f"threads {restarted.threads.best()}; median of {args.runs} runs"
+            )
+    print(
+        f"state file: {statistics.median(sizes) / 2**20:.1f} MB, written at close in {statistics.median(saves):.2f} s"
+    )
     for label, values in results.items():
         print(f"next turn, time to first token, {label:>14}: {statistics.median(values):.3f} s")
     ratio = statistics.median(results["after restart"]) / statistics.median(results["same engine"])

@@ -65,8 +65,9 @@ class Place:
         key = SessionKey.parse(key) if isinstance(key, str) else key
         if key.is_private:
             return cls(dm=True, key=str(key))
-        return cls(dm=False, server=key.workspace, channels=frozenset(c for c in (key.channel, key.thread) if c),
-                   key=str(key))
+        return cls(
+            dm=False, server=key.workspace, channels=frozenset(c for c in (key.channel, key.thread) if c), key=str(key)
+        )
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,11 @@ def _ids(values: Iterable[object]) -> frozenset[str]:
 def _grants(grant: ToolGrant, actor: Actor, key: str, tool: str) -> bool:
     """Whether this one grant lets ``actor`` use ``tool`` in the conversation whose session key is ``key``."""
     place = any(fnmatchcase(key, pattern) for pattern in grant.places)
-    who = (not grant.users and not grant.roles) or (bool(actor.id) and actor.id in grant.users) \
+    who = (
+        (not grant.users and not grant.roles)
+        or (bool(actor.id) and actor.id in grant.users)
         or bool(actor.roles & set(grant.roles))
+    )
     return place and who and any(fnmatchcase(tool, pattern) for pattern in grant.tools)
 
 
@@ -129,10 +133,19 @@ class AccessPolicy:
     that reaches the model has passed them already, and tools are opt-in on top, for admins too.
     """
 
-    def __init__(self, *, servers: Iterable[object] = (), channels: Iterable[object] = (),
-                 roles: Iterable[object] = (), users: Iterable[object] = (), admins: Iterable[object] = (),
-                 dms_enabled: bool = True, messages_per_minute: int = 0,
-                 limiter: RateLimiter | None = None, tool_grants: Sequence[ToolGrant] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        servers: Iterable[object] = (),
+        channels: Iterable[object] = (),
+        roles: Iterable[object] = (),
+        users: Iterable[object] = (),
+        admins: Iterable[object] = (),
+        dms_enabled: bool = True,
+        messages_per_minute: int = 0,
+        limiter: RateLimiter | None = None,
+        tool_grants: Sequence[ToolGrant] = (),
+    ) -> None:
         self.servers, self.channels, self.roles = _ids(servers), _ids(channels), _ids(roles)
         self.users, self.admins = _ids(users), _ids(admins)
         self.dms_enabled = dms_enabled
@@ -152,7 +165,8 @@ class AccessPolicy:
         if action is Action.ASK and not admin and not self.limiter.allow(actor.id):
             return Decision(Refusal.TOO_FAST, action, self.limiter.per_minute, self.limiter.retry_after(actor.id))
         if action in (Action.SET_SYSTEM_PROMPT, Action.SET_SAMPLING, Action.SET_MODEL) and not self.may_change_settings(
-                place, admin=admin or actor.manages_place):
+            place, admin=admin or actor.manages_place
+        ):
             return Decision(Refusal.ADMINS_ONLY, action)
         if action is Action.APPROVE_TOOL and not self.may_approve(actor, owner, admin=admin):
             return Decision(Refusal.NOT_YOURS, action)

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from bot.config import Secrets, Settings
 from bot.conversations import ConversationManager
-from bot.errors import ConfigError, LlamarelayError
 from bot.engine.base import InferenceEngine, renders_template
+from bot.errors import ConfigError, LlamarelayError
 from bot.models import open_backend
 from bot.store import open_store
 
@@ -71,8 +71,8 @@ async def start_tools(settings: Settings, manager: ConversationManager) -> ToolS
     where ``[[tools.allow]]`` grants them; None when none are configured (the MCP SDK is then not even imported)."""
     if not settings.tools.servers:
         return None
-    from bot.conversations.tools import Toolbox
     from bot.access import AccessPolicy
+    from bot.conversations.tools import Toolbox
     from bot.tools import ToolSupervisor
 
     tools = ToolSupervisor(settings.tools)
@@ -82,38 +82,54 @@ async def start_tools(settings: Settings, manager: ConversationManager) -> ToolS
     return tools
 
 
-async def _run_adapters(manager: ConversationManager, settings: Settings, secrets: Secrets, *, mode: str,
-                        tools: ToolSupervisor | None = None) -> None:
+async def _run_adapters(
+    manager: ConversationManager,
+    settings: Settings,
+    secrets: Secrets,
+    *,
+    mode: str,
+    tools: ToolSupervisor | None = None,
+) -> None:
     adapters: dict[str, Coroutine[Any, Any, None]] = {}
     if mode == "run" and secrets.discord_token:
         from adapters.discord import run_discord
+
         adapters["discord"] = run_discord(manager, settings, secrets)
     if mode == "run" and secrets.slack_bot_token:
         from adapters.slack import run_slack
+
         adapters["slack"] = run_slack(manager, settings, secrets)
     # Without a platform token, `run` chats in the terminal it was started from (not as a service or container).
     terminal = mode == "chat" or (mode == "run" and not adapters and sys.stdin.isatty())
     if mode == "web" or (mode == "run" and settings.web.enabled):
         from adapters.web import run_web
+
         adapters["web"] = run_web(manager, settings, secrets)
     if mode == "run" and not secrets.discord_token and not secrets.slack_bot_token:
-        log.info("no DISCORD_TOKEN or SLACK_BOT_TOKEN set%s. Set DISCORD_TOKEN to connect to Discord, "
-                 "SLACK_BOT_TOKEN (with SLACK_APP_TOKEN for Socket Mode) for Slack.",
-                 ": starting the terminal chat" if terminal else "")
+        log.info(
+            "no DISCORD_TOKEN or SLACK_BOT_TOKEN set%s. Set DISCORD_TOKEN to connect to Discord, "
+            "SLACK_BOT_TOKEN (with SLACK_APP_TOKEN for Socket Mode) for Slack.",
+            ": starting the terminal chat" if terminal else "",
+        )
     api = mode == "run" and settings.api.enabled
     if not adapters and not terminal and not api:
-        raise ConfigError("nothing to run: set DISCORD_TOKEN or SLACK_BOT_TOKEN, enable [web] or [api], or start "
-                          "`llamarelay chat` in a terminal")
+        raise ConfigError(
+            "nothing to run: set DISCORD_TOKEN or SLACK_BOT_TOKEN, enable [web] or [api], or start "
+            "`llamarelay chat` in a terminal"
+        )
     manager.platforms.expect(adapters)  # /readyz answers 503 until each of them reports it is connected
     if api:  # not a platform: it shares the engine's queue, not the conversations
         from adapters.openai_api import run_openai_api
+
         assert renders_template(manager.engine)  # load_settings refuses [api] with a remote backend
         adapters["api"] = run_openai_api(manager.engine, manager.metrics, settings, secrets, models=manager.models)
     if settings.ops.enabled and mode != "chat":
         from adapters.ops import run_ops
+
         adapters["ops"] = run_ops(manager, settings, tools)
     if terminal:
         from adapters.console import run_console
+
         # The terminal chat handles Ctrl-C and SIGTERM itself; leaving it stops everything.
         stop: asyncio.Task[object] = asyncio.create_task(run_console(manager), name="terminal")
     else:

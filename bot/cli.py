@@ -97,10 +97,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_common_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     """--config and -v; on a subcommand without defaults, so an option given before it is not overwritten."""
-    parser.add_argument("--config", type=Path, default=None if defaults else argparse.SUPPRESS,
-                        help=f"config file (default: ./{DEFAULT_CONFIG_PATH}, or built-in defaults if absent)")
-    parser.add_argument("-v", "--verbose", action="store_true", default=False if defaults else argparse.SUPPRESS,
-                        help="debug logging")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None if defaults else argparse.SUPPRESS,
+        help=f"config file (default: ./{DEFAULT_CONFIG_PATH}, or built-in defaults if absent)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=False if defaults else argparse.SUPPRESS, help="debug logging"
+    )
 
 
 def _load(config: Path | None) -> Settings:

@@ -18,8 +18,8 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
@@ -28,10 +28,26 @@ from bot.errors import ConfigError
 from bot.store import redact_url
 
 __all__ = [
-    "Settings", "EngineSettings", "ModelSettings", "ModelPoolSettings", "ImageSettings", "SamplingSettings",
-    "ConversationSettings", "StoreSettings",
-    "StreamingSettings", "DiscordSettings", "SlackSettings", "WebSettings", "OpsSettings", "ApiSettings",
-    "ToolGrant", "ToolOptions", "ToolServerSettings", "ToolsSettings", "Secrets", "load_settings",
+    "Settings",
+    "EngineSettings",
+    "ModelSettings",
+    "ModelPoolSettings",
+    "ImageSettings",
+    "SamplingSettings",
+    "ConversationSettings",
+    "StoreSettings",
+    "StreamingSettings",
+    "DiscordSettings",
+    "SlackSettings",
+    "WebSettings",
+    "OpsSettings",
+    "ApiSettings",
+    "ToolGrant",
+    "ToolOptions",
+    "ToolServerSettings",
+    "ToolsSettings",
+    "Secrets",
+    "load_settings",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,9 +55,16 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG_PATH = Path("config.toml")
 ENV_PREFIX = "LLAMARELAY_"
 ENV_NESTED_DELIMITER = "__"
-SECRET_ENV_VARS = ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET",
-                   "LLAMARELAY_WEB_TOKEN", "LLAMARELAY_DATABASE_URL", "LLAMARELAY_ENGINE_API_KEY",
-                   "LLAMARELAY_API_TOKEN")
+SECRET_ENV_VARS = (
+    "DISCORD_TOKEN",
+    "SLACK_BOT_TOKEN",
+    "SLACK_APP_TOKEN",
+    "SLACK_SIGNING_SECRET",
+    "LLAMARELAY_WEB_TOKEN",
+    "LLAMARELAY_DATABASE_URL",
+    "LLAMARELAY_ENGINE_API_KEY",
+    "LLAMARELAY_API_TOKEN",
+)
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -49,8 +72,10 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 def _model_name(name: str | None) -> str | None:
     if name is not None and not _MODEL_NAME.fullmatch(name):
-        raise ValueError("must be 1-64 letters, digits, '.', '_', ':' or '-', starting with a letter or digit "
-                         "(users type it after /model)")
+        raise ValueError(
+            "must be 1-64 letters, digits, '.', '_', ':' or '-', starting with a letter or digit "
+            "(users type it after /model)"
+        )
     return name
 
 
@@ -60,49 +85,79 @@ class _Section(BaseModel):
 
 
 class EngineSettings(_Section):
-    name: str | None = Field(None, description="the name users pick this model by (/model); unset = the remote "
-                             "model's id, else the GGUF file's name")
+    name: str | None = Field(
+        None,
+        description="the name users pick this model by (/model); unset = the remote "
+        "model's id, else the GGUF file's name",
+    )
     backend: Literal["embedded", "openai"] = Field(
-        "embedded", description="embedded: llama.cpp in this process; openai: an OpenAI-compatible server")
+        "embedded", description="embedded: llama.cpp in this process; openai: an OpenAI-compatible server"
+    )
     model_path: Path = Field(Path("models/SmolLM2-135M-Instruct.Q4_1.gguf"), description="GGUF model file")
     mmproj: Path | None = Field(None, description="the GGUF's multimodal projector: the model reads images")
     n_ctx: int = Field(4096, ge=256, le=131072, description="context window of one conversation, in tokens")
-    n_threads: int = Field(0, ge=0, le=256, description="CPU threads; 0 = timed: every physical core, one less "
-                                                        "and half are tried, and the fastest kept")
+    n_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="CPU threads; 0 = timed: every physical core, one less and half are tried, and the fastest kept",
+    )
     n_batch: int = Field(512, ge=16, le=8192, description="most tokens decoded in one llama_decode call")
-    kv_pool_mb: int = Field(0, ge=0, le=1_000_000,
-                            description="memory for the KV cache of all conversations; 0 = room for 8 x n_ctx "
-                                        "tokens (4 x where that is over a quarter of the RAM)")
+    kv_pool_mb: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="memory for the KV cache of all conversations; 0 = room for 8 x n_ctx "
+        "tokens (4 x where that is over a quarter of the RAM)",
+    )
     kv_layout: Literal["auto", "streams", "pool"] = Field(
-        "auto", description="streams: a KV stream of a whole window per conversation generating; pool: one pool "
-                            "they all share; auto: streams where kv_pool_mb holds 8 windows")
+        "auto",
+        description="streams: a KV stream of a whole window per conversation generating; pool: one pool "
+        "they all share; auto: streams where kv_pool_mb holds 8 windows",
+    )
     parallel: int = Field(0, ge=0, le=64, description="most conversations generated together; 0 = automatic")
-    step_budget_ms: int = Field(100, ge=5, le=60_000,
-                                description="longest decode step while replies stream: prompt chunks are sized to it")
-    prefill_chunk: int = Field(16, ge=1, le=8192,
-                               description="fewest prompt tokens read per step while other replies generate")
-    state_cache_mb: int = Field(256, ge=0, le=1_000_000,
-                                description="RAM for KV caches of conversations whose slot was reused")
+    step_budget_ms: int = Field(
+        100, ge=5, le=60_000, description="longest decode step while replies stream: prompt chunks are sized to it"
+    )
+    prefill_chunk: int = Field(
+        16, ge=1, le=8192, description="fewest prompt tokens read per step while other replies generate"
+    )
+    state_cache_mb: int = Field(
+        256, ge=0, le=1_000_000, description="RAM for KV caches of conversations whose slot was reused"
+    )
     max_queue: int = Field(32, ge=1, le=10000, description="requests that may wait; more are refused")
-    state_dir: Path | None = Field(None, description="folder for KV states the RAM cache has no room for, and of "
-                                   "recent conversations across restarts; a config file's default is kv/ beside "
-                                   "[store] path")
-    state_disk_mb: int = Field(1024, ge=0, le=10_000_000,
-                               description="disk for those KV states, newest kept; 0 = none saved")
-    n_gpu_layers: int = Field(-1, description="model layers llama.cpp puts on the GPU: -1 = all (where the build "
-                              "has GPU support), 0 = none (CPU only)")
-    main_gpu: int | None = Field(None, ge=0, le=255, description="the one GPU (0, 1, …) that holds the model; "
-                                 "unset = llama.cpp splits the layers over every GPU")
+    state_dir: Path | None = Field(
+        None,
+        description="folder for KV states the RAM cache has no room for, and of "
+        "recent conversations across restarts; a config file's default is kv/ beside "
+        "[store] path",
+    )
+    state_disk_mb: int = Field(
+        1024, ge=0, le=10_000_000, description="disk for those KV states, newest kept; 0 = none saved"
+    )
+    n_gpu_layers: int = Field(
+        -1,
+        description="model layers llama.cpp puts on the GPU: -1 = all (where the build "
+        "has GPU support), 0 = none (CPU only)",
+    )
+    main_gpu: int | None = Field(
+        None,
+        ge=0,
+        le=255,
+        description="the one GPU (0, 1, …) that holds the model; unset = llama.cpp splits the layers over every GPU",
+    )
     # backend = "openai": the server's API key comes from LLAMARELAY_ENGINE_API_KEY, never from the file.
     base_url: str | None = Field(None, description="the server's OpenAI API root, e.g. http://127.0.0.1:8080/v1")
     model: str | None = Field(None, description="model name to ask the server for; unset = the server's first")
     vision: bool = Field(False, description="the server's model reads images (they go as image_url parts)")
     max_requests: int = Field(8, ge=1, le=1024, description="most requests in flight at the server at once")
     connect_timeout: float = Field(5.0, gt=0, le=600, description="seconds to wait for a connection")
-    read_timeout: float = Field(120.0, gt=0, le=3600,
-                                description="seconds the server may stay silent (prompt reading included)")
-    retry_seconds: float = Field(60.0, ge=0, le=3600,
-                                 description="how long an unreachable or failing server is retried for a reply")
+    read_timeout: float = Field(
+        120.0, gt=0, le=3600, description="seconds the server may stay silent (prompt reading included)"
+    )
+    retry_seconds: float = Field(
+        60.0, ge=0, le=3600, description="how long an unreachable or failing server is retried for a reply"
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -126,11 +181,15 @@ class EngineSettings(_Section):
         if self.backend == "openai" and not self.base_url:
             raise ValueError('engine.backend = "openai" needs engine.base_url (e.g. http://127.0.0.1:8080/v1)')
         if self.vision and self.backend != "openai":
-            raise ValueError('engine.vision = true is for a server model (backend = "openai"); an embedded model '
-                             "reads images through its mmproj ([engine] mmproj)")
+            raise ValueError(
+                'engine.vision = true is for a server model (backend = "openai"); an embedded model '
+                "reads images through its mmproj ([engine] mmproj)"
+            )
         if self.parallel > self.n_batch:
-            raise ValueError(f"engine.parallel ({self.parallel}) must not exceed engine.n_batch ({self.n_batch}): "
-                             "every conversation generated at once needs a place in each batch")
+            raise ValueError(
+                f"engine.parallel ({self.parallel}) must not exceed engine.n_batch ({self.n_batch}): "
+                "every conversation generated at once needs a place in each batch"
+            )
         return self
 
 
@@ -169,21 +228,28 @@ class ModelSettings(_Section):
     def _variable_name(cls, name: str | None) -> str | None:
         # A key pasted here by mistake is refused before it can reach a log line (the message hides it).
         if name is not None and not _ENV_NAME.fullmatch(name):
-            raise ValueError("must name an environment variable (letters, digits, _), e.g. OPENAI_API_KEY; "
-                             "the key itself goes in that variable, never in the file")
+            raise ValueError(
+                "must name an environment variable (letters, digits, _), e.g. OPENAI_API_KEY; "
+                "the key itself goes in that variable, never in the file"
+            )
         return name
 
     @model_validator(mode="after")
     def _one_backend(self) -> ModelSettings:
         if (self.path is None) == (self.url is None):
-            raise ValueError(f"model {self.name!r} needs either path (a GGUF file) or url (a server), not "
-                             f"{'both' if self.path else 'neither'}")
+            raise ValueError(
+                f"model {self.name!r} needs either path (a GGUF file) or url (a server), not "
+                f"{'both' if self.path else 'neither'}"
+            )
         if self.url is not None and (self.mmproj or self.n_gpu_layers is not None or self.kv_pool_mb is not None):
-            raise ValueError(f"model {self.name!r} is on a server (url): mmproj, n_gpu_layers and kv_pool_mb "
-                             "belong to an embedded model (path)")
+            raise ValueError(
+                f"model {self.name!r} is on a server (url): mmproj, n_gpu_layers and kv_pool_mb "
+                "belong to an embedded model (path)"
+            )
         if self.path is not None and (self.model or self.api_key_env):
-            raise ValueError(f"model {self.name!r} is embedded (path): model and api_key_env belong to a server "
-                             "model (url)")
+            raise ValueError(
+                f"model {self.name!r} is embedded (path): model and api_key_env belong to a server model (url)"
+            )
         if self.path is not None and self.vision and self.mmproj is None:
             raise ValueError(f"model {self.name!r}: vision = true needs mmproj, the GGUF's multimodal projector")
         return self
@@ -194,20 +260,36 @@ class ModelSettings(_Section):
 
 
 class ModelPoolSettings(_Section):
-    memory_mb: int = Field(8192, ge=0, le=10_000_000, description="RAM (or VRAM) for embedded models loaded at "
-                           "once, weights and KV pool; the least recently used idle ones are unloaded to make room")
-    idle_seconds: float = Field(900.0, ge=0, le=604_800, description="an embedded model other than the default "
-                                "is unloaded after this long unused; 0 = only to make room")
+    memory_mb: int = Field(
+        8192,
+        ge=0,
+        le=10_000_000,
+        description="RAM (or VRAM) for embedded models loaded at "
+        "once, weights and KV pool; the least recently used idle ones are unloaded to make room",
+    )
+    idle_seconds: float = Field(
+        900.0,
+        ge=0,
+        le=604_800,
+        description="an embedded model other than the default "
+        "is unloaded after this long unused; 0 = only to make room",
+    )
 
 
 class ImageSettings(_Section):
-    max_bytes: int = Field(10_000_000, ge=0, le=100_000_000,
-                           description="larger image files are skipped, with a note, before any download")
+    max_bytes: int = Field(
+        10_000_000, ge=0, le=100_000_000, description="larger image files are skipped, with a note, before any download"
+    )
     max_count: int = Field(4, ge=0, le=32, description="images read from one message; the rest are skipped")
-    max_pixels: int = Field(40_000_000, ge=1, le=150_000_000,  # Pillow refuses past 178 M whatever we allow
-                            description="images with more pixels are skipped (decompression bombs)")
-    disk_mb: int = Field(1024, ge=0, le=10_000_000, description="stored images, newest kept; older ones are "
-                         "replaced by a note")
+    max_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        le=150_000_000,  # Pillow refuses past 178 M whatever we allow
+        description="images with more pixels are skipped (decompression bombs)",
+    )
+    disk_mb: int = Field(
+        1024, ge=0, le=10_000_000, description="stored images, newest kept; older ones are replaced by a note"
+    )
 
 
 class SamplingSettings(_Section):
@@ -216,26 +298,34 @@ class SamplingSettings(_Section):
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(40, ge=0, le=1000)
     repeat_penalty: float = Field(1.1, gt=0.0, le=5.0, description="1.0 = off; above 1.0 discourages repeats")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: less of a token the more "
-                                     "often it appeared (0 = off)")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's: less of any token that "
-                                    "appeared (0 = off)")
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="OpenAI's: less of a token the more often it appeared (0 = off)"
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="OpenAI's: less of any token that appeared (0 = off)"
+    )
     seed: int = Field(-1, ge=-1, le=0xFFFFFFFE, description="-1 = a new random seed per reply")
-    ignore_eos: bool = Field(False, description="write on past the end of the turn up to max_tokens "
-                             "(benchmarks, as llama-server's ignore_eos)")
+    ignore_eos: bool = Field(
+        False,
+        description="write on past the end of the turn up to max_tokens (benchmarks, as llama-server's ignore_eos)",
+    )
     grammar: str | None = Field(None, description="GBNF grammar every reply must follow (optional)")
 
 
 class ConversationSettings(_Section):
     system_prompt: str = Field("You are a helpful assistant.", max_length=20000)
-    max_message_chars: int = Field(50000, ge=100, le=1_000_000,
-                                   description="longer messages are stored whole but cut for the model")
-    max_waiting: int = Field(5, ge=0, le=1000,
-                             description="messages that may wait behind a conversation's running reply")
-    max_file_bytes: int = Field(200_000, ge=0, le=10_000_000,
-                                description="text files larger than this are skipped, with a note")
+    max_message_chars: int = Field(
+        50000, ge=100, le=1_000_000, description="longer messages are stored whole but cut for the model"
+    )
+    max_waiting: int = Field(
+        5, ge=0, le=1000, description="messages that may wait behind a conversation's running reply"
+    )
+    max_file_bytes: int = Field(
+        200_000, ge=0, le=10_000_000, description="text files larger than this are skipped, with a note"
+    )
     show_reasoning: Literal["hidden", "quoted"] = Field(
-        "hidden", description="a reasoning model's thinking: a status line only, or quoted above the answer")
+        "hidden", description="a reasoning model's thinking: a status line only, or quoted above the answer"
+    )
     summarize_messages: int = Field(50, ge=1, le=1000, description="messages a Summarize command reads")
     summarize_chars: int = Field(12000, ge=500, le=1_000_000, description="most characters of them it keeps")
 
@@ -245,11 +335,18 @@ DATABASE_URL_ENV = "LLAMARELAY_DATABASE_URL"
 
 class StoreSettings(_Section):
     path: Path = Field(Path("data/llamarelay.sqlite3"), description="SQLite database file (when no url is set)")
-    url: str | None = Field(None, description="postgresql://user@host/db selects PostgreSQL; the password "
-                            f"belongs in {DATABASE_URL_ENV}, which overrides this")
-    reply_lease: float = Field(30.0, ge=0.5, le=3600,
-                               description="seconds a reply in progress stays its process's without word from it; "
-                               "then another process on the database marks it interrupted")
+    url: str | None = Field(
+        None,
+        description="postgresql://user@host/db selects PostgreSQL; the password "
+        f"belongs in {DATABASE_URL_ENV}, which overrides this",
+    )
+    reply_lease: float = Field(
+        30.0,
+        ge=0.5,
+        le=3600,
+        description="seconds a reply in progress stays its process's without word from it; "
+        "then another process on the database marks it interrupted",
+    )
 
     @field_validator("url")
     @classmethod
@@ -264,8 +361,10 @@ class StoreSettings(_Section):
         env = os.environ if environ is None else environ
         url = env.get(DATABASE_URL_ENV)
         if url and not url.startswith(("postgresql://", "postgres://")):  # else it would name an SQLite file
-            raise ConfigError(f"environment variable {DATABASE_URL_ENV} = {redact_url(url)!r} is invalid: must be a "
-                              "postgresql:// URL (leave it unset for SQLite)")
+            raise ConfigError(
+                f"environment variable {DATABASE_URL_ENV} = {redact_url(url)!r} is invalid: must be a "
+                "postgresql:// URL (leave it unset for SQLite)"
+            )
         return url or self.url or self.path
 
 
@@ -287,16 +386,23 @@ class DiscordSettings(_Section):
     dms_enabled: bool = True
     answer_bots: bool = False
     answer_in_threads: bool = True
-    thread_per_conversation: bool = Field(False, description="a mention in a channel opens a thread for the "
-                                          "conversation; follow-ups there need no mention")
+    thread_per_conversation: bool = Field(
+        False,
+        description="a mention in a channel opens a thread for the conversation; follow-ups there need no mention",
+    )
     edit_interval: float = Field(1.0, ge=0.2, le=60.0, description="seconds between edits of one message")
     user_messages_per_minute: int = Field(10, ge=0, le=10000, description="0 = unlimited")
     api_base_url: str | None = Field(None, description="REST base, e.g. https://discord.com/api/v10")
     gateway_url: str | None = Field(None, description="gateway websocket, e.g. wss://gateway.discord.gg/")
-    shard_count: int | None = Field(None, ge=1, le=100000, description="gateway shards of the whole bot, split "
-                                    "among its processes; none = one process, one connection")
-    shard_ids: list[int] = Field(default_factory=list, description="the shards this process connects (with "
-                                 "shard_count); empty = all of them")
+    shard_count: int | None = Field(
+        None,
+        ge=1,
+        le=100000,
+        description="gateway shards of the whole bot, split among its processes; none = one process, one connection",
+    )
+    shard_ids: list[int] = Field(
+        default_factory=list, description="the shards this process connects (with shard_count); empty = all of them"
+    )
 
     @model_validator(mode="after")
     def _shards_fit(self) -> DiscordSettings:
@@ -328,16 +434,23 @@ class WebSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
-    trust_forwarded_proto: bool = Field(False, description="behind a TLS-terminating proxy: its "
-                                        "X-Forwarded-Proto: https marks cookies Secure")
-    edit_interval: float = Field(1.0, ge=0.0, le=60.0, description="seconds between updates of a reply streamed "
-                                 "to the page ([discord] and [slack] have their own edit_interval)")
+    trust_forwarded_proto: bool = Field(
+        False, description="behind a TLS-terminating proxy: its X-Forwarded-Proto: https marks cookies Secure"
+    )
+    edit_interval: float = Field(
+        1.0,
+        ge=0.0,
+        le=60.0,
+        description="seconds between updates of a reply streamed "
+        "to the page ([discord] and [slack] have their own edit_interval)",
+    )
 
 
 class OpsSettings(_Section):
     enabled: bool = Field(False, description="serve /healthz, /readyz and /metrics (the Docker image does)")
-    host: str = Field("127.0.0.1", description="the endpoints tell about the bot's load: keep them on loopback "
-                      "or a private network")
+    host: str = Field(
+        "127.0.0.1", description="the endpoints tell about the bot's load: keep them on loopback or a private network"
+    )
     port: int = Field(9090, ge=0, le=65535, description="0 = any free port")
 
 
@@ -353,8 +466,12 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 class ToolOptions(_Section):
     confirm: bool = Field(False, description="ask the user (Run / Deny) before each call of this tool")
-    title: str | None = Field(None, max_length=100, description="what the status line says while it runs, e.g. "
-                              "'Searching the wiki'; unset = the server's title for the tool")
+    title: str | None = Field(
+        None,
+        max_length=100,
+        description="what the status line says while it runs, e.g. "
+        "'Searching the wiki'; unset = the server's title for the tool",
+    )
 
 
 class ToolServerSettings(_Section):
@@ -365,8 +482,9 @@ class ToolServerSettings(_Section):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment variables for it")
     # streamable HTTP: a server that runs elsewhere.
     url: str | None = Field(None, description="a streamable-HTTP MCP server's endpoint, e.g. http://127.0.0.1:8000/mcp")
-    auth_env: str | None = Field(None, description="environment variable holding the token sent in auth_header "
-                                 "(never the token itself)")
+    auth_env: str | None = Field(
+        None, description="environment variable holding the token sent in auth_header (never the token itself)"
+    )
     auth_header: str = Field("Authorization", min_length=1, max_length=100, description="header the token goes in")
     auth_scheme: str = Field("Bearer", max_length=50, description="word before the token; empty = the token alone")
     tools: dict[str, ToolOptions] = Field(default_factory=dict, description="per-tool options, by the tool's name")
@@ -395,11 +513,14 @@ class ToolServerSettings(_Section):
     @model_validator(mode="after")
     def _one_transport(self) -> ToolServerSettings:
         if (self.command is None) == (self.url is None):
-            raise ValueError(f"tool server '{self.name}' needs either command (a stdio server) or url "
-                             "(a streamable-HTTP server), not both")
+            raise ValueError(
+                f"tool server '{self.name}' needs either command (a stdio server) or url "
+                "(a streamable-HTTP server), not both"
+            )
         if self.url is None and self.auth_env is not None:
-            raise ValueError(f"tool server '{self.name}': auth_env is for a url; pass a stdio server its token "
-                             "through env")
+            raise ValueError(
+                f"tool server '{self.name}': auth_env is for a url; pass a stdio server its token through env"
+            )
         if self.command is None and (self.args or self.env):
             raise ValueError(f"tool server '{self.name}': args and env are for a command; a url server takes none")
         return self
@@ -408,13 +529,19 @@ class ToolServerSettings(_Section):
 class ToolGrant(_Section):
     """One ``[[tools.allow]]`` grant; `bot.access.AccessPolicy.tools_for` matches them."""
 
-    places: list[str] = Field(min_length=1, description="conversations, as session-key patterns: "
-                              "'discord/ch/<server>/*' a whole server, 'discord/ch/<server>/<channel>*' a channel "
-                              "and its threads, 'slack/ch/<workspace>/*', 'discord/dm/*', 'web/*'")
-    users: list[str] = Field(default_factory=list, description="only these user ids there (or the roles below); "
-                             "users and roles both empty = everyone")
-    roles: list[str] = Field(default_factory=list, description="only members with one of these Discord role ids "
-                             "there (or the users above)")
+    places: list[str] = Field(
+        min_length=1,
+        description="conversations, as session-key patterns: "
+        "'discord/ch/<server>/*' a whole server, 'discord/ch/<server>/<channel>*' a channel "
+        "and its threads, 'slack/ch/<workspace>/*', 'discord/dm/*', 'web/*'",
+    )
+    users: list[str] = Field(
+        default_factory=list,
+        description="only these user ids there (or the roles below); users and roles both empty = everyone",
+    )
+    roles: list[str] = Field(
+        default_factory=list, description="only members with one of these Discord role ids there (or the users above)"
+    )
     tools: list[str] = Field(default_factory=lambda: ["*"], description="tool names (patterns); '*' = every tool")
 
     @field_validator("places")
@@ -422,39 +549,57 @@ class ToolGrant(_Section):
     def _key_patterns(cls, places: list[str]) -> list[str]:
         for place in places:
             if "/" not in place and place != "*":
-                raise ValueError(f"'{place}' is not a session-key pattern: write e.g. 'discord/ch/<server id>/*' "
-                                 "or 'web/*'")
+                raise ValueError(
+                    f"'{place}' is not a session-key pattern: write e.g. 'discord/ch/<server id>/*' or 'web/*'"
+                )
         return places
 
     @field_validator("users", "roles", mode="before")
     @classmethod
     def _ids_as_text(cls, ids: Any) -> Any:
         """Ids may be written as TOML integers (Discord's snowflakes); they are matched as text."""
-        return [str(i) if isinstance(i, int) and not isinstance(i, bool) else i for i in ids] \
-            if isinstance(ids, list) else ids
+        return (
+            [str(i) if isinstance(i, int) and not isinstance(i, bool) else i for i in ids]
+            if isinstance(ids, list)
+            else ids
+        )
 
     @field_validator("roles")
     @classmethod
     def _role_ids(cls, roles: list[str]) -> list[str]:
         for role in roles:
             if not role.isdigit():
-                raise ValueError(f"'{role}' is not a role id: write the role's number (Discord: Server Settings, "
-                                 "Roles, right-click the role, Copy Role ID)")
+                raise ValueError(
+                    f"'{role}' is not a role id: write the role's number (Discord: Server Settings, "
+                    "Roles, right-click the role, Copy Role ID)"
+                )
         return roles
 
 
 class ToolsSettings(_Section):
     servers: list[ToolServerSettings] = Field(default_factory=list, description="MCP servers; none = no tools")
-    allow: list[ToolGrant] = Field(default_factory=list, description="which places (and users or roles) may use "
-                                   "which tools; none = no place may (tools are opt-in)")
+    allow: list[ToolGrant] = Field(
+        default_factory=list,
+        description="which places (and users or roles) may use which tools; none = no place may (tools are opt-in)",
+    )
     max_rounds: int = Field(4, ge=1, le=50, description="most rounds of tool calls in one reply")
     call_timeout: float = Field(30.0, gt=0, le=3600, description="seconds one tool call may take")
-    approval_timeout: float = Field(120.0, gt=0, le=3600, description="seconds a confirm = true call waits for "
-                                    "Run / Deny before it is dropped (the model is told it did not run)")
-    max_result_chars: int = Field(8000, ge=100, le=1_000_000,
-                                  description="a longer tool result is cut to this, with a note")
-    restart_delay: float = Field(1.0, gt=0, le=600, description="seconds before restarting a server that died; "
-                                 "doubled after each failure in a row")
+    approval_timeout: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="seconds a confirm = true call waits for "
+        "Run / Deny before it is dropped (the model is told it did not run)",
+    )
+    max_result_chars: int = Field(
+        8000, ge=100, le=1_000_000, description="a longer tool result is cut to this, with a note"
+    )
+    restart_delay: float = Field(
+        1.0,
+        gt=0,
+        le=600,
+        description="seconds before restarting a server that died; doubled after each failure in a row",
+    )
     max_restart_delay: float = Field(60.0, gt=0, le=3600, description="the longest wait between restarts")
     check_interval: float = Field(15.0, gt=0, le=3600, description="seconds between pings of a quiet server")
 
@@ -470,8 +615,9 @@ class Settings(BaseSettings):
     """Every section; ``Settings()`` is the defaults with the environment's overrides applied."""
 
     # A misspelt key (in the file or after LLAMARELAY_) is an error, not a silently ignored setting.
-    model_config = SettingsConfigDict(extra="forbid", validate_assignment=True, env_prefix=ENV_PREFIX,
-                                      env_nested_delimiter=ENV_NESTED_DELIMITER)
+    model_config = SettingsConfigDict(
+        extra="forbid", validate_assignment=True, env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER
+    )
 
     engine: EngineSettings = Field(default_factory=EngineSettings)
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
@@ -489,11 +635,14 @@ class Settings(BaseSettings):
     tools: ToolsSettings = Field(default_factory=ToolsSettings)
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource,
-                                   dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource,
-                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment overrides the file (passed in as init values); no .env or secrets-dir files.
         return env_settings, init_settings
 
@@ -501,8 +650,10 @@ class Settings(BaseSettings):
     def _streaming_is_web(self) -> Settings:
         """``[streaming] edit_interval`` (deprecated) stands in for an unset ``[web] edit_interval``."""
         if self.streaming.edit_interval is not None:
-            log.warning("[streaming] edit_interval is deprecated: it is [web] edit_interval now (only the web page "
-                        "ever read it)")
+            log.warning(
+                "[streaming] edit_interval is deprecated: it is [web] edit_interval now (only the web page "
+                "ever read it)"
+            )
             if "edit_interval" not in self.web.model_fields_set:
                 self.web.edit_interval = self.streaming.edit_interval
         return self
@@ -510,20 +661,27 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _reply_fits_the_window(self) -> Settings:
         if self.sampling.max_tokens >= self.engine.n_ctx:
-            raise ValueError(f"sampling.max_tokens ({self.sampling.max_tokens}) must be below engine.n_ctx "
-                             f"({self.engine.n_ctx}): the prompt needs room too")
+            raise ValueError(
+                f"sampling.max_tokens ({self.sampling.max_tokens}) must be below engine.n_ctx "
+                f"({self.engine.n_ctx}): the prompt needs room too"
+            )
         if self.api.enabled and self.engine.backend == "openai":
-            raise ValueError("[api] serves the embedded engine; with engine.backend = \"openai\" point API clients "
-                             "at the model server itself")
+            raise ValueError(
+                '[api] serves the embedded engine; with engine.backend = "openai" point API clients '
+                "at the model server itself"
+            )
         seen = {default_model_name(self.engine).lower(): "[engine]"}
         for index, model in enumerate(self.models):
             if (first := seen.setdefault(model.name.lower(), f"models[{index}]")) != f"models[{index}]":
-                raise ValueError(f"models[{index}]: the name {model.name!r} is taken by {first}; each model "
-                                 "needs a name of its own")
+                raise ValueError(
+                    f"models[{index}]: the name {model.name!r} is taken by {first}; each model needs a name of its own"
+                )
             n_ctx = model.n_ctx or self.engine.n_ctx
             if self.sampling.max_tokens >= n_ctx:
-                raise ValueError(f"models[{index}] ({model.name!r}): sampling.max_tokens ({self.sampling.max_tokens})"
-                                 f" must be below its n_ctx ({n_ctx}): the prompt needs room too")
+                raise ValueError(
+                    f"models[{index}] ({model.name!r}): sampling.max_tokens ({self.sampling.max_tokens})"
+                    f" must be below its n_ctx ({n_ctx}): the prompt needs room too"
+                )
         return self
 
 
@@ -558,9 +716,21 @@ class Secrets:
     def values(self) -> list[str]:
         """Every secret string, for redaction: a database URL's password on its own too."""
         password = urlsplit(self.database_url).password if self.database_url else None
-        return [v for v in (self.discord_token, self.slack_bot_token, self.slack_app_token,
-                            self.slack_signing_secret, self.web_token, self.database_url, password,
-                            self.engine_api_key, self.api_token) if v]
+        return [
+            v
+            for v in (
+                self.discord_token,
+                self.slack_bot_token,
+                self.slack_app_token,
+                self.slack_signing_secret,
+                self.web_token,
+                self.database_url,
+                password,
+                self.engine_api_key,
+                self.api_token,
+            )
+            if v
+        ]
 
     def __repr__(self) -> str:
         return "Secrets(<hidden>)"
@@ -588,8 +758,11 @@ def load_settings(path: Path | str | None = DEFAULT_CONFIG_PATH) -> Settings:
     for model in settings.models:
         model.path = path.parent / model.path if model.path is not None else None
         model.mmproj = path.parent / model.mmproj if model.mmproj is not None else None
-    settings.engine.state_dir = (path.parent / settings.engine.state_dir if settings.engine.state_dir is not None
-                                 else settings.store.path.parent / "kv")
+    settings.engine.state_dir = (
+        path.parent / settings.engine.state_dir
+        if settings.engine.state_dir is not None
+        else settings.store.path.parent / "kv"
+    )
     return settings
 
 
@@ -611,7 +784,7 @@ def _bad_json_variable() -> str | None:
     for name, value in os.environ.items():
         if not name.upper().startswith(ENV_PREFIX):
             continue
-        section, _, key = name[len(ENV_PREFIX):].lower().partition(ENV_NESTED_DELIMITER)
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition(ENV_NESTED_DELIMITER)
         model = Settings.model_fields[section].annotation if section in Settings.model_fields else None
         field = model.model_fields.get(key) if isinstance(model, type) and issubclass(model, BaseModel) else None
         if field is None or get_origin(field.annotation) is not list:
@@ -620,8 +793,10 @@ def _bad_json_variable() -> str | None:
             json.loads(value)
         except ValueError:
             example = "[123, 456]" if get_args(field.annotation) == (int,) else '["C012AB3CD"]'
-            return (f"environment variable {name}: '{section}.{key}' = {value!r} is invalid: "
-                    f"must be a JSON list, e.g. {example}")
+            return (
+                f"environment variable {name}: '{section}.{key}' = {value!r} is invalid: "
+                f"must be a JSON list, e.g. {example}"
+            )
     return None
 
 

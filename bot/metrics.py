@@ -33,34 +33,56 @@ class Metrics:
         self.queue_depth.set_function(lambda: engine_status().queue_length)
         self.requests_running = Gauge("llamarelay_requests_running", "Requests being generated now", registry=r)
         self.requests_running.set_function(lambda: engine_status().running)
-        self.kv_cells = Gauge("llamarelay_kv_cells", "KV cells the embedded engine's pool holds (0 on a model server)",
-                              registry=r)
+        self.kv_cells = Gauge(
+            "llamarelay_kv_cells", "KV cells the embedded engine's pool holds (0 on a model server)", registry=r
+        )
         self.kv_cells.set_function(lambda: engine_status().kv_cells or 0)
         # Fixed once the model is loaded: read once. device="server" for a model server (backend = "openai").
         device = engine_status().device
-        self.engine_info = Info("llamarelay_engine", "Where the model runs: device cpu, gpu or server; layers "
-                                "offloaded to the GPUs named", registry=r)
-        self.engine_info.info({"device": "server"} if device is None else {
-            "device": device.kind, "gpu_layers": str(device.gpu_layers), "layers": str(device.layers),
-            "gpus": ", ".join(device.gpus)})
+        self.engine_info = Info(
+            "llamarelay_engine",
+            "Where the model runs: device cpu, gpu or server; layers offloaded to the GPUs named",
+            registry=r,
+        )
+        self.engine_info.info(
+            {"device": "server"}
+            if device is None
+            else {
+                "device": device.kind,
+                "gpu_layers": str(device.gpu_layers),
+                "layers": str(device.layers),
+                "gpus": ", ".join(device.gpus),
+            }
+        )
         self.time_to_first_token = Histogram(
-            "llamarelay_time_to_first_token_seconds", "From handing a prompt to the engine to its first text",
-            buckets=TTFT_BUCKETS, registry=r)
+            "llamarelay_time_to_first_token_seconds",
+            "From handing a prompt to the engine to its first text",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
         self.inter_token_latency = Histogram(
-            "llamarelay_inter_token_latency_seconds", "Between two pieces of a streaming reply's text",
-            buckets=INTER_TOKEN_BUCKETS, registry=r)
+            "llamarelay_inter_token_latency_seconds",
+            "Between two pieces of a streaming reply's text",
+            buckets=INTER_TOKEN_BUCKETS,
+            registry=r,
+        )
         self.tokens_generated = Counter("llamarelay_tokens_generated", "Tokens the model generated", registry=r)
         self.prompt_tokens = Counter("llamarelay_prompt_tokens", "Prompt tokens handed to the engine", registry=r)
         self.prompt_tokens_reused = Counter(
-            "llamarelay_prompt_tokens_reused", "Prompt tokens whose KV cache was reused instead of re-read",
-            registry=r)
-        self.replies = Counter("llamarelay_replies", "Replies ended, by platform and stored status",
-                               ["platform", "status"], registry=r)
-        self.platform_errors = Counter("llamarelay_platform_api_errors", "Platform API calls of a reply that failed",
-                                       ["platform"], registry=r)
-        self.platform_rate_limited = Counter("llamarelay_platform_rate_limited",
-                                             "Platform API calls refused with 429 (a subset of the errors)",
-                                             ["platform"], registry=r)
+            "llamarelay_prompt_tokens_reused", "Prompt tokens whose KV cache was reused instead of re-read", registry=r
+        )
+        self.replies = Counter(
+            "llamarelay_replies", "Replies ended, by platform and stored status", ["platform", "status"], registry=r
+        )
+        self.platform_errors = Counter(
+            "llamarelay_platform_api_errors", "Platform API calls of a reply that failed", ["platform"], registry=r
+        )
+        self.platform_rate_limited = Counter(
+            "llamarelay_platform_rate_limited",
+            "Platform API calls refused with 429 (a subset of the errors)",
+            ["platform"],
+            registry=r,
+        )
 
     def platform_failure(self, platform: str, exc: BaseException) -> None:
         """Count one failed platform call (``bot.delivery`` reports each)."""

@@ -6,6 +6,8 @@ first use and unloaded after ``[model_pool] idle_seconds`` unused; before one is
 idle models are unloaded until weights and KV pool fit ``[model_pool] memory_mb``. A model in use is never
 unloaded: one that cannot fit beside them fails with a line that names it. Server models take no memory here.
 A model that fails to load fails alone; it is tried again on a later use, after ``RETRY_LOAD_SECONDS``.
+
+Over 400 lines: the registry's loading, unloading and memory budget are one state machine over the models.
 """
 
 from __future__ import annotations
@@ -23,8 +25,15 @@ from bot.config import EngineSettings, ModelSettings, Secrets, Settings, default
 from bot.engine.base import InferenceEngine, renders_template
 from bot.errors import EngineError, LlamarelayError
 
-__all__ = ["Capabilities", "Model", "ModelRegistry", "ModelUnavailable", "configured_models", "open_backend",
-           "unavailable_line"]
+__all__ = [
+    "Capabilities",
+    "Model",
+    "ModelRegistry",
+    "ModelUnavailable",
+    "configured_models",
+    "open_backend",
+    "unavailable_line",
+]
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +145,14 @@ class ModelRegistry:
     Call from the event loop. ``opener`` builds an engine (tests pass their own to count loads).
     """
 
-    def __init__(self, settings: Settings, secrets: Secrets | None = None, *,
-                 environ: Mapping[str, str] | None = None, opener: Opener = open_backend) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        secrets: Secrets | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        opener: Opener = open_backend,
+    ) -> None:
         self._pool = settings.model_pool
         self._secrets = secrets or Secrets()
         self._environ = os.environ if environ is None else environ
@@ -217,10 +232,16 @@ class ModelRegistry:
         finally:
             model.users -= 1
             model.last_used = time.monotonic()
-            if model.users == 0 and not model.is_default and model.backend == "embedded" \
-                    and self._pool.idle_seconds > 0 and not self._closed:
+            if (
+                model.users == 0
+                and not model.is_default
+                and model.backend == "embedded"
+                and self._pool.idle_seconds > 0
+                and not self._closed
+            ):
                 model.idle_timer = asyncio.get_running_loop().call_later(
-                    self._pool.idle_seconds, self._start_idle_unload, model)
+                    self._pool.idle_seconds, self._start_idle_unload, model
+                )
 
     def failure_line(self, name: str, error: BaseException) -> str:
         """The line a reply of model ``name`` ends with when its engine failed (a server that is down): the
@@ -229,8 +250,11 @@ class ModelRegistry:
 
     def api_keys(self) -> list[str]:
         """The keys the server models' ``api_key_env`` variables hold now, for redaction from logs."""
-        return [key for model in self._models.values()
-                if model.api_key_env and (key := self._environ.get(model.api_key_env))]
+        return [
+            key
+            for model in self._models.values()
+            if model.api_key_env and (key := self._environ.get(model.api_key_env))
+        ]
 
     async def aclose(self) -> None:
         """Close every loaded engine (at shutdown, once replies have ended)."""
@@ -262,8 +286,12 @@ class ModelRegistry:
             else:
                 model.engine, model.memory_bytes, model.failed = engine, _measure(engine), None
                 model.last_used = time.monotonic()
-                log.info("model %s loaded (%.0f MB; %.0f MB of models in memory)", model.name,
-                         model.memory_bytes / MIB, self.resident_bytes / MIB)
+                log.info(
+                    "model %s loaded (%.0f MB; %.0f MB of models in memory)",
+                    model.name,
+                    model.memory_bytes / MIB,
+                    self.resident_bytes / MIB,
+                )
                 return
         model.failed = (time.monotonic(), why)
         log.warning("model %s is unavailable: %s", model.name, why)
@@ -275,14 +303,19 @@ class ModelRegistry:
         if not needed or not budget:
             return
         if needed > budget:
-            raise ModelUnavailable(model.name, f"it needs about {needed // MIB:,} MB, more than [model_pool] "
-                                   f"memory_mb ({self._pool.memory_mb:,})")
+            raise ModelUnavailable(
+                model.name,
+                f"it needs about {needed // MIB:,} MB, more than [model_pool] memory_mb ({self._pool.memory_mb:,})",
+            )
         while self.resident_bytes + needed > budget:
             idle = [m for m in self.loaded() if m.users == 0 and not m.is_default and m.memory_bytes]
             if not idle:
-                raise ModelUnavailable(model.name, f"it needs about {needed // MIB:,} MB and the "
-                                       f"{self.resident_bytes // MIB:,} MB of models in memory are in use; try "
-                                       "again when their replies are done")
+                raise ModelUnavailable(
+                    model.name,
+                    f"it needs about {needed // MIB:,} MB and the "
+                    f"{self.resident_bytes // MIB:,} MB of models in memory are in use; try "
+                    "again when their replies are done",
+                )
             oldest = min(idle, key=lambda m: m.last_used)
             log.info("unloading model %s to make room for %s", oldest.name, model.name)
             await self._unload(oldest)
@@ -295,8 +328,11 @@ class ModelRegistry:
     async def _unload_if_idle(self, model: Model) -> None:
         model.idle_timer = None
         async with self._budget:
-            if model.users == 0 and model.engine is not None and \
-                    time.monotonic() - model.last_used >= self._pool.idle_seconds * 0.99:
+            if (
+                model.users == 0
+                and model.engine is not None
+                and time.monotonic() - model.last_used >= self._pool.idle_seconds * 0.99
+            ):
                 log.info("unloading model %s: unused for %.0f s", model.name, self._pool.idle_seconds)
                 await self._unload(model)
 
@@ -319,19 +355,29 @@ class ModelRegistry:
 
 def configured_models(settings: Settings) -> list[Model]:
     """Every configured model, none loaded: the default (``[engine]``) first, then ``[[models]]`` in order."""
-    default = Model(default_model_name(settings.engine), settings.engine, is_default=True,
-                    mmproj=settings.engine.mmproj, declared_vision=settings.engine.vision or None)
+    default = Model(
+        default_model_name(settings.engine),
+        settings.engine,
+        is_default=True,
+        mmproj=settings.engine.mmproj,
+        declared_vision=settings.engine.vision or None,
+    )
     return [default, *(_configured(entry, settings.engine) for entry in settings.models)]
 
 
 def _configured(entry: ModelSettings, engine: EngineSettings) -> Model:
     """A ``[[models]]`` entry as a `Model`: ``[engine]`` with the entry's own keys over it."""
-    update: dict[str, Any] = {"name": entry.name, "backend": entry.backend, "n_ctx": entry.n_ctx or engine.n_ctx,
-                              "vision": False}  # [engine]'s own: this model's is the entry's
+    update: dict[str, Any] = {
+        "name": entry.name,
+        "backend": entry.backend,
+        "n_ctx": entry.n_ctx or engine.n_ctx,
+        "vision": False,
+    }  # [engine]'s own: this model's is the entry's
     if entry.path is not None:
         # A projector said not to be used (vision = false) is not loaded.
-        update.update(model_path=entry.path, mmproj=entry.mmproj if entry.vision is not False else None,
-                      base_url=None, model=None)
+        update.update(
+            model_path=entry.path, mmproj=entry.mmproj if entry.vision is not False else None, base_url=None, model=None
+        )
         if entry.n_gpu_layers is not None:
             update["n_gpu_layers"] = entry.n_gpu_layers
         if entry.kv_pool_mb is not None:
@@ -340,12 +386,22 @@ def _configured(entry: ModelSettings, engine: EngineSettings) -> Model:
             update["state_dir"] = engine.state_dir / "models" / entry.name
     else:
         update.update(base_url=entry.url, model=entry.model, mmproj=None)
-    return Model(entry.name, engine.model_copy(update=update), description=entry.description,
-                 image_size=entry.image_size, mmproj=entry.mmproj, api_key_env=entry.api_key_env,
-                 declared_vision=entry.vision, declared_tools=entry.tools)
+    return Model(
+        entry.name,
+        engine.model_copy(update=update),
+        description=entry.description,
+        image_size=entry.image_size,
+        mmproj=entry.mmproj,
+        api_key_env=entry.api_key_env,
+        declared_vision=entry.vision,
+        declared_tools=entry.tools,
+    )
 
 
 def _measure(engine: InferenceEngine) -> int:
     """An embedded engine's weights (its image projector's too) and KV pool; 0 for a server."""
-    return int(getattr(engine, "model_size", 0)) + int(getattr(engine, "projector_size", 0)) \
+    return (
+        int(getattr(engine, "model_size", 0))
+        + int(getattr(engine, "projector_size", 0))
         + int(getattr(engine, "kv_cache_bytes", 0))
+    )

@@ -86,7 +86,8 @@ def alternate_roles(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     if not turns or turns[-1][0] != "user":
         turns.append(("user", []))
     return ([{"role": "system", "content": system}] if system else []) + [
-        {"role": role, "content": _join(parts)} for role, parts in turns]
+        {"role": role, "content": _join(parts)} for role, parts in turns
+    ]
 
 
 def _join(parts: Iterable[str]) -> str:
@@ -112,10 +113,11 @@ class ChatTemplate:
 
     def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
         environment = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True,
-            extensions=[_IgnoreGenerationTags, jinja2.ext.loopcontrols])
-        environment.globals.update(raise_exception=_raise_exception,
-                                   strftime_now=lambda fmt: datetime.now().strftime(fmt))
+            trim_blocks=True, lstrip_blocks=True, extensions=[_IgnoreGenerationTags, jinja2.ext.loopcontrols]
+        )
+        environment.globals.update(
+            raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt)
+        )
         try:
             self._template = environment.from_string(source)
         except jinja2.TemplateError as exc:
@@ -147,8 +149,9 @@ class ChatTemplate:
             try:
                 rendered = self._render(laid_out)
             except Exception as exc:  # the template is foreign code: any error it raises is a prompt failure
-                failure = failure or (str(exc) if isinstance(exc, jinja2.TemplateError) else
-                                      f"{type(exc).__name__}: {exc}")
+                failure = failure or (
+                    str(exc) if isinstance(exc, jinja2.TemplateError) else f"{type(exc).__name__}: {exc}"
+                )
                 continue
             if _mark(len(laid_out) - 1) not in rendered:
                 failure = failure or "the template left out the message being answered"
@@ -158,16 +161,17 @@ class ChatTemplate:
                 continue
             if has_system and self.folds_system is not fold:
                 if fold:
-                    log.info("the chat template rejects a system role (%s); the system prompt goes into the "
-                             "first user turn", failure or "it leaves the system prompt out")
+                    log.info(
+                        "the chat template rejects a system role (%s); the system prompt goes into the first user turn",
+                        failure or "it leaves the system prompt out",
+                    )
                 self.folds_system = fold
             return _split(rendered, laid_out)
         if system_ignored is not None:
             return _split(*system_ignored)
         raise PromptError(f"The model's chat template cannot format this conversation: {_shorten(failure)}")
 
-    def tokenize(self, messages: Sequence[dict[str, str]],
-                 tokenize: Callable[[str, bool], list[int]]) -> list[int]:
+    def tokenize(self, messages: Sequence[dict[str, str]], tokenize: Callable[[str, bool], list[int]]) -> list[int]:
         """Token ids of the prompt; ``tokenize(text, parse_special)`` is called once per segment."""
         tokens: list[int] = []
         for text, is_message_text in self.render_segments(messages):
@@ -176,8 +180,9 @@ class ChatTemplate:
 
     def _render(self, messages: list[dict[str, str]]) -> str:
         placeholders = [{"role": m["role"], "content": _mark(i)} for i, m in enumerate(messages)]
-        return self._template.render(messages=placeholders, add_generation_prompt=True,
-                                     bos_token=self._bos_token, eos_token=self._eos_token)
+        return self._template.render(
+            messages=placeholders, add_generation_prompt=True, bos_token=self._bos_token, eos_token=self._eos_token
+        )
 
 
 def _mark(index: int) -> str:
@@ -195,7 +200,7 @@ def _split(rendered: str, messages: list[dict[str, str]]) -> list[Segment]:
     segments: list[Segment] = []
     position = 0
     for match in _MARKER.finditer(rendered):
-        segments.append((strip_markers(rendered[position:match.start()]), False))
+        segments.append((strip_markers(rendered[position : match.start()]), False))
         segments.append((messages[int(match.group(1))]["content"], True))
         position = match.end()
     segments.append((strip_markers(rendered[position:]), False))
@@ -204,4 +209,4 @@ def _split(rendered: str, messages: list[dict[str, str]]) -> list[Segment]:
 
 def _shorten(text: str | None, limit: int = 200) -> str:
     text = " ".join((text or "unknown error").split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"

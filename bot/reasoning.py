@@ -35,7 +35,7 @@ class ReasoningSplitter:
             stripped = text.lstrip()
             if stripped.startswith(OPEN):
                 self._undecided, self.thinking, self._reasoned = False, True, True
-                text = stripped[len(OPEN):]
+                text = stripped[len(OPEN) :]
             elif OPEN.startswith(stripped):  # "", "<", "<thi": not decided yet
                 self._held = text
                 return
@@ -45,12 +45,12 @@ class ReasoningSplitter:
             end = text.find(CLOSE)
             if end == -1:
                 keep = _partial_tag_length(text, CLOSE)
-                self.reasoning += text[:len(text) - keep]
-                self._held = text[len(text) - keep:]
+                self.reasoning += text[: len(text) - keep]
+                self._held = text[len(text) - keep :]
                 return
             self.reasoning += text[:end]
             self.thinking = False
-            text = text[end + len(CLOSE):]
+            text = text[end + len(CLOSE) :]
         self._answer += text
 
     def finish(self) -> None:

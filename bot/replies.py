@@ -33,7 +33,7 @@ _FENCE_LINE = re.compile(r"[ \t]*(`{3,}|~{3,})")
 _FENCE_AHEAD = re.compile(rf"`{{3,{FENCE_MAX}}}(?!`)|~{{3,{FENCE_MAX}}}(?!~)")
 _FENCE_AHEAD_IN_BLOCK = re.compile(r"```|~~~")
 _BLANKS = re.compile(r"[ \t]{2,}")
-_FLAGS = re.compile("[\U0001F1E6-\U0001F1FF]+")
+_FLAGS = re.compile("[\U0001f1e6-\U0001f1ff]+")
 _LANGUAGE = re.compile(rf"[A-Za-z0-9_+#.-]{{1,{LANGUAGE_MAX}}}")
 # Candidate cuts that turn out not to fit (the closing fence added, or a measure that is not additive)
 # before bisecting for one that does.
@@ -59,7 +59,7 @@ def opening_fence(line: str) -> Fence | None:
     match = _FENCE_LINE.match(line)
     if match is None or len(match.group(1)) > FENCE_MAX:
         return None
-    marker, info = match.group(1), line[match.end():]
+    marker, info = match.group(1), line[match.end() :]
     if marker[0] == "`" and re.search(rf"(?<!`)`{{{len(marker)}}}(?!`)", info):
         return None  # a code span: closed by a run of the same length
     word = info.strip()
@@ -71,8 +71,12 @@ def opening_fence(line: str) -> Fence | None:
 def closes_fence(line: str, fence: Fence) -> bool:
     """Whether ``line`` closes the block ``fence`` opened: the same character, at least as many, nothing after."""
     match = _FENCE_LINE.match(line)
-    return (match is not None and match.group(1)[0] == fence.marker[0]
-            and len(match.group(1)) >= len(fence.marker) and not line[match.end():].strip())
+    return (
+        match is not None
+        and match.group(1)[0] == fence.marker[0]
+        and len(match.group(1)) >= len(fence.marker)
+        and not line[match.end() :].strip()
+    )
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,7 @@ class _Splitter:
                     if fence.code:  # code from the marker on: a cut after one character of it is fine
                         content, zone_end = after_marker, after_marker + 1
                     else:  # a fence and a language: a message needs the line, its newline and some code
-                        content, zone_end = after_marker + len(line[after_marker - start:].rstrip()), end + 2
+                        content, zone_end = after_marker + len(line[after_marker - start :].rstrip()), end + 2
                     self.zones.append((start + indent + 1, zone_end))
             elif closes_fence(line, fence):
                 role = "closing"
@@ -171,7 +175,7 @@ class _Splitter:
                 self.zones.append((start + indent, end))
             else:
                 role = "code"
-            if line[indent:indent + 1] in ("`", "~"):
+            if line[indent : indent + 1] in ("`", "~"):
                 self.lines.append(_line(self.text, start, end, indent, role, fence))
             if role == "closing":
                 fence = None
@@ -361,8 +365,11 @@ class _Splitter:
         # of exactly the marker's length cut out of a longer one would close it as inline code.
         closing_at = cut - len(marker)  # where a run of the marker's length ending at the cut would start
         return cut >= line.keeps_from and not (
-            marker[0] == "`" and closing_at > line.run_end and self.text[closing_at:cut] == marker
-            and self.text[closing_at - 1] != "`")
+            marker[0] == "`"
+            and closing_at > line.run_end
+            and self.text[closing_at:cut] == marker
+            and self.text[closing_at - 1] != "`"
+        )
 
     def _joins(self, i: int) -> bool:
         """Whether ``text[i]`` belongs to the grapheme cluster of ``text[i - 1]`` (the common cases of UAX #29)."""
@@ -373,8 +380,13 @@ class _Splitter:
         if before == _ZWJ or (before == "\r" and char == "\n"):
             return True
         code = ord(char)
-        if (char in "\u200c\u200d" or 0xFE00 <= code <= 0xFE0F or 0x1F3FB <= code <= 0x1F3FF
-                or 0xE0020 <= code <= 0xE007F or 0xE0100 <= code <= 0xE01EF):
+        if (
+            char in "\u200c\u200d"
+            or 0xFE00 <= code <= 0xFE0F
+            or 0x1F3FB <= code <= 0x1F3FF
+            or 0xE0020 <= code <= 0xE007F
+            or 0xE0100 <= code <= 0xE01EF
+        ):
             return True  # joiners, variation selectors, skin tones, tag sequences (subdivision flags)
         if unicodedata.category(char) in ("Mn", "Mc", "Me"):
             return True

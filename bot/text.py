@@ -45,8 +45,8 @@ def one_line(text: str, limit: int, *, whole_words: bool = False) -> str:
     line = " ".join(text.split())
     if len(line) <= limit:
         return line
-    cut = line[:limit - 1]
-    if whole_words and " " in cut[limit // 2:]:
+    cut = line[: limit - 1]
+    if whole_words and " " in cut[limit // 2 :]:
         cut = cut.rsplit(" ", 1)[0].rstrip()
     return cut + "…"
 

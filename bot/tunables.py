@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import cast
 
 from annotated_types import Ge, Gt, Le, Lt
-
 from pydantic import ValidationError
 
 from bot.config import SamplingSettings
@@ -63,6 +62,5 @@ def refused(error: ValueError) -> list[tuple[str, str]]:
     """Why a change of settings was refused, as (setting, reason) pairs; a plain ValueError (the core's own
     check) has no setting, only its reason."""
     if isinstance(error, ValidationError):
-        return [(".".join(str(part) for part in e["loc"]), e["msg"][0].lower() + e["msg"][1:])
-                for e in error.errors()]
+        return [(".".join(str(part) for part in e["loc"]), e["msg"][0].lower() + e["msg"][1:]) for e in error.errors()]
     return [("", str(error))]

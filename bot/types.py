@@ -8,8 +8,17 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["Attachment", "Controls", "ImagePart", "SessionKey", "Incoming", "Phase", "ReplyStatus", "ReplyTarget",
-           "log_name"]
+__all__ = [
+    "Attachment",
+    "Controls",
+    "ImagePart",
+    "SessionKey",
+    "Incoming",
+    "Phase",
+    "ReplyStatus",
+    "ReplyTarget",
+    "log_name",
+]
 
 
 def log_name(key: SessionKey | str) -> str:
@@ -152,8 +161,9 @@ class ReplyStatus:
 
     def __post_init__(self) -> None:
         if (self.phase is Phase.QUEUED) != (self.position is not None):
-            raise ValueError(f"a {self.phase.value} status takes {'a' if self.phase is Phase.QUEUED else 'no'} "
-                             "queue position")
+            raise ValueError(
+                f"a {self.phase.value} status takes {'a' if self.phase is Phase.QUEUED else 'no'} queue position"
+            )
         names_a_tool = self.phase in (Phase.TOOL, Phase.APPROVAL)
         if names_a_tool != bool(self.tool):
             raise ValueError(f"a {self.phase.value} status takes {'a' if names_a_tool else 'no'} tool title")

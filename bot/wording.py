@@ -12,17 +12,64 @@ from bot.access import Action, Decision, Refusal
 from bot.types import Phase, ReplyStatus
 
 __all__ = [
-    "ASK_ABOUT_QUESTION", "EMPTY_FILE", "EMPTY_MESSAGE", "NOT_A_TEXT_FILE", "NOT_UTF8_TEXT", "file_skipped",
-    "file_too_large", "tool_call_unreadable", "tool_not_offered",
-    "tool_asking", "tool_denied", "tool_approval_timed_out", "TOOL_DENIED_RESULT", "TOOL_TIMED_OUT_RESULT",
-    "APPROVAL_GONE", "APPROVED", "DENIED", "NO_TOOL_CALLS", "tool_rounds_used", "tool_running", "tools_used",
-    "EMPTY_REPLY", "LENGTH_NOTE", "NOTHING_TO_CONTINUE", "NOT_SAVED",
-    "NOT_STORED", "PLATFORM_REFUSED", "REASONING", "RESET_NOTE", "SERVER_RETRYING", "SHUTTING_DOWN",
-    "SHUTTING_DOWN_REASON", "STALE_REPLY", "STOPPED_NOTE", "SYSTEM_PROMPT_TOO_LONG", "TAKEN_OVER_NOTE", "THINKING",
-    "TRUNCATED_MARK", "WAITING_FOR_PREVIOUS", "conversation_place", "failed", "message_cut", "queued_line",
-    "asked_about", "refusal_text", "something_went_wrong", "status_line", "summarize_request", "too_many_waiting",
-    "NOT_DOWNLOADED", "cannot_see_images", "image_unseen",
-    "answered_by", "model_changed", "model_line", "model_list", "unknown_model", "MODEL_PICKER_LABEL",
+    "ASK_ABOUT_QUESTION",
+    "EMPTY_FILE",
+    "EMPTY_MESSAGE",
+    "NOT_A_TEXT_FILE",
+    "NOT_UTF8_TEXT",
+    "file_skipped",
+    "file_too_large",
+    "tool_call_unreadable",
+    "tool_not_offered",
+    "tool_asking",
+    "tool_denied",
+    "tool_approval_timed_out",
+    "TOOL_DENIED_RESULT",
+    "TOOL_TIMED_OUT_RESULT",
+    "APPROVAL_GONE",
+    "APPROVED",
+    "DENIED",
+    "NO_TOOL_CALLS",
+    "tool_rounds_used",
+    "tool_running",
+    "tools_used",
+    "EMPTY_REPLY",
+    "LENGTH_NOTE",
+    "NOTHING_TO_CONTINUE",
+    "NOT_SAVED",
+    "NOT_STORED",
+    "PLATFORM_REFUSED",
+    "REASONING",
+    "RESET_NOTE",
+    "SERVER_RETRYING",
+    "SHUTTING_DOWN",
+    "SHUTTING_DOWN_REASON",
+    "STALE_REPLY",
+    "STOPPED_NOTE",
+    "SYSTEM_PROMPT_TOO_LONG",
+    "TAKEN_OVER_NOTE",
+    "THINKING",
+    "TRUNCATED_MARK",
+    "WAITING_FOR_PREVIOUS",
+    "conversation_place",
+    "failed",
+    "message_cut",
+    "queued_line",
+    "asked_about",
+    "refusal_text",
+    "something_went_wrong",
+    "status_line",
+    "summarize_request",
+    "too_many_waiting",
+    "NOT_DOWNLOADED",
+    "cannot_see_images",
+    "image_unseen",
+    "answered_by",
+    "model_changed",
+    "model_line",
+    "model_list",
+    "unknown_model",
+    "MODEL_PICKER_LABEL",
     "MODEL_PICKER_PLACEHOLDER",
 ]
 
@@ -56,8 +103,12 @@ def status_line(status: ReplyStatus) -> str:
         return tool_running(status.tool)
     if status.phase is Phase.APPROVAL:
         return tool_asking(status.tool)
-    return {Phase.THINKING: THINKING, Phase.REASONING: REASONING, Phase.WAITING: WAITING_FOR_PREVIOUS,
-            Phase.RETRYING: SERVER_RETRYING}[status.phase]
+    return {
+        Phase.THINKING: THINKING,
+        Phase.REASONING: REASONING,
+        Phase.WAITING: WAITING_FOR_PREVIOUS,
+        Phase.RETRYING: SERVER_RETRYING,
+    }[status.phase]
 
 
 # -- notes under a reply -------------------------------------------------------------------------------------
@@ -73,8 +124,9 @@ NOT_STORED = "⚠️ This reply could not be saved (database problem), so I won'
 EMPTY_MESSAGE = "⚠️ Your message is empty. Write something and I'll answer."
 EMPTY_REPLY = "⚠️ The model gave an empty reply; try rephrasing."
 PLATFORM_REFUSED = "⚠️ The platform would not take this reply."
-SYSTEM_PROMPT_TOO_LONG = ("The system prompt is too long for the model's context window; shorten it or raise "
-                          "[engine] n_ctx.")
+SYSTEM_PROMPT_TOO_LONG = (
+    "The system prompt is too long for the model's context window; shorten it or raise [engine] n_ctx."
+)
 # Appended, in the prompt, to a message cut to fit the context window.
 TRUNCATED_MARK = "\n[… the rest of this message was cut to fit the context window]"
 
@@ -85,17 +137,18 @@ def failed(reason: object) -> str:
 
 
 def something_went_wrong(error: BaseException) -> str:
-    return (f"⚠️ Something went wrong on my side ({type(error).__name__}); your message is saved, please try "
-            "again.")
+    return f"⚠️ Something went wrong on my side ({type(error).__name__}); your message is saved, please try again."
 
 
 def message_cut(kept: int, length: int) -> str:
-    return (f"⚠️ Your message was too long, so only its first {kept:,} of {length:,} characters were read.")
+    return f"⚠️ Your message was too long, so only its first {kept:,} of {length:,} characters were read."
 
 
 def too_many_waiting(limit: int) -> str:
-    return (f"⚠️ {limit} messages are already waiting in this conversation; please wait for their answers "
-            "before sending more.")
+    return (
+        f"⚠️ {limit} messages are already waiting in this conversation; please wait for their answers "
+        "before sending more."
+    )
 
 
 # -- tools: the footer of a reply that used them, and what a call that could not run says ---------------------
@@ -110,8 +163,10 @@ def tools_used(titles: list[str]) -> str:
 
 
 def tool_rounds_used(rounds: int) -> str:
-    return (f"⚠️ The model asked for more tools after {rounds} round{'s' if rounds > 1 else ''} of tool calls, "
-            "the most one reply may use ([tools] max_rounds).")
+    return (
+        f"⚠️ The model asked for more tools after {rounds} round{'s' if rounds > 1 else ''} of tool calls, "
+        "the most one reply may use ([tools] max_rounds)."
+    )
 
 
 def tool_not_offered(name: str) -> str:
@@ -126,8 +181,7 @@ def tool_denied(title: str) -> str:
 
 def tool_approval_timed_out(title: str, seconds: float) -> str:
     """The note under a reply whose tool call nobody approved in time."""
-    return (f"⏱️ No one approved {title} within {_duration(seconds)}, so it did not run "
-            "([tools] approval_timeout).")
+    return f"⏱️ No one approved {title} within {_duration(seconds)}, so it did not run ([tools] approval_timeout)."
 
 
 def _duration(seconds: float) -> str:
@@ -166,8 +220,9 @@ def model_line(name: str, loaded: bool) -> str:
 def model_list(current: str, models: list[tuple[str, str]]) -> str:
     """What /model without a name shows: the conversation's model, then every configured one (name, details)."""
     lines = [f"🧠 This conversation uses `{current}`. The models:"]
-    lines += [f"{'▸' if name == current else '•'} `{name}`{f' — {details}' if details else ''}"
-              for name, details in models]
+    lines += [
+        f"{'▸' if name == current else '•'} `{name}`{f' — {details}' if details else ''}" for name, details in models
+    ]
     return "\n".join([*lines, "Pick one with /model followed by its name."])
 
 
@@ -227,16 +282,20 @@ REFUSALS = {
     Refusal.DM_NOT_ALLOWED: "🚫 Sorry, I answer direct messages only from people allowed to use me in a server.",
     Refusal.NOT_YOURS: "🚫 Only the person who asked, or an admin, can approve or deny this tool call.",
 }
-_SHARED = {Action.SET_SYSTEM_PROMPT: "a channel's system prompt; in a DM with me it is yours to change",
-           Action.SET_SAMPLING: "a channel's settings; in a DM with me they are yours to change",
-           Action.SET_MODEL: "a channel's model; in a DM with me it is yours to change"}
+_SHARED = {
+    Action.SET_SYSTEM_PROMPT: "a channel's system prompt; in a DM with me it is yours to change",
+    Action.SET_SAMPLING: "a channel's settings; in a DM with me they are yours to change",
+    Action.SET_MODEL: "a channel's model; in a DM with me it is yours to change",
+}
 
 
 def refusal_text(decision: Decision, *, admins: str = "admins") -> str:
     """The line a user sees for a refused ``decision``; ``admins`` says who the platform's admins are."""
     if decision.refusal is Refusal.TOO_FAST:
-        return (f"⏳ Easy there! You can send {decision.per_minute} messages a minute; "
-                f"try again in {max(1, math.ceil(decision.retry_after))} s.")
+        return (
+            f"⏳ Easy there! You can send {decision.per_minute} messages a minute; "
+            f"try again in {max(1, math.ceil(decision.retry_after))} s."
+        )
     if decision.refusal is Refusal.ADMINS_ONLY:
         return f"🚫 Only {admins} can change {_SHARED.get(decision.action, _SHARED[Action.SET_SAMPLING])}."
     assert decision.refusal is not None, "an allowed decision has no refusal to show"
@@ -256,8 +315,11 @@ def conversation_place(state: str | None, position: int | None, waiting: int) ->
     if state in ("queued", "generating") and position is not None:
         place = "generating now" if position == 0 else f"#{position} in the queue"
     else:
-        place = {"waiting": "waiting for the previous reply", "prompting": "reading the conversation",
-                 "delivering": "sending the last of a reply"}.get(state or "", "nothing queued")
+        place = {
+            "waiting": "waiting for the previous reply",
+            "prompting": "reading the conversation",
+            "delivering": "sending the last of a reply",
+        }.get(state or "", "nothing queued")
     if waiting:
         place += f", {waiting} more message{'s' if waiting > 1 else ''} waiting"
     return place

@@ -77,8 +77,12 @@ class FakeMessage:
     @property
     def buttons(self) -> dict[str, dict[str, Any]]:
         """The interactive elements under the message, by action_id."""
-        return {element["action_id"]: element for block in self.blocks
-                if block.get("type") in ("actions", "context_actions") for element in block.get("elements", [])}
+        return {
+            element["action_id"]: element
+            for block in self.blocks
+            if block.get("type") in ("actions", "context_actions")
+            for element in block.get("elements", [])
+        }
 
     @property
     def selects(self) -> dict[str, dict[str, Any]]:
@@ -111,9 +115,12 @@ def _valid_select(select: dict[str, Any]) -> bool:
     values of at most 150, and an initial option that is one of the options."""
     options = select.get("options") or []
     texts = [o["text"]["text"] for o in options] + [o["description"]["text"] for o in options if "description" in o]
-    return (0 < len(options) <= 100 and all(len(text) <= 75 for text in texts)
-            and all(0 < len(o.get("value") or "") <= 150 for o in options)
-            and select.get("initial_option", options[0]) in options)
+    return (
+        0 < len(options) <= 100
+        and all(len(text) <= 75 for text in texts)
+        and all(0 < len(o.get("value") or "") <= 150 for o in options)
+        and select.get("initial_option", options[0]) in options
+    )
 
 
 @dataclass
@@ -128,9 +135,17 @@ class FakeFile:
 
     def info(self, base: str) -> dict[str, Any]:
         url = f"{base}/files/{self.id}/{self.name}"
-        return {"id": self.id, "name": self.name, "title": self.name, "mimetype": self.mimetype,
-                "filetype": self.name.rsplit(".", 1)[-1], "size": self.size, "mode": "hosted",
-                "url_private": url, "url_private_download": url + "?download=1"}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "title": self.name,
+            "mimetype": self.mimetype,
+            "filetype": self.name.rsplit(".", 1)[-1],
+            "size": self.size,
+            "mode": "hosted",
+            "url_private": url,
+            "url_private_download": url + "?download=1",
+        }
 
 
 @dataclass
@@ -173,13 +188,15 @@ class FakeSlack:
 
     async def start(self) -> FakeSlack:
         app = web.Application()
-        app.add_routes([
-            web.post("/api/{method}", self._api),
-            web.get("/api/{method}", self._api),  # slack-sdk reads some methods (users.info) with GET
-            web.get("/link/", self._socket),
-            web.post("/response/{id}", self._response_url),
-            web.get("/files/{id}/{name}", self._file),
-        ])
+        app.add_routes(
+            [
+                web.post("/api/{method}", self._api),
+                web.get("/api/{method}", self._api),  # slack-sdk reads some methods (users.info) with GET
+                web.get("/link/", self._socket),
+                web.post("/response/{id}", self._response_url),
+                web.get("/files/{id}/{name}", self._file),
+            ]
+        )
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -213,25 +230,44 @@ class FakeSlack:
     # -- workspace content -----------------------------------------------------------------------
 
     def add_user(self, user: str, display_name: str, real_name: str = "") -> None:
-        self.users[user] = {"id": user, "name": user.lower(), "real_name": real_name or display_name,
-                            "profile": {"display_name": display_name, "real_name": real_name or display_name}}
+        self.users[user] = {
+            "id": user,
+            "name": user.lower(),
+            "real_name": real_name or display_name,
+            "profile": {"display_name": display_name, "real_name": real_name or display_name},
+        }
 
-    def add_file(self, name: str, data: bytes, mimetype: str = "text/plain", *, size: int | None = None
-                 ) -> dict[str, Any]:
+    def add_file(
+        self, name: str, data: bytes, mimetype: str = "text/plain", *, size: int | None = None
+    ) -> dict[str, Any]:
         """Share a file; returns its object as Slack puts it in a message event's ``files``."""
         file = FakeFile(f"F{len(self.files) + 1:04d}", name, data, mimetype, len(data) if size is None else size)
         self.files[file.id] = file
         return file.info(f"http://127.0.0.1:{self._port}")
 
-    def user_message(self, channel: str, text: str, *, user: str = "U1", thread_ts: str | None = None,
-                     files: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def user_message(
+        self,
+        channel: str,
+        text: str,
+        *,
+        user: str = "U1",
+        thread_ts: str | None = None,
+        files: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """A person writes in ``channel``: the message is kept (conversations.replies sees it) and its
         ``message`` event returned, ready for `push_event`."""
         message = FakeMessage(channel, self.new_ts(), thread_ts, text, [text], user=user)
         self.messages[message.ts] = message
-        event = {"type": "message", "user": user, "text": text, "ts": message.ts, "channel": channel,
-                 "event_ts": message.ts, "team": TEAM_ID,
-                 "channel_type": "im" if channel.startswith("D") else "channel"}
+        event = {
+            "type": "message",
+            "user": user,
+            "text": text,
+            "ts": message.ts,
+            "channel": channel,
+            "event_ts": message.ts,
+            "team": TEAM_ID,
+            "channel_type": "im" if channel.startswith("D") else "channel",
+        }
         if thread_ts:
             event["thread_ts"] = thread_ts
         if files:
@@ -240,15 +276,24 @@ class FakeSlack:
 
     # -- scripting -------------------------------------------------------------------------------
 
-    def fail(self, method: str, error: str, *, status: int = 200, retry_after: int | None = None,
-             times: int = 1, when: Callable[[dict[str, Any]], bool] | None = None) -> ScriptedFailure:
+    def fail(
+        self,
+        method: str,
+        error: str,
+        *,
+        status: int = 200,
+        retry_after: int | None = None,
+        times: int = 1,
+        when: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> ScriptedFailure:
         """Make the next ``times`` calls to ``method`` (matching ``when``) fail with ``error``."""
         failure = ScriptedFailure(method, error, status, retry_after, times, when)
         self._failures.append(failure)
         return failure
 
-    def rate_limit(self, method: str, *, retry_after: int = 1, times: int = 1,
-                   when: Callable[[dict[str, Any]], bool] | None = None) -> ScriptedFailure:
+    def rate_limit(
+        self, method: str, *, retry_after: int = 1, times: int = 1, when: Callable[[dict[str, Any]], bool] | None = None
+    ) -> ScriptedFailure:
         """Answer the next ``times`` calls to ``method`` with HTTP 429 and ``Retry-After``."""
         return self.fail(method, "ratelimited", status=429, retry_after=retry_after, times=times, when=when)
 
@@ -265,15 +310,26 @@ class FakeSlack:
 
     def messages_in(self, channel: str, thread_ts: str | None = None) -> list[FakeMessage]:
         """Messages the bot posted in ``channel`` (and in ``thread_ts`` when given), oldest first."""
-        return [m for m in self.messages.values() if m.channel == channel and not m.deleted
-                and m.user == BOT_USER_ID and m.subtype is None and (thread_ts is None or m.thread_ts == thread_ts)]
+        return [
+            m
+            for m in self.messages.values()
+            if m.channel == channel
+            and not m.deleted
+            and m.user == BOT_USER_ID
+            and m.subtype is None
+            and (thread_ts is None or m.thread_ts == thread_ts)
+        ]
 
     def ephemeral_texts(self, user: str | None = None) -> list[str]:
         """What the bot showed to one person only (chat.postEphemeral and ephemeral response_url posts)."""
-        texts = [str(c.args.get("text")) for c in self.calls_to("chat.postEphemeral", ok_only=True)
-                 if user is None or c.args.get("user") == user]
-        return texts + [str(c.args.get("text")) for c in self.calls_to("response_url")
-                        if c.args.get("response_type") == "ephemeral"]
+        texts = [
+            str(c.args.get("text"))
+            for c in self.calls_to("chat.postEphemeral", ok_only=True)
+            if user is None or c.args.get("user") == user
+        ]
+        return texts + [
+            str(c.args.get("text")) for c in self.calls_to("response_url") if c.args.get("response_type") == "ephemeral"
+        ]
 
     def texts_sent(self) -> list[str]:
         """Every text the bot sent to Slack, in any method (to check nothing can ping)."""
@@ -285,8 +341,9 @@ class FakeSlack:
                     texts.append(self._chunk_text(call))
         return texts
 
-    async def wait_for(self, predicate: Callable[[], T], *, timeout: float = DEFAULT_TIMEOUT_SECONDS,
-                       what: str = "condition") -> T:
+    async def wait_for(
+        self, predicate: Callable[[], T], *, timeout: float = DEFAULT_TIMEOUT_SECONDS, what: str = "condition"
+    ) -> T:
         """Wait until ``predicate()`` is truthy (re-checked on every call, ack and connection)."""
         async with self._cond:
             try:
@@ -302,8 +359,11 @@ class FakeSlack:
 
     async def wait_connected(self, count: int = 1, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
         """Wait until ``count`` sockets have connected in total and one is open."""
-        await self.wait_for(lambda: self.sockets_connected >= count and self._open_socket() is not None,
-                            timeout=timeout, what=f"{count} socket connection(s)")
+        await self.wait_for(
+            lambda: self.sockets_connected >= count and self._open_socket() is not None,
+            timeout=timeout,
+            what=f"{count} socket connection(s)",
+        )
 
     @property
     def open_sockets(self) -> int:
@@ -314,33 +374,56 @@ class FakeSlack:
         open_sockets = [ws for ws in self._sockets if not ws.closed]
         return open_sockets[-1 if to is None else to] if open_sockets else None
 
-    async def push(self, type_: str, payload: dict[str, Any], *, accepts_response_payload: bool = False,
-                   retry_attempt: int = 0, retry_reason: str = "", to: int | None = None) -> str:
+    async def push(
+        self,
+        type_: str,
+        payload: dict[str, Any],
+        *,
+        accepts_response_payload: bool = False,
+        retry_attempt: int = 0,
+        retry_reason: str = "",
+        to: int | None = None,
+    ) -> str:
         """Send one envelope on the newest open socket (``to``: the open socket at that index, oldest first, as
         Slack spreads envelopes over an app's connections); return its envelope_id."""
         ws = self._open_socket(to)
         if ws is None:
             raise AssertionError("fake Slack: no Socket Mode client is connected")
         envelope_id = str(uuid.uuid4())
-        await ws.send_str(json.dumps({
-            "envelope_id": envelope_id, "type": type_, "payload": payload,
-            "accepts_response_payload": accepts_response_payload,
-            "retry_attempt": retry_attempt, "retry_reason": retry_reason,
-        }))
+        await ws.send_str(
+            json.dumps(
+                {
+                    "envelope_id": envelope_id,
+                    "type": type_,
+                    "payload": payload,
+                    "accepts_response_payload": accepts_response_payload,
+                    "retry_attempt": retry_attempt,
+                    "retry_reason": retry_reason,
+                }
+            )
+        )
         return envelope_id
 
-    async def push_event(self, event: dict[str, Any], *, event_id: str | None = None,
-                         retry_attempt: int = 0, to: int | None = None) -> str:
+    async def push_event(
+        self, event: dict[str, Any], *, event_id: str | None = None, retry_attempt: int = 0, to: int | None = None
+    ) -> str:
         """Push an ``events_api`` envelope; a redelivery keeps the event_id and raises retry_attempt."""
-        return await self.push("events_api", self.event_body(event, event_id=event_id),
-                               retry_attempt=retry_attempt,
-                               retry_reason="timeout" if retry_attempt else "", to=to)
+        return await self.push(
+            "events_api",
+            self.event_body(event, event_id=event_id),
+            retry_attempt=retry_attempt,
+            retry_reason="timeout" if retry_attempt else "",
+            to=to,
+        )
 
-    async def push_command(self, command: str, text: str = "", *, user: str = "U1",
-                           channel: str = "C1", channel_name: str = "general") -> str:
-        return await self.push("slash_commands", self.command_body(command, text, user=user, channel=channel,
-                                                                    channel_name=channel_name),
-                               accepts_response_payload=True)
+    async def push_command(
+        self, command: str, text: str = "", *, user: str = "U1", channel: str = "C1", channel_name: str = "general"
+    ) -> str:
+        return await self.push(
+            "slash_commands",
+            self.command_body(command, text, user=user, channel=channel, channel_name=channel_name),
+            accepts_response_payload=True,
+        )
 
     async def push_interactive(self, payload: dict[str, Any]) -> str:
         """Push an ``interactive`` envelope (block_actions, message_action, view_submission)."""
@@ -348,10 +431,17 @@ class FakeSlack:
 
     def _interaction(self, type_: str, user: str, **extra: Any) -> dict[str, Any]:
         trigger = uuid.uuid4().hex[:8]
-        return {"type": type_, "token": "verification-token-unused", "api_app_id": API_APP_ID,
-                "team": {"id": TEAM_ID, "domain": "fake"}, "is_enterprise_install": False,
-                "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM_ID},
-                "trigger_id": trigger, "response_url": self.response_url(trigger), **extra}
+        return {
+            "type": type_,
+            "token": "verification-token-unused",
+            "api_app_id": API_APP_ID,
+            "team": {"id": TEAM_ID, "domain": "fake"},
+            "is_enterprise_install": False,
+            "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM_ID},
+            "trigger_id": trigger,
+            "response_url": self.response_url(trigger),
+            **extra,
+        }
 
     async def press(self, message: FakeMessage, action_id: str, *, user: str = "U1", positive: bool = True) -> str:
         """Press the button ``action_id`` that ``message`` shows now (for feedback buttons: 👍 or 👎)."""
@@ -362,13 +452,32 @@ class FakeSlack:
             value = element["positive_button" if positive else "negative_button"]["value"]
         else:
             value = element["value"]
-        container = {"type": "message", "message_ts": message.ts, "channel_id": message.channel,
-                     "is_ephemeral": False, **({"thread_ts": message.thread_ts} if message.thread_ts else {})}
-        return await self.push_interactive(self._interaction(
-            "block_actions", user, container=container, channel={"id": message.channel, "name": "general"},
-            message=message.as_event(), state={"values": {}},
-            actions=[{"action_id": action_id, "block_id": "b", "type": element["type"], "value": value,
-                      "action_ts": str(time.time())}]))
+        container = {
+            "type": "message",
+            "message_ts": message.ts,
+            "channel_id": message.channel,
+            "is_ephemeral": False,
+            **({"thread_ts": message.thread_ts} if message.thread_ts else {}),
+        }
+        return await self.push_interactive(
+            self._interaction(
+                "block_actions",
+                user,
+                container=container,
+                channel={"id": message.channel, "name": "general"},
+                message=message.as_event(),
+                state={"values": {}},
+                actions=[
+                    {
+                        "action_id": action_id,
+                        "block_id": "b",
+                        "type": element["type"],
+                        "value": value,
+                        "action_ts": str(time.time()),
+                    }
+                ],
+            )
+        )
 
     async def choose(self, message: FakeMessage, action_id: str, value: str, *, user: str = "U1") -> str:
         """Pick the option whose value is ``value`` in the select ``action_id`` that ``message`` shows now."""
@@ -378,39 +487,78 @@ class FakeSlack:
         option = next((o for o in select["options"] if o["value"] == value), None)
         if option is None:
             raise AssertionError(f"fake Slack: the {action_id!r} select has no option {value!r}: {select}")
-        container = {"type": "message", "message_ts": message.ts, "channel_id": message.channel,
-                     "is_ephemeral": False, **({"thread_ts": message.thread_ts} if message.thread_ts else {})}
+        container = {
+            "type": "message",
+            "message_ts": message.ts,
+            "channel_id": message.channel,
+            "is_ephemeral": False,
+            **({"thread_ts": message.thread_ts} if message.thread_ts else {}),
+        }
         block_id = select["block_id"]
-        return await self.push_interactive(self._interaction(
-            "block_actions", user, container=container, channel={"id": message.channel, "name": "directmessage"},
-            message=message.as_event(),
-            state={"values": {block_id: {action_id: {"type": "static_select", "selected_option": option}}}},
-            actions=[{"action_id": action_id, "block_id": block_id, "type": "static_select",
-                      "selected_option": option, "placeholder": select.get("placeholder"),
-                      "action_ts": str(time.time())}]))
+        return await self.push_interactive(
+            self._interaction(
+                "block_actions",
+                user,
+                container=container,
+                channel={"id": message.channel, "name": "directmessage"},
+                message=message.as_event(),
+                state={"values": {block_id: {action_id: {"type": "static_select", "selected_option": option}}}},
+                actions=[
+                    {
+                        "action_id": action_id,
+                        "block_id": block_id,
+                        "type": "static_select",
+                        "selected_option": option,
+                        "placeholder": select.get("placeholder"),
+                        "action_ts": str(time.time()),
+                    }
+                ],
+            )
+        )
 
     async def message_shortcut(self, callback_id: str, message: FakeMessage, *, user: str = "U1") -> str:
         """Use a message shortcut on ``message``."""
-        return await self.push_interactive(self._interaction(
-            "message_action", user, callback_id=callback_id, channel={"id": message.channel, "name": "general"},
-            message=message.as_event(), message_ts=message.ts, action_ts=str(time.time())))
+        return await self.push_interactive(
+            self._interaction(
+                "message_action",
+                user,
+                callback_id=callback_id,
+                channel={"id": message.channel, "name": "general"},
+                message=message.as_event(),
+                message_ts=message.ts,
+                action_ts=str(time.time()),
+            )
+        )
 
     async def submit_view(self, view: dict[str, Any], values: dict[str, dict[str, str]], *, user: str = "U1") -> str:
         """Submit a modal the bot opened, with ``values`` as {block_id: {action_id: typed text}}."""
-        state = {block: {action: {"type": "plain_text_input", "value": text} for action, text in inputs.items()}
-                 for block, inputs in values.items()}
-        return await self.push_interactive(self._interaction(
-            "view_submission", user, view={**view, "id": f"V{len(self.views)}", "state": {"values": state}}))
+        state = {
+            block: {action: {"type": "plain_text_input", "value": text} for action, text in inputs.items()}
+            for block, inputs in values.items()
+        }
+        return await self.push_interactive(
+            self._interaction(
+                "view_submission", user, view={**view, "id": f"V{len(self.views)}", "state": {"values": state}}
+            )
+        )
 
     async def start_assistant_thread(self, *, user: str = "U2", channel: str = "D1") -> tuple[str, str]:
         """A user opens a new assistant thread: its root message, then ``assistant_thread_started``.
         Returns (thread_ts, envelope_id)."""
         root = FakeMessage(channel, self.new_ts(), None, "New chat", ["New chat"], subtype="assistant_app_thread")
         self.messages[root.ts] = root
-        envelope = await self.push_event({
-            "type": "assistant_thread_started", "event_ts": self.new_ts(),
-            "assistant_thread": {"user_id": user, "channel_id": channel, "thread_ts": root.ts,
-                                 "context": {"channel_id": "C1", "team_id": TEAM_ID, "enterprise_id": None}}})
+        envelope = await self.push_event(
+            {
+                "type": "assistant_thread_started",
+                "event_ts": self.new_ts(),
+                "assistant_thread": {
+                    "user_id": user,
+                    "channel_id": channel,
+                    "thread_ts": root.ts,
+                    "context": {"channel_id": "C1", "team_id": TEAM_ID, "enterprise_id": None},
+                },
+            }
+        )
         return root.ts, envelope
 
     async def wait_ack(self, envelope_id: str, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> dict[str, Any]:
@@ -423,8 +571,7 @@ class FakeSlack:
         ws = self._open_socket()
         if ws is None:
             raise AssertionError("fake Slack: no Socket Mode client is connected")
-        await ws.send_str(json.dumps({"type": "disconnect", "reason": reason,
-                                      "debug_info": {"host": "fake-slack"}}))
+        await ws.send_str(json.dumps({"type": "disconnect", "reason": reason, "debug_info": {"host": "fake-slack"}}))
 
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
         # autoping=True echoes the SDK's "sdk-ping-pong:<t>" pings as pongs.
@@ -432,8 +579,9 @@ class FakeSlack:
         await ws.prepare(request)
         self._sockets.append(ws)
         self.sockets_connected += 1
-        await ws.send_str(json.dumps({"type": "hello", "num_connections": 1,
-                                      "connection_info": {"app_id": API_APP_ID}}))
+        await ws.send_str(
+            json.dumps({"type": "hello", "num_connections": 1, "connection_info": {"app_id": API_APP_ID}})
+        )
         await self._changed()
         try:
             async for msg in ws:
@@ -452,23 +600,43 @@ class FakeSlack:
     def event_body(self, event: dict[str, Any], *, event_id: str | None = None) -> dict[str, Any]:
         """The ``event_callback`` body Slack wraps around an event (Socket Mode payload or HTTP body)."""
         return {
-            "token": "verification-token-unused", "team_id": TEAM_ID, "api_app_id": API_APP_ID,
-            "event": event, "type": "event_callback",
+            "token": "verification-token-unused",
+            "team_id": TEAM_ID,
+            "api_app_id": API_APP_ID,
+            "event": event,
+            "type": "event_callback",
             "event_id": event_id or f"Ev{uuid.uuid4().hex[:10].upper()}",
             "event_time": int(time.time()),
-            "authorizations": [{"enterprise_id": None, "team_id": TEAM_ID, "user_id": BOT_USER_ID,
-                                "is_bot": True, "is_enterprise_install": False}],
+            "authorizations": [
+                {
+                    "enterprise_id": None,
+                    "team_id": TEAM_ID,
+                    "user_id": BOT_USER_ID,
+                    "is_bot": True,
+                    "is_enterprise_install": False,
+                }
+            ],
             "is_ext_shared_channel": False,
         }
 
-    def command_body(self, command: str, text: str = "", *, user: str = "U1", channel: str = "C1",
-                     channel_name: str = "general") -> dict[str, str]:
+    def command_body(
+        self, command: str, text: str = "", *, user: str = "U1", channel: str = "C1", channel_name: str = "general"
+    ) -> dict[str, str]:
         trigger = uuid.uuid4().hex[:8]
         return {
-            "token": "verification-token-unused", "team_id": TEAM_ID, "team_domain": "fake",
-            "channel_id": channel, "channel_name": channel_name, "user_id": user, "user_name": user.lower(),
-            "command": command, "text": text, "api_app_id": API_APP_ID, "is_enterprise_install": "false",
-            "response_url": self.response_url(trigger), "trigger_id": trigger,
+            "token": "verification-token-unused",
+            "team_id": TEAM_ID,
+            "team_domain": "fake",
+            "channel_id": channel,
+            "channel_name": channel_name,
+            "user_id": user,
+            "user_name": user.lower(),
+            "command": command,
+            "text": text,
+            "api_app_id": API_APP_ID,
+            "is_enterprise_install": "false",
+            "response_url": self.response_url(trigger),
+            "trigger_id": trigger,
         }
 
     def new_ts(self) -> str:
@@ -512,21 +680,30 @@ class FakeSlack:
 
     def _take_failure(self, call: ApiCall) -> ScriptedFailure | None:
         for failure in self._failures:
-            if failure.method == call.method and failure.times > 0 and (failure.when is None or
-                                                                        failure.when(call.args)):
+            if (
+                failure.method == call.method
+                and failure.times > 0
+                and (failure.when is None or failure.when(call.args))
+            ):
                 failure.times -= 1
                 return failure
         return None
 
     @staticmethod
-    def _error(call: ApiCall, error: str, *, status: int = 200,
-               headers: dict[str, str] | None = None) -> web.Response:
+    def _error(call: ApiCall, error: str, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
         call.status, call.error = status, error
         return web.json_response({"ok": False, "error": error}, status=status, headers=headers)
 
     def _m_auth_test(self, call: ApiCall) -> dict[str, Any]:
-        return {"url": "https://fake.slack.test/", "team": "Fake", "user": "llamarelay",
-                "team_id": TEAM_ID, "user_id": BOT_USER_ID, "bot_id": BOT_ID, "is_enterprise_install": False}
+        return {
+            "url": "https://fake.slack.test/",
+            "team": "Fake",
+            "user": "llamarelay",
+            "team_id": TEAM_ID,
+            "user_id": BOT_USER_ID,
+            "bot_id": BOT_ID,
+            "is_enterprise_install": False,
+        }
 
     def _m_apps_connections_open(self, call: ApiCall) -> dict[str, Any]:
         self.connections_opened += 1
@@ -566,12 +743,23 @@ class FakeSlack:
         thread_ts = call.args.get("thread_ts") or None
         message = FakeMessage(channel, self.new_ts(), thread_ts, text, [text], blocks=blocks or [])
         self.messages[message.ts] = message
-        self._echo({"type": "message", "channel": channel, "user": BOT_USER_ID, "bot_id": BOT_ID,
-                    "text": text, "ts": message.ts, **({"thread_ts": thread_ts} if thread_ts else {}),
-                    "channel_type": "im" if channel.startswith("D") else "channel"})
-        return {"channel": channel, "ts": message.ts,
-                "message": {"type": "message", "text": text, "user": BOT_USER_ID, "bot_id": BOT_ID,
-                            "ts": message.ts}}
+        self._echo(
+            {
+                "type": "message",
+                "channel": channel,
+                "user": BOT_USER_ID,
+                "bot_id": BOT_ID,
+                "text": text,
+                "ts": message.ts,
+                **({"thread_ts": thread_ts} if thread_ts else {}),
+                "channel_type": "im" if channel.startswith("D") else "channel",
+            }
+        )
+        return {
+            "channel": channel,
+            "ts": message.ts,
+            "message": {"type": "message", "text": text, "user": BOT_USER_ID, "bot_id": BOT_ID, "ts": message.ts},
+        }
 
     def _m_chat_update(self, call: ApiCall) -> dict[str, Any] | web.Response:
         text = self._text_of(call)
@@ -588,11 +776,25 @@ class FakeSlack:
         if blocks is not None:
             message.blocks = blocks
         message.streaming = False
-        self._echo({"type": "message", "subtype": "message_changed", "channel": message.channel,
-                    "hidden": True, "ts": self.new_ts(), "event_ts": self.new_ts(),
-                    "message": {"type": "message", "text": text, "user": BOT_USER_ID, "bot_id": BOT_ID,
-                                "ts": message.ts, "edited": {"user": BOT_USER_ID, "ts": self.new_ts()}},
-                    "channel_type": "im" if message.channel.startswith("D") else "channel"})
+        self._echo(
+            {
+                "type": "message",
+                "subtype": "message_changed",
+                "channel": message.channel,
+                "hidden": True,
+                "ts": self.new_ts(),
+                "event_ts": self.new_ts(),
+                "message": {
+                    "type": "message",
+                    "text": text,
+                    "user": BOT_USER_ID,
+                    "bot_id": BOT_ID,
+                    "ts": message.ts,
+                    "edited": {"user": BOT_USER_ID, "ts": self.new_ts()},
+                },
+                "channel_type": "im" if message.channel.startswith("D") else "channel",
+            }
+        )
         return {"channel": message.channel, "ts": message.ts, "text": text}
 
     def _m_chat_delete(self, call: ApiCall) -> dict[str, Any] | web.Response:
@@ -617,8 +819,9 @@ class FakeSlack:
         if not call.args.get("thread_ts"):
             return self._error(call, "invalid_arguments")
         channel = str(call.args.get("channel", ""))
-        if not channel.startswith("D") and not (call.args.get("recipient_team_id")
-                                                and call.args.get("recipient_user_id")):
+        if not channel.startswith("D") and not (
+            call.args.get("recipient_team_id") and call.args.get("recipient_user_id")
+        ):
             return self._error(call, "invalid_arguments")
         text = self._chunk_text(call)
         message = FakeMessage(channel, self.new_ts(), call.args["thread_ts"], text, [text], streaming=True)
@@ -680,15 +883,24 @@ class FakeSlack:
 
     def _m_conversations_replies(self, call: ApiCall) -> dict[str, Any] | web.Response:
         channel, ts = str(call.args.get("channel")), str(call.args.get("ts"))
-        thread = sorted((m for m in self.messages.values() if m.channel == channel and not m.deleted
-                         and (m.ts == ts or m.thread_ts == ts)), key=lambda m: float(m.ts))
+        thread = sorted(
+            (
+                m
+                for m in self.messages.values()
+                if m.channel == channel and not m.deleted and (m.ts == ts or m.thread_ts == ts)
+            ),
+            key=lambda m: float(m.ts),
+        )
         if not thread:
             return self._error(call, "thread_not_found")
         start, limit = int(call.args.get("cursor") or 0), int(call.args.get("limit") or 1000)
-        page = thread[start:start + limit]
+        page = thread[start : start + limit]
         more = start + limit < len(thread)
-        return {"messages": [m.as_event() for m in page], "has_more": more,
-                "response_metadata": {"next_cursor": str(start + limit) if more else ""}}
+        return {
+            "messages": [m.as_event() for m in page],
+            "has_more": more,
+            "response_metadata": {"next_cursor": str(start + limit) if more else ""},
+        }
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         file = self.files.get(request.match_info["id"])

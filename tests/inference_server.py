@@ -26,8 +26,9 @@ def free_port() -> int:
 class InferenceServer:
     """``python -m llama_cpp.server`` on a port of its own; ``base_url`` is its OpenAI API root."""
 
-    def __init__(self, log_dir: Path, *, n_ctx: int = 2048, api_key: str | None = None,
-                 port: int | None = None) -> None:
+    def __init__(
+        self, log_dir: Path, *, n_ctx: int = 2048, api_key: str | None = None, port: int | None = None
+    ) -> None:
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.n_ctx = n_ctx
@@ -36,14 +37,31 @@ class InferenceServer:
         self._process: asyncio.subprocess.Process | None = None
 
     async def start(self, *, threads: str = "1") -> InferenceServer:
-        arguments = ["--model", str(MODEL_PATH), "--host", "127.0.0.1", "--port", str(self.port),
-                     "--n_ctx", str(self.n_ctx), "--n_threads", threads]
+        arguments = [
+            "--model",
+            str(MODEL_PATH),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--n_ctx",
+            str(self.n_ctx),
+            "--n_threads",
+            threads,
+        ]
         if self.api_key:
             arguments += ["--api_key", self.api_key]
         with self._log.open("ab") as log:
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "llama_cpp.server", *arguments, stdin=asyncio.subprocess.DEVNULL,
-                stdout=log, stderr=log, start_new_session=True)
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                *arguments,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         try:
             await self._wait_ready()
         except BaseException:  # never leave it running behind a failed start

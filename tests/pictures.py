@@ -28,11 +28,13 @@ def png(size: tuple[int, int], color: tuple[int, int, int]) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def recorded_manager(settings: Settings, store: Store, server: RecordingServer, *, vision: bool
-                           ) -> AsyncIterator[ConversationManager]:
+async def recorded_manager(
+    settings: Settings, store: Store, server: RecordingServer, *, vision: bool
+) -> AsyncIterator[ConversationManager]:
     """A manager whose default model is ``server`` (``[engine] backend = "openai"``), reading images or not."""
-    settings.engine = EngineSettings(backend="openai", base_url=server.base_url, model=MODEL_ID, n_ctx=4096,
-                                     retry_seconds=1.0, vision=vision)
+    settings.engine = EngineSettings(
+        backend="openai", base_url=server.base_url, model=MODEL_ID, n_ctx=4096, retry_seconds=1.0, vision=vision
+    )
     engine = await open_engine(settings, Secrets())
     manager = ConversationManager(engine, store, settings)
     try:

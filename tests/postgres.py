@@ -21,8 +21,7 @@ USER = "llamarelay"
 
 
 def _program(name: str) -> str:
-    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)),
-                                       None)
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
     assert found, f"PostgreSQL's {name} is missing: run tests/install_postgres.sh (make test does)"
     return found
 
@@ -46,10 +45,20 @@ class Cluster:
             self._as = ["runuser", "-u", owner, "--"]
         self._databases = 0
         data = self.dir / "data"
-        self._run(_program("initdb"), "-D", str(data), "-A", "trust", "-U", USER, "-E", "UTF8", "--no-locale",
-                  "--no-sync")
-        self._run(_program("pg_ctl"), "-D", str(data), "-l", str(self.dir / "log"), "-w", "start", "-o",
-                  f"-p {self.port} -h 127.0.0.1 -k {self.dir} -F -c fsync=off -c full_page_writes=off")
+        self._run(
+            _program("initdb"), "-D", str(data), "-A", "trust", "-U", USER, "-E", "UTF8", "--no-locale", "--no-sync"
+        )
+        self._run(
+            _program("pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "start",
+            "-o",
+            f"-p {self.port} -h 127.0.0.1 -k {self.dir} -F -c fsync=off -c full_page_writes=off",
+        )
 
     def _run(self, *command: str) -> None:
         result = subprocess.run([*self._as, *command], capture_output=True, text=True, timeout=120)

@@ -36,11 +36,21 @@ def _chunks(body: dict[str, Any]) -> list[dict[str, Any]]:
     if tools and body.get("tool_choice") != "none" and messages[-1].get("role") == "user":
         name = tools[0]["function"]["name"]
         arguments = '{"a": 2, "b": 3}' if name == "add" else "{}"
-        return [{"content": "Let me check. "},
-                {"tool_calls": [{"index": 0, "id": CALL_ID, "type": "function",
-                                 "function": {"name": name, "arguments": arguments[:6]}}]},
-                {"tool_calls": [{"index": 0, "function": {"arguments": arguments[6:]}}]},
-                {"finish": "tool_calls"}]
+        return [
+            {"content": "Let me check. "},
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": CALL_ID,
+                        "type": "function",
+                        "function": {"name": name, "arguments": arguments[:6]},
+                    }
+                ]
+            },
+            {"tool_calls": [{"index": 0, "function": {"arguments": arguments[6:]}}]},
+            {"finish": "tool_calls"},
+        ]
     if messages[-1].get("role") == "tool":
         return [{"content": answer_for(str(messages[-1].get("content")))}, {"finish": "stop"}]
     return [{"content": REPLY}, {"finish": "stop"}]
@@ -81,8 +91,15 @@ class RecordingServer:
 
     async def start(self) -> RecordingServer:
         self._process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.recording_server", str(self.port), str(self.record), *self.model_ids,
-            stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+            sys.executable,
+            "-m",
+            "tests.recording_server",
+            str(self.port),
+            str(self.record),
+            *self.model_ids,
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT_SECONDS
         async with aiohttp.ClientSession() as http:
             while True:

@@ -35,11 +35,24 @@ def words(word: str, count: int) -> str:
 _ts = iter(range(1, 1_000_000))
 
 
-def mention(channel: str = "C1", text: str = "hello there", *, user: str = "U1", thread_ts: str | None = None,
-            event_type: str = "app_mention") -> dict[str, Any]:
+def mention(
+    channel: str = "C1",
+    text: str = "hello there",
+    *,
+    user: str = "U1",
+    thread_ts: str | None = None,
+    event_type: str = "app_mention",
+) -> dict[str, Any]:
     ts = f"1600000000.{next(_ts):06d}"
-    event = {"type": event_type, "user": user, "text": f"<@{BOT_USER_ID}> {text}", "ts": ts, "channel": channel,
-             "event_ts": ts, "team": TEAM_ID}
+    event = {
+        "type": event_type,
+        "user": user,
+        "text": f"<@{BOT_USER_ID}> {text}",
+        "ts": ts,
+        "channel": channel,
+        "event_ts": ts,
+        "team": TEAM_ID,
+    }
     if event_type == "message":
         event["channel_type"] = "channel"
     if thread_ts:
@@ -49,8 +62,16 @@ def mention(channel: str = "C1", text: str = "hello there", *, user: str = "U1",
 
 def direct_message(text: str, *, user: str = "U2", channel: str = "D1") -> dict[str, Any]:
     ts = f"1600000000.{next(_ts):06d}"
-    return {"type": "message", "channel_type": "im", "user": user, "text": text, "ts": ts, "channel": channel,
-            "event_ts": ts, "team": TEAM_ID}
+    return {
+        "type": "message",
+        "channel_type": "im",
+        "user": user,
+        "text": text,
+        "ts": ts,
+        "channel": channel,
+        "event_ts": ts,
+        "team": TEAM_ID,
+    }
 
 
 @pytest.fixture
@@ -60,16 +81,22 @@ async def fake() -> AsyncIterator[FakeSlack]:
 
 
 @contextlib.asynccontextmanager
-async def running_bot(manager: ConversationManager, settings: Settings, fake: FakeSlack, *,
-                      socket_mode: bool = True, **slack: Any) -> AsyncIterator[SlackBot]:
+async def running_bot(
+    manager: ConversationManager, settings: Settings, fake: FakeSlack, *, socket_mode: bool = True, **slack: Any
+) -> AsyncIterator[SlackBot]:
     """The bot pointed at the fake (api_base_url), connected, and closed when the block ends."""
     settings.slack.api_base_url = fake.base_url
     settings.slack.edit_interval = 0.2
     settings.slack.admin_user_ids = [ADMIN]
     for name, value in slack.items():
         setattr(settings.slack, name, value)
-    bot = SlackBot(manager, settings.slack, bot_token=BOT_TOKEN, app_token=APP_TOKEN if socket_mode else None,
-                   signing_secret=SIGNING_SECRET)
+    bot = SlackBot(
+        manager,
+        settings.slack,
+        bot_token=BOT_TOKEN,
+        app_token=APP_TOKEN if socket_mode else None,
+        signing_secret=SIGNING_SECRET,
+    )
     await bot.start()
     try:
         if socket_mode:
@@ -83,11 +110,15 @@ async def settled(bot: SlackBot) -> None:
     await asyncio.wait_for(bot.manager.wait_idle(), REPLY_TIMEOUT_SECONDS)
 
 
-async def answered(bot: SlackBot, fake: FakeSlack, channel: str, thread_ts: str | None = None,
-                   count: int = 1) -> list[FakeMessage]:
+async def answered(
+    bot: SlackBot, fake: FakeSlack, channel: str, thread_ts: str | None = None, count: int = 1
+) -> list[FakeMessage]:
     """Wait until ``count`` replies have appeared there and every reply in flight is delivered."""
-    await fake.wait_for(lambda: len(fake.messages_in(channel, thread_ts)) >= count, timeout=REPLY_TIMEOUT_SECONDS,
-                        what=f"a reply in {channel}")
+    await fake.wait_for(
+        lambda: len(fake.messages_in(channel, thread_ts)) >= count,
+        timeout=REPLY_TIMEOUT_SECONDS,
+        what=f"a reply in {channel}",
+    )
     await settled(bot)
     return fake.messages_in(channel, thread_ts)
 

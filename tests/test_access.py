@@ -21,16 +21,20 @@ async def test_empty_lists_let_everyone_in_everywhere() -> None:
 
 async def test_server_channel_and_user_lists_each_refuse_in_their_own_words() -> None:
     policy = AccessPolicy(servers=[1], channels=["C1"], users=["U1"], roles=["R1"])
-    assert (await policy.check(Actor("U1"), Place(dm=False, server="G9", channels=frozenset({"C1"})))).refusal \
-        is Refusal.SERVER_NOT_ALLOWED
+    assert (
+        await policy.check(Actor("U1"), Place(dm=False, server="G9", channels=frozenset({"C1"})))
+    ).refusal is Refusal.SERVER_NOT_ALLOWED
     policy = AccessPolicy(channels=["C1"], users=["U1"], roles=["R1"])
-    assert (await policy.check(Actor("U1"), Place(dm=False, channels=frozenset({"C9"})))).refusal \
-        is Refusal.CHANNEL_NOT_ALLOWED
+    assert (
+        await policy.check(Actor("U1"), Place(dm=False, channels=frozenset({"C9"})))
+    ).refusal is Refusal.CHANNEL_NOT_ALLOWED
     assert (await policy.check(Actor("U2"), CHANNEL)).refusal is Refusal.NOT_LISTED
     assert (await policy.check(Actor("U2", roles=frozenset({"R1"})), CHANNEL)).allowed  # listed by a role
     assert (await policy.check(Actor("U1"), THREAD)).allowed  # a thread of an allowed channel is allowed
-    assert refusal_text(Decision(Refusal.NOT_LISTED)) == \
-        "🚫 Sorry, you're not on the list of people allowed to use this bot."
+    assert (
+        refusal_text(Decision(Refusal.NOT_LISTED))
+        == "🚫 Sorry, you're not on the list of people allowed to use this bot."
+    )
     assert refusal_text(Decision(Refusal.CHANNEL_NOT_ALLOWED)) == "🚫 I'm not enabled in this channel."
 
 
@@ -63,8 +67,9 @@ async def test_dms_follow_the_switch_and_the_lists_and_ask_the_platform_only_whe
 
 async def test_admins_pass_every_list_and_the_rate_limit_which_counts_only_new_answers() -> None:
     now = [0.0]
-    policy = AccessPolicy(channels=["C9"], users=["U9"], admins=["A1"], dms_enabled=False,
-                          limiter=RateLimiter(1, clock=lambda: now[0]))
+    policy = AccessPolicy(
+        channels=["C9"], users=["U9"], admins=["A1"], dms_enabled=False, limiter=RateLimiter(1, clock=lambda: now[0])
+    )
     for place in (CHANNEL, DM):
         for _ in range(3):
             assert (await policy.check(Actor("A1"), place, Action.ASK)).allowed
@@ -86,7 +91,8 @@ async def test_a_channels_settings_are_for_admins_and_a_dms_for_its_user() -> No
     assert refused.refusal is Refusal.ADMINS_ONLY
     assert refusal_text(refused, admins="people with the Manage Server permission") == (
         "🚫 Only people with the Manage Server permission can change a channel's system prompt; in a DM with me "
-        "it is yours to change.")
+        "it is yours to change."
+    )
     sampling = await policy.check(Actor("U1"), THREAD, Action.SET_SAMPLING)
     assert refusal_text(sampling).endswith("a channel's settings; in a DM with me they are yours to change.")
     assert (await policy.check(Actor("U1"), DM, Action.SET_SAMPLING)).allowed
@@ -112,6 +118,7 @@ async def test_only_the_asker_or_an_admin_may_approve_a_tool_call() -> None:
     assert (await check(Actor("other", manages_place=True), channel, Action.APPROVE_TOOL, owner="asker")).allowed
     # No known asker (a Regenerate): only an admin; and the lists still come first.
     assert (await check(Actor("asker"), channel, Action.APPROVE_TOOL, owner="")).refusal is Refusal.NOT_YOURS
-    assert (await check(Actor("stranger"), channel, Action.APPROVE_TOOL, owner="stranger")).refusal \
-        is Refusal.NOT_LISTED
+    assert (
+        await check(Actor("stranger"), channel, Action.APPROVE_TOOL, owner="stranger")
+    ).refusal is Refusal.NOT_LISTED
     assert "Only the person who asked" in refusal_text(Decision(Refusal.NOT_YOURS, Action.APPROVE_TOOL))

@@ -32,15 +32,18 @@ ENV = {k: v for k, v in os.environ.items() if k not in SECRETS}
 
 def write_config(tmp_path: Path, sampling: str = "max_tokens = 16\n") -> Path:
     config = tmp_path / "config.toml"
-    config.write_text(f'[engine]\nmodel_path = "{MODEL_PATH}"\nn_ctx = 1024\nn_threads = 1\n'
-                      f'[sampling]\ntemperature = 0.0\n{sampling}'
-                      '[store]\npath = "chat.sqlite3"\n[web]\nport = 0\n')
+    config.write_text(
+        f'[engine]\nmodel_path = "{MODEL_PATH}"\nn_ctx = 1024\nn_threads = 1\n'
+        f"[sampling]\ntemperature = 0.0\n{sampling}"
+        '[store]\npath = "chat.sqlite3"\n[web]\nport = 0\n'
+    )
     return config
 
 
 def llamarelay(*args: str, stdin: str = "", timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bot", *args], input=stdin, capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=ENV
+    )
 
 
 def stored(tmp_path: Path) -> list[tuple[str, str, str]]:
@@ -50,8 +53,9 @@ def stored(tmp_path: Path) -> list[tuple[str, str, str]]:
 
 def test_terminal_chat_answers_and_keeps_history(tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    result = llamarelay("--config", str(config), "chat",
-                        stdin="Hello there!\n/system Answer like a pirate.\n/system\n/quit\n")
+    result = llamarelay(
+        "--config", str(config), "chat", stdin="Hello there!\n/system Answer like a pirate.\n/system\n/quit\n"
+    )
     assert result.returncode == 0, result.stderr
     assert "bot> " in result.stdout and "System prompt set." in result.stdout
     assert "System prompt: Answer like a pirate." in result.stdout and "Bye." in result.stdout
@@ -64,9 +68,11 @@ def test_terminal_chat_answers_and_keeps_history(tmp_path: Path) -> None:
 
 
 def test_terminal_chat_picks_a_model_that_is_kept_over_a_restart_and_an_export(tmp_path: Path) -> None:
-    config = write_config(tmp_path, sampling='max_tokens = 8\ngrammar = \'root ::= "Ahoy."\'\n')
-    config.write_text(config.read_text() + f'[[models]]\nname = "second"\npath = "{MODEL_PATH}"\n'
-                      'description = "the same, loaded again"\n')
+    config = write_config(tmp_path, sampling="max_tokens = 8\ngrammar = 'root ::= \"Ahoy.\"'\n")
+    config.write_text(
+        config.read_text() + f'[[models]]\nname = "second"\npath = "{MODEL_PATH}"\n'
+        'description = "the same, loaded again"\n'
+    )
     result = llamarelay("--config", str(config), "chat", stdin="/model\n/model gpt-9\n/model SECOND\nHello\n/quit\n")
     assert result.returncode == 0, result.stderr
     assert "/model [name]" in result.stdout
@@ -75,7 +81,9 @@ def test_terminal_chat_picks_a_model_that_is_kept_over_a_restart_and_an_export(t
     assert "now uses `second`" in result.stdout and "🧠 second" in result.stdout  # the reply's footer
     with sqlite3.connect(tmp_path / "chat.sqlite3") as db:
         assert db.execute("SELECT role, content, model FROM messages ORDER BY id").fetchall() == [
-            ("user", "Hello", ""), ("assistant", "Ahoy.", "second")]
+            ("user", "Hello", ""),
+            ("assistant", "Ahoy.", "second"),
+        ]
 
     again = llamarelay("--config", str(config), "chat", stdin="/model\n")
     assert "This conversation uses `second`" in again.stdout
@@ -89,8 +97,14 @@ def test_run_without_tokens_in_a_terminal_starts_the_terminal_chat_and_says_how_
     controller, terminal = pty.openpty()
     os.write(controller, b"Hi\n/quit\n")
     try:
-        result = subprocess.run([sys.executable, "-m", "bot", "--config", str(write_config(tmp_path)), "run"],
-                                stdin=terminal, capture_output=True, text=True, timeout=120, env=ENV)
+        result = subprocess.run(
+            [sys.executable, "-m", "bot", "--config", str(write_config(tmp_path)), "run"],
+            stdin=terminal,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=ENV,
+        )
     finally:
         os.close(terminal)
         os.close(controller)
@@ -102,8 +116,17 @@ def test_run_without_tokens_in_a_terminal_starts_the_terminal_chat_and_says_how_
 
 async def test_run_as_a_service_serves_the_web_page_until_sigterm(tmp_path: Path) -> None:
     bot = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "--config", str(write_config(tmp_path)), "run", env=ENV,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "bot",
+        "--config",
+        str(write_config(tmp_path)),
+        "run",
+        env=ENV,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     assert bot.stderr
     log = await read_until(bot.stderr, b"web chat on http://")
     assert b"starting the terminal chat" not in log
@@ -157,14 +180,23 @@ def test_fetch_model_keeps_an_existing_model(tmp_path: Path) -> None:
     assert result.returncode == 0 and "already there" in result.stderr
 
 
-LONG_REPLY = 'max_tokens = 400\ngrammar = \'root ::= ("la " ){400}\'\n'
+LONG_REPLY = "max_tokens = 400\ngrammar = 'root ::= (\"la \" ){400}'\n"
 
 
 async def start_chat(tmp_path: Path) -> asyncio.subprocess.Process:
     config = write_config(tmp_path, LONG_REPLY)
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "--config", str(config), "chat", env=ENV,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "bot",
+        "--config",
+        str(config),
+        "chat",
+        env=ENV,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
 
 
 async def read_until(stream: asyncio.StreamReader, marker: bytes, timeout: float = 60) -> bytes:
@@ -213,9 +245,17 @@ def test_help_lists_the_commands(command: str) -> None:
 async def start_service(tmp_path: Path, sampling: str = "max_tokens = 16\n") -> tuple[asyncio.subprocess.Process, str]:
     """`llamarelay run` as a service (no terminal, web page only); returns it and the page's URL."""
     bot = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "--config", str(write_config(tmp_path, sampling)), "run",
+        sys.executable,
+        "-m",
+        "bot",
+        "--config",
+        str(write_config(tmp_path, sampling)),
+        "run",
         env={**ENV, "LLAMARELAY_WEB_TOKEN": "t0ken"},
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     assert bot.stderr
     log = await read_until(bot.stderr, b"(access token required)")
     return bot, log.split(b"web chat on ")[1].split()[0].decode()
@@ -223,6 +263,7 @@ async def start_service(tmp_path: Path, sampling: str = "max_tokens = 16\n") -> 
 
 async def test_sigterm_ends_a_streaming_reply_within_docker_stops_deadline(tmp_path: Path) -> None:
     import aiohttp
+
     bot, url = await start_service(tmp_path, LONG_REPLY.replace("400", "900"))
     headers = {"Authorization": "Bearer t0ken"}
     async with aiohttp.ClientSession(headers=headers) as http:
@@ -246,13 +287,16 @@ async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     assert bot.stderr and b"second signal" in await bot.stderr.read()
 
 
-@pytest.mark.parametrize(("argv", "config", "verbose"), [
-    (["chat", "--config", "a.toml"], "a.toml", False),
-    (["--config", "a.toml", "chat"], "a.toml", False),
-    (["chat", "-v"], None, True),
-    (["-v", "web", "--config", "b.toml"], "b.toml", True),
-    (["--config", "a.toml", "run", "--config", "b.toml"], "b.toml", False),  # the later one wins
-])
+@pytest.mark.parametrize(
+    ("argv", "config", "verbose"),
+    [
+        (["chat", "--config", "a.toml"], "a.toml", False),
+        (["--config", "a.toml", "chat"], "a.toml", False),
+        (["chat", "-v"], None, True),
+        (["-v", "web", "--config", "b.toml"], "b.toml", True),
+        (["--config", "a.toml", "run", "--config", "b.toml"], "b.toml", False),  # the later one wins
+    ],
+)
 def test_options_may_come_before_or_after_the_command(argv: list[str], config: str | None, verbose: bool) -> None:
     args = _parser().parse_args(argv)
     assert (args.config, args.verbose) == (Path(config) if config else None, verbose)
@@ -274,7 +318,7 @@ def only_log_lines_and(result: subprocess.CompletedProcess[str], last: str) -> N
 
 @pytest.mark.parametrize("command", ["run", "chat", "web"])
 def test_invalid_grammar_stops_start_up_with_one_line(tmp_path: Path, command: str) -> None:
-    config = write_config(tmp_path, "grammar = 'root ::= (\"yes\" | \"no\"'\n")
+    config = write_config(tmp_path, 'grammar = \'root ::= ("yes" | "no"\'\n')
     result = llamarelay("--config", str(config), command, stdin="Hi\n")
     assert result.returncode == 1
     only_log_lines_and(result, "llamarelay: sampling.grammar is not valid GBNF: expecting ')'")
@@ -286,11 +330,14 @@ def test_parallel_above_n_batch_stops_start_up_instead_of_aborting(tmp_path: Pat
     config.write_text(config.read_text().replace("n_threads = 1\n", "n_threads = 1\nparallel = 32\nn_batch = 16\n"))
     result = llamarelay("--config", str(config), "chat")
     assert result.returncode == 1  # not 134: llama.cpp's GGML_ASSERT never runs
-    assert result.stderr.strip() == (f"llamarelay: {config}: engine.parallel (32) must not exceed engine.n_batch (16): "
-                                     "every conversation generated at once needs a place in each batch")
+    assert result.stderr.strip() == (
+        f"llamarelay: {config}: engine.parallel (32) must not exceed engine.n_batch (16): "
+        "every conversation generated at once needs a place in each batch"
+    )
 
 
 # -- the terminal is left as it was found ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("leave", ["/quit", "end of input", "Ctrl-C", "SIGTERM"])
 async def test_terminal_is_blocking_again_after_the_chat_ends(tmp_path: Path, leave: str) -> None:
@@ -299,8 +346,17 @@ async def test_terminal_is_blocking_again_after_the_chat_ends(tmp_path: Path, le
     attributes = termios.tcgetattr(terminal)
     try:
         chat = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bot", "chat", "--config", str(write_config(tmp_path)), env=ENV,
-            stdin=terminal, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "bot",
+            "chat",
+            "--config",
+            str(write_config(tmp_path)),
+            env=ENV,
+            stdin=terminal,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         assert chat.stdout
         await read_until(chat.stdout, b"you> ")
         assert not os.get_blocking(terminal)  # what asyncio does while the chat reads
@@ -319,8 +375,9 @@ async def test_terminal_is_blocking_again_after_the_chat_ends(tmp_path: Path, le
 
 
 @pytest.mark.parametrize("leave", ["cancelled", "failed"])
-async def test_terminal_is_restored_when_the_chat_is_cancelled_or_fails(manager: ConversationManager,
-                                                                       leave: str) -> None:
+async def test_terminal_is_restored_when_the_chat_is_cancelled_or_fails(
+    manager: ConversationManager, leave: str
+) -> None:
     controller, terminal = pty.openpty()
     out = io.StringIO()
     try:
@@ -356,8 +413,11 @@ class Terminal:
     def __init__(self, tmp_path: Path) -> None:
         self.controller, terminal = pty.openpty()
         self.attributes = termios.tcgetattr(terminal)
-        self.process = subprocess.Popen([sys.executable, "-c", FROM_A_SHELL, "-m", "bot", "chat", "--config",
-                                         str(write_config(tmp_path))], stdin=terminal, env=ENV)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", FROM_A_SHELL, "-m", "bot", "chat", "--config", str(write_config(tmp_path))],
+            stdin=terminal,
+            env=ENV,
+        )
         os.close(terminal)
         os.set_blocking(self.controller, False)
 
@@ -375,7 +435,7 @@ class Terminal:
                 except OSError:  # EIO: every program on the terminal has closed it
                     raise AssertionError(f"the chat ended before {until!r}: {bytes(shown[-500:])!r}") from None
             if writable:
-                keys = keys[os.write(self.controller, keys[:4096]):]
+                keys = keys[os.write(self.controller, keys[:4096]) :]
         return bytes(shown)
 
     def __enter__(self) -> Terminal:
@@ -415,22 +475,36 @@ def test_ctrl_c_typed_at_the_prompt_leaves(tmp_path: Path) -> None:
 
 # -- bad settings: one line naming the key or variable and the value --------------------------------------------
 
+
 def test_a_list_variable_that_is_not_json_is_one_line_naming_it(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "bot", "--config", str(write_config(tmp_path)), "chat"],
-                            capture_output=True, text=True, timeout=60,
-                            env={**ENV, "LLAMARELAY_DISCORD__GUILD_IDS": "notjson"})
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "--config", str(write_config(tmp_path)), "chat"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**ENV, "LLAMARELAY_DISCORD__GUILD_IDS": "notjson"},
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert "LLAMARELAY_DISCORD__GUILD_IDS" in result.stderr and "'notjson'" in result.stderr
     assert "JSON list" in result.stderr
 
 
-@pytest.mark.parametrize(("section", "line", "shown"), [
-    ("store", 'url = "mysql://bot:s3cret@db/chat"', "'store.url' = 'mysql://bot:***@db/chat' is invalid: "
-                                                    "must be a postgresql:// URL"),
-    ("engine", 'backend = "openai"\nbase_url = "ftp://x"', "'engine.base_url' = 'ftp://x' is invalid: "
-                                                           "must be an http:// or https:// URL"),
-])
+@pytest.mark.parametrize(
+    ("section", "line", "shown"),
+    [
+        (
+            "store",
+            'url = "mysql://bot:s3cret@db/chat"',
+            "'store.url' = 'mysql://bot:***@db/chat' is invalid: must be a postgresql:// URL",
+        ),
+        (
+            "engine",
+            'backend = "openai"\nbase_url = "ftp://x"',
+            "'engine.base_url' = 'ftp://x' is invalid: must be an http:// or https:// URL",
+        ),
+    ],
+)
 def test_a_wrong_url_names_the_key_and_the_value(tmp_path: Path, section: str, line: str, shown: str) -> None:
     config = write_config(tmp_path)
     config.write_text(config.read_text().replace(f"[{section}]\n", f"[{section}]\n{line}\n"))
@@ -441,13 +515,23 @@ def test_a_wrong_url_names_the_key_and_the_value(tmp_path: Path, section: str, l
 
 
 def test_a_database_url_variable_that_is_not_postgresql_is_refused_not_a_file_name(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "bot", "--config", str(write_config(tmp_path)), "migrate"],
-                            capture_output=True, text=True, timeout=60, cwd=tmp_path,  # where a file would go
-                            env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-                                 "LLAMARELAY_DATABASE_URL": "mysql://bot:s3cret@db/chat"})
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "--config", str(write_config(tmp_path)), "migrate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,  # where a file would go
+        env={
+            **ENV,
+            "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+            "LLAMARELAY_DATABASE_URL": "mysql://bot:s3cret@db/chat",
+        },
+    )
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("llamarelay: environment variable LLAMARELAY_DATABASE_URL = "
-                                     "'mysql://bot:***@db/chat' is invalid: must be a postgresql:// URL")
+    assert result.stderr.startswith(
+        "llamarelay: environment variable LLAMARELAY_DATABASE_URL = "
+        "'mysql://bot:***@db/chat' is invalid: must be a postgresql:// URL"
+    )
     assert "s3cret" not in result.stderr and list(tmp_path.iterdir()) == [tmp_path / "config.toml"]
 
 
@@ -457,8 +541,17 @@ async def test_an_unwritable_state_dir_is_a_warning_at_start_up(tmp_path: Path) 
     config = write_config(tmp_path)
     config.write_text(config.read_text().replace("[engine]\n", '[engine]\nstate_dir = "afile/states"\n'))
     chat = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "--config", str(config), "chat", env=ENV,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "bot",
+        "--config",
+        str(config),
+        "chat",
+        env=ENV,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     assert chat.stdin and chat.stdout and chat.stderr
     await read_until(chat.stdout, b"you> ")  # started, nothing said yet: no state saved
     async with asyncio.timeout(10):  # the log of the start-up is written by now

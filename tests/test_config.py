@@ -48,17 +48,23 @@ def test_reply_length_must_leave_room_for_the_prompt(tmp_path: Path) -> None:
         load_settings(write(tmp_path, "[engine]\nn_ctx = 4096\n[sampling]\nmax_tokens = 4096\n"))
 
 
-@pytest.mark.parametrize(("toml", "expected"), [
-    # llama.cpp aborts the process (GGML_ASSERT, exit 134) when more sequences run than a batch holds.
-    ("[engine]\nparallel = 32\nn_batch = 16\n", r"engine.parallel \(32\) must not exceed engine.n_batch \(16\)"),
-    # A penalty of 0 divides logits by zero: the model then writes garbage.
-    ("[sampling]\nrepeat_penalty = 0\n", r"'sampling.repeat_penalty' = 0 is invalid: .*greater than 0"),
-    # llama.cpp's seed is 32 bits, and 0xFFFFFFFF means "random".
-    ("[sampling]\nseed = 4294967295\n", r"'sampling.seed' = 4294967295 is invalid: .*less than or equal"),
-    ("[engine]\nn_gpu_layers = -2\n", r"'engine.n_gpu_layers' = -2 is invalid: must be -1 \(every layer on the "
-                                      r"GPU\), 0 \(CPU only\) or a number of layers"),
-    ("[engine]\nmain_gpu = -1\n", r"'engine.main_gpu' = -1 is invalid: .*greater than or equal to 0"),
-])
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        # llama.cpp aborts the process (GGML_ASSERT, exit 134) when more sequences run than a batch holds.
+        ("[engine]\nparallel = 32\nn_batch = 16\n", r"engine.parallel \(32\) must not exceed engine.n_batch \(16\)"),
+        # A penalty of 0 divides logits by zero: the model then writes garbage.
+        ("[sampling]\nrepeat_penalty = 0\n", r"'sampling.repeat_penalty' = 0 is invalid: .*greater than 0"),
+        # llama.cpp's seed is 32 bits, and 0xFFFFFFFF means "random".
+        ("[sampling]\nseed = 4294967295\n", r"'sampling.seed' = 4294967295 is invalid: .*less than or equal"),
+        (
+            "[engine]\nn_gpu_layers = -2\n",
+            r"'engine.n_gpu_layers' = -2 is invalid: must be -1 \(every layer on the "
+            r"GPU\), 0 \(CPU only\) or a number of layers",
+        ),
+        ("[engine]\nmain_gpu = -1\n", r"'engine.main_gpu' = -1 is invalid: .*greater than or equal to 0"),
+    ],
+)
 def test_values_llama_cpp_cannot_take_are_one_line_naming_the_key(tmp_path: Path, toml: str, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected) as error:
         load_settings(write(tmp_path, toml))
@@ -89,19 +95,30 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("engine", [
-    "n_ctx = 300\nparallel = 1",  # llama.cpp rounds a context up to 512 but caps its batch at 300
-    "n_ctx = 300\nparallel = 3\nn_batch = 8192",
-    "n_ctx = 256\nparallel = 16\nn_batch = 16\nprefill_chunk = 8192",
-    "n_ctx = 256\nparallel = 64\nn_batch = 64",
-    "n_ctx = 256\nparallel = 1\nn_batch = 8192\nn_threads = 32",  # many more threads than cores
-])
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "n_ctx = 300\nparallel = 1",  # llama.cpp rounds a context up to 512 but caps its batch at 300
+        "n_ctx = 300\nparallel = 3\nn_batch = 8192",
+        "n_ctx = 256\nparallel = 16\nn_batch = 16\nprefill_chunk = 8192",
+        "n_ctx = 256\nparallel = 64\nn_batch = 64",
+        "n_ctx = 256\nparallel = 1\nn_batch = 8192\nn_threads = 32",  # many more threads than cores
+    ],
+)
 def test_accepted_extremes_never_abort_the_engine(tmp_path: Path, engine: str) -> None:
     threads = "" if "n_threads" in engine else "n_threads = 1\n"  # spinning threads crawl on a busy machine
-    config = write(tmp_path, f'[engine]\nmodel_path = "{MODEL_PATH}"\n{engine}\n{threads}'
-                             "[sampling]\nmax_tokens = 2\ntemperature = 0.0\n")
-    result = subprocess.run([sys.executable, "-c", ENGINE_RUN, str(config)], capture_output=True, text=True,
-                            timeout=300, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    config = write(
+        tmp_path,
+        f'[engine]\nmodel_path = "{MODEL_PATH}"\n{engine}\n{threads}[sampling]\nmax_tokens = 2\ntemperature = 0.0\n',
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", ENGINE_RUN, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -153,8 +170,10 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
 
 # -- environment overrides (LLAMARELAY_<SECTION>__<KEY>) ------------------------------------------------
 
+
 def test_environment_overrides_a_nested_key_and_keeps_the_rest_of_the_file(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("LLAMARELAY_WEB__HOST", "0.0.0.0")
     monkeypatch.setenv("LLAMARELAY_SAMPLING__TEMPERATURE", "0.2")
     monkeypatch.setenv("LLAMARELAY_DISCORD__GUILD_IDS", "[11, 22]")
@@ -166,7 +185,8 @@ def test_environment_overrides_a_nested_key_and_keeps_the_rest_of_the_file(
 
 
 def test_the_deprecated_streaming_edit_interval_still_paces_the_web_page_with_a_warning(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING, logger="bot.config"):
         assert load_settings(write(tmp_path, "[streaming]\nedit_interval = 0.5\n")).web.edit_interval == 0.5
     assert "[streaming] edit_interval is deprecated" in caplog.text and "[web] edit_interval" in caplog.text
@@ -179,7 +199,8 @@ def test_the_deprecated_streaming_edit_interval_still_paces_the_web_page_with_a_
 
 
 def test_bad_environment_value_is_one_line_naming_the_variable_and_key(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("LLAMARELAY_WEB__PORT", "eighty")
     for source in (write(tmp_path, "[web]\nport = 9000\n"), None):
         with pytest.raises(ConfigError) as error:
@@ -213,8 +234,9 @@ def test_log_lines_never_contain_a_token() -> None:
     try:
         raise RuntimeError("auth failed for xoxb-123-secret")
     except RuntimeError:
-        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "token %s rejected", ("xoxb-123-secret",),
-                                   exc_info=sys.exc_info())
+        record = logging.LogRecord(
+            "t", logging.ERROR, __file__, 1, "token %s rejected", ("xoxb-123-secret",), exc_info=sys.exc_info()
+        )
     text = formatter.format(record)
     assert "xoxb-123-secret" not in text
     assert text.startswith("token [redacted] rejected") and "auth failed for [redacted]" in text

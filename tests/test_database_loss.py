@@ -28,10 +28,12 @@ DB_PASSWORD = "pg-passw0rd-that-must-stay-secret"
 
 def config(tmp_path: Path, store: str = 'path = "chat.sqlite3"') -> Path:
     path = tmp_path / "config.toml"
-    path.write_text(f'[engine]\nmodel_path = "{MODEL_PATH}"\nn_ctx = 1024\nn_threads = 1\n'
-                    '[sampling]\ntemperature = 0.0\nmax_tokens = 8\n'
-                    f'[store]\n{store}\n[web]\nport = 0\n[ops]\nenabled = true\nport = 0\n'
-                    '[api]\nenabled = true\nport = 0\n')
+    path.write_text(
+        f'[engine]\nmodel_path = "{MODEL_PATH}"\nn_ctx = 1024\nn_threads = 1\n'
+        "[sampling]\ntemperature = 0.0\nmax_tokens = 8\n"
+        f"[store]\n{store}\n[web]\nport = 0\n[ops]\nenabled = true\nport = 0\n"
+        "[api]\nenabled = true\nport = 0\n"
+    )
     return path
 
 
@@ -50,9 +52,19 @@ class RunningBot:
     async def start(self) -> RunningBot:
         with self.log_path.open("wb") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bot", *(["-v"] if self.verbose else []), "--config",
-                str(config(self.tmp_path)), "run", cwd=self.tmp_path, env={**ENV, "LLAMARELAY_API_TOKEN": API_TOKEN},
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log)
+                sys.executable,
+                "-m",
+                "bot",
+                *(["-v"] if self.verbose else []),
+                "--config",
+                str(config(self.tmp_path)),
+                "run",
+                cwd=self.tmp_path,
+                env={**ENV, "LLAMARELAY_API_TOKEN": API_TOKEN},
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=log,
+            )
         async with asyncio.timeout(60):
             while not all(marker in self.log() for marker in ("web chat on", "health and metrics on", "API on")):
                 assert self.process.returncode is None, self.log()
@@ -83,8 +95,9 @@ async def ready(http: aiohttp.ClientSession, bot: RunningBot) -> tuple[int, dict
 async def send(http: aiohttp.ClientSession, bot: RunningBot, conversation: str, text: str) -> dict[str, Any]:
     """Send ``text`` as the page does; the reply's closing ``done`` event."""
     origin = {"Origin": bot.web.rstrip("/")}
-    async with http.post(f"{bot.web}api/conversations/{conversation}/messages", json={"text": text},
-                         headers=origin) as response:
+    async with http.post(
+        f"{bot.web}api/conversations/{conversation}/messages", json={"text": text}, headers=origin
+    ) as response:
         event = ""
         async for line in response.content:
             if line.startswith(b"event: "):
@@ -96,7 +109,8 @@ async def send(http: aiohttp.ClientSession, bot: RunningBot, conversation: str, 
 
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
 async def test_a_database_deleted_under_the_bot_fails_readiness_and_no_reply_is_called_stored(
-        tmp_path: Path, http: aiohttp.ClientSession, verbose: bool) -> None:
+    tmp_path: Path, http: aiohttp.ClientSession, verbose: bool
+) -> None:
     bot = await RunningBot(tmp_path, verbose).start()
     try:
         async with asyncio.timeout(60):
@@ -114,8 +128,11 @@ async def test_a_database_deleted_under_the_bot_fails_readiness_and_no_reply_is_
         assert status == 503 and "deleted or replaced" in body["checks"]["database"]
         second = await send(http, bot, conversation, "Are you still there?")
         assert second["status"] == "failed" and second["stored"] is False and NOT_SAVED in second["notes"]
-        async with http.post(bot.api + "/chat/completions", json={"messages": []},  # a refused API call too
-                             headers={"Authorization": "Bearer wrong"}) as response:
+        async with http.post(
+            bot.api + "/chat/completions",
+            json={"messages": []},  # a refused API call too
+            headers={"Authorization": "Bearer wrong"},
+        ) as response:
             assert response.status == 401
     finally:
         assert await bot.stop() == 0
@@ -136,8 +153,22 @@ def test_a_database_that_cannot_be_reached_never_shows_its_password(tmp_path: Pa
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     url = f"postgresql://llamarelay:{DB_PASSWORD}@127.0.0.1:{port}/llamarelay"
-    result = subprocess.run([sys.executable, "-m", "bot", *(["-v"] if verbose else []), "--config",
-                             str(config(tmp_path, f'url = "{url}"')), "run"], cwd=tmp_path, env=ENV,
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bot",
+            *(["-v"] if verbose else []),
+            "--config",
+            str(config(tmp_path, f'url = "{url}"')),
+            "run",
+        ],
+        cwd=tmp_path,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1 and "cannot" in result.stderr and f"127.0.0.1:{port}" in result.stderr
     assert DB_PASSWORD not in result.stderr + result.stdout

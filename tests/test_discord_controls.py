@@ -14,10 +14,16 @@ from bot.config import Settings
 from bot.conversations import ConversationManager
 from bot.store import Status
 from bot.wording import LENGTH_NOTE, STALE_REPLY, STOPPED_NOTE
-from tests.fake_discord import (BOB_ID, CHANNEL_ID, EPHEMERAL_FLAG, MALLORY_ID, MEMBER_ROLE_ID,
-                                FakeDiscord, FakeInteraction)
-from tests.test_discord import (CHANNEL_KEY, FOX, StartBot, _stop, dsettings, fake, force_reply,  # noqa: F401
-                                start_bot, stored)
+from tests.fake_discord import (
+    BOB_ID,
+    CHANNEL_ID,
+    EPHEMERAL_FLAG,
+    MALLORY_ID,
+    MEMBER_ROLE_ID,
+    FakeDiscord,
+    FakeInteraction,
+)
+from tests.test_discord import CHANNEL_KEY, FOX, StartBot, _stop, dsettings, fake, force_reply, start_bot, stored  # noqa: F401
 
 DEFERRED_UPDATE, UPDATE_MESSAGE = 6, 7  # interaction callback types
 
@@ -40,7 +46,8 @@ def answer_to(fake: FakeDiscord, message_id: int, text: str) -> dict[str, Any] |
 
 
 async def test_regenerate_replaces_the_answer_and_stale_presses_are_explained(
-        fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot) -> None:
+    fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot
+) -> None:
     await force_reply(manager, CHANNEL_KEY, "First try.")
     await start_bot()
     question = await fake.message_create("say something")
@@ -49,8 +56,14 @@ async def test_regenerate_replaces_the_answer_and_stale_presses_are_explained(
     [reply_id] = [m.id for m in await stored(manager, CHANNEL_KEY) if m.role == "assistant"]
     assert fake.buttons(first_id) == {"Regenerate": f"llamarelay:regenerate:{reply_id}"}
     # While it was written the same message carried Stop, and only Stop.
-    sent = [r.body for r in fake.requests if r.method in ("POST", "PATCH") and r.path.startswith(
-        f"/channels/{CHANNEL_ID}/messages") and isinstance(r.body, dict) and r.body.get("components")]
+    sent = [
+        r.body
+        for r in fake.requests
+        if r.method in ("POST", "PATCH")
+        and r.path.startswith(f"/channels/{CHANNEL_ID}/messages")
+        and isinstance(r.body, dict)
+        and r.body.get("components")
+    ]
     assert sent[0]["components"][0]["components"][0]["custom_id"] == "llamarelay:stop"
 
     await force_reply(manager, CHANNEL_KEY, "Second try.")
@@ -72,8 +85,9 @@ async def test_regenerate_replaces_the_answer_and_stale_presses_are_explained(
     assert fake.pinging_writes() == []
 
 
-async def test_only_allowed_people_may_press(fake: FakeDiscord, manager: ConversationManager,
-                                             dsettings: Settings, start_bot: StartBot) -> None:
+async def test_only_allowed_people_may_press(
+    fake: FakeDiscord, manager: ConversationManager, dsettings: Settings, start_bot: StartBot
+) -> None:
     dsettings.discord.allowed_role_ids = [MEMBER_ROLE_ID]
     await force_reply(manager, CHANNEL_KEY, "Members only.")
     await start_bot()
@@ -86,12 +100,20 @@ async def test_only_allowed_people_may_press(fake: FakeDiscord, manager: Convers
 
 
 async def test_continue_extends_an_answer_cut_by_the_length_limit(
-        fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot) -> None:
+    fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot
+) -> None:
     await force_reply(manager, CHANNEL_KEY, FOX * 10, max_tokens=8)
     await start_bot()
     question = await fake.message_create("talk")
-    cut = await fake.wait_for(lambda: (r := fake.replies_to(question)) and LENGTH_NOTE in r[0]["content"]
-                              and "Stop" not in fake.buttons(int(r[0]["id"])) and r[0], "the cut answer")
+    cut = await fake.wait_for(
+        lambda: (
+            (r := fake.replies_to(question))
+            and LENGTH_NOTE in r[0]["content"]
+            and "Stop" not in fake.buttons(int(r[0]["id"]))
+            and r[0]
+        ),
+        "the cut answer",
+    )
     [_, reply] = await stored(manager, CHANNEL_KEY)
     assert labels(fake, int(cut["id"])) == ["Continue", "Regenerate"]
     assert fake.buttons(int(cut["id"]))["Continue"] == f"llamarelay:continue:{reply.id}"
@@ -106,30 +128,45 @@ async def test_continue_extends_an_answer_cut_by_the_length_limit(
 
 
 async def test_stop_button_ends_the_reply_which_can_then_continue(
-        fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot) -> None:
+    fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot
+) -> None:
     await force_reply(manager, CHANNEL_KEY, FOX * 40, max_tokens=1200)
     await start_bot()
     question = await fake.message_create("write a lot")
-    streaming = await fake.wait_for(lambda: (r := fake.replies_to(question)) and r[0]["content"].startswith("The")
-                                    and r[0], "the reply to stream")
+    streaming = await fake.wait_for(
+        lambda: (r := fake.replies_to(question)) and r[0]["content"].startswith("The") and r[0], "the reply to stream"
+    )
     assert labels(fake, int(streaming["id"])) == ["Stop"]
     press = await fake.press(int(streaming["id"]), "Stop", user_id=BOB_ID)
-    stopped = await fake.wait_for(lambda: (r := fake.replies_to(question)) and STOPPED_NOTE in r[0]["content"]
-                                  and "Stop" not in fake.buttons(int(r[0]["id"])) and r[0], "the stopped reply")
+    stopped = await fake.wait_for(
+        lambda: (
+            (r := fake.replies_to(question))
+            and STOPPED_NOTE in r[0]["content"]
+            and "Stop" not in fake.buttons(int(r[0]["id"]))
+            and r[0]
+        ),
+        "the stopped reply",
+    )
     assert [c["type"] for c in press.callbacks] == [DEFERRED_UPDATE]  # the reply itself says it stopped
     assert labels(fake, int(stopped["id"])) == ["Continue", "Regenerate"]
     assert (await stored(manager, CHANNEL_KEY))[-1].status == Status.STOPPED
 
 
-async def test_buttons_keep_working_after_a_restart(fake: FakeDiscord, manager: ConversationManager,
-                                                    start_bot: StartBot) -> None:
+async def test_buttons_keep_working_after_a_restart(
+    fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot
+) -> None:
     await force_reply(manager, CHANNEL_KEY, "Before.")
     first_run = await start_bot()
     question = await fake.message_create("hi")
     answer = await fake.wait_for(lambda: answer_to(fake, question, "Before."), "the answer")
     # What a bot that crashed mid-reply leaves behind: a Stop button with nothing running.
-    left_over = fake.add_bot_message(CHANNEL_ID, "Half an answ", components=[{"type": 1, "components": [
-        {"type": 2, "style": 2, "label": "Stop", "custom_id": "llamarelay:stop"}]}])
+    left_over = fake.add_bot_message(
+        CHANNEL_ID,
+        "Half an answ",
+        components=[
+            {"type": 1, "components": [{"type": 2, "style": 2, "label": "Stop", "custom_id": "llamarelay:stop"}]}
+        ],
+    )
     await _stop(first_run)
 
     await force_reply(manager, CHANNEL_KEY, "After.")
@@ -141,13 +178,20 @@ async def test_buttons_keep_working_after_a_restart(fake: FakeDiscord, manager: 
     assert [m.content for m in await stored(manager, CHANNEL_KEY)] == ["hi", "After."]
 
 
-async def test_an_ask_answer_carries_the_buttons_too(fake: FakeDiscord, manager: ConversationManager,
-                                                     start_bot: StartBot) -> None:
+async def test_an_ask_answer_carries_the_buttons_too(
+    fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot
+) -> None:
     await force_reply(manager, CHANNEL_KEY, "Asked.")
     await start_bot()
     inter = await fake.slash("ask", {"prompt": "a question"})
-    await fake.wait_for(lambda: inter.original_id and fake.messages[inter.original_id]["content"] == "Asked."
-                        and labels(fake, inter.original_id) == ["Regenerate"], "the /ask answer and its button")
+    await fake.wait_for(
+        lambda: (
+            inter.original_id
+            and fake.messages[inter.original_id]["content"] == "Asked."
+            and labels(fake, inter.original_id) == ["Regenerate"]
+        ),
+        "the /ask answer and its button",
+    )
     await force_reply(manager, CHANNEL_KEY, "Asked again.")
     assert inter.original_id is not None
     await fake.press(inter.original_id, "Regenerate")

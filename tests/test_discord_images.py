@@ -17,8 +17,7 @@ from bot.wording import cannot_see_images, image_unseen
 from tests.fake_discord import BOB_ID, FakeDiscord
 from tests.pictures import MODEL_ID, png, recorded_manager, sent_images
 from tests.recording_server import REPLY, RecordingServer
-from tests.test_discord import (CHANNEL_KEY, StartBot, _stop, dsettings, fake, force_reply,  # noqa: F401
-                                start_bot, stored)
+from tests.test_discord import CHANNEL_KEY, StartBot, _stop, dsettings, fake, force_reply, start_bot, stored  # noqa: F401
 from tests.test_discord_controls import answer_to
 
 
@@ -42,17 +41,23 @@ async def server(tmp_path: Path) -> AsyncIterator[RecordingServer]:
 
 
 async def test_a_posted_picture_reaches_the_vision_model_and_again_on_regenerate(
-        fake: FakeDiscord, dsettings: Settings, store: Store, server: RecordingServer, start_bot: StartBot) -> None:
+    fake: FakeDiscord, dsettings: Settings, store: Store, server: RecordingServer, start_bot: StartBot
+) -> None:
     async with recorded_manager(dsettings, store, server, vision=True) as manager:
         bot = await ready(manager, start_bot)
-        mid = await fake.message_create("what colour?", files=[("red.png", png((300, 200), (255, 0, 0)),
-                                                                "image/png")])
+        mid = await fake.message_create("what colour?", files=[("red.png", png((300, 200), (255, 0, 0)), "image/png")])
         first = await fake.wait_for(lambda: answer_to(fake, mid, REPLY), "the answer")
         [image_id] = [int(a["id"]) for a in fake.messages[mid]["attachments"]]
         assert fake.downloads == [image_id]
         await fake.press(int(first["id"]), "Regenerate", user_id=BOB_ID)
-        await fake.wait_for(lambda: len(server.requests()) == 2 and len(fake.replies_to(int(first["id"]))) == 1
-                            and answer_to(fake, int(first["id"]), REPLY), "the regenerated answer")
+        await fake.wait_for(
+            lambda: (
+                len(server.requests()) == 2
+                and len(fake.replies_to(int(first["id"]))) == 1
+                and answer_to(fake, int(first["id"]), REPLY)
+            ),
+            "the regenerated answer",
+        )
         [question, _] = await stored(manager, CHANNEL_KEY)
         await _stop(bot)  # before its manager shuts down
     assert question.content == "what colour?"
@@ -64,7 +69,8 @@ async def test_a_posted_picture_reaches_the_vision_model_and_again_on_regenerate
 
 
 async def test_the_small_model_without_vision_answers_and_says_it_cannot_see(
-        fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot) -> None:
+    fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot
+) -> None:
     await force_reply(manager, CHANNEL_KEY, "A picture.")
     await start_bot()
     mid = await fake.message_create("look", files=[("cat.jpg", png((64, 64), (9, 9, 9)), "image/jpeg")])
@@ -76,20 +82,26 @@ async def test_the_small_model_without_vision_answers_and_says_it_cannot_see(
 
 
 async def test_too_big_too_many_and_too_many_pixels_each_get_a_line(
-        fake: FakeDiscord, dsettings: Settings, store: Store, server: RecordingServer, start_bot: StartBot) -> None:
+    fake: FakeDiscord, dsettings: Settings, store: Store, server: RecordingServer, start_bot: StartBot
+) -> None:
     dsettings.images = ImageSettings(max_bytes=20_000, max_count=3, max_pixels=250_000)
     dsettings.models = [ModelSettings(name="other", url=server.base_url)]
     async with recorded_manager(dsettings, store, server, vision=True) as manager:
         bot = await ready(manager, start_bot)
-        mid = await fake.message_create("these?", files=[
-            ("ok.png", png((40, 40), (0, 255, 0)), "image/png"),
-            ("huge.bmp", bytes(30_000), "image/bmp"),  # larger than max_bytes, by its reported size
-            ("wide.png", png((1000, 400), (0, 0, 0)), "image/png"),  # 400,000 pixels
-            ("fourth.png", png((10, 10), (1, 1, 1)), "image/png"),  # past max_count
-        ])
-        expected = (f"{REPLY}\n\n📎 I skipped huge.bmp: an image larger than 20 kB.\n"
-                    "📎 I skipped wide.png: an image of more than 0.25 megapixels.\n"
-                    "📎 I skipped fourth.png: only 3 images per message are read.")
+        mid = await fake.message_create(
+            "these?",
+            files=[
+                ("ok.png", png((40, 40), (0, 255, 0)), "image/png"),
+                ("huge.bmp", bytes(30_000), "image/bmp"),  # larger than max_bytes, by its reported size
+                ("wide.png", png((1000, 400), (0, 0, 0)), "image/png"),  # 400,000 pixels
+                ("fourth.png", png((10, 10), (1, 1, 1)), "image/png"),  # past max_count
+            ],
+        )
+        expected = (
+            f"{REPLY}\n\n📎 I skipped huge.bmp: an image larger than 20 kB.\n"
+            "📎 I skipped wide.png: an image of more than 0.25 megapixels.\n"
+            "📎 I skipped fourth.png: only 3 images per message are read."
+        )
         await fake.final_reply(mid, expected)
         ids = {a["filename"]: int(a["id"]) for a in fake.messages[mid]["attachments"]}
         await stored(manager, CHANNEL_KEY)

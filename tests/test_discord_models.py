@@ -18,8 +18,7 @@ from bot.store import Store
 from bot.wording import answered_by, model_changed
 from tests.fake_discord import BOB_ID, CHANNEL_ID, EPHEMERAL_FLAG, OTHER_CHANNEL_ID, FakeDiscord
 from tests.recording_server import REPLY, RecordingServer
-from tests.test_discord import (CHANNEL_KEY, OTHER_KEY, StartBot, _stop, dsettings, fake,  # noqa: F401
-                                force_reply, start_bot, stored)
+from tests.test_discord import CHANNEL_KEY, OTHER_KEY, StartBot, _stop, dsettings, fake, force_reply, start_bot, stored  # noqa: F401
 
 DEFAULT = "SmolLM2-135M-Instruct.Q4_1"
 
@@ -34,8 +33,11 @@ async def server(tmp_path: Path) -> AsyncIterator[RecordingServer]:
 @pytest.fixture
 def settings(settings: Settings, server: RecordingServer) -> Settings:
     """The small model as the default, and the recording server as "helper"."""
-    settings.models = [ModelSettings(name="helper", description="the recording server", url=server.base_url,
-                                     model="remote-id", n_ctx=2048)]
+    settings.models = [
+        ModelSettings(
+            name="helper", description="the recording server", url=server.base_url, model="remote-id", n_ctx=2048
+        )
+    ]
     return settings
 
 
@@ -46,8 +48,14 @@ async def answer(fake: FakeDiscord, inter: Any) -> dict[str, Any]:
 
 
 async def test_a_channel_switched_with_slash_model_is_answered_by_that_model_and_keeps_it_after_a_restart(
-        fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot, engine: Engine, store: Store,
-        dsettings: Settings, server: RecordingServer) -> None:  # noqa: F811
+    fake: FakeDiscord,
+    manager: ConversationManager,
+    start_bot: StartBot,
+    engine: Engine,
+    store: Store,
+    dsettings: Settings,
+    server: RecordingServer,
+) -> None:  # noqa: F811
     await force_reply(manager, CHANNEL_KEY, "Default here.")
     await force_reply(manager, OTHER_KEY, "Default there.")
     bot = await start_bot()
@@ -55,8 +63,18 @@ async def test_a_channel_switched_with_slash_model_is_answered_by_that_model_and
     assert name_option["name"] == "name" and name_option["autocomplete"] is True
 
     # Autocomplete: discord.py answers with the models matching what was typed.
-    typed = await fake._interact(4, {"id": fake.commands["model"]["id"], "name": "model", "type": 1, "options": [
-        {"name": "name", "type": 3, "value": "hel", "focused": True}]}, user_id=BOB_ID, channel_id=CHANNEL_ID, dm=False)
+    typed = await fake._interact(
+        4,
+        {
+            "id": fake.commands["model"]["id"],
+            "name": "model",
+            "type": 1,
+            "options": [{"name": "name", "type": 3, "value": "hel", "focused": True}],
+        },
+        user_id=BOB_ID,
+        channel_id=CHANNEL_ID,
+        dm=False,
+    )
     await fake.wait_for(lambda: typed.callbacks, "the autocomplete answer")
     assert typed.callbacks[0]["type"] == 8
     assert typed.callbacks[0]["data"]["choices"] == [{"name": "helper — the recording server", "value": "helper"}]
@@ -98,8 +116,9 @@ async def test_a_channel_switched_with_slash_model_is_answered_by_that_model_and
     assert len(server.requests()) == 2
 
 
-async def test_anyone_may_pick_the_model_of_their_dm(fake: FakeDiscord, manager: ConversationManager,
-                                                     start_bot: StartBot) -> None:  # noqa: F811
+async def test_anyone_may_pick_the_model_of_their_dm(
+    fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot
+) -> None:  # noqa: F811
     await start_bot()
     changed = await answer(fake, await fake.slash("model", {"name": "HELPER"}, user_id=BOB_ID, dm=True))
     assert changed["content"] == model_changed("helper", "Bob")

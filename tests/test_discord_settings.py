@@ -9,8 +9,7 @@ from typing import Any
 
 from bot.conversations import ConversationManager
 from tests.fake_discord import BOB_ID, EPHEMERAL_FLAG, THREAD_ID, FakeDiscord, FakeInteraction
-from tests.test_discord import (ALICE_DM_KEY, CHANNEL_KEY, THREAD_KEY, StartBot, dsettings, fake,  # noqa: F401
-                                start_bot)
+from tests.test_discord import ALICE_DM_KEY, CHANNEL_KEY, THREAD_KEY, StartBot, dsettings, fake, start_bot  # noqa: F401
 
 
 async def answer(fake: FakeDiscord, inter: FakeInteraction) -> dict[str, Any]:
@@ -20,11 +19,15 @@ async def answer(fake: FakeDiscord, inter: FakeInteraction) -> dict[str, Any]:
 
 
 async def test_settings_are_shown_set_checked_and_inherited_by_threads(
-        fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot) -> None:
+    fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot
+) -> None:
     await start_bot()
     options = {o["name"]: o for o in fake.commands["settings"]["options"]}
-    assert (options["temperature"]["type"], options["temperature"]["min_value"],
-            options["temperature"]["max_value"]) == (10, 0.0, 5.0)  # Discord shows the bounds of [sampling]
+    assert (
+        options["temperature"]["type"],
+        options["temperature"]["min_value"],
+        options["temperature"]["max_value"],
+    ) == (10, 0.0, 5.0)  # Discord shows the bounds of [sampling]
     assert (options["max_tokens"]["type"], options["max_tokens"]["max_value"]) == (4, 32768)
 
     shown = await answer(fake, await fake.slash("settings", user_id=BOB_ID))
@@ -33,15 +36,18 @@ async def test_settings_are_shown_set_checked_and_inherited_by_threads(
 
     refused = await answer(fake, await fake.slash("settings", {"temperature": 0.5}, user_id=BOB_ID))
     assert refused["flags"] & EPHEMERAL_FLAG and "Manage Server" in refused["content"]
-    for bad, why in (({"temperature": 9.0}, "temperature: input should be less than or equal to 5"),
-                     ({"top_p": 0.0}, "top_p: input should be greater than 0"),
-                     ({"max_tokens": 4096}, "max_tokens must be below the 2048-token context window")):
+    for bad, why in (
+        ({"temperature": 9.0}, "temperature: input should be less than or equal to 5"),
+        ({"top_p": 0.0}, "top_p: input should be greater than 0"),
+        ({"max_tokens": 4096}, "max_tokens must be below the 2048-token context window"),
+    ):
         error = await answer(fake, await fake.slash("settings", bad, manage_guild=True))
         assert error["flags"] & EPHEMERAL_FLAG and why in error["content"], error["content"]
     assert (await manager.sampling(CHANNEL_KEY)).temperature == 0.0  # nothing was changed
 
-    changed = await answer(fake, await fake.slash("settings", {"temperature": 0.5, "max_tokens": 64},
-                                                  manage_guild=True))
+    changed = await answer(
+        fake, await fake.slash("settings", {"temperature": 0.5, "max_tokens": 64}, manage_guild=True)
+    )
     assert not changed["flags"] & EPHEMERAL_FLAG and "changed by Alice" in changed["content"]
     sampling = await manager.sampling(CHANNEL_KEY)
     assert (sampling.temperature, sampling.max_tokens, sampling.top_p) == (0.5, 64, 0.95)
@@ -55,8 +61,9 @@ async def test_settings_are_shown_set_checked_and_inherited_by_threads(
     assert (await manager.sampling(THREAD_KEY)).top_p == 0.5 and (await manager.sampling(CHANNEL_KEY)).top_p == 0.95
 
 
-async def test_anyone_may_change_the_settings_of_their_dm(fake: FakeDiscord, manager: ConversationManager,
-                                                           start_bot: StartBot) -> None:
+async def test_anyone_may_change_the_settings_of_their_dm(
+    fake: FakeDiscord, manager: ConversationManager, start_bot: StartBot
+) -> None:
     await start_bot()
     changed = await answer(fake, await fake.slash("settings", {"top_p": 0.5}, dm=True))
     assert "**Top p:** 0.5" in changed["content"]

@@ -5,7 +5,8 @@ with the real engine. Also: speakers reach the core under their display names (s
 
 from __future__ import annotations
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from adapters.discord.bot import THREAD_NAME_MAX_CHARS, thread_name
 from bot.config import Settings
@@ -13,8 +14,7 @@ from bot.conversations import ConversationManager
 from bot.text import clean_text
 from bot.types import SessionKey
 from tests.fake_discord import BOB_ID, CHANNEL_ID, GUILD_ID, THREAD_ID, FakeDiscord
-from tests.test_discord import (CHANNEL_KEY, THREAD_KEY, StartBot, dsettings, fake, force_reply,  # noqa: F401
-                                start_bot, stored)
+from tests.test_discord import CHANNEL_KEY, THREAD_KEY, StartBot, dsettings, fake, force_reply, start_bot, stored  # noqa: F401
 
 THREADS = f"/channels/{CHANNEL_ID}/messages/\\d+/threads"
 
@@ -48,15 +48,17 @@ def test_thread_name_examples() -> None:
 
 
 async def test_a_mention_opens_a_thread_whose_follow_ups_need_no_mention(
-        fake: FakeDiscord, manager: ConversationManager, dsettings: Settings, start_bot: StartBot) -> None:
+    fake: FakeDiscord, manager: ConversationManager, dsettings: Settings, start_bot: StartBot
+) -> None:
     dsettings.discord.thread_per_conversation = True
     fake.nicks[BOB_ID] = "Bobby"
     question = "What do foxes eat? " * 8  # longer than a thread name may be
     await force_reply(manager, CHANNEL_KEY, "Mostly mice.")  # the thread inherits its channel's settings
     await start_bot()
     mid = await fake.message_create(question)
-    await fake.wait_for(lambda: any(m["content"] == "Mostly mice." for m in fake.bot_messages(mid)),
-                        "the answer in the new thread")
+    await fake.wait_for(
+        lambda: any(m["content"] == "Mostly mice." for m in fake.bot_messages(mid)), "the answer in the new thread"
+    )
     [created] = fake.matching("POST", THREADS)
     assert created.path == f"/channels/{CHANNEL_ID}/messages/{mid}/threads"
     name = created.body["name"]
@@ -71,13 +73,16 @@ async def test_a_mention_opens_a_thread_whose_follow_ups_need_no_mention(
     await fake.final_reply(follow_up, "Beetles too.")
     history = await stored(manager, key)
     assert [(m.author_name, m.content) for m in history if m.role == "user"] == [
-        ("Alice", question.strip()), ("Bobby", "and what else?")]
+        ("Alice", question.strip()),
+        ("Bobby", "and what else?"),
+    ]
     assert len(fake.matching("POST", THREADS)) == 1  # a message in the thread opens no other thread
     assert fake.pinging_writes() == []
 
 
 async def test_threads_people_opened_still_need_a_mention(
-        fake: FakeDiscord, manager: ConversationManager, dsettings: Settings, start_bot: StartBot) -> None:
+    fake: FakeDiscord, manager: ConversationManager, dsettings: Settings, start_bot: StartBot
+) -> None:
     dsettings.discord.thread_per_conversation = True
     await force_reply(manager, THREAD_KEY, "Right here.")
     await start_bot()
@@ -86,12 +91,15 @@ async def test_threads_people_opened_still_need_a_mention(
     ignored = await fake.message_create("just chatting", channel_id=THREAD_ID, mention_bot=False)
     await fake.final_reply(await fake.message_create("still there?", channel_id=THREAD_ID), "Right here.")
     assert fake.replies_to(ignored) == [] and fake.matching("POST", THREADS) == []
-    assert [m.content for m in await stored(manager, THREAD_KEY) if m.role == "user"] == ["are you there?",
-                                                                                          "still there?"]
+    assert [m.content for m in await stored(manager, THREAD_KEY) if m.role == "user"] == [
+        "are you there?",
+        "still there?",
+    ]
 
 
 async def test_without_thread_permission_the_answer_stays_in_the_channel(
-        fake: FakeDiscord, manager: ConversationManager, dsettings: Settings, start_bot: StartBot) -> None:
+    fake: FakeDiscord, manager: ConversationManager, dsettings: Settings, start_bot: StartBot
+) -> None:
     dsettings.discord.thread_per_conversation = True
     fake.script_status("POST", THREADS, status=403)
     await force_reply(manager, CHANNEL_KEY, "Here instead.")

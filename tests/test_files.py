@@ -38,7 +38,9 @@ def test_a_file_cannot_break_out_of_its_code_block(body: str) -> None:
 
 def test_a_message_asked_about_is_quoted_and_a_summary_keeps_the_newest() -> None:
     from bot.context import ask_about, summarize
+
     assert ask_about("Ana", "line one\nline two", " Is this right? ") == (
-        "Ana wrote:\n> line one\n> line two\n\nIs this right?")
+        "Ana wrote:\n> line one\n> line two\n\nIs this right?"
+    )
     text = summarize([("Ana", "old " * 50), ("Bo", "newer"), ("Cy", "newest")], max_chars=40)
     assert text.endswith("Bo: newer\nCy: newest") and "(1 older messages left out)" in text

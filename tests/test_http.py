@@ -11,8 +11,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from adapters.http import (FOREIGN_HOST, HttpError, Listener, bearer_guard, bearer_token, host_guard, json_errors,
-                           token_matches)
+from adapters.http import (
+    FOREIGN_HOST,
+    HttpError,
+    Listener,
+    bearer_guard,
+    bearer_token,
+    host_guard,
+    json_errors,
+    token_matches,
+)
 from bot.errors import StoreError
 
 
@@ -37,10 +45,13 @@ async def _no_store(request: web.Request) -> web.Response:
 
 
 def _app(*, token: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[
-        json_errors(_render, name="test", applies=lambda request: request.path.startswith("/api/")),
-        host_guard("127.0.0.1", lambda: HttpError(403, "foreign_host", FOREIGN_HOST)),
-        bearer_guard(token, lambda: HttpError(401, "token_required", "Send the token."))])
+    app = web.Application(
+        middlewares=[
+            json_errors(_render, name="test", applies=lambda request: request.path.startswith("/api/")),
+            host_guard("127.0.0.1", lambda: HttpError(403, "foreign_host", FOREIGN_HOST)),
+            bearer_guard(token, lambda: HttpError(401, "token_required", "Send the token.")),
+        ]
+    )
     for path in ("/api/fine", "/page"):
         app.router.add_get(path, _fine)
     app.router.add_get("/api/refused", _refused)
@@ -64,8 +75,10 @@ async def served(request: pytest.FixtureRequest) -> AsyncIterator[str]:
 
 
 async def _get(url: str, **options: Any) -> tuple[int, Any, Any]:
-    async with aiohttp.ClientSession() as session, session.request(options.pop("method", "GET"), url,
-                                                                   **options) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(options.pop("method", "GET"), url, **options) as response,
+    ):
         body = await response.json() if response.content_type == "application/json" else await response.text()
         return response.status, body, response.headers
 
@@ -80,7 +93,9 @@ async def test_every_api_failure_is_a_json_body_and_never_a_traceback(served: st
     status, body, _ = await _get(served + "api/broken")
     assert status == 500 and body["error"] == "internal_error" and "secret" not in str(body)
     assert (await _get(served + "api/store"))[:2] == (
-        503, {"error": "unavailable", "message": "The bot cannot serve this right now."})
+        503,
+        {"error": "unavailable", "message": "The bot cannot serve this right now."},
+    )
     # A page keeps aiohttp's plain answers, and still shows no traceback.
     status, text, _ = await _get(served + "page/broken")
     assert status == 500 and "secret" not in text and "Traceback" not in text
@@ -94,10 +109,16 @@ async def test_a_loopback_listener_refuses_a_foreign_host_name(served: str) -> N
 
 @pytest.mark.parametrize("served", ["s3cret"], indirect=True)
 async def test_the_bearer_guard_wants_the_token_in_any_case_of_its_scheme(served: str) -> None:
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
-                    {"Authorization": "Basic s3cret"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "s3cret"},
+        {"Authorization": "Basic s3cret"},
+    ):
         assert (await _get(served + "api/fine", headers=headers))[:2] == (
-            401, {"error": "token_required", "message": "Send the token."}), headers
+            401,
+            {"error": "token_required", "message": "Send the token."},
+        ), headers
     for scheme in ("Bearer", "bearer"):
         status, body, _ = await _get(served + "api/fine", headers={"Authorization": f"{scheme} s3cret"})
         assert (status, body) == (200, {"token": "s3cret"})

@@ -11,8 +11,17 @@ import pytest
 from PIL import Image, ImageDraw
 
 from bot.config import ImageSettings
-from bot.images import (estimate_tokens, is_image, keep_images, not_worth_fetching, over_count, prepare_image,
-                        pruned_note, read_image, stored_images)
+from bot.images import (
+    estimate_tokens,
+    is_image,
+    keep_images,
+    not_worth_fetching,
+    over_count,
+    prepare_image,
+    pruned_note,
+    read_image,
+    stored_images,
+)
 from bot.store import Status, Store, open_store
 from bot.types import Attachment, ImagePart
 
@@ -23,7 +32,7 @@ KEY = "discord/ch/g1/c1"
 def png(width: int, height: int, mode: str = "RGB", color: object = (200, 30, 30)) -> bytes:
     """A screenshot-like picture: flat colour with a dark bar across it."""
     image = Image.new(mode, (width, height), color)  # type: ignore[arg-type]
-    ImageDraw.Draw(image).rectangle((0, height // 3, width - 1, height // 2), fill=(10, 10, 10, 255)[:len(mode)])
+    ImageDraw.Draw(image).rectangle((0, height // 3, width - 1, height // 2), fill=(10, 10, 10, 255)[: len(mode)])
     out = io.BytesIO()
     image.save(out, "PNG")
     return out.getvalue()
@@ -50,8 +59,9 @@ def test_images_are_told_from_other_files_by_type_or_suffix() -> None:
 
 def test_an_image_larger_than_max_bytes_is_skipped_before_download_with_a_note() -> None:
     limits = ImageSettings(max_bytes=2_000_000)
-    assert not_worth_fetching("big.png", 2_000_001, limits) == Attachment("big.png", skipped="an image larger than "
-                                                                                             "2 MB")
+    assert not_worth_fetching("big.png", 2_000_001, limits) == Attachment(
+        "big.png", skipped="an image larger than 2 MB"
+    )
     assert not_worth_fetching("small.png", 2_000_000, limits) is None
 
 
@@ -84,14 +94,17 @@ def test_transparency_is_kept_as_png() -> None:
 def test_too_many_pixels_or_not_an_image_is_skipped_with_a_note_and_no_warning() -> None:
     limits = ImageSettings(max_pixels=1_000_000)
     assert prepare_image("wide.png", png(2000, 600), limits, 1024) == Attachment(
-        "wide.png", skipped="an image of more than 1 megapixels")
+        "wide.png", skipped="an image of more than 1 megapixels"
+    )
     # Past Pillow's own bomb limit (178 M pixels), read from a small, highly compressed file.
     bomb = png(15000, 12000, "L", 0)
     assert len(bomb) < 2_000_000
     assert prepare_image("bomb.png", bomb, ImageSettings(max_pixels=150_000_000), 1024) == Attachment(
-        "bomb.png", skipped="an image of more than 150 megapixels")
+        "bomb.png", skipped="an image of more than 150 megapixels"
+    )
     assert prepare_image("fake.png", b"not a picture", LIMITS, 1024) == Attachment(
-        "fake.png", skipped="not an image Pillow can read")
+        "fake.png", skipped="not an image Pillow can read"
+    )
     assert isinstance(prepare_image("big.png", png(10, 10), ImageSettings(max_bytes=10), 1024), Attachment)
 
 
@@ -114,10 +127,14 @@ async def test_reading_an_image_happens_off_the_event_loop_and_counts_its_tokens
 
 # -- kept in the store ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(params=["sqlite", "postgres"])
 async def image_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    target = tmp_path / "store.sqlite3" if request.param == "sqlite" else \
-        await request.getfixturevalue("postgres").database()
+    target = (
+        tmp_path / "store.sqlite3"
+        if request.param == "sqlite"
+        else await request.getfixturevalue("postgres").database()
+    )
     store = await open_store(target)
     yield store
     await store.close()
@@ -151,8 +168,12 @@ async def test_past_the_disk_budget_the_oldest_images_become_a_note(image_store:
     small = sum(len(image.data) for image in images[2:])
     assert await image_store.prune_images(small) == 2
     kept = await stored_images(image_store, ids)
-    assert kept == {ids[0]: [pruned_note("0.png")], ids[1]: [pruned_note("1.png")], ids[2]: [images[2]],
-                    ids[3]: [images[3]]}
+    assert kept == {
+        ids[0]: [pruned_note("0.png")],
+        ids[1]: [pruned_note("1.png")],
+        ids[2]: [images[2]],
+        ids[3]: [images[3]],
+    }
     assert await image_store.prune_images(small) == 0  # already within it
 
 

@@ -49,20 +49,26 @@ def test_a_long_module_says_at_its_top_why_it_is_one(path: Path) -> None:
 def test_imports_point_one_way_and_each_library_has_one_home(path: Path) -> None:
     imports = _imports(path)
     if _name(path).startswith("bot/") and _name(path) != "bot/app.py":
-        assert not {name for name in imports if name.split(".")[0] == "adapters"}, \
+        assert not {name for name in imports if name.split(".")[0] == "adapters"}, (
             f"{_name(path)}: only bot/app.py (the composition root) imports adapters/"
-        platform = {name for name in imports if name.split(".")[0] in PLATFORM_LIBRARIES
-                    or name.startswith("aiohttp.web")}
+        )
+        platform = {
+            name for name in imports if name.split(".")[0] in PLATFORM_LIBRARIES or name.startswith("aiohttp.web")
+        }
         assert not platform, f"{_name(path)}: the core imports no platform library ({platform})"
     if not _name(path).startswith("bot/store/"):
         assert not imports & DATABASE_LIBRARIES, f"{_name(path)}: only bot/store/ speaks SQL"
     if not _name(path).startswith("bot/engine/") and _name(path) not in LLAMA_CPP_BORROWERS:
-        assert not {name for name in imports if name.split(".")[0] == "llama_cpp"}, \
+        assert not {name for name in imports if name.split(".")[0] == "llama_cpp"}, (
             f"{_name(path)}: only bot/engine/ loads llama.cpp"
+        )
 
 
 @pytest.mark.parametrize("path", [p for p in MODULES if _name(p).startswith("adapters/")], ids=_name)
 def test_adapters_ask_the_manager_and_never_reach_into_it(path: Path) -> None:
-    found = [f"{number}: {line.strip()}" for number, line in
-             enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if REACHING_IN.search(line)]
+    found = [
+        f"{number}: {line.strip()}"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if REACHING_IN.search(line)
+    ]
     assert not found, f"{_name(path)} reaches into the manager (ask it a method instead): {found}"

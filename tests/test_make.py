@@ -40,8 +40,9 @@ def make(directory: Path, *args: str, cmake_args: str | None = None) -> str:
     env = {key: value for key, value in os.environ.items() if key not in ("CMAKE_ARGS", "MAKEFLAGS", "MAKELEVEL")}
     if cmake_args is not None:
         env["CMAKE_ARGS"] = cmake_args
-    result = subprocess.run(["make", "--no-print-directory", *args], cwd=directory, env=env, capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        ["make", "--no-print-directory", *args], cwd=directory, env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -74,6 +75,8 @@ def test_recipes_get_the_recorded_cmake_args_when_none_are_given(tmp_path: Path)
     """So a later reinstall (a new llama-cpp-python pin) keeps a GPU build a GPU build."""
     show = ["--eval", 'show: ; @printf "%s\\n" "$$CMAKE_ARGS"', "show"]
     assert make(checkout(tmp_path / "gpu", built_with="-DGGML_CUDA=on"), *show) == "-DGGML_CUDA=on\n"
-    assert make(checkout(tmp_path / "vulkan", built_with="-DGGML_CUDA=on"), *show, cmake_args="-DGGML_VULKAN=on") \
+    assert (
+        make(checkout(tmp_path / "vulkan", built_with="-DGGML_CUDA=on"), *show, cmake_args="-DGGML_VULKAN=on")
         == "-DGGML_VULKAN=on\n"
+    )
     assert make(checkout(tmp_path / "cpu"), *show) == "\n"

@@ -24,8 +24,9 @@ DEFAULT = "SmolLM2-135M-Instruct.Q4_1"
 
 def small(n_ctx: int = 1024) -> EngineSettings:
     """The engine settings of a quick, small load: one thread, one sequence, a small KV pool."""
-    return EngineSettings(model_path=MODEL_PATH, n_ctx=n_ctx, n_threads=1, parallel=1, kv_pool_mb=24,
-                          state_dir=None, n_gpu_layers=0)
+    return EngineSettings(
+        model_path=MODEL_PATH, n_ctx=n_ctx, n_threads=1, parallel=1, kv_pool_mb=24, state_dir=None, n_gpu_layers=0
+    )
 
 
 def registry_settings(*models: ModelSettings, memory_mb: int = 0, idle_seconds: float = 0) -> Settings:
@@ -72,6 +73,7 @@ async def reply(engine: InferenceEngine) -> str:
 
 # -- config -------------------------------------------------------------------------------------------
 
+
 def test_the_engine_section_alone_is_the_one_default_model(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f'[engine]\nmodel_path = "{MODEL_PATH}"\nn_ctx = 2048\n')
@@ -111,26 +113,41 @@ vision = true
     assert (local.n_ctx, local.settings.n_threads, local.backend) == (8192, 3, "embedded")
     assert local.settings.state_dir == tmp_path / "kv" / "models" / "qwen-vl"  # never another model's KV states
     assert (remote.backend, remote.settings.base_url, remote.settings.model) == (
-        "openai", "https://api.example.com/v1", "gpt-4o-mini")
+        "openai",
+        "https://api.example.com/v1",
+        "gpt-4o-mini",
+    )
     assert remote.settings.n_ctx == settings.engine.n_ctx
     assert remote.capabilities.vision and not registry.default.capabilities.vision
     assert local.capabilities.vision  # an embedded model with an mmproj reads images (llama.cpp's mtmd)
 
 
-@pytest.mark.parametrize(("entry", "line"), [
-    ('name = "two words"\npath = "a.gguf"', "'models[0].name' = 'two words' is invalid: must be 1-64 letters"),
-    ('name = "x"', "models[0]: model 'x' needs either path (a GGUF file) or url (a server), not neither"),
-    ('name = "x"\npath = "a.gguf"\nurl = "http://h/v1"', "not both"),
-    ('name = "x"\nurl = "http://h/v1"\napi_key_env = "sk-live-123"', "'models[0].api_key_env' is invalid: must name "
-                                                                      "an environment variable"),
-    ('name = "x"\npath = "a.gguf"\nvision = true', "models[0]: model 'x': vision = true needs mmproj"),
-    ('name = "x"\nurl = "http://h/v1"\nmmproj = "p.gguf"', "mmproj, n_gpu_layers and kv_pool_mb belong to an "
-                                                            "embedded model"),
-    (f'name = "{DEFAULT.lower()}"\npath = "a.gguf"', f"models[0]: the name '{DEFAULT.lower()}' is taken by [engine]"),
-    ('name = "x"\npath = "a.gguf"\nn_ctx = 512', "models[0] ('x'): sampling.max_tokens (512) must be below its "
-                                                   "n_ctx (512)"),
-    ('name = "x"\npath = "a.gguf"\ncolour = "red"', "unknown setting 'models[0].colour'"),
-])
+@pytest.mark.parametrize(
+    ("entry", "line"),
+    [
+        ('name = "two words"\npath = "a.gguf"', "'models[0].name' = 'two words' is invalid: must be 1-64 letters"),
+        ('name = "x"', "models[0]: model 'x' needs either path (a GGUF file) or url (a server), not neither"),
+        ('name = "x"\npath = "a.gguf"\nurl = "http://h/v1"', "not both"),
+        (
+            'name = "x"\nurl = "http://h/v1"\napi_key_env = "sk-live-123"',
+            "'models[0].api_key_env' is invalid: must name an environment variable",
+        ),
+        ('name = "x"\npath = "a.gguf"\nvision = true', "models[0]: model 'x': vision = true needs mmproj"),
+        (
+            'name = "x"\nurl = "http://h/v1"\nmmproj = "p.gguf"',
+            "mmproj, n_gpu_layers and kv_pool_mb belong to an embedded model",
+        ),
+        (
+            f'name = "{DEFAULT.lower()}"\npath = "a.gguf"',
+            f"models[0]: the name '{DEFAULT.lower()}' is taken by [engine]",
+        ),
+        (
+            'name = "x"\npath = "a.gguf"\nn_ctx = 512',
+            "models[0] ('x'): sampling.max_tokens (512) must be below its n_ctx (512)",
+        ),
+        ('name = "x"\npath = "a.gguf"\ncolour = "red"', "unknown setting 'models[0].colour'"),
+    ],
+)
 def test_a_bad_model_entry_is_one_line_naming_it(tmp_path: Path, entry: str, line: str) -> None:
     config = tmp_path / "config.toml"
     config.write_text(f"[[models]]\n{entry}\n")
@@ -142,9 +159,11 @@ def test_a_bad_model_entry_is_one_line_naming_it(tmp_path: Path, entry: str, lin
 
 # -- loading, each its own ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("registry", [registry_settings(embedded("second", n_ctx=2048))], indirect=True)
-async def test_a_model_loads_on_first_use_with_its_own_window_and_template(registry: ModelRegistry,
-                                                                            opener: Counting) -> None:
+async def test_a_model_loads_on_first_use_with_its_own_window_and_template(
+    registry: ModelRegistry, opener: Counting
+) -> None:
     assert opener.loads == ["default"] and [m.name for m in registry.loaded()] == [DEFAULT]
     second = registry.get("Second")
     assert second.engine is None and second.n_ctx == 2048
@@ -160,8 +179,9 @@ async def test_a_model_loads_on_first_use_with_its_own_window_and_template(regis
 
 
 @pytest.mark.parametrize("registry", [registry_settings(embedded("second"), idle_seconds=0.3)], indirect=True)
-async def test_an_idle_model_is_unloaded_and_loaded_again_when_asked_for(registry: ModelRegistry,
-                                                                          opener: Counting) -> None:
+async def test_an_idle_model_is_unloaded_and_loaded_again_when_asked_for(
+    registry: ModelRegistry, opener: Counting
+) -> None:
     async with registry.use("second"):
         await asyncio.sleep(0.6)  # in use: never unloaded however long
         assert registry.get("second").engine is not None
@@ -174,7 +194,8 @@ async def test_an_idle_model_is_unloaded_and_loaded_again_when_asked_for(registr
 
 @pytest.mark.parametrize("registry", [registry_settings(embedded("a"), embedded("b"))], indirect=True)
 async def test_the_budget_unloads_the_least_recently_used_idle_model_but_never_one_in_use(
-        registry: ModelRegistry, opener: Counting) -> None:
+    registry: ModelRegistry, opener: Counting
+) -> None:
     one = registry.resident_bytes
     registry._pool.memory_mb = (2 * one + one // 2) // 2**20  # room for the default and one more
     async with registry.use("a"):
@@ -190,8 +211,11 @@ async def test_the_budget_unloads_the_least_recently_used_idle_model_but_never_o
     async with registry.use("a") as a:  # b is idle now: it goes
         assert await reply(a) == "Yes." and [m.name for m in registry.loaded()] == [DEFAULT, "a"]
     registry._pool.memory_mb = one // 2**20 // 2
-    with pytest.raises(ModelUnavailable, match=r"The model b is unavailable: it needs about .* more than "
-                                               r"\[model_pool\] memory_mb"):
+    with pytest.raises(
+        ModelUnavailable,
+        match=r"The model b is unavailable: it needs about .* more than "
+        r"\[model_pool\] memory_mb",
+    ):
         async with registry.use("b"):
             pass
     assert opener.loads == ["default", "a", "b", "a"]
@@ -204,8 +228,7 @@ def junk(tmp_path: Path) -> Path:
     return path
 
 
-async def test_a_model_that_fails_to_load_fails_alone_with_a_line_that_names_it(
-        junk: Path, opener: Counting) -> None:
+async def test_a_model_that_fails_to_load_fails_alone_with_a_line_that_names_it(junk: Path, opener: Counting) -> None:
     registry = ModelRegistry(registry_settings(embedded("broken", path=junk)), opener=opener)
     await registry.start()
     try:
@@ -230,8 +253,10 @@ async def test_a_model_that_fails_to_load_fails_alone_with_a_line_that_names_it(
 async def test_a_server_model_without_its_api_key_variable_says_which_to_set() -> None:
     settings = registry_settings(ModelSettings(name="hosted", url="http://127.0.0.1:9/v1", api_key_env="HOSTED_KEY"))
     registry = ModelRegistry(settings, Secrets(), environ={})
-    with pytest.raises(ModelUnavailable, match="The model hosted is unavailable: its API key variable HOSTED_KEY "
-                                               "is not set. Try /model"):
+    with pytest.raises(
+        ModelUnavailable,
+        match="The model hosted is unavailable: its API key variable HOSTED_KEY is not set. Try /model",
+    ):
         async with registry.use("hosted"):
             pass
     await registry.aclose()

@@ -22,19 +22,22 @@ def plain(mrkdwn: str) -> str:
     return visible(mrkdwn).replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 
-@pytest.mark.parametrize(("markdown", "mrkdwn"), [
-    ("```print(1)```", "`print(1)`"),
-    ("Run ```ls -l``` first", "Run `ls -l` first"),
-    ("```print(1)\nprint(2)\n```", "```\nprint(1)\nprint(2)\n```"),
-    ("```var a=1;if(a<2&&b){go()}\n```\nafter", "```\nvar a=1;if(a&lt;2&amp;&amp;b){go()}\n```\nafter"),
-    ("```python\nx = 1\n```", "```\nx = 1\n```"),
-    ("``` js \nx\n```", "```\nx\n```"),
-    ("~~~\n**not bold**\n~~~", "```\n**not bold**\n```"),
-    ("````\n```python\ninner\n```\n````", "```\n`\u200b``python\ninner\n`\u200b``\n```"),
-    ("```\na\n```python\nb\n```", "```\na\n`\u200b``python\nb\n```"),  # "```python" inside code closes nothing
-    ("- step:\n    ```bash\n    ls\n    ```", "• step:\n```\n    ls\n```"),
-    ("```\nstill streaming", "```\nstill streaming\n```"),
-])
+@pytest.mark.parametrize(
+    ("markdown", "mrkdwn"),
+    [
+        ("```print(1)```", "`print(1)`"),
+        ("Run ```ls -l``` first", "Run `ls -l` first"),
+        ("```print(1)\nprint(2)\n```", "```\nprint(1)\nprint(2)\n```"),
+        ("```var a=1;if(a<2&&b){go()}\n```\nafter", "```\nvar a=1;if(a&lt;2&amp;&amp;b){go()}\n```\nafter"),
+        ("```python\nx = 1\n```", "```\nx = 1\n```"),
+        ("``` js \nx\n```", "```\nx\n```"),
+        ("~~~\n**not bold**\n~~~", "```\n**not bold**\n```"),
+        ("````\n```python\ninner\n```\n````", "```\n`\u200b``python\ninner\n`\u200b``\n```"),
+        ("```\na\n```python\nb\n```", "```\na\n`\u200b``python\nb\n```"),  # "```python" inside code closes nothing
+        ("- step:\n    ```bash\n    ls\n    ```", "• step:\n```\n    ls\n```"),
+        ("```\nstill streaming", "```\nstill streaming\n```"),
+    ],
+)
 def test_code_is_converted(markdown: str, mrkdwn: str) -> None:
     assert to_mrkdwn(markdown) == mrkdwn
 
@@ -54,8 +57,9 @@ words = st.text(st.characters(exclude_characters="`~*_[]\n"), max_size=40)  # no
 
 @settings(max_examples=150, deadline=None)
 @given(before=prose, first=fence_code, lines=st.lists(code_line, max_size=5), closed=st.booleans(), after=prose)
-def test_no_code_written_on_or_after_a_fence_line_is_lost(before: str, first: str, lines: list[str],
-                                                          closed: bool, after: str) -> None:
+def test_no_code_written_on_or_after_a_fence_line_is_lost(
+    before: str, first: str, lines: list[str], closed: bool, after: str
+) -> None:
     markdown = f"{before}\n```{first}\n" + "\n".join(lines) + ("\n```\n" + after if closed else "")
     shown = plain(to_mrkdwn(markdown))
     for line in [first, *lines]:

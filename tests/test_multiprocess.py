@@ -68,6 +68,7 @@ async def test_processes_starting_at_once_on_a_new_database_all_start(postgres: 
 
 # -- the store's turn ------------------------------------------------------------------------------------
 
+
 async def test_a_turn_on_postgres_spans_stores(two_stores: tuple[Store, Store]) -> None:
     first, second = two_stores
     entered, release = asyncio.Event(), asyncio.Event()
@@ -130,7 +131,8 @@ async def test_sqlite_turns_are_one_at_a_time_per_conversation(tmp_path: Path) -
 
 
 async def test_a_second_process_on_one_sqlite_file_is_told_to_use_postgresql(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "one.sqlite3"
     with caplog.at_level(logging.WARNING, logger="bot.store.sqlite"):
         first = await open_store(path)
@@ -147,8 +149,10 @@ async def test_a_second_process_on_one_sqlite_file_is_told_to_use_postgresql(
 
 # -- start-up ---------------------------------------------------------------------------------------------
 
-async def test_opening_postgres_leaves_other_processes_replies_generating(two_stores: tuple[Store, Store],
-                                                                          postgres_url: str) -> None:
+
+async def test_opening_postgres_leaves_other_processes_replies_generating(
+    two_stores: tuple[Store, Store], postgres_url: str
+) -> None:
     running, _ = two_stores
     _, live = await running.add_exchange(KEY, "hi", author_id="u1", author_name="Ann")
     _, orphan = await running.add_exchange(OTHER, "hi", author_id="u1", author_name="Ann")
@@ -160,6 +164,7 @@ async def test_opening_postgres_leaves_other_processes_replies_generating(two_st
 
 
 # -- two managers, one conversation -----------------------------------------------------------------------
+
 
 class TimedTarget(Target):
     """A Target that notes when the model's text first showed and when the reply was finished."""
@@ -185,8 +190,9 @@ class TimedTarget(Target):
 
 
 @pytest.fixture
-async def two_managers(engine: Engine, settings: Settings,
-                       two_stores: tuple[Store, Store]) -> AsyncIterator[list[ConversationManager]]:
+async def two_managers(
+    engine: Engine, settings: Settings, two_stores: tuple[Store, Store]
+) -> AsyncIterator[list[ConversationManager]]:
     managers = [ConversationManager(engine, store, settings) for store in two_stores]
     yield managers
     for manager in managers:
@@ -194,7 +200,8 @@ async def two_managers(engine: Engine, settings: Settings,
 
 
 async def test_one_conversation_on_two_managers_is_answered_once_each_in_order(
-        two_managers: list[ConversationManager]) -> None:
+    two_managers: list[ConversationManager],
+) -> None:
     texts = ["Name a fruit.", "Name a color.", "Name an animal.", "Name a city."]
     targets = [TimedTarget() for _ in texts]
     replies = []
@@ -213,8 +220,9 @@ async def test_one_conversation_on_two_managers_is_answered_once_each_in_order(
         assert earlier.finished <= later.started
 
 
-async def test_a_message_waiting_for_another_process_can_be_stopped(two_managers: list[ConversationManager],
-                                                                    two_stores: tuple[Store, Store]) -> None:
+async def test_a_message_waiting_for_another_process_can_be_stopped(
+    two_managers: list[ConversationManager], two_stores: tuple[Store, Store]
+) -> None:
     other_process, manager = two_stores[0], two_managers[1]
     release = asyncio.Event()
     holder = asyncio.create_task(_hold(other_process, KEY, release))
@@ -236,6 +244,7 @@ async def test_a_message_waiting_for_another_process_can_be_stopped(two_managers
 
 # -- Discord sharding ---------------------------------------------------------------------------------------
 
+
 async def test_discord_shards_come_from_the_config(manager: ConversationManager) -> None:
     plain = make_client(manager, DiscordSettings())
     sharded = make_client(manager, DiscordSettings(shard_count=4, shard_ids=[1, 3]))
@@ -248,8 +257,15 @@ async def test_discord_shards_come_from_the_config(manager: ConversationManager)
     assert sharded.manager is manager and sharded.tree is not None  # still llamarelay's client
 
 
-@pytest.mark.parametrize("shards", [{"shard_ids": [0]}, {"shard_count": 2, "shard_ids": [2]},
-                                    {"shard_count": 2, "shard_ids": [1, 1]}, {"shard_count": 0}])
+@pytest.mark.parametrize(
+    "shards",
+    [
+        {"shard_ids": [0]},
+        {"shard_count": 2, "shard_ids": [2]},
+        {"shard_count": 2, "shard_ids": [1, 1]},
+        {"shard_count": 0},
+    ],
+)
 def test_discord_shards_that_cannot_work_are_refused(shards: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         DiscordSettings(**shards)
@@ -257,12 +273,16 @@ def test_discord_shards_that_cannot_work_are_refused(shards: dict[str, Any]) -> 
 
 # -- Slack: two bots on one app ------------------------------------------------------------------------------
 
-async def test_two_slack_bots_answer_every_event_once_in_order(two_managers: list[ConversationManager],
-                                                               settings: Settings, fake: FakeSlack) -> None:
+
+async def test_two_slack_bots_answer_every_event_once_in_order(
+    two_managers: list[ConversationManager], settings: Settings, fake: FakeSlack
+) -> None:
     chooser = random.Random(12)
     texts = ["Name a fruit.", "Name a color.", "Name an animal.", "Name a city.", "Name a tree."]
-    async with running_bot(two_managers[0], settings, fake) as first, \
-            running_bot(two_managers[1], settings, fake) as second:
+    async with (
+        running_bot(two_managers[0], settings, fake) as first,
+        running_bot(two_managers[1], settings, fake) as second,
+    ):
         await fake.wait_for(lambda: fake.open_sockets == 2, what="both bots connected")
         for n, text in enumerate(texts):
             event, event_id = direct_message(text), f"Ev{n:04d}"
@@ -270,8 +290,9 @@ async def test_two_slack_bots_answer_every_event_once_in_order(two_managers: lis
             if n % 2 == 0:  # and some twice: Slack retries, or the other connection gets it too
                 await fake.push_event(event, event_id=event_id, to=chooser.randrange(2), retry_attempt=1)
             await asyncio.sleep(0.05)
-        await fake.wait_for(lambda: len(fake.messages_in("D1")) >= len(texts), timeout=REPLY_TIMEOUT_SECONDS,
-                            what="every reply")
+        await fake.wait_for(
+            lambda: len(fake.messages_in("D1")) >= len(texts), timeout=REPLY_TIMEOUT_SECONDS, what="every reply"
+        )
         await settled(first)
         await settled(second)
         await asyncio.sleep(0.5)  # a duplicate answered late would show by now
@@ -285,23 +306,42 @@ async def test_two_slack_bots_answer_every_event_once_in_order(two_managers: lis
 
 
 async def test_two_bot_processes_on_one_database_and_one_inference_server_answer_each_event_once_in_order(
-        tmp_path: Path, postgres_url: str, fake: FakeSlack) -> None:
+    tmp_path: Path, postgres_url: str, fake: FakeSlack
+) -> None:
     """Two `llamarelay run` processes on one Slack app, one PostgreSQL and one remote inference server; the fake
     Slack delivers each event to a random connection, and some twice."""
     server = await InferenceServer(tmp_path).start()
-    env = {**ENV, "SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_APP_TOKEN": APP_TOKEN, "LLAMARELAY_DATABASE_URL": postgres_url,
-           "LLAMARELAY_SLACK__API_BASE_URL": fake.base_url, "LLAMARELAY_WEB__ENABLED": "false",
-           "LLAMARELAY_ENGINE__BACKEND": "openai", "LLAMARELAY_ENGINE__BASE_URL": server.base_url,
-           "LLAMARELAY_SAMPLING__MAX_TOKENS": "12", "LLAMARELAY_SAMPLING__TEMPERATURE": "0"}
+    env = {
+        **ENV,
+        "SLACK_BOT_TOKEN": BOT_TOKEN,
+        "SLACK_APP_TOKEN": APP_TOKEN,
+        "LLAMARELAY_DATABASE_URL": postgres_url,
+        "LLAMARELAY_SLACK__API_BASE_URL": fake.base_url,
+        "LLAMARELAY_WEB__ENABLED": "false",
+        "LLAMARELAY_ENGINE__BACKEND": "openai",
+        "LLAMARELAY_ENGINE__BASE_URL": server.base_url,
+        "LLAMARELAY_SAMPLING__MAX_TOKENS": "12",
+        "LLAMARELAY_SAMPLING__TEMPERATURE": "0",
+    }
     bots: list[asyncio.subprocess.Process] = []
     chooser = random.Random(7)
     texts = ["Name a fruit.", "Name a color.", "Name an animal.", "Name a city.", "Name a tree."]
     try:
         for n in range(2):
             with (tmp_path / f"bot{n}.log").open("wb") as log:
-                bots.append(await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "bot", "run", cwd=tmp_path, env={**env, "PYTHONPATH": str(Path.cwd())},
-                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log))
+                bots.append(
+                    await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-m",
+                        "bot",
+                        "run",
+                        cwd=tmp_path,
+                        env={**env, "PYTHONPATH": str(Path.cwd())},
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=asyncio.subprocess.DEVNULL,
+                        stderr=log,
+                    )
+                )
         await fake.wait_for(lambda: fake.open_sockets == 2, timeout=60, what="both processes connected")
         for n, text in enumerate(texts):
             event, event_id = direct_message(text), f"Ev{n:04d}"
@@ -313,6 +353,7 @@ async def test_two_bot_processes_on_one_database_and_one_inference_server_answer
             await asyncio.sleep(0.5)
         store = await open_store(postgres_url)
         try:
+
             async def answered() -> list[Any]:
                 keys = await store.session_keys("")
                 history = await store.messages(keys[0]) if keys else []
@@ -321,8 +362,11 @@ async def test_two_bot_processes_on_one_database_and_one_inference_server_answer
             deadline = time.monotonic() + REPLY_TIMEOUT_SECONDS
             while len(await answered()) < len(texts) and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-            await fake.wait_for(lambda: len(fake.messages_in("D1")) >= len(texts), timeout=REPLY_TIMEOUT_SECONDS,
-                                what="every reply posted")
+            await fake.wait_for(
+                lambda: len(fake.messages_in("D1")) >= len(texts),
+                timeout=REPLY_TIMEOUT_SECONDS,
+                what="every reply posted",
+            )
             await asyncio.sleep(1.0)  # a duplicate answered late would show by now
             [key] = await store.session_keys("")
             history = await store.messages(key)
@@ -341,26 +385,47 @@ async def test_two_bot_processes_on_one_database_and_one_inference_server_answer
         await server.stop()
 
 
-async def test_a_reply_of_a_killed_process_is_taken_over_by_the_survivor(tmp_path: Path, postgres_url: str,
-                                                                        fake: FakeSlack) -> None:
+async def test_a_reply_of_a_killed_process_is_taken_over_by_the_survivor(
+    tmp_path: Path, postgres_url: str, fake: FakeSlack
+) -> None:
     """kill -9 of the process writing a reply: the other one marks it interrupted with its saved text, and its
     Slack message loses the Stop button and says why it ended."""
     lease = 3.0
-    env = {**ENV, "SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_APP_TOKEN": APP_TOKEN, "LLAMARELAY_DATABASE_URL": postgres_url,
-           "LLAMARELAY_SLACK__API_BASE_URL": fake.base_url, "LLAMARELAY_WEB__ENABLED": "false",
-           "LLAMARELAY_ENGINE__MODEL_PATH": str(MODEL_PATH), "LLAMARELAY_ENGINE__N_CTX": "2048",
-           "LLAMARELAY_ENGINE__N_THREADS": "1", "LLAMARELAY_STORE__REPLY_LEASE": str(lease),
-           # A reply far longer than the test: it is still being written when its process is killed.
-           "LLAMARELAY_SAMPLING__MAX_TOKENS": "2000", "LLAMARELAY_SAMPLING__GRAMMAR": words("lease", 1900),
-           "LLAMARELAY_SAMPLING__TEMPERATURE": "0", "PYTHONPATH": str(Path.cwd())}
+    env = {
+        **ENV,
+        "SLACK_BOT_TOKEN": BOT_TOKEN,
+        "SLACK_APP_TOKEN": APP_TOKEN,
+        "LLAMARELAY_DATABASE_URL": postgres_url,
+        "LLAMARELAY_SLACK__API_BASE_URL": fake.base_url,
+        "LLAMARELAY_WEB__ENABLED": "false",
+        "LLAMARELAY_ENGINE__MODEL_PATH": str(MODEL_PATH),
+        "LLAMARELAY_ENGINE__N_CTX": "2048",
+        "LLAMARELAY_ENGINE__N_THREADS": "1",
+        "LLAMARELAY_STORE__REPLY_LEASE": str(lease),
+        # A reply far longer than the test: it is still being written when its process is killed.
+        "LLAMARELAY_SAMPLING__MAX_TOKENS": "2000",
+        "LLAMARELAY_SAMPLING__GRAMMAR": words("lease", 1900),
+        "LLAMARELAY_SAMPLING__TEMPERATURE": "0",
+        "PYTHONPATH": str(Path.cwd()),
+    }
     bots: list[asyncio.subprocess.Process] = []
     store = await open_store(postgres_url)
     try:
         for n in range(2):  # one at a time: the fake's first socket is the first process's
             with (tmp_path / f"bot{n}.log").open("wb") as log:
-                bots.append(await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "bot", "run", cwd=tmp_path, env=env,
-                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log))
+                bots.append(
+                    await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-m",
+                        "bot",
+                        "run",
+                        cwd=tmp_path,
+                        env=env,
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=asyncio.subprocess.DEVNULL,
+                        stderr=log,
+                    )
+                )
             await fake.wait_for(lambda n=n: fake.open_sockets == n + 1, timeout=60, what=f"process {n} connected")
         victim, survivor = bots
         await fake.push_event(direct_message("Say lease."), event_id="Ev0001", to=0)
@@ -371,8 +436,12 @@ async def test_a_reply_of_a_killed_process_is_taken_over_by_the_survivor(tmp_pat
             return history[-1] if history and history[-1].role == "assistant" else None
 
         deadline = time.monotonic() + REPLY_TIMEOUT_SECONDS
-        while not ((row := await reply()) and row.content and fake.messages_in("D1")
-                   and STOP in fake.messages_in("D1")[-1].buttons):
+        while not (
+            (row := await reply())
+            and row.content
+            and fake.messages_in("D1")
+            and STOP in fake.messages_in("D1")[-1].buttons
+        ):
             assert time.monotonic() < deadline, "no reply was checkpointed"
             await asyncio.sleep(0.1)
         os.kill(victim.pid, signal.SIGKILL)
@@ -385,8 +454,12 @@ async def test_a_reply_of_a_killed_process_is_taken_over_by_the_survivor(tmp_pat
         while (row := await reply()).status == Status.GENERATING:
             assert time.monotonic() - killed_at < 6 * lease, "the survivor did not take over the reply"
             await asyncio.sleep(0.1)
-        assert (row.id, row.status, row.content, row.notes) == (saved.id, Status.INTERRUPTED, saved.content,
-                                                                TAKEN_OVER_NOTE)
+        assert (row.id, row.status, row.content, row.notes) == (
+            saved.id,
+            Status.INTERRUPTED,
+            saved.content,
+            TAKEN_OVER_NOTE,
+        )
         await fake.wait_for(lambda: TAKEN_OVER_NOTE in shown.text, timeout=10, what="the message rewritten")
         assert shown.text.lstrip().startswith(saved.content.strip()) and STOP not in shown.buttons
         assert shown.buttons  # Regenerate and Continue instead, which the survivor answers

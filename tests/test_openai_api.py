@@ -14,7 +14,8 @@ import aiohttp
 import hypothesis
 import openai
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from adapters.openai_api import OpenAIServer, create_app
 from adapters.openai_api.schema import ApiError, StopCutter, parse_chat_request
@@ -51,8 +52,9 @@ async def until_idle(engine: Engine, seconds: float = 5.0) -> None:
 
 async def post(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession() as session:
-        async with session.post(url + "/chat/completions", json=body, headers=AUTH if headers is None else headers) \
-                as response:
+        async with session.post(
+            url + "/chat/completions", json=body, headers=AUTH if headers is None else headers
+        ) as response:
             return response.status, await response.json()
 
 
@@ -64,7 +66,7 @@ async def stream(url: str, body: dict[str, Any]) -> list[Any]:
             assert response.status == 200 and response.content_type == "text/event-stream"
             async for line in response.content:
                 if line.startswith(b"data: "):
-                    data = line[len(b"data: "):].strip().decode()
+                    data = line[len(b"data: ") :].strip().decode()
                     items.append(data if data == "[DONE]" else json.loads(data))
     return items
 
@@ -79,15 +81,19 @@ async def test_models_lists_the_one_model(api: str, engine: Engine) -> None:
 
 
 async def test_a_whole_completion_reports_text_usage_and_finish_reason(api: str, engine: Engine) -> None:
-    status, body = await post(api, {"model": engine.settings.model_path.stem, "messages": HELLO, "max_tokens": 6,
-                                    "ignore_eos": True})
+    status, body = await post(
+        api, {"model": engine.settings.model_path.stem, "messages": HELLO, "max_tokens": 6, "ignore_eos": True}
+    )
     assert status == 200, body
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     [choice] = body["choices"]
     assert choice["message"]["role"] == "assistant" and choice["message"]["content"].strip()
     assert choice["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": len(engine.chat_tokens(HELLO)), "completion_tokens": 6,
-                             "total_tokens": len(engine.chat_tokens(HELLO)) + 6}
+    assert body["usage"] == {
+        "prompt_tokens": len(engine.chat_tokens(HELLO)),
+        "completion_tokens": 6,
+        "total_tokens": len(engine.chat_tokens(HELLO)) + 6,
+    }
 
 
 async def test_a_reply_that_ends_by_itself_finishes_with_stop(api: str) -> None:
@@ -120,13 +126,13 @@ async def test_streaming_sends_deltas_then_finish_reason_usage_and_done(api: str
 async def test_stop_strings_cut_the_text_whole_and_streamed(api: str) -> None:
     _, whole = await post(api, {"messages": HELLO, "max_tokens": 16, "ignore_eos": True})
     reply = whole["choices"][0]["message"]["content"]
-    stop = reply[len(reply) // 2:len(reply) // 2 + 3]
+    stop = reply[len(reply) // 2 : len(reply) // 2 + 3]
     _, cut = await post(api, {"messages": HELLO, "max_tokens": 16, "ignore_eos": True, "stop": [stop, "\x00"]})
-    assert cut["choices"][0]["message"]["content"] == reply[:reply.index(stop)]
+    assert cut["choices"][0]["message"]["content"] == reply[: reply.index(stop)]
     assert cut["choices"][0]["finish_reason"] == "stop"
     items = await stream(api, {"messages": HELLO, "max_tokens": 16, "ignore_eos": True, "stop": stop})
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in items[:-1] if c["choices"])
-    assert streamed == reply[:reply.index(stop)] and items[-2]["choices"][0]["finish_reason"] == "stop"
+    assert streamed == reply[: reply.index(stop)] and items[-2]["choices"][0]["finish_reason"] == "stop"
 
 
 async def test_template_like_user_text_stays_plain(api: str, engine: Engine) -> None:
@@ -148,30 +154,35 @@ async def test_a_missing_or_wrong_token_is_401(api: str, headers: dict[str, str]
             assert response.status == 401
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ([1, 2], None),
-    ({}, "messages"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
-    ({"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role"),  # unhashable: not a 500
-    ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-     "messages[1].role"),
-    ({"messages": HELLO, "temperature": "hot"}, "temperature"),
-    ({"messages": HELLO, "temperature": 9}, "temperature"),
-    ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
-    ({"messages": HELLO, "top_p": True}, "top_p"),
-    ({"messages": HELLO, "n": 2}, "n"),
-    ({"messages": HELLO, "stop": ["a", ""]}, "stop"),
-    ({"messages": HELLO, "stream": "yes"}, "stream"),
-    # Accepted and ignored would be a wrong answer: refused, naming the field.
-    ({"messages": HELLO, "logit_bias": {"50256": -100}}, "logit_bias"),
-    ({"messages": HELLO, "logit_bias": "x"}, "logit_bias"),
-    ({"messages": HELLO, "n": True}, "n"),  # strict: a boolean is not the number 1
-    ({"messages": HELLO, "stream_options": []}, "stream_options"),
-    ({"messages": HELLO, "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ([1, 2], None),
+        ({}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role"),  # unhashable: not a 500
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            "messages[1].role",
+        ),
+        ({"messages": HELLO, "temperature": "hot"}, "temperature"),
+        ({"messages": HELLO, "temperature": 9}, "temperature"),
+        ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+        ({"messages": HELLO, "top_p": True}, "top_p"),
+        ({"messages": HELLO, "n": 2}, "n"),
+        ({"messages": HELLO, "stop": ["a", ""]}, "stop"),
+        ({"messages": HELLO, "stream": "yes"}, "stream"),
+        # Accepted and ignored would be a wrong answer: refused, naming the field.
+        ({"messages": HELLO, "logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"messages": HELLO, "logit_bias": "x"}, "logit_bias"),
+        ({"messages": HELLO, "n": True}, "n"),  # strict: a boolean is not the number 1
+        ({"messages": HELLO, "stream_options": []}, "stream_options"),
+        ({"messages": HELLO, "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
+    ],
+)
 async def test_a_bad_body_is_400_naming_the_field(api: str, body: Any, param: str | None) -> None:
     status, answer = await post(api, body)
     assert status == 400 and answer["error"]["type"] == "invalid_request_error"
@@ -181,8 +192,9 @@ async def test_a_bad_body_is_400_naming_the_field(api: str, body: Any, param: st
 async def test_malformed_json_and_foreign_content_types_get_json_errors(api: str) -> None:
     async with aiohttp.ClientSession() as session:
         for data, content_type, expected in [("{nope", "application/json", 400), ("{}", "text/plain", 415)]:
-            async with session.post(api + "/chat/completions", data=data,
-                                    headers={**AUTH, "Content-Type": content_type}) as response:
+            async with session.post(
+                api + "/chat/completions", data=data, headers={**AUTH, "Content-Type": content_type}
+            ) as response:
                 assert response.status == expected and "message" in (await response.json())["error"]
         async with session.get(api + "/nowhere", headers=AUTH) as response:
             assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
@@ -193,8 +205,9 @@ async def test_json_nested_too_deep_is_400_without_a_traceback(api: str, caplog:
     depth = 200_000  # deeper than Python's json parser recurses
     async with aiohttp.ClientSession() as session:
         for data in ("[" * depth + "]" * depth, '{"messages": ' + "[" * depth + "]" * depth + "}"):
-            async with session.post(api + "/chat/completions", data=data,
-                                    headers={**AUTH, "Content-Type": "application/json"}) as response:
+            async with session.post(
+                api + "/chat/completions", data=data, headers={**AUTH, "Content-Type": "application/json"}
+            ) as response:
                 assert response.status == 400
                 assert (await response.json())["error"]["type"] == "invalid_request_error"
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
@@ -251,19 +264,33 @@ async def test_api_requests_and_platform_replies_wait_in_one_line(api: str, engi
 async def test_the_official_openai_client_streams_and_completes(api: str) -> None:
     async with openai.AsyncOpenAI(base_url=api, api_key=TOKEN, max_retries=0) as client:
         [model] = [m.id async for m in client.models.list()]
-        completion = await client.chat.completions.create(model=model, messages=HELLO, max_tokens=8,  # type: ignore[arg-type]
-                                                          temperature=0)
+        completion = await client.chat.completions.create(
+            model=model,
+            messages=HELLO,
+            max_tokens=8,  # type: ignore[arg-type]
+            temperature=0,
+        )
         assert completion.choices[0].message.content and completion.usage is not None
         pieces = []
-        chunks = await client.chat.completions.create(model=model, messages=HELLO, max_tokens=8,  # type: ignore[arg-type]
-                                                      temperature=0, stream=True)
+        chunks = await client.chat.completions.create(
+            model=model,
+            messages=HELLO,
+            max_tokens=8,  # type: ignore[arg-type]
+            temperature=0,
+            stream=True,
+        )
         async for chunk in chunks:
             if chunk.choices and chunk.choices[0].delta.content:
                 pieces.append(chunk.choices[0].delta.content)
         assert "".join(pieces) == completion.choices[0].message.content
         with pytest.raises(openai.BadRequestError, match="maximum context length") as refused:
-            await client.chat.completions.create(model=model, max_tokens=8, messages=[  # type: ignore[list-item]
-                {"role": "user", "content": "word " * 5000}])
+            await client.chat.completions.create(
+                model=model,
+                max_tokens=8,
+                messages=[  # type: ignore[list-item]
+                    {"role": "user", "content": "word " * 5000}
+                ],
+            )
         assert refused.value.code == "context_length_exceeded"
     async with openai.AsyncOpenAI(base_url=api, api_key="wrong", max_retries=0) as client:
         with pytest.raises(openai.AuthenticationError):
@@ -271,27 +298,42 @@ async def test_the_official_openai_client_streams_and_completes(api: str) -> Non
 
 
 async def test_the_request_model_picks_a_configured_model_and_an_unknown_one_is_404(
-        engine: Engine, tmp_path: Path) -> None:
+    engine: Engine, tmp_path: Path
+) -> None:
     server = await RecordingServer(tmp_path, "remote-id").start()
-    settings = Settings(engine=engine.settings,
-                        models=[ModelSettings(name="helper", url=server.base_url, model="remote-id", n_ctx=2048)])
+    settings = Settings(
+        engine=engine.settings,
+        models=[ModelSettings(name="helper", url=server.base_url, model="remote-id", n_ctx=2048)],
+    )
     models = ModelRegistry(settings)
     models.adopt(engine)
-    api = OpenAIServer(create_app(engine, DEFAULTS, Secrets(api_token=TOKEN), host="127.0.0.1", models=models),
-                       "127.0.0.1", 0)
+    api = OpenAIServer(
+        create_app(engine, DEFAULTS, Secrets(api_token=TOKEN), host="127.0.0.1", models=models), "127.0.0.1", 0
+    )
     url = await api.start() + "v1"
     try:
         async with openai.AsyncOpenAI(base_url=url, api_key=TOKEN, max_retries=0) as client:
             assert [m.id async for m in client.models.list()] == [engine.settings.model_path.stem, "helper"]
-            routed = await client.chat.completions.create(model="HELPER", messages=HELLO,  # type: ignore[arg-type]
-                                                          max_tokens=8)
+            routed = await client.chat.completions.create(
+                model="HELPER",
+                messages=HELLO,  # type: ignore[arg-type]
+                max_tokens=8,
+            )
             assert (routed.model, routed.choices[0].message.content) == ("helper", REPLY)
-            pieces = [chunk.choices[0].delta.content async for chunk in await client.chat.completions.create(
-                model="helper", messages=HELLO, max_tokens=8, stream=True)  # type: ignore[arg-type]
-                if chunk.choices and chunk.choices[0].delta.content]
+            pieces = [
+                chunk.choices[0].delta.content
+                async for chunk in await client.chat.completions.create(
+                    model="helper", messages=HELLO, max_tokens=8, stream=True
+                )  # type: ignore[arg-type]
+                if chunk.choices and chunk.choices[0].delta.content
+            ]
             assert "".join(pieces) == REPLY
-            local = await client.chat.completions.create(model=engine.settings.model_path.stem,  # type: ignore[arg-type]
-                                                         messages=HELLO, max_tokens=4, temperature=0)
+            local = await client.chat.completions.create(
+                model=engine.settings.model_path.stem,  # type: ignore[arg-type]
+                messages=HELLO,
+                max_tokens=4,
+                temperature=0,
+            )
             assert local.choices[0].message.content != REPLY
             with pytest.raises(openai.NotFoundError, match="The model 'gpt-9' does not exist") as unknown:
                 await client.chat.completions.create(model="gpt-9", messages=HELLO)  # type: ignore[arg-type]
@@ -328,8 +370,9 @@ def test_api_settings_and_token_come_from_file_and_environment(monkeypatch: pyte
     assert secrets.api_token == "s3cret" and "s3cret" in secrets.values() and "s3cret" not in repr(secrets)
 
 
-async def test_the_bot_serves_the_api_alone(manager: ConversationManager, settings: Settings,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+async def test_the_bot_serves_the_api_alone(
+    manager: ConversationManager, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     settings.web.enabled = False
     settings.api.enabled, settings.api.port = True, 0
     caplog.set_level(logging.INFO, logger="adapters.openai_api")
@@ -355,12 +398,15 @@ async def test_the_bot_serves_the_api_alone(manager: ConversationManager, settin
 def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
     """The reference: the text before the stop string that completes first (the longest of those that tie)."""
     found = [(text.find(s) + len(s), text.find(s)) for s in stops if s in text]
-    return (text[:min(found)[1]], True) if found else (text, False)
+    return (text[: min(found)[1]], True) if found else (text, False)
 
 
 @hypothesis.settings(deadline=None, max_examples=200)
-@given(st.text(alphabet="ab\n", max_size=20), st.lists(st.text(alphabet="ab", min_size=1, max_size=3), max_size=3),
-       st.lists(st.integers(min_value=0, max_value=30), max_size=6))
+@given(
+    st.text(alphabet="ab\n", max_size=20),
+    st.lists(st.text(alphabet="ab", min_size=1, max_size=3), max_size=3),
+    st.lists(st.integers(min_value=0, max_value=30), max_size=6),
+)
 def test_stop_cutter_cuts_the_same_however_the_text_is_split(text: str, stops: list[str], cuts: list[int]) -> None:
     bounds = sorted({0, len(text), *(min(c, len(text)) for c in cuts)})
     cutter = StopCutter(stops)
@@ -374,20 +420,53 @@ def test_stop_cutter_cuts_the_same_however_the_text_is_split(text: str, stops: l
     assert (shown, cutter.stopped) == _cut(text, stops)
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5)
-                    | st.sampled_from(["user", "assistant", "system", "text"]),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-                    max_leaves=8)
-KEYS = ["messages", "role", "content", "type", "text", "max_tokens", "max_completion_tokens", "temperature",
-        "top_p", "top_k", "seed", "stop", "stream", "stream_options", "n", "user", "ignore_eos", "response_format",
-        "logit_bias"]
-MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool"]),
-                                 "content": st.text(max_size=5) | JSON})
-BODY = st.one_of(JSON, st.dictionaries(st.sampled_from(KEYS), JSON, max_size=5),
-                 st.builds(lambda messages, rest: {**rest, "messages": messages},
-                           st.lists(MESSAGE, min_size=1, max_size=3),
-                           st.dictionaries(st.sampled_from(KEYS[5:]), st.none() | st.integers(0, 3) | st.booleans()
-                                           | st.floats(0, 2) | JSON, max_size=2)))
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5)
+    | st.sampled_from(["user", "assistant", "system", "text"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+KEYS = [
+    "messages",
+    "role",
+    "content",
+    "type",
+    "text",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "n",
+    "user",
+    "ignore_eos",
+    "response_format",
+    "logit_bias",
+]
+MESSAGE = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "tool"]), "content": st.text(max_size=5) | JSON}
+)
+BODY = st.one_of(
+    JSON,
+    st.dictionaries(st.sampled_from(KEYS), JSON, max_size=5),
+    st.builds(
+        lambda messages, rest: {**rest, "messages": messages},
+        st.lists(MESSAGE, min_size=1, max_size=3),
+        st.dictionaries(
+            st.sampled_from(KEYS[5:]),
+            st.none() | st.integers(0, 3) | st.booleans() | st.floats(0, 2) | JSON,
+            max_size=2,
+        ),
+    ),
+)
 
 
 @hypothesis.settings(deadline=None, max_examples=300)

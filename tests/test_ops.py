@@ -23,10 +23,18 @@ from bot.store import Status, Store
 from bot.types import Controls, Incoming, SessionKey
 
 CHANNEL = SessionKey.for_channel("web", "w1", "c1")
-METRIC_NAMES = ("llamarelay_queue_depth", "llamarelay_requests_running", "llamarelay_time_to_first_token_seconds",
-                "llamarelay_inter_token_latency_seconds", "llamarelay_tokens_generated_total",
-                "llamarelay_prompt_tokens_total", "llamarelay_prompt_tokens_reused_total", "llamarelay_replies_total",
-                "llamarelay_platform_api_errors_total", "llamarelay_platform_rate_limited_total")
+METRIC_NAMES = (
+    "llamarelay_queue_depth",
+    "llamarelay_requests_running",
+    "llamarelay_time_to_first_token_seconds",
+    "llamarelay_inter_token_latency_seconds",
+    "llamarelay_tokens_generated_total",
+    "llamarelay_prompt_tokens_total",
+    "llamarelay_prompt_tokens_reused_total",
+    "llamarelay_replies_total",
+    "llamarelay_platform_api_errors_total",
+    "llamarelay_platform_rate_limited_total",
+)
 
 
 class Target:
@@ -76,8 +84,11 @@ async def get(url: str) -> tuple[int, str]:
 async def figures(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     status, text = await get(url + "metrics")
     assert status == 200
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 async def test_healthz_answers_while_the_process_lives(ops: str) -> None:
@@ -85,7 +96,8 @@ async def test_healthz_answers_while_the_process_lives(ops: str) -> None:
 
 
 async def test_readyz_waits_for_every_platform_and_fails_without_the_database(
-        ops: str, manager: ConversationManager, store: Store) -> None:
+    ops: str, manager: ConversationManager, store: Store
+) -> None:
     manager.platforms.expect(["web", "discord"])
     status, body = await get(ops + "readyz")
     assert status == 503 and '"web": "not connected"' in body and '"engine": "ok"' in body
@@ -179,17 +191,23 @@ async def test_platform_errors_and_429s_are_counted_by_platform(ops: str, manage
     assert after[("llamarelay_platform_rate_limited_total", (("platform", "slack"),))] == 1
 
 
-async def test_two_bots_in_one_process_keep_their_own_figures(engine: Engine, store: Store, settings: Settings,
-                                                              manager: ConversationManager, ops: str) -> None:
+async def test_two_bots_in_one_process_keep_their_own_figures(
+    engine: Engine, store: Store, settings: Settings, manager: ConversationManager, ops: str
+) -> None:
     other = ConversationManager(engine, store, settings)
     await other.respond(Incoming(CHANNEL, "u1", "Ann", "  "), Target())
     assert ("llamarelay_replies_total", (("platform", "web"), ("status", Status.FAILED))) not in await figures(ops)
-    assert other.metrics.registry.get_sample_value("llamarelay_replies_total",
-                                                   {"platform": "web", "status": Status.FAILED}) == 1
+    assert (
+        other.metrics.registry.get_sample_value(
+            "llamarelay_replies_total", {"platform": "web", "status": Status.FAILED}
+        )
+        == 1
+    )
 
 
 async def test_the_bot_starts_the_ops_server_and_expects_its_platforms(
-        manager: ConversationManager, settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    manager: ConversationManager, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     settings.web.port = 0
     settings.ops.enabled, settings.ops.port = True, 0
     caplog.set_level(logging.INFO, logger="adapters.ops")

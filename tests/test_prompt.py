@@ -18,18 +18,22 @@ from bot.errors import LlamarelayError, PromptError
 from bot.prompt import CHATML_TEMPLATE, TURN_SEPARATOR, ChatTemplate, alternate_roles
 
 # teknium/OpenHermes-2.5-Mistral-7B: plain ChatML (copied from ollama template/index.json).
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 # meta-llama/Meta-Llama-3-8B-Instruct (copied from ollama template/index.json).
-LLAMA_3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
-           "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
-           "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-           "{{ content }}{% endfor %}{% if add_generation_prompt %}"
-           "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+LLAMA_3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 
 # meta-llama/Llama-3.1-8B-Instruct (copied from ollama template/index.json).
-LLAMA_3_1 = r'''{{- bos_token }}
+LLAMA_3_1 = r"""{{- bos_token }}
 {%- if custom_tools is defined %}
     {%- set tools = custom_tools %}
 {%- endif %}
@@ -138,20 +142,22 @@ LLAMA_3_1 = r'''{{- bos_token }}
 {%- if add_generation_prompt %}
     {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
 {%- endif %}
-'''
+"""
 
 # mistralai/Mistral-7B-Instruct-v0.1 (copied from ollama template/index.json; the same text is in
 # llama-cpp-python's llama_chat_format.py). No system role, strict alternation.
-MISTRAL_V01 = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
-               "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
-               "user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}"
-               "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
-               "{{ message['content'] + eos_token + ' ' }}{% else %}{{ raise_exception('Only user and assistant "
-               "roles are supported!') }}{% endif %}{% endfor %}")
+MISTRAL_V01 = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
+    "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+    "user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token + ' ' }}{% else %}{{ raise_exception('Only user and assistant "
+    "roles are supported!') }}{% endif %}{% endfor %}"
+)
 
 # mistralai/Mistral-Nemo-Instruct-2407, the v0.3-style template: optional system message, then strict
 # alternation (copied from llama.cpp models/templates/mistralai-Mistral-Nemo-Instruct-2407.jinja).
-MISTRAL_NEMO = r'''{%- if messages[0]["role"] == "system" %}
+MISTRAL_NEMO = r"""{%- if messages[0]["role"] == "system" %}
     {%- set system_message = messages[0]["content"] %}
     {%- set loop_messages = messages[1:] %}
 {%- else %}
@@ -238,16 +244,18 @@ MISTRAL_NEMO = r'''{%- if messages[0]["role"] == "system" %}
         {{- raise_exception("Only user and assistant roles are supported, with the exception of an initial optional system message!") }}
     {%- endif %}
 {%- endfor %}
-'''
+"""
 
 # google/gemma-2-2b-it: rejects a system role, strict alternation
 # (copied from llama.cpp models/templates/google-gemma-2-2b-it.jinja).
-GEMMA_2 = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-           "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-           "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}"
-           "{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim "
-           "+ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+GEMMA_2 = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}"
+    "{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim "
+    "+ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
 
 # google/gemma-3-4b-it (also 1b/12b/27b): folds the system prompt itself, strict alternation
 # (copied from the gemma-3 tokenizer_config.json text as quoted in public fine-tuning code).
@@ -301,7 +309,7 @@ GEMMA_3 = """{{ bos_token }}
 """
 
 # Qwen/Qwen2.5-7B-Instruct (the whole Qwen2.5 Instruct family; copied from a Swift test fixture quoting it).
-QWEN_2_5 = r'''{%- if tools %}
+QWEN_2_5 = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0]['role'] == 'system' %}
         {{- messages[0]['content'] }}
@@ -355,10 +363,10 @@ QWEN_2_5 = r'''{%- if tools %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\n' }}
 {%- endif %}
-'''
+"""
 
 # Qwen/Qwen3-0.6B (the Qwen3 family; copied from llama.cpp models/templates/Qwen-Qwen3-0.6B.jinja).
-QWEN_3 = r'''{%- if tools %}
+QWEN_3 = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0].role == 'system' %}
         {{- messages[0].content + '\n\n' }}
@@ -442,13 +450,15 @@ QWEN_3 = r'''{%- if tools %}
     {%- if enable_thinking is defined and enable_thinking is false %}
         {{- '<think>\n\n</think>\n\n' }}
     {%- endif %}
-{%- endif %}'''
+{%- endif %}"""
 
 # microsoft/Phi-3-mini-4k-instruct: renders no system turn at all, silently (copied from ollama
 # template/index.json).
-PHI_3_MINI = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') %}{{'<|user|>' + '\n' + "
-              "message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}{% elif (message['role'] == "
-              "'assistant') %}{{message['content'] + '<|end|>' + '\n'}}{% endif %}{% endfor %}")
+PHI_3_MINI = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') %}{{'<|user|>' + '\n' + "
+    "message['content'] + '<|end|>' + '\n' + '<|assistant|>' + '\n'}}{% elif (message['role'] == "
+    "'assistant') %}{{message['content'] + '<|end|>' + '\n'}}{% endif %}{% endfor %}"
+)
 
 
 class Model(NamedTuple):
@@ -504,35 +514,35 @@ MERGED = f"Hi{TURN_SEPARATOR}Are you there?"
 
 EXPECTED = {
     "chatml": f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{MERGED}<|im_end|>\n"
-              f"<|im_start|>assistant\nYes.<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n"
-              "<|im_start|>assistant\n",
+    f"<|im_start|>assistant\nYes.<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n"
+    "<|im_start|>assistant\n",
     "llama-3": f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{SYSTEM}<|eot_id|>"
-               f"<|start_header_id|>user<|end_header_id|>\n\n{MERGED}<|eot_id|>"
-               "<|start_header_id|>assistant<|end_header_id|>\n\nYes.<|eot_id|>"
-               f"<|start_header_id|>user<|end_header_id|>\n\n{QUESTION}<|eot_id|>"
-               "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    f"<|start_header_id|>user<|end_header_id|>\n\n{MERGED}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nYes.<|eot_id|>"
+    f"<|start_header_id|>user<|end_header_id|>\n\n{QUESTION}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
     "llama-3.1": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-                 f"Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{SYSTEM}<|eot_id|>"
-                 f"<|start_header_id|>user<|end_header_id|>\n\n{MERGED}<|eot_id|>"
-                 "<|start_header_id|>assistant<|end_header_id|>\n\nYes.<|eot_id|>"
-                 f"<|start_header_id|>user<|end_header_id|>\n\n{QUESTION}<|eot_id|>"
-                 "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    f"Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{SYSTEM}<|eot_id|>"
+    f"<|start_header_id|>user<|end_header_id|>\n\n{MERGED}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nYes.<|eot_id|>"
+    f"<|start_header_id|>user<|end_header_id|>\n\n{QUESTION}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
     "mistral-v0.1": f"<s>[INST] {SYSTEM}{TURN_SEPARATOR}{MERGED} [/INST]Yes.</s> [INST] {QUESTION} [/INST]",
     "mistral-nemo": f"<s>[INST]{MERGED}[/INST]Yes.</s>[INST]{SYSTEM}\n\n{QUESTION}[/INST]",
     "gemma-2": f"<bos><start_of_turn>user\n{SYSTEM}{TURN_SEPARATOR}{MERGED}<end_of_turn>\n"
-               "<start_of_turn>model\nYes.<end_of_turn>\n"
-               f"<start_of_turn>user\n{QUESTION}<end_of_turn>\n<start_of_turn>model\n",
+    "<start_of_turn>model\nYes.<end_of_turn>\n"
+    f"<start_of_turn>user\n{QUESTION}<end_of_turn>\n<start_of_turn>model\n",
     "gemma-3": f"<bos><start_of_turn>user\n{SYSTEM}\n\n{MERGED}<end_of_turn>\n"
-               "<start_of_turn>model\nYes.<end_of_turn>\n"
-               f"<start_of_turn>user\n{QUESTION}<end_of_turn>\n<start_of_turn>model\n",
+    "<start_of_turn>model\nYes.<end_of_turn>\n"
+    f"<start_of_turn>user\n{QUESTION}<end_of_turn>\n<start_of_turn>model\n",
     "qwen-2.5": f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{MERGED}<|im_end|>\n"
-                f"<|im_start|>assistant\nYes.<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n"
-                "<|im_start|>assistant\n",
+    f"<|im_start|>assistant\nYes.<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n"
+    "<|im_start|>assistant\n",
     "qwen-3": f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{MERGED}<|im_end|>\n"
-              f"<|im_start|>assistant\nYes.<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n"
-              "<|im_start|>assistant\n",
+    f"<|im_start|>assistant\nYes.<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n"
+    "<|im_start|>assistant\n",
     "phi-3-mini": f"<s><|user|>\n{SYSTEM}{TURN_SEPARATOR}{MERGED}<|end|>\n<|assistant|>\nYes.<|end|>\n"
-                  f"<|user|>\n{QUESTION}<|end|>\n<|assistant|>\n",
+    f"<|user|>\n{QUESTION}<|end|>\n<|assistant|>\n",
 }
 
 FOLDS_SYSTEM = {"mistral-v0.1", "gemma-2", "phi-3-mini"}
@@ -555,17 +565,23 @@ def test_a_history_that_broke_strict_templates_renders(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["mistral-v0.1", "mistral-nemo", "gemma-2", "gemma-3"])
 def test_adjacent_user_turns_without_system_prompt(name: str) -> None:
-    segments = template(name).render_segments([
-        {"role": "user", "content": "first"}, {"role": "user", "content": "second"},
-        {"role": "assistant", "content": "   "}, {"role": "user", "content": "third"}])
+    segments = template(name).render_segments(
+        [
+            {"role": "user", "content": "first"},
+            {"role": "user", "content": "second"},
+            {"role": "assistant", "content": "   "},
+            {"role": "user", "content": "third"},
+        ]
+    )
     assert message_texts(segments) == [f"first{TURN_SEPARATOR}second{TURN_SEPARATOR}third"]
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_only_a_system_prompt_and_an_empty_message(name: str) -> None:
     """The core measures a template's overhead with an empty message; that must render too."""
-    text = rendered(template(name).render_segments([{"role": "system", "content": SYSTEM},
-                                                    {"role": "user", "content": ""}]))
+    text = rendered(
+        template(name).render_segments([{"role": "system", "content": SYSTEM}, {"role": "user", "content": ""}])
+    )
     assert text.count(SYSTEM) == 1
 
 
@@ -586,15 +602,19 @@ def test_a_template_that_does_not_compile_falls_back_to_chatml(caplog: pytest.Lo
     assert chat.source == CHATML_TEMPLATE
     assert "does not compile" in caplog.text and "ChatML" in caplog.text
     assert rendered(chat.render_segments([{"role": "user", "content": "hi"}])) == (
-        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
-@pytest.mark.parametrize(("source", "detail"), [
-    ("{{ raise_exception('Tools are required for this model') }}", "Tools are required for this model"),
-    ("{{ messages[0]['content'] + 1 }}", "TypeError"),
-    ("{{ messages[5]['content'] }}", "no element 5"),
-    ("{% for message in messages %}{{ message.role }}{% endfor %}", "left out the message"),
-])
+@pytest.mark.parametrize(
+    ("source", "detail"),
+    [
+        ("{{ raise_exception('Tools are required for this model') }}", "Tools are required for this model"),
+        ("{{ messages[0]['content'] + 1 }}", "TypeError"),
+        ("{{ messages[5]['content'] }}", "no element 5"),
+        ("{% for message in messages %}{{ message.role }}{% endfor %}", "left out the message"),
+    ],
+)
 def test_any_other_render_failure_is_a_prompt_error(source: str, detail: str) -> None:
     chat = ChatTemplate(source)
     with pytest.raises(PromptError) as raised:
@@ -612,7 +632,8 @@ def test_roles_alternate_with_the_user_first_and_last() -> None:
         {"role": "user", "content": QUESTION},
     ]
     assert alternate_roles([{"role": "system", "content": " "}, {"role": "assistant", "content": "hello"}]) == [
-        {"role": "user", "content": ""}]
+        {"role": "user", "content": ""}
+    ]
 
 
 def test_broken_history_through_the_real_engine(engine: Engine) -> None:
@@ -626,16 +647,37 @@ def test_broken_history_through_the_real_engine(engine: Engine) -> None:
 
 # -- properties -----------------------------------------------------------------------------------------
 
-LOOK_ALIKES = ["", " ", "\n\n", "{{ x }}", "{% if %}", "{% endfor %}", "{#", "<|im_start|>", "<|im_end|>",
-               "[INST]", "<start_of_turn>", "<|eot_id|>", "</s>", "<think>", "\ue0000\ue001", "raise_exception('x')"]
+LOOK_ALIKES = [
+    "",
+    " ",
+    "\n\n",
+    "{{ x }}",
+    "{% if %}",
+    "{% endfor %}",
+    "{#",
+    "<|im_start|>",
+    "<|im_end|>",
+    "[INST]",
+    "<start_of_turn>",
+    "<|eot_id|>",
+    "</s>",
+    "<think>",
+    "\ue0000\ue001",
+    "raise_exception('x')",
+]
 contents = st.one_of(
     st.sampled_from(LOOK_ALIKES),
-    st.lists(st.one_of(st.sampled_from(LOOK_ALIKES), st.text(st.characters(blacklist_categories=("Cs",)),
-                                                              max_size=12)), max_size=4).map("".join))
-turns = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": contents}),
-                 max_size=8)
+    st.lists(
+        st.one_of(st.sampled_from(LOOK_ALIKES), st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)),
+        max_size=4,
+    ).map("".join),
+)
+turns = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant"]), "content": contents}), max_size=8
+)
 conversations = st.tuples(st.one_of(st.none(), contents), turns).map(
-    lambda pair: ([] if pair[0] is None else [{"role": "system", "content": pair[0]}]) + pair[1])
+    lambda pair: ([] if pair[0] is None else [{"role": "system", "content": pair[0]}]) + pair[1]
+)
 
 
 def kept_contents(messages: list[dict[str, str]]) -> list[str]:

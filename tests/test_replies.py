@@ -22,17 +22,52 @@ def slack_measure(text: str) -> int:
 
 
 PLATFORMS = {"discord": (len, 2000), "slack": (slack_measure, 3500), "web": (len, sys.maxsize)}
-PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                           HealthCheck.data_too_large])
+PROPERTY = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 
 # ---------------------------------------------------------------- random Markdown, as a model might write it
 
-WORDS = ["word", "reply", "naïve", "日本語の文章です。", "中文字符", "한국어",  # prose, CJK
-         "😀", "👩‍👩‍👧‍👦", "🇯🇵🇫🇷", "👍🏽", "❤️", "1️⃣", "🏴󠁧󠁢󠁳󠁣󠁴󠁿",  # emoji: ZWJ, flags, skin tone, variation selectors
-         "e\u0301", "a\u0308\u0301", "Z̷̢̛a̸l̵g̴o",  # combining marks
-         "a<b", "x&y", "<!here>", "<@U123>", "@everyone", "&amp;",  # what Slack escapes
-         "**bold**", "_it_", "~~gone~~", "`code`", "[link](https://example.com)", "<https://a.example>",
-         "```print(1)```", "```x``` and", "#", "-", ">", "`", "``", "~~~", "\t", "1."]
+WORDS = [
+    "word",
+    "reply",
+    "naïve",
+    "日本語の文章です。",
+    "中文字符",
+    "한국어",  # prose, CJK
+    "😀",
+    "👩‍👩‍👧‍👦",
+    "🇯🇵🇫🇷",
+    "👍🏽",
+    "❤️",
+    "1️⃣",
+    "🏴󠁧󠁢󠁳󠁣󠁴󠁿",  # emoji: ZWJ, flags, skin tone, variation selectors
+    "e\u0301",
+    "a\u0308\u0301",
+    "Z̷̢̛a̸l̵g̴o",  # combining marks
+    "a<b",
+    "x&y",
+    "<!here>",
+    "<@U123>",
+    "@everyone",
+    "&amp;",  # what Slack escapes
+    "**bold**",
+    "_it_",
+    "~~gone~~",
+    "`code`",
+    "[link](https://example.com)",
+    "<https://a.example>",
+    "```print(1)```",
+    "```x``` and",
+    "#",
+    "-",
+    ">",
+    "`",
+    "``",
+    "~~~",
+    "\t",
+    "1.",
+]
 UNITS = ["x", "日本", "👩‍👩‍👧", "e\u0301", "&<>", "ab_c", "🇯🇵", "=", "var a=1;", "`", "~", " ", "\u200d"]
 
 word = st.sampled_from(WORDS) | st.text(min_size=1, max_size=6)
@@ -46,31 +81,46 @@ def code_blocks(draw: st.DrawFn) -> str:
     """A fenced code block: ``` or ~~~ (long or indented), with a language, code or nothing on the opening line."""
     marker = draw(st.sampled_from(["```", "```", "````", "~~~", "`" * FENCE_MAX]))
     indent = draw(st.sampled_from(["", "", "  ", "    ", "\t"]))
-    info = draw(st.sampled_from(["", "python", " js ", "c++", "objective-c", "   "]) | long_line | paragraph
-                | st.text(max_size=30))
-    lines = draw(st.lists(paragraph | long_line | st.sampled_from(["", "```python", "  ```", "~~~", "````"]),
-                          max_size=20))
+    info = draw(
+        st.sampled_from(["", "python", " js ", "c++", "objective-c", "   "])
+        | long_line
+        | paragraph
+        | st.text(max_size=30)
+    )
+    lines = draw(
+        st.lists(paragraph | long_line | st.sampled_from(["", "```python", "  ```", "~~~", "````"]), max_size=20)
+    )
     text = indent + marker + info + "\n" + "\n".join(lines)
     if draw(st.booleans()):
         text += "\n" + indent + marker + draw(st.sampled_from(["", "`", "  "]))
     return text
 
 
-inline_code = st.builds(lambda code, after: f"```{code}```{after}",
-                        st.text(st.characters(exclude_characters="`\n"), min_size=1, max_size=40),
-                        paragraph)
-line_markup = st.builds(lambda mark, text: mark + text, st.sampled_from(["# ", "- ", "  * ", "> ", "1. "]),
-                        paragraph)
+inline_code = st.builds(
+    lambda code, after: f"```{code}```{after}",
+    st.text(st.characters(exclude_characters="`\n"), min_size=1, max_size=40),
+    paragraph,
+)
+line_markup = st.builds(lambda mark, text: mark + text, st.sampled_from(["# ", "- ", "  * ", "> ", "1. "]), paragraph)
 fence_soup = st.text(alphabet=" \t\n`~ax", max_size=200)  # dense in what makes and breaks fence lines
-block = (paragraph | big_paragraph | long_line | code_blocks() | inline_code | line_markup | fence_soup
-         | st.text(max_size=40))
+block = (
+    paragraph
+    | big_paragraph
+    | long_line
+    | code_blocks()
+    | inline_code
+    | line_markup
+    | fence_soup
+    | st.text(max_size=40)
+)
 
 
 @st.composite
 def markdown(draw: st.DrawFn) -> str:
     blocks = draw(st.lists(block, max_size=10))
-    separators = draw(st.lists(st.sampled_from(["\n\n", "\n", " ", "", "\r\n"]), min_size=len(blocks),
-                               max_size=len(blocks)))
+    separators = draw(
+        st.lists(st.sampled_from(["\n\n", "\n", " ", "", "\r\n"]), min_size=len(blocks), max_size=len(blocks))
+    )
     return "".join(b + s for b, s in zip(blocks, separators, strict=True))
 
 
@@ -102,7 +152,7 @@ def code_mask(text: str) -> list[bool]:
             mask += [False] * (len(line) + 1)
         else:
             mask += [True] * (len(line) + 1)
-    return mask[:len(text)]
+    return mask[: len(text)]
 
 
 def assert_code_kept(text: str, pieces: list[Piece]) -> None:
@@ -111,7 +161,7 @@ def assert_code_kept(text: str, pieces: list[Piece]) -> None:
         assert open_fence(piece.text) is None, f"a message leaves a code block open: {piece!r}"
     in_text, start = code_mask(text), 0
     for piece in pieces:
-        in_piece = code_mask(piece.text)[len(piece.reopen):]
+        in_piece = code_mask(piece.text)[len(piece.reopen) :]
         for i, char in enumerate(piece.body):
             assert char.isspace() or in_piece[i] == in_text[start + i], f"code changed at {i} in {piece!r}"
         start += len(piece.body)
@@ -140,9 +190,10 @@ def check(text: str, limit: int, measure: Measure) -> list[Piece]:
         assert bool(before.close) == bool(after.reopen)
         if after.reopen:
             # Only the fence and its language, never the rest of a long opening line.
-            assert re.fullmatch(rf"(`{{3,{FENCE_MAX}}}|~{{3,{FENCE_MAX}}})[A-Za-z0-9_+#.-]{{0,{LANGUAGE_MAX}}}\n",
-                                after.reopen), after.reopen
-            marker = after.reopen[:len(after.reopen) - len(after.reopen.lstrip("`~"))]
+            assert re.fullmatch(
+                rf"(`{{3,{FENCE_MAX}}}|~{{3,{FENCE_MAX}}})[A-Za-z0-9_+#.-]{{0,{LANGUAGE_MAX}}}\n", after.reopen
+            ), after.reopen
+            marker = after.reopen[: len(after.reopen) - len(after.reopen.lstrip("`~"))]
             assert before.close == (marker if before.body.endswith("\n") else "\n" + marker)
     if limit >= MIN_LIMIT:
         for piece in pieces:
@@ -151,8 +202,7 @@ def check(text: str, limit: int, measure: Measure) -> list[Piece]:
     # than a fence (in a code block any part of it would close the reopened block), of blanks (a message of
     # nothing else leaves no cut near a fence), or a one-line ```code```, that is longer than a message holds.
     long_runs = rf"`{{{FENCE_MAX + 1}}}|~{{{FENCE_MAX + 1}}}|[ \t]{{16}}"
-    if (limit >= MIN_LIMIT and not re.search(long_runs, text)
-            and not long_inline_span(text, limit)):
+    if limit >= MIN_LIMIT and not re.search(long_runs, text) and not long_inline_span(text, limit):
         assert_code_kept(text, pieces)
     return pieces
 
@@ -194,7 +244,7 @@ def test_pieces_before_the_last_are_stable_while_the_text_grows(text: str, more:
     shorter = split_reply(text, limit)
     assume(not may_become_a_fence(text))
     longer = split_reply(text + more, limit)
-    assert longer[:len(shorter) - 1] == shorter[:-1]
+    assert longer[: len(shorter) - 1] == shorter[:-1]
 
 
 @PROPERTY
@@ -249,15 +299,18 @@ def test_inline_triple_backticks_are_not_an_open_fence() -> None:
 WORDS6 = "word\n\n" * 6
 
 
-@pytest.mark.parametrize(("text", "limit"), [
-    ("say a ~~~ b " * 40, 64),  # a cut before "~~~" would start a message with a fence
-    (WORDS6 + "```\n``` " + "x" * 53 + "\n\nword\n\n", 64),  # cut after "```", a code line would close the block
-    ("```var " + "a=1;" * 40 + "\n```\nafter", 64),  # cut after "```var", the code would read as language "var"
-    ("word\n\n    ````" + " " * 52 + "\n````\n\nword\n\n", 64),  # a cut at the closing fence of an empty block
-    ("word\n\n" + " " * 62 + "```\n\nword\n\n", 64),  # a fence indented by more than a message holds
-    (WORDS6 + "`" * 112 + "\nword\n```\n\n" + "x" * 90 + "\n\n", 109),  # a divider, not a fence
-    (WORDS6 + "```\n" + "`" * 112 + "\nword\n\n" + "x" * 94 + "\n\n", 109),  # a closing line of 112 backticks
-])
+@pytest.mark.parametrize(
+    ("text", "limit"),
+    [
+        ("say a ~~~ b " * 40, 64),  # a cut before "~~~" would start a message with a fence
+        (WORDS6 + "```\n``` " + "x" * 53 + "\n\nword\n\n", 64),  # cut after "```", a code line would close the block
+        ("```var " + "a=1;" * 40 + "\n```\nafter", 64),  # cut after "```var", the code would read as language "var"
+        ("word\n\n    ````" + " " * 52 + "\n````\n\nword\n\n", 64),  # a cut at the closing fence of an empty block
+        ("word\n\n" + " " * 62 + "```\n\nword\n\n", 64),  # a fence indented by more than a message holds
+        (WORDS6 + "`" * 112 + "\nword\n```\n\n" + "x" * 90 + "\n\n", 109),  # a divider, not a fence
+        (WORDS6 + "```\n" + "`" * 112 + "\nword\n\n" + "x" * 94 + "\n\n", 109),  # a closing line of 112 backticks
+    ],
+)
 def test_no_cut_makes_or_breaks_a_fence_line(text: str, limit: int) -> None:
     # Cases hypothesis found; each failed before the rule it names.
     assert_code_kept(text, check(text, limit, len))
@@ -287,8 +340,20 @@ def test_slack_pieces_fit_after_escaping() -> None:
 
 CODE = "\n".join(f"    total += values[{i}] & mask  # <{i}>" for i in range(40))
 SECTION = f"## Part\n\nSome **bold** text with a [link](https://example.com) & more.\n\n```python\n{CODE}\n```\n\n"
-MARKUP = ["word", "naïve", "日本語", "👩‍👩‍👧‍👦", "a<b", "x&y", "**b**", "`c`", "e\u0301", "_i_", "[l](https://x.y)",
-          "~~s~~"]
+MARKUP = [
+    "word",
+    "naïve",
+    "日本語",
+    "👩‍👩‍👧‍👦",
+    "a<b",
+    "x&y",
+    "**b**",
+    "`c`",
+    "e\u0301",
+    "_i_",
+    "[l](https://x.y)",
+    "~~s~~",
+]
 PROSE = " ".join(MARKUP[i * 7 % len(MARKUP)] + ("\n" if i % 13 == 0 else "") for i in range(30_000))
 
 

@@ -22,8 +22,21 @@ from bot.store import Status
 from bot.types import SessionKey
 from bot.wording import STOPPED_NOTE
 from tests.fake_slack import APP_TOKEN, BOT_TOKEN, TEAM_ID
-from tests.slack_helpers import (ADMIN, REPLY_TIMEOUT_SECONDS, SIGNING_SECRET, answered, channel_key, command,
-                                 direct_message, fake, mention, replies, running_bot, settled, words)
+from tests.slack_helpers import (
+    ADMIN,
+    REPLY_TIMEOUT_SECONDS,
+    SIGNING_SECRET,
+    answered,
+    channel_key,
+    command,
+    direct_message,
+    fake,
+    mention,
+    replies,
+    running_bot,
+    settled,
+    words,
+)
 
 __all__ = ["fake"]  # the fixture, shared from tests.slack_helpers
 
@@ -31,16 +44,17 @@ __all__ = ["fake"]  # the fixture, shared from tests.slack_helpers
 NOT_ALLOWED_USER = "🚫 Sorry, you're not on the list of people allowed to use this bot."
 NOT_ALLOWED_CHANNEL = "🚫 I'm not enabled in this channel."
 DMS_DISABLED = "🚫 Direct messages are turned off for this bot; mention me in a channel instead."
-ADMINS_ONLY = ("🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's system "
-               "prompt; in a DM with me it is yours to change.")
+ADMINS_ONLY = (
+    "🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's system "
+    "prompt; in a DM with me it is yours to change."
+)
 
 
 # -- mentions and DMs ---------------------------------------------------------------------------------
 
 
 async def test_mention_is_streamed_in_a_thread_with_several_updates(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 40), max_tokens=300,
-                               repeat_penalty=1.0)
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 40), max_tokens=300, repeat_penalty=1.0)
     async with running_bot(manager, settings, fake) as bot:
         event = mention("C1", "tell me something")
         await fake.wait_ack(await fake.push_event(event))
@@ -88,9 +102,15 @@ async def test_mention_inside_a_thread_uses_that_threads_session(manager, settin
 async def test_edits_and_deletions_are_acknowledged_but_not_answered(manager, settings, fake):
     async with running_bot(manager, settings, fake):
         for subtype in ("message_changed", "message_deleted"):
-            event = {"type": "message", "subtype": subtype, "channel": "D1", "channel_type": "im",
-                     "ts": "1600000001.000001", "hidden": True,
-                     "message": {"type": "message", "user": "U2", "text": "edited", "ts": "1600000000.000009"}}
+            event = {
+                "type": "message",
+                "subtype": subtype,
+                "channel": "D1",
+                "channel_type": "im",
+                "ts": "1600000001.000001",
+                "hidden": True,
+                "message": {"type": "message", "user": "U2", "text": "edited", "ts": "1600000000.000009"},
+            }
             await fake.wait_ack(await fake.push_event(event))
     assert [c.method for c in fake.calls if c.method.startswith("chat.")] == []
 
@@ -129,8 +149,9 @@ async def test_app_mention_and_message_events_for_one_message_answer_once(manage
 
 async def test_two_channels_are_answered_at_once(manager, settings, fake):
     for channel in ("C1", "C2"):
-        await manager.set_sampling(channel_key(channel), grammar=words("organization", 20), max_tokens=200,
-                                   repeat_penalty=1.0)
+        await manager.set_sampling(
+            channel_key(channel), grammar=words("organization", 20), max_tokens=200, repeat_penalty=1.0
+        )
     async with running_bot(manager, settings, fake) as bot:
         first, second = mention("C1", "one"), mention("C2", "two")
         await fake.push_event(first)
@@ -148,8 +169,9 @@ async def test_two_channels_are_answered_at_once(manager, settings, fake):
 async def test_replies_in_one_workspace_share_its_update_pace(manager, settings, fake):
     channels = ("C1", "C2", "C3")
     for channel in channels:
-        await manager.set_sampling(channel_key(channel), grammar=words("organization", 40), max_tokens=400,
-                                   repeat_penalty=1.0)
+        await manager.set_sampling(
+            channel_key(channel), grammar=words("organization", 40), max_tokens=400, repeat_penalty=1.0
+        )
     async with running_bot(manager, settings, fake) as bot:
         events = [mention(channel, "go") for channel in channels]
         for event in events:
@@ -169,8 +191,11 @@ async def test_replies_in_one_workspace_share_its_update_pace(manager, settings,
 
 # " <<<<" is 5 characters from the model and 17 on Slack (" &lt;&lt;&lt;&lt;"): 200 of them make 1,000
 # characters that become 3,400, so the split must count Slack's length, or the message would be clipped.
-@pytest.mark.parametrize(("word", "count", "shown"), [("organization", 260, "organization"),
-                                                      ("<<<<", 200, "&lt;&lt;&lt;&lt;")], ids=["long", "escaped"])
+@pytest.mark.parametrize(
+    ("word", "count", "shown"),
+    [("organization", 260, "organization"), ("<<<<", 200, "&lt;&lt;&lt;&lt;")],
+    ids=["long", "escaped"],
+)
 async def test_long_answer_continues_in_a_new_message_in_the_same_thread(manager, settings, fake, word, count, shown):
     await manager.set_sampling(channel_key("C1"), grammar=words(word, count), max_tokens=1500, repeat_penalty=1.0)
     async with running_bot(manager, settings, fake, edit_interval=1.0) as bot:
@@ -184,8 +209,7 @@ async def test_long_answer_continues_in_a_new_message_in_the_same_thread(manager
 
 
 async def test_rate_limited_chat_update_is_retried_without_losing_or_duplicating(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 20), max_tokens=200,
-                               repeat_penalty=1.0)
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 20), max_tokens=200, repeat_penalty=1.0)
     fake.rate_limit("chat.update", retry_after=1, times=1)
     async with running_bot(manager, settings, fake) as bot:
         event = mention("C1", "go")
@@ -199,8 +223,7 @@ async def test_rate_limited_chat_update_is_retried_without_losing_or_duplicating
 
 @pytest.mark.parametrize("method", ["chat.postMessage", "chat.update"])
 async def test_msg_too_long_is_sent_again_shortened_and_the_final_text_still_shown(manager, settings, fake, method):
-    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 20), max_tokens=200,
-                               repeat_penalty=1.0)
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 20), max_tokens=200, repeat_penalty=1.0)
     fake.fail(method, "msg_too_long", times=1)
     async with running_bot(manager, settings, fake) as bot:
         event = mention("C1", "go")
@@ -215,8 +238,7 @@ async def test_msg_too_long_is_sent_again_shortened_and_the_final_text_still_sho
 
 
 async def test_blocks_slack_refuses_fall_back_to_plain_text(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 20), max_tokens=200,
-                               repeat_penalty=1.0)
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 20), max_tokens=200, repeat_penalty=1.0)
     for method in ("chat.postMessage", "chat.update"):  # say this workspace takes no blocks at all
         fake.fail(method, "invalid_blocks", times=10**6, when=lambda args: bool(args.get("blocks")))
     async with running_bot(manager, settings, fake) as bot:
@@ -229,13 +251,14 @@ async def test_blocks_slack_refuses_fall_back_to_plain_text(manager, settings, f
 
 
 async def test_socket_mode_disconnect_mid_stream_reconnects_and_keeps_the_reply(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 60), max_tokens=400,
-                               repeat_penalty=1.0)
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 60), max_tokens=400, repeat_penalty=1.0)
     async with running_bot(manager, settings, fake) as bot:
         event = mention("C1", "long one")
         await fake.push_event(event)
-        await fake.wait_for(lambda: any("organization" in str(c.args.get("text"))
-                                        for c in fake.calls_to("chat.update")), what="the reply streaming")
+        await fake.wait_for(
+            lambda: any("organization" in str(c.args.get("text")) for c in fake.calls_to("chat.update")),
+            what="the reply streaming",
+        )
         await fake.send_disconnect()
         await fake.wait_connected(2)
         [reply] = await answered(bot, fake, "C1", thread_ts=event["ts"])
@@ -248,8 +271,9 @@ async def test_socket_mode_disconnect_mid_stream_reconnects_and_keeps_the_reply(
 
 
 async def test_model_output_cannot_ping_anyone(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"),
-                               grammar='root ::= "Hi @everyone and <!channel> and <@U999> there"', max_tokens=60)
+    await manager.set_sampling(
+        channel_key("C1"), grammar='root ::= "Hi @everyone and <!channel> and <@U999> there"', max_tokens=60
+    )
     async with running_bot(manager, settings, fake) as bot:
         event = mention("C1", "say hi to all")
         await fake.push_event(event)
@@ -261,16 +285,22 @@ async def test_model_output_cannot_ping_anyone(manager, settings, fake):
 
 
 async def test_markdown_reply_is_shown_as_mrkdwn(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), max_tokens=80, grammar=(
-        'root ::= "## Plan\\nUse **bold** and *care*, see [docs](https://example.com/?a=1&b=2).\\n'
-        '- one\\n```python\\nx = 1 < 2\\n```"'))
+    await manager.set_sampling(
+        channel_key("C1"),
+        max_tokens=80,
+        grammar=(
+            'root ::= "## Plan\\nUse **bold** and *care*, see [docs](https://example.com/?a=1&b=2).\\n'
+            '- one\\n```python\\nx = 1 < 2\\n```"'
+        ),
+    )
     async with running_bot(manager, settings, fake) as bot:
         event = mention("C1", "format something")
         await fake.push_event(event)
         [reply] = await answered(bot, fake, "C1", thread_ts=event["ts"])
 
-    assert reply.text == ("*Plan*\nUse *bold* and _care_, see <https://example.com/?a=1&amp;b=2|docs>.\n"
-                          "• one\n```\nx = 1 &lt; 2\n```")
+    assert reply.text == (
+        "*Plan*\nUse *bold* and _care_, see <https://example.com/?a=1&amp;b=2|docs>.\n• one\n```\nx = 1 &lt; 2\n```"
+    )
 
 
 async def test_engine_failure_ends_the_reply_with_an_error_line_and_the_bot_keeps_going(manager, settings, fake):
@@ -325,8 +355,10 @@ async def test_commands_ack_within_3_seconds_while_the_engine_is_busy(manager, s
     async with running_bot(manager, settings, fake) as bot:
         event = mention("C2", "keep going")
         await fake.push_event(event)
-        await fake.wait_for(lambda: any("organization" in str(c.args.get("text"))
-                                        for c in fake.calls_to("chat.update")), what="the busy reply streaming")
+        await fake.wait_for(
+            lambda: any("organization" in str(c.args.get("text")) for c in fake.calls_to("chat.update")),
+            what="the busy reply streaming",
+        )
 
         status = await command(fake, "/status", channel="C2")
         assert "*Model:*" in status and "generating now" in status
@@ -350,12 +382,20 @@ async def test_commands_ack_within_3_seconds_while_the_engine_is_busy(manager, s
 
 
 async def test_access_control_and_per_user_rate_limit(manager, settings, fake):
-    async with running_bot(manager, settings, fake, allowed_channel_ids=["C1"], allowed_user_ids=["U1", "U2"],
-                           dms_enabled=False, user_messages_per_minute=1) as bot:
+    async with running_bot(
+        manager,
+        settings,
+        fake,
+        allowed_channel_ids=["C1"],
+        allowed_user_ids=["U1", "U2"],
+        dms_enabled=False,
+        user_messages_per_minute=1,
+    ) as bot:
         for event in (mention("C9", "here?"), mention("C1", "me?", user="U3"), direct_message("psst")):
             await fake.wait_ack(await fake.push_event(event))
-        await fake.wait_for(lambda: len(fake.calls_to("chat.postEphemeral")) == 2
-                            and fake.messages_in("D1"), what="three refusals")
+        await fake.wait_for(
+            lambda: len(fake.calls_to("chat.postEphemeral")) == 2 and fake.messages_in("D1"), what="three refusals"
+        )
         first = mention("C1", "first")
         await fake.push_event(first)
         await answered(bot, fake, "C1", thread_ts=first["ts"])
@@ -375,13 +415,13 @@ async def test_access_control_and_per_user_rate_limit(manager, settings, fake):
 
 
 async def test_native_streaming_appends_and_stops_the_stream(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 40), max_tokens=300,
-                               repeat_penalty=1.0)
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 40), max_tokens=300, repeat_penalty=1.0)
     async with running_bot(manager, settings, fake, native_streaming=True) as bot:
         event = mention("C1", "stream it")
         await fake.push_event(event)
-        await fake.wait_for(lambda: fake.calls_to("chat.stopStream"), timeout=REPLY_TIMEOUT_SECONDS,
-                            what="the stream to stop")
+        await fake.wait_for(
+            lambda: fake.calls_to("chat.stopStream"), timeout=REPLY_TIMEOUT_SECONDS, what="the stream to stop"
+        )
         await settled(bot)
 
     [reply] = fake.messages_in("C1", event["ts"])  # the "Thinking…" placeholder was deleted
@@ -395,13 +435,13 @@ async def test_native_streaming_appends_and_stops_the_stream(manager, settings, 
 
 
 async def test_expired_native_stream_is_finished_with_chat_update(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 60), max_tokens=400,
-                               repeat_penalty=1.0)
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 60), max_tokens=400, repeat_penalty=1.0)
     async with running_bot(manager, settings, fake, native_streaming=True) as bot:
         event = mention("C1", "stream it")
         await fake.push_event(event)
-        await fake.wait_for(lambda: fake.calls_to("chat.appendStream"), timeout=REPLY_TIMEOUT_SECONDS,
-                            what="the stream to start")
+        await fake.wait_for(
+            lambda: fake.calls_to("chat.appendStream"), timeout=REPLY_TIMEOUT_SECONDS, what="the stream to start"
+        )
         fake.expire_streams()
         await settled(bot)
 
@@ -414,12 +454,20 @@ async def test_expired_native_stream_is_finished_with_chat_update(manager, setti
 # -- HTTP (Events API) mode -----------------------------------------------------------------------------------
 
 
-def signed(body: str, *, timestamp: int | None = None, secret: str = SIGNING_SECRET,
-           content_type: str = "application/json", retry_num: int | None = None) -> dict[str, str]:
+def signed(
+    body: str,
+    *,
+    timestamp: int | None = None,
+    secret: str = SIGNING_SECRET,
+    content_type: str = "application/json",
+    retry_num: int | None = None,
+) -> dict[str, str]:
     timestamp = int(time.time()) if timestamp is None else timestamp
-    headers = {"Content-Type": content_type, "X-Slack-Request-Timestamp": str(timestamp),
-               "X-Slack-Signature": SignatureVerifier(secret).generate_signature(timestamp=str(timestamp),
-                                                                                 body=body)}
+    headers = {
+        "Content-Type": content_type,
+        "X-Slack-Request-Timestamp": str(timestamp),
+        "X-Slack-Signature": SignatureVerifier(secret).generate_signature(timestamp=str(timestamp), body=body),
+    }
     if retry_num is not None:
         headers |= {"X-Slack-Retry-Num": str(retry_num), "X-Slack-Retry-Reason": "http_timeout"}
     return headers
@@ -455,8 +503,9 @@ async def test_http_mode_verifies_signatures(manager, settings, fake):
         await answered(bot, fake, "C1", thread_ts=event["ts"])
 
         form = urlencode(fake.command_body("/status", channel="C1"))
-        async with http.post(url, data=form, headers=signed(form, content_type="application/x-www-form-urlencoded")
-                             ) as resp:
+        async with http.post(
+            url, data=form, headers=signed(form, content_type="application/x-www-form-urlencoded")
+        ) as resp:
             assert resp.status == 200 and "*Model:*" in await resp.text()  # a text-only ack is a plain body
 
     assert len(fake.calls_to("chat.postMessage")) == 1
@@ -479,8 +528,9 @@ async def test_http_mode_on_a_taken_port_is_one_line_naming_the_key(manager, set
 
 async def test_run_slack_serves_until_cancelled_then_disconnects(manager, settings, fake):
     settings.slack.api_base_url = fake.base_url
-    task = asyncio.create_task(run_slack(manager, settings, Secrets(slack_bot_token=BOT_TOKEN,
-                                                                    slack_app_token=APP_TOKEN)))
+    task = asyncio.create_task(
+        run_slack(manager, settings, Secrets(slack_bot_token=BOT_TOKEN, slack_app_token=APP_TOKEN))
+    )
     await fake.wait_connected()
     await fake.wait_ack(await fake.push_command("/status"))
     task.cancel()
@@ -497,15 +547,18 @@ async def test_a_rejected_bot_token_fails_at_start(manager, settings, fake):
     assert fake.connections_opened == 0
 
 
-@pytest.mark.parametrize(("markdown", "mrkdwn"), [
-    ("**bold** __also__ *it* _it_ ~~gone~~", "*bold* *also* _it_ _it_ ~gone~"),
-    ("[site](https://a.example/x) <https://b.example>", "<https://a.example/x|site> <https://b.example>"),
-    ("[trap](!channel) [trap2](<@U1>)", "trap (!channel) trap2 (&lt;@U1&gt;)"),
-    ("# Title\n* item\n  - sub\n> quote <!here>", "*Title*\n• item\n  • sub\n> quote &lt;!here&gt;"),
-    ("`a<b` and\n```js\ncode & <!everyone>", "`a&lt;b` and\n```\ncode &amp; &lt;!everyone&gt;\n```"),
-    ("snake_case_name and 2*3*4", "snake_case_name and 2*3*4"),
-    ("hey @channel and @Here", "hey @\u2060channel and @\u2060Here"),
-])
+@pytest.mark.parametrize(
+    ("markdown", "mrkdwn"),
+    [
+        ("**bold** __also__ *it* _it_ ~~gone~~", "*bold* *also* _it_ _it_ ~gone~"),
+        ("[site](https://a.example/x) <https://b.example>", "<https://a.example/x|site> <https://b.example>"),
+        ("[trap](!channel) [trap2](<@U1>)", "trap (!channel) trap2 (&lt;@U1&gt;)"),
+        ("# Title\n* item\n  - sub\n> quote <!here>", "*Title*\n• item\n  • sub\n> quote &lt;!here&gt;"),
+        ("`a<b` and\n```js\ncode & <!everyone>", "`a&lt;b` and\n```\ncode &amp; &lt;!everyone&gt;\n```"),
+        ("snake_case_name and 2*3*4", "snake_case_name and 2*3*4"),
+        ("hey @channel and @Here", "hey @\u2060channel and @\u2060Here"),
+    ],
+)
 def test_markdown_to_mrkdwn(markdown: str, mrkdwn: str) -> None:
     assert to_mrkdwn(markdown) == mrkdwn
 

@@ -23,8 +23,9 @@ def prompts_offered(fake: FakeSlack) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["chat.update", "native"])
-async def test_an_assistant_thread_greets_shows_status_titles_and_answers_in_the_thread(manager, settings, fake,
-                                                                                       native):
+async def test_an_assistant_thread_greets_shows_status_titles_and_answers_in_the_thread(
+    manager, settings, fake, native
+):
     thread_key = channel_key("D1", "")  # replaced below, once the thread exists
     async with running_bot(manager, settings, fake, native_streaming=native) as bot:
         thread, started = await fake.start_assistant_thread(user="U2", channel="D1")
@@ -32,16 +33,22 @@ async def test_an_assistant_thread_greets_shows_status_titles_and_answers_in_the
         [greeting] = await answered(bot, fake, "D1", thread_ts=thread)
         thread_key = channel_key("D1", thread)
         # A reasoning model's reply: the status shows while it thinks (long enough to be shown), then the answer.
-        await manager.set_sampling(thread_key, grammar='root ::= "<think>" (" hmm"){15} "</think>Four, of course."',
-                                   max_tokens=100, repeat_penalty=1.0)
+        await manager.set_sampling(
+            thread_key,
+            grammar='root ::= "<think>" (" hmm"){15} "</think>Four, of course."',
+            max_tokens=100,
+            repeat_penalty=1.0,
+        )
 
         await fake.push_event(fake.user_message("D1", "What is 2+2?", user="U2", thread_ts=thread))
-        await fake.wait_for(lambda: len(fake.messages_in("D1", thread)) == 2, timeout=REPLY_TIMEOUT_SECONDS,
-                            what="the answer")
+        await fake.wait_for(
+            lambda: len(fake.messages_in("D1", thread)) == 2, timeout=REPLY_TIMEOUT_SECONDS, what="the answer"
+        )
         await settled(bot)
         await fake.push_event(fake.user_message("D1", "And 3+3?", user="U2", thread_ts=thread))
-        await fake.wait_for(lambda: len(fake.messages_in("D1", thread)) == 3, timeout=REPLY_TIMEOUT_SECONDS,
-                            what="the second answer")
+        await fake.wait_for(
+            lambda: len(fake.messages_in("D1", thread)) == 3, timeout=REPLY_TIMEOUT_SECONDS, what="the second answer"
+        )
         await settled(bot)
 
     assert greeting.text == GREETING
@@ -50,15 +57,23 @@ async def test_an_assistant_thread_greets_shows_status_titles_and_answers_in_the
     assert (title.args["title"], title.args["thread_ts"]) == ("What is 2+2?", thread)
     statuses = [c for c in fake.calls_to("assistant.threads.setStatus") if c.args["thread_ts"] == thread]
     assert "is thinking it through…" in [c.args["status"] for c in statuses]
-    first_answer = min(c.at for c in fake.calls if c.method in ("chat.postMessage", "chat.startStream")
-                       and c.args.get("thread_ts") == thread and c.args.get("text") != GREETING)
+    first_answer = min(
+        c.at
+        for c in fake.calls
+        if c.method in ("chat.postMessage", "chat.startStream")
+        and c.args.get("thread_ts") == thread
+        and c.args.get("text") != GREETING
+    )
     assert statuses[0].at < first_answer  # the status shows while there is no answer yet, never a placeholder
     _, answer, second = fake.messages_in("D1", thread)
     assert answer.text.strip() == "Four, of course."
     assert set(answer.buttons) == ({REGENERATE, FEEDBACK} if native else {REGENERATE})
     assert [(m.role, m.content) for m in await manager.history(thread_key)] == [
-        ("user", "What is 2+2?"), ("assistant", "Four, of course."),
-        ("user", "And 3+3?"), ("assistant", "Four, of course.")]
+        ("user", "What is 2+2?"),
+        ("assistant", "Four, of course."),
+        ("user", "And 3+3?"),
+        ("assistant", "Four, of course."),
+    ]
     assert await manager.history(SessionKey.for_dm("slack", "U2")) == []  # each assistant thread is its own
 
 

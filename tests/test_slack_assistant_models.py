@@ -37,8 +37,11 @@ async def server(tmp_path: Path) -> AsyncIterator[RecordingServer]:
 @pytest.fixture
 def settings(settings: Settings, server: RecordingServer) -> Settings:
     """The small model as the default, and the recording server as "helper"."""
-    settings.models = [ModelSettings(name="helper", description="the recording server", url=server.base_url,
-                                     model="remote-id", n_ctx=2048)]
+    settings.models = [
+        ModelSettings(
+            name="helper", description="the recording server", url=server.base_url, model="remote-id", n_ctx=2048
+        )
+    ]
     return settings
 
 
@@ -53,8 +56,13 @@ async def ask(bot, fake: FakeSlack, thread: str, text: str, count: int) -> str:
 
 
 async def test_the_greeting_offers_the_models_and_a_pick_switches_that_thread_alone_even_after_a_restart(
-        manager: ConversationManager, settings: Settings, fake: FakeSlack, engine: Engine, store: Store,
-        server: RecordingServer) -> None:
+    manager: ConversationManager,
+    settings: Settings,
+    fake: FakeSlack,
+    engine: Engine,
+    store: Store,
+    server: RecordingServer,
+) -> None:
     async with running_bot(manager, settings, fake) as bot:
         picked, _ = await fake.start_assistant_thread(user="U2", channel="D1")
         [greeting] = await answered(bot, fake, "D1", thread_ts=picked)
@@ -70,7 +78,9 @@ async def test_the_greeting_offers_the_models_and_a_pick_switches_that_thread_al
 
     assert greeting.text == GREETING and MODEL_PICKER_LABEL in str(greeting.blocks)
     assert [(o["value"], o.get("description", {}).get("text")) for o in shown["options"]][1] == (
-        "helper", "the recording server")
+        "helper",
+        "the recording server",
+    )
     assert [o["value"] for o in shown["options"]] == [DEFAULT, "helper"]
     assert chosen(shown) == DEFAULT
     assert said == model_changed("helper", "<@U2>")
@@ -103,7 +113,8 @@ async def test_the_greeting_offers_the_models_and_a_pick_switches_that_thread_al
 
 
 async def test_a_user_the_policy_refuses_is_told_so_and_the_thread_keeps_its_model(
-        manager: ConversationManager, settings: Settings, fake: FakeSlack, server: RecordingServer) -> None:
+    manager: ConversationManager, settings: Settings, fake: FakeSlack, server: RecordingServer
+) -> None:
     async with running_bot(manager, settings, fake, allowed_user_ids=["U2"]) as bot:
         thread, _ = await fake.start_assistant_thread(user="U2", channel="D1")
         [greeting] = await answered(bot, fake, "D1", thread_ts=thread)

@@ -17,8 +17,18 @@ from adapters.slack.controls import NOTHING_TO_STOP, STALE, THANKS
 from bot.store import Status, Store
 from bot.wording import STOPPED_NOTE
 from tests.fake_slack import FakeMessage, FakeSlack
-from tests.slack_helpers import (ACK_DEADLINE_SECONDS, REPLY_TIMEOUT_SECONDS, answered, channel_key, fake, mention,
-                                 replies, running_bot, settled, words)
+from tests.slack_helpers import (
+    ACK_DEADLINE_SECONDS,
+    REPLY_TIMEOUT_SECONDS,
+    answered,
+    channel_key,
+    fake,
+    mention,
+    replies,
+    running_bot,
+    settled,
+    words,
+)
 
 __all__ = ["fake"]
 
@@ -43,9 +53,13 @@ async def test_stop_while_writing_then_continue_where_it_stopped(manager, settin
     async with running_bot(manager, settings, fake) as bot:
         question = mention("C1", "write at length")
         await fake.push_event(question)
-        await fake.wait_for(lambda: any(STOP in m.buttons and "organization" in shown(m)
-                                        for m in fake.messages_in("C1", question["ts"])),
-                            timeout=REPLY_TIMEOUT_SECONDS, what="a streaming reply with a Stop button")
+        await fake.wait_for(
+            lambda: any(
+                STOP in m.buttons and "organization" in shown(m) for m in fake.messages_in("C1", question["ts"])
+            ),
+            timeout=REPLY_TIMEOUT_SECONDS,
+            what="a streaming reply with a Stop button",
+        )
         [streaming] = fake.messages_in("C1", question["ts"])
         await press(fake, streaming, STOP)
         [stopped] = await answered(bot, fake, "C1", thread_ts=question["ts"])
@@ -97,11 +111,43 @@ async def test_presses_on_stale_replies_and_by_strangers_are_explained_privately
 
         await press(fake, old, REGENERATE, user="U2")  # not the newest answer any more
         await press(fake, old, REGENERATE, user="U9")  # someone the bot does not answer
-        stale_stop = FakeMessage("C1", old.ts, old.thread_ts, old.text, blocks=[{"type": "actions", "elements": [
-            {"type": "button", "action_id": STOP, "value": ButtonValue(channel_key("C1", question["ts"])).dump()}]}])
+        stale_stop = FakeMessage(
+            "C1",
+            old.ts,
+            old.thread_ts,
+            old.text,
+            blocks=[
+                {
+                    "type": "actions",
+                    "elements": [
+                        {
+                            "type": "button",
+                            "action_id": STOP,
+                            "value": ButtonValue(channel_key("C1", question["ts"])).dump(),
+                        }
+                    ],
+                }
+            ],
+        )
         await press(fake, stale_stop, STOP, user="U1")  # a Stop left on a finished reply
-        elsewhere = FakeMessage("C2", "1.0", None, "x", blocks=[{"type": "actions", "elements": [
-            {"type": "button", "action_id": STOP, "value": ButtonValue(channel_key("C1", question["ts"])).dump()}]}])
+        elsewhere = FakeMessage(
+            "C2",
+            "1.0",
+            None,
+            "x",
+            blocks=[
+                {
+                    "type": "actions",
+                    "elements": [
+                        {
+                            "type": "button",
+                            "action_id": STOP,
+                            "value": ButtonValue(channel_key("C1", question["ts"])).dump(),
+                        }
+                    ],
+                }
+            ],
+        )
         await press(fake, elsewhere, STOP, user="U1")  # a value that names another channel's conversation
         await fake.wait_for(lambda: len(fake.ephemeral_texts()) >= 3, what="three explanations")
         await settled(bot)
@@ -114,13 +160,13 @@ async def test_presses_on_stale_replies_and_by_strangers_are_explained_privately
 
 
 async def test_native_streaming_feedback_buttons_are_stored_with_the_reply(manager, settings, fake):
-    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 12), max_tokens=60,
-                               repeat_penalty=1.0)
+    await manager.set_sampling(channel_key("C1"), grammar=words("organization", 12), max_tokens=60, repeat_penalty=1.0)
     async with running_bot(manager, settings, fake, native_streaming=True) as bot:
         question = mention("C1", "stream it")
         await fake.push_event(question)
-        await fake.wait_for(lambda: fake.calls_to("chat.stopStream"), timeout=REPLY_TIMEOUT_SECONDS,
-                            what="the stream to stop")
+        await fake.wait_for(
+            lambda: fake.calls_to("chat.stopStream"), timeout=REPLY_TIMEOUT_SECONDS, what="the stream to stop"
+        )
         await settled(bot)
         [reply] = fake.messages_in("C1", question["ts"])
         assert set(reply.buttons) == {REGENERATE, FEEDBACK}
@@ -159,7 +205,9 @@ async def test_a_database_from_before_feedback_gains_the_column(tmp_path: Path) 
         assert not await store.set_feedback("slack/dm/U1", 1, "bad")  # a user message is not a reply
         assert not await store.set_feedback("slack/dm/U2", 2, "bad")  # another conversation's reply
         assert [(m.content, m.notes, m.feedback) for m in await store.messages("slack/dm/U1")] == [
-            ("hi", "", ""), ("hey", "", "bad")]
+            ("hi", "", ""),
+            ("hey", "", "bad"),
+        ]
     finally:
         await store.close()
 
@@ -182,8 +230,13 @@ _key_part = st.text(st.characters(blacklist_characters="/", blacklist_categories
 
 
 @hypothesis_settings(max_examples=150, deadline=None)
-@given(channel=_key_part, thread=_key_part, reply_id=st.none() | st.integers(1, 2**62),
-       feedback=st.sampled_from(["", "good", "bad"]), header=st.text(max_size=3000))
+@given(
+    channel=_key_part,
+    thread=_key_part,
+    reply_id=st.none() | st.integers(1, 2**62),
+    feedback=st.sampled_from(["", "good", "bad"]),
+    header=st.text(max_size=3000),
+)
 def test_a_button_value_reads_back_within_slacks_limit(channel, thread, reply_id, feedback, header) -> None:
     value = ButtonValue(channel_key(channel, thread), reply_id, feedback, header)
     dumped = value.dump()

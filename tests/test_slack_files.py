@@ -32,16 +32,25 @@ async def test_text_files_on_a_mention_are_read_and_the_rest_skipped_with_a_line
 
     [asked] = [m for m in await manager.history(channel_key("C1", event["ts"])) if m.role == "user"]
     assert asked.content == "review these\n\nFile notes.md:\n```\n# Plan\nship it\n```"
-    assert shown(reply) == to_mrkdwn("Looks fine.\n\n" + "\n".join([
-        "📎 I skipped archive.zip: not a text file.", "📎 I skipped big.log: larger than 1 kB.",
-        "📎 I skipped small-but-not.txt: larger than 1 kB.", "📎 I skipped elsewhere.txt: not stored on Slack."]))
+    assert shown(reply) == to_mrkdwn(
+        "Looks fine.\n\n"
+        + "\n".join(
+            [
+                "📎 I skipped archive.zip: not a text file.",
+                "📎 I skipped big.log: larger than 1 kB.",
+                "📎 I skipped small-but-not.txt: larger than 1 kB.",
+                "📎 I skipped elsewhere.txt: not stored on Slack.",
+            ]
+        )
+    )
     assert sorted(fake.downloads) == ["notes.md", "small-but-not.txt"]  # nothing too big or binary was fetched
 
 
 async def test_a_file_alone_in_a_dm_is_the_message(manager, settings, fake):
     async with running_bot(manager, settings, fake) as bot:
-        event = fake.user_message("D1", "", user="U2", files=[fake.add_file("hello.py", b"print('hi')\n",
-                                                                            "text/x-python")])
+        event = fake.user_message(
+            "D1", "", user="U2", files=[fake.add_file("hello.py", b"print('hi')\n", "text/x-python")]
+        )
         await fake.push_event(event)
         await answered(bot, fake, "D1")
 

@@ -22,8 +22,10 @@ from tests.slack_helpers import ADMIN, answered, channel_key, command, fake, men
 __all__ = ["fake"]
 
 DEFAULT = "SmolLM2-135M-Instruct.Q4_1"
-MODEL_ADMINS_ONLY = ("🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's model; "
-                     "in a DM with me it is yours to change.")
+MODEL_ADMINS_ONLY = (
+    "🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's model; "
+    "in a DM with me it is yours to change."
+)
 
 
 @pytest.fixture
@@ -36,14 +38,17 @@ async def server(tmp_path: Path) -> AsyncIterator[RecordingServer]:
 @pytest.fixture
 def settings(settings: Settings, server: RecordingServer) -> Settings:
     """The small model as the default, and the recording server as "helper"."""
-    settings.models = [ModelSettings(name="helper", description="the recording server", url=server.base_url,
-                                     model="remote-id", n_ctx=2048)]
+    settings.models = [
+        ModelSettings(
+            name="helper", description="the recording server", url=server.base_url, model="remote-id", n_ctx=2048
+        )
+    ]
     return settings
 
 
 async def test_a_channel_switched_with_slash_model_is_answered_by_that_model_and_keeps_it_after_a_restart(
-        manager: ConversationManager, settings: Settings, fake, engine: Engine, store: Store,
-        server: RecordingServer) -> None:
+    manager: ConversationManager, settings: Settings, fake, engine: Engine, store: Store, server: RecordingServer
+) -> None:
     await manager.set_sampling(channel_key("C2"), grammar='root ::= "Default here."')
     async with running_bot(manager, settings, fake) as bot:
         shown = await command(fake, "/model", user="U1")
@@ -87,8 +92,7 @@ async def test_a_channel_switched_with_slash_model_is_answered_by_that_model_and
     assert len(server.requests()) == 2
 
 
-async def test_anyone_picks_the_model_of_their_own_dm(manager: ConversationManager, settings: Settings,
-                                                      fake) -> None:
+async def test_anyone_picks_the_model_of_their_own_dm(manager: ConversationManager, settings: Settings, fake) -> None:
     async with running_bot(manager, settings, fake):
         changed = await command(fake, "/model", "helper", user="U5", channel="D5", channel_name="directmessage")
     assert changed.startswith("🧠 This conversation now uses `helper`")

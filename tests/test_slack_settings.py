@@ -17,10 +17,14 @@ from tests.slack_helpers import ADMIN, answered, channel_key, command, fake, men
 
 __all__ = ["fake"]
 
-ADMINS_ONLY = ("🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's system "
-               "prompt; in a DM with me it is yours to change.")
-SETTINGS_ADMINS_ONLY = ("🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's "
-                        "settings; in a DM with me they are yours to change.")
+ADMINS_ONLY = (
+    "🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's system "
+    "prompt; in a DM with me it is yours to change."
+)
+SETTINGS_ADMINS_ONLY = (
+    "🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's "
+    "settings; in a DM with me they are yours to change."
+)
 SETTINGS = {"temperature": float, "max_tokens": int, "top_p": float}
 
 
@@ -62,8 +66,9 @@ async def test_anyone_sets_their_own_dm_settings(manager, settings, fake):
 async def test_anyone_sets_their_own_dm_system_prompt_as_any_other_setting(manager, settings, fake):
     # One rule for /system and /settings (bot.access): a DM is the user's own, a channel needs an admin.
     async with running_bot(manager, settings, fake):
-        mine = await command(fake, "/system", "Answer in French.", user="U5", channel="D5",
-                             channel_name="directmessage")
+        mine = await command(
+            fake, "/system", "Answer in French.", user="U5", channel="D5", channel_name="directmessage"
+        )
         refused = await command(fake, "/system", "Answer in French.", user="U5", channel="C1")
 
     assert mine.startswith("✅") and refused == ADMINS_ONLY
@@ -71,16 +76,20 @@ async def test_anyone_sets_their_own_dm_system_prompt_as_any_other_setting(manag
     assert await manager.system_prompt(channel_key("C1")) == settings.conversation.system_prompt
 
 
-@pytest.mark.parametrize(("line", "expected"), [
-    ("temperature=0.3", {"temperature": 0.3}),
-    ("Max_Tokens = 200, top_p=1", {"max_tokens": 200, "top_p": 1.0}),
-])
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("temperature=0.3", {"temperature": 0.3}),
+        ("Max_Tokens = 200, top_p=1", {"max_tokens": 200, "top_p": 1.0}),
+    ],
+)
 def test_parse_settings_reads_name_value_pairs(line: str, expected: dict[str, float]) -> None:
     assert parse_settings(line) == expected
 
 
-@pytest.mark.parametrize("line", ["", "temperature", "temperature=0.3 please", "seed=3", "max_tokens=2.5",
-                                  "top_p=nan", "temperature=inf"])
+@pytest.mark.parametrize(
+    "line", ["", "temperature", "temperature=0.3 please", "seed=3", "max_tokens=2.5", "top_p=nan", "temperature=inf"]
+)
 def test_parse_settings_refuses_anything_else(line: str) -> None:
     with pytest.raises(ValueError):
         parse_settings(line)

@@ -10,8 +10,16 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from adapters.slack import shortcuts
-from adapters.slack.shortcuts import (ASK_ABOUT, ASK_VIEW, CANNOT_READ, METADATA_LIMIT, QUESTION_BLOCK, QUESTION_INPUT,
-                                      SUMMARIZE, view_metadata)
+from adapters.slack.shortcuts import (
+    ASK_ABOUT,
+    ASK_VIEW,
+    CANNOT_READ,
+    METADATA_LIMIT,
+    QUESTION_BLOCK,
+    QUESTION_INPUT,
+    SUMMARIZE,
+    view_metadata,
+)
 from tests.fake_slack import FakeMessage, FakeSlack
 from tests.slack_helpers import ACK_DEADLINE_SECONDS, answered, channel_key, fake, running_bot, settled
 
@@ -58,8 +66,9 @@ async def test_ask_about_a_message_opens_a_modal_and_answers_in_its_thread(manag
     assert asked.author_name == "Ana" and follow_up.content == "How do I fix it?"
 
 
-async def test_summarize_thread_reads_the_newest_messages_and_answers_in_the_thread(manager, settings, fake,
-                                                                                   monkeypatch):
+async def test_summarize_thread_reads_the_newest_messages_and_answers_in_the_thread(
+    manager, settings, fake, monkeypatch
+):
     monkeypatch.setattr(shortcuts, "REPLIES_PAGE", 2)  # the thread comes in three pages
     fake.add_user("U1", "Ana")
     fake.add_user("U2", "Bo")

@@ -28,7 +28,10 @@ async def test_a_follow_up_in_the_reply_thread_continues_the_conversation_withou
 
     thread = await manager.history(channel_key("C1", question["ts"]))
     assert [(m.role, m.content) for m in thread if m.role == "user"] == [
-        ("user", "My favourite colour is teal."), ("user", "What is my favourite colour?"), ("user", "and my name?")]
+        ("user", "My favourite colour is teal."),
+        ("user", "What is my favourite colour?"),
+        ("user", "and my name?"),
+    ]
     assert [m.status for m in thread if m.role == "assistant"] == [Status.COMPLETE] * 3
     assert len(fake.messages_in("C1", question["ts"])) == 3
     assert await manager.history(channel_key("C1")) == []  # the channel's own conversation was not touched
@@ -66,13 +69,15 @@ async def test_someone_the_bot_does_not_answer_is_ignored_quietly_in_a_followed_
         question = mention("C1", "hello")
         await fake.push_event(question)
         await answered(bot, fake, "C1", thread_ts=question["ts"])
-        await fake.wait_ack(await fake.push_event(fake.user_message("C1", "me too", user="U9",
-                                                                    thread_ts=question["ts"])))
+        await fake.wait_ack(
+            await fake.push_event(fake.user_message("C1", "me too", user="U9", thread_ts=question["ts"]))
+        )
         await settled(bot)
 
     assert fake.calls_to("chat.postEphemeral") == []  # not addressed to the bot: no refusal either
     assert [m.content for m in await manager.history(channel_key("C1", question["ts"])) if m.role == "user"] == [
-        "hello"]
+        "hello"
+    ]
 
 
 async def test_each_turn_carries_the_speakers_display_name(manager, settings, fake):

@@ -49,6 +49,7 @@ async def reply_pair(store: Store, key: str = KEY, text: str = "hi") -> tuple[in
 
 # -- messages ------------------------------------------------------------------------------------------
 
+
 async def test_messages_come_back_in_order_with_every_field(store: Store) -> None:
     first = await store.add_message(KEY, "user", "one", Status.COMPLETE, author_id="u1", author_name="Ann")
     second = await store.add_message(KEY, "assistant", "two ✓", Status.COMPLETE)
@@ -57,7 +58,10 @@ async def test_messages_come_back_in_order_with_every_field(store: Store) -> Non
     assert first < second < third
     history = await store.messages(KEY)
     assert [(m.id, m.role, m.content, m.author_name) for m in history] == [
-        (first, "user", "one", "Ann"), (second, "assistant", "two ✓", ""), (third, "user", "three", "Bob")]
+        (first, "user", "one", "Ann"),
+        (second, "assistant", "two ✓", ""),
+        (third, "user", "three", "Bob"),
+    ]
     assert all(isinstance(m.created_at, float) and m.notes == "" and m.feedback == "" for m in history)
     assert [m.content for m in await store.messages(KEY, limit=2)] == ["two ✓", "three"]
     assert [m.content for m in await store.messages(KEY, before_id=third, limit=1)] == ["two ✓"]
@@ -123,6 +127,7 @@ async def test_nul_characters_are_stored_the_same_on_both_backends(store: Store)
 
 # -- session settings ----------------------------------------------------------------------------------
 
+
 async def test_a_sessions_model_and_the_model_of_each_reply(store: Store) -> None:
     assert await store.model(KEY) is None
     await store.set_model(KEY, "second")
@@ -167,6 +172,7 @@ async def test_session_keys_and_summaries_by_prefix(store: Store) -> None:
 
 # -- event dedupe --------------------------------------------------------------------------------------
 
+
 async def test_an_event_is_claimed_once_until_it_expires(store: Store) -> None:
     assert await store.claim_event("ev1", 60)
     assert not await store.claim_event("ev1", 60)
@@ -189,6 +195,7 @@ async def test_claims_from_two_stores_on_one_database_count_once(target: str | P
 
 # -- leases: replies of a process that died ------------------------------------------------------------------
 
+
 async def test_a_reply_whose_lease_lapses_is_interrupted_once_with_its_text(target: str | Path) -> None:
     # Two stores on one database, as two processes have (on SQLite: the same process, opened twice).
     writer, survivor = await open_store(target), await open_store(target)
@@ -204,10 +211,15 @@ async def test_a_reply_whose_lease_lapses_is_interrupted_once_with_its_text(targ
             await writer.renew_leases([renewed], 0.5)
         sweeps = await asyncio.gather(survivor.expire_leases("⚠️ gone"), writer.expire_leases("⚠️ gone"))
         assert sorted([(r.id, r.session_key, r.content, r.message_ref) for r in sweep] for sweep in sweeps) == [
-            [], [(lapsing, KEY, "as far as it got", "where it is")]]  # taken over once, by one of them
+            [],
+            [(lapsing, KEY, "as far as it got", "where it is")],
+        ]  # taken over once, by one of them
         cut = await writer.message(lapsing)
-        assert cut is not None and (cut.status, cut.content, cut.notes) == (Status.INTERRUPTED, "as far as it got",
-                                                                           "⚠️ gone")
+        assert cut is not None and (cut.status, cut.content, cut.notes) == (
+            Status.INTERRUPTED,
+            "as far as it got",
+            "⚠️ gone",
+        )
         assert (await writer.message(renewed)).status == Status.GENERATING  # type: ignore[union-attr]
         assert (await writer.message(unleased)).status == Status.GENERATING  # type: ignore[union-attr]
         await writer.checkpoint(lapsing, "a late checkpoint")  # the dead process's writes change nothing
@@ -245,6 +257,7 @@ async def test_leases_and_message_references_are_not_exported(store: Store, tmp_
 
 # -- lifecycle and schema ------------------------------------------------------------------------------
 
+
 async def test_a_reply_cut_by_a_crash_is_interrupted_on_the_next_open(target: str | Path) -> None:
     store = await open_store(target)
     _, reply = await reply_pair(store)
@@ -271,8 +284,10 @@ async def test_tool_messages_are_kept_in_order_with_their_reply_and_cleared_with
     second = StoredToolCall(reply, 2, "crash", "{}", "the tool crash failed: gone\x00", True)
     await store.add_tool_call(first)
     await store.add_tool_call(second)
-    assert await store.tool_calls(reply) == [first, StoredToolCall(reply, 2, "crash", "{}",
-                                                                   "the tool crash failed: gone\ufffd", True)]
+    assert await store.tool_calls(reply) == [
+        first,
+        StoredToolCall(reply, 2, "crash", "{}", "the tool crash failed: gone\ufffd", True),
+    ]
     assert await store.tool_calls(reply + 1) == []
     assert await store.tool_calls(reply, key=KEY) == await store.tool_calls(reply)
     assert await store.tool_calls(reply, key=OTHER) == []  # a button naming it from elsewhere sees nothing
@@ -339,8 +354,9 @@ def make_old_sqlite(path: Path, extra: str = "") -> None:
     db.close()
 
 
-@pytest.mark.parametrize(("extra", "adopted"), [("", 1),
-                                                ("ALTER TABLE messages ADD COLUMN notes TEXT NOT NULL DEFAULT '';", 2)])
+@pytest.mark.parametrize(
+    ("extra", "adopted"), [("", 1), ("ALTER TABLE messages ADD COLUMN notes TEXT NOT NULL DEFAULT '';", 2)]
+)
 async def test_an_unversioned_sqlite_database_is_upgraded(tmp_path: Path, extra: str, adopted: int) -> None:
     path = tmp_path / "old.sqlite3"
     make_old_sqlite(path, extra)
@@ -352,7 +368,9 @@ async def test_an_unversioned_sqlite_database_is_upgraded(tmp_path: Path, extra:
         assert await store.schema_version() == store.latest_version
         history = await store.messages(KEY)
         assert [(m.content, m.status, m.notes, m.feedback) for m in history] == [
-            ("hello", "complete", "", ""), ("half", "interrupted", "", "")]
+            ("hello", "complete", "", ""),
+            ("half", "interrupted", "", ""),
+        ]
         assert await store.system_prompt(KEY) == "Be old." and await store.sampling(KEY) == {"top_k": 5}
         assert await store.set_feedback(KEY, history[1].id, "good")
     finally:
@@ -360,6 +378,7 @@ async def test_an_unversioned_sqlite_database_is_upgraded(tmp_path: Path, extra:
 
 
 # -- export and import ---------------------------------------------------------------------------------
+
 
 async def fill(store: Store) -> None:
     """Two conversations with settings, every status, notes, feedback and authors."""
@@ -414,12 +433,14 @@ async def test_export_and_import_round_trip_sqlite_postgres_sqlite(tmp_path: Pat
 
 async def test_an_export_from_before_schema_7_imports_without_models(store: Store, tmp_path: Path) -> None:
     old = tmp_path / "old.jsonl"
-    old.write_text('{"type": "llamarelay-export", "version": 1, "schema": 6}\n'
-                   f'{{"type": "session", "key": "{KEY}", "system_prompt": null, "sampling": {{}}, '
-                   '"created_at": 1.0}\n'
-                   f'{{"type": "message", "id": 5, "session_key": "{KEY}", "role": "user", "content": "old", '
-                   '"status": "complete", "author_id": "", "author_name": "", "created_at": 1.0, "notes": "", '
-                   '"feedback": ""}\n')
+    old.write_text(
+        '{"type": "llamarelay-export", "version": 1, "schema": 6}\n'
+        f'{{"type": "session", "key": "{KEY}", "system_prompt": null, "sampling": {{}}, '
+        '"created_at": 1.0}\n'
+        f'{{"type": "message", "id": 5, "session_key": "{KEY}", "role": "user", "content": "old", '
+        '"status": "complete", "author_id": "", "author_name": "", "created_at": 1.0, "notes": "", '
+        '"feedback": ""}\n'
+    )
     assert await import_jsonl(store, old) == (1, 1)
     assert await store.model(KEY) is None
     assert [(m.content, m.model) for m in await store.messages(KEY)] == [("old", "")]
@@ -438,12 +459,18 @@ async def test_import_refuses_a_file_that_is_not_an_export(store: Store, tmp_pat
 
 # -- the command line ----------------------------------------------------------------------------------
 
+
 def llamarelay(*args: str, config: Path, database_url: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "LLAMARELAY_DATABASE_URL"}
     if database_url:
         env["LLAMARELAY_DATABASE_URL"] = database_url
-    return subprocess.run([sys.executable, "-m", "bot", "--config", str(config), *args], capture_output=True,
-                          text=True, timeout=120, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "bot", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
 
 
 def sqlite_config(directory: Path, name: str) -> Path:
@@ -463,7 +490,8 @@ async def test_the_migrate_command_shows_and_applies_migrations(tmp_path: Path) 
 
 
 async def test_the_commands_move_conversations_to_postgres_with_the_url_from_the_environment(
-        tmp_path: Path, postgres: Cluster) -> None:
+    tmp_path: Path, postgres: Cluster
+) -> None:
     source = await open_store(tmp_path / "small.sqlite3")
     await fill(source)
     original = await dumped(source)
@@ -472,8 +500,9 @@ async def test_the_commands_move_conversations_to_postgres_with_the_url_from_the
     exported = llamarelay("export", str(tmp_path / "all.jsonl"), config=sqlite_config(tmp_path, "small"))
     assert exported.returncode == 0 and "exported 2 conversations, 7 messages" in exported.stdout, exported.stderr
     # A config naming SQLite: the environment's URL wins, and the password is never printed.
-    imported = llamarelay("import", str(tmp_path / "all.jsonl"), config=sqlite_config(tmp_path, "unused"),
-                          database_url=url)
+    imported = llamarelay(
+        "import", str(tmp_path / "all.jsonl"), config=sqlite_config(tmp_path, "unused"), database_url=url
+    )
     assert imported.returncode == 0, imported.stderr
     assert "imported 2 conversations, 7 messages into " + redact_url(url) in imported.stdout
     assert "s3cret-pw" not in imported.stdout + imported.stderr and "***" in redact_url(url)
@@ -483,16 +512,19 @@ async def test_the_commands_move_conversations_to_postgres_with_the_url_from_the
         assert await dumped(store) == original
     finally:
         await store.close()
-    again = llamarelay("import", str(tmp_path / "all.jsonl"), config=sqlite_config(tmp_path, "unused"),
-                       database_url=url)
+    again = llamarelay(
+        "import", str(tmp_path / "all.jsonl"), config=sqlite_config(tmp_path, "unused"), database_url=url
+    )
     assert again.returncode == 1 and "already holds conversations" in again.stderr
     assert "s3cret-pw" not in again.stderr
 
 
 # -- a conversation on PostgreSQL ----------------------------------------------------------------------
 
-async def test_a_conversation_on_postgres_with_the_real_engine(engine: Engine, settings: Settings,
-                                                                postgres: Cluster) -> None:
+
+async def test_a_conversation_on_postgres_with_the_real_engine(
+    engine: Engine, settings: Settings, postgres: Cluster
+) -> None:
     settings.store.url = await postgres.database()
     store = await open_store(settings.store.target({}))
     assert not isinstance(store, SQLiteStore)
@@ -514,13 +546,16 @@ async def test_a_conversation_on_postgres_with_the_real_engine(engine: Engine, s
 
 # -- configuration -------------------------------------------------------------------------------------
 
+
 def test_the_environment_url_wins_over_the_config_and_the_path_is_the_fallback() -> None:
     settings = Settings.model_validate({"store": {"path": "chat.sqlite3"}})
     assert settings.store.target({}) == Path("chat.sqlite3")
     settings = Settings.model_validate({"store": {"url": "postgresql://bot@db/chat"}})
     assert settings.store.target({}) == "postgresql://bot@db/chat"
-    assert settings.store.target({"LLAMARELAY_DATABASE_URL": "postgresql://bot:pw@db2/chat"}) == \
-        "postgresql://bot:pw@db2/chat"
+    assert (
+        settings.store.target({"LLAMARELAY_DATABASE_URL": "postgresql://bot:pw@db2/chat"})
+        == "postgresql://bot:pw@db2/chat"
+    )
     with pytest.raises(ValueError, match="must be a postgresql:// URL"):
         Settings.model_validate({"store": {"url": "mysql://bot@db/chat"}})
 

@@ -15,7 +15,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from hypothesis import given, settings as hypothesis_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from adapters.web import WebServer, create_app, run_web
 from adapters.web.api import LOGIN_FAILURES_ALLOWED, LOGIN_WINDOW_SECONDS, MAX_MESSAGE_CHARS, STATE, TITLE_CHARS
@@ -28,8 +30,16 @@ from bot.errors import ConfigError
 from bot.prompt import Prompt
 from bot.store import Status
 from bot.types import Phase, ReplyStatus, SessionKey
-from bot.wording import (LENGTH_NOTE, REASONING, STALE_REPLY, STOPPED_NOTE, THINKING, WAITING_FOR_PREVIOUS, queued_line,
-                         status_line)
+from bot.wording import (
+    LENGTH_NOTE,
+    REASONING,
+    STALE_REPLY,
+    STOPPED_NOTE,
+    THINKING,
+    WAITING_FOR_PREVIOUS,
+    queued_line,
+    status_line,
+)
 
 REPLY_TIMEOUT_SECONDS = 120.0  # the machine is shared and may be slow; waited on, never slept
 SENTENCE = "lorem ipsum dolor sit amet."
@@ -202,6 +212,7 @@ async def wait_for(condition: Callable[[], Any], what: str) -> Any:
 
 # -- streaming ----------------------------------------------------------------------------------------
 
+
 async def test_reply_arrives_in_several_chunks_and_is_stored(browsers: Callable[[], Browser]) -> None:
     browser = browsers()
     conversation = await browser.new(sentences(6))
@@ -212,7 +223,9 @@ async def test_reply_arrives_in_several_chunks_and_is_stored(browsers: Callable[
     assert done["status"] == Status.COMPLETE and done["notes"] == []
     history = (await browser.conversation(conversation))["messages"]
     assert [(m["role"], m["content"], m["status"]) for m in history] == [
-        ("user", "Say lorem ipsum.", Status.COMPLETE), ("assistant", expected(6), Status.COMPLETE)]
+        ("user", "Say lorem ipsum.", Status.COMPLETE),
+        ("assistant", expected(6), Status.COMPLETE),
+    ]
 
 
 async def test_stop_ends_the_reply_and_keeps_the_partial_text(browsers: Callable[[], Browser]) -> None:
@@ -236,7 +249,8 @@ async def test_stop_ends_the_reply_and_keeps_the_partial_text(browsers: Callable
 
 
 async def test_dropped_connection_loses_nothing_and_history_shows_after_reconnect(
-        browsers: Callable[[], Browser], server: WebServer, manager: ConversationManager) -> None:
+    browsers: Callable[[], Browser], server: WebServer, manager: ConversationManager
+) -> None:
     browser = browsers()
     conversation = await browser.new(sentences(10), max_tokens=200)
     stream = await browser.send(conversation, "Tell me something.")
@@ -256,13 +270,15 @@ async def test_dropped_connection_loses_nothing_and_history_shows_after_reconnec
         assert (reply["content"], reply["status"]) == (expected(10), Status.COMPLETE)
         status, listed = await again.call("GET", "/api/conversations")
         assert status == 200 and listed["conversations"] == [
-            {"id": conversation, "title": "Tell me something.", "messages": 2}]
+            {"id": conversation, "title": "Tell me something.", "messages": 2}
+        ]
     finally:
         await again.close()
 
 
-async def test_queue_position_is_streamed_while_the_engine_is_busy(browsers: Callable[[], Browser],
-                                                                   manager: ConversationManager) -> None:
+async def test_queue_position_is_streamed_while_the_engine_is_busy(
+    browsers: Callable[[], Browser], manager: ConversationManager
+) -> None:
     # The test engine serves two generations at once (parallel=2): a third one waits in the queue.
     browser = browsers()
     busy = [await browser.new(sentences(200), max_tokens=1500) for _ in range(2)]
@@ -288,6 +304,7 @@ async def test_queue_position_is_streamed_while_the_engine_is_busy(browsers: Cal
 
 # -- regenerate and continue -------------------------------------------------------------------------------
 
+
 async def test_regenerate_replaces_the_last_answer_in_the_history(browsers: Callable[[], Browser]) -> None:
     browser = browsers()
     conversation = await browser.new('root ::= "First try."')
@@ -302,8 +319,10 @@ async def test_regenerate_replaces_the_last_answer_in_the_history(browsers: Call
     assert (done["status"], done["text"], done["reply_id"]) == (Status.COMPLETE, "Second try.", first["reply_id"])
     assert stream.shown() == "Second try."
     detail = await browser.conversation(conversation)
-    assert [(m["role"], m["content"]) for m in detail["messages"]] == [("user", "Say something."),
-                                                                     ("assistant", "Second try.")]
+    assert [(m["role"], m["content"]) for m in detail["messages"]] == [
+        ("user", "Say something."),
+        ("assistant", "Second try."),
+    ]
     assert detail["latest_reply"] == first["reply_id"]
 
 
@@ -315,8 +334,7 @@ async def test_continue_extends_an_answer_cut_by_the_length_limit(browsers: Call
     stored = (await browser.conversation(conversation))["messages"][-1]
     assert stored["notes"] == [LENGTH_NOTE] and stored["can_continue"] is True  # what the page needs after a reload
 
-    await browser.manager.set_sampling(browser.key(conversation), grammar='root ::= " And that is all."',
-                                       max_tokens=40)
+    await browser.manager.set_sampling(browser.key(conversation), grammar='root ::= " And that is all."', max_tokens=40)
     stream = await browser.redo(conversation, "continue", cut["reply_id"])
     assert await stream.next() == ("replace", {"text": cut["text"]})  # the stream opens with the answer so far
     done = await stream.done()
@@ -325,8 +343,9 @@ async def test_continue_extends_an_answer_cut_by_the_length_limit(browsers: Call
     messages = (await browser.conversation(conversation))["messages"]
     assert [(m["content"], m["can_continue"]) for m in messages] == [("Talk.", False), (done["text"], False)]
 
-    status, body = await browser.call("POST", f"/api/conversations/{conversation}/continue",
-                                      json={"reply_id": cut["reply_id"]})
+    status, body = await browser.call(
+        "POST", f"/api/conversations/{conversation}/continue", json={"reply_id": cut["reply_id"]}
+    )
     assert (status, body["error"]) == (409, "nothing_to_continue")
 
 
@@ -338,7 +357,9 @@ async def test_regenerate_and_continue_refuse_what_no_longer_applies(browsers: C
     path = f"/api/conversations/{conversation}"
     for action in ("regenerate", "continue"):  # the page showed an old state: 409, and nothing changes
         assert await browser.call("POST", f"{path}/{action}", json={"reply_id": first["reply_id"]}) == (
-            409, {"error": "stale_reply", "message": STALE_REPLY})
+            409,
+            {"error": "stale_reply", "message": STALE_REPLY},
+        )
     for body in ({}, {"reply_id": "1"}, {"reply_id": True}, {"reply_id": None}):
         status, answer = await browser.call("POST", f"{path}/regenerate", json=body)
         assert (status, answer["error"]) == (400, "invalid_field"), body
@@ -362,29 +383,37 @@ async def test_regenerate_and_continue_refuse_what_no_longer_applies(browsers: C
 
 # -- files, speakers, reasoning ------------------------------------------------------------------------------
 
-async def test_files_are_read_into_the_message_and_skipped_ones_say_why(browsers: Callable[[], Browser],
-                                                                          settings: Settings) -> None:
+
+async def test_files_are_read_into_the_message_and_skipped_ones_say_why(
+    browsers: Callable[[], Browser], settings: Settings
+) -> None:
     settings.conversation.max_file_bytes = 1000
     browser = browsers()
     conversation = await browser.new(sentences(1))
-    stream = await browser.send_files(conversation, "Summarize these.", [
-        ("notes.txt", b"buy milk\r\ncall Bo", "text/plain"),
-        ("archive.zip", b"PK\x03\x04\x00\x00", "application/zip"),
-        ("big.log", b"x" * 5000, "application/octet-stream"),
-        ("../../etc/données.csv", b"a,b\n1,2\n", ""),
-    ])
+    stream = await browser.send_files(
+        conversation,
+        "Summarize these.",
+        [
+            ("notes.txt", b"buy milk\r\ncall Bo", "text/plain"),
+            ("archive.zip", b"PK\x03\x04\x00\x00", "application/zip"),
+            ("big.log", b"x" * 5000, "application/octet-stream"),
+            ("../../etc/données.csv", b"a,b\n1,2\n", ""),
+        ],
+    )
     done = await stream.done()
     assert done["status"] == Status.COMPLETE and done["text"] == expected(1)
     assert done["notes"] == ["📎 I skipped archive.zip: not a text file.", "📎 I skipped big.log: larger than 1 kB."]
     messages = (await browser.conversation(conversation))["messages"]
-    assert messages[0]["content"] == ("Summarize these.\n\nFile notes.txt:\n```\nbuy milk\ncall Bo\n```"
-                                      "\n\nFile données.csv:\n```\na,b\n1,2\n```")
+    assert messages[0]["content"] == (
+        "Summarize these.\n\nFile notes.txt:\n```\nbuy milk\ncall Bo\n```\n\nFile données.csv:\n```\na,b\n1,2\n```"
+    )
 
     # Files alone are a message too; a form with neither text nor files is an empty one.
     alone = await (await browser.send_files(conversation, None, [("todo.md", b"- [ ] ship it", "")])).done()
     assert alone["status"] == Status.COMPLETE
     assert (await browser.conversation(conversation))["messages"][-2]["content"] == (
-        "File todo.md:\n```\n- [ ] ship it\n```")
+        "File todo.md:\n```\n- [ ] ship it\n```"
+    )
     status, body = await browser.call("POST", f"/api/conversations/{conversation}/messages", data=upload(" ", []))
     assert (status, body["error"]) == (400, "empty_message")
     status, info = await browser.call("GET", "/api/info")
@@ -420,8 +449,9 @@ async def raw_post(port: int, path: str, headers: dict[str, str], body: AsyncIte
             await writer.wait_closed()
 
 
-async def test_upload_limits_hold_before_the_body_is_read(browsers: Callable[[], Browser], server: WebServer,
-                                                          settings: Settings) -> None:
+async def test_upload_limits_hold_before_the_body_is_read(
+    browsers: Callable[[], Browser], server: WebServer, settings: Settings
+) -> None:
     settings.conversation.max_file_bytes = 1000
     settings.images.max_bytes = 1000
     browser = browsers()
@@ -442,8 +472,7 @@ async def test_upload_limits_hold_before_the_body_is_read(browsers: Callable[[],
             await asyncio.sleep(0.01)
 
     # A Content-Length over the limit is refused from the headers alone, long before the limit is sent.
-    assert await raw_post(server.port, path, {**form, "Content-Length": str(10**9)}, trickle()) == (
-        413, "too_large")
+    assert await raw_post(server.port, path, {**form, "Content-Length": str(10**9)}, trickle()) == (413, "too_large")
     assert sent < limit / 2, (sent, limit)
 
     async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
@@ -451,32 +480,43 @@ async def test_upload_limits_hold_before_the_body_is_read(browsers: Callable[[],
             yield f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
 
     sent = 0
-    assert await raw_post(server.port, path, {**form, "Transfer-Encoding": "chunked"}, chunked()) == (
-        413, "too_large")
+    assert await raw_post(server.port, path, {**form, "Transfer-Encoding": "chunked"}, chunked()) == (413, "too_large")
     assert limit <= sent < 2 * limit, (sent, limit)  # refused once past the limit, not at the body's end
 
     too_many = [(f"f{n}.txt", b"x", "text/plain") for n in range(MAX_FILES + 1)]
     cases: list[tuple[Any, dict[str, str], int, str]] = [
         (upload("hi", too_many), {}, 413, "too_many_files"),
         (upload("x" * (MAX_MESSAGE_CHARS + 1), []), {}, 413, "too_long"),
-        (b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\n\xff\xfe\r\n--b--\r\n',
-         {"Content-Type": "multipart/form-data; boundary=b"}, 400, "invalid_field"),
-        (b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\nno name\r\n--b--\r\n',
-         {"Content-Type": "multipart/form-data; boundary=b"}, 400, "invalid_field"),
-        (b'--b\r\nContent-Disposition: form-data; name="other"\r\n\r\nx\r\n--b--\r\n',
-         {"Content-Type": "multipart/form-data; boundary=b"}, 400, "invalid_field"),
+        (
+            b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\n\xff\xfe\r\n--b--\r\n',
+            {"Content-Type": "multipart/form-data; boundary=b"},
+            400,
+            "invalid_field",
+        ),
+        (
+            b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\nno name\r\n--b--\r\n',
+            {"Content-Type": "multipart/form-data; boundary=b"},
+            400,
+            "invalid_field",
+        ),
+        (
+            b'--b\r\nContent-Disposition: form-data; name="other"\r\n\r\nx\r\n--b--\r\n',
+            {"Content-Type": "multipart/form-data; boundary=b"},
+            400,
+            "invalid_field",
+        ),
         (b"--b\r\nnot a header line", {"Content-Type": "multipart/form-data; boundary=b"}, 400, "invalid_form"),
         (b"no boundary at all", {"Content-Type": "multipart/form-data"}, 400, "invalid_form"),
     ]
     for data, headers, status, error in cases:
         answer = await browser.call("POST", path, data=data, headers=headers)
-        assert (answer[0], answer[1]["error"]) == (status, error), (data if isinstance(data, bytes) else error)
+        assert (answer[0], answer[1]["error"]) == (status, error), data if isinstance(data, bytes) else error
     assert (await browser.conversation(conversation))["messages"] == []
 
 
-async def test_the_model_reads_no_speaker_name_on_the_web(browsers: Callable[[], Browser],
-                                                          manager: ConversationManager,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_model_reads_no_speaker_name_on_the_web(
+    browsers: Callable[[], Browser], manager: ConversationManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
     prompts: list[list[int]] = []
     submit = manager.engine.submit
 
@@ -497,8 +537,9 @@ async def test_the_model_reads_no_speaker_name_on_the_web(browsers: Callable[[],
 
 async def test_a_reasoning_model_shows_a_status_then_only_its_answer(browsers: Callable[[], Browser]) -> None:
     browser = browsers()
-    conversation = await browser.new('root ::= "<think>" ([a-z]{3,6} " "){60} "</think>" " The answer is yes."',
-                                     max_tokens=400)
+    conversation = await browser.new(
+        'root ::= "<think>" ([a-z]{3,6} " "){60} "</think>" " The answer is yes."', max_tokens=400
+    )
     stream = await browser.send(conversation, "Is it?")
     done = await stream.done()
     assert done["text"] == "The answer is yes." and stream.shown() == "The answer is yes."
@@ -510,6 +551,7 @@ async def test_a_reasoning_model_shows_a_status_then_only_its_answer(browsers: C
 
 # -- sessions ---------------------------------------------------------------------------------------------
 
+
 async def test_two_browsers_cannot_reach_each_others_conversations(browsers: Callable[[], Browser]) -> None:
     alice, mallory = browsers(), browsers()
     conversation = await alice.new(sentences(1))
@@ -517,10 +559,15 @@ async def test_two_browsers_cannot_reach_each_others_conversations(browsers: Cal
 
     assert await mallory.call("GET", "/api/conversations") == (200, {"conversations": []})
     reply_id = (await alice.conversation(conversation))["latest_reply"]
-    for method, path, body in (("GET", "", None), ("POST", "/messages", {"text": "hi"}), ("POST", "/stop", None),
-                               ("POST", "/reset", None), ("PUT", "/system_prompt", {"system_prompt": "x"}),
-                               ("POST", "/regenerate", {"reply_id": reply_id}),
-                               ("POST", "/continue", {"reply_id": reply_id})):
+    for method, path, body in (
+        ("GET", "", None),
+        ("POST", "/messages", {"text": "hi"}),
+        ("POST", "/stop", None),
+        ("POST", "/reset", None),
+        ("PUT", "/system_prompt", {"system_prompt": "x"}),
+        ("POST", "/regenerate", {"reply_id": reply_id}),
+        ("POST", "/continue", {"reply_id": reply_id}),
+    ):
         status, answer = await mallory.call(method, f"/api/conversations/{conversation}{path}", json=body)
         assert (status, answer["error"]) == (404, "unknown_conversation"), (method, path)
     history = (await alice.conversation(conversation))["messages"]
@@ -529,7 +576,8 @@ async def test_two_browsers_cannot_reach_each_others_conversations(browsers: Cal
 
 
 async def test_the_web_asks_the_core_access_policy_and_answers_its_refusals(
-        server: WebServer, browsers: Callable[[], Browser]) -> None:
+    server: WebServer, browsers: Callable[[], Browser]
+) -> None:
     # No [web] key sets a limit; a policy with one shows that the web asks the same question as every platform.
     server.app[STATE].policy = AccessPolicy(messages_per_minute=1)
     browser = browsers()
@@ -540,8 +588,11 @@ async def test_the_web_asks_the_core_access_policy_and_answers_its_refusals(
         assert (r.status, body["error"]) == (429, "too_fast") and int(r.headers["Retry-After"]) > 0
         assert body["message"].startswith("⏳ Easy there! You can send 1 messages a minute")
     # A browser's conversation is its own, as a DM is: its settings are its to change.
-    assert (await browser.call("PUT", f"/api/conversations/{conversation}/system_prompt",
-                               json={"system_prompt": "Be brief."}))[0] == 200
+    assert (
+        await browser.call(
+            "PUT", f"/api/conversations/{conversation}/system_prompt", json={"system_prompt": "Be brief."}
+        )
+    )[0] == 200
 
 
 async def test_conversations_list_system_prompt_and_reset(browsers: Callable[[], Browser]) -> None:
@@ -553,21 +604,27 @@ async def test_conversations_list_system_prompt_and_reset(browsers: Callable[[],
     status, listed = await browser.call("GET", "/api/conversations")
     assert status == 200 and listed["conversations"] == [
         {"id": second, "title": "New chat", "messages": 0},
-        {"id": first, "title": "What is the weather like on a very long day in the middle…", "messages": 2}]
+        {"id": first, "title": "What is the weather like on a very long day in the middle…", "messages": 2},
+    ]
 
     path = f"/api/conversations/{first}/system_prompt"
     assert await browser.call("PUT", path, json={"system_prompt": "You are a pirate."}) == (
-        200, {"system_prompt": "You are a pirate."})
+        200,
+        {"system_prompt": "You are a pirate."},
+    )
     assert (await browser.conversation(first))["system_prompt"] == "You are a pirate."
     assert await browser.call("PUT", path, json={"system_prompt": None}) == (
-        200, {"system_prompt": "You are a helpful assistant."})
+        200,
+        {"system_prompt": "You are a helpful assistant."},
+    )
 
     assert await browser.call("POST", f"/api/conversations/{first}/reset") == (200, {"reset": True})
     assert (await browser.conversation(first))["messages"] == []
 
 
-async def test_conversation_list_is_one_query_whatever_the_history(browsers: Callable[[], Browser],
-                                                                    manager: ConversationManager) -> None:
+async def test_conversation_list_is_one_query_whatever_the_history(
+    browsers: Callable[[], Browser], manager: ConversationManager
+) -> None:
     browser, other = browsers(), browsers()
     first, second, empty = [await browser.new() for _ in range(3)]
     await other.new()
@@ -588,20 +645,26 @@ async def test_conversation_list_is_one_query_whatever_the_history(browsers: Cal
     assert status == 200
     assert len(statements) == 1, statements  # one summary query, never a conversation read whole
     titles = [f"question {c} 0 " + "x" * (TITLE_CHARS - 1 - len(f"question {c} 0 ")) + "…" for c in (first, second)]
-    assert listed["conversations"] == [{"id": empty, "title": "New chat", "messages": 0},
-                                       {"id": second, "title": titles[1], "messages": 7},
-                                       {"id": first, "title": titles[0], "messages": 81}]
+    assert listed["conversations"] == [
+        {"id": empty, "title": "New chat", "messages": 0},
+        {"id": second, "title": titles[1], "messages": 7},
+        {"id": first, "title": titles[0], "messages": 81},
+    ]
     # The store's side: newest first, limited, only under the prefix, first user message cut short.
     prefix = str(browser.key("_"))[:-1]
     summaries = await store.session_summaries(prefix, 2)
-    assert [(key[len(prefix):], len(text), count) for key, text, count in summaries] == [(empty, 0, 0),
-                                                                                        (second, 500, 7)]
+    assert [(key[len(prefix) :], len(text), count) for key, text, count in summaries] == [
+        (empty, 0, 0),
+        (second, 500, 7),
+    ]
 
 
 # -- bad input ----------------------------------------------------------------------------------------
 
-async def test_bad_input_gets_a_4xx_json_error_and_stores_nothing(browsers: Callable[[], Browser],
-                                                                  server: WebServer) -> None:
+
+async def test_bad_input_gets_a_4xx_json_error_and_stores_nothing(
+    browsers: Callable[[], Browser], server: WebServer
+) -> None:
     browser = browsers()
     conversation = await browser.new()
     messages = f"/api/conversations/{conversation}/messages"
@@ -610,30 +673,64 @@ async def test_bad_input_gets_a_4xx_json_error_and_stores_nothing(browsers: Call
         ("POST", messages, {"json": {"text": " \n\t\u200b "}}, 400, "empty_message"),
         ("POST", messages, {"json": {"text": "x" * 50_000}}, 413, "too_long"),
         ("POST", messages, {"json": {"text": "x" * (MAX_MESSAGE_CHARS + 1)}}, 413, "too_long"),
-        ("POST", messages, {"data": "{not json", "headers": {"Content-Type": "application/json"}}, 400,
-         "invalid_json"),
-        ("POST", messages, {"data": b"\xff\xfe{", "headers": {"Content-Type": "application/json"}}, 400,
-         "invalid_json"),
-        ("POST", messages, {"data": "[" * 100_000, "headers": {"Content-Type": "application/json"}}, 400,
-         "invalid_json"),
+        ("POST", messages, {"data": "{not json", "headers": {"Content-Type": "application/json"}}, 400, "invalid_json"),
+        (
+            "POST",
+            messages,
+            {"data": b"\xff\xfe{", "headers": {"Content-Type": "application/json"}},
+            400,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            messages,
+            {"data": "[" * 100_000, "headers": {"Content-Type": "application/json"}},
+            400,
+            "invalid_json",
+        ),
         ("POST", messages, {"json": ["hello"]}, 400, "invalid_json"),
         ("POST", messages, {"json": {"text": 42}}, 400, "invalid_field"),
         ("POST", messages, {"json": {}}, 400, "invalid_field"),
-        ("POST", messages, {"data": "text=hello", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
-         415, "unsupported_media_type"),
-        ("POST", messages, {"data": '{"text": "hello"}', "headers": {"Content-Type": "text/plain"}}, 415,
-         "unsupported_media_type"),
-        ("POST", "/api/conversations/NoSuchConversation/messages", {"json": {"text": "hi"}}, 404,
-         "unknown_conversation"),
+        (
+            "POST",
+            messages,
+            {"data": "text=hello", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "POST",
+            messages,
+            {"data": '{"text": "hello"}', "headers": {"Content-Type": "text/plain"}},
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "POST",
+            "/api/conversations/NoSuchConversation/messages",
+            {"json": {"text": "hi"}},
+            404,
+            "unknown_conversation",
+        ),
         ("GET", "/api/conversations/bad!id", {}, 404, "unknown_conversation"),
-        ("POST", messages, {"json": {"text": "hi"}, "headers": {"Origin": "http://evil.example"}}, 403,
-         "foreign_origin"),
+        (
+            "POST",
+            messages,
+            {"json": {"text": "hi"}, "headers": {"Origin": "http://evil.example"}},
+            403,
+            "foreign_origin",
+        ),
         ("POST", "/api/conversations", {"headers": {"Origin": "null"}}, 403, "foreign_origin"),
         ("GET", "/api/conversations", {"headers": {"Origin": "http://127.0.0.1:1"}}, 403, "foreign_origin"),
         ("GET", "/api/conversations", {"headers": {"Sec-Fetch-Site": "cross-site"}}, 403, "foreign_origin"),
         ("GET", "/api/conversations", {"headers": {"Host": f"rebind.example:{server.port}"}}, 403, "foreign_host"),
-        ("PUT", f"/api/conversations/{conversation}/system_prompt", {"json": {"system_prompt": "x" * 20_001}}, 413,
-         "too_long"),
+        (
+            "PUT",
+            f"/api/conversations/{conversation}/system_prompt",
+            {"json": {"system_prompt": "x" * 20_001}},
+            413,
+            "too_long",
+        ),
         ("GET", "/api/nothing-here", {}, 404, "not_found"),
         ("DELETE", "/api/conversations", {}, 405, "method_not_allowed"),
     ]
@@ -649,17 +746,21 @@ async def test_lone_surrogates_are_answered_and_stored(browsers: Callable[[], Br
     browser = browsers()
     raw = {"Content-Type": "application/json"}
     # A lone surrogate is valid JSON ("\\ud800") but no valid UTF-8: it becomes U+FFFD wherever it is stored.
-    status, created = await browser.call("POST", "/api/conversations", data=b'{"system_prompt": "Be \\ud800 kind."}',
-                                         headers=raw)
+    status, created = await browser.call(
+        "POST", "/api/conversations", data=b'{"system_prompt": "Be \\ud800 kind."}', headers=raw
+    )
     assert (status, created["system_prompt"]) == (201, "Be \ufffd kind."), created
     conversation = created["id"]
     await browser.manager.set_sampling(browser.key(conversation), grammar=sentences(1), max_tokens=40)
     path = f"/api/conversations/{conversation}/system_prompt"
     assert await browser.call("PUT", path, data=b'{"system_prompt": "\\udfff"}', headers=raw) == (
-        200, {"system_prompt": "\ufffd"})
+        200,
+        {"system_prompt": "\ufffd"},
+    )
 
-    response = await browser.request("POST", f"/api/conversations/{conversation}/messages",
-                                     data=b'{"text": "hi \\ud800 there \\udc00"}', headers=raw)
+    response = await browser.request(
+        "POST", f"/api/conversations/{conversation}/messages", data=b'{"text": "hi \\ud800 there \\udc00"}', headers=raw
+    )
     assert response.status == 200, await response.text()
     stream = Stream(response)
     browser.streams.append(stream)
@@ -673,14 +774,21 @@ async def test_lone_surrogates_are_answered_and_stored(browsers: Callable[[], Br
 
 
 # Any code point, with the ones JSON bodies must escape (markup, newlines, lone surrogates) made frequent.
-ANY_TEXT = st.text(st.characters(exclude_categories=()) | st.sampled_from("<>&\n\"\\\u2028")
-                   | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, categories=["Cs"]))
+ANY_TEXT = st.text(
+    st.characters(exclude_categories=())
+    | st.sampled_from('<>&\n"\\\u2028')
+    | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF, categories=["Cs"])
+)
 
 
 @hypothesis_settings(max_examples=300, deadline=None)
-@given(st.recursive(st.none() | st.booleans() | st.integers() | ANY_TEXT,
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ANY_TEXT, inner, max_size=4),
-                    max_leaves=12))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | ANY_TEXT,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ANY_TEXT, inner, max_size=4),
+        max_leaves=12,
+    )
+)
 def test_json_bodies_carry_any_text_and_never_raw_markup(value: Any) -> None:
     text = json_dumps(value)
     body = text.encode()  # lone surrogates included: always valid UTF-8
@@ -688,17 +796,22 @@ def test_json_bodies_carry_any_text_and_never_raw_markup(value: Any) -> None:
     assert not {"<", ">", "&", "\n"} & set(text)
 
 
-STATUSES = st.sampled_from([ReplyStatus(phase) for phase in Phase
-                            if phase not in (Phase.QUEUED, Phase.TOOL, Phase.APPROVAL)]
-                           + [ReplyStatus(Phase.QUEUED, 3), ReplyStatus(Phase.TOOL, tool="Search the web"),
-                              ReplyStatus(Phase.APPROVAL, tool="Delete a file")])
+STATUSES = st.sampled_from(
+    [ReplyStatus(phase) for phase in Phase if phase not in (Phase.QUEUED, Phase.TOOL, Phase.APPROVAL)]
+    + [
+        ReplyStatus(Phase.QUEUED, 3),
+        ReplyStatus(Phase.TOOL, tool="Search the web"),
+        ReplyStatus(Phase.APPROVAL, tool="Delete a file"),
+    ]
+)
 LOOKALIKES = st.sampled_from([THINKING, REASONING, WAITING_FOR_PREVIOUS, queued_line(3)])  # a model may write these
 
 
 @hypothesis_settings(max_examples=200, deadline=None)
 @given(prefix=ANY_TEXT, edits=st.lists(ANY_TEXT | LOOKALIKES | STATUSES, min_size=1, max_size=6))
 async def test_an_event_stream_shows_the_answer_so_far_and_each_edit_after_it(
-        prefix: str, edits: list[str | ReplyStatus]) -> None:
+    prefix: str, edits: list[str | ReplyStatus]
+) -> None:
     target = EventStreamTarget(min_edit_interval=0.0, prefix=prefix)
     first = edits[0]
     handle = await (target.post_status(first) if isinstance(first, ReplyStatus) else target.post(first))
@@ -713,15 +826,18 @@ async def test_an_event_stream_shows_the_answer_so_far_and_each_edit_after_it(
     # Statuses before the first text are status events; text that only looks like a status line is text, and
     # from the first text on, a status shows as its line.
     statuses = list(itertools.takewhile(lambda edit: isinstance(edit, ReplyStatus), edits))
-    texts = [status_line(e) if isinstance(e, ReplyStatus) else e for e in edits[len(statuses):]]
+    texts = [status_line(e) if isinstance(e, ReplyStatus) else e for e in edits[len(statuses) :]]
     assert shown == prefix + (texts[-1] if texts else "")
     assert events[-1][0] == "done" and events[-1][1]["text"] == shown
     assert [(data["kind"], data["text"], data["position"]) for name, data in events if name == "status"] == [
         (status.phase.value, status_line(status), status.position)
-        for status in statuses if isinstance(status, ReplyStatus)]
+        for status in statuses
+        if isinstance(status, ReplyStatus)
+    ]
 
 
 # -- escaping -----------------------------------------------------------------------------------------
+
 
 async def test_markup_comes_back_escaped_and_is_stored_as_text(browsers: Callable[[], Browser]) -> None:
     browser = browsers()
@@ -744,6 +860,7 @@ async def test_markup_comes_back_escaped_and_is_stored_as_text(browsers: Callabl
 
 # -- the page, access and start-up --------------------------------------------------------------------
 
+
 async def test_page_is_self_contained_and_a_page_load_sets_no_cookie(browsers: Callable[[], Browser]) -> None:
     browser = browsers(origin=False)
     async with browser.request("GET", "/") as response:
@@ -754,8 +871,13 @@ async def test_page_is_self_contained_and_a_page_load_sets_no_cookie(browsers: C
         # and a fresh id would replace the browser's own.
         assert "Set-Cookie" not in response.headers
     assert "http://" not in page and "https://" not in page  # nothing from a CDN
-    for name, kind in (("app.js", "javascript"), ("markdown.js", "javascript"), ("style.css", "text/css"),
-                       ("vendor/markdown-it.min.js", "javascript"), ("vendor/purify.min.js", "javascript")):
+    for name, kind in (
+        ("app.js", "javascript"),
+        ("markdown.js", "javascript"),
+        ("style.css", "text/css"),
+        ("vendor/markdown-it.min.js", "javascript"),
+        ("vendor/purify.min.js", "javascript"),
+    ):
         assert f'"/static/{name}"' in page, name
         async with browser.request("GET", f"/static/{name}") as response:
             assert response.status == 200 and kind in response.content_type, name
@@ -774,8 +896,10 @@ async def test_page_is_self_contained_and_a_page_load_sets_no_cookie(browsers: C
     async with browser.request("GET", "/") as response:
         assert "Set-Cookie" not in response.headers
     # A forged, guessable id is not accepted: the server hands out a fresh random one instead.
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as forger, \
-            forger.post(browser.url + "api/conversations", headers={"Cookie": "llamarelay_browser=alice"}) as response:
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as forger,
+        forger.post(browser.url + "api/conversations", headers={"Cookie": "llamarelay_browser=alice"}) as response,
+    ):
         assert response.status == 201
         assert response.cookies["llamarelay_browser"].value not in ("alice", cookie.value)
 
@@ -797,10 +921,19 @@ async def raw_get(port: int, target: str) -> tuple[int, bytes]:
 async def test_static_files_never_leave_their_directory(server: WebServer) -> None:
     status, body = await raw_get(server.port, "/static/app.js")
     assert status == 200 and b"llamarelay" in body  # the raw client works
-    for target in ("/static/../api.py", "/static/%2e%2e/api.py", "/static/%2E%2E/api.py", "/static/..%2fapi.py",
-                   "/static/%2e%2e%2fapi.py", "/static/vendor/../../api.py", "/static/vendor/%2e%2e/%2e%2e/api.py",
-                   "/static/..%5capi.py", "/static/%2e%2e/%2e%2e/bot/config.py", "/static//etc/passwd",
-                   "/static/%2fetc%2fpasswd"):
+    for target in (
+        "/static/../api.py",
+        "/static/%2e%2e/api.py",
+        "/static/%2E%2E/api.py",
+        "/static/..%2fapi.py",
+        "/static/%2e%2e%2fapi.py",
+        "/static/vendor/../../api.py",
+        "/static/vendor/%2e%2e/%2e%2e/api.py",
+        "/static/..%5capi.py",
+        "/static/%2e%2e/%2e%2e/bot/config.py",
+        "/static//etc/passwd",
+        "/static/%2fetc%2fpasswd",
+    ):
         status, body = await raw_get(server.port, target)
         assert status in (400, 403, 404), (target, status, body[:200])
         assert b"import" not in body and b"root:" not in body, target
@@ -839,10 +972,13 @@ async def serving(manager: ConversationManager, settings: Settings, secrets: Sec
         await web.close()
 
 
-async def test_bearer_clients_keep_one_namespace_without_a_cookie_jar(manager: ConversationManager,
-                                                                       settings: Settings) -> None:
-    async with serving(manager, settings, Secrets(web_token="s3cret-token")) as web, \
-            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
+async def test_bearer_clients_keep_one_namespace_without_a_cookie_jar(
+    manager: ConversationManager, settings: Settings
+) -> None:
+    async with (
+        serving(manager, settings, Secrets(web_token="s3cret-token")) as web,
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client,
+    ):
         bearer = {"Authorization": "Bearer s3cret-token"}
         async with client.post(web.url + "api/conversations", headers=bearer) as response:
             assert response.status == 201 and "llamarelay_browser" not in response.cookies
@@ -861,9 +997,11 @@ async def test_bearer_clients_keep_one_namespace_without_a_cookie_jar(manager: C
             await browser.close()
 
     # Another token is another namespace: a leaked and replaced token no longer reaches the conversations.
-    async with serving(manager, settings, Secrets(web_token="new-token")) as web, \
-            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client, \
-            client.get(web.url + "api/conversations", headers={"Authorization": "Bearer new-token"}) as response:
+    async with (
+        serving(manager, settings, Secrets(web_token="new-token")) as web,
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client,
+        client.get(web.url + "api/conversations", headers={"Authorization": "Bearer new-token"}) as response,
+    ):
         assert await response.json() == {"conversations": []}
 
 
@@ -886,19 +1024,22 @@ async def test_login_is_throttled_per_client(manager: ConversationManager, setti
             later = time.monotonic() + LOGIN_WINDOW_SECONDS + 1
             throttle.clock = lambda: later  # the window has passed
             assert (await browser.call("POST", "/api/login", json={"token": "s3cret-token"})) == (
-                200, {"authenticated": True})
+                200,
+                {"authenticated": True},
+            )
             assert (await browser.call("GET", "/api/conversations"))[0] == 200
         finally:
             await browser.close()
 
 
-async def test_cookies_are_secure_behind_a_trusted_tls_proxy(manager: ConversationManager,
-                                                             settings: Settings) -> None:
+async def test_cookies_are_secure_behind_a_trusted_tls_proxy(manager: ConversationManager, settings: Settings) -> None:
     proxied = {"X-Forwarded-Proto": "https"}
     for trusted in (False, True):
         settings.web.trust_forwarded_proto = trusted
-        async with serving(manager, settings, Secrets(web_token="s3cret-token")) as web, \
-                aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client:
+        async with (
+            serving(manager, settings, Secrets(web_token="s3cret-token")) as web,
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client,
+        ):
             async with client.post(web.url + "api/login", json={"token": "s3cret-token"}, headers=proxied) as response:
                 auth = response.cookies["llamarelay_auth"]
             headers = {**proxied, "Cookie": f"llamarelay_auth={auth.value}"}
@@ -922,6 +1063,7 @@ async def test_run_web_serves_until_cancelled(manager: ConversationManager, sett
     task = asyncio.create_task(run_web(manager, settings, Secrets()))
     url = f"http://127.0.0.1:{settings.web.port}/"
     async with aiohttp.ClientSession() as session:
+
         async def serving() -> bool:
             with contextlib.suppress(aiohttp.ClientConnectionError):
                 async with session.get(url + "api/info") as response:

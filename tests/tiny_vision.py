@@ -14,8 +14,9 @@ IMAGE_SIZE, PATCH_SIZE = 64, 16
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
 
 
-def write_tiny_mmproj(path: Path, n_embd: int = SMOLLM2_N_EMBD, *, hidden: int = 64, layers: int = 2,
-                      seed: int = 0) -> Path:
+def write_tiny_mmproj(
+    path: Path, n_embd: int = SMOLLM2_N_EMBD, *, hidden: int = 64, layers: int = 2, seed: int = 0
+) -> Path:
     """Write the projector to ``path``: a 2-layer, 64-wide encoder and llava's two-layer MLP (``mlp``)."""
     rng = np.random.default_rng(seed)
 
@@ -30,9 +31,15 @@ def write_tiny_mmproj(path: Path, n_embd: int = SMOLLM2_N_EMBD, *, hidden: int =
     writer.add_bool("clip.has_vision_encoder", True)
     writer.add_string("clip.projector_type", "mlp")
     writer.add_bool("clip.use_gelu", True)
-    for key, value in (("image_size", IMAGE_SIZE), ("patch_size", PATCH_SIZE), ("embedding_length", hidden),
-                       ("feed_forward_length", 2 * hidden), ("projection_dim", n_embd), ("block_count", layers),
-                       ("attention.head_count", 4)):
+    for key, value in (
+        ("image_size", IMAGE_SIZE),
+        ("patch_size", PATCH_SIZE),
+        ("embedding_length", hidden),
+        ("feed_forward_length", 2 * hidden),
+        ("projection_dim", n_embd),
+        ("block_count", layers),
+        ("attention.head_count", 4),
+    ):
         writer.add_uint32(f"clip.vision.{key}", value)
     writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-5)
     writer.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])

@@ -20,8 +20,9 @@ ANSWER = "Hello from a model."
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     settings.engine.n_threads = 1
-    settings.models = [ModelSettings(name="second", description="the same, loaded again", path=MODEL_PATH,
-                                     n_ctx=1024, kv_pool_mb=24)]
+    settings.models = [
+        ModelSettings(name="second", description="the same, loaded again", path=MODEL_PATH, n_ctx=1024, kv_pool_mb=24)
+    ]
     settings.sampling = SamplingSettings(max_tokens=16, temperature=0.0, seed=1, grammar=f'root ::= "{ANSWER}"')
     return settings
 
@@ -37,8 +38,11 @@ async def page_url(manager: ConversationManager, settings: Settings) -> AsyncIte
         await server.close()
 
 
-async def test_a_model_picked_on_the_page_answers_the_conversation(browser, page_url: str,  # noqa: F811
-                                                                   console: Console) -> None:  # noqa: F811
+async def test_a_model_picked_on_the_page_answers_the_conversation(
+    browser,
+    page_url: str,  # noqa: F811
+    console: Console,
+) -> None:  # noqa: F811
     page = await opened(browser, page_url)
     options = await page.eval_on_selector_all("#model option", "(all) => all.map((o) => o.value)")
     assert options == [MODEL_PATH.stem, "second"]

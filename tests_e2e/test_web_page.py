@@ -31,20 +31,30 @@ from bot.conversations import ConversationManager
 from bot.wording import REASONING, cannot_see_images
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "web-chat.png"
 TIMEOUT_SECONDS = 120.0  # the machine is shared and may be slow; every wait is on a condition
 
 QUESTION = "How do I start llamarelay?"
 # A Markdown opening, then a long tail: the reply is known, shows formatting, and runs long enough to Stop.
-REPLY_GRAMMAR = r'''root ::= intro list code tail
+REPLY_GRAMMAR = r"""root ::= intro list code tail
 intro ::= "Here is **the short version**:\n\n"
 list ::= "1. Put a GGUF model in `models/`\n2. Run `make run`\n\n"
 code ::= "```sh\nllamarelay web\n```\n\nThen open the page. "
-tail ::= ("Each step streams its words as they are written. "){120}'''
-URL_REPLY = ("The official site is https://www.python.org/ and the docs are at https://docs.python.org/3/ "
-             "(see [the tutorial](https://docs.python.org/3/tutorial/)).")
+tail ::= ("Each step streams its words as they are written. "){120}"""
+URL_REPLY = (
+    "The official site is https://www.python.org/ and the docs are at https://docs.python.org/3/ "
+    "(see [the tutorial](https://docs.python.org/3/tutorial/))."
+)
 
 # 50 list levels (2 nesting levels each): markdown-it's maxNesting (100) is reached at the last one. The
 # one-line form is short enough for the test model's context; the indented one is rendered in the page.
@@ -55,8 +65,31 @@ FRENCH = "Always answer in French."
 
 LAST_REPLY = "[...document.querySelectorAll('.message.assistant')].at(-1)"
 # What render() may produce (markdown.js allows these and sets target/rel on links itself).
-ALLOWED_TAGS = {"p", "br", "strong", "em", "s", "code", "pre", "a", "ul", "ol", "li", "blockquote", "hr",
-                "h3", "h4", "h5", "h6", "table", "thead", "tbody", "tr", "th", "td"}
+ALLOWED_TAGS = {
+    "p",
+    "br",
+    "strong",
+    "em",
+    "s",
+    "code",
+    "pre",
+    "a",
+    "ul",
+    "ol",
+    "li",
+    "blockquote",
+    "hr",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "table",
+    "thead",
+    "tbody",
+    "tr",
+    "th",
+    "td",
+}
 ALLOWED_ATTRIBUTES = {"href", "class", "start", "target", "rel"}
 SAFE_HREF = re.compile(r"(?:https?|mailto):", re.IGNORECASE)
 
@@ -123,8 +156,12 @@ async def browser(tmp_path: Path, console: Console) -> AsyncIterator[BrowserCont
     assert CHROMIUM.exists(), "run `bash tests_e2e/install.sh` (installs Debian's chromium)"
     async with async_playwright() as playwright:
         context = await playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1100, "height": 760})
+            str(tmp_path / "profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1100, "height": 760},
+        )
         context.set_default_timeout(TIMEOUT_SECONDS * 1000)
         for page in context.pages:
             console.watch(page)
@@ -165,8 +202,9 @@ async def ask_and_stop(page: Page, text: str) -> None:
     await until(page, f"{LAST_REPLY}.dataset.status === 'stopped'")
 
 
-async def test_chat_streams_stops_and_survives_a_reload(browser: BrowserContext, page_url: str,
-                                                        console: Console) -> None:
+async def test_chat_streams_stops_and_survives_a_reload(
+    browser: BrowserContext, page_url: str, console: Console
+) -> None:
     page = await opened(browser, page_url)
     dialogs: list[str] = []
     page.on("dialog", lambda dialog: dialogs.append(dialog.message))
@@ -177,10 +215,13 @@ async def test_chat_streams_stops_and_survives_a_reload(browser: BrowserContext,
     # The reply grows while it is written: two observations, the second longer than the first.
     await until(page, f"{LAST_REPLY}?.querySelector('.body').textContent.length > 0")
     first = await reply_text(page)
-    await until(page, f"(t => t.length > {len(first)} && t.split('Each step').length > 3)"
-                      f"({LAST_REPLY}.querySelector('.body').textContent)")
+    await until(
+        page,
+        f"(t => t.length > {len(first)} && t.split('Each step').length > 3)"
+        f"({LAST_REPLY}.querySelector('.body').textContent)",
+    )
     second = await reply_text(page)
-    assert len(second) > len(first) > 0 and second.startswith(first[:len(first) // 2])
+    assert len(second) > len(first) > 0 and second.startswith(first[: len(first) // 2])
     assert await page.evaluate(f"{LAST_REPLY}.dataset.status") == "generating"
 
     await page.click("#stop")
@@ -205,8 +246,9 @@ async def test_chat_streams_stops_and_survives_a_reload(browser: BrowserContext,
     await expect(page.locator("#continue")).to_be_visible()
 
     # The screenshot in the README: the new controls, and a file waiting to go with the next question.
-    await page.set_input_files("#files", [{"name": "config.toml", "mimeType": "text/plain",
-                                           "buffer": b'[web]\nport = 8080\n'}])
+    await page.set_input_files(
+        "#files", [{"name": "config.toml", "mimeType": "text/plain", "buffer": b"[web]\nport = 8080\n"}]
+    )
     await page.fill("#input", "What does this config change?")
     await expect(page.locator("#attachments li")).to_have_text(["📎 config.toml×"])
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
@@ -214,8 +256,9 @@ async def test_chat_streams_stops_and_survives_a_reload(browser: BrowserContext,
     assert dialogs == [] and console.errors == []
 
 
-async def test_regenerate_replaces_the_latest_answer(browser: BrowserContext, page_url: str, settings: Settings,
-                                                     console: Console) -> None:
+async def test_regenerate_replaces_the_latest_answer(
+    browser: BrowserContext, page_url: str, settings: Settings, console: Console
+) -> None:
     settings.sampling = SamplingSettings(max_tokens=40, temperature=0.0, seed=1, grammar='root ::= "First answer."')
     page = await opened(browser, page_url)
     await page.fill("#input", "Answer me.")
@@ -242,10 +285,12 @@ async def test_regenerate_replaces_the_latest_answer(browser: BrowserContext, pa
     assert console.errors == []
 
 
-async def test_continue_grows_an_answer_cut_by_the_length_limit(browser: BrowserContext, page_url: str,
-                                                                settings: Settings, console: Console) -> None:
-    settings.sampling = SamplingSettings(max_tokens=6, temperature=0.0, seed=1,
-                                         grammar='root ::= ("one two three "){40}')
+async def test_continue_grows_an_answer_cut_by_the_length_limit(
+    browser: BrowserContext, page_url: str, settings: Settings, console: Console
+) -> None:
+    settings.sampling = SamplingSettings(
+        max_tokens=6, temperature=0.0, seed=1, grammar='root ::= ("one two three "){40}'
+    )
     page = await opened(browser, page_url)
     await page.fill("#input", "Count.")
     await page.press("#input", "Enter")
@@ -271,20 +316,33 @@ async def test_continue_grows_an_answer_cut_by_the_length_limit(browser: Browser
     assert console.errors == []
 
 
-async def test_files_go_with_a_message(browser: BrowserContext, page_url: str, settings: Settings,
-                                       console: Console) -> None:
+async def test_files_go_with_a_message(
+    browser: BrowserContext, page_url: str, settings: Settings, console: Console
+) -> None:
     settings.conversation.max_file_bytes = 1000
     settings.sampling = SamplingSettings(max_tokens=40, temperature=0.0, seed=1, grammar='root ::= "Read them."')
     page = await opened(browser, page_url)
     uploads: list[int] = []
-    page.on("request", lambda request: uploads.append(len(request.post_data_buffer or b""))
-            if request.url.endswith("/messages") else None)
-    await page.set_input_files("#files", [
-        {"name": "notes.txt", "mimeType": "text/plain", "buffer": "buy milk\nrésumé".encode()},
-        {"name": "archive.zip", "mimeType": "application/zip", "buffer": b"PK\x03\x04\x00\x00"},
-    ])
-    await page.set_input_files("#files", [{"name": "big.log", "mimeType": "", "buffer": b"x" * 50_000},
-                                          {"name": "oops.txt", "mimeType": "text/plain", "buffer": b"not this"}])
+    page.on(
+        "request",
+        lambda request: (
+            uploads.append(len(request.post_data_buffer or b"")) if request.url.endswith("/messages") else None
+        ),
+    )
+    await page.set_input_files(
+        "#files",
+        [
+            {"name": "notes.txt", "mimeType": "text/plain", "buffer": "buy milk\nrésumé".encode()},
+            {"name": "archive.zip", "mimeType": "application/zip", "buffer": b"PK\x03\x04\x00\x00"},
+        ],
+    )
+    await page.set_input_files(
+        "#files",
+        [
+            {"name": "big.log", "mimeType": "", "buffer": b"x" * 50_000},
+            {"name": "oops.txt", "mimeType": "text/plain", "buffer": b"not this"},
+        ],
+    )
     await page.click("button[aria-label='Remove oops.txt']")
     chips = ["📎 notes.txt×", "📎 archive.zip×", "📎 big.log×"]
     await expect(page.locator("#attachments li")).to_have_text(chips)
@@ -301,7 +359,9 @@ async def test_files_go_with_a_message(browser: BrowserContext, page_url: str, s
     await until(page, "document.querySelector('.message.user .body').textContent.includes('File notes.txt')")
     await check()
     assert await page.locator(".message.assistant .notes p").all_inner_texts() == [
-        "📎 I skipped archive.zip: not a text file.", "📎 I skipped big.log: larger than 1 kB."]
+        "📎 I skipped archive.zip: not a text file.",
+        "📎 I skipped big.log: larger than 1 kB.",
+    ]
     assert await page.locator("#attachments li").count() == 0 and await page.input_value("#input") == ""
     assert len(uploads) == 1 and uploads[0] < 5000  # of the 50 kB log only its first kilobyte travelled
     await page.reload()
@@ -310,27 +370,30 @@ async def test_files_go_with_a_message(browser: BrowserContext, page_url: str, s
     assert console.errors == []
 
 
-async def test_a_pasted_picture_goes_with_the_message(browser: BrowserContext, page_url: str, settings: Settings,
-                                                     console: Console) -> None:
+async def test_a_pasted_picture_goes_with_the_message(
+    browser: BrowserContext, page_url: str, settings: Settings, console: Console
+) -> None:
     settings.sampling = SamplingSettings(max_tokens=40, temperature=0.0, seed=1, grammar='root ::= "A picture."')
     page = await opened(browser, page_url)
     out = io.BytesIO()
     Image.new("RGB", (120, 80), (200, 0, 0)).save(out, "PNG")
     # The clipboard holds an image, as after "Copy image" or a screenshot: pasting attaches it.
     await page.focus("#input")
-    await page.evaluate("""(bytes) => {
+    await page.evaluate(
+        """(bytes) => {
         const data = new DataTransfer();
         data.items.add(new File([new Uint8Array(bytes)], 'screenshot.png', {type: 'image/png'}));
         document.querySelector('#input').dispatchEvent(
             new ClipboardEvent('paste', {clipboardData: data, bubbles: true, cancelable: true}));
-    }""", list(out.getvalue()))
+    }""",
+        list(out.getvalue()),
+    )
     await expect(page.locator("#attachments li")).to_have_text(["📎 screenshot.png×"])
     await page.fill("#input", "What is this?")
     await page.press("#input", "Enter")
     await until(page, f"{LAST_REPLY}?.dataset.status === 'complete'")
     # The small model has no vision: the picture reached the core, which says so rather than dropping it.
-    assert await page.locator(".message.assistant .notes p").all_inner_texts() == [
-        cannot_see_images([])]
+    assert await page.locator(".message.assistant .notes p").all_inner_texts() == [cannot_see_images([])]
     await until(page, "document.querySelector('.message.user .body').textContent.includes('screenshot.png')")
     assert await page.inner_text(".message.user .body") == "What is this?\n\n🖼️ screenshot.png"
     await page.reload()
@@ -339,10 +402,15 @@ async def test_a_pasted_picture_goes_with_the_message(browser: BrowserContext, p
     assert console.errors == []
 
 
-async def test_a_reasoning_model_shows_its_status_then_the_answer(browser: BrowserContext, page_url: str,
-                                                                  settings: Settings, console: Console) -> None:
-    settings.sampling = SamplingSettings(max_tokens=600, temperature=0.0, seed=1,
-                                         grammar='root ::= "<think>" ([a-z]{3,6} " "){80} "</think>" "Yes, it is."')
+async def test_a_reasoning_model_shows_its_status_then_the_answer(
+    browser: BrowserContext, page_url: str, settings: Settings, console: Console
+) -> None:
+    settings.sampling = SamplingSettings(
+        max_tokens=600,
+        temperature=0.0,
+        seed=1,
+        grammar='root ::= "<think>" ([a-z]{3,6} " "){80} "</think>" "Yes, it is."',
+    )
     page = await opened(browser, page_url)
     await page.fill("#input", "Is it?")
     await page.press("#input", "Enter")
@@ -371,8 +439,9 @@ async def test_the_page_runs_under_its_real_csp(browser: BrowserContext, page_ur
         await asyncio.sleep(0.05)
 
 
-async def test_a_bare_url_in_a_reply_renders_and_survives_a_reload(browser: BrowserContext, page_url: str,
-                                                                   settings: Settings, console: Console) -> None:
+async def test_a_bare_url_in_a_reply_renders_and_survives_a_reload(
+    browser: BrowserContext, page_url: str, settings: Settings, console: Console
+) -> None:
     settings.sampling = SamplingSettings(max_tokens=200, temperature=0.0, seed=1, grammar=f'root ::= "{URL_REPLY}"')
     page = await opened(browser, page_url)
     await page.fill("#input", "Where is Python's website?")
@@ -381,12 +450,16 @@ async def test_a_bare_url_in_a_reply_renders_and_survives_a_reload(browser: Brow
 
     async def check() -> None:
         assert await page.locator(".message").count() == 2
-        assert (await reply_text(page)).strip() == URL_REPLY.replace("[the tutorial](https://docs.python.org/3/tutorial/)",
-                                                           "the tutorial")
+        assert (await reply_text(page)).strip() == URL_REPLY.replace(
+            "[the tutorial](https://docs.python.org/3/tutorial/)", "the tutorial"
+        )
         links = await page.evaluate(f"[...{LAST_REPLY}.querySelectorAll('a')].map(a => [a.href, a.target, a.rel])")
         rel = "noopener noreferrer nofollow"
-        assert links == [["https://www.python.org/", "_blank", rel], ["https://docs.python.org/3/", "_blank", rel],
-                         ["https://docs.python.org/3/tutorial/", "_blank", rel]]
+        assert links == [
+            ["https://www.python.org/", "_blank", rel],
+            ["https://docs.python.org/3/", "_blank", rel],
+            ["https://docs.python.org/3/tutorial/", "_blank", rel],
+        ]
         assert await page.is_hidden("#banner")
 
     await check()
@@ -397,8 +470,9 @@ async def test_a_bare_url_in_a_reply_renders_and_survives_a_reload(browser: Brow
     assert console.errors == []
 
 
-async def test_a_render_error_keeps_the_stored_messages_on_the_page(browser: BrowserContext, page_url: str,
-                                                                    console: Console) -> None:
+async def test_a_render_error_keeps_the_stored_messages_on_the_page(
+    browser: BrowserContext, page_url: str, console: Console
+) -> None:
     page = await opened(browser, page_url)
     # Whatever breaks the renderer (it should never throw), the page shows the reply as plain text.
     await page.evaluate("() => { LlamarelayMarkdown.render = () => { throw new Error('renderer broke'); }; }")
@@ -414,8 +488,9 @@ async def test_a_render_error_keeps_the_stored_messages_on_the_page(browser: Bro
     assert console.errors == []
 
 
-async def test_a_link_from_another_site_keeps_the_conversations(browser: BrowserContext, page_url: str,
-                                                                console: Console) -> None:
+async def test_a_link_from_another_site_keeps_the_conversations(
+    browser: BrowserContext, page_url: str, console: Console
+) -> None:
     page = await opened(browser, page_url)
     await ask_and_stop(page, QUESTION)
     await until(page, "document.querySelector('#conversations a')?.textContent")
@@ -425,8 +500,10 @@ async def test_a_link_from_another_site_keeps_the_conversations(browser: Browser
     foreign = web.Application()
 
     async def link_page(_: web.Request) -> web.Response:
-        return web.Response(text=f'<!doctype html><link rel="icon" href="data:,">'
-                                 f'<a id="chat" href="{page_url}">our chat</a>', content_type="text/html")
+        return web.Response(
+            text=f'<!doctype html><link rel="icon" href="data:,"><a id="chat" href="{page_url}">our chat</a>',
+            content_type="text/html",
+        )
 
     foreign.router.add_get("/", link_page)
     runner = web.AppRunner(foreign)
@@ -451,19 +528,32 @@ async def test_markdown_renders_safely(browser: BrowserContext, page_url: str, c
     page = await opened(browser, page_url)
     fired: list[str] = []
     page.on("dialog", lambda dialog: fired.append(dialog.message))
-    html = await page.evaluate(RENDER, "\n".join([
-        "<img src=x onerror=alert(1)> **bold <script>alert(2)</script>**",
-        '[click](javascript:alert(3)) [ok](https://example.org/a?b=1) <a href="javascript:alert(4)">x</a>',
-        "- one *two* `<b>code</b>`", "- three",
-        "```html", "<script>alert(5)</script>", "```",
-        "![tracker](https://example.org/pixel.png) see https://example.com or write to someone@example.org",
-        "| a | b |", "|--:|:-:|", "| 1 | 2 |",
-    ]))
+    html = await page.evaluate(
+        RENDER,
+        "\n".join(
+            [
+                "<img src=x onerror=alert(1)> **bold <script>alert(2)</script>**",
+                '[click](javascript:alert(3)) [ok](https://example.org/a?b=1) <a href="javascript:alert(4)">x</a>',
+                "- one *two* `<b>code</b>`",
+                "- three",
+                "```html",
+                "<script>alert(5)</script>",
+                "```",
+                "![tracker](https://example.org/pixel.png) see https://example.com or write to someone@example.org",
+                "| a | b |",
+                "|--:|:-:|",
+                "| 1 | 2 |",
+            ]
+        ),
+    )
     assert html["threw"] is None
     assert set(html["tags"]) <= ALLOWED_TAGS and set(html["attributes"]) <= ALLOWED_ATTRIBUTES, html
     assert [link["href"] for link in html["links"]] == [
-        "https://example.org/a?b=1", "https://example.org/pixel.png", "https://example.com",
-        "mailto:someone@example.org"]
+        "https://example.org/a?b=1",
+        "https://example.org/pixel.png",
+        "https://example.com",
+        "mailto:someone@example.org",
+    ]
     assert "<img src=x onerror=alert(1)>" in html["text"] and "&lt;img" in html["html"]
     assert "bold <script>alert(2)</script>" in html["text"] and "<code>&lt;b&gt;code&lt;/b&gt;</code>" in html["html"]
     assert '<pre><code class="language-html">&lt;script&gt;alert(5)&lt;/script&gt;' in html["html"]
@@ -480,8 +570,9 @@ async def test_markdown_renders_safely(browser: BrowserContext, page_url: str, c
     assert fired == [] and console.errors == []
 
 
-async def test_a_system_prompt_saved_before_the_first_message_is_kept(browser: BrowserContext, page_url: str,
-                                                                    console: Console) -> None:
+async def test_a_system_prompt_saved_before_the_first_message_is_kept(
+    browser: BrowserContext, page_url: str, console: Console
+) -> None:
     page = await opened(browser, page_url)
     assert await page.locator("#conversations a").count() == 0  # a fresh page: no conversation yet
     await page.click("#system summary")
@@ -491,8 +582,10 @@ async def test_a_system_prompt_saved_before_the_first_message_is_kept(browser: B
     assert await page.input_value("#system-prompt") == FRENCH
 
     async def stored() -> str:
-        conversation = await page.evaluate("async () => (await fetch(`/api/conversations/${location.hash.slice(1)}`,"
-                                           " {credentials: 'same-origin'})).json()")
+        conversation = await page.evaluate(
+            "async () => (await fetch(`/api/conversations/${location.hash.slice(1)}`,"
+            " {credentials: 'same-origin'})).json()"
+        )
         return str(conversation["system_prompt"])
 
     assert await stored() == FRENCH  # the one the model reads
@@ -503,12 +596,13 @@ async def test_a_system_prompt_saved_before_the_first_message_is_kept(browser: B
     assert console.errors == []
 
 
-async def test_markdown_nested_past_the_limit_keeps_the_rest_of_the_reply(browser: BrowserContext, page_url: str,
-                                                                          settings: Settings,
-                                                                          console: Console) -> None:
+async def test_markdown_nested_past_the_limit_keeps_the_rest_of_the_reply(
+    browser: BrowserContext, page_url: str, settings: Settings, console: Console
+) -> None:
     reply = f"Here is **a list**:\n\n{DEEP_LINE}\n\n{SENTINEL}"
-    settings.sampling = SamplingSettings(max_tokens=400, temperature=0.0, seed=1,
-                                         grammar=f"root ::= {json.dumps(reply)}")
+    settings.sampling = SamplingSettings(
+        max_tokens=400, temperature=0.0, seed=1, grammar=f"root ::= {json.dumps(reply)}"
+    )
     page = await opened(browser, page_url)
     await page.fill("#input", "Nest a list.")
     await page.press("#input", "Enter")
@@ -539,20 +633,63 @@ async def test_markdown_nested_past_the_limit_keeps_the_rest_of_the_reply(browse
 
 # -- the renderer, property-tested in the page -----------------------------------------------------------
 
-MARKDOWN_PIECES = st.sampled_from([
-    "see https://example.com", "https://www.python.org/", "www.example.org/a_(b)", "http://x", "mailto:a@b.c",
-    "a@b.co", "[label](https://example.com)", "[x](javascript:alert(1))", "[x](data:text/html,<b>)",
-    "[https://a.b](https://c.d)", "<https://e.f>", "![i](https://g.h/i.png)", "```", "```py\n", "~~~", "`",
-    "``", "**", "*", "_", "__", "~~", "> ", "- ", "1. ", "# ", "\n", "\n\n", "    ", "| a |\n|---|\n| b |",
-    "<script>alert(1)</script>", "<img src=x onerror=alert(1)>", '<a href="javascript:alert(1)">x</a>',
-    "<style>*{}</style>", "&lt;", "&#x3c;script&#x3e;", "\\", "\u0000", "\u202e", "\ufeff", "é", "👩‍👩‍👧",
-    "漢字", "e\u0301", "\u200b", "<!--", "-->",
-])
+MARKDOWN_PIECES = st.sampled_from(
+    [
+        "see https://example.com",
+        "https://www.python.org/",
+        "www.example.org/a_(b)",
+        "http://x",
+        "mailto:a@b.c",
+        "a@b.co",
+        "[label](https://example.com)",
+        "[x](javascript:alert(1))",
+        "[x](data:text/html,<b>)",
+        "[https://a.b](https://c.d)",
+        "<https://e.f>",
+        "![i](https://g.h/i.png)",
+        "```",
+        "```py\n",
+        "~~~",
+        "`",
+        "``",
+        "**",
+        "*",
+        "_",
+        "__",
+        "~~",
+        "> ",
+        "- ",
+        "1. ",
+        "# ",
+        "\n",
+        "\n\n",
+        "    ",
+        "| a |\n|---|\n| b |",
+        "<script>alert(1)</script>",
+        "<img src=x onerror=alert(1)>",
+        '<a href="javascript:alert(1)">x</a>',
+        "<style>*{}</style>",
+        "&lt;",
+        "&#x3c;script&#x3e;",
+        "\\",
+        "\u0000",
+        "\u202e",
+        "\ufeff",
+        "é",
+        "👩‍👩‍👧",
+        "漢字",
+        "e\u0301",
+        "\u200b",
+        "<!--",
+        "-->",
+    ]
+)
 MARKDOWN_TEXT = st.lists(st.one_of(MARKDOWN_PIECES, st.text(max_size=20)), max_size=30).map("".join)
 # No Markdown syntax at all: letters, digits, spaces, line breaks and calm punctuation, any script.
 PLAIN_TEXT = st.text(st.characters(categories=("L", "N", "Zs"), include_characters="\n,;?'\""), max_size=200)
-PROPERTY_SETTINGS = hypothesis_settings(max_examples=150, deadline=None,
-                                        suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY_SETTINGS = hypothesis_settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @pytest.fixture
@@ -568,8 +705,7 @@ def no_console_errors(console: Console) -> Iterator[None]:
 
 @PROPERTY_SETTINGS
 @given(text=MARKDOWN_TEXT)
-async def test_render_is_total_and_safe_for_any_text(render_page: Page, no_console_errors: None,
-                                                     text: str) -> None:
+async def test_render_is_total_and_safe_for_any_text(render_page: Page, no_console_errors: None, text: str) -> None:
     out = await render_page.evaluate(RENDER, text)
     assert out["threw"] is None
     assert set(out["tags"]) <= ALLOWED_TAGS, out["html"]

@@ -34,9 +34,11 @@ async def tools(manager: ConversationManager) -> AsyncIterator[ConversationManag
     """The test MCP server, ``add`` and ``delete_file`` marked ``confirm = true``, granted to every web
     conversation (``web/*``: the page's conversations are ``web/ch/<browser>/<conversation>``)."""
     confirm = {"add": ToolOptions(confirm=True), "delete_file": ToolOptions(confirm=True)}
-    settings = ToolsSettings(servers=[ToolServerSettings(name="test", command=sys.executable, args=[str(SERVER)],
-                                                         tools=confirm)],
-                             allow=[ToolGrant(places=["web/*"])], max_rounds=1)
+    settings = ToolsSettings(
+        servers=[ToolServerSettings(name="test", command=sys.executable, args=[str(SERVER)], tools=confirm)],
+        allow=[ToolGrant(places=["web/*"])],
+        max_rounds=1,
+    )
     async with ToolSupervisor(settings) as supervisor:
         manager.use_tools(Toolbox(supervisor, AccessPolicy(tool_grants=settings.allow), settings))
         yield manager
@@ -80,8 +82,8 @@ async def opened_details(page: Page) -> str:
 
 
 async def test_run_in_the_page_runs_the_tool_and_the_answer_streams(
-        browser: BrowserContext, page_url: str, settings: Settings, tools: ConversationManager,
-        console: Console) -> None:
+    browser: BrowserContext, page_url: str, settings: Settings, tools: ConversationManager, console: Console
+) -> None:
     page = await opened(browser, page_url)
     await ask_for_a_tool(page, settings, "What is 2 plus 3?", call_or("5"), "Adding numbers")
     assert await page.locator(".message.assistant details.tools").count() == 0  # nothing ran yet
@@ -95,8 +97,8 @@ async def test_run_in_the_page_runs_the_tool_and_the_answer_streams(
 
 
 async def test_deny_in_the_page_leaves_a_line_and_the_tool_unrun(
-        browser: BrowserContext, page_url: str, settings: Settings, tools: ConversationManager,
-        console: Console) -> None:
+    browser: BrowserContext, page_url: str, settings: Settings, tools: ConversationManager, console: Console
+) -> None:
     page = await opened(browser, page_url)
     await ask_for_a_tool(page, settings, "What is 2 plus 3?", call_or("5"), "Adding numbers")
     await press(page, "Deny")
@@ -109,8 +111,8 @@ async def test_deny_in_the_page_leaves_a_line_and_the_tool_unrun(
 
 
 async def test_a_call_that_looks_like_markup_stays_text_in_the_disclosure(
-        browser: BrowserContext, page_url: str, settings: Settings, tools: ConversationManager,
-        console: Console) -> None:
+    browser: BrowserContext, page_url: str, settings: Settings, tools: ConversationManager, console: Console
+) -> None:
     page = await opened(browser, page_url)
     dialogs: list[str] = []
     page.on("dialog", lambda dialog: dialogs.append(dialog.message))
@@ -127,8 +129,9 @@ async def test_a_call_that_looks_like_markup_stays_text_in_the_disclosure(
         text = await opened_details(page)
         assert text == f"delete_file (round 1)\narguments: {json.dumps({'path': MARKUP})}\nresult: deleted {MARKUP}"
         assert await page.locator(".message.assistant img").count() == 0  # markup in a call stays text
-        assert await page.locator(".message.assistant details.tools pre").evaluate(
-            "(node) => node.childElementCount") == 0
+        assert (
+            await page.locator(".message.assistant details.tools pre").evaluate("(node) => node.childElementCount") == 0
+        )
         await page.reload()
         await page.wait_for_selector("body[data-ready=true]")
         await until(page, f"{LAST_REPLY}?.dataset.status && {LAST_REPLY}.dataset.status !== 'generating'")

@@ -39,15 +39,18 @@ def apply_endpoints(settings: DiscordSettings) -> None:
         log.info("Discord gateway: %s", settings.gateway_url)
 
 
-async def run_discord(manager: ConversationManager, settings: Settings, secrets: Secrets,
-                      **client_options: Any) -> None:
+async def run_discord(
+    manager: ConversationManager, settings: Settings, secrets: Secrets, **client_options: Any
+) -> None:
     """Connect to Discord and answer until cancelled; the client is always closed on the way out.
 
     ``client_options`` go to `discord.Client` (tests pass a short ``guild_ready_timeout``).
     """
     if not secrets.discord_token:
-        raise ConfigError("DISCORD_TOKEN is not set: create a bot in the Discord developer portal and "
-                          "export its token as DISCORD_TOKEN")
+        raise ConfigError(
+            "DISCORD_TOKEN is not set: create a bot in the Discord developer portal and "
+            "export its token as DISCORD_TOKEN"
+        )
     apply_endpoints(settings.discord)
     bot = make_client(manager, settings.discord, **client_options)
     try:
@@ -55,7 +58,8 @@ async def run_discord(manager: ConversationManager, settings: Settings, secrets:
     except discord.LoginFailure:
         raise ConfigError("Discord refused DISCORD_TOKEN (401): check the bot token in the developer portal") from None
     except discord.PrivilegedIntentsRequired:
-        raise ConfigError("Discord refused the connection: turn on 'Message Content Intent' on the Bot page "
-                          "of the developer portal") from None
+        raise ConfigError(
+            "Discord refused the connection: turn on 'Message Content Intent' on the Bot page of the developer portal"
+        ) from None
     finally:
         await bot.close()

@@ -46,7 +46,7 @@ def thread_name(question: str, fallback: str) -> str:
     """The name of a thread opened for ``question``: one plain line within Discord's 100 characters."""
     name = " ".join(clean_text(question).split()) or " ".join(clean_text(fallback).split()) or "Conversation"
     if len(name) > THREAD_NAME_MAX_CHARS:
-        name = name[:THREAD_NAME_MAX_CHARS - 1].rstrip() + "…"
+        name = name[: THREAD_NAME_MAX_CHARS - 1].rstrip() + "…"
     return name
 
 
@@ -60,10 +60,15 @@ class DiscordBot(discord.Client):
         super().__init__(intents=intents, **options)
         self.manager = manager
         self.settings = settings
-        self.policy = AccessPolicy(servers=settings.allowed_guild_ids, channels=settings.allowed_channel_ids,
-                                   roles=settings.allowed_role_ids, users=settings.allowed_user_ids,
-                                   admins=settings.admin_user_ids, dms_enabled=settings.dms_enabled,
-                                   messages_per_minute=settings.user_messages_per_minute)
+        self.policy = AccessPolicy(
+            servers=settings.allowed_guild_ids,
+            channels=settings.allowed_channel_ids,
+            roles=settings.allowed_role_ids,
+            users=settings.allowed_user_ids,
+            admins=settings.admin_user_ids,
+            dms_enabled=settings.dms_enabled,
+            messages_per_minute=settings.user_messages_per_minute,
+        )
         self.tree = LlamarelayTree(self)
         self.add_dynamic_items(*BUTTONS)  # a reply's buttons work whenever they were sent, restarts included
         manager.locators[PLATFORM] = lambda key, reference: locate(self, reference)
@@ -106,16 +111,34 @@ class DiscordBot(discord.Client):
             return SessionKey.for_channel(PLATFORM, str(guild_id), str(channel.parent_id), str(channel.id))
         return SessionKey.for_channel(PLATFORM, str(guild_id), str(channel.id))
 
-    async def check(self, user: discord.abc.User, key: SessionKey, action: Action = Action.USE, *,
-                    manages_place: bool = False, owner: str = "") -> Decision:
+    async def check(
+        self,
+        user: discord.abc.User,
+        key: SessionKey,
+        action: Action = Action.USE,
+        *,
+        manages_place: bool = False,
+        owner: str = "",
+    ) -> Decision:
         """The core's access policy for ``user`` in conversation ``key``: Discord's roles, and for a DM whether
         the user is a member of an allowed server. ``manages_place``: Manage Server, which may change settings."""
-        actor = Actor(str(user.id), roles=role_ids(user), manages_place=manages_place,
-                      member_elsewhere=lambda: self._member_of_allowed_guild(user))
+        actor = Actor(
+            str(user.id),
+            roles=role_ids(user),
+            manages_place=manages_place,
+            member_elsewhere=lambda: self._member_of_allowed_guild(user),
+        )
         return await self.policy.check(actor, Place.of(key), action, owner=owner)
 
-    async def refusal(self, user: discord.abc.User, key: SessionKey, action: Action = Action.USE, *,
-                      manages_place: bool = False, owner: str = "") -> str | None:
+    async def refusal(
+        self,
+        user: discord.abc.User,
+        key: SessionKey,
+        action: Action = Action.USE,
+        *,
+        manages_place: bool = False,
+        owner: str = "",
+    ) -> str | None:
         """Why ``user`` may not do ``action`` in ``key``, in words, or None if they may (``owner``: whose tool
         call an `Action.APPROVE_TOOL` answers)."""
         decision = await self.check(user, key, action, manages_place=manages_place, owner=owner)
@@ -149,11 +172,13 @@ class DiscordBot(discord.Client):
     def _dm_guilds(self) -> list[discord.Guild]:
         """Guilds whose members may DM the bot: allowed ones that hold an allowed role and channel, if listed."""
         cfg = self.settings
-        return [guild for guild in self.guilds
-                if (not cfg.allowed_guild_ids or guild.id in cfg.allowed_guild_ids)
-                and (not cfg.allowed_role_ids or any(guild.get_role(r) for r in cfg.allowed_role_ids))
-                and (not cfg.allowed_channel_ids or any(guild.get_channel_or_thread(c)
-                                                        for c in cfg.allowed_channel_ids))]
+        return [
+            guild
+            for guild in self.guilds
+            if (not cfg.allowed_guild_ids or guild.id in cfg.allowed_guild_ids)
+            and (not cfg.allowed_role_ids or any(guild.get_role(r) for r in cfg.allowed_role_ids))
+            and (not cfg.allowed_channel_ids or any(guild.get_channel_or_thread(c) for c in cfg.allowed_channel_ids))
+        ]
 
     def _sees_an_allowed_channel(self, member: discord.Member, guild: discord.Guild) -> bool:
         if not self.settings.allowed_channel_ids:
@@ -214,17 +239,26 @@ class DiscordBot(discord.Client):
         text = self.prompt_text(message)
         target = self.channel_target(message.channel, trigger=message)
         channel: discord.abc.Messageable = message.channel
-        if (self.settings.thread_per_conversation and isinstance(message.channel, discord.TextChannel)
-                and (text or message.attachments)):  # an empty mention gets its answer where it was made
+        if (
+            self.settings.thread_per_conversation
+            and isinstance(message.channel, discord.TextChannel)
+            and (text or message.attachments)
+        ):  # an empty mention gets its answer where it was made
             fallback = message.attachments[0].filename if message.attachments else message.author.display_name
             if (thread := await self._open_thread(message, thread_name(text, fallback))) is not None:
                 channel, target = thread, self.channel_target(thread)
                 key = self.session_for(thread, message.author, guild_id)
-        files, images = await read_files(message.attachments, self.manager.limits.max_file_bytes,
-                                         self.manager.images)
-        incoming = Incoming(key, str(message.author.id), message.author.display_name, text,
-                            event_id=str(message.id), attachments=files, images=images,
-                            author_roles=role_ids(message.author))
+        files, images = await read_files(message.attachments, self.manager.limits.max_file_bytes, self.manager.images)
+        incoming = Incoming(
+            key,
+            str(message.author.id),
+            message.author.display_name,
+            text,
+            event_id=str(message.id),
+            attachments=files,
+            images=images,
+            author_roles=role_ids(message.author),
+        )
         await self.answer(self.manager.respond(incoming, target), key, typing_in=channel)
 
     async def _open_thread(self, message: discord.Message, name: str) -> discord.Thread | None:
@@ -232,17 +266,27 @@ class DiscordBot(discord.Client):
         try:
             return await message.create_thread(name=name)
         except discord.HTTPException as exc:
-            log.warning("could not open a thread in channel %s (the bot needs Create Public Threads there); "
-                        "answering in the channel: %s", message.channel.id, exc)
+            log.warning(
+                "could not open a thread in channel %s (the bot needs Create Public Threads there); "
+                "answering in the channel: %s",
+                message.channel.id,
+                exc,
+            )
             return None
 
-    def channel_target(self, channel: discord.abc.Messageable, *,
-                       trigger: discord.Message | None = None) -> ChannelTarget:
+    def channel_target(
+        self, channel: discord.abc.Messageable, *, trigger: discord.Message | None = None
+    ) -> ChannelTarget:
         """Where a reply in ``channel`` goes (replying to ``trigger``, if given)."""
         return ChannelTarget(channel, trigger=trigger, min_edit_interval=self.settings.edit_interval)
 
-    async def answer(self, reply: Coroutine[Any, Any, ReplyResult], key: SessionKey, *,
-                     typing_in: discord.abc.Messageable | None = None) -> None:
+    async def answer(
+        self,
+        reply: Coroutine[Any, Any, ReplyResult],
+        key: SessionKey,
+        *,
+        typing_in: discord.abc.Messageable | None = None,
+    ) -> None:
         """Await one reply of the core (`respond`, `regenerate`, `continue_reply`), which stores and delivers
         it, with a typing indicator meanwhile."""
         typing = asyncio.create_task(self._keep_typing(typing_in)) if typing_in is not None else None
@@ -285,5 +329,6 @@ def make_client(manager: ConversationManager, settings: DiscordSettings, **optio
     """The client ``settings`` ask for: sharded when ``shard_count`` is set, else one plain connection."""
     if settings.shard_count is None:
         return DiscordBot(manager, settings, **options)
-    return ShardedDiscordBot(manager, settings, shard_count=settings.shard_count,
-                             shard_ids=settings.shard_ids or None, **options)
+    return ShardedDiscordBot(
+        manager, settings, shard_count=settings.shard_count, shard_ids=settings.shard_ids or None, **options
+    )

@@ -37,8 +37,7 @@ def _bounded(kind: type, field: str) -> Any:
     setting = tunable(field)
     assert setting is not None, f"/settings cannot set {field}"
     low, high, _ = setting.bounds
-    return app_commands.Range[kind, None if low is None else kind(low),
-                              None if high is None else kind(high)]
+    return app_commands.Range[kind, None if low is None else kind(low), None if high is None else kind(high)]
 
 
 if TYPE_CHECKING:  # the values the command receives; Discord reads the bounded option types built below
@@ -83,8 +82,7 @@ class LlamarelayTree(app_commands.CommandTree):
     def __init__(self, client: DiscordBot) -> None:
         super().__init__(client)
         command: app_commands.Command[Any, ..., Any] | app_commands.ContextMenu
-        for command in (ask, reset, system, settings_command, model, stop, status, ask_about_message,
-                        summarize_until):
+        for command in (ask, reset, system, settings_command, model, stop, status, ask_about_message, summarize_until):
             self.add_command(command)
 
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
@@ -111,8 +109,9 @@ async def ask(interaction: discord.Interaction, prompt: str) -> None:
     await interaction.response.defer(thinking=True)
     user = interaction.user
     key = _session(interaction)
-    incoming = Incoming(key, str(user.id), user.display_name, prompt, event_id=str(interaction.id),
-                        author_roles=role_ids(user))
+    incoming = Incoming(
+        key, str(user.id), user.display_name, prompt, event_id=str(interaction.id), author_roles=role_ids(user)
+    )
     target = InteractionTarget(interaction, min_edit_interval=bot.settings.edit_interval)
     await bot.answer(bot.manager.respond(incoming, target), key)
 
@@ -125,8 +124,9 @@ async def reset(interaction: discord.Interaction) -> None:
 
 
 @app_commands.command()
-@app_commands.describe(prompt="New system prompt; leave out to see the current one",
-                       default="Go back to the configured default prompt")
+@app_commands.describe(
+    prompt="New system prompt; leave out to see the current one", default="Go back to the configured default prompt"
+)
 async def system(interaction: discord.Interaction, prompt: str | None = None, default: bool = False) -> None:
     """Show or set the system prompt of this conversation."""
     bot, key = _bot(interaction), _session(interaction)
@@ -150,12 +150,19 @@ def _why(error: ValueError) -> str:
 
 @app_commands.command(name="settings")
 @app_commands.describe(**{setting.name: setting.description for setting in SETTINGS})
-async def settings_command(interaction: discord.Interaction, temperature: Temperature | None = None,
-                           max_tokens: MaxTokens | None = None, top_p: TopP | None = None) -> None:
+async def settings_command(
+    interaction: discord.Interaction,
+    temperature: Temperature | None = None,
+    max_tokens: MaxTokens | None = None,
+    top_p: TopP | None = None,
+) -> None:
     """Show or change this conversation's temperature, reply length and top_p."""
     bot, key = _bot(interaction), _session(interaction)
-    changes = {name: value for name, value in
-               (("temperature", temperature), ("max_tokens", max_tokens), ("top_p", top_p)) if value is not None}
+    changes = {
+        name: value
+        for name, value in (("temperature", temperature), ("max_tokens", max_tokens), ("top_p", top_p))
+        if value is not None
+    }
     if not changes:
         await _say(interaction, f"Settings of this conversation: {await _settings(bot, key)}", ephemeral=True)
         return
@@ -166,8 +173,11 @@ async def settings_command(interaction: discord.Interaction, temperature: Temper
     except ValueError as exc:  # pydantic's ValidationError is one too
         await _say(interaction, f"⚠️ Nothing was changed: {_why(exc)}.", ephemeral=True)
         return
-    await _say(interaction, f"⚙️ Settings changed by {interaction.user.display_name}: {await _settings(bot, key)}",
-               ephemeral=False)
+    await _say(
+        interaction,
+        f"⚙️ Settings changed by {interaction.user.display_name}: {await _settings(bot, key)}",
+        ephemeral=False,
+    )
 
 
 async def _settings(bot: DiscordBot, key: SessionKey) -> str:
@@ -181,9 +191,11 @@ AUTOCOMPLETE_LIMIT = 25  # Discord shows at most 25 choices
 async def _model_names(interaction: discord.Interaction, typed: str) -> list[app_commands.Choice[str]]:
     """The configured models whose name or description contains what the user has typed so far."""
     typed = typed.strip().lower()
-    return [app_commands.Choice(name=f"{m.name} — {m.description}"[:100] if m.description else m.name, value=m.name)
-            for m in _bot(interaction).manager.model_choices()
-            if typed in m.name.lower() or typed in m.description.lower()][:AUTOCOMPLETE_LIMIT]
+    return [
+        app_commands.Choice(name=f"{m.name} — {m.description}"[:100] if m.description else m.name, value=m.name)
+        for m in _bot(interaction).manager.model_choices()
+        if typed in m.name.lower() or typed in m.description.lower()
+    ][:AUTOCOMPLETE_LIMIT]
 
 
 @app_commands.command()

@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 NO_MENTIONS = discord.AllowedMentions.none()
 NOTHING_RUNNING = "Nothing is being generated in this conversation."
 BEING_WRITTEN = "That answer is being written right now; wait for it to finish."
-REFUSALS = {RedoRefusal.STALE: STALE_REPLY, RedoRefusal.BUSY: BEING_WRITTEN,
-            RedoRefusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE}
+REFUSALS = {
+    RedoRefusal.STALE: STALE_REPLY,
+    RedoRefusal.BUSY: BEING_WRITTEN,
+    RedoRefusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE,
+}
 
 
 def view_for(controls: Controls | None) -> discord.ui.View | None:
@@ -75,12 +78,14 @@ class StopButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"llam
     """Stop: ends the reply being written in this conversation (as /stop does)."""
 
     def __init__(self) -> None:
-        super().__init__(discord.ui.Button(label="Stop", emoji="⏹️", style=discord.ButtonStyle.secondary,
-                                           custom_id="llamarelay:stop"))
+        super().__init__(
+            discord.ui.Button(label="Stop", emoji="⏹️", style=discord.ButtonStyle.secondary, custom_id="llamarelay:stop")
+        )
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> StopButton:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> StopButton:
         return cls()
 
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
@@ -95,23 +100,29 @@ class StopButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"llam
             await _tell(interaction, NOTHING_RUNNING)
 
 
-class RedoButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
-                 template=r"llamarelay:(?P<action>regenerate|continue):(?P<reply_id>\d+)"):
+class RedoButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"llamarelay:(?P<action>regenerate|continue):(?P<reply_id>\d+)",
+):
     """Regenerate (answer the last message again; the new answer replaces this one in the history) or Continue
     (the model goes on with an answer cut by the length limit, or stopped, where it ended)."""
 
-    LOOKS = {"regenerate": ("Regenerate", "🔄", discord.ButtonStyle.secondary),
-             "continue": ("Continue", "➡️", discord.ButtonStyle.primary)}
+    LOOKS = {
+        "regenerate": ("Regenerate", "🔄", discord.ButtonStyle.secondary),
+        "continue": ("Continue", "➡️", discord.ButtonStyle.primary),
+    }
 
     def __init__(self, action: str, reply_id: int) -> None:
         self.action, self.reply_id = action, reply_id
         label, emoji, style = self.LOOKS[action]
-        super().__init__(discord.ui.Button(label=label, emoji=emoji, style=style,
-                                           custom_id=f"llamarelay:{action}:{reply_id}"))
+        super().__init__(
+            discord.ui.Button(label=label, emoji=emoji, style=style, custom_id=f"llamarelay:{action}:{reply_id}")
+        )
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> RedoButton:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> RedoButton:
         return cls(match["action"], int(match["reply_id"]))
 
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:

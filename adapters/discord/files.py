@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 async def read_attachments(attachments: Sequence[discord.Attachment], max_bytes: int) -> tuple[Attachment, ...]:
     """Each file as `bot.files` reads it; too big or not text-like ones are skipped without a download."""
+
     async def read(attachment: discord.Attachment) -> Attachment:
         name, kind = attachment.filename, attachment.content_type
         if (reason := not_worth_reading(name, kind, attachment.size, max_bytes)) is not None:
@@ -34,8 +35,9 @@ async def read_attachments(attachments: Sequence[discord.Attachment], max_bytes:
     return tuple(await asyncio.gather(*map(read, attachments)))
 
 
-async def read_files(attachments: Sequence[discord.Attachment], max_bytes: int, images: ImageIntake
-                     ) -> tuple[tuple[Attachment, ...], tuple[ImagePart, ...]]:
+async def read_files(
+    attachments: Sequence[discord.Attachment], max_bytes: int, images: ImageIntake
+) -> tuple[tuple[Attachment, ...], tuple[ImagePart, ...]]:
     """A message's files: (text files read or skipped, with the images skipped), and its images."""
     pictures = [a for a in attachments if is_image(a.filename, a.content_type)]
     others = [a for a in attachments if not is_image(a.filename, a.content_type)]
@@ -49,5 +51,6 @@ async def read_files(attachments: Sequence[discord.Attachment], max_bytes: int, 
 
     texts, (parts, skipped_images) = await asyncio.gather(
         read_attachments(others, max_bytes),
-        images.read(pictures, name_of=lambda a: a.filename, size_of=lambda a: a.size, fetch=fetch))
+        images.read(pictures, name_of=lambda a: a.filename, size_of=lambda a: a.size, fetch=fetch),
+    )
     return texts + skipped_images, parts

@@ -43,9 +43,14 @@ class AskModal(discord.ui.Modal, title="Ask llamarelay about this message"):
     """The question about ``message``; submitting it asks the model in this channel's conversation."""
 
     question: discord.ui.Label[AskModal] = discord.ui.Label(
-        text="Your question", component=discord.ui.TextInput(
-            style=discord.TextStyle.paragraph, required=False, max_length=QUESTION_MAX_CHARS,
-            placeholder="What does this mean? (empty: what do you make of it)"))
+        text="Your question",
+        component=discord.ui.TextInput(
+            style=discord.TextStyle.paragraph,
+            required=False,
+            max_length=QUESTION_MAX_CHARS,
+            placeholder="What does this mean? (empty: what do you make of it)",
+        ),
+    )
 
     def __init__(self, message: discord.Message) -> None:
         super().__init__(timeout=MODAL_TIMEOUT_SECONDS)
@@ -57,10 +62,10 @@ class AskModal(discord.ui.Modal, title="Ask llamarelay about this message"):
             return
         await interaction.response.defer(thinking=True)
         assert isinstance(self.question.component, discord.ui.TextInput)
-        text = ask_about(self.message.author.display_name, bot.prompt_text(self.message),
-                         self.question.component.value)
-        files, images = await read_files(self.message.attachments, bot.manager.limits.max_file_bytes,
-                                         bot.manager.images)
+        text = ask_about(self.message.author.display_name, bot.prompt_text(self.message), self.question.component.value)
+        files, images = await read_files(
+            self.message.attachments, bot.manager.limits.max_file_bytes, bot.manager.images
+        )
         await _answer(interaction, text, files, images)
 
     # discord.py's own Modal.on_error drops BaseView's ``item`` argument; this matches Modal's, which is called.
@@ -81,8 +86,9 @@ async def summarize_until(interaction: discord.Interaction, message: discord.Mes
     said: list[tuple[str, str]] = []
     try:
         # Newest first; `before` is exclusive, so one past the chosen message includes it.
-        async for earlier in channel.history(limit=conversation.summarize_messages,
-                                             before=discord.Object(message.id + 1)):
+        async for earlier in channel.history(
+            limit=conversation.summarize_messages, before=discord.Object(message.id + 1)
+        ):
             if text := bot.prompt_text(earlier):
                 said.append((earlier.author.display_name, text))
     except discord.HTTPException as exc:
@@ -105,13 +111,22 @@ async def _too_fast(interaction: discord.Interaction) -> bool:
     return True
 
 
-async def _answer(interaction: discord.Interaction, text: str, files: tuple[Attachment, ...] = (),
-                  images: tuple[ImagePart, ...] = ()) -> None:
+async def _answer(
+    interaction: discord.Interaction, text: str, files: tuple[Attachment, ...] = (), images: tuple[ImagePart, ...] = ()
+) -> None:
     """Ask the model ``text`` as the user of ``interaction``, in this channel's conversation."""
     bot = bot_of(interaction)
     user = interaction.user
     key = bot.session_for(interaction.channel, user, interaction.guild_id)
-    incoming = Incoming(key, str(user.id), user.display_name, text, event_id=str(interaction.id),
-                        attachments=files, images=images, author_roles=role_ids(user))
+    incoming = Incoming(
+        key,
+        str(user.id),
+        user.display_name,
+        text,
+        event_id=str(interaction.id),
+        attachments=files,
+        images=images,
+        author_roles=role_ids(user),
+    )
     target = InteractionTarget(interaction, min_edit_interval=bot.settings.edit_interval)
     await bot.answer(bot.manager.respond(incoming, target), key)

@@ -55,8 +55,9 @@ class ChannelTarget:
     max_length = DISCORD_MAX_MESSAGE_CHARS
     asks_approval = True  # Run / Deny buttons (adapters.discord.tool_buttons)
 
-    def __init__(self, channel: discord.abc.Messageable, *, trigger: discord.Message | None = None,
-                 min_edit_interval: float) -> None:
+    def __init__(
+        self, channel: discord.abc.Messageable, *, trigger: discord.Message | None = None, min_edit_interval: float
+    ) -> None:
         self._channel = channel
         self._trigger = trigger
         self.min_edit_interval = min_edit_interval
@@ -68,8 +69,12 @@ class ChannelTarget:
         # A reply that must not fail if the user deleted their message meanwhile.
         reference = self._trigger.to_reference(fail_if_not_exists=False) if self._trigger else None
         # send() takes reference=None (its default), though its typed overloads leave None out.
-        return await self._channel.send(_content(text), reference=reference,  # type: ignore[arg-type]
-                                        allowed_mentions=NO_MENTIONS, **_buttons(controls))
+        return await self._channel.send(
+            _content(text),
+            reference=reference,  # type: ignore[arg-type]
+            allowed_mentions=NO_MENTIONS,
+            **_buttons(controls),
+        )
 
     async def post_continuation(self, text: str, controls: Controls | None = None) -> discord.Message:
         return await self._channel.send(_content(text), allowed_mentions=NO_MENTIONS, **_buttons(controls))
@@ -83,7 +88,7 @@ class ChannelTarget:
             raise
 
     def reference(self, handle: Any) -> str | None:
-        """"<channel id>/<message id>" for `locate`; None for an interaction's original response (no message id
+        """ "<channel id>/<message id>" for `locate`; None for an interaction's original response (no message id
         until fetched, and its token lapses anyway)."""
         if isinstance(handle, discord.Message | discord.PartialMessage):
             return f"{handle.channel.id}/{handle.id}"
@@ -121,16 +126,21 @@ class InteractionTarget(ChannelTarget):
         self._token_expired = False
 
     async def post(self, text: str, controls: Controls | None = None) -> _Original:
-        await self._webhook(self._interaction.edit_original_response(content=_content(text),
-                                                                     allowed_mentions=NO_MENTIONS,
-                                                                     view=view_for(controls)))
+        await self._webhook(
+            self._interaction.edit_original_response(
+                content=_content(text), allowed_mentions=NO_MENTIONS, view=view_for(controls)
+            )
+        )
         return self._original
 
     async def post_continuation(self, text: str, controls: Controls | None = None) -> discord.Message:
         if not self._token_expired:
             try:
-                return await self._webhook(self._interaction.followup.send(
-                    _content(text), wait=True, allowed_mentions=NO_MENTIONS, **_buttons(controls)))
+                return await self._webhook(
+                    self._interaction.followup.send(
+                        _content(text), wait=True, allowed_mentions=NO_MENTIONS, **_buttons(controls)
+                    )
+                )
             except MessageGone:
                 pass
         return await super().post_continuation(text, controls)
@@ -141,9 +151,11 @@ class InteractionTarget(ChannelTarget):
         elif self._token_expired:
             raise MessageGone("discord: the interaction token has expired")
         else:
-            await self._webhook(self._interaction.edit_original_response(content=_content(text),
-                                                                         allowed_mentions=NO_MENTIONS,
-                                                                         view=view_for(controls)))
+            await self._webhook(
+                self._interaction.edit_original_response(
+                    content=_content(text), allowed_mentions=NO_MENTIONS, view=view_for(controls)
+                )
+            )
 
     async def _webhook(self, call: Any) -> Any:
         """Await an interaction-webhook call; an expired token (after 15 minutes) becomes `MessageGone`."""

@@ -27,8 +27,10 @@ async def _tell(interaction: discord.Interaction, text: str) -> None:
     await interaction.response.send_message(text[:EPHEMERAL_LIMIT], ephemeral=True, allowed_mentions=NO_MENTIONS)
 
 
-class ApprovalButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
-                     template=r"llamarelay:approve:(?P<approval>[0-9a-f]+):(?P<choice>run|deny)"):
+class ApprovalButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"llamarelay:approve:(?P<approval>[0-9a-f]+):(?P<choice>run|deny)",
+):
     """Run or Deny a tool call that waits for approval."""
 
     LOOKS = {"run": ("Run", "▶️", discord.ButtonStyle.success), "deny": ("Deny", "🚫", discord.ButtonStyle.danger)}
@@ -36,12 +38,16 @@ class ApprovalButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
     def __init__(self, approval: str, choice: str) -> None:
         self.approval, self.choice = approval, choice
         label, emoji, style = self.LOOKS[choice]
-        super().__init__(discord.ui.Button(label=label, emoji=emoji, style=style,
-                                           custom_id=f"llamarelay:approve:{approval}:{choice}"))
+        super().__init__(
+            discord.ui.Button(
+                label=label, emoji=emoji, style=style, custom_id=f"llamarelay:approve:{approval}:{choice}"
+            )
+        )
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> ApprovalButton:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> ApprovalButton:
         return cls(match["approval"], match["choice"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -53,8 +59,11 @@ class ApprovalButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
             await _tell(interaction, APPROVAL_GONE)
             return
         manages = bool(getattr(getattr(interaction.user, "guild_permissions", None), "manage_guild", False))
-        if (why := await bot.refusal(interaction.user, key, Action.APPROVE_TOOL, manages_place=manages,
-                                     owner=pending.owner)) is not None:
+        if (
+            why := await bot.refusal(
+                interaction.user, key, Action.APPROVE_TOOL, manages_place=manages, owner=pending.owner
+            )
+        ) is not None:
             await _tell(interaction, why)
             return
         if not approvals.answer(self.approval, run=self.choice == "run"):
@@ -63,18 +72,24 @@ class ApprovalButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
         await _tell(interaction, APPROVED if self.choice == "run" else DENIED)
 
 
-class ToolDetailsButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
-                        template=r"llamarelay:tools:(?P<reply_id>\d+)"):
+class ToolDetailsButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"llamarelay:tools:(?P<reply_id>\d+)"):
     """Tool details: the reply's tool calls, arguments and results, in an ephemeral message to the presser."""
 
     def __init__(self, reply_id: int) -> None:
         self.reply_id = reply_id
-        super().__init__(discord.ui.Button(label="Tool details", emoji="🔧", style=discord.ButtonStyle.secondary,
-                                           custom_id=f"llamarelay:tools:{reply_id}"))
+        super().__init__(
+            discord.ui.Button(
+                label="Tool details",
+                emoji="🔧",
+                style=discord.ButtonStyle.secondary,
+                custom_id=f"llamarelay:tools:{reply_id}",
+            )
+        )
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> ToolDetailsButton:
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: discord.ui.Item[Any], match: re.Match[str], /
+    ) -> ToolDetailsButton:
         return cls(int(match["reply_id"]))
 
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:

@@ -8,9 +8,30 @@ JSON error body, never an HTML page or a stack trace.
 from __future__ import annotations
 
 from adapters.http.errors import HttpError, json_errors
-from adapters.http.guards import (FOREIGN_HOST, bearer_guard, bearer_token, check_token_needed, host_guard,
-                                  is_loopback, is_loopback_host, token_matches)
+from adapters.http.guards import (
+    FOREIGN_HOST,
+    bearer_guard,
+    bearer_token,
+    check_token_needed,
+    host_guard,
+    is_loopback,
+    is_loopback_host,
+    token_matches,
+)
 from adapters.http.listener import Handler, Listener, Middleware
 
-__all__ = ["FOREIGN_HOST", "Handler", "HttpError", "Listener", "Middleware", "bearer_guard", "bearer_token",
-           "check_token_needed", "host_guard", "is_loopback", "is_loopback_host", "json_errors", "token_matches"]
+__all__ = [
+    "FOREIGN_HOST",
+    "Handler",
+    "HttpError",
+    "Listener",
+    "Middleware",
+    "bearer_guard",
+    "bearer_token",
+    "check_token_needed",
+    "host_guard",
+    "is_loopback",
+    "is_loopback_host",
+    "json_errors",
+    "token_matches",
+]

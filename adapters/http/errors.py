@@ -24,8 +24,7 @@ AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_
 class HttpError(Exception):
     """A request the server refuses: its status, a machine-readable code, a readable message, extra headers."""
 
-    def __init__(self, status: int, code: str | None, message: str, *,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, code: str | None, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -44,8 +43,12 @@ def error_body(error: HttpError) -> web.Response:
     return web.json_response({"error": error.code, "message": error.message}, status=error.status)
 
 
-def json_errors(render: Callable[[HttpError], web.Response] = error_body, *, name: str,
-                applies: Callable[[web.Request], bool] = lambda request: True) -> Middleware:
+def json_errors(
+    render: Callable[[HttpError], web.Response] = error_body,
+    *,
+    name: str,
+    applies: Callable[[web.Request], bool] = lambda request: True,
+) -> Middleware:
     """Middleware answering every error as ``render`` writes an `HttpError` (an API may have its own shape).
 
     Where ``applies`` is false (a page rather than an API), aiohttp's own errors and failures keep plain

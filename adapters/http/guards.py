@@ -13,8 +13,16 @@ from aiohttp import web
 from adapters.http.listener import Handler, Middleware
 from bot.errors import ConfigError
 
-__all__ = ["FOREIGN_HOST", "bearer_guard", "bearer_token", "check_token_needed", "host_guard", "is_loopback",
-           "is_loopback_host", "token_matches"]
+__all__ = [
+    "FOREIGN_HOST",
+    "bearer_guard",
+    "bearer_token",
+    "check_token_needed",
+    "host_guard",
+    "is_loopback",
+    "is_loopback_host",
+    "token_matches",
+]
 
 LOOPBACK_NAMES = ("localhost", "localhost.")
 FOREIGN_HOST = "This server answers only to localhost / 127.0.0.1."
@@ -79,5 +87,7 @@ def bearer_guard(token: str | None, refuse: Callable[[], Exception]) -> Middlewa
 def check_token_needed(host: str, token: str | None, *, section: str, env: str, exposes: str) -> None:
     """Refuse to serve other machines without an access token: a `ConfigError` naming the keys to change."""
     if not is_loopback(host) and not token:
-        raise ConfigError(f"[{section}] host = {host!r} lets other machines {exposes}: set {env} to an access "
-                          "token, or listen on host = \"127.0.0.1\" only")
+        raise ConfigError(
+            f"[{section}] host = {host!r} lets other machines {exposes}: set {env} to an access "
+            'token, or listen on host = "127.0.0.1" only'
+        )

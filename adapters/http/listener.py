@@ -21,15 +21,25 @@ class Listener:
     ``[slack] http_port`` does). With ``handler_cancellation`` a client that hangs up cancels its request's
     handler at once (aiohttp otherwise lets it run on)."""
 
-    def __init__(self, app: web.Application, host: str, port: int, *, section: str, keys_prefix: str = "",
-                 shutdown_timeout: float = 2.0, handler_cancellation: bool = False) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        host: str,
+        port: int,
+        *,
+        section: str,
+        keys_prefix: str = "",
+        shutdown_timeout: float = 2.0,
+        handler_cancellation: bool = False,
+    ) -> None:
         self.app = app
         self.host = host
         self.port = port
         self.section = section
         self._keys = keys_prefix
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout,
-                                     handler_cancellation=handler_cancellation)
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=shutdown_timeout, handler_cancellation=handler_cancellation
+        )
 
     @property
     def url(self) -> str:
@@ -45,10 +55,13 @@ class Listener:
             await self._runner.cleanup()
             section, keys = f"[{self.section}]", self._keys
             if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(f"port {self.port} on {self.host} is already in use: stop the program using it "
-                                  f"or choose another port with {section} {keys}port in config.toml") from None
-            raise ConfigError(f"cannot listen on {self.host}:{self.port} ({section} {keys}host / {keys}port): "
-                              f"{exc.strerror or exc}") from None
+                raise ConfigError(
+                    f"port {self.port} on {self.host} is already in use: stop the program using it "
+                    f"or choose another port with {section} {keys}port in config.toml"
+                ) from None
+            raise ConfigError(
+                f"cannot listen on {self.host}:{self.port} ({section} {keys}host / {keys}port): {exc.strerror or exc}"
+            ) from None
         if self.port == 0:
             self.port = self._runner.addresses[0][1]
         return self.url

@@ -22,8 +22,9 @@ __all__ = ["OpenAIServer", "create_app", "run_openai_api"]
 log = logging.getLogger(__name__)
 
 
-async def run_openai_api(engine: Engine, metrics: Metrics, settings: Settings, secrets: Secrets,
-                         models: ModelRegistry | None = None) -> None:
+async def run_openai_api(
+    engine: Engine, metrics: Metrics, settings: Settings, secrets: Secrets, models: ModelRegistry | None = None
+) -> None:
     """Serve the API on ``[api] host:port`` until cancelled, on the bot's ``engine`` (its fair queue) and the
     other configured ``models``, counted in its ``metrics``; the composition root (`bot.app`) hands them over.
 
@@ -32,5 +33,8 @@ async def run_openai_api(engine: Engine, metrics: Metrics, settings: Settings, s
     check_access(settings.api, secrets)
     app = create_app(engine, settings.sampling, secrets, host=settings.api.host, metrics=metrics, models=models)
     server = OpenAIServer(app, settings.api.host, settings.api.port)
-    await server.serve(lambda url: log.info("OpenAI-compatible API on %sv1%s", url,
-                                            " (Bearer token required)" if secrets.api_token else ""))
+    await server.serve(
+        lambda url: log.info(
+            "OpenAI-compatible API on %sv1%s", url, " (Bearer token required)" if secrets.api_token else ""
+        )
+    )

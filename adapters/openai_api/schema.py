@@ -26,15 +26,30 @@ MAX_TOOLS = 128
 TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 TOOL_CHOICES = ("auto", "none", "required")
 # Request keys that map onto SamplingSettings fields of the same name.
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed", "repeat_penalty", "frequency_penalty",
-                 "presence_penalty", "ignore_eos")
+SAMPLING_KEYS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "repeat_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "ignore_eos",
+)
 
 
 class ApiError(HttpError):
     """An error answered as OpenAI does: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(status, code, message)
         self.type, self.param = type, param
 
@@ -83,7 +98,7 @@ def parse_chat_request(body: Any, defaults: SamplingSettings) -> ChatRequest:
         raise ApiError(400, "logprobs is not supported.", param="logprobs")
     response_format = body.get("response_format")
     if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
-        raise ApiError(400, "Only response_format {\"type\": \"text\"} is supported.", param="response_format")
+        raise ApiError(400, 'Only response_format {"type": "text"} is supported.', param="response_format")
     overrides: dict[str, Any] = {key: body[key] for key in SAMPLING_KEYS if body.get(key) is not None}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
@@ -96,25 +111,36 @@ def parse_chat_request(body: Any, defaults: SamplingSettings) -> ChatRequest:
     except ValidationError as exc:
         error = exc.errors()[0]
         key = str(error["loc"][0]) if error["loc"] else ""
-        param = "max_tokens" if key == "max_tokens" and "max_tokens" in body else (
-            "max_completion_tokens" if key == "max_tokens" else key)
+        param = (
+            "max_tokens"
+            if key == "max_tokens" and "max_tokens" in body
+            else ("max_completion_tokens" if key == "max_tokens" else key)
+        )
         raise ApiError(400, f"'{param}' = {error['input']!r} is invalid: {error['msg']}.", param=param) from None
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be a boolean.", param="stream")
     options = {} if body.get("stream_options") is None else body["stream_options"]
     if not isinstance(options, dict) or not isinstance(options.get("include_usage"), bool | None):
-        raise ApiError(400, "'stream_options' must be an object, its include_usage a boolean.",
-                       param="stream_options")
+        raise ApiError(400, "'stream_options' must be an object, its include_usage a boolean.", param="stream_options")
     user = body.get("user", "")
     if not isinstance(user, str):
         raise ApiError(400, "'user' must be a string.", param="user")
     model = body.get("model") or ""
     if not isinstance(model, str):
         raise ApiError(400, "'model' must be a string.", param="model")
-    return ChatRequest(messages=messages, sampling=sampling, max_tokens_given=max_tokens is not None,
-                       stream=stream, include_usage=bool(options.get("include_usage")), stop=_stop(body.get("stop")),
-                       user=user, tools=tools, tool_choice=tool_choice, model=model.strip())
+    return ChatRequest(
+        messages=messages,
+        sampling=sampling,
+        max_tokens_given=max_tokens is not None,
+        stream=stream,
+        include_usage=bool(options.get("include_usage")),
+        stop=_stop(body.get("stop")),
+        user=user,
+        tools=tools,
+        tool_choice=tool_choice,
+        model=model.strip(),
+    )
 
 
 def _tools(value: Any) -> tuple[ToolSpec, ...]:
@@ -127,14 +153,21 @@ def _tools(value: Any) -> tuple[ToolSpec, ...]:
         function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
         name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str) or not TOOL_NAME.fullmatch(name) or any(t.name == name for t in tools):
-            raise ApiError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": …}}}} "
-                           "with a unique name of letters, digits, _, . or -.", param=f"tools[{i}]")
+            raise ApiError(
+                400,
+                f'tools[{i}] must be {{"type": "function", "function": {{"name": …}}}} '
+                "with a unique name of letters, digits, _, . or -.",
+                param=f"tools[{i}]",
+            )
         assert isinstance(function, dict)
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         description = function.get("description", "")
         if not isinstance(parameters, dict) or not isinstance(description, str):
-            raise ApiError(400, f"tools[{i}].function: 'parameters' must be a JSON schema object and "
-                           "'description' a string.", param=f"tools[{i}].function")
+            raise ApiError(
+                400,
+                f"tools[{i}].function: 'parameters' must be a JSON schema object and 'description' a string.",
+                param=f"tools[{i}].function",
+            )
         tools.append(ToolSpec(name, "api", description, parameters, name))
     return tuple(tools)
 
@@ -144,14 +177,21 @@ def _tool_choice(value: Any, tools: Sequence[ToolSpec]) -> str:
         return "auto" if tools else "none"
     if isinstance(value, str) and value in TOOL_CHOICES:
         choice = value
-    elif isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("function"), dict) \
-            and isinstance(value["function"].get("name"), str):
+    elif (
+        isinstance(value, dict)
+        and value.get("type") == "function"
+        and isinstance(value.get("function"), dict)
+        and isinstance(value["function"].get("name"), str)
+    ):
         choice = value["function"]["name"]
         if not any(tool.name == choice for tool in tools):
             raise ApiError(400, f"tool_choice names {choice!r}, which is not in 'tools'.", param="tool_choice")
     else:
-        raise ApiError(400, "'tool_choice' must be \"auto\", \"none\", \"required\" or "
-                       "{\"type\": \"function\", \"function\": {\"name\": …}}.", param="tool_choice")
+        raise ApiError(
+            400,
+            '\'tool_choice\' must be "auto", "none", "required" or {"type": "function", "function": {"name": …}}.',
+            param="tool_choice",
+        )
     if choice != "none" and not tools:
         raise ApiError(400, f"tool_choice {choice!r} needs 'tools'.", param="tool_choice")
     return choice
@@ -166,15 +206,21 @@ def _messages(value: Any) -> list[dict[str, Any]]:
             raise ApiError(400, f"messages[{i}] must be an object.", param=f"messages[{i}]")
         role = ROLES.get(raw) if isinstance(raw := message.get("role"), str) else None  # a list is unhashable
         if role is None:
-            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}, not "
-                           f"{message.get('role')!r}.", param=f"messages[{i}].role")
+            raise ApiError(
+                400,
+                f"messages[{i}].role must be one of {', '.join(ROLES)}, not {message.get('role')!r}.",
+                param=f"messages[{i}].role",
+            )
         entry: dict[str, Any] = {"role": role, "content": _content(message.get("content"), i, role)}
         if role == "assistant" and message.get("tool_calls") is not None:
             entry["tool_calls"] = _calls(message["tool_calls"], i)
         messages.append(entry)
     if messages[-1]["role"] not in ("user", "tool"):
-        raise ApiError(400, "The last message must be the user's (or a tool's result).",
-                       param=f"messages[{len(messages) - 1}].role")
+        raise ApiError(
+            400,
+            "The last message must be the user's (or a tool's result).",
+            param=f"messages[{len(messages) - 1}].role",
+        )
     return messages
 
 
@@ -193,8 +239,9 @@ def _calls(value: Any, i: int) -> list[ToolCall]:
         except (ValueError, RecursionError):
             parsed = None
         if not isinstance(name, str) or not name or not isinstance(parsed, dict):
-            raise ApiError(400, f"{param}: each call needs a function name and its arguments as a JSON object "
-                           "text.", param=param)
+            raise ApiError(
+                400, f"{param}: each call needs a function name and its arguments as a JSON object text.", param=param
+            )
         calls.append(ToolCall(name, parsed))
     return calls
 
@@ -208,20 +255,29 @@ def _content(content: Any, i: int, role: str) -> str:
         texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported.",
-                               param=f"messages[{i}].content")
+                raise ApiError(
+                    400, f"messages[{i}].content: only text parts are supported.", param=f"messages[{i}].content"
+                )
             texts.append(part["text"])
         return "".join(texts)
-    raise ApiError(400, f"messages[{i}].content must be a string or an array of text parts.",
-                   param=f"messages[{i}].content")
+    raise ApiError(
+        400, f"messages[{i}].content must be a string or an array of text parts.", param=f"messages[{i}].content"
+    )
 
 
 def _stop(value: Any) -> tuple[str, ...]:
     stops = [value] if isinstance(value, str) else value if isinstance(value, list) else [] if value is None else None
-    if (stops is None or len(stops) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)):
-        raise ApiError(400, f"'stop' must be a string or an array of at most {MAX_STOP_STRINGS} non-empty strings "
-                       f"of at most {MAX_STOP_CHARS} characters.", param="stop")
+    if (
+        stops is None
+        or len(stops) > MAX_STOP_STRINGS
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stops)
+    ):
+        raise ApiError(
+            400,
+            f"'stop' must be a string or an array of at most {MAX_STOP_STRINGS} non-empty strings "
+            f"of at most {MAX_STOP_CHARS} characters.",
+            param="stop",
+        )
     return tuple(stops)
 
 
@@ -243,11 +299,17 @@ class StopCutter:
         found = [(i + len(stop), i) for stop in self.stops if (i := buffer.find(stop)) >= 0]
         if found:
             self.stopped, self._held = True, ""
-            return buffer[:min(found)[1]]
-        hold = next((n for n in range(min(len(buffer), max(map(len, self.stops)) - 1), 0, -1)
-                     if any(stop.startswith(buffer[-n:]) for stop in self.stops)), 0)
-        self._held = buffer[len(buffer) - hold:]
-        return buffer[:len(buffer) - hold]
+            return buffer[: min(found)[1]]
+        hold = next(
+            (
+                n
+                for n in range(min(len(buffer), max(map(len, self.stops)) - 1), 0, -1)
+                if any(stop.startswith(buffer[-n:]) for stop in self.stops)
+            ),
+            0,
+        )
+        self._held = buffer[len(buffer) - hold :]
+        return buffer[: len(buffer) - hold]
 
     def flush(self) -> str:
         """What was held back, now that the text has ended without a stop string."""

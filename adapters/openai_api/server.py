@@ -7,6 +7,9 @@ In front of every request: the Bearer token is checked when one is set (a listen
 the Host must be a loopback name when the server listens on loopback (a DNS rebinding page cannot reach it),
 and a POST must be JSON (a foreign page cannot send that without CORS, which this server never grants).
 Errors are always OpenAI-style JSON, never an HTML page or a stack trace.
+
+Over 400 lines: every /v1 handler, plain and tool-calling, whole and streamed; they share its errors, metrics
+and SSE framing, which a split would have to pass between files.
 """
 
 from __future__ import annotations
@@ -24,8 +27,16 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from adapters.http import (FOREIGN_HOST, Handler, HttpError, Listener, bearer_guard, check_token_needed, host_guard,
-                           json_errors)
+from adapters.http import (
+    FOREIGN_HOST,
+    Handler,
+    HttpError,
+    Listener,
+    bearer_guard,
+    check_token_needed,
+    host_guard,
+    json_errors,
+)
 from adapters.openai_api.schema import ApiError, ChatRequest, StopCutter, parse_chat_request
 from adapters.openai_api.tool_calls import NONE, ToolTurn, call_json, model_format, prompt_messages
 from bot.config import ApiSettings, SamplingSettings, Secrets
@@ -48,7 +59,6 @@ SHUTDOWN_TIMEOUT_SECONDS = 2.0
 OWNER = "llamarelay"
 PLATFORM = "api"  # the replies metric's label for this adapter's requests
 FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop"}
-
 
 
 @dataclass(frozen=True)
@@ -87,8 +97,9 @@ STATE = web.AppKey("state", ApiState)
 
 def check_access(settings: ApiSettings, secrets: Secrets) -> None:
     """Refuse to serve other machines without a token."""
-    check_token_needed(settings.host, secrets.api_token, section="api", env="LLAMARELAY_API_TOKEN",
-                       exposes="use the model")
+    check_token_needed(
+        settings.host, secrets.api_token, section="api", env="LLAMARELAY_API_TOKEN", exposes="use the model"
+    )
 
 
 def error_response(error: HttpError) -> web.Response:
@@ -97,35 +108,52 @@ def error_response(error: HttpError) -> web.Response:
 
 # -- middleware ----------------------------------------------------------------------------------------
 
+
 def _foreign_host() -> ApiError:
     return ApiError(403, FOREIGN_HOST, type="permission_error", code="foreign_host")
 
 
 def _no_such_model(name: str, names: list[str]) -> ApiError:
-    return ApiError(404, f"The model '{name}' does not exist; the models here are: {', '.join(names)}.",
-                    param="model", code="model_not_found")
+    return ApiError(
+        404,
+        f"The model '{name}' does not exist; the models here are: {', '.join(names)}.",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _wrong_token() -> ApiError:
-    return ApiError(401, "Incorrect API key provided: send 'Authorization: Bearer' with the value of "
-                    "LLAMARELAY_API_TOKEN.", code="invalid_api_key")
+    return ApiError(
+        401,
+        "Incorrect API key provided: send 'Authorization: Bearer' with the value of LLAMARELAY_API_TOKEN.",
+        code="invalid_api_key",
+    )
 
 
 @web.middleware
 async def _json_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A POST must be JSON: a foreign page cannot send that without CORS, which this server never grants."""
     if request.method == "POST" and request.content_type != "application/json":
-        raise ApiError(415, "The request body must be JSON (Content-Type: application/json).",
-                       code="unsupported_media_type")
+        raise ApiError(
+            415, "The request body must be JSON (Content-Type: application/json).", code="unsupported_media_type"
+        )
     return await handler(request)
 
 
 # -- handlers ------------------------------------------------------------------------------------------
 
+
 async def _models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response({"object": "list", "data": [
-        {"id": name, "object": "model", "created": state.created, "owned_by": OWNER} for name in state.model_ids()]})
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": state.created, "owned_by": OWNER}
+                for name in state.model_ids()
+            ],
+        }
+    )
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
@@ -139,14 +167,18 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         return await _complete(request, state, chat, model_id, engine)
 
 
-async def _complete(request: web.Request, state: ApiState, chat: ChatRequest, model_id: str,
-                    engine: InferenceEngine) -> web.StreamResponse:
+async def _complete(
+    request: web.Request, state: ApiState, chat: ChatRequest, model_id: str, engine: InferenceEngine
+) -> web.StreamResponse:
     """Answer ``chat`` with ``engine`` (model ``model_id``), whole or streamed."""
     calls_tools = bool(chat.tools) and chat.tool_choice != NONE
     fmt = model_format(engine) if renders_template(engine) else None
     if calls_tools and fmt is None:
-        raise ApiError(400, f"The model {model_id} is another server's: 'tools' are offered by embedded models only.",
-                       param="tools")
+        raise ApiError(
+            400,
+            f"The model {model_id} is another server's: 'tools' are offered by embedded models only.",
+            param="tools",
+        )
     try:
         # Rendering and tokenizing a long conversation takes a while: not on the event loop.
         messages = prompt_messages(chat, fmt) if fmt is not None else chat.messages
@@ -155,8 +187,9 @@ async def _complete(request: web.Request, state: ApiState, chat: ChatRequest, mo
         raise ApiError(400, str(exc), param="messages") from None
     _check_length(engine.n_ctx, len(prompt), chat)
     if calls_tools and fmt is not None and renders_template(engine):
-        return await _tool_chat(request, state, chat, ToolTurn(engine, chat, fmt, _session(request, chat.user)),
-                                prompt, model_id)
+        return await _tool_chat(
+            request, state, chat, ToolTurn(engine, chat, fmt, _session(request, chat.user)), prompt, model_id
+        )
     try:
         # Both backends take a Prompt: a server model reads its messages, an embedded one its tokens.
         generation = engine.submit(Prompt(chat.messages, prompt), chat.sampling, session=_session(request, chat.user))
@@ -187,8 +220,9 @@ async def _complete(request: web.Request, state: ApiState, chat: ChatRequest, mo
             state.metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
 
 
-async def _tool_chat(request: web.Request, state: ApiState, chat: ChatRequest, turn: ToolTurn,
-                     prompt: list[int], model_id: str) -> web.StreamResponse:
+async def _tool_chat(
+    request: web.Request, state: ApiState, chat: ChatRequest, turn: ToolTurn, prompt: list[int], model_id: str
+) -> web.StreamResponse:
     """A completion offered ``tools``: its text, then its calls as ``tool_calls`` (finish_reason "tool_calls")."""
     try:
         turn.start(prompt)
@@ -227,12 +261,16 @@ def _tool_finish(turn: ToolTurn) -> str:
 
 
 def _tool_usage(turn: ToolTurn, n_prompt: int) -> dict[str, int]:
-    return {"prompt_tokens": n_prompt, "completion_tokens": turn.n_generated,
-            "total_tokens": n_prompt + turn.n_generated}
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": turn.n_generated,
+        "total_tokens": n_prompt + turn.n_generated,
+    }
 
 
-async def _whole_tools(turn: ToolTurn, completion_id: str, n_prompt: int, prompt: list[int],
-                       model_id: str) -> web.Response:
+async def _whole_tools(
+    turn: ToolTurn, completion_id: str, n_prompt: int, prompt: list[int], model_id: str
+) -> web.Response:
     try:
         text = "".join([piece async for piece in turn.texts(prompt)])
     except (EngineError, QueueFull) as exc:  # QueueFull: the call's second generation found the queue full
@@ -240,22 +278,43 @@ async def _whole_tools(turn: ToolTurn, completion_id: str, n_prompt: int, prompt
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
     if turn.calls:
         message["tool_calls"] = [call_json(call) for call in turn.calls]
-    return web.json_response({
-        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
-        "choices": [{"index": 0, "message": message, "finish_reason": _tool_finish(turn)}],
-        "usage": _tool_usage(turn, n_prompt)})
+    return web.json_response(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model_id,
+            "choices": [{"index": 0, "message": message, "finish_reason": _tool_finish(turn)}],
+            "usage": _tool_usage(turn, n_prompt),
+        }
+    )
 
 
-async def _stream_tools(request: web.Request, state: ApiState, chat: ChatRequest, turn: ToolTurn,
-                        completion_id: str, n_prompt: int, prompt: list[int], model_id: str) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+async def _stream_tools(
+    request: web.Request,
+    state: ApiState,
+    chat: ChatRequest,
+    turn: ToolTurn,
+    completion_id: str,
+    n_prompt: int,
+    prompt: list[int],
+    model_id: str,
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
     await response.prepare(request)
     created = int(time.time())
 
     async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
-        chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                 "model": model_id, "choices": choices, **extra}
+        chunk = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_id,
+            "choices": choices,
+            **extra,
+        }
         await response.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
 
     await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
@@ -263,8 +322,9 @@ async def _stream_tools(request: web.Request, state: ApiState, chat: ChatRequest
         async for text in turn.texts(prompt):
             await send([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
         for index, call in enumerate(turn.calls):  # each call whole, in one chunk
-            await send([{"index": 0, "delta": {"tool_calls": [{"index": index, **call_json(call)}]},
-                         "finish_reason": None}])
+            await send(
+                [{"index": 0, "delta": {"tool_calls": [{"index": index, **call_json(call)}]}, "finish_reason": None}]
+            )
     except (EngineError, QueueFull) as exc:  # the headers are sent: the error goes in the stream, as llama-server does
         error = ApiError(500, str(exc), type="server_error", code="engine_error")
         await response.write(f"data: {json.dumps(error.body())}\n\n".encode())
@@ -280,11 +340,18 @@ async def _stream_tools(request: web.Request, state: ApiState, chat: ChatRequest
 def _check_length(n_ctx: int, n_prompt: int, chat: ChatRequest) -> None:
     wanted = n_prompt + (chat.sampling.max_tokens if chat.max_tokens_given else 1)
     if wanted > n_ctx:
-        completion = f" ({n_prompt} in the messages, {chat.sampling.max_tokens} in the completion)" \
-            if chat.max_tokens_given else ""
-        raise ApiError(400, f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-                       f"{wanted} tokens{completion}. Please reduce the length of the messages or completion.",
-                       param="messages", code="context_length_exceeded")
+        completion = (
+            f" ({n_prompt} in the messages, {chat.sampling.max_tokens} in the completion)"
+            if chat.max_tokens_given
+            else ""
+        )
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+            f"{wanted} tokens{completion}. Please reduce the length of the messages or completion.",
+            param="messages",
+            code="context_length_exceeded",
+        )
 
 
 def _session(request: web.Request, user: str) -> str:
@@ -311,8 +378,11 @@ async def _texts(generation: Figures, cutter: StopCutter, metrics: Metrics | Non
 
 
 def _usage(generation: Figures, n_prompt: int) -> dict[str, int]:
-    return {"prompt_tokens": n_prompt, "completion_tokens": generation.n_generated,
-            "total_tokens": n_prompt + generation.n_generated}
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": generation.n_generated,
+        "total_tokens": n_prompt + generation.n_generated,
+    }
 
 
 def _finish_reason(generation: Figures, cutter: StopCutter) -> str:
@@ -321,30 +391,56 @@ def _finish_reason(generation: Figures, cutter: StopCutter) -> str:
     return FINISH_REASONS.get(generation.finish_reason, "stop")
 
 
-async def _whole(state: ApiState, chat: ChatRequest, generation: Figures, completion_id: str,
-                 n_prompt: int, model_id: str) -> web.Response:
+async def _whole(
+    state: ApiState, chat: ChatRequest, generation: Figures, completion_id: str, n_prompt: int, model_id: str
+) -> web.Response:
     cutter = StopCutter(chat.stop)
     try:
         text = "".join([piece async for piece in _texts(generation, cutter, state.metrics)])
     except EngineError as exc:
         raise ApiError(500, str(exc), type="server_error", code="engine_error") from None
-    return web.json_response({
-        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model_id,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": _finish_reason(generation, cutter)}],
-        "usage": _usage(generation, n_prompt)})
+    return web.json_response(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": _finish_reason(generation, cutter),
+                }
+            ],
+            "usage": _usage(generation, n_prompt),
+        }
+    )
 
 
-async def _stream(request: web.Request, state: ApiState, chat: ChatRequest, generation: Figures,
-                  completion_id: str, n_prompt: int, model_id: str) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
+async def _stream(
+    request: web.Request,
+    state: ApiState,
+    chat: ChatRequest,
+    generation: Figures,
+    completion_id: str,
+    n_prompt: int,
+    model_id: str,
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
     await response.prepare(request)
     created = int(time.time())
 
     async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
-        chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                 "model": model_id, "choices": choices, **extra}
+        chunk = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_id,
+            "choices": choices,
+            **extra,
+        }
         await response.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
 
     cutter = StopCutter(chat.stop)
@@ -364,17 +460,34 @@ async def _stream(request: web.Request, state: ApiState, chat: ChatRequest, gene
     return response
 
 
-def create_app(engine: Engine, sampling: SamplingSettings, secrets: Secrets, *, host: str,
-               metrics: Metrics | None = None, models: ModelRegistry | None = None) -> web.Application:
+def create_app(
+    engine: Engine,
+    sampling: SamplingSettings,
+    secrets: Secrets,
+    *,
+    host: str,
+    metrics: Metrics | None = None,
+    models: ModelRegistry | None = None,
+) -> web.Application:
     """The API for ``engine``; requests leave out sampling fields to get ``sampling``'s. With ``metrics``, each
     request counts in them (platform "api"); with ``models`` (whose default ``engine`` is), a request's
     ``model`` picks any configured model."""
-    app = web.Application(middlewares=[json_errors(error_response, name="openai api"),
-                                       host_guard(host, _foreign_host), bearer_guard(secrets.api_token, _wrong_token),
-                                       _json_only])
-    app[STATE] = ApiState(engine=engine, sampling=sampling,
-                          model_id=models.default.name if models is not None else engine.settings.model_path.stem,
-                          created=int(time.time()), metrics=metrics, models=models)
+    app = web.Application(
+        middlewares=[
+            json_errors(error_response, name="openai api"),
+            host_guard(host, _foreign_host),
+            bearer_guard(secrets.api_token, _wrong_token),
+            _json_only,
+        ]
+    )
+    app[STATE] = ApiState(
+        engine=engine,
+        sampling=sampling,
+        model_id=models.default.name if models is not None else engine.settings.model_path.stem,
+        created=int(time.time()),
+        metrics=metrics,
+        models=models,
+    )
     app.router.add_get("/v1/models", _models)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     return app
@@ -384,5 +497,6 @@ class OpenAIServer(Listener):
     """The OpenAI API's listener: a client that hangs up cancels its request's generation at once."""
 
     def __init__(self, app: web.Application, host: str, port: int) -> None:
-        super().__init__(app, host, port, section="api", shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
-                         handler_cancellation=True)
+        super().__init__(
+            app, host, port, section="api", shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS, handler_cancellation=True
+        )

@@ -20,8 +20,17 @@ from typing import TYPE_CHECKING, Any
 from adapters.openai_api.schema import ApiError, ChatRequest, StopCutter
 from bot.engine import Generation, QueuePosition
 from bot.tools.registry import ToolSpec
-from bot.tools.syntax import (CallParsed, CallStarted, TextPiece, ToolCall, ToolCallParser, ToolFormat, format_call,
-                              render_tools, tool_format)
+from bot.tools.syntax import (
+    CallParsed,
+    CallStarted,
+    TextPiece,
+    ToolCall,
+    ToolCallParser,
+    ToolFormat,
+    format_call,
+    render_tools,
+    tool_format,
+)
 
 if TYPE_CHECKING:
     from bot.engine.embedded import Engine
@@ -78,8 +87,11 @@ def offered(chat: ChatRequest) -> list[ToolSpec]:
 
 def call_json(call: ToolCall) -> dict[str, Any]:
     """One call in OpenAI's shape (its arguments a JSON string)."""
-    return {"id": f"call_{secrets.token_hex(12)}", "type": "function",
-            "function": {"name": call.name, "arguments": json.dumps(dict(call.arguments), ensure_ascii=False)}}
+    return {
+        "id": f"call_{secrets.token_hex(12)}",
+        "type": "function",
+        "function": {"name": call.name, "arguments": json.dumps(dict(call.arguments), ensure_ascii=False)},
+    }
 
 
 @dataclass
@@ -110,8 +122,9 @@ class ToolTurn:
         try:
             return call_grammar(offered(self.chat), self.fmt.syntax, with_opening=with_opening)
         except Exception as exc:  # the converter asserts, raises KeyError, ValueError…: the caller's schema, a 400
-            raise ApiError(400, f"The tools' parameters could not be made into a grammar: {exc}",
-                           param="tools") from None
+            raise ApiError(
+                400, f"The tools' parameters could not be made into a grammar: {exc}", param="tools"
+            ) from None
 
     @property
     def forced(self) -> bool:

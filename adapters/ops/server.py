@@ -41,11 +41,13 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(manager: ConversationManager, host: str = "127.0.0.1",
-               tools: ToolSupervisor | None = None) -> web.Application:
+def create_app(
+    manager: ConversationManager, host: str = "127.0.0.1", tools: ToolSupervisor | None = None
+) -> web.Application:
     """The ops application for a listener on ``host``; /readyz lists ``tools``' servers when given."""
-    app = web.Application(middlewares=[json_errors(name="ops"),
-                                       host_guard(host, lambda: HttpError(403, "foreign_host", FOREIGN_HOST))])
+    app = web.Application(
+        middlewares=[json_errors(name="ops"), host_guard(host, lambda: HttpError(403, "foreign_host", FOREIGN_HOST))]
+    )
     app[MANAGER] = manager
     if tools is not None:
         app[TOOLS] = tools

@@ -69,8 +69,14 @@ class AssistantThreads:
         # slack_bolt annotates one matcher, but its _merge_matchers adds `matchers` to a list: a list it must be.
         self.assistant.user_message(self.question, matchers=[is_assistant_thread])  # type: ignore[arg-type]
 
-    async def started(self, event: dict[str, Any], body: dict[str, Any], context: AsyncBoltContext, say: AsyncSay,
-                      set_suggested_prompts: AsyncSetSuggestedPrompts) -> None:
+    async def started(
+        self,
+        event: dict[str, Any],
+        body: dict[str, Any],
+        context: AsyncBoltContext,
+        say: AsyncSay,
+        set_suggested_prompts: AsyncSetSuggestedPrompts,
+    ) -> None:
         """``assistant_thread_started``: greet, and offer a few prompts to start from."""
         thread = event.get("assistant_thread") or {}
         channel, user = str(thread.get("channel_id") or ""), str(thread.get("user_id") or "")
@@ -87,11 +93,13 @@ class AssistantThreads:
         choices = self.bot.manager.model_choices()
         if len(choices) < 2:
             return None
-        return model_select_blocks(escape(GREETING), [(m.name, m.description) for m in choices],
-                                   await self.bot.manager.model_name(key))
+        return model_select_blocks(
+            escape(GREETING), [(m.name, m.description) for m in choices], await self.bot.manager.model_name(key)
+        )
 
-    async def choose_model(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any],
-                           context: AsyncBoltContext) -> None:
+    async def choose_model(
+        self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
         """A model picked in a greeting's select: the thread's model from its next answer on, if the policy lets
         the user change it (a refusal, or a name no longer configured, is said in the thread). The greeting is
         then redrawn with the thread's model, so the select never shows a choice that did not happen."""
@@ -152,8 +160,9 @@ class AssistantThreads:
         self._remember(spot, found)
         return found
 
-    async def question(self, event: dict[str, Any], body: dict[str, Any], context: AsyncBoltContext,
-                       set_title: AsyncSetTitle) -> None:
+    async def question(
+        self, event: dict[str, Any], body: dict[str, Any], context: AsyncBoltContext, set_title: AsyncSetTitle
+    ) -> None:
         """A message in an assistant thread: answered there, streamed, with the thread's status meanwhile."""
         user, channel, thread, ts = event.get("user"), event.get("channel"), event.get("thread_ts"), event.get("ts")
         if not user or not channel or not thread or not ts:
@@ -173,11 +182,19 @@ class AssistantThreads:
                 log.info("could not title assistant thread %s: %s", thread, exc.response.get("error"))
         attachments, images = await self.bot.read_files(event.get("files") or [])
         # One person per assistant thread: no speaker names, as in a DM.
-        incoming = Incoming(key, user, "", text, event_id=str(body.get("event_id") or ""), attachments=attachments,
-                            images=images)
-        target = AssistantTarget(self.bot.client, channel, thread_ts=thread, team_id=team, user_id=user, key=key,
-                                 edit_interval=self.bot.settings.edit_interval,
-                                 native=self.bot.settings.native_streaming)
+        incoming = Incoming(
+            key, user, "", text, event_id=str(body.get("event_id") or ""), attachments=attachments, images=images
+        )
+        target = AssistantTarget(
+            self.bot.client,
+            channel,
+            thread_ts=thread,
+            team_id=team,
+            user_id=user,
+            key=key,
+            edit_interval=self.bot.settings.edit_interval,
+            native=self.bot.settings.native_streaming,
+        )
         await self.bot.reply(incoming, target)
 
     def _remember(self, spot: str, is_assistant: bool) -> None:

@@ -15,10 +15,26 @@ from bot.text import one_line
 from bot.types import Controls, SessionKey
 from bot.wording import MODEL_PICKER_LABEL, MODEL_PICKER_PLACEHOLDER
 
-__all__ = ["STOP", "REGENERATE", "CONTINUE", "FEEDBACK", "RUN", "DENY", "TOOL_DETAILS",
-           "MODEL_SELECT",
-           "MAX_VALUE_CHARS", "SECTION_TEXT_LIMIT", "OPTION_TEXT_LIMIT", "MAX_OPTIONS", "ButtonValue",
-           "reply_blocks", "button_blocks", "feedback_blocks", "without_buttons", "model_select_blocks"]
+__all__ = [
+    "STOP",
+    "REGENERATE",
+    "CONTINUE",
+    "FEEDBACK",
+    "RUN",
+    "DENY",
+    "TOOL_DETAILS",
+    "MODEL_SELECT",
+    "MAX_VALUE_CHARS",
+    "SECTION_TEXT_LIMIT",
+    "OPTION_TEXT_LIMIT",
+    "MAX_OPTIONS",
+    "ButtonValue",
+    "reply_blocks",
+    "button_blocks",
+    "feedback_blocks",
+    "without_buttons",
+    "model_select_blocks",
+]
 
 STOP = "llamarelay_stop"
 REGENERATE = "llamarelay_regenerate"
@@ -62,22 +78,32 @@ class ButtonValue:
             reply_id = data.get("r")
             if reply_id is not None and not isinstance(reply_id, int):
                 return None
-            return cls(SessionKey.parse(str(data["k"])), reply_id, str(data.get("f") or ""),
-                       str(data.get("h") or ""), str(data.get("a") or ""))
+            return cls(
+                SessionKey.parse(str(data["k"])),
+                reply_id,
+                str(data.get("f") or ""),
+                str(data.get("h") or ""),
+                str(data.get("a") or ""),
+            )
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
 
 
 def _button(text: str, action_id: str, value: ButtonValue, style: str | None = None) -> dict[str, Any]:
-    button: dict[str, Any] = {"type": "button", "action_id": action_id, "value": value.dump(),
-                              "text": {"type": "plain_text", "text": text, "emoji": True}}
+    button: dict[str, Any] = {
+        "type": "button",
+        "action_id": action_id,
+        "value": value.dump(),
+        "text": {"type": "plain_text", "text": text, "emoji": True},
+    }
     if style:
         button["style"] = style
     return button
 
 
-def reply_blocks(mrkdwn: str, controls: Controls | None, key: SessionKey | None,
-                 header: str = "") -> list[dict[str, Any]]:
+def reply_blocks(
+    mrkdwn: str, controls: Controls | None, key: SessionKey | None, header: str = ""
+) -> list[dict[str, Any]]:
     """A reply message's blocks: its text (already mrkdwn, at most `SECTION_TEXT_LIMIT`), then its buttons.
 
     ``verbatim`` keeps Slack from linking names or mentions in the text on its own: the text is shown exactly
@@ -108,13 +134,27 @@ def button_blocks(controls: Controls | None, key: SessionKey | None, header: str
 
 def feedback_blocks(key: SessionKey, reply_id: int) -> list[dict[str, Any]]:
     """Slack's 👍/👎 feedback buttons, for the end of a natively streamed reply."""
-    return [{"type": "context_actions", "elements": [{
-        "type": "feedback_buttons", "action_id": FEEDBACK,
-        "positive_button": {"text": {"type": "plain_text", "text": "👍"},
-                            "accessibility_label": "Good answer", "value": ButtonValue(key, reply_id, "good").dump()},
-        "negative_button": {"text": {"type": "plain_text", "text": "👎"},
-                            "accessibility_label": "Bad answer", "value": ButtonValue(key, reply_id, "bad").dump()},
-    }]}]
+    return [
+        {
+            "type": "context_actions",
+            "elements": [
+                {
+                    "type": "feedback_buttons",
+                    "action_id": FEEDBACK,
+                    "positive_button": {
+                        "text": {"type": "plain_text", "text": "👍"},
+                        "accessibility_label": "Good answer",
+                        "value": ButtonValue(key, reply_id, "good").dump(),
+                    },
+                    "negative_button": {
+                        "text": {"type": "plain_text", "text": "👎"},
+                        "accessibility_label": "Bad answer",
+                        "value": ButtonValue(key, reply_id, "bad").dump(),
+                    },
+                }
+            ],
+        }
+    ]
 
 
 def without_buttons(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -123,8 +163,10 @@ def without_buttons(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _option(name: str, description: str) -> dict[str, Any]:
-    option: dict[str, Any] = {"text": {"type": "plain_text", "text": one_line(name, OPTION_TEXT_LIMIT)},
-                              "value": name}  # configured names are at most 64 characters: they fit a value
+    option: dict[str, Any] = {
+        "text": {"type": "plain_text", "text": one_line(name, OPTION_TEXT_LIMIT)},
+        "value": name,
+    }  # configured names are at most 64 characters: they fit a value
     if description:
         option["description"] = {"type": "plain_text", "text": one_line(description, OPTION_TEXT_LIMIT)}
     return option
@@ -134,9 +176,15 @@ def model_select_blocks(mrkdwn: str, models: list[tuple[str, str]], current: str
     """A message's text (mrkdwn) with a select of ``models`` (name, description) under it, ``current`` chosen
     when it is one of them (a choice no longer configured shows the placeholder instead)."""
     options = [_option(name, description) for name, description in models[:MAX_OPTIONS]]
-    select: dict[str, Any] = {"type": "static_select", "action_id": MODEL_SELECT, "options": options,
-                              "placeholder": {"type": "plain_text", "text": MODEL_PICKER_PLACEHOLDER}}
+    select: dict[str, Any] = {
+        "type": "static_select",
+        "action_id": MODEL_SELECT,
+        "options": options,
+        "placeholder": {"type": "plain_text", "text": MODEL_PICKER_PLACEHOLDER},
+    }
     if chosen := next((option for option in options if option["value"] == current), None):
         select["initial_option"] = chosen
-    return [{"type": "section", "text": {"type": "mrkdwn", "text": mrkdwn}},
-            {"type": "section", "text": {"type": "mrkdwn", "text": MODEL_PICKER_LABEL}, "accessory": select}]
+    return [
+        {"type": "section", "text": {"type": "mrkdwn", "text": mrkdwn}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": MODEL_PICKER_LABEL}, "accessory": select},
+    ]

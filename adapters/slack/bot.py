@@ -59,8 +59,15 @@ ADMINS = "admins (`admin_user_ids` under `[slack]` in config.toml)"  # who may c
 class SlackBot:
     """llamarelay on Slack. `start()` connects (Socket Mode or HTTP), `close()` disconnects cleanly."""
 
-    def __init__(self, manager: ConversationManager, settings: SlackSettings, *, bot_token: str,
-                 app_token: str | None = None, signing_secret: str | None = None) -> None:
+    def __init__(
+        self,
+        manager: ConversationManager,
+        settings: SlackSettings,
+        *,
+        bot_token: str,
+        app_token: str | None = None,
+        signing_secret: str | None = None,
+    ) -> None:
         self.manager = manager
         self.settings = settings
         self.client = AsyncWebClient(token=bot_token, base_url=settings.api_base_url or AsyncWebClient.BASE_URL)
@@ -70,12 +77,20 @@ class SlackBot:
         self._api_host = urlsplit(self.client.base_url).hostname or ""
         self._app_token = app_token
         self._signing_secret = signing_secret
-        self.policy = AccessPolicy(channels=settings.allowed_channel_ids, users=settings.allowed_user_ids,
-                                   admins=settings.admin_user_ids, dms_enabled=settings.dms_enabled,
-                                   messages_per_minute=settings.user_messages_per_minute)
+        self.policy = AccessPolicy(
+            channels=settings.allowed_channel_ids,
+            users=settings.allowed_user_ids,
+            admins=settings.admin_user_ids,
+            dms_enabled=settings.dms_enabled,
+            messages_per_minute=settings.user_messages_per_minute,
+        )
         self._names: dict[str, tuple[str, float]] = {}  # user id → (display name, when to look it up again)
-        self.app = AsyncApp(client=self.client, signing_secret=signing_secret or "", name="llamarelay",
-                            before_authorize=self._drop_edits)
+        self.app = AsyncApp(
+            client=self.client,
+            signing_secret=signing_secret or "",
+            name="llamarelay",
+            before_authorize=self._drop_edits,
+        )
         self.app.event("app_mention")(self._on_mention)
         self.app.event("message")(self._on_message)
         self.app.error(self._on_error)
@@ -113,8 +128,13 @@ class SlackBot:
             log.info("connected to Slack in Socket Mode")
             return
         s = self.settings
-        listener = Listener(self.app.web_app(path=s.http_path, port=s.http_port), s.http_host, s.http_port,
-                            section="slack", keys_prefix="http_")
+        listener = Listener(
+            self.app.web_app(path=s.http_path, port=s.http_port),
+            s.http_host,
+            s.http_port,
+            section="slack",
+            keys_prefix="http_",
+        )
         url = await listener.start()  # a taken port is a ConfigError naming [slack] http_port's section
         self._listener = listener
         log.info("serving Slack events on %s%s", url, s.http_path.lstrip("/"))
@@ -149,8 +169,7 @@ class SlackBot:
 
     @staticmethod
     async def _on_error(error: Exception, body: dict[str, Any]) -> None:
-        log.error("Slack listener failed on a %s request", body.get("type") or body.get("command"),
-                  exc_info=error)
+        log.error("Slack listener failed on a %s request", body.get("type") or body.get("command"), exc_info=error)
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -166,13 +185,19 @@ class SlackBot:
         elif context.bot_user_id and f"<@{context.bot_user_id}" in event.get("text", ""):
             # A mention also arrives as app_mention; whichever comes first is answered (see first_delivery).
             await self._answer(event, body, context)
-        elif event.get("thread_ts") and channel and await self.manager.is_known(session_key(
-                self.team_of(body, context), channel, str(event.get("user") or ""), event["thread_ts"])):
+        elif (
+            event.get("thread_ts")
+            and channel
+            and await self.manager.is_known(
+                session_key(self.team_of(body, context), channel, str(event.get("user") or ""), event["thread_ts"])
+            )
+        ):
             # A thread the bot answered in (or was mentioned in) is a conversation: no mention needed there.
             await self._answer(event, body, context, addressed=False)
 
-    async def _answer(self, event: dict[str, Any], body: dict[str, Any], context: AsyncBoltContext, *,
-                      addressed: bool = True) -> None:
+    async def _answer(
+        self, event: dict[str, Any], body: dict[str, Any], context: AsyncBoltContext, *, addressed: bool = True
+    ) -> None:
         user, channel, ts = event.get("user"), event.get("channel"), event.get("ts")
         if not user or not channel or not ts:
             return
@@ -188,20 +213,42 @@ class SlackBot:
         if not decision.allowed and not addressed and decision.refusal is not Refusal.TOO_FAST:
             return  # someone the bot does not answer, talking in a thread it follows: not spoken to, no notice
         if not decision.allowed:
-            await self._refuse(refusal_text(decision, admins=ADMINS), channel=channel, user=user,
-                               thread_ts=reply_thread)
+            await self._refuse(
+                refusal_text(decision, admins=ADMINS), channel=channel, user=user, thread_ts=reply_thread
+            )
             return
-        name, (attachments, images) = await asyncio.gather(self.display_name(user, event.get("user_profile")),
-                                                           self.read_files(event.get("files") or []))
-        incoming = Incoming(key, user, name, from_slack(event.get("text", ""), context.bot_user_id),
-                            event_id=str(body.get("event_id") or ""), attachments=attachments, images=images)
+        name, (attachments, images) = await asyncio.gather(
+            self.display_name(user, event.get("user_profile")), self.read_files(event.get("files") or [])
+        )
+        incoming = Incoming(
+            key,
+            user,
+            name,
+            from_slack(event.get("text", ""), context.bot_user_id),
+            event_id=str(body.get("event_id") or ""),
+            attachments=attachments,
+            images=images,
+        )
         target: UpdateTarget
         if self.settings.native_streaming:
-            target = NativeStreamTarget(self.client, channel, thread_ts=reply_thread or ts, team_id=team,
-                                        user_id=user, key=key, edit_interval=self.settings.edit_interval)
+            target = NativeStreamTarget(
+                self.client,
+                channel,
+                thread_ts=reply_thread or ts,
+                team_id=team,
+                user_id=user,
+                key=key,
+                edit_interval=self.settings.edit_interval,
+            )
         else:
-            target = UpdateTarget(self.client, channel, team_id=team, key=key, thread_ts=reply_thread,
-                                  edit_interval=self.settings.edit_interval)
+            target = UpdateTarget(
+                self.client,
+                channel,
+                team_id=team,
+                key=key,
+                thread_ts=reply_thread,
+                edit_interval=self.settings.edit_interval,
+            )
         await self.reply(incoming, target)
 
     async def first_delivery(self, event_id: str | None, team: str, channel: str, ts: str) -> bool:
@@ -260,8 +307,13 @@ class SlackBot:
         try:
             found = (await self.client.users_info(user=user)).get("user") or {}
             details = found.get("profile") or {}
-            name = (details.get("display_name") or details.get("real_name") or found.get("real_name")
-                    or found.get("name") or user)
+            name = (
+                details.get("display_name")
+                or details.get("real_name")
+                or found.get("real_name")
+                or found.get("name")
+                or user
+            )
         except (SlackApiError, aiohttp.ClientError, TimeoutError) as exc:  # a name is a nicety, never a failure
             log.info("users.info for %s failed (%s); using the id as the name", user, exc)
             name = user
@@ -277,10 +329,15 @@ class SlackBot:
             return (), ()
         assert self._http is not None, "the bot is not started"
         texts, (images, skipped_images) = await asyncio.gather(
-            read_files(self._http, files, token=self._bot_token, api_host=self._api_host,
-                       max_bytes=self.manager.limits.max_file_bytes),
-            read_images(self._http, files, token=self._bot_token, api_host=self._api_host,
-                        images=self.manager.images))
+            read_files(
+                self._http,
+                files,
+                token=self._bot_token,
+                api_host=self._api_host,
+                max_bytes=self.manager.limits.max_file_bytes,
+            ),
+            read_images(self._http, files, token=self._bot_token, api_host=self._api_host, images=self.manager.images),
+        )
         return texts + skipped_images, images
 
     async def reply(self, incoming: Incoming, target: UpdateTarget) -> ReplyResult:
@@ -289,8 +346,11 @@ class SlackBot:
 
     def running_in(self, team: str, channel: str) -> list[SessionKey]:
         """Conversations in ``channel`` (the channel's own and its threads') with a reply on its way."""
-        return [key for key in self.manager.running()
-                if key.platform == PLATFORM and key.workspace == team and key.channel == channel]
+        return [
+            key
+            for key in self.manager.running()
+            if key.platform == PLATFORM and key.workspace == team and key.channel == channel
+        ]
 
     async def deliver(self, answer: Awaitable[ReplyResult], target: UpdateTarget) -> ReplyResult:
         """Await a core reply (respond, regenerate, continue) streaming into ``target``, then close ``target``."""
@@ -307,8 +367,13 @@ async def run_slack(manager: ConversationManager, settings: Settings, secrets: S
     """Run the Slack bot until cancelled, then disconnect cleanly (the lead's `llamarelay run` calls this)."""
     if not secrets.slack_bot_token:
         raise ConfigError("SLACK_BOT_TOKEN is not set")
-    bot = SlackBot(manager, settings.slack, bot_token=secrets.slack_bot_token,
-                   app_token=secrets.slack_app_token, signing_secret=secrets.slack_signing_secret)
+    bot = SlackBot(
+        manager,
+        settings.slack,
+        bot_token=secrets.slack_bot_token,
+        app_token=secrets.slack_app_token,
+        signing_secret=secrets.slack_signing_secret,
+    )
     await bot.start()
     try:
         await asyncio.Event().wait()

@@ -55,8 +55,7 @@ def parse_settings(text: str) -> dict[str, int | float]:
         try:
             value = setting.kind(raw)
         except ValueError:
-            raise ValueError(f"`{name}` needs a {'whole ' if setting.kind is int else ''}number, not `{raw}`") \
-                from None
+            raise ValueError(f"`{name}` needs a {'whole ' if setting.kind is int else ''}number, not `{raw}`") from None
         if not math.isfinite(value):
             raise ValueError(f"`{name}` needs a finite number, not `{raw}`")
         changes[name] = value
@@ -92,13 +91,15 @@ class SlashCommands:
     async def _refusal(self, command: dict[str, Any], action: Action = Action.USE) -> str | None:
         return await self.bot.refusal(command["user_id"], command["channel_id"], action)
 
-    async def ask(self, ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond,
-                  context: AsyncBoltContext) -> None:
+    async def ask(
+        self, ack: AsyncAck, command: dict[str, Any], respond: AsyncRespond, context: AsyncBoltContext
+    ) -> None:
         """``/ask <prompt>``: a visible message in the channel showing the question, the answer streamed into it."""
         user, channel = command["user_id"], command["channel_id"]
         prompt = from_slack(command.get("text", ""), context.bot_user_id)
-        refusal = (await self._refusal(command) or (None if prompt else ASK_USAGE)
-                   or await self._refusal(command, Action.ASK))
+        refusal = (
+            await self._refusal(command) or (None if prompt else ASK_USAGE) or await self._refusal(command, Action.ASK)
+        )
         if refusal:
             await ack(text=refusal)
             return
@@ -106,12 +107,22 @@ class SlashCommands:
         name = command.get("user_name") or user
         header = f"*{escape(name)} asked:* {escape(_preview(prompt))}\n\n"
         key = command_key(command)
-        target = UpdateTarget(self.bot.client, channel, team_id=command.get("team_id", ""), key=key, header=header,
-                              edit_interval=self.bot.settings.edit_interval, continue_in_thread=True)
+        target = UpdateTarget(
+            self.bot.client,
+            channel,
+            team_id=command.get("team_id", ""),
+            key=key,
+            header=header,
+            edit_interval=self.bot.settings.edit_interval,
+            continue_in_thread=True,
+        )
         result = await self.bot.reply(Incoming(key, user, name, prompt), target)
         if not result.delivered and target.first_ts is None:  # nothing visible happened: tell the asker why
-            await respond(text=f"⚠️ I can't post in this conversation (`{target.refusal}`). Invite me with "
-                               "`/invite @llamarelay`, or DM me.", response_type="ephemeral")
+            await respond(
+                text=f"⚠️ I can't post in this conversation (`{target.refusal}`). Invite me with "
+                "`/invite @llamarelay`, or DM me.",
+                response_type="ephemeral",
+            )
 
     async def reset(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         """``/reset``: forget this conversation's history."""
@@ -168,7 +179,6 @@ class SlashCommands:
         status = await self.bot.manager.conversation_status(key)
         await ack(text="\n".join(f"*{label}:* {escape(value)}" for label, value in status.lines()))
 
-
     async def settings(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         """``/settings`` shows this conversation's temperature, max_tokens and top_p; ``/settings name=value …``
         sets them (admins in a channel, anyone in a DM). Threads use their channel's."""
@@ -187,11 +197,16 @@ class SlashCommands:
                 return
         sampling = await self.bot.manager.sampling(key)
         n_ctx = self.bot.manager.context_window
-        lines = [f"• `{setting.name}` = {getattr(sampling, setting.name):g}  ({_bounds(setting, n_ctx)})"
-                 for setting in SETTINGS]
+        lines = [
+            f"• `{setting.name}` = {getattr(sampling, setting.name):g}  ({_bounds(setting, n_ctx)})"
+            for setting in SETTINGS
+        ]
         where = "your DM with me" if is_dm(command["channel_id"]) else "this channel (and its threads)"
-        await ack(text="\n".join([f"{'✅ Set. ' if text else ''}*Settings for {where}:*", *lines,
-                                  "" if text else SETTINGS_USAGE]).strip())
+        await ack(
+            text="\n".join(
+                [f"{'✅ Set. ' if text else ''}*Settings for {where}:*", *lines, "" if text else SETTINGS_USAGE]
+            ).strip()
+        )
 
     async def model(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         """``/model`` shows this conversation's model and the configured ones; ``/model <name>`` switches to it

@@ -16,8 +16,17 @@ from typing import TYPE_CHECKING, Any, Literal
 from slack_bolt.async_app import AsyncAck
 from slack_sdk.errors import SlackApiError
 
-from adapters.slack.blocks import (CONTINUE, DENY, FEEDBACK, REGENERATE, RUN, STOP, TOOL_DETAILS, ButtonValue,
-                                   without_buttons)
+from adapters.slack.blocks import (
+    CONTINUE,
+    DENY,
+    FEEDBACK,
+    REGENERATE,
+    RUN,
+    STOP,
+    TOOL_DETAILS,
+    ButtonValue,
+    without_buttons,
+)
 from adapters.slack.sessions import is_dm
 from adapters.slack.targets import UpdateTarget
 from bot.access import Action
@@ -102,8 +111,9 @@ class ReplyControls:
         if press is None or not await self._claim(press, continuing=False):
             return
         try:
-            target = self._target(press, replace_ts=str(press.message.get("ts") or "") or None,
-                                  header=press.value.header)
+            target = self._target(
+                press, replace_ts=str(press.message.get("ts") or "") or None, header=press.value.header
+            )
             assert press.value.reply_id is not None
             await self.bot.deliver(self.bot.manager.regenerate(press.key, target, press.value.reply_id), target)
         finally:
@@ -129,8 +139,9 @@ class ReplyControls:
             return
         rating: Literal["good", "bad"] = "good" if press.value.feedback == "good" else "bad"
         stored = await self.bot.manager.set_feedback(press.key, press.value.reply_id, rating)
-        await self.bot.tell(press.channel, press.user, THANKS if stored else f"🕰️ {STALE_REPLY}",
-                            thread_ts=press.thread_ts)
+        await self.bot.tell(
+            press.channel, press.user, THANKS if stored else f"🕰️ {STALE_REPLY}", thread_ts=press.thread_ts
+        )
 
     async def approve(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
         """Run / Deny: answer a tool call waiting for approval, if the presser is its asker or an admin."""
@@ -166,8 +177,11 @@ class ReplyControls:
             return False
         self._busy.add(key)
         reply_id = press.value.reply_id
-        redo = (RedoRefusal.STALE if reply_id is None
-                else await self.bot.manager.redo_refusal(press.key, reply_id, continuing=continuing))
+        redo = (
+            RedoRefusal.STALE
+            if reply_id is None
+            else await self.bot.manager.redo_refusal(press.key, reply_id, continuing=continuing)
+        )
         refusal = REFUSALS[redo] if redo is not None else None
         # A new answer costs what a message costs.
         refusal = refusal or await self.bot.refusal(press.user, press.channel, Action.ASK)
@@ -179,16 +193,26 @@ class ReplyControls:
 
     def _target(self, press: Press, *, replace_ts: str | None = None, header: str = "") -> UpdateTarget:
         # In a channel a reply's further messages go in its thread; a DM's top level stays the top level.
-        return UpdateTarget(self.bot.client, press.channel, team_id=press.team, key=press.key,
-                            thread_ts=press.thread_ts or (None if press.in_dm else str(press.message.get("ts"))),
-                            header=header, replace_ts=replace_ts, edit_interval=self.bot.settings.edit_interval)
+        return UpdateTarget(
+            self.bot.client,
+            press.channel,
+            team_id=press.team,
+            key=press.key,
+            thread_ts=press.thread_ts or (None if press.in_dm else str(press.message.get("ts"))),
+            header=header,
+            replace_ts=replace_ts,
+            edit_interval=self.bot.settings.edit_interval,
+        )
 
     async def _drop_buttons(self, press: Press) -> None:
         # The pressed message is no longer the reply's end: its buttons would act on the wrong text.
         try:
-            await self.bot.client.chat_update(channel=press.channel, ts=str(press.message.get("ts")),
-                                              text=str(press.message.get("text") or ""),
-                                              blocks=without_buttons(press.message.get("blocks") or []))
+            await self.bot.client.chat_update(
+                channel=press.channel,
+                ts=str(press.message.get("ts")),
+                text=str(press.message.get("text") or ""),
+                blocks=without_buttons(press.message.get("blocks") or []),
+            )
         except SlackApiError as exc:
             log.info("could not take the buttons off %s: %s", press.message.get("ts"), exc.response.get("error"))
 

@@ -32,15 +32,16 @@ def _trusted(url: str, api_host: str) -> bool:
     return bool(api_host) and (host == api_host or host.endswith("." + api_host))
 
 
-async def _read_one(http: aiohttp.ClientSession, file: dict[str, Any], *, token: str, api_host: str,
-                    max_bytes: int) -> Attachment:
+async def _read_one(
+    http: aiohttp.ClientSession, file: dict[str, Any], *, token: str, api_host: str, max_bytes: int
+) -> Attachment:
     name = str(file.get("name") or file.get("title") or "file")
     content_type = file.get("mimetype")
     url = str(file.get("url_private_download") or file.get("url_private") or "")
     size = file.get("size")
     if not url or file.get("mode") in ("tombstone", "hidden_by_limit"):
         return skipped(name, "not available to the bot")
-    if (reason := not_worth_reading(name, content_type, size if isinstance(size, int) else 0, max_bytes)):
+    if reason := not_worth_reading(name, content_type, size if isinstance(size, int) else 0, max_bytes):
         return reason
     if not _trusted(url, api_host):
         log.warning("not sending the bot token to %s (not a Slack host)", urlsplit(url).hostname)
@@ -51,13 +52,15 @@ async def _read_one(http: aiohttp.ClientSession, file: dict[str, Any], *, token:
     return read_attachment(name, content_type, data, max_bytes)
 
 
-async def _download(http: aiohttp.ClientSession, name: str, url: str, *, token: str, max_bytes: int
-                    ) -> bytes | None:
+async def _download(http: aiohttp.ClientSession, name: str, url: str, *, token: str, max_bytes: int) -> bytes | None:
     """At most ``max_bytes + 1`` bytes of a file on a trusted host, fetched with the bot token; None on failure."""
     try:
         # aiohttp drops the Authorization header if a redirect leaves the host.
-        async with http.get(url, headers={"Authorization": f"Bearer {token}"},
-                            timeout=aiohttp.ClientTimeout(total=DOWNLOAD_TIMEOUT_SECONDS)) as response:
+        async with http.get(
+            url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=aiohttp.ClientTimeout(total=DOWNLOAD_TIMEOUT_SECONDS),
+        ) as response:
             response.raise_for_status()
             return await response.content.read(max_bytes + 1)  # never more than the limit, whatever size said
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -73,8 +76,9 @@ def _is_image(file: dict[str, Any]) -> bool:
     return is_image(_name(file), file.get("mimetype"))
 
 
-async def read_images(http: aiohttp.ClientSession, files: list[dict[str, Any]], *, token: str, api_host: str,
-                      images: ImageIntake) -> tuple[tuple[ImagePart, ...], tuple[Attachment, ...]]:
+async def read_images(
+    http: aiohttp.ClientSession, files: list[dict[str, Any]], *, token: str, api_host: str, images: ImageIntake
+) -> tuple[tuple[ImagePart, ...], tuple[Attachment, ...]]:
     """The image files of a message event as image parts, and those skipped with a reason (too big by the size
     Slack reports, past the count, not on a Slack host, unreadable)."""
     untrusted: list[Attachment] = []
@@ -93,18 +97,24 @@ async def read_images(http: aiohttp.ClientSession, files: list[dict[str, Any]], 
         return await _download(http, _name(item[0]), item[1], token=token, max_bytes=images.limits.max_bytes)
 
     parts, skipped_images = await images.read(
-        fetchable, name_of=lambda item: _name(item[0]), fetch=fetch,
-        size_of=lambda item: size if isinstance(size := item[0].get("size"), int) else 0)
+        fetchable,
+        name_of=lambda item: _name(item[0]),
+        fetch=fetch,
+        size_of=lambda item: size if isinstance(size := item[0].get("size"), int) else 0,
+    )
     return parts, skipped_images + tuple(untrusted)
 
 
-async def read_files(http: aiohttp.ClientSession, files: list[dict[str, Any]], *, token: str, api_host: str,
-                     max_bytes: int) -> tuple[Attachment, ...]:
+async def read_files(
+    http: aiohttp.ClientSession, files: list[dict[str, Any]], *, token: str, api_host: str, max_bytes: int
+) -> tuple[Attachment, ...]:
     """The files of a message event as attachments: text read, the rest skipped with a reason, in order (its
     images are `read_images`'s)."""
     files = [file for file in files if not _is_image(file)]
-    fetched = await asyncio.gather(*(_read_one(http, file, token=token, api_host=api_host, max_bytes=max_bytes)
-                                     for file in files[:MAX_FILES]))
-    extra = tuple(skipped(str(f.get("name") or "file"), f"more than {MAX_FILES} files in one message")
-                  for f in files[MAX_FILES:])
+    fetched = await asyncio.gather(
+        *(_read_one(http, file, token=token, api_host=api_host, max_bytes=max_bytes) for file in files[:MAX_FILES])
+    )
+    extra = tuple(
+        skipped(str(f.get("name") or "file"), f"more than {MAX_FILES} files in one message") for f in files[MAX_FILES:]
+    )
     return tuple(fetched) + extra

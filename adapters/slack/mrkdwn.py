@@ -105,7 +105,7 @@ def _inline(text: str) -> str:
     parts: list[str] = []
     pos = 0
     for m in _INLINE.finditer(text):
-        parts.append(escape(text[pos:m.start()]))
+        parts.append(escape(text[pos : m.start()]))
         parts.append(_token(m))
         pos = m.end()
     parts.append(escape(text[pos:]))

@@ -27,8 +27,16 @@ from bot.types import Incoming
 if TYPE_CHECKING:
     from adapters.slack.bot import SlackBot
 
-__all__ = ["register_shortcuts", "MessageShortcuts", "ASK_ABOUT", "SUMMARIZE", "ASK_VIEW", "QUESTION_BLOCK",
-           "QUESTION_INPUT", "view_metadata"]
+__all__ = [
+    "register_shortcuts",
+    "MessageShortcuts",
+    "ASK_ABOUT",
+    "SUMMARIZE",
+    "ASK_VIEW",
+    "QUESTION_BLOCK",
+    "QUESTION_INPUT",
+    "view_metadata",
+]
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +49,10 @@ PREVIEW_CHARS = 300
 REPLIES_PAGE = 200  # conversations.replies page size
 MAX_PAGES = 50
 CANNOT_POST = "⚠️ I can't post in this conversation (`{error}`). Invite me with `/invite @llamarelay`, or DM me."
-CANNOT_READ = ("⚠️ I can't read this conversation (`{error}`). Invite me with `/invite @llamarelay` "
-               "(a private channel or DM needs the matching history scope).")
+CANNOT_READ = (
+    "⚠️ I can't read this conversation (`{error}`). Invite me with `/invite @llamarelay` "
+    "(a private channel or DM needs the matching history scope)."
+)
 
 
 def _preview(text: str, limit: int = PREVIEW_CHARS) -> str:
@@ -55,7 +65,7 @@ def view_metadata(fields: dict[str, Any], text: str) -> str:
         metadata = json.dumps({**fields, "x": text}, ensure_ascii=False)
         if len(metadata) <= METADATA_LIMIT or not text:
             return metadata
-        text = text[:len(text) * 4 // 5].rstrip() + "…"
+        text = text[: len(text) * 4 // 5].rstrip() + "…"
 
 
 class MessageShortcuts:
@@ -75,22 +85,50 @@ class MessageShortcuts:
             return
         author = await self._author(message)
         text = from_slack(str(message.get("text") or ""))
-        metadata = view_metadata({"c": channel, "t": message.get("thread_ts") or message.get("ts"), "a": author,
-                              "r": shortcut.get("response_url")}, text)
-        await self.bot.client.views_open(trigger_id=shortcut["trigger_id"], view={
-            "type": "modal", "callback_id": ASK_VIEW, "private_metadata": metadata,
-            "title": {"type": "plain_text", "text": "Ask llamarelay"},
-            "submit": {"type": "plain_text", "text": "Ask"},
-            "close": {"type": "plain_text", "text": "Cancel"},
-            "blocks": [
-                {"type": "context", "elements": [{"type": "mrkdwn", "verbatim": True,
-                                                  "text": f"*{escape(author)}* wrote: {escape(_preview(text))}"}]},
-                {"type": "input", "block_id": QUESTION_BLOCK, "optional": True,
-                 "label": {"type": "plain_text", "text": "Your question"},
-                 "element": {"type": "plain_text_input", "action_id": QUESTION_INPUT, "multiline": True,
-                             "placeholder": {"type": "plain_text", "text": "What do you make of this message?"}}},
-            ],
-        })
+        metadata = view_metadata(
+            {
+                "c": channel,
+                "t": message.get("thread_ts") or message.get("ts"),
+                "a": author,
+                "r": shortcut.get("response_url"),
+            },
+            text,
+        )
+        await self.bot.client.views_open(
+            trigger_id=shortcut["trigger_id"],
+            view={
+                "type": "modal",
+                "callback_id": ASK_VIEW,
+                "private_metadata": metadata,
+                "title": {"type": "plain_text", "text": "Ask llamarelay"},
+                "submit": {"type": "plain_text", "text": "Ask"},
+                "close": {"type": "plain_text", "text": "Cancel"},
+                "blocks": [
+                    {
+                        "type": "context",
+                        "elements": [
+                            {
+                                "type": "mrkdwn",
+                                "verbatim": True,
+                                "text": f"*{escape(author)}* wrote: {escape(_preview(text))}",
+                            }
+                        ],
+                    },
+                    {
+                        "type": "input",
+                        "block_id": QUESTION_BLOCK,
+                        "optional": True,
+                        "label": {"type": "plain_text", "text": "Your question"},
+                        "element": {
+                            "type": "plain_text_input",
+                            "action_id": QUESTION_INPUT,
+                            "multiline": True,
+                            "placeholder": {"type": "plain_text", "text": "What do you make of this message?"},
+                        },
+                    },
+                ],
+            },
+        )
 
     async def ask_submitted(self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any]) -> None:
         """The modal's submission: the quoted message and the question, answered in the message's thread."""
@@ -102,8 +140,15 @@ class MessageShortcuts:
         channel, thread = str(meta.get("c") or ""), str(meta.get("t") or "")
         if not channel or not thread:
             return
-        await self._answer(user, team, channel, thread, meta.get("r"), ("asked about a message", question),
-                           ask_about(str(meta.get("a") or "someone"), str(meta.get("x") or ""), question))
+        await self._answer(
+            user,
+            team,
+            channel,
+            thread,
+            meta.get("r"),
+            ("asked about a message", question),
+            ask_about(str(meta.get("a") or "someone"), str(meta.get("x") or ""), question),
+        )
 
     # -- Summarize thread ---------------------------------------------------------------------------------
 
@@ -123,18 +168,29 @@ class MessageShortcuts:
             await respond(text=CANNOT_READ.format(error=exc.response.get("error")), response_type="ephemeral")
             return
         authors = await asyncio.gather(*(self._author(m) for m in messages))
-        said = [(author, text) for author, m in zip(authors, messages, strict=True)
-                if (text := from_slack(str(m.get("text") or "")))]
-        await self._answer(user, team, channel, thread, shortcut.get("response_url"),
-                           ("asked for a summary of this thread", ""), summarize(said, limits.summarize_chars))
+        said = [
+            (author, text)
+            for author, m in zip(authors, messages, strict=True)
+            if (text := from_slack(str(m.get("text") or "")))
+        ]
+        await self._answer(
+            user,
+            team,
+            channel,
+            thread,
+            shortcut.get("response_url"),
+            ("asked for a summary of this thread", ""),
+            summarize(said, limits.summarize_chars),
+        )
 
     async def _thread(self, channel: str, ts: str, limit: int) -> list[dict[str, Any]]:
         """The newest ``limit`` messages of the thread at ``ts`` (its first message included), oldest first."""
         messages: list[dict[str, Any]] = []
         cursor: str | None = None
         for _ in range(MAX_PAGES):
-            page = await self.bot.client.conversations_replies(channel=channel, ts=ts, limit=REPLIES_PAGE,
-                                                               cursor=cursor)
+            page = await self.bot.client.conversations_replies(
+                channel=channel, ts=ts, limit=REPLIES_PAGE, cursor=cursor
+            )
             messages = (messages + list(page.get("messages") or []))[-limit:]
             cursor = (page.get("response_metadata") or {}).get("next_cursor")
             if not page.get("has_more") or not cursor:
@@ -148,8 +204,16 @@ class MessageShortcuts:
             return await self.bot.display_name(str(user), message.get("user_profile"))
         return str(message.get("username") or (message.get("bot_profile") or {}).get("name") or "a bot")
 
-    async def _answer(self, user: str, team: str, channel: str, thread: str, response_url: str | None,
-                      heading: tuple[str, str], prompt: str) -> None:
+    async def _answer(
+        self,
+        user: str,
+        team: str,
+        channel: str,
+        thread: str,
+        response_url: str | None,
+        heading: tuple[str, str],
+        prompt: str,
+    ) -> None:
         """Answer ``prompt`` for ``user`` in the thread, under a line saying who asked what:
         ``heading`` is (what they did, the words they asked with, if any)."""
         if refusal := await self.bot.refusal(user, channel, Action.ASK):
@@ -159,8 +223,15 @@ class MessageShortcuts:
         did, words = heading
         header = f"*{escape(name)} {did}:* {escape(_preview(words, 200))}" if words else f"*{escape(name)} {did}.*"
         key = session_key(team, channel, user, thread)
-        target = UpdateTarget(self.bot.client, channel, team_id=team, key=key, thread_ts=thread,
-                              header=header + "\n\n", edit_interval=self.bot.settings.edit_interval)
+        target = UpdateTarget(
+            self.bot.client,
+            channel,
+            team_id=team,
+            key=key,
+            thread_ts=thread,
+            header=header + "\n\n",
+            edit_interval=self.bot.settings.edit_interval,
+        )
         result = await self.bot.reply(Incoming(key, user, name, prompt), target)
         if not result.delivered and target.first_ts is None:  # nothing visible happened: say why, to them only
             await _tell(response_url, CANNOT_POST.format(error=target.refusal))

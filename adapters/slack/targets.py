@@ -6,6 +6,8 @@ uses Slack's native streaming (``chat.startStream`` / ``appendStream`` / ``stopS
 `AssistantTarget` answers in an assistant thread: while the reply has no text, its status goes to
 ``assistant.threads.setStatus`` instead of a placeholder message. Every message carries its text in a section
 block, with the core's `Controls` as buttons under the reply's last message.
+
+Over 400 lines: Slack's three ways of showing a growing reply, which share their blocks, limits and fallbacks.
 """
 
 from __future__ import annotations
@@ -38,15 +40,23 @@ _CLIPPED_MARK = "\n…"
 # Refusals a second, different try mends at once.
 _RETRIED_ERRORS = {"msg_too_long": "shortened", "invalid_blocks": "as plain text, without buttons"}
 # Errors that no retry can mend: the message is gone (edit), or the bot cannot post here at all (post).
-_GONE_ERRORS = {"message_not_found", "cant_update_message", "channel_not_found", "not_in_channel", "is_archived",
-                "restricted_action", "no_permission", "thread_not_found"}
+_GONE_ERRORS = {
+    "message_not_found",
+    "cant_update_message",
+    "channel_not_found",
+    "not_in_channel",
+    "is_archived",
+    "restricted_action",
+    "no_permission",
+    "thread_not_found",
+}
 
 
 def _clip(text: str, limit: int = SECTION_TEXT_LIMIT) -> str:
     # Escaping can lengthen text (``&`` → ``&amp;``); never cut inside an entity or a <link>.
     if len(text) <= limit:
         return text
-    cut = text[:limit - len(_CLIPPED_MARK)]
+    cut = text[: limit - len(_CLIPPED_MARK)]
     for opener, closer in (("&", ";"), ("<", ">")):
         start = cut.rfind(opener)
         if start != -1 and closer not in cut[start:]:
@@ -59,8 +69,11 @@ def _visible(text: str) -> str:
     return text if text.strip() else "…"
 
 
-_ASSISTANT_STATUSES = {Phase.THINKING: "is thinking…", Phase.REASONING: "is thinking it through…",
-                       Phase.WAITING: "is finishing the previous reply…"}
+_ASSISTANT_STATUSES = {
+    Phase.THINKING: "is thinking…",
+    Phase.REASONING: "is thinking it through…",
+    Phase.WAITING: "is finishing the previous reply…",
+}
 
 
 def assistant_status(status: ReplyStatus) -> str | None:
@@ -89,9 +102,19 @@ class UpdateTarget:
         """Run / Deny buttons (adapters.slack.controls), which need the conversation's key."""
         return self.key is not None
 
-    def __init__(self, client: AsyncWebClient, channel: str, *, team_id: str, key: SessionKey | None = None,
-                 thread_ts: str | None = None, header: str = "", edit_interval: float = 1.0,
-                 continue_in_thread: bool = False, replace_ts: str | None = None) -> None:
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        channel: str,
+        *,
+        team_id: str,
+        key: SessionKey | None = None,
+        thread_ts: str | None = None,
+        header: str = "",
+        edit_interval: float = 1.0,
+        continue_in_thread: bool = False,
+        replace_ts: str | None = None,
+    ) -> None:
         self.client = client
         self.channel = channel
         self.key = key
@@ -144,10 +167,13 @@ class UpdateTarget:
     def _continuation_thread(self) -> str | None:
         return self.thread_ts or (self.first_ts if self.continue_in_thread else None)
 
-    async def _post(self, text: str, thread_ts: str | None, controls: Controls | None = None,
-                    header: str = "") -> str:
-        kwargs: dict[str, Any] = {"channel": self.channel, "thread_ts": thread_ts,
-                                  "unfurl_links": False, "unfurl_media": False}
+    async def _post(self, text: str, thread_ts: str | None, controls: Controls | None = None, header: str = "") -> str:
+        kwargs: dict[str, Any] = {
+            "channel": self.channel,
+            "thread_ts": thread_ts,
+            "unfurl_links": False,
+            "unfurl_media": False,
+        }
         try:
             response = await self.client.chat_postMessage(**self._content(text, controls, header), **kwargs)
         except SlackApiError as exc:
@@ -169,11 +195,13 @@ class UpdateTarget:
             if error not in _RETRIED_ERRORS:
                 raise _gone(exc)  # noqa: B904 -- _gone sets the cause itself, or is exc unchanged
             log.warning("Slack refused an update (%s); sending it again %s", error, _RETRIED_ERRORS[error])
-            await self.client.chat_update(channel=self.channel, ts=ts,
-                                          **self._content(text, controls, header, refused=error))
+            await self.client.chat_update(
+                channel=self.channel, ts=ts, **self._content(text, controls, header, refused=error)
+            )
 
-    def _content(self, text: str, controls: Controls | None, header: str, *,
-                 refused: str | None = None) -> dict[str, Any]:
+    def _content(
+        self, text: str, controls: Controls | None, header: str, *, refused: str | None = None
+    ) -> dict[str, Any]:
         """A message's ``text`` (what notifications and screen readers use) and the blocks it shows; after
         ``refused`` (an error from `_RETRIED_ERRORS`), the shorter or plainer form that Slack should take."""
         text = _clip(text, _CLIPPED_TEXT_CHARS if refused == "msg_too_long" else SECTION_TEXT_LIMIT)
@@ -230,17 +258,26 @@ class NativeStreamTarget(UpdateTarget):
         """A growing stream cannot show buttons: tools marked confirm = true are not offered."""
         return False
 
-    def __init__(self, client: AsyncWebClient, channel: str, *, thread_ts: str, team_id: str, user_id: str,
-                 key: SessionKey | None = None, edit_interval: float = 1.0) -> None:
-        super().__init__(client, channel, team_id=team_id, key=key, thread_ts=thread_ts,
-                         edit_interval=edit_interval)
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        channel: str,
+        *,
+        thread_ts: str,
+        team_id: str,
+        user_id: str,
+        key: SessionKey | None = None,
+        edit_interval: float = 1.0,
+    ) -> None:
+        super().__init__(client, channel, team_id=team_id, key=key, thread_ts=thread_ts, edit_interval=edit_interval)
         self.team_id = team_id
         self.user_id = user_id
         self._messages: list[_Message] = []
 
     async def post(self, text: str, controls: Controls | None = None) -> Any:
-        message = _Message(ts=await self._post(to_mrkdwn(_visible(text)), self.thread_ts, controls), shown=text,
-                           controls=controls)
+        message = _Message(
+            ts=await self._post(to_mrkdwn(_visible(text)), self.thread_ts, controls), shown=text, controls=controls
+        )
         self._messages.append(message)
         return message
 
@@ -285,8 +322,12 @@ class NativeStreamTarget(UpdateTarget):
 
     async def _start_stream(self, message: _Message, text: str) -> None:
         message.stream = await self.client.chat_stream(
-            channel=self.channel, thread_ts=str(self.thread_ts), recipient_team_id=self.team_id,
-            recipient_user_id=self.user_id, buffer_size=1)  # we pace appends ourselves: flush each one
+            channel=self.channel,
+            thread_ts=str(self.thread_ts),
+            recipient_team_id=self.team_id,
+            recipient_user_id=self.user_id,
+            buffer_size=1,
+        )  # we pace appends ourselves: flush each one
         safe = neutralize_markdown(text)
         await message.stream.append(markdown_text=safe)
         message.ts, message.mode, message.shown, message.sent = message.stream.ts, "stream", text, safe
@@ -300,7 +341,7 @@ class NativeStreamTarget(UpdateTarget):
                 await message.stream.stop()
                 raise _Rewritten
             if safe != message.sent:
-                await message.stream.append(markdown_text=safe[len(message.sent):])
+                await message.stream.append(markdown_text=safe[len(message.sent) :])
         except (SlackApiError, _Rewritten) as exc:
             await self._fall_back(message, text, exc)
             return
@@ -328,10 +369,21 @@ class AssistantTarget(NativeStreamTarget):
     updated when ``native`` is off). Slack clears the status itself once the reply appears.
     """
 
-    def __init__(self, client: AsyncWebClient, channel: str, *, thread_ts: str, team_id: str, user_id: str,
-                 key: SessionKey | None = None, edit_interval: float = 1.0, native: bool = True) -> None:
-        super().__init__(client, channel, thread_ts=thread_ts, team_id=team_id, user_id=user_id, key=key,
-                         edit_interval=edit_interval)
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        channel: str,
+        *,
+        thread_ts: str,
+        team_id: str,
+        user_id: str,
+        key: SessionKey | None = None,
+        edit_interval: float = 1.0,
+        native: bool = True,
+    ) -> None:
+        super().__init__(
+            client, channel, thread_ts=thread_ts, team_id=team_id, user_id=user_id, key=key, edit_interval=edit_interval
+        )
         self.native = native
         self._status_refused = False  # e.g. the app lacks assistant:write: statuses become messages
 
@@ -371,12 +423,14 @@ class AssistantTarget(NativeStreamTarget):
         thread_status = assistant_status(status)
         if thread_status is not None and not self._status_refused:
             try:
-                await self.client.assistant_threads_setStatus(channel_id=self.channel, thread_ts=str(self.thread_ts),
-                                                              status=thread_status)
+                await self.client.assistant_threads_setStatus(
+                    channel_id=self.channel, thread_ts=str(self.thread_ts), status=thread_status
+                )
                 return
             except SlackApiError as exc:
-                log.warning("assistant.threads.setStatus refused (%s); showing statuses as messages",
-                            exc.response.get("error"))
+                log.warning(
+                    "assistant.threads.setStatus refused (%s); showing statuses as messages", exc.response.get("error")
+                )
                 self._status_refused = True
         # A placeholder message: a stream only appends, and the status must give way to the reply.
         message.ts = await self._post(to_mrkdwn(line), self.thread_ts, controls)

@@ -40,8 +40,18 @@ from bot.text import clean_text, one_line
 from bot.types import Attachment, ImagePart, Incoming, SessionKey, log_name
 from bot.wording import NOTHING_TO_CONTINUE, STALE_REPLY, refusal_text
 
-__all__ = ["ApiError", "LoginThrottle", "WebState", "STATE", "BROWSER_COOKIE", "AUTH_COOKIE", "current_browser",
-           "json_response", "routes", "set_cookie"]
+__all__ = [
+    "ApiError",
+    "LoginThrottle",
+    "WebState",
+    "STATE",
+    "BROWSER_COOKIE",
+    "AUTH_COOKIE",
+    "current_browser",
+    "json_response",
+    "routes",
+    "set_cookie",
+]
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +162,24 @@ STATE = web.AppKey("llamarelay_web_state", WebState)
 
 # -- helpers -------------------------------------------------------------------------------------------
 
+
 def json_response(data: Any, status: int = 200) -> web.Response:
     return web.Response(text=json_dumps(data), status=status, content_type="application/json")
 
 
-def set_cookie(request: web.Request, response: web.StreamResponse, name: str, value: str, *,
-               samesite: str = "Strict") -> None:
+def set_cookie(
+    request: web.Request, response: web.StreamResponse, name: str, value: str, *, samesite: str = "Strict"
+) -> None:
     """A cookie scripts cannot read (HttpOnly); Secure when the page was reached over HTTPS."""
-    response.set_cookie(name, value, max_age=COOKIE_MAX_AGE_SECONDS, path="/", httponly=True,
-                        samesite=samesite, secure=is_https(request))
+    response.set_cookie(
+        name,
+        value,
+        max_age=COOKIE_MAX_AGE_SECONDS,
+        path="/",
+        httponly=True,
+        samesite=samesite,
+        secure=is_https(request),
+    )
 
 
 def is_https(request: web.Request) -> bool:
@@ -237,14 +256,25 @@ def _title(first_message: str) -> str:
 
 
 def _message(m: StoredMessage, images: list[str] | None = None, *, tool_details: bool = False) -> dict[str, Any]:
-    return {"id": m.id, "role": m.role, "content": m.content, "status": m.status, "created_at": m.created_at,
-            "notes": m.notes.splitlines(), "can_continue": can_continue(m), "images": images or [],
-            "tool_details": tool_details,
-            "model": m.model}
+    return {
+        "id": m.id,
+        "role": m.role,
+        "content": m.content,
+        "status": m.status,
+        "created_at": m.created_at,
+        "notes": m.notes.splitlines(),
+        "can_continue": can_continue(m),
+        "images": images or [],
+        "tool_details": tool_details,
+        "model": m.model,
+    }
 
 
-_REFUSALS = {RedoRefusal.STALE: STALE_REPLY, RedoRefusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE, RedoRefusal.BUSY:
-             "An answer is still being written in this conversation; stop it or wait for it to finish."}
+_REFUSALS = {
+    RedoRefusal.STALE: STALE_REPLY,
+    RedoRefusal.NOTHING_TO_CONTINUE: NOTHING_TO_CONTINUE,
+    RedoRefusal.BUSY: "An answer is still being written in this conversation; stop it or wait for it to finish.",
+}
 
 
 async def _check(request: web.Request, action: Action) -> None:
@@ -254,8 +284,12 @@ async def _check(request: web.Request, action: Action) -> None:
     if decision.refusal is None:
         return
     if decision.refusal is Refusal.TOO_FAST:
-        raise ApiError(429, decision.refusal.value, refusal_text(decision),
-                       headers={"Retry-After": str(max(1, math.ceil(decision.retry_after)))})
+        raise ApiError(
+            429,
+            decision.refusal.value,
+            refusal_text(decision),
+            headers={"Retry-After": str(max(1, math.ceil(decision.retry_after)))},
+        )
     raise ApiError(403, decision.refusal.value, refusal_text(decision))
 
 
@@ -276,8 +310,13 @@ async def _reply_to_redo(request: web.Request, key: SessionKey, *, to_continue: 
 
 async def _stream(request: web.Request, key: SessionKey, target: EventStreamTarget) -> web.StreamResponse:
     """Send ``target``'s events as Server-Sent Events until ``done``; a browser that leaves ends only this."""
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                           "Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no",
+        }
+    )
     await response.prepare(request)
     async for event in target.events():
         try:
@@ -302,15 +341,24 @@ routes = web.RouteTableDef()
 async def info(request: web.Request) -> web.Response:
     state = _state(request)
     status = state.manager.status().engine
-    return json_response({"model": status.model_name, "queue_length": status.queue_length,
-                          "running": status.running, "max_message_chars": MAX_MESSAGE_CHARS,
-                          "max_system_prompt_chars": MAX_SYSTEM_PROMPT_CHARS, "max_files": MAX_FILES,
-                          "max_file_bytes": state.settings.conversation.max_file_bytes,
-                          "max_images": state.manager.images.limits.max_count,
-                          "max_image_bytes": state.manager.images.limits.max_bytes,
-                          "default_system_prompt": state.settings.conversation.system_prompt,
-                          "models": [{"name": m.name, "description": m.description, "default": m.is_default,
-                                      "vision": m.capabilities.vision} for m in state.manager.model_choices()]})
+    return json_response(
+        {
+            "model": status.model_name,
+            "queue_length": status.queue_length,
+            "running": status.running,
+            "max_message_chars": MAX_MESSAGE_CHARS,
+            "max_system_prompt_chars": MAX_SYSTEM_PROMPT_CHARS,
+            "max_files": MAX_FILES,
+            "max_file_bytes": state.settings.conversation.max_file_bytes,
+            "max_images": state.manager.images.limits.max_count,
+            "max_image_bytes": state.manager.images.limits.max_bytes,
+            "default_system_prompt": state.settings.conversation.system_prompt,
+            "models": [
+                {"name": m.name, "description": m.description, "default": m.is_default, "vision": m.capabilities.vision}
+                for m in state.manager.model_choices()
+            ],
+        }
+    )
 
 
 @routes.post("/api/login")
@@ -325,8 +373,12 @@ async def login(request: web.Request) -> web.Response:
     wait = state.login_throttle.retry_after(client)
     if wait > 0:
         seconds = math.ceil(wait)
-        raise ApiError(429, "too_many_attempts", f"Too many wrong tokens; try again in {seconds} seconds.",
-                       headers={"Retry-After": str(seconds)})
+        raise ApiError(
+            429,
+            "too_many_attempts",
+            f"Too many wrong tokens; try again in {seconds} seconds.",
+            headers={"Retry-After": str(seconds)},
+        )
     token = _text_field(await _json_body(request), "token", 1000)
     assert token is not None and state.secrets.web_token
     if not hmac.compare_digest(token.encode(), state.secrets.web_token.encode()):
@@ -345,8 +397,11 @@ async def list_conversations(request: web.Request) -> web.Response:
         return json_response({"conversations": []})
     prefix = _prefix(browser)
     summaries = await _state(request).manager.conversations(prefix, MAX_LISTED_CONVERSATIONS)
-    listed = [{"id": key[len(prefix):], "title": _title(first) or "New chat", "messages": count}
-              for key, first, count in summaries if CONVERSATION_ID.fullmatch(key[len(prefix):])]
+    listed = [
+        {"id": key[len(prefix) :], "title": _title(first) or "New chat", "messages": count}
+        for key, first, count in summaries
+        if CONVERSATION_ID.fullmatch(key[len(prefix) :])
+    ]
     return json_response({"conversations": listed})
 
 
@@ -362,8 +417,9 @@ async def create_conversation(request: web.Request) -> web.Response:
     manager = _state(request).manager
     # Writing the session's settings is what creates it in the store.
     await manager.set_system_prompt(key, prompt)
-    response.text = json_dumps({"id": conversation, "title": "New chat", "messages": 0,
-                                "system_prompt": await manager.system_prompt(key)})
+    response.text = json_dumps(
+        {"id": conversation, "title": "New chat", "messages": 0, "system_prompt": await manager.system_prompt(key)}
+    )
     return response
 
 
@@ -376,13 +432,17 @@ async def get_conversation(request: web.Request) -> web.Response:
     latest = await manager.latest_reply(key)
     pictures = await manager.image_names([m.id for m in messages if m.role == "user"])
     with_tools = await manager.with_tool_calls(m.id for m in messages if m.role == "assistant")
-    return json_response({"id": conversation, "title": _title(first) or "New chat",
-                          "system_prompt": await manager.system_prompt(key),
-                          "model": await manager.model_name(key),
-                          "position": manager.status(key).position,
-                          "latest_reply": latest.id if latest is not None else None,
-                          "messages": [_message(m, pictures.get(m.id), tool_details=m.id in with_tools)
-                                       for m in messages]})
+    return json_response(
+        {
+            "id": conversation,
+            "title": _title(first) or "New chat",
+            "system_prompt": await manager.system_prompt(key),
+            "model": await manager.model_name(key),
+            "position": manager.status(key).position,
+            "latest_reply": latest.id if latest is not None else None,
+            "messages": [_message(m, pictures.get(m.id), tool_details=m.id in with_tools) for m in messages],
+        }
+    )
 
 
 @routes.post("/api/conversations/{conversation}/messages")
@@ -398,14 +458,18 @@ async def send_message(request: web.Request) -> web.StreamResponse:
     if request.content_type == FORM_TYPE:
         intake = state.manager.images
         try:
-            text, files, sent = await read_form(request, max_chars=MAX_MESSAGE_CHARS,
-                                                max_file_bytes=state.settings.conversation.max_file_bytes,
-                                                max_image_bytes=intake.limits.max_bytes,
-                                                max_images=intake.limits.max_count)
+            text, files, sent = await read_form(
+                request,
+                max_chars=MAX_MESSAGE_CHARS,
+                max_file_bytes=state.settings.conversation.max_file_bytes,
+                max_image_bytes=intake.limits.max_bytes,
+                max_images=intake.limits.max_count,
+            )
         except UploadError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
-        images, skipped = await intake.read(sent, name_of=lambda image: image[0], size_of=lambda image: len(image[1]),
-                                            fetch=_sent_bytes)
+        images, skipped = await intake.read(
+            sent, name_of=lambda image: image[0], size_of=lambda image: len(image[1]), fetch=_sent_bytes
+        )
         files += skipped
     else:
         text = _text_field(await _json_body(request), "text", MAX_MESSAGE_CHARS) or ""

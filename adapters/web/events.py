@@ -95,8 +95,9 @@ class EventStreamTarget:
         if self._replying or len(self._parts) != 1:  # once the reply has begun, a status is text like any other
             await self.edit(handle, status_line(status), controls)
             return
-        self._queue.put_nowait(("status", {"kind": status.phase.value, "text": status_line(status),
-                                           "position": status.position}))
+        self._queue.put_nowait(
+            ("status", {"kind": status.phase.value, "text": status_line(status), "position": status.position})
+        )
         self._send_approval(controls)
 
     # -- the event stream -------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ class EventStreamTarget:
         if text == self._sent:
             return
         if text.startswith(self._sent):
-            self._queue.put_nowait(("delta", {"text": text[len(self._sent):]}))
+            self._queue.put_nowait(("delta", {"text": text[len(self._sent) :]}))
         else:
             self._queue.put_nowait(("replace", {"text": text}))
         self._sent = text
@@ -119,12 +120,25 @@ class EventStreamTarget:
     def close(self, result: ReplyResult | None, error: str | None = None) -> None:
         """Queue the closing ``done`` event (``result`` is None when the reply could not be produced)."""
         if result is None:
-            done: dict[str, Any] = {"status": "failed", "text": self._sent, "notes": [error or "The reply failed."],
-                    "reply_id": None, "can_continue": False, "stored": False, "tool_details": False}
+            done: dict[str, Any] = {
+                "status": "failed",
+                "text": self._sent,
+                "notes": [error or "The reply failed."],
+                "reply_id": None,
+                "can_continue": False,
+                "stored": False,
+                "tool_details": False,
+            }
         else:
-            done = {"status": result.status, "text": result.text, "notes": list(result.notes),
-                    "reply_id": result.reply_id, "can_continue": result.can_continue,
-                    "stored": result.stored, "tool_details": result.tool_details}
+            done = {
+                "status": result.status,
+                "text": result.text,
+                "notes": list(result.notes),
+                "reply_id": result.reply_id,
+                "can_continue": result.can_continue,
+                "stored": result.stored,
+                "tool_details": result.tool_details,
+            }
         self._queue.put_nowait(("done", done))
         self._queue.put_nowait(_END)
 

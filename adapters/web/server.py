@@ -16,10 +16,28 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from adapters.http import (FOREIGN_HOST, Handler, HttpError, Listener, bearer_token, check_token_needed, host_guard,
-                           is_loopback, json_errors, token_matches)
-from adapters.web.api import (AUTH_COOKIE, BROWSER_COOKIE, STATE, ApiError, WebState, current_browser,
-                              json_response, routes)
+from adapters.http import (
+    FOREIGN_HOST,
+    Handler,
+    HttpError,
+    Listener,
+    bearer_token,
+    check_token_needed,
+    host_guard,
+    is_loopback,
+    json_errors,
+    token_matches,
+)
+from adapters.web.api import (
+    AUTH_COOKIE,
+    BROWSER_COOKIE,
+    STATE,
+    ApiError,
+    WebState,
+    current_browser,
+    json_response,
+    routes,
+)
 from adapters.web.tool_routes import tool_routes
 from bot.config import Secrets, Settings, WebSettings
 from bot.conversations import ConversationManager
@@ -35,8 +53,10 @@ UNAUTHENTICATED_PATHS = ("/api/login",)
 
 # Defence in depth behind the page's own escaping: no inline script, nothing from another origin.
 SECURITY_HEADERS = {
-    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
@@ -45,14 +65,15 @@ SECURITY_HEADERS = {
 }
 
 
-
 def check_access(settings: WebSettings, secrets: Secrets) -> None:
     """Refuse to serve other machines without an access token."""
-    check_token_needed(settings.host, secrets.web_token, section="web", env="LLAMARELAY_WEB_TOKEN",
-                       exposes="reach the chat")
+    check_token_needed(
+        settings.host, secrets.web_token, section="web", env="LLAMARELAY_WEB_TOKEN", exposes="reach the chat"
+    )
 
 
 # -- middleware ----------------------------------------------------------------------------------------
+
 
 def _is_api(request: web.Request) -> bool:
     return request.path.startswith("/api/")
@@ -122,14 +143,20 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 
 # -- the application -----------------------------------------------------------------------------------
 
+
 async def _index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(STATIC_DIR / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
 
 
 def create_app(manager: ConversationManager, settings: Settings, secrets: Secrets) -> web.Application:
     """The web chat as an aiohttp Application (not listening yet: see `WebServer`)."""
-    app = web.Application(middlewares=[json_errors(_render, name="web", applies=_is_api),
-                                       host_guard(settings.web.host, _foreign_host), _guard])
+    app = web.Application(
+        middlewares=[
+            json_errors(_render, name="web", applies=_is_api),
+            host_guard(settings.web.host, _foreign_host),
+            _guard,
+        ]
+    )
     state = WebState(manager, settings, secrets)
     app[STATE] = state
     app.router.add_get("/", _index)

@@ -32,8 +32,9 @@ async def answer_approval(request: web.Request) -> web.Response:
     pending = state.manager.approvals.get(request.match_info["approval"])
     if pending is None or pending.key != str(key):
         raise ApiError(404, "approval_gone", APPROVAL_GONE)
-    decision = await state.policy.check(Actor(current_browser.get()), Place(dm=True), Action.APPROVE_TOOL,
-                                        owner=pending.owner)
+    decision = await state.policy.check(
+        Actor(current_browser.get()), Place(dm=True), Action.APPROVE_TOOL, owner=pending.owner
+    )
     if decision.refusal is not None:
         raise ApiError(403, decision.refusal.value, refusal_text(decision))
     if not state.manager.approvals.answer(pending.id, run=run):
@@ -46,5 +47,17 @@ async def tool_details(request: web.Request) -> web.Response:
     """The tool calls of one reply of this conversation: tool, round, arguments (JSON text), result, failed."""
     _, key = await _conversation(request)
     calls = await _state(request).manager.tool_calls(key, int(request.match_info["reply_id"]))
-    return json_response({"calls": [{"tool": c.tool, "round": c.round, "arguments": c.arguments,
-                                     "result": c.result[:DETAILS_CHARS], "is_error": c.is_error} for c in calls]})
+    return json_response(
+        {
+            "calls": [
+                {
+                    "tool": c.tool,
+                    "round": c.round,
+                    "arguments": c.arguments,
+                    "result": c.result[:DETAILS_CHARS],
+                    "is_error": c.is_error,
+                }
+                for c in calls
+            ]
+        }
+    )

@@ -37,12 +37,17 @@ def upload_limit(max_chars: int, max_file_bytes: int, max_image_bytes: int = 0, 
     """The most bytes a form may send: the longest text, `MAX_FILES` files each cut just past the limit (the
     page sends no more of a file than that: enough for the core to see it is too big), and ``max_images``
     images cut just past theirs (the page sends the images past that count empty: they are skipped unread)."""
-    return (max_chars * UTF8_BYTES_PER_CHAR + MAX_FILES * (max_file_bytes + 1)
-            + max_images * (max_image_bytes + 1) + FORM_OVERHEAD_BYTES)
+    return (
+        max_chars * UTF8_BYTES_PER_CHAR
+        + MAX_FILES * (max_file_bytes + 1)
+        + max_images * (max_image_bytes + 1)
+        + FORM_OVERHEAD_BYTES
+    )
 
 
-async def read_form(request: web.Request, *, max_chars: int, max_file_bytes: int, max_image_bytes: int = 0,
-                    max_images: int = 0) -> tuple[str, tuple[Attachment, ...], tuple[tuple[str, bytes], ...]]:
+async def read_form(
+    request: web.Request, *, max_chars: int, max_file_bytes: int, max_image_bytes: int = 0, max_images: int = 0
+) -> tuple[str, tuple[Attachment, ...], tuple[tuple[str, bytes], ...]]:
     """The form's text ("" if it has none), its files as `Attachment`s, and its images as (name, bytes) for
     `bot.images`; raises `UploadError`."""
     limit = upload_limit(max_chars, max_file_bytes, max_image_bytes, max_images)
@@ -92,7 +97,7 @@ class _Budget:
             if self.used > self.limit:
                 raise _too_large(self.used, self.limit, self.max_file_bytes, more=True)
             if len(kept) < keep:
-                kept += chunk[:keep - len(kept)]
+                kept += chunk[: keep - len(kept)]
         return bytes(kept)
 
 
@@ -109,6 +114,10 @@ def _decode_text(data: bytes, max_chars: int) -> str:
 
 
 def _too_large(size: int, limit: int, max_file_bytes: int, *, more: bool = False) -> UploadError:
-    return UploadError(413, "too_large", f"The upload is {'over ' if more else ''}{size:,} bytes; the limit is "
-                                         f"{limit:,}. Files over {max_file_bytes:,} bytes are skipped: send at most "
-                                         f"their first {max_file_bytes + 1:,}.")
+    return UploadError(
+        413,
+        "too_large",
+        f"The upload is {'over ' if more else ''}{size:,} bytes; the limit is "
+        f"{limit:,}. Files over {max_file_bytes:,} bytes are skipped: send at most "
+        f"their first {max_file_bytes + 1:,}.",
+    )

@@ -10,5 +10,14 @@ from bot.conversations.manager import ConversationManager
 from bot.conversations.redo import RedoRefusal, can_continue, can_continue_status
 from bot.conversations.requests import ConversationStatus, Exchange, Locator, ReplyResult, State
 
-__all__ = ["ConversationManager", "ConversationStatus", "Exchange", "Locator", "RedoRefusal", "ReplyResult",
-           "State", "can_continue", "can_continue_status"]
+__all__ = [
+    "ConversationManager",
+    "ConversationStatus",
+    "Exchange",
+    "Locator",
+    "RedoRefusal",
+    "ReplyResult",
+    "State",
+    "can_continue",
+    "can_continue_status",
+]

@@ -26,8 +26,15 @@ log = logging.getLogger(__name__)
 class Leases:
     """Keeps this process's reply leases and takes over lapsed ones, once `start` is called."""
 
-    def __init__(self, store: Store, metrics: Metrics, locators: dict[str, Locator], *, settings: StoreSettings,
-                 ours: Callable[[], Iterable[int]]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        metrics: Metrics,
+        locators: dict[str, Locator],
+        *,
+        settings: StoreSettings,
+        ours: Callable[[], Iterable[int]],
+    ) -> None:
         self._store = store
         self._metrics = metrics
         self._locators = locators  # per platform, how to reach a reply's message again
@@ -60,8 +67,11 @@ class Leases:
                 if ours := list(self._ours()):
                     await self._store.renew_leases(ours, lease)
                 for lapsed in await self._store.expire_leases(TAKEN_OVER_NOTE):
-                    log.warning("reply %d in %s was left generating by a process that stopped; marked interrupted",
-                                lapsed.id, log_name(lapsed.session_key))
+                    log.warning(
+                        "reply %d in %s was left generating by a process that stopped; marked interrupted",
+                        lapsed.id,
+                        log_name(lapsed.session_key),
+                    )
                     task = asyncio.create_task(self._retire(lapsed), name="retire a reply")
                     self._retiring.add(task)
                     task.add_done_callback(self._retiring.discard)
@@ -81,12 +91,15 @@ class Leases:
             where = json.loads(lapsed.message_ref)
             target, handle = locate(key, where["at"])
             measure: Callable[[str], int] = getattr(target, "measure", len)
-            pieces = split_reply(lapsed.content[where["skip"]:], target.max_length, measure)
+            pieces = split_reply(lapsed.content[where["skip"] :], target.max_length, measure)
             piece = pieces[where["message"]].text if where["message"] < len(pieces) else ""
             while piece and (over := measure(display_text(piece, TAKEN_OVER_NOTE)) - target.max_length) > 0:
                 piece = piece[:-over]
-            await target.edit(handle, display_text(piece, TAKEN_OVER_NOTE),
-                              Controls(reply_id=lapsed.id, can_continue=bool(lapsed.content.strip())))
+            await target.edit(
+                handle,
+                display_text(piece, TAKEN_OVER_NOTE),
+                Controls(reply_id=lapsed.id, can_continue=bool(lapsed.content.strip())),
+            )
         except Exception as exc:  # the message may be gone; the stored reply is what matters
             self._metrics.platform_failure(key.platform, exc)
             log.warning("could not rewrite the message of reply %d in %s: %s", lapsed.id, log_name(key), exc)

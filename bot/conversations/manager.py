@@ -24,11 +24,20 @@ from bot.access import Actor
 from bot.config import ConversationSettings, SamplingSettings, Settings
 from bot.conversations import redo
 from bot.conversations.leases import Leases
-from bot.conversations.requests import (BEFORE_STORED, ConversationStatus, Exchange, Locator, NewMessage, Redo,
-                                        ReplyResult, Request, State)
+from bot.conversations.remote_tools import RemoteToolRounds
+from bot.conversations.requests import (
+    BEFORE_STORED,
+    ConversationStatus,
+    Exchange,
+    Locator,
+    NewMessage,
+    Redo,
+    ReplyResult,
+    Request,
+    State,
+)
 from bot.conversations.settings import SessionSettings
 from bot.conversations.streaming import Streaming
-from bot.conversations.remote_tools import RemoteToolRounds
 from bot.conversations.tools import Toolbox, ToolRounds
 from bot.conversations.turns import take_store_turn, take_turn
 from bot.conversations.window import Window
@@ -47,9 +56,24 @@ from bot.tools.approvals import Approvals
 from bot.tools.details import details_text
 from bot.tools.registry import ToolSpec
 from bot.types import Controls, Incoming, Phase, ReplyStatus, ReplyTarget, SessionKey, log_name
-from bot.wording import (EMPTY_FILE, EMPTY_MESSAGE, NO_TOOL_CALLS, NOT_SAVED, NOT_STORED, NOTHING_TO_CONTINUE,
-                         RESET_NOTE, SHUTTING_DOWN, STALE_REPLY, STOPPED_NOTE, answered_by, failed, model_line,
-                         something_went_wrong, too_many_waiting, unknown_model)
+from bot.wording import (
+    EMPTY_FILE,
+    EMPTY_MESSAGE,
+    NO_TOOL_CALLS,
+    NOT_SAVED,
+    NOT_STORED,
+    NOTHING_TO_CONTINUE,
+    RESET_NOTE,
+    SHUTTING_DOWN,
+    STALE_REPLY,
+    STOPPED_NOTE,
+    answered_by,
+    failed,
+    model_line,
+    something_went_wrong,
+    too_many_waiting,
+    unknown_model,
+)
 
 __all__ = ["ConversationManager"]
 
@@ -73,9 +97,16 @@ class _Parts:
 class ConversationManager:
     """Shared by every adapter: stores messages, builds prompts within the context window, runs the engine."""
 
-    def __init__(self, engine: InferenceEngine, store: Store, settings: Settings, *,
-                 models: ModelRegistry | None = None, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        store: Store,
+        settings: Settings,
+        *,
+        models: ModelRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ) -> None:
         self.engine = engine
         self.store = store
         self.settings = settings
@@ -104,8 +135,13 @@ class ConversationManager:
         self.images = ImageIntake(settings.images, max(m.image_size for m in seeing or every[:1]))
         self.sessions = SessionSettings(store, settings, lambda: engine.n_ctx)
         self.tools: Toolbox | None = None  # set by `use_tools` when tool servers are configured
-        self._leases = Leases(store, self.metrics, self.locators, settings=settings.store, ours=lambda: (
-            r.reply_id for line in self._lines.values() for r in line if r.reply_id is not None))
+        self._leases = Leases(
+            store,
+            self.metrics,
+            self.locators,
+            settings=settings.store,
+            ours=lambda: (r.reply_id for line in self._lines.values() for r in line if r.reply_id is not None),
+        )
 
     # -- answering -------------------------------------------------------------------------------------
 
@@ -115,8 +151,12 @@ class ConversationManager:
         Never raises for a failure of the model, the database or the platform: each ends the reply with a
         clear line (and a stored status). Only cancellation of the caller propagates.
         """
-        files = tuple(dataclasses.replace(a, text=clean_text(a.text) or None, skipped=a.skipped or EMPTY_FILE)
-                      if a.text is not None else a for a in incoming.attachments)
+        files = tuple(
+            dataclasses.replace(a, text=clean_text(a.text) or None, skipped=a.skipped or EMPTY_FILE)
+            if a.text is not None
+            else a
+            for a in incoming.attachments
+        )
         text, file_notes = with_attachments(clean_text(incoming.text), files)
         if not text and not incoming.images:
             return await self._refuse(incoming.key, target, file_notes + [EMPTY_MESSAGE])
@@ -150,13 +190,21 @@ class ConversationManager:
         self.metrics.replies.labels(key.platform, Status.FAILED).inc()
         return ReplyResult(Status.FAILED, "", notes, delivered)
 
-    def _delivery(self, key: SessionKey, target: ReplyTarget,
-                  on_moved: Callable[[int, str], Awaitable[None]] | None = None) -> Delivery:
-        return Delivery(target, self._pacers.for_target(target), clock=self._clock, sleep=self._sleep,
-                        on_failure=lambda exc: self.metrics.platform_failure(key.platform, exc), on_moved=on_moved)
+    def _delivery(
+        self, key: SessionKey, target: ReplyTarget, on_moved: Callable[[int, str], Awaitable[None]] | None = None
+    ) -> Delivery:
+        return Delivery(
+            target,
+            self._pacers.for_target(target),
+            clock=self._clock,
+            sleep=self._sleep,
+            on_failure=lambda exc: self.metrics.platform_failure(key.platform, exc),
+            on_moved=on_moved,
+        )
 
-    async def _serve(self, key: SessionKey, target: ReplyTarget, ask: Ask, notes: list[str] | None = None
-                     ) -> ReplyResult:
+    async def _serve(
+        self, key: SessionKey, target: ReplyTarget, ask: Ask, notes: list[str] | None = None
+    ) -> ReplyResult:
         """One request's whole life: a place in the conversation's line, its turn, the reply, its delivery."""
         line = self._lines.get(str(key), [])
         if not self._accepting:
@@ -164,8 +212,12 @@ class ConversationManager:
         if len(line) > self.settings.conversation.max_waiting:
             return await self._refuse(key, target, [too_many_waiting(len(line) - 1)])
         delivery = self._delivery(key, target, on_moved=lambda index, at: self._moved(request, index, at))
-        request = Request(str(key), delivery, author_id=ask.incoming.author_id if isinstance(ask, NewMessage) else "",
-                          author_roles=ask.incoming.author_roles if isinstance(ask, NewMessage) else frozenset())
+        request = Request(
+            str(key),
+            delivery,
+            author_id=ask.incoming.author_id if isinstance(ask, NewMessage) else "",
+            author_roles=ask.incoming.author_roles if isinstance(ask, NewMessage) else frozenset(),
+        )
         self._lines.setdefault(request.key, []).append(request)
         self._idle.clear()
         try:
@@ -173,8 +225,11 @@ class ConversationManager:
             request.state = State.DELIVERING
             if result.reply_id is not None:
                 result = dataclasses.replace(result, tool_details=await self._called_tools(result.reply_id))
-                delivery.controls(Controls(reply_id=result.reply_id, can_continue=result.can_continue,
-                                           tool_details=result.tool_details))
+                delivery.controls(
+                    Controls(
+                        reply_id=result.reply_id, can_continue=result.can_continue, tool_details=result.tool_details
+                    )
+                )
             delivered = await delivery.finish("\n".join(result.notes))
             self.metrics.replies.labels(key.platform, result.status).inc()
             return dataclasses.replace(result, delivered=delivered)
@@ -206,20 +261,26 @@ class ConversationManager:
             if request.generation is not None:
                 request.generation.cancel()
             if request.exchange is not None:
-                await asyncio.shield(self._store_reply(request.exchange, request.text, Status.INTERRUPTED, notes,
-                                                       model=request.model))
+                await asyncio.shield(
+                    self._store_reply(request.exchange, request.text, Status.INTERRUPTED, notes, model=request.model)
+                )
             raise
 
     async def _store_message(self, request: Request, ask: NewMessage) -> bool:
         """Store the message and its reply's row before anything is shown, so neither is lost; False if not."""
         incoming = ask.incoming
         try:
-            user_id, reply_id = await self.store.add_exchange(request.key, ask.text, author_id=incoming.author_id,
-                                                              author_name=ask.author_name,
-                                                              lease_seconds=self._leases.seconds)
+            user_id, reply_id = await self.store.add_exchange(
+                request.key,
+                ask.text,
+                author_id=incoming.author_id,
+                author_name=ask.author_name,
+                lease_seconds=self._leases.seconds,
+            )
             # Before the reply is built: its prompt reads them from the store, like the history's.
-            if incoming.images and (pruned := await keep_images(self.store, user_id, incoming.images,
-                                                                self.settings.images)):
+            if incoming.images and (
+                pruned := await keep_images(self.store, user_id, incoming.images, self.settings.images)
+            ):
                 log.info("%d stored images lost their data to keep [images] disk_mb", pruned)
             await self._own(request, Exchange(user_id, ask.text, ask.author_name, reply_id))
         except LlamarelayError as exc:
@@ -287,8 +348,9 @@ class ConversationManager:
                 raise EngineError(self.models.failure_line(model.name, exc)) from exc
         return status, notes + ([answered_by(model.name)] if not model.is_default else [])
 
-    async def _generate_with(self, request: Request, exchange: Exchange, model: Model, parts: _Parts
-                             ) -> tuple[str, list[str]]:
+    async def _generate_with(
+        self, request: Request, exchange: Exchange, model: Model, parts: _Parts
+    ) -> tuple[str, list[str]]:
         """Build the prompt that fits ``model``'s window (its template, its images, its tools) and run it."""
         sampling = await self.sampling(request.key)
         if sampling.max_tokens >= parts.engine.n_ctx:  # a smaller window than the default's: leave room to read
@@ -296,9 +358,13 @@ class ConversationManager:
         system = plain_system = await self.system_prompt(request.key)
         # Any model may call tools unless its [[models]] entry says tools = false: an embedded one writes them in
         # its template's syntax (read back under a grammar), a server takes OpenAI's tools API.
-        tools = (self.offered_tools(request.key, request.author_id, roles=request.author_roles,
-                                    can_ask=request.delivery.asks_approval)
-                 if model.declared_tools is not False else [])
+        tools = (
+            self.offered_tools(
+                request.key, request.author_id, roles=request.author_roles, can_ask=request.delivery.asks_approval
+            )
+            if model.declared_tools is not False
+            else []
+        )
         if tools:
             system = parts.tool_rounds.offer(plain_system, tools)
 
@@ -307,13 +373,21 @@ class ConversationManager:
                 return Status.STOPPED, [request.ended]
             if tools:
                 assert self.tools is not None
-                return await parts.tool_rounds.run(request, exchange, prompt, sampling, notes, box=self.tools,
-                                                   tools=tools, plain_system=plain_system)
+                return await parts.tool_rounds.run(
+                    request, exchange, prompt, sampling, notes, box=self.tools, tools=tools, plain_system=plain_system
+                )
             return await parts.streaming.run(request, exchange, prompt, sampling, notes)
 
-        return await parts.window.fit(request.key, exchange, system, sampling, run=run,
-                                      speakers=not SessionKey.parse(request.key).is_private,
-                                      wrote=lambda: request.text != exchange.prefix, vision=self._vision_of(model))
+        return await parts.window.fit(
+            request.key,
+            exchange,
+            system,
+            sampling,
+            run=run,
+            speakers=not SessionKey.parse(request.key).is_private,
+            wrote=lambda: request.text != exchange.prefix,
+            vision=self._vision_of(model),
+        )
 
     def _parts_for(self, model: Model, engine: InferenceEngine) -> _Parts:
         """What runs ``model``'s prompts on ``engine``, built once per engine (a model loaded again gets new)."""
@@ -324,11 +398,13 @@ class ConversationManager:
                 rounds = ToolRounds(engine, self.store, self.metrics, clock=self._clock, approvals=self.approvals)
             else:  # a server reads OpenAI's tools API
                 assert isinstance(engine, RemoteEngine)
-                rounds = RemoteToolRounds(engine, self.store, self.metrics, clock=self._clock,
-                                          approvals=self.approvals)
+                rounds = RemoteToolRounds(engine, self.store, self.metrics, clock=self._clock, approvals=self.approvals)
             parts = self._parts[model.name] = _Parts(
-                engine, Window(engine, self.store, self.settings.conversation, self.settings.images),
-                Streaming(engine, self.store, self.metrics, self.settings.conversation, clock=self._clock), rounds)
+                engine,
+                Window(engine, self.store, self.settings.conversation, self.settings.images),
+                Streaming(engine, self.store, self.metrics, self.settings.conversation, clock=self._clock),
+                rounds,
+            )
         return parts
 
     async def vision(self, key: SessionKey | str) -> Vision:
@@ -346,15 +422,22 @@ class ConversationManager:
             return ReplyResult(status, "", notes)
         return await self._store_reply(request.exchange, request.text, status, notes, model=request.model)
 
-    async def _store_reply(self, exchange: Exchange, text: str, status: str, notes: list[str], *,
-                           model: str | None = None) -> ReplyResult:
+    async def _store_reply(
+        self, exchange: Exchange, text: str, status: str, notes: list[str], *, model: str | None = None
+    ) -> ReplyResult:
         try:
             await self.store.finish_message(exchange.reply_id, text, status, "\n".join(notes), model=model)
         except LlamarelayError as exc:  # no controls: Regenerate and Continue act on the stored reply
             log.error("could not store a reply: %s", exc)
             return ReplyResult(status, text, [*notes, NOT_STORED])
-        return ReplyResult(status, text, notes, reply_id=exchange.reply_id, stored=True,
-                           can_continue=bool(text.strip()) and redo.can_continue_status(status, notes))
+        return ReplyResult(
+            status,
+            text,
+            notes,
+            reply_id=exchange.reply_id,
+            stored=True,
+            can_continue=bool(text.strip()) and redo.can_continue_status(status, notes),
+        )
 
     # -- tools ---------------------------------------------------------------------------------------------
 
@@ -388,8 +471,9 @@ class ConversationManager:
         except LlamarelayError:
             return False
 
-    def offered_tools(self, key: SessionKey | str, user_id: str, *, roles: frozenset[str] = frozenset(),
-                      can_ask: bool = False) -> list[ToolSpec]:
+    def offered_tools(
+        self, key: SessionKey | str, user_id: str, *, roles: frozenset[str] = frozenset(), can_ask: bool = False
+    ) -> list[ToolSpec]:
         """The tools the model is offered in conversation ``key`` answering ``user_id`` (with ``roles``), as the
         access policy grants them; none without a grant. ``can_ask``: the reply can show Run / Deny, so
         ``confirm = true`` tools are offered too."""
@@ -455,8 +539,12 @@ class ConversationManager:
         if chosen is not None and chosen.engine is not None:
             backend = chosen.engine  # the figures of the engine its replies run on
         engine = backend.status(first.generation if first is not None else None)
-        return ConversationStatus(engine, first.state if first else None, max(0, len(line) - 1),
-                                  model=None if chosen is None else model_line(chosen.name, chosen.engine is not None))
+        return ConversationStatus(
+            engine,
+            first.state if first else None,
+            max(0, len(line) - 1),
+            model=None if chosen is None else model_line(chosen.name, chosen.engine is not None),
+        )
 
     async def conversation_status(self, key: SessionKey | str) -> ConversationStatus:
         """`status` of conversation ``key`` with the model that answers it (what /status shows)."""
@@ -508,8 +596,10 @@ class ConversationManager:
 
     async def image_names(self, message_ids: list[int]) -> dict[int, list[str]]:
         """The names of the images stored with those user messages, by message id (for a history's view)."""
-        return {message_id: [image.name for image in images]
-                for message_id, images in (await self.store.images(message_ids)).items()}
+        return {
+            message_id: [image.name for image in images]
+            for message_id, images in (await self.store.images(message_ids)).items()
+        }
 
     async def latest_reply(self, key: SessionKey) -> StoredMessage | None:
         """The conversation's newest reply: the one Regenerate and Continue may act on."""
@@ -534,8 +624,11 @@ class ConversationManager:
 
     def running(self) -> list[SessionKey]:
         """Conversations with a message not yet answered: waiting, queued, generating or being delivered."""
-        return [SessionKey.parse(key) for key, line in self._lines.items()
-                if any(request.state is not State.DONE for request in line)]
+        return [
+            SessionKey.parse(key)
+            for key, line in self._lines.items()
+            if any(request.state is not State.DONE for request in line)
+        ]
 
     @property
     def limits(self) -> ConversationSettings:
@@ -579,8 +672,9 @@ class ConversationManager:
                 if request.state in BEFORE_STORED and request.reply_id is not None:
                     # Still in the engine (a long decode step): stored as far as it got, never left "generating".
                     try:
-                        await self.store.finish_message(request.reply_id, request.text, Status.INTERRUPTED,
-                                                        SHUTTING_DOWN)
+                        await self.store.finish_message(
+                            request.reply_id, request.text, Status.INTERRUPTED, SHUTTING_DOWN
+                        )
                     except LlamarelayError as exc:
                         log.error("could not store a reply at shutdown: %s", exc)
         await self._leases.stop()

@@ -29,12 +29,10 @@ def can_continue_status(status: str, notes: list[str] | str) -> bool:
 
 def can_continue(reply: StoredMessage) -> bool:
     """Whether a stored message is a reply that Continue can go on with."""
-    return reply.role == "assistant" and bool(reply.content.strip()) and can_continue_status(reply.status,
-                                                                                              reply.notes)
+    return reply.role == "assistant" and bool(reply.content.strip()) and can_continue_status(reply.status, reply.notes)
 
 
-def refusal(latest: StoredMessage | None, reply_id: int, *, continuing: bool,
-            answering: bool) -> RedoRefusal | None:
+def refusal(latest: StoredMessage | None, reply_id: int, *, continuing: bool, answering: bool) -> RedoRefusal | None:
     """Why reply ``reply_id`` may not be redone now, or None when it may.
 
     ``latest`` is the conversation's newest reply (None when its newest message is not a reply);

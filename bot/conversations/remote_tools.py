@@ -31,8 +31,15 @@ __all__ = ["RemoteToolRounds"]
 class RemoteToolRounds(ToolRunner):
     """Runs a reply whose model, on a remote server, is offered tools, round by round."""
 
-    def __init__(self, engine: RemoteEngine, store: Store, metrics: Metrics, *, clock: Callable[[], float],
-                 approvals: Approvals | None = None) -> None:
+    def __init__(
+        self,
+        engine: RemoteEngine,
+        store: Store,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float],
+        approvals: Approvals | None = None,
+    ) -> None:
         super().__init__(store, metrics, clock=clock, approvals=approvals)
         self._engine = engine
 
@@ -40,9 +47,18 @@ class RemoteToolRounds(ToolRunner):
         """The system prompt as it is: the tools go in the request's ``tools``, for the server's template."""
         return system
 
-    async def run(self, request: Request, exchange: Exchange, prompt: Prompt, sampling: SamplingSettings,
-                  notes: list[str], *, box: Toolbox, tools: list[ToolSpec], plain_system: str
-                  ) -> tuple[str, list[str]]:
+    async def run(
+        self,
+        request: Request,
+        exchange: Exchange,
+        prompt: Prompt,
+        sampling: SamplingSettings,
+        notes: list[str],
+        *,
+        box: Toolbox,
+        tools: list[ToolSpec],
+        plain_system: str,
+    ) -> tuple[str, list[str]]:
         """Answer with ``prompt``, offering ``tools``: (status, ``notes`` + its own)."""
         definitions = tool_definitions(tools)
         messages = [dict(m) for m in prompt.messages]
@@ -52,8 +68,9 @@ class RemoteToolRounds(ToolRunner):
         rounds = 0
         final = False
         while True:
-            text, generation = await self._round(request, current, sampling, definitions,
-                                                 "none" if final else "auto", separate=rounds > 0)
+            text, generation = await self._round(
+                request, current, sampling, definitions, "none" if final else "auto", separate=rounds > 0
+            )
             calls = [] if final else generation.tool_calls  # "none": a call now is not run
             if request.ended is not None or request.delivery.failed or not calls:
                 status, own = outcome(request, generation, request.text)
@@ -62,8 +79,9 @@ class RemoteToolRounds(ToolRunner):
                     own = [tool_rounds_used(rounds)]
                 return status, notes + own + ([tools_used(used)] if used else [])
             rounds += 1
-            messages.append({"role": "assistant", "content": text,
-                             "tool_calls": [_call_message(call) for call in calls]})
+            messages.append(
+                {"role": "assistant", "content": text, "tool_calls": [_call_message(call) for call in calls]}
+            )
             for remote in calls:
                 call, problem = _read(remote)
                 if call is None:
@@ -75,15 +93,28 @@ class RemoteToolRounds(ToolRunner):
                 messages.append({"role": "tool", "tool_call_id": remote.id, "content": result})
             final = rounds >= box.settings.max_rounds  # one more round to answer, with tool_choice "none"
             request.state = State.PROMPTING
-            current = dataclasses.replace(prompt, messages=[dict(m) for m in messages],
-                                          tokens=self._engine.chat_tokens(messages), prefix="", turns_from=None)
+            current = dataclasses.replace(
+                prompt,
+                messages=[dict(m) for m in messages],
+                tokens=self._engine.chat_tokens(messages),
+                prefix="",
+                turns_from=None,
+            )
 
-    async def _round(self, request: Request, prompt: Prompt, sampling: SamplingSettings,
-                     definitions: list[dict[str, Any]], tool_choice: str, *, separate: bool
-                     ) -> tuple[str, RemoteGeneration]:
+    async def _round(
+        self,
+        request: Request,
+        prompt: Prompt,
+        sampling: SamplingSettings,
+        definitions: list[dict[str, Any]],
+        tool_choice: str,
+        *,
+        separate: bool,
+    ) -> tuple[str, RemoteGeneration]:
         """One request to the server, its text streamed into the reply; (this round's text, the generation)."""
-        generation = self._engine.submit(prompt, sampling, session=request.key, tools=definitions,
-                                         tool_choice=tool_choice)
+        generation = self._engine.submit(
+            prompt, sampling, session=request.key, tools=definitions, tool_choice=tool_choice
+        )
         request.generation = generation
         request.state = State.QUEUED
         timer = TokenTimer(self._metrics, self._clock)
@@ -94,8 +125,9 @@ class RemoteToolRounds(ToolRunner):
             if isinstance(event, QueuePosition):
                 request.state = State.QUEUED if event.position else State.GENERATING
                 if not request.text.strip():
-                    request.delivery.status(ReplyStatus(Phase.QUEUED, event.position) if event.position
-                                            else ReplyStatus(Phase.THINKING))
+                    request.delivery.status(
+                        ReplyStatus(Phase.QUEUED, event.position) if event.position else ReplyStatus(Phase.THINKING)
+                    )
             elif isinstance(event, Retrying):
                 request.delivery.status(ReplyStatus(Phase.RETRYING))
             elif isinstance(event, str):

@@ -13,8 +13,17 @@ from bot.engine.base import EngineStatus, Figures
 from bot.types import Incoming, ReplyTarget, SessionKey
 from bot.wording import conversation_place
 
-__all__ = ["BEFORE_STORED", "ConversationStatus", "Exchange", "Locator", "NewMessage", "Redo", "ReplyResult",
-           "Request", "State"]
+__all__ = [
+    "BEFORE_STORED",
+    "ConversationStatus",
+    "Exchange",
+    "Locator",
+    "NewMessage",
+    "Redo",
+    "ReplyResult",
+    "Request",
+    "State",
+]
 
 # Per platform: the target and handle that edit the message at an adapter's reference (`ReplyTarget.reference`).
 Locator = Callable[[SessionKey, str], tuple[ReplyTarget, Any]]

@@ -52,8 +52,10 @@ class SessionSettings:
     async def sampling(self, key: SessionKey | str) -> SamplingSettings:
         """The configured sampling with the channel's overrides, then the conversation's own (a thread inherits)."""
         key = _key(key)
-        overrides = {**(await self._store.sampling(str(key.parent)) if key.parent else {}),
-                     **await self._store.sampling(str(key))}
+        overrides = {
+            **(await self._store.sampling(str(key.parent)) if key.parent else {}),
+            **await self._store.sampling(str(key)),
+        }
         base = self._settings.sampling
         return SamplingSettings.model_validate({**base.model_dump(), **overrides}) if overrides else base
 

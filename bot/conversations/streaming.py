@@ -28,8 +28,15 @@ CHECKPOINT_SECONDS = 3.0  # a streaming reply's text is saved this often, so a c
 class Streaming:
     """Runs prompts on the engine and streams each reply into its request, its delivery and the store."""
 
-    def __init__(self, engine: InferenceEngine, store: Store, metrics: Metrics, settings: ConversationSettings,
-                 *, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        store: Store,
+        metrics: Metrics,
+        settings: ConversationSettings,
+        *,
+        clock: Callable[[], float],
+    ) -> None:
         self._engine = engine
         self._store = store
         self._metrics = metrics
@@ -37,8 +44,9 @@ class Streaming:
         self._settings = settings  # its show_reasoning: "quoted" shows the reasoning above the answer
         self._opens_reasoning: tuple[object, bool] = (None, False)  # (chat template, its prompt opens <think>)
 
-    async def run(self, request: Request, exchange: Exchange, prompt: Prompt, sampling: SamplingSettings,
-                  notes: list[str]) -> tuple[str, list[str]]:
+    async def run(
+        self, request: Request, exchange: Exchange, prompt: Prompt, sampling: SamplingSettings, notes: list[str]
+    ) -> tuple[str, list[str]]:
         """Run ``prompt`` and stream the model's reply into ``request.text``: (status, ``notes`` + its own)."""
         generation = request.generation = self._engine.submit(prompt, sampling, session=request.key)
         request.state = State.QUEUED
@@ -51,8 +59,9 @@ class Streaming:
                 generation.cancel()
             if isinstance(event, QueuePosition):
                 request.state = State.QUEUED if event.position else State.GENERATING
-                request.delivery.status(ReplyStatus(Phase.QUEUED, event.position) if event.position
-                                        else ReplyStatus(Phase.THINKING))
+                request.delivery.status(
+                    ReplyStatus(Phase.QUEUED, event.position) if event.position else ReplyStatus(Phase.THINKING)
+                )
             elif isinstance(event, Retrying):
                 request.delivery.status(ReplyStatus(Phase.RETRYING))
             else:
@@ -65,22 +74,33 @@ class Streaming:
         self._metrics.tokens_generated.inc(generation.n_generated)
         self._metrics.prompt_tokens.inc(len(prompt.tokens))
         self._metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
-        log.debug("reply in %s: a prompt of %d tokens (%d of them cached), %d generated", log_name(request.key),
-                  len(prompt.tokens), generation.n_prompt_reused, generation.n_generated)
+        log.debug(
+            "reply in %s: a prompt of %d tokens (%d of them cached), %d generated",
+            log_name(request.key),
+            len(prompt.tokens),
+            generation.n_prompt_reused,
+            generation.n_generated,
+        )
         reasoning.finish()
         self._show(request, exchange, reasoning, quote_reasoning, final=True)
         status, footer = outcome(request, generation, reasoning.answer)
         return status, notes + footer
 
-    def _show(self, request: Request, exchange: Exchange, reasoning: ReasoningSplitter, quote_reasoning: bool, *,
-              final: bool = False) -> None:
+    def _show(
+        self,
+        request: Request,
+        exchange: Exchange,
+        reasoning: ReasoningSplitter,
+        quote_reasoning: bool,
+        *,
+        final: bool = False,
+    ) -> None:
         """Bring the request and its delivery up to date; a Continue shows only what it adds."""
         request.text = exchange.prefix + reasoning.answer
         if reasoning.thinking and not quote_reasoning and not final:
             request.delivery.status(ReplyStatus(Phase.REASONING))
         else:
-            request.delivery.update((quoted(reasoning.reasoning) if quote_reasoning else "")
-                                    + reasoning.answer)
+            request.delivery.update((quoted(reasoning.reasoning) if quote_reasoning else "") + reasoning.answer)
 
     async def _checkpoint(self, request: Request, exchange: Exchange) -> None:
         try:
@@ -110,4 +130,3 @@ def outcome(request: Request, generation: Figures, text: str) -> tuple[str, list
     if generation.finish_reason is FinishReason.LENGTH:
         return Status.COMPLETE, [LENGTH_NOTE]
     return Status.COMPLETE, []
-

@@ -1,7 +1,10 @@
 """Replies that call tools: the model is offered the tools its place may use; a call in its output ends the round,
 runs (visibly, stoppable; a ``confirm = true`` tool only once the user presses Run), is stored as a tool message
 and fed back, up to ``[tools] max_rounds`` rounds; a last round without tools then answers. Results are untrusted
-plain text: message text to the template, never shown unless the user expands them."""
+plain text: message text to the template, never shown unless the user expands them.
+
+Over 400 lines: one loop (offer, parse, approve, run, feed back) and the runner both backends' loops share.
+"""
 
 from __future__ import annotations
 
@@ -80,8 +83,11 @@ class Toolbox:
     def offered(self, key: SessionKey | str, actor: Actor, *, can_ask: bool = False) -> list[ToolSpec]:
         """The tools the model is offered in conversation ``key`` answering ``actor``. Tools that need the
         user's approval are left out where the reply cannot ask for it (``can_ask``: Run / Deny buttons)."""
-        return [tool for tool in self.access.tools_for(actor, Place.of(key), self.caller.tools())
-                if can_ask or not tool.confirm]
+        return [
+            tool
+            for tool in self.access.tools_for(actor, Place.of(key), self.caller.tools())
+            if can_ask or not tool.confirm
+        ]
 
 
 @dataclass
@@ -98,15 +104,25 @@ class ToolRunner:
     """Runs one tool call of a reply, whatever engine wrote it: the user's approval first for a ``confirm``
     tool, the status naming it while it runs (stoppable), and its record as a tool message."""
 
-    def __init__(self, store: Store, metrics: Metrics, *, clock: Callable[[], float],
-                 approvals: Approvals | None = None) -> None:
+    def __init__(
+        self, store: Store, metrics: Metrics, *, clock: Callable[[], float], approvals: Approvals | None = None
+    ) -> None:
         self.approvals = approvals or Approvals()
         self._store = store
         self._metrics = metrics
         self._clock = clock
 
-    async def _call(self, request: Request, exchange: Exchange, box: Toolbox, tools: list[ToolSpec],
-                    call: ToolCall, round_number: int, used: list[str], notes: list[str]) -> str | None:
+    async def _call(
+        self,
+        request: Request,
+        exchange: Exchange,
+        box: Toolbox,
+        tools: list[ToolSpec],
+        call: ToolCall,
+        round_number: int,
+        used: list[str],
+        notes: list[str],
+    ) -> str | None:
         """Run ``call`` while the reply's status names it (after the user's Run, for a ``confirm`` tool); its
         result as the model reads it (None: stopped). A call not run leaves a line in ``notes``."""
         spec = next((tool for tool in tools if tool.name == call.name), None)
@@ -120,8 +136,11 @@ class ToolRunner:
             text, is_error = tool_not_offered(call.name), True
         elif verdict is not Verdict.RUN:
             text, is_error = (TOOL_DENIED_RESULT if verdict is Verdict.DENY else TOOL_TIMED_OUT_RESULT), True
-            notes.append(tool_denied(spec.title) if verdict is Verdict.DENY
-                         else tool_approval_timed_out(spec.title, box.settings.approval_timeout))
+            notes.append(
+                tool_denied(spec.title)
+                if verdict is Verdict.DENY
+                else tool_approval_timed_out(spec.title, box.settings.approval_timeout)
+            )
         else:
             if request.ended is not None:
                 return None
@@ -131,8 +150,9 @@ class ToolRunner:
             else:
                 request.delivery.status(status)
             request.state = State.GENERATING
-            task = request.tool_call = asyncio.create_task(box.caller.call(call.name, call.arguments),
-                                                           name=f"tool {call.name}")
+            task = request.tool_call = asyncio.create_task(
+                box.caller.call(call.name, call.arguments), name=f"tool {call.name}"
+            )
             try:
                 result = await task
             except asyncio.CancelledError:
@@ -145,9 +165,16 @@ class ToolRunner:
             text, is_error = result.text, result.is_error
             used.append(spec.title)
         try:
-            await self._store.add_tool_call(StoredToolCall(exchange.reply_id, round_number, call.name,
-                                                           json.dumps(dict(call.arguments), ensure_ascii=False),
-                                                           text, is_error))
+            await self._store.add_tool_call(
+                StoredToolCall(
+                    exchange.reply_id,
+                    round_number,
+                    call.name,
+                    json.dumps(dict(call.arguments), ensure_ascii=False),
+                    text,
+                    is_error,
+                )
+            )
         except LlamarelayError as exc:  # the reply goes on; only the record of the call is lost
             log.warning("could not store a tool call in %s: %s", log_name(request.key), exc)
         return text
@@ -163,8 +190,9 @@ class ToolRunner:
         else:
             request.delivery.status(ReplyStatus(Phase.APPROVAL, tool=spec.title))
         request.delivery.controls(Controls(stop=True, approval=pending.id))
-        task = request.tool_call = asyncio.create_task(self.approvals.wait(pending, box.settings.approval_timeout),
-                                                       name=f"approval of {spec.name}")
+        task = request.tool_call = asyncio.create_task(
+            self.approvals.wait(pending, box.settings.approval_timeout), name=f"approval of {spec.name}"
+        )
         try:
             return await task
         except asyncio.CancelledError:
@@ -188,8 +216,15 @@ class ToolRunner:
 class ToolRounds(ToolRunner):
     """Runs a reply whose model is offered tools, round by round, on the embedded engine."""
 
-    def __init__(self, engine: Engine, store: Store, metrics: Metrics, *, clock: Callable[[], float],
-                 approvals: Approvals | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        store: Store,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float],
+        approvals: Approvals | None = None,
+    ) -> None:
         super().__init__(store, metrics, clock=clock, approvals=approvals)
         self._engine = engine
         self._format: tuple[object, ToolFormat | None] = (None, None)
@@ -204,12 +239,24 @@ class ToolRounds(ToolRunner):
 
     def offer(self, system: str, tools: Sequence[ToolSpec]) -> str:
         """The system prompt with ``tools`` offered in the model's syntax."""
-        return f"{system}\n\n{render_tools(tools, self.format().syntax)}" if system else \
-            render_tools(tools, self.format().syntax)
+        return (
+            f"{system}\n\n{render_tools(tools, self.format().syntax)}"
+            if system
+            else render_tools(tools, self.format().syntax)
+        )
 
-    async def run(self, request: Request, exchange: Exchange, prompt: Prompt, sampling: SamplingSettings,
-                  notes: list[str], *, box: Toolbox, tools: list[ToolSpec], plain_system: str
-                  ) -> tuple[str, list[str]]:
+    async def run(
+        self,
+        request: Request,
+        exchange: Exchange,
+        prompt: Prompt,
+        sampling: SamplingSettings,
+        notes: list[str],
+        *,
+        box: Toolbox,
+        tools: list[ToolSpec],
+        plain_system: str,
+    ) -> tuple[str, list[str]]:
         """Answer with ``prompt`` (whose system prompt offers ``tools``): (status, ``notes`` + its own)."""
         syntax = self.format().syntax
         messages = [dict(m) for m in prompt.messages]
@@ -219,8 +266,15 @@ class ToolRounds(ToolRunner):
         rounds = 0
         final = False
         while True:
-            round_, generation = await self._round(request, current, sampling, syntax, tools, first=rounds == 0,
-                                                   prefix=exchange.prefix if rounds == 0 else "")
+            round_, generation = await self._round(
+                request,
+                current,
+                sampling,
+                syntax,
+                tools,
+                first=rounds == 0,
+                prefix=exchange.prefix if rounds == 0 else "",
+            )
             if request.ended is not None or request.delivery.failed or not (round_.calls or round_.invalid):
                 status, own = outcome(request, generation, request.text)
                 return status, notes + own + ([tools_used(used)] if used else [])
@@ -235,20 +289,31 @@ class ToolRounds(ToolRunner):
                     return Status.STOPPED, notes + [request.ended or ""] + ([tools_used(used)] if used else [])
                 responses.append(result)
             responses += [tool_call_unreadable(bad.reason) for bad in round_.invalid]
-            messages += [{"role": "assistant", "content": round_.raw},
-                         {"role": "user", "content": "\n".join(f"<tool_response>\n{r}\n</tool_response>"
-                                                               for r in responses)}]
+            messages += [
+                {"role": "assistant", "content": round_.raw},
+                {"role": "user", "content": "\n".join(f"<tool_response>\n{r}\n</tool_response>" for r in responses)},
+            ]
             if rounds >= box.settings.max_rounds:  # one more round to answer, without tools
                 final = True
                 messages[0] = {"role": "system", "content": plain_system}
             request.state = State.PROMPTING
             tokens = await asyncio.to_thread(self._engine.chat_tokens, messages)
             # The same images (their user turns keep their places): a model that reads them sees them each round.
-            current = dataclasses.replace(prompt, messages=[dict(m) for m in messages], tokens=tokens, prefix="",
-                                          turns_from=None)
+            current = dataclasses.replace(
+                prompt, messages=[dict(m) for m in messages], tokens=tokens, prefix="", turns_from=None
+            )
 
-    async def _round(self, request: Request, prompt: Prompt, sampling: SamplingSettings, syntax: Any,
-                     tools: list[ToolSpec], *, first: bool, prefix: str) -> tuple[_Round, Generation]:
+    async def _round(
+        self,
+        request: Request,
+        prompt: Prompt,
+        sampling: SamplingSettings,
+        syntax: Any,
+        tools: list[ToolSpec],
+        *,
+        first: bool,
+        prefix: str,
+    ) -> tuple[_Round, Generation]:
         """One generation, streamed into the reply's text until it ends or writes a tool call. Once a call's
         opening is written, the rest of the call is generated again under the tools' grammar (unless the
         conversation's own grammar rules every token, or the prompt has images: they go with the prompt as built)."""
@@ -259,8 +324,9 @@ class ToolRounds(ToolRunner):
         saved_at = self._clock()
         tokens: list[int] | None = None  # set once the call's opening is appended to the prompt
         while True:
-            generation = request.generation = self._engine.submit(prompt if tokens is None else tokens, sampling,
-                                                                  session=request.key)
+            generation = request.generation = self._engine.submit(
+                prompt if tokens is None else tokens, sampling, session=request.key
+            )
             request.state = State.QUEUED
             round_.ours = False
             switch: str | None = None
@@ -270,8 +336,9 @@ class ToolRounds(ToolRunner):
                 if isinstance(event, QueuePosition):
                     request.state = State.QUEUED if event.position else State.GENERATING
                     if not request.text.strip():
-                        request.delivery.status(ReplyStatus(Phase.QUEUED, event.position) if event.position
-                                                else ReplyStatus(Phase.THINKING))
+                        request.delivery.status(
+                            ReplyStatus(Phase.QUEUED, event.position) if event.position else ReplyStatus(Phase.THINKING)
+                        )
                 elif isinstance(event, Retrying):
                     request.delivery.status(ReplyStatus(Phase.RETRYING))
                 elif isinstance(event, str) and not round_.ours:
@@ -288,7 +355,7 @@ class ToolRounds(ToolRunner):
                         elif isinstance(parsed, CallStarted):
                             opening = self.format().opening
                             if not sampling.grammar and not prompt.images and opening in round_.raw:
-                                switch = round_.raw[:round_.raw.index(opening)]
+                                switch = round_.raw[: round_.raw.index(opening)]
                                 round_.ours = True
                                 generation.cancel()
                                 break  # what followed the opening is generated again
@@ -315,16 +382,20 @@ class ToolRounds(ToolRunner):
                 round_.raw = switch + opening
                 parser = ToolCallParser(syntax)
                 parser.feed(opening)  # inside the call, with nothing after its opening yet
-                tokens = list(prompt.tokens) + self._engine.tokenize(switch[len(prefix):]) \
+                tokens = (
+                    list(prompt.tokens)
+                    + self._engine.tokenize(switch[len(prefix) :])
                     + self._engine.tokenize(opening, special=True)
+                )
                 sampling = sampling.model_copy(update={"grammar": call_grammar(tools, syntax)})
                 prefix = ""
                 continue
             if not round_.ours:
                 for parsed in parser.finish():
                     if isinstance(parsed, TextPiece):
-                        request.text += (ROUND_SEPARATOR if separate and parsed.text.strip() else "") \
-                            + (parsed.text.lstrip() if separate else parsed.text)
+                        request.text += (ROUND_SEPARATOR if separate and parsed.text.strip() else "") + (
+                            parsed.text.lstrip() if separate else parsed.text
+                        )
                     elif isinstance(parsed, CallParsed):
                         round_.calls.append(parsed.call)
                     elif isinstance(parsed, CallInvalid):

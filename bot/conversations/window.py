@@ -35,17 +35,27 @@ class Window:
     """Builds each conversation's prompts within the engine's context window, and remembers where a full
     window starts (so the next prompt keeps that start, and the engine its cached prefix)."""
 
-    def __init__(self, engine: InferenceEngine, store: Store, settings: ConversationSettings,
-                 images: ImageSettings) -> None:
+    def __init__(
+        self, engine: InferenceEngine, store: Store, settings: ConversationSettings, images: ImageSettings
+    ) -> None:
         self._engine = engine
         self._store = store
         self._settings = settings  # its max_message_chars: the longest message the model reads
         self._images = images  # the limits an image scaled again for a model's size is read within
         self._starts: dict[str, int] = {}  # per conversation with a full window: its oldest kept message
 
-    async def fit(self, key: str, exchange: Exchange, system: str, sampling: SamplingSettings, *, speakers: bool,
-                  run: Callable[[Prompt, list[str]], Awaitable[T]], wrote: Callable[[], bool],
-                  vision: Vision = BLIND) -> T:
+    async def fit(
+        self,
+        key: str,
+        exchange: Exchange,
+        system: str,
+        sampling: SamplingSettings,
+        *,
+        speakers: bool,
+        run: Callable[[Prompt, list[str]], Awaitable[T]],
+        wrote: Callable[[], bool],
+        vision: Vision = BLIND,
+    ) -> T:
         """``run`` the prompt that answers ``exchange`` (with the notes about it, e.g. a message cut short).
 
         The stored images of its user turns go with them to a model that sees (``vision``); one that does not
@@ -58,13 +68,24 @@ class Window:
         history = await self.history(key, exchange.user_id, budget)
         pictures = await stored_images(self._store, [m.id for m in history if m.role == "user"] + [exchange.user_id])
         if vision.sees:
-            pictures = {message_id: await fit_for(images, vision, self._images)
-                        for message_id, images in pictures.items()}
+            pictures = {
+                message_id: await fit_for(images, vision, self._images) for message_id, images in pictures.items()
+            }
         for attempt in range(1, PROMPT_ATTEMPTS + 1):
             prompt, notes = await asyncio.to_thread(
-                self.build_prompt, system, history, exchange.text, sampling.max_tokens,
-                speaker=exchange.author_name if speakers else "", prefix=exchange.prefix, budget=budget,
-                keep_from=self._starts.get(key), pictures=pictures, user_id=exchange.user_id, vision=vision)
+                self.build_prompt,
+                system,
+                history,
+                exchange.text,
+                sampling.max_tokens,
+                speaker=exchange.author_name if speakers else "",
+                prefix=exchange.prefix,
+                budget=budget,
+                keep_from=self._starts.get(key),
+                pictures=pictures,
+                user_id=exchange.user_id,
+                vision=vision,
+            )
             if prompt.turns_from is None:
                 self._starts.pop(key, None)
             else:
@@ -85,19 +106,32 @@ class Window:
         history: list[StoredMessage] = []
         tokens = 0
         while tokens < budget:
-            page = await self._store.messages(key, before_id=history[0].id if history else before_id,
-                                              limit=HISTORY_PAGE)
+            page = await self._store.messages(
+                key, before_id=history[0].id if history else before_id, limit=HISTORY_PAGE
+            )
             if not page:
                 break
             history[:0] = page
-            tokens += await asyncio.to_thread(lambda page: sum(len(self._engine.tokenize(m.content)) for m in page),
-                                              page)
+            tokens += await asyncio.to_thread(
+                lambda page: sum(len(self._engine.tokenize(m.content)) for m in page), page
+            )
         return history
 
-    def build_prompt(self, system: str, history: list[StoredMessage], text: str, max_tokens: int, *,
-                     speaker: str = "", prefix: str = "", budget: int | None = None,
-                     keep_from: int | None = None, pictures: Pictures | None = None, user_id: int | None = None,
-                     vision: Vision = BLIND) -> tuple[Prompt, list[str]]:
+    def build_prompt(
+        self,
+        system: str,
+        history: list[StoredMessage],
+        text: str,
+        max_tokens: int,
+        *,
+        speaker: str = "",
+        prefix: str = "",
+        budget: int | None = None,
+        keep_from: int | None = None,
+        pictures: Pictures | None = None,
+        user_id: int | None = None,
+        vision: Vision = BLIND,
+    ) -> tuple[Prompt, list[str]]:
         """A prompt that fits ``budget`` (default ``n_ctx - max_tokens``) tokens: the system prompt always,
         then the newest turns that fit.
 
@@ -117,8 +151,14 @@ class Window:
         if not vision.sees:
             turns = [{**turn, "content": _unseen(turn["content"], seen)} for turn, seen in zip(turns, images)]
             images = [[] for _ in history]
-        render = _Renderer(self._engine, system, f"{speaker}: " if speaker else "", prefix,
-                           costs=[_cost(seen) for seen in images], own_cost=_cost(mine) if vision.sees else 0)
+        render = _Renderer(
+            self._engine,
+            system,
+            f"{speaker}: " if speaker else "",
+            prefix,
+            costs=[_cost(seen) for seen in images],
+            own_cost=_cost(mine) if vision.sees else 0,
+        )
         text, notes = self._message_that_fits(render, text, budget)
         if mine and not vision.sees:
             text = _unseen(text, mine)
@@ -127,22 +167,25 @@ class Window:
         if drop:
             # A full window drops turns in large steps: the prompt keeps its start (and the engine its cached
             # prefix) for many turns, rather than changing it, and re-reading everything, on every message.
-            kept_before = next((i for i, m in enumerate(history) if keep_from is not None and m.id >= keep_from),
-                               -1)
-            drop = (kept_before if kept_before >= drop
-                    else render.turns_to_drop(turns, text, int(budget * WINDOW_REFILL), drop))
+            kept_before = next((i for i, m in enumerate(history) if keep_from is not None and m.id >= keep_from), -1)
+            drop = (
+                kept_before
+                if kept_before >= drop
+                else render.turns_to_drop(turns, text, int(budget * WINDOW_REFILL), drop)
+            )
         start = history[drop].id if drop < len(history) else None
         messages = render.conversation(turns[drop:], text)
         sent = {1 + index: seen for index, seen in enumerate(images[drop:]) if seen}  # after the system prompt
         if mine and vision.sees:
             sent[len(messages) - 1] = mine
-        return Prompt(messages, render(turns[drop:], text), prefix, turns_from=start if drop else None,
-                      images=sent), notes
+        return Prompt(
+            messages, render(turns[drop:], text), prefix, turns_from=start if drop else None, images=sent
+        ), notes
 
     def _message_that_fits(self, render: _Renderer, text: str, budget: int) -> tuple[str, list[str]]:
         """The user's message, cut (with a mark) to its head when it alone overflows the window; the notes."""
         original_length = len(text)
-        text = text[:self._settings.max_message_chars]
+        text = text[: self._settings.max_message_chars]
         if render.length([], text) > budget:
             overhead = render.length([], "") + len(self._engine.tokenize(TRUNCATED_MARK))
             if overhead >= budget:
@@ -179,8 +222,16 @@ class _Renderer:
     """Token ids of the conversation with some of its turns kept: the system prompt, turns, the user's message
     (after ``head``, its speaker), and ``prefix`` (a reply the model goes on from)."""
 
-    def __init__(self, engine: InferenceEngine, system: str, head: str, prefix: str, *,
-                 costs: list[int] | None = None, own_cost: int = 0) -> None:
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        system: str,
+        head: str,
+        prefix: str,
+        *,
+        costs: list[int] | None = None,
+        own_cost: int = 0,
+    ) -> None:
         self._engine = engine
         self._system = system
         self._head = head
@@ -189,15 +240,14 @@ class _Renderer:
         self._own_cost = own_cost  # the images of the message being answered
 
     def conversation(self, kept: list[Turn], user_text: str) -> list[Turn]:
-        return [{"role": "system", "content": self._system}, *kept,
-                {"role": "user", "content": self._head + user_text}]
+        return [{"role": "system", "content": self._system}, *kept, {"role": "user", "content": self._head + user_text}]
 
     def __call__(self, kept: list[Turn], user_text: str) -> list[int]:
         return self._engine.chat_tokens(self.conversation(kept, user_text)) + self._tail
 
     def length(self, kept: list[Turn], user_text: str) -> int:
         """Tokens of the conversation with ``kept`` (the newest turns), its images included."""
-        images = sum(self._costs[len(self._costs) - len(kept):]) if kept else 0
+        images = sum(self._costs[len(self._costs) - len(kept) :]) if kept else 0
         return len(self(kept, user_text)) + images + self._own_cost
 
     def turns_to_drop(self, turns: list[Turn], text: str, limit: int, low: int = 0) -> int:

@@ -9,16 +9,35 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from bot.engine.base import (EngineStatus, Figures, FinishReason, InferenceEngine, PromptTooLong, QueuePosition,
-                             Retrying, renders_template)
+from bot.engine.base import (
+    EngineStatus,
+    Figures,
+    FinishReason,
+    InferenceEngine,
+    PromptTooLong,
+    QueuePosition,
+    Retrying,
+    renders_template,
+)
 from bot.engine.generation import Generation
 
 if TYPE_CHECKING:
     from bot.engine.embedded import Engine
     from bot.engine.tokenizer import Tokenizer
 
-__all__ = ["Engine", "EngineStatus", "Figures", "FinishReason", "Generation", "InferenceEngine", "PromptTooLong",
-           "QueuePosition", "Retrying", "Tokenizer", "renders_template"]
+__all__ = [
+    "Engine",
+    "EngineStatus",
+    "Figures",
+    "FinishReason",
+    "Generation",
+    "InferenceEngine",
+    "PromptTooLong",
+    "QueuePosition",
+    "Retrying",
+    "Tokenizer",
+    "renders_template",
+]
 
 _LAZY = {"Engine": "bot.engine.embedded", "Tokenizer": "bot.engine.tokenizer"}
 

@@ -20,8 +20,16 @@ if TYPE_CHECKING:
     from bot.engine.embedded import Engine
     from bot.prompt import Prompt
 
-__all__ = ["EngineStatus", "Figures", "FinishReason", "InferenceEngine", "PromptTooLong", "QueuePosition",
-           "Retrying", "renders_template"]
+__all__ = [
+    "EngineStatus",
+    "Figures",
+    "FinishReason",
+    "InferenceEngine",
+    "PromptTooLong",
+    "QueuePosition",
+    "Retrying",
+    "renders_template",
+]
 
 
 class FinishReason(str, enum.Enum):
@@ -73,8 +81,12 @@ class EngineStatus:
         else:
             place = f"#{self.position} in the queue"
         speed = f"{self.tokens_per_second:.1f} tokens/s" if self.tokens_per_second else "not measured yet"
-        lines = [("Model", self.model_name), ("Queue", f"{self.queue_length} waiting, {self.running} generating"),
-                 ("This conversation", place), ("Speed", f"{speed} (last reply)")]
+        lines = [
+            ("Model", self.model_name),
+            ("Queue", f"{self.queue_length} waiting, {self.running} generating"),
+            ("This conversation", place),
+            ("Speed", f"{speed} (last reply)"),
+        ]
         return lines + [("Device", str(self.device))] if self.device is not None else lines
 
 

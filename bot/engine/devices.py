@@ -46,14 +46,17 @@ def _ggml() -> Any:
     """libggml with the device functions declared, or None where this llama_cpp does not expose it."""
     try:
         from llama_cpp._ggml import libggml as lib
-        functions = [("ggml_backend_dev_count", ctypes.c_size_t, []),
-                     ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
-                     ("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
-                     ("ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
-                     ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
-                     ("ggml_backend_reg_count", ctypes.c_size_t, []),
-                     ("ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),
-                     ("ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p])]
+
+        functions = [
+            ("ggml_backend_dev_count", ctypes.c_size_t, []),
+            ("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t]),
+            ("ggml_backend_dev_name", ctypes.c_char_p, [ctypes.c_void_p]),
+            ("ggml_backend_dev_description", ctypes.c_char_p, [ctypes.c_void_p]),
+            ("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p]),
+            ("ggml_backend_reg_count", ctypes.c_size_t, []),
+            ("ggml_backend_reg_get", ctypes.c_void_p, [ctypes.c_size_t]),
+            ("ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
+        ]
         for name, restype, argtypes in functions:
             function = getattr(lib, name)
             function.restype, function.argtypes = restype, argtypes
@@ -70,8 +73,14 @@ def gpus() -> list[str]:
     if lib is None:
         return ["GPU"] if llama_cpp.llama_supports_gpu_offload() else []
     devices = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
-    found = {kind: [f"{_text(lib.ggml_backend_dev_name(d))} ({_text(lib.ggml_backend_dev_description(d))})"
-                    for d in devices if lib.ggml_backend_dev_type(d) == kind] for kind in (_DEVICE_GPU, _DEVICE_IGPU)}
+    found = {
+        kind: [
+            f"{_text(lib.ggml_backend_dev_name(d))} ({_text(lib.ggml_backend_dev_description(d))})"
+            for d in devices
+            if lib.ggml_backend_dev_type(d) == kind
+        ]
+        for kind in (_DEVICE_GPU, _DEVICE_IGPU)
+    }
     return found[_DEVICE_GPU] or found[_DEVICE_IGPU]
 
 
@@ -95,7 +104,7 @@ def placement(n_gpu_layers: int, n_layer: int, gpus: list[str], main_gpu: int | 
     if not gpus:
         return Placement(0, layers)
     offloaded = layers if n_gpu_layers < 0 else min(n_gpu_layers, layers)
-    used = gpus if main_gpu is None else gpus[main_gpu:main_gpu + 1]
+    used = gpus if main_gpu is None else gpus[main_gpu : main_gpu + 1]
     return Placement(offloaded, layers, tuple(used) if offloaded else ())
 
 
@@ -109,14 +118,24 @@ def model_params(n_gpu_layers: int, main_gpu: int | None, found: list[str]) -> A
     params.n_gpu_layers = n_gpu_layers
     if main_gpu is not None:  # the whole model on that GPU; llama.cpp's default splits the layers over all of them
         params.split_mode, params.main_gpu = llama_cpp.LLAMA_SPLIT_MODE_NONE, main_gpu
-    asked = (f"n_gpu_layers = {n_gpu_layers}" if n_gpu_layers > 0
-             else f"main_gpu = {main_gpu}" if main_gpu is not None else "")
+    asked = (
+        f"n_gpu_layers = {n_gpu_layers}"
+        if n_gpu_layers > 0
+        else f"main_gpu = {main_gpu}"
+        if main_gpu is not None
+        else ""
+    )
     if not found and asked:
-        log.warning("[engine] %s, but llama.cpp (backends: %s) finds no GPU: the model runs on the CPU. A build "
-                    "without GPU support is rebuilt by CMAKE_ARGS=\"-DGGML_CUDA=on\" make run (see GPU in the README)",
-                    asked, ", ".join(backends()) or "unknown")
+        log.warning(
+            "[engine] %s, but llama.cpp (backends: %s) finds no GPU: the model runs on the CPU. A build "
+            'without GPU support is rebuilt by CMAKE_ARGS="-DGGML_CUDA=on" make run (see GPU in the README)',
+            asked,
+            ", ".join(backends()) or "unknown",
+        )
     elif main_gpu is not None and main_gpu >= len(found):
         listed = ", ".join(f"{i} = {name}" for i, name in enumerate(found))
-        raise ModelLoadError(f"[engine] main_gpu = {main_gpu}, but llama.cpp finds {len(found)} GPU"
-                             f"{'s' if len(found) > 1 else ''}: {listed}")
+        raise ModelLoadError(
+            f"[engine] main_gpu = {main_gpu}, but llama.cpp finds {len(found)} GPU"
+            f"{'s' if len(found) > 1 else ''}: {listed}"
+        )
     return params

@@ -65,9 +65,11 @@ class Engine:
         self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         metadata = loaded.metadata
         self.model_name = metadata.get("general.name") or path.stem
-        self.chat_template = ChatTemplate(metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE,
-                                          bos_token=self._special_text(self._bos),
-                                          eos_token=self._special_text(llama_cpp.llama_vocab_eos(self._vocab)))
+        self.chat_template = ChatTemplate(
+            metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE,
+            bos_token=self._special_text(self._bos),
+            eos_token=self._special_text(llama_cpp.llama_vocab_eos(self._vocab)),
+        )
         self.samplers = Samplers(self._vocab)
         try:
             self.vision = self._load_vision(settings, loaded.threads.candidates[0])
@@ -82,16 +84,34 @@ class Engine:
         self.kv = layout(self._ctx, self._model, settings.n_ctx, open_state_cache(settings, loaded))
         self.kv_cache_bytes = self.kv.pool_tokens * loaded.kv_bytes_per_token
         self.scheduler = Scheduler()
-        self.worker = Worker(self._ctx, self._vocab, settings, self.kv, self.scheduler, self.samplers,
-                             self.tokenizer, loaded.threads, loaded.parallel, vision=self.vision,
-                             image_prompt=self._image_prompt)
+        self.worker = Worker(
+            self._ctx,
+            self._vocab,
+            settings,
+            self.kv,
+            self.scheduler,
+            self.samplers,
+            self.tokenizer,
+            loaded.threads,
+            loaded.parallel,
+            vision=self.vision,
+            image_prompt=self._image_prompt,
+        )
         self.worker.start()
-        log.info("loaded %s (%s, %.0f MB), context %d tokens, KV %s of %d tokens (%.0f MB), up to %d at once, "
-                 "%s threads", self.model_name, path.name, self.model_size / 1e6, self.n_ctx,
-                 f"{len(self.kv.slots)} streams" if self.kv.layout == "streams" else "pool", self.pool_tokens,
-                 self.kv_cache_bytes / 1e6, self.parallel,
-                 settings.n_threads if settings.n_threads else
-                 f"{' or '.join(map(str, self.threads.candidates))} (timed, the fastest kept)")
+        log.info(
+            "loaded %s (%s, %.0f MB), context %d tokens, KV %s of %d tokens (%.0f MB), up to %d at once, %s threads",
+            self.model_name,
+            path.name,
+            self.model_size / 1e6,
+            self.n_ctx,
+            f"{len(self.kv.slots)} streams" if self.kv.layout == "streams" else "pool",
+            self.pool_tokens,
+            self.kv_cache_bytes / 1e6,
+            self.parallel,
+            settings.n_threads
+            if settings.n_threads
+            else f"{' or '.join(map(str, self.threads.candidates))} (timed, the fastest kept)",
+        )
         why = "" if self.placement.gpu_layers else " ([engine] n_gpu_layers = 0)" if loaded.found else " (no GPU found)"
         log.info("%s runs on %s%s", self.model_name, self.placement, why)
 
@@ -102,9 +122,11 @@ class Engine:
             return None
         vision = Vision(settings.mmproj, self._model, use_gpu=bool(self.placement.gpu_layers), n_threads=n_threads)
         if vision.mrope:
-            log.warning("%s: its images need M-RoPE positions (Qwen2-VL and kin), which the embedded engine does not "
-                        "give yet: it reads text only (serve it with llama-server as a url model to send it images)",
-                        settings.mmproj.name)
+            log.warning(
+                "%s: its images need M-RoPE positions (Qwen2-VL and kin), which the embedded engine does not "
+                "give yet: it reads text only (serve it with llama-server as a url model to send it images)",
+                settings.mmproj.name,
+            )
             vision.close()
             return None
         log.info("%s reads images through %s", self.model_name, settings.mmproj.name)
@@ -155,8 +177,12 @@ class Engine:
         """`chat_tokens` of a prompt with images, each image as its stand-in ids (see `bot.engine.vision`), and
         the images to decode; the worker calls it when the request starts (reading images takes a while)."""
         assert self.vision is not None
-        tokens, images = self.vision.prompt(self.chat_template, prompt.messages, prompt.images,
-                                            lambda text, special: self.tokenize(text, special=special))
+        tokens, images = self.vision.prompt(
+            self.chat_template,
+            prompt.messages,
+            prompt.images,
+            lambda text, special: self.tokenize(text, special=special),
+        )
         if self._add_bos and tokens[:1] != [self._bos]:
             tokens.insert(0, self._bos)
             for span in images.spans:
@@ -205,12 +231,17 @@ class Engine:
     def status(self, generation: Generation | None = None) -> EngineStatus:
         with self.scheduler.cond:
             return EngineStatus(
-                model_name=self.model_name, queue_length=self.scheduler.n_waiting, running=len(self.kv.active()),
-                position=generation.position if generation else None, tokens_per_second=self.worker.last_rate,
-                kv_cells=self.kv.cells_in_use, device=self.placement)
+                model_name=self.model_name,
+                queue_length=self.scheduler.n_waiting,
+                running=len(self.kv.active()),
+                position=generation.position if generation else None,
+                tokens_per_second=self.worker.last_rate,
+                kv_cells=self.kv.cells_in_use,
+                device=self.placement,
+            )
 
     async def readiness(self) -> str:
-        """"ok": the model is loaded before anything listens (for /readyz)."""
+        """ "ok": the model is loaded before anything listens (for /readyz)."""
         return "ok"
 
     async def aclose(self) -> None:

@@ -16,14 +16,21 @@ if TYPE_CHECKING:
 
 __all__ = ["Generation"]
 
+
 class Generation(Figures):
     """One request. ``async for event in generation`` yields `QueuePosition` events and text deltas (str).
 
     Raises `EngineError` from the iteration if llama.cpp fails. ``cancel()`` may be called at any time.
     """
 
-    def __init__(self, prompt: list[int], sampling: SamplingSettings, session: str,
-                 loop: asyncio.AbstractEventLoop, cancel: Callable[[Generation], None]) -> None:
+    def __init__(
+        self,
+        prompt: list[int],
+        sampling: SamplingSettings,
+        session: str,
+        loop: asyncio.AbstractEventLoop,
+        cancel: Callable[[Generation], None],
+    ) -> None:
         super().__init__(prompt, sampling)
         self.session = session
         self._request_cancel = cancel

@@ -132,8 +132,9 @@ class KVCache:
         prompt = generation.prompt
         slot.generation = generation  # from here the sequence is busy: never evicted, never a copy's source
         own_reuse = self._reusable(slot, prompt)
-        saved = self.saved.pop(generation.session) if generation.session and slot.session != generation.session \
-            else None
+        saved = (
+            self.saved.pop(generation.session) if generation.session and slot.session != generation.session else None
+        )
         saved_reuse = self._reusable(Slot(seq_id=-1, cached=saved[0]), prompt) if saved else 0
         donors = [s for s in self.slots if s is not slot and s.cells] if self._can_copy else []
         donor = max(donors, key=lambda s: common_prefix(s.cached, prompt), default=None)
@@ -159,13 +160,13 @@ class KVCache:
     def shift_plan(self, slot: Slot, prompt: list[int], start: int) -> tuple[int, int] | None:
         """(drop, keep) when the cache is P + D + R... and the prompt P + R...: the conversation dropped its
         oldest turns D, and R can be kept by shifting it left past them (llama.cpp's context shift)."""
-        cached, rest = slot.cached, prompt[start:len(prompt) - 1]
+        cached, rest = slot.cached, prompt[start : len(prompt) - 1]
         if not self._can_shift or len(rest) < SHIFT_MIN_TOKENS or len(cached) - start < 2 * SHIFT_MIN_TOKENS:
             return None
         needle = rest[:SHIFT_MIN_TOKENS]
         best: tuple[int, int] | None = None
         for at in range(start + 1, len(cached) - SHIFT_MIN_TOKENS + 1):
-            if cached[at] == needle[0] and cached[at:at + SHIFT_MIN_TOKENS] == needle:
+            if cached[at] == needle[0] and cached[at : at + SHIFT_MIN_TOKENS] == needle:
                 keep = common_prefix(cached[at:], rest)
                 if best is None or keep > best[1]:
                     best = (at - start, keep)
@@ -173,7 +174,7 @@ class KVCache:
             return None
         drop, keep = best
         # A cell another sequence shares would move for it too: those prefixes are left as they are.
-        if any(self._refs[cell] > 1 for cell in slot.cells[start + drop:start + drop + keep]):
+        if any(self._refs[cell] > 1 for cell in slot.cells[start + drop : start + drop + keep]):
             return None
         return best
 
@@ -182,13 +183,12 @@ class KVCache:
         self.truncate(slot, start + drop + keep)
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, start, start + drop)
         llama_cpp.llama_memory_seq_add(self._memory, slot.seq_id, start + drop, -1, -drop)
-        self._release(slot.cells[start:start + drop])
-        del slot.cells[start:start + drop], slot.cached[start:start + drop]
+        self._release(slot.cells[start : start + drop])
+        del slot.cells[start : start + drop], slot.cached[start : start + drop]
 
     def _restore(self, slot: Slot, tokens: list[int], data: Any) -> None:
         self.truncate(slot, 0)
-        if self.make_room(len(tokens)) and llama_cpp.llama_state_seq_set_data(self._ctx, data, len(data),
-                                                                                 slot.seq_id):
+        if self.make_room(len(tokens)) and llama_cpp.llama_state_seq_set_data(self._ctx, data, len(data), slot.seq_id):
             slot.cached = list(tokens)
             slot.cells = self._new_cells(len(tokens))
         else:
@@ -270,8 +270,15 @@ class KVPool(KVCache):
         """KV cells left once running requests hold or grow into theirs (idle sequences' cells can be evicted)."""
         active = self.active()
         pinned = len(set().union(*(slot.cells for slot in active)))
-        return self.pool_tokens - pinned - sum(max(0, self.final_size(slot.generation) - len(slot.cached))
-                                               for slot in active if slot.generation is not None)
+        return (
+            self.pool_tokens
+            - pinned
+            - sum(
+                max(0, self.final_size(slot.generation) - len(slot.cached))
+                for slot in active
+                if slot.generation is not None
+            )
+        )
 
     def _copy(self, source: Slot, slot: Slot, n: int) -> None:
         """Share the first ``n`` cells of ``source`` with ``slot``: in a unified pool nothing is copied."""
@@ -367,13 +374,17 @@ class KVStreams(KVCache):
             if not running or running[-1] - running[0] + 1 == len(running):
                 return
             top = self.slots[running[-1]]
-            gap = next(slot for slot in self.slots[running[0]:] if slot.generation is None)
+            gap = next(slot for slot in self.slots[running[0] :] if slot.generation is None)
             self.evict(gap)
             if not self._transfer(top, gap):
                 return
             gap.session, gap.last_used = top.session, top.last_used
-            gap.generation, gap.pending, gap.next_token, gap.decoder = \
-                top.generation, top.pending, top.next_token, top.decoder
+            gap.generation, gap.pending, gap.next_token, gap.decoder = (
+                top.generation,
+                top.pending,
+                top.next_token,
+                top.decoder,
+            )
             top.generation = top.pending = top.next_token = top.decoder = None
             self.truncate(top, 0)
             top.session = ""

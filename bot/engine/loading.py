@@ -11,11 +11,11 @@ from typing import Any
 import llama_cpp
 
 from bot.config import EngineSettings
-from bot.engine.threads import ThreadTuner, physical_cores, thread_candidates
-from bot.engine.logs import route_llama_logs
-from bot.errors import ModelLoadError
 from bot.engine.devices import Placement, gpus, model_params, placement
+from bot.engine.logs import route_llama_logs
 from bot.engine.states import StateCache, StateFiles, model_identity, unwritable
+from bot.engine.threads import ThreadTuner, physical_cores, thread_candidates
+from bot.errors import ModelLoadError
 
 __all__ = ["Loaded", "load", "open_state_cache"]
 
@@ -51,26 +51,38 @@ def load(settings: EngineSettings) -> Loaded:
     raises `ModelLoadError` saying what to change."""
     path = settings.model_path
     if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path} (run `llamarelay fetch-model` to download the "
-                             "default model, or set [engine] model_path in config.toml)")
+        raise ModelLoadError(
+            f"model file not found: {path} (run `llamarelay fetch-model` to download the "
+            "default model, or set [engine] model_path in config.toml)"
+        )
     route_llama_logs()
     llama_cpp.llama_backend_init()
     found = gpus()
     offload = bool(found) and settings.n_gpu_layers != 0
     model = llama_cpp.llama_model_load_from_file(
-        str(path).encode(), model_params(settings.n_gpu_layers, settings.main_gpu, found))
+        str(path).encode(), model_params(settings.n_gpu_layers, settings.main_gpu, found)
+    )
     if not model and offload:
-        raise ModelLoadError(f"cannot load model {path}: not a valid GGUF file, or too big for the GPU's memory "
-                             "(lower [engine] n_gpu_layers: the other layers stay on the CPU)")
+        raise ModelLoadError(
+            f"cannot load model {path}: not a valid GGUF file, or too big for the GPU's memory "
+            "(lower [engine] n_gpu_layers: the other layers stay on the CPU)"
+        )
     if not model:
-        raise ModelLoadError(f"cannot load model {path}: not a valid GGUF file (run `llamarelay fetch-model` "
-                             "for the default model, or point [engine] model_path at another GGUF)")
+        raise ModelLoadError(
+            f"cannot load model {path}: not a valid GGUF file (run `llamarelay fetch-model` "
+            "for the default model, or point [engine] model_path at another GGUF)"
+        )
     where = placement(settings.n_gpu_layers, llama_cpp.llama_model_n_layer(model), found, settings.main_gpu)
     trained = llama_cpp.llama_model_n_ctx_train(model)
     if settings.n_ctx > trained > 0:
-        log.warning("[engine] n_ctx (%d) is beyond the %d tokens %s was trained on: replies in long "
-                    "conversations may turn to nonsense; set n_ctx to %d or less", settings.n_ctx, trained,
-                    path.name, trained)
+        log.warning(
+            "[engine] n_ctx (%d) is beyond the %d tokens %s was trained on: replies in long "
+            "conversations may turn to nonsense; set n_ctx to %d or less",
+            settings.n_ctx,
+            trained,
+            path.name,
+            trained,
+        )
     per_token = _kv_bytes_per_token(model)
     layout, pool, streams = kv_layout(settings, per_token)
     params = llama_cpp.llama_context_default_params()
@@ -89,8 +101,10 @@ def load(settings: EngineSettings) -> Loaded:
     ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:
         llama_cpp.llama_model_free(model)
-        raise ModelLoadError(f"cannot create a llama.cpp context for {path} with a KV pool of {pool} tokens"
-                             + (" (on the GPU: lower [engine] kv_pool_mb or n_gpu_layers)" if offload else ""))
+        raise ModelLoadError(
+            f"cannot create a llama.cpp context for {path} with a KV pool of {pool} tokens"
+            + (" (on the GPU: lower [engine] kv_pool_mb or n_gpu_layers)" if offload else "")
+        )
     return Loaded(model, ctx, params, where, found, parallel, layout, threads, per_token, _metadata(model))
 
 
@@ -128,14 +142,27 @@ def open_state_cache(settings: EngineSettings, loaded: Loaded) -> StateCache:
     if settings.state_dir is not None and settings.state_disk_mb:
         if (why := unwritable(settings.state_dir)) is None:
             params = loaded.params
-            disk = StateFiles(settings.state_dir, settings.state_disk_mb * 1024 * 1024,
-                              # what shapes a sequence's saved state: its context, llama.cpp's KV streams, types
-                              model_identity(settings.model_path, loaded.metadata, settings.n_ctx,
-                                             1 if params.kv_unified else params.n_seq_max,
-                                             params.type_k, params.type_v, params.flash_attn_type))
+            disk = StateFiles(
+                settings.state_dir,
+                settings.state_disk_mb * 1024 * 1024,
+                # what shapes a sequence's saved state: its context, llama.cpp's KV streams, types
+                model_identity(
+                    settings.model_path,
+                    loaded.metadata,
+                    settings.n_ctx,
+                    1 if params.kv_unified else params.n_seq_max,
+                    params.type_k,
+                    params.type_v,
+                    params.flash_attn_type,
+                ),
+            )
         else:  # the bot still works, only without the disk: a warning, not a refusal to start
-            log.warning("[engine] state_dir = '%s' is not writable (%s): running without the disk cache of KV "
-                        "states, so none outlive a restart", settings.state_dir, why)
+            log.warning(
+                "[engine] state_dir = '%s' is not writable (%s): running without the disk cache of KV "
+                "states, so none outlive a restart",
+                settings.state_dir,
+                why,
+            )
     return StateCache(settings.state_cache_mb * 1024 * 1024, disk)
 
 

@@ -64,15 +64,23 @@ def estimate_tokens(text: str) -> list[int]:
     """Pseudo-tokens of ``text``: one per ``BYTES_PER_TOKEN`` UTF-8 bytes, each holding its bytes, so a count
     is an upper estimate and `detokenize` gives the text back (a cut may fall inside a character)."""
     data = text.encode("utf-8", "replace")
-    return [int.from_bytes(b"\x01" + data[i:i + BYTES_PER_TOKEN], "big") for i in range(0, len(data), BYTES_PER_TOKEN)]
+    return [
+        int.from_bytes(b"\x01" + data[i : i + BYTES_PER_TOKEN], "big") for i in range(0, len(data), BYTES_PER_TOKEN)
+    ]
 
 
 class RemoteGeneration(Figures):
     """One request to the server; iterate it like the embedded `Generation` (positions, text, `Retrying`).
     ``n_prompt_reused`` is the server's cache hits, when it reports them."""
 
-    def __init__(self, engine: RemoteEngine, prompt: Prompt, sampling: SamplingSettings,
-                 tools: Sequence[dict[str, Any]] = (), tool_choice: str = "auto") -> None:
+    def __init__(
+        self,
+        engine: RemoteEngine,
+        prompt: Prompt,
+        sampling: SamplingSettings,
+        tools: Sequence[dict[str, Any]] = (),
+        tool_choice: str = "auto",
+    ) -> None:
         super().__init__(prompt.tokens, sampling)
         self._engine = engine
         self._body = engine._body(prompt, sampling)
@@ -127,10 +135,15 @@ class RemoteGeneration(Figures):
                 engine.reachable = False
                 delay = BACKOFF_SECONDS[min(attempt, len(BACKOFF_SECONDS) - 1)] * random.uniform(0.8, 1.2)
                 if time.monotonic() + delay > deadline:
-                    raise EngineError(f"The model server is unreachable ({exc}); your message is saved, please "
-                                      "try again later.") from None
-                log.warning("the model server at %s is unavailable (%s); retrying in %.1f s",
-                            engine.settings.base_url, exc, delay)
+                    raise EngineError(
+                        f"The model server is unreachable ({exc}); your message is saved, please try again later."
+                    ) from None
+                log.warning(
+                    "the model server at %s is unavailable (%s); retrying in %.1f s",
+                    engine.settings.base_url,
+                    exc,
+                    delay,
+                )
                 self._events.put_nowait(Retrying(str(exc), delay))
                 await asyncio.sleep(delay)
         raise AssertionError("itertools.count() never ends")
@@ -181,13 +194,18 @@ class RemoteGeneration(Figures):
                 if reason is None:  # the server failed inside the stream (llama_cpp.server does on a long prompt)
                     if self.n_generated:
                         raise EngineError("The model server stopped in the middle of this reply.")
-                    raise PromptTooLong("The model server gave up on this prompt before answering; it may not fit "
-                                        "the server's context window (set [engine] n_ctx to the server's).")
+                    raise PromptTooLong(
+                        "The model server gave up on this prompt before answering; it may not fit "
+                        "the server's context window (set [engine] n_ctx to the server's)."
+                    )
                 return reason
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
             # Dropped before any answer on a connection that was open: the server closed it while it sat idle.
-            stale = not answered and isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)) \
+            stale = (
+                not answered
+                and isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError))
                 and not isinstance(exc, aiohttp.ClientConnectorError)
+            )
             raise _Unavailable(_describe(exc), stale=stale) from None
         except (json.JSONDecodeError, AttributeError) as exc:
             raise EngineError(f"the model server sent something that is not a chat completion stream: {exc}") from None
@@ -258,7 +276,8 @@ def _too_long(error: Any, message: str) -> bool:
     details = error.get("error") if isinstance(error, dict) else None
     code = str(details.get("code") or details.get("type") or "") if isinstance(details, dict) else ""
     return code in ("context_length_exceeded", "exceed_context_size_error") or any(
-        phrase in message.lower() for phrase in ("context length", "context window", "context size", "too long"))
+        phrase in message.lower() for phrase in ("context length", "context window", "context size", "too long")
+    )
 
 
 def _message(error: Any) -> str:
@@ -281,7 +300,7 @@ class RemoteEngine:
 
     def __init__(self, settings: EngineSettings, api_key: str | None = None) -> None:
         if not settings.base_url:
-            raise EngineError("[engine] backend = \"openai\" needs base_url (e.g. http://127.0.0.1:8080/v1)")
+            raise EngineError('[engine] backend = "openai" needs base_url (e.g. http://127.0.0.1:8080/v1)')
         self.settings = settings
         self.n_ctx = settings.n_ctx
         self.model_name = settings.model or "(asking the server)"
@@ -296,14 +315,14 @@ class RemoteEngine:
         """Ask the server for its model; an unreachable server is only logged (requests retry, /readyz tells)."""
         await self.probe()
         if not self.reachable:
-            log.warning("the model server at %s is not answering yet; replies will wait for it",
-                        self.settings.base_url)
+            log.warning("the model server at %s is not answering yet; replies will wait for it", self.settings.base_url)
 
     async def probe(self) -> bool:
         """Whether the server answers ``GET /models`` now; learns the model's name on the way."""
         try:
-            async with self._session().get(self._url("models"),
-                                           timeout=aiohttp.ClientTimeout(total=self.settings.connect_timeout)) as r:
+            async with self._session().get(
+                self._url("models"), timeout=aiohttp.ClientTimeout(total=self.settings.connect_timeout)
+            ) as r:
                 models = (await r.json()).get("data") or [] if r.status == 200 else []
                 self.reachable = r.status == 200
         except (aiohttp.ClientError, TimeoutError, ValueError):
@@ -314,7 +333,7 @@ class RemoteEngine:
         return self.reachable
 
     async def readiness(self) -> str:
-        """"ok" when the server answers now, else why not (for /readyz)."""
+        """ "ok" when the server answers now, else why not (for /readyz)."""
         return "ok" if await self.probe() else f"model server {self.settings.base_url} is not answering"
 
     # -- token counts: an estimate ---------------------------------------------------------------------
@@ -336,8 +355,15 @@ class RemoteEngine:
 
     # -- requests --------------------------------------------------------------------------------------
 
-    def submit(self, prompt: Prompt, sampling: SamplingSettings, *, session: str = "",
-               tools: Sequence[dict[str, Any]] = (), tool_choice: str = "auto") -> RemoteGeneration:
+    def submit(
+        self,
+        prompt: Prompt,
+        sampling: SamplingSettings,
+        *,
+        session: str = "",
+        tools: Sequence[dict[str, Any]] = (),
+        tool_choice: str = "auto",
+    ) -> RemoteGeneration:
         """Send ``prompt.messages`` (call from the event loop), offering ``tools`` (OpenAI's shape) when given;
         raises `QueueFull` when the line is full."""
         if len(self._waiting) >= self.settings.max_queue:
@@ -345,9 +371,13 @@ class RemoteEngine:
         return RemoteGeneration(self, prompt, sampling, tools, tool_choice)
 
     def status(self, generation: RemoteGeneration | None = None) -> EngineStatus:
-        return EngineStatus(model_name=self.model_name, queue_length=len(self._waiting), running=self._running,
-                            position=generation.position if generation else None,
-                            tokens_per_second=self.last_rate)
+        return EngineStatus(
+            model_name=self.model_name,
+            queue_length=len(self._waiting),
+            running=self._running,
+            position=generation.position if generation else None,
+            tokens_per_second=self.last_rate,
+        )
 
     def check_sampling(self, sampling: SamplingSettings) -> None:
         """The server checks grammars itself (llama-server and llama_cpp.server take GBNF)."""
@@ -394,13 +424,19 @@ class RemoteEngine:
             generation._set_position(place)
 
     def _body(self, prompt: Prompt, sampling: SamplingSettings) -> dict[str, Any]:
-        messages: list[dict[str, Any]] = [_with_images(message, prompt.images.get(index, ()))
-                                          for index, message in enumerate(prompt.messages)]
+        messages: list[dict[str, Any]] = [
+            _with_images(message, prompt.images.get(index, ())) for index, message in enumerate(prompt.messages)
+        ]
         if prompt.prefix:  # Continue: servers that support it go on from this reply; others answer after it
             messages.append({"role": "assistant", "content": prompt.prefix})
-        body: dict[str, Any] = {"model": self.settings.model or self.model_name, "messages": messages,
-                                "stream": True, "max_tokens": sampling.max_tokens,
-                                "temperature": sampling.temperature, "top_p": sampling.top_p}
+        body: dict[str, Any] = {
+            "model": self.settings.model or self.model_name,
+            "messages": messages,
+            "stream": True,
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+        }
         if sampling.top_k:
             body["top_k"] = sampling.top_k
         if sampling.seed >= 0:
@@ -414,10 +450,12 @@ class RemoteEngine:
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None:
             headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-            timeout = aiohttp.ClientTimeout(total=None, connect=self.settings.connect_timeout,
-                                            sock_read=self.settings.read_timeout)
-            self._http = aiohttp.ClientSession(headers=headers, timeout=timeout,
-                                               connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_SECONDS))
+            timeout = aiohttp.ClientTimeout(
+                total=None, connect=self.settings.connect_timeout, sock_read=self.settings.read_timeout
+            )
+            self._http = aiohttp.ClientSession(
+                headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(keepalive_timeout=KEEPALIVE_SECONDS)
+            )
         return self._http
 
     def _url(self, path: str) -> str:

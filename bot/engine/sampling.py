@@ -27,7 +27,8 @@ def init_grammar(vocab: Any, grammar: str) -> tuple[Any, str]:
     here (fd 2 goes to a file meanwhile) and logged like every other llama.cpp line.
     """
     sampler, printed, held = with_captured_stderr(
-        lambda: llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root"))
+        lambda: llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    )
     if printed:  # "parse: error parsing grammar: <why>", a blank line, then the whole grammar again
         llama_log.error("%s", printed.splitlines()[0])
         llama_log.debug("%s", printed)
@@ -82,12 +83,19 @@ class Samplers:
             samplers.append(grammar)
         if sampling.ignore_eos:  # as llama-server does: the end-of-generation tokens can never be sampled
             biases = (llama_cpp.llama_logit_bias * len(self._eog_tokens))(
-                *[llama_cpp.llama_logit_bias(token, float("-inf")) for token in self._eog_tokens])
+                *[llama_cpp.llama_logit_bias(token, float("-inf")) for token in self._eog_tokens]
+            )
             samplers.append(llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(biases), biases))
         if (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty) != (1.0, 0.0, 0.0):
-            samplers.append(llama_cpp.llama_sampler_init_penalties(
-                self._n_vocab, PENALTY_LAST_N, sampling.repeat_penalty, sampling.frequency_penalty,
-                sampling.presence_penalty))
+            samplers.append(
+                llama_cpp.llama_sampler_init_penalties(
+                    self._n_vocab,
+                    PENALTY_LAST_N,
+                    sampling.repeat_penalty,
+                    sampling.frequency_penalty,
+                    sampling.presence_penalty,
+                )
+            )
         if sampling.temperature <= 0.0:
             samplers.append(llama_cpp.llama_sampler_init_greedy())
         else:

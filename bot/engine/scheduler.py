@@ -81,8 +81,9 @@ class Scheduler:
             generation._position = place
             generation._announce_position()
 
-    def take_admitted(self, running: int, parallel: int, room: Callable[[], int],
-                      need: Callable[[Generation], int]) -> list[Generation]:
+    def take_admitted(
+        self, running: int, parallel: int, room: Callable[[], int], need: Callable[[Generation], int]
+    ) -> list[Generation]:
         """Take waiting requests, one session at a time in turn, while fewer than ``parallel`` generate and the
         KV pool has ``room()`` for all that each may ``need`` (caller holds the lock)."""
         admitted: list[Generation] = []

@@ -54,8 +54,14 @@ def model_identity(model_path: Path, metadata: Mapping[str, str], *settings: obj
     template included), the llama.cpp build, this machine's architecture, and ``settings`` (the context size
     and whatever else shapes a saved sequence, such as llama.cpp's number of KV streams)."""
     digest = hashlib.sha256()
-    parts = [model_path.name, model_path.stat().st_size, json.dumps(sorted(metadata.items())),
-             llama_cpp.__version__, platform.machine(), *settings]
+    parts = [
+        model_path.name,
+        model_path.stat().st_size,
+        json.dumps(sorted(metadata.items())),
+        llama_cpp.__version__,
+        platform.machine(),
+        *settings,
+    ]
     for part in parts:
         digest.update(str(part).encode("utf-8", "replace") + b"\0")
     return digest.digest()
@@ -182,8 +188,14 @@ class StateFiles:
         if data is None:
             raise OSError("llama.cpp gave no state")
         tokens = array("i", candidate.tokens).tobytes()
-        header = _HEADER.pack(_MAGIC, self.identity, len(session), len(candidate.tokens), len(data),
-                              zlib.crc32(data, zlib.crc32(session + tokens)))
+        header = _HEADER.pack(
+            _MAGIC,
+            self.identity,
+            len(session),
+            len(candidate.tokens),
+            len(data),
+            zlib.crc32(data, zlib.crc32(session + tokens)),
+        )
         temporary = self.directory / f".{name}.{os.getpid()}.tmp"
         try:
             with open(temporary, "wb") as f:
@@ -219,8 +231,7 @@ class StateFiles:
                 if usable:
                     self._index[entry.name] = _File(stat.st_size, stat.st_mtime)
                 else:
-                    log.info("deleting saved KV state %s: made for another model or settings, or damaged",
-                             entry.name)
+                    log.info("deleting saved KV state %s: made for another model or settings, or damaged", entry.name)
                     _unlink(Path(entry.path))
         return self._index
 
@@ -338,13 +349,22 @@ class StateCache:
         now, monotonic = time.time(), time.monotonic()
         with self._spill_lock:
             saved = [*self._spilling.items(), *self._states.items()]
-        candidates = [Candidate(session, tokens, saved_at, len(data), functools.partial(lambda kept: kept, data))
-                      for session, (tokens, data, saved_at) in saved]
+        candidates = [
+            Candidate(session, tokens, saved_at, len(data), functools.partial(lambda kept: kept, data))
+            for session, (tokens, data, saved_at) in saved
+        ]
         for slot in slots:
             if slot.session and slot.cached:
                 size = llama_cpp.llama_state_seq_get_size(ctx, slot.seq_id)
-                candidates.append(Candidate(slot.session, list(slot.cached), now - (monotonic - slot.last_used),
-                                             size, functools.partial(_get, ctx, slot.seq_id, size)))
+                candidates.append(
+                    Candidate(
+                        slot.session,
+                        list(slot.cached),
+                        now - (monotonic - slot.last_used),
+                        size,
+                        functools.partial(_get, ctx, slot.seq_id, size),
+                    )
+                )
         try:
             self.disk.save(candidates, stop)
         except Exception:

@@ -60,8 +60,11 @@ def physical_cores() -> int:
     for cpu in cpus:
         topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
         try:
-            cores.add((topology / "physical_package_id").read_text().strip() + ":"
-                      + (topology / "core_id").read_text().strip())
+            cores.add(
+                (topology / "physical_package_id").read_text().strip()
+                + ":"
+                + (topology / "core_id").read_text().strip()
+            )
         except OSError:  # no sysfs (macOS, some containers): count logical CPUs
             cores.add(str(cpu))
     return max(1, len(cores))
@@ -106,8 +109,12 @@ class ThreadTuner:
     only.
     """
 
-    def __init__(self, candidates: Sequence[int], explore_seconds: float = EXPLORE_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        candidates: Sequence[int],
+        explore_seconds: float = EXPLORE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.candidates = list(candidates)
         self.explore_seconds = explore_seconds
         self._clock = clock
@@ -143,8 +150,10 @@ class ThreadTuner:
             else:
                 cost = TRIAL_STEPS * (seconds[count] - seconds[best])
                 since = kind.tried_at.get(count, 0.0)
-                wait = min(EXPLORE_MAX_SECONDS, max(self.explore_seconds * seconds[count] / seconds[best],
-                                                    cost / EXPLORE_SHARE))
+                wait = min(
+                    EXPLORE_MAX_SECONDS,
+                    max(self.explore_seconds * seconds[count] / seconds[best], cost / EXPLORE_SHARE),
+                )
             if now - since >= wait:
                 kind.demoted_at.pop(count, None)
                 kind.tried_at[count] = now

@@ -32,8 +32,7 @@ class Tokenizer:
         attributes = [llama_cpp.llama_vocab_get_attr(vocab, t) for t in range(llama_cpp.llama_vocab_n_tokens(vocab))]
         self.special_ids = frozenset(t for t, attr in enumerate(attributes) if attr & _SPECIAL_ATTRS)
         """Ids of CONTROL and USER_DEFINED tokens."""
-        matched = {self._text(t) for t, attr in enumerate(attributes)
-                   if attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED}
+        matched = {self._text(t) for t, attr in enumerate(attributes) if attr & llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED}
         self._matched = _literal_pattern(t for t in matched if 0 < len(t) <= _LONGEST_MATCHED_TEXT)
         # Built at load (off the event loop) when the vocabulary has USER_DEFINED tokens, else on first need.
         self._spellings = self._ordinary_short_pieces() if self._matched else None
@@ -46,7 +45,7 @@ class Tokenizer:
         plain: list[int] = []
         position = 0
         for match in self._matched.finditer(text) if self._matched else ():
-            plain += self._plain_run(text[position:match.start()])
+            plain += self._plain_run(text[position : match.start()])
             plain += self._spell(match.group())
             position = match.end()
         return plain + self._plain_run(text[position:])

@@ -45,8 +45,7 @@ def stand_ins(data: bytes, n: int, projector: bytes = b"") -> list[int]:
     """The ``n`` ids an image's positions have in a prompt's token list: negative (never a token), derived from
     the image's bytes and the ``projector`` that reads it, so the same image is the same run of ids in every
     turn, another image (or a KV state saved with another projector) another."""
-    base = int.from_bytes(hashlib.blake2b(data, digest_size=8, key=projector[:64]).digest(), "little") \
-        % _STAND_IN_RANGE
+    base = int.from_bytes(hashlib.blake2b(data, digest_size=8, key=projector[:64]).digest(), "little") % _STAND_IN_RANGE
     return [-1 - (base + i) % _STAND_IN_RANGE for i in range(n)]
 
 
@@ -76,23 +75,26 @@ class Vision:
 
     def __init__(self, path: Path, model: Any, *, use_gpu: bool, n_threads: int) -> None:
         if not path.is_file():
-            raise ModelLoadError(f"mmproj file not found: {path} (set mmproj to the model's multimodal projector "
-                                 "GGUF, or remove it)")
+            raise ModelLoadError(
+                f"mmproj file not found: {path} (set mmproj to the model's multimodal projector GGUF, or remove it)"
+            )
         route_mtmd_logs()
         params = mtmd.mtmd_context_params_default()
         params.use_gpu, params.n_threads, params.print_timings = use_gpu, n_threads, False
         self._ctx = mtmd.mtmd_init_from_file(str(path).encode(), model, params)
         if not self._ctx:
-            raise ModelLoadError(f"cannot load mmproj {path}: not a multimodal projector GGUF, or not one made for "
-                                 "this model (see the log above for llama.cpp's reason)")
+            raise ModelLoadError(
+                f"cannot load mmproj {path}: not a multimodal projector GGUF, or not one made for "
+                "this model (see the log above for llama.cpp's reason)"
+            )
         if not mtmd.mtmd_support_vision(self._ctx):
             self.close()
-            raise ModelLoadError(f"mmproj {path} reads no images (an audio projector?): remove it or pick a "
-                                 "vision one")
+            raise ModelLoadError(f"mmproj {path} reads no images (an audio projector?): remove it or pick a vision one")
         self._marker = mtmd.mtmd_default_marker()
         stat = path.stat()
-        self.identity = hashlib.blake2b(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode(),
-                                        digest_size=16).digest()
+        self.identity = hashlib.blake2b(
+            f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode(), digest_size=16
+        ).digest()
         """Which projector this is: its images' ids differ from another's, so no KV of one is reused by another."""
         self.mrope = bool(mtmd.mtmd_decode_use_mrope(self._ctx))
         """M-RoPE (Qwen2-VL and kin) gives an image fewer positions than KV cells, where the engine's cache counts
@@ -105,9 +107,13 @@ class Vision:
 
     # -- prompts ---------------------------------------------------------------------------------------
 
-    def prompt(self, template: ChatTemplate, messages: Sequence[dict[str, str]],
-               images: Mapping[int, Sequence[ImagePart | str]],
-               tokenize: Callable[[str, bool], list[int]]) -> tuple[list[int], PromptImages]:
+    def prompt(
+        self,
+        template: ChatTemplate,
+        messages: Sequence[dict[str, str]],
+        images: Mapping[int, Sequence[ImagePart | str]],
+        tokenize: Callable[[str, bool], list[int]],
+    ) -> tuple[list[int], PromptImages]:
         """The prompt's token list, each image as its stand-in ids (see `stand_ins`), and its images to decode.
 
         Each message's images follow its text, a line each, in order (as the remote path sends them); an image
@@ -135,7 +141,7 @@ class Vision:
                 position = 0
                 for match in _IMAGE_MARK.finditer(text):
                     if match.start() > position:
-                        tokens += tokenize(text[position:match.start()], False)
+                        tokens += tokenize(text[position : match.start()], False)
                     self._image(found[int(match.group(1))], tokens, prepared)
                     position = match.end()
                 if position < len(text):
@@ -158,20 +164,22 @@ class Vision:
         prepared.owned.append(chunks)
         try:
             text = mtmd.mtmd_input_text(self._marker, len(self._marker), False, True)
-            result = mtmd.mtmd_tokenize(self._ctx, chunks, ctypes.byref(text),
-                                        (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
+            result = mtmd.mtmd_tokenize(
+                self._ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1
+            )
         finally:
             mtmd.mtmd_bitmap_free(bitmap)
         if result != 0:
-            raise EngineError(f"the image {image.name} cannot be read by the model's projector (mtmd_tokenize "
-                              f"returned {result})")
+            raise EngineError(
+                f"the image {image.name} cannot be read by the model's projector (mtmd_tokenize returned {result})"
+            )
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             kind = mtmd.mtmd_input_chunk_get_type(chunk)
             if kind == _TEXT_CHUNK:
                 n = ctypes.c_size_t(0)
                 ids = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                tokens += ids[:n.value]
+                tokens += ids[: n.value]
             elif kind == _IMAGE_CHUNK:
                 n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
                 prepared.spans.append(ImageSpan(len(tokens), n_tokens, chunk))
@@ -197,8 +205,9 @@ class Vision:
             raise EngineError(f"encoding an image failed (mtmd_encode_chunk returned {result})")
         embeddings = mtmd.mtmd_get_output_embd(self._ctx)
         new_pos = llama_cpp.llama_pos(0)
-        result = mtmd.mtmd_helper_decode_image_chunk(self._ctx, ctx, span.chunk, embeddings, pos, seq_id, n_batch,
-                                                     ctypes.byref(new_pos), _NO_CALLBACK, None)
+        result = mtmd.mtmd_helper_decode_image_chunk(
+            self._ctx, ctx, span.chunk, embeddings, pos, seq_id, n_batch, ctypes.byref(new_pos), _NO_CALLBACK, None
+        )
         if result != 0:
             raise EngineError(f"decoding an image failed (mtmd_helper_decode_image_chunk returned {result})")
 

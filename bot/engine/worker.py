@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 import llama_cpp
 
 from bot.config import EngineSettings
-from bot.engine.threads import ThreadTuner
 from bot.engine.base import FinishReason
 from bot.engine.generation import Generation
 from bot.engine.kv import KVCache, Slot
 from bot.engine.sampling import Samplers
 from bot.engine.scheduler import Scheduler
+from bot.engine.threads import ThreadTuner
 from bot.engine.tokenizer import Tokenizer
 from bot.errors import EngineError
 
@@ -45,10 +45,21 @@ IDLE_SAVE_SECONDS = 30.0  # with nothing to do that long, the worker writes the 
 class Worker:
     """Runs the decode loop on its own thread: admits waiting requests, steps, samples, ends requests."""
 
-    def __init__(self, ctx: Any, vocab: Any, settings: EngineSettings, kv: KVCache, scheduler: Scheduler,
-                 samplers: Samplers, tokenizer: Tokenizer, threads: ThreadTuner, parallel: int, *,
-                 vision: Vision | None = None,
-                 image_prompt: Callable[[Prompt], tuple[list[int], PromptImages]] | None = None) -> None:
+    def __init__(
+        self,
+        ctx: Any,
+        vocab: Any,
+        settings: EngineSettings,
+        kv: KVCache,
+        scheduler: Scheduler,
+        samplers: Samplers,
+        tokenizer: Tokenizer,
+        threads: ThreadTuner,
+        parallel: int,
+        *,
+        vision: Vision | None = None,
+        image_prompt: Callable[[Prompt], tuple[list[int], PromptImages]] | None = None,
+    ) -> None:
         self._ctx, self._vocab = ctx, vocab
         self.vision, self._image_prompt = vision, image_prompt
         self._with_images: list[Generation] = []  # running requests with images still to decode
@@ -166,7 +177,7 @@ class Worker:
                 self._with_images.append(generation)
             else:
                 generation._images = None
-        slot.pending = generation.prompt[len(slot.cached):]
+        slot.pending = generation.prompt[len(slot.cached) :]
         slot.next_token = None
         slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         generation.n_prompt_reused = len(slot.cached)
@@ -241,10 +252,11 @@ class Worker:
                 slot.logits_index = n - 1
             elif chunk := chunks.get(slot.seq_id):
                 assert slot.pending is not None
-                del slot.pending[:len(chunk)]
+                del slot.pending[: len(chunk)]
                 for i, token in enumerate(chunk):
-                    n = self._add(batch, n, token, len(slot.cached), slot.seq_id,
-                                  not slot.pending and i == len(chunk) - 1)
+                    n = self._add(
+                        batch, n, token, len(slot.cached), slot.seq_id, not slot.pending and i == len(chunk) - 1
+                    )
                     kv.append(slot, token)
                 if not slot.pending:
                     slot.logits_index = n - 1
@@ -294,9 +306,9 @@ class Worker:
                 with self.scheduler.cond:
                     self._finish(slot, FinishReason.ERROR, exc)
                 continue
-            for token in slot.pending[:span.n_tokens]:
+            for token in slot.pending[: span.n_tokens]:
                 kv.append(slot, token)
-            del slot.pending[:span.n_tokens]
+            del slot.pending[: span.n_tokens]
             if not images.spans:
                 self.vision.free(images)
                 generation._images = None

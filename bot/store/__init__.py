@@ -17,8 +17,18 @@ from typing import Any, ClassVar, TypeGuard
 
 from bot.types import ImagePart
 
-__all__ = ["ADDED_FIELDS", "Store", "StoredImage", "StoredMessage", "StoredToolCall", "LapsedReply", "Status",
-           "open_store", "is_database_url", "redact_url"]
+__all__ = [
+    "ADDED_FIELDS",
+    "Store",
+    "StoredImage",
+    "StoredMessage",
+    "StoredToolCall",
+    "LapsedReply",
+    "Status",
+    "open_store",
+    "is_database_url",
+    "redact_url",
+]
 
 
 class Status:
@@ -83,8 +93,19 @@ class LapsedReply:
 # Every column of a session and of a message, as `dump` yields them and `load` takes them back; a reply's
 # lease and message reference are the running processes' business, never exported.
 SESSION_FIELDS = ("key", "system_prompt", "sampling", "created_at", "model")
-MESSAGE_FIELDS = ("id", "session_key", "role", "content", "status", "author_id", "author_name", "created_at",
-                  "notes", "feedback", "model")
+MESSAGE_FIELDS = (
+    "id",
+    "session_key",
+    "role",
+    "content",
+    "status",
+    "author_id",
+    "author_name",
+    "created_at",
+    "notes",
+    "feedback",
+    "model",
+)
 # Fields an export written before schema 7 lacks, and what `load` reads in their place.
 ADDED_FIELDS: dict[str, dict[str, Any]] = {"session": {"model": None}, "message": {"model": ""}}
 
@@ -135,12 +156,14 @@ class Store(abc.ABC):
     # -- messages ---------------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def add_message(self, key: str, role: str, content: str, status: str, *,
-                          author_id: str = "", author_name: str = "") -> int: ...
+    async def add_message(
+        self, key: str, role: str, content: str, status: str, *, author_id: str = "", author_name: str = ""
+    ) -> int: ...
 
     @abc.abstractmethod
-    async def add_exchange(self, key: str, text: str, *, author_id: str, author_name: str,
-                           lease_seconds: float | None = None) -> tuple[int, int]:
+    async def add_exchange(
+        self, key: str, text: str, *, author_id: str, author_name: str, lease_seconds: float | None = None
+    ) -> tuple[int, int]:
         """Store a user message and reserve its reply's row right after it: (message id, reply id).
 
         Another message of the session can never land between the two rows. With ``lease_seconds`` the reply
@@ -176,8 +199,9 @@ class Store(abc.ABC):
         """Save a reply's text so far while it is still generating: a crash keeps what users have seen."""
 
     @abc.abstractmethod
-    async def finish_message(self, message_id: int, content: str, status: str, notes: str = "", *,
-                             model: str | None = None) -> None:
+    async def finish_message(
+        self, message_id: int, content: str, status: str, notes: str = "", *, model: str | None = None
+    ) -> None:
         """Store a reply's final text, status and notes; ``model``: the name of the model that wrote it (None
         leaves what is stored)."""
 
@@ -186,8 +210,9 @@ class Store(abc.ABC):
         """Keep a user's rating of reply ``message_id`` of session ``key``; False when there is no such reply."""
 
     @abc.abstractmethod
-    async def messages(self, key: str, *, before_id: int | None = None,
-                       limit: int | None = None) -> list[StoredMessage]:
+    async def messages(
+        self, key: str, *, before_id: int | None = None, limit: int | None = None
+    ) -> list[StoredMessage]:
         """The session's messages, oldest first; with ``before_id`` / ``limit``, only the newest ones before it."""
 
     @abc.abstractmethod
@@ -302,6 +327,8 @@ async def open_store(target: Path | str, *, migrate: bool = True) -> Store:
     """
     if is_database_url(target):
         from bot.store.postgres import PostgresStore
+
         return await PostgresStore.open(str(target), migrate=migrate)
     from bot.store.sqlite import SQLiteStore
+
     return await SQLiteStore.open(Path(target), migrate=migrate)

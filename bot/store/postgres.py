@@ -15,8 +15,19 @@ from typing import Any
 import asyncpg
 
 from bot.errors import StoreError
-from bot.store import (MESSAGE_FIELDS, PROBE_EVENT, SESSION_FIELDS, LapsedReply, Status, Store, StoredImage,
-                       StoredMessage, StoredToolCall, redact_url, storable)
+from bot.store import (
+    MESSAGE_FIELDS,
+    PROBE_EVENT,
+    SESSION_FIELDS,
+    LapsedReply,
+    Status,
+    Store,
+    StoredImage,
+    StoredMessage,
+    StoredToolCall,
+    redact_url,
+    storable,
+)
 from bot.types import ImagePart
 
 __all__ = ["PostgresStore"]
@@ -120,18 +131,20 @@ class PostgresStore(Store):
     async def open(cls, target: Any, *, migrate: bool = True) -> PostgresStore:
         url = str(target)
         try:
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=POOL_MAX_SIZE,
-                                             timeout=CONNECT_TIMEOUT_SECONDS)
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=POOL_MAX_SIZE, timeout=CONNECT_TIMEOUT_SECONDS)
         except (*_ERRORS, ValueError, TimeoutError) as exc:
-            raise StoreError(f"cannot connect to the database {redact_url(url)}: "
-                             f"{str(exc).replace(url, redact_url(url))}") from None
+            raise StoreError(
+                f"cannot connect to the database {redact_url(url)}: {str(exc).replace(url, redact_url(url))}"
+            ) from None
         store = cls(pool, url)
         try:
             await store._create_migrations_table()
             version = await store.schema_version()
             if version > store.latest_version:
-                raise StoreError(f"the database {store.url} has schema version {version}, newer than this "
-                                 f"llamarelay knows ({store.latest_version}): upgrade llamarelay")
+                raise StoreError(
+                    f"the database {store.url} has schema version {version}, newer than this "
+                    f"llamarelay knows ({store.latest_version}): upgrade llamarelay"
+                )
             if migrate:
                 await store.migrate()
                 await store._interrupt_orphans()
@@ -150,13 +163,18 @@ class PostgresStore(Store):
         process's reply in progress keeps its status."""
         with self._failing("write to"):
             async with self._pool.acquire() as connection:
-                keys = await connection.fetch("SELECT DISTINCT session_key FROM messages WHERE status = $1",
-                                              Status.GENERATING)
+                keys = await connection.fetch(
+                    "SELECT DISTINCT session_key FROM messages WHERE status = $1", Status.GENERATING
+                )
                 for (key,) in keys:
                     if await connection.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", TURN_LOCK, key):
                         try:
-                            await connection.execute("UPDATE messages SET status = $1 WHERE session_key = $2"
-                                                     " AND status = $3", Status.INTERRUPTED, key, Status.GENERATING)
+                            await connection.execute(
+                                "UPDATE messages SET status = $1 WHERE session_key = $2 AND status = $3",
+                                Status.INTERRUPTED,
+                                key,
+                                Status.GENERATING,
+                            )
                         finally:
                             await connection.execute("SELECT pg_advisory_unlock($1, hashtext($2))", TURN_LOCK, key)
 
@@ -186,8 +204,9 @@ class PostgresStore(Store):
     async def _turns_pool(self) -> asyncpg.Pool:
         async with self._turn_pool_lock:
             if self._turn_pool is None:
-                self._turn_pool = await asyncpg.create_pool(self._url, min_size=0, max_size=TURN_POOL_MAX_SIZE,
-                                                            timeout=CONNECT_TIMEOUT_SECONDS)
+                self._turn_pool = await asyncpg.create_pool(
+                    self._url, min_size=0, max_size=TURN_POOL_MAX_SIZE, timeout=CONNECT_TIMEOUT_SECONDS
+                )
             return self._turn_pool
 
     # -- schema ------------------------------------------------------------------------------------------
@@ -198,8 +217,10 @@ class PostgresStore(Store):
         with self._failing("write to"):
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-                await connection.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
-                                         "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION)")
+                await connection.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations "
+                    "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION)"
+                )
 
     async def schema_version(self) -> int:
         return await self._fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
@@ -218,14 +239,18 @@ class PostgresStore(Store):
                             return applied
                         for statement in self.MIGRATIONS[version]:
                             await connection.execute(statement)
-                        await connection.execute("INSERT INTO schema_migrations VALUES ($1, $2)",
-                                                 version + 1, time.time())
+                        await connection.execute(
+                            "INSERT INTO schema_migrations VALUES ($1, $2)", version + 1, time.time()
+                        )
                     applied.append(version + 1)
 
     async def probe(self) -> None:
-        await self._execute("INSERT INTO seen_events (event_id, expires) VALUES ($1, $2)"
-                            " ON CONFLICT (event_id) DO UPDATE SET expires = EXCLUDED.expires",
-                            PROBE_EVENT, time.time())
+        await self._execute(
+            "INSERT INTO seen_events (event_id, expires) VALUES ($1, $2)"
+            " ON CONFLICT (event_id) DO UPDATE SET expires = EXCLUDED.expires",
+            PROBE_EVENT,
+            time.time(),
+        )
 
     # -- plumbing ----------------------------------------------------------------------------------------
 
@@ -250,19 +275,24 @@ class PostgresStore(Store):
             return await self._pool.fetchval(sql, *params)
 
     _ENSURE_SESSION = "INSERT INTO sessions (key, created_at) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING"
-    _INSERT_MESSAGE = ("INSERT INTO messages (session_key, role, content, status, author_id, author_name, created_at)"
-                       " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id")
+    _INSERT_MESSAGE = (
+        "INSERT INTO messages (session_key, role, content, status, author_id, author_name, created_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id"
+    )
 
     # -- messages ---------------------------------------------------------------------------------------
 
-    async def add_message(self, key: str, role: str, content: str, status: str, *,
-                          author_id: str = "", author_name: str = "") -> int:
+    async def add_message(
+        self, key: str, role: str, content: str, status: str, *, author_id: str = "", author_name: str = ""
+    ) -> int:
         await self._execute(self._ENSURE_SESSION, key, time.time())
-        return await self._fetchval(self._INSERT_MESSAGE, key, role, storable(content), status, author_id,
-                                    storable(author_name), time.time())
+        return await self._fetchval(
+            self._INSERT_MESSAGE, key, role, storable(content), status, author_id, storable(author_name), time.time()
+        )
 
-    async def add_exchange(self, key: str, text: str, *, author_id: str, author_name: str,
-                           lease_seconds: float | None = None) -> tuple[int, int]:
+    async def add_exchange(
+        self, key: str, text: str, *, author_id: str, author_name: str, lease_seconds: float | None = None
+    ) -> tuple[int, int]:
         # A lock on the session's key held to the end of the transaction keeps the two rows together across
         # every process on the database, not only this one.
         with self._failing("write to"):
@@ -270,10 +300,19 @@ class PostgresStore(Store):
                 await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", key)
                 now = time.time()
                 await connection.execute(self._ENSURE_SESSION, key, now)
-                user_id = await connection.fetchval(self._INSERT_MESSAGE, key, "user", storable(text),
-                                                    Status.COMPLETE, author_id, storable(author_name), now)
-                reply_id = await connection.fetchval(self._INSERT_MESSAGE, key, "assistant", "", Status.GENERATING,
-                                                     "", "", time.time())
+                user_id = await connection.fetchval(
+                    self._INSERT_MESSAGE,
+                    key,
+                    "user",
+                    storable(text),
+                    Status.COMPLETE,
+                    author_id,
+                    storable(author_name),
+                    now,
+                )
+                reply_id = await connection.fetchval(
+                    self._INSERT_MESSAGE, key, "assistant", "", Status.GENERATING, "", "", time.time()
+                )
                 if lease_seconds is not None:
                     await connection.execute(self._LEASE, [reply_id], lease_seconds)
         return user_id, reply_id
@@ -283,13 +322,20 @@ class PostgresStore(Store):
         return StoredMessage(*rows[0]) if rows else None
 
     async def reopen_reply(self, message_id: int, content: str, *, lease_seconds: float | None = None) -> None:
-        await self._execute("UPDATE messages SET content = $1, status = $2, notes = '', feedback = '',"
-                            " message_ref = '', lease_until = now() + make_interval(secs => $4) WHERE id = $3",
-                            storable(content), Status.GENERATING, message_id, lease_seconds)
+        await self._execute(
+            "UPDATE messages SET content = $1, status = $2, notes = '', feedback = '',"
+            " message_ref = '', lease_until = now() + make_interval(secs => $4) WHERE id = $3",
+            storable(content),
+            Status.GENERATING,
+            message_id,
+            lease_seconds,
+        )
 
     # The database's clock, not this machine's: processes on several hosts agree on when a lease runs out.
-    _LEASE = ("UPDATE messages SET lease_until = now() + make_interval(secs => $2)"
-              " WHERE id = ANY($1::bigint[]) AND status = 'generating'")
+    _LEASE = (
+        "UPDATE messages SET lease_until = now() + make_interval(secs => $2)"
+        " WHERE id = ANY($1::bigint[]) AND status = 'generating'"
+    )
 
     async def renew_leases(self, message_ids: Iterable[int], seconds: float) -> None:
         await self._execute(self._LEASE, list(message_ids), seconds)
@@ -301,40 +347,70 @@ class PostgresStore(Store):
             rows = await self._pool.fetch(
                 "UPDATE messages SET status = $1, notes = $2, lease_until = NULL"
                 " WHERE status = $3 AND lease_until < now() RETURNING id, session_key, content, message_ref",
-                Status.INTERRUPTED, storable(note), Status.GENERATING)
+                Status.INTERRUPTED,
+                storable(note),
+                Status.GENERATING,
+            )
         return [LapsedReply(*row) for row in sorted(rows)]
 
     async def set_message_ref(self, message_id: int, ref: str) -> None:
         await self._execute("UPDATE messages SET message_ref = $1 WHERE id = $2", ref, message_id)
 
     async def checkpoint(self, message_id: int, content: str) -> None:
-        await self._execute("UPDATE messages SET content = $1 WHERE id = $2 AND status = $3",
-                            storable(content), message_id, Status.GENERATING)
+        await self._execute(
+            "UPDATE messages SET content = $1 WHERE id = $2 AND status = $3",
+            storable(content),
+            message_id,
+            Status.GENERATING,
+        )
 
-    async def finish_message(self, message_id: int, content: str, status: str, notes: str = "", *,
-                             model: str | None = None) -> None:
-        await self._execute("UPDATE messages SET content = $1, status = $2, notes = $3, model = COALESCE($5, model)"
-                            " WHERE id = $4", storable(content), status, storable(notes), message_id, model)
+    async def finish_message(
+        self, message_id: int, content: str, status: str, notes: str = "", *, model: str | None = None
+    ) -> None:
+        await self._execute(
+            "UPDATE messages SET content = $1, status = $2, notes = $3, model = COALESCE($5, model) WHERE id = $4",
+            storable(content),
+            status,
+            storable(notes),
+            message_id,
+            model,
+        )
 
     async def set_feedback(self, key: str, message_id: int, feedback: str) -> bool:
-        status = await self._execute("UPDATE messages SET feedback = $1 WHERE id = $2 AND session_key = $3"
-                                     " AND role = 'assistant'", feedback, message_id, key)
+        status = await self._execute(
+            "UPDATE messages SET feedback = $1 WHERE id = $2 AND session_key = $3 AND role = 'assistant'",
+            feedback,
+            message_id,
+            key,
+        )
         return _count(status) == 1
 
-    async def messages(self, key: str, *, before_id: int | None = None,
-                       limit: int | None = None) -> list[StoredMessage]:
+    async def messages(
+        self, key: str, *, before_id: int | None = None, limit: int | None = None
+    ) -> list[StoredMessage]:
         rows = await self._fetch(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_key = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
-            key, before_id if before_id is not None else 2**62, limit)  # LIMIT NULL: every row
+            key,
+            before_id if before_id is not None else 2**62,
+            limit,
+        )  # LIMIT NULL: every row
         return [StoredMessage(*row) for row in reversed(rows)]
 
     async def clear_messages(self, key: str, through_id: int) -> None:
         with self._failing("write to"):
             async with self._pool.acquire() as connection, connection.transaction():
-                await connection.execute("DELETE FROM images WHERE message_id IN (SELECT id FROM messages WHERE "
-                                         "session_key = $1 AND id <= $2)", key, through_id)
-                await connection.execute("DELETE FROM tool_calls WHERE reply_id IN (SELECT id FROM messages WHERE "
-                                         "session_key = $1 AND id <= $2)", key, through_id)
+                await connection.execute(
+                    "DELETE FROM images WHERE message_id IN (SELECT id FROM messages WHERE "
+                    "session_key = $1 AND id <= $2)",
+                    key,
+                    through_id,
+                )
+                await connection.execute(
+                    "DELETE FROM tool_calls WHERE reply_id IN (SELECT id FROM messages WHERE "
+                    "session_key = $1 AND id <= $2)",
+                    key,
+                    through_id,
+                )
                 await connection.execute("DELETE FROM messages WHERE session_key = $1 AND id <= $2", key, through_id)
 
     # -- tool messages -----------------------------------------------------------------------------------
@@ -344,13 +420,24 @@ class PostgresStore(Store):
             async with self._pool.acquire() as connection:
                 await connection.execute(
                     "INSERT INTO tool_calls (reply_id, round, tool, arguments, result, is_error, created_at) "
-                    "VALUES ($1, $2, $3, $4, $5, $6, $7)", call.reply_id, call.round, storable(call.tool),
-                    storable(call.arguments), storable(call.result), call.is_error, time.time())
+                    "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    call.reply_id,
+                    call.round,
+                    storable(call.tool),
+                    storable(call.arguments),
+                    storable(call.result),
+                    call.is_error,
+                    time.time(),
+                )
 
     async def tool_calls(self, reply_id: int, *, key: str | None = None) -> list[StoredToolCall]:
         in_key = "" if key is None else " AND reply_id IN (SELECT id FROM messages WHERE session_key = $2)"
-        rows = await self._fetch("SELECT reply_id, round, tool, arguments, result, is_error FROM tool_calls "
-                                 f"WHERE reply_id = $1{in_key} ORDER BY id", reply_id, *([] if key is None else [key]))
+        rows = await self._fetch(
+            "SELECT reply_id, round, tool, arguments, result, is_error FROM tool_calls "
+            f"WHERE reply_id = $1{in_key} ORDER BY id",
+            reply_id,
+            *([] if key is None else [key]),
+        )
         return [StoredToolCall(*row) for row in rows]
 
     async def with_tool_calls(self, reply_ids: Iterable[int]) -> set[int]:
@@ -368,13 +455,28 @@ class PostgresStore(Store):
                 await connection.executemany(
                     "INSERT INTO images (message_id, position, name, media_type, width, height, bytes, data, "
                     "created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                    [(message_id, position, storable(image.name), image.media_type, image.width, image.height,
-                      len(image.data), image.data, time.time()) for position, image in enumerate(images)])
+                    [
+                        (
+                            message_id,
+                            position,
+                            storable(image.name),
+                            image.media_type,
+                            image.width,
+                            image.height,
+                            len(image.data),
+                            image.data,
+                            time.time(),
+                        )
+                        for position, image in enumerate(images)
+                    ],
+                )
 
     async def images(self, message_ids: Iterable[int]) -> dict[int, list[StoredImage]]:
-        rows = await self._fetch("SELECT id, message_id, name, media_type, width, height, data FROM images "
-                                 "WHERE message_id = ANY($1::bigint[]) ORDER BY message_id, position",
-                                 list(message_ids))
+        rows = await self._fetch(
+            "SELECT id, message_id, name, media_type, width, height, data FROM images "
+            "WHERE message_id = ANY($1::bigint[]) ORDER BY message_id, position",
+            list(message_ids),
+        )
         found: dict[int, list[StoredImage]] = {}
         for row in rows:
             found.setdefault(row["message_id"], []).append(StoredImage(*row))
@@ -384,7 +486,9 @@ class PostgresStore(Store):
         # Newest first, a running total: every image past the budget loses its data, in one statement.
         status = await self._execute(
             "UPDATE images SET data = NULL WHERE id IN (SELECT id FROM (SELECT id, SUM(bytes) OVER (ORDER BY id DESC)"
-            " AS kept FROM images WHERE data IS NOT NULL) newest WHERE kept > $1)", budget_bytes)
+            " AS kept FROM images WHERE data IS NOT NULL) newest WHERE kept > $1)",
+            budget_bytes,
+        )
         return _count(status)
 
     # -- session settings --------------------------------------------------------------------------------
@@ -393,29 +497,41 @@ class PostgresStore(Store):
         return await self._fetchval("SELECT system_prompt FROM sessions WHERE key = $1", key)
 
     async def set_system_prompt(self, key: str, prompt: str | None) -> None:
-        await self._execute("INSERT INTO sessions (key, created_at, system_prompt) VALUES ($1, $2, $3)"
-                            " ON CONFLICT (key) DO UPDATE SET system_prompt = EXCLUDED.system_prompt",
-                            key, time.time(), None if prompt is None else storable(prompt))
+        await self._execute(
+            "INSERT INTO sessions (key, created_at, system_prompt) VALUES ($1, $2, $3)"
+            " ON CONFLICT (key) DO UPDATE SET system_prompt = EXCLUDED.system_prompt",
+            key,
+            time.time(),
+            None if prompt is None else storable(prompt),
+        )
 
     async def model(self, key: str) -> str | None:
         return await self._fetchval("SELECT model FROM sessions WHERE key = $1", key)
 
     async def set_model(self, key: str, name: str | None) -> None:
-        await self._execute("INSERT INTO sessions (key, created_at, model) VALUES ($1, $2, $3)"
-                            " ON CONFLICT (key) DO UPDATE SET model = EXCLUDED.model", key, time.time(), name)
+        await self._execute(
+            "INSERT INTO sessions (key, created_at, model) VALUES ($1, $2, $3)"
+            " ON CONFLICT (key) DO UPDATE SET model = EXCLUDED.model",
+            key,
+            time.time(),
+            name,
+        )
 
     async def sampling(self, key: str) -> dict[str, Any]:
         value = await self._fetchval("SELECT sampling FROM sessions WHERE key = $1", key)
         return json.loads(value) if value is not None else {}
 
     async def set_sampling(self, key: str, overrides: dict[str, Any]) -> None:
-        await self._execute("INSERT INTO sessions (key, created_at, sampling) VALUES ($1, $2, $3)"
-                            " ON CONFLICT (key) DO UPDATE SET sampling = EXCLUDED.sampling",
-                            key, time.time(), json.dumps(overrides))
+        await self._execute(
+            "INSERT INTO sessions (key, created_at, sampling) VALUES ($1, $2, $3)"
+            " ON CONFLICT (key) DO UPDATE SET sampling = EXCLUDED.sampling",
+            key,
+            time.time(),
+            json.dumps(overrides),
+        )
 
     async def session_keys(self, prefix: str) -> list[str]:
-        rows = await self._fetch("SELECT key FROM sessions WHERE starts_with(key, $1) ORDER BY created_at, seq",
-                                 prefix)
+        rows = await self._fetch("SELECT key FROM sessions WHERE starts_with(key, $1) ORDER BY created_at, seq", prefix)
         return [row[0] for row in rows]
 
     async def session_summaries(self, prefix: str, limit: int) -> list[tuple[str, str, int]]:
@@ -425,7 +541,9 @@ class PostgresStore(Store):
             "           WHERE m.session_key = s.key AND m.role = 'user' ORDER BY m.id LIMIT 1), ''),"
             " (SELECT COUNT(*) FROM messages m WHERE m.session_key = s.key)"
             " FROM sessions s WHERE starts_with(s.key, $1) ORDER BY s.created_at DESC, s.seq DESC LIMIT $2",
-            prefix, limit)
+            prefix,
+            limit,
+        )
         return [(key, first, count) for key, first, count in rows]
 
     # -- event dedupe ------------------------------------------------------------------------------------
@@ -433,8 +551,11 @@ class PostgresStore(Store):
     async def claim_event(self, event_id: str, ttl_seconds: float) -> bool:
         now = time.time()
         await self._execute("DELETE FROM seen_events WHERE expires < $1", now)
-        status = await self._execute("INSERT INTO seen_events (event_id, expires) VALUES ($1, $2)"
-                                     " ON CONFLICT (event_id) DO NOTHING", event_id, now + ttl_seconds)
+        status = await self._execute(
+            "INSERT INTO seen_events (event_id, expires) VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING",
+            event_id,
+            now + ttl_seconds,
+        )
         return _count(status) == 1
 
     # -- export and import -------------------------------------------------------------------------------
@@ -445,8 +566,9 @@ class PostgresStore(Store):
             record = dict(session)
             record["sampling"] = json.loads(record["sampling"])
             yield "session", record
-            rows = await self._fetch(f"SELECT {', '.join(MESSAGE_FIELDS)} FROM messages WHERE session_key = $1"
-                                     " ORDER BY id", record["key"])
+            rows = await self._fetch(
+                f"SELECT {', '.join(MESSAGE_FIELDS)} FROM messages WHERE session_key = $1 ORDER BY id", record["key"]
+            )
             for row in rows:
                 yield "message", dict(row)
 
@@ -457,12 +579,18 @@ class PostgresStore(Store):
             async with self._pool.acquire() as connection, connection.transaction():
                 await connection.executemany(
                     f"INSERT INTO sessions ({', '.join(SESSION_FIELDS)}) VALUES ($1, $2, $3, $4, $5)",
-                    [(s["key"], s["system_prompt"], json.dumps(s["sampling"]), s["created_at"], s["model"])
-                     for s in sessions])
+                    [
+                        (s["key"], s["system_prompt"], json.dumps(s["sampling"]), s["created_at"], s["model"])
+                        for s in sessions
+                    ],
+                )
                 await connection.executemany(
                     f"INSERT INTO messages ({', '.join(MESSAGE_FIELDS)})"
                     f" VALUES ({', '.join(f'${n}' for n in range(1, len(MESSAGE_FIELDS) + 1))})",
-                    [tuple(m[field] for field in MESSAGE_FIELDS) for m in messages])
+                    [tuple(m[field] for field in MESSAGE_FIELDS) for m in messages],
+                )
                 # New messages continue after the highest imported id.
-                await connection.execute("SELECT setval(pg_get_serial_sequence('messages', 'id'),"
-                                         " COALESCE((SELECT MAX(id) FROM messages), 0) + 1, false)")
+                await connection.execute(
+                    "SELECT setval(pg_get_serial_sequence('messages', 'id'),"
+                    " COALESCE((SELECT MAX(id) FROM messages), 0) + 1, false)"
+                )

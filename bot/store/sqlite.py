@@ -20,16 +20,28 @@ from typing import Any
 import aiosqlite
 
 from bot.errors import StoreError
-from bot.store import (MESSAGE_FIELDS, PROBE_EVENT, SESSION_FIELDS, LapsedReply, Status, Store, StoredImage,
-                       StoredMessage, StoredToolCall, storable)
+from bot.store import (
+    MESSAGE_FIELDS,
+    PROBE_EVENT,
+    SESSION_FIELDS,
+    LapsedReply,
+    Status,
+    Store,
+    StoredImage,
+    StoredMessage,
+    StoredToolCall,
+    storable,
+)
 from bot.types import ImagePart
 
 __all__ = ["SQLiteStore", "ONE_PROCESS_ONLY"]
 
 log = logging.getLogger(__name__)
 
-ONE_PROCESS_ONLY = ("another process has the SQLite database {path} open: SQLite serves one bot process only, so "
-                    "replies may come out of order or twice; several processes need PostgreSQL ([store] url)")
+ONE_PROCESS_ONLY = (
+    "another process has the SQLite database {path} open: SQLite serves one bot process only, so "
+    "replies may come out of order or twice; several processes need PostgreSQL ([store] url)"
+)
 
 _MESSAGE_COLUMNS = "id, role, content, status, author_name, created_at, notes, feedback, model"
 
@@ -60,9 +72,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 3: what a user said of a reply ("good", "bad"), '' when nothing
     ("ALTER TABLE messages ADD COLUMN feedback TEXT NOT NULL DEFAULT ''",),
     # 4: a generating reply's lease (Unix time, renewed by its process) and where its platform message is
-    ("ALTER TABLE messages ADD COLUMN lease_until REAL",
-     "ALTER TABLE messages ADD COLUMN message_ref TEXT NOT NULL DEFAULT ''",
-     "CREATE INDEX messages_leased ON messages (lease_until) WHERE status = 'generating'"),
+    (
+        "ALTER TABLE messages ADD COLUMN lease_until REAL",
+        "ALTER TABLE messages ADD COLUMN message_ref TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX messages_leased ON messages (lease_until) WHERE status = 'generating'",
+    ),
     (  # 5: images of user messages; data NULL once pruned to keep the images' disk budget
         """CREATE TABLE images (
             id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -135,13 +149,16 @@ class SQLiteStore(Store):
             await store._adopt_unversioned()
             version = await store.schema_version()
             if version > store.latest_version:
-                raise StoreError(f"the database {path} has schema version {version}, newer than this llamarelay "
-                                 f"knows ({store.latest_version}): upgrade llamarelay")
+                raise StoreError(
+                    f"the database {path} has schema version {version}, newer than this llamarelay "
+                    f"knows ({store.latest_version}): upgrade llamarelay"
+                )
             if migrate:
                 await store.migrate()
                 # A reply that was still generating when the process died is cut short, not complete.
-                await store._write("UPDATE messages SET status = ? WHERE status = ?",
-                                   (Status.INTERRUPTED, Status.GENERATING))
+                await store._write(
+                    "UPDATE messages SET status = ? WHERE status = ?", (Status.INTERRUPTED, Status.GENERATING)
+                )
         except BaseException:
             await store.close()
             raise
@@ -157,8 +174,9 @@ class SQLiteStore(Store):
 
     async def probe(self) -> None:
         async with self._immediate("write to"):
-            await self._db.execute("INSERT OR REPLACE INTO seen_events (event_id, expires) VALUES (?, ?)",
-                                   (PROBE_EVENT, time.time()))
+            await self._db.execute(
+                "INSERT OR REPLACE INTO seen_events (event_id, expires) VALUES (?, ?)", (PROBE_EVENT, time.time())
+            )
 
     # -- schema ------------------------------------------------------------------------------------------
 
@@ -171,9 +189,10 @@ class SQLiteStore(Store):
         if "messages" in tables:
             columns = {row[0] for row in await self._read("SELECT name FROM pragma_table_info('messages')")}
             version = 3 if "feedback" in columns else 2 if "notes" in columns else 1
-        await self._transaction(["CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)"]
-                                + [f"INSERT INTO schema_migrations VALUES ({v}, {time.time()})"
-                                   for v in range(1, version + 1)])
+        await self._transaction(
+            ["CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)"]
+            + [f"INSERT INTO schema_migrations VALUES ({v}, {time.time()})" for v in range(1, version + 1)]
+        )
 
     async def schema_version(self) -> int:
         return (await self._read("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))[0][0]
@@ -181,8 +200,9 @@ class SQLiteStore(Store):
     async def migrate(self) -> list[int]:
         applied = []
         for version in range(await self.schema_version() + 1, self.latest_version + 1):
-            await self._transaction([*self.MIGRATIONS[version - 1],
-                                     f"INSERT INTO schema_migrations VALUES ({version}, {time.time()})"])
+            await self._transaction(
+                [*self.MIGRATIONS[version - 1], f"INSERT INTO schema_migrations VALUES ({version}, {time.time()})"]
+            )
             applied.append(version)
         return applied
 
@@ -210,8 +230,10 @@ class SQLiteStore(Store):
             except OSError:
                 same = False
             if not same:
-                self._lost = (f"the database file {self.path} was deleted or replaced while the bot was running: "
-                              "nothing can be saved until llamarelay is restarted")
+                self._lost = (
+                    f"the database file {self.path} was deleted or replaced while the bot was running: "
+                    "nothing can be saved until llamarelay is restarted"
+                )
                 log.error("%s", self._lost)
         if self._lost is not None:
             raise StoreError(self._lost)
@@ -253,21 +275,25 @@ class SQLiteStore(Store):
 
     # -- messages ---------------------------------------------------------------------------------------
 
-    async def add_message(self, key: str, role: str, content: str, status: str, *,
-                          author_id: str = "", author_name: str = "") -> int:
+    async def add_message(
+        self, key: str, role: str, content: str, status: str, *, author_id: str = "", author_name: str = ""
+    ) -> int:
         await self._ensure_session(key)
         cursor = await self._write(
             "INSERT INTO messages (session_key, role, content, status, author_id, author_name, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (key, role, storable(content), status, author_id, storable(author_name), time.time()))
+            (key, role, storable(content), status, author_id, storable(author_name), time.time()),
+        )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
-    async def add_exchange(self, key: str, text: str, *, author_id: str, author_name: str,
-                           lease_seconds: float | None = None) -> tuple[int, int]:
+    async def add_exchange(
+        self, key: str, text: str, *, author_id: str, author_name: str, lease_seconds: float | None = None
+    ) -> tuple[int, int]:
         async with self._exchange_lock:  # one process per SQLite file: a lock in memory is enough
-            user_id = await self.add_message(key, "user", text, Status.COMPLETE,
-                                              author_id=author_id, author_name=author_name)
+            user_id = await self.add_message(
+                key, "user", text, Status.COMPLETE, author_id=author_id, author_name=author_name
+            )
             reply_id = await self.add_message(key, "assistant", "", Status.GENERATING)
         if lease_seconds is not None:
             await self.renew_leases([reply_id], lease_seconds)
@@ -278,24 +304,33 @@ class SQLiteStore(Store):
         return StoredMessage(*rows[0]) if rows else None
 
     async def reopen_reply(self, message_id: int, content: str, *, lease_seconds: float | None = None) -> None:
-        await self._write("UPDATE messages SET content = ?, status = ?, notes = '', feedback = '', message_ref = '',"
-                          " lease_until = ? WHERE id = ?",
-                          (storable(content), Status.GENERATING,
-                           None if lease_seconds is None else time.time() + lease_seconds, message_id))
+        await self._write(
+            "UPDATE messages SET content = ?, status = ?, notes = '', feedback = '', message_ref = '',"
+            " lease_until = ? WHERE id = ?",
+            (
+                storable(content),
+                Status.GENERATING,
+                None if lease_seconds is None else time.time() + lease_seconds,
+                message_id,
+            ),
+        )
 
     async def renew_leases(self, message_ids: Iterable[int], seconds: float) -> None:
         ids = list(message_ids)
         if ids:
             marks = ", ".join("?" * len(ids))
-            await self._write(f"UPDATE messages SET lease_until = ? WHERE status = ? AND id IN ({marks})",
-                              (time.time() + seconds, Status.GENERATING, *ids))
+            await self._write(
+                f"UPDATE messages SET lease_until = ? WHERE status = ? AND id IN ({marks})",
+                (time.time() + seconds, Status.GENERATING, *ids),
+            )
 
     async def expire_leases(self, note: str) -> list[LapsedReply]:
         async with self._immediate("write to"):
             async with self._db.execute(
-                    "UPDATE messages SET status = ?, notes = ?, lease_until = NULL WHERE status = ? AND lease_until < ?"
-                    " RETURNING id, session_key, content, message_ref",
-                    (Status.INTERRUPTED, storable(note), Status.GENERATING, time.time())) as cursor:
+                "UPDATE messages SET status = ?, notes = ?, lease_until = NULL WHERE status = ? AND lease_until < ?"
+                " RETURNING id, session_key, content, message_ref",
+                (Status.INTERRUPTED, storable(note), Status.GENERATING, time.time()),
+            ) as cursor:
                 rows = list(await cursor.fetchall())
         return [LapsedReply(*row) for row in sorted(rows)]
 
@@ -303,32 +338,45 @@ class SQLiteStore(Store):
         await self._write("UPDATE messages SET message_ref = ? WHERE id = ?", (ref, message_id))
 
     async def checkpoint(self, message_id: int, content: str) -> None:
-        await self._write("UPDATE messages SET content = ? WHERE id = ? AND status = ?",
-                          (storable(content), message_id, Status.GENERATING))
+        await self._write(
+            "UPDATE messages SET content = ? WHERE id = ? AND status = ?",
+            (storable(content), message_id, Status.GENERATING),
+        )
 
-    async def finish_message(self, message_id: int, content: str, status: str, notes: str = "", *,
-                             model: str | None = None) -> None:
-        await self._write("UPDATE messages SET content = ?, status = ?, notes = ?, model = COALESCE(?, model)"
-                          " WHERE id = ?", (storable(content), status, storable(notes), model, message_id))
+    async def finish_message(
+        self, message_id: int, content: str, status: str, notes: str = "", *, model: str | None = None
+    ) -> None:
+        await self._write(
+            "UPDATE messages SET content = ?, status = ?, notes = ?, model = COALESCE(?, model) WHERE id = ?",
+            (storable(content), status, storable(notes), model, message_id),
+        )
 
     async def set_feedback(self, key: str, message_id: int, feedback: str) -> bool:
-        cursor = await self._write("UPDATE messages SET feedback = ? WHERE id = ? AND session_key = ? AND role = ?",
-                                   (feedback, message_id, key, "assistant"))
+        cursor = await self._write(
+            "UPDATE messages SET feedback = ? WHERE id = ? AND session_key = ? AND role = ?",
+            (feedback, message_id, key, "assistant"),
+        )
         return cursor.rowcount == 1
 
-    async def messages(self, key: str, *, before_id: int | None = None,
-                       limit: int | None = None) -> list[StoredMessage]:
+    async def messages(
+        self, key: str, *, before_id: int | None = None, limit: int | None = None
+    ) -> list[StoredMessage]:
         rows = await self._read(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_key = ? AND id < ? ORDER BY id DESC LIMIT ?",
-            (key, before_id if before_id is not None else 2**62, limit if limit is not None else -1))
+            (key, before_id if before_id is not None else 2**62, limit if limit is not None else -1),
+        )
         return [StoredMessage(*row) for row in reversed(rows)]
 
     async def clear_messages(self, key: str, through_id: int) -> None:
         async with self._immediate("write to"):
-            await self._db.execute("DELETE FROM images WHERE message_id IN (SELECT id FROM messages WHERE "
-                                   "session_key = ? AND id <= ?)", (key, through_id))
-            await self._db.execute("DELETE FROM tool_calls WHERE reply_id IN (SELECT id FROM messages WHERE "
-                                   "session_key = ? AND id <= ?)", (key, through_id))
+            await self._db.execute(
+                "DELETE FROM images WHERE message_id IN (SELECT id FROM messages WHERE session_key = ? AND id <= ?)",
+                (key, through_id),
+            )
+            await self._db.execute(
+                "DELETE FROM tool_calls WHERE reply_id IN (SELECT id FROM messages WHERE session_key = ? AND id <= ?)",
+                (key, through_id),
+            )
             await self._db.execute("DELETE FROM messages WHERE session_key = ? AND id <= ?", (key, through_id))
 
     # -- tool messages -----------------------------------------------------------------------------------
@@ -337,23 +385,36 @@ class SQLiteStore(Store):
         async with self._immediate("write to"):
             await self._db.execute(
                 "INSERT INTO tool_calls (reply_id, round, tool, arguments, result, is_error, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", (call.reply_id, call.round, storable(call.tool),
-                                                 storable(call.arguments), storable(call.result), call.is_error,
-                                                 time.time()))
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    call.reply_id,
+                    call.round,
+                    storable(call.tool),
+                    storable(call.arguments),
+                    storable(call.result),
+                    call.is_error,
+                    time.time(),
+                ),
+            )
 
     async def tool_calls(self, reply_id: int, *, key: str | None = None) -> list[StoredToolCall]:
         in_key = "" if key is None else " AND reply_id IN (SELECT id FROM messages WHERE session_key = ?)"
-        rows = await self._read("SELECT reply_id, round, tool, arguments, result, is_error FROM tool_calls "
-                                f"WHERE reply_id = ?{in_key} ORDER BY id", (reply_id, *([] if key is None else [key])))
+        rows = await self._read(
+            "SELECT reply_id, round, tool, arguments, result, is_error FROM tool_calls "
+            f"WHERE reply_id = ?{in_key} ORDER BY id",
+            (reply_id, *([] if key is None else [key])),
+        )
         return [StoredToolCall(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows]
 
     async def with_tool_calls(self, reply_ids: Iterable[int]) -> set[int]:
         ids = list(reply_ids)
         found: set[int] = set()
         for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
-            chunk = ids[start:start + 500]
-            rows = await self._read("SELECT DISTINCT reply_id FROM tool_calls WHERE reply_id IN "
-                                    f"({', '.join('?' * len(chunk))})", tuple(chunk))
+            chunk = ids[start : start + 500]
+            rows = await self._read(
+                f"SELECT DISTINCT reply_id FROM tool_calls WHERE reply_id IN ({', '.join('?' * len(chunk))})",
+                tuple(chunk),
+            )
             found.update(int(row[0]) for row in rows)
         return found
 
@@ -364,17 +425,33 @@ class SQLiteStore(Store):
             await self._db.executemany(
                 "INSERT INTO images (message_id, position, name, media_type, width, height, bytes, data, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(message_id, position, image.name, image.media_type, image.width, image.height, len(image.data),
-                  image.data, time.time()) for position, image in enumerate(images)])
+                [
+                    (
+                        message_id,
+                        position,
+                        image.name,
+                        image.media_type,
+                        image.width,
+                        image.height,
+                        len(image.data),
+                        image.data,
+                        time.time(),
+                    )
+                    for position, image in enumerate(images)
+                ],
+            )
 
     async def images(self, message_ids: Iterable[int]) -> dict[int, list[StoredImage]]:
         ids = list(message_ids)
         found: dict[int, list[StoredImage]] = {}
         for start in range(0, len(ids), 500):  # SQLite's limit on bound parameters
-            chunk = ids[start:start + 500]
-            rows = await self._read("SELECT id, message_id, name, media_type, width, height, data FROM images "
-                                    f"WHERE message_id IN ({', '.join('?' * len(chunk))}) ORDER BY message_id, "
-                                    "position", tuple(chunk))
+            chunk = ids[start : start + 500]
+            rows = await self._read(
+                "SELECT id, message_id, name, media_type, width, height, data FROM images "
+                f"WHERE message_id IN ({', '.join('?' * len(chunk))}) ORDER BY message_id, "
+                "position",
+                tuple(chunk),
+            )
             for row in rows:
                 found.setdefault(row[1], []).append(StoredImage(*row))
         return found
@@ -398,8 +475,9 @@ class SQLiteStore(Store):
 
     async def set_system_prompt(self, key: str, prompt: str | None) -> None:
         await self._ensure_session(key)
-        await self._write("UPDATE sessions SET system_prompt = ? WHERE key = ?",
-                          (None if prompt is None else storable(prompt), key))
+        await self._write(
+            "UPDATE sessions SET system_prompt = ? WHERE key = ?", (None if prompt is None else storable(prompt), key)
+        )
 
     async def model(self, key: str) -> str | None:
         rows = await self._read("SELECT model FROM sessions WHERE key = ?", (key,))
@@ -418,8 +496,9 @@ class SQLiteStore(Store):
         await self._write("UPDATE sessions SET sampling = ? WHERE key = ?", (json.dumps(overrides), key))
 
     async def session_keys(self, prefix: str) -> list[str]:
-        rows = await self._read("SELECT key FROM sessions WHERE substr(key, 1, ?) = ? ORDER BY created_at, rowid",
-                                (len(prefix), prefix))
+        rows = await self._read(
+            "SELECT key FROM sessions WHERE substr(key, 1, ?) = ? ORDER BY created_at, rowid", (len(prefix), prefix)
+        )
         return [row[0] for row in rows]
 
     async def session_summaries(self, prefix: str, limit: int) -> list[tuple[str, str, int]]:
@@ -429,7 +508,8 @@ class SQLiteStore(Store):
             "           WHERE m.session_key = s.key AND m.role = 'user' ORDER BY m.id LIMIT 1), ''),"
             " (SELECT COUNT(*) FROM messages m WHERE m.session_key = s.key)"
             " FROM sessions s WHERE substr(s.key, 1, ?) = ? ORDER BY s.created_at DESC, s.rowid DESC LIMIT ?",
-            (len(prefix), prefix, limit))
+            (len(prefix), prefix, limit),
+        )
         return [(key, first, count) for key, first, count in rows]
 
     # -- turns -------------------------------------------------------------------------------------------
@@ -454,8 +534,9 @@ class SQLiteStore(Store):
     async def claim_event(self, event_id: str, ttl_seconds: float) -> bool:
         now = time.time()
         await self._write("DELETE FROM seen_events WHERE expires < ?", (now,))
-        cursor = await self._write("INSERT OR IGNORE INTO seen_events (event_id, expires) VALUES (?, ?)",
-                                   (event_id, now + ttl_seconds))
+        cursor = await self._write(
+            "INSERT OR IGNORE INTO seen_events (event_id, expires) VALUES (?, ?)", (event_id, now + ttl_seconds)
+        )
         return cursor.rowcount == 1
 
     # -- export and import -------------------------------------------------------------------------------
@@ -466,8 +547,9 @@ class SQLiteStore(Store):
             record = dict(zip(SESSION_FIELDS, session))
             record["sampling"] = json.loads(record["sampling"])
             yield "session", record
-            rows = await self._read(f"SELECT {', '.join(MESSAGE_FIELDS)} FROM messages WHERE session_key = ?"
-                                    " ORDER BY id", (record["key"],))
+            rows = await self._read(
+                f"SELECT {', '.join(MESSAGE_FIELDS)} FROM messages WHERE session_key = ? ORDER BY id", (record["key"],)
+            )
             for row in rows:
                 yield "message", dict(zip(MESSAGE_FIELDS, row))
 
@@ -477,11 +559,15 @@ class SQLiteStore(Store):
         async with self._immediate("import into"):
             await self._db.executemany(
                 f"INSERT INTO sessions ({', '.join(SESSION_FIELDS)}) VALUES ({', '.join('?' * len(SESSION_FIELDS))})",
-                ((s["key"], s["system_prompt"], json.dumps(s["sampling"]), s["created_at"], s["model"])
-                 for s in sessions))
+                (
+                    (s["key"], s["system_prompt"], json.dumps(s["sampling"]), s["created_at"], s["model"])
+                    for s in sessions
+                ),
+            )
             await self._db.executemany(
                 f"INSERT INTO messages ({', '.join(MESSAGE_FIELDS)}) VALUES ({', '.join('?' * len(MESSAGE_FIELDS))})",
-                (tuple(m[field] for field in MESSAGE_FIELDS) for m in messages))
+                (tuple(m[field] for field in MESSAGE_FIELDS) for m in messages),
+            )
 
 
 def _identity(path: Path) -> tuple[int, int]:

@@ -19,8 +19,10 @@ __all__ = ["ServerHealth", "ServerState", "ToolRegistry", "ToolResult", "ToolSpe
 def __getattr__(name: str) -> Any:
     if name == "ToolSupervisor":
         from bot.tools.supervisor import ToolSupervisor
+
         return ToolSupervisor
     if name == "ToolResult":
         from bot.tools.results import ToolResult
+
         return ToolResult
     raise AttributeError(name)

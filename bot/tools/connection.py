@@ -32,8 +32,14 @@ PING_TIMEOUT_SECONDS = 10.0
 class ServerConnection:
     """Keeps one configured server connected and its tools listed; ``session`` is None while it is down."""
 
-    def __init__(self, server: ToolServerSettings, limits: ToolsSettings, *, environ: Mapping[str, str],
-                 on_tools: Callable[[str, list[ToolSpec] | None], None]) -> None:
+    def __init__(
+        self,
+        server: ToolServerSettings,
+        limits: ToolsSettings,
+        *,
+        environ: Mapping[str, str],
+        on_tools: Callable[[str, list[ToolSpec] | None], None],
+    ) -> None:
         self.settings = server
         self._limits = limits
         self._environ = environ
@@ -76,7 +82,7 @@ class ServerConnection:
             self._on_tools(self.name, None)
             if time.monotonic() - began > self._limits.max_restart_delay:  # it had been up a good while
                 failures = 0
-            delay = min(self._limits.restart_delay * 2 ** failures, self._limits.max_restart_delay)
+            delay = min(self._limits.restart_delay * 2**failures, self._limits.max_restart_delay)
             failures += 1
             self.health = ServerHealth(ServerState.DOWN, reason, restarts=restarts)
             self.first_outcome.set()
@@ -85,8 +91,10 @@ class ServerConnection:
             restarts += 1
 
     async def _connect_and_watch(self, restarts: int) -> None:
-        async with self._transport() as (read, write), \
-                ClientSession(read, write, message_handler=self._on_message) as session:
+        async with (
+            self._transport() as (read, write),
+            ClientSession(read, write, message_handler=self._on_message) as session,
+        ):
             async with asyncio.timeout(START_TIMEOUT_SECONDS):
                 await session.initialize()
                 tools = await self._list_tools(session)
@@ -143,18 +151,28 @@ class ServerConnection:
         tools = [self._spec(tool) for tool in listed]
         unknown = set(self.settings.tools) - {tool.name for tool in tools}
         if unknown:
-            log.warning("tool server %s has no tool named %s (tools.servers.tools)", self.name,
-                        ", ".join(sorted(unknown)))
+            log.warning(
+                "tool server %s has no tool named %s (tools.servers.tools)", self.name, ", ".join(sorted(unknown))
+            )
         self._on_tools(self.name, tools)
         return tools
 
     def _spec(self, tool: types.Tool) -> ToolSpec:
         options = self.settings.tools.get(tool.name)
-        title = (options.title if options else None) or tool.title or \
-            (tool.annotations.title if tool.annotations else None) or tool.name.replace("_", " ")
-        return ToolSpec(name=tool.name, server=self.name, description=tool.description or "",
-                        input_schema=dict(tool.input_schema), title=title,
-                        confirm=bool(options and options.confirm))
+        title = (
+            (options.title if options else None)
+            or tool.title
+            or (tool.annotations.title if tool.annotations else None)
+            or tool.name.replace("_", " ")
+        )
+        return ToolSpec(
+            name=tool.name,
+            server=self.name,
+            description=tool.description or "",
+            input_schema=dict(tool.input_schema),
+            title=title,
+            confirm=bool(options and options.confirm),
+        )
 
     async def _on_message(self, message: IncomingMessage) -> None:
         # Runs in the session's reader: a request from here would wait on itself, so the watcher relists.
@@ -183,5 +201,3 @@ def describe_error(exc: BaseException) -> str:
         return f"command not found: {exc.filename or exc}"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-

@@ -20,12 +20,14 @@ def details_text(calls: Sequence[StoredToolCall], max_chars: int) -> str:
     share = max(40, (max_chars - 1) // len(calls))
     parts = [_one(call, share) for call in calls]
     text = "\n\n".join(parts)
-    return text if len(text) <= max_chars else text[:max_chars - len(CUT_MARK)] + CUT_MARK
+    return text if len(text) <= max_chars else text[: max_chars - len(CUT_MARK)] + CUT_MARK
 
 
 def _one(call: StoredToolCall, max_chars: int) -> str:
-    head = f"🔧 {call.tool} (round {call.round}){' — failed' if call.is_error else ''}\n" \
-           f"arguments: {call.arguments}\nresult: "
+    head = (
+        f"🔧 {call.tool} (round {call.round}){' — failed' if call.is_error else ''}\n"
+        f"arguments: {call.arguments}\nresult: "
+    )
     room = max_chars - len(head) - 2
-    result = call.result if len(call.result) <= room else call.result[:max(0, room - len(CUT_MARK))] + CUT_MARK
+    result = call.result if len(call.result) <= room else call.result[: max(0, room - len(CUT_MARK))] + CUT_MARK
     return (head + result)[:max_chars]

@@ -21,24 +21,34 @@ def call_schema(tools: Sequence[ToolSpec], syntax: ToolSyntax) -> dict[str, Any]
     if not tools:
         raise ValueError("a tool-call grammar needs at least one tool")
     key = ARGUMENTS_KEY[syntax]
-    return {"anyOf": [{"type": "object", "additionalProperties": False, "required": ["name", key],
-                       "properties": {"name": {"const": tool.name}, key: _arguments_schema(tool)}}
-                      for tool in tools]}
+    return {
+        "anyOf": [
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", key],
+                "properties": {"name": {"const": tool.name}, key: _arguments_schema(tool)},
+            }
+            for tool in tools
+        ]
+    }
 
 
 def call_grammar(tools: Sequence[ToolSpec], syntax: ToolSyntax, *, with_opening: bool = False) -> str:
     """A GBNF grammar (rule ``root``) for what follows a call's opening: the call's JSON and, for Hermes, the
     closing tag; Mistral's list holds one call or more. ``with_opening`` puts the opening first, for a
     grammar applied from the reply's start or lazily from the opening on."""
-    converter = SchemaConverter(prop_order={"name": 0, ARGUMENTS_KEY[syntax]: 1}, allow_fetch=False, dotall=False,
-                                raw_pattern=False)
+    converter = SchemaConverter(
+        prop_order={"name": 0, ARGUMENTS_KEY[syntax]: 1}, allow_fetch=False, dotall=False, raw_pattern=False
+    )
     schema = call_schema(tools, syntax)
     for index, alternative in enumerate(schema["anyOf"]):  # each tool's "#/$defs/…" stays its own
         alternative["properties"][ARGUMENTS_KEY[syntax]] = converter.resolve_refs(
-            alternative["properties"][ARGUMENTS_KEY[syntax]], f"tool{index}:")
+            alternative["properties"][ARGUMENTS_KEY[syntax]], f"tool{index}:"
+        )
     converter.visit(schema, "call")
     if syntax is ToolSyntax.HERMES:
-        body = f'space call space {_literal(CLOSING)}'
+        body = f"space call space {_literal(CLOSING)}"
     elif syntax is ToolSyntax.MISTRAL:
         body = '"[" space call ("," space call)* "]"'
     else:

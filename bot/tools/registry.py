@@ -37,8 +37,7 @@ class ToolRegistry:
         for tool in tools:
             owner = self.get(tool.name)
             if owner is not None and owner.server != server:
-                log.warning("tool server %s also offers a tool named %r: %s's is used", server, tool.name,
-                            owner.server)
+                log.warning("tool server %s also offers a tool named %r: %s's is used", server, tool.name, owner.server)
 
     def drop(self, server: str) -> None:
         """Forget ``server``'s tools (it is down)."""

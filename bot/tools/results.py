@@ -47,5 +47,6 @@ def cut(text: str, max_chars: int) -> tuple[str, bool]:
     """``text`` within ``max_chars``, with a note saying how much was left out; and whether it was cut."""
     if len(text) <= max_chars:
         return text, False
-    return text[:max_chars] + f"\n[cut: the tool returned {len(text):,} characters; only the first " \
-                              f"{max_chars:,} are shown]", True
+    return text[
+        :max_chars
+    ] + f"\n[cut: the tool returned {len(text):,} characters; only the first {max_chars:,} are shown]", True

@@ -32,8 +32,10 @@ class ToolSupervisor:
         self.settings = settings
         self.registry = ToolRegistry([server.name for server in settings.servers])
         env = os.environ if environ is None else environ
-        self._connections = {server.name: ServerConnection(server, settings, environ=env, on_tools=self._on_tools)
-                             for server in settings.servers}
+        self._connections = {
+            server.name: ServerConnection(server, settings, environ=env, on_tools=self._on_tools)
+            for server in settings.servers
+        }
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, *, wait: float = START_TIMEOUT_SECONDS) -> None:
@@ -105,14 +107,18 @@ class ToolSupervisor:
     def register_metrics(self, registry: CollectorRegistry) -> None:
         """Add ``llamarelay_tool_server_up{server}`` (1 up, 0 not) and ``llamarelay_tool_server_tools``, read
         at scrape time."""
-        up = Gauge("llamarelay_tool_server_up", "1 while the MCP tool server answers, 0 while it starts or is down",
-                   ["server"], registry=registry)
-        tools = Gauge("llamarelay_tool_server_tools", "Tools the MCP server offers now", ["server"],
-                      registry=registry)
+        up = Gauge(
+            "llamarelay_tool_server_up",
+            "1 while the MCP tool server answers, 0 while it starts or is down",
+            ["server"],
+            registry=registry,
+        )
+        tools = Gauge("llamarelay_tool_server_tools", "Tools the MCP server offers now", ["server"], registry=registry)
         for name, connection in self._connections.items():
             up.labels(name).set_function(functools.partial(lambda c: 1.0 if c.health.up else 0.0, connection))
             tools.labels(name).set_function(
-                functools.partial(lambda c: float(c.health.tools if c.health.up else 0), connection))
+                functools.partial(lambda c: float(c.health.tools if c.health.up else 0), connection)
+            )
 
     def _on_tools(self, server: str, tools: list[ToolSpec] | None) -> None:
         if tools is None:

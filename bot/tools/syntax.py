@@ -22,9 +22,22 @@ import jinja2.meta
 
 from bot.tools.registry import ToolSpec
 
-__all__ = ["ToolSyntax", "ToolFormat", "ToolCall", "TextPiece", "CallStarted", "CallParsed", "CallInvalid",
-           "ParseEvent", "ToolCallParser", "tool_format", "tool_definitions", "render_tools", "format_call",
-           "parse_tool_calls"]
+__all__ = [
+    "ToolSyntax",
+    "ToolFormat",
+    "ToolCall",
+    "TextPiece",
+    "CallStarted",
+    "CallParsed",
+    "CallInvalid",
+    "ParseEvent",
+    "ToolCallParser",
+    "tool_format",
+    "tool_definitions",
+    "render_tools",
+    "format_call",
+    "parse_tool_calls",
+]
 
 
 class ToolSyntax(StrEnum):
@@ -33,8 +46,7 @@ class ToolSyntax(StrEnum):
     MISTRAL = "mistral"
 
 
-OPENING = {ToolSyntax.HERMES: "<tool_call>", ToolSyntax.LLAMA3: "<|python_tag|>",
-           ToolSyntax.MISTRAL: "[TOOL_CALLS]"}
+OPENING = {ToolSyntax.HERMES: "<tool_call>", ToolSyntax.LLAMA3: "<|python_tag|>", ToolSyntax.MISTRAL: "[TOOL_CALLS]"}
 """The text that starts a call; the engine constrains what follows with the tools' grammar."""
 CLOSING = "</tool_call>"  # Hermes only; the other syntaxes end where the JSON does
 ARGUMENTS_KEY = {ToolSyntax.HERMES: "arguments", ToolSyntax.LLAMA3: "parameters", ToolSyntax.MISTRAL: "arguments"}
@@ -75,26 +87,37 @@ def _uses_variable(template: str, name: str) -> bool:
 
 def tool_definitions(tools: Sequence[ToolSpec]) -> list[dict[str, Any]]:
     """The tools in OpenAI's shape, which chat templates (and remote servers) take as ``tools``."""
-    return [{"type": "function", "function": {"name": tool.name, "description": tool.description,
-                                              "parameters": dict(tool.input_schema)}} for tool in tools]
+    return [
+        {
+            "type": "function",
+            "function": {"name": tool.name, "description": tool.description, "parameters": dict(tool.input_schema)},
+        }
+        for tool in tools
+    ]
 
 
 def render_tools(tools: Sequence[ToolSpec], syntax: ToolSyntax) -> str:
     """System-prompt text offering ``tools`` in ``syntax``, for a template that does not take them."""
     definitions = "\n".join(json.dumps(d, ensure_ascii=False) for d in tool_definitions(tools))
     if syntax is ToolSyntax.LLAMA3:
-        return ("You have access to the following functions. To call one, respond with only a JSON object in the "
-                'format {"name": function name, "parameters": dictionary of argument name and its value}. '
-                "Do not use variables.\n\n" + definitions)
+        return (
+            "You have access to the following functions. To call one, respond with only a JSON object in the "
+            'format {"name": function name, "parameters": dictionary of argument name and its value}. '
+            "Do not use variables.\n\n" + definitions
+        )
     if syntax is ToolSyntax.MISTRAL:
-        return ("You have access to the following tools. To call tools, respond with [TOOL_CALLS] followed by a "
-                'JSON list: [TOOL_CALLS][{"name": <tool-name>, "arguments": <args-json-object>}]\n\n'
-                f"[AVAILABLE_TOOLS]\n{definitions}\n[/AVAILABLE_TOOLS]")
-    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-            f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{definitions}\n"
-            "</tools>\n\nFor each function call, return a json object with function name and arguments within "
-            "<tool_call></tool_call> XML tags:\n<tool_call>\n"
-            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+        return (
+            "You have access to the following tools. To call tools, respond with [TOOL_CALLS] followed by a "
+            'JSON list: [TOOL_CALLS][{"name": <tool-name>, "arguments": <args-json-object>}]\n\n'
+            f"[AVAILABLE_TOOLS]\n{definitions}\n[/AVAILABLE_TOOLS]"
+        )
+    return (
+        "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        f"You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{definitions}\n"
+        "</tools>\n\nFor each function call, return a json object with function name and arguments within "
+        "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+        '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+    )
 
 
 @dataclass(frozen=True)
@@ -203,13 +226,13 @@ class ToolCallParser:
         if index >= 0:
             if index:
                 events.append(TextPiece(self._pending[:index]))
-            self._pending = self._pending[index + len(self._opening):]
+            self._pending = self._pending[index + len(self._opening) :]
             self._enter_call(events, bare=False)
             return True
         keep = 0 if final else _partial_suffix(self._pending, self._opening)
         if len(self._pending) > keep:
-            events.append(TextPiece(self._pending[:len(self._pending) - keep]))
-            self._pending = self._pending[len(self._pending) - keep:]
+            events.append(TextPiece(self._pending[: len(self._pending) - keep]))
+            self._pending = self._pending[len(self._pending) - keep :]
             self._started = True
         return False
 
@@ -224,7 +247,7 @@ class ToolCallParser:
             end = _find_outside_strings(payload, CLOSING)  # a "</tool_call>" in an argument does not end it
             if end < 0 and not final:
                 return None
-            body, rest = (payload[:end], payload[end + len(CLOSING):]) if end >= 0 else (payload, "")
+            body, rest = (payload[:end], payload[end + len(CLOSING) :]) if end >= 0 else (payload, "")
             events = [_read_call(body, self.syntax)]
         else:
             decoded = self._decode_payload(payload)
@@ -267,8 +290,9 @@ class ToolCallParser:
             return None
         items = value if isinstance(value, list) else [value]
         raw = payload[start:end]
-        events: list[ParseEvent] = [_call_from(item, raw) for item in items] or \
-            [CallInvalid(raw, "an empty list of calls")]
+        events: list[ParseEvent] = [_call_from(item, raw) for item in items] or [
+            CallInvalid(raw, "an empty list of calls")
+        ]
         return events, payload[end:]
 
     @staticmethod
@@ -305,7 +329,7 @@ def _read_call(body: str, syntax: ToolSyntax) -> ParseEvent:
 def _call_from(value: Any, raw: str) -> ParseEvent:
     """A call from ``{"name": …, "arguments" | "parameters": {…} or a JSON string of it}``."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
-        return CallInvalid(raw, "a call needs a \"name\"")
+        return CallInvalid(raw, 'a call needs a "name"')
     arguments = value.get("arguments", value.get("parameters", {}))
     if isinstance(arguments, str):  # some models write the arguments as a JSON string, as OpenAI's API does
         try:
@@ -358,5 +382,8 @@ def parse_tool_calls(output: str, syntax: ToolSyntax) -> tuple[str, list[ToolCal
     parser = ToolCallParser(syntax)
     events = parser.feed(output) + parser.finish()
     text = "".join(e.text for e in events if isinstance(e, TextPiece))
-    return (text, [e.call for e in events if isinstance(e, CallParsed)],
-            [e for e in events if isinstance(e, CallInvalid)])
+    return (
+        text,
+        [e.call for e in events if isinstance(e, CallParsed)],
+        [e for e in events if isinstance(e, CallInvalid)],
+    )

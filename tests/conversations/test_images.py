@@ -12,11 +12,11 @@ import pytest
 
 from bot.config import EngineSettings, ImageSettings, ModelSettings, Settings
 from bot.conversations import ConversationManager, ReplyResult
+from bot.engine import Engine
 from bot.images import read_image
 from bot.store import Status, Store
 from bot.types import ImagePart, Incoming
 from bot.wording import cannot_see_images, image_unseen
-from bot.engine import Engine
 from tests.conftest import MODEL_PATH
 from tests.conversations.helpers import CHANNEL, Target
 from tests.pictures import MODEL_ID, png, recorded_manager, sent_images
@@ -33,8 +33,7 @@ async def server(tmp_path: Path) -> AsyncIterator[RecordingServer]:
     await server.stop()
 
 
-async def picture(name: str, size: tuple[int, int], color: tuple[int, int, int], max_side: int = 1024
-                  ) -> ImagePart:
+async def picture(name: str, size: tuple[int, int], color: tuple[int, int, int], max_side: int = 1024) -> ImagePart:
     part = await read_image(name, png(size, color), ImageSettings(), max_side)
     assert isinstance(part, ImagePart)
     return part
@@ -46,7 +45,8 @@ async def ask(manager: ConversationManager, text: str, *images: ImagePart) -> Re
 
 
 async def test_a_picture_reaches_the_vision_model_and_again_on_regenerate_and_in_later_turns(
-        settings: Settings, store: Store, server: RecordingServer) -> None:
+    settings: Settings, store: Store, server: RecordingServer
+) -> None:
     red = await picture("red.png", (640, 480), (255, 0, 0))
     async with recorded_manager(settings, store, server, vision=True) as manager:
         first = await ask(manager, "What colour is this?", red)
@@ -68,7 +68,8 @@ async def test_a_picture_reaches_the_vision_model_and_again_on_regenerate_and_in
 
 
 async def test_a_picture_alone_is_answered_and_scaled_to_the_models_image_size(
-        settings: Settings, store: Store, server: RecordingServer) -> None:
+    settings: Settings, store: Store, server: RecordingServer
+) -> None:
     settings.models = [ModelSettings(name="small-eyes", url=server.base_url, vision=True, image_size=200)]
     big = await picture("wide.png", (1600, 800), (0, 0, 255), max_side=1600)
     async with recorded_manager(settings, store, server, vision=True) as manager:
@@ -83,7 +84,8 @@ async def test_a_picture_alone_is_answered_and_scaled_to_the_models_image_size(
 
 
 async def test_a_model_without_vision_answers_and_says_it_cannot_see_the_picture(
-        settings: Settings, store: Store, server: RecordingServer) -> None:
+    settings: Settings, store: Store, server: RecordingServer
+) -> None:
     settings.models = [ModelSettings(name="llava", url=server.base_url, vision=True)]
     cat = await picture("cat.png", (64, 64), (10, 200, 10))
     async with recorded_manager(settings, store, server, vision=False) as manager:
@@ -100,7 +102,8 @@ async def test_a_model_without_vision_answers_and_says_it_cannot_see_the_picture
 
 
 async def test_past_the_disk_budget_a_picture_is_replaced_by_a_note(
-        settings: Settings, store: Store, server: RecordingServer) -> None:
+    settings: Settings, store: Store, server: RecordingServer
+) -> None:
     settings.images = ImageSettings(disk_mb=0)
     cat = await picture("cat.png", (64, 64), (10, 200, 10))
     async with recorded_manager(settings, store, server, vision=True) as manager:
@@ -109,13 +112,16 @@ async def test_past_the_disk_budget_a_picture_is_replaced_by_a_note(
     [request] = server.requests()
     assert request["body"]["messages"][-1]["content"] == [
         {"type": "text", "text": "Ann: Still there?"},
-        {"type": "text", "text": "[An image, cat.png, was here; it is no longer stored.]"}]
+        {"type": "text", "text": "[An image, cat.png, was here; it is no longer stored.]"},
+    ]
 
 
-async def test_an_embedded_model_with_a_projector_reads_the_picture_with_no_note(settings: Settings,
-                                                                                 store: Store, tmp_path: Path) -> None:
-    settings.engine = EngineSettings(model_path=MODEL_PATH, mmproj=write_tiny_mmproj(tmp_path / "mmproj.gguf"),
-                                     n_ctx=1024, n_threads=1)
+async def test_an_embedded_model_with_a_projector_reads_the_picture_with_no_note(
+    settings: Settings, store: Store, tmp_path: Path
+) -> None:
+    settings.engine = EngineSettings(
+        model_path=MODEL_PATH, mmproj=write_tiny_mmproj(tmp_path / "mmproj.gguf"), n_ctx=1024, n_threads=1
+    )
     engine = await asyncio.to_thread(Engine, settings.engine)
     manager = ConversationManager(engine, store, settings)
     try:

@@ -94,8 +94,7 @@ async def test_stop_keeps_the_partial_reply_marked_stopped(manager: Conversation
 
 
 @pytest.mark.parametrize("text", ["", "   \n\t ", "\u200b\u200b", "\x00\x07"])
-async def test_empty_message_gets_a_clear_answer_and_nothing_is_stored(manager: ConversationManager,
-                                                                          text: str) -> None:
+async def test_empty_message_gets_a_clear_answer_and_nothing_is_stored(manager: ConversationManager, text: str) -> None:
     target = Target()
     result = await manager.respond(message(text), target)
     assert target.messages == [EMPTY_MESSAGE] and result.status == Status.FAILED
@@ -145,8 +144,9 @@ async def test_full_queue_ends_the_reply_with_a_clear_line(engine: Engine, store
         for key in keys:
             await manager.set_sampling(key, max_tokens=300, grammar=LONG_GRAMMAR)
         targets = [Target() for _ in keys]
-        tasks = [asyncio.create_task(manager.respond(message("sing", key), target))
-                 for key, target in zip(keys, targets)]
+        tasks = [
+            asyncio.create_task(manager.respond(message("sing", key), target)) for key, target in zip(keys, targets)
+        ]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         refused = done.pop().result()
         assert refused.status == Status.FAILED and "try again" in refused.notes[0]
@@ -241,8 +241,10 @@ async def test_shutdown_ends_requests_in_every_state(manager: ConversationManage
     other = SessionKey.for_channel("test", "guild1", "queued")
     await manager.set_sampling(other, max_tokens=300, grammar=LONG_GRAMMAR)
     more = [Target() for _ in range(3)]  # the test engine has 2 slots: the third of these queues
-    more_tasks = [asyncio.create_task(manager.respond(message("sing", SessionKey.for_channel("test", "g", f"c{i}")), t))
-                  for i, t in enumerate(more)]
+    more_tasks = [
+        asyncio.create_task(manager.respond(message("sing", SessionKey.for_channel("test", "g", f"c{i}")), t))
+        for i, t in enumerate(more)
+    ]
     async with asyncio.timeout(10):
         while manager.engine.status().queue_length == 0:
             await asyncio.sleep(0.01)
@@ -266,9 +268,11 @@ async def test_a_template_error_ends_the_reply_with_a_line(manager: Conversation
     assert (await manager.history(CHANNEL))[-1].status == Status.FAILED
 
 
-async def test_a_database_read_error_ends_the_reply_with_a_line(manager: ConversationManager,
-                                                                settings: Settings) -> None:
+async def test_a_database_read_error_ends_the_reply_with_a_line(
+    manager: ConversationManager, settings: Settings
+) -> None:
     import sqlite3
+
     await manager.respond(message("hello"), Target())
     with sqlite3.connect(settings.store.path) as db:  # another program breaks the table under the bot
         db.execute("ALTER TABLE sessions RENAME COLUMN sampling TO broken")
@@ -287,8 +291,11 @@ async def test_lone_surrogates_are_stored_not_refused(manager: ConversationManag
 
 async def test_attached_files_are_read_into_the_message(manager: ConversationManager) -> None:
     from bot.files import read_attachment
-    files = (read_attachment("todo.txt", "text/plain", b"buy milk", 1000),
-             read_attachment("cat.jpg", "image/jpeg", b"\xff\xd8", 1000))
+
+    files = (
+        read_attachment("todo.txt", "text/plain", b"buy milk", 1000),
+        read_attachment("cat.jpg", "image/jpeg", b"\xff\xd8", 1000),
+    )
     target = Target()
     result = await manager.respond(Incoming(CHANNEL, "u1", "Ana", "Summarize this", attachments=files), target)
     assert result.status == Status.COMPLETE and "📎 I skipped cat.jpg: not a text file." in target.messages[-1]

@@ -46,9 +46,11 @@ def model_settings(settings: Settings, server: RecordingServer, tmp_path: Path) 
     broken.write_bytes(b"not a model")
     settings.engine.n_threads, settings.engine.n_ctx = 1, 2048
     settings.engine.retry_seconds = 1.0  # a server that is down fails within a second (the models inherit it)
-    settings.models = [ModelSettings(name="second", path=MODEL_PATH, n_ctx=1024, kv_pool_mb=24),
-                       ModelSettings(name="remote", url=server.base_url, model="remote-id", n_ctx=2048, vision=True),
-                       ModelSettings(name="broken", path=broken, kv_pool_mb=24)]
+    settings.models = [
+        ModelSettings(name="second", path=MODEL_PATH, n_ctx=1024, kv_pool_mb=24),
+        ModelSettings(name="remote", url=server.base_url, model="remote-id", n_ctx=2048, vision=True),
+        ModelSettings(name="broken", path=broken, kv_pool_mb=24),
+    ]
     return settings
 
 
@@ -63,7 +65,8 @@ async def force(manager: ConversationManager, key: SessionKey, text: str) -> Non
 
 
 async def test_a_channel_switched_to_another_model_is_answered_by_it_and_keeps_it_over_a_restart(
-        engine: Engine, store: Store, model_settings: Settings, server: RecordingServer) -> None:
+    engine: Engine, store: Store, model_settings: Settings, server: RecordingServer
+) -> None:
     first = ConversationManager(engine, store, model_settings)
     try:
         await force(first, CHANNEL, "from the default")
@@ -95,7 +98,8 @@ async def test_a_channel_switched_to_another_model_is_answered_by_it_and_keeps_i
     restarted = ConversationManager(engine, store, model_settings)  # a new process: models loaded afresh
     try:
         assert ("Model", "second (loads on its next reply)") in (
-            await restarted.conversation_status(OTHER_CHANNEL)).lines()
+            await restarted.conversation_status(OTHER_CHANNEL)
+        ).lines()
         again = await reply(restarted, OTHER_CHANNEL, "still you?")
         assert (again.text, again.notes) == ("from the second", [answered_by("second")])
         assert (await reply(restarted, CHANNEL, "and you?")).notes == []
@@ -108,7 +112,8 @@ async def test_a_channel_switched_to_another_model_is_answered_by_it_and_keeps_i
 
 
 async def test_a_model_that_cannot_load_fails_alone_and_says_which(
-        engine: Engine, store: Store, model_settings: Settings) -> None:
+    engine: Engine, store: Store, model_settings: Settings
+) -> None:
     manager = ConversationManager(engine, store, model_settings)
     try:
         await manager.set_model(OTHER_CHANNEL, "broken")
@@ -125,8 +130,9 @@ async def test_a_model_that_cannot_load_fails_alone_and_says_which(
         await manager.shutdown()
 
 
-async def test_a_remote_model_that_is_down_names_itself(engine: Engine, store: Store, model_settings: Settings,
-                                                        server: RecordingServer) -> None:
+async def test_a_remote_model_that_is_down_names_itself(
+    engine: Engine, store: Store, model_settings: Settings, server: RecordingServer
+) -> None:
     manager = ConversationManager(engine, store, model_settings)
     await server.stop()
     try:
@@ -140,8 +146,9 @@ async def test_a_remote_model_that_is_down_names_itself(engine: Engine, store: S
         await manager.shutdown()
 
 
-async def test_an_unknown_model_is_refused_with_a_line_that_names_it(manager: ConversationManager,
-                                                                      settings: Settings) -> None:
+async def test_an_unknown_model_is_refused_with_a_line_that_names_it(
+    manager: ConversationManager, settings: Settings
+) -> None:
     with pytest.raises(LlamarelayError) as refused:
         await manager.set_model(CHANNEL, "gpt-9")
     assert str(refused.value) == unknown_model("gpt-9", [DEFAULT])
@@ -149,16 +156,17 @@ async def test_an_unknown_model_is_refused_with_a_line_that_names_it(manager: Co
 
 
 async def test_a_stored_choice_no_longer_configured_fails_with_the_models_line(
-        manager: ConversationManager, store: Store) -> None:
+    manager: ConversationManager, store: Store
+) -> None:
     await store.set_model(str(CHANNEL), "retired")  # chosen under an older config
     failed = await reply(manager, CHANNEL, "hello")
     assert failed.status == Status.FAILED
     assert failed.notes == [f"⚠️ {unavailable_line('retired', f'there is no such model (these are: {DEFAULT})')}"]
 
 
-
-async def test_images_go_only_to_the_model_that_reads_them(engine: Engine, store: Store, model_settings: Settings,
-                                                          server: RecordingServer) -> None:
+async def test_images_go_only_to_the_model_that_reads_them(
+    engine: Engine, store: Store, model_settings: Settings, server: RecordingServer
+) -> None:
     red = await read_image("red.png", png((64, 48), (255, 0, 0)), ImageSettings(), 1024)
     assert isinstance(red, ImagePart)
     manager = ConversationManager(engine, store, model_settings)

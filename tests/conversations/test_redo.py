@@ -44,7 +44,7 @@ async def test_continue_extends_an_answer_cut_by_the_length_limit(manager: Conve
     target = Target()
     more = await manager.continue_reply(CHANNEL, target, cut.reply_id)
     assert more.text.startswith(cut.text) and len(more.text) > len(cut.text)
-    assert target.messages[0].startswith(more.text[len(cut.text):].strip()[:10])  # it shows what it adds
+    assert target.messages[0].startswith(more.text[len(cut.text) :].strip()[:10])  # it shows what it adds
     stored_reply = (await manager.history(CHANNEL))[-1]
     assert stored_reply.content == more.text and len(await manager.history(CHANNEL)) == 2
 
@@ -53,21 +53,25 @@ def reply(status: str = Status.COMPLETE, notes: str = "", content: str = "An ans
     return StoredMessage(id, "assistant", content, status, "", 0.0, notes)
 
 
-@pytest.mark.parametrize(("latest", "answering", "continuing", "expected"), [
-    (reply(), False, False, None),
-    (reply(notes=LENGTH_NOTE), False, True, None),  # cut by the length limit: Continue goes on
-    (reply(Status.STOPPED), False, True, None),
-    (reply(Status.INTERRUPTED), False, True, None),
-    (reply(), False, True, RedoRefusal.NOTHING_TO_CONTINUE),  # it ended on its own
-    (reply(Status.STOPPED, content="  "), False, True, RedoRefusal.NOTHING_TO_CONTINUE),  # nothing to go on from
-    (reply(id=8), False, False, RedoRefusal.STALE),  # a newer answer came since
-    (None, False, False, RedoRefusal.STALE),  # the history was reset
-    (None, True, False, RedoRefusal.BUSY),  # a newer message is being answered
-    (reply(Status.GENERATING), False, False, RedoRefusal.BUSY),  # a second press (or another process) writes it
-    (reply(), True, True, RedoRefusal.BUSY),
-])
-def test_the_redo_rule(latest: StoredMessage | None, answering: bool, continuing: bool,
-                       expected: RedoRefusal | None) -> None:
+@pytest.mark.parametrize(
+    ("latest", "answering", "continuing", "expected"),
+    [
+        (reply(), False, False, None),
+        (reply(notes=LENGTH_NOTE), False, True, None),  # cut by the length limit: Continue goes on
+        (reply(Status.STOPPED), False, True, None),
+        (reply(Status.INTERRUPTED), False, True, None),
+        (reply(), False, True, RedoRefusal.NOTHING_TO_CONTINUE),  # it ended on its own
+        (reply(Status.STOPPED, content="  "), False, True, RedoRefusal.NOTHING_TO_CONTINUE),  # nothing to go on from
+        (reply(id=8), False, False, RedoRefusal.STALE),  # a newer answer came since
+        (None, False, False, RedoRefusal.STALE),  # the history was reset
+        (None, True, False, RedoRefusal.BUSY),  # a newer message is being answered
+        (reply(Status.GENERATING), False, False, RedoRefusal.BUSY),  # a second press (or another process) writes it
+        (reply(), True, True, RedoRefusal.BUSY),
+    ],
+)
+def test_the_redo_rule(
+    latest: StoredMessage | None, answering: bool, continuing: bool, expected: RedoRefusal | None
+) -> None:
     assert refusal(latest, 7, continuing=continuing, answering=answering) is expected
 
 

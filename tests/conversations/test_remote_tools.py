@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from bot.access import AccessPolicy
 from bot.config import Settings, ToolGrant, ToolServerSettings, ToolsSettings
 from bot.conversations import ConversationManager
 from bot.conversations.tools import Toolbox
 from bot.store import Store
-from bot.access import AccessPolicy
 from bot.tools import ToolSupervisor
 from bot.types import SessionKey
 from bot.wording import tool_running, tools_used
@@ -33,17 +33,22 @@ async def server(tmp_path: Path) -> AsyncIterator[RecordingServer]:
     await server.stop()
 
 
-async def remote_with_tools(settings: Settings, store: Store, server: RecordingServer, max_rounds: int
-                            ) -> AsyncIterator[ConversationManager]:
-    tools = ToolsSettings(servers=[ToolServerSettings(name="test", command=sys.executable, args=[SERVER])],
-                          allow=[ToolGrant(places=["test/dm/*"], tools=["add", "pid"])], max_rounds=max_rounds)
+async def remote_with_tools(
+    settings: Settings, store: Store, server: RecordingServer, max_rounds: int
+) -> AsyncIterator[ConversationManager]:
+    tools = ToolsSettings(
+        servers=[ToolServerSettings(name="test", command=sys.executable, args=[SERVER])],
+        allow=[ToolGrant(places=["test/dm/*"], tools=["add", "pid"])],
+        max_rounds=max_rounds,
+    )
     async with ToolSupervisor(tools) as supervisor, recorded_manager(settings, store, server, vision=False) as manager:
         manager.use_tools(Toolbox(supervisor, AccessPolicy(tool_grants=tools.allow), tools))
         yield manager
 
 
 async def test_a_remote_models_tool_call_runs_and_its_result_goes_back_as_a_tool_message(
-        settings: Settings, store: Store, server: RecordingServer) -> None:
+    settings: Settings, store: Store, server: RecordingServer
+) -> None:
     async for manager in remote_with_tools(settings, store, server, max_rounds=1):
         target = Target()
         result = await manager.respond(message("What is 2 plus 3?", DM), target)
@@ -58,15 +63,21 @@ async def test_a_remote_models_tool_call_runs_and_its_result_goes_back_as_a_tool
     assert [t["function"]["name"] for t in first["tools"]] == ["add", "pid"] and first["tool_choice"] == "auto"
     assert first["tools"][0]["function"]["parameters"]["properties"].keys() == {"a", "b"}
     assistant, tool = second["messages"][-2:]
-    assert assistant == {"role": "assistant", "content": "Let me check. ", "tool_calls": [
-        {"id": CALL_ID, "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]}
+    assert assistant == {
+        "role": "assistant",
+        "content": "Let me check. ",
+        "tool_calls": [
+            {"id": CALL_ID, "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+        ],
+    }
     assert tool == {"role": "tool", "tool_call_id": CALL_ID, "content": "5"}
     assert second["tool_choice"] == "none"  # max_rounds = 1: the last round answers without tools
     assert "<tool_call>" not in first["messages"][0].get("content", "")  # no tools in the prompt's text
 
 
-async def test_a_place_without_a_grant_sends_no_tools(settings: Settings, store: Store,
-                                                      server: RecordingServer) -> None:
+async def test_a_place_without_a_grant_sends_no_tools(
+    settings: Settings, store: Store, server: RecordingServer
+) -> None:
     async for manager in remote_with_tools(settings, store, server, max_rounds=2):
         channel = SessionKey.for_channel("test", "guild1", "chan1")
         result = await manager.respond(message("What is 2 plus 3?", channel), Target())

@@ -51,8 +51,9 @@ async def test_platform_failure_mid_stream_frees_the_engine_and_keeps_the_text(m
 
 
 async def test_reasoning_is_shown_as_a_status_and_never_stored(manager: ConversationManager) -> None:
-    await manager.set_sampling(CHANNEL, max_tokens=120,
-                               grammar='root ::= "<think>" [a-z ]{40,60} "</think>" " The answer is yes."')
+    await manager.set_sampling(
+        CHANNEL, max_tokens=120, grammar='root ::= "<think>" [a-z ]{40,60} "</think>" " The answer is yes."'
+    )
     target = Target()
     seen: list[str] = []
     original_edit = target.edit

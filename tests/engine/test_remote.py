@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings as hypothesis_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from adapters.ops.server import readiness
 from bot.app import open_engine
@@ -33,8 +35,7 @@ REPLY_TIMEOUT_SECONDS = 60.0
 
 
 def remote_settings(settings: Settings, base_url: str, **engine: object) -> Settings:
-    settings.engine = EngineSettings(backend="openai", base_url=base_url, n_ctx=2048, retry_seconds=3.0,
-                                     **engine)  # type: ignore[arg-type]
+    settings.engine = EngineSettings(backend="openai", base_url=base_url, n_ctx=2048, retry_seconds=3.0, **engine)  # type: ignore[arg-type]
     return settings
 
 
@@ -46,8 +47,9 @@ async def server(tmp_path: Path) -> AsyncIterator[InferenceServer]:
 
 
 @contextlib.asynccontextmanager
-async def remote_manager(settings: Settings, store: Store, api_key: str | None = None
-                         ) -> AsyncIterator[ConversationManager]:
+async def remote_manager(
+    settings: Settings, store: Store, api_key: str | None = None
+) -> AsyncIterator[ConversationManager]:
     engine = await open_engine(settings, Secrets(engine_api_key=api_key))
     assert isinstance(engine, RemoteEngine)
     manager = ConversationManager(engine, store, settings)
@@ -63,8 +65,9 @@ async def answer(manager: ConversationManager, text: str, target: Target | None 
         return await manager.respond(message(text), target or Target())
 
 
-async def test_a_reply_streams_from_the_server_and_is_stored(server: InferenceServer, settings: Settings,
-                                                             store: Store) -> None:
+async def test_a_reply_streams_from_the_server_and_is_stored(
+    server: InferenceServer, settings: Settings, store: Store
+) -> None:
     async with remote_manager(remote_settings(settings, server.base_url), store) as manager:
         assert manager.engine.model_name.endswith(".gguf")  # the server's own name for its model
         target = Target()
@@ -74,8 +77,12 @@ async def test_a_reply_streams_from_the_server_and_is_stored(server: InferenceSe
         second = await answer(manager, "What is my name?")
         assert second.status == Status.COMPLETE
         history = await manager.history(CHANNEL)
-        assert [m.content for m in history] == ["My name is Ada. Say hello.", first.text, "What is my name?",
-                                                second.text]
+        assert [m.content for m in history] == [
+            "My name is Ada. Say hello.",
+            first.text,
+            "What is my name?",
+            second.text,
+        ]
         lines = dict(manager.status(CHANNEL).lines())
         assert lines["Model"] == manager.engine.model_name and "tokens/s" in lines["Speed"]
         assert "Device" not in lines  # the server knows where its model runs
@@ -102,14 +109,18 @@ async def test_stop_closes_the_stream_at_once(server: InferenceServer, settings:
         assert (await answer(manager, "Hello?")).status == Status.COMPLETE
 
 
-async def test_requests_beyond_max_requests_wait_and_learn_their_place(server: InferenceServer, settings: Settings,
-                                                                       store: Store) -> None:
+async def test_requests_beyond_max_requests_wait_and_learn_their_place(
+    server: InferenceServer, settings: Settings, store: Store
+) -> None:
     settings.sampling = SamplingSettings(max_tokens=48, temperature=0.0)
     async with remote_manager(remote_settings(settings, server.base_url, max_requests=1), store) as manager:
         targets = [Target() for _ in range(3)]
-        replies = [asyncio.create_task(manager.respond(
-                       message(f"Count to {n}.", SessionKey.for_channel("discord", "g", f"c{n}")), target))
-                   for n, target in enumerate(targets)]
+        replies = [
+            asyncio.create_task(
+                manager.respond(message(f"Count to {n}.", SessionKey.for_channel("discord", "g", f"c{n}")), target)
+            )
+            for n, target in enumerate(targets)
+        ]
         async with asyncio.timeout(REPLY_TIMEOUT_SECONDS):
             results = await asyncio.gather(*replies)
         assert [r.status for r in results] == [Status.COMPLETE] * 3
@@ -119,7 +130,8 @@ async def test_requests_beyond_max_requests_wait_and_learn_their_place(server: I
 
 
 async def test_an_unreachable_server_is_retried_then_reported_and_the_bot_recovers(
-        tmp_path: Path, settings: Settings, store: Store) -> None:
+    tmp_path: Path, settings: Settings, store: Store
+) -> None:
     port = free_port()
     down = InferenceServer(tmp_path, port=port)
     async with remote_manager(remote_settings(settings, down.base_url), store) as manager:
@@ -140,8 +152,9 @@ async def test_an_unreachable_server_is_retried_then_reported_and_the_bot_recove
             await down.stop()
 
 
-async def test_a_server_killed_mid_stream_keeps_what_was_shown(tmp_path: Path, settings: Settings,
-                                                               store: Store) -> None:
+async def test_a_server_killed_mid_stream_keeps_what_was_shown(
+    tmp_path: Path, settings: Settings, store: Store
+) -> None:
     port = free_port()
     server = await InferenceServer(tmp_path, port=port).start()
     settings.sampling = LONG
@@ -165,14 +178,16 @@ async def test_a_server_killed_mid_stream_keeps_what_was_shown(tmp_path: Path, s
 
 
 async def test_a_prompt_the_server_finds_too_long_is_sent_again_with_fewer_turns(
-        tmp_path: Path, settings: Settings, store: Store) -> None:
+    tmp_path: Path, settings: Settings, store: Store
+) -> None:
     server = await InferenceServer(tmp_path, n_ctx=512).start()  # the bot believes it has 2048 tokens
     settings.sampling = SamplingSettings(max_tokens=16, temperature=0.0)
     try:
         async with remote_manager(remote_settings(settings, server.base_url), store) as manager:
             for n in range(6):  # about 1,500 tokens of history
-                _, reply_id = await store.add_exchange(str(CHANNEL), f"Fact {n}: " + "the sky is blue. " * 40,
-                                                      author_id="u1", author_name="user u1")
+                _, reply_id = await store.add_exchange(
+                    str(CHANNEL), f"Fact {n}: " + "the sky is blue. " * 40, author_id="u1", author_name="user u1"
+                )
                 await store.finish_message(reply_id, f"I will remember fact {n}. " * 10, Status.COMPLETE)
             result = await answer(manager, "Hello! Please greet me.")
             assert result.status == Status.COMPLETE and result.text.strip()
@@ -184,7 +199,8 @@ async def test_a_prompt_the_server_finds_too_long_is_sent_again_with_fewer_turns
 
 
 async def test_the_api_key_comes_from_the_environment_and_a_wrong_one_is_said(
-        tmp_path: Path, settings: Settings, store: Store) -> None:
+    tmp_path: Path, settings: Settings, store: Store
+) -> None:
     server = await InferenceServer(tmp_path, api_key="s3cret-key").start()
     try:
         remote_settings(settings, server.base_url)
@@ -238,9 +254,11 @@ print(sorted(name for name in sys.modules if name.startswith("llama_cpp")))
 
 @pytest.mark.parametrize("module", ["bot.engine.remote", "bot.engine", "bot.conversations"])
 def test_importing_the_remote_backend_or_the_core_does_not_import_llama_cpp(module: str) -> None:
-    script = (f"import sys, {module}\n"
-              "loaded = sorted(name for name in sys.modules if name.startswith('llama_cpp'))\n"
-              "assert not loaded, loaded\n")
+    script = (
+        f"import sys, {module}\n"
+        "loaded = sorted(name for name in sys.modules if name.startswith('llama_cpp'))\n"
+        "assert not loaded, loaded\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
@@ -266,8 +284,10 @@ class ClosingKeepAlive:
     stream, keeps the connection open, and drops it when a second request arrives on it: what a server whose
     keep-alive ran out does to a client that reuses the connection at that moment."""
 
-    REPLY = (b'data: {"choices":[{"delta":{"content":"Hello there."}}]}\n\n'
-             b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+    REPLY = (
+        b'data: {"choices":[{"delta":{"content":"Hello there."}}]}\n\n'
+        b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    )
 
     def __init__(self) -> None:
         self.dropped = 0
@@ -286,16 +306,28 @@ class ClosingKeepAlive:
         try:
             for served in range(2):
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
                 await reader.readexactly(length)
                 if served:
                     self.dropped += 1
                     break
                 body = self.REPLY if head.startswith(b"POST") else b'{"data": [{"id": "model.gguf"}]}'
                 kind = b"text/event-stream" if head.startswith(b"POST") else b"application/json"
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + kind + b"\r\nContent-Length: "
-                             + str(len(body)).encode() + b"\r\nConnection: keep-alive\r\n\r\n" + body)
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: "
+                    + kind
+                    + b"\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\nConnection: keep-alive\r\n\r\n"
+                    + body
+                )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -304,7 +336,8 @@ class ClosingKeepAlive:
 
 
 async def test_a_pooled_connection_the_server_closed_is_retried_at_once_not_reported_as_an_outage(
-        settings: Settings, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    settings: Settings, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
     server = ClosingKeepAlive()
     url = await server.start()
     try:

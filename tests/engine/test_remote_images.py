@@ -40,20 +40,30 @@ async def picture(name: str, size: tuple[int, int], color: tuple[int, int, int])
 
 
 def registry_for(server: RecordingServer) -> ModelRegistry:
-    settings = Settings(models=[
-        ModelSettings(name="vision", url=server.base_url, model="llava-test", api_key_env="VISION_KEY", vision=True),
-        ModelSettings(name="plain", url=server.base_url, model="text-only")])
+    settings = Settings(
+        models=[
+            ModelSettings(
+                name="vision", url=server.base_url, model="llava-test", api_key_env="VISION_KEY", vision=True
+            ),
+            ModelSettings(name="plain", url=server.base_url, model="text-only"),
+        ]
+    )
     return ModelRegistry(settings, Secrets(), environ={"VISION_KEY": "k-123"})
 
 
 async def test_a_user_turns_images_reach_the_vision_model_as_image_url_parts(server: RecordingServer) -> None:
     red = await picture("red.png", (640, 480), (255, 0, 0))
     blue = await picture("blue.png", (100, 100), (0, 0, 255))
-    prompt = Prompt(messages=[{"role": "system", "content": "Be brief."},
-                              {"role": "user", "content": "Earlier picture:"},
-                              {"role": "assistant", "content": "Noted."},
-                              {"role": "user", "content": "What colours are these?"}],
-                    tokens=[0] * 40, images={1: [pruned_note("old.png")], 3: [red, blue]})
+    prompt = Prompt(
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Earlier picture:"},
+            {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": "What colours are these?"},
+        ],
+        tokens=[0] * 40,
+        images={1: [pruned_note("old.png")], 3: [red, blue]},
+    )
     registry = registry_for(server)
     try:
         async with registry.use("vision") as engine:
@@ -68,10 +78,11 @@ async def test_a_user_turns_images_reach_the_vision_model_as_image_url_parts(ser
     body = received["body"]
     assert body["model"] == "llava-test" and body["stream"] is True
     system, earlier, answer, last = body["messages"]
-    assert system == {"role": "system", "content": "Be brief."} and answer == {"role": "assistant",
-                                                                                "content": "Noted."}
-    assert earlier["content"] == [{"type": "text", "text": "Earlier picture:"},
-                                  {"type": "text", "text": "[An image, old.png, was here; it is no longer stored.]"}]
+    assert system == {"role": "system", "content": "Be brief."} and answer == {"role": "assistant", "content": "Noted."}
+    assert earlier["content"] == [
+        {"type": "text", "text": "Earlier picture:"},
+        {"type": "text", "text": "[An image, old.png, was here; it is no longer stored.]"},
+    ]
     assert last["role"] == "user" and [part["type"] for part in last["content"]] == ["text", "image_url", "image_url"]
     assert last["content"][0]["text"] == "What colours are these?"
     sent = []

@@ -28,8 +28,9 @@ SHORT = "Name three colors."
 
 
 def settings(kv: Path | None, **changes: object) -> EngineSettings:
-    return EngineSettings(model_path=MODEL_PATH, n_ctx=2048, n_threads=1, parallel=1, state_dir=kv,
-                          state_disk_mb=256).model_copy(update=changes)
+    return EngineSettings(
+        model_path=MODEL_PATH, n_ctx=2048, n_threads=1, parallel=1, state_dir=kv, state_disk_mb=256
+    ).model_copy(update=changes)
 
 
 async def turn(engine: Engine, messages: list[dict[str, str]], session: str) -> tuple[Generation, str]:
@@ -74,8 +75,9 @@ async def test_after_a_restart_a_long_conversation_reuses_its_whole_history(tmp_
     assert text == cold_text
 
 
-async def test_an_idle_engine_saves_states_so_a_crash_loses_nothing(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_idle_engine_saves_states_so_a_crash_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(bot.engine.worker, "IDLE_SAVE_SECONDS", 0.3)
     kv = tmp_path / "kv"
     history = [SYSTEM, {"role": "user", "content": SHORT}]
@@ -125,7 +127,8 @@ def truncate(kv: Path) -> None:
 
 @pytest.mark.parametrize("case", ["n_ctx", "model", "corrupt", "truncated"])
 async def test_a_state_that_does_not_fit_is_deleted_and_the_turn_still_answers(
-        tmp_path: Path, saved_short: tuple[Path, list[dict[str, str]], int], case: str) -> None:
+    tmp_path: Path, saved_short: tuple[Path, list[dict[str, str]], int], case: str
+) -> None:
     original, following, _ = saved_short
     kv = tmp_path / "kv"
     shutil.copytree(original, kv)
@@ -179,12 +182,11 @@ def test_any_damaged_state_file_is_refused_and_deleted(position: int, truncate: 
     data = bytes(range(256))
     with tempfile.TemporaryDirectory() as folder:
         directory = Path(folder)
-        StateFiles(directory, 1 << 20, identity).save([Candidate("channel-1", [5, 6, 7], 1.0, len(data),
-                                                                  lambda: data)])
+        StateFiles(directory, 1 << 20, identity).save([Candidate("channel-1", [5, 6, 7], 1.0, len(data), lambda: data)])
         [path] = directory.glob("*.kv")
         damaged = bytearray(path.read_bytes())
         if truncate:
-            del damaged[position % len(damaged):]
+            del damaged[position % len(damaged) :]
         else:
             damaged[position % len(damaged)] ^= 0x01
         path.write_bytes(bytes(damaged))

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from bot.config import EngineSettings, SamplingSettings
-from bot.engine.threads import SPIN_COUNT, TRIAL_STEPS, ThreadTuner, physical_cores, thread_candidates
 from bot.engine import Engine
+from bot.engine.threads import SPIN_COUNT, TRIAL_STEPS, ThreadTuner, physical_cores, thread_candidates
 from tests.conftest import MODEL_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,8 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def spin_settings(script: str, **environment: str) -> list[str]:
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     report = "; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
-    return subprocess.run([sys.executable, "-c", "import os; " + script + report], env={**base, **environment},
-                          cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return subprocess.run(
+        [sys.executable, "-c", "import os; " + script + report],
+        env={**base, **environment},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
 
 
 def test_importing_the_bot_leaves_the_environment_alone() -> None:
@@ -30,10 +36,12 @@ def test_importing_the_bot_leaves_the_environment_alone() -> None:
 
 def test_a_short_spin_is_set_before_llama_cpp_loads_unless_the_environment_says_otherwise() -> None:
     # What the bot does: open_engine sets it, then loads llama.cpp (and llama.cpp was not loaded before).
-    opened = ("import asyncio, sys; from bot.app import open_engine; from bot.config import Secrets, Settings; "
-              f"settings = Settings(); settings.engine.model_path = {str(MODEL_PATH)!r}; "
-              "assert 'llama_cpp' not in sys.modules; engine = asyncio.run(open_engine(settings, Secrets())); "
-              "assert 'llama_cpp' in sys.modules; engine.close()")
+    opened = (
+        "import asyncio, sys; from bot.app import open_engine; from bot.config import Secrets, Settings; "
+        f"settings = Settings(); settings.engine.model_path = {str(MODEL_PATH)!r}; "
+        "assert 'llama_cpp' not in sys.modules; engine = asyncio.run(open_engine(settings, Secrets())); "
+        "assert 'llama_cpp' in sys.modules; engine.close()"
+    )
     assert spin_settings(opened) == ["None", str(SPIN_COUNT)]
     configure = "from bot.engine.threads import configure_openmp; configure_openmp(); import bot.engine"
     assert spin_settings(configure) == ["None", str(SPIN_COUNT)]
@@ -85,7 +93,7 @@ def test_the_tuner_keeps_the_fastest_count_and_follows_the_machine() -> None:
     started = machine.now
     chosen = machine.run(tuner, 400)
     back = chosen.index(2) + 4  # after its try
-    assert chosen[back:back + 100].count(2) >= 95  # back to two threads...
+    assert chosen[back : back + 100].count(2) >= 95  # back to two threads...
     assert sum(machine.seconds[c] for c in chosen[:back]) + started <= started + 3.0  # ...within seconds
 
 

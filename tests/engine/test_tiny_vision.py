@@ -35,13 +35,13 @@ def test_a_tiny_mmproj_loads_and_an_images_tokens_reach_the_decode(tmp_path: Pat
     bitmap = mtmd.mtmd_bitmap_init(100, 80, (ctypes.c_uint8 * len(pixels)).from_buffer_copy(pixels))
     try:
         assert vision and mtmd.mtmd_support_vision(vision)
-        text = (b"<|im_start|>user\nWhat is this? " + mtmd.mtmd_default_marker()
-                + b"<|im_end|>\n<|im_start|>assistant\n")
+        text = b"<|im_start|>user\nWhat is this? " + mtmd.mtmd_default_marker() + b"<|im_end|>\n<|im_start|>assistant\n"
         prompt = mtmd.mtmd_input_text(text, len(text), True, True)
         assert mtmd.mtmd_tokenize(vision, chunks, ctypes.byref(prompt), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
-        kinds = [(mtmd.mtmd_input_chunk_get_type(chunk), mtmd.mtmd_input_chunk_get_n_tokens(chunk))
-                 for chunk in (mtmd.mtmd_input_chunks_get(chunks, i)
-                               for i in range(mtmd.mtmd_input_chunks_size(chunks)))]
+        kinds = [
+            (mtmd.mtmd_input_chunk_get_type(chunk), mtmd.mtmd_input_chunk_get_n_tokens(chunk))
+            for chunk in (mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks)))
+        ]
         assert [kind for kind, _ in kinds] == [TEXT, IMAGE, TEXT] and kinds[1][1] == IMAGE_TOKENS
         n_past = llama_cpp.llama_pos(0)
         assert mtmd.mtmd_helper_eval_chunks(vision, ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) == 0
@@ -52,7 +52,7 @@ def test_a_tiny_mmproj_loads_and_an_images_tokens_reach_the_decode(tmp_path: Pat
         for _ in range(4):  # greedy: a reply streams on from the image's KV
             token = int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))))
             piece = ctypes.create_string_buffer(64)
-            reply += piece.raw[:llama_cpp.llama_token_to_piece(vocab, token, piece, 64, 0, True)]
+            reply += piece.raw[: llama_cpp.llama_token_to_piece(vocab, token, piece, 64, 0, True)]
             batch = llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(token), 1)
             assert llama_cpp.llama_decode(ctx, batch) == 0
         assert reply.strip()

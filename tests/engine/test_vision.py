@@ -91,10 +91,10 @@ async def test_an_images_positions_reach_the_decode_and_the_reply_streams(engine
     reply = await read(generation)
     assert generation.finish_reason is FinishReason.LENGTH
     # The prompt the model read: the text's tokens plus the image's 16 positions (and the line before it).
-    (start, length), = image_runs(generation.prompt)
+    ((start, length),) = image_runs(generation.prompt)
     assert engine.vision is not None
     assert length == IMAGE_TOKENS
-    assert generation.prompt[start:start + length] == stand_ins(RED.data, IMAGE_TOKENS, engine.vision.identity)
+    assert generation.prompt[start : start + length] == stand_ins(RED.data, IMAGE_TOKENS, engine.vision.identity)
     assert len(generation.prompt) == len(prompt.tokens) + IMAGE_TOKENS + 1
     # llama.cpp's own KV sequence holds every position: the text after the image came after its 16.
     slot = slot_of(engine, "look")
@@ -108,14 +108,15 @@ async def test_an_images_positions_reach_the_decode_and_the_reply_streams(engine
 
 
 async def test_the_next_turn_reuses_the_images_kv_and_answers_as_a_fresh_read_would(
-        engine: Engine, mmproj: Path) -> None:
+    engine: Engine, mmproj: Path
+) -> None:
     first = engine.submit(with_images(engine, QUESTION, {1: [RED]}), GREEDY, session="ann")
     reply = await read(first)
-    (start, length), = image_runs(first.prompt)
+    ((start, length),) = image_runs(first.prompt)
     turn2 = QUESTION + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And its colour?"}]
     second = engine.submit(with_images(engine, turn2, {1: [RED]}), GREEDY, session="ann")
     text = await read(second)
-    assert second.prompt[:len(first.prompt)] == first.prompt  # the same image, the same ids: a common prefix
+    assert second.prompt[: len(first.prompt)] == first.prompt  # the same image, the same ids: a common prefix
     assert second.n_prompt_reused >= len(first.prompt) - 1 > start + length  # the image was not read again
 
     fresh = await asyncio.to_thread(vision_engine, mmproj, parallel=1)
@@ -127,11 +128,17 @@ async def test_the_next_turn_reuses_the_images_kv_and_answers_as_a_fresh_read_wo
 
 
 async def test_an_image_prompt_is_read_in_chunks_beside_a_streaming_reply_and_answers_as_alone(
-        engine: Engine, mmproj: Path) -> None:
+    engine: Engine, mmproj: Path
+) -> None:
     long = SamplingSettings(max_tokens=400, temperature=0.0, grammar='root ::= ("la " ){400}')
-    singing = engine.submit(Prompt(QUESTION[:1] + [{"role": "user", "content": "Sing."}],
-                                   engine.chat_tokens(QUESTION[:1] + [{"role": "user", "content": "Sing."}])),
-                            long, session="singer")
+    singing = engine.submit(
+        Prompt(
+            QUESTION[:1] + [{"role": "user", "content": "Sing."}],
+            engine.chat_tokens(QUESTION[:1] + [{"role": "user", "content": "Sing."}]),
+        ),
+        long,
+        session="singer",
+    )
     async for event in singing:
         if isinstance(event, str):
             break
@@ -142,7 +149,7 @@ async def test_an_image_prompt_is_read_in_chunks_beside_a_streaming_reply_and_an
     text = await read(generation)
     assert singing.n_generated > looked and singing.finish_reason is None  # the song went on meanwhile
     singing.cancel()
-    (start, _), = image_runs(generation.prompt)
+    ((start, _),) = image_runs(generation.prompt)
     assert start > 200
     fresh = await asyncio.to_thread(vision_engine, mmproj, parallel=1)
     try:
@@ -157,7 +164,7 @@ async def test_two_different_images_share_no_prefix(engine: Engine) -> None:
     await read(first)
     second = engine.submit(with_images(engine, QUESTION, {1: [yellow]}), GREEDY, session="yellow")
     await read(second)
-    (start, _), = image_runs(second.prompt)
+    ((start, _),) = image_runs(second.prompt)
     assert first.prompt[:start] == second.prompt[:start] and first.prompt[start] != second.prompt[start]
     assert second.n_prompt_reused <= start  # the shared text before it at most: never the other image's KV
     # The same picture in another conversation is copied like any shared prefix.
@@ -180,7 +187,7 @@ async def test_an_image_conversation_evicted_to_the_state_cache_comes_back_whole
         await read(engine.submit(Prompt(hello, engine.chat_tokens(hello)), GREEDY, session="zed"))
         # Ann's cache left the stream for the RAM cache, image and all.
         assert all(slot.session != "ann" for slot in engine.kv.slots)
-        assert engine.kv.saved._states["ann"][0][:len(first.prompt)] == first.prompt
+        assert engine.kv.saved._states["ann"][0][: len(first.prompt)] == first.prompt
         turn2 = QUESTION + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Sure?"}]
         second = engine.submit(with_images(engine, turn2, {1: [RED]}), GREEDY, session="ann")
         text = await read(second)
@@ -195,16 +202,22 @@ async def test_an_image_conversation_evicted_to_the_state_cache_comes_back_whole
 
 
 async def test_images_in_history_and_notes_are_read_in_order(engine: Engine) -> None:
-    history = [QUESTION[0], {"role": "user", "content": "Two pictures."}, {"role": "assistant", "content": "Yes."},
-               {"role": "user", "content": "And this one, which is gone?"}]
-    generation = engine.submit(with_images(engine, history, {1: [RED, BLUE], 3: ["(An image, old.png, was here)"]}),
-                               GREEDY, session="album")
+    history = [
+        QUESTION[0],
+        {"role": "user", "content": "Two pictures."},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "And this one, which is gone?"},
+    ]
+    generation = engine.submit(
+        with_images(engine, history, {1: [RED, BLUE], 3: ["(An image, old.png, was here)"]}), GREEDY, session="album"
+    )
     await read(generation)
     runs = image_runs(generation.prompt)
     assert [length for _, length in runs] == [IMAGE_TOKENS, IMAGE_TOKENS]
     assert engine.vision is not None
-    assert [generation.prompt[start] for start, _ in runs] == [stand_ins(image.data, 1, engine.vision.identity)[0]
-                                                               for image in (RED, BLUE)]
+    assert [generation.prompt[start] for start, _ in runs] == [
+        stand_ins(image.data, 1, engine.vision.identity)[0] for image in (RED, BLUE)
+    ]
     assert "old.png, was here" in engine.detokenize([t for t in generation.prompt if t >= 0])
 
 
@@ -244,19 +257,24 @@ def test_a_missing_mmproj_fails_the_load_naming_it(tmp_path: Path) -> None:
 
 @pytest.fixture
 async def registry(mmproj: Path) -> AsyncIterator[ModelRegistry]:
-    settings = Settings(engine=EngineSettings(model_path=MODEL_PATH, n_ctx=1024, n_threads=1, parallel=1,
-                                              kv_pool_mb=24, state_dir=None),
-                        models=[ModelSettings(name="eyes", path=MODEL_PATH, mmproj=mmproj, kv_pool_mb=24),
-                                ModelSettings(name="blind", path=MODEL_PATH, mmproj=mmproj, vision=False,
-                                              kv_pool_mb=24)])
+    settings = Settings(
+        engine=EngineSettings(
+            model_path=MODEL_PATH, n_ctx=1024, n_threads=1, parallel=1, kv_pool_mb=24, state_dir=None
+        ),
+        models=[
+            ModelSettings(name="eyes", path=MODEL_PATH, mmproj=mmproj, kv_pool_mb=24),
+            ModelSettings(name="blind", path=MODEL_PATH, mmproj=mmproj, vision=False, kv_pool_mb=24),
+        ],
+    )
     registry = ModelRegistry(settings)
     await registry.start()
     yield registry
     await registry.aclose()
 
 
-async def test_a_model_with_an_mmproj_has_vision_and_its_engine_reads_images(registry: ModelRegistry,
-                                                                            mmproj: Path) -> None:
+async def test_a_model_with_an_mmproj_has_vision_and_its_engine_reads_images(
+    registry: ModelRegistry, mmproj: Path
+) -> None:
     assert registry.get("eyes").capabilities.vision and not registry.default.capabilities.vision
     assert not registry.get("blind").capabilities.vision  # said in the config
     async with registry.use("eyes") as engine:
@@ -269,9 +287,12 @@ async def test_a_model_with_an_mmproj_has_vision_and_its_engine_reads_images(reg
 
 
 async def test_a_model_whose_mmproj_is_missing_is_unavailable_naming_it(tmp_path: Path) -> None:
-    settings = Settings(engine=EngineSettings(model_path=MODEL_PATH, n_ctx=1024, n_threads=1, parallel=1,
-                                              kv_pool_mb=24, state_dir=None),
-                        models=[ModelSettings(name="eyes", path=MODEL_PATH, mmproj=tmp_path / "gone.gguf")])
+    settings = Settings(
+        engine=EngineSettings(
+            model_path=MODEL_PATH, n_ctx=1024, n_threads=1, parallel=1, kv_pool_mb=24, state_dir=None
+        ),
+        models=[ModelSettings(name="eyes", path=MODEL_PATH, mmproj=tmp_path / "gone.gguf")],
+    )
     registry = ModelRegistry(settings)
     await registry.start()
     try:

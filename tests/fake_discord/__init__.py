@@ -8,12 +8,39 @@ script 429s, enforce rate-limit buckets and send op 7 RECONNECT, then wait on co
 and the users are described in `payloads`.
 """
 
-from tests.fake_discord.payloads import (ALICE_ID, APP_ID, BOB_ID, BOT_ID, CHANNEL_ID, EPHEMERAL_FLAG, EVE_ID,
-                                         GUILD_ID, MALLORY_ID, MEMBER_ROLE_ID, OTHER_BOT_ID, OTHER_CHANNEL_ID,
-                                         THREAD_ID)
+from tests.fake_discord.payloads import (
+    ALICE_ID,
+    APP_ID,
+    BOB_ID,
+    BOT_ID,
+    CHANNEL_ID,
+    EPHEMERAL_FLAG,
+    EVE_ID,
+    GUILD_ID,
+    MALLORY_ID,
+    MEMBER_ROLE_ID,
+    OTHER_BOT_ID,
+    OTHER_CHANNEL_ID,
+    THREAD_ID,
+)
 from tests.fake_discord.rest import FakeInteraction, Recorded
 from tests.fake_discord.server import FakeDiscord
 
-__all__ = ["FakeDiscord", "FakeInteraction", "Recorded", "ALICE_ID", "APP_ID", "BOB_ID", "BOT_ID", "CHANNEL_ID",
-           "EPHEMERAL_FLAG", "EVE_ID", "GUILD_ID", "MALLORY_ID", "MEMBER_ROLE_ID", "OTHER_BOT_ID",
-           "OTHER_CHANNEL_ID", "THREAD_ID"]
+__all__ = [
+    "FakeDiscord",
+    "FakeInteraction",
+    "Recorded",
+    "ALICE_ID",
+    "APP_ID",
+    "BOB_ID",
+    "BOT_ID",
+    "CHANNEL_ID",
+    "EPHEMERAL_FLAG",
+    "EVE_ID",
+    "GUILD_ID",
+    "MALLORY_ID",
+    "MEMBER_ROLE_ID",
+    "OTHER_BOT_ID",
+    "OTHER_CHANNEL_ID",
+    "THREAD_ID",
+]

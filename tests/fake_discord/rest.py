@@ -17,10 +17,28 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fake_discord.payloads import (ALICE_ID, APP_ID, BOB_ID, BOT_ID, CHANNEL_ID, EVE_ID, EXTRA_CHANNEL_BASE,
-                                         GUILD_CHANNELS, GUILD_ID, LOADING_FLAG, MALLORY_ID, MEMBER_ROLE_ID,
-                                         OTHER_BOT_ID, OTHER_CHANNEL_ID, EPHEMERAL_FLAG, jresp, member_payload,
-                                         message_payload, now_iso, user_payload)
+from tests.fake_discord.payloads import (
+    ALICE_ID,
+    APP_ID,
+    BOB_ID,
+    BOT_ID,
+    CHANNEL_ID,
+    EPHEMERAL_FLAG,
+    EVE_ID,
+    EXTRA_CHANNEL_BASE,
+    GUILD_CHANNELS,
+    GUILD_ID,
+    LOADING_FLAG,
+    MALLORY_ID,
+    MEMBER_ROLE_ID,
+    OTHER_BOT_ID,
+    OTHER_CHANNEL_ID,
+    jresp,
+    member_payload,
+    message_payload,
+    now_iso,
+    user_payload,
+)
 
 __all__ = ["FakeRest", "FakeInteraction", "Recorded"]
 
@@ -77,8 +95,12 @@ class FakeRest:
             EVE_ID: user_payload(EVE_ID, "eve", global_name="Eve"),
         }
         # The guild's members and their roles (Eve is not one).
-        self.member_roles: dict[int, list[int]] = {ALICE_ID: [MEMBER_ROLE_ID], BOB_ID: [MEMBER_ROLE_ID],
-                                                   MALLORY_ID: [], OTHER_BOT_ID: []}
+        self.member_roles: dict[int, list[int]] = {
+            ALICE_ID: [MEMBER_ROLE_ID],
+            BOB_ID: [MEMBER_ROLE_ID],
+            MALLORY_ID: [],
+            OTHER_BOT_ID: [],
+        }
         self.requests: list[Recorded] = []
         self.messages: dict[int, dict[str, Any]] = {}
         self.contents: dict[int, list[str]] = {}  # every content a message has had, in order
@@ -104,6 +126,7 @@ class FakeRest:
 
     async def wait_for(self, predicate: Callable[[], Any], what: str = "a condition", timeout: float = 30.0) -> Any:
         """Wait until ``predicate()`` is truthy and return it; checked on every request and gateway event."""
+
         async def _wait() -> Any:
             async with self._cond:
                 while not (result := predicate()):
@@ -112,6 +135,7 @@ class FakeRest:
                     except TimeoutError:
                         pass
                 return result
+
         try:
             return await asyncio.wait_for(_wait(), timeout)
         except TimeoutError:
@@ -120,19 +144,29 @@ class FakeRest:
 
     async def final_reply(self, message_id: int, expected: str) -> dict[str, Any]:
         """Wait until the bot's reply to ``message_id`` reads exactly ``expected``; returns that message."""
+
         def done() -> dict[str, Any] | None:
             replies = self.replies_to(message_id)
             return replies[0] if replies and replies[0]["content"] == expected else None
+
         return await self.wait_for(done, f"the reply to {message_id} to read {expected[:40]!r}")
 
     # ------------------------------------------------------------------ scripting
 
-    def script_status(self, method: str, path_regex: str, *, status: int = 429, times: int = 1,
-                      retry_after: float = 0.3, via: bool = True, every: int = 1) -> None:
+    def script_status(
+        self,
+        method: str,
+        path_regex: str,
+        *,
+        status: int = 429,
+        times: int = 1,
+        retry_after: float = 0.3,
+        via: bool = True,
+        every: int = 1,
+    ) -> None:
         """Answer the next ``times`` requests matching method + path (after /api/v10) with ``status``; with
         ``every`` = n, only every n-th matching request. discord.py retries a 429 only when it carries ``Via``."""
-        self._scripted.append(_Scripted(method.upper(), re.compile(path_regex), status, times, retry_after, via,
-                                        every))
+        self._scripted.append(_Scripted(method.upper(), re.compile(path_regex), status, times, retry_after, via, every))
 
     def clear_scripts(self) -> None:
         self._scripted.clear()
@@ -175,21 +209,28 @@ class FakeRest:
         else:
             used += 1
             self._write_windows[match.group(1)] = (start, used)
-        return over, {"X-RateLimit-Limit": str(limit), "X-RateLimit-Remaining": str(limit - used),
-                      "X-RateLimit-Reset-After": f"{reset_after:.3f}",
-                      "X-RateLimit-Reset": f"{time.time() + reset_after:.3f}",
-                      "X-RateLimit-Bucket": "channel-writes-" + match.group(1)}
+        return over, {
+            "X-RateLimit-Limit": str(limit),
+            "X-RateLimit-Remaining": str(limit - used),
+            "X-RateLimit-Reset-After": f"{reset_after:.3f}",
+            "X-RateLimit-Reset": f"{time.time() + reset_after:.3f}",
+            "X-RateLimit-Bucket": "channel-writes-" + match.group(1),
+        }
 
     # ------------------------------------------------------------------ queries for tests
 
     def bot_messages(self, channel_id: int | None = None) -> list[dict[str, Any]]:
         """Messages the bot created (interaction responses included), oldest first."""
-        return [m for m in self.messages.values()
-                if m["author"]["id"] == str(BOT_ID) and (channel_id is None or m["channel_id"] == str(channel_id))]
+        return [
+            m
+            for m in self.messages.values()
+            if m["author"]["id"] == str(BOT_ID) and (channel_id is None or m["channel_id"] == str(channel_id))
+        ]
 
     def replies_to(self, message_id: int) -> list[dict[str, Any]]:
-        return [m for m in self.bot_messages()
-                if (m.get("message_reference") or {}).get("message_id") == str(message_id)]
+        return [
+            m for m in self.bot_messages() if (m.get("message_reference") or {}).get("message_id") == str(message_id)
+        ]
 
     def matching(self, method: str, path_regex: str) -> list[Recorded]:
         pattern = re.compile(path_regex)
@@ -201,10 +242,15 @@ class FakeRest:
 
     def pinging_writes(self) -> list[Recorded]:
         """Sends and edits with text whose allowed_mentions was not "none" (so they could ping someone)."""
+
         def data(r: Recorded) -> dict[str, Any]:
             return r.body.get("data") or r.body if r.path.endswith("/callback") else r.body
-        writes = [r for r in self.requests if r.method in ("POST", "PATCH") and isinstance(r.body, dict)
-                  and data(r).get("content")]
+
+        writes = [
+            r
+            for r in self.requests
+            if r.method in ("POST", "PATCH") and isinstance(r.body, dict) and data(r).get("content")
+        ]
         assert writes, "the bot wrote nothing"
         return [r for r in writes if data(r).get("allowed_mentions") != NO_MENTIONS]
 
@@ -220,9 +266,11 @@ class FakeRest:
             if scripted is not None or over:
                 retry_after = scripted.retry_after if scripted else float(bucket_headers["X-RateLimit-Reset-After"])
                 via = {"Via": "1.1 google"} if scripted is None or scripted.via else {}
-                resp = jresp({"message": "You are being rate limited.", "retry_after": retry_after,
-                              "global": False, "code": 0}, status=scripted.status if scripted else 429,
-                             headers={**via, **bucket_headers})
+                resp = jresp(
+                    {"message": "You are being rate limited.", "retry_after": retry_after, "global": False, "code": 0},
+                    status=scripted.status if scripted else 429,
+                    headers={**via, **bucket_headers},
+                )
             else:
                 resp = self._route(request.method, path, rec.body or {})
                 resp.headers.update(bucket_headers)
@@ -253,12 +301,22 @@ class FakeRest:
         if method == "GET" and path == "/users/@me":
             return jresp(dict(self.bot_user, verified=True, mfa_enabled=False, flags=0))
         if method == "GET" and path == "/oauth2/applications/@me":
-            return jresp({"id": str(APP_ID), "name": "llamarelay", "description": "", "icon": None,
-                          "bot_public": True, "bot_require_code_grant": False, "owner": self.users[ALICE_ID],
-                          "verify_key": "0" * 64, "flags": 0, "summary": ""})
+            return jresp(
+                {
+                    "id": str(APP_ID),
+                    "name": "llamarelay",
+                    "description": "",
+                    "icon": None,
+                    "bot_public": True,
+                    "bot_require_code_grant": False,
+                    "owner": self.users[ALICE_ID],
+                    "verify_key": "0" * 64,
+                    "flags": 0,
+                    "summary": "",
+                }
+            )
         if method == "PUT" and parts[0] == "applications" and parts[-1] == "commands":
-            return jresp([self._register_command(cmd, guild_id=parts[3] if len(parts) == 5 else None)
-                          for cmd in body])
+            return jresp([self._register_command(cmd, guild_id=parts[3] if len(parts) == 5 else None) for cmd in body])
         if parts[0] == "channels" and len(parts) >= 3:
             return self._channel_route(method, parts, body)
         if method == "GET" and parts[0] == "guilds" and len(parts) == 4 and parts[2] == "members":
@@ -271,8 +329,13 @@ class FakeRest:
 
     def _register_command(self, cmd: dict[str, Any], guild_id: str | None) -> dict[str, Any]:
         existing = self.commands.get(cmd["name"])
-        cmd = dict(cmd, id=existing["id"] if existing else str(next(self._ids)), application_id=str(APP_ID),
-                   version="1", description=cmd.get("description") or "")  # "" for context-menu commands
+        cmd = dict(
+            cmd,
+            id=existing["id"] if existing else str(next(self._ids)),
+            application_id=str(APP_ID),
+            version="1",
+            description=cmd.get("description") or "",
+        )  # "" for context-menu commands
         if guild_id:
             cmd["guild_id"] = guild_id
         self.commands[cmd["name"]] = cmd
@@ -288,9 +351,14 @@ class FakeRest:
                 return jresp(self.messages[self._nonces[nonce]])  # a retried send is not a new message
             in_guild = cid in GUILD_CHANNELS or cid in self.threads or cid in self.text_channel_ids
             extra = {"guild_id": str(GUILD_ID)} if in_guild else {}
-            msg = self._new_message(cid, body.get("content") or "", flags=body.get("flags") or 0,
-                                    reference=body.get("message_reference"),
-                                    components=body.get("components") or [], **extra)
+            msg = self._new_message(
+                cid,
+                body.get("content") or "",
+                flags=body.get("flags") or 0,
+                reference=body.get("message_reference"),
+                components=body.get("components") or [],
+                **extra,
+            )
             if nonce:
                 self._nonces[nonce] = int(msg["id"])
             return jresp(msg)
@@ -317,20 +385,31 @@ class FakeRest:
         flags = data.get("flags") or 0
         resource: dict[str, Any] = {"type": kind}
         if kind in (4, 5):  # a message, or "thinking…" (deferred) until the bot edits it
-            msg = self._new_message(inter.channel_id, data.get("content") or "",
-                                    flags=flags | (LOADING_FLAG if kind == 5 else 0), interaction_token=token,
-                                    components=data.get("components") or [])
+            msg = self._new_message(
+                inter.channel_id,
+                data.get("content") or "",
+                flags=flags | (LOADING_FLAG if kind == 5 else 0),
+                interaction_token=token,
+                components=data.get("components") or [],
+            )
             inter.original_id = int(msg["id"])
             resource["message"] = msg
         elif kind == 7 and inter.message_id is not None:  # UPDATE_MESSAGE: edit the message of the button
             self._edited(inter.message_id, data)
             resource["message"] = self.messages[inter.message_id]
         # JSON, never 204: discord.py reads data["interaction"]
-        return jresp({"interaction": {"id": str(inter.id), "type": 2, "response_message_id":
-                                      str(inter.original_id) if inter.original_id else None,
-                                      "response_message_loading": kind == 5,
-                                      "response_message_ephemeral": bool(flags & EPHEMERAL_FLAG)},
-                      "resource": resource})
+        return jresp(
+            {
+                "interaction": {
+                    "id": str(inter.id),
+                    "type": 2,
+                    "response_message_id": str(inter.original_id) if inter.original_id else None,
+                    "response_message_loading": kind == 5,
+                    "response_message_ephemeral": bool(flags & EPHEMERAL_FLAG),
+                },
+                "resource": resource,
+            }
+        )
 
     def _webhook_route(self, method: str, parts: list[str], body: Any) -> web.Response:
         inter = self.interactions.get(parts[2])
@@ -339,9 +418,14 @@ class FakeRest:
         if inter.token in self.expired_tokens:
             return jresp({"message": "Invalid Webhook Token", "code": 50027}, status=401)
         if method == "POST" and len(parts) == 3:
-            msg = self._new_message(inter.channel_id, body.get("content") or "", flags=body.get("flags") or 0,
-                                    webhook_id=str(APP_ID), interaction_token=inter.token,
-                                    components=body.get("components") or [])
+            msg = self._new_message(
+                inter.channel_id,
+                body.get("content") or "",
+                flags=body.get("flags") or 0,
+                webhook_id=str(APP_ID),
+                interaction_token=inter.token,
+                components=body.get("components") or [],
+            )
             inter.followup_ids.append(int(msg["id"]))
             return jresp(msg)
         if len(parts) == 5 and parts[3] == "messages":
@@ -353,13 +437,21 @@ class FakeRest:
             return jresp({"message": "Unknown Message", "code": 10008}, status=404)
         return jresp({"message": "fake discord: unsupported webhook route", "code": 0}, status=404)
 
-    def _new_message(self, channel_id: int | str, content: str, *, flags: int = 0,
-                     reference: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    def _new_message(
+        self,
+        channel_id: int | str,
+        content: str,
+        *,
+        flags: int = 0,
+        reference: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         msg = message_payload(next(self._ids), channel_id, self.bot_user, content, flags=flags, **extra)
         if reference:
             msg["type"] = 19  # a reply
-            msg["message_reference"] = {k: str(reference[k]) for k in ("message_id", "channel_id", "guild_id")
-                                        if reference.get(k) is not None}
+            msg["message_reference"] = {
+                k: str(reference[k]) for k in ("message_id", "channel_id", "guild_id") if reference.get(k) is not None
+            }
         self._store(msg)
         return msg
 
@@ -398,13 +490,25 @@ class FakeRest:
         if not 1 <= len(name) <= 100 or message_id not in self.messages:
             return jresp({"message": "Invalid Form Body", "code": 50035}, status=400)
         if message_id in self.threads:
-            return jresp({"message": "A thread has already been created for this message", "code": 160004},
-                         status=400)
-        thread = {"id": str(message_id), "type": 11, "guild_id": str(GUILD_ID), "parent_id": str(channel_id),
-                  "owner_id": self.bot_user["id"], "name": name, "message_count": 0, "member_count": 1,
-                  "rate_limit_per_user": 0, "flags": 0,
-                  "thread_metadata": {"archived": False, "locked": False, "archive_timestamp": now_iso(),
-                                      "auto_archive_duration": body.get("auto_archive_duration") or 1440}}
+            return jresp({"message": "A thread has already been created for this message", "code": 160004}, status=400)
+        thread = {
+            "id": str(message_id),
+            "type": 11,
+            "guild_id": str(GUILD_ID),
+            "parent_id": str(channel_id),
+            "owner_id": self.bot_user["id"],
+            "name": name,
+            "message_count": 0,
+            "member_count": 1,
+            "rate_limit_per_user": 0,
+            "flags": 0,
+            "thread_metadata": {
+                "archived": False,
+                "locked": False,
+                "archive_timestamp": now_iso(),
+                "auto_archive_duration": body.get("auto_archive_duration") or 1440,
+            },
+        }
         self.threads[message_id] = thread
         self.messages[message_id]["thread"] = thread
         self._gateway_outbox.append(("THREAD_CREATE", dict(thread, newly_created=True)))
@@ -413,20 +517,26 @@ class FakeRest:
     def _history(self, channel_id: int, query: dict[str, str]) -> web.Response:
         """GET /channels/{channel}/messages: newest first, ``limit`` of those before ``before`` (after ``after``)."""
         before, after = int(query.get("before") or 1 << 64), int(query.get("after") or 0)
-        found = sorted((mid for mid, m in self.messages.items()
-                        if m["channel_id"] == str(channel_id) and after < mid < before), reverse=True)
-        return jresp([self.messages[mid] for mid in found[:int(query.get("limit") or 50)]])
+        found = sorted(
+            (mid for mid, m in self.messages.items() if m["channel_id"] == str(channel_id) and after < mid < before),
+            reverse=True,
+        )
+        return jresp([self.messages[mid] for mid in found[: int(query.get("limit") or 50)]])
 
     # ------------------------------------------------------------------ components
 
-    def add_bot_message(self, channel_id: int, content: str, *,
-                        components: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def add_bot_message(
+        self, channel_id: int, content: str, *, components: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
         """A message the bot sent earlier (e.g. before a crash), with these components."""
         extra = {"guild_id": str(GUILD_ID)} if channel_id in GUILD_CHANNELS or channel_id in self.threads else {}
         return self._new_message(channel_id, content, components=components or [], **extra)
 
     def buttons(self, message_id: int) -> dict[str, str]:
         """The buttons under a message now: label -> custom_id."""
-        return {button.get("label") or "": button["custom_id"]
-                for row in self.messages[message_id].get("components") or []
-                for button in row.get("components") or [] if button.get("type") == 2}
+        return {
+            button.get("label") or "": button["custom_id"]
+            for row in self.messages[message_id].get("components") or []
+            for button in row.get("components") or []
+            if button.get("type") == 2
+        }

@@ -86,8 +86,9 @@ def _serve_http(port: int) -> None:
         if scope["type"] == "http":
             headers = dict(scope["headers"])
             if headers.get(b"authorization") != f"Bearer {token}".encode():
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"text/plain")]})
+                await send(
+                    {"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"text/plain")]}
+                )
                 await send({"type": "http.response.body", "body": b"unauthorized"})
                 return
         await inner(scope, receive, send)

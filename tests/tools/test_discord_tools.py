@@ -15,13 +15,33 @@ from bot.config import ToolGrant, ToolOptions, ToolServerSettings, ToolsSettings
 from bot.conversations import ConversationManager
 from bot.conversations.tools import Toolbox
 from bot.tools import ToolSupervisor
-from bot.wording import (APPROVED, DENIED, REFUSALS, TOOL_DENIED_RESULT, TOOL_TIMED_OUT_RESULT, tool_approval_timed_out,
-                         tool_asking, tool_denied, tool_rounds_used, tool_running, tools_used)
+from bot.wording import (
+    APPROVED,
+    DENIED,
+    REFUSALS,
+    TOOL_DENIED_RESULT,
+    TOOL_TIMED_OUT_RESULT,
+    tool_approval_timed_out,
+    tool_asking,
+    tool_denied,
+    tool_rounds_used,
+    tool_running,
+    tools_used,
+)
 from tests.conversations.test_tools import call_or
-from tests.fake_discord import (ALICE_ID, BOB_ID, CHANNEL_ID, EPHEMERAL_FLAG, GUILD_ID, MALLORY_ID, MEMBER_ROLE_ID,
-                                OTHER_CHANNEL_ID, FakeDiscord, FakeInteraction)
-from tests.test_discord import (ALICE_DM_KEY, CHANNEL_KEY, OTHER_KEY, StartBot, dsettings, fake, start_bot,  # noqa: F401
-                                stored)
+from tests.fake_discord import (
+    ALICE_ID,
+    BOB_ID,
+    CHANNEL_ID,
+    EPHEMERAL_FLAG,
+    GUILD_ID,
+    MALLORY_ID,
+    MEMBER_ROLE_ID,
+    OTHER_CHANNEL_ID,
+    FakeDiscord,
+    FakeInteraction,
+)
+from tests.test_discord import ALICE_DM_KEY, CHANNEL_KEY, OTHER_KEY, StartBot, dsettings, fake, start_bot, stored  # noqa: F401
 
 SERVER = str(Path(__file__).with_name("mcp_server.py"))
 PINGS = f"@everyone @here <@{BOB_ID}> <@&{GUILD_ID}>"
@@ -30,11 +50,18 @@ SLOW_CALL = '<tool_call>\n{"name": "slow", "arguments": {"seconds": 1.5}}\n</too
 
 @pytest.fixture
 async def tools(tmp_path: Path) -> AsyncIterator[ToolSupervisor]:
-    settings = ToolsSettings(servers=[ToolServerSettings(name="test", command=sys.executable, args=[SERVER],
-                                                         env={"MCP_TEST_MARK": str(tmp_path / "marks"),
-                                                              "MCP_TEST_PINGS": PINGS})],
-                             allow=[ToolGrant(places=[f"discord/ch/{GUILD_ID}/{CHANNEL_ID}*", "discord/dm/*"])],
-                             max_rounds=1)
+    settings = ToolsSettings(
+        servers=[
+            ToolServerSettings(
+                name="test",
+                command=sys.executable,
+                args=[SERVER],
+                env={"MCP_TEST_MARK": str(tmp_path / "marks"), "MCP_TEST_PINGS": PINGS},
+            )
+        ],
+        allow=[ToolGrant(places=[f"discord/ch/{GUILD_ID}/{CHANNEL_ID}*", "discord/dm/*"])],
+        max_rounds=1,
+    )
     async with ToolSupervisor(settings) as supervisor:
         yield supervisor
 
@@ -46,7 +73,8 @@ def with_tools(manager: ConversationManager, tools: ToolSupervisor) -> Conversat
 
 
 async def test_a_tool_call_is_answered_with_a_footer_and_neither_call_nor_result_shown(
-        fake: FakeDiscord, with_tools: ConversationManager, start_bot: StartBot) -> None:
+    fake: FakeDiscord, with_tools: ConversationManager, start_bot: StartBot
+) -> None:
     await with_tools.set_sampling(ALICE_DM_KEY, grammar=call_or("5"), max_tokens=40)
     await start_bot()
     mid = await fake.message_create("What is 2 plus 3?", dm=True)
@@ -59,7 +87,8 @@ async def test_a_tool_call_is_answered_with_a_footer_and_neither_call_nor_result
 
 
 async def test_a_slow_tool_shows_its_status_in_the_channel(
-        fake: FakeDiscord, with_tools: ConversationManager, start_bot: StartBot) -> None:
+    fake: FakeDiscord, with_tools: ConversationManager, start_bot: StartBot
+) -> None:
     await with_tools.set_sampling(CHANNEL_KEY, grammar=call_or("5", SLOW_CALL), max_tokens=40)
     await start_bot()
     mid = await fake.message_create("Wait a moment, then tell me 2 plus 3.")
@@ -75,12 +104,19 @@ async def test_a_slow_tool_shows_its_status_in_the_channel(
 
 
 async def test_a_channel_without_a_grant_never_offers_tools(
-        fake: FakeDiscord, with_tools: ConversationManager, start_bot: StartBot, tmp_path: Path) -> None:
+    fake: FakeDiscord, with_tools: ConversationManager, start_bot: StartBot, tmp_path: Path
+) -> None:
     await with_tools.set_sampling(OTHER_KEY, grammar=call_or("5", SLOW_CALL), max_tokens=40)
     await start_bot()
     mid = await fake.message_create("Wait a moment, then tell me 2 plus 3.", channel_id=OTHER_CHANNEL_ID)
-    await fake.wait_for(lambda: (r := fake.replies_to(mid)) and with_tools.status(OTHER_KEY).state is None
-                        and r[0]["content"] not in ("", "💭 Thinking…"), "the reply")
+    await fake.wait_for(
+        lambda: (
+            (r := fake.replies_to(mid))
+            and with_tools.status(OTHER_KEY).state is None
+            and r[0]["content"] not in ("", "💭 Thinking…")
+        ),
+        "the reply",
+    )
     history = await stored(with_tools, OTHER_KEY)
     assert await with_tools.store.tool_calls(history[-1].id) == []
     assert not (tmp_path / "marks").exists()  # the server was never asked
@@ -88,23 +124,33 @@ async def test_a_channel_without_a_grant_never_offers_tools(
 
 
 async def test_a_role_grant_offers_tools_to_members_with_the_role_only(
-        fake: FakeDiscord, manager: ConversationManager, tools: ToolSupervisor, start_bot: StartBot,
-        tmp_path: Path) -> None:
+    fake: FakeDiscord, manager: ConversationManager, tools: ToolSupervisor, start_bot: StartBot, tmp_path: Path
+) -> None:
     grants = [ToolGrant(places=[f"discord/ch/{GUILD_ID}/*"], roles=[str(MEMBER_ROLE_ID)], tools=["slow"])]
     manager.use_tools(Toolbox(tools, AccessPolicy(tool_grants=grants), tools.settings))
     for key in (CHANNEL_KEY, OTHER_KEY):  # two conversations: neither reply is seen while the other is written
         await manager.set_sampling(key, grammar=call_or("5", SLOW_CALL), max_tokens=40)
     await start_bot()
 
-    mid = await fake.message_create("Wait a moment, then tell me 2 plus 3.", author_id=MALLORY_ID,  # no role
-                                    channel_id=OTHER_CHANNEL_ID)
-    await fake.wait_for(lambda: (r := fake.replies_to(mid)) and manager.status(OTHER_KEY).state is None
-                        and r[0]["content"] not in ("", "💭 Thinking…"), "Mallory's reply")
+    mid = await fake.message_create(
+        "Wait a moment, then tell me 2 plus 3.",
+        author_id=MALLORY_ID,  # no role
+        channel_id=OTHER_CHANNEL_ID,
+    )
+    await fake.wait_for(
+        lambda: (
+            (r := fake.replies_to(mid))
+            and manager.status(OTHER_KEY).state is None
+            and r[0]["content"] not in ("", "💭 Thinking…")
+        ),
+        "Mallory's reply",
+    )
     history = await stored(manager, OTHER_KEY)
     assert await manager.store.tool_calls(history[-1].id) == []
     assert not (tmp_path / "marks").exists()  # the tool was never offered, so never called
-    assert not any(text.startswith("🔧") or tools_used(["Sleeping"]) in text
-                   for texts in fake.contents.values() for text in texts)
+    assert not any(
+        text.startswith("🔧") or tools_used(["Sleeping"]) in text for texts in fake.contents.values() for text in texts
+    )
 
     mid = await fake.message_create("Wait a moment, then tell me 2 plus 3.", author_id=BOB_ID)  # the member role
     reply = await fake.final_reply(mid, f"{tool_rounds_used(1)}\n{tools_used(['Sleeping'])}")
@@ -122,31 +168,47 @@ DELETE_CALL = '<tool_call>\n{"name": "delete_file", "arguments": {"path": "notes
 
 @pytest.fixture
 async def confirm_tools(tmp_path: Path) -> AsyncIterator[ToolSupervisor]:
-    settings = ToolsSettings(servers=[ToolServerSettings(name="test", command=sys.executable, args=[SERVER],
-                                                         tools={"delete_file": ToolOptions(confirm=True)})],
-                             allow=[ToolGrant(places=[f"discord/ch/{GUILD_ID}/{CHANNEL_ID}*"])],
-                             max_rounds=1, approval_timeout=1.5)
+    settings = ToolsSettings(
+        servers=[
+            ToolServerSettings(
+                name="test", command=sys.executable, args=[SERVER], tools={"delete_file": ToolOptions(confirm=True)}
+            )
+        ],
+        allow=[ToolGrant(places=[f"discord/ch/{GUILD_ID}/{CHANNEL_ID}*"])],
+        max_rounds=1,
+        approval_timeout=1.5,
+    )
     async with ToolSupervisor(settings) as supervisor:
         yield supervisor
 
 
 @pytest.fixture
 async def asking(manager: ConversationManager, confirm_tools: ToolSupervisor) -> ConversationManager:
-    manager.use_tools(Toolbox(confirm_tools, AccessPolicy(tool_grants=confirm_tools.settings.allow),
-                              confirm_tools.settings))
+    manager.use_tools(
+        Toolbox(confirm_tools, AccessPolicy(tool_grants=confirm_tools.settings.allow), confirm_tools.settings)
+    )
     await manager.set_sampling(CHANNEL_KEY, grammar=call_or("done", DELETE_CALL), max_tokens=40)
     return manager
 
 
 async def _asking_reply(fake: FakeDiscord, question: int) -> dict[str, Any]:
     """The reply once it shows Run / Deny."""
-    return await fake.wait_for(lambda: (r := fake.replies_to(question)) and "Run" in fake.buttons(int(r[0]["id"]))
-                               and r[0], "the Run / Deny buttons")
+    return await fake.wait_for(
+        lambda: (r := fake.replies_to(question)) and "Run" in fake.buttons(int(r[0]["id"])) and r[0],
+        "the Run / Deny buttons",
+    )
 
 
 async def _finished(fake: FakeDiscord, manager: ConversationManager, question: int) -> dict[str, Any]:
-    return await fake.wait_for(lambda: (r := fake.replies_to(question)) and manager.status(CHANNEL_KEY).state is None
-                               and "Regenerate" in fake.buttons(int(r[0]["id"])) and r[0], "the finished reply")
+    return await fake.wait_for(
+        lambda: (
+            (r := fake.replies_to(question))
+            and manager.status(CHANNEL_KEY).state is None
+            and "Regenerate" in fake.buttons(int(r[0]["id"]))
+            and r[0]
+        ),
+        "the finished reply",
+    )
 
 
 async def _ephemeral(fake: FakeDiscord, inter: FakeInteraction) -> str:
@@ -157,7 +219,8 @@ async def _ephemeral(fake: FakeDiscord, inter: FakeInteraction) -> str:
 
 
 async def test_a_confirm_tool_waits_for_run_and_only_the_asker_may_press_it(
-        fake: FakeDiscord, asking: ConversationManager, start_bot: StartBot) -> None:
+    fake: FakeDiscord, asking: ConversationManager, start_bot: StartBot
+) -> None:
     await start_bot()
     question = await fake.message_create("Delete notes.txt", author_id=BOB_ID)
     reply = await _asking_reply(fake, question)
@@ -184,7 +247,8 @@ async def test_a_confirm_tool_waits_for_run_and_only_the_asker_may_press_it(
 
 
 async def test_an_admin_may_deny_someone_elses_call_and_the_model_is_told(
-        fake: FakeDiscord, asking: ConversationManager, start_bot: StartBot) -> None:
+    fake: FakeDiscord, asking: ConversationManager, start_bot: StartBot
+) -> None:
     await start_bot()
     question = await fake.message_create("Delete notes.txt", author_id=BOB_ID)
     reply = await _asking_reply(fake, question)
@@ -200,7 +264,8 @@ async def test_an_admin_may_deny_someone_elses_call_and_the_model_is_told(
 
 
 async def test_an_unanswered_approval_times_out_with_a_clear_line(
-        fake: FakeDiscord, asking: ConversationManager, start_bot: StartBot) -> None:
+    fake: FakeDiscord, asking: ConversationManager, start_bot: StartBot
+) -> None:
     await start_bot()
     question = await fake.message_create("Delete notes.txt", author_id=BOB_ID)
     reply = await _asking_reply(fake, question)
@@ -222,7 +287,8 @@ async def test_a_place_whose_target_cannot_ask_is_not_offered_confirm_tools(aski
 
 
 async def test_a_result_full_of_mentions_is_expanded_without_pinging_anyone(
-        fake: FakeDiscord, with_tools: ConversationManager, start_bot: StartBot) -> None:
+    fake: FakeDiscord, with_tools: ConversationManager, start_bot: StartBot
+) -> None:
     read = '<tool_call>\n{"name": "env", "arguments": {"name": "MCP_TEST_PINGS"}}\n</tool_call>'
     await with_tools.set_sampling(CHANNEL_KEY, grammar=call_or("done", read), max_tokens=40)
     await start_bot()

@@ -23,9 +23,13 @@ async def _get(url: str) -> tuple[int, str]:
 
 
 async def test_readyz_and_metrics_report_each_tool_server(manager: ConversationManager, settings: Settings) -> None:
-    settings.tools = ToolsSettings(restart_delay=30, servers=[
-        ToolServerSettings(name="test", command=sys.executable, args=[SERVER]),
-        ToolServerSettings(name="ghost", command="/nonexistent/mcp-server")])
+    settings.tools = ToolsSettings(
+        restart_delay=30,
+        servers=[
+            ToolServerSettings(name="test", command=sys.executable, args=[SERVER]),
+            ToolServerSettings(name="ghost", command="/nonexistent/mcp-server"),
+        ],
+    )
     tools = await start_tools(settings, manager)
     assert tools is not None
     server = OpsServer(create_app(manager, tools=tools), "127.0.0.1", 0)
@@ -46,8 +50,9 @@ async def test_readyz_and_metrics_report_each_tool_server(manager: ConversationM
         await tools.aclose()
 
 
-async def test_without_tool_servers_nothing_starts_and_readyz_lists_none(manager: ConversationManager,
-                                                                         settings: Settings) -> None:
+async def test_without_tool_servers_nothing_starts_and_readyz_lists_none(
+    manager: ConversationManager, settings: Settings
+) -> None:
     assert await start_tools(settings, manager) is None
     server = OpsServer(create_app(manager), "127.0.0.1", 0)
     try:

@@ -32,8 +32,12 @@ def test_no_grant_means_no_tools_anywhere_even_for_an_admin() -> None:
 
 
 def test_grants_match_places_users_and_tool_names() -> None:
-    policy = AccessPolicy(tool_grants=[ToolGrant(places=["discord/ch/g1/c1*"], tools=["add"]),
-                                       ToolGrant(places=["slack/ch/T1/*"], users=["admin"])])
+    policy = AccessPolicy(
+        tool_grants=[
+            ToolGrant(places=["discord/ch/g1/c1*"], tools=["add"]),
+            ToolGrant(places=["slack/ch/T1/*"], users=["admin"]),
+        ]
+    )
     assert names(policy, GUILD_CHANNEL) == ["add"] and names(policy, GUILD_THREAD) == ["add"]
     assert names(policy, OTHER_GUILD) == []
     assert names(policy, SLACK, "someone") == [] and names(policy, SLACK, "admin") == ["add", "delete_file"]
@@ -41,8 +45,9 @@ def test_grants_match_places_users_and_tool_names() -> None:
 
 
 def test_a_role_grant_admits_members_with_the_role_or_the_listed_users() -> None:
-    policy = AccessPolicy(tool_grants=[ToolGrant(places=["discord/ch/g1/*"], roles=["42"], users=["u9"],
-                                                 tools=["delete_*"])])
+    policy = AccessPolicy(
+        tool_grants=[ToolGrant(places=["discord/ch/g1/*"], roles=["42"], users=["u9"], tools=["delete_*"])]
+    )
     assert names(policy, GUILD_THREAD, "u1", frozenset({"42", "7"})) == ["delete_file"]
     assert names(policy, GUILD_THREAD, "u1", frozenset({"7"})) == []
     assert names(policy, GUILD_THREAD, "u9") == ["delete_file"]  # a listed user needs no role

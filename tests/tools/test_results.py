@@ -10,16 +10,25 @@ from bot.tools.results import cut, result_text
 
 
 def test_every_content_block_becomes_plain_text() -> None:
-    result = types.CallToolResult(content=[
-        types.TextContent(type="text", text="\x1b[31mred\x1b[0m and a bell\x07\ttab\nline"),
-        types.ImageContent(type="image", data="aGk=", mime_type="image/png"),
-        types.EmbeddedResource(type="resource", resource=types.TextResourceContents(uri="file:///a.txt", text="A")),
-        types.EmbeddedResource(type="resource", resource=types.BlobResourceContents(uri="file:///b.bin", blob="aGk=")),
-        types.ResourceLink(type="resource_link", uri="https://example.com/doc", name="doc"),
-    ])
+    result = types.CallToolResult(
+        content=[
+            types.TextContent(type="text", text="\x1b[31mred\x1b[0m and a bell\x07\ttab\nline"),
+            types.ImageContent(type="image", data="aGk=", mime_type="image/png"),
+            types.EmbeddedResource(type="resource", resource=types.TextResourceContents(uri="file:///a.txt", text="A")),
+            types.EmbeddedResource(
+                type="resource", resource=types.BlobResourceContents(uri="file:///b.bin", blob="aGk=")
+            ),
+            types.ResourceLink(type="resource_link", uri="https://example.com/doc", name="doc"),
+        ]
+    )
     assert result_text(result).split("\n") == [
-        "[31mred[0m and a bell\ttab", "line", "[image content, image/png]", "A", "[binary resource file:///b.bin]",
-        "[resource https://example.com/doc]"]
+        "[31mred[0m and a bell\ttab",
+        "line",
+        "[image content, image/png]",
+        "A",
+        "[binary resource file:///b.bin]",
+        "[resource https://example.com/doc]",
+    ]
 
 
 def test_structured_content_alone_is_given_as_json() -> None:

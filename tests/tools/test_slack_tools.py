@@ -12,18 +12,34 @@ from pathlib import Path
 import pytest
 
 from adapters.slack.blocks import DENY, REGENERATE, RUN, STOP, TOOL_DETAILS
-from bot.access import Refusal
+from bot.access import AccessPolicy, Refusal
 from bot.config import ToolGrant, ToolOptions, ToolServerSettings, ToolsSettings
 from bot.conversations import ConversationManager
 from bot.conversations.tools import Toolbox
-from bot.access import AccessPolicy
 from bot.tools import ToolSupervisor
-from bot.wording import (APPROVED, DENIED, REFUSALS, TOOL_DENIED_RESULT, tool_approval_timed_out, tool_asking,
-                         tool_denied, tools_used)
+from bot.wording import (
+    APPROVED,
+    DENIED,
+    REFUSALS,
+    TOOL_DENIED_RESULT,
+    tool_approval_timed_out,
+    tool_asking,
+    tool_denied,
+    tools_used,
+)
 from tests.conversations.test_tools import call_or
 from tests.fake_slack import FakeMessage, FakeSlack
-from tests.slack_helpers import (ACK_DEADLINE_SECONDS, ADMIN, REPLY_TIMEOUT_SECONDS, answered, channel_key, fake,
-                                 mention, replies, running_bot)
+from tests.slack_helpers import (
+    ACK_DEADLINE_SECONDS,
+    ADMIN,
+    REPLY_TIMEOUT_SECONDS,
+    answered,
+    channel_key,
+    fake,
+    mention,
+    replies,
+    running_bot,
+)
 
 __all__ = ["fake"]
 
@@ -33,9 +49,16 @@ DELETE_CALL = '<tool_call>\n{"name": "delete_file", "arguments": {"path": "notes
 
 @pytest.fixture
 async def asking(manager: ConversationManager, tmp_path: Path) -> AsyncIterator[ConversationManager]:
-    settings = ToolsSettings(servers=[ToolServerSettings(name="test", command=sys.executable, args=[SERVER],
-                                                         tools={"delete_file": ToolOptions(confirm=True)})],
-                             allow=[ToolGrant(places=["slack/ch/*"])], max_rounds=1, approval_timeout=1.5)
+    settings = ToolsSettings(
+        servers=[
+            ToolServerSettings(
+                name="test", command=sys.executable, args=[SERVER], tools={"delete_file": ToolOptions(confirm=True)}
+            )
+        ],
+        allow=[ToolGrant(places=["slack/ch/*"])],
+        max_rounds=1,
+        approval_timeout=1.5,
+    )
     async with ToolSupervisor(settings) as supervisor:
         manager.use_tools(Toolbox(supervisor, AccessPolicy(tool_grants=settings.allow), settings))
         await manager.set_sampling(channel_key("C1"), grammar=call_or("done", DELETE_CALL), max_tokens=40)
@@ -49,12 +72,16 @@ async def press(fake: FakeSlack, message: FakeMessage, action_id: str, user: str
 
 
 async def asking_message(fake: FakeSlack, thread: str) -> FakeMessage:
-    return await fake.wait_for(lambda: next((m for m in fake.messages_in("C1", thread) if RUN in m.buttons), None),
-                               timeout=REPLY_TIMEOUT_SECONDS, what="the Run / Deny buttons")
+    return await fake.wait_for(
+        lambda: next((m for m in fake.messages_in("C1", thread) if RUN in m.buttons), None),
+        timeout=REPLY_TIMEOUT_SECONDS,
+        what="the Run / Deny buttons",
+    )
 
 
-async def test_run_by_the_asker_after_another_users_press_is_refused(asking: ConversationManager, settings,
-                                                                     fake: FakeSlack) -> None:
+async def test_run_by_the_asker_after_another_users_press_is_refused(
+    asking: ConversationManager, settings, fake: FakeSlack
+) -> None:
     async with running_bot(asking, settings, fake) as bot:
         question = mention("C1", "delete notes.txt", user="U1")
         await fake.push_event(question)
@@ -78,8 +105,9 @@ async def test_run_by_the_asker_after_another_users_press_is_refused(asking: Con
     assert (call.tool, call.result) == ("delete_file", "deleted notes.txt")
 
 
-async def test_an_admin_denies_and_an_unanswered_request_times_out(asking: ConversationManager, settings,
-                                                                   fake: FakeSlack) -> None:
+async def test_an_admin_denies_and_an_unanswered_request_times_out(
+    asking: ConversationManager, settings, fake: FakeSlack
+) -> None:
     async with running_bot(asking, settings, fake) as bot:
         question = mention("C1", "delete notes.txt", user="U1")
         await fake.push_event(question)
@@ -99,8 +127,11 @@ async def test_an_admin_denies_and_an_unanswered_request_times_out(asking: Conve
 
 
 async def asking_message_in(fake: FakeSlack, channel: str, thread: str) -> FakeMessage:
-    return await fake.wait_for(lambda: next((m for m in fake.messages_in(channel, thread) if RUN in m.buttons),
-                                            None), timeout=REPLY_TIMEOUT_SECONDS, what="the Run / Deny buttons")
+    return await fake.wait_for(
+        lambda: next((m for m in fake.messages_in(channel, thread) if RUN in m.buttons), None),
+        timeout=REPLY_TIMEOUT_SECONDS,
+        what="the Run / Deny buttons",
+    )
 
 
 def test_only_targets_that_can_show_buttons_ask_for_approval() -> None:
@@ -111,5 +142,6 @@ def test_only_targets_that_can_show_buttons_ask_for_approval() -> None:
     client = AsyncWebClient(token="xoxb-test")
     assert UpdateTarget(client, "C1", team_id="T1", key=channel_key("C1")).asks_approval
     assert not UpdateTarget(client, "C1", team_id="T1").asks_approval  # no key: its buttons could not act
-    assert not NativeStreamTarget(client, "C1", thread_ts="1.0", team_id="T1", user_id="U1",
-                                  key=channel_key("C1")).asks_approval
+    assert not NativeStreamTarget(
+        client, "C1", thread_ts="1.0", team_id="T1", user_id="U1", key=channel_key("C1")
+    ).asks_approval

@@ -26,8 +26,9 @@ SERVER = str(Path(__file__).with_name("mcp_server.py"))
 TOKEN = "test-token-0123456789"
 
 
-def stdio_server(name: str = "test", *, mark: Path | None = None, env: dict[str, str] | None = None,
-                 **options: Any) -> ToolServerSettings:
+def stdio_server(
+    name: str = "test", *, mark: Path | None = None, env: dict[str, str] | None = None, **options: Any
+) -> ToolServerSettings:
     env = {**(env or {}), **({"MCP_TEST_MARK": str(mark)} if mark else {})}
     return ToolServerSettings(name=name, command=sys.executable, args=[SERVER], env=env, **options)
 
@@ -41,9 +42,12 @@ async def eventually(condition: Callable[[], bool], timeout: float = 20.0) -> No
 
 @pytest.fixture
 async def supervisor(tmp_path: Path) -> AsyncIterator[ToolSupervisor]:
-    settings = ToolsSettings(servers=[stdio_server(mark=tmp_path / "mark",
-                                                   tools={"delete_file": {"confirm": True}})],
-                             call_timeout=5, max_result_chars=200, restart_delay=0.5)
+    settings = ToolsSettings(
+        servers=[stdio_server(mark=tmp_path / "mark", tools={"delete_file": {"confirm": True}})],
+        call_timeout=5,
+        max_result_chars=200,
+        restart_delay=0.5,
+    )
     async with ToolSupervisor(settings) as tools:
         yield tools
 
@@ -142,8 +146,11 @@ async def test_a_server_killed_while_idle_is_noticed_by_its_ping_and_restarted()
 
 async def test_restarts_back_off_doubling_up_to_the_longest_delay(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="bot.tools.connection")
-    settings = ToolsSettings(servers=[ToolServerSettings(name="ghost", command="/nonexistent/mcp-server")],
-                             restart_delay=0.05, max_restart_delay=0.2)
+    settings = ToolsSettings(
+        servers=[ToolServerSettings(name="ghost", command="/nonexistent/mcp-server")],
+        restart_delay=0.05,
+        max_restart_delay=0.2,
+    )
     async with ToolSupervisor(settings) as tools:
         await eventually(lambda: tools.health()["ghost"].restarts >= 4)
     delays = re.findall(r"restarting in ([\d.]+) s", caplog.text)
@@ -169,8 +176,10 @@ async def test_a_stdio_server_gets_its_env_and_never_the_bots_secrets(monkeypatc
 
 
 async def test_a_server_that_cannot_start_is_down_with_the_reason_and_the_others_work() -> None:
-    settings = ToolsSettings(servers=[ToolServerSettings(name="ghost", command="/nonexistent/mcp-server"),
-                                      stdio_server("real")], restart_delay=30)
+    settings = ToolsSettings(
+        servers=[ToolServerSettings(name="ghost", command="/nonexistent/mcp-server"), stdio_server("real")],
+        restart_delay=30,
+    )
     async with ToolSupervisor(settings) as tools:
         health = tools.health()
         assert health["ghost"].state is ServerState.DOWN
@@ -195,14 +204,16 @@ def _alive(pid: int) -> bool:
 
 # Streamable HTTP ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def http_server() -> Iterator[str]:
     """The test server over streamable HTTP on 127.0.0.1, checking a bearer token; yields its URL."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, SERVER, "--http", str(port)],
-                               env={**os.environ, "MCP_TEST_TOKEN": TOKEN})
+    process = subprocess.Popen(
+        [sys.executable, SERVER, "--http", str(port)], env={**os.environ, "MCP_TEST_TOKEN": TOKEN}
+    )
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -230,9 +241,9 @@ async def test_a_wrong_or_missing_token_leaves_the_server_down_with_a_reason(htt
     settings = ToolsSettings(servers=[server], restart_delay=30)
     async with ToolSupervisor(settings, environ={"TEST_MCP_TOKEN": "wrong"}) as tools:
         health = tools.health()["remote"]
-        assert health.describe() == ("down: HTTP 401 (Server returned an error response); is the token in "
-                                     "TEST_MCP_TOKEN right?")
+        assert health.describe() == (
+            "down: HTTP 401 (Server returned an error response); is the token in TEST_MCP_TOKEN right?"
+        )
         assert "wrong" not in (health.reason or "")
     async with ToolSupervisor(settings, environ={}) as tools:
-        assert tools.health()["remote"].describe() == \
-            "down: environment variable TEST_MCP_TOKEN (auth_env) is not set"
+        assert tools.health()["remote"].describe() == "down: environment variable TEST_MCP_TOKEN (auth_env) is not set"

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from bot.access import AccessPolicy
 from bot.config import ToolGrant, ToolOptions, ToolServerSettings, ToolsSettings
 from bot.conversations import ConversationManager
 from bot.conversations.tools import Toolbox
 from bot.tools import ToolSupervisor
-from bot.access import AccessPolicy
 from bot.wording import APPROVAL_GONE, TOOL_DENIED_RESULT, tool_asking, tool_denied, tools_used
 from tests.conversations.test_tools import call_or
 from tests.test_web import Browser, browsers, server  # noqa: F401
@@ -25,22 +25,31 @@ DELETE_CALL = '<tool_call>\n{"name": "delete_file", "arguments": {"path": "notes
 
 @pytest.fixture
 async def asking(manager: ConversationManager) -> AsyncIterator[ConversationManager]:
-    settings = ToolsSettings(servers=[ToolServerSettings(name="test", command=sys.executable, args=[SERVER],
-                                                         tools={"delete_file": ToolOptions(confirm=True)})],
-                             allow=[ToolGrant(places=["web/*"])], max_rounds=1)
+    settings = ToolsSettings(
+        servers=[
+            ToolServerSettings(
+                name="test", command=sys.executable, args=[SERVER], tools={"delete_file": ToolOptions(confirm=True)}
+            )
+        ],
+        allow=[ToolGrant(places=["web/*"])],
+        max_rounds=1,
+    )
     async with ToolSupervisor(settings) as supervisor:
         manager.use_tools(Toolbox(supervisor, AccessPolicy(tool_grants=settings.allow), settings))
         yield manager
 
 
 async def test_run_from_the_page_then_the_details_behind_a_disclosure(
-        asking: ConversationManager, browsers: Callable[[], Browser]) -> None:
+    asking: ConversationManager, browsers: Callable[[], Browser]
+) -> None:
     browser, other = browsers(), browsers()
     conversation = await browser.new(call_or("done", DELETE_CALL), max_tokens=40)
     stream = await browser.send(conversation, "delete notes.txt")
     _, approval = await stream.until(lambda name, data: name == "approval" and data["id"])
-    assert any(name == "status" and data["kind"] == "approval" and data["text"] == tool_asking("Deleting a file")
-               for name, data in stream.events)
+    assert any(
+        name == "status" and data["kind"] == "approval" and data["text"] == tool_asking("Deleting a file")
+        for name, data in stream.events
+    )
     path = f"/api/conversations/{conversation}/approvals/{approval['id']}"
     assert (await other.call("POST", path, json={"run": True}))[0] == 404  # not its conversation: no hints
     assert (await browser.call("POST", path, json={"run": "yes"}))[0] == 400
@@ -54,8 +63,15 @@ async def test_run_from_the_page_then_the_details_behind_a_disclosure(
 
     status, details = await browser.call("GET", f"/api/conversations/{conversation}/replies/{done['reply_id']}/tools")
     assert status == 200
-    assert details["calls"] == [{"tool": "delete_file", "round": 1, "arguments": '{"path": "notes.txt"}',
-                                 "result": "deleted notes.txt", "is_error": False}]
+    assert details["calls"] == [
+        {
+            "tool": "delete_file",
+            "round": 1,
+            "arguments": '{"path": "notes.txt"}',
+            "result": "deleted notes.txt",
+            "is_error": False,
+        }
+    ]
     history = await browser.conversation(conversation)
     assert [m["tool_details"] for m in history["messages"]] == [False, True]
     foreign = await other.new()
