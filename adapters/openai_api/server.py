@@ -21,7 +21,7 @@ import json
 import logging
 import secrets as secrets_module
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -290,16 +290,12 @@ async def _whole_tools(
     )
 
 
-async def _stream_tools(
-    request: web.Request,
-    state: ApiState,
-    chat: ChatRequest,
-    turn: ToolTurn,
-    completion_id: str,
-    n_prompt: int,
-    prompt: list[int],
-    model_id: str,
-) -> web.StreamResponse:
+Send = Callable[..., Awaitable[None]]
+
+
+async def _event_stream(request: web.Request, completion_id: str, model_id: str) -> tuple[web.StreamResponse, Send]:
+    """A prepared Server-Sent Events response, and how to send one ``chat.completion.chunk`` on it (its
+    ``choices``, and any other fields such as ``usage``)."""
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
@@ -316,6 +312,21 @@ async def _stream_tools(
             **extra,
         }
         await response.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
+
+    return response, send
+
+
+async def _stream_tools(
+    request: web.Request,
+    state: ApiState,
+    chat: ChatRequest,
+    turn: ToolTurn,
+    completion_id: str,
+    n_prompt: int,
+    prompt: list[int],
+    model_id: str,
+) -> web.StreamResponse:
+    response, send = await _event_stream(request, completion_id, model_id)
 
     await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
     try:
@@ -426,22 +437,7 @@ async def _stream(
     n_prompt: int,
     model_id: str,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
-    await response.prepare(request)
-    created = int(time.time())
-
-    async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
-        chunk = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model_id,
-            "choices": choices,
-            **extra,
-        }
-        await response.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
+    response, send = await _event_stream(request, completion_id, model_id)
 
     cutter = StopCutter(chat.stop)
     await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
