@@ -24,13 +24,20 @@ def test_the_commented_example_in_config_toml_loads(tmp_path: Path) -> None:
     assert (files.command, files.args[0], files.tools["write_file"].confirm) == ("npx", "-y", True)
     assert (wiki.url, wiki.auth_env, wiki.auth_scheme) == ("https://wiki.example.com/mcp", "WIKI_MCP_TOKEN", "Bearer")
     assert tools.max_rounds == 4 and tools.call_timeout == 30.0 and tools.max_result_chars == 8000
-    server, dms = tools.allow
-    assert (server.places, server.users, server.tools) == (["discord/ch/123456789012345678/*"], [], ["*"])
-    assert (dms.places, dms.users, dms.tools) == (
-        ["discord/dm/*", "web/*"],
+    server, members, web = tools.allow
+    assert (server.places, server.users, server.roles, server.tools) == (
+        ["discord/ch/123456789012345678/*"],
+        [],
+        [],
+        ["*"],
+    )
+    assert (members.places, members.roles, members.users, members.tools) == (
+        ["discord/ch/123456789012345678/*"],
+        ["345678901234567890"],
         ["234567890123456789"],
         ["read_file", "search_*"],
     )
+    assert (web.places, web.users, web.roles, web.tools) == (["web/*"], [], [], ["search_*"])
 
 
 @pytest.mark.parametrize(
