@@ -338,6 +338,10 @@ async def test_the_request_model_picks_a_configured_model_and_an_unknown_one_is_
             with pytest.raises(openai.NotFoundError, match="The model 'gpt-9' does not exist") as unknown:
                 await client.chat.completions.create(model="gpt-9", messages=HELLO)  # type: ignore[arg-type]
             assert unknown.value.code == "model_not_found" and "helper" in str(unknown.value)
+            add = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+            with pytest.raises(openai.BadRequestError, match="helper is another server's") as refused:
+                await client.chat.completions.create(model="helper", messages=HELLO, tools=[add])  # type: ignore
+            assert refused.value.param == "tools"
         received = server.requests()
         assert [r["body"]["model"] for r in received] == ["remote-id", "remote-id"]
         assert received[0]["body"]["messages"] == HELLO
