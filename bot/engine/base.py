@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard
@@ -93,7 +94,7 @@ class EngineStatus:
 END = object()  # the event that ends a request's iteration
 
 
-class Figures:
+class Figures(ABC):
     """What a request reports however it runs, in this process or on a model server, and the stream of its
     events: ``async for event in request`` yields them until `END`, and raises an exception put in the stream."""
 
@@ -117,9 +118,9 @@ class Figures:
                 raise event
             yield event
 
+    @abstractmethod
     def cancel(self) -> None:
         """Stop this request now (call from the event loop); each backend frees its place its own way."""
-        raise NotImplementedError
 
     @property
     def position(self) -> int | None:

@@ -16,6 +16,7 @@ names), so the cache's use is known without asking llama.cpp. Used by the engine
 from __future__ import annotations
 
 import ctypes
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -59,7 +60,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-class KVCache:
+class KVCache(ABC):
     """The slots of one llama.cpp context, the KV cells they hold, and the state cache idle ones go to: what
     both layouts share."""
 
@@ -106,24 +107,25 @@ class KVCache:
         self.evict(slot)
         return slot
 
+    @abstractmethod
     def room(self) -> int:
         """KV cells left for new requests once running requests hold or grow into theirs."""
-        raise NotImplementedError
 
+    @abstractmethod
     def make_room(self, n: int) -> bool:
         """Make room for ``n`` more cells among the running sequences; False when there is none to be had."""
-        raise NotImplementedError
 
     def trim_idle(self) -> None:
         """Keep idle caches from slowing the running requests (due after a request ended: ``trim_due``)."""
         self.trim_due = False
 
+    @abstractmethod
     def settle(self) -> None:
         """Arrange the running sequences for the next step, once new ones were placed."""
 
+    @abstractmethod
     def _copy(self, source: Slot, slot: Slot, n: int) -> None:
         """Give ``slot`` the first ``n`` cells of ``source``'s cache."""
-        raise NotImplementedError
 
     def place(self, slot: Slot, generation: Generation) -> None:
         """Give the request's sequence as much of its prompt as can be had: its own cache (shifted past dropped
@@ -287,6 +289,9 @@ class KVPool(KVCache):
         slot.cached, slot.cells = source.cached[:n], source.cells[:n]
         for cell in slot.cells:
             self._refs[cell] += 1
+
+    def settle(self) -> None:
+        """Nothing to arrange: one pool takes any sequence ids in one ubatch."""
 
     def trim_idle(self) -> None:
         """Keep idle caches from slowing the running requests. llama.cpp's attention walks every KV cell up to
