@@ -21,7 +21,7 @@ import json
 import logging
 import secrets as secrets_module
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -190,13 +190,9 @@ async def _complete(
         return await _tool_chat(
             request, state, chat, ToolTurn(engine, chat, fmt, _session(request, chat.user)), prompt, model_id
         )
-    try:
+    with _submitting():
         # Both backends take a Prompt: a server model reads its messages, an embedded one its tokens.
         generation = engine.submit(Prompt(chat.messages, prompt), chat.sampling, session=_session(request, chat.user))
-    except QueueFull as exc:
-        raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full") from None
-    except EngineError as exc:
-        raise ApiError(503, str(exc), type="server_error", code="engine_unavailable") from None
     completion_id = f"chatcmpl-{secrets_module.token_hex(12)}"
     status = Status.STOPPED
     try:
@@ -220,16 +216,23 @@ async def _complete(
             state.metrics.prompt_tokens_reused.inc(generation.n_prompt_reused)
 
 
-async def _tool_chat(
-    request: web.Request, state: ApiState, chat: ChatRequest, turn: ToolTurn, prompt: list[int], model_id: str
-) -> web.StreamResponse:
-    """A completion offered ``tools``: its text, then its calls as ``tool_calls`` (finish_reason "tool_calls")."""
+@contextlib.contextmanager
+def _submitting() -> Iterator[None]:
+    """Submitting a request: a full queue is OpenAI's 429, an engine that cannot take it a 503."""
     try:
-        turn.start(prompt)
+        yield
     except QueueFull as exc:
         raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full") from None
     except EngineError as exc:
         raise ApiError(503, str(exc), type="server_error", code="engine_unavailable") from None
+
+
+async def _tool_chat(
+    request: web.Request, state: ApiState, chat: ChatRequest, turn: ToolTurn, prompt: list[int], model_id: str
+) -> web.StreamResponse:
+    """A completion offered ``tools``: its text, then its calls as ``tool_calls`` (finish_reason "tool_calls")."""
+    with _submitting():
+        turn.start(prompt)
     completion_id = f"chatcmpl-{secrets_module.token_hex(12)}"
     status = Status.STOPPED
     try:
