@@ -5,40 +5,17 @@ real llama.cpp as the default model and a real recording server process as the s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-
-from bot.config import ModelSettings, Settings
+from bot.config import Settings
 from bot.conversations import ConversationManager
 from bot.engine import Engine
 from bot.store import Store
 from bot.wording import answered_by, model_changed
 from tests.fake_discord import BOB_ID, CHANNEL_ID, EPHEMERAL_FLAG, OTHER_CHANNEL_ID, FakeDiscord
+from tests.helper_model import DEFAULT, server, settings  # noqa: F401
 from tests.recording_server import REPLY, RecordingServer
 from tests.test_discord import CHANNEL_KEY, OTHER_KEY, StartBot, _stop, dsettings, fake, force_reply, start_bot, stored  # noqa: F401
-
-DEFAULT = "SmolLM2-135M-Instruct.Q4_1"
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RecordingServer]:
-    server = await RecordingServer(tmp_path, "remote-id").start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-def settings(settings: Settings, server: RecordingServer) -> Settings:
-    """The small model as the default, and the recording server as "helper"."""
-    settings.models = [
-        ModelSettings(
-            name="helper", description="the recording server", url=server.base_url, model="remote-id", n_ctx=2048
-        )
-    ]
-    return settings
 
 
 async def answer(fake: FakeDiscord, inter: Any) -> dict[str, Any]:

@@ -5,44 +5,20 @@ tests/fake_slack.py, real llama.cpp as the default model and a real recording se
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
 from adapters.slack.assistant import GREETING
 from adapters.slack.blocks import MODEL_SELECT, OPTION_TEXT_LIMIT, model_select_blocks
 from bot.access import Refusal
-from bot.config import ModelSettings, Settings
+from bot.config import Settings
 from bot.conversations import ConversationManager
 from bot.engine import Engine
 from bot.store import Store
 from bot.wording import MODEL_PICKER_LABEL, REFUSALS, answered_by, model_changed
 from tests.fake_slack import FakeSlack
+from tests.helper_model import DEFAULT, server, settings  # noqa: F401
 from tests.recording_server import REPLY, RecordingServer
 from tests.slack_helpers import answered, channel_key, fake, running_bot
 
 __all__ = ["fake"]
-
-DEFAULT = "SmolLM2-135M-Instruct.Q4_1"
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RecordingServer]:
-    server = await RecordingServer(tmp_path, "remote-id").start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-def settings(settings: Settings, server: RecordingServer) -> Settings:
-    """The small model as the default, and the recording server as "helper"."""
-    settings.models = [
-        ModelSettings(
-            name="helper", description="the recording server", url=server.base_url, model="remote-id", n_ctx=2048
-        )
-    ]
-    return settings
 
 
 def chosen(select: dict) -> str | None:

@@ -5,45 +5,22 @@ recording server process as the second."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-
-from bot.config import ModelSettings, Settings
+from bot.config import Settings
 from bot.conversations import ConversationManager
 from bot.engine import Engine
 from bot.store import Store
 from bot.types import SessionKey
 from bot.wording import answered_by, unknown_model
+from tests.helper_model import DEFAULT, server, settings  # noqa: F401
 from tests.recording_server import REPLY, RecordingServer
 from tests.slack_helpers import ADMIN, answered, channel_key, command, fake, mention, running_bot
 
 __all__ = ["fake"]
 
-DEFAULT = "SmolLM2-135M-Instruct.Q4_1"
 MODEL_ADMINS_ONLY = (
     "🚫 Only admins (`admin_user_ids` under `[slack]` in config.toml) can change a channel's model; "
     "in a DM with me it is yours to change."
 )
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RecordingServer]:
-    server = await RecordingServer(tmp_path, "remote-id").start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-def settings(settings: Settings, server: RecordingServer) -> Settings:
-    """The small model as the default, and the recording server as "helper"."""
-    settings.models = [
-        ModelSettings(
-            name="helper", description="the recording server", url=server.base_url, model="remote-id", n_ctx=2048
-        )
-    ]
-    return settings
 
 
 async def test_a_channel_switched_with_slash_model_is_answered_by_that_model_and_keeps_it_after_a_restart(
