@@ -183,8 +183,9 @@ def test_fetch_model_keeps_an_existing_model(tmp_path: Path) -> None:
 LONG_REPLY = "max_tokens = 400\ngrammar = 'root ::= (\"la \" ){400}'\n"
 
 
-async def start_chat(tmp_path: Path) -> asyncio.subprocess.Process:
-    config = write_config(tmp_path, LONG_REPLY)
+async def start_chat(tmp_path: Path, config: Path | None = None) -> asyncio.subprocess.Process:
+    """`llamarelay chat` with its input, output and errors on pipes (``config``: by default a long reply's)."""
+    config = config or write_config(tmp_path, LONG_REPLY)
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -540,18 +541,7 @@ async def test_an_unwritable_state_dir_is_a_warning_at_start_up(tmp_path: Path) 
     (tmp_path / "afile").write_text("a file, so no folder can be made under it (even by root)")
     config = write_config(tmp_path)
     config.write_text(config.read_text().replace("[engine]\n", '[engine]\nstate_dir = "afile/states"\n'))
-    chat = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        "--config",
-        str(config),
-        "chat",
-        env=ENV,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    chat = await start_chat(tmp_path, config)
     assert chat.stdin and chat.stdout and chat.stderr
     await read_until(chat.stdout, b"you> ")  # started, nothing said yet: no state saved
     async with asyncio.timeout(10):  # the log of the start-up is written by now
