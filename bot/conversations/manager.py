@@ -5,8 +5,9 @@ Messages of one conversation are answered in arrival order; the reply text is th
 what is stored and fed back; notes (stopped, errors) travel beside it; `bot.delivery` shows it. The window,
 the stream, settings inheritance, the redo rule and leases each live in a module of this package.
 
-Over 400 lines: this is the one face adapters call (answering, /stop, /reset, /status, settings, the store's
-answers they need, shutdown), so each of those is a short method here over the module that does the work.
+Over 400 lines: this is the one face adapters call (answering, /stop, /reset, /status, settings and /model,
+tools and their approvals, the store's answers they need, shutdown), so each of those is a short method here over
+the module that does the work; what is its own is the request lifecycle and which model's parts answer.
 """
 
 from __future__ import annotations
