@@ -190,9 +190,7 @@ class ToolRunner:
         else:
             request.delivery.status(ReplyStatus(Phase.APPROVAL, tool=spec.title))
         request.delivery.controls(Controls(stop=True, approval=pending.id))
-        task = request.tool_call = asyncio.create_task(
-            self.approvals.wait(pending, box.settings.approval_timeout), name=f"approval of {spec.name}"
-        )
+        task = request.tool_call = self.approvals.wait(pending, box.settings.approval_timeout)
         try:
             return await task
         except asyncio.CancelledError:

@@ -47,15 +47,19 @@ class Approvals:
         self._pending[pending.id] = pending
         return pending
 
-    async def wait(self, pending: PendingApproval, timeout: float) -> Verdict:
-        """``pending``'s verdict, or TIMEOUT after ``timeout`` seconds; it is closed either way (a cancelled
-        wait, /stop, closes it too)."""
+    def wait(self, pending: PendingApproval, timeout: float) -> asyncio.Task[Verdict]:
+        """A task giving ``pending``'s verdict, or TIMEOUT after ``timeout`` seconds. The request is closed when the
+        task ends, however it ends: cancelled by /stop too, even before it ran a step."""
+        task = asyncio.create_task(self._verdict(pending, timeout), name=f"approval of {pending.tool}")
+        task.add_done_callback(lambda _: self.close(pending))
+        return task
+
+    @staticmethod
+    async def _verdict(pending: PendingApproval, timeout: float) -> Verdict:
         try:
             return await asyncio.wait_for(asyncio.shield(pending.answer), timeout)
         except TimeoutError:
             return Verdict.TIMEOUT
-        finally:
-            self.close(pending)
 
     def get(self, approval_id: str) -> PendingApproval | None:
         """The request still waiting under ``approval_id``, or None."""
