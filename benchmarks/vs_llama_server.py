@@ -246,10 +246,19 @@ class Stream:
         return self.first - self.submitted
 
 
-async def one_stream(session: aiohttp.ClientSession, url: str, topic: str, take: int, tokens: int) -> Stream:
+async def model_id(session: aiohttp.ClientSession, url: str) -> str:
+    """The server's first model, as its /v1/models names it (llamarelay answers 404 to a model it does not have)."""
+    async with session.get(url + "/models") as response:
+        response.raise_for_status()
+        return str((await response.json())["data"][0]["id"])
+
+
+async def one_stream(
+    session: aiohttp.ClientSession, url: str, model: str, topic: str, take: int, tokens: int
+) -> Stream:
     """One streamed chat completion; the token count is the server's usage figure (chunks if it sends none)."""
     body = {
-        "model": "default",
+        "model": model,
         "stream": True,
         "stream_options": {"include_usage": True},
         "max_tokens": tokens,
@@ -296,10 +305,11 @@ async def measure(url: str, take: int, tokens: int) -> Figures:
     # A new connection per request, for both: no server's keep-alive policy can drop a reused one mid-run.
     connector = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
-        single = await one_stream(session, url, TOPICS[0], take, tokens)
+        model = await model_id(session, url)
+        single = await one_stream(session, url, model, TOPICS[0], take, tokens)
         assert single.first is not None and single.last is not None
         start = time.perf_counter()
-        streams = await asyncio.gather(*(one_stream(session, url, topic, take, tokens) for topic in TOPICS))
+        streams = await asyncio.gather(*(one_stream(session, url, model, topic, take, tokens) for topic in TOPICS))
     end = max(s.last or start for s in streams)
     ttfts = [s.ttft for s in streams]
     return Figures(

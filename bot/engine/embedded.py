@@ -86,7 +86,6 @@ class Engine:
         self.scheduler = Scheduler()
         self.worker = Worker(
             self._ctx,
-            self._vocab,
             settings,
             self.kv,
             self.scheduler,

@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 from bot.config import SamplingSettings
 from bot.engine.logs import llama_log, with_captured_stderr
@@ -52,6 +53,8 @@ class Samplers:
         self._vocab = vocab
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self._eog_tokens = [t for t in range(self._n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+        self.ends = frozenset(self._eog_tokens)
+        """The tokens that end a turn (end of generation)."""
         self._refused: dict[str, str] = {}  # grammar -> why llama.cpp refused it
         self._lock = threading.Lock()
 
@@ -72,7 +75,11 @@ class Samplers:
             raise _invalid(why)
 
     def build(self, sampling: SamplingSettings) -> Any:
-        """The sampler chain for ``sampling``; raises `EngineError` when its grammar is not valid GBNF."""
+        """The sampler chain for ``sampling``, or None where `sample` takes the most likely token itself (greedy,
+        no penalty, no grammar); raises `EngineError` when its grammar is not valid GBNF."""
+        penalized = (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty) != (1.0, 0.0, 0.0)
+        if sampling.temperature <= 0.0 and not penalized and not sampling.grammar:
+            return None
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         samplers = []
         if sampling.grammar:
@@ -86,7 +93,14 @@ class Samplers:
                 *[llama_cpp.llama_logit_bias(token, float("-inf")) for token in self._eog_tokens]
             )
             samplers.append(llama_cpp.llama_sampler_init_logit_bias(self._n_vocab, len(biases), biases))
-        if (sampling.repeat_penalty, sampling.frequency_penalty, sampling.presence_penalty) != (1.0, 0.0, 0.0):
+        top_k = 1 if sampling.temperature <= 0.0 else sampling.top_k
+        if penalized:
+            lowers_only = min(sampling.repeat_penalty - 1.0, sampling.frequency_penalty, sampling.presence_penalty) >= 0
+            if top_k > 0 and lowers_only:
+                # Penalties only lower the logits of the last PENALTY_LAST_N tokens, so the top k after them are
+                # among the top k + PENALTY_LAST_N before: cut there first, and the penalties (a hash look-up per
+                # candidate) see a hundred candidates, not the whole vocabulary. 190 -> 49 us a token here.
+                samplers.append(llama_cpp.llama_sampler_init_top_k(top_k + PENALTY_LAST_N))
             samplers.append(
                 llama_cpp.llama_sampler_init_penalties(
                     self._n_vocab,
@@ -107,6 +121,20 @@ class Samplers:
         for sampler in samplers:
             llama_cpp.llama_sampler_chain_add(chain, sampler)
         return chain
+
+    def sample(self, chain: Any, ctx: Any, index: int, ignore_eos: bool) -> int:
+        """The next token from the logits at batch ``index``: the chain's pick, or without a chain the most likely
+        token, read straight from the logits (25 us, where llama.cpp's greedy chain first copies all of them into
+        candidates: 95 us a token here)."""
+        if chain is not None:
+            return int(llama_cpp.llama_sampler_sample(chain, ctx, index))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(self._n_vocab,))
+        token = int(logits.argmax())
+        if ignore_eos and token in self.ends:  # rare: look again without them (a copy: the logits stay as they are)
+            logits = logits.copy()
+            logits[self._eog_tokens] = -np.inf
+            token = int(logits.argmax())
+        return token
 
     @staticmethod
     def free(chain: Any) -> None:

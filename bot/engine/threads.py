@@ -82,15 +82,22 @@ class _Kind:
     lost first place by its own steps), and the try under way (count, steps left)."""
 
     recent: dict[int, deque[float]] = field(default_factory=dict)
+    seconds: dict[int, float] = field(default_factory=dict)
+    """The median of each count's recent steps, kept as they come: the tuner reads it every step."""
     tried_at: dict[int, float] = field(default_factory=dict)
     demoted_at: dict[int, float] = field(default_factory=dict)
     leader: tuple[int, float] | None = None  # the fastest count and since when
     trial: tuple[int, int] | None = None
 
-    @property
-    def seconds(self) -> dict[int, float]:
-        """The median of each count's recent steps."""
-        return {count: statistics.median(times) for count, times in self.recent.items() if times}
+    def add(self, count: int, seconds: float) -> None:
+        times = self.recent.setdefault(count, deque(maxlen=RECENT_STEPS))
+        times.append(seconds)
+        self.seconds[count] = statistics.median(times)
+
+    def forget(self, count: int) -> None:
+        """Drop the count's steps: a try's own steps alone tell how it does now."""
+        self.recent.pop(count, None)
+        self.seconds.pop(count, None)
 
 
 class ThreadTuner:
@@ -157,7 +164,7 @@ class ThreadTuner:
             if now - since >= wait:
                 kind.demoted_at.pop(count, None)
                 kind.tried_at[count] = now
-                kind.recent[count].clear()  # the try's steps alone tell how that count does now
+                kind.forget(count)
                 return count, TRIAL_STEPS
         return None
 
@@ -167,7 +174,7 @@ class ThreadTuner:
             return
         kind = self._kinds.setdefault(self.kind(n_tokens), _Kind())
         if threads == self._last:
-            kind.recent.setdefault(threads, deque(maxlen=RECENT_STEPS)).append(seconds)
+            kind.add(threads, seconds)
         self._last = threads
         best, now = self._best(kind), self._clock()
         if kind.leader is None or kind.leader[0] != best:
@@ -176,7 +183,7 @@ class ThreadTuner:
             kind.leader = (best, now)
         if kind.trial is not None and kind.trial[0] == threads:
             left = kind.trial[1] - 1
-            kind.trial = (threads, left) if left > 0 or not kind.recent.get(threads) else None
+            kind.trial = (threads, left) if left > 0 or threads not in kind.seconds else None
 
     def _best(self, kind: _Kind) -> int:
         seconds = kind.seconds
@@ -185,7 +192,7 @@ class ThreadTuner:
 
     def timings(self, n_tokens: int = 1) -> dict[int, float]:
         """Seconds a step of ``n_tokens`` tokens takes at each count timed so far (medians of recent steps)."""
-        return self._kinds.get(self.kind(n_tokens), _Kind()).seconds
+        return dict(self._kinds.get(self.kind(n_tokens), _Kind()).seconds)
 
     def best(self, n_tokens: int = 1) -> int:
         """The count a step of ``n_tokens`` tokens gets now, tries aside (for /status, logs and benchmarks)."""

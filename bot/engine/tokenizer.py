@@ -29,6 +29,7 @@ class Tokenizer:
 
     def __init__(self, vocab: Any) -> None:
         self._vocab = vocab
+        self._pieces: dict[int, bytes] = {}  # each token's text, as generation asks for it (every token, every reply)
         attributes = [llama_cpp.llama_vocab_get_attr(vocab, t) for t in range(llama_cpp.llama_vocab_n_tokens(vocab))]
         self.special_ids = frozenset(t for t, attr in enumerate(attributes) if attr & _SPECIAL_ATTRS)
         """Ids of CONTROL and USER_DEFINED tokens."""
@@ -57,6 +58,13 @@ class Tokenizer:
         return token in self.special_ids
 
     def piece(self, token: int, special: bool = False) -> bytes:
+        if not special:
+            if (known := self._pieces.get(token)) is None:
+                known = self._pieces[token] = self._piece(token, False)
+            return known
+        return self._piece(token, True)
+
+    def _piece(self, token: int, special: bool) -> bytes:
         buffer = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, special)
         if n < 0:

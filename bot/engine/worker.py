@@ -48,7 +48,6 @@ class Worker:
     def __init__(
         self,
         ctx: Any,
-        vocab: Any,
         settings: EngineSettings,
         kv: KVCache,
         scheduler: Scheduler,
@@ -60,7 +59,7 @@ class Worker:
         vision: Vision | None = None,
         image_prompt: Callable[[Prompt], tuple[list[int], PromptImages]] | None = None,
     ) -> None:
-        self._ctx, self._vocab = ctx, vocab
+        self._ctx = ctx
         self.vision, self._image_prompt = vision, image_prompt
         self._with_images: list[Generation] = []  # running requests with images still to decode
         self.settings = settings
@@ -107,7 +106,11 @@ class Worker:
                 if scheduler.closing:
                     break
                 idle = not scheduler.has_waiting and not kv.active()
-                admitted = scheduler.take_admitted(len(kv.active()), self.parallel, kv.room, kv.final_size)
+                admitted = (
+                    scheduler.take_admitted(len(kv.active()), self.parallel, kv.room, kv.final_size)
+                    if scheduler.has_waiting
+                    else []
+                )
             if idle:  # outside the lock; a request that comes meanwhile stops the save between two files
                 kv.persist(stop=lambda: scheduler.has_waiting or scheduler.closing)
                 save_when_idle = False  # until there was work again
@@ -344,10 +347,10 @@ class Worker:
     def _sample(self, slot: Slot) -> None:
         generation = slot.generation
         assert generation is not None
-        token = llama_cpp.llama_sampler_sample(generation._sampler, self._ctx, slot.logits_index)
+        token = self.samplers.sample(generation._sampler, self._ctx, slot.logits_index, generation.sampling.ignore_eos)
         if generation.t_first_token is None:
             generation.t_first_token = time.monotonic()
-        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+        if token in self.samplers.ends:
             with self.scheduler.cond:
                 self._finish(slot, FinishReason.STOP)
             return
