@@ -49,11 +49,12 @@ def is_reply_text(content: str) -> bool:
 
 def _is_status_line(content: str) -> bool:
     """A status as the bot renders it on Discord (the harness sees only the rendered text)."""
-    fixed = {status_line(ReplyStatus(phase)) for phase in Phase if phase not in (Phase.QUEUED, Phase.TOOL)}
-    tool = status_line(ReplyStatus(Phase.TOOL, tool="X")).partition("X")[0]  # "🔧 " and the tool's title
+    named = (Phase.TOOL, Phase.APPROVAL)  # "🔧 " and the tool's title, and the like
+    fixed = {status_line(ReplyStatus(phase)) for phase in Phase if phase is not Phase.QUEUED and phase not in named}
+    tools = tuple(status_line(ReplyStatus(phase, tool="X")).partition("X")[0] for phase in named)
     return (
         content in fixed
-        or content.startswith(tool)
+        or content.startswith(tools)
         or re.fullmatch(re.escape(queued_line(0)).replace("0", r"\d+"), content) is not None
     )
 

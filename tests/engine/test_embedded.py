@@ -561,6 +561,32 @@ async def test_a_short_prompt_is_not_stuck_behind_a_long_one_and_a_long_prompt_i
         engine.close()
 
 
+@pytest.mark.parametrize("apart", [0.0, 0.002])
+async def test_a_burst_of_questions_to_an_idle_engine_is_read_in_one_step(apart: float) -> None:
+    # Four questions of about 40 tokens each, sent together or a few ms apart (as HTTP requests of one burst reach
+    # the queue): the first does not start alone, and no step budget cuts them into chunks: one step reads them
+    # all and gives each its first token.
+    engine = small_engine(parallel=4)
+    try:
+        await collect(engine.submit(prompt(engine, "Warm up."), SamplingSettings(max_tokens=1, temperature=0.0)))
+        questions = [
+            prompt(engine, f"Question {number}: " + " ".join(f"word{number}{i}" for i in range(12)))
+            for number in range(4)
+        ]
+        steps = len(engine.step_seconds)
+        generations = []
+        for number, question in enumerate(questions):
+            generations.append(
+                engine.submit(question, SamplingSettings(max_tokens=1, temperature=0.0), session=str(number))
+            )
+            await asyncio.sleep(apart)
+        assert all(len(g.prompt) > 40 for g in generations)
+        await asyncio.gather(*(collect(g) for g in generations))
+        assert len(engine.step_seconds) - steps == 1
+    finally:
+        engine.close()
+
+
 async def test_a_long_prompt_advances_while_short_prompts_keep_arriving() -> None:
     # Small chunks (the floor): a short prompt could take each step's whole chunk, and a line of them for ever.
     engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=2048, n_threads=1, parallel=6, step_budget_ms=5))
