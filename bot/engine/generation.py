@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from bot.engine.vision import PromptImages
     from bot.prompt import Prompt
 
-__all__ = ["Generation"]
+__all__ = ["Generation", "hand_over"]
 
 
 class Generation(Figures):
@@ -40,6 +40,8 @@ class Generation(Figures):
         self._cancel_requested = False
         self._image_prompt: Prompt | None = None  # a prompt with images, read by the worker when it starts
         self._images: PromptImages | None = None  # its images still to decode (worker side)
+        self._unsent = ""  # text decoded since the last hand-over to the event loop (worker side)
+        self._spoke = False  # some text was handed over already
 
     def cancel(self) -> None:
         """Stop this request now; its slot or queue place is freed within one decode step."""
@@ -47,7 +49,18 @@ class Generation(Figures):
 
     # -- worker side ---------------------------------------------------------------------------------
 
+    def _write(self, text: str) -> None:
+        """Text decoded this step: handed to the event loop with the other requests' (`hand_over`), or before
+        this request's next event."""
+        self._unsent += text
+
     def _emit(self, event: Any) -> None:
+        if self._unsent:  # the text written before the event goes first
+            text, self._unsent = self._unsent, ""
+            self._post(text)
+        self._post(event)
+
+    def _post(self, event: Any) -> None:
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -64,3 +77,24 @@ class Generation(Figures):
         self.t_finished = time.monotonic()
         self._position = None
         self._emit(error if error is not None else END)
+
+
+def hand_over(generations: list[Generation]) -> None:
+    """Hand the requests' unsent text to the event loop in one call (per loop): it wakes once a step, not once a
+    stream, and each request's text since the last hand-over arrives as one piece."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, str]]] = {}
+    for generation in generations:
+        if generation._unsent:
+            by_loop.setdefault(generation._loop, []).append((generation, generation._unsent))
+            generation._unsent, generation._spoke = "", True
+    for loop, texts in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_texts, texts)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            for generation, _ in texts:
+                generation._cancel_requested = True
+
+
+def _put_texts(texts: list[tuple[Generation, str]]) -> None:
+    for generation, text in texts:
+        generation._events.put_nowait(text)

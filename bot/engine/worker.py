@@ -4,7 +4,10 @@ Each step puts into one batch the next token of every generating sequence plus p
 ones, as many as a step-time budget allows (continuous batching), decodes, and samples with per-request sampler
 chains that run in C. A prompt's image is decoded on its own right after the step that read the text before it
 (its embeddings, not tokens, at that sequence's next positions). Results travel to the asyncio side through
-``loop.call_soon_threadsafe``.
+``loop.call_soon_threadsafe``, the text of all requests in one call every few steps (`generation.hand_over`).
+
+Over 400 lines: one step's whole policy (admission and bursts, the prompt budget beside streams, sampling, the
+hand-over, images between text) reads in one place, on the state only this thread touches.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import llama_cpp
 
 from bot.config import EngineSettings
 from bot.engine.base import FinishReason
-from bot.engine.generation import Generation
+from bot.engine.generation import Generation, hand_over
 from bot.engine.kv import KVCache, Slot
 from bot.engine.sampling import Samplers
 from bot.engine.scheduler import Scheduler
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 LONG_PROMPT_TOKENS = 128  # a prompt this long waits for idle caches to leave the pool before it is read
 BARE_STEP_EVERY = 32  # while prompts are read, every this many steps one is left without, to time it anew
 IDLE_SAVE_SECONDS = 30.0  # with nothing to do that long, the worker writes the KV states to disk
+HAND_OVER_SECONDS = 0.02  # decoded text goes to the event loop at most this often (a request's first at once)
 BURST_GAP_SECONDS = 0.005  # an idle engine's first request waits this long for others of the same burst...
 BURST_MAX_SECONDS = 0.03  # ... as long as they keep coming, at most this long: they start in one step
 
@@ -82,6 +86,7 @@ class Worker:
         self._gen_step: float | None = None  # seconds a step without prompt tokens takes, smoothed
         self._since_bare = 0  # steps since the last one without prompt tokens
         self.last_rate: float | None = None  # generation speed of the last finished reply
+        self._handed_at = 0.0  # when decoded text last went to the event loop
         self._thread = threading.Thread(target=self._run, name="llama-engine", daemon=True)
 
     def start(self) -> None:
@@ -287,7 +292,10 @@ class Worker:
                 if not slot.pending:
                     slot.logits_index = n - 1
         if n:
+            if n_prompt:  # a step with prompt tokens can take a while: the text so far goes out before it
+                self._hand_over(slots, now=True)
             self._decode(batch, n, slots, n_prompt, limited, bool(generating))
+            self._hand_over(slots)
         if self._with_images:  # after the sampling: an image's decode overwrites the step's logits
             self._decode_images(slots)
 
@@ -311,6 +319,16 @@ class Worker:
         for slot in slots:
             if slot.logits_index >= 0:
                 self._sample(slot)
+
+    def _hand_over(self, slots: list[Slot], now: bool = False) -> None:
+        """Send the text decoded so far to the event loop: every `HAND_OVER_SECONDS` (a few tokens at once; 50
+        updates a second read as smoothly as 110, and the event loop, which shares the cores with llama.cpp's
+        threads, wakes less), at once for a request's first words or when ``now``."""
+        writing = [slot.generation for slot in slots if slot.generation is not None and slot.generation._unsent]
+        clock = time.monotonic()
+        if writing and (now or clock - self._handed_at >= HAND_OVER_SECONDS or not all(g._spoke for g in writing)):
+            hand_over(writing)
+            self._handed_at = clock
 
     def _decode_images(self, slots: list[Slot]) -> None:
         """Decode the image each prompting sequence has reached (the text before it read), one per sequence."""
@@ -380,7 +398,7 @@ class Worker:
         generation.n_generated += 1
         text = slot.decoder.decode(self.tokenizer.piece(token))
         if text:
-            generation._emit(text)
+            generation._write(text)
         if generation.n_generated >= generation.sampling.max_tokens or len(slot.cached) + 1 >= self.n_ctx:
             with self.scheduler.cond:
                 self._finish(slot, FinishReason.LENGTH)

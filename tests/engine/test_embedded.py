@@ -127,6 +127,16 @@ async def test_same_seed_gives_same_sampled_text() -> None:
         engine.close()
 
 
+async def test_text_reaches_the_event_loop_a_few_tokens_at_a_time_and_the_first_word_at_once(engine: Engine) -> None:
+    question = prompt(engine, "Sing a long song.")
+    first_word, _ = await collect(engine.submit(question, SamplingSettings(max_tokens=1, temperature=0.0)))
+    generation = engine.submit(question, SamplingSettings(max_tokens=64, temperature=0.0, ignore_eos=True))
+    pieces = [event async for event in generation if isinstance(event, str)]
+    assert generation.n_generated == 64 and "".join(pieces).startswith(first_word)
+    assert pieces[0] == first_word  # handed over as soon as it was written
+    assert len(pieces) < 48  # then a few tokens a piece: the event loop wakes every 20 ms, not every token
+
+
 async def test_cancel_stops_at_once_and_frees_the_engine(engine: Engine) -> None:
     long = engine.submit(prompt(engine, "Sing."), LONG)
     await first_text(long)
