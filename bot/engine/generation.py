@@ -80,8 +80,8 @@ class Generation(Figures):
 
 
 def hand_over(generations: list[Generation]) -> None:
-    """Hand the requests' unsent text to the event loop in one call (per loop): it wakes once a step, not once a
-    stream, and each request's text since the last hand-over arrives as one piece."""
+    """Hand the requests' unsent text to the event loop in one call (per loop): it wakes once per hand-over, not
+    once per token and request, and each request's text since the last hand-over arrives as one piece."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Generation, str]]] = {}
     for generation in generations:
         if generation._unsent:

@@ -2,9 +2,10 @@
 
 Each step puts into one batch the next token of every generating sequence plus prompt tokens for newly admitted
 ones, as many as a step-time budget allows (continuous batching), decodes, and samples with per-request sampler
-chains that run in C. A prompt's image is decoded on its own right after the step that read the text before it
-(its embeddings, not tokens, at that sequence's next positions). Results travel to the asyncio side through
-``loop.call_soon_threadsafe``, the text of all requests in one call every few steps (`generation.hand_over`).
+chains that run in C (plain greedy sampling: the arg-max of the logits). A prompt's image is decoded on its own
+right after the step that read the text before it (its embeddings, not tokens, at that sequence's next
+positions). Results travel to the asyncio side through ``loop.call_soon_threadsafe``, the text of all requests
+in one call every few steps (`generation.hand_over`).
 
 Over 400 lines: one step's whole policy (admission and bursts, the prompt budget beside streams, sampling, the
 hand-over, images between text) reads in one place, on the state only this thread touches.
