@@ -18,8 +18,9 @@ import logging
 import os
 import statistics
 import sys
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,10 +79,8 @@ def thread_candidates(cores: int) -> list[int]:
 @dataclass
 class _Kind:
     """One kind of step's figures: recent seconds per step at each count, when each count was last tried (or
-    lost first place by its own steps), and the try under way (count, steps left). Its times are on its own
-    clock, ``elapsed``: the seconds its steps took so far."""
+    lost first place by its own steps), and the try under way (count, steps left)."""
 
-    elapsed: float = 0.0
     recent: dict[int, deque[float]] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)
     """The median of each count's recent steps, kept as they come: the tuner reads it every step."""
@@ -113,19 +112,19 @@ class ThreadTuner:
     gets one early try `RETRY_SECONDS` later: a stall of a few steps (a burst of other work) costs half a second
     at the slower count, not the seconds a regular try waits; when the slowness stays (another process keeps the
     core), that try shows it and the regular waits follow. A step right after the count changed is not counted:
-    it pays for waking threads that slept, which the steps after it do not. All these times are the kind's own
-    (the seconds its steps took): a kind that comes a step now and then between many of another (a few
-    generation-only steps while prompts are read) would otherwise find a try due at nearly every step of its
-    own, and run a third of them at the slower count. Used by the engine's worker thread only.
+    it pays for waking threads that slept, which the steps after it do not. Used by the engine's worker thread
+    only.
     """
 
     def __init__(
         self,
         candidates: Sequence[int],
         explore_seconds: float = EXPLORE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.candidates = list(candidates)
         self.explore_seconds = explore_seconds
+        self._clock = clock
         self._kinds: dict[int, _Kind] = {}
         self._last: int | None = None  # the count of the step before
 
@@ -143,7 +142,7 @@ class ThreadTuner:
         return kind.trial[0] if kind.trial is not None else self._best(kind)
 
     def _next_trial(self, kind: _Kind) -> tuple[int, int] | None:
-        now = kind.elapsed
+        now = self._clock()
         seconds = kind.seconds
         untried = [count for count in self.candidates if count not in seconds]
         if untried:
@@ -174,11 +173,10 @@ class ThreadTuner:
         if len(self.candidates) == 1:
             return
         kind = self._kinds.setdefault(self.kind(n_tokens), _Kind())
-        kind.elapsed += seconds
         if threads == self._last:
             kind.add(threads, seconds)
         self._last = threads
-        best, now = self._best(kind), kind.elapsed
+        best, now = self._best(kind), self._clock()
         if kind.leader is None or kind.leader[0] != best:
             if kind.leader is not None and kind.leader[0] == threads and now - kind.leader[1] >= LEADER_SECONDS:
                 kind.demoted_at[threads] = now  # its own steps, not another count's try, took its place
