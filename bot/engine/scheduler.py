@@ -86,6 +86,8 @@ class Scheduler:
     ) -> list[Generation]:
         """Take waiting requests, one session at a time in turn, while fewer than ``parallel`` generate and the
         KV pool has ``room()`` for all that each may ``need`` (caller holds the lock)."""
+        if not self._queues:
+            return []  # every step asks: nothing to renumber either
         admitted: list[Generation] = []
         left: int | None = None
         while self._queues and running + len(admitted) < parallel:

@@ -116,11 +116,7 @@ class Worker:
                 if scheduler.has_waiting and not kv.active():
                     self._gather_burst()
                 idle = not scheduler.has_waiting and not kv.active()
-                admitted = (
-                    scheduler.take_admitted(len(kv.active()), self.parallel, kv.room, kv.final_size)
-                    if scheduler.has_waiting
-                    else []
-                )
+                admitted = scheduler.take_admitted(len(kv.active()), self.parallel, kv.room, kv.final_size)
             if idle:  # outside the lock; a request that comes meanwhile stops the save between two files
                 kv.persist(stop=lambda: scheduler.has_waiting or scheduler.closing)
                 save_when_idle = False  # until there was work again

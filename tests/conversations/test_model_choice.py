@@ -6,7 +6,6 @@ second name) and a real recording server process as the third model."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from bot.types import ImagePart, Incoming, SessionKey
 from bot.wording import answered_by, cannot_see_images, unknown_model
 from tests.conftest import MODEL_PATH
 from tests.conversations.helpers import CHANNEL, Target, message
+from tests.helper_model import server  # noqa: F401
 from tests.pictures import png, sent_images
 from tests.recording_server import REPLY, RecordingServer
 
@@ -29,13 +29,6 @@ DEFAULT = MODEL_PATH.stem
 OTHER_CHANNEL = SessionKey.for_channel("test", "guild1", "chan2")
 THREAD = SessionKey.for_channel("test", "guild1", "chan2", "thread9")
 TIMEOUT_SECONDS = 60.0
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[RecordingServer]:
-    server = await RecordingServer(tmp_path, "remote-id").start()
-    yield server
-    await server.stop()
 
 
 @pytest.fixture
