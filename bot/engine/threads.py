@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 SPIN_COUNT = 1_000  # libgomp's rounds of spinning at a barrier before a thread sleeps (benchmarks/shared_machine.py)
 EXPLORE_SECONDS = 1.0  # each kind of step tries another thread count at most this often (x how much slower)...
 EXPLORE_SHARE = 0.03  # ... and no more often than keeps the tries' extra time under this share of the time...
-EXPLORE_MAX_SECONDS = 10.0  # ... but at least this often, so the figures follow the machine
+EXPLORE_MAX_SECONDS = 10.0  # ... but at least this often, so the figures follow the machine...
+TRIES_APART_STEPS = 50  # ... if that kind of step came this many times since: a rare kind does not try at each
 TRIAL_STEPS = 4  # steps of a try, the first not counted
 RETRY_SECONDS = 0.5  # a count that lost first place by its own steps gets one early try this much later...
 LEADER_SECONDS = 2.0  # ... when it had held that place this long (not a slower count a lucky try put there)
@@ -85,6 +86,8 @@ class _Kind:
     seconds: dict[int, float] = field(default_factory=dict)
     """The median of each count's recent steps, kept as they come: the tuner reads it every step."""
     tried_at: dict[int, float] = field(default_factory=dict)
+    tried_step: dict[int, int] = field(default_factory=dict)  # ``steps`` when each count was last tried
+    steps: int = 0
     demoted_at: dict[int, float] = field(default_factory=dict)
     leader: tuple[int, float] | None = None  # the fastest count and since when
     trial: tuple[int, int] | None = None
@@ -103,17 +106,21 @@ class _Kind:
 class ThreadTuner:
     """Chooses the thread count of each decode step from how long earlier steps of its kind took at each count.
 
-    A kind is the step's size class (1 token, 2-3, 4-7, …): one- and many-token steps differ in how well they
-    spread over threads. Mostly the fastest count so far is used. Another count gets a try of `TRIAL_STEPS` steps
-    now and then, so the figures follow the machine as other work comes and goes: as often as keeps what the tries
-    cost beyond the fastest count under `EXPLORE_SHARE` of the time (one 70 ms a step slower every 9 s), never
-    more often than every ``explore_seconds`` times how much slower it was (1.4 s for a count 1.4x slower), nor
-    rarer than `EXPLORE_MAX_SECONDS`. A count that held first place `LEADER_SECONDS` and lost it by its own steps
-    gets one early try `RETRY_SECONDS` later: a stall of a few steps (a burst of other work) costs half a second
-    at the slower count, not the seconds a regular try waits; when the slowness stays (another process keeps the
-    core), that try shows it and the regular waits follow. A step right after the count changed is not counted:
-    it pays for waking threads that slept, which the steps after it do not. Used by the engine's worker thread
-    only.
+    A kind is the step's size class (1 token, 2-3, 4-7, …, and how deep its prompt rows reach: under 1,024 cells,
+    1,024-2,047, 2,048-4,095, …): one- and many-token steps differ in how well they spread over threads, and a
+    prompt chunk read deep into a long conversation costs several times one read at its start. Mostly the fastest
+    count so far is used. Another count gets a try of `TRIAL_STEPS` steps now and then, so the figures follow the
+    machine as other work comes and goes: as often as keeps what the tries cost beyond the fastest count under
+    `EXPLORE_SHARE` of the time (one 70 ms a step slower every 9 s), never more often than every
+    ``explore_seconds`` times how much slower it was (1.4 s for a count 1.4x slower), nor rarer than
+    `EXPLORE_MAX_SECONDS`, and only after `TRIES_APART_STEPS` steps of that kind (a kind that comes now and then,
+    between many others, would otherwise find a try due at each of its steps). A count that held first place
+    `LEADER_SECONDS` and lost it by its own steps gets one early try `RETRY_SECONDS` later: a stall of a few steps
+    (a burst of other work) costs half a second at the slower count, not the seconds a regular try waits; when the
+    slowness stays (another process keeps the core), that try shows it and the regular waits follow. A step right
+    after the count changed is not counted: it pays for waking threads that slept, which the steps after it do
+    not; but a try's last step counts if none of its steps did (each followed a step of another kind at another
+    count), so every try ends. Used by the engine's worker thread only.
     """
 
     def __init__(
@@ -125,18 +132,19 @@ class ThreadTuner:
         self.candidates = list(candidates)
         self.explore_seconds = explore_seconds
         self._clock = clock
-        self._kinds: dict[int, _Kind] = {}
+        self._kinds: dict[tuple[int, int], _Kind] = {}
         self._last: int | None = None  # the count of the step before
 
     @staticmethod
-    def kind(n_tokens: int) -> int:
-        return n_tokens.bit_length()
+    def kind(n_tokens: int, reach: int = 0) -> tuple[int, int]:
+        """The kind of a step of ``n_tokens`` tokens whose prompt rows attend to up to ``reach`` cells."""
+        return n_tokens.bit_length(), (reach >> 10).bit_length()
 
-    def choose(self, n_tokens: int) -> int:
-        """The thread count for a step of ``n_tokens`` tokens."""
+    def choose(self, n_tokens: int, reach: int = 0) -> int:
+        """The thread count for a step of ``n_tokens`` tokens, prompt rows reaching ``reach`` cells."""
         if len(self.candidates) == 1:
             return self.candidates[0]
-        kind = self._kinds.setdefault(self.kind(n_tokens), _Kind())
+        kind = self._kinds.setdefault(self.kind(n_tokens, reach), _Kind())
         if kind.trial is None:
             kind.trial = self._next_trial(kind)
         return kind.trial[0] if kind.trial is not None else self._best(kind)
@@ -147,6 +155,7 @@ class ThreadTuner:
         untried = [count for count in self.candidates if count not in seconds]
         if untried:
             kind.tried_at[untried[0]] = now
+            kind.tried_step[untried[0]] = kind.steps
             return untried[0], TRIAL_STEPS
         best = self._best(kind)
         for count in sorted(self.candidates, key=lambda count: kind.tried_at.get(count, 0.0)):
@@ -154,6 +163,8 @@ class ThreadTuner:
                 continue
             if count in kind.demoted_at:
                 since, wait = kind.demoted_at[count], RETRY_SECONDS
+            elif kind.steps - kind.tried_step.get(count, 0) < TRIES_APART_STEPS:
+                continue
             else:
                 cost = TRIAL_STEPS * (seconds[count] - seconds[best])
                 since = kind.tried_at.get(count, 0.0)
@@ -164,17 +175,20 @@ class ThreadTuner:
             if now - since >= wait:
                 kind.demoted_at.pop(count, None)
                 kind.tried_at[count] = now
+                kind.tried_step[count] = kind.steps
                 kind.forget(count)
                 return count, TRIAL_STEPS
         return None
 
-    def record(self, n_tokens: int, threads: int, seconds: float) -> None:
-        """How long a step of ``n_tokens`` tokens took with ``threads`` threads."""
+    def record(self, n_tokens: int, threads: int, seconds: float, reach: int = 0) -> None:
+        """How long a step of ``n_tokens`` tokens (prompt rows reaching ``reach`` cells) took with ``threads``."""
         if len(self.candidates) == 1:
             return
-        kind = self._kinds.setdefault(self.kind(n_tokens), _Kind())
-        if threads == self._last:
-            kind.add(threads, seconds)
+        kind = self._kinds.setdefault(self.kind(n_tokens, reach), _Kind())
+        kind.steps += 1
+        trial_ends = kind.trial is not None and kind.trial == (threads, 1)
+        if threads == self._last or (trial_ends and threads not in kind.seconds):
+            kind.add(threads, seconds)  # a try's last step counts even after a change: it has to end
         self._last = threads
         best, now = self._best(kind), self._clock()
         if kind.leader is None or kind.leader[0] != best:
@@ -183,7 +197,7 @@ class ThreadTuner:
             kind.leader = (best, now)
         if kind.trial is not None and kind.trial[0] == threads:
             left = kind.trial[1] - 1
-            kind.trial = (threads, left) if left > 0 or threads not in kind.seconds else None
+            kind.trial = (threads, left) if left > 0 else None
 
     def _best(self, kind: _Kind) -> int:
         seconds = kind.seconds
@@ -194,6 +208,6 @@ class ThreadTuner:
         """Seconds a step of ``n_tokens`` tokens takes at each count timed so far (medians of recent steps)."""
         return dict(self._kinds.get(self.kind(n_tokens), _Kind()).seconds)
 
-    def best(self, n_tokens: int = 1) -> int:
+    def best(self, n_tokens: int = 1, reach: int = 0) -> int:
         """The count a step of ``n_tokens`` tokens gets now, tries aside (for /status, logs and benchmarks)."""
-        return self._best(self._kinds.get(self.kind(n_tokens), _Kind()))
+        return self._best(self._kinds.get(self.kind(n_tokens, reach), _Kind()))

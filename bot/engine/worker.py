@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 LONG_PROMPT_TOKENS = 128  # a prompt this long waits for idle caches to leave the pool before it is read
 BARE_STEP_EVERY = 32  # while prompts are read, every this many steps one is left without, to time it anew
 IDLE_SAVE_SECONDS = 30.0  # with nothing to do that long, the worker writes the KV states to disk
+TILE_ROWS = 64  # rows of one sequence from which llama.cpp's CPU flash attention takes its tiled path
 HAND_OVER_SECONDS = 0.02  # decoded text goes to the event loop at most this often (a request's first at once)
 BURST_GAP_SECONDS = 0.005  # an idle engine's first request waits this long for others of the same burst...
 BURST_MAX_SECONDS = 0.03  # ... as long as they keep coming, at most this long: they start in one step
@@ -200,6 +201,7 @@ class Worker:
                 generation._images = None
         slot.pending = generation.prompt[len(slot.cached) :]
         slot.next_token = None
+        slot.saved_share = 0
         slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         generation.n_prompt_reused = len(slot.cached)
         generation._announce_position()
@@ -247,27 +249,16 @@ class Worker:
         if generating and (self._gen_step is None or self._since_bare >= BARE_STEP_EVERY):
             budget = 0  # a step of generating tokens only, to time it as the machine is now
         limited = timed and 0 < budget < waiting_tokens  # more prompt than this step takes: a measure of it
-        budget = min(budget, waiting_tokens)
-        if not kv.make_room(len(generating) + budget):
-            budget = max(0, kv.free_cells - len(generating))
+        chunks = self._plan_chunks(prompting, min(budget, waiting_tokens), bool(generating))
+        n_prompt = sum(chunks.values())
+        if not kv.make_room(len(generating) + n_prompt):
+            chunks = self._plan_chunks(prompting, max(0, kv.free_cells - len(generating)), False)
+            n_prompt = sum(chunks.values())
             while generating and kv.free_cells < len(generating):
                 longest = max(generating, key=lambda s: len(s.cells))  # cannot happen with admission by room
                 generating.remove(longest)
                 with self.scheduler.cond:
                     self._finish(longest, FinishReason.LENGTH)
-        n_prompt = budget
-        chunks: dict[int, list[int]] = {}
-        for place, slot in enumerate(prompting):
-            if budget <= 0:
-                break
-            assert slot.pending is not None
-            # Max-min fair: shortest first, each taking at most an equal share of what is left, so short prompts
-            # finish at once while a long one still advances every step (never starved by a stream of short ones).
-            share = max(1, budget // (len(prompting) - place))
-            if self._with_images and slot.generation is not None and slot.generation._images is not None:
-                share = min(share, slot.generation._images.spans[0].start - len(slot.cached))  # up to its image
-            chunks[slot.seq_id] = slot.pending[:share]
-            budget -= len(chunks[slot.seq_id])
         batch, n = self._batch, 0
         # In sequence order: with a KV stream per sequence, llama.cpp splits a batch into a ubatch per run of
         # consecutive sequence ids (see `KVStreams.trim_idle`), taken in the order the batch names them.
@@ -278,28 +269,74 @@ class Worker:
                 n = self._add(batch, n, slot.next_token, len(slot.cached), slot.seq_id, True)
                 kv.append(slot, slot.next_token)
                 slot.logits_index = n - 1
-            elif chunk := chunks.get(slot.seq_id):
+            elif size := chunks.get(slot.seq_id):
                 assert slot.pending is not None
-                del slot.pending[: len(chunk)]
+                chunk = slot.pending[:size]
+                del slot.pending[:size]
                 for i, token in enumerate(chunk):
-                    n = self._add(
-                        batch, n, token, len(slot.cached), slot.seq_id, not slot.pending and i == len(chunk) - 1
-                    )
+                    n = self._add(batch, n, token, len(slot.cached), slot.seq_id, not slot.pending and i == size - 1)
                     kv.append(slot, token)
                 if not slot.pending:
                     slot.logits_index = n - 1
         if n:
             if n_prompt:  # a step with prompt tokens can take a while: the text so far goes out before it
                 self._hand_over(slots, now=True)
-            self._decode(batch, n, slots, n_prompt, limited, bool(generating))
+            reach = max((len(slot.cached) for slot in slots if chunks.get(slot.seq_id)), default=0)
+            self._decode(batch, n, slots, n_prompt, limited, bool(generating), reach)
             self._hand_over(slots)
         if self._with_images:  # after the sampling: an image's decode overwrites the step's logits
             self._decode_images(slots)
 
-    def _decode(self, batch: Any, n: int, slots: list[Slot], n_prompt: int, limited: bool, generating: bool) -> None:
+    def _plan_chunks(self, prompting: list[Slot], budget: int, beside_streams: bool) -> dict[int, int]:
+        """How many prompt tokens each sequence reads this step, by sequence id, about ``budget`` in all.
+
+        Max-min fair: shortest first, each taking at most an equal share of what is left, so short prompts finish at
+        once while a long one still advances every step (never starved by a stream of short ones). Beside streams,
+        a long prompt whose fair share is under `TILE_ROWS` saves its shares up instead, leaving this step's budget
+        to the others, and reads them as one chunk of ``TILE_ROWS + 1``, in a step no other prompt shares where it
+        can: llama.cpp's CPU attention is 1.3-1.6x slower a token for fewer than 64 rows of one sequence in a
+        ubatch (at 400-3,500 cells; the chunk's first row goes into the ubatch of one token per sequence). The
+        streams then write a few steps at the quick pace, then wait one long step. Its last 64 tokens go in shares.
+        """
+        if budget <= 0:
+            return {}
+        fair = budget // len(prompting)
+        saving = [
+            slot
+            for slot in prompting
+            if beside_streams and fair <= TILE_ROWS < len(slot.pending or ()) and self._up_to_image(slot) is None
+        ]
+        chunks: dict[int, int] = {}
+        others = [slot for slot in prompting if slot not in saving]
+        for place, slot in enumerate(others):
+            if budget <= 0:
+                break
+            share = min(max(1, budget // (len(others) - place)), len(slot.pending or ()))
+            if (image_at := self._up_to_image(slot)) is not None:
+                share = min(share, image_at)
+            chunks[slot.seq_id] = share
+            budget -= chunks[slot.seq_id]
+            slot.saved_share = 0
+        for slot in saving:
+            slot.saved_share += max(1, fair)
+            if slot.saved_share > TILE_ROWS and (not any(chunks.values()) or slot.saved_share > 2 * TILE_ROWS):
+                chunks[slot.seq_id] = TILE_ROWS + 1
+                slot.saved_share -= TILE_ROWS + 1
+        return chunks
+
+    def _up_to_image(self, slot: Slot) -> int | None:
+        """Prompt tokens before the slot's next image (an image is decoded on its own), None without one."""
+        generation = slot.generation
+        if not self._with_images or generation is None or generation._images is None:
+            return None
+        return generation._images.spans[0].start - len(slot.cached)
+
+    def _decode(
+        self, batch: Any, n: int, slots: list[Slot], n_prompt: int, limited: bool, generating: bool, reach: int
+    ) -> None:
         """Decode the step's batch of ``n`` tokens, time it, and sample the sequences it gave logits for."""
         batch.n_tokens = n
-        threads = self.threads.choose(n)
+        threads = self.threads.choose(n, reach)
         if threads != self._n_threads:
             llama_cpp.llama_set_n_threads(self._ctx, threads, threads)
             self._n_threads = threads
@@ -308,7 +345,7 @@ class Worker:
         if result != 0:
             raise EngineError(f"llama_decode returned {result}")
         seconds = time.perf_counter() - started
-        self.threads.record(n, threads, seconds)
+        self.threads.record(n, threads, seconds, reach)
         self.step_seconds.append(seconds)
         self.step_cells.append(self.kv.cells_in_use)
         if generating or limited:
@@ -369,7 +406,10 @@ class Worker:
             return
         if not limited:  # the prompts ran out before the chunk did: the step says nothing about its size
             return
-        target = max(self.settings.step_budget_ms / 1000, 2 * (self._gen_step or 0.0))
+        # What a step of the usual chunk would have taken (a step that reads saved-up shares reads more).
+        gen = self._gen_step or 0.0
+        seconds = gen + (seconds - gen) * self._prefill_tokens() / n_prompt
+        target = max(self.settings.step_budget_ms / 1000, 2 * gen)
         ratio = min(2.0, max(0.5, target / max(seconds, 1e-6)))
         self._chunk = min(float(self._n_batch), max(float(self.settings.prefill_chunk), self._chunk * ratio))
 

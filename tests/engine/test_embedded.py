@@ -571,6 +571,28 @@ async def test_a_short_prompt_is_not_stuck_behind_a_long_one_and_a_long_prompt_i
         engine.close()
 
 
+async def test_beside_a_stream_a_long_prompt_is_read_in_chunks_of_at_least_65_tokens() -> None:
+    # Small shares (a tight budget keeps them near the 16-token floor) are saved up: fewer than 64 rows of one
+    # sequence take llama.cpp's slow untiled CPU attention, so the prompt goes in 65 at a time (one row joins the
+    # stream's ubatch), with steps of the stream's token alone between.
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=2048, n_threads=1, parallel=4, step_budget_ms=5))
+    try:
+        stream = engine.submit(prompt(engine, "Sing."), LONG, session="stream")
+        await first_text(stream)
+        long_prompt = engine.chat_tokens([{"role": "user", "content": "The tide rose and fell. " * 60}])
+        mark = len(engine.step_cells)
+        long = engine.submit(long_prompt, SamplingSettings(max_tokens=1, temperature=0.0), session="long")
+        await collect(long)
+        stream.cancel()
+        cells = list(engine.step_cells)[mark - 1 :]
+        added = [after - before for before, after in zip(cells, cells[1:], strict=False)]
+        read = [n - 1 for n in added if n > 1]  # prompt tokens of each step beside the stream's one token
+        assert sum(read) >= len(long_prompt) - 64, (len(long_prompt), added)  # (a cached prefix is not read)
+        assert sum(n for n in read if n < 65) <= 64, read  # only the last 64 go in smaller pieces
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("apart", [0.0, 0.002])
 async def test_a_burst_of_questions_to_an_idle_engine_is_read_in_one_step(apart: float) -> None:
     # Four questions of about 40 tokens each, sent together or a few ms apart (as HTTP requests of one burst reach

@@ -67,15 +67,15 @@ class Machine:
         self.now = 0.0
         self.last: int | None = None
 
-    def run(self, tuner: ThreadTuner, steps: int, n_tokens: int = 1) -> list[int]:
+    def run(self, tuner: ThreadTuner, steps: int, n_tokens: int = 1, reach: int = 0) -> list[int]:
         """``steps`` steps; the counts the tuner chose."""
         chosen = []
         for _ in range(steps):
-            threads = tuner.choose(n_tokens)
+            threads = tuner.choose(n_tokens, reach)
             took = self.seconds[threads] * (2 if threads != self.last else 1)
             self.now += took
             self.last = threads
-            tuner.record(n_tokens, threads, took)
+            tuner.record(n_tokens, threads, took, reach)
             chosen.append(threads)
         return chosen
 
@@ -143,6 +143,19 @@ def test_the_tuner_times_each_kind_of_step_apart() -> None:
     assert tuner.best(1) == 2 and tuner.best(300) == 1 and tuner.best(256) == 1
 
 
+def test_a_prompt_chunk_deep_in_a_long_conversation_is_timed_apart_from_one_near_its_start() -> None:
+    # 65 prompt tokens beside 7 streams: near a conversation's start one thread does (say), at 3,000 cells of
+    # attention two do. Timed as one kind, the cheap shallow steps at one thread made one thread look fastest.
+    shallow, deep = Machine({2: 0.150, 1: 0.140}), Machine({2: 0.500, 1: 0.800})
+    tuner = ThreadTuner([2, 1], clock=lambda: shallow.now + deep.now)
+    for _ in range(30):
+        shallow.run(tuner, 3, n_tokens=72)
+        deep.last = shallow.last
+        deep.run(tuner, 3, n_tokens=72, reach=3000)
+        shallow.last = deep.last
+    assert tuner.best(72) == 1 and tuner.best(72, reach=3000) == 2
+
+
 def test_a_fixed_thread_count_is_never_tuned() -> None:
     machine = Machine({3: 0.01})
     assert machine.run(ThreadTuner([3]), 10) == [3] * 10
@@ -168,3 +181,19 @@ def test_the_engine_times_its_steps_at_each_candidate(tmp_path: Path) -> None:
         assert fixed.threads.candidates == [1]
     finally:
         fixed.close()
+
+
+def test_a_kind_of_step_that_comes_between_others_neither_sticks_in_a_try_nor_tries_at_each_step() -> None:
+    # A long prompt read 65 tokens at a time: one such step after every three one-token steps, which run at two
+    # threads. Its try of one thread follows a change of count at every step, so none of them was counted, and the
+    # try never ended (83 of 100 steps at one thread); once it ends, tries a wall-clock wait apart still came at
+    # every few of its steps (41 of 100).
+    gen, chunk = Machine({2: 0.050, 1: 0.200}), Machine({2: 0.500, 1: 0.700})
+    tuner = ThreadTuner([2, 1], clock=lambda: gen.now + chunk.now)
+    at_one = 0
+    for _ in range(100):  # some 80 s
+        gen.run(tuner, 3, n_tokens=7)
+        chunk.last = gen.last
+        at_one += chunk.run(tuner, 1, n_tokens=72).count(1)
+        gen.last = chunk.last
+    assert tuner.best(72) == 2 and at_one <= 3 * TRIAL_STEPS, at_one
