@@ -4,10 +4,13 @@
 Run: .venv/bin/python benchmarks/kv_layout.py [--own 3000] [--others 1500] [--threads 2]
 
 Fills one sequence to ``--own`` tokens and seven others to ``--others`` each, then times a decode step with one
-token for each of the seven, alone and beside a 32- and a 128-token prompt chunk of the first sequence (a long
-message read while seven replies stream). Prints the median of 5 steps per layout. In a unified pool every token
-walks all sequences' cells, masking out the others'; with a stream per sequence it walks only its own, but each
-sequence then has a fixed slot of the context (``n_ctx / n_seq_max``).
+token for each of the seven, alone and beside a 16-, 64-, 65- and 128-token prompt chunk of the first sequence
+(a long message read while seven replies stream). llama.cpp splits such a step into a ubatch of one token per
+sequence and one of the chunk's other rows; its CPU flash attention takes the tiled path from 64 rows of one
+sequence, so a 65-token chunk costs less than a 64-token one. Prints the median of 5 steps per layout, and what
+each chunk adds as prompt tokens per second. In a unified pool every token walks all sequences' cells, masking
+out the others'; with a stream per sequence it walks only its own, but each sequence then has a fixed slot of the
+context (``n_ctx / n_seq_max``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import llama_cpp  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 OTHERS = 7
-CHUNKS = (0, 32, 128)
+CHUNKS = (0, 16, 64, 65, 128)  # 64 rows: 1 joins the seven's ubatch, 63 take the untiled attention; 65: 64 tiled
 _QUIET = llama_cpp.llama_log_callback(lambda *_: None)  # llama.cpp keeps only a pointer: the object must live on
 
 
@@ -81,10 +84,10 @@ def measure(
             times = []
             for _ in range(5):
                 n = 0
+                for i in range(chunk):  # in sequence order, as the engine puts them
+                    n = put(n, 500 + i, own + i, 0, i == chunk - 1)
                 for seq in range(1, OTHERS + 1):
                     n = put(n, 300 + seq, others, seq, True)
-                for i in range(chunk):
-                    n = put(n, 500 + i, own + i, 0, i == chunk - 1)
                 times.append(decode(n))
                 llama_cpp.llama_memory_seq_rm(memory, 0, own, -1)
                 for seq in range(1, OTHERS + 1):
@@ -109,7 +112,7 @@ def main() -> None:
     model = llama_cpp.llama_model_load_from_file(str(MODEL).encode(), llama_cpp.llama_model_default_params())
     print(
         f"one sequence at {args.own} tokens, {OTHERS} at {args.others}; a step of {OTHERS} one-token decodes "
-        f"plus a prompt chunk of 0 / 32 / 128 tokens; {args.threads} threads"
+        f"plus a prompt chunk of {' / '.join(map(str, CHUNKS))} tokens; {args.threads} threads"
     )
     try:
         f16, q8 = llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_Q8_0
@@ -122,7 +125,9 @@ def main() -> None:
             ("unified pool, flash, q8_0 K and V (half)", True, True, q8),
         ):
             medians = measure(model, unified, flash, args.own, args.others, args.threads, kv_type)
+            rates = [chunk / max(m - medians[0], 1e-6) for chunk, m in zip(CHUNKS[1:], medians[1:], strict=True)]
             print(f"{label:52s} " + " / ".join(f"{1000 * m:7.1f} ms" for m in medians))
+            print(f"{'':52s} the chunk's prompt tokens/s beside the seven: " + " / ".join(f"{r:.0f}" for r in rates))
     finally:
         llama_cpp.llama_model_free(model)
 
