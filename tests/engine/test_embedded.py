@@ -593,6 +593,40 @@ async def test_beside_a_stream_a_long_prompt_is_read_in_chunks_of_at_least_65_to
         engine.close()
 
 
+async def test_short_prompts_beside_a_long_one_do_not_slow_its_reading() -> None:
+    # The long prompt saves from a budget of its own: three lines of short prompts read meanwhile cost it only the
+    # few steps it waits for a step without them, where one budget shared with them (a quarter for it) took it
+    # several times as many steps as alone.
+    engine = Engine(EngineSettings(model_path=MODEL_PATH, n_ctx=2048, n_threads=1, parallel=4, step_budget_ms=5))
+    try:
+        stream = engine.submit(prompt(engine, "Sing."), LONG, session="stream")
+        await first_text(stream)
+
+        async def steps_to_read(text: str, beside_short_prompts: bool) -> int:
+            long_prompt = engine.chat_tokens([{"role": "user", "content": text * 60}])
+            before = stream.n_generated  # the stream gains one token per decode step
+            long = engine.submit(long_prompt, SamplingSettings(max_tokens=1, temperature=0.0), session=text)
+            asked = 0
+
+            async def short_prompts(lane: int) -> None:  # a new short prompt as soon as one is read
+                nonlocal asked
+                while beside_short_prompts and long.finish_reason is None and asked < 300:
+                    asked += 1
+                    short = prompt(engine, f"Hi number {lane}-{asked}, how are you today, my friend?")
+                    sampling = SamplingSettings(max_tokens=1, temperature=0.0)
+                    await collect(engine.submit(short, sampling, session=f"s{lane}"))
+
+            await asyncio.gather(collect(long), *(short_prompts(lane) for lane in range(3)))
+            return stream.n_generated - before
+
+        alone = await steps_to_read("The tide rose and fell. ", False)
+        beside = await steps_to_read("The wind rose and fell. ", True)
+        stream.cancel()
+        assert beside <= 3 * alone, (alone, beside)  # 2x here; 4.5x with one budget
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("apart", [0.0, 0.002])
 async def test_a_burst_of_questions_to_an_idle_engine_is_read_in_one_step(apart: float) -> None:
     # Four questions of about 40 tokens each, sent together or a few ms apart (as HTTP requests of one burst reach
