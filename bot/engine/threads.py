@@ -204,9 +204,9 @@ class ThreadTuner:
         known = [count for count in self.candidates if count in seconds]
         return min(known, key=lambda count: seconds[count]) if known else self.candidates[0]
 
-    def timings(self, n_tokens: int = 1) -> dict[int, float]:
+    def timings(self, n_tokens: int = 1, reach: int = 0) -> dict[int, float]:
         """Seconds a step of ``n_tokens`` tokens takes at each count timed so far (medians of recent steps)."""
-        return dict(self._kinds.get(self.kind(n_tokens), _Kind()).seconds)
+        return dict(self._kinds.get(self.kind(n_tokens, reach), _Kind()).seconds)
 
     def best(self, n_tokens: int = 1, reach: int = 0) -> int:
         """The count a step of ``n_tokens`` tokens gets now, tries aside (for /status, logs and benchmarks)."""
