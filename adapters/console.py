@@ -29,6 +29,7 @@ HELP = (
     "Commands: /reset (forget this conversation), /system [text] (show or set the system prompt), "
     "/model [name] (show the models or pick one), /quit. Ctrl-C stops a reply."
 )
+COMMANDS = ("/help", "/reset", "/system", "/model")  # and /quit or /exit
 PROMPT = "you> "
 MAX_LINE_BYTES = 16 * 2**20  # asyncio's default (64 KiB) is shorter than a pasted document
 PASTE_START, PASTE_END = "\033[200~", "\033[201~"  # bracketed paste: the terminal marks what was pasted
@@ -231,20 +232,11 @@ async def _chat(
             text = line.strip()
             if text in ("/quit", "/exit"):
                 break
-            if text == "/help":
-                out.write(HELP + "\n")
-            elif text == "/reset":
-                await manager.reset(key)
-                out.write("Conversation cleared.\n")
-            elif text == "/system" or text.startswith("/system "):
-                prompt = text.removeprefix("/system").strip()
-                if prompt:
-                    await manager.set_system_prompt(key, prompt)
-                    out.write("System prompt set.\n")
-                else:
-                    out.write(f"System prompt: {await manager.system_prompt(key)}\n")
-            elif text == "/model" or text.startswith("/model "):
-                out.write(await _model_command(manager, key, user, text.removeprefix("/model").strip()) + "\n")
+            if text.split(" ", 1)[0] in COMMANDS:
+                try:
+                    out.write(await _command(manager, key, user, text) + "\n")
+                except LlamarelayError as exc:  # e.g. the database is gone: the user reads why, and chats on
+                    out.write(f"{exc}\n")
             else:
                 target = ConsoleTarget(out)
                 replying.set()
@@ -260,6 +252,23 @@ async def _chat(
         loop.remove_signal_handler(signal.SIGTERM)
         out.write(("\033[?2004l" if editor else "") + "\nBye.\n")
         out.flush()
+
+
+async def _command(manager: ConversationManager, key: SessionKey, user: str, text: str) -> str:
+    """What a command line (one of `COMMANDS`) answers."""
+    command, _, argument = text.partition(" ")
+    argument = argument.strip()
+    if command == "/help":
+        return HELP
+    if command == "/reset":
+        await manager.reset(key)
+        return "Conversation cleared."
+    if command == "/system":
+        if not argument:
+            return f"System prompt: {await manager.system_prompt(key)}"
+        await manager.set_system_prompt(key, argument)
+        return "System prompt set."
+    return await _model_command(manager, key, user, argument)
 
 
 async def _model_command(manager: ConversationManager, key: SessionKey, user: str, name: str) -> str:

@@ -149,7 +149,7 @@ async def _run_adapters(
     failure: BaseException | None = None
     try:
         done, _ = await asyncio.wait(tasks | {stop}, return_when=asyncio.FIRST_COMPLETED)
-        for task in done - {stop}:
+        for task in done:  # the terminal chat's task is `stop`: its failure is logged too
             if not task.cancelled() and task.exception() is not None:
                 failure = task.exception()
                 if not isinstance(failure, LlamarelayError):  # a bug, not a config problem: keep the traceback

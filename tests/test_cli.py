@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from adapters.console import run_console
+from adapters.console import HELP, run_console
 from bot.cli import _parser
+from bot.config import Settings
 from bot.conversations import ConversationManager
 from tests.conftest import MODEL_PATH
 
@@ -373,6 +374,23 @@ async def test_terminal_is_blocking_again_after_the_chat_ends(tmp_path: Path, le
     finally:
         os.close(terminal)
         os.close(controller)
+
+
+async def test_a_command_the_database_refuses_is_answered_and_the_chat_goes_on(
+    manager: ConversationManager, settings: Settings
+) -> None:
+    settings.store.path.unlink()  # deleted under the running chat: nothing can be saved any more
+    read, write = os.pipe()
+    os.write(write, b"/system Be brief.\n/help\n/quit\n")
+    os.close(write)
+    out = io.StringIO()
+    with open(read) as stdin:
+        await asyncio.wait_for(run_console(manager, user="tester", stdin=stdin, out=out), 30)
+    text = out.getvalue()
+    refused = next(line for line in text.splitlines() if "was deleted or replaced" in line)
+    assert str(settings.store.path) in refused and "System prompt set." not in text
+    assert text.index(refused) < text.rindex(HELP)  # /help, after it, was answered
+    assert text.endswith("\nBye.\n")
 
 
 @pytest.mark.parametrize("leave", ["cancelled", "failed"])

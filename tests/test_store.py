@@ -81,6 +81,26 @@ async def test_an_exchange_keeps_its_two_rows_together_under_concurrency(store: 
         assert history[position + 1].role == "assistant" and history[position + 1].status == Status.GENERATING
 
 
+async def test_writes_at_once_each_keep_their_own_transaction(store: Store) -> None:
+    """Transactions of several statements (a clear, the readiness probe, the lease sweep) beside single writes on
+    one connection: each is whole and none fails (SQLite said "cannot start a transaction within a transaction"
+    when a reset met the probe at start-up)."""
+    for round in range(5):
+        await reply_pair(store, OTHER, text=f"other {round}")
+        newest = (await reply_pair(store, text=f"q{round}"))[1]
+        await asyncio.gather(
+            store.clear_messages(KEY, through_id=newest),
+            store.probe(),
+            store.expire_leases("interrupted"),
+            *(store.add_message(OTHER, "user", f"beside {round}.{n}", Status.COMPLETE) for n in range(3)),
+            store.probe(),
+            store.set_system_prompt(OTHER, f"prompt {round}"),
+        )
+        assert await store.messages(KEY) == []
+        assert await store.system_prompt(OTHER) == f"prompt {round}"
+    assert len(await store.messages(OTHER)) == 5 * 5
+
+
 async def test_a_reply_is_checkpointed_finished_and_reopened(store: Store) -> None:
     _, reply = await reply_pair(store)
     await store.checkpoint(reply, "half")

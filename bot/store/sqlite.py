@@ -129,6 +129,9 @@ class SQLiteStore(Store):
         self._db = db
         self.path = path
         self._exchange_lock = asyncio.Lock()
+        # One write at a time on the one connection: a transaction spans awaits, and a write beside it would join
+        # it (or fail to BEGIN its own) and commit the other's half.
+        self._writing = asyncio.Lock()
         self._turns: dict[str, tuple[asyncio.Lock, int]] = {}  # per session: its lock, and who holds or waits
         self._owner = _claim(path)  # the lock file held while open: a second process is told at once
         self._file: tuple[int, int] | None = None  # (device, inode) of the file this connection writes
@@ -242,10 +245,11 @@ class SQLiteStore(Store):
     async def _immediate(self, doing: str) -> AsyncIterator[None]:
         """One write transaction (BEGIN IMMEDIATE … COMMIT), rolled back if anything in it fails."""
         self._check_file()
-        with self._failing(doing):
-            await self._db.execute("BEGIN IMMEDIATE")
-            async with self._committing():
-                yield
+        async with self._writing:
+            with self._failing(doing):
+                await self._db.execute("BEGIN IMMEDIATE")
+                async with self._committing():
+                    yield
 
     @contextlib.asynccontextmanager
     async def _committing(self) -> AsyncIterator[None]:
@@ -261,9 +265,10 @@ class SQLiteStore(Store):
 
     async def _write(self, sql: str, params: tuple[Any, ...] = ()) -> aiosqlite.Cursor:
         self._check_file()
-        with self._failing("write to"):
-            async with self._committing():
-                return await self._db.execute(sql, params)
+        async with self._writing:
+            with self._failing("write to"):
+                async with self._committing():
+                    return await self._db.execute(sql, params)
 
     async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         with self._failing("read"):
