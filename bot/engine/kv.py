@@ -46,7 +46,7 @@ class Slot:
     generation: Generation | None = None
     pending: list[int] | None = None  # prompt tokens still to decode
     next_token: int | None = None  # sampled, not decoded yet
-    saved_share: int = 0  # prompt tokens of the steps it sat out, read in one chunk (see `Worker._plan_chunks`)
+    long_read_at: float = 0.0  # when it last read a long prompt's chunk beside streams (see `Worker._plan_chunks`)
     logits_index: int = -1  # batch index of this slot's logits in the current step
     decoder: Any = None
     last_used: float = 0.0

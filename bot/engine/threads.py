@@ -34,6 +34,7 @@ EXPLORE_SHARE = 0.03  # ... and no more often than keeps the tries' extra time u
 EXPLORE_MAX_SECONDS = 10.0  # ... but at least this often, so the figures follow the machine...
 TRIES_APART_STEPS = 50  # ... if that kind of step came this many times since: a rare kind does not try at each
 TRIAL_STEPS = 4  # steps of a try, the first not counted
+BIG_STEP_BITS = 6  # a kind of over 63 tokens (compute-bound: all cores) tries fewer only after TRIES_APART_STEPS
 RETRY_SECONDS = 0.5  # a count that lost first place by its own steps gets one early try this much later...
 LEADER_SECONDS = 2.0  # ... when it had held that place this long (not a slower count a lucky try put there)
 RECENT_STEPS = 7  # a thread count's figure is the median of its last this many steps: one stalled step (another
@@ -109,7 +110,9 @@ class ThreadTuner:
     A kind is the step's size class (1 token, 2-3, 4-7, …, and how deep its prompt rows reach: under 1,024 cells,
     1,024-2,047, 2,048-4,095, …): one- and many-token steps differ in how well they spread over threads, and a
     prompt chunk read deep into a long conversation costs several times one read at its start. Mostly the fastest
-    count so far is used. Another count gets a try of `TRIAL_STEPS` steps now and then, so the figures follow the
+    count so far is used. A new kind of up to 63 tokens tries every count at once; one of more (compute-bound, so
+    every core rarely loses, and often rare: a long prompt's chunks) runs at every core until it has come
+    `TRIES_APART_STEPS` times. Another count gets a try of `TRIAL_STEPS` steps now and then, so the figures follow the
     machine as other work comes and goes: as often as keeps what the tries cost beyond the fastest count under
     `EXPLORE_SHARE` of the time (one 70 ms a step slower every 9 s), never more often than every
     ``explore_seconds`` times how much slower it was (1.4 s for a count 1.4x slower), nor rarer than
@@ -144,16 +147,17 @@ class ThreadTuner:
         """The thread count for a step of ``n_tokens`` tokens, prompt rows reaching ``reach`` cells."""
         if len(self.candidates) == 1:
             return self.candidates[0]
-        kind = self._kinds.setdefault(self.kind(n_tokens, reach), _Kind())
+        size, depth = self.kind(n_tokens, reach)
+        kind = self._kinds.setdefault((size, depth), _Kind())
         if kind.trial is None:
-            kind.trial = self._next_trial(kind)
+            kind.trial = self._next_trial(kind, big=size > BIG_STEP_BITS)
         return kind.trial[0] if kind.trial is not None else self._best(kind)
 
-    def _next_trial(self, kind: _Kind) -> tuple[int, int] | None:
+    def _next_trial(self, kind: _Kind, big: bool) -> tuple[int, int] | None:
         now = self._clock()
         seconds = kind.seconds
         untried = [count for count in self.candidates if count not in seconds]
-        if untried:
+        if untried and (not big or kind.steps >= TRIES_APART_STEPS):
             kind.tried_at[untried[0]] = now
             kind.tried_step[untried[0]] = kind.steps
             return untried[0], TRIAL_STEPS

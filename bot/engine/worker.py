@@ -45,6 +45,8 @@ LONG_PROMPT_TOKENS = 128  # a prompt this long waits for idle caches to leave th
 BARE_STEP_EVERY = 32  # while prompts are read, every this many steps one is left without, to time it anew
 IDLE_SAVE_SECONDS = 30.0  # with nothing to do that long, the worker writes the KV states to disk
 TILE_ROWS = 64  # rows of one sequence from which llama.cpp's CPU flash attention takes its tiled path
+LONG_STEP_SECONDS = 2.0  # beside streams, a long prompt's chunk is sized to a step this long (two edits' pace)
+LONG_REST = 0.5  # after such a step, the streams and short prompts step alone for this share of its time
 HAND_OVER_SECONDS = 0.02  # decoded text goes to the event loop at most this often (a request's first at once)
 BURST_GAP_SECONDS = 0.005  # an idle engine's first request waits this long for others of the same burst...
 BURST_MAX_SECONDS = 0.03  # ... as long as they keep coming, at most this long: they start in one step
@@ -85,6 +87,9 @@ class Worker:
         self.step_cells: deque[int] = deque(maxlen=10_000)
         """KV cells the pool held during each of those steps: each step's attention walked at least these."""
         self._chunk = 4.0 * settings.prefill_chunk  # prompt tokens per step beside generating streams, adapted
+        self._long_chunk = 4.0 * (TILE_ROWS + 1)  # long prompts' tokens in their steps beside streams, adapted
+        self._long_due = 0.0  # when long prompts beside streams may read again (monotonic clock)
+        self._long_tokens = 0  # long prompts' tokens in this step
         self._gen_step: float | None = None  # seconds a step without prompt tokens takes, smoothed
         self._since_bare = 0  # steps since the last one without prompt tokens
         self.last_rate: float | None = None  # generation speed of the last finished reply
@@ -201,7 +206,7 @@ class Worker:
                 generation._images = None
         slot.pending = generation.prompt[len(slot.cached) :]
         slot.next_token = None
-        slot.saved_share = 0
+        slot.long_read_at = time.monotonic()
         slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         generation.n_prompt_reused = len(slot.cached)
         generation._announce_position()
@@ -249,10 +254,11 @@ class Worker:
         if generating and (self._gen_step is None or self._since_bare >= BARE_STEP_EVERY):
             budget = 0  # a step of generating tokens only, to time it as the machine is now
         limited = timed and 0 < budget < waiting_tokens  # more prompt than this step takes: a measure of it
-        chunks = self._plan_chunks(prompting, min(budget, waiting_tokens), bool(generating))
+        chunks = self._plan_chunks(prompting, min(budget, waiting_tokens), capacity, bool(generating))
         n_prompt = sum(chunks.values())
         if not kv.make_room(len(generating) + n_prompt):
-            chunks = self._plan_chunks(prompting, max(0, kv.free_cells - len(generating)), False)
+            room = max(0, kv.free_cells - len(generating))
+            chunks = self._plan_chunks(prompting, room, room, False)
             n_prompt = sum(chunks.values())
             while generating and kv.free_cells < len(generating):
                 longest = max(generating, key=lambda s: len(s.cells))  # cannot happen with admission by room
@@ -287,30 +293,29 @@ class Worker:
         if self._with_images:  # after the sampling: an image's decode overwrites the step's logits
             self._decode_images(slots)
 
-    def _plan_chunks(self, prompting: list[Slot], budget: int, beside_streams: bool) -> dict[int, int]:
-        """How many prompt tokens each sequence reads this step, by sequence id.
+    def _plan_chunks(self, prompting: list[Slot], budget: int, room: int, beside_streams: bool) -> dict[int, int]:
+        """How many prompt tokens each sequence reads this step, by sequence id (``room``: at most in all).
 
         Max-min fair: shortest first, each taking at most an equal share of what is left of ``budget``, so short
         prompts finish at once while a long one still advances every step (never starved by a stream of short ones).
-        Beside streams, a prompt longer than `TILE_ROWS` whose fair share is under it saves up instead, and reads
-        ``TILE_ROWS + 1`` at once, in a step no other prompt shares where it can: llama.cpp's CPU attention is
-        1.3-1.6x slower a token for fewer than 64 rows of one sequence in a ubatch (at 400-3,500 cells; the chunk's
-        first row goes into the ubatch of one token per sequence). Such long prompts save from a budget of their own,
-        so the short ones neither wait for them nor slow them (a long message beside 7 chatting channels: first
-        words 24-32% sooner, the chatters' tokens as many). The streams write a few steps at their quick pace, then
-        wait one long step. A prompt's last 64 tokens go in shares.
+        Beside streams, a prompt longer than `TILE_ROWS` whose fair share is under it (a slow machine or a deep
+        conversation) reads apart from that budget: in steps of about `LONG_STEP_SECONDS`, each followed by half
+        as long of the streams' and short prompts' own steps. So it reads two thirds of the time, in whole tiles of
+        llama.cpp's CPU flash attention (fewer than 64 rows of one sequence are up to 1.6x slower a token), and a
+        stream's text waits at most about two of the platforms' once-a-second edits. Long prompts take turns, the
+        one read longest ago first; their last 64 tokens go in shares. Figures: README, "Continuous batching".
         """
+        self._long_tokens = 0
         if budget <= 0:
             return {}
         fair = budget // len(prompting)
-        saving = [
+        long = [
             slot
             for slot in prompting
             if beside_streams and fair <= TILE_ROWS < len(slot.pending or ()) and self._up_to_image(slot) is None
         ]
         chunks: dict[int, int] = {}
-        saved = max(1, budget // len(saving)) if saving else 0
-        others = [slot for slot in prompting if slot not in saving]
+        others = [slot for slot in prompting if slot not in long]
         for place, slot in enumerate(others):
             if budget <= 0:
                 break
@@ -319,12 +324,18 @@ class Worker:
                 share = min(share, image_at)
             chunks[slot.seq_id] = share
             budget -= chunks[slot.seq_id]
-            slot.saved_share = 0
-        for slot in saving:
-            slot.saved_share += saved
-            if slot.saved_share > TILE_ROWS and (not any(chunks.values()) or slot.saved_share > 2 * TILE_ROWS):
-                chunks[slot.seq_id] = TILE_ROWS + 1
-                slot.saved_share -= TILE_ROWS + 1
+        room -= sum(chunks.values())
+        if long and time.monotonic() >= self._long_due and room > TILE_ROWS:
+            # Whole tiles (and a row beside the streams): rows past the last full 64 take the untiled path (at
+            # 3,700 cells beside 7 streams, chunks of 101 tokens read at 94 tokens/s, of 153 at 113).
+            share = max(1, int(self._long_chunk) // len(long) // TILE_ROWS) * TILE_ROWS + 1
+            for slot in sorted(long, key=lambda s: s.long_read_at):
+                if room <= TILE_ROWS:
+                    break
+                chunks[slot.seq_id] = min(share, room, len(slot.pending or ()))
+                room -= chunks[slot.seq_id]
+                self._long_tokens += chunks[slot.seq_id]
+                slot.long_read_at = time.monotonic()
         return chunks
 
     def _up_to_image(self, slot: Slot) -> int | None:
@@ -348,6 +359,11 @@ class Worker:
         if result != 0:
             raise EngineError(f"llama_decode returned {result}")
         seconds = time.perf_counter() - started
+        if self._long_tokens:  # a long prompt's step beside streams: the next comes after a rest
+            self._long_due = time.monotonic() + LONG_REST * seconds
+            if threads == self.threads.best(n, reach):  # sized by steps at the usual count, not by a try
+                ratio = min(1.5, max(0.5, LONG_STEP_SECONDS / max(seconds, 1e-6)))  # a deeper one may follow
+                self._long_chunk = min(float(self._n_batch), max(TILE_ROWS + 1.0, self._long_chunk * ratio))
         self.threads.record(n, threads, seconds, reach)
         self.step_seconds.append(seconds)
         self.step_cells.append(self.kv.cells_in_use)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -582,12 +583,12 @@ async def test_a_short_prompt_is_not_stuck_behind_a_long_one_and_a_long_prompt_i
         assert steps < 15, steps
 
 
-async def test_beside_a_stream_a_long_prompt_is_read_in_chunks_of_at_least_65_tokens() -> None:
-    # Small shares (a tight budget keeps them near the 16-token floor) are saved up: fewer than 64 rows of one
-    # sequence take llama.cpp's slow untiled CPU attention, so the prompt goes in 65 at a time (one row joins the
-    # stream's ubatch), with steps of the stream's token alone between.
+async def test_beside_a_stream_a_long_prompt_is_read_in_large_chunks_with_the_streams_steps_between() -> None:
+    # A tight budget keeps the shares near the 16-token floor: the long prompt reads apart from it, in chunks sized
+    # to a step of about a second (257 tokens first; then more or fewer whole tiles), and the stream steps alone
+    # between them.
     async with streaming(5) as (engine, stream):
-        long_prompt = engine.chat_tokens([{"role": "user", "content": "The tide rose and fell. " * 60}])
+        long_prompt = engine.chat_tokens([{"role": "user", "content": "The tide rose and fell. " * 120}])
         mark = len(engine.step_cells)
         long = engine.submit(long_prompt, SamplingSettings(max_tokens=1, temperature=0.0), session="long")
         await collect(long)
@@ -595,8 +596,11 @@ async def test_beside_a_stream_a_long_prompt_is_read_in_chunks_of_at_least_65_to
         cells = list(engine.step_cells)[mark - 1 :]
         added = [after - before for before, after in zip(cells, cells[1:], strict=False)]
         read = [n - 1 for n in added if n > 1]  # prompt tokens of each step beside the stream's one token
-        assert sum(read) >= len(long_prompt) - 64, (len(long_prompt), added)  # (a cached prefix is not read)
+        assert len(long_prompt) > 600 and sum(read) >= len(long_prompt) - 64, (len(long_prompt), added)
         assert sum(n for n in read if n < 65) <= 64, read  # only the last 64 go in smaller pieces
+        assert read[0] == 4 * 64 + 1, read  # four whole tiles and the row beside the stream (65 saved up before)
+        long_steps = [i for i, n in enumerate(added) if n > 65]
+        assert all(1 in added[a + 1 : b] for a, b in itertools.pairwise(long_steps)), added  # the stream's own
 
 
 async def test_short_prompts_beside_a_long_one_do_not_slow_its_reading() -> None:

@@ -10,7 +10,14 @@ from pathlib import Path
 
 from bot.config import EngineSettings, SamplingSettings
 from bot.engine import Engine
-from bot.engine.threads import SPIN_COUNT, TRIAL_STEPS, ThreadTuner, physical_cores, thread_candidates
+from bot.engine.threads import (
+    SPIN_COUNT,
+    TRIAL_STEPS,
+    TRIES_APART_STEPS,
+    ThreadTuner,
+    physical_cores,
+    thread_candidates,
+)
 from tests.conftest import MODEL_PATH
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,3 +204,20 @@ def test_a_kind_of_step_that_comes_between_others_neither_sticks_in_a_try_nor_tr
         at_one += chunk.run(tuner, 1, n_tokens=72).count(1)
         gen.last = chunk.last
     assert tuner.best(72) == 2 and at_one <= 3 * TRIAL_STEPS, at_one
+
+
+def test_a_rare_kind_of_many_tokens_runs_at_every_core_until_it_has_come_often() -> None:
+    # A long prompt's chunk beside streams: a step of about a second now and then, at a depth no other step has.
+    # Such a step is compute-bound, so every core rarely loses; yet a new kind tried one thread at once, four of
+    # its first steps at up to twice the time, at every new depth. It tries once it has come as often as any
+    # kind waits between tries, and keeps a count that wins.
+    gen, chunk = Machine({2: 0.050, 1: 0.200}), Machine({2: 1.0, 1: 0.9})  # one thread wins these, say
+    tuner = ThreadTuner([2, 1], clock=lambda: gen.now + chunk.now)
+    counts = []
+    for _ in range(100):
+        gen.run(tuner, 3, n_tokens=7)
+        chunk.last = gen.last
+        counts += chunk.run(tuner, 1, n_tokens=136, reach=3000)
+        gen.last = chunk.last
+    assert counts[:TRIES_APART_STEPS] == [2] * TRIES_APART_STEPS, counts
+    assert tuner.best(136, reach=3000) == 1 and counts[-1] == 1
