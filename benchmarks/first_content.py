@@ -8,7 +8,8 @@ idle, one mention at a time, each in a channel of its own: the time from the fak
 it receives the first post or edit of the reply that is not a status line ("💭 Thinking…"). Prints median /
 p90 / worst and checks median <= 0.5 s; then the same for mentions in 8 channels at once (checks median <= 1 s,
 worst <= 2 s); then a conversation of long messages whose history overflows the window while 7 other channels
-chat (checks every turn <= 2 x its next turns' with the other channels quiet). First, for reference, the
+chat (checks every turn <= 2 x its next turns' with the other channels quiet, and <= 3 x a message of the same
+length mentioned in a new channel of an idle bot). First, for reference, the
 engine's own time to first token for the same prompts.
 
 Stream rate: a long reply (``--stream-tokens``, written past the end of turn) in a channel of its own, on an idle
@@ -178,6 +179,7 @@ async def run(args: argparse.Namespace, directory: Path) -> bool:
         streamed = fake.add_text_channels(args.streams)
         together = fake.add_text_channels(args.together)
         long_channel, *chatters = fake.add_text_channels(1 + args.chatters)
+        (fresh,) = fake.add_text_channels(1)
         # One user sends every mention: the per-user limit (10 a minute) would refuse some of them.
         engine = {} if args.threads is None else {"n_threads": args.threads}
         config = write_config(
@@ -257,6 +259,12 @@ async def run(args: argparse.Namespace, directory: Path) -> bool:
                 + " ".join(f"{t:.3f}" for t in alone)
                 + f" (the busy turns took {statistics.median(turns) / statistics.median(alone):.2f}x, median)"
             )
+            await asyncio.sleep(0.5)
+            mentioned = time.monotonic()
+            await fake.message_create(notes(1), channel_id=fresh)
+            idle_long, _ = await first_content(fake, fresh, mentioned, LONG_TURN_TIMEOUT_SECONDS)
+            await replies_stored(store, fresh, 1, timeout=LONG_TURN_TIMEOUT_SECONDS)
+            print(f"the same length of message in a new channel, the bot idle: {idle_long:.3f} s")
         finally:
             await store.close()
             code = await bot.terminate()
@@ -281,6 +289,11 @@ async def run(args: argparse.Namespace, directory: Path) -> bool:
             f"long conversation: worst busy turn {max(turns):.3f} s <= 2 x the same turns with the others quiet "
             f"(median {statistics.median(alone):.3f} s)",
             max(turns) <= 2 * statistics.median(alone),
+        ),
+        (
+            f"long conversation: worst busy turn {max(turns):.3f} s <= 3 x an idle mention of its length "
+            f"({idle_long:.3f} s)",
+            max(turns) <= 3 * idle_long,
         ),
     ]
     for label, ok in checks:
