@@ -117,10 +117,7 @@ class EngineSettings(_Section):
     )
     parallel: int = Field(0, ge=0, le=64, description="most conversations generated together; 0 = automatic")
     step_budget_ms: int = Field(
-        100,
-        ge=5,
-        le=60_000,
-        description="decode step while replies stream: prompt chunks are sized to it (a long prompt's, to a second)",
+        100, ge=5, le=60_000, description="decode step while replies stream: prompt chunks are sized to it"
     )
     prefill_chunk: int = Field(
         16, ge=1, le=8192, description="fewest prompt tokens read per step while other replies generate"

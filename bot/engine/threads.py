@@ -213,5 +213,6 @@ class ThreadTuner:
         return dict(self._kinds.get(self.kind(n_tokens, reach), _Kind()).seconds)
 
     def best(self, n_tokens: int = 1, reach: int = 0) -> int:
-        """The count a step of ``n_tokens`` tokens gets now, tries aside (for /status, logs and benchmarks)."""
+        """The count a step of ``n_tokens`` tokens gets now, tries aside (for /status, logs, benchmarks, and the
+        worker, which sizes a long prompt's steps only by steps at this count)."""
         return self._best(self._kinds.get(self.kind(n_tokens, reach), _Kind()))

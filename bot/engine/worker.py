@@ -52,6 +52,11 @@ BURST_GAP_SECONDS = 0.005  # an idle engine's first request waits this long for 
 BURST_MAX_SECONDS = 0.03  # ... as long as they keep coming, at most this long: they start in one step
 
 
+def _resized(size: float, ratio: float, least: float, most: float, grow: float = 2.0) -> float:
+    """``size`` times ``ratio``, by at most ``grow`` up and half down at once, kept within ``least``-``most``."""
+    return min(float(most), max(float(least), size * min(grow, max(0.5, ratio))))
+
+
 class Worker:
     """Runs the decode loop on its own thread: admits waiting requests, steps, samples, ends requests."""
 
@@ -359,16 +364,12 @@ class Worker:
         if result != 0:
             raise EngineError(f"llama_decode returned {result}")
         seconds = time.perf_counter() - started
-        if self._long_tokens:  # a long prompt's step beside streams: the next comes after a rest
-            self._long_due = time.monotonic() + LONG_REST * seconds
-            if threads == self.threads.best(n, reach):  # sized by steps at the usual count, not by a try
-                ratio = min(1.5, max(0.5, LONG_STEP_SECONDS / max(seconds, 1e-6)))  # a deeper one may follow
-                self._long_chunk = min(float(self._n_batch), max(TILE_ROWS + 1.0, self._long_chunk * ratio))
+        usual = threads == self.threads.best(n, reach)  # not a try of another count
         self.threads.record(n, threads, seconds, reach)
         self.step_seconds.append(seconds)
         self.step_cells.append(self.kv.cells_in_use)
         if generating or limited:
-            self._measure(seconds, n_prompt, limited)
+            self._measure(seconds, n_prompt, limited, usual)
         for slot in slots:
             if slot.logits_index >= 0:
                 self._sample(slot)
@@ -415,22 +416,28 @@ class Worker:
         """Prompt tokens a step may add to the generating streams' tokens (see `_measure`)."""
         return max(self.settings.prefill_chunk, int(self._chunk))
 
-    def _measure(self, seconds: float, n_prompt: int, limited: bool) -> None:
+    def _measure(self, seconds: float, n_prompt: int, limited: bool, usual: bool) -> None:
         """Size the next steps' prompt chunk by this step's time: a step with prompt tokens should take
         ``step_budget_ms``, or twice a step without them when that alone takes longer (a slow model or a busy
-        machine), so streams keep flowing while prompts are read as fast as that allows."""
+        machine), so streams keep flowing while prompts are read as fast as that allows. A long prompt's step
+        beside streams (see `_plan_chunks`) sizes its own chunk to `LONG_STEP_SECONDS` (from steps at the
+        ``usual`` thread count, not a try of another) and sets when the next may come."""
+        if self._long_tokens:
+            self._long_due = time.monotonic() + LONG_REST * seconds
+            if usual:  # up by at most 1.5x: the next long prompt may read deeper
+                ratio = LONG_STEP_SECONDS / max(seconds, 1e-6)
+                self._long_chunk = _resized(self._long_chunk, ratio, TILE_ROWS + 1, self._n_batch, grow=1.5)
         self._since_bare = self._since_bare + 1 if n_prompt else 0
         if not n_prompt:
             self._gen_step = seconds if self._gen_step is None else 0.8 * self._gen_step + 0.2 * seconds
             return
         if not limited:  # the prompts ran out before the chunk did: the step says nothing about its size
             return
-        # What a step of the usual chunk would have taken (a step that reads saved-up shares reads more).
+        # What a step of the usual chunk would have taken (a step with a long prompt's chunk reads more).
         gen = self._gen_step or 0.0
         seconds = gen + (seconds - gen) * self._prefill_tokens() / n_prompt
         target = max(self.settings.step_budget_ms / 1000, 2 * gen)
-        ratio = min(2.0, max(0.5, target / max(seconds, 1e-6)))
-        self._chunk = min(float(self._n_batch), max(float(self.settings.prefill_chunk), self._chunk * ratio))
+        self._chunk = _resized(self._chunk, target / max(seconds, 1e-6), self.settings.prefill_chunk, self._n_batch)
 
     @staticmethod
     def _add(batch: Any, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:

@@ -585,7 +585,7 @@ async def test_a_short_prompt_is_not_stuck_behind_a_long_one_and_a_long_prompt_i
 
 async def test_beside_a_stream_a_long_prompt_is_read_in_large_chunks_with_the_streams_steps_between() -> None:
     # A tight budget keeps the shares near the 16-token floor: the long prompt reads apart from it, in chunks sized
-    # to a step of about a second (257 tokens first; then more or fewer whole tiles), and the stream steps alone
+    # to a step of about two seconds (257 tokens first; then more or fewer whole tiles), and the stream steps alone
     # between them.
     async with streaming(5) as (engine, stream):
         long_prompt = engine.chat_tokens([{"role": "user", "content": "The tide rose and fell. " * 120}])
@@ -604,9 +604,8 @@ async def test_beside_a_stream_a_long_prompt_is_read_in_large_chunks_with_the_st
 
 
 async def test_short_prompts_beside_a_long_one_do_not_slow_its_reading() -> None:
-    # The long prompt saves from a budget of its own: three lines of short prompts read meanwhile cost it only the
-    # few steps it waits for a step without them, where one budget shared with them (a quarter for it) took it
-    # several times as many steps as alone.
+    # The long prompt reads apart from the short prompts' budget: three lines of short prompts read meanwhile cost
+    # it few steps, where one budget shared with them (a quarter for it) took it several times as many as alone.
     async with streaming(5) as (engine, stream):
 
         async def steps_to_read(text: str, beside_short_prompts: bool) -> int:
@@ -629,7 +628,7 @@ async def test_short_prompts_beside_a_long_one_do_not_slow_its_reading() -> None
         alone = await steps_to_read("The tide rose and fell. ", False)
         beside = await steps_to_read("The wind rose and fell. ", True)
         stream.cancel()
-        assert beside <= 3 * alone, (alone, beside)  # 2x here; 4.5x with one budget
+        assert beside <= 3 * alone, (alone, beside)  # 4.5x with one budget
 
 
 @pytest.mark.parametrize("apart", [0.0, 0.002])
