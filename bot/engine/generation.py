@@ -11,6 +11,7 @@ from bot.config import SamplingSettings
 from bot.engine.base import END, Figures, FinishReason, QueuePosition
 
 if TYPE_CHECKING:
+    from bot.engine.sampling import Chain
     from bot.engine.vision import PromptImages
     from bot.prompt import Prompt
 
@@ -34,7 +35,7 @@ class Generation(Figures):
         super().__init__(prompt, sampling)
         self.session = session
         self._request_cancel = cancel
-        self._sampler: Any = None  # llama.cpp's sampler chain, built by the worker when the request starts
+        self._sampler: Chain | None = None  # llama.cpp's samplers, built by the worker when the request starts
         self._loop = loop
         self._announced_position: int | None = None
         self._cancel_requested = False

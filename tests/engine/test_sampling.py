@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -138,12 +140,78 @@ def test_penalties_read_after_a_top_k_cut_sample_what_the_whole_vocabulary_chain
         )
     built = model.samplers.build(sampling)
     try:
-        for sampler in (reference, built):
-            for token in model.histories[seq]:  # the text so far is what the penalties look back over
-                llama_cpp.llama_sampler_accept(sampler, token)
+        for token in model.histories[seq]:  # the text so far is what the penalties look back over
+            llama_cpp.llama_sampler_accept(reference, token)
+            model.samplers.accept(built, token)
         for _ in range(3):  # the same draws, one after another
             expected = llama_cpp.llama_sampler_sample(reference, model.ctx, index(model, seq))
             assert model.samplers.sample(built, model.ctx, index(model, seq), ignore_eos=False) == expected
     finally:
         llama_cpp.llama_sampler_free(reference)
         model.samplers.free(built)
+
+
+# Grammars and what their text must match; the tokens the small model likes least are in some of them, so its
+# own pick is often refused and made again under the grammar.
+GRAMMARS = [
+    ('root ::= (" yes" | " no" | " maybe"){3}', r"( yes| no| maybe){3}"),
+    ('root ::= "Fibonacci" [0-9]{2}', r"Fibonacci[0-9]{2}"),
+    ('root ::= (" zebra" | " the"){2} "!"', r"( zebra| the){2}!"),
+]
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@given(
+    grammar=st.integers(0, len(GRAMMARS) - 1),
+    repeat=st.sampled_from([1.0, 1.3]),
+    top_k=st.integers(1, 60),
+    seq=st.integers(0, len(TEXTS) - 1),
+)
+def test_a_greedy_pick_under_a_grammar_is_the_one_the_grammar_first_chain_picks(
+    model: Model, grammar: int, repeat: float, top_k: int, seq: int
+) -> None:
+    # The grammar judges the model's own pick and is applied to every token only when it refuses it: the
+    # token is the one llama.cpp's chain picks with the grammar first, step after step.
+    text = GRAMMARS[grammar][0]
+    sampling = SamplingSettings(temperature=0.0, top_k=top_k, repeat_penalty=repeat, grammar=text)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(model.vocab)
+    steps = [llama_cpp.llama_sampler_init_grammar(model.vocab, text.encode(), b"root")]
+    if repeat != 1.0:
+        steps.append(llama_cpp.llama_sampler_init_penalties(n_vocab, PENALTY_LAST_N, repeat, 0.0, 0.0))
+    reference = chain(*steps, llama_cpp.llama_sampler_init_greedy())
+    built = model.samplers.build(sampling)
+    try:
+        for _ in range(3):  # the grammar moves on with each token, on the same logits
+            expected = llama_cpp.llama_sampler_sample(reference, model.ctx, index(model, seq))
+            assert model.samplers.sample(built, model.ctx, index(model, seq), ignore_eos=False) == expected
+    finally:
+        llama_cpp.llama_sampler_free(reference)
+        model.samplers.free(built)
+
+
+@hypothesis.settings(max_examples=20, deadline=None)
+@given(
+    grammar=st.integers(0, len(GRAMMARS) - 1),
+    temperature=st.sampled_from([0.5, 1.0, 2.0]),
+    top_k=st.integers(0, 60),
+    seed=st.integers(0, 2**31),
+    seq=st.integers(0, len(TEXTS) - 1),
+)
+def test_a_random_pick_under_a_grammar_always_writes_what_the_grammar_allows(
+    model: Model, grammar: int, temperature: float, top_k: int, seed: int, seq: int
+) -> None:
+    text, pattern = GRAMMARS[grammar]
+    sampling = SamplingSettings(temperature=temperature, top_k=top_k, top_p=0.95, seed=seed, grammar=text)
+    built = model.samplers.build(sampling)
+    written = b""
+    try:
+        for _ in range(20):  # on the same logits each step: the grammar alone steers it to its end
+            token = model.samplers.sample(built, model.ctx, index(model, seq), ignore_eos=False)
+            if token in model.samplers.ends:
+                break
+            piece = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(model.vocab, token, piece, len(piece), 0, False)
+            written += piece.raw[:n]
+    finally:
+        model.samplers.free(built)
+    assert token in model.samplers.ends and re.fullmatch(pattern, written.decode()), written
