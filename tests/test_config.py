@@ -81,9 +81,9 @@ async def main() -> None:
     settings = load_settings(sys.argv[1])
     engine = Engine(settings.engine)
     try:
-        # Every slot at once with a prompt as long as its context allows: the biggest batches there are.
+        # Several slots at once with a prompt as long as its context allows: the biggest batches there are.
         prompt = (engine.tokenize("word " * engine.n_ctx) * 2)[:engine.n_ctx - 2]
-        requests = [engine.submit(prompt, settings.sampling) for _ in range(min(settings.engine.parallel, 8))]
+        requests = [engine.submit(prompt, settings.sampling) for _ in range(min(settings.engine.parallel, 4))]
         for request in requests:
             async for _ in request:
                 pass

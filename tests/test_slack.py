@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from slack_sdk.signature import SignatureVerifier
 
+import adapters.slack.targets
 from adapters.slack import SlackBot, run_slack
 from adapters.slack.mrkdwn import from_slack, neutralize_markdown, to_mrkdwn
 from bot.config import Secrets
@@ -189,22 +190,26 @@ async def test_replies_in_one_workspace_share_its_update_pace(manager, settings,
     assert writes[-1] - writes[0] >= 0.95 * 0.2 * len(gaps) and min(gaps) >= 0.1, gaps
 
 
-# " <<<<" is 5 characters from the model and 17 on Slack (" &lt;&lt;&lt;&lt;"): 200 of them make 1,000
-# characters that become 3,400, so the split must count Slack's length, or the message would be clipped.
+# A reply's messages hold at most Slack's 3,000 characters of a section block; 1,000 here, so the model writes a
+# third as much. " <<<<" is 5 characters from the model and 17 on Slack (" &lt;&lt;&lt;&lt;"): 80 of them make
+# 400 characters that become 1,360, so the split must count Slack's length, or the message would be clipped.
 @pytest.mark.parametrize(
     ("word", "count", "shown"),
-    [("organization", 260, "organization"), ("<<<<", 200, "&lt;&lt;&lt;&lt;")],
+    [("organization", 100, "organization"), ("<<<<", 80, "&lt;&lt;&lt;&lt;")],
     ids=["long", "escaped"],
 )
-async def test_long_answer_continues_in_a_new_message_in_the_same_thread(manager, settings, fake, word, count, shown):
-    await manager.set_sampling(channel_key("C1"), grammar=words(word, count), max_tokens=1500, repeat_penalty=1.0)
+async def test_long_answer_continues_in_a_new_message_in_the_same_thread(
+    manager, settings, fake, monkeypatch, word, count, shown
+):
+    monkeypatch.setattr(adapters.slack.targets, "MAX_REPLY_CHARS", 1000)
+    await manager.set_sampling(channel_key("C1"), grammar=words(word, count), max_tokens=600, repeat_penalty=1.0)
     async with running_bot(manager, settings, fake, edit_interval=1.0) as bot:
         event = mention("C1", "write a lot")
         await fake.push_event(event)
         messages = await answered(bot, fake, "C1", thread_ts=event["ts"], count=2)
 
     assert len(messages) == 2
-    assert all(len(m.text) <= 3000 for m in messages)  # each fits a section block
+    assert all(len(m.text) <= 1000 for m in messages)  # each fits its message
     assert (messages[0].text + " " + messages[1].text).split() == [shown] * count
 
 
