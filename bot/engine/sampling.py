@@ -54,6 +54,9 @@ class Chain:
     grammar: Any = None
     rest: Any = None
 
+    def parts(self) -> list[Any]:
+        return [sampler for sampler in (self.grammar, self.rest) if sampler is not None]
+
 
 class Samplers:
     """Builds each request's sampler chain (on the worker thread, as the request starts: compiling a grammar
@@ -101,7 +104,7 @@ class Samplers:
             grammar, why = self._grammar(sampling.grammar)
             if not grammar:
                 raise _invalid(why)
-        if greedy and (not sampling.ignore_eos or grammar is not None):
+        if greedy:  # under a grammar: `_pick` takes the most likely token it allows
             return Chain(grammar)
         samplers = []
         if sampling.ignore_eos:  # as llama-server does: the end-of-generation tokens can never be sampled
@@ -145,8 +148,9 @@ class Samplers:
         Without a chain, the most likely token, read straight from the logits (25 us, where llama.cpp's greedy
         chain first copies all of them into candidates: 95 us a token here). A grammar judges the pick first and
         only a refused pick is made again with the grammar over every token, as llama.cpp's own server samples
-        (a grammar over the whole vocabulary took ~35 ms a token here, more than the step; the pick from the
-        tokens it allows is the same: the most likely of them, or for a random pick the same odds).
+        (a grammar over the whole vocabulary took ~35 ms a token here, more than the step). A greedy pick is the
+        most likely token the grammar allows either way; a random one's odds differ only where a top-k or top-p
+        cut falls differently before and after the grammar.
         """
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(self._n_vocab,))
         if chain is None:
@@ -160,9 +164,8 @@ class Samplers:
     @staticmethod
     def accept(chain: Chain | None, token: int) -> None:
         """Move the grammar and the penalties' history on by ``token``."""
-        for sampler in (chain.grammar, chain.rest) if chain is not None else ():
-            if sampler is not None:
-                llama_cpp.llama_sampler_accept(sampler, token)
+        for sampler in chain.parts() if chain is not None else ():
+            llama_cpp.llama_sampler_accept(sampler, token)
 
     def _most_likely(self, logits: np.ndarray, ignore_eos: bool) -> int:
         token = int(logits.argmax())
@@ -203,10 +206,8 @@ class Samplers:
 
     @staticmethod
     def free(chain: Chain | None) -> None:
-        if chain is not None:
-            for sampler in (chain.grammar, chain.rest):
-                if sampler is not None:
-                    llama_cpp.llama_sampler_free(sampler)
+        for sampler in chain.parts() if chain is not None else ():
+            llama_cpp.llama_sampler_free(sampler)
 
     def _grammar(self, grammar: str) -> tuple[Any, str]:
         sampler, why = init_grammar(self._vocab, grammar)
