@@ -46,9 +46,9 @@ def raw_decode_rate(engine: Engine, prompt: list[int], n_tokens: int, grammar: s
     params.n_ctx, params.n_batch = 2048, 512
     params.n_threads = params.n_threads_batch = engine.threads.best()  # what the engine settled on
     ctx = llama_cpp.llama_init_from_model(model, params)
+    vocab = llama_cpp.llama_model_get_vocab(model)
     sampler = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     if grammar:
-        vocab = llama_cpp.llama_model_get_vocab(model)
         rules = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
         llama_cpp.llama_sampler_chain_add(sampler, rules)
     llama_cpp.llama_sampler_chain_add(sampler, llama_cpp.llama_sampler_init_greedy())
@@ -58,7 +58,7 @@ def raw_decode_rate(engine: Engine, prompt: list[int], n_tokens: int, grammar: s
     started = time.perf_counter()
     for n in range(n_tokens):
         one[0] = llama_cpp.llama_sampler_sample(sampler, ctx, -1)
-        if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(model), one[0]):
+        if llama_cpp.llama_vocab_is_eog(vocab, one[0]):
             n_tokens = n
             break
         llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1))
